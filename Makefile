@@ -1,0 +1,43 @@
+# The two commands of the README: `make run` and `make test`. Everything they need is
+# installed here, into .venv/ (Python) and tests/js/node_modules/ (npm test peers).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NPM_STAMP := tests/js/node_modules/.installed
+
+.PHONY: setup run test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,fast]'
+	touch $(STAMP)
+
+$(NPM_STAMP): tests/js/package.json
+	cd tests/js && npm install --no-audit --no-fund --loglevel=error
+	touch $(NPM_STAMP)
+
+setup: $(STAMP) $(NPM_STAMP)
+
+## run: set up, then run ruletag on the embedded default (bundled seed rules, default pipeline)
+run: $(STAMP)
+	$(BIN)/ruletag serve --config pipelines/default.yaml
+
+## test: set up, lint, run the whole test suite (slow fault tests included) and pipeline tests
+test: setup
+	$(BIN)/ruff check plugin tests bench scripts
+	$(BIN)/ruletag test pipelines/*.yaml
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check plugin tests bench scripts
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) tests/js/node_modules .pytest_cache

@@ -1,0 +1,5 @@
+"""Allow ``python -m ruletag``."""
+
+from ruletag.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""The ``ruletag`` command line: serve, rules check/compile, match, test, validate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the forward-protocol filter server")
+    p.add_argument("--config", "-c", help="pipeline YAML file")
+    p.add_argument("--listen", help="HOST:PORT (or unix:PATH) to accept Fluent forward input on")
+    p.add_argument("--forward", help="downstream HOST:PORT[,HOST:PORT...] (forward output)")
+    p.add_argument("--shared-key", help="shared key for both the listener and the downstream")
+    p.add_argument("--rules", nargs="+", default=None, help="rule files or folders")
+    p.add_argument("--metrics", help="HOST:PORT for Prometheus /metrics and /health")
+    p.add_argument("--buffer-dir", help="turn the durable disk buffer on, in this folder")
+    p.add_argument("--log-format", choices=["text", "json"], default=None)
+    p.add_argument("--log-level", default=None)
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(ns: argparse.Namespace) -> int:
+    from ruletag.app import main_serve
+
+    return main_serve(ns)
+
+
+def _add_rules(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rules", help="load, check and compile detection rules")
+    rsub = p.add_subparsers(dest="rules_cmd", required=True)
+    c = rsub.add_parser("check", help="load every rule and report what cannot be used")
+    c.add_argument("paths", nargs="+")
+    c.add_argument("--json", action="store_true", help="print one JSON summary object")
+    c.add_argument("--vars", help="YAML map of Sigma |expand placeholders")
+    c.set_defaults(func=_run_rules_check)
+    k = rsub.add_parser("compile", help="compile rules into a pattern table file")
+    k.add_argument("paths", nargs="+")
+    k.add_argument("-o", "--output", required=True, help="table file to write")
+    k.add_argument("--vars", help="YAML map of Sigma |expand placeholders")
+    k.set_defaults(func=_run_rules_compile)
+
+
+def _run_rules_check(ns: argparse.Namespace) -> int:
+    from ruletag.rules.commands import check
+
+    return check(ns)
+
+
+def _run_rules_compile(ns: argparse.Namespace) -> int:
+    from ruletag.rules.commands import compile_
+
+    return compile_(ns)
+
+
+def _add_match(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("match", help="match records from a file against rules, print JSON lines")
+    p.add_argument("--rules", nargs="+", required=True, help="rule files/folders or a table file")
+    p.add_argument("--events", required=True, help="JSON lines or msgpack stream ('-' = stdin)")
+    p.add_argument("--vars", help="YAML map of Sigma |expand placeholders")
+    p.add_argument("--only-matches", action="store_true", help="print matched records only")
+    p.set_defaults(func=_run_match)
+
+
+def _run_match(ns: argparse.Namespace) -> int:
+    from ruletag.rules.commands import match
+
+    return match(ns)
+
+
+def _add_pipeline_cmds(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("test", help="run the tests: block of pipeline configs")
+    t.add_argument("configs", nargs="+")
+    t.set_defaults(func=_run_test)
+    v = sub.add_parser("validate", help="check a pipeline config and its rules without starting")
+    v.add_argument("configs", nargs="+")
+    v.set_defaults(func=_run_validate)
+
+
+def _run_test(ns: argparse.Namespace) -> int:
+    from ruletag.pipeline_tests import main_test
+
+    return main_test(ns)
+
+
+def _run_validate(ns: argparse.Namespace) -> int:
+    from ruletag.app import main_validate
+
+    return main_validate(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ruletag", description=__doc__)
+    from ruletag import __version__
+
+    parser.add_argument("--version", action="version", version=f"ruletag {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_rules(sub)
+    _add_match(sub)
+    _add_pipeline_cmds(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return int(ns.func(ns) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""The rule intermediate form (IR): what every rule front-end produces.
+
+Sigma (``sigma.py``) and Elastic EQL (``eql.py``) translate rules into these frozen
+dataclasses; one compiler (``table.py``) turns a list of :class:`Rule` into the pattern
+table, and ``reference.py`` evaluates the same IR slowly and obviously.
+
+Semantics (shared by every evaluator):
+
+* Field names are written as the rule writes them (``Image``, ``process.name``). The field
+  mapping (``fields.py``) resolves a name to the record paths that can supply it, so a rule
+  written for one record shape fires on another.
+* A field holding a list matches a leaf when *any* element matches; a missing field (or
+  ``None``) matches no leaf except :class:`IsNull`. ``Not`` is plain two-valued negation: a
+  front-end that needs "field present and not equal" writes ``And(Exists(f), Not(...))``.
+* String leaves compare against ``str`` values; ints, floats and bools are compared through
+  their canonical text (``"4688"``, ``"true"``); ``bytes`` values are decoded as UTF-8 with
+  surrogateescape. Maps never match a string leaf.
+* ``cased=False`` means Unicode case-insensitive comparison (``str.casefold``-free: both sides
+  are lower-cased with ``str.lower``).
+
+Rules are single-event today (``Rule.kind == "event"``). Stateful rules (EQL sequences,
+Sigma correlations) will add a new top-level query type that holds several of these
+single-event conditions as its steps, so per-step matching reuses the same table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Literal
+
+
+class Wild(Enum):
+    """Wildcard tokens inside a :class:`Match` pattern."""
+
+    ANY = "*"  # any run of characters, possibly empty
+    ONE = "?"  # exactly one character
+
+
+Token = str | Wild
+
+
+# --------------------------------------------------------------------------- leaves
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """String pattern on a field: literal text and wildcards, whole-value anchored.
+
+    ``("abc",)`` is equality, ``(Wild.ANY, "abc")`` ends-with, ``(Wild.ANY, "abc", Wild.ANY)``
+    contains. ``field=None`` is a Sigma keyword: any string value anywhere in the record.
+    Adjacent literal tokens are merged and the empty string is ``()``.
+    """
+
+    field: str | None
+    pattern: tuple[Token, ...]
+    cased: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Regex:
+    """RE2-syntax regular expression, unanchored search. ``flags`` is a subset of ``"ims"``."""
+
+    field: str | None
+    pattern: str
+    flags: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Cidr:
+    """The field holds an IP address inside one of ``networks`` (IPv4 or IPv6 text)."""
+
+    field: str
+    networks: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    """Numeric comparison; numeric strings are parsed. ``op`` in ``< <= > >=``."""
+
+    field: str
+    op: Literal["<", "<=", ">", ">="]
+    value: int | float
+
+
+@dataclass(frozen=True, slots=True)
+class Equals:
+    """Typed equality with a number or bool (``EventID: 4688``); numeric strings compare too."""
+
+    field: str
+    value: int | float | bool
+
+
+@dataclass(frozen=True, slots=True)
+class IsNull:
+    """The field is missing or null (Sigma ``field: null``, EQL ``field == null``)."""
+
+    field: str
+
+
+@dataclass(frozen=True, slots=True)
+class Exists:
+    """The field is present and not null."""
+
+    field: str
+
+
+@dataclass(frozen=True, slots=True)
+class FieldRef:
+    """Compare two fields of the same record (Sigma ``fieldref``).
+
+    ``op`` says where the other field's value must appear in this field's value.
+    """
+
+    field: str
+    other: str
+    op: Literal["eq", "startswith", "endswith", "contains"] = "eq"
+    cased: bool = False
+
+
+# Value expressions, only for the slow generic :class:`Call` leaf.
+
+
+@dataclass(frozen=True, slots=True)
+class FieldValue:
+    """The value(s) of a field, as an argument of a function call."""
+
+    field: str
+
+
+@dataclass(frozen=True, slots=True)
+class Literal_:
+    """A constant argument."""
+
+    value: str | int | float | bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A function result, as an argument of another call or of :class:`Predicate`."""
+
+    name: str  # EQL function name, lower-case, without the ``~``
+    args: tuple[FieldValue | Literal_ | Call, ...]
+    cased: bool = True
+
+
+ValueExpr = FieldValue | Literal_ | Call
+
+
+@dataclass(frozen=True, slots=True)
+class Predicate:
+    """Generic comparison ``left <op> right`` on computed values (slow path, few rules).
+
+    ``op`` is one of ``== != < <= > >= : like regex in``; ``right`` is a tuple for ``in``
+    and for the list forms of ``:``/``like``/``regex``. ``cased=False`` for ``~`` variants
+    and ``:``. A bare boolean call (``startsWith(...)``) is ``Predicate(call, "==", True)``.
+    """
+
+    left: ValueExpr
+    op: str
+    right: ValueExpr | tuple[ValueExpr, ...]
+    cased: bool = True
+
+
+# --------------------------------------------------------------------------- logic
+
+
+@dataclass(frozen=True, slots=True)
+class And:
+    args: tuple[Node, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Or:
+    args: tuple[Node, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Not:
+    arg: Node
+
+
+@dataclass(frozen=True, slots=True)
+class Const:
+    value: bool
+
+
+Leaf = Match | Regex | Cidr | Compare | Equals | IsNull | Exists | FieldRef | Predicate
+Node = Leaf | And | Or | Not | Const
+
+LEAF_TYPES = (Match, Regex, Cidr, Compare, Equals, IsNull, Exists, FieldRef, Predicate)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True, slots=True)
+class Attack:
+    """One ATT&CK tactic or technique (sub-techniques use ``T1218.011``)."""
+
+    id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Logsource:
+    """Sigma logsource; the field mapping turns it into a condition at compile time."""
+
+    product: str | None = None
+    category: str | None = None
+    service: str | None = None
+
+
+Severity = Literal["informational", "low", "medium", "high", "critical"]
+
+#: Risk score given to rules that carry none (Sigma), by severity; Elastic's own convention.
+DEFAULT_RISK_SCORE: dict[str, int] = {
+    "informational": 21,
+    "low": 21,
+    "medium": 47,
+    "high": 73,
+    "critical": 99,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One detection rule in IR form, with the metadata its annotations carry."""
+
+    id: str
+    name: str
+    source: Literal["sigma", "elastic"]
+    condition: Node
+    path: str = ""
+    line: int = 1
+    severity: str = "medium"
+    risk_score: int = 47
+    author: tuple[str, ...] = ()
+    tactics: tuple[Attack, ...] = ()
+    techniques: tuple[Attack, ...] = ()
+    logsource: Logsource | None = None
+    modified: str = ""  # ISO date of the last change; the newest copy of a duplicate id wins
+    kind: Literal["event"] = "event"
+    tags: tuple[str, ...] = field(default=())
+
+
+def fields_of(node: Node) -> set[str]:
+    """Every field name a condition reads (``None`` keyword fields excluded)."""
+    out: set[str] = set()
+
+    def walk_value(v: ValueExpr | tuple[ValueExpr, ...]) -> None:
+        if isinstance(v, tuple):
+            for x in v:
+                walk_value(x)
+        elif isinstance(v, FieldValue):
+            out.add(v.field)
+        elif isinstance(v, Call):
+            for a in v.args:
+                walk_value(a)
+
+    def walk(n: Node) -> None:
+        if isinstance(n, And | Or):
+            for a in n.args:
+                walk(a)
+        elif isinstance(n, Not):
+            walk(n.arg)
+        elif isinstance(n, Predicate):
+            walk_value(n.left)
+            walk_value(n.right)
+        elif isinstance(n, FieldRef):
+            out.update((n.field, n.other))
+        elif isinstance(n, Const):
+            pass
+        elif n.field is not None:
+            out.add(n.field)
+
+    walk(node)
+    return out
