@@ -1,0 +1,1 @@
+"""Detection rules: front-ends (Sigma, EQL) to IR, and the compiled pattern table."""
