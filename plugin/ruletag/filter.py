@@ -1,0 +1,180 @@
+"""The rule filter stage: annotate matched records of a chunk, pass the rest through untouched.
+
+``RuleFilter(table)(chunk) -> list[Chunk]`` is the pipeline's ``transform``. Entries that
+match no rule keep their exact bytes; only matched entries are decoded, annotated and
+re-encoded. Entry order is kept; with re-tagging, matched entries move to ``<prefix><tag>``
+and the chunk is cut into consecutive runs so the downstream still sees the original order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import msgpack
+
+from ruletag.annotate import detection
+from ruletag.codec import iter_entries
+from ruletag.events import Chunk
+from ruletag.rules.ir import Rule
+from ruletag.rules.table import CompiledTable
+
+Style = Literal["ruletag", "ecs"]
+
+
+@dataclass
+class FilterStats:
+    """Counters the metrics endpoint reads."""
+
+    records_in: int = 0
+    records_matched: int = 0
+    chunks_in: int = 0
+    detections: dict[str, int] = field(default_factory=dict)  # rule id -> count
+    by_severity: dict[str, int] = field(default_factory=dict)
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, unicode_errors="surrogateescape", strict_map_key=False)
+
+
+_packer_opts = {"use_bin_type": True, "unicode_errors": "surrogateescape"}
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, **_packer_opts)
+
+
+class RuleFilter:
+    """Annotates records with the detections of a :class:`CompiledTable`."""
+
+    def __init__(
+        self,
+        table: CompiledTable,
+        *,
+        key: str = "detections",
+        style: Style = "ruletag",
+        retag_prefix: str = "",
+        on_match: Callable[[Sequence[Rule]], None] | None = None,
+    ) -> None:
+        self.table = table
+        self.key = key
+        self.style = style
+        self.retag_prefix = retag_prefix
+        self.stats = FilterStats()
+        self._on_match = on_match
+        # Annotation payloads are built once per rule, at table-load time, not per record.
+        self._annotations = [self._annotation(r) for r in table.rules]
+
+    # ------------------------------------------------------------------ annotations
+
+    def _annotation(self, rule: Rule) -> dict[str, Any]:
+        d = detection(rule)
+        d["ruleset_version"] = self.table.version
+        return d
+
+    def _annotate(self, record: dict[str, Any], matched: list[int]) -> None:
+        if self.style == "ruletag":
+            record[self.key] = [self._annotations[i] for i in matched]
+            return
+        rules = [self.table.rules[i] for i in matched]
+        _set_ecs(record, rules, self.table.version)
+
+    # ------------------------------------------------------------------ the stage
+
+    def __call__(self, chunk: Chunk) -> list[Chunk]:
+        if chunk.signal != 0 or not chunk.entries:
+            return [chunk]
+        stats = self.stats
+        stats.chunks_in += 1
+        stats.records_in += chunk.count
+        spans = iter_entries(chunk.entries)
+        hits = self.table.match_entries(chunk.entries, spans)
+        if not hits:
+            return [chunk]
+        entries = chunk.entries
+        out_parts: list[tuple[str, bytes, int]] = []  # (tag, bytes, count) runs, in order
+        tag = chunk.tag
+        alert_tag = self.retag_prefix + tag if self.retag_prefix else tag
+        for idx, (start, end) in enumerate(spans):
+            matched = hits.get(idx)
+            if matched:
+                entry = _unpack(entries[start:end])
+                record = entry[1]
+                if isinstance(record, dict):
+                    self._annotate(record, matched)
+                    data = _pack(entry)
+                    self._count(matched)
+                else:  # not a map: nothing to annotate, keep as it came
+                    data = entries[start:end]
+                run_tag = alert_tag
+            else:
+                data = entries[start:end]
+                run_tag = tag
+            if out_parts and out_parts[-1][0] == run_tag:
+                t, b, n = out_parts[-1]
+                out_parts[-1] = (t, b + data, n + 1)
+            else:
+                out_parts.append((run_tag, data, 1))
+        # A chunk id belongs to the upstream chunk; runs get none (the forwarder assigns its own).
+        return [
+            replace(chunk, tag=t, entries=b, count=n, chunk_id=None) for t, b, n in out_parts
+        ]
+
+    def _count(self, matched: list[int]) -> None:
+        stats = self.stats
+        stats.records_matched += 1
+        rules = [self.table.rules[i] for i in matched]
+        for r in rules:
+            stats.detections[r.id] = stats.detections.get(r.id, 0) + 1
+            stats.by_severity[r.severity] = stats.by_severity.get(r.severity, 0) + 1
+        if self._on_match is not None:
+            self._on_match(rules)
+
+
+def _set_ecs(record: dict[str, Any], rules: Sequence[Rule], version: str) -> None:
+    """Write ECS ``rule.*``, ``threat.*`` and ``event.severity``/``risk_score`` fields."""
+
+    def uniq(values: list[Any]) -> list[Any]:
+        seen: list[Any] = []
+        for v in values:
+            if v not in seen:
+                seen.append(v)
+        return seen
+
+    def put(obj: dict[str, Any], name: str, value: dict[str, Any]) -> None:
+        cur = obj.get(name)
+        if isinstance(cur, dict):
+            cur.update(value)
+        else:
+            obj[name] = value
+
+    put(
+        record,
+        "rule",
+        {
+            "id": uniq([r.id for r in rules]),
+            "name": uniq([r.name for r in rules]),
+            "author": uniq([a for r in rules for a in r.author]),
+            "ruleset": f"ruletag-{version}" if version else "ruletag",
+        },
+    )
+    put(
+        record,
+        "threat",
+        {
+            "framework": "MITRE ATT&CK",
+            "tactic": {
+                "id": uniq([t.id for r in rules for t in r.tactics if t.id]),
+                "name": uniq([t.name for r in rules for t in r.tactics]),
+            },
+            "technique": {
+                "id": uniq([t.id for r in rules for t in r.techniques if t.id]),
+                "name": uniq([t.name for r in rules for t in r.techniques]),
+            },
+        },
+    )
+    order = ["informational", "low", "medium", "high", "critical"]
+    worst = max(rules, key=lambda r: (order.index(r.severity) if r.severity in order else 2))
+    put(record, "event", {"severity": order.index(worst.severity) if worst.severity in order
+                          else 2, "risk_score": max(r.risk_score for r in rules)})
