@@ -1,0 +1,133 @@
+"""Elastic detection-rules TOML files to ruletag IR.
+
+One file holds one rule: ``[metadata]`` and ``[rule]`` tables. EQL rules are translated by
+``eql.py``; other query languages, other rule types and deprecated rules raise
+UnsupportedRule with a short reason that groups well in load reports.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
+from ruletag.rules.eql import parse_eql
+from ruletag.rules.ir import DEFAULT_RISK_SCORE, Attack, Rule
+
+#: Rule types whose ``language`` decides whether we can evaluate them.
+_QUERY_TYPES = {"eql", "query", "esql"}
+_SEVERITIES = {"informational", "low", "medium", "high", "critical"}
+_QUERY_LINE = re.compile(r"^\s*query\s*=\s*(.*)$")
+_DATE = re.compile(r"^(\d{4})[/-](\d{2})[/-](\d{2})$")
+
+
+def load_elastic_file(path: Path) -> list[Rule]:
+    """Load one Elastic rule file; raises InvalidRule / UnsupportedRule with file and line."""
+    where = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRule(f"not UTF-8 text: {exc}", where) from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"line (\d+)", str(exc))
+        raise InvalidRule(f"invalid TOML: {exc}", where, int(m.group(1)) if m else None) from None
+
+    rule = doc.get("rule")
+    meta = doc.get("metadata") or {}
+    if not isinstance(rule, dict) or not isinstance(meta, dict):
+        raise InvalidRule("missing [rule] table", where)
+    query_line, query_start = _query_position(text)
+
+    if meta.get("maturity") == "deprecated" or "_deprecated" in path.parts:
+        raise UnsupportedRule("deprecated rule", where, query_line)
+    rtype = rule.get("type")
+    if rtype not in _QUERY_TYPES:
+        raise UnsupportedRule(f"elastic rule type {rtype} is not supported", where, query_line)
+    language = rule.get("language")
+    if language != "eql":
+        raise UnsupportedRule(f"query language {language} is not supported", where, query_line)
+
+    query = rule.get("query")
+    rule_id = rule.get("rule_id")
+    name = rule.get("name")
+    for key, value in (("query", query), ("rule_id", rule_id), ("name", name)):
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidRule(f"rule.{key} is missing or not a string", where, query_line)
+    assert isinstance(query, str) and isinstance(rule_id, str) and isinstance(name, str)
+
+    try:
+        condition = parse_eql(query)
+    except RuleError as exc:
+        line = query_start + (exc.line or 1) - 1
+        raise type(exc)(exc.reason, where, line) from None
+
+    severity = str(rule.get("severity", "medium")).lower()
+    if severity not in _SEVERITIES:
+        raise InvalidRule(f"rule.severity {severity!r} is not a known severity", where)
+    risk = rule.get("risk_score", DEFAULT_RISK_SCORE[severity])
+    if not isinstance(risk, int) or isinstance(risk, bool):
+        raise InvalidRule("rule.risk_score must be an integer", where)
+    tactics, techniques = _threats(rule.get("threat") or [], where)
+    return [
+        Rule(
+            id=rule_id,
+            name=name,
+            source="elastic",
+            condition=condition,
+            path=where,
+            line=query_line,
+            severity=severity,
+            risk_score=risk,
+            author=tuple(str(a) for a in rule.get("author") or ()),
+            tactics=tactics,
+            techniques=techniques,
+            modified=_iso_date(meta.get("updated_date") or meta.get("creation_date")),
+            tags=tuple(str(t) for t in rule.get("tags") or ()),
+        )
+    ]
+
+
+def _query_position(text: str) -> tuple[int, int]:
+    """(line of ``query =``, line where the query text itself starts); 1-based."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        m = _QUERY_LINE.match(line)
+        if m is None:
+            continue
+        rest = m.group(1).strip()
+        # TOML drops a newline right after an opening ''' or """.
+        return number, number + 1 if rest in ("'''", '"""') else number
+    return 1, 1
+
+
+def _threats(threats: Any, where: str) -> tuple[tuple[Attack, ...], tuple[Attack, ...]]:
+    """ATT&CK tactics and techniques (sub-techniques included) from ``[[rule.threat]]``."""
+    tactics: dict[str, Attack] = {}
+    techniques: dict[str, Attack] = {}
+    if not isinstance(threats, list):
+        raise InvalidRule("rule.threat must be an array of tables", where)
+    for threat in threats:
+        if not isinstance(threat, dict) or threat.get("framework", "MITRE ATT&CK") != (
+            "MITRE ATT&CK"
+        ):
+            continue
+        tactic = threat.get("tactic")
+        if isinstance(tactic, dict) and tactic.get("id"):
+            tactics.setdefault(tactic["id"], Attack(tactic["id"], str(tactic.get("name", ""))))
+        for tech in threat.get("technique") or ():
+            if not isinstance(tech, dict) or not tech.get("id"):
+                continue
+            techniques.setdefault(tech["id"], Attack(tech["id"], str(tech.get("name", ""))))
+            for sub in tech.get("subtechnique") or ():
+                if isinstance(sub, dict) and sub.get("id"):
+                    techniques.setdefault(sub["id"], Attack(sub["id"], str(sub.get("name", ""))))
+    return tuple(tactics.values()), tuple(techniques.values())
+
+
+def _iso_date(value: Any) -> str:
+    """``"2024/10/15"`` -> ``"2024-10-15"``; anything unparseable -> ``""``."""
+    m = _DATE.match(str(value or "").strip())
+    return f"{m.group(1)}-{m.group(2)}-{m.group(3)}" if m else ""

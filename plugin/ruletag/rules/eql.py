@@ -1,0 +1,581 @@
+"""Elasticsearch EQL (single-event queries) to ruletag IR.
+
+``parse_eql("process where process.name : \\"cmd.exe\\"")`` returns the condition. The
+grammar is ``eql.lark``; the semantics are Elasticsearch's (not the ``eql`` package's):
+
+* ``<category> where <cond>`` adds ``Match("event.category", (category,), cased=True)``;
+  ``any where`` adds nothing.
+* ``==`` is case-sensitive and literal (``*`` is just a character); ``!=`` is
+  ``And(Exists(f), Not(...))`` (a missing field does not satisfy ``!=``); ``f == null`` is
+  ``IsNull(f)`` and ``f != null`` is ``Exists(f)``; numbers and booleans give :class:`Equals`,
+  ``< <= > >=`` with a number give :class:`Compare`.
+* ``:`` is case-insensitive with ``*``/``?`` wildcards (backslash is a plain character, as in
+  ES, where wildcards cannot be escaped); ``like``/``like~`` are wildcard matches, case-sensitive
+  / insensitive; list forms become an ``Or``. ``in``/``in~`` are an ``Or`` of literal equalities;
+  ``f not in (...)`` is ``And(Exists(f), Not(Or(...)))``, like ``!=``. ``not <cond>`` is plain
+  ``Not``.
+* ``regex``/``regex~`` use Lucene regular expressions, which are anchored to the whole value.
+  They become :class:`Regex` with the pattern translated to RE2 and wrapped as
+  ``^(?:...)$``, flags ``"s"`` (Lucene's ``.`` matches newlines) plus ``"i"`` for ``~``.
+  Lucene operators RE2 lacks (``~ & # <n-m>``) raise UnsupportedRule.
+* ``?field`` (optional field) reads the field normally: a missing field matches no leaf.
+* Strings: ``"..."`` with escapes ``\\t \\b \\f \\n \\r \\" \\' \\\\ \\u{XXXX}``; raw
+  ``\"\"\"...\"\"\"``. Single-quoted and ``?"..."`` strings are rejected, as ES does.
+
+Functions. With a plain field as first argument and literal arguments, ``cidrMatch`` becomes
+:class:`Cidr` and ``stringContains``/``startsWith``/``endsWith`` (``~`` = case-insensitive)
+become :class:`Match`. Everything else is the generic slow path: :class:`Predicate` over
+:class:`Call` values. Conventions for the evaluator of ``Call``/``Predicate``:
+
+* ``Call.name`` is the lower-case ES function name; ``Call.cased`` is False for the ``~`` form.
+  Arguments are ``FieldValue``/``Literal_``/``Call`` in the ES order. Names emitted:
+  ``add subtract multiply divide modulo`` (arithmetic operators too; unary minus on a
+  non-literal is ``subtract(0, x)``; integer division truncates), ``between(source, left,
+  right[, greedy])``, ``cidrmatch(ip, cidr...)``, ``concat(v...)``, ``endswith(s, suffix)``,
+  ``indexof(s, sub[, start])``, ``length(s)``, ``number(s[, base])``, ``startswith(s, prefix)``,
+  ``string(v)``, ``stringcontains(s, sub)``, ``substring(s, start[, end])`` (negative indexes
+  count from the end).
+* A boolean call used as a condition is ``Predicate(call, "==", Literal_(True))``.
+* ``Predicate.op`` is ``== != < <= > >=`` (right: one value), ``in`` (right: tuple, exact or
+  case-insensitive by ``cased``), ``:``/``like`` (right: tuple of wildcard pattern strings,
+  ``*``/``?``), ``regex`` (right: tuple of RE2 patterns already translated and anchored; ``s``
+  semantics, ``cased=False`` adds ``i``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import re2
+from lark import Lark, Token, Transformer, Tree, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
+
+from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
+from ruletag.rules.ir import (
+    And,
+    Call,
+    Cidr,
+    Compare,
+    Const,
+    Equals,
+    Exists,
+    FieldValue,
+    IsNull,
+    Literal_,
+    Match,
+    Node,
+    Not,
+    Or,
+    Predicate,
+    Regex,
+    ValueExpr,
+    Wild,
+)
+from ruletag.rules.ir import (
+    Token as PatternToken,
+)
+
+CATEGORY_FIELD = "event.category"
+
+#: ES EQL functions: lower-case name -> (min args, max args or None, accepts ``~``).
+FUNCTIONS: dict[str, tuple[int, int | None, bool]] = {
+    "add": (2, 2, False),
+    "between": (3, 4, True),
+    "cidrmatch": (2, None, False),
+    "concat": (1, None, False),
+    "divide": (2, 2, False),
+    "endswith": (2, 2, True),
+    "indexof": (2, 3, True),
+    "length": (1, 1, False),
+    "modulo": (2, 2, False),
+    "multiply": (2, 2, False),
+    "number": (1, 2, False),
+    "startswith": (2, 2, True),
+    "string": (1, 1, False),
+    "stringcontains": (2, 2, True),
+    "substring": (2, 3, False),
+    "subtract": (2, 2, False),
+}
+
+_ARITH = {"+": "add", "-": "subtract", "*": "multiply", "/": "divide", "%": "modulo"}
+_FLIP = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
+_ESCAPES = {"t": "\t", "b": "\b", "f": "\f", "n": "\n", "r": "\r", '"': '"', "'": "'", "\\": "\\"}
+_UNICODE_ESCAPE = re.compile(r"u\{([0-9A-Fa-f]{2,8})\}")
+_STATEFUL = {
+    "sequence": "EQL sequence: stateful rules not supported yet",
+    "sample": "EQL sample: stateful rules not supported yet",
+    "join": "EQL join is not supported",
+}
+
+
+@cache
+def _parser() -> Lark:
+    grammar = resources.files("ruletag.rules").joinpath("eql.lark").read_text(encoding="utf-8")
+    return Lark(grammar, parser="lalr", lexer="contextual", propagate_positions=True)
+
+
+def parse_eql(query: str) -> Node:
+    """Translate one EQL query into an IR condition.
+
+    Raises InvalidRule for syntax errors (``line`` is the line inside ``query``) and
+    UnsupportedRule for sequences, samples, joins, pipes and unknown functions.
+    """
+    try:
+        tree = _parser().parse(query)
+    except UnexpectedInput as exc:
+        raise InvalidRule(_syntax_message(exc, query), line=_error_line(exc, query)) from None
+    query_node = tree.children[0]
+    assert isinstance(query_node, Tree)
+    if query_node.data in _STATEFUL:
+        raise UnsupportedRule(_STATEFUL[query_node.data], line=_line_of(query_node))
+    pipes = tree.children[1:]
+    if pipes:
+        first = pipes[0]
+        assert isinstance(first, Tree)
+        raise UnsupportedRule(
+            f"EQL pipe '{first.children[0]}' is not supported", line=_line_of(first)
+        )
+    try:
+        result = _Builder().transform(query_node)
+    except VisitError as exc:
+        if isinstance(exc.orig_exc, RuleError):
+            raise exc.orig_exc from None
+        raise
+    assert not isinstance(result, FieldValue | Literal_ | Call)
+    return result
+
+
+def _line_of(node: Tree) -> int:
+    return getattr(node.meta, "line", 1) if not node.meta.empty else 1
+
+
+def _error_line(exc: UnexpectedInput, query: str) -> int:
+    if isinstance(exc, UnexpectedEOF) or getattr(exc, "line", -1) in (-1, None):
+        return query.count("\n") + 1 if query.strip() else 1
+    return int(exc.line)
+
+
+def _syntax_message(exc: UnexpectedInput, query: str) -> str:
+    if isinstance(exc, UnexpectedEOF):
+        return "EQL syntax error: unexpected end of query"
+    if isinstance(exc, UnexpectedCharacters):
+        return f"EQL syntax error at column {exc.column}: unexpected character {exc.char!r}"
+    token = getattr(exc, "token", None)
+    if token is not None and getattr(token, "type", "") == "$END":
+        return "EQL syntax error: unexpected end of query"
+    return f"EQL syntax error at column {getattr(exc, 'column', '?')}: unexpected {token!r}"
+
+
+# --------------------------------------------------------------------------- strings
+
+
+def decode_string(text: str, line: int | None = None) -> str:
+    """The value of an EQL string token (quotes included in ``text``)."""
+    if text.startswith('"""'):
+        return text[3:-3]
+    if text.startswith("?"):
+        raise InvalidRule(
+            'Use triple double quotes ["""] to define unescaped string literals, not [?]',
+            line=line,
+        )
+    if text.startswith("'"):
+        raise InvalidRule(
+            "Use double quotes [\"] to define string literals, not single quotes [']", line=line
+        )
+    body = text[1:-1]
+    if "\\" not in body:
+        return body
+    out: list[str] = []
+    i = 0
+    while i < len(body):
+        ch = body[i]
+        if ch != "\\":
+            out.append(ch)
+            i += 1
+            continue
+        nxt = body[i + 1]
+        if nxt in _ESCAPES:
+            out.append(_ESCAPES[nxt])
+            i += 2
+            continue
+        m = _UNICODE_ESCAPE.match(body, i + 1)
+        if m is None:
+            raise InvalidRule(f"EQL string: invalid escape sequence \\{nxt}", line=line)
+        code = int(m.group(1), 16)
+        if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+            raise InvalidRule(f"EQL string: invalid unicode escape \\{m.group(0)}", line=line)
+        out.append(chr(code))
+        i = m.end()
+    return "".join(out)
+
+
+def wildcard_pattern(text: str) -> tuple[PatternToken, ...]:
+    """An ES wildcard string (``*`` any run, ``?`` one character) as Match tokens."""
+    tokens: list[PatternToken] = []
+    for part in re.split(r"([*?])", text):
+        if part == "*":
+            if not tokens or tokens[-1] is not Wild.ANY:
+                tokens.append(Wild.ANY)
+        elif part == "?":
+            tokens.append(Wild.ONE)
+        elif part:
+            tokens.append(part)
+    return tuple(tokens)
+
+
+def _literal_pattern(*parts: PatternToken) -> tuple[PatternToken, ...]:
+    """Join literal text and wildcards, dropping empty text and merging ANY runs."""
+    out: list[PatternToken] = []
+    for p in parts:
+        if p == "":
+            continue
+        if p is Wild.ANY and out and out[-1] is Wild.ANY:
+            continue
+        if isinstance(p, str) and out and isinstance(out[-1], str):
+            out[-1] = out[-1] + p
+            continue
+        out.append(p)
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- regex
+
+
+_RE2_SPECIAL = set("\\.+*?()|[]{}^$")
+
+
+def _esc(ch: str) -> str:
+    return "\\" + ch if ch in _RE2_SPECIAL else ch
+
+
+def lucene_to_re2(src: str) -> str:
+    """Translate a Lucene regular expression body to RE2 syntax (not yet anchored)."""
+    out: list[str] = []
+    i, n = 0, len(src)
+    while i < n:
+        ch = src[i]
+        if ch == "\\":
+            if i + 1 >= n:
+                raise InvalidRule("regex: trailing backslash")
+            nxt = src[i + 1]
+            out.append("\\" + nxt if nxt in "dDsSwW" else _esc(nxt))
+            i += 2
+        elif ch == "[":
+            j = i + 1
+            parts = ["["]
+            if j < n and src[j] == "^":
+                parts.append("^")
+                j += 1
+            while j < n and src[j] != "]":
+                c = src[j]
+                if c == "\\" and j + 1 < n:
+                    nxt = src[j + 1]
+                    # \d-style classes stay; any other escaped character is literal.
+                    literal = nxt.isalnum() and nxt not in "dDsSwW"
+                    parts.append(nxt if literal else "\\" + nxt)
+                    j += 2
+                    continue
+                parts.append("\\[" if c == "[" else c)
+                j += 1
+            if j >= n:
+                raise InvalidRule("regex: unterminated character class")
+            parts.append("]")
+            out.append("".join(parts))
+            i = j + 1
+        elif ch == '"':
+            end = src.find('"', i + 1)
+            if end < 0:
+                raise InvalidRule("regex: unterminated quoted string")
+            out.append("".join(_esc(c) for c in src[i + 1 : end]))
+            i = end + 1
+        elif ch == "{":
+            m = re.match(r"\{(\d+)(,(\d*))?\}", src[i:])
+            if m is None:
+                raise InvalidRule("regex: malformed repetition")
+            out.append(m.group(0))
+            i += m.end()
+        elif ch == "@":
+            out.append(".*")
+            i += 1
+        elif ch in "~&#<":
+            raise UnsupportedRule(f"Lucene regex operator {ch!r} is not supported")
+        elif ch in ".()|*+?":
+            out.append(ch)
+            i += 1
+        else:
+            out.append(_esc(ch))
+            i += 1
+    return "".join(out)
+
+
+def _regex(pattern: str, cased: bool) -> tuple[str, str]:
+    """(anchored RE2 pattern, flags) for an EQL regex literal; checks that RE2 compiles it."""
+    body = lucene_to_re2(pattern)
+    anchored = f"^(?:{body})$"
+    flags = "s" if cased else "is"
+    try:
+        re2.compile(f"(?{flags}){anchored}")
+    except Exception as exc:  # re2.error and friends
+        raise UnsupportedRule(f"regex not supported by RE2: {pattern!r} ({exc})") from None
+    return anchored, flags
+
+
+# --------------------------------------------------------------------------- IR builder
+
+
+def _flatten(kind: type[And] | type[Or], args: tuple[Node, ...]) -> Node:
+    """Flatten nested And/Or; drop the neutral constant (true in And, false in Or)."""
+    neutral = kind is And
+    flat: list[Node] = []
+    for a in args:
+        if isinstance(a, Const) and a.value is neutral:
+            continue
+        flat.extend(a.args if isinstance(a, kind) else (a,))
+    if not flat:
+        return Const(neutral)
+    return flat[0] if len(flat) == 1 else kind(tuple(flat))
+
+
+def _and(*args: Node) -> Node:
+    return _flatten(And, args)
+
+
+def _or(*args: Node) -> Node:
+    return _flatten(Or, args)
+
+
+def _is_value(x: Any) -> bool:
+    return isinstance(x, FieldValue | Literal_ | Call)
+
+
+def _text(v: Literal_) -> str:
+    """Canonical text of a literal, as the IR compares non-strings."""
+    if isinstance(v.value, bool):
+        return "true" if v.value else "false"
+    return str(v.value)
+
+
+def _equal_leaf(f: str, v: Literal_, cased: bool) -> Node:
+    if v.value is None:
+        return IsNull(f)
+    if isinstance(v.value, str):
+        return Match(f, _literal_pattern(v.value), cased=cased)
+    return Equals(f, v.value)
+
+
+@v_args(inline=True, meta=True)
+class _Builder(Transformer):
+    """Bottom-up: value rules return FieldValue/Literal_/Call, boolean rules return Nodes."""
+
+    # ---- values
+
+    def string(self, meta: Any, tok: Token) -> Literal_:
+        return Literal_(decode_string(str(tok), tok.line))
+
+    def number(self, meta: Any, tok: Token) -> Literal_:
+        text = str(tok)
+        if re.fullmatch(r"\d+", text):
+            return Literal_(int(text))
+        return Literal_(float(text))
+
+    def true(self, meta: Any, tok: Token) -> Literal_:
+        return Literal_(True)
+
+    def false(self, meta: Any, tok: Token) -> Literal_:
+        return Literal_(False)
+
+    def null(self, meta: Any, tok: Token) -> Literal_:
+        return Literal_(None)
+
+    def qname(self, meta: Any, *parts: Token) -> str:
+        names = []
+        for p in parts:
+            s = str(p)
+            names.append(s[1:-1].replace("``", "`") if p.type == "QUOTED_NAME" else s)
+        return ".".join(names)
+
+    def field(self, meta: Any, *children: Any) -> FieldValue:
+        return FieldValue(children[-1])
+
+    def func(self, meta: Any, name: Token, *rest: Any) -> Call:
+        insensitive = bool(rest) and isinstance(rest[0], Token) and rest[0].type == "TILDE"
+        args = rest[1:] if insensitive else rest
+        key = str(name).lower()
+        if key not in FUNCTIONS:
+            raise UnsupportedRule(f"EQL function {name} is not supported", line=meta.line)
+        lo, hi, tilde_ok = FUNCTIONS[key]
+        if insensitive and not tilde_ok:
+            raise InvalidRule(f"EQL function {name} has no case-insensitive form", line=meta.line)
+        if len(args) < lo or (hi is not None and len(args) > hi):
+            raise InvalidRule(f"EQL function {name}: wrong number of arguments", line=meta.line)
+        for a in args:
+            if not _is_value(a):
+                raise UnsupportedRule(
+                    f"EQL function {name}: boolean arguments are not supported", line=meta.line
+                )
+        return Call(key, tuple(args), cased=not insensitive)
+
+    def sign(self, meta: Any, op: Token, v: Any) -> ValueExpr:
+        v = self._value(v, meta)
+        if str(op) == "+":
+            return v
+        if (
+            isinstance(v, Literal_)
+            and isinstance(v.value, int | float)
+            and not isinstance(v.value, bool)
+        ):
+            return Literal_(-v.value)
+        return Call("subtract", (Literal_(0), v))
+
+    def arith(self, meta: Any, left: Any, op: Token, right: Any) -> Call:
+        return Call(_ARITH[str(op)], (self._value(left, meta), self._value(right, meta)))
+
+    def items(self, meta: Any, *xs: Any) -> tuple[ValueExpr, ...]:
+        return tuple(self._value(x, meta) for x in xs)
+
+    # ---- conditions
+
+    def compare(self, meta: Any, left: Any, op: Token, right: Any) -> Node:
+        lhs, rhs, o = self._value(left, meta), self._value(right, meta), str(op)
+        if isinstance(lhs, Literal_) and isinstance(rhs, FieldValue):
+            lhs, rhs, o = rhs, lhs, _FLIP[o]
+        if not (isinstance(lhs, FieldValue) and isinstance(rhs, Literal_)):
+            return Predicate(lhs, o, rhs)
+        f, v = lhs.field, rhs.value
+        if o in ("==", "!="):
+            leaf = _equal_leaf(f, rhs, cased=True)
+            if o == "==":
+                return leaf
+            return Exists(f) if v is None else And((Exists(f), Not(leaf)))
+        if v is None:
+            return Const(False)
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            return Compare(f, o, v)  # type: ignore[arg-type]
+        return Predicate(lhs, o, rhs)
+
+    def in_(self, meta: Any, left: Any, *rest: Any) -> Node:
+        toks = [t for t in rest if isinstance(t, Token)]
+        kinds = {t.type for t in toks}
+        negated, cased = "NOT" in kinds, "TILDE" not in kinds
+        values = [self._value(x, meta) for x in rest if not isinstance(x, Token)]
+        lhs = self._value(left, meta)
+        if isinstance(lhs, FieldValue) and all(isinstance(v, Literal_) for v in values):
+            node = _or(*(_equal_leaf(lhs.field, v, cased) for v in values))  # type: ignore[arg-type]
+            return And((Exists(lhs.field), Not(node))) if negated else node
+        pred = Predicate(lhs, "in", tuple(values), cased=cased)
+        return Not(pred) if negated else pred
+
+    def pattern_op(self, meta: Any, left: Any, *rest: Any) -> Node:
+        op = rest[0]
+        insensitive = len(rest) == 3
+        rhs = rest[-1]
+        lhs = self._value(left, meta)
+        kind = {"SEQ": ":", "LIKE": "like", "REGEX": "regex"}[op.type]
+        cased = kind != ":" and not insensitive
+        values = rhs if isinstance(rhs, tuple) else (self._value(rhs, meta),)
+        for v in values:
+            if not isinstance(v, Literal_):
+                raise InvalidRule(f"EQL: the right side of {kind} must be literals", meta.line)
+        if kind == "regex":
+            pats = []
+            for v in values:
+                if not isinstance(v.value, str):
+                    raise InvalidRule("EQL: regex patterns must be strings", line=meta.line)
+                try:
+                    pats.append(_regex(v.value, cased))
+                except RuleError as exc:
+                    exc.line = meta.line
+                    raise
+            if isinstance(lhs, FieldValue):
+                return _or(*(Regex(lhs.field, p, flags) for p, flags in pats))
+            return Predicate(lhs, "regex", tuple(Literal_(p) for p, _ in pats), cased=cased)
+        texts = [
+            v.value if isinstance(v.value, str) else None if v.value is None else _text(v)
+            for v in values
+        ]
+        if isinstance(lhs, FieldValue):
+            return _or(
+                *(
+                    IsNull(lhs.field)
+                    if t is None
+                    else Match(lhs.field, wildcard_pattern(t), cased=cased)
+                    for t in texts
+                )
+            )
+        return Predicate(lhs, kind, tuple(Literal_(t) for t in texts), cased=cased)
+
+    def not_(self, meta: Any, _tok: Token, arg: Any) -> Node:
+        return Not(self._cond(arg, meta))
+
+    def and_test(self, meta: Any, *args: Any) -> Node:
+        return _and(*(self._cond(a, meta) for a in args))
+
+    def or_test(self, meta: Any, *args: Any) -> Node:
+        return _or(*(self._cond(a, meta) for a in args))
+
+    def category(self, meta: Any, tok: Any) -> str | None:
+        if isinstance(tok, Token) and tok.type == "ANY":
+            return None
+        if isinstance(tok, Token) and tok.type == "STRING":
+            return decode_string(str(tok), tok.line)
+        return str(tok)
+
+    def event_filter(self, meta: Any, category: str | None, cond: Any) -> Node:
+        node = self._cond(cond, meta)
+        if category is None:
+            return node
+        return _and(Match(CATEGORY_FIELD, _literal_pattern(category), cased=True), node)
+
+    # ---- helpers
+
+    @staticmethod
+    def _value(x: Any, meta: Any) -> ValueExpr:
+        if _is_value(x):
+            return x  # type: ignore[no-any-return]
+        raise UnsupportedRule(
+            "EQL: a boolean condition used as a value is not supported", line=meta.line
+        )
+
+    @staticmethod
+    def _cond(x: Any, meta: Any) -> Node:
+        if not _is_value(x):
+            return x  # type: ignore[no-any-return]
+        if isinstance(x, Literal_):
+            if isinstance(x.value, bool):
+                return Const(x.value)
+            if x.value is None:
+                return Const(False)
+            raise InvalidRule(f"EQL: {x.value!r} is not a condition", line=meta.line)
+        if isinstance(x, FieldValue):
+            return Equals(x.field, True)
+        return _call_condition(x, meta.line)
+
+
+def _call_condition(call: Call, line: int) -> Node:
+    """A boolean function call as a condition: a specialized leaf when possible."""
+    args = call.args
+    plain = bool(args) and isinstance(args[0], FieldValue)
+    literal_strs = all(isinstance(a, Literal_) and isinstance(a.value, str) for a in args[1:])
+    if plain and literal_strs:
+        field = args[0].field  # type: ignore[union-attr]
+        lits = [a.value for a in args[1:]]  # type: ignore[union-attr]
+        if call.name == "cidrmatch":
+            for net in lits:
+                try:
+                    ipaddress.ip_network(net, strict=False)
+                except ValueError:
+                    raise InvalidRule(f"cidrMatch: invalid network {net!r}", line=line) from None
+            return Cidr(field, tuple(lits))  # type: ignore[arg-type]
+        if call.name in ("stringcontains", "startswith", "endswith"):
+            text = lits[0]
+            parts = {
+                "stringcontains": (Wild.ANY, text, Wild.ANY),
+                "startswith": (text, Wild.ANY),
+                "endswith": (Wild.ANY, text),
+            }[call.name]
+            return Match(field, _literal_pattern(*parts), cased=call.cased)  # type: ignore[arg-type]
+    return Predicate(call, "==", Literal_(True))
