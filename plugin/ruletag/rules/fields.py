@@ -1,50 +1,523 @@
 """Field mapping: which record paths can supply a rule's field, and logsource conditions.
 
-CONTRACT STUB — signatures fixed, bodies being written.
+The mapping lives in ``ruletag/data/fields.yaml`` (see ``docs/rules.md``). A rule field name
+resolves to a *plan*: direct record paths (every alias of the field, plus the Winlogbeat
+``winlog.event_data.<Name>`` form of un-dotted names) and, used only when no direct path has a
+value, *derivations* (the basename of another field, the ECS category/type of a Windows event
+id, a constant when another field is present). Paths match nested objects, literal dotted keys
+and any mix of both (``{"process": {"parent.name": ...}}``); lists are searched element-wise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
 from pathlib import Path
 
-from ruletag.rules.ir import Logsource, Node
+import yaml
+
+from ruletag.errors import ConfigError
+from ruletag.rules.ir import And, Equals, Exists, Logsource, Match, Node, Not, Or, Token, Wild
+
+#: Bumped when the meaning of the YAML schema changes (part of :attr:`FieldMap.version`).
+_SCHEMA = "fields-v1"
+
+CHANNEL = "winlog.channel"
+EVENT_ID = "winlog.event_id"
+
+
+def as_text(value: object) -> str | None:
+    """Canonical text of a scalar (``ir`` semantics): str as is, bytes decoded, ints, floats and
+    bools as text (``"4688"``, ``"true"``); ``None`` for maps, lists and null."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "surrogateescape")
+    return None
+
+
+def basename(path: str) -> str:
+    """Last component of a Windows or POSIX path (``C:\\a\\b.exe`` -> ``b.exe``)."""
+    return path[max(path.rfind("\\"), path.rfind("/")) + 1 :]
+
+
+def _flatten(value: object, out: list[object]) -> None:
+    if isinstance(value, list | tuple):
+        for v in value:
+            _flatten(v, out)
+    elif value is not None:
+        out.append(value)
+
+
+def resolve(obj: object, parts: Sequence[str], out: list[object]) -> None:
+    """Append every value at ``parts`` below ``obj`` to ``out`` (lists flattened, nulls dropped).
+
+    Each prefix of ``parts`` joined with dots is tried as a key, so nested objects, literal
+    dotted keys and mixtures all resolve; lists on the way are searched element by element.
+    """
+    if not parts:
+        _flatten(obj, out)
+        return
+    if isinstance(obj, Mapping):
+        key = parts[0]
+        for i in range(1, len(parts) + 1):
+            if i > 1:
+                key = key + "." + parts[i - 1]
+            if key in obj:
+                resolve(obj[key], parts[i:], out)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            resolve(v, parts, out)
+
+
+def _walk_strings(obj: object, out: list[str]) -> None:
+    if isinstance(obj, Mapping):
+        for v in obj.values():
+            _walk_strings(v, out)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            _walk_strings(v, out)
+    else:
+        t = as_text(obj)
+        if t is not None:
+            out.append(t)
+
+
+# --------------------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True, slots=True)
+class _Basename:
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class _WindowsEvent:
+    attr: str  # "category" or "type"
+
+
+@dataclass(frozen=True, slots=True)
+class _WhenPresent:
+    source: str
+    value: str
+
+
+_Derivation = _Basename | _WindowsEvent | _WhenPresent
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    paths: tuple[tuple[str, ...], ...]
+    derive: tuple[_Derivation, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _WinEvent:
+    channel: str
+    event_id: int
+    category: str | None
+    ecs_category: tuple[str, ...]
+    ecs_type: tuple[str, ...]
 
 
 class RecordView:
     """One record seen through the field mapping (built per record, values cached)."""
+
+    __slots__ = ("_cache", "_map", "_record", "_strings")
+
+    def __init__(self, fieldmap: FieldMap, record: Mapping[str, object]) -> None:
+        self._map = fieldmap
+        self._record = record
+        self._cache: dict[str, list[object]] = {}
+        self._strings: list[str] | None = None
+
+    @property
+    def record(self) -> Mapping[str, object]:
+        """The record as given."""
+        return self._record
 
     def values(self, field: str) -> list[object]:
         """Every value the record has for ``field`` (lists flattened); ``[]`` when absent.
 
         ``None`` values are dropped, so ``[]`` means missing-or-null.
         """
-        raise NotImplementedError
+        got = self._cache.get(field)
+        if got is None:
+            got = self._compute(field)
+            self._cache[field] = got
+        return got
 
     def strings(self) -> list[str]:
         """Every scalar value in the record as text, for Sigma keywords."""
-        raise NotImplementedError
+        if self._strings is None:
+            out: list[str] = []
+            _walk_strings(self._record, out)
+            self._strings = out
+        return self._strings
+
+    def _compute(self, field: str) -> list[object]:
+        plan = self._map._plan(field)
+        out: list[object] = []
+        for parts in plan.paths:
+            resolve(self._record, parts, out)
+        if out:
+            return out
+        for d in plan.derive:
+            if isinstance(d, _Basename):
+                out = [basename(v) for v in self.values(d.source) if isinstance(v, str)]
+            elif isinstance(d, _WhenPresent):
+                out = [d.value] if self.values(d.source) else []
+            else:
+                out = self._windows_event(d.attr)
+            if out:
+                return out
+        return out
+
+    def _windows_event(self, attr: str) -> list[object]:
+        table = self._map._events
+        for ch in self.values(CHANNEL):
+            if not isinstance(ch, str):
+                continue
+            for eid in self.values(EVENT_ID):
+                num = _as_int(eid)
+                row = table.get((ch.lower(), num)) if num is not None else None
+                if row is not None:
+                    return list(row.ecs_category if attr == "category" else row.ecs_type)
+        return []
+
+
+def _as_int(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str | bytes) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+# --------------------------------------------------------------------------- the map
+
+
+def _pattern(text: str) -> tuple[Token, ...]:
+    """Mapping-file pattern (``*`` and ``?`` wildcards, no escapes) -> Match tokens."""
+    out: list[Token] = []
+    for piece in re.split(r"([*?])", text):
+        if piece == "*":
+            out.append(Wild.ANY)
+        elif piece == "?":
+            out.append(Wild.ONE)
+        elif piece:
+            out.append(piece)
+    return tuple(out)
+
+
+def _str_list(value: object, where: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ConfigError(f"fields mapping: {where} must be a string or a list of strings")
 
 
 class FieldMap:
     """The editable mapping shipped as ``ruletag/data/fields.yaml``."""
 
+    def __init__(self, data: Mapping[str, object], text: bytes = b"") -> None:
+        """Build from parsed YAML ``data``; ``text`` (the file bytes) feeds :attr:`version`."""
+        if not isinstance(data, Mapping):
+            raise ConfigError("fields mapping: top level must be a mapping")
+        self._version = hashlib.sha256(_SCHEMA.encode() + b"\0" + text).hexdigest()[:16]
+        self._prefixes = tuple(_str_list(data.get("event_data_prefixes"), "event_data_prefixes"))
+        self._groups: dict[str, tuple[str, ...]] = {}  # any name -> every name of its group
+        self._extra: dict[str, list[str]] = {}  # canonical -> extra paths
+        self._derive: dict[str, tuple[_Derivation, ...]] = {}
+        self._canonical: dict[str, str] = {}
+        self._plans: dict[str, _Plan] = {}
+        self._load_fields(data.get("fields") or {})
+        self._events: dict[tuple[str, int], _WinEvent] = {}
+        self._by_category: dict[str, list[_WinEvent]] = {}
+        self._load_windows(data.get("windows_events") or [])
+        self._ecs_categories = self._load_ecs(data.get("ecs_categories") or {})
+        self._services = self._load_services(data.get("services") or {})
+        self._products = self._load_products(data.get("products") or {})
+        self._check_cycles()
+
+    # ----------------------------------------------------------------- loading
+
     @classmethod
     def default(cls) -> FieldMap:
-        raise NotImplementedError
+        """The mapping shipped with ruletag (cached: it is immutable)."""
+        return _default()
 
     @classmethod
     def load(cls, path: Path) -> FieldMap:
-        raise NotImplementedError
+        """Load a mapping file; malformed content raises :class:`ConfigError`."""
+        text = Path(path).read_bytes()
+        return cls.from_bytes(text, str(path))
+
+    @classmethod
+    def from_bytes(cls, text: bytes, where: str = "fields.yaml") -> FieldMap:
+        """Parse mapping YAML text."""
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where}: invalid YAML: {exc}") from exc
+        return cls(data, text)
+
+    def _load_fields(self, fields: object) -> None:
+        if not isinstance(fields, Mapping):
+            raise ConfigError("fields mapping: 'fields' must be a mapping")
+        for name, spec in fields.items():
+            spec = spec or {}
+            if not isinstance(name, str) or not isinstance(spec, Mapping):
+                raise ConfigError(f"fields mapping: bad entry for {name!r}")
+            unknown = set(spec) - {"aliases", "paths", "derive"}
+            if unknown:
+                raise ConfigError(f"fields mapping: {name}: unknown keys {sorted(unknown)}")
+            names = (name, *_str_list(spec.get("aliases"), f"{name}.aliases"))
+            for n in names:
+                if n in self._canonical:
+                    raise ConfigError(f"fields mapping: {n!r} is in two field groups")
+                self._canonical[n] = name
+                self._groups[n] = names
+            self._extra[name] = _str_list(spec.get("paths"), f"{name}.paths")
+            self._derive[name] = tuple(self._parse_derive(name, spec.get("derive") or []))
+
+    def _parse_derive(self, name: str, items: object) -> Iterator[_Derivation]:
+        if not isinstance(items, list):
+            raise ConfigError(f"fields mapping: {name}.derive must be a list")
+        for item in items:
+            if isinstance(item, Mapping) and isinstance(item.get("basename"), str):
+                yield _Basename(item["basename"])
+            elif isinstance(item, Mapping) and item.get("windows_event") in ("category", "type"):
+                yield _WindowsEvent(item["windows_event"])
+            elif (
+                isinstance(item, Mapping)
+                and isinstance(item.get("when_present"), str)
+                and isinstance(item.get("value"), str)
+            ):
+                yield _WhenPresent(item["when_present"], item["value"])
+            else:
+                raise ConfigError(f"fields mapping: {name}: bad derivation {item!r}")
+
+    def _load_windows(self, rows: object) -> None:
+        if not isinstance(rows, list):
+            raise ConfigError("fields mapping: 'windows_events' must be a list")
+        for row in rows:
+            if not isinstance(row, Mapping) or not isinstance(row.get("channel"), str):
+                raise ConfigError(f"fields mapping: bad windows_events row {row!r}")
+            ids = row.get("ids", row.get("id"))
+            id_list = ids if isinstance(ids, list) else [ids]
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in id_list):
+                raise ConfigError(f"fields mapping: bad event id in {row!r}")
+            cat = row.get("sigma")
+            for i in id_list:
+                ev = _WinEvent(
+                    row["channel"],
+                    i,
+                    cat if isinstance(cat, str) else None,
+                    tuple(_str_list(row.get("category"), "category")),
+                    tuple(_str_list(row.get("type"), "type")),
+                )
+                self._events[(ev.channel.lower(), i)] = ev
+                for c in _str_list(cat, "sigma"):
+                    self._by_category.setdefault(c, []).append(ev)
+
+    def _load_ecs(self, cats: object) -> dict[str, Node]:
+        if not isinstance(cats, Mapping):
+            raise ConfigError("fields mapping: 'ecs_categories' must be a mapping")
+        out: dict[str, Node] = {}
+        for name, spec in cats.items():
+            out[name] = self._condition(spec, f"ecs_categories.{name}")
+        return out
+
+    def _load_services(self, services: object) -> dict[tuple[str, str], Node]:
+        if not isinstance(services, Mapping):
+            raise ConfigError("fields mapping: 'services' must be a mapping")
+        out: dict[tuple[str, str], Node] = {}
+        for product, table in services.items():
+            if not isinstance(table, Mapping):
+                raise ConfigError(f"fields mapping: services.{product} must be a mapping")
+            for service, spec in table.items():
+                out[(product, service)] = self._condition(spec, f"services.{product}.{service}")
+        return out
+
+    def _load_products(self, products: object) -> dict[str, Node]:
+        if not isinstance(products, Mapping):
+            raise ConfigError("fields mapping: 'products' must be a mapping")
+        return {p: self._condition(s, f"products.{p}") for p, s in products.items()}
+
+    def _condition(self, spec: object, where: str) -> Node:
+        """YAML condition -> IR: a mapping is an And of ``field: value`` tests (a list value
+        means any of them); a list of mappings is an Or; ``{not: ...}`` negates; a string value
+        ``"*"`` means the field exists. Strings are case-insensitive patterns (``*``, ``?``)."""
+        if isinstance(spec, list):
+            return _or([self._condition(s, where) for s in spec])
+        if not isinstance(spec, Mapping) or not spec:
+            raise ConfigError(f"fields mapping: {where}: expected a mapping or a list")
+        parts: list[Node] = []
+        for key, value in spec.items():
+            if key == "not":
+                parts.append(Not(self._condition(value, where)))
+                continue
+            values = value if isinstance(value, list) else [value]
+            alts: list[Node] = []
+            for v in values:
+                if v == "*":
+                    alts.append(Exists(key))
+                elif isinstance(v, str):
+                    alts.append(Match(key, _pattern(v), cased=False))
+                elif isinstance(v, int | float) and not isinstance(v, bool):
+                    alts.append(Equals(key, v))
+                else:
+                    raise ConfigError(f"fields mapping: {where}.{key}: bad value {v!r}")
+            parts.append(_or(alts))
+        return parts[0] if len(parts) == 1 else And(tuple(parts))
+
+    def _check_cycles(self) -> None:
+        def visit(name: str, seen: tuple[str, ...]) -> None:
+            canon = self._canonical.get(name, name)
+            if canon in seen:
+                raise ConfigError(f"fields mapping: derivation cycle through {canon!r}")
+            for d in self._derive.get(canon, ()):
+                if isinstance(d, _Basename | _WhenPresent):
+                    visit(d.source, (*seen, canon))
+                else:
+                    visit(CHANNEL, (*seen, canon))
+                    visit(EVENT_ID, (*seen, canon))
+
+        for name in self._derive:
+            visit(name, ())
+
+    # ----------------------------------------------------------------- resolution
+
+    def _plan(self, field: str) -> _Plan:
+        plan = self._plans.get(field)
+        if plan is not None:
+            return plan
+        canon = self._canonical.get(field, field)
+        names = self._groups.get(field, (field,))
+        paths: list[str] = []
+        for n in (field, *names, *self._extra.get(canon, ())):
+            if n not in paths:
+                paths.append(n)
+        for n in names if field in self._groups else (field,):
+            if "." not in n:
+                for p in self._prefixes:
+                    if f"{p}.{n}" not in paths:
+                        paths.append(f"{p}.{n}")
+        plan = _Plan(tuple(tuple(p.split(".")) for p in paths), self._derive.get(canon, ()))
+        self._plans[field] = plan
+        return plan
 
     def view(self, record: Mapping[str, object]) -> RecordView:
-        raise NotImplementedError
+        """A lazy view of ``record``: nothing is computed until a field is asked for."""
+        return RecordView(self, record)
+
+    def paths(self, field: str) -> tuple[str, ...]:
+        """The dotted record paths read directly for ``field`` (derivations excluded)."""
+        return tuple(".".join(p) for p in self._plan(field).paths)
+
+    def raw_keys(self, field: str) -> frozenset[str]:
+        """Record key names of which at least one occurs in any record where ``field`` has a
+        value: the last component of every path that can supply it, directly or through a
+        derivation (a key of a dotted literal key ``"a.b"`` contains ``b`` as a substring)."""
+        return self._raw_keys(field, frozenset())
+
+    def _raw_keys(self, field: str, seen: frozenset[str]) -> frozenset[str]:
+        plan = self._plan(field)
+        keys = {parts[-1] for parts in plan.paths}
+        seen = seen | {field}
+        for d in plan.derive:
+            src = CHANNEL if isinstance(d, _WindowsEvent) else d.source
+            if src not in seen:
+                keys |= self._raw_keys(src, seen)
+        return frozenset(keys)
+
+    def verbatim(self, field: str) -> bool:
+        """True when every *string* value the view yields for ``field`` is (a substring of) a
+        string present in the record as is: direct paths and basenames are, looked-up or
+        constant values are not. Non-string values (numbers, bools) are yielded unchanged."""
+        plan = self._plan(field)
+        for d in plan.derive:
+            if isinstance(d, _Basename):
+                if not self.verbatim(d.source):
+                    return False
+            else:
+                return False
+        return True
+
+    def derived(self, field: str) -> bool:
+        """True when ``field`` can get a value through a derivation."""
+        return bool(self._plan(field).derive)
+
+    # ----------------------------------------------------------------- logsources
 
     def logsource_condition(self, logsource: Logsource) -> Node | None:
-        """The condition a record must meet to be in this logsource; None = no restriction."""
-        raise NotImplementedError
+        """The condition a record must meet to be in this logsource; None = no restriction.
+
+        Known parts (product, category, service) are ANDed; an unknown part adds nothing.
+        Windows categories hold either a Windows event-log record (channel + event id, flat
+        or Winlogbeat shape) or, for records without a channel, the ECS equivalent.
+        """
+        product = (logsource.product or "").lower() or None
+        category = (logsource.category or "").lower() or None
+        service = (logsource.service or "").lower() or None
+        parts: list[Node] = []
+        if product is not None and product in self._products:
+            parts.append(self._products[product])
+        if category is not None:
+            cond = self._category_condition(product, category)
+            if cond is not None:
+                parts.append(cond)
+        if service is not None:
+            cond = self._services.get((product or "", service))
+            if cond is None and product is None:
+                cond = self._services.get(("windows", service))
+            if cond is not None:
+                parts.append(cond)
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else And(tuple(parts))
+
+    def _category_condition(self, product: str | None, category: str) -> Node | None:
+        ecs = self._ecs_categories.get(category)
+        rows = self._by_category.get(category, []) if product in (None, "windows") else []
+        if not rows:
+            return ecs
+        win = _or([_event_row(r) for r in rows])
+        if ecs is None:
+            return win
+        return Or((win, And((Not(Exists(CHANNEL)), ecs))))
 
     @property
     def version(self) -> str:
         """Content hash of the mapping (part of the table cache key)."""
-        raise NotImplementedError
+        return self._version
+
+
+def _event_row(row: _WinEvent) -> Node:
+    return And((Match(CHANNEL, _pattern(row.channel), cased=False), Equals(EVENT_ID, row.event_id)))
+
+
+def _or(nodes: list[Node]) -> Node:
+    return nodes[0] if len(nodes) == 1 else Or(tuple(nodes))
+
+
+@cache
+def _default() -> FieldMap:
+    text = resources.files("ruletag").joinpath("data/fields.yaml").read_bytes()
+    return FieldMap.from_bytes(text, "ruletag/data/fields.yaml")

@@ -1,0 +1,311 @@
+"""Elastic EQL functions on Python values, with Elasticsearch semantics.
+
+Used by ``reference.py`` and by the compiled table for :class:`ir.Call` leaves. Every function
+takes scalar arguments (``str``, ``int``, ``float``, ``bool``, ``bytes`` or ``None``) and
+returns a scalar; a ``None`` argument (missing or null field) gives ``None``, except where
+noted. Arguments of the wrong type also give ``None`` (a runtime type error in Elasticsearch
+fails the search; here the condition is simply not met). ``bytes`` are decoded as UTF-8 and
+string functions read numbers and booleans through their canonical text (``ir`` semantics).
+
+Names are the lower-case EQL names without ``~``; ``cased=False`` selects the ``~`` variant
+(case-insensitive) of ``between``, ``endswith``, ``indexof``, ``startswith`` and
+``stringcontains``:
+
+========================  =======================================================
+``add(a, b)`` ...         ``subtract``, ``multiply``, ``divide``, ``modulo``: numbers
+                          (numeric strings are not converted). Integer ``divide`` and
+                          ``modulo`` truncate toward zero like Java; ``/ 0`` -> None.
+``between(s, l, r[, g])``  text between the first ``l`` and the next ``r`` (the last
+                          ``r`` when ``g`` is true); ``""`` when either is not found.
+``cidrmatch(ip, c...)``   ip inside any CIDR; invalid ip -> False.
+``concat(a...)``          the arguments' text joined; any None -> None.
+``endswith(s, x)``        bool.
+``indexof(s, x[, i])``    first index of ``x`` at or after ``i`` (None, negative -> 0),
+                          None when absent.
+``length(s)``             character count.
+``number(s[, base])``     parse an integer (``0x`` prefix ok with base 16) or, base 10,
+                          a float; unparsable -> None.
+``startswith(s, x)``      bool.
+``string(v)``             canonical text.
+``stringcontains(s, x)``  bool.
+``substring(s, a[, b])``  Python slice ``s[a:b]`` (negative offsets from the end).
+========================  =======================================================
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+
+from ruletag.rules.fields import as_text
+
+_INT = re.compile(r"[+-]?\d+")
+_FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def _text(value: object) -> str | None:
+    return as_text(value)
+
+
+def _num(value: object) -> int | float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return value
+
+
+def _fold(s: str, cased: bool) -> str:
+    return s if cased else s.lower()
+
+
+# --------------------------------------------------------------------------- math
+
+
+def _arith(op: str, a: object, b: object) -> int | float | None:
+    x, y = _num(a), _num(b)
+    if x is None or y is None:
+        return None
+    if op == "add":
+        return x + y
+    if op == "subtract":
+        return x - y
+    if op == "multiply":
+        return x * y
+    if y == 0:
+        return None
+    both_int = isinstance(x, int) and isinstance(y, int)
+    if op == "divide":
+        if both_int:
+            q = abs(x) // abs(y)
+            return q if (x >= 0) == (y >= 0) else -q
+        return x / y
+    # modulo: the sign follows the dividend (Java %)
+    return math.fmod(x, y) if not both_int else (abs(x) % abs(y)) * (1 if x >= 0 else -1)
+
+
+def add(a: object, b: object) -> int | float | None:
+    """``a + b``."""
+    return _arith("add", a, b)
+
+
+def subtract(a: object, b: object) -> int | float | None:
+    """``a - b``."""
+    return _arith("subtract", a, b)
+
+
+def multiply(a: object, b: object) -> int | float | None:
+    """``a * b``."""
+    return _arith("multiply", a, b)
+
+
+def divide(a: object, b: object) -> int | float | None:
+    """``a / b``; integer division truncates toward zero; division by zero -> None."""
+    return _arith("divide", a, b)
+
+
+def modulo(a: object, b: object) -> int | float | None:
+    """``a % b`` with the sign of ``a``; modulo zero -> None."""
+    return _arith("modulo", a, b)
+
+
+# --------------------------------------------------------------------------- strings
+
+
+def between(
+    source: object, left: object, right: object, greedy: object = False, *, cased: bool = True
+) -> str | None:
+    """Text between the first ``left`` and the following (or, greedy, last) ``right``."""
+    s, lt, rt = _text(source), _text(left), _text(right)
+    if s is None or lt is None or rt is None:
+        return None
+    fs, fl, fr = _fold(s, cased), _fold(lt, cased), _fold(rt, cased)
+    i = fs.find(fl)
+    if i < 0:
+        return ""
+    start = i + len(fl)
+    j = fs.rfind(fr, start) if greedy is True else fs.find(fr, start)
+    if j < 0:
+        return ""
+    return s[start:j]
+
+
+@lru_cache(maxsize=1024)
+def _network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    try:
+        return ipaddress.ip_network(cidr.strip(), strict=False)
+    except ValueError:
+        return None
+
+
+def cidrmatch(ip: object, *cidrs: object) -> bool | None:
+    """True when ``ip`` is inside any of ``cidrs``."""
+    t = _text(ip)
+    if t is None:
+        return None
+    try:
+        addr = ipaddress.ip_address(t.strip())
+    except ValueError:
+        return False
+    for c in cidrs:
+        ct = _text(c)
+        net = _network(ct) if ct is not None else None
+        if net is not None and addr.version == net.version and addr in net:
+            return True
+    return False
+
+
+def concat(*args: object) -> str | None:
+    """The arguments' text, joined."""
+    parts = [_text(a) for a in args]
+    if any(p is None for p in parts):
+        return None
+    return "".join(p for p in parts if p is not None)
+
+
+def endswith(source: object, suffix: object, *, cased: bool = True) -> bool | None:
+    """``source`` ends with ``suffix``."""
+    s, x = _text(source), _text(suffix)
+    if s is None or x is None:
+        return None
+    return _fold(s, cased).endswith(_fold(x, cased))
+
+
+def startswith(source: object, prefix: object, *, cased: bool = True) -> bool | None:
+    """``source`` starts with ``prefix``."""
+    s, x = _text(source), _text(prefix)
+    if s is None or x is None:
+        return None
+    return _fold(s, cased).startswith(_fold(x, cased))
+
+
+def stringcontains(source: object, sub: object, *, cased: bool = True) -> bool | None:
+    """``sub`` occurs in ``source``."""
+    s, x = _text(source), _text(sub)
+    if s is None or x is None:
+        return None
+    return _fold(x, cased) in _fold(s, cased)
+
+
+def indexof(source: object, sub: object, start: object = 0, *, cased: bool = True) -> int | None:
+    """First index of ``sub`` in ``source`` at or after ``start``; None when absent."""
+    s, x = _text(source), _text(sub)
+    if s is None or x is None:
+        return None
+    if start is None:
+        begin = 0
+    else:
+        n = _num(start)
+        if n is None:
+            return None
+        begin = max(int(n), 0)
+    if begin > len(s):
+        return None
+    i = _fold(s, cased).find(_fold(x, cased), begin)
+    return i if i >= 0 else None
+
+
+def length(source: object) -> int | None:
+    """Character length of the text."""
+    s = _text(source)
+    return None if s is None else len(s)
+
+
+def number(source: object, base: object = None) -> int | float | None:
+    """Parse text as a number in ``base`` (default 10; floats only in base 10)."""
+    if _num(source) is not None:
+        return _num(source)
+    s = _text(source)
+    if s is None:
+        return None
+    s = s.strip()
+    b = 10 if base is None else _num(base)
+    if not isinstance(b, int) or not 2 <= b <= 36:
+        return None
+    if b == 16 and s.lower().startswith(("0x", "-0x", "+0x")):
+        s = s.replace("0x", "", 1).replace("0X", "", 1)
+    if b == 10 and not _INT.fullmatch(s):
+        return float(s) if _FLOAT.fullmatch(s) else None
+    try:
+        return int(s, b)
+    except ValueError:
+        return None
+
+
+def string(value: object) -> str | None:
+    """Canonical text of a value."""
+    return _text(value)
+
+
+def substring(source: object, start: object, end: object = None) -> str | None:
+    """``source[start:end]`` with Python slice semantics."""
+    s = _text(source)
+    a = _num(start)
+    if s is None or a is None:
+        return None
+    b = None if end is None else _num(end)
+    if end is not None and b is None:
+        return None
+    return s[int(a) : None if b is None else int(b)]
+
+
+# --------------------------------------------------------------------------- dispatch
+
+_CASED = {"between", "endswith", "indexof", "startswith", "stringcontains"}
+
+FUNCTIONS: dict[str, Callable[..., object]] = {
+    "add": add,
+    "between": between,
+    "cidrmatch": cidrmatch,
+    "concat": concat,
+    "divide": divide,
+    "endswith": endswith,
+    "indexof": indexof,
+    "length": length,
+    "modulo": modulo,
+    "multiply": multiply,
+    "number": number,
+    "startswith": startswith,
+    "string": string,
+    "stringcontains": stringcontains,
+    "substring": substring,
+    "subtract": subtract,
+}
+
+#: Argument count range per function (``None`` = unbounded).
+ARITY: dict[str, tuple[int, int | None]] = {
+    "add": (2, 2),
+    "between": (3, 4),
+    "cidrmatch": (2, None),
+    "concat": (1, None),
+    "divide": (2, 2),
+    "endswith": (2, 2),
+    "indexof": (2, 3),
+    "length": (1, 1),
+    "modulo": (2, 2),
+    "multiply": (2, 2),
+    "number": (1, 2),
+    "startswith": (2, 2),
+    "string": (1, 1),
+    "stringcontains": (2, 2),
+    "substring": (2, 3),
+    "subtract": (2, 2),
+}
+
+#: Functions with a ``~`` (case-insensitive) variant.
+CASE_INSENSITIVE_VARIANTS = frozenset(_CASED)
+
+
+def call(name: str, args: Sequence[object], cased: bool = True) -> object:
+    """Apply EQL function ``name`` (lower-case, no ``~``) to scalar ``args``.
+
+    Raises ``KeyError`` for an unknown name and ``TypeError`` for a wrong argument count.
+    """
+    fn = FUNCTIONS[name.lower()]
+    lo, hi = ARITY[name.lower()]
+    if len(args) < lo or (hi is not None and len(args) > hi):
+        raise TypeError(f"{name}() takes {lo}..{hi or 'n'} arguments, got {len(args)}")
+    if name.lower() in _CASED:
+        return fn(*args, cased=cased)
+    return fn(*args)

@@ -1,0 +1,313 @@
+"""The slow, obviously correct reference evaluator of the IR: the oracle of differential tests.
+
+A plain recursive walk over :mod:`ruletag.rules.ir` nodes, reading field values through a
+:class:`~ruletag.rules.fields.RecordView`. Semantics, leaf by leaf (any value of a
+multi-valued field may satisfy a leaf; missing-or-null satisfies only ``IsNull``):
+
+* ``Match``: each value's canonical text (maps never match) must fully match the pattern
+  (``*`` any run, ``?`` one character, DOTALL); ``cased=False`` lower-cases both sides.
+  ``field=None`` tests every scalar of the record.
+* ``Regex``: RE2 unanchored search with the ``i``/``m``/``s`` flags.
+* ``Cidr``: the value's text is an IP address inside one of the networks.
+* ``Compare``/``Equals``: ints and floats, or strings that are a plain decimal number
+  (``[+-]digits`` or a float literal, no spaces); bools are not numbers. ``Equals`` with a
+  bool matches a bool or the text ``"true"``/``"false"``.
+* ``FieldRef``: some value of ``other`` appears (eq/startswith/endswith/contains) in some
+  value of ``field``, as text.
+* ``Predicate``: every combination of the operands' values (a missing field is null) is tried;
+  true when any combination is. ``== null`` / ``!= null`` (a ``Literal_(None)`` right side)
+  test for missing-or-null / present; otherwise a null operand makes any comparison false
+  (``f != "x"`` is false when ``f`` is missing, as in EQL's three-valued logic). ``:`` is
+  case-insensitive wildcard equality, ``like`` wildcard equality (cased unless
+  ``cased=False``), ``regex`` an anchored RE2 full match (``.`` matches newlines, as in
+  Lucene), ``in`` membership; text comparisons lower-case both sides when ``cased=False``.
+  Numbers compare numerically, other values through their text.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import re
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+
+import re2
+
+from ruletag.rules import functions
+from ruletag.rules.fields import FieldMap, RecordView, as_text
+from ruletag.rules.ir import (
+    And,
+    Call,
+    Cidr,
+    Compare,
+    Const,
+    Equals,
+    Exists,
+    FieldRef,
+    FieldValue,
+    IsNull,
+    Literal_,
+    Match,
+    Node,
+    Not,
+    Or,
+    Predicate,
+    Regex,
+    Rule,
+    Token,
+    ValueExpr,
+    Wild,
+)
+
+_INT = re.compile(r"[+-]?\d+")
+_FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_MAX_COMBINATIONS = 4096
+
+
+def number_of(value: object) -> int | float | None:
+    """A value as a number: ints and floats as is, decimal strings parsed, else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "surrogateescape")
+    if isinstance(value, str):
+        if _INT.fullmatch(value):
+            return int(value)
+        if _FLOAT.fullmatch(value):
+            return float(value)
+    return None
+
+
+@lru_cache(maxsize=4096)
+def wildcard_regex(pattern: tuple[Token, ...], cased: bool) -> re.Pattern[str]:
+    """Match tokens -> an anchored Python regex (use ``fullmatch``)."""
+    parts: list[str] = []
+    for tok in pattern:
+        if tok is Wild.ANY:
+            parts.append(".*")
+        elif tok is Wild.ONE:
+            parts.append(".")
+        else:
+            parts.append(re.escape(tok if cased else str(tok).lower()))
+    return re.compile("".join(parts), re.DOTALL)
+
+
+def _like(text: str, pattern: str, cased: bool) -> bool:
+    tokens: list[Token] = []
+    for piece in re.split(r"([*?])", pattern):
+        if piece == "*":
+            tokens.append(Wild.ANY)
+        elif piece == "?":
+            tokens.append(Wild.ONE)
+        elif piece:
+            tokens.append(piece)
+    return _match_text(text, tuple(tokens), cased)
+
+
+def _match_text(text: str, pattern: tuple[Token, ...], cased: bool) -> bool:
+    rx = wildcard_regex(pattern, cased)
+    return rx.fullmatch(text if cased else text.lower()) is not None
+
+
+@lru_cache(maxsize=4096)
+def _re2(pattern: str, flags: str, anchored: bool = False) -> re2._Regexp:
+    prefix = f"(?{''.join(sorted(set(flags)))})" if flags else ""
+    body = f"^(?:{pattern})$" if anchored else pattern
+    return re2.compile(prefix + body)
+
+
+def _re2_search(rx: re2._Regexp, text: str) -> bool:
+    try:
+        return rx.search(text) is not None
+    except UnicodeEncodeError:  # lone surrogates from undecodable bytes
+        clean = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return rx.search(clean) is not None
+
+
+@lru_cache(maxsize=4096)
+def _networks(
+    networks: tuple[str, ...],
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+
+
+def _in_cidr(value: object, networks: tuple[str, ...]) -> bool:
+    text = as_text(value)
+    if text is None:
+        return False
+    try:
+        addr = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return False
+    return any(addr.version == n.version and addr in n for n in _networks(networks))
+
+
+def _texts(view: RecordView, field: str | None) -> list[str]:
+    if field is None:
+        return view.strings()
+    return [t for t in map(as_text, view.values(field)) if t is not None]
+
+
+def _compare(a: int | float, op: str, b: int | float) -> bool:
+    if op == "<":
+        return a < b
+    if op == "<=":
+        return a <= b
+    if op == ">":
+        return a > b
+    if op == ">=":
+        return a >= b
+    raise ValueError(f"unknown comparison {op!r}")
+
+
+def _equals(value: object, want: int | float | bool) -> bool:
+    if isinstance(want, bool):
+        if isinstance(value, bool):
+            return value is want
+        return as_text(value) == ("true" if want else "false")
+    n = number_of(value)
+    return n is not None and n == want
+
+
+def _fieldref(view: RecordView, node: FieldRef) -> bool:
+    mine = _texts(view, node.field)
+    others = _texts(view, node.other)
+    for a in mine:
+        for b in others:
+            x, y = (a, b) if node.cased else (a.lower(), b.lower())
+            if (
+                (node.op == "eq" and x == y)
+                or (node.op == "startswith" and x.startswith(y))
+                or (node.op == "endswith" and x.endswith(y))
+                or (node.op == "contains" and y in x)
+            ):
+                return True
+    return False
+
+
+# --------------------------------------------------------------------------- predicates
+
+
+def values_of(expr: ValueExpr, view: RecordView) -> list[object]:
+    """Every value an expression can take for this record (``[None]`` when null/missing)."""
+    if isinstance(expr, Literal_):
+        return [expr.value]
+    if isinstance(expr, FieldValue):
+        return list(view.values(expr.field)) or [None]
+    if isinstance(expr, Call):
+        arg_values = [values_of(a, view) for a in expr.args]
+        out: list[object] = []
+        for n, combo in enumerate(itertools.product(*arg_values)):
+            if n >= _MAX_COMBINATIONS:
+                break
+            out.append(functions.call(expr.name, combo, cased=expr.cased))
+        return out or [None]
+    raise TypeError(f"not a value expression: {expr!r}")
+
+
+def _scalar_eq(a: object, b: object, cased: bool) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return as_text(a) == as_text(b)
+    if isinstance(a, int | float) or isinstance(b, int | float):
+        na, nb = number_of(a), number_of(b)
+        if na is not None and nb is not None:
+            return na == nb
+    ta, tb = as_text(a), as_text(b)
+    if ta is None or tb is None:
+        return False
+    return ta == tb if cased else ta.lower() == tb.lower()
+
+
+def _binary(op: str, a: object, b: object, cased: bool) -> bool:
+    if a is None or b is None:
+        return False
+    if op == "==":
+        return _scalar_eq(a, b, cased)
+    if op == "!=":
+        return not _scalar_eq(a, b, cased)
+    if op in ("<", "<=", ">", ">="):
+        na, nb = number_of(a), number_of(b)
+        if na is not None and nb is not None:
+            return _compare(na, op, nb)
+        ta, tb = as_text(a), as_text(b)
+        if isinstance(a, str) and isinstance(b, str) and ta is not None and tb is not None:
+            x, y = (ta, tb) if cased else (ta.lower(), tb.lower())
+            return (x < y, x <= y, x > y, x >= y)[("<", "<=", ">", ">=").index(op)]
+        return False
+    ta, tb = as_text(a), as_text(b)
+    if ta is None or tb is None:
+        return False
+    if op == ":":
+        return _like(ta, tb, False)
+    if op == "like":
+        return _like(ta, tb, cased)
+    if op == "regex":
+        return _re2_search(_re2(tb, "s" if cased else "is", anchored=True), ta)
+    if op == "in":
+        return _scalar_eq(a, b, cased)
+    raise ValueError(f"unknown predicate operator {op!r}")
+
+
+def _predicate(node: Predicate, view: RecordView) -> bool:
+    lefts = values_of(node.left, view)
+    if node.op in ("==", "!=") and node.right == Literal_(None):
+        is_null = all(v is None for v in lefts)
+        return is_null if node.op == "==" else not is_null
+    rights_exprs = node.right if isinstance(node.right, tuple) else (node.right,)
+    rights: list[object] = []
+    for r in rights_exprs:
+        rights.extend(values_of(r, view))
+    return any(_binary(node.op, a, b, node.cased) for a in lefts for b in rights)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate(node: Node, view: RecordView) -> bool:
+    """Whether the record behind ``view`` satisfies ``node``."""
+    if isinstance(node, And):
+        return all(evaluate(a, view) for a in node.args)
+    if isinstance(node, Or):
+        return any(evaluate(a, view) for a in node.args)
+    if isinstance(node, Not):
+        return not evaluate(node.arg, view)
+    if isinstance(node, Const):
+        return node.value
+    if isinstance(node, Match):
+        return any(_match_text(t, node.pattern, node.cased) for t in _texts(view, node.field))
+    if isinstance(node, Regex):
+        rx = _re2(node.pattern, node.flags)
+        return any(_re2_search(rx, t) for t in _texts(view, node.field))
+    if isinstance(node, Cidr):
+        return any(_in_cidr(v, node.networks) for v in view.values(node.field))
+    if isinstance(node, Compare):
+        nums = (number_of(v) for v in view.values(node.field))
+        return any(n is not None and _compare(n, node.op, node.value) for n in nums)
+    if isinstance(node, Equals):
+        return any(_equals(v, node.value) for v in view.values(node.field))
+    if isinstance(node, IsNull):
+        return not view.values(node.field)
+    if isinstance(node, Exists):
+        return bool(view.values(node.field))
+    if isinstance(node, FieldRef):
+        return _fieldref(view, node)
+    if isinstance(node, Predicate):
+        return _predicate(node, view)
+    raise TypeError(f"not an IR node: {node!r}")
+
+
+def rule_condition(rule: Rule, fieldmap: FieldMap) -> Node:
+    """A rule's condition ANDed with its logsource condition (when it has one)."""
+    ls = fieldmap.logsource_condition(rule.logsource) if rule.logsource is not None else None
+    return rule.condition if ls is None else And((ls, rule.condition))
+
+
+def reference_match(
+    rules: Sequence[Rule], record: Mapping[str, object], fieldmap: FieldMap
+) -> list[str]:
+    """Ids of the rules ``record`` matches, in rule order, logsource conditions honoured."""
+    view = fieldmap.view(record)
+    return [r.id for r in rules if evaluate(rule_condition(r, fieldmap), view)]

@@ -1,0 +1,345 @@
+"""Field mapping: path resolution, aliases, derivations, raw keys, logsource conditions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ruletag.errors import ConfigError
+from ruletag.rules.fields import FieldMap, as_text, basename
+from ruletag.rules.ir import And, Equals, Exists, Logsource, Match, Node, Not, Or
+from ruletag.rules.reference import evaluate
+
+DATA = Path(__file__).resolve().parent / "data"
+SYSMON = "Microsoft-Windows-Sysmon/Operational"
+
+
+@pytest.fixture(scope="module")
+def fm() -> FieldMap:
+    return FieldMap.default()
+
+
+def test_dotted_names_resolve_nested_dotted_and_mixed(fm: FieldMap) -> None:
+    shapes = [
+        {"process": {"parent": {"name": "x.exe"}}},
+        {"process.parent.name": "x.exe"},
+        {"process": {"parent.name": "x.exe"}},
+        {"process.parent": {"name": "x.exe"}},
+    ]
+    for rec in shapes:
+        assert fm.view(rec).values("process.parent.name") == ["x.exe"], rec
+    both = {"process.parent.name": "a", "process": {"parent": {"name": "b"}}}
+    assert sorted(fm.view(both).values("process.parent.name")) == ["a", "b"]
+
+
+def test_lists_are_flattened_and_nulls_dropped(fm: FieldMap) -> None:
+    rec = {"event": {"type": ["start", None, ["change"]]}, "x": [{"y": 1}, {"y": [2, None]}]}
+    view = fm.view(rec)
+    assert view.values("event.type") == ["start", "change"]
+    assert view.values("x.y") == [1, 2]
+    assert view.values("x.z") == []
+    assert fm.view({"a": None}).values("a") == []
+
+
+def test_sysmon_names_read_ecs_records_and_back(fm: FieldMap) -> None:
+    ecs = json.loads((DATA / "fields_sysmon_as_ecs.json").read_text())
+    view = fm.view(ecs)
+    assert view.values("Image") == ["C:\\Windows\\System32\\wuauclt.exe"]
+    assert view.values("DestinationIp") == ["93.184.216.34"]
+    assert view.values("CommandLine")[0].endswith("/RunHandlerComServer")
+    sysmon = json.loads((DATA / "fields_ecs_as_sysmon.json").read_text())
+    view = fm.view(sysmon)
+    assert view.values("process.executable") == [sysmon["Image"]]
+    assert view.values("process.name") == ["PsExec64.exe"]
+    assert view.values("process.parent.name") == ["wuauclt.exe"]
+    assert view.values("process.pe.original_file_name") == ["psexec.c"]
+    assert view.values("event.category") == ["process"]
+    assert view.values("event.type") == ["start"]
+    assert view.values("host.os.type") == ["windows"]
+
+
+def test_winlogbeat_shape(fm: FieldMap) -> None:
+    rec = json.loads((DATA / "fields_ecs_as_winlogbeat.json").read_text())
+    view = fm.view(rec)
+    assert view.values("Image") == [rec["winlog"]["event_data"]["Image"]]
+    assert view.values("process.name") == ["PsExec64.exe"]
+    assert view.values("EventID") == ["1"]
+    assert view.values("Channel") == [SYSMON]
+    assert view.values("event.category") == ["process"]
+    # an unmapped Sysmon name is read from winlog.event_data too
+    assert fm.view({"winlog": {"event_data": {"Hashes": "SHA256=AB"}}}).values("Hashes") == [
+        "SHA256=AB"
+    ]
+
+
+def test_direct_values_win_over_derivations(fm: FieldMap) -> None:
+    rec = {"process": {"name": "renamed.exe", "executable": "C:\\x\\orig.exe"}}
+    assert fm.view(rec).values("process.name") == ["renamed.exe"]
+    rec = {"event": {"category": ["network"]}, "EventID": 1, "Channel": SYSMON}
+    assert fm.view(rec).values("event.category") == ["network"]
+    # host.os.type "Windows" given by the record stays as is (EQL == is case-sensitive)
+    assert fm.view({"host": {"os": {"type": "Windows"}}}).values("host.os.type") == ["Windows"]
+
+
+def test_windows_event_lookup_is_case_insensitive_on_channel(fm: FieldMap) -> None:
+    rec = {"EventID": "3", "Channel": SYSMON.upper()}
+    assert fm.view(rec).values("event.category") == ["network"]
+    assert fm.view({"EventID": 3}).values("event.category") == []
+    assert fm.view({"EventID": 99999, "Channel": SYSMON}).values("event.category") == []
+    assert fm.view({"EventID": 4688, "Channel": "Security"}).values("event.type") == ["start"]
+
+
+def test_basename_and_text() -> None:
+    assert basename("C:\\a\\b.exe") == "b.exe"
+    assert basename("/usr/bin/curl") == "curl"
+    assert basename("plain.exe") == "plain.exe"
+    assert as_text(True) == "true"
+    assert as_text(4688) == "4688"
+    assert as_text(1.0) == "1.0"
+    assert as_text(b"\xffab") == "\udcffab"
+    assert as_text({"a": 1}) is None
+    assert as_text(None) is None
+
+
+def test_strings_for_keywords(fm: FieldMap) -> None:
+    rec = {"a": ["x", {"b": 5}], "c": None, "d": {"e": False}, "f": b"bin"}
+    assert sorted(fm.view(rec).strings()) == ["5", "bin", "false", "x"]
+
+
+def test_raw_keys_cover_every_supplier(fm: FieldMap) -> None:
+    assert {"name", "executable", "Image"} <= fm.raw_keys("process.name")
+    assert {"Image", "executable"} <= fm.raw_keys("Image")
+    assert fm.raw_keys("DestinationIp") == fm.raw_keys("destination.ip")
+    assert "channel" in fm.raw_keys("event.category")
+    assert "Channel" in fm.raw_keys("host.os.type")
+    assert fm.raw_keys("custom.thing") == frozenset({"thing"})
+    assert fm.raw_keys("Custom") == frozenset({"Custom"})
+
+
+def test_raw_keys_are_necessary_for_a_value(fm: FieldMap) -> None:
+    """For every record of the captures and every field the seeds use: a value implies that
+    one of the raw keys appears among the record's keys (at any depth, inside dotted keys)."""
+    lines = (Path(__file__).resolve().parents[1].parent / "shared" / "captures").joinpath(
+        "windows-events.jsonl"
+    )
+    fields = [
+        "process.name",
+        "process.parent.name",
+        "process.executable",
+        "event.category",
+        "event.type",
+        "host.os.type",
+        "Image",
+        "CommandLine",
+        "DestinationIp",
+        "winlog.event_id",
+        "process.pe.original_file_name",
+    ]
+
+    def keys(obj: object, out: set[str]) -> set[str]:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                out.add(k)
+                keys(v, out)
+        elif isinstance(obj, list):
+            for v in obj:
+                keys(v, out)
+        return out
+
+    for line in lines.read_text().splitlines():
+        rec = json.loads(line)
+        present = keys(rec, set())
+        view = fm.view(rec)
+        for f in fields:
+            if view.values(f):
+                assert any(rk in k for rk in fm.raw_keys(f) for k in present), (f, rec)
+
+
+def test_verbatim(fm: FieldMap) -> None:
+    assert fm.verbatim("Image")
+    assert fm.verbatim("process.name")  # basename of a verbatim path
+    assert fm.verbatim("process.parent.name")
+    assert fm.verbatim("some.unknown.field")
+    assert not fm.verbatim("event.category")
+    assert not fm.verbatim("event.type")
+    assert not fm.verbatim("host.os.type")
+
+
+def test_version_is_a_content_hash(tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parents[1] / "plugin/ruletag/data/fields.yaml").read_bytes()
+    a = tmp_path / "a.yaml"
+    a.write_bytes(text)
+    b = tmp_path / "b.yaml"
+    b.write_bytes(text + b"\n# edited\n")
+    assert FieldMap.load(a).version == FieldMap.default().version
+    assert FieldMap.load(b).version != FieldMap.default().version
+    assert len(FieldMap.default().version) == 16
+
+
+def test_custom_mapping_file(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        "fields:\n"
+        "  proc.exe: {aliases: [Exe], paths: [data.exe_path]}\n"
+        "  proc.base: {derive: [{basename: proc.exe}]}\n"
+        "  flag: {derive: [{when_present: Exe, value: 'yes'}]}\n"
+    )
+    fm = FieldMap.load(path)
+    view = fm.view({"data": {"exe_path": "/bin/sh"}})
+    assert view.values("Exe") == ["/bin/sh"]
+    assert view.values("proc.base") == ["sh"]
+    assert view.values("flag") == ["yes"]
+    assert fm.raw_keys("proc.base") == {"base", "exe", "Exe", "exe_path"}
+    assert fm.logsource_condition(Logsource("windows", "process_creation")) is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "fields: [1, 2]",
+        "fields:\n  a: {aliases: [b]}\n  c: {aliases: [b]}\n",
+        "fields:\n  a: {derive: [{basename: b}]}\n  b: {derive: [{basename: a}]}\n",
+        "fields:\n  a: {derive: [{frobnicate: b}]}\n",
+        "fields:\n  a: {colour: red}\n",
+        "windows_events: [{channel: X, id: one}]",
+        "products: {windows: {f: [null]}}",
+        "fields: {a: [unclosed",
+    ],
+)
+def test_bad_mapping_files_raise_config_error(text: str) -> None:
+    with pytest.raises(ConfigError):
+        FieldMap.from_bytes(text.encode())
+
+
+# --------------------------------------------------------------------------- logsources
+
+
+def in_logsource(fm: FieldMap, ls: Logsource, record: dict) -> bool:
+    cond = fm.logsource_condition(ls)
+    assert cond is not None
+    return evaluate(cond, fm.view(record))
+
+
+NET = Logsource("windows", "network_connection")
+PROC = Logsource("windows", "process_creation")
+
+
+def test_sysmon_event_ids_select_categories(fm: FieldMap) -> None:
+    eid3 = {"EventID": 3, "Channel": SYSMON}
+    eid1 = {"EventID": 1, "Channel": SYSMON}
+    assert in_logsource(fm, NET, eid3)
+    assert not in_logsource(fm, NET, eid1)
+    assert in_logsource(fm, PROC, eid1)
+    assert not in_logsource(fm, PROC, eid3)
+    assert in_logsource(fm, PROC, {"EventID": "4688", "Channel": "Security"})
+    # the event id alone, without a channel, is not enough
+    assert not in_logsource(fm, PROC, {"EventID": 1})
+    # Winlogbeat shape, string event id
+    wlb = {"winlog": {"channel": SYSMON, "event_id": "3"}}
+    assert in_logsource(fm, NET, wlb)
+    assert not in_logsource(fm, PROC, wlb)
+    # registry: EID 13 is registry_set and registry_event, not registry_add
+    eid13 = {"EventID": 13, "Channel": SYSMON}
+    assert in_logsource(fm, Logsource("windows", "registry_set"), eid13)
+    assert in_logsource(fm, Logsource("windows", "registry_event"), eid13)
+    assert not in_logsource(fm, Logsource("windows", "registry_add"), eid13)
+
+
+def test_ecs_categories(fm: FieldMap) -> None:
+    proc = {
+        "event": {"category": ["process"], "type": ["start"]},
+        "host": {"os": {"type": "windows"}},
+    }
+    net = {
+        "event": {"category": ["network"], "type": ["connection", "start"]},
+        "host": {"os": {"type": "windows"}},
+    }
+    assert in_logsource(fm, PROC, proc)
+    assert not in_logsource(fm, NET, proc)
+    assert in_logsource(fm, NET, net)
+    assert not in_logsource(fm, PROC, net)
+    linux = {"event": {"category": "process", "type": "start"}, "host": {"os": {"type": "linux"}}}
+    assert not in_logsource(fm, PROC, linux)
+    assert in_logsource(fm, Logsource("linux", "process_creation"), linux)
+    # a record with a channel is judged by its event id, not by a conflicting ECS category
+    mixed = {"EventID": 1, "Channel": SYSMON, "event": {"category": "network", "type": "start"}}
+    assert not in_logsource(fm, NET, mixed)
+
+
+def test_services(fm: FieldMap) -> None:
+    sec = {"EventID": 4624, "Channel": "Security"}
+    assert in_logsource(fm, Logsource("windows", service="security"), sec)
+    assert not in_logsource(fm, Logsource("windows", service="system"), sec)
+    ps = {"EventID": 4104, "Channel": "Microsoft-Windows-PowerShell/Operational"}
+    assert in_logsource(fm, Logsource("windows", "ps_script"), ps)
+    assert in_logsource(fm, Logsource("windows", service="powershell"), ps)
+    assert not in_logsource(fm, Logsource("windows", "ps_module"), ps)
+    mit = {"EventID": 1, "Channel": "Microsoft-Windows-Security-Mitigations/KernelMode"}
+    assert in_logsource(fm, Logsource("windows", service="security-mitigations"), mit)
+    rdp = Logsource("zeek", service="rdp")
+    assert in_logsource(fm, rdp, {"_path": "rdp", "id.orig_h": "1.2.3.4"})
+    assert in_logsource(fm, rdp, {"event": {"dataset": "zeek.rdp"}})
+    assert not in_logsource(fm, rdp, {"EventID": 3, "Channel": SYSMON})
+
+
+def test_unknown_logsources_are_unrestricted(fm: FieldMap) -> None:
+    assert fm.logsource_condition(Logsource()) is None
+    assert fm.logsource_condition(Logsource("aws", None, "cloudtrail")) is None
+    assert fm.logsource_condition(Logsource(None, "webserver")) is None
+    # a known product still restricts when its category is unknown
+    cond = fm.logsource_condition(Logsource("windows", "no_such_category"))
+    assert cond == Match("host.os.type", ("windows",), cased=False)
+
+
+def _leaf_types(node: Node) -> set[type]:
+    if isinstance(node, And | Or):
+        return set().union(*(_leaf_types(a) for a in node.args))
+    if isinstance(node, Not):
+        return _leaf_types(node.arg)
+    return {type(node)}
+
+
+# The most used Windows logsources of the Sigma corpus (counted in shared/rules/sigma).
+CORPUS_WINDOWS = [
+    ("process_creation", None),
+    ("registry_set", None),
+    ("file_event", None),
+    ("ps_script", None),
+    (None, "security"),
+    ("image_load", None),
+    (None, "system"),
+    ("network_connection", None),
+    ("registry_event", None),
+    ("ps_module", None),
+    (None, "application"),
+    ("dns_query", None),
+    ("process_access", None),
+    ("pipe_created", None),
+    (None, "windefend"),
+    ("create_remote_thread", None),
+    ("file_delete", None),
+    ("ps_classic_start", None),
+    (None, "appxdeployment-server"),
+    (None, "codeintegrity-operational"),
+    ("driver_load", None),
+    ("registry_delete", None),
+    (None, "firewall-as"),
+    ("create_stream_hash", None),
+    (None, "msexchange-management"),
+    (None, "bits-client"),
+    (None, "dns-client"),
+    (None, "taskscheduler"),
+    (None, "sysmon"),
+]
+
+
+@pytest.mark.parametrize(("category", "service"), CORPUS_WINDOWS)
+def test_corpus_windows_logsources_are_mapped(
+    fm: FieldMap, category: str | None, service: str | None
+) -> None:
+    cond = fm.logsource_condition(Logsource("windows", category, service))
+    assert cond is not None
+    assert cond != Match("host.os.type", ("windows",), cased=False)  # more than the product
+    assert _leaf_types(cond) <= {Match, Equals, Exists}
