@@ -1,0 +1,198 @@
+"""Shared fixtures: an in-process relay (server -> pipeline -> forwarder -> Sink), a ruletag
+subprocess, TLS certificates, and paths to the shared captures.
+
+No pytest-asyncio: async scenarios run through the ``arun`` fixture (``asyncio.run`` with a
+hard timeout), and build relays with the ``relay`` fixture (an async context manager factory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from peers import Sink
+from ruletag.config import config_from_mapping
+from ruletag.forwarder import Forwarder
+from ruletag.pipeline import Pipeline
+from ruletag.server import Server
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+CAPTURES = SHARED / "captures"
+JS_DIR = REPO / "tests" / "js"
+
+#: Fast retries so outage tests finish in seconds.
+FAST_FORWARD = {"retry_backoff_base": 0.05, "retry_backoff_max": 0.3, "ack_timeout": 5}
+
+
+def run_async(coro: Coroutine[Any, Any, Any], timeout: float = 30.0) -> Any:
+    """Run ``coro`` in a fresh event loop, failing the test after ``timeout`` seconds."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+@pytest.fixture
+def arun() -> Callable[..., Any]:
+    """``arun(coro, timeout=30)``: run an async scenario from a sync test."""
+    return run_async
+
+
+@dataclass
+class Relay:
+    """A running in-process relay and its downstream sink."""
+
+    server: Server
+    forwarder: Forwarder
+    pipeline: Pipeline
+    sink: Sink
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+
+@contextlib.asynccontextmanager
+async def start_relay(
+    listen: dict[str, Any] | None = None,
+    forward: dict[str, Any] | None = None,
+    *,
+    sink: Sink | None = None,
+    nonce: bytes | None = None,
+    auth_salt: bytes | None = None,
+) -> AsyncIterator[Relay]:
+    """Sink (started unless given running) <- Forwarder <- Pipeline <- Server on 127.0.0.1:0."""
+    own_sink = sink is None
+    if sink is None:
+        sink = Sink()
+    if own_sink or sink.port == 0:
+        await sink.start()
+    fdata: dict[str, Any] = {
+        "servers": [{"host": "127.0.0.1", "port": sink.port}],
+        **FAST_FORWARD,
+        **(forward or {}),
+    }
+    cfg = config_from_mapping(
+        {"listen": {"host": "127.0.0.1", "port": 0, **(listen or {})}, "forward": fdata}
+    )
+    forwarder = Forwarder(cfg.forward)
+    await forwarder.start()
+    pipeline = Pipeline(forwarder)
+    server = Server(cfg.listen, pipeline.submit, nonce=nonce, auth_salt=auth_salt)
+    await server.start()
+    try:
+        yield Relay(server, forwarder, pipeline, sink)
+    finally:
+        await server.stop(timeout=2.0)
+        await forwarder.close(timeout=2.0)
+        await sink.stop()
+
+
+@pytest.fixture
+def relay() -> Callable[..., contextlib.AbstractAsyncContextManager[Relay]]:
+    """``async with relay(listen={...}, forward={...}) as r``: see ``start_relay``."""
+    return start_relay
+
+
+def node_available() -> bool:
+    return shutil.which("node") is not None and (JS_DIR / "node_modules").is_dir()
+
+
+needs_node = pytest.mark.skipif(
+    not node_available(), reason="node or tests/js/node_modules missing (run `make setup`)"
+)
+
+
+@dataclass
+class Certs:
+    """A self-signed CA-less server cert (also usable as its own CA) and a client cert."""
+
+    cert: str
+    key: str
+    client_cert: str
+    client_key: str
+
+
+def _openssl_selfsigned(cert: Path, key: Path, cn: str) -> None:
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={cn}",
+            "-addext", f"subjectAltName=DNS:{cn},IP:127.0.0.1",
+        ],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """Self-signed certs made with the ``openssl`` command (``cryptography`` is not a dep)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make test certificates")
+    d = tmp_path_factory.mktemp("certs")
+    _openssl_selfsigned(d / "server.pem", d / "server.key", "localhost")
+    _openssl_selfsigned(d / "client.pem", d / "client.key", "client")
+    return Certs(
+        str(d / "server.pem"), str(d / "server.key"), str(d / "client.pem"),
+        str(d / "client.key"),
+    )
+
+
+@dataclass
+class ServeProcess:
+    """A ``ruletag serve`` subprocess; ``port`` parsed from its ready line."""
+
+    proc: subprocess.Popen[str]
+    port: int
+    lines: list[str]
+
+
+def start_serve(args: list[str], timeout: float = 15.0) -> ServeProcess:
+    """Start ``python -m ruletag serve ARGS`` and wait for the line containing ``ready``."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ruletag", "serve", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
+    )  # fmt: skip
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "ready" in line:
+            m = re.search(r"listening on \S*?:(\d+)", line)
+            assert m, line
+            return ServeProcess(proc, int(m.group(1)), lines)
+    proc.kill()
+    proc.wait(5)
+    raise AssertionError("ruletag serve did not become ready:\n" + "".join(lines))
+
+
+@pytest.fixture
+def serve_process() -> Iterator[Callable[[list[str]], ServeProcess]]:
+    """Factory for ``ruletag serve`` subprocesses; each is killed at teardown if still up."""
+    started: list[ServeProcess] = []
+
+    def factory(args: list[str]) -> ServeProcess:
+        sp = start_serve(args)
+        started.append(sp)
+        return sp
+
+    yield factory
+    for sp in started:
+        if sp.proc.poll() is None:
+            sp.proc.kill()
+            sp.proc.wait(5)
