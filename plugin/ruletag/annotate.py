@@ -1,0 +1,35 @@
+"""The annotation a matched rule adds to a record (also reused by enrichment).
+
+Sigma's Detection Rule License asks that messages produced from matches keep the rule's
+``author``, so every annotation carries it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from ruletag.rules.ir import Attack, Rule
+
+
+def _attack(items: Iterable[Attack]) -> list[dict[str, str]]:
+    return [{"id": a.id, "name": a.name} for a in items]
+
+
+def detection(rule: Rule) -> dict[str, Any]:
+    """One rule as a JSON-ready dict: id, name, source, severity, risk, author, ATT&CK."""
+    return {
+        "rule_id": rule.id,
+        "name": rule.name,
+        "source": rule.source,
+        "severity": rule.severity,
+        "risk_score": rule.risk_score,
+        "author": list(rule.author),
+        "tactics": _attack(rule.tactics),
+        "techniques": _attack(rule.techniques),
+    }
+
+
+def detections(rules: Iterable[Rule]) -> list[dict[str, Any]]:
+    """:func:`detection` for each rule, in the order given."""
+    return [detection(r) for r in rules]

@@ -1,0 +1,312 @@
+"""``ruletag rules check``, ``ruletag rules compile`` and ``ruletag match``.
+
+``match`` reads JSON lines or a msgpack stream (bare record maps, ``[time, record]`` entries,
+or forward-protocol messages: Message, Forward, PackedForward, CompressedPackedForward) and
+writes every record as one JSON line, in input order. A record that matched gets the key
+``detections`` (a list of :func:`ruletag.annotate.detection` dicts); a record that matched
+nothing is written without that key, as the server leaves unmatched records untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import msgpack
+import ujson
+import yaml
+
+from ruletag.annotate import detection
+from ruletag.errors import ConfigError, RuleError
+from ruletag.rules.loader import LoadResult, load_rules, source_of
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def read_vars(path: str | None) -> dict[str, list[str]] | None:
+    """The ``--vars`` YAML file: a map of placeholder name -> value or list of values."""
+    if not path:
+        return None
+    try:
+        data = yaml.safe_load(Path(path).read_text("utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--vars {path}: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"--vars {path}: want a map of placeholder -> list of values")
+    out: dict[str, list[str]] = {}
+    for k, v in data.items():
+        values = v if isinstance(v, list) else [v]
+        out[str(k)] = ["" if x is None else str(x) for x in values]
+    return out
+
+
+def reason_key(reason: str) -> str:
+    """Group problem reasons: quoted parts and numbers become placeholders."""
+    key = re.sub(r"'[^']*'|\"[^\"]*\"|`[^`]*`", "'…'", reason)
+    key = re.sub(r"%[^%\s]+%", "%…%", key)
+    key = re.sub(r"\d+", "N", key)
+    return key[:120]
+
+
+def _problem_source(p: RuleError) -> str:
+    return (source_of(Path(p.path)) if p.path else None) or "other"
+
+
+def summarize(result: LoadResult) -> dict[str, Any]:
+    """The ``rules check --json`` object."""
+    by_source: dict[str, dict[str, int]] = {}
+
+    def bucket(src: str) -> dict[str, int]:
+        return by_source.setdefault(src, {"files": 0, "loaded": 0, "unsupported": 0,
+                                          "invalid": 0})
+
+    for src, n in result.sources.items():
+        bucket(src)["files"] = n
+    for r in result.rules:
+        bucket(r.source)["loaded"] += 1
+    for p in result.problems:
+        bucket(_problem_source(p))["unsupported" if p.kind == "unsupported" else "invalid"] += 1
+    by_reason = Counter(f"{p.kind}: {reason_key(p.reason)}" for p in result.problems)
+    return {
+        "files": result.files,
+        "loaded": len(result.rules),
+        "unsupported": len(result.unsupported),
+        "invalid": len(result.invalid),
+        "duplicates": len(result.duplicates),
+        "by_source": by_source,
+        "by_reason": dict(by_reason.most_common()),
+        "problems": [{"kind": p.kind, "path": p.path, "line": p.line, "reason": p.reason}
+                     for p in result.problems],
+        "duplicate_messages": result.duplicates,
+        "load_seconds": round(result.seconds, 3),
+    }
+
+
+def summary_line(result: LoadResult) -> str:
+    s = summarize(result)
+    per = ", ".join(f"{src} {c['loaded']}/{c['unsupported']}/{c['invalid']}"
+                    for src, c in sorted(s["by_source"].items()))
+    return (f"{s['files']} files: {s['loaded']} loaded, {s['unsupported']} unsupported, "
+            f"{s['invalid']} invalid, {s['duplicates']} duplicates"
+            + (f" (loaded/unsupported/invalid by source: {per})" if per else ""))
+
+
+# --------------------------------------------------------------------------- rules check
+
+
+def check(ns: argparse.Namespace) -> int:
+    """Load every rule; print each problem as ``file:line: reason`` and a summary."""
+    try:
+        variables = read_vars(ns.vars)
+    except ConfigError as exc:
+        print(f"ruletag: {exc}", file=sys.stderr)
+        return 2
+    result = load_rules(ns.paths, variables)
+    if ns.json:
+        print(json.dumps(summarize(result), ensure_ascii=False))
+        return 0
+    for p in result.problems:
+        print(f"{p.path}:{p.line or 1}: {p.kind}: {p.reason}")
+    for d in result.duplicates:
+        print(f"warning: {d}")
+    print(summary_line(result))
+    return 0
+
+
+# --------------------------------------------------------------------------- rules compile
+
+
+def compile_(ns: argparse.Namespace) -> int:
+    """Load and compile rules into a table file; print counts and times."""
+    from ruletag.rules.fields import FieldMap
+    from ruletag.rules.loader import cache_key, rule_files
+    from ruletag.rules.table import CompiledTable
+
+    try:
+        variables = read_vars(ns.vars)
+    except ConfigError as exc:
+        print(f"ruletag: {exc}", file=sys.stderr)
+        return 2
+    result = load_rules(ns.paths, variables)
+    for p in result.problems:
+        print(f"{p.path}:{p.line or 1}: {p.kind}: {p.reason}", file=sys.stderr)
+    fmap = FieldMap.default()
+    version = cache_key(rule_files(ns.paths)[0], variables, fmap.version)
+    start = time.perf_counter()
+    table = CompiledTable.build(result.rules, fmap, version)
+    built = time.perf_counter() - start
+    out = Path(ns.output)
+    try:
+        table.save(out)
+    except OSError as exc:
+        print(f"ruletag: cannot write {out}: {exc}", file=sys.stderr)
+        return 1
+    print(summary_line(result))
+    print(f"table {out}: version {version}, {len(table.rules)} rules, "
+          f"{out.stat().st_size / 1048576:.2f} MiB; load {result.seconds:.2f}s, "
+          f"compile {built:.2f}s")
+    stats = getattr(table, "stats", None)
+    if isinstance(stats, Mapping):
+        shown = {k: (len(v) if isinstance(v, list | tuple | dict | set) else v)
+                 for k, v in stats.items()}
+        print("stats: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+    return 0
+
+
+# --------------------------------------------------------------------------- match
+
+
+def _is_time(v: object) -> bool:
+    return isinstance(v, int | float | msgpack.ExtType) and not isinstance(v, bool)
+
+
+def _entry_record(entry: object) -> object | None:
+    """``[time, record]`` or ``[[time, metadata], record]`` -> record, else None."""
+    if isinstance(entry, list | tuple) and len(entry) == 2:
+        head = entry[0]
+        if _is_time(head) or (isinstance(head, list | tuple) and head and _is_time(head[0])):
+            return entry[1]
+    return None
+
+
+def _unpacker(data: IO[bytes] | bytes) -> msgpack.Unpacker:
+    opts: dict[str, Any] = {"raw": False, "strict_map_key": False,
+                            "unicode_errors": "surrogateescape", "max_buffer_size": 2**31 - 1}
+    if isinstance(data, bytes | bytearray):
+        up = msgpack.Unpacker(**opts)
+        up.feed(data)
+        return up
+    return msgpack.Unpacker(data, **opts)
+
+
+def _packed_entries(payload: bytes | str, options: Mapping[str, Any]) -> Iterator[object]:
+    raw = payload.encode("utf-8", "surrogateescape") if isinstance(payload, str) else payload
+    if options.get("compressed") == "gzip" or raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)  # handles multi-member payloads too
+    for entry in _unpacker(raw):
+        rec = _entry_record(entry)
+        if rec is not None:
+            yield rec
+
+
+def records_of(obj: object) -> Iterator[object]:
+    """Records in one decoded object: a map, an entry, or a forward-protocol message."""
+    if isinstance(obj, Mapping):
+        yield obj
+        return
+    rec = _entry_record(obj)
+    if rec is not None:
+        yield rec
+        return
+    if not (isinstance(obj, list | tuple) and len(obj) >= 2 and isinstance(obj[0], str)):
+        return  # heartbeat (nil) or something else: no records
+    options = obj[-1] if len(obj) in (3, 4) and isinstance(obj[-1], Mapping) else {}
+    if options.get("fluent_signal", 0) not in (0, None):
+        return  # metrics/traces: no log records
+    second = obj[1]
+    if _is_time(second) and len(obj) in (3, 4):  # Message [tag, time, record, options?]
+        yield obj[2]
+    elif isinstance(second, list | tuple):  # Forward [tag, [entries], options?]
+        for entry in second:
+            rec = _entry_record(entry)
+            if rec is not None:
+                yield rec
+    elif isinstance(second, bytes | str) and len(obj) in (2, 3):  # (Compressed)PackedForward
+        yield from _packed_entries(second, options)
+
+
+def read_events(stream: IO[bytes]) -> Iterator[object]:
+    """Every record of a JSON-lines or msgpack stream, in order (the format is sniffed).
+
+    ``stream`` must be a buffered binary file (``open(..., "rb")``, ``sys.stdin.buffer``).
+    """
+    head = stream.peek(1)[:1]  # type: ignore[attr-defined]
+    if not head:
+        return
+    if head in (b"{", b"[", b" ", b"\t", b"\r", b"\n", b"\xef"):  # JSON lines (maybe a BOM)
+        for n, line in enumerate(stream, 1):
+            text = line.decode("utf-8-sig" if n == 1 else "utf-8").strip()
+            if not text:
+                continue
+            try:
+                obj = ujson.loads(text)
+            except ValueError as exc:
+                raise ValueError(f"line {n}: not JSON: {exc}") from exc
+            yield from records_of(obj)
+        return
+    for obj in _unpacker(stream):
+        yield from records_of(obj)
+
+
+def _json_default(obj: object) -> object:
+    if isinstance(obj, bytes | bytearray):
+        return bytes(obj).decode("utf-8", "replace")
+    return repr(obj)
+
+
+def dump_record(record: object) -> str:
+    """One record as a JSON line (bytes as UTF-8 text, unknown types as their repr)."""
+    try:
+        return ujson.dumps(record, ensure_ascii=False, escape_forward_slashes=False,
+                           default=_json_default)
+    except (OverflowError, UnicodeEncodeError, TypeError):
+        return json.dumps(record, ensure_ascii=False, default=_json_default)
+
+
+def _load_table(paths: Sequence[str], variables: dict[str, list[str]] | None) -> Any:
+    """A table file, or rule files/folders compiled (through the cache)."""
+    from ruletag.rules.loader import compile_rules
+    from ruletag.rules.table import CompiledTable
+
+    if len(paths) == 1 and Path(paths[0]).is_file() and source_of(Path(paths[0])) is None:
+        return CompiledTable.load(Path(paths[0]))
+    table, result = compile_rules(paths, variables)
+    print(f"ruletag: rules: {summary_line(result)}"
+          + (" [cached]" if result.cached else ""), file=sys.stderr)
+    return table
+
+
+def match(ns: argparse.Namespace) -> int:
+    """Match every record of ``--events`` and print it as JSON, with its detections."""
+    try:
+        variables = read_vars(ns.vars)
+    except ConfigError as exc:
+        print(f"ruletag: {exc}", file=sys.stderr)
+        return 2
+    table = _load_table(ns.rules, variables)
+    annotations = [detection(r) for r in table.rules]
+    only = bool(getattr(ns, "only_matches", False))
+    out = sys.stdout
+    src: IO[bytes] = sys.stdin.buffer if ns.events == "-" else open(ns.events, "rb")  # noqa: SIM115
+    skipped = 0
+    try:
+        for record in read_events(src):
+            if not isinstance(record, dict):
+                skipped += 1
+                continue
+            hits = table.match(record)
+            if hits:
+                record["detections"] = [annotations[i] for i in hits]
+            elif only:
+                continue
+            out.write(dump_record(record) + "\n")
+    except (ValueError, OSError) as exc:  # msgpack errors are ValueErrors
+        print(f"ruletag: {ns.events}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if src is not sys.stdin.buffer:
+            src.close()
+    out.flush()
+    if skipped:
+        print(f"ruletag: skipped {skipped} entries that are not maps", file=sys.stderr)
+    return 0

@@ -1,0 +1,300 @@
+"""Load rule files and folders into IR, report what cannot load, cache the compiled table.
+
+* Paths are walked sorted (deterministic); ``*.yml``/``*.yaml`` go to the Sigma front-end,
+  ``*.toml`` to the Elastic one; LICENSE/NOTICE/README and other files are skipped.
+* A failing file never stops the others: its :class:`RuleError` lands in
+  :attr:`LoadResult.problems`; an unexpected exception becomes ``InvalidRule("internal
+  error: ...")`` for that file.
+* Duplicate rule ids: the newest copy (``Rule.modified``) is kept; on equal dates the one
+  loaded last (later in path order) wins. Each dropped copy is reported.
+* :func:`compile_rules` caches the compiled table by a hash of (ruletag version, field map
+  version, variables, every file's path and bytes); the load report is stored beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
+from ruletag.rules.ir import Rule
+
+if TYPE_CHECKING:
+    from ruletag.rules.fields import FieldMap
+    from ruletag.rules.table import CompiledTable
+
+log = logging.getLogger(__name__)
+
+SIGMA_SUFFIXES = frozenset({".yml", ".yaml"})
+ELASTIC_SUFFIXES = frozenset({".toml"})
+RULE_SUFFIXES = SIGMA_SUFFIXES | ELASTIC_SUFFIXES
+_SKIP_STEMS = ("license", "notice", "readme", "copying")
+REPORT_FORMAT = 1
+
+Variables = Mapping[str, Sequence[str]]
+
+
+@dataclass
+class LoadResult:
+    """What a load produced: the rules, and everything that could not be used."""
+
+    rules: list[Rule]
+    problems: list[RuleError]  # InvalidRule/UnsupportedRule with path/line/reason
+    duplicates: list[str]  # messages about duplicate ids (newest kept)
+    files: int
+    cached: bool = False  # the table and this report came from the cache
+    seconds: float = 0.0  # load (or cache read) time
+    sources: dict[str, int] = field(default_factory=dict)  # rule files per front-end
+
+    @property
+    def unsupported(self) -> list[RuleError]:
+        return [p for p in self.problems if p.kind == "unsupported"]
+
+    @property
+    def invalid(self) -> list[RuleError]:
+        return [p for p in self.problems if p.kind != "unsupported"]
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/ruletag``, else ``~/.cache/ruletag``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ruletag"
+
+
+def source_of(path: Path) -> str | None:
+    """``"sigma"``/``"elastic"`` for a rule file name, None for anything else."""
+    suffix = path.suffix.lower()
+    if suffix in SIGMA_SUFFIXES:
+        return "sigma"
+    if suffix in ELASTIC_SUFFIXES:
+        return "elastic"
+    return None
+
+
+def _skipped_name(path: Path) -> bool:
+    return path.name.startswith(".") or path.stem.lower().startswith(_SKIP_STEMS)
+
+
+def rule_files(paths: Sequence[str | Path]) -> tuple[list[Path], list[RuleError]]:
+    """Every rule file under ``paths`` (sorted within each folder), and paths that are missing.
+
+    A file named explicitly is taken whatever its name, unless its suffix is unknown.
+    """
+    files: list[Path] = []
+    problems: list[RuleError] = []
+    seen: set[Path] = set()
+
+    def add(p: Path) -> None:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            files.append(p)
+
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                rel = f.relative_to(p).parts
+                if any(part.startswith(".") for part in rel) or not f.is_file():
+                    continue
+                if source_of(f) and not _skipped_name(f):
+                    add(f)
+        elif p.is_file():
+            if source_of(p):
+                add(p)
+            else:
+                problems.append(InvalidRule("not a rule file (want .yml, .yaml or .toml)",
+                                            str(p)))
+        else:
+            problems.append(InvalidRule("no such file or folder", str(p)))
+    return files, problems
+
+
+def _front_end(source: str) -> Callable[[Path, Variables | None], list[Rule]]:
+    if source == "sigma":
+        from ruletag.rules.sigma import load_sigma_file
+
+        return lambda path, variables: load_sigma_file(path, variables)
+    from ruletag.rules.elastic import load_elastic_file
+
+    return lambda path, variables: load_elastic_file(path)
+
+
+def _load_file(path: Path, variables: Variables | None) -> tuple[list[Rule], list[RuleError]]:
+    source = source_of(path)
+    assert source is not None
+    try:
+        return list(_front_end(source)(path, variables)), []
+    except RuleError as exc:
+        if exc.path is None:
+            exc.path = str(path)
+        return [], [exc]
+    except Exception as exc:  # one bad file never kills a load
+        log.debug("front-end crashed on %s", path, exc_info=True)
+        return [], [InvalidRule(f"internal error: {type(exc).__name__}: {exc}", str(path))]
+
+
+def _date_key(rule: Rule) -> str:
+    return rule.modified.strip().replace("/", "-")
+
+
+def dedupe(rules: list[Rule]) -> tuple[list[Rule], list[str]]:
+    """Keep one rule per id: the newest, ties to the one loaded last. Order is kept."""
+    best: dict[str, int] = {}
+    messages: list[str] = []
+    for i, rule in enumerate(rules):
+        j = best.get(rule.id)
+        if j is None:
+            best[rule.id] = i
+            continue
+        old = rules[j]
+        keep, drop = (rule, old) if _date_key(rule) >= _date_key(old) else (old, rule)
+        best[rule.id] = i if keep is rule else j
+        messages.append(
+            f"duplicate rule id {rule.id}: kept {keep.path}:{keep.line} "
+            f"(modified {keep.modified or '?'}), ignored {drop.path}:{drop.line} "
+            f"(modified {drop.modified or '?'})"
+        )
+    kept = sorted(best.values())
+    return [rules[i] for i in kept], messages
+
+
+def load_rules(paths: Sequence[str | Path], variables: Variables | None = None) -> LoadResult:
+    """Load every rule under ``paths``; problems are collected, never raised."""
+    start = time.perf_counter()
+    files, problems = rule_files(paths)
+    rules: list[Rule] = []
+    sources: dict[str, int] = {}
+    for path in files:
+        src = source_of(path) or "?"
+        sources[src] = sources.get(src, 0) + 1
+        got, bad = _load_file(path, variables)
+        rules.extend(got)
+        problems.extend(bad)
+    rules, duplicates = dedupe(rules)
+    return LoadResult(rules, problems, duplicates, len(files),
+                      seconds=time.perf_counter() - start, sources=sources)
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def cache_key(files: Sequence[Path], variables: Variables | None, fieldmap_version: str) -> str:
+    """Hash of everything a compiled table depends on (also the table's version)."""
+    from ruletag import __version__
+
+    h = hashlib.sha256()
+    h.update(f"ruletag {__version__}\0fields {fieldmap_version}\0".encode())
+    norm = {k: list(v) for k, v in sorted((variables or {}).items())}
+    h.update(json.dumps(norm, sort_keys=True).encode() + b"\0")
+    for f in files:
+        data = f.read_bytes()
+        h.update(f"{f.resolve()}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()[:16]
+
+
+def _problem_to_json(p: RuleError) -> dict[str, Any]:
+    return {"kind": p.kind, "reason": p.reason, "path": p.path, "line": p.line}
+
+
+def _problem_from_json(d: Mapping[str, Any]) -> RuleError:
+    cls = UnsupportedRule if d.get("kind") == "unsupported" else InvalidRule
+    return cls(str(d["reason"]), d.get("path"), d.get("line"))
+
+
+def report_to_json(result: LoadResult) -> dict[str, Any]:
+    """The load report (everything but the rules) as JSON-ready data."""
+    return {
+        "format": REPORT_FORMAT,
+        "files": result.files,
+        "sources": result.sources,
+        "problems": [_problem_to_json(p) for p in result.problems],
+        "duplicates": result.duplicates,
+    }
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_cache(table_path: Path, report_path: Path) -> tuple[CompiledTable, LoadResult] | None:
+    from ruletag.rules.table import CompiledTable
+
+    if not (table_path.is_file() and report_path.is_file()):
+        return None
+    start = time.perf_counter()
+    try:
+        report = json.loads(report_path.read_text("utf-8"))
+        if report.get("format") != REPORT_FORMAT:
+            return None
+        table = CompiledTable.load(table_path)
+    except Exception:  # a stale or damaged cache entry is rebuilt, never fatal
+        log.warning("ignoring unreadable rule cache %s", table_path, exc_info=True)
+        return None
+    result = LoadResult(
+        rules=list(table.rules),
+        problems=[_problem_from_json(p) for p in report["problems"]],
+        duplicates=list(report["duplicates"]),
+        files=int(report["files"]),
+        cached=True,
+        seconds=time.perf_counter() - start,
+        sources=dict(report.get("sources", {})),
+    )
+    return table, result
+
+
+def _write_cache(table: CompiledTable, result: LoadResult, table_path: Path,
+                 report_path: Path) -> None:
+    try:
+        table_path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(table_path, table.save)
+        text = json.dumps(report_to_json(result), indent=1)
+        _atomic_write(report_path, lambda p: p.write_text(text, "utf-8"))
+    except OSError as exc:  # a read-only cache only costs the next start a re-parse
+        log.warning("cannot write rule cache in %s: %s", table_path.parent, exc)
+
+
+def compile_rules(
+    paths: Sequence[str | Path],
+    variables: Variables | None = None,
+    cache_dir: Path | None = None,
+    *,
+    fieldmap: FieldMap | None = None,
+    use_cache: bool = True,
+) -> tuple[CompiledTable, LoadResult]:
+    """Load and compile ``paths``, or read the same table back from the cache.
+
+    The table's ``version`` is the cache key, so equal rule sets give equal versions.
+    """
+    from ruletag.rules.fields import FieldMap
+    from ruletag.rules.table import CompiledTable
+
+    fmap = fieldmap or FieldMap.default()
+    files, _ = rule_files(paths)
+    key = cache_key(files, variables, fmap.version)
+    folder = cache_dir or default_cache_dir()
+    table_path = folder / f"{key}.table"
+    report_path = folder / f"{key}.report.json"
+    if use_cache and (hit := _read_cache(table_path, report_path)) is not None:
+        return hit
+    result = load_rules(paths, variables)
+    table = CompiledTable.build(result.rules, fmap, key)
+    if use_cache:
+        _write_cache(table, result, table_path, report_path)
+    return table, result
