@@ -1,0 +1,1041 @@
+"""The compiled pattern table: every rule's IR compiled into one precompiled matcher.
+
+Per record the work is a handful of Hyperscan scans (one per present field, in C) plus the
+boolean formulas of the rules that one of those scans *triggered*; no per-rule Python loop.
+
+* String atoms (:class:`~ruletag.rules.ir.Match`, :class:`~ruletag.rules.ir.Regex`) of every
+  rule are grouped by field; each field gets Hyperscan databases (cased, caseless, regex)
+  scanned once per value. Regexes Hyperscan rejects, or whose semantics could differ from RE2
+  on a given value (non-ASCII text, a trailing newline), are run by RE2 (linear time).
+* Other leaves are evaluated lazily, only for candidate rules, with a per-record cache.
+* Each rule gets a *trigger* set (And -> its most selective child, Or -> every child, Not ->
+  none): atoms one of which must hit for the rule to be true. Only rules whose trigger atom hit
+  are evaluated; rules without a trigger ("always" rules) are listed in ``stats``. Leaves that
+  only need their field to exist trigger through the record's key names (``raw_keys``).
+* Each rule formula is compiled once into Python code (``marshal``-ed in the table file).
+* :meth:`CompiledTable.match_entries` pre-filters raw msgpack bytes with one caseless literal
+  database and decodes only entries that contain a trigger literal of some rule.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import gc
+import hashlib
+import io
+import ipaddress
+import marshal
+import math
+import pickle
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hyperscan as hs
+import msgpack
+import re2
+
+from ruletag.errors import RuletagError
+from ruletag.rules.fields import FieldMap, RecordView, as_text
+from ruletag.rules.ir import (
+    And,
+    Cidr,
+    Compare,
+    Const,
+    Equals,
+    Exists,
+    FieldRef,
+    IsNull,
+    Match,
+    Node,
+    Not,
+    Or,
+    Predicate,
+    Regex,
+    Rule,
+    Wild,
+)
+
+__all__ = ["CompiledTable"]
+
+_MAGIC = b"RULETAG-TABLE\x00v1\n"
+_BLOCK = hs.HS_MODE_BLOCK
+#: Non-ASCII characters whose ``str.lower()`` contains ASCII letters (U+0130, U+212A): a raw
+#: caseless scan for an ASCII literal could miss them, so an entry holding one is decoded.
+_FOLDS_TO_ASCII = ("\u0130", "\u212a")
+#: One UTF-8 encoded character (values are encoded with ``surrogatepass``, so well formed).
+_ONE_CHAR = (
+    rb"(?:[\x00-\x7f]|[\xc0-\xdf][\x80-\xbf]"
+    rb"|[\xe0-\xef][\x80-\xbf]{2}|[\xf0-\xf7][\x80-\xbf]{3})"
+)
+_NUMBER_CHARS = frozenset("0123456789.e+-")
+_NUMBER_WORDS = ("true", "false", "-infinity", "nan", "none", "null")
+
+Hits = set[int]
+Formula = Callable[[Hits, Callable[[int], bool]], bool]
+Lazy = Callable[[RecordView, dict[int, Any]], bool]
+
+
+class TableError(RuletagError):
+    """A table file is unreadable or was written by an incompatible version."""
+
+
+# --------------------------------------------------------------------------- values
+
+
+_INT = re.compile(r"[+-]?\d+")
+_FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def _number(v: object) -> float | int | None:
+    """A value as a number (ints, floats, plain decimal strings; bools are not), else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int | float):
+        return v
+    if isinstance(v, bytes | bytearray):
+        v = bytes(v).decode("utf-8", "surrogateescape")
+    if isinstance(v, str):
+        if _INT.fullmatch(v):
+            return int(v)
+        if _FLOAT.fullmatch(v):
+            return float(v)
+    return None
+
+
+def _encode(s: str) -> bytes:
+    return s.encode("utf-8", "surrogatepass")
+
+
+def _hs_escape(lit: bytes) -> bytes:
+    return b"".join(
+        bytes((c,)) if (48 <= c <= 57 or 65 <= c <= 90 or 97 <= c <= 122) else b"\\x%02x" % c
+        for c in lit
+    )
+
+
+def _match_regex(m: Match) -> bytes:
+    """Hyperscan pattern (bytes mode, DOTALL) for a Match atom; lower-cased if caseless.
+
+    A leading/trailing ``*`` drops the anchor instead of becoming ``.*``, so contains,
+    startswith and endswith stay plain literal searches for Hyperscan.
+    """
+    toks = list(m.pattern)
+    head = rb"\A"
+    tail = rb"\z"
+    if toks and toks[0] is Wild.ANY:
+        head = b""
+        while toks and toks[0] is Wild.ANY:
+            toks.pop(0)
+    if toks and toks[-1] is Wild.ANY:
+        tail = b""
+        while toks and toks[-1] is Wild.ANY:
+            toks.pop()
+    parts = [head]
+    for tok in toks:
+        if tok is Wild.ANY:
+            parts.append(rb".*")
+        elif tok is Wild.ONE:
+            parts.append(_ONE_CHAR)
+        else:
+            parts.append(_hs_escape(_encode(tok if m.cased else tok.lower())))
+    parts.append(tail)
+    out = b"".join(parts)
+    return out or rb"\A"  # "*" alone: any value (ALLOWEMPTY makes the empty match count)
+
+
+def _longest_literal(m: Match) -> str:
+    lits = [t for t in m.pattern if isinstance(t, str)]
+    return max(lits, key=len) if lits else ""
+
+
+def _number_like(lit: str) -> bool:
+    """Could ``lit`` occur in the canonical text of an int, float or bool?"""
+    low = lit.lower()
+    return set(low) <= _NUMBER_CHARS or any(low in w for w in _NUMBER_WORDS) or "inf" in low
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+def _simplify(n: Node) -> Node:
+    """Flatten nested And/Or, fold constants, remove double negation."""
+    if isinstance(n, And | Or):
+        is_and = isinstance(n, And)
+        out: list[Node] = []
+        for a in n.args:
+            s = _simplify(a)
+            if isinstance(s, Const):
+                if s.value != is_and:  # False in And / True in Or decides
+                    return s
+                continue
+            if type(s) is type(n):
+                out.extend(s.args)  # type: ignore[union-attr]
+            else:
+                out.append(s)
+        out = list(dict.fromkeys(out))
+        if not out:
+            return Const(is_and)
+        if len(out) == 1:
+            return out[0]
+        return And(tuple(out)) if is_and else Or(tuple(out))
+    if isinstance(n, Not):
+        s = _simplify(n.arg)
+        if isinstance(s, Const):
+            return Const(not s.value)
+        if isinstance(s, Not):
+            return s.arg
+        if isinstance(s, IsNull):
+            return Exists(s.field)
+        return Not(s)
+    return n
+
+
+def _leaves(n: Node, out: dict[Node, int]) -> None:
+    if isinstance(n, And | Or):
+        for a in n.args:
+            _leaves(a, out)
+    elif isinstance(n, Not):
+        _leaves(n.arg, out)
+    elif not isinstance(n, Const) and n not in out:
+        out[n] = len(out)
+
+
+def _trigger(
+    n: Node, leaf: Callable[[Node], frozenset[int] | None], cost: Callable[[int], float]
+) -> frozenset[int] | None:
+    """Atoms one of which must hit for ``n`` to be true; None = can be true without a hit."""
+    if isinstance(n, Const):
+        return None if n.value else frozenset()
+    if isinstance(n, Not):
+        return None
+    if isinstance(n, Or):
+        acc: set[int] = set()
+        for a in n.args:
+            t = _trigger(a, leaf, cost)
+            if t is None:
+                return None
+            acc |= t
+        return frozenset(acc)
+    if isinstance(n, And):
+        best: frozenset[int] | None = None
+        best_cost = math.inf
+        for a in n.args:
+            t = _trigger(a, leaf, cost)
+            if t is None:
+                continue
+            c = sum(cost(x) for x in t)
+            if c < best_cost:
+                best, best_cost = t, c
+        return best
+    return leaf(n)
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+def _hs_compile(patterns: Sequence[tuple[int, bytes, int]]) -> tuple[hs.Database, list[int]]:
+    """Compile (id, pattern, flags); returns the database and the ids Hyperscan rejected."""
+    rejected: list[int] = []
+    todo = list(patterns)
+    while True:
+        db = hs.Database(mode=_BLOCK)
+        try:
+            db.compile(
+                expressions=[p for _, p, _ in todo],
+                ids=[i for i, _, _ in todo],
+                elements=len(todo),
+                flags=[f for _, _, f in todo],
+            )
+            return db, rejected
+        except hs.error:
+            # Find the offending pattern(s) one by one; happens rarely (regex atoms only).
+            good = []
+            for item in todo:
+                probe = hs.Database(mode=_BLOCK)
+                try:
+                    probe.compile(expressions=[item[1]], ids=[item[0]], elements=1, flags=[item[2]])
+                    good.append(item)
+                except hs.error:
+                    rejected.append(item[0])
+            todo = good
+            if not todo:
+                return None, rejected  # type: ignore[return-value]
+
+
+@dataclass(slots=True)
+class _Group:
+    """The string atoms of one field (``None`` = keywords) and their databases."""
+
+    field: str | None
+    cased: list[tuple[int, bytes]]
+    caseless: list[tuple[int, bytes]]
+    regex: list[tuple[int, str, str]]  # id, pattern, flags
+    db_cs: Any = None
+    db_ci: Any = None
+    db_re: Any = None
+    re2_all: tuple[tuple[int, Any], ...] = ()  # every regex atom, compiled by RE2
+    re2_only: tuple[tuple[int, Any], ...] = ()  # regex atoms Hyperscan cannot take
+
+    def compile(self) -> None:
+        fl = hs.HS_FLAG_SINGLEMATCH | hs.HS_FLAG_ALLOWEMPTY | hs.HS_FLAG_DOTALL
+        if self.cased:
+            self.db_cs, _ = _hs_compile([(i, p, fl) for i, p in self.cased])
+        if self.caseless:
+            self.db_ci, _ = _hs_compile(
+                [(i, p, fl | hs.HS_FLAG_CASELESS) for i, p in self.caseless]
+            )
+        self._compile_regex(build=True)
+
+    def _compile_regex(self, build: bool) -> None:
+        r2: list[tuple[int, Any]] = []
+        hs_pats: list[tuple[int, bytes, int]] = []
+        only: set[int] = set()
+        for i, pat, flags in self.regex:
+            try:
+                prefix = f"(?{''.join(sorted(set(flags)))})" if flags else ""
+                r2.append((i, re2.compile(prefix + pat)))
+            except re2.error:
+                continue  # invalid: never matches (front-ends reject these)
+            if not pat.isascii():
+                only.add(i)
+                continue
+            f = hs.HS_FLAG_SINGLEMATCH | hs.HS_FLAG_ALLOWEMPTY | hs.HS_FLAG_UTF8
+            f |= hs.HS_FLAG_CASELESS if "i" in flags else 0
+            f |= hs.HS_FLAG_MULTILINE if "m" in flags else 0
+            f |= hs.HS_FLAG_DOTALL if "s" in flags else 0
+            hs_pats.append((i, pat.encode(), f))
+        if build and hs_pats:
+            self.db_re, rejected = _hs_compile(hs_pats)
+            only.update(rejected)
+        elif not build and self.db_re is None:
+            only.update(i for i, _, _ in hs_pats)
+        self.re2_all = tuple(r2)
+        self.re2_only = tuple(x for x in r2 if x[0] in only)
+
+    def scan(self, values: Iterable[object], hits: Hits) -> None:
+        add = hits.add
+
+        def on_match(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
+            add(i)
+
+        for v in values:
+            s = as_text(v)
+            if s is None:
+                continue
+            ascii_ = s.isascii()
+            if self.db_cs is not None:
+                self.db_cs.scan(_encode(s), match_event_handler=on_match)
+            if self.db_ci is not None:
+                self.db_ci.scan(
+                    s.encode() if ascii_ else _encode(s.lower()), match_event_handler=on_match
+                )
+            if self.re2_all:
+                if self.db_re is not None and ascii_ and not s.endswith("\n"):
+                    self.db_re.scan(s.encode(), match_event_handler=on_match)
+                    rest = self.re2_only
+                else:
+                    rest = self.re2_all
+                for i, rx in rest:
+                    if i not in hits and _re2_search(rx, s):
+                        add(i)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "field": self.field,
+            "cased": self.cased,
+            "caseless": self.caseless,
+            "regex": self.regex,
+            "db_cs": hs.dumpb(self.db_cs) if self.db_cs is not None else None,
+            "db_ci": hs.dumpb(self.db_ci) if self.db_ci is not None else None,
+            "db_re": hs.dumpb(self.db_re) if self.db_re is not None else None,
+        }
+
+    def __setstate__(self, st: dict[str, Any]) -> None:
+        self.field, self.cased, self.caseless, self.regex = (
+            st["field"],
+            st["cased"],
+            st["caseless"],
+            st["regex"],
+        )
+        self.db_cs = _load_db(st["db_cs"])
+        self.db_ci = _load_db(st["db_ci"])
+        self.db_re = _load_db(st["db_re"])
+        self._compile_regex(build=False)
+
+
+def _re2_search(rx: Any, text: str) -> bool:
+    try:
+        return rx.search(text) is not None
+    except UnicodeEncodeError:  # lone surrogates (undecodable bytes) are not UTF-8
+        clean = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return rx.search(clean) is not None
+
+
+def _load_db(blob: bytes | None) -> Any:
+    if blob is None:
+        return None
+    db = hs.loadb(blob, _BLOCK)
+    db.scratch = hs.Scratch(db)
+    return db
+
+
+# --------------------------------------------------------------------------- lazy leaves
+
+
+def _cidr_ranges(networks: Sequence[str]) -> tuple[list[int], list[int]]:
+    """Sorted, merged [start, end] ranges; IPv6 shifted above 2**32 to share one list."""
+    spans: list[tuple[int, int]] = []
+    for net in networks:
+        try:
+            n = ipaddress.ip_network(net.strip(), strict=False)
+        except ValueError:
+            continue
+        off = 0 if n.version == 4 else 1 << 32
+        spans.append((int(n.network_address) + off, int(n.broadcast_address) + off))
+    spans.sort()
+    starts: list[int] = []
+    ends: list[int] = []
+    for a, b in spans:
+        if ends and a <= ends[-1] + 1:
+            ends[-1] = max(ends[-1], b)
+        else:
+            starts.append(a)
+            ends.append(b)
+    return starts, ends
+
+
+def _ip_int(v: object) -> int | None:
+    s = as_text(v)
+    if s is None:
+        return None
+    try:
+        ip = ipaddress.ip_address(s.strip())
+    except ValueError:
+        return None
+    return int(ip) + (0 if ip.version == 4 else 1 << 32)
+
+
+def _equals(v: object, want: int | float | bool) -> bool:
+    if isinstance(want, bool):
+        if isinstance(v, bool):
+            return v is want
+        return as_text(v) == ("true" if want else "false")
+    num = _number(v)
+    return num is not None and num == want
+
+
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+}
+
+
+def _fieldref(a: str, b: str, op: str) -> bool:
+    if op == "eq":
+        return a == b
+    if op == "startswith":
+        return a.startswith(b)
+    if op == "endswith":
+        return a.endswith(b)
+    return b in a
+
+
+def _lazy_fn(leaf: Node, kw: Callable[[RecordView, dict[int, Any]], Hits], atom: int) -> Lazy:
+    """A function ``(view, per-record cache) -> bool`` for one lazily evaluated leaf."""
+    if isinstance(leaf, Match | Regex):  # keyword atoms: one shared scan of every string
+        return lambda view, cache: atom in kw(view, cache)
+    if isinstance(leaf, Exists):
+        f = leaf.field
+        return lambda view, _c: bool(view.values(f))
+    if isinstance(leaf, IsNull):
+        f = leaf.field
+        return lambda view, _c: not view.values(f)
+    if isinstance(leaf, Equals):
+        f, want = leaf.field, leaf.value
+        return lambda view, _c: any(_equals(v, want) for v in view.values(f))
+    if isinstance(leaf, Compare):
+        f, op, num = leaf.field, _OPS[leaf.op], leaf.value
+
+        def cmp(view: RecordView, _c: object) -> bool:
+            for v in view.values(f):
+                x = _number(v)
+                if x is not None and op(x, num):
+                    return True
+            return False
+
+        return cmp
+    if isinstance(leaf, Cidr):
+        f = leaf.field
+        starts, ends = _cidr_ranges(leaf.networks)
+
+        def in_cidr(view: RecordView, _c: object) -> bool:
+            for v in view.values(f):
+                ip = _ip_int(v)
+                if ip is not None:
+                    k = bisect.bisect_right(starts, ip) - 1
+                    if k >= 0 and ip <= ends[k]:
+                        return True
+            return False
+
+        return in_cidr
+    if isinstance(leaf, FieldRef):
+        f, g, op, cased = leaf.field, leaf.other, leaf.op, leaf.cased
+
+        def ref(view: RecordView, _c: object) -> bool:
+            xs = [s for s in map(as_text, view.values(f)) if s is not None]
+            ys = [s for s in map(as_text, view.values(g)) if s is not None]
+            if not cased:
+                xs = [s.lower() for s in xs]
+                ys = [s.lower() for s in ys]
+            return any(_fieldref(x, y, op) for x in xs for y in ys)
+
+        return ref
+    if isinstance(leaf, Predicate):
+        # Generic computed comparison (few EQL rules): the function semantics live in one
+        # place, the reference evaluator, which implements them with functions.py.
+        from ruletag.rules.reference import evaluate
+
+        return lambda view, _c: bool(evaluate(leaf, view))
+    raise TypeError(f"unknown leaf {leaf!r}")
+
+
+# --------------------------------------------------------------------------- code generation
+
+
+class _CodeGen:
+    """Turns rule formulas into one Python module of ``def _r<N>(h, L): return ...``."""
+
+    def __init__(self, atom_of: Mapping[Node, int], eager: frozenset[int]) -> None:
+        self.atom_of = atom_of
+        self.eager = eager
+        self.consts: list[frozenset[int]] = []
+
+    def _set(self, ids: Iterable[int]) -> str:
+        self.consts.append(frozenset(ids))
+        return f"_S[{len(self.consts) - 1}]"
+
+    def expr(self, n: Node) -> str:
+        if isinstance(n, Const):
+            return "True" if n.value else "False"
+        if isinstance(n, Not):
+            return f"(not {self.expr(n.arg)})"
+        if isinstance(n, And | Or):
+            atoms = [self.atom_of[a] for a in n.args if self._is_eager(a)]
+            rest = [self.expr(a) for a in n.args if not self._is_eager(a)]
+            parts: list[str] = []
+            if len(atoms) == 1:
+                parts.append(f"({atoms[0]} in h)")
+            elif atoms:
+                s = self._set(atoms)
+                parts.append(f"({s} <= h)" if isinstance(n, And) else f"(not h.isdisjoint({s}))")
+            parts.extend(rest)
+            return "(" + (" and " if isinstance(n, And) else " or ").join(parts) + ")"
+        i = self.atom_of[n]
+        return f"({i} in h)" if i in self.eager else f"L({i})"
+
+    def _is_eager(self, n: Node) -> bool:
+        return not isinstance(n, And | Or | Not | Const) and self.atom_of[n] in self.eager
+
+    def module(self, formulas: Sequence[Node]) -> str:
+        lines = [f"def _r{k}(h, L):\n    return {self.expr(f)}" for k, f in enumerate(formulas)]
+        lines.append(f"_RULES = ({', '.join(f'_r{k}' for k in range(len(formulas)))},)")
+        return "\n".join(lines) + "\n"
+
+
+def _exec_module(code: Any, consts: Sequence[frozenset[int]]) -> tuple[Formula, ...]:
+    ns: dict[str, Any] = {"_S": tuple(consts)}
+    old = sys.getrecursionlimit()
+    exec(code, ns)
+    sys.setrecursionlimit(old)
+    return ns["_RULES"]
+
+
+def _record_keys(obj: Mapping[Any, object], out: set[str]) -> None:
+    """Every key name at any depth (dotted keys also split into their parts)."""
+    for k, v in obj.items():
+        if isinstance(k, str):
+            out.add(k)
+            if "." in k:
+                out.update(k.split("."))
+        if isinstance(v, dict):
+            _record_keys(v, out)
+        elif isinstance(v, list):
+            for x in v:
+                if isinstance(x, dict):
+                    _record_keys(x, out)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+class CompiledTable:
+    """Every rule compiled into one matcher; rule numbers are indexes into :attr:`rules`."""
+
+    rules: tuple[Rule, ...]
+    version: str
+    stats: dict[str, Any]
+
+    # ------------------------------------------------------------------ build
+
+    @classmethod
+    def build(
+        cls, rules: Sequence[Rule], fieldmap: FieldMap | None = None, version: str = ""
+    ) -> CompiledTable:
+        """Compile ``rules`` (logsource conditions included) with ``fieldmap``."""
+        return cls._build(rules, fieldmap or FieldMap.default(), version, raw=True)
+
+    @classmethod
+    def _build(cls, rules: Sequence[Rule], fm: FieldMap, version: str, raw: bool) -> CompiledTable:
+        t0 = time.perf_counter()
+        self = cls.__new__(cls)
+        self.rules = tuple(rules)
+        self.version = version
+        self.fieldmap = fm
+        formulas: list[Node] = []
+        for r in self.rules:
+            cond: Node = r.condition
+            ls = fm.logsource_condition(r.logsource) if r.logsource is not None else None
+            if ls is not None:
+                cond = And((ls, cond))
+            formulas.append(_simplify(cond))
+
+        atom_of: dict[Node, int] = {}
+        shared: dict[int, int] = {}  # atom -> how many rules use it (logsource atoms: many)
+        for f in formulas:
+            mine: dict[Node, int] = {}
+            _leaves(f, mine)
+            for n in mine:
+                a = atom_of.setdefault(n, len(atom_of))
+                shared[a] = shared.get(a, 0) + 1
+        leaves = list(atom_of)
+        raw_keys_cache: dict[str, frozenset[str]] = {}
+
+        def raw_keys(field: str) -> frozenset[str]:
+            if field not in raw_keys_cache:
+                raw_keys_cache[field] = frozenset(fm.raw_keys(field))
+            return raw_keys_cache[field]
+
+        # String atoms on a field are scanned eagerly; keyword atoms (field None) lazily.
+        groups: dict[str | None, _Group] = {}
+        eager: set[int] = set()
+        for leaf, i in atom_of.items():
+            if isinstance(leaf, Match | Regex):
+                g = groups.setdefault(leaf.field, _Group(leaf.field, [], [], []))
+                if isinstance(leaf, Match):
+                    (g.cased if leaf.cased else g.caseless).append((i, _match_regex(leaf)))
+                else:
+                    g.regex.append((i, leaf.pattern, leaf.flags))
+                if leaf.field is not None:
+                    eager.add(i)
+
+        # Key-name pseudo atoms: a leaf that needs its field present triggers on its keys.
+        key_atom: dict[str, int] = {}
+
+        def keys_trigger(fields: Iterable[str]) -> frozenset[int] | None:
+            ids: set[int] = set()
+            for f in fields:
+                ks = raw_keys(f)
+                if not ks:
+                    return None
+                for k in ks:
+                    ids.add(key_atom.setdefault(k, len(leaves) + len(key_atom)))
+            return frozenset(ids)
+
+        def leaf_trigger(n: Node) -> frozenset[int] | None:
+            i = atom_of[n]
+            if i in eager:
+                return frozenset((i,))
+            if isinstance(n, Match | Regex):  # keyword atom: a costly trigger, scanned lazily
+                return frozenset((i,))
+            if isinstance(n, Equals | Compare | Cidr | Exists):
+                return keys_trigger((n.field,))
+            if isinstance(n, FieldRef):
+                return keys_trigger((n.field,))
+            return None
+
+        def cost(a: int) -> float:
+            if a >= len(leaves):
+                return 1.0
+            n = leaves[a]
+            if a not in eager:
+                return 5.0  # keyword atom: scanning every string of every record
+            # an atom many rules share (a logsource test) is likely frequent in the data
+            spread = 1.0 + shared.get(a, 1) / 4
+            if isinstance(n, Match):
+                lit = _longest_literal(n)
+                anchored = 0.5 if n.pattern and isinstance(n.pattern[0], str) else 1.0
+                return spread * anchored / (1 + len(lit))
+            return spread * 0.3
+
+        trig: dict[int, list[int]] = {}
+        always: list[int] = []
+        never: list[int] = []
+        for k, f in enumerate(formulas):
+            t = _trigger(f, leaf_trigger, cost)
+            if t is None:
+                always.append(k)
+            elif not t:
+                never.append(k)
+            else:
+                for a in t:
+                    trig.setdefault(a, []).append(k)
+
+        for g in groups.values():
+            g.compile()
+        self._groups = tuple(g for g in groups.values() if g.field is not None)
+        self._kw_group = groups.get(None)
+        self._leaves = tuple(leaves)
+        self._key_atom = key_atom
+        # key name -> indexes of the field groups it can supply
+        key_groups: dict[str, list[int]] = {}
+        scan_always: list[int] = []
+        for gi, g in enumerate(self._groups):
+            assert g.field is not None
+            ks = raw_keys(g.field)
+            if not ks:
+                scan_always.append(gi)
+            for key in ks:
+                key_groups.setdefault(key, []).append(gi)
+        self._key_groups = {k: tuple(v) for k, v in key_groups.items()}
+        self._scan_always = tuple(scan_always)
+        self._trig = {a: tuple(v) for a, v in trig.items()}
+        self._always = tuple(always)
+        self._kw_eager = any(a < len(leaves) and a not in eager for a in trig)
+
+        gen = _CodeGen(atom_of, frozenset(eager))
+        self._source = gen.module(formulas)
+        self._consts = tuple(gen.consts)
+        self._code = compile(self._source, "<ruletag-table>", "exec")
+        self._formulas = _exec_module(self._code, self._consts)
+        self._eager = frozenset(eager)
+        self._init_lazy()
+
+        self.stats = {
+            "rules": len(self.rules),
+            "atoms": len(leaves),
+            "string_atoms": sum(
+                len(g.cased) + len(g.caseless) + len(g.regex) for g in groups.values()
+            ),
+            "fields": len(self._groups),
+            "databases": sum(
+                (g.db_cs is not None) + (g.db_ci is not None) + (g.db_re is not None)
+                for g in groups.values()
+            ),
+            "regex_re2_only": sum(len(g.re2_only) for g in groups.values()),
+            "rules_without_literal": [self.rules[k].id for k in always],
+            "rules_never_matching": [self.rules[k].id for k in never],
+        }
+        self._raw_db = None
+        self._raw_forced: tuple[int, ...] = ()
+        self._forced_table: CompiledTable | None = None
+        if raw:
+            self._build_raw(formulas, atom_of, raw_keys, fm)
+        self.stats["compile_seconds"] = round(time.perf_counter() - t0, 3)
+        return self
+
+    def _build_raw(
+        self,
+        formulas: Sequence[Node],
+        atom_of: Mapping[Node, int],
+        raw_keys: Callable[[str], frozenset[str]],
+        fm: FieldMap,
+    ) -> None:
+        """The raw-bytes pre-filter: one caseless literal database for every rule."""
+        lit_id: dict[str, int] = {}
+        names: list[str] = []
+
+        def lits(words: Iterable[str]) -> frozenset[int]:
+            ids = []
+            for w in words:
+                w = w.lower()
+                i = lit_id.get(w)
+                if i is None:
+                    i = lit_id[w] = len(names)
+                    names.append(w)
+                ids.append(i)
+            return frozenset(ids)
+
+        key_ids: set[int] = set()
+
+        def keys(field: str) -> frozenset[int] | None:
+            ks = raw_keys(field)
+            if not ks:
+                return None
+            ids = lits(ks)
+            key_ids.update(ids)
+            return ids
+
+        def leaf(n: Node) -> frozenset[int] | None:
+            if isinstance(n, Match):
+                lit = _longest_literal(n)
+                good = len(lit) >= 2 and lit.isascii() and not _number_like(lit)
+                if n.field is None:
+                    return lits((lit,)) if good else None
+                if good and fm.verbatim(n.field):
+                    return lits((lit,))
+                return keys(n.field)
+            if isinstance(n, Regex):
+                return keys(n.field) if n.field is not None else None
+            if isinstance(n, Equals | Compare | Cidr | Exists | FieldRef):
+                return keys(n.field)
+            return None
+
+        spread: dict[int, int] = {}  # literal -> how many rules could use it
+        for f in formulas:
+            mine: dict[Node, int] = {}
+            _leaves(f, mine)
+            used_by_rule: set[int] = set()
+            for n in mine:
+                used_by_rule |= leaf(n) or frozenset()
+            for x in used_by_rule:
+                spread[x] = spread.get(x, 0) + 1
+
+        def cost(a: int) -> float:
+            base = (2.0 if a in key_ids else 1.0) / (1 + len(names[a]))
+            return base * (1.0 + spread.get(a, 1) / 4)
+
+        forced: list[int] = []
+        used: set[int] = set()  # only the literals some rule's trigger set chose
+        for k, f in enumerate(formulas):
+            t = _trigger(f, leaf, cost)
+            if t is None:
+                forced.append(k)
+            else:
+                used |= t
+        pats = [(i, _hs_escape(_encode(names[i])), hs.HS_FLAG_CASELESS) for i in sorted(used)]
+        fold_id = len(names)
+        for ch in _FOLDS_TO_ASCII:
+            pats.append((fold_id, _hs_escape(_encode(ch)), 0))
+        if pats:
+            self._raw_db, _ = _hs_compile(pats)
+        self._raw_forced = tuple(forced)
+        if forced:
+            sub = [self.rules[k] for k in forced]
+            self._forced_table = CompiledTable._build(sub, fm, self.version, raw=False)
+        self.stats["raw_literals"] = len(used)
+        self.stats["rules_without_raw_literal"] = [self.rules[k].id for k in forced]
+
+    def _init_lazy(self) -> None:
+        group = self._kw_group
+
+        def kw(view: RecordView, cache: dict[int, Any]) -> Hits:
+            st = cache.get(-1)
+            if st is None:
+                st = cache[-1] = set()
+                if group is not None:
+                    group.scan(view.strings(), st)
+            return st
+
+        self._lazy = {
+            i: _lazy_fn(leaf, kw, i) for i, leaf in enumerate(self._leaves) if i not in self._eager
+        }
+
+    # ------------------------------------------------------------------ matching
+
+    def match(self, record: Mapping[str, object]) -> list[int]:
+        """Indexes (ascending) of the rules that match ``record``."""
+        view = self.fieldmap.view(record)
+        keys: set[str] = set()
+        _record_keys(record, keys)
+        hits: Hits = set()
+        key_atom = self._key_atom
+        key_groups = self._key_groups
+        todo: set[int] = set(self._scan_always)
+        for k in keys:
+            a = key_atom.get(k)
+            if a is not None:
+                hits.add(a)
+            g = key_groups.get(k)
+            if g is not None:
+                todo.update(g)
+        groups = self._groups
+        for gi in todo:
+            g = groups[gi]
+            vals = view.values(g.field)  # type: ignore[arg-type]
+            if vals:
+                g.scan(vals, hits)
+        cache: dict[int, Any] = {}
+        if self._kw_eager:
+            self._kw_group.scan(view.strings(), hits)  # type: ignore[union-attr]
+            cache[-1] = hits
+        cand: set[int] = set(self._always)
+        trig = self._trig
+        for a in hits:
+            r = trig.get(a)
+            if r is not None:
+                cand.update(r)
+        if not cand:
+            return []
+        lazy = self._lazy
+
+        def L(i: int) -> bool:  # the name the generated code calls
+            r = cache.get(i)
+            if r is None:
+                r = cache[i] = lazy[i](view, cache)
+            return r
+
+        f = self._formulas
+        return [k for k in sorted(cand) if f[k](hits, L)]
+
+    def match_entries(
+        self, entries: bytes, spans: Sequence[tuple[int, int]]
+    ) -> dict[int, list[int]]:
+        """Entry index -> matching rule indexes, for entries with at least one match."""
+        out: dict[int, list[int]] = {}
+        if not spans:
+            return out
+        starts = [s for s, _ in spans]
+        hit_entries: set[int] = set()
+        if self._raw_db is not None:
+            last_lo, last_hi = -1, -1
+            bis = bisect.bisect_right
+
+            def on_match(_i: int, _f: int, to: int, _fl: int, _c: object) -> None:
+                nonlocal last_lo, last_hi
+                if last_lo < to <= last_hi:
+                    return
+                k = bis(starts, to - 1) - 1
+                if k >= 0:
+                    s, e = spans[k]
+                    if to <= e:
+                        hit_entries.add(k)
+                        last_lo, last_hi = s, e
+
+            self._raw_db.scan(entries, match_event_handler=on_match)
+        forced = self._forced_table
+        view = memoryview(entries)
+        for k, (s, e) in enumerate(spans):
+            full = k in hit_entries
+            if not full and forced is None:
+                continue
+            record = _record_of(view[s:e])
+            if record is None:
+                continue
+            # an entry without a raw hit can only match rules that have no raw literal
+            m = (
+                self.match(record)
+                if full
+                else [self._raw_forced[x] for x in forced.match(record)]  # type: ignore[union-attr]
+            )
+            if m:
+                out[k] = m
+        return out
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: Path) -> None:
+        """Write the table (Hyperscan databases serialised, formulas as marshalled code)."""
+        buf = io.BytesIO()
+        _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(self._state())
+        blob = buf.getvalue()
+        digest = hashlib.sha256(blob).digest()
+        tmp = Path(path).with_name(Path(path).name + ".tmp")
+        tmp.write_bytes(_MAGIC + digest + blob)
+        tmp.replace(path)
+
+    def _state(self) -> dict[str, Any]:
+        st = {k: getattr(self, k) for k in _STATE_KEYS}
+        # only lazily evaluated leaves are needed after loading
+        st["_leaves"] = tuple(None if i in self._eager else n for i, n in enumerate(self._leaves))
+        st["_code"] = marshal.dumps(self._code)
+        st["_pyver"] = sys.version_info[:2]
+        st["_forced_table"] = (
+            self._forced_table._state() if self._forced_table is not None else None
+        )
+        st["_raw_db"] = hs.dumpb(self._raw_db) if self._raw_db is not None else None
+        return st
+
+    @classmethod
+    def load(cls, path: Path) -> CompiledTable:
+        """Read a table written by :meth:`save` (no rule parsing, no Hyperscan compile)."""
+        data = Path(path).read_bytes()
+        head = len(_MAGIC)
+        if not data.startswith(_MAGIC):
+            raise TableError(f"{path}: not a ruletag table file")
+        body = memoryview(data)[head + 32 :]
+        if hashlib.sha256(body).digest() != data[head : head + 32]:
+            raise TableError(f"{path}: table file is corrupt")
+        gc_was_on = gc.isenabled()
+        gc.disable()  # tens of thousands of small objects: the collector would only slow it
+        try:
+            st = pickle.loads(body)
+        except Exception as exc:  # pragma: no cover - depends on the damage
+            raise TableError(f"{path}: cannot read table: {exc}") from exc
+        finally:
+            if gc_was_on:
+                gc.enable()
+        return cls._from_state(st)
+
+    @classmethod
+    def _from_state(cls, st: dict[str, Any]) -> CompiledTable:
+        self = cls.__new__(cls)
+        for k in _STATE_KEYS:
+            setattr(self, k, st[k])
+        if st["_pyver"] == sys.version_info[:2]:
+            self._code = marshal.loads(st["_code"])
+        else:
+            self._code = compile(self._source, "<ruletag-table>", "exec")
+        self._formulas = _exec_module(self._code, self._consts)
+        self._raw_db = _load_db(st["_raw_db"])
+        ft = st["_forced_table"]
+        self._forced_table = cls._from_state(ft) if ft is not None else None
+        self._init_lazy()
+        return self
+
+
+_STATE_KEYS = (
+    "rules",
+    "version",
+    "fieldmap",
+    "stats",
+    "_groups",
+    "_kw_group",
+    "_leaves",
+    "_key_atom",
+    "_key_groups",
+    "_scan_always",
+    "_trig",
+    "_always",
+    "_source",
+    "_consts",
+    "_eager",
+    "_raw_forced",
+    "_kw_eager",
+)
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles frozen dataclasses (the IR) as constructor calls: much faster to load."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        cls = type(obj)
+        names = _DATACLASS_FIELDS.get(cls)
+        if names is None:
+            if not dataclasses.is_dataclass(cls) or cls.__module__ != Rule.__module__:
+                return NotImplemented
+            names = _DATACLASS_FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
+        return cls, tuple(getattr(obj, n) for n in names)
+
+
+_DATACLASS_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _record_of(buf: memoryview) -> Mapping[str, object] | None:
+    """The record map of one packed entry ``[time, record]``, or None if it has none."""
+    try:
+        entry = msgpack.unpackb(
+            buf, raw=False, unicode_errors="surrogateescape", strict_map_key=False
+        )
+    except Exception:
+        return None
+    if isinstance(entry, list | tuple) and len(entry) >= 2 and isinstance(entry[1], dict):
+        return entry[1]
+    return None

@@ -1,0 +1,194 @@
+"""Differential test: the compiled table must agree with the reference evaluator, and the raw
+pre-filtered path (match_entries) with match(). Any disagreement is a bug in one of them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ruletag.rules.fields import FieldMap
+from ruletag.rules.ir import Match, Node, Regex, Rule, Wild, fields_of
+from ruletag.rules.reference import reference_match
+from ruletag.rules.table import CompiledTable
+from test_table import RULES
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def _walk(n: Node, out: list[Node]) -> None:
+    args = getattr(n, "args", None)
+    if isinstance(args, tuple) and all(not isinstance(a, str | int) for a in args):
+        for a in args:
+            if hasattr(a, "__dataclass_fields__") and not hasattr(a, "name"):
+                _walk(a, out)
+    elif hasattr(n, "arg"):
+        _walk(n.arg, out)  # type: ignore[union-attr]
+    else:
+        out.append(n)
+
+
+def _material(rules: Sequence[Rule], fm: FieldMap) -> tuple[list[str], list[str]]:
+    """Field names and value texts taken from the rules (logsource conditions included)."""
+    fields: set[str] = {"Image", "CommandLine", "EventID", "Channel", "message"}
+    texts: set[str] = {"", "4688", "true", "10.1.2.3", "::1", "8.8.8.8"}
+    for r in rules:
+        cond = r.condition
+        if r.logsource is not None:
+            ls = fm.logsource_condition(r.logsource)
+            if ls is not None:
+                leaves: list[Node] = []
+                _walk(ls, leaves)
+                fields |= fields_of(ls)
+                for leaf in leaves:
+                    _texts_of(leaf, texts)
+        fields |= fields_of(cond)
+        leaves = []
+        _walk(cond, leaves)
+        for leaf in leaves:
+            _texts_of(leaf, texts)
+    return sorted(fields), sorted(texts)
+
+
+def _texts_of(leaf: Node, out: set[str]) -> None:
+    if isinstance(leaf, Match):
+        out.add("".join("x" if t is Wild.ONE else "" if t is Wild.ANY else t for t in leaf.pattern))
+        out.update(t for t in leaf.pattern if isinstance(t, str))
+    elif isinstance(leaf, Regex):
+        out.add("".join(c for c in leaf.pattern if c.isalnum()))
+    for attr in ("value",):
+        v = getattr(leaf, attr, None)
+        if isinstance(v, int | float | bool):
+            out.add(str(v))
+    for net in getattr(leaf, "networks", ()) or ():
+        out.add(net.split("/")[0])
+
+
+def _mutate(draw: st.DrawFn, text: str) -> object:
+    how = draw(
+        st.sampled_from(
+            [
+                "same",
+                "upper",
+                "swap",
+                "prefix",
+                "suffix",
+                "both",
+                "num",
+                "list",
+                "unicode",
+                "newline",
+            ]
+        )
+    )
+    if how == "upper":
+        return text.upper()
+    if how == "swap":
+        return text.swapcase()
+    if how == "prefix":
+        return draw(st.sampled_from(["C:\\x\\", "a", " ", "\u212a"])) + text
+    if how == "suffix":
+        return text + draw(st.sampled_from(["\\", "x", " ", ".exe"]))
+    if how == "both":
+        return "Z" + text + "Z"
+    if how == "num":
+        try:
+            return int(text)
+        except ValueError:
+            return text == "true" if text in ("true", "false") else text
+    if how == "list":
+        return [text, draw(st.sampled_from(["other", 1, None]))]
+    if how == "unicode":
+        return text.replace("i", "\u0130").replace("a", "ä")
+    if how == "newline":
+        return text + "\n"
+    return text
+
+
+def records_from(fields: list[str], texts: list[str]) -> st.SearchStrategy[dict]:
+    @st.composite
+    def build(draw: st.DrawFn) -> dict:
+        rec: dict[str, object] = {}
+        for _ in range(draw(st.integers(1, 6))):
+            name = draw(st.sampled_from(fields))
+            value = _mutate(draw, draw(st.sampled_from(texts)))
+            if draw(st.booleans()) and "." in name:
+                head, _, tail = name.partition(".")  # nested form of a dotted name
+                sub = rec.setdefault(head, {})
+                if isinstance(sub, dict):
+                    sub[tail] = value
+            else:
+                rec[name] = value
+        return rec
+
+    return build()
+
+
+def _pack(records: list[dict]) -> tuple[bytes, list[tuple[int, int]]]:
+    buf = bytearray()
+    spans = []
+    for rec in records:
+        start = len(buf)
+        buf += msgpack.packb([0, rec])
+        spans.append((start, len(buf)))
+    return bytes(buf), spans
+
+
+def _check(table: CompiledTable, fm: FieldMap, records: list[dict]) -> None:
+    for rec in records:
+        got = [table.rules[i].id for i in table.match(rec)]
+        assert got == reference_match(table.rules, rec, fm), rec
+    buf, spans = _pack(records)
+    want = {k: table.match(r) for k, r in enumerate(records)}
+    assert table.match_entries(buf, spans) == {k: v for k, v in want.items() if v}
+
+
+def _rules_small() -> list[Rule]:
+    rules = list(RULES)
+    try:
+        from ruletag.rules.loader import load_rules
+    except ImportError:  # pragma: no cover - loader is part of the package
+        return rules
+    return rules + load_rules([SHARED / "seeds" / "rules"]).rules
+
+
+FM = FieldMap.default()
+SMALL = _rules_small()
+SMALL_TABLE = CompiledTable.build(SMALL, FM)
+SMALL_FIELDS, SMALL_TEXTS = _material(SMALL, FM)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(records_from(SMALL_FIELDS, SMALL_TEXTS), min_size=1, max_size=8))
+def test_table_agrees_with_reference_on_hand_built_and_seed_rules(records: list[dict]) -> None:
+    _check(SMALL_TABLE, FM, records)
+
+
+@pytest.fixture(scope="module")
+def corpus() -> tuple[CompiledTable, list[str], list[str]]:
+    from ruletag.rules.loader import load_rules
+
+    rules = load_rules([SHARED / "rules"]).rules
+    if len(rules) < 100:
+        pytest.skip("the rule front-ends loaded almost nothing from the shared corpus")
+    fields, texts = _material(rules, FM)
+    return CompiledTable.build(rules, FM), fields, texts
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_table_agrees_with_reference_on_whole_corpus(
+    corpus: tuple[CompiledTable, list[str], list[str]],
+) -> None:
+    table, fields, texts = corpus
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(records_from(fields, texts), min_size=1, max_size=4))
+    def run(records: list[dict]) -> None:
+        _check(table, FM, records)
+
+    run()
