@@ -280,3 +280,12 @@ def test_seed_rules_on_the_capture_records(fm: FieldMap) -> None:
     assert t.match_entries(buf, spans) == {
         k: t.match(r) for k, (r, _) in enumerate(records) if t.match(r)
     }
+
+
+def test_empty_rule_set_is_a_pass_through_table(tmp_path: Path) -> None:
+    table = CompiledTable.build([])
+    assert table.match({"Image": "C:\\x.exe"}) == []
+    entries = msgpack.packb([1, {"a": "b"}])
+    assert table.match_entries(entries, [(0, len(entries))]) == {}
+    table.save(tmp_path / "empty.rtt")
+    assert CompiledTable.load(tmp_path / "empty.rtt").match({"a": "b"}) == []

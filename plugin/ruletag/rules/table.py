@@ -546,7 +546,7 @@ class _CodeGen:
 
     def module(self, formulas: Sequence[Node]) -> str:
         lines = [f"def _r{k}(h, L):\n    return {self.expr(f)}" for k, f in enumerate(formulas)]
-        lines.append(f"_RULES = ({', '.join(f'_r{k}' for k in range(len(formulas)))},)")
+        lines.append(f"_RULES = ({''.join(f'_r{k}, ' for k in range(len(formulas)))})")
         return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,422 @@
+"""Prometheus metrics of a running relay, and the small HTTP endpoint for /metrics and /health.
+
+Every :class:`Metrics` owns a private ``CollectorRegistry`` (several relays can run in one
+process). Counters that the server, forwarder and rule filter already keep as plain ints are
+read at scrape time by a custom collector, so the hot path pays nothing for them; only the
+per-stage latency histogram (one observation per chunk and stage) and the downstream
+in-flight gauge are updated as chunks move. The exposition itself is prometheus-client's.
+
+Exported families (all prefixed ``ruletag_``): ``records_in_total``, ``records_out_total``,
+``bytes_in_total`` (wire bytes), ``bytes_out_total`` (entry bytes), ``forward_bytes_total``
+(frames acked downstream), ``chunks_in_total``, ``chunks_out_total``, ``detections_total{rule_id}``,
+``detections_by_severity_total{severity}``, ``records_matched_total``,
+``downstream_pending_chunks``, ``upstream_pending_chunks``, ``forward_retries_total``,
+``forward_ack_timeouts_total``, ``downstream_up{server}``, ``protocol_errors_total``,
+``auth_failures_total``, ``connections_total``, ``connections_refused_total``,
+``connections_open``, ``stage_duration_seconds{stage=decode|filter|forward}``,
+``rules_loaded``, ``rule_load_problems{kind}``, ``ruleset_info{version}``,
+``rule_reloads_total{result=ok|failed}``, ``ready``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from ruletag.events import Chunk
+from ruletag.pipeline import Sender, Transform
+
+log = logging.getLogger(__name__)
+
+PREFIX = "ruletag"
+STAGES = ("decode", "filter", "forward")
+#: Latency buckets (seconds): chunk work spans ~10 us (pass-through) to seconds (slow acks).
+LATENCY_BUCKETS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+_MAX_REQUEST_HEAD = 8192
+_REQUEST_TIMEOUT = 5.0
+
+
+class RuleSource(Protocol):
+    """What the collector reads about the live rule set (``reload.LiveFilter`` provides it)."""
+
+    @property
+    def version(self) -> str | None: ...
+
+    @property
+    def rule_count(self) -> int: ...
+
+    @property
+    def problem_counts(self) -> Mapping[str, int]: ...
+
+    @property
+    def filter_stats(self) -> Any: ...
+
+
+class Metrics:
+    """The metrics of one relay: bind the live objects, then scrape with :meth:`render`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.stage_seconds = Histogram(
+            f"{PREFIX}_stage_duration_seconds",
+            "Time spent per chunk in each stage (decode, filter, forward incl. the ack wait).",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._stage = {s: self.stage_seconds.labels(stage=s) for s in STAGES}
+        self.reloads = Counter(
+            f"{PREFIX}_rule_reloads",
+            "Rule-set reloads by result (a failed reload keeps the previous rule set).",
+            ["result"],
+            registry=self.registry,
+        )
+        self._reload_ok = self.reloads.labels(result="ok")
+        self._reload_failed = self.reloads.labels(result="failed")
+        self.downstream_pending = Gauge(
+            f"{PREFIX}_downstream_pending_chunks",
+            "Chunks sent (or queued) to the downstream and not yet acknowledged.",
+            registry=self.registry,
+        )
+        self.records_out = Counter(
+            f"{PREFIX}_records_out", "Records delivered (acked by every output).",
+            registry=self.registry,
+        )
+        self.bytes_out = Counter(
+            f"{PREFIX}_bytes_out", "Bytes of msgpack entries delivered (before framing).",
+            registry=self.registry,
+        )
+        self.chunks_out = Counter(
+            f"{PREFIX}_chunks_out", "Chunks delivered (acked by every output).",
+            registry=self.registry,
+        )
+        self.server: Any = None
+        self.forwarder: Any = None
+        self.rules: RuleSource | None = None
+        self.health_check: Callable[[], tuple[bool, str]] = lambda: (False, "starting")
+        self.registry.register(_RelayCollector(self))
+
+    # -- binding ---------------------------------------------------------------------------
+
+    def bind(
+        self,
+        *,
+        server: Any = None,
+        forwarder: Any = None,
+        rules: RuleSource | None = None,
+        health: Callable[[], tuple[bool, str]] | None = None,
+    ) -> None:
+        """Attach the live objects whose counters are exported (any may be left out).
+
+        ``forwarder`` may be any output: the first ``Forwarder`` inside it (a ``FanOut``'s
+        ``outputs``) provides the downstream counters.
+        """
+        if server is not None:
+            self.server = server
+        if forwarder is not None:
+            self.forwarder = find_forwarder(forwarder)
+        if rules is not None:
+            self.rules = rules
+        if health is not None:
+            self.health_check = health
+
+    # -- hot-path helpers ------------------------------------------------------------------
+
+    def observe(self, stage: str, seconds: float) -> None:
+        """Record one chunk's time in ``stage`` (one of :data:`STAGES`)."""
+        self._stage[stage].observe(seconds)
+
+    def reload_done(self, ok: bool) -> None:
+        """Count one reload attempt."""
+        (self._reload_ok if ok else self._reload_failed).inc()
+
+    def timed_transform(self, transform: Transform) -> Transform:
+        """``transform`` with its time per chunk recorded as the ``filter`` stage."""
+        hist = self._stage["filter"]
+        clock = time.perf_counter
+
+        def timed(chunk: Chunk) -> list[Chunk]:
+            start = clock()
+            try:
+                return transform(chunk)
+            finally:
+                hist.observe(clock() - start)
+
+        return timed
+
+    def instrument_sender(self, sender: Sender) -> Sender:
+        """``sender`` with the ``forward`` stage timed and pending downstream chunks counted."""
+        return _InstrumentedSender(sender, self)
+
+    # -- output ----------------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, str]:
+        """``(ok, reason)`` from the bound health check (never raises)."""
+        try:
+            return self.health_check()
+        except Exception as exc:  # a broken check reports unhealthy, never crashes a scrape
+            return False, f"health check failed: {exc}"
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition body and its content type (OpenMetrics if ``accept`` asks for it)."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+def find_forwarder(output: Any) -> Any:
+    """The first object with the forwarder's counters in ``output`` (or a FanOut), else None."""
+    if hasattr(output, "records_sent") and hasattr(output, "retries"):
+        return output
+    for inner in getattr(output, "outputs", ()):
+        found = find_forwarder(inner)
+        if found is not None:
+            return found
+    return None
+
+
+class _InstrumentedSender:
+    """Wraps the outputs: time each ``send``, count what was delivered, pending chunks."""
+
+    def __init__(self, inner: Sender, metrics: Metrics) -> None:
+        self.inner = inner
+        self._hist = metrics._stage["forward"]
+        self._pending = metrics.downstream_pending
+        self._records = metrics.records_out
+        self._bytes = metrics.bytes_out
+        self._chunks = metrics.chunks_out
+
+    async def send(self, chunk: Chunk) -> None:
+        start = time.perf_counter()
+        self._pending.inc()
+        try:
+            await self.inner.send(chunk)
+        finally:
+            self._pending.dec()
+            self._hist.observe(time.perf_counter() - start)
+        self._chunks.inc()
+        self._records.inc(chunk.count)
+        self._bytes.inc(len(chunk.entries))
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
+class _RelayCollector(Collector):
+    """Reads the plain counters of the bound server, forwarder and rule set at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def describe(self) -> list[Metric]:
+        return []  # families depend on what is bound; nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.m
+        ok, _ = m.health()
+        yield _gauge("ready", "1 when the rule table is loaded and the listener is up.", ok)
+        yield from self._server(m.server)
+        yield from self._forwarder(m.forwarder)
+        yield from self._rules(m.rules)
+
+    @staticmethod
+    def _server(server: Any) -> Iterator[Metric]:
+        if server is None:
+            return
+        st = server.stats
+        yield _counter("records_in", "Records received from upstream.", st.records)
+        yield _counter("bytes_in", "Bytes received from upstream (as on the wire).", st.bytes_in)
+        yield _counter("chunks_in", "Chunks received from upstream.", st.chunks)
+        yield _counter("acks_sent", "Acks sent upstream.", st.acks_sent)
+        yield _counter("protocol_errors", "Connections closed on a protocol error.",
+                       st.protocol_errors)
+        yield _counter("auth_failures", "Failed upstream handshakes.", st.auth_failures)
+        yield _counter("connections", "Upstream connections accepted.", st.connections_accepted)
+        yield _counter("connections_refused", "Upstream connections refused (limit/shutdown).",
+                       st.connections_refused)
+        yield _counter("connections_idle_closed", "Upstream connections closed when idle.",
+                       st.idle_closed)
+        yield _counter("submit_errors", "Chunks not delivered (connection closed unacked).",
+                       st.submit_errors)
+        yield _gauge("connections_open", "Open upstream connections.", len(server.connections))
+        yield _gauge("upstream_pending_chunks", "Upstream chunks received and not yet acked.",
+                     server.pending_chunks)
+        yield _gauge("upstream_in_flight_bytes", "Bytes of upstream chunks not yet acked.",
+                     server.in_flight)
+
+    @staticmethod
+    def _forwarder(fwd: Any) -> Iterator[Metric]:
+        if fwd is None:
+            return
+        yield _counter("forward_bytes", "Bytes of frames acked by the downstream servers.",
+                       fwd.bytes_sent)
+        yield _counter("forward_retries", "Chunk resends to the downstream.", fwd.retries)
+        yield _counter("forward_ack_timeouts", "Downstream acks that did not come in time.",
+                       fwd.ack_timeouts)
+        yield _counter("forward_connect_failures", "Failed downstream connects.",
+                       fwd.connect_failures)
+        yield _gauge("forward_in_flight_bytes", "Bytes sent downstream and not yet acked.",
+                     fwd.in_flight_bytes)
+        up = GaugeMetricFamily(f"{PREFIX}_downstream_up",
+                               "1 while a downstream server is not backing off after a failure.",
+                               labels=["server"])
+        now = time.monotonic()
+        for srv in getattr(fwd, "_servers", ()):  # the forwarder's per-server health
+            up.add_metric([str(srv.name)], 1.0 if srv.healthy(now) else 0.0)
+        yield up
+
+    @staticmethod
+    def _rules(rules: RuleSource | None) -> Iterator[Metric]:
+        if rules is None:
+            return
+        yield _gauge("rules_loaded", "Rules in the live rule table.", rules.rule_count)
+        info = InfoMetricFamily(f"{PREFIX}_ruleset", "The live rule set (content hash).")
+        info.add_metric([], {"version": rules.version or ""})
+        yield info
+        probs = GaugeMetricFamily(f"{PREFIX}_rule_load_problems",
+                                  "Rule files of the live set that could not be used, by kind.",
+                                  labels=["kind"])
+        for kind, n in sorted(rules.problem_counts.items()):
+            probs.add_metric([kind], n)
+        yield probs
+        stats = rules.filter_stats
+        if stats is None:
+            return
+        yield _counter("records_matched", "Records that matched at least one rule.",
+                       stats.records_matched)
+        det = CounterMetricFamily(f"{PREFIX}_detections", "Rule matches, per rule.",
+                                  labels=["rule_id"])
+        for rule_id, n in sorted(dict(stats.detections).items()):
+            det.add_metric([rule_id], n)
+        yield det
+        sev = CounterMetricFamily(f"{PREFIX}_detections_by_severity",
+                                  "Rule matches, per rule severity.", labels=["severity"])
+        for severity, n in sorted(dict(stats.by_severity).items()):
+            sev.add_metric([severity], n)
+        yield sev
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP endpoint
+
+
+class MetricsServer:
+    """``GET /metrics`` (Prometheus/OpenMetrics) and ``GET /health`` (200 or 503) on asyncio."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+        self.metrics = metrics
+        self.host = host
+        self.port = port
+        self._server: asyncio.AbstractServer | None = None
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Bind (port 0 picks a free port; :attr:`port` is then the real one)."""
+        self._server = await asyncio.start_server(self._handle, self.host, self.port,
+                                                  reuse_address=True)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _REQUEST_TIMEOUT)
+            status, ctype, body, method = self._respond(head)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
+                ConnectionError):
+            writer.close()
+            return
+        headers = (
+            f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        try:
+            writer.write(headers.encode("latin-1") + (b"" if method == "HEAD" else body))
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    def _respond(self, head: bytes) -> tuple[str, str, bytes, str]:
+        if len(head) > _MAX_REQUEST_HEAD:
+            return "431 Request Header Fields Too Large", "text/plain", b"too large\n", "GET"
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split()
+        if len(parts) < 2:
+            return "400 Bad Request", "text/plain", b"bad request\n", "GET"
+        method, target = parts[0].upper(), parts[1]
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", "text/plain", b"GET or HEAD only\n", "GET"
+        path = target.split("?", 1)[0]
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        if path == "/metrics":
+            body, ctype = self.metrics.render(headers.get("accept", ""))
+            return "200 OK", ctype, body, method
+        if path in ("/health", "/healthz", "/ready"):
+            ok, reason = self.metrics.health()
+            status = "200 OK" if ok else "503 Service Unavailable"
+            return status, "text/plain; charset=utf-8", f"{reason}\n".encode(), method
+        return "404 Not Found", "text/plain", b"try /metrics or /health\n", method
+
+
+async def start_metrics_server(metrics: Metrics, host: str, port: int) -> MetricsServer:
+    """Start a :class:`MetricsServer` and return it (its ``port`` is the bound one)."""
+    srv = MetricsServer(metrics, host, port)
+    await srv.start()
+    return srv
+
+
+def health_of(*checks: tuple[Callable[[], bool], str]) -> Callable[[], tuple[bool, str]]:
+    """A health check from ``(predicate, reason-if-false)`` pairs; all true -> ``(True, ok)``."""
+
+    def check() -> tuple[bool, str]:
+        for predicate, reason in checks:
+            if not predicate():
+                return False, reason
+        return True, "ok"
+
+    return check
+
+
+__all__ = [
+    "STAGES",
+    "Metrics",
+    "MetricsServer",
+    "health_of",
+    "start_metrics_server",
+]
+
