@@ -18,10 +18,20 @@ Invariants (each is checked by tests/test_buffer.py):
 5. A chunk whose upstream ``chunk`` id is already buffered and not yet acked downstream is not
    stored twice: ``append()`` returns the existing id (fluentd resends the same id on timeout).
 6. Chunks are replayed in append order; ids are monotonic across restarts.
+7. Only an index of the pending chunks is kept in memory (segment, offset, length): ``get()``
+   reads a chunk back from its segment file, so memory stays small however full the buffer is.
+8. A full buffer whose active segment holds no unacked chunk rolls to a new segment, so the
+   acked space can be reclaimed (a buffer can never be "full of acked data").
+9. Failing to write an ACK record (e.g. ENOSPC) still forgets the chunk in memory, so space is
+   reclaimed: the worst case after a restart is a duplicate delivery, never a loss.
+
+The class is not thread-safe: callers run every method on one thread (the disk pipeline uses a
+single-thread executor, so fsync never blocks the event loop).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import time
@@ -35,6 +45,8 @@ import msgpack
 
 from ruletag.errors import BufferFullError
 from ruletag.events import Chunk
+
+log = logging.getLogger(__name__)
 
 FsyncPolicy = Literal["always", "never"]
 
@@ -52,6 +64,17 @@ class RecoveryReport:
     pending: int = 0
     segments: int = 0
     problems: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Entry:
+    """Where a pending chunk lives on disk (the chunk itself is not kept in memory)."""
+
+    seg_no: int
+    offset: int  # of the record header in the segment file
+    length: int  # payload length
+    stored_at: float
+    chunk_id: bytes | None
 
 
 @dataclass
@@ -94,9 +117,11 @@ class DiskBuffer:
         self.segment_bytes = segment_bytes
         self.fsync = fsync
         self._segments: OrderedDict[int, _Segment] = OrderedDict()
-        self._pending: OrderedDict[int, tuple[Chunk, float, int]] = OrderedDict()
+        self._pending: OrderedDict[int, _Entry] = OrderedDict()
         self._by_chunk_id: dict[bytes, int] = {}
         self._next_id = 1
+        self._used = 0
+        self.ack_write_errors = 0
         self._fh: object | None = None
         self._active: _Segment | None = None
 
@@ -129,6 +154,7 @@ class DiskBuffer:
                 seg.size = last_good[last]
         self._drop_empty_segments()
         self._open_active()
+        self._used = sum(s.size for s in self._segments.values())
         report.pending = len(self._pending)
         return report
 
@@ -150,7 +176,8 @@ class DiskBuffer:
             try:
                 if kind == _KIND_CHUNK:
                     rec_id, chunk, stored_at = _decode_chunk(body)
-                    self._remember(rec_id, chunk, stored_at, seg)
+                    entry = _Entry(seg.number, pos, length, stored_at, chunk.chunk_id)
+                    self._remember(rec_id, entry, seg)
                     self._next_id = max(self._next_id, rec_id + 1)
                 elif kind == _KIND_ACK:
                     for rec_id in msgpack.unpackb(body):
@@ -203,12 +230,15 @@ class DiskBuffer:
         except OSError:
             # e.g. ENOSPC: cut what was partly written so the segment stays readable.
             fh.truncate(self._active.size)  # type: ignore[attr-defined]
+            fh.seek(self._active.size)  # type: ignore[attr-defined]
             raise
         self._active.size += len(record)
+        self._used += len(record)
 
     @property
     def bytes_used(self) -> int:
-        return sum(s.size for s in self._segments.values())
+        """Bytes of segment files on disk (what ``max_bytes`` limits)."""
+        return self._used
 
     def append(self, chunk: Chunk) -> int:
         """Store ``chunk`` durably and return its id. Raises BufferFullError or OSError."""
@@ -219,40 +249,54 @@ class DiskBuffer:
         payload = _encode_chunk(rec_id, chunk, stored_at)
         if len(payload) >= _MAX_RECORD:
             raise BufferFullError("chunk too large for one buffer record")
-        if self.bytes_used + len(payload) + _HEADER.size > self.max_bytes:
-            raise BufferFullError(
-                f"disk buffer full ({self.bytes_used} of {self.max_bytes} bytes used)"
-            )
+        need = len(payload) + _HEADER.size
         assert self._active is not None
+        if self._used + need > self.max_bytes and self._active.size and not self._active.live:
+            self._roll()  # invariant 8: let the acked active segment be deleted
+            self._drop_empty_segments()
+        if self._used + need > self.max_bytes:
+            raise BufferFullError(
+                f"disk buffer full ({self._used} of {self.max_bytes} bytes used)"
+            )
         if self._active.size and self._active.size + len(payload) > self.segment_bytes:
             self._roll()
+        offset = self._active.size
         self._write(_KIND_CHUNK, payload, sync=self.fsync == "always")
         self._next_id += 1
-        self._remember(rec_id, chunk, stored_at, self._active)
+        entry = _Entry(self._active.number, offset, len(payload), stored_at, chunk.chunk_id)
+        self._remember(rec_id, entry, self._active)
         return rec_id
 
-    def _remember(self, rec_id: int, chunk: Chunk, stored_at: float, seg: _Segment) -> None:
-        self._pending[rec_id] = (chunk, stored_at, seg.number)
+    def _remember(self, rec_id: int, entry: _Entry, seg: _Segment) -> None:
+        self._pending[rec_id] = entry
         seg.live.add(rec_id)
-        if chunk.chunk_id is not None:
-            self._by_chunk_id[chunk.chunk_id] = rec_id
+        if entry.chunk_id is not None:
+            self._by_chunk_id[entry.chunk_id] = rec_id
 
     def _forget(self, rec_id: int) -> None:
-        item = self._pending.pop(rec_id, None)
-        if item is None:
+        entry = self._pending.pop(rec_id, None)
+        if entry is None:
             return
-        chunk, _, seg_no = item
-        if chunk.chunk_id is not None and self._by_chunk_id.get(chunk.chunk_id) == rec_id:
-            del self._by_chunk_id[chunk.chunk_id]
-        seg = self._segments.get(seg_no)
+        if entry.chunk_id is not None and self._by_chunk_id.get(entry.chunk_id) == rec_id:
+            del self._by_chunk_id[entry.chunk_id]
+        seg = self._segments.get(entry.seg_no)
         if seg is not None:
             seg.live.discard(rec_id)
 
     def ack(self, rec_id: int) -> None:
-        """Downstream acknowledged ``rec_id``: forget it, delete fully acked segments."""
+        """Downstream acknowledged ``rec_id``: forget it, delete fully acked segments.
+
+        If the ACK record cannot be written (ENOSPC...), the chunk is still forgotten
+        (invariant 9): a restart may deliver it again, which is a duplicate, not a loss.
+        """
         if rec_id not in self._pending:
             return
-        self._write(_KIND_ACK, msgpack.packb([rec_id]), sync=False)
+        try:
+            self._write(_KIND_ACK, msgpack.packb([rec_id]), sync=False)
+        except OSError as exc:
+            self.ack_write_errors += 1
+            log.warning("disk buffer: cannot record the ack of chunk %d (%s); it may be "
+                        "delivered again after a restart", rec_id, exc)
         self._forget(rec_id)
         self._drop_empty_segments()
 
@@ -265,17 +309,29 @@ class DiskBuffer:
             if any(other.live for m, other in self._segments.items() if m < n):
                 continue
             seg.path.unlink(missing_ok=True)
+            self._used -= seg.size
             del self._segments[n]
 
     # ------------------------------------------------------------------ reading
 
+    def pending_ids(self) -> list[int]:
+        """Ids of every stored, unacked chunk, in append order."""
+        return list(self._pending)
+
     def pending(self) -> list[tuple[int, Chunk]]:
-        """Every stored, unacked chunk, in append order."""
-        return [(rec_id, item[0]) for rec_id, item in self._pending.items()]
+        """Every stored, unacked chunk, in append order (read back from disk)."""
+        return [(rec_id, chunk) for rec_id in self._pending if (chunk := self.get(rec_id))]
 
     def get(self, rec_id: int) -> Chunk | None:
-        item = self._pending.get(rec_id)
-        return item[0] if item else None
+        """Read chunk ``rec_id`` back from its segment file (None if acked or unknown)."""
+        entry = self._pending.get(rec_id)
+        if entry is None:
+            return None
+        seg = self._segments[entry.seg_no]
+        with open(seg.path, "rb") as fh:
+            fh.seek(entry.offset + _HEADER.size)
+            payload = fh.read(entry.length)
+        return _decode_chunk(payload)[1]
 
     @property
     def chunks(self) -> int:
@@ -285,8 +341,8 @@ class DiskBuffer:
         """Seconds since the oldest unacked chunk was stored (0 when empty)."""
         if not self._pending:
             return 0.0
-        _, stored_at, _ = next(iter(self._pending.values()))
-        return max(0.0, (now or time.time()) - stored_at)
+        entry = next(iter(self._pending.values()))
+        return max(0.0, (now or time.time()) - entry.stored_at)
 
     def close(self) -> None:
         if self._fh is not None:
