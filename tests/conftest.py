@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -157,6 +158,12 @@ class ServeProcess:
     lines: list[str]
 
 
+def _drain(proc: subprocess.Popen[str], lines: list[str]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+
+
 def start_serve(args: list[str], timeout: float = 15.0) -> ServeProcess:
     """Start ``python -m ruletag serve ARGS`` and wait for the line containing ``ready``."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -175,6 +182,9 @@ def start_serve(args: list[str], timeout: float = 15.0) -> ServeProcess:
         if "ready" in line:
             m = re.search(r"listening on \S*?:(\d+)", line)
             assert m, line
+            # Keep reading what the server logs afterwards, so a chatty server never blocks
+            # on a full pipe; tests can still inspect ``lines``.
+            threading.Thread(target=_drain, args=(proc, lines), daemon=True).start()
             return ServeProcess(proc, int(m.group(1)), lines)
     proc.kill()
     proc.wait(5)

@@ -221,12 +221,14 @@ def _sha512_hex(*parts: bytes) -> str:
 
 def _scan_entries(
     buf: bytes, start: int, end: int, count: int | None, *, convert_float: bool
-) -> tuple[int, bool, bytes | None]:
+) -> tuple[int, bool, bytes | None, list[tuple[int, int]] | None]:
     """Validate the packed entries ``buf[start:end]``.
 
-    Returns (count, v2, rewritten) where ``rewritten`` is None when the bytes can be used as
-    they are, else the entries with float times turned into EventTime (``convert_float``).
-    ``count`` None means "until ``end``".
+    Returns (count, v2, rewritten, spans) where ``rewritten`` is None when the bytes can be
+    used as they are, else the entries with float times turned into EventTime
+    (``convert_float``). ``spans`` are the entries' ``(start, end)`` relative to ``start``
+    (what :func:`iter_entries` would return), None when rewritten. ``count`` None means
+    "until ``end``".
     """
     unpacker = _sub_unpacker(memoryview(buf)[start:end])
     pieces: list[bytes] | None = None
@@ -237,11 +239,15 @@ def _scan_entries(
     limit = count if count is not None else end - start  # an entry takes >= 3 bytes
     skip = unpacker.skip
     tell = unpacker.tell
+    ends: list[int] = []
+    add_end = ends.append
     while n < limit and pos < end:
         # Fast path: fixarray(2) + fixext8 EventTime + map record, the shape Fluent Bit sends.
         if buf[pos] == 0x92 and buf[pos + 1] == 0xD7 and buf[pos + 2] == 0:
             skip()
-            entry_end = start + tell()
+            entry_end = tell()
+            add_end(entry_end)
+            entry_end += start
             if not _MAP_BYTES[buf[pos + 11]]:
                 raise RemoteProtocolError(f"entry {n}: record is not a map")
             pos = entry_end
@@ -257,7 +263,9 @@ def _scan_entries(
             t += inner
         size, is_float = _time_size(buf, t)
         skip()
-        entry_end = start + tell()
+        entry_end = tell()
+        add_end(entry_end)
+        entry_end += start
         if not inner and not _MAP_BYTES[buf[t + size]]:
             raise RemoteProtocolError(f"entry {n}: record is not a map")
         if is_float and convert_float:
@@ -274,9 +282,9 @@ def _scan_entries(
     if pos != end:
         raise RemoteProtocolError("entries do not end where their container ends")
     if pieces is None:
-        return n, v2, None
+        return n, v2, None, list(zip([0, *ends], ends, strict=False))
     pieces.append(buf[last:end])
-    return n, v2, b"".join(pieces)
+    return n, v2, b"".join(pieces), None
 
 
 def iter_entries(entries: bytes) -> list[tuple[int, int]]:
@@ -586,17 +594,19 @@ class ServerConnection:
             start = second + header
             if signal:
                 return Chunk(tag=tag, entries=frame[start:record_at], count=count, **common)
-            count, v2, rewritten = _scan_entries(frame, start, record_at, count, convert_float=True)
+            count, v2, rewritten, spans_ = _scan_entries(
+                frame, start, record_at, count, convert_float=True
+            )
             entries = rewritten if rewritten is not None else frame[start:record_at]
-            return Chunk(tag=tag, entries=entries, count=count, v2=v2, **common)
+            return Chunk(tag=tag, entries=entries, count=count, v2=v2, spans=spans_, **common)
         lo, hi = _raw_span(frame, second)
         payload = frame[lo:hi]
         if options.get("compressed") == "gzip" or payload[:2] == b"\x1f\x8b":
             payload = _inflate(payload, self._max_inflate)
         if signal:
             return Chunk(tag=tag, entries=payload, count=1, **common)
-        count, v2, _ = _scan_entries(payload, 0, len(payload), None, convert_float=False)
-        return Chunk(tag=tag, entries=payload, count=count, v2=v2, **common)
+        count, v2, _, spans_ = _scan_entries(payload, 0, len(payload), None, convert_float=False)
+        return Chunk(tag=tag, entries=payload, count=count, v2=v2, spans=spans_, **common)
 
     def _options(
         self, frame: bytes, u: msgpack.Unpacker

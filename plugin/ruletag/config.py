@@ -1,9 +1,14 @@
 """Pipeline configuration: typed, frozen dataclasses plus YAML loading and validation.
 
 A config file is a YAML mapping with the sections ``listen`` (forward input), ``forward``
-(downstream output), ``log``, and the reserved sections ``rules``, ``enrich``, ``buffer``,
-``metrics``, ``outputs`` and ``tests`` (parsed as raw data for now; later issues give them
-their own types). Unknown keys are errors, and every error names its key path, e.g.
+(downstream output), ``outputs`` (JSON lines to ``stdout``/``file``, beside or instead of
+``forward``; at least one of the two is required), ``log``, ``tests`` (run by ``ruletag
+test``, parsed by ``ruletag.pipeline_tests``), ``rules`` (rule ``paths`` relative to the
+config file, or ``builtin:seeds`` for the bundled rules; ``vars``; ``cache_dir``;
+``reload_interval``), ``enrich`` (``key``, ``style: ruletag|ecs``, ``retag_prefix``),
+``metrics`` (``listen: HOST:PORT``), and ``buffer`` (``type: memory|disk``, ``path``,
+``max_size``, ``segment_size``, ``fsync: always|never``; see docs/reliability.md).
+Unknown keys are errors, and every error names its key path, e.g.
 ``forward.servers[0].port: must be an int 1..65535``.
 
 Durations accept a number of seconds or a string with a unit (``500ms``, ``30s``, ``5m``,
@@ -34,6 +39,18 @@ forward.retry_limit                null         null = retry forever (never drop
 forward.connect_timeout            10 s
 forward.max_in_flight_bytes        64 MiB       bytes sent but not yet acked downstream
 forward.entry_format               v1           v1 = ``[time, record]``; v2 keeps metadata
+rules.reload_interval              5 s          poll rule files for changes (0 = SIGHUP only)
+enrich.key / enrich.style          detections   where (style ruletag) the detections go /
+                                   / ruletag    ``ecs`` writes rule.*, threat.*, event.*
+metrics.listen                     127.0.0.1:   Prometheus /metrics and /health
+                                   9464
+buffer.type                        memory       memory: ack after downstream ack; disk: ack
+                                                once fsync'ed to the disk buffer at ``path``
+buffer.max_size / segment_size     1 GiB /      disk buffer size limit (full: acks are held,
+                                   64 MiB       senders paused) / segment file size
+buffer.fsync                       always       never: survives a crash, not a power loss
+workers                            1            serve processes sharing the listen port
+                                                (SO_REUSEPORT, see ``ruletag.workers``)
 =================================  ===========  ============================================
 """
 
@@ -52,6 +69,7 @@ from ruletag.errors import ConfigError
 
 KIB: Final = 1024
 MIB: Final = 1024 * 1024
+MAX_WORKERS: Final = 64
 
 DEFAULT_PORT: Final = 24224
 DEFAULT_MAX_FRAME_SIZE: Final = 16 * MIB
@@ -101,6 +119,7 @@ class ListenConfig:
     max_in_flight_bytes: int = 32 * MIB  # per connection
     max_total_in_flight_bytes: int = 256 * MIB  # all connections together
     shutdown_timeout: float = 10.0
+    reuse_port: bool = False  # SO_REUSEPORT; set for each of ``workers`` (not a YAML key)
 
     @property
     def address(self) -> str:
@@ -176,29 +195,83 @@ class ReservedSection:
     raw: Any = None
 
 
-@dataclass(frozen=True, slots=True)
-class RulesConfig(ReservedSection):
-    """``rules``: detection rules (coming later)."""
+#: ``rules.paths`` value that selects the rules bundled in ``ruletag/data/rules``.
+BUILTIN_RULES: Final = "builtin:seeds"
+DEFAULT_RELOAD_INTERVAL: Final = 5.0
+
+
+def builtin_rules_path() -> str:
+    """The folder of the bundled seed rules (package data)."""
+    from importlib.resources import files
+
+    return str(files("ruletag").joinpath("data", "rules"))
 
 
 @dataclass(frozen=True, slots=True)
-class EnrichConfig(ReservedSection):
-    """``enrich``: record annotations (coming later)."""
+class RulesConfig:
+    """``rules``: rule files/folders (absolute), Sigma ``|expand`` variables, table cache."""
+
+    paths: tuple[str, ...]
+    vars: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    cache_dir: str | None = None  # None = $XDG_CACHE_HOME/ruletag
+    reload_interval: float = DEFAULT_RELOAD_INTERVAL  # poll rule files; 0 = SIGHUP only
 
 
 @dataclass(frozen=True, slots=True)
-class BufferConfig(ReservedSection):
-    """``buffer``: durable disk buffer (coming later)."""
+class EnrichConfig:
+    """``enrich``: how matched records are annotated."""
+
+    key: str = "detections"  # style ruletag: the list of detections goes under this key
+    style: str = "ruletag"  # ruletag | ecs (rule.*, threat.*, event.severity/risk_score)
+    retag_prefix: str = ""  # e.g. "alert.": matched records get tag "alert.<tag>"
+
+
+DEFAULT_BUFFER_MAX_SIZE: Final = 1024 * MIB
+DEFAULT_BUFFER_SEGMENT_SIZE: Final = 64 * MIB
 
 
 @dataclass(frozen=True, slots=True)
-class MetricsConfig(ReservedSection):
-    """``metrics``: Prometheus endpoint (coming later)."""
+class BufferConfig:
+    """``buffer``: where a chunk is when the upstream ack is sent (docs/reliability.md)."""
+
+    type: str = "memory"  # memory | disk
+    path: str | None = None  # disk: the buffer folder (resolved against the config file)
+    max_size: int = DEFAULT_BUFFER_MAX_SIZE
+    segment_size: int = DEFAULT_BUFFER_SEGMENT_SIZE
+    fsync: str = "always"  # always | never
+
+    @property
+    def disk(self) -> bool:
+        return self.type == "disk"
 
 
 @dataclass(frozen=True, slots=True)
-class OutputsConfig(ReservedSection):
-    """``outputs``: extra outputs (coming later)."""
+class MetricsConfig:
+    """``metrics``: the Prometheus ``/metrics`` and ``/health`` HTTP endpoint."""
+
+    host: str = "127.0.0.1"
+    port: int = 9464
+
+    @property
+    def address(self) -> str:
+        return _join_hostport(self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class OutputConfig:
+    """One ``outputs`` item: JSON lines to ``stdout`` or to a ``file`` (see ruletag.outputs)."""
+
+    type: str  # "stdout" | "file"
+    path: str | None = None  # file: resolved against the config file's folder
+    fsync: bool = False  # file: fsync before a chunk counts as written
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OutputsConfig:
+    """``outputs``: JSON-lines outputs used beside ``forward``, or instead of it."""
+
+    items: tuple[OutputConfig, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +284,7 @@ class Config:
     """A whole pipeline config."""
 
     listen: ListenConfig
-    forward: ForwardConfig
+    forward: ForwardConfig | None  # None: records go to ``outputs`` only
     log: LogConfig = field(default_factory=LogConfig)
     rules: RulesConfig | None = None
     enrich: EnrichConfig | None = None
@@ -220,10 +293,11 @@ class Config:
     outputs: OutputsConfig | None = None
     tests: TestsConfig | None = None
     source: str | None = None  # the file it was loaded from
+    workers: int = 1  # serve processes sharing the listen port (ruletag.workers)
 
     def reserved_sections(self) -> list[str]:
         """Names of the reserved sections that are set (features not implemented yet)."""
-        names = ("rules", "enrich", "buffer", "metrics", "outputs", "tests")
+        names = ("rules", "enrich", "metrics", "tests")
         return [n for n in names if getattr(self, n) is not None]
 
 
@@ -551,12 +625,109 @@ def _log(data: object) -> LogConfig:
     return cfg
 
 
+def _outputs(data: object, base: Path | None) -> OutputsConfig:
+    if not isinstance(data, list) or not data:
+        raise ConfigError("outputs: must be a non-empty list of {type: stdout|file, ...}")
+    items = []
+    for i, item in enumerate(data):
+        path = f"outputs[{i}]"
+        if isinstance(item, str):  # shorthand: `- stdout`
+            item = {"type": item}
+        s = _Section(item, path)
+        kind = s.choice("type", "", ("stdout", "file"))
+        out = OutputConfig(
+            type=kind,
+            path=s.file("path", base, required=kind == "file"),
+            fsync=s.bool_("fsync", False),
+            name=s.str_("name", "") or "",
+        )
+        s.done()
+        if kind == "stdout" and (out.path is not None or out.fsync):
+            raise ConfigError(f"{path}: path and fsync are for type: file only")
+        items.append(out)
+    return OutputsConfig(tuple(items))
+
+
+def _rule_path(value: object, path: str, base: Path | None) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{path}: must be a file or folder path (or {BUILTIN_RULES!r})")
+    if value.strip() == BUILTIN_RULES:
+        return builtin_rules_path()
+    p = Path(os.path.expanduser(value.strip()))
+    if not p.is_absolute() and base is not None:
+        p = base / p
+    return str(p)
+
+
+def _rules(data: object, base: Path | None) -> RulesConfig:
+    s = _Section(data, "rules")
+    raw_paths = s.raw("paths")
+    if isinstance(raw_paths, str):
+        raw_paths = [raw_paths]
+    if not isinstance(raw_paths, list) or not raw_paths:
+        raise ConfigError("rules.paths: must be a non-empty list of rule files/folders")
+    paths = tuple(_rule_path(v, f"rules.paths[{i}]", base) for i, v in enumerate(raw_paths))
+    raw_vars = s.raw("vars", {})
+    if not isinstance(raw_vars, Mapping):
+        raise ConfigError("rules.vars: must be a mapping of placeholder -> value(s)")
+    variables: dict[str, tuple[str, ...]] = {}
+    for k, v in raw_vars.items():
+        values = v if isinstance(v, list) else [v]
+        if any(isinstance(x, Mapping | list) for x in values):
+            raise ConfigError(f"rules.vars.{k}: values must be strings")
+        variables[str(k)] = tuple("" if x is None else str(x) for x in values)
+    cfg = RulesConfig(
+        paths=paths,
+        vars=variables,
+        cache_dir=s.file("cache_dir", base),
+        reload_interval=s.duration("reload_interval", DEFAULT_RELOAD_INTERVAL),
+    )
+    s.done()
+    return cfg
+
+
+def _enrich(data: object) -> EnrichConfig:
+    s = _Section(data, "enrich")
+    cfg = EnrichConfig(
+        key=s.str_("key", "detections", empty=False),
+        style=s.choice("style", "ruletag", ("ruletag", "ecs")),
+        retag_prefix=s.str_("retag_prefix", ""),
+    )
+    s.done()
+    return cfg
+
+
+def _metrics(data: object) -> MetricsConfig:
+    s = _Section(data, "metrics")
+    text = s.str_("listen", "127.0.0.1:9464", empty=False)
+    host, port = parse_hostport(text, "metrics.listen", 9464, allow_zero=True)
+    s.done()
+    return MetricsConfig(host=host, port=port)
+
+
+def _buffer(data: object, base: Path | None, max_frame_size: int) -> BufferConfig:
+    s = _Section(data, "buffer")
+    kind = s.choice("type", "memory", ("memory", "disk"))
+    cfg = BufferConfig(
+        type=kind,
+        path=s.file("path", base, required=kind == "disk"),
+        max_size=s.size("max_size", DEFAULT_BUFFER_MAX_SIZE),
+        segment_size=s.size("segment_size", DEFAULT_BUFFER_SEGMENT_SIZE),
+        fsync=s.choice("fsync", "always", ("always", "never")),
+    )
+    s.done()
+    if cfg.segment_size < 4 * KIB:
+        raise ConfigError("buffer.segment_size: must be at least 4KiB")
+    if cfg.max_size < 2 * cfg.segment_size:
+        raise ConfigError("buffer.max_size: must be at least twice buffer.segment_size")
+    if kind == "disk" and cfg.max_size < max_frame_size:
+        raise ConfigError(
+            f"buffer.max_size: must be at least listen.max_frame_size ({max_frame_size} bytes)"
+        )
+    return cfg
+
+
 _RESERVED: dict[str, type[ReservedSection]] = {
-    "rules": RulesConfig,
-    "enrich": EnrichConfig,
-    "buffer": BufferConfig,
-    "metrics": MetricsConfig,
-    "outputs": OutputsConfig,
     "tests": TestsConfig,
 }
 
@@ -569,21 +740,41 @@ def config_from_mapping(data: object, base_dir: str | Path | None = None) -> Con
     """Validate a parsed YAML mapping into a ``Config``; raise ``ConfigError`` naming the key."""
     base = Path(base_dir) if base_dir is not None else None
     s = _Section(data, "")
-    if not s.has("forward"):
-        raise ConfigError("forward: is required (where records go)")
+    if not s.has("forward") and not s.has("outputs"):
+        raise ConfigError("forward: is required (where records go), unless outputs: is set")
     listen = _listen(s.raw("listen"), base)
-    forward = _forward(s.raw("forward"), base)
+    forward = _forward(s.raw("forward"), base) if s.has("forward") else None
+    outputs = _outputs(s.raw("outputs"), base) if s.has("outputs") else None
     log = _log(s.raw("log"))
-    reserved = {
+    reserved: dict[str, Any] = {
         name: cls(s.raw(name)) for name, cls in _RESERVED.items() if s.has(name)
     }
+    if s.has("rules"):
+        reserved["rules"] = _rules(s.raw("rules"), base)
+    if s.has("enrich"):
+        if "rules" not in reserved:
+            raise ConfigError("enrich: needs a rules section (nothing to annotate with)")
+        reserved["enrich"] = _enrich(s.raw("enrich"))
+    if s.has("metrics"):
+        reserved["metrics"] = _metrics(s.raw("metrics"))
+    if s.has("buffer"):
+        reserved["buffer"] = _buffer(s.raw("buffer"), base, listen.max_frame_size)
+    workers = s.int_("workers", 1, 1, MAX_WORKERS)
+    if workers > 1 and listen.path:
+        raise ConfigError("workers: needs a TCP listener (listen.host/port), not listen.path")
     s.done()
-    if listen.shared_key is not None and listen.self_hostname == forward.self_hostname:
+    if (
+        forward is not None
+        and listen.shared_key is not None
+        and listen.self_hostname == forward.self_hostname
+    ):
         raise ConfigError(
             "forward.self_hostname: must differ from listen.self_hostname "
             "(fluentd refuses a peer with its own hostname)"
         )
-    return Config(listen=listen, forward=forward, log=log, **reserved)  # type: ignore[arg-type]
+    return Config(  # type: ignore[arg-type]
+        listen=listen, forward=forward, log=log, outputs=outputs, workers=workers, **reserved
+    )
 
 
 def load_config(path: str | Path) -> Config:
@@ -606,16 +797,54 @@ def load_config(path: str | Path) -> Config:
     return Config(
         listen=cfg.listen, forward=cfg.forward, log=cfg.log, rules=cfg.rules, enrich=cfg.enrich,
         buffer=cfg.buffer, metrics=cfg.metrics, outputs=cfg.outputs, tests=cfg.tests,
-        source=str(p),
+        source=str(p), workers=cfg.workers,
     )
 
 
+def with_cli_overrides(
+    config: Config,
+    *,
+    rules: list[str] | None = None,
+    metrics: str | None = None,
+    buffer_dir: str | None = None,
+) -> Config:
+    """``config`` with ``serve --rules``/``--metrics``/``--buffer-dir`` replacing its
+    rules/metrics/buffer sections.
+
+    ``--rules`` paths are relative to the current folder; the ``rules`` section's other keys
+    (vars, cache_dir, reload_interval) are kept. ``--buffer-dir`` turns the disk buffer on in
+    that folder (keeping the ``buffer`` section's sizes and fsync policy).
+    """
+    from dataclasses import replace
+
+    if buffer_dir:
+        old = config.buffer or BufferConfig()
+        path = str(Path(os.path.expanduser(buffer_dir)).resolve())
+        config = replace(config, buffer=replace(old, type="disk", path=path))
+    if rules:
+        new = _rules({"paths": list(rules)}, Path.cwd())
+        if config.rules is not None:
+            new = replace(config.rules, paths=new.paths)
+        config = replace(config, rules=new)
+    if metrics:
+        config = replace(config, metrics=_metrics({"listen": metrics}))
+    return config
+
+
 def config_from_cli(
-    listen: str | None, forward: str, shared_key: str | None = None
+    listen: str | None,
+    forward: str | None,
+    shared_key: str | None = None,
+    *,
+    rules: list[str] | None = None,
+    metrics: str | None = None,
 ) -> Config:
     """The config for ``ruletag serve --listen HOST:PORT --forward H:P[,H:P...]``.
 
-    ``listen`` may be ``unix:PATH``; ``--shared-key`` applies to both sides.
+    ``listen`` may be ``unix:PATH``; ``--shared-key`` applies to both sides. Without
+    ``forward``, records go to stdout (JSON lines). ``rules`` are
+    rule paths (relative to the current folder, or ``builtin:seeds``); ``metrics`` is the
+    ``HOST:PORT`` of the metrics endpoint.
     """
     ldata: dict[str, Any] = {}
     if listen:
@@ -625,12 +854,21 @@ def config_from_cli(
             ldata["host"], ldata["port"] = parse_hostport(listen, "--listen", allow_zero=True)
     if shared_key is not None:
         ldata["shared_key"] = shared_key
-    servers = [
-        dict(zip(("host", "port"), parse_hostport(part, "--forward"), strict=True))
-        for part in forward.split(",")
-        if part.strip()
-    ]
-    fdata: dict[str, Any] = {"servers": servers}
-    if shared_key is not None:
-        fdata["shared_key"] = shared_key
-    return config_from_mapping({"listen": ldata, "forward": fdata}, Path.cwd())
+    data: dict[str, Any] = {"listen": ldata}
+    if forward:
+        servers = [
+            dict(zip(("host", "port"), parse_hostport(part, "--forward"), strict=True))
+            for part in forward.split(",")
+            if part.strip()
+        ]
+        fdata: dict[str, Any] = {"servers": servers}
+        if shared_key is not None:
+            fdata["shared_key"] = shared_key
+        data["forward"] = fdata
+    else:
+        data["outputs"] = [{"type": "stdout"}]
+    if rules:
+        data["rules"] = {"paths": list(rules)}
+    if metrics:
+        data["metrics"] = {"listen": metrics}
+    return config_from_mapping(data, Path.cwd())

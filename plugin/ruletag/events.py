@@ -32,6 +32,10 @@ class Chunk:
     v2: bool = False
     options: dict[str, object] = field(default_factory=dict)  # other options, for logging
     size: int = 0  # bytes received for this message (for limits and metrics)
+    #: Each entry's ``(start, end)`` in ``entries`` when the decoder already knows them (it
+    #: validated every entry); None = compute with ``codec.iter_entries``. Derived data: not
+    #: compared, and must be reset (None) by whoever builds a chunk with other entries.
+    spans: list[tuple[int, int]] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

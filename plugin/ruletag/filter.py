@@ -88,37 +88,44 @@ class RuleFilter:
         stats = self.stats
         stats.chunks_in += 1
         stats.records_in += chunk.count
-        spans = iter_entries(chunk.entries)
+        spans = chunk.spans if chunk.spans is not None else iter_entries(chunk.entries)
         hits = self.table.match_entries(chunk.entries, spans)
         if not hits:
             return [chunk]
         entries = chunk.entries
-        out_parts: list[tuple[str, bytes, int]] = []  # (tag, bytes, count) runs, in order
         tag = chunk.tag
         alert_tag = self.retag_prefix + tag if self.retag_prefix else tag
-        for idx, (start, end) in enumerate(spans):
-            matched = hits.get(idx)
-            if matched:
-                entry = _unpack(entries[start:end])
-                record = entry[1]
-                if isinstance(record, dict):
-                    self._annotate(record, matched)
-                    data = _pack(entry)
-                    self._count(matched)
-                else:  # not a map: nothing to annotate, keep as it came
-                    data = entries[start:end]
-                run_tag = alert_tag
+        # Runs of (tag, byte pieces, count), in entry order. Unmatched entries between two
+        # matches are one slice of the original bytes; pieces are joined once per run.
+        runs: list[tuple[str, list[bytes], list[int]]] = []
+
+        def add(run_tag: str, data: bytes, n: int) -> None:
+            if runs and runs[-1][0] == run_tag:
+                runs[-1][1].append(data)
+                runs[-1][2][0] += n
             else:
-                data = entries[start:end]
-                run_tag = tag
-            if out_parts and out_parts[-1][0] == run_tag:
-                t, b, n = out_parts[-1]
-                out_parts[-1] = (t, b + data, n + 1)
-            else:
-                out_parts.append((run_tag, data, 1))
+                runs.append((run_tag, [data], [n]))
+
+        done_end, done_idx = spans[0][0], -1
+        for idx in sorted(hits):
+            start, end = spans[idx]
+            if idx > done_idx + 1:
+                add(tag, entries[done_end:start], idx - done_idx - 1)
+            entry = _unpack(entries[start:end])
+            record = entry[1]
+            if isinstance(record, dict):
+                self._annotate(record, hits[idx])
+                add(alert_tag, _pack(entry), 1)
+                self._count(hits[idx])
+            else:  # not a map: nothing to annotate, keep as it came
+                add(alert_tag, entries[start:end], 1)
+            done_end, done_idx = end, idx
+        if done_idx < len(spans) - 1:
+            add(tag, entries[done_end : spans[-1][1]], len(spans) - 1 - done_idx)
         # A chunk id belongs to the upstream chunk; runs get none (the forwarder assigns its own).
         return [
-            replace(chunk, tag=t, entries=b, count=n, chunk_id=None) for t, b, n in out_parts
+            replace(chunk, tag=t, entries=b"".join(parts), count=n[0], chunk_id=None, spans=None)
+            for t, parts, n in runs
         ]
 
     def _count(self, matched: list[int]) -> None:

@@ -6,13 +6,12 @@ produced from it was acknowledged by the downstream (``Forwarder.send`` returns 
 downstream ack; with ``forward.require_ack: false`` it returns once the bytes are written).
 So an upstream ack means "delivered downstream": end-to-end, at-least-once. If ``submit``
 raises, the server sends no ack and closes that connection, so the sender retries.
-When the durable buffer arrives, this is the one place that moves the ack point to
-"written to the buffer".
+Disk mode (``buffer: {type: disk}`` / ``--buffer-dir``) moves the ack point to "written and
+fsync'ed to the disk buffer": ``ruletag.durable.DurablePipeline`` has the same ``submit``.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
@@ -40,8 +39,8 @@ class Pipeline:
         """Return once every chunk derived from ``chunk`` is acked downstream."""
         self.chunks_in += 1
         out = [chunk] if self.transform is None else self.transform(chunk)
-        if len(out) == 1:
-            await self.forwarder.send(out[0])
-        elif out:
-            await asyncio.gather(*(self.forwarder.send(c) for c in out))
+        # Runs cut by re-tagging go one after the other: with several downstream servers,
+        # sending them concurrently could let a later run overtake an earlier one.
+        for c in out:
+            await self.forwarder.send(c)
         self.chunks_out += len(out)

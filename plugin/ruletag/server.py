@@ -99,6 +99,8 @@ class ForwardProtocol(asyncio.Protocol):
         self.ack_task: asyncio.Task[None] | None = None
         self.last_activity = time.monotonic()
         self.idle_handle: asyncio.TimerHandle | None = None
+        self.close_reason: str | None = None  # why we closed it (None: the peer did)
+        self.chunks = 0
 
     # -- asyncio callbacks ----------------------------------------------------------------
 
@@ -134,7 +136,7 @@ class ForwardProtocol(asyncio.Protocol):
             first = self.conn.initial_bytes()
         except Exception:
             log.exception("cannot set up connection from %s", self.peer)
-            self._close(abort=True)
+            self._close(abort=True, reason="connection setup failed")
             return
         if first:
             transport.write(first)
@@ -171,12 +173,13 @@ class ForwardProtocol(asyncio.Protocol):
         if self.read_paused:
             self.server.paused.discard(self)
         self.server.connections.discard(self)
-        if self.bytes_in == 0:
-            log.debug("empty connection from %s closed (heartbeat)", self.peer)
-        elif exc is not None:
-            log.info("connection from %s lost: %s", self.peer, exc)
+        reason = self.close_reason or (f"connection lost: {exc}" if exc else "closed by peer")
+        extra = {"event": "connection_closed", "peer": self.peer, "reason": reason,
+                 "bytes_in": self.bytes_in, "chunks": self.chunks}
+        if self.bytes_in == 0 and self.close_reason is None and exc is None:
+            log.debug("empty connection from %s closed (heartbeat)", self.peer, extra=extra)
         else:
-            log.debug("connection from %s closed", self.peer)
+            log.info("connection from %s closed: %s", self.peer, reason, extra=extra)
         # Chunks already submitted keep going (they were accepted); the ack loop ends when
         # they are done and releases their in-flight bytes.
 
@@ -184,12 +187,16 @@ class ForwardProtocol(asyncio.Protocol):
 
     def _feed(self, data: bytes) -> None:
         assert self.conn is not None
+        hook = self.server.on_decode
+        start = time.perf_counter() if hook is not None else 0.0
         try:
             self.conn.receive_data(data)
         except Exception as exc:
             self._on_error(exc)
             return
         self._process()
+        if hook is not None:
+            hook(time.perf_counter() - start)
 
     def _process(self) -> None:
         """Pull events from the codec; stop early while reading is paused (backpressure)."""
@@ -229,17 +236,17 @@ class ForwardProtocol(asyncio.Protocol):
             self.server.stats.auth_failures += 1
             log.warning("authentication failed from %s: %s", self.peer, exc)
             self._flush(conn)
-            self._close()
+            self._close(reason=f"authentication failed: {exc}")
         elif isinstance(exc, RemoteProtocolError):
             self.server.stats.protocol_errors += 1
             log.warning("protocol error from %s, closing: %s", self.peer, exc)
             self._flush(conn)
-            self._close()
+            self._close(reason=f"protocol error: {exc}")
         else:
             self.server.stats.protocol_errors += 1
             log.error("unexpected error on connection from %s, closing", self.peer,
                       exc_info=exc)
-            self._close(abort=True)
+            self._close(abort=True, reason=f"internal error: {type(exc).__name__}: {exc}")
 
     def _flush(self, conn: codec.ServerConnection) -> None:
         out = conn.data_to_send()
@@ -250,6 +257,7 @@ class ForwardProtocol(asyncio.Protocol):
         srv = self.server
         srv.stats.chunks += 1
         srv.stats.records += chunk.count
+        self.chunks += 1
         size = chunk.size or len(chunk.entries)
         task = asyncio.get_running_loop().create_task(srv.submit(chunk))
         self.pending.append(_Pending(task, chunk.chunk_id, size))
@@ -290,7 +298,7 @@ class ForwardProtocol(asyncio.Protocol):
                 self.pending.popleft()
                 self._release(item)
                 if failed:
-                    self._close()
+                    self._close(reason="a chunk could not be delivered (not acked)")
                     self._drain_failed()
                     return
                 if item.chunk_id is not None and not self.closing and self.conn is not None:
@@ -328,7 +336,7 @@ class ForwardProtocol(asyncio.Protocol):
     def _maybe_finish(self) -> bool:
         """After EOF with nothing pending, close; return True when closed."""
         if self.eof and not self.pending and not self.backlog and not self.closing:
-            self._close()
+            self._close(reason=None)  # the peer ended the stream: "closed by peer"
             return True
         return False
 
@@ -351,9 +359,19 @@ class ForwardProtocol(asyncio.Protocol):
         elif not over and self.read_paused:
             self.read_paused = False
             srv.paused.discard(self)
-            self.transport.resume_reading()
             if self.backlog:
-                asyncio.get_running_loop().call_soon(self._process)
+                # Decode what is already buffered before reading more: resuming the socket
+                # now would read a whole socket buffer per chunk submitted, and the codec
+                # buffer would grow without bound while the pipeline is slow.
+                asyncio.get_running_loop().call_soon(self._process_then_resume)
+            else:
+                self.transport.resume_reading()
+
+    def _process_then_resume(self) -> None:
+        """Work off the backlog; resume reading only if that did not pause us again."""
+        self._process()
+        if self.transport is not None and not self.closing and not self.read_paused:
+            self.transport.resume_reading()
 
     def _schedule_idle(self, delay: float) -> None:
         loop = asyncio.get_running_loop()
@@ -367,14 +385,15 @@ class ForwardProtocol(asyncio.Protocol):
         if quiet >= timeout and not self.pending:
             self.server.stats.idle_closed += 1
             log.info("closing idle connection from %s after %.0f s", self.peer, quiet)
-            self._close()
+            self._close(reason=f"idle for {quiet:.0f} s (listen.idle_timeout)")
             return
         self._schedule_idle(timeout - quiet if quiet < timeout else timeout)
 
-    def _close(self, *, abort: bool = False) -> None:
+    def _close(self, *, abort: bool = False, reason: str | None = None) -> None:
         if self.closing:
             return
         self.closing = True
+        self.close_reason = reason
         self.wakeup.set()
         if self.idle_handle is not None:
             self.idle_handle.cancel()
@@ -411,6 +430,8 @@ class Server:
         self.nonce = nonce
         self.auth_salt = auth_salt
         self.stats = ServerStats()
+        #: Called with the seconds spent decoding each read (metrics' ``decode`` stage).
+        self.on_decode: Callable[[float], None] | None = None
         self.connections: set[ForwardProtocol] = set()
         self.paused: set[ForwardProtocol] = set()
         self.in_flight = 0
@@ -442,6 +463,11 @@ class Server:
         return out
 
     @property
+    def listening(self) -> bool:
+        """True while bound and accepting (not yet stopping): the health check's listener bit."""
+        return bool(self._servers) and not self.closing
+
+    @property
     def port(self) -> int:
         """The bound TCP port (useful with port 0)."""
         return self.bound[0][1] if self.bound else self.config.port
@@ -459,7 +485,7 @@ class Server:
         else:
             srv = await loop.create_server(
                 lambda: ForwardProtocol(self), cfg.host, cfg.port, ssl=self.ssl_context,
-                backlog=backlog, reuse_address=True,
+                backlog=backlog, reuse_address=True, reuse_port=cfg.reuse_port or None,
             )
         self._servers.append(srv)
 
@@ -507,7 +533,7 @@ class Server:
                 tasks.append(item.task)
             if proto.ack_task is not None:
                 tasks.append(proto.ack_task)
-            proto._close()
+            proto._close(reason="ruletag shutting down")
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
         for srv in self._servers:

@@ -92,8 +92,8 @@ def rule_files(paths: Sequence[str | Path]) -> tuple[list[Path], list[RuleError]
     problems: list[RuleError] = []
     seen: set[Path] = set()
 
-    def add(p: Path) -> None:
-        key = p.resolve()
+    def add(p: Path, key: Path | None = None) -> None:
+        key = key or p.resolve()
         if key not in seen:
             seen.add(key)
             files.append(p)
@@ -101,12 +101,13 @@ def rule_files(paths: Sequence[str | Path]) -> tuple[list[Path], list[RuleError]
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
+            root = p.resolve()  # once per folder: resolve() per file costs an lstat per part
             for f in sorted(p.rglob("*")):
                 rel = f.relative_to(p).parts
                 if any(part.startswith(".") for part in rel) or not f.is_file():
                     continue
                 if source_of(f) and not _skipped_name(f):
-                    add(f)
+                    add(f, f.resolve() if f.is_symlink() else root.joinpath(*rel))
         elif p.is_file():
             if source_of(p):
                 add(p)
@@ -197,7 +198,7 @@ def cache_key(files: Sequence[Path], variables: Variables | None, fieldmap_versi
     h.update(json.dumps(norm, sort_keys=True).encode() + b"\0")
     for f in files:
         data = f.read_bytes()
-        h.update(f"{f.resolve()}\0{len(data)}\0".encode())
+        h.update(f"{os.path.abspath(f)}\0{len(data)}\0".encode())
         h.update(data)
     return h.hexdigest()[:16]
 

@@ -1,0 +1,278 @@
+"""``make bench``: run ``ruletag serve`` under load for every rule set and print one table.
+
+Rule sets: none (pure relay), seeds, a 10% sample of every rule file (for the 10x scaling
+ratio), all Sigma, all Elastic, everything (``shared/rules``). Each table is compiled once
+into a bench cache folder first, so ``serve`` starts from the compiled table (start-up time is
+spawn -> ``ruletag ready``). Per rule set: a full-speed run (throughput, ruletag CPU per
+record, peak RSS) and a fixed-rate run (added latency at a steady load). Then ``workers``
+scaling with every rule loaded.
+
+    python bench/run_all.py                     # everything, ~6 minutes (+1 to compile)
+    python bench/run_all.py --sets none,seeds --duration 5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(HERE))
+
+import gen_traffic  # noqa: E402
+import load  # noqa: E402
+
+RULES = SHARED / "rules"
+
+
+def _sample_tenth() -> list[str]:
+    """Every 10th rule file of the whole corpus (sorted), for the 10x rule-count ratio."""
+    files = sorted(
+        str(p) for p in RULES.rglob("*") if p.suffix in (".yml", ".yaml", ".toml")
+    )
+    return files[::10]
+
+
+RULE_SETS: dict[str, Any] = {
+    "none": [],
+    "seeds": [str(SHARED / "seeds" / "rules")],
+    "tenth": _sample_tenth,
+    "sigma": [str(RULES / "sigma")],
+    "elastic": [str(RULES / "elastic")],
+    "everything": [str(RULES)],
+}
+
+
+def code_hash() -> str:
+    """A hash of the rule compiler's sources: the table cache key ignores code changes."""
+    import hashlib
+
+    import ruletag
+
+    pkg = Path(ruletag.__file__).parent
+    h = hashlib.sha256()
+    for p in sorted([*pkg.glob("rules/*.py"), *pkg.glob("data/*.yaml"), pkg / "filter.py"]):
+        h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def ruletag_bin() -> str:
+    exe = Path(sys.executable).with_name("ruletag")
+    return str(exe) if exe.exists() else "ruletag"
+
+
+def _yaml_list(items: list[str], indent: str) -> str:
+    return "".join(f"{indent}- {json.dumps(i)}\n" for i in items)
+
+
+def write_config(
+    folder: Path, name: str, port: int, sink_port: int, paths: list[str], cache: Path,
+    workers: int = 1,
+) -> Path:
+    """A serve config: listen on ``port``, forward to the sink, these rules, no reload."""
+    text = (
+        f"listen:\n  host: 127.0.0.1\n  port: {port}\n"
+        f"forward:\n  servers:\n    - host: 127.0.0.1\n      port: {sink_port}\n"
+        "log:\n  level: info\n"
+    )
+    if workers > 1:
+        text += f"workers: {workers}\n"
+    if paths:
+        text += "rules:\n  paths:\n" + _yaml_list(paths, "    ")
+        text += f"  cache_dir: {json.dumps(str(cache))}\n  reload_interval: 0\n"
+    path = folder / f"{name}-w{workers}.yaml"
+    path.write_text(text)
+    return path
+
+
+class Serve:
+    """A ``ruletag serve`` child process; ``startup`` = seconds until it logged ready."""
+
+    def __init__(self, config: Path, timeout: float = 120.0, workers: int = 1) -> None:
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            [ruletag_bin(), "serve", "--config", str(config)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: list[str] = []
+        ready = threading.Event()
+        seen = [0]
+
+        def pump() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.lines.append(line.rstrip())
+                if "ruletag ready" in line:
+                    seen[0] += 1
+                    if seen[0] >= workers:  # every worker logs its own ready line
+                        ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        while not ready.wait(0.005):
+            if self.proc.poll() is not None or time.monotonic() - t0 > timeout:
+                self.stop()
+                raise RuntimeError("ruletag serve did not start:\n" + "\n".join(self.lines[-20:]))
+        self.startup = time.monotonic() - t0
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def precompile(paths: list[str], cache: Path) -> dict[str, Any]:
+    """Compile (or load from the cache) a rule set; rule count and seconds."""
+    from ruletag.rules.loader import compile_rules
+
+    t0 = time.perf_counter()
+    table, _ = compile_rules(paths, cache_dir=cache)
+    return {
+        "rules": len(table.rules),
+        "compile_s": round(time.perf_counter() - t0, 1),
+        "raw_literals": table.stats.get("raw_literals"),
+        "rules_without_raw_literal": len(table.stats.get("rules_without_raw_literal", [])),
+    }
+
+
+def run_set(
+    name: str, paths: list[str], traffic: load.Traffic, sink: load.SinkProcess, work: Path,
+    cache: Path, ns: argparse.Namespace, workers: int = 1,
+) -> dict[str, Any]:
+    """Start serve for one rule set, run full speed then fixed rate, stop it."""
+    port = load.free_port()
+    cfg = write_config(work, name, port, sink.port, paths, cache, workers)
+    srv = Serve(cfg, workers=workers)
+    row: dict[str, Any] = {"set": name, "workers": workers, "startup_s": round(srv.startup, 2)}
+    try:
+        conns = max(ns.connections, 2 * workers) if workers > 1 else ns.connections
+        load.measure(traffic, sink, ("127.0.0.1", port), srv.pid, duration=1.0,
+                     connections=conns, window=ns.window)  # warm-up
+        full = load.measure(traffic, sink, ("127.0.0.1", port), srv.pid,
+                            duration=ns.duration, connections=conns, window=ns.window)
+        row["full"] = full
+        if workers == 1 and ns.rate:
+            # a steady load the server can carry: at most half its full-speed throughput
+            rate = min(ns.rate, full["records_per_s"] / 2)
+            row["rate"] = load.measure(
+                traffic, sink, ("127.0.0.1", port), srv.pid, duration=ns.duration / 2,
+                connections=1, window=ns.window, rate=rate)
+    finally:
+        srv.stop()
+    return row
+
+
+def _fmt_row(r: dict[str, Any], relay: float | None) -> str:
+    f = r["full"]
+    rate = r.get("rate") or {}
+    vs = f"{f['records_per_s'] / relay * 100:.0f}%" if relay else "-"
+    cap = 1e6 / f["cpu_us_per_record"] if f["cpu_us_per_record"] else 0
+    lat = (f"{rate['p50_ms']:.1f} / {rate['p99_ms']:.1f} @ {rate['records_per_s'] / 1000:.0f}k/s"
+           if rate else "-")
+    return (
+        f"| {r['set']} | {r.get('rules', 0)} | {r['workers']} | {r['startup_s']:.2f} | "
+        f"{f['records_per_s']:,} | {f['mb_per_s']:.0f} | {vs} | {f['cpu_us_per_record']:.2f} | "
+        f"{cap:,.0f} | {lat} | {f['p50_ms']:.0f} / {f['p99_ms']:.0f} | {f['peak_rss_mb']:.0f} |"
+    )
+
+
+HEADER = (
+    "| rule set | rules | workers | start-up s | records/s | MB/s | vs relay | ruletag CPU "
+    "µs/record | records/s per CPU s | latency p50/p99 ms (fixed rate) | latency p50/p99 ms "
+    "(full speed) | peak RSS MB |\n"
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", default="/tmp/ruletag-bench", help="traffic, configs, cache")
+    ap.add_argument("--chunks", type=int, default=100, help="traffic chunks of 1000 records")
+    ap.add_argument("--sets", default=",".join(RULE_SETS))
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds per full-speed run")
+    ap.add_argument("--rate", type=float, default=50_000.0, help="records/s of the fixed-rate run")
+    ap.add_argument("--window", type=int, default=8, help="unacked chunks per connection")
+    ap.add_argument("--connections", type=int, default=1)
+    ap.add_argument("--workers", default="1,2", help="worker counts to try with everything")
+    ap.add_argument("--json", help="also write the results here")
+    ns = ap.parse_args(argv)
+    work = Path(ns.work)
+    cache = work / f"cache-{code_hash()}"  # a table compiled by other code is rebuilt
+    cache.mkdir(parents=True, exist_ok=True)
+    tpath = work / "traffic.bin"
+    meta_path = Path(str(tpath) + ".json")
+    if not meta_path.exists() or len(gen_traffic.load_index(tpath)["chunks"]) != ns.chunks:
+        print(f"generating {ns.chunks} chunks of traffic into {tpath} ...", flush=True)
+        gen_traffic.generate(tpath, ns.chunks)
+    meta = gen_traffic.load_index(tpath)
+    traffic = load.Traffic.load(tpath)
+    sink = load.SinkProcess(traffic.t0)
+    rows: list[dict[str, Any]] = []
+    try:
+        for name in ns.sets.split(","):
+            spec = RULE_SETS[name]
+            paths = spec() if callable(spec) else spec
+            info = precompile(paths, cache) if paths else {"rules": 0}
+            print(f"[{name}] {info}", flush=True)
+            row = run_set(name, paths, traffic, sink, work, cache, ns)
+            row.update(info)
+            rows.append(row)
+            print(f"[{name}] {json.dumps(row)}", flush=True)
+        if "everything" in ns.sets.split(","):
+            paths = RULE_SETS["everything"]
+            for w in (int(x) for x in ns.workers.split(",")):
+                if w <= 1:
+                    continue
+                try:
+                    row = run_set("everything", paths, traffic, sink, work, cache, ns, w)
+                except RuntimeError as exc:
+                    print(f"[workers {w}] skipped: {str(exc).splitlines()[-1]}", flush=True)
+                    continue
+                row["rules"] = rows[-1].get("rules", 0)
+                rows.append(row)
+                print(f"[everything x{w}] {json.dumps(row)}", flush=True)
+    finally:
+        sink.close()
+    relay = next((r["full"]["records_per_s"] for r in rows if r["set"] == "none"), None)
+    print()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}; traffic: {meta['records']} records, "
+          f"{meta['avg_record_bytes']} B/record avg, {meta['match_fraction'] * 100:.1f}% planted "
+          f"positives; {ns.duration:.0f} s per run, window {ns.window} chunks")
+    print()
+    print(HEADER)
+    for r in rows:
+        print(_fmt_row(r, relay))
+    by = {(r["set"], r["workers"]): r for r in rows}
+    if ("tenth", 1) in by and ("everything", 1) in by:
+        a, b = by[("tenth", 1)], by[("everything", 1)]
+        print(f"\nper-record CPU, everything vs tenth ({b['rules']} vs {a['rules']} rules): "
+              f"{b['full']['cpu_us_per_record'] / a['full']['cpu_us_per_record']:.2f}x")
+    if ("everything", 2) in by and ("everything", 1) in by:
+        print(f"workers 2 vs 1 (everything): "
+              f"{by[('everything', 2)]['full']['records_per_s'] / by[('everything', 1)]['full']['records_per_s']:.2f}x")  # noqa: E501
+    if ns.json:
+        Path(ns.json).write_text(json.dumps({"meta": {k: v for k, v in meta.items()
+                                                      if k != "chunks"}, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

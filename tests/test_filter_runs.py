@@ -1,0 +1,109 @@
+"""The filter's output runs and the codec's entry spans (the hot-path shortcuts of issue 6)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from ruletag import codec
+from ruletag.events import Chunk
+from ruletag.filter import RuleFilter
+from ruletag.rules.loader import compile_rules
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CAPTURE = SHARED / "captures" / "windows-events.jsonl"
+EXPECTED = SHARED / "captures" / "windows-events.expected.json"
+
+
+def _pack(time: int, record: dict[str, Any]) -> bytes:
+    ts = msgpack.ExtType(0, time.to_bytes(4, "big") + b"\0\0\0\0")
+    return msgpack.packb([ts, record], use_bin_type=True)
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory: pytest.TempPathFactory) -> tuple[RuleFilter, list[Any], list[Any]]:
+    if not CAPTURE.exists():
+        pytest.skip("shared/captures is not next to the repository")
+    table, _ = compile_rules([SHARED / "seeds" / "rules"],
+                             cache_dir=tmp_path_factory.mktemp("cache"))
+    lines = [json.loads(x) for x in CAPTURE.read_text(encoding="utf-8").splitlines()]
+    items = json.loads(EXPECTED.read_text())["records"]
+    pos = [lines[i["line"] - 1] for i in items
+           if i["expected_rule_ids"] and "logsource" not in i["expected_rule_ids"][0]]
+    neg = [lines[i["line"] - 1] for i in items if not i["expected_rule_ids"]]
+    return RuleFilter(table), pos, neg
+
+
+def _runs_one_by_one(chunk: Chunk, f: RuleFilter, prefix: str) -> list[tuple[str, list[Any]]]:
+    """What the filter must produce, entry by entry: (tag, decoded entries) runs."""
+    runs: list[tuple[str, list[Any]]] = []
+    for s, e in codec.iter_entries(chunk.entries):
+        entry = msgpack.unpackb(chunk.entries[s:e], raw=False)
+        matched = f.table.match(entry[1])
+        tag = prefix + chunk.tag if matched else chunk.tag
+        if runs and runs[-1][0] == tag:
+            runs[-1][1].append(entry[1])
+        else:
+            runs.append((tag, [entry[1]]))
+    return runs
+
+
+@pytest.mark.parametrize("layout", ["first", "middle", "last", "all", "none", "alternate"])
+@pytest.mark.parametrize("prefix", ["", "alert."])
+def test_runs_keep_order_bytes_and_counts(
+    seeds: tuple[RuleFilter, list[Any], list[Any]], layout: str, prefix: str
+) -> None:
+    base, pos, neg = seeds
+    f = RuleFilter(base.table, retag_prefix=prefix)
+    n = 9
+    hit_at = {"first": {0}, "middle": {4}, "last": {8}, "all": set(range(n)), "none": set(),
+              "alternate": {0, 2, 3, 7}}[layout]
+    records = [pos[i % len(pos)] if i in hit_at else neg[i % len(neg)] for i in range(n)]
+    entries = b"".join(_pack(1000 + i, r) for i, r in enumerate(records))
+    frame = codec.encode_chunk("win", entries, n, chunk_id=b"abc")
+    conn = codec.ServerConnection()
+    conn.receive_data(frame)
+    chunk = conn.next_event()
+    assert isinstance(chunk, Chunk)
+    assert chunk.spans == codec.iter_entries(chunk.entries)  # the codec's spans are exact
+    out = f(chunk)
+    want = _runs_one_by_one(chunk, f, prefix)
+    if not prefix:
+        want = [(chunk.tag, [r for _, rs in want for r in rs])]
+    assert [c.tag for c in out] == [t for t, _ in want]
+    got_records = [[msgpack.unpackb(c.entries[s:e], raw=False)[1]
+                    for s, e in codec.iter_entries(c.entries)] for c in out]
+    assert [len(g) for g in got_records] == [c.count for c in out]
+    flat = [r for g in got_records for r in g]
+    assert len(flat) == n
+    for i, r in enumerate(flat):
+        assert ("detections" in r) == (i in hit_at)
+        assert {k: v for k, v in r.items() if k != "detections"} == records[i]
+    # unmatched entries leave byte for byte; derived chunks carry no stale spans or chunk id
+    spans = codec.iter_entries(entries)
+    kept = b"".join(entries[s:e] for i, (s, e) in enumerate(spans) if i not in hit_at)
+    out_unmatched = b"".join(
+        c.entries[s:e] for c in out for s, e in codec.iter_entries(c.entries)
+        if b"detections" not in c.entries[s:e]
+    )
+    assert out_unmatched == kept
+    if hit_at:
+        assert all(c.spans is None and c.chunk_id is None for c in out)
+    else:
+        assert out == [chunk]
+
+
+def test_spans_absent_when_float_times_are_rewritten() -> None:
+    conn = codec.ServerConnection()
+    conn.receive_data(msgpack.packb(["t", [[1.5, {"a": 1}], [2, {"b": 2}]]]))
+    chunk = conn.next_event()
+    assert isinstance(chunk, Chunk) and chunk.spans is None
+    assert len(codec.iter_entries(chunk.entries)) == 2
+    conn.receive_data(msgpack.packb(["t", [[1, {"a": 1}], [2, {"b": 2}]]]))
+    chunk = conn.next_event()
+    assert isinstance(chunk, Chunk)
+    assert chunk.spans == codec.iter_entries(chunk.entries) == [(0, 6), (6, 12)]
