@@ -42,7 +42,7 @@ def test_defaults() -> None:
     assert f.retry_limit is None and f.entry_format == "v1" and not f.compress
     assert f.servers[0].tls == ForwardTLS()
     assert cfg.log.format == "text" and cfg.log.level == "INFO"
-    assert cfg.reserved_sections() == []
+    assert cfg.rules is None and cfg.tests is None and cfg.buffer is None
 
 
 @pytest.mark.parametrize(
@@ -101,13 +101,13 @@ def test_forward_defaults_are_inherited_by_servers() -> None:
     assert b.shared_key == "other" and b.port == 24224
 
 
-def test_units_and_reserved_sections(tmp_path: Path) -> None:
+def test_units_and_typed_sections(tmp_path: Path) -> None:
     assert parse_duration("500ms", "x") == 0.5 and parse_duration("5m", "x") == 300.0
     assert parse_duration(2, "x") == 2.0
     assert parse_size("16MiB", "x") == 16 * 1024 * 1024 and parse_size("1kb", "x") == 1000
     cfg = config_from_mapping({**MIN, "rules": {"paths": ["r/"]}, "tests": [{"name": "t"}]})
     assert cfg.rules is not None and cfg.rules.paths == ("r",)
-    assert cfg.reserved_sections() == ["rules", "tests"]
+    assert cfg.tests is not None and cfg.tests.raw == [{"name": "t"}]
 
 
 def test_load_config_resolves_relative_tls_paths(tmp_path: Path) -> None:

@@ -207,3 +207,20 @@ def test_http_rejects_bad_requests(arun, request_bytes: bytes) -> None:
             await http.stop()
 
     arun(scenario())
+
+
+def test_disk_buffer_gauges_are_exported() -> None:
+    from ruletag.durable import BufferStats
+
+    metrics = Metrics()
+    stats = BufferStats(bytes=4096, chunks=3, oldest_stored_at=1.0, duplicates_dropped=2,
+                        full_waits=1, write_errors=4)
+    metrics.bind(buffer=stats)
+    body, _ = metrics.render()
+    s = samples(body.decode())
+    assert s[("ruletag_buffer_bytes", ())] == 4096
+    assert s[("ruletag_buffer_chunks", ())] == 3
+    assert s[("ruletag_buffer_oldest_age_seconds", ())] > 0
+    assert s[("ruletag_buffer_duplicates_dropped_total", ())] == 2
+    assert s[("ruletag_buffer_full_waits_total", ())] == 1
+    assert s[("ruletag_buffer_write_errors_total", ())] == 4

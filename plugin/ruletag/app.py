@@ -141,7 +141,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         if config.buffer is not None and config.buffer.disk:  # the ack point: on disk
             durable = await start_durable(config.buffer, sender, transform)
         server = Server(config.listen, (durable or Pipeline(sender, transform)).submit)
-        enrichment.attach(server, forwarder)
+        enrichment.attach(server, forwarder, durable.stats if durable else None)
         await server.start()
         targets = describe(forwarder)
         log.info("ruletag ready: listening on %s, forwarding to %s%s%s", server.address, targets,
@@ -164,7 +164,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
 # rules, enrichment, metrics and hot reload (the parts of a running relay around the filter)
 
 
-def _filter_factory(config: Config) -> Callable[[CompiledTable], RuleFilter]:
+def filter_factory(config: Config) -> Callable[[CompiledTable], RuleFilter]:
     from ruletag.config import EnrichConfig
     from ruletag.filter import RuleFilter
 
@@ -177,7 +177,7 @@ def _filter_factory(config: Config) -> Callable[[CompiledTable], RuleFilter]:
     return make
 
 
-def _rule_loader(config: Config) -> Callable[[], tuple[CompiledTable, LoadResult]]:
+def rule_loader(config: Config) -> Callable[[], tuple[CompiledTable, LoadResult]]:
     from ruletag.rules.loader import compile_rules
 
     rules = config.rules
@@ -209,7 +209,7 @@ class _Enrichment:
             await self.http.start()
         if self.config.rules is None:
             return
-        self.live = LiveFilter(_filter_factory(self.config))
+        self.live = LiveFilter(filter_factory(self.config))
         rules = self.config.rules
         self.reloader = Reloader(  # reloads compile in a child process: the loop never stalls
             self.live,
@@ -217,7 +217,7 @@ class _Enrichment:
             rules.paths,
             interval=rules.reload_interval,
             on_result=self.metrics.reload_done,
-            initial_load=_rule_loader(self.config),
+            initial_load=rule_loader(self.config),
         )
         try:
             result = await self.reloader.load_initial()
@@ -238,16 +238,18 @@ class _Enrichment:
         transform = self.metrics.timed_transform(self.live) if self.live is not None else None
         return self.metrics.instrument_sender(output), transform
 
-    def attach(self, server: Server, output: object) -> None:
+    def attach(self, server: Server, output: object, buffer: object = None) -> None:
         """Export ``server``'s and ``output``'s counters; start watching the rule files."""
         from ruletag.metrics import health_of
 
         live = self.live
         server.on_decode = functools.partial(self.metrics.observe, "decode")
-        self.metrics.bind(server=server, forwarder=output, rules=live, health=health_of(
+        health = health_of(
             (lambda: live is None or live.loaded, "rule table not loaded"),
             (lambda: server.listening, "listener not up"),
-        ))
+        )
+        self.metrics.bind(server=server, forwarder=output, rules=live, buffer=buffer,
+                          health=health)
         if self.reloader is not None:
             self.reloader.start()
 
@@ -274,7 +276,6 @@ def main_validate(ns: argparse.Namespace) -> int:
     ``serve`` does. Rules that are unsupported or malformed are counted and listed (``serve``
     skips them too); a missing rule path or a rule set without one usable rule is invalid.
     """
-    from ruletag.config import ReservedSection
     from ruletag.pipeline_tests import load_rule_filter, parse_tests
     from ruletag.reload import problem_summary
 
@@ -301,12 +302,6 @@ def main_validate(ns: argparse.Namespace) -> int:
         else:
             parts.append("no rules")
         parts.append(f"{tests} tests")
-        later = [
-            n for n in config.reserved_sections()
-            if n != "tests" and isinstance(getattr(config, n), ReservedSection)
-        ]
-        if later:
-            parts.append(f"not checked yet: {', '.join(later)}")
         print(f"OK {path}: {'; '.join(parts)}")
         if result is not None and (result.problems or result.duplicates):
             print(f"  {problem_summary(result)}")

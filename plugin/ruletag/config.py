@@ -188,13 +188,6 @@ class LogConfig:
     level: str = "INFO"
 
 
-@dataclass(frozen=True, slots=True)
-class ReservedSection:
-    """A section later issues will type; for now its raw YAML value is kept as is."""
-
-    raw: Any = None
-
-
 #: ``rules.paths`` value that selects the rules bundled in ``ruletag/data/rules``.
 BUILTIN_RULES: Final = "builtin:seeds"
 DEFAULT_RELOAD_INTERVAL: Final = 5.0
@@ -275,8 +268,10 @@ class OutputsConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class TestsConfig(ReservedSection):
-    """``tests``: pipeline unit tests run by ``ruletag test`` (coming later)."""
+class TestsConfig:
+    """``tests``: pipeline unit tests, kept as written; ``ruletag test`` parses them."""
+
+    raw: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,11 +289,6 @@ class Config:
     tests: TestsConfig | None = None
     source: str | None = None  # the file it was loaded from
     workers: int = 1  # serve processes sharing the listen port (ruletag.workers)
-
-    def reserved_sections(self) -> list[str]:
-        """Names of the reserved sections that are set (features not implemented yet)."""
-        names = ("rules", "enrich", "metrics", "tests")
-        return [n for n in names if getattr(self, n) is not None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -727,11 +717,6 @@ def _buffer(data: object, base: Path | None, max_frame_size: int) -> BufferConfi
     return cfg
 
 
-_RESERVED: dict[str, type[ReservedSection]] = {
-    "tests": TestsConfig,
-}
-
-
 # ---------------------------------------------------------------------------------------------
 # public entry points
 
@@ -746,19 +731,19 @@ def config_from_mapping(data: object, base_dir: str | Path | None = None) -> Con
     forward = _forward(s.raw("forward"), base) if s.has("forward") else None
     outputs = _outputs(s.raw("outputs"), base) if s.has("outputs") else None
     log = _log(s.raw("log"))
-    reserved: dict[str, Any] = {
-        name: cls(s.raw(name)) for name, cls in _RESERVED.items() if s.has(name)
-    }
+    sections: dict[str, Any] = {}
+    if s.has("tests"):
+        sections["tests"] = TestsConfig(s.raw("tests"))
     if s.has("rules"):
-        reserved["rules"] = _rules(s.raw("rules"), base)
+        sections["rules"] = _rules(s.raw("rules"), base)
     if s.has("enrich"):
-        if "rules" not in reserved:
+        if "rules" not in sections:
             raise ConfigError("enrich: needs a rules section (nothing to annotate with)")
-        reserved["enrich"] = _enrich(s.raw("enrich"))
+        sections["enrich"] = _enrich(s.raw("enrich"))
     if s.has("metrics"):
-        reserved["metrics"] = _metrics(s.raw("metrics"))
+        sections["metrics"] = _metrics(s.raw("metrics"))
     if s.has("buffer"):
-        reserved["buffer"] = _buffer(s.raw("buffer"), base, listen.max_frame_size)
+        sections["buffer"] = _buffer(s.raw("buffer"), base, listen.max_frame_size)
     workers = s.int_("workers", 1, 1, MAX_WORKERS)
     if workers > 1 and listen.path:
         raise ConfigError("workers: needs a TCP listener (listen.host/port), not listen.path")
@@ -773,7 +758,7 @@ def config_from_mapping(data: object, base_dir: str | Path | None = None) -> Con
             "(fluentd refuses a peer with its own hostname)"
         )
     return Config(  # type: ignore[arg-type]
-        listen=listen, forward=forward, log=log, outputs=outputs, workers=workers, **reserved
+        listen=listen, forward=forward, log=log, outputs=outputs, workers=workers, **sections
     )
 
 

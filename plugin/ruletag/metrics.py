@@ -15,7 +15,9 @@ Exported families (all prefixed ``ruletag_``): ``records_in_total``, ``records_o
 ``auth_failures_total``, ``connections_total``, ``connections_refused_total``,
 ``connections_open``, ``stage_duration_seconds{stage=decode|filter|forward}``,
 ``rules_loaded``, ``rule_load_problems{kind}``, ``ruleset_info{version}``,
-``rule_reloads_total{result=ok|failed}``, ``ready``.
+``rule_reloads_total{result=ok|failed}``, ``ready``; in disk mode ``buffer_bytes``,
+``buffer_chunks``, ``buffer_oldest_age_seconds``, ``buffer_duplicates_dropped_total``,
+``buffer_full_waits_total``, ``buffer_write_errors_total``.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ class Metrics:
         )
         self.server: Any = None
         self.forwarder: Any = None
+        self.buffer: Any = None  # durable.BufferStats in disk mode
         self.rules: RuleSource | None = None
         self.health_check: Callable[[], tuple[bool, str]] = lambda: (False, "starting")
         self.registry.register(_RelayCollector(self))
@@ -122,6 +125,7 @@ class Metrics:
         forwarder: Any = None,
         rules: RuleSource | None = None,
         health: Callable[[], tuple[bool, str]] | None = None,
+        buffer: Any = None,
     ) -> None:
         """Attach the live objects whose counters are exported (any may be left out).
 
@@ -134,6 +138,8 @@ class Metrics:
             self.forwarder = find_forwarder(forwarder)
         if rules is not None:
             self.rules = rules
+        if buffer is not None:
+            self.buffer = buffer
         if health is not None:
             self.health_check = health
 
@@ -239,6 +245,23 @@ class _RelayCollector(Collector):
         yield from self._server(m.server)
         yield from self._forwarder(m.forwarder)
         yield from self._rules(m.rules)
+        yield from self._buffer(m.buffer)
+
+    @staticmethod
+    def _buffer(st: Any) -> Iterator[Metric]:
+        if st is None:
+            return
+        yield _gauge("buffer_bytes", "Bytes of disk-buffer segment files.", st.bytes)
+        yield _gauge("buffer_chunks", "Chunks in the disk buffer not yet acked downstream.",
+                     st.chunks)
+        yield _gauge("buffer_oldest_age_seconds", "Age of the oldest unacked buffered chunk.",
+                     st.oldest_age)
+        yield _counter("buffer_duplicates_dropped", "Resends of a chunk id still buffered.",
+                       st.duplicates_dropped)
+        yield _counter("buffer_full_waits", "Times an upstream chunk waited for buffer space.",
+                       st.full_waits)
+        yield _counter("buffer_write_errors", "Failed buffer writes (e.g. ENOSPC), retried.",
+                       st.write_errors)
 
     @staticmethod
     def _server(server: Any) -> Iterator[Metric]:

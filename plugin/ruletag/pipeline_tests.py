@@ -345,7 +345,7 @@ def load_rule_filter(config: Config) -> tuple[RuleFilter | None, LoadResult | No
     ``(None, None)`` when the config has no ``rules``. Raises ``ConfigError`` when the rules
     cannot be used at all (a rule path is missing, or not one rule could be loaded).
     """
-    from ruletag.app import _filter_factory, _rule_loader
+    from ruletag.app import filter_factory, rule_loader
     from ruletag.reload import refusal
     from ruletag.rules.loader import rule_files
 
@@ -355,13 +355,13 @@ def load_rule_filter(config: Config) -> tuple[RuleFilter | None, LoadResult | No
     if missing:
         raise ConfigError(f"rules: rule path missing: {', '.join(str(p.path) for p in missing)}")
     try:
-        table, result = _rule_loader(config)()
+        table, result = rule_loader(config)()
     except Exception as exc:  # a compiler failure is reported like a bad config, not a trace
         raise ConfigError(f"rules: cannot compile: {type(exc).__name__}: {exc}") from exc
     why = refusal(result)
     if why is not None:
         raise ConfigError(f"rules: {why}")
-    return _filter_factory(config)(table), result
+    return filter_factory(config)(table), result
 
 
 def build_filter(config: Config) -> tuple[Transform | None, Annotation, list[str]]:
