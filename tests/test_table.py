@@ -261,10 +261,10 @@ def _seed_records() -> list[tuple[dict, list[str]]]:
 
 
 def test_seed_rules_on_the_capture_records(fm: FieldMap) -> None:
-    loader = pytest.importorskip("ruletag.rules.loader")
+    from ruletag.rules import loader
+
     result = loader.load_rules([SHARED / "seeds" / "rules"])
-    if not result.rules:
-        pytest.skip("no rule front-end loaded the seed rules")
+    assert len(result.rules) == 2
     t = CompiledTable.build(result.rules, fm)
     known = {r.id for r in result.rules}
     records = _seed_records()
