@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -156,6 +157,15 @@ class ServeProcess:
     proc: subprocess.Popen[str]
     port: int
     lines: list[str]
+
+    def stop(self) -> str:
+        """SIGTERM the server; everything it printed (stdout and logs) up to ``stopped``."""
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=20)
+        deadline = time.monotonic() + 10
+        while not any("stopped" in ln for ln in self.lines) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the reader thread is still draining the pipe
+        return "".join(self.lines)
 
 
 def _drain(proc: subprocess.Popen[str], lines: list[str]) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import errno
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -133,6 +136,48 @@ def test_enospc_leaves_no_partial_record(tmp_path: Path, monkeypatch: pytest.Mon
     report = again.open()
     assert report.problems == []
     assert [c.tag for _, c in again.pending()] == ["t.1", "t.3"]
+
+
+_REAL_WRITE_ERROR = textwrap.dedent("""
+    import resource, sys
+    from ruletag.buffer import DiskBuffer
+    from ruletag.events import Chunk
+
+    def chunk(i, size):
+        return Chunk(tag=f"t.{i}", entries=bytes([i]) * size, count=1)
+
+    buf = DiskBuffer(sys.argv[1])
+    buf.open()
+    buf.append(chunk(1, 100))
+    # A real write error (EFBIG past RLIMIT_FSIZE, like ENOSPC) on a record smaller than a
+    # write buffer: nothing of it may stay behind to be written after space returns.
+    limit = buf.bytes_used + 1500
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    for i in (2, 3):
+        try:
+            buf.append(chunk(i, 3000))
+        except OSError:
+            pass
+        else:
+            raise SystemExit("the write past the file size limit did not fail")
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    assert buf.get(buf.append(chunk(4, 100))) == chunk(4, 100)
+    buf.close()
+""")
+
+
+def test_real_write_error_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A failed write (EFBIG from a file size limit, in a child process) is cut cleanly."""
+    plugin = Path(__file__).resolve().parents[1] / "plugin"
+    proc = subprocess.run(
+        [sys.executable, "-c", _REAL_WRITE_ERROR, str(tmp_path)],
+        env={"PYTHONPATH": str(plugin)}, capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    again = DiskBuffer(tmp_path)
+    report = again.open()
+    assert report.problems == []
+    assert [c.tag for _, c in again.pending()] == ["t.1", "t.4"]
 
 
 def test_oldest_age(tmp_path: Path) -> None:

@@ -289,3 +289,37 @@ def test_buffer_config_and_cli_override(tmp_path: Path) -> None:
     over = with_cli_overrides(config_from_mapping(base), buffer_dir=str(tmp_path / "d"))
     assert over.buffer is not None and over.buffer.disk
     assert over.buffer.path == str(tmp_path / "d")
+
+
+class _FlakyOutput:
+    """An output whose first sends fail with an unexpected error, then succeed."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.sent: list[Chunk] = []
+
+    async def send(self, chunk: Chunk) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("output bug")
+        self.sent.append(chunk)
+
+
+def test_unexpected_output_error_keeps_delivery_going(arun: Any, tmp_path: Path) -> None:
+    """A delivery task survives an output raising something unexpected: the chunk stays
+    buffered and is delivered on a later try (a dead task would strand it until a restart)."""
+    async def scenario() -> None:
+        out = _FlakyOutput(failures=3)
+        pipe = DurablePipeline(out, DiskBuffer(tmp_path), concurrency=1, retry_max=0.05)
+        await pipe.start()
+        try:
+            await pipe.submit(make_chunk("t", recs(1)))
+            await pipe.submit(make_chunk("t", recs(2)))
+            async with asyncio.timeout(10):
+                while len(out.sent) < 2 or pipe.stats.chunks:
+                    await asyncio.sleep(0.01)
+        finally:
+            await pipe.close(timeout=0.5)
+        assert [c.count for c in out.sent] == [3, 3] and pipe.stats.delivered == 2
+
+    arun(scenario())

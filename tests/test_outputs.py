@@ -7,8 +7,8 @@ import base64
 import io
 import json
 import signal
+import socket
 import struct
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,8 @@ import msgpack
 import pytest
 
 from peers import Source, make_chunk
+from ruletag.app import serve
+from ruletag.config import config_from_mapping
 from ruletag.events import Chunk
 from ruletag.outputs import FanOut, FileOutput, StdoutOutput, chunk_lines, dump_json
 
@@ -129,6 +131,29 @@ def test_file_output_bad_path_fails_at_start(tmp_path: Path) -> None:
         asyncio.run(out.start())
 
 
+def test_serve_with_a_bad_output_path_cleans_up(tmp_path: Path) -> None:
+    """An output that cannot start fails ``serve`` and releases what it set up before."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    cfg = config_from_mapping({
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+        "outputs": [{"type": "file", "path": str(blocker / "out.jsonl")}],
+    })  # fmt: skip
+
+    async def scenario() -> bool:
+        with pytest.raises(OSError):
+            await serve(cfg, asyncio.Event())
+        return asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) is False  # handler removed
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", metrics_port))  # the metrics endpoint was closed
+
+
 class _Failing:
     def __init__(self) -> None:
         self.sent = 0
@@ -169,15 +194,6 @@ def test_fanout_sends_to_all_and_raises_on_any_failure(tmp_path: Path) -> None:
 # ----------------------------------------------------------------- through a running ruletag
 
 
-def _stop(sp: Any) -> str:
-    """SIGTERM the server; everything it printed (stdout and logs, as conftest collects it)."""
-    sp.proc.send_signal(signal.SIGTERM)
-    sp.proc.wait(timeout=20)
-    deadline = time.monotonic() + 10
-    while not any("stopped" in ln for ln in sp.lines) and time.monotonic() < deadline:
-        time.sleep(0.05)  # conftest's reader thread is still draining the pipe
-    return "".join(sp.lines)
-
 
 def test_serve_writes_stdout_and_file_and_acks_after_writing(
     tmp_path: Path, serve_process: Any
@@ -207,7 +223,7 @@ def test_serve_writes_stdout_and_file_and_acks_after_writing(
     assert lines[0]["tag"] == "app.log" and lines[0]["time"] == 1_700_000_000
     assert lines[0]["record"]["msg"] == "héllo"
     assert lines[0]["record"]["raw"].encode("utf-8", "surrogateescape") == b"\xff\x00"
-    rest = _stop(sp)
+    rest = sp.stop()
     assert sp.proc.returncode == 0
     printed = [json.loads(ln) for ln in rest.splitlines() if ln.startswith('{"tag"')]
     assert [p["record"]["n"] for p in printed] == list(range(5))

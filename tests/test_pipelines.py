@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -261,15 +259,6 @@ def test_fluent_bit_aggregator_configs_accept_forward_with_key_and_tls() -> None
 # ---------------------------------------------------------------- the default pipeline, served
 
 
-def _stop(sp: Any) -> str:
-    """SIGTERM the server; everything it printed (stdout and logs, as conftest collects it)."""
-    sp.proc.send_signal(signal.SIGTERM)
-    sp.proc.wait(timeout=20)
-    deadline = time.monotonic() + 10
-    while not any("stopped" in ln for ln in sp.lines) and time.monotonic() < deadline:
-        time.sleep(0.05)  # conftest's reader thread is still draining the pipe
-    return "".join(sp.lines)
-
 
 def test_default_pipeline_served_prints_annotated_records(
     tmp_path: Path, serve_process: Any
@@ -295,7 +284,7 @@ def test_default_pipeline_served_prints_annotated_records(
             await src.close()
 
     asyncio.run(asyncio.wait_for(send(), 20))
-    rest = _stop(sp)
+    rest = sp.stop()
     assert sp.proc.returncode == 0, rest
     printed = [json.loads(ln) for ln in rest.splitlines() if ln.startswith('{"tag"')]
     assert [p["record"]["DestinationIp"] for p in printed] == ["10.0.0.1", "8.8.8.8", "10.0.0.1"]
@@ -321,7 +310,7 @@ def test_serve_rules_without_forward_writes_stdout(serve_process: Any) -> None:
             await src.close()
 
     asyncio.run(asyncio.wait_for(send(), 20))
-    rest = _stop(sp)
+    rest = sp.stop()
     (line,) = [json.loads(ln) for ln in rest.splitlines() if ln.startswith('{"tag"')]
     assert [d["rule_id"] for d in line["record"]["detections"]] == [WSUS]
 

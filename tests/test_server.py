@@ -418,3 +418,29 @@ def test_graceful_shutdown_gives_up_after_timeout(arun: Any) -> None:
         writer.close()
 
     arun(scenario())
+
+
+def test_shutdown_cancels_chunks_of_connections_already_closed(arun: Any) -> None:
+    """A connection closed (protocol error) with a chunk in flight: stop() ends that submit."""
+    cancelled = asyncio.Event()
+
+    async def stuck(chunk: Chunk) -> None:
+        try:
+            await asyncio.Event().wait()  # the downstream never acks
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def scenario() -> None:
+        server = Server(listen_config(), stuck)
+        await server.start()
+        reader, writer = await asyncio.open_connection(HOST, server.port)
+        writer.write(frame("t", chunk_id=b"gone") + b"\xc1")  # a chunk, then a bad byte
+        assert await read_eof(reader) == b""  # closed by the server, no ack
+        writer.close()
+        assert server.pending_chunks == 1 and not server.connections
+        await server.stop(timeout=0.2)
+        assert cancelled.is_set()
+        assert server.pending_chunks == 0 and not server.working
+
+    arun(scenario())

@@ -134,10 +134,10 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
             loop.remove_signal_handler(sig)
         raise
     forwarder = build_outputs(config)  # forward and/or stdout/file outputs
-    await forwarder.start()
     sender, transform = enrichment.wrap(forwarder)
     durable: DurablePipeline | None = None
     try:
+        await forwarder.start()  # inside: a bad output path still stops metrics and reload
         if config.buffer is not None and config.buffer.disk:  # the ack point: on disk
             durable = await start_durable(config.buffer, sender, transform)
         server = Server(config.listen, (durable or Pipeline(sender, transform)).submit)

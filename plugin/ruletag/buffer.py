@@ -31,6 +31,7 @@ single-thread executor, so fsync never blocks the event loop).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import struct
@@ -101,6 +102,10 @@ def _decode_chunk(payload: bytes) -> tuple[int, Chunk, float]:
                          signal=signal, v2=v2), stored_at
 
 
+def _open_segment(path: Path) -> io.FileIO:
+    return open(path, "ab", buffering=0)  # kept open while it is active
+
+
 class DiskBuffer:
     """Append-only segment files with checksums; see the module docstring for invariants."""
 
@@ -122,7 +127,7 @@ class DiskBuffer:
         self._next_id = 1
         self._used = 0
         self.ack_write_errors = 0
-        self._fh: object | None = None
+        self._fh: io.FileIO | None = None  # unbuffered: a failed write leaves nothing behind
         self._active: _Segment | None = None
 
     # ------------------------------------------------------------------ recovery
@@ -199,18 +204,18 @@ class DiskBuffer:
             last = next(reversed(self._segments.values()))
             if last.size < self.segment_bytes:
                 self._active = last
-                self._fh = open(last.path, "ab")  # noqa: SIM115
+                self._fh = _open_segment(last.path)
                 return
         self._roll()
 
     def _roll(self) -> None:
         if self._fh is not None:
-            self._fh.close()  # type: ignore[attr-defined]
+            self._fh.close()
         n = (next(reversed(self._segments)) + 1) if self._segments else 1
         seg = _Segment(n, self._segment_path(n))
         self._segments[n] = seg
         self._active = seg
-        self._fh = open(seg.path, "ab")  # noqa: SIM115
+        self._fh = _open_segment(seg.path)
         if self.fsync == "always":
             dir_fd = os.open(self.path, os.O_RDONLY)
             try:
@@ -223,14 +228,18 @@ class DiskBuffer:
         fh = self._fh
         assert fh is not None and self._active is not None, "buffer is not open"
         try:
-            fh.write(record)  # type: ignore[attr-defined]
-            fh.flush()  # type: ignore[attr-defined]
+            view = memoryview(record)
+            while view:  # an unbuffered write may be short
+                view = view[fh.write(view) :]
             if sync:
-                os.fsync(fh.fileno())  # type: ignore[attr-defined]
+                os.fsync(fh.fileno())
         except OSError:
-            # e.g. ENOSPC: cut what was partly written so the segment stays readable.
-            fh.truncate(self._active.size)  # type: ignore[attr-defined]
-            fh.seek(self._active.size)  # type: ignore[attr-defined]
+            # e.g. ENOSPC: cut what was partly written so the segment stays readable (the
+            # file is unbuffered, so no stale bytes wait in a buffer to be written later).
+            try:
+                fh.truncate(self._active.size)
+            except OSError:
+                self._roll()  # the torn tail ends that segment's replay; write elsewhere
             raise
         self._active.size += len(record)
         self._used += len(record)
@@ -346,5 +355,5 @@ class DiskBuffer:
 
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.close()  # type: ignore[attr-defined]
+            self._fh.close()
             self._fh = None

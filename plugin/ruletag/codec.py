@@ -426,11 +426,46 @@ class _FrameReader:
         return True
 
 
+class _Connection:
+    """What both sides share: the frame reader, the queue of bytes to send, a latched error."""
+
+    def __init__(self, max_frame_size: int) -> None:
+        self._reader = _FrameReader(max_frame_size)
+        self._out = bytearray()
+        self._error: RemoteProtocolError | None = None
+
+    def receive_data(self, data: bytes) -> None:
+        """Buffer bytes from the peer; ``b""`` means the peer closed its side."""
+        self._reader.receive(data)
+
+    def data_to_send(self) -> bytes:
+        """Bytes queued for the peer (PING or PONG); empties the queue."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def next_event(self) -> Event | object:
+        """The next event, ``NEED_DATA``, or raise ``RemoteProtocolError`` (then always)."""
+        if self._error is not None:
+            raise RemoteProtocolError(f"connection already failed: {self._error}")
+        try:
+            return self._next_event()
+        except RemoteProtocolError as exc:
+            self._error = exc
+            raise
+        except _DECODE_ERRORS as exc:
+            self._error = RemoteProtocolError(f"malformed message: {exc!r}")
+            raise self._error from exc
+
+    def _next_event(self) -> Event | object:
+        raise NotImplementedError
+
+
 # ---------------------------------------------------------------------------------------------
 # Server side
 
 
-class ServerConnection:
+class ServerConnection(_Connection):
     """Server side of one forward connection.
 
     Usage: send ``initial_bytes()`` on connect (HELO when a shared key is set); for each read
@@ -455,19 +490,17 @@ class ServerConnection:
     ) -> None:
         if users and shared_key is None:
             raise LocalProtocolError("users need a shared_key (as in Fluent Bit and fluentd)")
+        super().__init__(max_frame_size)
         self._shared_key = shared_key
         self._users = dict(users or {})
         self._hostname = hostname
         self._tag_prefix = tag_prefix
         self._max_inflate = max_inflate_size
-        self._reader = _FrameReader(max_frame_size)
         self._nonce = nonce if nonce is not None else os.urandom(16)
         if auth_salt is None:
             auth_salt = os.urandom(16) if self._users else b""
         self._auth_salt = auth_salt
         self._authenticated = shared_key is None
-        self._out = bytearray()
-        self._error: RemoteProtocolError | None = None
 
     def initial_bytes(self) -> bytes:
         """HELO (nonce and auth as bin, keepalive true) when a shared key is set, else b""."""
@@ -476,33 +509,13 @@ class ServerConnection:
         helo = {"nonce": self._nonce, "auth": self._auth_salt, "keepalive": True}
         return msgpack.packb(["HELO", helo], use_bin_type=True)
 
-    def receive_data(self, data: bytes) -> None:
-        """Buffer bytes from the peer; ``b""`` means the peer closed its side."""
-        self._reader.receive(data)
-
-    def next_event(self) -> Event | object:
-        """The next event, ``NEED_DATA``, or raise ``RemoteProtocolError``."""
-        if self._error is not None:
-            raise RemoteProtocolError(f"connection already failed: {self._error}")
-        try:
-            frame = self._reader.next_frame()
-            if frame is None:
-                return ConnectionClosed() if self._reader.eof else NEED_DATA
-            if not self._authenticated:
-                return self._handle_ping(frame)
-            return self._decode(frame)
-        except RemoteProtocolError as exc:
-            self._error = exc
-            raise
-        except _DECODE_ERRORS as exc:
-            self._error = RemoteProtocolError(f"malformed message: {exc!r}")
-            raise self._error from exc
-
-    def data_to_send(self) -> bytes:
-        """Bytes queued for the peer (PONG); empties the queue."""
-        out = bytes(self._out)
-        self._out.clear()
-        return out
+    def _next_event(self) -> Event | object:
+        frame = self._reader.next_frame()
+        if frame is None:
+            return ConnectionClosed() if self._reader.eof else NEED_DATA
+        if not self._authenticated:
+            return self._handle_ping(frame)
+        return self._decode(frame)
 
     def ack(self, chunk_id: bytes) -> bytes:
         """``{"ack": chunk_id}`` with the id as msgpack str, bytes echoed exactly."""
@@ -679,7 +692,7 @@ class ServerConnection:
 # Client side
 
 
-class ClientConnection:
+class ClientConnection(_Connection):
     """Client (forwarder) side: handshake, then chunks out and acks in."""
 
     def __init__(
@@ -692,56 +705,36 @@ class ClientConnection:
         max_frame_size: int = 1024 * 1024,
         salt: bytes | None = None,
     ) -> None:
+        super().__init__(max_frame_size)
         self._shared_key = shared_key
         self._username = username.encode()
         self._password = password.encode()
         self._hostname = hostname
         self._salt = salt if salt is not None else os.urandom(16).hex().encode()
-        self._reader = _FrameReader(max_frame_size)
         self._state = "helo" if shared_key is not None else "ready"
         self._nonce = b""
-        self._out = bytearray()
-        self._error: RemoteProtocolError | None = None
 
     @property
     def ready(self) -> bool:
         """True once chunks may be sent (no handshake needed, or it succeeded)."""
         return self._state == "ready" and self._error is None
 
-    def receive_data(self, data: bytes) -> None:
-        """Buffer bytes from the server; ``b""`` means it closed its side."""
-        self._reader.receive(data)
-
-    def data_to_send(self) -> bytes:
-        """Bytes queued for the server (PING); empties the queue."""
-        out = bytes(self._out)
-        self._out.clear()
-        return out
-
-    def next_event(self) -> Event | object:
-        """``Helo`` (PING queued), ``Authenticated``, ``Ack`` or ``NEED_DATA``."""
-        if self._error is not None:
-            raise RemoteProtocolError(f"connection already failed: {self._error}")
-        try:
-            frame = self._reader.next_frame()
-            if frame is None:
-                if not self._reader.eof:
-                    return NEED_DATA
-                if self._state == "pong":
-                    raise AuthenticationError("server closed the connection instead of a PONG")
-                return ConnectionClosed()
-            message = msgpack.unpackb(frame, raw=True, strict_map_key=False)
-            if self._state == "helo":
-                return self._on_helo(message)
+    def _next_event(self) -> Event | object:
+        """``Helo`` (PING queued), ``Authenticated``, ``Ack``, ``ConnectionClosed`` or
+        ``NEED_DATA``."""
+        frame = self._reader.next_frame()
+        if frame is None:
+            if not self._reader.eof:
+                return NEED_DATA
             if self._state == "pong":
-                return self._on_pong(message)
-            return self._on_ack(message)
-        except RemoteProtocolError as exc:
-            self._error = exc
-            raise
-        except _DECODE_ERRORS as exc:
-            self._error = RemoteProtocolError(f"malformed server message: {exc!r}")
-            raise self._error from exc
+                raise AuthenticationError("server closed the connection instead of a PONG")
+            return ConnectionClosed()
+        message = msgpack.unpackb(frame, raw=True, strict_map_key=False)
+        if self._state == "helo":
+            return self._on_helo(message)
+        if self._state == "pong":
+            return self._on_pong(message)
+        return self._on_ack(message)
 
     def _on_helo(self, message: object) -> Event:
         if not (

@@ -224,8 +224,8 @@ class DurablePipeline:
                     await self._send(chunk)
                     await self._call(self._ack, rec_id)
                     self.stats.delivered += 1
-            except (OSError, ValueError) as exc:  # unreadable segment, ...: keep it, retry
-                log.error("disk buffer: chunk %d could not be delivered (%s); retrying in %.0f s",
+            except Exception as exc:  # unreadable segment, failing output...: keep it, retry
+                log.error("disk buffer: chunk %d could not be delivered (%s); retrying in %.1f s",
                           rec_id, exc, self.retry_max)
                 await asyncio.sleep(self.retry_max)
                 self._queue.put_nowait(rec_id)

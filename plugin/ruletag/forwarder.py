@@ -246,7 +246,7 @@ class Forwarder:
     def servers_up(self) -> int:
         """Servers not currently backing off after a failure."""
         now = time.monotonic()
-        return sum(1 for s in self._servers if s.failures == 0 or now >= s.retry_at)
+        return sum(1 for s in self._servers if s.healthy(now))
 
     # -- sending ---------------------------------------------------------------------------
 

@@ -141,6 +141,7 @@ class ForwardProtocol(asyncio.Protocol):
         if first:
             transport.write(first)
         self.ack_task = asyncio.get_running_loop().create_task(self._ack_loop())
+        srv.working.add(self)
         if cfg.idle_timeout > 0:
             self._schedule_idle(cfg.idle_timeout)
         log.debug("connection from %s", self.peer)
@@ -307,6 +308,7 @@ class ForwardProtocol(asyncio.Protocol):
                     srv.stats.acks_sent += 1
         finally:
             self._drain_failed()
+            srv.working.discard(self)
 
     def _drain_failed(self) -> None:
         """Release what is left when the ack loop ends (tasks keep running on their own)."""
@@ -433,6 +435,9 @@ class Server:
         #: Called with the seconds spent decoding each read (metrics' ``decode`` stage).
         self.on_decode: Callable[[float], None] | None = None
         self.connections: set[ForwardProtocol] = set()
+        #: Connections whose ack loop still runs: open ones, and closed ones with chunks in
+        #: flight (their submits keep going; shutdown must cancel them too).
+        self.working: set[ForwardProtocol] = set()
         self.paused: set[ForwardProtocol] = set()
         self.in_flight = 0
         self.pending_chunks = 0
@@ -527,7 +532,7 @@ class Server:
         # Let ack loops write the last acks before closing.
         await asyncio.sleep(0)
         tasks = []
-        for proto in list(self.connections):
+        for proto in list(self.working):
             for item in proto.pending:
                 item.task.cancel()
                 tasks.append(item.task)
