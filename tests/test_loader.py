@@ -260,3 +260,11 @@ def test_elastic_and_sigma_seeds_load_together() -> None:
     assert result.problems == [], [str(p) for p in result.problems]
     assert sorted(r.id for r in result.rules) == sorted([SIGMA_ID, ELASTIC_ID])
     assert result.sources == {"elastic": 1, "sigma": 1}
+
+
+def test_cache_key_follows_the_compiler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "r.yml"
+    shutil.copy(SEEDS / "net_connection_win_wuauclt_network_connection.yml", f)
+    before = cache_key([f], None, "fm")
+    monkeypatch.setattr(loader, "compiler_fingerprint", lambda: "another-compiler")
+    assert cache_key([f], None, "fm") != before

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -188,12 +189,25 @@ def load_rules(paths: Sequence[str | Path], variables: Variables | None = None) 
 # --------------------------------------------------------------------------- cache
 
 
+@functools.cache
+def compiler_fingerprint() -> str:
+    """Hash of the code and data that turn rule files into a table (front-ends, compiler,
+    ATT&CK table): a changed compiler never reuses a table cached by an older one."""
+    pkg = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for f in sorted([*(pkg / "rules").glob("*.py"), *(pkg / "rules").glob("*.lark"),
+                     pkg / "data" / "attack.json", pkg / "annotate.py"]):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def cache_key(files: Sequence[Path], variables: Variables | None, fieldmap_version: str) -> str:
     """Hash of everything a compiled table depends on (also the table's version)."""
     from ruletag import __version__
 
     h = hashlib.sha256()
-    h.update(f"ruletag {__version__}\0fields {fieldmap_version}\0".encode())
+    h.update(f"ruletag {__version__}\0compiler {compiler_fingerprint()}\0".encode())
+    h.update(f"fields {fieldmap_version}\0".encode())
     norm = {k: list(v) for k, v in sorted((variables or {}).items())}
     h.update(json.dumps(norm, sort_keys=True).encode() + b"\0")
     for f in files:
