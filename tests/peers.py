@@ -14,6 +14,7 @@ Its behaviour can be changed at any time through attributes::
 ``Source``: a client that does the handshake and sends raw bytes or chunks, reading acks.
 ``make_chunk`` / ``pack_entries`` build ``events.Chunk`` values from Python records.
 ``BackgroundLoop`` runs coroutines on an event loop in a thread, for synchronous tests.
+``eventually(predicate)`` waits for a condition with a deadline (never a fixed sleep).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import contextlib
 import ssl
 import threading
 import time
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
 import msgpack
@@ -34,6 +35,17 @@ from ruletag.events import Ack, Chunk, ConnectionClosed, EventTime
 
 T = TypeVar("T")
 HOST = "127.0.0.1"
+
+
+async def eventually(
+    predicate: Callable[[], object], what: str = "", timeout: float = 10.0
+) -> None:
+    """Wait until ``predicate()`` is true; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        await asyncio.sleep(0.01)
 
 
 def _ext_hook(code: int, data: bytes) -> Any:

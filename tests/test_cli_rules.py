@@ -163,3 +163,24 @@ def test_match_bad_events_file_fails_cleanly(tmp_path: Path) -> None:
     assert m.returncode == 1
     assert "line 2" in m.stderr.decode()
     assert json.loads(m.stdout.splitlines()[0]) == {"a": 1}
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [
+        ("missing.bin", None, "No such file"),
+        ("truncated.bin", msgpack.packb(HIT) + msgpack.packb([1714564800, HIT])[:-3],
+         "truncated"),
+        ("badgzip.bin", msgpack.packb(["t", b"\x1f\x8b\x08\x00\x00\x80", {}]), "bad gzip"),
+    ],
+)
+def test_match_unusable_events_fail_with_one_line(
+    tmp_path: Path, name: str, data: bytes | None, message: str
+) -> None:
+    """A missing file, a cut msgpack stream or a broken gzip payload: exit 1, no traceback."""
+    events = tmp_path / name
+    if data is not None:
+        events.write_bytes(data)
+    m = run("match", "--rules", str(SIGMA_SEED), "--events", str(events), cache=tmp_path / "c")
+    err = m.stderr.decode()
+    assert m.returncode == 1 and message in err and "Traceback" not in err

@@ -161,6 +161,55 @@ def test_entries_to_v1() -> None:
     assert entries_to_v1(v1) is v1 or entries_to_v1(v1) == v1
 
 
+_FB5_META = b"\xdf\x00\x00\x00\x00"  # Fluent Bit 5 packs empty metadata as map32
+# Ways an entry can be written: (v2?, encoder from (time bytes, metadata bytes, record bytes)).
+_SHAPES = [
+    (False, lambda t, m, r: b"\x92" + t + r),
+    (False, lambda t, m, r: b"\xdd\x00\x00\x00\x02" + t + r),
+    (True, lambda t, m, r: b"\x92\x92" + t + _FB5_META + r),  # Fluent Bit 5 default
+    (True, lambda t, m, r: b"\x92\x92" + t + b"\x80" + r),
+    (True, lambda t, m, r: b"\x92\x92" + t + m + r),
+    (True, lambda t, m, r: b"\xdd\x00\x00\x00\x02\xdc\x00\x02" + t + m + r),
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(range(len(_SHAPES))),
+            st.sampled_from([ET, b"\xce\x66\x32\x7a\x80", b"\x07"]),
+            st.dictionaries(st.text(max_size=3), st.integers(-(2**63), 2**64 - 1), max_size=2),
+            st.dictionaries(st.text(max_size=4), st.binary(max_size=6), max_size=3),
+        ),
+        max_size=8,
+    )
+)
+def test_entries_to_v1_property(items: list[tuple[int, bytes, dict, dict]]) -> None:
+    """With or without the decoder's spans, the rewrite equals unpack-and-repack of v2 entries."""
+    entries = b""
+    expected = b""
+    for shape, t, meta, record in items:
+        is_v2, encode = _SHAPES[shape]
+        r = pack(record)
+        entry = encode(t, pack(meta), r)
+        entries += entry
+        expected += b"\x92" + t + r if is_v2 else entry
+    assert entries_to_v1(entries) == expected
+    assert entries_to_v1(entries, iter_entries(entries)) == expected
+    if entries:
+        chunk = decode_one(encode_chunk("t", entries, len(items)))
+        assert chunk.spans is not None and chunk.count == len(items)
+        assert chunk.v2 == any(_SHAPES[shape][0] for shape, *_ in items)
+        assert entries_to_v1(chunk.entries, chunk.spans) == expected
+
+
+def test_entries_to_v1_malformed_is_a_protocol_error() -> None:
+    v2 = b"\x92\x92" + ET + b"\x81\xa1k" + RECORD  # metadata map is cut short
+    with pytest.raises(RemoteProtocolError):
+        entries_to_v1(v2)
+
+
 @settings(max_examples=50, deadline=None)
 @given(
     st.lists(

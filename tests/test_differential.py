@@ -148,12 +148,11 @@ def _check(table: CompiledTable, fm: FieldMap, records: list[dict]) -> None:
 
 
 def _rules_small() -> list[Rule]:
-    rules = list(RULES)
-    try:
-        from ruletag.rules.loader import load_rules
-    except ImportError:  # pragma: no cover - loader is part of the package
-        return rules
-    return rules + load_rules([SHARED / "seeds" / "rules"]).rules
+    from ruletag.rules.loader import load_rules
+
+    seeds = load_rules([SHARED / "seeds" / "rules"]).rules
+    assert len(seeds) == 2, "the two seed rules did not load"
+    return [*RULES, *seeds]
 
 
 FM = FieldMap.default()

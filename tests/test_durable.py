@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from conftest import FAST_FORWARD
-from peers import Sink, Source, make_chunk
+from peers import Sink, Source, eventually, make_chunk
 from reliability import report
 from ruletag.buffer import DiskBuffer
 from ruletag.config import config_from_mapping
@@ -176,10 +176,10 @@ def test_enospc_means_no_ack_a_clear_log_and_recovery(
             await pipe.submit(make_chunk("t", recs(0)))
             monkeypatch.setattr("ruletag.buffer.os.fsync", fsync)
             task = asyncio.ensure_future(pipe.submit(make_chunk("t", recs(1))))
-            await asyncio.sleep(0.5)
+            await eventually(lambda: pipe.stats.write_errors >= 1, "a failed write")
+            await eventually(lambda: "NOT acked" in caplog.text, "the error line")
             assert not task.done(), "a chunk that could not be written was acked"
-            assert pipe.stats.write_errors >= 1
-            assert "ENOSPC" in caplog.text and "NOT acked" in caplog.text
+            assert "ENOSPC" in caplog.text
             disk_full = False
             await asyncio.wait_for(task, 5)
             await sink.wait_records(6, timeout=10)

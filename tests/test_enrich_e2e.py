@@ -404,8 +404,11 @@ def test_health_flips_during_shutdown_in_process(
             cid = await src.send_chunk(make_chunk(TAG, [HIT]))
             await sink.wait_records(1)  # delivered, but the sink withholds its ack
             stop.set()
-            await asyncio.sleep(0.1)
-            assert await http_get(mport, "/health") == (503, "listener not up\n")
+            deadline = asyncio.get_running_loop().time() + 10
+            while (health := await http_get(mport, "/health"))[0] == 200:  # until it stops
+                assert asyncio.get_running_loop().time() < deadline, "still healthy"
+                await asyncio.sleep(0.02)
+            assert health == (503, "listener not up\n")
             sink.ack = True  # the resend after ack_timeout is acked: the chunk completes
             assert await src.read_ack(timeout=10) == cid
             await src.close()

@@ -135,6 +135,29 @@ def test_connection_closed_mid_pipeline_resends_unacked_chunks() -> None:
     run(main())
 
 
+def test_a_late_failure_drops_only_the_connection_that_failed() -> None:
+    """An ack timeout reported after another chunk reconnected must not close the new one."""
+
+    async def main() -> None:
+        async with Sink() as sink:
+            fw = await started(fconfig(server(sink.port)))
+            await fw.send(make_chunk("t", recs(1)))
+            (srv,) = fw._servers
+            stale = srv.conn
+            assert stale is not None
+            fresh = await fw._connect(srv)  # what a reconnect by another chunk leaves behind
+            srv.conn = fresh
+            fw._mark_failed(srv, stale, TimeoutError())
+            assert stale.closed and not fresh.closed and srv.conn is fresh
+            srv.failures = 0  # skip the backoff: the next chunk goes out on ``fresh``
+            await fw.send(make_chunk("t", recs(1, 1)))
+            assert fw.connects == 2 and sink.connections == 2
+            await fw.close()
+            assert sorted(r["i"] for r in sink.records) == [0, 1]
+
+    run(main())
+
+
 def test_retry_limit_raises_a_clear_error() -> None:
     async def main() -> None:
         sink = await Sink().start()

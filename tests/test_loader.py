@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ruletag.annotate import detection, detections
+from ruletag.annotate import detection
 from ruletag.errors import InvalidRule, UnsupportedRule
 from ruletag.rules import loader
 from ruletag.rules.ir import Attack, Const, Rule
@@ -162,7 +162,7 @@ def test_annotation_carries_author_and_attack() -> None:
     json.dumps(d)  # JSON-ready
     r2 = Rule(id="e", name="E", source="elastic", condition=Const(True), author=("Elastic",),
               tactics=(Attack("TA0008", "Lateral Movement"),), severity="high", risk_score=73)
-    assert detections([rule, r2])[1] == {
+    assert detection(r2) == {
         "rule_id": "e", "name": "E", "source": "elastic", "severity": "high", "risk_score": 73,
         "author": ["Elastic"], "tactics": [{"id": "TA0008", "name": "Lateral Movement"}],
         "techniques": [],
@@ -207,6 +207,31 @@ def test_compile_rules_caches_table_and_report(tmp_path: Path,
            "Image": "C:\\x\\tool3.exe"}
     assert [table2.rules[i].id for i in table2.match(rec)] == [
         "00000000-0000-4000-8000-000000000003"]
+
+
+def test_an_unreadable_rule_file_fails_only_itself(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    rules = _setup_rules(tmp_path)
+    write(rules / "locked.yml", "title: x\n")
+    write(rules / "locked.toml", "[rule]\n")
+    real_read_bytes, real_read_text = Path.read_bytes, Path.read_text
+
+    def refuse(real):  # type: ignore[no-untyped-def]
+        def read(self: Path, *a: object, **k: object) -> object:
+            if self.stem == "locked":
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self, *a, **k)
+
+        return read
+
+    monkeypatch.setattr(Path, "read_bytes", refuse(real_read_bytes))
+    monkeypatch.setattr(Path, "read_text", refuse(real_read_text))
+    table, result = compile_rules([rules], cache_dir=tmp_path / "cache")
+    assert len(table.rules) == 2
+    locked = sorted((Path(p.path or "").name, p.reason) for p in result.problems
+                    if "locked" in (p.path or ""))
+    assert locked == [("locked.toml", "cannot read rule file: PermissionError"),
+                      ("locked.yml", "cannot read rule file: PermissionError")]
 
 
 def test_cache_key_follows_content_variables_and_fieldmap(tmp_path: Path) -> None:

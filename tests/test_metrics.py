@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import FAST_FORWARD
-from peers import Sink, Source, make_chunk
+from peers import Sink, Source, eventually, make_chunk
 from ruletag.config import config_from_mapping
 from ruletag.filter import RuleFilter
 from ruletag.forwarder import Forwarder
@@ -175,7 +175,7 @@ def test_relay_metrics_and_health_over_http(arun, tmp_path: Path) -> None:
                 # a protocol error is counted; the downstream going away flips downstream_up
                 bad = await Source.connect(server.port)
                 await bad.send_bytes(b"\xc1")
-                await asyncio.sleep(0.2)
+                await eventually(lambda: server.stats.protocol_errors == 1, "the protocol error")
                 await bad.close()
                 status, _, body = await http_get(http.port, "/metrics")
                 assert samples(body.decode())[("ruletag_protocol_errors_total", ())] == 1

@@ -393,3 +393,30 @@ def test_function_errors() -> None:
         functions.call("nosuch", ())
     with pytest.raises(TypeError):
         functions.call("length", ("a", "b"))
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
+        ("modulo", (INF, 2)),
+        ("multiply", (10**400, 1.5)),
+        ("add", (10**400, 0.5)),
+        ("indexof", ("abc", "b", INF)),
+        ("indexof", ("abc", "b", NAN)),
+        ("substring", ("abc", NAN)),
+        ("substring", ("abc", 0, -INF)),
+    ],
+)
+def test_functions_never_raise_on_hostile_numbers(name: str, args: tuple) -> None:
+    """A record value (msgpack carries inf, NaN and huge ints) gives None, never an error:
+    an exception here would fail the whole chunk, and its resends, forever."""
+    assert functions.call(name, args) is None
+
+
+def test_predicate_on_an_infinite_field_is_false(fm: FieldMap) -> None:
+    pred = Predicate(Call("modulo", (FieldValue("n"), Literal_(2))), "==", Literal_(0))
+    assert not ev(pred, {"n": INF}, fm)
+    assert ev(pred, {"n": 4}, fm)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from conftest import Certs
-from peers import Source, decode_entries, make_chunk
+from peers import Source, decode_entries, eventually, make_chunk
 from ruletag import codec
 from ruletag.config import config_from_mapping
 from ruletag.errors import AuthenticationError
@@ -178,8 +178,8 @@ def test_zero_byte_connection_is_not_an_error(arun: Any, caplog: Any) -> None:
             _reader, writer = await asyncio.open_connection(HOST, server.port)
             writer.close()
             await writer.wait_closed()
-        await asyncio.sleep(0.1)
-        assert server.stats.connections_accepted == 3
+        await eventually(lambda: server.stats.connections_accepted == 3, "3 accepted")
+        await eventually(lambda: not server.connections, "the connections to end")
 
     with caplog.at_level(logging.INFO, logger="ruletag"):
         arun(with_server(body))
@@ -202,7 +202,7 @@ def test_max_connections_refused_at_accept(arun: Any, caplog: Any) -> None:
     async def body(server: Server, rec: Recorder) -> None:
         a = await Source.connect(server.port)
         b = await Source.connect(server.port)
-        await asyncio.sleep(0.05)
+        await eventually(lambda: len(server.connections) == 2, "a and b accepted")
         reader, writer = await asyncio.open_connection(HOST, server.port)
         assert await read_eof(reader) == b""
         writer.close()
@@ -214,7 +214,7 @@ def test_max_connections_refused_at_accept(arun: Any, caplog: Any) -> None:
             cid = await src.send_chunk(make_chunk("t", [{"a": 1}]))
             assert await src.read_ack() == cid
         await a.close()
-        await asyncio.sleep(0.1)  # a's slot is free again
+        await eventually(lambda: len(server.connections) == 1, "a's slot to be free again")
         c = await Source.connect(server.port)
         cid = await c.send_chunk(make_chunk("t", [{"a": 2}]))
         assert await c.read_ack() == cid
@@ -231,15 +231,12 @@ def test_idle_timeout_closes_silent_connection(arun: Any) -> None:
     async def body(server: Server, rec: Recorder) -> None:
         reader, writer = await asyncio.open_connection(HOST, server.port)
         busy = await Source.connect(server.port)
-        loop = asyncio.get_running_loop()
-        start = loop.time()
         for _ in range(6):  # keeps talking for ~0.6 s, longer than the timeout
             cid = await busy.send_chunk(make_chunk("t", [{"a": 1}]))
             assert await busy.read_ack() == cid
             await asyncio.sleep(0.1)
         assert await read_eof(reader) == b""
-        assert loop.time() - start < 2.0
-        assert server.stats.idle_closed >= 1
+        assert server.stats.idle_closed == 1  # closed by the idle timeout, not by the end
         cid = await busy.send_chunk(make_chunk("t", [{"a": 1}]))  # the busy one is still up
         assert await busy.read_ack() == cid
         writer.close()
@@ -256,9 +253,8 @@ def test_backpressure_pauses_reading_and_resumes(arun: Any) -> None:
         ids = []
         for _ in range(20):
             ids.append(await src.send_chunk(chunk))
-        await asyncio.sleep(0.2)
         (proto,) = server.connections
-        assert proto.read_paused
+        await eventually(lambda: proto.read_paused, "reading to pause")
         assert server.in_flight <= 4096 + chunk.size
         rec.gate.set()
         got = [await src.read_ack() for _ in ids]
@@ -278,8 +274,8 @@ def test_global_in_flight_limit_pauses_every_connection(arun: Any) -> None:
         b = await Source.connect(server.port)
         chunk = make_chunk("t", [{"blob": "z" * 1000}])
         ida = [await a.send_chunk(chunk) for _ in range(5)]
-        await asyncio.sleep(0.2)
-        assert all(p.read_paused for p in server.connections)
+        await eventually(lambda: len(server.connections) == 2
+                         and all(p.read_paused for p in server.connections), "both paused")
         idb = [await b.send_chunk(chunk) for _ in range(2)]
         rec.gate.set()
         assert [await a.read_ack() for _ in ida] == ida
@@ -387,7 +383,7 @@ def test_graceful_shutdown_finishes_in_flight_chunks(arun: Any) -> None:
         await server.start()
         src = await Source.connect(server.port)
         cid = await src.send_chunk(make_chunk("t", [{"a": 1}]))
-        await asyncio.sleep(0.1)
+        await eventually(lambda: server.in_flight > 0, "the chunk to arrive")
         stopping = asyncio.create_task(server.stop(timeout=5.0))
         await asyncio.sleep(0.2)
         assert not stopping.done()
@@ -409,11 +405,8 @@ def test_graceful_shutdown_gives_up_after_timeout(arun: Any) -> None:
         await server.start()
         reader, writer = await asyncio.open_connection(HOST, server.port)
         writer.write(frame("t", chunk_id=b"never"))
-        await asyncio.sleep(0.1)
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        await server.stop(timeout=0.3)
-        assert loop.time() - start < 2.5
+        await eventually(lambda: server.in_flight > 0, "the chunk to arrive")
+        await asyncio.wait_for(server.stop(timeout=0.3), 10)  # gives up instead of waiting
         assert await read_eof(reader) == b""  # closed, no ack
         writer.close()
 

@@ -1,4 +1,4 @@
-"""The annotation a matched rule adds to a record (also reused by enrichment).
+"""The annotation a matched rule adds to a record (``ruletag match`` and the filter).
 
 Sigma's Detection Rule License asks that messages produced from matches keep the rule's
 ``author``, so every annotation carries it.
@@ -28,8 +28,3 @@ def detection(rule: Rule) -> dict[str, Any]:
         "tactics": _attack(rule.tactics),
         "techniques": _attack(rule.techniques),
     }
-
-
-def detections(rules: Iterable[Rule]) -> list[dict[str, Any]]:
-    """:func:`detection` for each rule, in the order given."""
-    return [detection(r) for r in rules]

@@ -242,7 +242,7 @@ def _scan_entries(
     ends: list[int] = []
     add_end = ends.append
     while n < limit and pos < end:
-        # Fast path: fixarray(2) + fixext8 EventTime + map record, the shape Fluent Bit sends.
+        # Fast path: fixarray(2) + fixext8 EventTime + map record, Fluent Bit's v1 shape.
         if buf[pos] == 0x92 and buf[pos + 1] == 0xD7 and buf[pos + 2] == 0:
             skip()
             entry_end = tell()
@@ -251,6 +251,15 @@ def _scan_entries(
             if not _MAP_BYTES[buf[pos + 11]]:
                 raise RemoteProtocolError(f"entry {n}: record is not a map")
             pos = entry_end
+            n += 1
+            continue
+        if buf[pos] == 0x92 and buf[pos + 1] == 0x92 and buf[pos + 2] == 0xD7 and not buf[pos + 3]:
+            # Fluent Bit 5's default: [[EventTime, metadata], record] (no float to convert).
+            v2 = True
+            skip()
+            entry_end = tell()
+            add_end(entry_end)
+            pos = entry_end + start
             n += 1
             continue
         header = _pair_header(buf, pos)
@@ -304,42 +313,87 @@ def iter_entries(entries: bytes) -> list[tuple[int, int]]:
     return spans
 
 
-def entries_to_v1(entries: bytes) -> bytes:
-    """Rewrite ``[[time, meta], record]`` entries as ``[time, record]``; others unchanged."""
+def entries_to_v1(entries: bytes, spans: list[tuple[int, int]] | None = None) -> bytes:
+    """Rewrite ``[[time, meta], record]`` entries as ``[time, record]``; others unchanged.
+
+    ``spans`` are the entries' ``(start, end)`` when already known (``Chunk.spans``). With
+    them, the shape Fluent Bit 5 sends (fixarrays, EventTime, empty metadata) is rewritten by
+    peeking bytes; the first entry of any other shape hands the rest to a msgpack walk.
+    """
+    pieces: list[bytes] = []
     try:
-        unpacker = _sub_unpacker(entries)
-        pieces: list[bytes] = []
-        last = pos = 0
-        total = len(entries)
-        while pos < total:
-            header = _pair_header(entries, pos)
-            inner = _pair_header(entries, pos + header) if header else 0
-            if not inner:
-                unpacker.skip()
-                pos = unpacker.tell()
-                continue
-            unpacker.read_array_header()
-            unpacker.read_array_header()
-            time_start = unpacker.tell()
-            unpacker.skip()  # time
-            time_end = unpacker.tell()
-            unpacker.skip()  # metadata
-            record_start = unpacker.tell()
-            unpacker.skip()  # record
-            entry_end = unpacker.tell()
-            pieces += (
-                entries[last:pos],
-                b"\x92",
-                entries[time_start:time_end],
-                entries[record_start:entry_end],
-            )
-            last = pos = entry_end
+        pos, last = _peek_to_v1(entries, spans, pieces) if spans is not None else (0, 0)
+        _v2_to_v1_from(entries, pos, pieces, last)
     except _DECODE_ERRORS as exc:
         raise RemoteProtocolError(f"malformed entries: {exc!r}") from exc
     if not pieces:
         return entries
-    pieces.append(entries[last:])
     return b"".join(pieces)
+
+
+def _peek_to_v1(
+    entries: bytes, spans: list[tuple[int, int]], pieces: list[bytes]
+) -> tuple[int, int]:
+    """Rewrite Fluent Bit 5's v2 shape by byte peeks, appending to ``pieces``.
+
+    Returns ``(pos, last)``: where the first entry of another shape starts (the end when
+    there is none), and where the bytes not yet in ``pieces`` start.
+    """
+    last = 0
+    for start, _end in spans:
+        head = entries[start : start + 3]
+        if head == b"\x92\x92\xd7":  # [[EventTime, meta], record]
+            meta = start + 12
+            if entries[meta] == 0x80:
+                record = meta + 1
+            elif entries[meta : meta + 5] == b"\xdf\x00\x00\x00\x00":  # empty map32
+                record = meta + 5
+            else:
+                return start, last
+            pieces += (entries[last : start + 1], entries[start + 2 : meta])
+            last = record
+        elif head[:2] != b"\x92\xd7":  # not [EventTime, record] either
+            return start, last
+    return len(entries), last
+
+
+def _v2_to_v1_from(entries: bytes, pos: int, pieces: list[bytes], last: int) -> None:
+    """Walk ``entries[pos:]`` with msgpack, appending the v1 rewrite to ``pieces``.
+
+    ``last`` is where the bytes not yet in ``pieces`` start. Appends the tail only when
+    something was rewritten (``pieces`` stays empty for an all-v1 buffer).
+    """
+    if 0 < pos < len(entries):  # walk a copy of the rest: offsets then start at 0
+        pieces.append(entries[last:pos])
+        entries, pos, last = entries[pos:], 0, 0
+    total = len(entries)
+    unpacker = _sub_unpacker(entries) if pos < total else None
+    while pos < total:
+        assert unpacker is not None
+        header = _pair_header(entries, pos)
+        inner = _pair_header(entries, pos + header) if header else 0
+        if not inner:
+            unpacker.skip()
+            pos = unpacker.tell()
+            continue
+        unpacker.read_array_header()
+        unpacker.read_array_header()
+        time_start = unpacker.tell()
+        unpacker.skip()  # time
+        time_end = unpacker.tell()
+        unpacker.skip()  # metadata
+        record_start = unpacker.tell()
+        unpacker.skip()  # record
+        entry_end = unpacker.tell()
+        pieces += (
+            entries[last:pos],
+            b"\x92",
+            entries[time_start:time_end],
+            entries[record_start:entry_end],
+        )
+        last = pos = entry_end
+    if pieces:
+        pieces.append(entries[last:])
 
 
 def _inflate(data: bytes, limit: int) -> bytes:

@@ -253,7 +253,7 @@ class Forwarder:
     def _encode(self, chunk: Chunk, chunk_id: bytes | None) -> bytes:
         entries = chunk.entries
         if chunk.signal == 0 and chunk.v2 and self.config.entry_format != "v2":
-            entries = codec.entries_to_v1(entries)
+            entries = codec.entries_to_v1(entries, chunk.spans)
         return codec.encode_chunk(
             chunk.tag,
             entries,
@@ -306,13 +306,15 @@ class Forwarder:
         attempt = 0
         while True:
             server = await self._pick()
+            conn: _Connection | None = None
             try:
-                await self._send_on(server, frame, chunk_id)
+                conn = await self._connection(server)
+                await self._send_on(conn, frame, chunk_id)
             except _ServerDown:
                 continue
             except (OSError, TimeoutError, ProtocolError, ssl.SSLError) as exc:
                 attempt += 1
-                self._mark_failed(server, exc)
+                self._mark_failed(server, conn, exc)
                 if self.retry_limit is not None and attempt > self.retry_limit:
                     msg = (
                         f"giving up on chunk {chunk_id!r} (tag {chunk.tag!r}, {chunk.count} "
@@ -349,13 +351,20 @@ class Forwarder:
             wake = min(s.retry_at for s in self._servers)
             await asyncio.sleep(max(0.0, wake - now))
 
-    def _mark_failed(self, server: _Server, exc: BaseException) -> None:
+    def _mark_failed(
+        self, server: _Server, conn: _Connection | None, exc: BaseException
+    ) -> None:
+        """Back ``server`` off after a failed send; drop ``conn``, the connection that failed.
+
+        Only that connection is dropped: by now ``server.conn`` may be a newer connection
+        that another chunk opened after the failure, which must not be torn down.
+        """
         if isinstance(exc, TimeoutError):
             self.ack_timeouts += 1
         now = time.monotonic()
-        conn = server.conn
         if conn is not None and (conn.closed or isinstance(exc, TimeoutError)):
-            server.conn = None
+            if server.conn is conn:
+                server.conn = None
             conn._fail(exc if isinstance(exc, OSError) else ConnectionAbortedError(str(exc)))
         if server.failures and now < server.retry_at:
             return  # already backing off: chunks failing together count as one failure
@@ -370,22 +379,26 @@ class Forwarder:
         elif server.failures == 1:
             log.warning("%s marked down: %s", server, _describe(exc))
 
-    async def _send_on(self, server: _Server, frame: bytes, chunk_id: bytes | None) -> None:
+    async def _connection(self, server: _Server) -> _Connection:
+        """The server's keepalive connection (opened if needed), or a fresh one without
+        keepalive."""
         if not self.config.keepalive:
-            conn = await self._connect(server)
-            try:
-                await conn.send(frame, chunk_id, self.config.ack_timeout)
-            finally:
-                await conn.aclose()
-            return
+            return await self._connect(server)
         async with server.lock:
             if server.conn is None or server.conn.closed:
                 server.conn = None
                 if not server.healthy(time.monotonic()):
                     raise _ServerDown(str(server))
                 server.conn = await self._connect(server)
-            conn = server.conn
-        await conn.send(frame, chunk_id, self.config.ack_timeout)
+            return server.conn
+
+    async def _send_on(self, conn: _Connection, frame: bytes, chunk_id: bytes | None) -> None:
+        """Send on ``conn``; without keepalive, the connection is closed afterwards."""
+        try:
+            await conn.send(frame, chunk_id, self.config.ack_timeout)
+        finally:
+            if not self.config.keepalive:
+                await conn.aclose()
 
     async def _connect(self, server: _Server) -> _Connection:
         """Open a connection and do the shared-key handshake, within ``connect_timeout``."""

@@ -8,11 +8,13 @@ in-flight gauge are updated as chunks move. The exposition itself is prometheus-
 
 Exported families (all prefixed ``ruletag_``): ``records_in_total``, ``records_out_total``,
 ``bytes_in_total`` (wire bytes), ``bytes_out_total`` (entry bytes), ``forward_bytes_total``
-(frames acked downstream), ``chunks_in_total``, ``chunks_out_total``, ``detections_total{rule_id}``,
-``detections_by_severity_total{severity}``, ``records_matched_total``,
-``downstream_pending_chunks``, ``upstream_pending_chunks``, ``forward_retries_total``,
-``forward_ack_timeouts_total``, ``downstream_up{server}``, ``protocol_errors_total``,
-``auth_failures_total``, ``connections_total``, ``connections_refused_total``,
+(frames acked downstream), ``chunks_in_total``, ``chunks_out_total``, ``acks_sent_total``,
+``detections_total{rule_id}``, ``detections_by_severity_total{severity}``,
+``records_matched_total``, ``downstream_pending_chunks``, ``upstream_pending_chunks``,
+``upstream_in_flight_bytes``, ``forward_in_flight_bytes``, ``forward_retries_total``,
+``forward_ack_timeouts_total``, ``forward_connect_failures_total``, ``downstream_up{server}``,
+``protocol_errors_total``, ``auth_failures_total``, ``submit_errors_total``,
+``connections_total``, ``connections_refused_total``, ``connections_idle_closed_total``,
 ``connections_open``, ``stage_duration_seconds{stage=decode|filter|forward}``,
 ``rules_loaded``, ``rule_load_problems{kind}``, ``ruleset_info{version}``,
 ``rule_reloads_total{result=ok|failed}``, ``ready``; in disk mode ``buffer_bytes``,

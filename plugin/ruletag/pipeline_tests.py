@@ -43,6 +43,7 @@ from ruletag.config import Config, load_config
 from ruletag.errors import ConfigError
 from ruletag.events import Chunk
 from ruletag.filter import RuleFilter
+from ruletag.pipeline import Transform
 from ruletag.rules.loader import LoadResult
 
 DEFAULT_TAG = "test"
@@ -50,8 +51,6 @@ DEFAULT_TIME = 1714564800
 _EXPECT_KEYS = frozenset({"rule_ids", "no_detection", "fields", "tag"})
 _TEST_KEYS = frozenset({"name", "input", "inputs", "expect", "outputs"})
 _INPUT_KEYS = frozenset({"tag", "record", "records_file", "time"})
-
-Transform = Callable[[Chunk], list[Chunk]]
 
 
 # ------------------------------------------------------------------------------ the tests block

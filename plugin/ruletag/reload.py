@@ -194,10 +194,6 @@ class LiveFilter:
         return self.filter is not None
 
     @property
-    def table(self) -> CompiledTable | None:
-        return self.filter.table if self.filter is not None else None
-
-    @property
     def version(self) -> str | None:
         return self.filter.table.version if self.filter is not None else None
 

@@ -15,6 +15,7 @@ import json
 import re
 import sys
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ import yaml
 
 from ruletag.annotate import detection
 from ruletag.errors import ConfigError, RuleError
-from ruletag.rules.loader import LoadResult, load_rules, source_of
+from ruletag.rules.loader import LoadResult, load_rules, problem_to_json, source_of
 
 # --------------------------------------------------------------------------- shared helpers
 
@@ -85,8 +86,7 @@ def summarize(result: LoadResult) -> dict[str, Any]:
         "duplicates": len(result.duplicates),
         "by_source": by_source,
         "by_reason": dict(by_reason.most_common()),
-        "problems": [{"kind": p.kind, "path": p.path, "line": p.line, "reason": p.reason}
-                     for p in result.problems],
+        "problems": [problem_to_json(p) for p in result.problems],
         "duplicate_messages": result.duplicates,
         "load_seconds": round(result.seconds, 3),
     }
@@ -192,7 +192,10 @@ def _unpacker(data: IO[bytes] | bytes) -> msgpack.Unpacker:
 def _packed_entries(payload: bytes | str, options: Mapping[str, Any]) -> Iterator[object]:
     raw = payload.encode("utf-8", "surrogateescape") if isinstance(payload, str) else payload
     if options.get("compressed") == "gzip" or raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)  # handles multi-member payloads too
+        try:
+            raw = gzip.decompress(raw)  # handles multi-member payloads too
+        except (EOFError, zlib.error) as exc:  # BadGzipFile is an OSError already
+            raise ValueError(f"bad gzip payload: {exc}") from exc
     for entry in _unpacker(raw):
         rec = _entry_record(entry)
         if rec is not None:
@@ -244,8 +247,27 @@ def read_events(stream: IO[bytes]) -> Iterator[object]:
                 raise ValueError(f"line {n}: not JSON: {exc}") from exc
             yield from records_of(obj)
         return
-    for obj in _unpacker(stream):
+    counted = _CountingReader(stream)
+    unpacker = _unpacker(counted)
+    end = 0  # where the last complete object ended (tell() also counts a partial one)
+    for obj in unpacker:
+        end = unpacker.tell()
         yield from records_of(obj)
+    if end != counted.bytes_read:
+        raise ValueError(f"msgpack stream truncated: incomplete object after byte {end}")
+
+
+class _CountingReader:
+    """``read`` of a binary stream, counting the bytes handed out."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+        self.bytes_read = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._stream.read(n)
+        self.bytes_read += len(data)
+        return data
 
 
 def _json_default(obj: object) -> object:
@@ -287,7 +309,11 @@ def match(ns: argparse.Namespace) -> int:
     annotations = [detection(r) for r in table.rules]
     only = bool(getattr(ns, "only_matches", False))
     out = sys.stdout
-    src: IO[bytes] = sys.stdin.buffer if ns.events == "-" else open(ns.events, "rb")  # noqa: SIM115
+    try:
+        src: IO[bytes] = sys.stdin.buffer if ns.events == "-" else open(ns.events, "rb")  # noqa: SIM115
+    except OSError as exc:
+        print(f"ruletag: {ns.events}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     skipped = 0
     try:
         for record in read_events(src):

@@ -30,6 +30,8 @@ def load_elastic_file(path: Path) -> list[Rule]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidRule(f"not UTF-8 text: {exc}", where) from None
+    except OSError as exc:
+        raise InvalidRule(f"cannot read rule file: {type(exc).__name__}", where, 1) from None
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -4,8 +4,10 @@ Used by ``reference.py`` and by the compiled table for :class:`ir.Call` leaves. 
 takes scalar arguments (``str``, ``int``, ``float``, ``bool``, ``bytes`` or ``None``) and
 returns a scalar; a ``None`` argument (missing or null field) gives ``None``, except where
 noted. Arguments of the wrong type also give ``None`` (a runtime type error in Elasticsearch
-fails the search; here the condition is simply not met). ``bytes`` are decoded as UTF-8 and
-string functions read numbers and booleans through their canonical text (``ir`` semantics).
+fails the search; here the condition is simply not met), and so do results no number can
+hold and NaN or infinite offsets: no function ever raises on record values. ``bytes`` are
+decoded as UTF-8 and string functions read numbers and booleans through their canonical text
+(``ir`` semantics).
 
 Names are the lower-case EQL names without ``~``; ``cased=False`` selects the ``~`` variant
 (case-insensitive) of ``between``, ``endswith``, ``indexof``, ``startswith`` and
@@ -56,6 +58,14 @@ def _num(value: object) -> int | float | None:
     return value
 
 
+def _index(value: object) -> int | None:
+    """An offset argument as an int; None for a non-number, NaN or an infinity."""
+    n = _num(value)
+    if n is None or (isinstance(n, float) and not math.isfinite(n)):
+        return None
+    return int(n)
+
+
 def _fold(s: str, cased: bool) -> str:
     return s if cased else s.lower()
 
@@ -67,6 +77,13 @@ def _arith(op: str, a: object, b: object) -> int | float | None:
     x, y = _num(a), _num(b)
     if x is None or y is None:
         return None
+    try:
+        return _arith_numbers(op, x, y)
+    except (OverflowError, ValueError):  # int too large for a float, fmod of an infinity
+        return None
+
+
+def _arith_numbers(op: str, x: int | float, y: int | float) -> int | float | None:
     if op == "add":
         return x + y
     if op == "subtract":
@@ -196,10 +213,10 @@ def indexof(source: object, sub: object, start: object = 0, *, cased: bool = Tru
     if start is None:
         begin = 0
     else:
-        n = _num(start)
+        n = _index(start)
         if n is None:
             return None
-        begin = max(int(n), 0)
+        begin = max(n, 0)
     if begin > len(s):
         return None
     i = _fold(s, cased).find(_fold(x, cased), begin)
@@ -241,13 +258,13 @@ def string(value: object) -> str | None:
 def substring(source: object, start: object, end: object = None) -> str | None:
     """``source[start:end]`` with Python slice semantics."""
     s = _text(source)
-    a = _num(start)
+    a = _index(start)
     if s is None or a is None:
         return None
-    b = None if end is None else _num(end)
+    b = None if end is None else _index(end)
     if end is not None and b is None:
         return None
-    return s[int(a) : None if b is None else int(b)]
+    return s[a:b]
 
 
 # --------------------------------------------------------------------------- dispatch

@@ -211,13 +211,17 @@ def cache_key(files: Sequence[Path], variables: Variables | None, fieldmap_versi
     norm = {k: list(v) for k, v in sorted((variables or {}).items())}
     h.update(json.dumps(norm, sort_keys=True).encode() + b"\0")
     for f in files:
-        data = f.read_bytes()
+        try:
+            data = f.read_bytes()
+        except OSError as exc:  # the front-end reports it as that file's problem
+            data = f"unreadable: {exc.strerror or exc}".encode()
         h.update(f"{os.path.abspath(f)}\0{len(data)}\0".encode())
         h.update(data)
     return h.hexdigest()[:16]
 
 
-def _problem_to_json(p: RuleError) -> dict[str, Any]:
+def problem_to_json(p: RuleError) -> dict[str, Any]:
+    """One load problem as JSON-ready data (kind, reason, path, line)."""
     return {"kind": p.kind, "reason": p.reason, "path": p.path, "line": p.line}
 
 
@@ -232,7 +236,7 @@ def report_to_json(result: LoadResult) -> dict[str, Any]:
         "format": REPORT_FORMAT,
         "files": result.files,
         "sources": result.sources,
-        "problems": [_problem_to_json(p) for p in result.problems],
+        "problems": [problem_to_json(p) for p in result.problems],
         "duplicates": result.duplicates,
     }
 

@@ -1,0 +1,167 @@
+"""The raw-bytes pre-filter: sound on every msgpack encoding a record can use, and selective."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import msgpack
+import pytest
+
+from ruletag.rules.fields import FieldMap
+from ruletag.rules.ir import Equals, Logsource, Match, Node, Regex, Rule, Wild
+from ruletag.rules.prefilter import int_encodings, text_headers
+from ruletag.rules.table import CompiledTable
+
+A = Wild.ANY
+
+
+@pytest.fixture(scope="module")
+def fm() -> FieldMap:
+    return FieldMap.default()
+
+
+def rule(rid: str, cond: Node, ls: Logsource | None = None) -> Rule:
+    return Rule(id=rid, name=rid, source="sigma", condition=cond, logsource=ls)
+
+
+def s(text: str, head: bytes | None = None) -> bytes:
+    """A msgpack str, with a chosen (possibly non-canonical) header."""
+    raw = text.encode()
+    if head is None:
+        return msgpack.packb(text)
+    return head + raw
+
+
+def entry(pairs: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """A packed ``[0, {k: v, ...}]`` entry from already encoded keys and values."""
+    body = b"".join(k + v for k, v in pairs)
+    return b"\x92\x00" + bytes((0x80 | len(pairs),)) + body
+
+
+def chunk(entries: Sequence[bytes]) -> tuple[bytes, list[tuple[int, int]]]:
+    spans = []
+    pos = 0
+    for e in entries:
+        spans.append((pos, pos + len(e)))
+        pos += len(e)
+    return b"".join(entries), spans
+
+
+def agree(t: CompiledTable, entries: Sequence[bytes]) -> dict[int, list[int]]:
+    """match_entries must give exactly what match() gives on the decoded records."""
+    buf, spans = chunk(entries)
+    want = {}
+    for k, e in enumerate(entries):
+        rec = msgpack.unpackb(e, raw=False, strict_map_key=False)[1]
+        got = t.match(rec)
+        if got:
+            want[k] = got
+    assert t.match_entries(buf, spans) == want
+    return want
+
+
+def test_encodings_decode_to_the_value() -> None:
+    for v in (0, 3, 127, 128, 255, 4624, 70000, -1, -33, -200, 2**40):
+        encs = int_encodings(v)
+        assert encs and all(msgpack.unpackb(e) == v for e in encs)
+    assert len(int_encodings(3)) == 9  # fixint, uint8..64, int8..64
+    for n in (0, 5, 31, 32, 300, 70000):
+        for h in text_headers(n):
+            got = msgpack.unpackb(h + b"x" * n, raw=False)
+            assert got in ("x" * n, b"x" * n)
+
+
+def test_numbers_in_any_encoding_and_numeric_strings(fm: FieldMap) -> None:
+    t = CompiledTable.build([rule("eid", Equals("EventID", 4624))], fm)
+    key = s("EventID")
+    entries = [
+        entry([(key, b"\xcd\x12\x10")]),  # canonical uint16
+        entry([(key, b"\xce\x00\x00\x12\x10")]),  # uint32
+        entry([(key, b"\xd3" + struct.pack(">q", 4624))]),  # int64
+        entry([(key, b"\xcb" + struct.pack(">d", 4624.0))]),  # float64
+        entry([(key, s("4624"))]),
+        entry([(key, s("04624", b"\xd9\x05"))]),  # str8 for a short string
+        entry([(key, b"\x92\x01\xcd\x12\x10")]),  # a list holding it
+        entry([(key, b"\xcd\x12\x11")]),  # 4625: no match
+        entry([(s("Other"), b"\xcd\x12\x10")]),
+    ]
+    assert set(agree(t, entries)) == {0, 1, 2, 3, 4, 5, 6}
+
+
+def test_exact_values_with_any_header_bin_and_case(fm: FieldMap) -> None:
+    t = CompiledTable.build([rule("nc", Match("Image", ("nc",), cased=False))], fm)
+    img = s("Image")
+    entries = [
+        entry([(img, s("nc"))]),
+        entry([(img, s("NC", b"\xd9\x02"))]),  # str8 header
+        entry([(img, b"\xc4\x02nc")]),  # bin
+        entry([(img, s("ncat"))]),
+        entry([(img, s("x")), (s("note"), s("nc"))]),  # the value under another key
+    ]
+    assert set(agree(t, entries)) == {0, 1, 2}
+
+
+def test_nested_and_dotted_keys(fm: FieldMap) -> None:
+    t = CompiledTable.build([rule("e", Equals("winlog.event_id", 4688))], fm)
+    records = [
+        {"winlog": {"event_id": 4688}},
+        {"winlog.event_id": 4688},
+        {"winlog": {"event_id": "4688"}},
+        {"winlog": [{"event_id": 4688}]},
+        {"winlog": {"event_id": 4689}},
+    ]
+    entries = [msgpack.packb([0, r]) for r in records]
+    assert set(agree(t, entries)) == {0, 1, 2, 3}
+
+
+def test_derived_category_and_logsource(fm: FieldMap) -> None:
+    ls = Logsource(product="windows", category="process_creation")
+    rules = [
+        rule("cat", Match("event.category", ("process",), cased=False)),
+        rule("ls", Match("Image", (A, "\\evil.exe")), ls),
+    ]
+    t = CompiledTable.build(rules, fm)
+    sysmon = {"Channel": "Microsoft-Windows-Sysmon/Operational", "Image": "C:\\evil.exe"}
+    records = [
+        {**sysmon, "EventID": 1},  # derived category "process"; process creation
+        {**sysmon, "EventID": 3},
+        {"event": {"category": ["process"], "type": ["start"]}, "process": {"executable": "x"}},
+        {"event": {"category": "network"}, "Image": "C:\\evil.exe"},
+    ]
+    entries = [msgpack.packb([0, r]) for r in records]
+    got = agree(t, entries)
+    assert got[0] == [0, 1] and 1 not in got and got[2] == [0] and 3 not in got
+
+
+def test_regex_literals_and_caseless_unicode(fm: FieldMap) -> None:
+    rules = [
+        rule("re", Regex("CommandLine", r"ping\s+-n.{2,8}echo", "i")),
+        rule("dash", Match("CommandLine", (A, ' \u2013i "lsass', A), cased=False)),
+        rule("disk", Regex("CommandLine", r"diskpart", "i")),
+    ]
+    t = CompiledTable.build(rules, fm)
+    records = [
+        {"CommandLine": "PING  -N 3 x & ECHO hi"},
+        {"CommandLine": "ping -c 3"},
+        {"CommandLine": 'findstr \u2013I "LSASS'},
+        {"CommandLine": "di\u017fkpart /s"},  # RE2 folds the long s to s caselessly
+        {"CommandLine": "nothing"},
+    ]
+    entries = [msgpack.packb([0, r]) for r in records]
+    got = agree(t, entries)
+    assert got[0] == [0] and got[2] == [1] and 1 not in got and 4 not in got
+    assert 3 in got  # the RE2 fold is honoured by both paths
+
+
+def test_prefilter_rejects_records_without_the_literals(fm: FieldMap) -> None:
+    t = CompiledTable.build(
+        [rule("a", Match("CommandLine", (A, "mimikatz", A))), rule("b", Equals("EventID", 7))],
+        fm,
+    )
+    assert t._raw_db is not None
+    records = [{"CommandLine": "notepad.exe", "EventID": 1}, {"EventID": 8, "x": "mimi"}]
+    buf, spans = chunk([msgpack.packb([0, r]) for r in records])
+    assert t._raw_db.candidates(buf, spans) == {}
+    buf, spans = chunk([msgpack.packb([0, {"EventID": 7}])])
+    assert t._raw_db.candidates(buf, spans) == {0: [1]}
