@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from peers import Source, make_chunk
+from peers import Source, eventually, make_chunk
 from ruletag.app import serve
 from ruletag.config import config_from_mapping
 from ruletag.events import Chunk
@@ -227,3 +227,33 @@ def test_serve_writes_stdout_and_file_and_acks_after_writing(
     assert sp.proc.returncode == 0
     printed = [json.loads(ln) for ln in rest.splitlines() if ln.startswith('{"tag"')]
     assert [p["record"]["n"] for p in printed] == list(range(5))
+
+
+def test_sigusr1_reopens_file_outputs_after_rotation(tmp_path: Path, serve_process: Any) -> None:
+    out_file = tmp_path / "records.jsonl"
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(
+        "listen: {host: 127.0.0.1, port: 0}\n"
+        "outputs:\n  - {type: file, path: records.jsonl}\n",
+        encoding="utf-8",
+    )
+    sp = serve_process(["--config", str(cfg)])
+
+    async def send(n: int) -> None:
+        src = await Source.connect(sp.port)
+        try:
+            chunk_id = await src.send_chunk(make_chunk("app.log", [{"n": n}]))
+            assert await src.read_ack() == chunk_id
+        finally:
+            await src.close()
+
+    asyncio.run(asyncio.wait_for(send(1), 20))
+    rotated = tmp_path / "records.jsonl.1"
+    out_file.rename(rotated)
+    sp.proc.send_signal(signal.SIGUSR1)
+    asyncio.run(eventually(out_file.exists, "the file output reopened its path"))
+    asyncio.run(asyncio.wait_for(send(2), 20))
+    assert [ln["record"]["n"] for ln in _lines(rotated.read_bytes())] == [1]
+    assert [ln["record"]["n"] for ln in _lines(out_file.read_bytes())] == [2]
+    sp.stop()
+    assert sp.proc.returncode == 0

@@ -111,6 +111,24 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
         return runner.run(coro)
 
 
+def _reopen_soon(output: object) -> None:
+    from ruletag.outputs import reopen_files
+
+    async def reopen() -> None:
+        try:
+            n = await reopen_files(output)
+            log.info("SIGUSR1: reopened %d file output(s)", n)
+        except OSError as exc:
+            log.error("SIGUSR1: could not reopen a file output: %s", exc)
+
+    task = asyncio.get_running_loop().create_task(reopen())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
 async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     """Run the relay until ``stop`` is set or SIGTERM/SIGINT arrives; return 0."""
     from ruletag.durable import DurablePipeline, start_durable
@@ -134,6 +152,10 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
             loop.remove_signal_handler(sig)
         raise
     forwarder = build_outputs(config)  # forward and/or stdout/file outputs
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        # SIGUSR1 reopens file outputs after a log rotation (the nginx/fluentd convention).
+        loop.add_signal_handler(signal.SIGUSR1, _reopen_soon, forwarder)
+        installed.append(signal.SIGUSR1)
     sender, transform = enrichment.wrap(forwarder)
     durable: DurablePipeline | None = None
     try:

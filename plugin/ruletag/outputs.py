@@ -168,7 +168,7 @@ class StdoutOutput(JsonLinesOutput):
 class FileOutput(JsonLinesOutput):
     """JSON lines appended to a file; ``fsync`` makes each send durable before it returns.
 
-    ``reopen()`` closes and reopens the path (for log rotation by rename).
+    ``reopen()`` closes and reopens the path (SIGUSR1, for log rotation by rename).
     """
 
     kind = "file"
@@ -291,6 +291,15 @@ def build_outputs(config: Config) -> Output:
     if not outputs:
         outputs.append(StdoutOutput())
     return outputs[0] if len(outputs) == 1 else FanOut(outputs)
+
+
+async def reopen_files(output: object) -> int:
+    """Reopen every file output inside ``output`` (SIGUSR1, after a log rotation)."""
+    outputs = output.outputs if isinstance(output, FanOut) else [output]
+    files = [o for o in outputs if isinstance(o, FileOutput)]
+    for f in files:
+        await f.reopen()
+    return len(files)
 
 
 def describe(output: object) -> str:
