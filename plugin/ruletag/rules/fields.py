@@ -464,6 +464,29 @@ class FieldMap:
         """True when ``field`` can get a value through a derivation."""
         return bool(self._plan(field).derive)
 
+    def direct_keys(self, field: str) -> frozenset[str]:
+        """The last component of every direct path of ``field`` (derivations excluded)."""
+        return frozenset(parts[-1] for parts in self._plan(field).paths)
+
+    def derivations(self, field: str) -> tuple[tuple[str, str, str], ...]:
+        """``field``'s derivations as ``(kind, source, value)``: ``("basename", source, "")``,
+        ``("when_present", source, value)``, ``("windows_event", "category"|"type", "")``."""
+        out: list[tuple[str, str, str]] = []
+        for d in self._plan(field).derive:
+            if isinstance(d, _Basename):
+                out.append(("basename", d.source, ""))
+            elif isinstance(d, _WhenPresent):
+                out.append(("when_present", d.source, d.value))
+            else:
+                out.append(("windows_event", d.attr, ""))
+        return tuple(out)
+
+    def windows_events(self) -> tuple[tuple[str, int, tuple[str, ...], tuple[str, ...]], ...]:
+        """Every ``windows_events`` row: (channel, event id, ECS categories, ECS types)."""
+        return tuple(
+            (e.channel, e.event_id, e.ecs_category, e.ecs_type) for e in self._events.values()
+        )
+
     # ----------------------------------------------------------------- logsources
 
     def logsource_condition(self, logsource: Logsource) -> Node | None:

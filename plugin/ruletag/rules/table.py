@@ -13,8 +13,10 @@ boolean formulas of the rules that one of those scans *triggered*; no per-rule P
   are evaluated; rules without a trigger ("always" rules) are listed in ``stats``. Leaves that
   only need their field to exist trigger through the record's key names (``raw_keys``).
 * Each rule formula is compiled once into Python code (``marshal``-ed in the table file).
-* :meth:`CompiledTable.match_entries` pre-filters raw msgpack bytes with one caseless literal
-  database and decodes only entries that contain a trigger literal of some rule.
+* :meth:`CompiledTable.match_entries` pre-filters raw msgpack bytes (``prefilter.py``: each
+  rule's raw requirement, checked with Hyperscan scans of the chunk and of triggered entries),
+  decodes only the entries that meet some rule's requirement and evaluates only those rules
+  (:meth:`CompiledTable.match_subset`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import msgpack
 import re2
 
 from ruletag.errors import RuletagError
+from ruletag.rules import prefilter
 from ruletag.rules.fields import FieldMap, RecordView, as_text
 from ruletag.rules.ir import (
     And,
@@ -63,18 +66,13 @@ from ruletag.rules.ir import (
 
 __all__ = ["CompiledTable"]
 
-_MAGIC = b"RULETAG-TABLE\x00v1\n"
+_MAGIC = b"RULETAG-TABLE\x00v2\n"
 _BLOCK = hs.HS_MODE_BLOCK
-#: Non-ASCII characters whose ``str.lower()`` contains ASCII letters (U+0130, U+212A): a raw
-#: caseless scan for an ASCII literal could miss them, so an entry holding one is decoded.
-_FOLDS_TO_ASCII = ("\u0130", "\u212a")
 #: One UTF-8 encoded character (values are encoded with ``surrogatepass``, so well formed).
 _ONE_CHAR = (
     rb"(?:[\x00-\x7f]|[\xc0-\xdf][\x80-\xbf]"
     rb"|[\xe0-\xef][\x80-\xbf]{2}|[\xf0-\xf7][\x80-\xbf]{3})"
 )
-_NUMBER_CHARS = frozenset("0123456789.e+-")
-_NUMBER_WORDS = ("true", "false", "-infinity", "nan", "none", "null")
 
 Hits = set[int]
 Formula = Callable[[Hits, Callable[[int], bool]], bool]
@@ -152,12 +150,6 @@ def _match_regex(m: Match) -> bytes:
 def _longest_literal(m: Match) -> str:
     lits = [t for t in m.pattern if isinstance(t, str)]
     return max(lits, key=len) if lits else ""
-
-
-def _number_like(lit: str) -> bool:
-    """Could ``lit`` occur in the canonical text of an int, float or bool?"""
-    low = lit.lower()
-    return set(low) <= _NUMBER_CHARS or any(low in w for w in _NUMBER_WORDS) or "inf" in low
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -733,94 +725,27 @@ class CompiledTable:
             "rules_without_literal": [self.rules[k].id for k in always],
             "rules_never_matching": [self.rules[k].id for k in never],
         }
-        self._raw_db = None
-        self._raw_forced: tuple[int, ...] = ()
-        self._forced_table: CompiledTable | None = None
-        if raw:
-            self._build_raw(formulas, atom_of, raw_keys, fm)
-        self.stats["compile_seconds"] = round(time.perf_counter() - t0, 3)
-        return self
-
-    def _build_raw(
-        self,
-        formulas: Sequence[Node],
-        atom_of: Mapping[Node, int],
-        raw_keys: Callable[[str], frozenset[str]],
-        fm: FieldMap,
-    ) -> None:
-        """The raw-bytes pre-filter: one caseless literal database for every rule."""
-        lit_id: dict[str, int] = {}
-        names: list[str] = []
-
-        def lits(words: Iterable[str]) -> frozenset[int]:
-            ids = []
-            for w in words:
-                w = w.lower()
-                i = lit_id.get(w)
-                if i is None:
-                    i = lit_id[w] = len(names)
-                    names.append(w)
-                ids.append(i)
-            return frozenset(ids)
-
-        key_ids: set[int] = set()
-
-        def keys(field: str) -> frozenset[int] | None:
-            ks = raw_keys(field)
-            if not ks:
-                return None
-            ids = lits(ks)
-            key_ids.update(ids)
-            return ids
-
-        def leaf(n: Node) -> frozenset[int] | None:
-            if isinstance(n, Match):
-                lit = _longest_literal(n)
-                good = len(lit) >= 2 and lit.isascii() and not _number_like(lit)
-                if n.field is None:
-                    return lits((lit,)) if good else None
-                if good and fm.verbatim(n.field):
-                    return lits((lit,))
-                return keys(n.field)
-            if isinstance(n, Regex):
-                return keys(n.field) if n.field is not None else None
-            if isinstance(n, Equals | Compare | Cidr | Exists | FieldRef):
-                return keys(n.field)
-            return None
-
-        spread: dict[int, int] = {}  # literal -> how many rules could use it
+        group_of = {g.field: gi for gi, g in enumerate(self._groups)}
+        rule_groups: list[tuple[int, ...]] = []
         for f in formulas:
             mine: dict[Node, int] = {}
             _leaves(f, mine)
-            used_by_rule: set[int] = set()
-            for n in mine:
-                used_by_rule |= leaf(n) or frozenset()
-            for x in used_by_rule:
-                spread[x] = spread.get(x, 0) + 1
+            gis = {group_of[n.field] for n in mine if isinstance(n, Match | Regex) and n.field}
+            rule_groups.append(tuple(sorted(gis)))
+        self._rule_groups = tuple(rule_groups)
+        self._raw_db = None
+        self._raw_forced: tuple[int, ...] = ()
+        if raw:
+            self._build_raw(formulas, fm)
+        self.stats["compile_seconds"] = round(time.perf_counter() - t0, 3)
+        return self
 
-        def cost(a: int) -> float:
-            base = (2.0 if a in key_ids else 1.0) / (1 + len(names[a]))
-            return base * (1.0 + spread.get(a, 1) / 4)
-
-        forced: list[int] = []
-        used: set[int] = set()  # only the literals some rule's trigger set chose
-        for k, f in enumerate(formulas):
-            t = _trigger(f, leaf, cost)
-            if t is None:
-                forced.append(k)
-            else:
-                used |= t
-        pats = [(i, _hs_escape(_encode(names[i])), hs.HS_FLAG_CASELESS) for i in sorted(used)]
-        fold_id = len(names)
-        for ch in _FOLDS_TO_ASCII:
-            pats.append((fold_id, _hs_escape(_encode(ch)), 0))
-        if pats:
-            self._raw_db, _ = _hs_compile(pats)
+    def _build_raw(self, formulas: Sequence[Node], fm: FieldMap) -> None:
+        """The raw-bytes pre-filter (``prefilter.py``); rules it cannot restrict are
+        evaluated on every entry."""
+        self._raw_db, forced, raw_stats = prefilter.build_raw_filter(formulas, fm)
         self._raw_forced = tuple(forced)
-        if forced:
-            sub = [self.rules[k] for k in forced]
-            self._forced_table = CompiledTable._build(sub, fm, self.version, raw=False)
-        self.stats["raw_literals"] = len(used)
+        self.stats.update(raw_stats)
         self.stats["rules_without_raw_literal"] = [self.rules[k].id for k in forced]
 
     def _init_lazy(self) -> None:
@@ -885,46 +810,57 @@ class CompiledTable:
         f = self._formulas
         return [k for k in sorted(cand) if f[k](hits, L)]
 
+    def match_subset(self, record: Mapping[str, object], rules: Iterable[int]) -> list[int]:
+        """Which of ``rules`` (indexes) match ``record``, scanning only the fields they read."""
+        rules = sorted(rules)
+        view = self.fieldmap.view(record)
+        hits: Hits = set()
+        rule_groups = self._rule_groups
+        todo: set[int] = set()
+        for k in rules:
+            todo.update(rule_groups[k])
+        groups = self._groups
+        for gi in todo:
+            g = groups[gi]
+            vals = view.values(g.field)  # type: ignore[arg-type]
+            if vals:
+                g.scan(vals, hits)
+        cache: dict[int, Any] = {}
+        lazy = self._lazy
+
+        def L(i: int) -> bool:  # the name the generated code calls
+            r = cache.get(i)
+            if r is None:
+                r = cache[i] = lazy[i](view, cache)
+            return r
+
+        f = self._formulas
+        return [k for k in rules if f[k](hits, L)]
+
     def match_entries(
         self, entries: bytes, spans: Sequence[tuple[int, int]]
     ) -> dict[int, list[int]]:
-        """Entry index -> matching rule indexes, for entries with at least one match."""
+        """Entry index -> matching rule indexes, for entries with at least one match.
+
+        Only entries that meet some rule's raw requirement are decoded, and only the rules
+        whose requirement they meet (plus the rules without one) are evaluated.
+        """
         out: dict[int, list[int]] = {}
         if not spans:
             return out
-        starts = [s for s, _ in spans]
-        hit_entries: set[int] = set()
-        if self._raw_db is not None:
-            last_lo, last_hi = -1, -1
-            bis = bisect.bisect_right
-
-            def on_match(_i: int, _f: int, to: int, _fl: int, _c: object) -> None:
-                nonlocal last_lo, last_hi
-                if last_lo < to <= last_hi:
-                    return
-                k = bis(starts, to - 1) - 1
-                if k >= 0:
-                    s, e = spans[k]
-                    if to <= e:
-                        hit_entries.add(k)
-                        last_lo, last_hi = s, e
-
-            self._raw_db.scan(entries, match_event_handler=on_match)
-        forced = self._forced_table
+        cands = self._raw_db.candidates(entries, spans) if self._raw_db is not None else {}
+        forced = self._raw_forced
         view = memoryview(entries)
-        for k, (s, e) in enumerate(spans):
-            full = k in hit_entries
-            if not full and forced is None:
-                continue
+        todo: Iterable[int] = range(len(spans)) if forced else sorted(cands)
+        for k in todo:
+            rules: Iterable[int] = cands.get(k, ())
+            if forced:
+                rules = set(rules).union(forced)
+            s, e = spans[k]
             record = _record_of(view[s:e])
             if record is None:
                 continue
-            # an entry without a raw hit can only match rules that have no raw literal
-            m = (
-                self.match(record)
-                if full
-                else [self._raw_forced[x] for x in forced.match(record)]  # type: ignore[union-attr]
-            )
+            m = self.match_subset(record, rules)
             if m:
                 out[k] = m
         return out
@@ -947,10 +883,7 @@ class CompiledTable:
         st["_leaves"] = tuple(None if i in self._eager else n for i, n in enumerate(self._leaves))
         st["_code"] = marshal.dumps(self._code)
         st["_pyver"] = sys.version_info[:2]
-        st["_forced_table"] = (
-            self._forced_table._state() if self._forced_table is not None else None
-        )
-        st["_raw_db"] = hs.dumpb(self._raw_db) if self._raw_db is not None else None
+        st["_raw_db"] = prefilter.dump(self._raw_db)
         return st
 
     @classmethod
@@ -984,9 +917,7 @@ class CompiledTable:
         else:
             self._code = compile(self._source, "<ruletag-table>", "exec")
         self._formulas = _exec_module(self._code, self._consts)
-        self._raw_db = _load_db(st["_raw_db"])
-        ft = st["_forced_table"]
-        self._forced_table = cls._from_state(ft) if ft is not None else None
+        self._raw_db = prefilter.load(st["_raw_db"])
         self._init_lazy()
         return self
 
@@ -1008,6 +939,7 @@ _STATE_KEYS = (
     "_consts",
     "_eager",
     "_raw_forced",
+    "_rule_groups",
     "_kw_eager",
 )
 

@@ -1,0 +1,698 @@
+"""The raw-bytes pre-filter: which packed entries can match some rule, without decoding them.
+
+Each rule formula becomes a *raw requirement*: an AND/OR formula over byte patterns that must
+occur in the msgpack bytes of any entry the rule matches. Leaves contribute what they imply:
+
+* a string :class:`~ruletag.rules.ir.Match` whose value must be text: its literals of 3+
+  characters (caseless unless the match is cased; caseless tokens are cut at non-ASCII
+  characters that other characters lower-case to) AND one of the field's key names; an exact
+  value on an underived field: the literal right after a msgpack str/bin header of its length;
+  a derived field (``fields.yaml``): the direct form OR what each derivation needs (the
+  ``windows_event`` category: one of the channel + event id pairs that map to it);
+* :class:`~ruletag.rules.ir.Regex`: the literal runs every match contains (parsed with
+  Python's regex parser; anything it rejects adds the key names only);
+* :class:`~ruletag.rules.ir.Equals` with a number on an underived field: a key name
+  immediately followed by the number in any msgpack integer encoding, or by a float, str, bin
+  or array header (numeric strings and lists can match too);
+* other leaves on a field: one of the field's key names (matched cased, as record lookups
+  are); ``Not``, ``IsNull`` and computed predicates: no requirement.
+
+Matching is two-staged (:class:`RawFilter`): one Hyperscan scan of the whole chunk for each
+rule's *trigger* (the rarest-looking patterns one of which must occur), then, for the entries a
+trigger hit, one scan of the entry for every pattern and the triggered rules' requirements as
+generated Python code. The caller decodes only the entries with a rule left and evaluates only
+those rules; rules without a requirement are evaluated on every entry. Entries holding a
+character that lower-cases or case-folds to ASCII letters (U+0130, U+212A, U+017F) go to every
+rule (a caseless ASCII literal could miss them).
+"""
+
+from __future__ import annotations
+
+import bisect
+import marshal
+import re
+import struct
+import sys
+from collections.abc import Callable, Sequence
+from functools import cache
+from re import _constants as _C  # type: ignore[attr-defined]
+from re import _parser as _sre  # type: ignore[attr-defined]
+from typing import Any
+
+import hyperscan as hs
+
+from ruletag.rules.fields import CHANNEL, EVENT_ID, FieldMap
+from ruletag.rules.ir import (
+    And,
+    Cidr,
+    Compare,
+    Const,
+    Equals,
+    Exists,
+    FieldRef,
+    Match,
+    Node,
+    Not,
+    Or,
+    Regex,
+    Wild,
+)
+
+__all__ = ["FOLDS_TO_ASCII", "RawFilter", "build_raw_filter"]
+
+#: Non-ASCII characters whose ``str.lower()`` contains ASCII letters (U+0130, U+212A), or
+#: that RE2's caseless matching folds to an ASCII letter (U+017F long s, U+212A).
+FOLDS_TO_ASCII = ("\u0130", "\u212a", "\u017f")
+_NUMBER_CHARS = frozenset("0123456789.e+-")
+_NUMBER_WORDS = ("true", "false", "-infinity", "-nan", "none", "null")
+#: Headers after which a value can still equal a number: str, bin, float, array.
+_NUMERIC_OTHER = rb"[\xa0-\xbf\xd9-\xdb\xc4-\xc6\xca\xcb\x90-\x9f\xdc\xdd]"
+_INT_FORMATS = (
+    (0xCC, ">B", 0, 0xFF),
+    (0xCD, ">H", 0, 0xFFFF),
+    (0xCE, ">I", 0, 0xFFFFFFFF),
+    (0xCF, ">Q", 0, 0xFFFFFFFFFFFFFFFF),
+    (0xD0, ">b", -0x80, 0x7F),
+    (0xD1, ">h", -0x8000, 0x7FFF),
+    (0xD2, ">i", -0x80000000, 0x7FFFFFFF),
+    (0xD3, ">q", -0x8000000000000000, 0x7FFFFFFFFFFFFFFF),
+)
+#: Shortest literal worth scanning for (shorter ones occur in most records and cost a
+#: callback each); a pattern with only shorter literals adds its field's key names only.
+_MIN_LIT = 3
+#: Lone surrogates: how undecodable bytes of a value are represented (surrogateescape).
+_SURROGATES = re.compile("[\ud800-\udfff]")
+_Q = hs.HS_FLAG_QUIET  # marks a sub-pattern; never passed to Hyperscan
+
+# A requirement: a pattern id, ("&", args) or ("|", args); None = no requirement.
+Req = int | tuple[str, frozenset[Any]]
+_FALSE: tuple[str, frozenset[Any]] = ("F", frozenset())  # can never hold (rule never matches)
+
+
+def _encode(s: str) -> bytes:
+    return s.encode("utf-8", "surrogatepass")
+
+
+def _escape(lit: bytes) -> bytes:
+    return b"".join(
+        bytes((c,)) if (48 <= c <= 57 or 65 <= c <= 90 or 97 <= c <= 122) else b"\\x%02x" % c
+        for c in lit
+    )
+
+
+def number_like(lit: str) -> bool:
+    """Could ``lit`` occur in the canonical text of an int, float or bool?"""
+    low = lit.lower()
+    return set(low) <= _NUMBER_CHARS or any(low in w for w in _NUMBER_WORDS)
+
+
+def int_encodings(v: int) -> list[bytes]:
+    """Every msgpack encoding of the integer ``v`` (canonical or not)."""
+    out: list[bytes] = []
+    if 0 <= v <= 0x7F:
+        out.append(bytes((v,)))
+    if -32 <= v < 0:
+        out.append(bytes((v & 0xFF,)))
+    for tag, fmt, lo, hi in _INT_FORMATS:
+        if lo <= v <= hi:
+            out.append(bytes((tag,)) + struct.pack(fmt, v))
+    return out
+
+
+def text_headers(n: int) -> list[bytes]:
+    """Every msgpack str or bin header of an ``n``-byte value."""
+    out: list[bytes] = []
+    if n < 32:
+        out.append(bytes((0xA0 | n,)))
+    if n < 0x100:
+        out += [b"\xd9" + bytes((n,)), b"\xc4" + bytes((n,))]
+    if n < 0x10000:
+        out += [b"\xda" + struct.pack(">H", n), b"\xc5" + struct.pack(">H", n)]
+    out += [b"\xdb" + struct.pack(">I", n), b"\xc6" + struct.pack(">I", n)]
+    return out
+
+
+def _alts(parts: Sequence[bytes]) -> bytes:
+    return b"(?:" + b"|".join(_escape(p) for p in parts) + b")"
+
+
+# --------------------------------------------------------------------------- requirements
+
+
+def _and(parts: Sequence[Req | None]) -> Req | None:
+    items: set[Any] = set()
+    for p in parts:
+        if p is _FALSE:
+            return _FALSE
+        if p is None:
+            continue
+        if isinstance(p, tuple) and p[0] == "&":
+            items |= p[1]
+        else:
+            items.add(p)
+    if not items:
+        return None
+    if len(items) == 1:
+        return next(iter(items))
+    return ("&", frozenset(items))
+
+
+def _or(parts: Sequence[Req | None]) -> Req | None:
+    items: set[Any] = set()
+    for p in parts:
+        if p is None:
+            return None
+        if p is _FALSE:
+            continue
+        if isinstance(p, tuple) and p[0] == "|":
+            items |= p[1]
+        else:
+            items.add(p)
+    if not items:
+        return _FALSE
+    if len(items) == 1:
+        return next(iter(items))
+    # (a & k) | (b & k) -> k & (a | b): keeps expressions small (field key names repeat)
+    conj = [p[1] if isinstance(p, tuple) and p[0] == "&" else frozenset((p,)) for p in items]
+    common = frozenset.intersection(*conj)
+    if common:
+        rest: list[Req | None] = []
+        for c in conj:
+            r = c - common
+            if not r:
+                return _and(list(common))
+            rest.append(_and(list(r)))
+        return _and([*common, _or(rest)])
+    return ("|", frozenset(items))
+
+
+class _ReqCode:
+    """Requirements as Python source: ``def _q<k>(h, M): return ...`` over the set of hits.
+
+    A sub-requirement several rules share (a logsource test) becomes its own function whose
+    result is kept in ``M`` (one dict per entry), so it is evaluated once per entry.
+    """
+
+    def __init__(self, reqs: dict[int, Req]) -> None:
+        self.consts: list[frozenset[int]] = []
+        counts: dict[Req, int] = {}
+        for r in reqs.values():
+            self._count(r, counts, set())
+        self.shared: dict[Req, int] = {}
+        self.shared_src: list[str] = []
+        self._big = {r for r, n in counts.items() if n >= 2 and _size(r) >= 6}
+
+    def _count(self, r: Req, counts: dict[Req, int], seen: set[Req]) -> None:
+        if type(r) is int or r in seen:
+            return
+        seen.add(r)
+        counts[r] = counts.get(r, 0) + 1
+        for a in r[1]:  # type: ignore[index]
+            self._count(a, counts, seen)
+
+    def expr(self, r: Req, top: bool = False) -> str:
+        if type(r) is int:
+            return f"({r} in h)"
+        if not top and r in self._big:
+            j = self.shared.get(r)
+            if j is None:
+                body = self.expr(r, top=True)
+                j = self.shared[r] = len(self.shared_src)
+                self.shared_src.append(f"def _c{j}(h, M):\n    return {body}")
+            return f"(M[{j}] if {j} in M else _m(h, M, {j}))"
+        op, args = r  # type: ignore[misc]
+        ints = sorted(a for a in args if type(a) is int)
+        # cheaper (shorter) sub-expressions first: ``and``/``or`` stop early
+        rest = sorted((self.expr(a) for a in args if type(a) is not int), key=lambda x: (len(x), x))
+        parts: list[str] = []
+        if len(ints) == 1:
+            parts.append(f"({ints[0]} in h)")
+        elif ints:
+            self.consts.append(frozenset(ints))
+            c = f"_S[{len(self.consts) - 1}]"
+            parts.append(f"({c} <= h)" if op == "&" else f"(not h.isdisjoint({c}))")
+        parts.extend(rest)
+        return "(" + (" and " if op == "&" else " or ").join(parts) + ")"
+
+    def module(self, reqs: dict[int, Req]) -> str:
+        lines = [f"def _q{k}(h, M):\n    return {self.expr(r)}" for k, r in reqs.items()]
+        lines += self.shared_src
+        lines.append("_C = (" + "".join(f"_c{j}, " for j in range(len(self.shared_src))) + ")")
+        lines.append("def _m(h, M, j):\n    r = M[j] = _C[j](h, M)\n    return r")
+        lines.append("_REQS = {" + "".join(f"{k}: _q{k}, " for k in reqs) + "}")
+        return "\n".join(lines) + "\n"
+
+
+def _size(r: Req) -> int:
+    if type(r) is int:
+        return 1
+    return sum(_size(a) for a in r[1])  # type: ignore[index]
+
+
+def _exec(
+    code: Any, consts: Sequence[frozenset[int]]
+) -> dict[int, Callable[[set[int], dict[int, bool]], bool]]:
+    ns: dict[str, Any] = {"_S": tuple(consts)}
+    exec(code, ns)
+    return ns["_REQS"]
+
+
+@cache
+def _lowered_from_others() -> frozenset[str]:
+    """Non-ASCII characters that occur in the lower case of some *other* character."""
+    out: set[str] = set()
+    for cp in range(0x80, 0x110000):
+        c = chr(cp)
+        low = c.lower()
+        if low != c:
+            out.update(x for x in low if not x.isascii())
+    return frozenset(out)
+
+
+def _caseless_runs(token: str) -> list[str]:
+    """Pieces of a caseless token that a matching value holds as is, up to ASCII case.
+
+    ASCII letters only come from ASCII letters (or the fold characters, which force a
+    decode); a non-ASCII character is kept when it is its own lower and upper case and no
+    other character lowers to it; any other character splits the token.
+    """
+    others = _lowered_from_others() if not token.isascii() else frozenset()
+    runs: list[str] = []
+    cur: list[str] = []
+    for c in token:
+        stable = c.lower() == c == c.upper() and c not in others
+        if c.isascii() or (stable and not _SURROGATES.match(c)):
+            cur.append(c)
+        elif cur:
+            runs.append("".join(cur))
+            cur = []
+    if cur:
+        runs.append("".join(cur))
+    return runs
+
+
+def _wild_match(m: Match, text: str) -> bool:
+    """Does ``text`` fully match the Match pattern (``ir`` semantics)?"""
+    parts: list[str] = []
+    for t in m.pattern:
+        if t is Wild.ANY:
+            parts.append(".*")
+        elif t is Wild.ONE:
+            parts.append(".")
+        else:
+            parts.append(re.escape(t if m.cased else t.lower()))
+    return re.fullmatch("".join(parts), text if m.cased else text.lower(), re.DOTALL) is not None
+
+
+def _lit_cost(n: int) -> float:
+    """How likely a literal of ``n`` bytes is to occur in a record (a guess: shorter is far
+    likelier), used to choose the rarest trigger."""
+    return 2.0 ** -(n - 2)
+
+
+class _Unsupported(Exception):
+    """A regex construct the literal extraction does not model."""
+
+
+def _regex_req(pattern: str, caseless: bool, lit: Callable[[str], Req | None]) -> Req | None:
+    """Literal runs every match of ``pattern`` contains (RE2 syntax parsed by Python's
+    parser: anything it rejects or whose case flags change inside is unsupported)."""
+    try:
+        parsed = _sre.parse(pattern, re.IGNORECASE if caseless else 0)
+    except Exception as exc:  # re.error, RecursionError, ...
+        raise _Unsupported from exc
+    return _seq_req(list(parsed), lit)
+
+
+def _seq_req(items: Sequence[Any], lit: Callable[[str], Req | None]) -> Req | None:
+    parts: list[Req | None] = []
+    run: list[str] = []
+
+    def flush() -> None:
+        if run:
+            parts.append(lit("".join(run)))
+            run.clear()
+
+    for op, av in items:
+        if op is _C.LITERAL:
+            run.append(chr(av))
+            continue
+        flush()
+        if op is _C.SUBPATTERN:
+            _group, add, dele, sub = av
+            if (add | dele) & re.IGNORECASE:
+                raise _Unsupported
+            parts.append(_seq_req(list(sub), lit))
+        elif op is _C.ATOMIC_GROUP:
+            parts.append(_seq_req(list(av), lit))
+        elif op is _C.BRANCH:
+            parts.append(_or([_seq_req(list(b), lit) for b in av[1]]))
+        elif op in (_C.MAX_REPEAT, _C.MIN_REPEAT, _C.POSSESSIVE_REPEAT):
+            lo, _hi, sub = av
+            if lo >= 1:
+                parts.append(_seq_req(list(sub), lit))
+    flush()
+    return _and(parts)
+
+
+class _Builder:
+    """Turns formulas into requirements, collecting the byte patterns they use."""
+
+    def __init__(self, fm: FieldMap) -> None:
+        self.fm = fm
+        self.patterns: dict[tuple[bytes, int], int] = {}
+        self.kind: list[float] = []  # per pattern: base cost (how common it likely is)
+        self._keys: dict[tuple[str, bool], Req | None] = {}
+        self._memo: dict[Node, Req | None] = {}
+
+    def pattern(self, pat: bytes, flags: int, cost: float) -> int:
+        i = self.patterns.setdefault((pat, flags), len(self.patterns))
+        if i == len(self.kind):
+            self.kind.append(cost)
+        return i
+
+    def keys(self, field: str, direct: bool = False) -> Req | None:
+        """One of the key names that can supply ``field`` (``direct``: no derivations)."""
+        got = self._keys.get((field, direct), _FALSE)
+        if got is _FALSE:
+            ks = self.fm.direct_keys(field) if direct else self.fm.raw_keys(field)
+            got = _or([self.pattern(_escape(_encode(k)), _Q, 20.0) for k in sorted(ks)])
+            got = None if not ks else got
+            self._keys[(field, direct)] = got
+        return got
+
+    def req(self, n: Node) -> Req | None:
+        """The raw requirement of ``n`` (None: none; ``_FALSE``: ``n`` is never true)."""
+        got = self._memo.get(n, _FALSE)
+        if got is _FALSE and n not in self._memo:
+            got = self._memo[n] = self._req(n)
+        return got
+
+    def _req(self, n: Node) -> Req | None:
+        if isinstance(n, And):
+            return _and([self.req(a) for a in n.args])
+        if isinstance(n, Or):
+            return _or([self.req(a) for a in n.args])
+        if isinstance(n, Const):
+            return None if n.value else _FALSE
+        if isinstance(n, Not):
+            return None
+        if isinstance(n, Match):
+            return self._match(n)
+        if isinstance(n, Equals):
+            return self._equals(n)
+        if isinstance(n, Regex):
+            return self._regex(n)
+        if isinstance(n, Compare | Cidr | Exists):
+            return self.keys(n.field)
+        if isinstance(n, FieldRef):
+            return _and([self.keys(n.field), self.keys(n.other)])
+        return None  # IsNull, Predicate
+
+    def _text(self, n: Match, field_req: Req | None, exact: bool) -> Req | None:
+        """``field_req`` and the literals a text value matching ``n`` contains."""
+        toks = [t for t in n.pattern if isinstance(t, str)]
+        # a token no number or bool can contain: the value is text, present in the bytes
+        if not any(not t.isascii() or not number_like(t) for t in toks):
+            return field_req
+        flags = _Q if n.cased else _Q | hs.HS_FLAG_CASELESS
+        lits: list[bytes] = []
+        whole = True  # every token kept entire (needed for the exact-value form)
+        for t in toks:
+            if n.cased:
+                if _SURROGATES.search(t):  # stands for raw bytes the value holds otherwise
+                    whole = False
+                else:
+                    lits.append(_encode(t))
+                continue
+            runs = _caseless_runs(t)
+            whole = whole and runs == [t]
+            lits.extend(_encode(x.lower()) for x in runs)
+        if not lits:
+            return field_req
+        if exact and whole and len(n.pattern) == 1:
+            lit = lits[0]
+            whole = _alts(text_headers(len(lit))) + _escape(lit)
+            return _and([field_req, self.pattern(whole, flags, _lit_cost(len(lit) + 2))])
+        good = [x for x in lits if len(x) >= _MIN_LIT]
+        if not good:
+            best = max(lits, key=len)
+            good = [best] if len(best) >= 2 else []
+        pats = [self.pattern(_escape(x), flags, _lit_cost(len(x))) for x in good]
+        return _and([field_req, *pats])
+
+    def _regex(self, n: Regex) -> Req | None:
+        field_req = self.keys(n.field) if n.field is not None else None
+        if n.field is not None and not self.fm.verbatim(n.field):
+            return field_req
+        caseless = "i" in n.flags
+        flags = _Q | (hs.HS_FLAG_CASELESS if caseless else 0)
+
+        def lit(run: str) -> Req | None:
+            pieces = _caseless_runs(run) if caseless else [run]
+            out: list[Req | None] = []
+            for p in pieces:
+                if len(p) >= _MIN_LIT and not number_like(p) and not _SURROGATES.search(p):
+                    b = _encode(p.lower() if caseless else p)
+                    out.append(self.pattern(_escape(b), flags, _lit_cost(len(b))))
+            return _and(out)
+
+        try:
+            return _and([field_req, _regex_req(n.pattern, caseless, lit)])
+        except _Unsupported:
+            return field_req
+
+    def _match(self, n: Match) -> Req | None:
+        if n.field is None:
+            return self._text(n, None, exact=True)
+        derive = self.fm.derivations(n.field)
+        if not derive:
+            return self._text(n, self.keys(n.field), exact=True)
+        # a direct value, or (only when there is none) a derived one
+        alts: list[Req | None] = [self._text(n, self.keys(n.field, direct=True), exact=True)]
+        for kind, src, value in derive:
+            if kind == "basename":  # a basename is a substring of the source's value
+                inner = Match(src, (Wild.ANY, *n.pattern, Wild.ANY), n.cased)
+                alts.append(self.req(inner))
+            elif kind == "when_present":
+                alts.append(self.keys(src) if _wild_match(n, value) else _FALSE)
+            else:
+                alts.append(self._windows_event(n, src))
+        return _or(alts)
+
+    def _windows_event(self, n: Match, attr: str) -> Req | None:
+        rows: list[Req | None] = []
+        for channel, eid, cats, types in self.fm.windows_events():
+            values = cats if attr == "category" else types
+            if any(_wild_match(n, v) for v in values):
+                rows.append(
+                    _and(
+                        [
+                            self.req(Match(CHANNEL, (channel,), cased=False)),
+                            self.req(Equals(EVENT_ID, eid)),
+                        ]
+                    )
+                )
+        return _or(rows)
+
+    def _equals(self, n: Equals) -> Req | None:
+        v = n.value
+        if isinstance(v, bool):
+            return self.keys(n.field)
+        ks = sorted(self.fm.direct_keys(n.field))
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        encs = int_encodings(v) if isinstance(v, int) else []
+        tail = b"(?:" + b"|".join([*(_escape(e) for e in encs), _NUMERIC_OTHER]) + b")"
+        alts: list[Req | None] = [self.pattern(_escape(_encode(k)) + tail, _Q, 0.3) for k in ks]
+        for kind, src, _value in self.fm.derivations(n.field):
+            alts.append(self.keys(src) if kind != "windows_event" else self.keys(CHANNEL))
+        return _or(alts) if alts else None
+
+
+def _trigger(r: Req, cost: Sequence[float]) -> tuple[frozenset[int], float]:
+    """Patterns one of which occurs whenever ``r`` holds, chosen to be rare; and their cost."""
+    if isinstance(r, int):
+        return frozenset((r,)), cost[r]
+    op, args = r
+    subs = [_trigger(a, cost) for a in args]
+    if op == "&":
+        return min(subs, key=lambda x: x[1])
+    return frozenset().union(*(s for s, _ in subs)), sum(c for _, c in subs)
+
+
+def _pattern_ids(r: Req, out: set[int]) -> None:
+    if isinstance(r, int):
+        out.add(r)
+    else:
+        for a in r[1]:
+            _pattern_ids(a, out)
+
+
+# --------------------------------------------------------------------------- the filter
+
+
+class RawFilter:
+    """A compiled pre-filter: :meth:`candidates` lists the entries worth decoding, and for
+    each the rules whose raw requirement holds.
+
+    Two stages: one scan of the whole chunk for the *trigger* patterns (a rare pattern per
+    rule, or per branch of an Or), then, for the entries a trigger hit, one scan of that entry
+    for every pattern and a check of the triggered rules' full requirements.
+    """
+
+    def __init__(
+        self,
+        trigger_db: Any,
+        full_db: Any,
+        trig_rules: dict[int, tuple[int, ...]],
+        source: str,
+        consts: tuple[frozenset[int], ...],
+        code: Any = None,
+    ) -> None:
+        self.trigger_db = trigger_db
+        self.full_db = full_db
+        self.trig_rules = trig_rules
+        self.source = source
+        self.consts = consts
+        self.code = code if code is not None else compile(source, "<ruletag-raw>", "exec")
+        self.reqs = _exec(self.code, consts)
+
+    def candidates(self, entries: bytes, spans: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
+        """Entry index -> rules (ascending) whose raw requirement holds in that entry."""
+        if not spans:
+            return {}
+        starts = [s for s, _ in spans]
+        per_entry: dict[int, set[int]] = {}
+        bis = bisect.bisect_right
+        last = [-1, -1, set()]  # span of the last entry hit and its trigger set
+
+        def on_trigger(i: int, _f: int, to: int, _fl: int, _c: object) -> None:
+            if last[0] < to <= last[1]:
+                last[2].add(i)
+                return
+            k = bis(starts, to - 1) - 1
+            if k >= 0:
+                s, e = spans[k]
+                if to <= e:
+                    got = per_entry.get(k)
+                    if got is None:
+                        got = per_entry[k] = set()
+                    got.add(i)
+                    last[0], last[1], last[2] = s, e, got
+
+        self.trigger_db.scan(entries, on_trigger)
+        out: dict[int, list[int]] = {}
+        if not per_entry:
+            return out
+        view = memoryview(entries)
+        trig_rules = self.trig_rules
+        reqs = self.reqs
+        hits: set[int] = set()
+
+        def on_hit(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
+            hits.add(i)
+
+        for k in sorted(per_entry):
+            s, e = spans[k]
+            hits.clear()
+            self.full_db.scan(view[s:e], on_hit)
+            if _FOLD_ID in hits:  # a caseless literal could be hidden: every rule may match
+                out[k] = sorted(reqs)
+                continue
+            rules: set[int] = set()
+            for t in per_entry[k]:
+                rules.update(trig_rules.get(t, ()))
+            memo: dict[int, bool] = {}
+            ok = [r for r in sorted(rules) if reqs[r](hits, memo)]
+            if ok:
+                out[k] = ok
+        return out
+
+
+_FOLD_ID = 1 << 30  # the id of the fold-character patterns, above any literal's id
+
+
+def build_raw_filter(
+    formulas: Sequence[Node], fm: FieldMap
+) -> tuple[RawFilter | None, list[int], dict[str, int]]:
+    """The pre-filter of ``formulas``; also the rules without a raw requirement and stats."""
+    b = _Builder(fm)
+    forced: list[int] = []
+    reqs: dict[int, Req] = {}
+    for k, f in enumerate(formulas):
+        r = b.req(f)
+        if r is None:
+            forced.append(k)
+        elif r is not _FALSE:
+            reqs[k] = r
+    # patterns many rules use (logsource tests, key names) are likely frequent in the data
+    spread = [0] * len(b.kind)
+    for r in reqs.values():
+        used: set[int] = set()
+        _pattern_ids(r, used)
+        for i in used:
+            spread[i] += 1
+    cost = [c * (1.0 + spread[i] / 8) for i, c in enumerate(b.kind)]
+    trig_rules: dict[int, list[int]] = {}
+    for k, r in reqs.items():
+        for t in _trigger(r, cost)[0]:
+            trig_rules.setdefault(t, []).append(k)
+    stats = {
+        "raw_patterns": len(b.patterns),
+        "raw_triggers": len(trig_rules),
+        "raw_requirements": len(reqs),
+    }
+    if not reqs:
+        return None, forced, stats
+    by_id = {i: (pat, fl) for (pat, fl), i in b.patterns.items()}
+    fold = [(_escape(_encode(ch)), hs.HS_FLAG_SINGLEMATCH) for ch in FOLDS_TO_ASCII]
+    trig = [(by_id[i][0], by_id[i][1] & ~_Q, i) for i in sorted(trig_rules)]
+    trig += [(p, 0, _FOLD_ID) for p, _ in fold]
+    one = hs.HS_FLAG_SINGLEMATCH
+    full = [(pat, (fl & ~_Q) | one, i) for i, (pat, fl) in sorted(by_id.items())]
+    full += [(p, fl, _FOLD_ID) for p, fl in fold]
+    trig_rules[_FOLD_ID] = []
+    gen = _ReqCode(reqs)
+    source = gen.module(reqs)
+    filt = RawFilter(
+        _compile(trig),
+        _compile(full),
+        {t: tuple(v) for t, v in trig_rules.items()},
+        source,
+        tuple(gen.consts),
+    )
+    return filt, forced, stats
+
+
+def _compile(pats: Sequence[tuple[bytes, int, int]]) -> Any:
+    db = hs.Database(mode=hs.HS_MODE_BLOCK)
+    db.compile(
+        expressions=[p for p, _, _ in pats],
+        ids=[i for _, _, i in pats],
+        elements=len(pats),
+        flags=[f for _, f, _ in pats],
+    )
+    return db
+
+
+def dump(f: RawFilter | None) -> tuple[Any, ...] | None:
+    """The filter as picklable data (Hyperscan databases serialised)."""
+    if f is None:
+        return None
+    code = (sys.version_info[:2], marshal.dumps(f.code))
+    return (hs.dumpb(f.trigger_db), hs.dumpb(f.full_db), f.trig_rules, f.source, f.consts, code)
+
+
+def load(state: tuple[Any, ...] | None) -> RawFilter | None:
+    """A filter from :func:`dump` output."""
+    if state is None:
+        return None
+    trig, full, trig_rules, source, consts, (pyver, blob) = state
+    code = marshal.loads(blob) if pyver == sys.version_info[:2] else None
+    dbs = []
+    for blob in (trig, full):
+        db = hs.loadb(blob, hs.HS_MODE_BLOCK)
+        db.scratch = hs.Scratch(db)
+        dbs.append(db)
+    return RawFilter(dbs[0], dbs[1], trig_rules, source, consts, code)
