@@ -107,3 +107,28 @@ def test_spans_absent_when_float_times_are_rewritten() -> None:
     chunk = conn.next_event()
     assert isinstance(chunk, Chunk)
     assert chunk.spans == codec.iter_entries(chunk.entries) == [(0, 6), (6, 12)]
+
+
+def test_a_record_that_breaks_matching_is_forwarded_and_only_it(
+    seeds: tuple[RuleFilter, list[Any], list[Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, pos, neg = seeds
+    f = RuleFilter(base.table)
+    records = [pos[0], {"poison": True}, pos[1], neg[0]]
+    entries = b"".join(_pack(1000 + i, r) for i, r in enumerate(records))
+    chunk = Chunk(tag="win", entries=entries, count=len(records))
+    real = f.table.match_entries
+
+    def breaks_on_poison(buf: bytes, spans: Any) -> dict[int, list[int]]:
+        if b"poison" in buf:
+            raise RuntimeError("matcher bug")
+        return real(buf, spans)
+
+    monkeypatch.setattr(f.table, "match_entries", breaks_on_poison)
+    out = f(chunk)
+    got = [msgpack.unpackb(out[0].entries[s:e], raw=False)[1]
+           for s, e in codec.iter_entries(out[0].entries)]
+    assert len(out) == 1 and out[0].count == 4
+    assert "detections" in got[0] and "detections" in got[2]  # the others still matched
+    assert got[1] == {"poison": True} and "detections" not in got[3]
+    assert f.stats.record_errors == 1

@@ -8,6 +8,7 @@ and the chunk is cut into consecutive runs so the downstream still sees the orig
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -19,6 +20,8 @@ from ruletag.codec import iter_entries
 from ruletag.events import Chunk
 from ruletag.rules.ir import Rule
 from ruletag.rules.table import CompiledTable
+
+log = logging.getLogger(__name__)
 
 Style = Literal["ruletag", "ecs"]
 
@@ -32,6 +35,7 @@ class FilterStats:
     chunks_in: int = 0
     detections: dict[str, int] = field(default_factory=dict)  # rule id -> count
     by_severity: dict[str, int] = field(default_factory=dict)
+    record_errors: int = 0  # records forwarded unannotated because matching them failed
 
 
 def _unpack(data: bytes) -> Any:
@@ -89,7 +93,10 @@ class RuleFilter:
         stats.chunks_in += 1
         stats.records_in += chunk.count
         spans = chunk.spans if chunk.spans is not None else iter_entries(chunk.entries)
-        hits = self.table.match_entries(chunk.entries, spans)
+        try:
+            hits = self.table.match_entries(chunk.entries, spans)
+        except Exception as exc:  # a bug or an odd record must not block the whole chunk
+            hits = self._match_one_by_one(chunk.entries, spans, exc)
         if not hits:
             return [chunk]
         entries = chunk.entries
@@ -111,14 +118,19 @@ class RuleFilter:
             start, end = spans[idx]
             if idx > done_idx + 1:
                 add(tag, entries[done_end:start], idx - done_idx - 1)
-            entry = _unpack(entries[start:end])
-            record = entry[1]
-            if isinstance(record, dict):
-                self._annotate(record, hits[idx])
-                add(alert_tag, _pack(entry), 1)
-                self._count(hits[idx])
-            else:  # not a map: nothing to annotate, keep as it came
-                add(alert_tag, entries[start:end], 1)
+            try:
+                entry = _unpack(entries[start:end])
+                record = entry[1]
+                if isinstance(record, dict):
+                    self._annotate(record, hits[idx])
+                    data = _pack(entry)
+                    self._count(hits[idx])
+                else:  # not a map: nothing to annotate, keep as it came
+                    data = entries[start:end]
+            except Exception as exc:
+                self._record_error(idx, exc)
+                data = entries[start:end]
+            add(alert_tag, data, 1)
             done_end, done_idx = end, idx
         if done_idx < len(spans) - 1:
             add(tag, entries[done_end : spans[-1][1]], len(spans) - 1 - done_idx)
@@ -127,6 +139,31 @@ class RuleFilter:
             replace(chunk, tag=t, entries=b"".join(parts), count=n[0], chunk_id=None, spans=None)
             for t, parts, n in runs
         ]
+
+    def _match_one_by_one(
+        self, entries: bytes, spans: Sequence[tuple[int, int]], exc: Exception
+    ) -> dict[int, list[int]]:
+        """Slow path after a failed chunk scan: match each entry alone, skip the bad ones."""
+        log.warning("matching a chunk failed (%s: %s); matching its records one by one",
+                    type(exc).__name__, exc)
+        hits: dict[int, list[int]] = {}
+        for idx, (start, end) in enumerate(spans):
+            try:
+                one = self.table.match_entries(entries[start:end], [(0, end - start)])
+            except Exception as err:
+                self._record_error(idx, err)
+                continue
+            if one:
+                hits[idx] = one[0]
+        return hits
+
+    def _record_error(self, idx: int, exc: Exception) -> None:
+        """Count (and log, sparingly) a record forwarded unannotated because it failed."""
+        self.stats.record_errors += 1
+        n = self.stats.record_errors
+        if n <= 10 or n % 1000 == 0:
+            log.error("record %d of a chunk forwarded unannotated: matching failed: %s: %s "
+                      "(%d such records so far)", idx, type(exc).__name__, exc, n)
 
     def _count(self, matched: list[int]) -> None:
         stats = self.stats
