@@ -10,7 +10,8 @@ Exported families (all prefixed ``ruletag_``): ``records_in_total``, ``records_o
 ``bytes_in_total`` (wire bytes), ``bytes_out_total`` (entry bytes), ``forward_bytes_total``
 (frames acked downstream), ``chunks_in_total``, ``chunks_out_total``, ``acks_sent_total``,
 ``detections_total{rule_id}``, ``detections_by_severity_total{severity}``,
-``records_matched_total``, ``record_match_errors_total``, ``downstream_pending_chunks``, ``upstream_pending_chunks``,
+``records_matched_total``, ``record_match_errors_total``, ``downstream_pending_chunks``,
+``upstream_pending_chunks``,
 ``upstream_in_flight_bytes``, ``forward_in_flight_bytes``, ``forward_retries_total``,
 ``forward_ack_timeouts_total``, ``forward_connect_failures_total``, ``downstream_up{server}``,
 ``protocol_errors_total``, ``auth_failures_total``, ``submit_errors_total``,
