@@ -18,7 +18,7 @@ entry's seconds to know which chunk arrived (for the latency measurement) withou
 the records.
 
     python bench/gen_traffic.py -o /tmp/ruletag-traffic.bin --chunks 100
-    python bench/gen_traffic.py -o /tmp/t.bin --check /work/shared/rules   # measure match rate
+    python bench/gen_traffic.py -o /tmp/t.bin --check ../shared/rules   # measure match rate
 """
 
 from __future__ import annotations
