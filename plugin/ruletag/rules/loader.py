@@ -103,12 +103,20 @@ def rule_files(paths: Sequence[str | Path]) -> tuple[list[Path], list[RuleError]
         p = Path(raw)
         if p.is_dir():
             root = p.resolve()  # once per folder: resolve() per file costs an lstat per part
-            for f in sorted(p.rglob("*")):
-                rel = f.relative_to(p).parts
-                if any(part.startswith(".") for part in rel) or not f.is_file():
-                    continue
-                if source_of(f) and not _skipped_name(f):
-                    add(f, f.resolve() if f.is_symlink() else root.joinpath(*rel))
+            found: list[tuple[tuple[str, ...], Path, Path]] = []
+            for dirpath, dirnames, filenames in os.walk(p, followlinks=True):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                rel_dir = Path(dirpath).relative_to(p).parts
+                for name in filenames:
+                    f = Path(dirpath, name)
+                    if name.startswith(".") or not source_of(f) or _skipped_name(f):
+                        continue
+                    if not os.path.isfile(f):
+                        continue
+                    key = f.resolve() if os.path.islink(f) else root.joinpath(*rel_dir, name)
+                    found.append(((*rel_dir, name), f, key))
+            for _, f, key in sorted(found, key=lambda item: item[0]):
+                add(f, key)
         elif p.is_file():
             if source_of(p):
                 add(p)
