@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ruletag.errors import ConfigError
-from ruletag.rules.fields import FieldMap, as_text, basename
+from ruletag.rules.fields import FieldMap, as_text, basename, flatten_record, resolve
 from ruletag.rules.ir import And, Equals, Exists, Logsource, Match, Node, Not, Or
 from ruletag.rules.reference import evaluate
 
@@ -343,3 +345,25 @@ def test_corpus_windows_logsources_are_mapped(
     assert cond is not None
     assert cond != Match("host.os.type", ("windows",), cased=False)  # more than the product
     assert _leaf_types(cond) <= {Match, Equals, Exists}
+
+
+_keys = st.sampled_from(["a", "b", "a.b", "b.c", "a.b.c", "c", ""])
+_scalars = st.one_of(st.none(), st.integers(-3, 3), st.text("xy", max_size=2), st.booleans())
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(_keys, inner, max_size=3)),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(_keys, _values, max_size=4))
+def test_flatten_record_finds_what_resolve_finds(record: dict) -> None:
+    """The one-walk flattening agrees with path-by-path resolution (as multisets)."""
+    flat = flatten_record(record)
+    for path in ["a", "b", "c", "a.b", "b.c", "a.b.c", "a.b.c.a", ""]:
+        want: list[object] = []
+        resolve(record, path.split("."), want)
+        got = flat.get(path, [])
+        assert sorted(map(repr, got)) == sorted(map(repr, want)), path

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -80,6 +81,62 @@ def resolve(obj: object, parts: Sequence[str], out: list[object]) -> None:
             resolve(v, parts, out)
 
 
+_SCALARS = (str, int, float, bytes)
+
+
+def flatten_record(obj: Mapping[str, object]) -> dict[str, list[object]]:
+    """Every path of ``obj`` (keys joined with dots) -> its values, in one walk.
+
+    A path of nested objects, of literal dotted keys or of any mix gives the same dotted
+    string, so looking a field path up here finds what :func:`resolve` finds (lists searched
+    element-wise and flattened, nulls dropped, objects kept as values). Non-string keys are
+    skipped: no path can name them.
+    """
+    out: dict[str, list[object]] = {}
+    _flat_map(obj, None, out)
+    return out
+
+
+def _flat_map(obj: Mapping[Any, object], prefix: str | None, out: dict[str, list[object]]) -> None:
+    for k, v in obj.items():
+        if v is None or type(k) is not str:
+            continue
+        path = k if prefix is None else prefix + "." + k
+        if isinstance(v, _SCALARS):
+            got = out.get(path)
+            if got is None:
+                out[path] = [v]
+            else:
+                got.append(v)
+        elif isinstance(v, list | tuple):
+            vals: list[object] = []
+            _flatten(v, vals)
+            if vals:
+                got = out.get(path)
+                if got is None:
+                    out[path] = vals
+                else:
+                    got.extend(vals)
+                _flat_list(v, path, out)
+        else:
+            got = out.get(path)
+            if got is None:
+                out[path] = [v]
+            else:
+                got.append(v)
+            if isinstance(v, Mapping):
+                _flat_map(v, path, out)
+
+
+def _flat_list(items: Sequence[object], path: str, out: dict[str, list[object]]) -> None:
+    """Walk into the objects of a list (and of nested lists) below ``path``."""
+    for e in items:
+        if isinstance(e, Mapping):
+            _flat_map(e, path, out)
+        elif isinstance(e, list | tuple):
+            _flat_list(e, path, out)
+
+
 def _walk_strings(obj: object, out: list[str]) -> None:
     if isinstance(obj, Mapping):
         for v in obj.values():
@@ -119,6 +176,7 @@ _Derivation = _Basename | _WindowsEvent | _WhenPresent
 class _Plan:
     paths: tuple[tuple[str, ...], ...]
     derive: tuple[_Derivation, ...]
+    dotted: tuple[str, ...] = ()  # ``paths`` joined with dots (keys of ``flatten_record``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,13 +191,14 @@ class _WinEvent:
 class RecordView:
     """One record seen through the field mapping (built per record, values cached)."""
 
-    __slots__ = ("_cache", "_map", "_record", "_strings")
+    __slots__ = ("_cache", "_flat", "_map", "_record", "_strings")
 
     def __init__(self, fieldmap: FieldMap, record: Mapping[str, object]) -> None:
         self._map = fieldmap
         self._record = record
         self._cache: dict[str, list[object]] = {}
         self._strings: list[str] | None = None
+        self._flat: dict[str, list[object]] | None = None
 
     @property
     def record(self) -> Mapping[str, object]:
@@ -157,6 +216,15 @@ class RecordView:
             self._cache[field] = got
         return got
 
+    def flat(self) -> dict[str, list[object]]:
+        """Every dotted path of the record -> its values (:func:`flatten_record`, computed once).
+
+        Read-only: the lists are shared with later :meth:`values` results."""
+        flat = self._flat
+        if flat is None:
+            flat = self._flat = flatten_record(self._record)
+        return flat
+
     def strings(self) -> list[str]:
         """Every scalar value in the record as text, for Sigma keywords."""
         if self._strings is None:
@@ -167,9 +235,14 @@ class RecordView:
 
     def _compute(self, field: str) -> list[object]:
         plan = self._map._plan(field)
+        flat = self._flat
+        if flat is None:
+            flat = self._flat = flatten_record(self._record)
         out: list[object] = []
-        for parts in plan.paths:
-            resolve(self._record, parts, out)
+        for path in plan.dotted:
+            got = flat.get(path)
+            if got is not None:
+                out.extend(got)
         if out:
             return out
         for d in plan.derive:
@@ -419,7 +492,9 @@ class FieldMap:
                 for p in self._prefixes:
                     if f"{p}.{n}" not in paths:
                         paths.append(f"{p}.{n}")
-        plan = _Plan(tuple(tuple(p.split(".")) for p in paths), self._derive.get(canon, ()))
+        plan = _Plan(
+            tuple(tuple(p.split(".")) for p in paths), self._derive.get(canon, ()), tuple(paths)
+        )
         self._plans[field] = plan
         return plan
 

@@ -4,9 +4,12 @@ Per record the work is a handful of Hyperscan scans (one per present field, in C
 boolean formulas of the rules that one of those scans *triggered*; no per-rule Python loop.
 
 * String atoms (:class:`~ruletag.rules.ir.Match`, :class:`~ruletag.rules.ir.Regex`) of every
-  rule are grouped by field; each field gets Hyperscan databases (cased, caseless, regex)
-  scanned once per value. Regexes Hyperscan rejects, or whose semantics could differ from RE2
-  on a given value (non-ASCII text, a trailing newline), are run by RE2 (linear time).
+  rule are grouped by field (fields with the same paths and derivations, such as ``Image`` and
+  ``process.executable``, share a group); each group gets one Hyperscan database (cased,
+  caseless and regex atoms, per-pattern flags) scanned once per value. A record is flattened
+  once (``RecordView.flat``); groups whose paths the record lacks are skipped. Regexes
+  Hyperscan rejects, or whose semantics could differ from RE2 on a given value (non-ASCII
+  text, a trailing newline), are run by RE2 (linear time).
 * Other leaves are evaluated lazily, only for candidate rules, with a per-record cache.
 * Each rule gets a *trigger* set (And -> its most selective child, Or -> every child, Not ->
   none): atoms one of which must hit for the rule to be true. Only rules whose trigger atom hit
@@ -66,7 +69,7 @@ from ruletag.rules.ir import (
 
 __all__ = ["CompiledTable"]
 
-_MAGIC = b"RULETAG-TABLE\x00v2\n"
+_MAGIC = b"RULETAG-TABLE\x00v3\n"  # v3: one database per field group
 _BLOCK = hs.HS_MODE_BLOCK
 #: One UTF-8 encoded character (values are encoded with ``surrogatepass``, so well formed).
 _ONE_CHAR = (
@@ -231,6 +234,21 @@ def _trigger(
 # --------------------------------------------------------------------------- scanning
 
 
+def _hs_try(patterns: Sequence[tuple[int, bytes, int]]) -> Any:
+    """One Hyperscan database of (id, pattern, flags), or None if Hyperscan rejects one."""
+    db = hs.Database(mode=_BLOCK)
+    try:
+        db.compile(
+            expressions=[p for _, p, _ in patterns],
+            ids=[i for i, _, _ in patterns],
+            elements=len(patterns),
+            flags=[f for _, _, f in patterns],
+        )
+    except hs.error:
+        return None
+    return db
+
+
 def _hs_compile(patterns: Sequence[tuple[int, bytes, int]]) -> tuple[hs.Database, list[int]]:
     """Compile (id, pattern, flags); returns the database and the ids Hyperscan rejected."""
     rejected: list[int] = []
@@ -262,80 +280,109 @@ def _hs_compile(patterns: Sequence[tuple[int, bytes, int]]) -> tuple[hs.Database
 
 @dataclass(slots=True)
 class _Group:
-    """The string atoms of one field (``None`` = keywords) and their databases."""
+    """The string atoms of one field (``None`` = keywords) and their one database.
+
+    Cased, caseless and regex atoms share one Hyperscan database (per-pattern flags), so an
+    ASCII value costs one scan. Non-ASCII values are scanned as is for the cased atoms and
+    lower-cased for the caseless ones, and their regexes run by RE2 (as do values ending in a
+    newline, where ``$`` semantics could differ).
+    """
 
     field: str | None
     cased: list[tuple[int, bytes]]
     caseless: list[tuple[int, bytes]]
     regex: list[tuple[int, str, str]]  # id, pattern, flags
-    db_cs: Any = None
-    db_ci: Any = None
-    db_re: Any = None
+    db: Any = None
+    hs_regex: tuple[int, ...] = ()  # regex atoms compiled into ``db``
     re2_all: tuple[tuple[int, Any], ...] = ()  # every regex atom, compiled by RE2
     re2_only: tuple[tuple[int, Any], ...] = ()  # regex atoms Hyperscan cannot take
+    cased_ids: frozenset[int] = frozenset()
+    caseless_ids: frozenset[int] = frozenset()
 
     def compile(self) -> None:
         fl = hs.HS_FLAG_SINGLEMATCH | hs.HS_FLAG_ALLOWEMPTY | hs.HS_FLAG_DOTALL
-        if self.cased:
-            self.db_cs, _ = _hs_compile([(i, p, fl) for i, p in self.cased])
-        if self.caseless:
-            self.db_ci, _ = _hs_compile(
-                [(i, p, fl | hs.HS_FLAG_CASELESS) for i, p in self.caseless]
-            )
-        self._compile_regex(build=True)
+        lits = [(i, p, fl) for i, p in self.cased]
+        lits += [(i, p, fl | hs.HS_FLAG_CASELESS) for i, p in self.caseless]
+        regex = self._hs_regex_patterns()
+        bad: set[int] = set()
+        if lits or regex:
+            self.db = _hs_try([*lits, *regex])
+            if self.db is None:
+                # find the regexes Hyperscan rejects among the regexes alone (cheap), then
+                # compile the rest (probing everything only if that still fails)
+                bad.update(_hs_compile(regex)[1] if regex else ())
+                self.db, more = _hs_compile([x for x in (*lits, *regex) if x[0] not in bad])
+                bad.update(more)
+        self.hs_regex = tuple(i for i, _, _ in regex if i not in bad)
+        self._init_runtime()
 
-    def _compile_regex(self, build: bool) -> None:
+    def _hs_regex_patterns(self) -> list[tuple[int, bytes, int]]:
+        out: list[tuple[int, bytes, int]] = []
+        for i, pat, flags in self.regex:
+            if not pat.isascii():
+                continue
+            f = hs.HS_FLAG_SINGLEMATCH | hs.HS_FLAG_ALLOWEMPTY | hs.HS_FLAG_UTF8
+            f |= hs.HS_FLAG_CASELESS if "i" in flags else 0
+            f |= hs.HS_FLAG_MULTILINE if "m" in flags else 0
+            f |= hs.HS_FLAG_DOTALL if "s" in flags else 0
+            out.append((i, pat.encode(), f))
+        return out
+
+    def _init_runtime(self) -> None:
+        """RE2 programs and id sets (rebuilt after loading, never stored)."""
         r2: list[tuple[int, Any]] = []
-        hs_pats: list[tuple[int, bytes, int]] = []
-        only: set[int] = set()
         for i, pat, flags in self.regex:
             try:
                 prefix = f"(?{''.join(sorted(set(flags)))})" if flags else ""
                 r2.append((i, re2.compile(prefix + pat)))
             except re2.error:
                 continue  # invalid: never matches (front-ends reject these)
-            if not pat.isascii():
-                only.add(i)
-                continue
-            f = hs.HS_FLAG_SINGLEMATCH | hs.HS_FLAG_ALLOWEMPTY | hs.HS_FLAG_UTF8
-            f |= hs.HS_FLAG_CASELESS if "i" in flags else 0
-            f |= hs.HS_FLAG_MULTILINE if "m" in flags else 0
-            f |= hs.HS_FLAG_DOTALL if "s" in flags else 0
-            hs_pats.append((i, pat.encode(), f))
-        if build and hs_pats:
-            self.db_re, rejected = _hs_compile(hs_pats)
-            only.update(rejected)
-        elif not build and self.db_re is None:
-            only.update(i for i, _, _ in hs_pats)
+        in_db = set(self.hs_regex) if self.db is not None else set()
         self.re2_all = tuple(r2)
-        self.re2_only = tuple(x for x in r2 if x[0] in only)
+        self.re2_only = tuple(x for x in r2 if x[0] not in in_db)
+        self.cased_ids = frozenset(i for i, _ in self.cased)
+        self.caseless_ids = frozenset(i for i, _ in self.caseless)
 
-    def scan(self, values: Iterable[object], hits: Hits) -> None:
+    def scan(
+        self, values: Iterable[object], hits: Hits, on_match: Callable[..., None] | None = None
+    ) -> None:
+        """Add the atoms ``values`` hit to ``hits`` (``on_match``: a handler adding to it)."""
         add = hits.add
+        db = self.db
+        if on_match is None:
 
-        def on_match(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
-            add(i)
+            def on_match(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
+                add(i)
 
         for v in values:
             s = as_text(v)
             if s is None:
                 continue
-            ascii_ = s.isascii()
-            if self.db_cs is not None:
-                self.db_cs.scan(_encode(s), match_event_handler=on_match)
-            if self.db_ci is not None:
-                self.db_ci.scan(
-                    s.encode() if ascii_ else _encode(s.lower()), match_event_handler=on_match
-                )
-            if self.re2_all:
-                if self.db_re is not None and ascii_ and not s.endswith("\n"):
-                    self.db_re.scan(s.encode(), match_event_handler=on_match)
-                    rest = self.re2_only
-                else:
-                    rest = self.re2_all
-                for i, rx in rest:
-                    if i not in hits and _re2_search(rx, s):
-                        add(i)
+            rest = self.re2_all
+            if s.isascii():
+                if db is not None:
+                    if rest and s.endswith("\n"):
+                        self._scan_only(s.encode(), self.cased_ids | self.caseless_ids, add)
+                    else:
+                        db.scan(s.encode(), match_event_handler=on_match)
+                        rest = self.re2_only
+            elif db is not None:
+                if self.cased_ids:
+                    self._scan_only(_encode(s), self.cased_ids, add)
+                if self.caseless_ids:
+                    self._scan_only(_encode(s.lower()), self.caseless_ids, add)
+            for i, rx in rest:
+                if i not in hits and _re2_search(rx, s):
+                    add(i)
+
+    def _scan_only(self, data: bytes, ids: frozenset[int], add: Callable[[int], None]) -> None:
+        """Scan ``data``, keeping only the hits of ``ids``."""
+
+        def on_match(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
+            if i in ids:
+                add(i)
+
+        self.db.scan(data, match_event_handler=on_match)
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -343,9 +390,8 @@ class _Group:
             "cased": self.cased,
             "caseless": self.caseless,
             "regex": self.regex,
-            "db_cs": hs.dumpb(self.db_cs) if self.db_cs is not None else None,
-            "db_ci": hs.dumpb(self.db_ci) if self.db_ci is not None else None,
-            "db_re": hs.dumpb(self.db_re) if self.db_re is not None else None,
+            "db": hs.dumpb(self.db) if self.db is not None else None,
+            "hs_regex": self.hs_regex,
         }
 
     def __setstate__(self, st: dict[str, Any]) -> None:
@@ -355,10 +401,9 @@ class _Group:
             st["caseless"],
             st["regex"],
         )
-        self.db_cs = _load_db(st["db_cs"])
-        self.db_ci = _load_db(st["db_ci"])
-        self.db_re = _load_db(st["db_re"])
-        self._compile_regex(build=False)
+        self.db = _load_db(st["db"])
+        self.hs_regex = st["hs_regex"]
+        self._init_runtime()
 
 
 def _re2_search(rx: Any, text: str) -> bool:
@@ -616,11 +661,24 @@ class CompiledTable:
             return raw_keys_cache[field]
 
         # String atoms on a field are scanned eagerly; keyword atoms (field None) lazily.
+        # Fields that read the same paths with the same derivations (a Sigma name and its ECS
+        # alias: Image / process.executable) have the same values: one group scans them once.
+        same_values: dict[object, str] = {}
+
+        def group_key(field: str | None) -> str | None:
+            if field is None:
+                return None
+            sig = (frozenset(fm.paths(field)), fm.derivations(field))
+            return same_values.setdefault(sig, field)
+
         groups: dict[str | None, _Group] = {}
         eager: set[int] = set()
         for leaf, i in atom_of.items():
             if isinstance(leaf, Match | Regex):
-                g = groups.setdefault(leaf.field, _Group(leaf.field, [], [], []))
+                gk = group_key(leaf.field)
+                g = groups.get(gk)
+                if g is None:
+                    g = groups[gk] = _Group(gk, [], [], [])
                 if isinstance(leaf, Match):
                     (g.cased if leaf.cased else g.caseless).append((i, _match_regex(leaf)))
                 else:
@@ -717,10 +775,7 @@ class CompiledTable:
                 len(g.cased) + len(g.caseless) + len(g.regex) for g in groups.values()
             ),
             "fields": len(self._groups),
-            "databases": sum(
-                (g.db_cs is not None) + (g.db_ci is not None) + (g.db_re is not None)
-                for g in groups.values()
-            ),
+            "databases": sum(g.db is not None for g in groups.values()),
             "regex_re2_only": sum(len(g.re2_only) for g in groups.values()),
             "rules_without_literal": [self.rules[k].id for k in always],
             "rules_never_matching": [self.rules[k].id for k in never],
@@ -730,7 +785,11 @@ class CompiledTable:
         for f in formulas:
             mine: dict[Node, int] = {}
             _leaves(f, mine)
-            gis = {group_of[n.field] for n in mine if isinstance(n, Match | Regex) and n.field}
+            gis = {
+                group_of[group_key(n.field)]
+                for n in mine
+                if isinstance(n, Match | Regex) and n.field
+            }
             rule_groups.append(tuple(sorted(gis)))
         self._rule_groups = tuple(rule_groups)
         self._raw_db = None
@@ -750,6 +809,13 @@ class CompiledTable:
 
     def _init_lazy(self) -> None:
         group = self._kw_group
+        fm = self.fieldmap
+        # per field group: its direct record paths when it has no derivation (a record with
+        # none of them has no value for it, so the group is skipped without resolving it)
+        self._group_paths: tuple[frozenset[str] | None, ...] = tuple(
+            None if fm.derived(g.field) else frozenset(fm.paths(g.field))  # type: ignore[arg-type]
+            for g in self._groups
+        )
 
         def kw(view: RecordView, cache: dict[int, Any]) -> Hits:
             st = cache.get(-1)
@@ -781,12 +847,7 @@ class CompiledTable:
             g = key_groups.get(k)
             if g is not None:
                 todo.update(g)
-        groups = self._groups
-        for gi in todo:
-            g = groups[gi]
-            vals = view.values(g.field)  # type: ignore[arg-type]
-            if vals:
-                g.scan(vals, hits)
+        self._scan_groups(view, todo, hits)
         cache: dict[int, Any] = {}
         if self._kw_eager:
             self._kw_group.scan(view.strings(), hits)  # type: ignore[union-attr]
@@ -810,6 +871,25 @@ class CompiledTable:
         f = self._formulas
         return [k for k in sorted(cand) if f[k](hits, L)]
 
+    def _scan_groups(self, view: RecordView, todo: Iterable[int], hits: Hits) -> None:
+        """Scan the values of the field groups ``todo`` that the record has."""
+        groups = self._groups
+        group_paths = self._group_paths
+        flat = view.flat()
+        add = hits.add
+
+        def on_match(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
+            add(i)
+
+        for gi in todo:
+            paths = group_paths[gi]
+            if paths is not None and flat.keys().isdisjoint(paths):
+                continue
+            g = groups[gi]
+            vals = view.values(g.field)  # type: ignore[arg-type]
+            if vals:
+                g.scan(vals, hits, on_match)
+
     def match_subset(self, record: Mapping[str, object], rules: Iterable[int]) -> list[int]:
         """Which of ``rules`` (indexes) match ``record``, scanning only the fields they read."""
         rules = sorted(rules)
@@ -819,12 +899,7 @@ class CompiledTable:
         todo: set[int] = set()
         for k in rules:
             todo.update(rule_groups[k])
-        groups = self._groups
-        for gi in todo:
-            g = groups[gi]
-            vals = view.values(g.field)  # type: ignore[arg-type]
-            if vals:
-                g.scan(vals, hits)
+        self._scan_groups(view, todo, hits)
         cache: dict[int, Any] = {}
         lazy = self._lazy
 
