@@ -110,9 +110,17 @@ def node_available() -> bool:
     return shutil.which("node") is not None and (JS_DIR / "node_modules").is_dir()
 
 
-needs_node = pytest.mark.skipif(
-    not node_available(), reason="node or tests/js/node_modules missing (run `make setup`)"
-)
+def require(ok: bool, what: str) -> None:
+    """Fail, never skip: `make setup` installs every test peer, so a missing one is a setup
+    error that must not pass silently."""
+    if not ok:
+        pytest.fail(f"{what} (run `make setup`)", pytrace=False)
+
+
+@pytest.fixture
+def node_peers() -> None:
+    """The npm test peers (node and tests/js/node_modules) must be installed."""
+    require(node_available(), "node or tests/js/node_modules is missing")
 
 
 @dataclass
@@ -139,8 +147,8 @@ def _openssl_selfsigned(cert: Path, key: Path, cn: str) -> None:
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     """Self-signed certs made with the ``openssl`` command (``cryptography`` is not a dep)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make test certificates")
+    require(shutil.which("openssl") is not None,
+            "the openssl command is needed to make test certificates")
     d = tmp_path_factory.mktemp("certs")
     _openssl_selfsigned(d / "server.pem", d / "server.key", "localhost")
     _openssl_selfsigned(d / "client.pem", d / "client.key", "client")

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from conftest import require
 from peers import BackgroundLoop, Sink, Source, make_chunk
 from ruletag.config import ForwardConfig, ForwardServer, ForwardTLS
 from ruletag.errors import AuthenticationError
@@ -273,8 +274,8 @@ def test_shared_key_and_user_password() -> None:
 @pytest.fixture(scope="module")
 def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """A self-signed certificate for 127.0.0.1 / localhost, made with the openssl CLI."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to generate a test certificate")
+    require(shutil.which("openssl") is not None,
+            "the openssl command is needed to generate a test certificate")
     d = tmp_path_factory.mktemp("tls")
     cert, key = d / "cert.pem", d / "key.pem"
     subprocess.run(
@@ -389,10 +390,10 @@ def test_in_flight_bytes_limit_still_delivers_everything() -> None:
 @contextmanager
 def fluent_server(*args: str) -> Iterator[tuple[int, list[dict[str, Any]]]]:
     """Run tests/js/fluent_server.mjs; yields (port, received records as parsed JSON lines)."""
-    if shutil.which("node") is None:
-        pytest.skip("node is not installed (needed for the npm FluentServer peer)")
-    if not (JS_DIR / "node_modules" / "@fluent-org" / "logger").is_dir():
-        pytest.skip("tests/js/node_modules is missing: run `make setup`")
+    require(shutil.which("node") is not None,
+            "node is not installed (needed for the npm FluentServer peer)")
+    require((JS_DIR / "node_modules" / "@fluent-org" / "logger").is_dir(),
+            "tests/js/node_modules is missing")
     proc = subprocess.Popen(
         ["node", str(JS_DIR / "fluent_server.mjs"), "0", *args],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from conftest import JS_DIR, needs_node, start_relay
+from conftest import JS_DIR, start_relay
 from ruletag.config import config_from_mapping
 from ruletag.forwarder import Forwarder
 from ruletag.pipeline import Pipeline
 from ruletag.server import Server
 
-pytestmark = needs_node
+pytestmark = pytest.mark.usefixtures("node_peers")
 
 
 async def run_node(script: str, *args: str, timeout: float = 30.0) -> tuple[int, str, str]:
