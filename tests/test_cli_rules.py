@@ -184,3 +184,17 @@ def test_match_unusable_events_fail_with_one_line(
     m = run("match", "--rules", str(SIGMA_SEED), "--events", str(events), cache=tmp_path / "c")
     err = m.stderr.decode()
     assert m.returncode == 1 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["check", "compile", "match"])
+def test_a_bad_vars_file_exits_2_with_one_message(tmp_path: Path, command: str) -> None:
+    varfile = tmp_path / "vars.yml"
+    varfile.write_text("- not a map\n")
+    args = {
+        "check": ("rules", "check", str(SEEDS)),
+        "compile": ("rules", "compile", str(SEEDS), "-o", str(tmp_path / "t.rtt")),
+        "match": ("match", "--rules", str(SEEDS), "--events", str(varfile)),
+    }[command]
+    p = run(*args, "--vars", str(varfile), cache=tmp_path / "c")
+    assert p.returncode == 2
+    assert p.stderr.decode().startswith(f"ruletag: --vars {varfile}")

@@ -104,9 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ruletag.errors import ConfigError
+
     ns = build_parser().parse_args(argv)
     try:
         return int(ns.func(ns) or 0)
+    except ConfigError as exc:  # a bad config or --vars file: one line, exit 2
+        print(f"ruletag: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -106,11 +106,7 @@ def summary_line(result: LoadResult) -> str:
 
 def check(ns: argparse.Namespace) -> int:
     """Load every rule; print each problem as ``file:line: reason`` and a summary."""
-    try:
-        variables = read_vars(ns.vars)
-    except ConfigError as exc:
-        print(f"ruletag: {exc}", file=sys.stderr)
-        return 2
+    variables = read_vars(ns.vars)  # a bad --vars file: ConfigError, exit 2 (cli.main)
     result = load_rules(ns.paths, variables)
     if ns.json:
         print(json.dumps(summarize(result), ensure_ascii=False))
@@ -132,11 +128,7 @@ def compile_(ns: argparse.Namespace) -> int:
     from ruletag.rules.loader import cache_key, rule_files
     from ruletag.rules.table import CompiledTable
 
-    try:
-        variables = read_vars(ns.vars)
-    except ConfigError as exc:
-        print(f"ruletag: {exc}", file=sys.stderr)
-        return 2
+    variables = read_vars(ns.vars)  # a bad --vars file: ConfigError, exit 2 (cli.main)
     result = load_rules(ns.paths, variables)
     for p in result.problems:
         print(f"{p.path}:{p.line or 1}: {p.kind}: {p.reason}", file=sys.stderr)
@@ -300,11 +292,7 @@ def _load_table(paths: Sequence[str], variables: dict[str, list[str]] | None) ->
 
 def match(ns: argparse.Namespace) -> int:
     """Match every record of ``--events`` and print it as JSON, with its detections."""
-    try:
-        variables = read_vars(ns.vars)
-    except ConfigError as exc:
-        print(f"ruletag: {exc}", file=sys.stderr)
-        return 2
+    variables = read_vars(ns.vars)  # a bad --vars file: ConfigError, exit 2 (cli.main)
     table = _load_table(ns.rules, variables)
     annotations = [detection(r) for r in table.rules]
     only = bool(getattr(ns, "only_matches", False))
