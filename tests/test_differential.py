@@ -3,6 +3,8 @@ pre-filtered path (match_entries) with match(). Any disagreement is a bug in one
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -167,6 +169,34 @@ def test_table_agrees_with_reference_on_hand_built_and_seed_rules(records: list[
     _check(SMALL_TABLE, FM, records)
 
 
+def _tuned(table: CompiledTable, fields: list[str], texts: list[str], n: int) -> CompiledTable:
+    """``table`` after its pre-filter re-tuned on ``n`` random records of ``fields``/``texts``
+    (triggers by measured frequency, common patterns dropped, the table of often-passed
+    rules): the tuned path must agree exactly like the compiled one."""
+    rng = random.Random(7)
+    records = [
+        {rng.choice(fields): rng.choice(texts) for _ in range(rng.randint(1, 6))} for _ in range(n)
+    ]
+    buf, spans = _pack(records)
+    table.set_tune_after(n)
+    deadline = time.monotonic() + 120
+    while "raw_tuned_on_records" not in table.stats:
+        assert table._raw_db is not None and table._raw_db.tune_error is None
+        assert time.monotonic() < deadline, "the pre-filter did not re-tune"
+        table.match_entries(buf, spans)
+        time.sleep(0.01)
+    return table
+
+
+TUNED_TABLE = _tuned(CompiledTable.build(SMALL, FM), SMALL_FIELDS, SMALL_TEXTS, 400)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(records_from(SMALL_FIELDS, SMALL_TEXTS), min_size=1, max_size=8))
+def test_retuned_table_agrees_with_reference(records: list[dict]) -> None:
+    _check(TUNED_TABLE, FM, records)
+
+
 @pytest.fixture(scope="module")
 def corpus() -> tuple[CompiledTable, list[str], list[str]]:
     from ruletag.rules.loader import load_rules
@@ -189,4 +219,6 @@ def test_table_agrees_with_reference_on_whole_corpus(
     def run(records: list[dict]) -> None:
         _check(table, FM, records)
 
+    run()
+    _tuned(table, fields, texts, 2000)
     run()

@@ -191,8 +191,11 @@ def filter_factory(config: Config) -> Callable[[CompiledTable], RuleFilter]:
     from ruletag.filter import RuleFilter
 
     enrich = config.enrich or EnrichConfig()
+    tune_after = config.rules.tune_after if config.rules is not None else None
 
     def make(table: CompiledTable) -> RuleFilter:
+        if tune_after is not None:
+            table.set_tune_after(tune_after)
         return RuleFilter(table, key=enrich.key, style=enrich.style,  # type: ignore[arg-type]
                           retag_prefix=enrich.retag_prefix)
 

@@ -191,6 +191,7 @@ class LogConfig:
 #: ``rules.paths`` value that selects the rules bundled in ``ruletag/data/rules``.
 BUILTIN_RULES: Final = "builtin:seeds"
 DEFAULT_RELOAD_INTERVAL: Final = 5.0
+DEFAULT_TUNE_AFTER: Final = 20_000  # records the pre-filter observes before re-tuning
 
 
 def builtin_rules_path() -> str:
@@ -208,6 +209,7 @@ class RulesConfig:
     vars: dict[str, tuple[str, ...]] = field(default_factory=dict)
     cache_dir: str | None = None  # None = $XDG_CACHE_HOME/ruletag
     reload_interval: float = DEFAULT_RELOAD_INTERVAL  # poll rule files; 0 = SIGHUP only
+    tune_after: int = DEFAULT_TUNE_AFTER  # re-pick pre-filter triggers after N records; 0 = never
 
 
 @dataclass(frozen=True, slots=True)
@@ -671,6 +673,7 @@ def _rules(data: object, base: Path | None) -> RulesConfig:
         vars=variables,
         cache_dir=s.file("cache_dir", base),
         reload_interval=s.duration("reload_interval", DEFAULT_RELOAD_INTERVAL),
+        tune_after=s.int_("tune_after", DEFAULT_TUNE_AFTER, 0),
     )
     s.done()
     return cfg

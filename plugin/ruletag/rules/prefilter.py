@@ -33,7 +33,8 @@ import marshal
 import re
 import struct
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from re import _constants as _C  # type: ignore[attr-defined]
 from re import _parser as _sre  # type: ignore[attr-defined]
@@ -83,10 +84,12 @@ _MIN_LIT = 3
 #: Lone surrogates: how undecodable bytes of a value are represented (surrogateescape).
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _Q = hs.HS_FLAG_QUIET  # marks a sub-pattern; never passed to Hyperscan
+_KEY_PRIOR = 20.0  # the prior cost of a key-name pattern (key names occur in most records)
 
 # A requirement: a pattern id, ("&", args) or ("|", args); None = no requirement.
 Req = int | tuple[str, frozenset[Any]]
 _FALSE: tuple[str, frozenset[Any]] = ("F", frozenset())  # can never hold (rule never matches)
+_TRUE: tuple[str, frozenset[Any]] = ("&", frozenset())  # always holds (an empty And)
 
 
 def _encode(s: str) -> bytes:
@@ -221,6 +224,8 @@ class _ReqCode:
                 self.shared_src.append(f"def _c{j}(h, M):\n    return {body}")
             return f"(M[{j}] if {j} in M else _m(h, M, {j}))"
         op, args = r  # type: ignore[misc]
+        if not args:  # _TRUE
+            return "True"
         ints = sorted(a for a in args if type(a) is int)
         # cheaper (shorter) sub-expressions first: ``and``/``or`` stop early
         rest = sorted((self.expr(a) for a in args if type(a) is not int), key=lambda x: (len(x), x))
@@ -376,7 +381,7 @@ class _Builder:
         got = self._keys.get((field, direct), _FALSE)
         if got is _FALSE:
             ks = self.fm.direct_keys(field) if direct else self.fm.raw_keys(field)
-            got = _or([self.pattern(_escape(_encode(k)), _Q, 20.0) for k in sorted(ks)])
+            got = _or([self.pattern(_escape(_encode(k)), _Q, _KEY_PRIOR) for k in sorted(ks)])
             got = None if not ks else got
             self._keys[(field, direct)] = got
         return got
@@ -531,6 +536,16 @@ def _pattern_ids(r: Req, out: set[int]) -> None:
 
 # --------------------------------------------------------------------------- the filter
 
+#: Records observed before the filter re-picks its triggers from measured frequencies.
+TUNE_AFTER = 20_000
+#: A pattern found in more than this share of the observed records is no filter: stage 2
+#: treats it as present (requirements only get looser) and stops scanning for it.
+COMMON = 0.3
+#: A rule whose trigger fires on more than this share of the records is *hot*: its stage-2
+#: patterns are in the database scanned for most triggered entries; the others' patterns
+#: are in a second database, scanned only for the entries that trigger one of them.
+HOT = 0.002
+
 
 class RawFilter:
     """A compiled pre-filter: :meth:`candidates` lists the entries worth decoding, and for
@@ -539,6 +554,13 @@ class RawFilter:
     Two stages: one scan of the whole chunk for the *trigger* patterns (a rare pattern per
     rule, or per branch of an Or), then, for the entries a trigger hit, one scan of that entry
     for every pattern and a check of the triggered rules' full requirements.
+
+    *Self-tuning*: the first triggers are a guess (longer literals are rarer). While it runs,
+    the filter counts in how many of the first :data:`TUNE_AFTER` records each pattern occurs,
+    then builds, on a background thread (Hyperscan compiles without the GIL), a filter whose
+    triggers are the patterns measured rarest and whose stage 2 no longer scans for the
+    patterns almost every record holds; :attr:`tuned` holds it once ready and the owner
+    swaps it in. Any choice of triggers and any loosening is sound, so matches never change.
     """
 
     def __init__(
@@ -549,14 +571,44 @@ class RawFilter:
         source: str,
         consts: tuple[frozenset[int], ...],
         code: Any = None,
+        plan: bytes | None = None,
+        tuned_on: int = 0,
+        cold: tuple[Any, frozenset[int]] | None = None,
     ) -> None:
         self.trigger_db = trigger_db
         self.full_db = full_db
+        #: the stage-2 database of the rarely triggered rules, and those rules
+        self.cold = cold
         self.trig_rules = trig_rules
         self.source = source
         self.consts = consts
         self.code = code if code is not None else compile(source, "<ruletag-raw>", "exec")
         self.reqs = _exec(self.code, consts)
+        #: rules whose stage-2 requirement needs a pattern (requirements are monotone: one
+        #: that holds with no pattern found always holds, so its trigger is enough)
+        self.checked = frozenset(k for k, f in self.reqs.items() if not f(set(), {}))
+        #: marshalled (patterns, prior costs, requirements): what re-tuning starts from
+        self.plan = plan
+        #: how many observed records the triggers were picked on (0: the length guess)
+        self.tuned_on = tuned_on
+        #: the re-tuned filter, once built (the owner replaces this one with it)
+        self.tuned: RawFilter | None = None
+        self.tune_error: str | None = None
+        #: tuned: per rule, the measured share of records its trigger fires on
+        self.rates: dict[int, float] = {}
+        #: called on the tuning thread with the tuned filter before it is published
+        self.after_tune: Callable[[RawFilter], None] | None = None
+        self._counts: dict[int, int] | None = None
+        self._observed = 0
+        self._tuning = False
+        self.tune_after = 0
+        self.set_tune_after(TUNE_AFTER)
+
+    def set_tune_after(self, records: int) -> None:
+        """Re-tune after ``records`` observed records (0: never; only an untuned filter)."""
+        self.tune_after = records
+        can = records > 0 and self.plan is not None and not self.tuned_on and not self._tuning
+        self._counts = ({} if self._counts is None else self._counts) if can else None
 
     def candidates(self, entries: bytes, spans: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
         """Entry index -> rules (ascending) whose raw requirement holds in that entry."""
@@ -582,6 +634,9 @@ class RawFilter:
                     last[0], last[1], last[2] = s, e, got
 
         self.trigger_db.scan(entries, on_trigger)
+        counts = self._counts
+        if counts is not None:
+            self._observe(entries, spans, counts)
         out: dict[int, list[int]] = {}
         if not per_entry:
             return out
@@ -593,24 +648,157 @@ class RawFilter:
         def on_hit(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
             hits.add(i)
 
+        checked = self.checked
+        cold = self.cold
         for k in sorted(per_entry):
-            s, e = spans[k]
-            hits.clear()
-            self.full_db.scan(view[s:e], on_hit)
-            if _FOLD_ID in hits:  # a caseless literal could be hidden: every rule may match
-                out[k] = sorted(reqs)
-                continue
             rules: set[int] = set()
             for t in per_entry[k]:
                 rules.update(trig_rules.get(t, ()))
+            if _FOLD_ID in per_entry[k]:  # a caseless literal could be hidden: any rule may match
+                out[k] = sorted(reqs)
+                continue
+            if checked.isdisjoint(rules):
+                if rules:  # every triggered rule's requirement is met by its trigger alone
+                    out[k] = sorted(rules)
+                continue
+            s, e = spans[k]
+            hits.clear()
+            if cold is None:
+                self.full_db.scan(view[s:e], on_hit)
+            else:
+                if not cold[1].issuperset(rules):
+                    self.full_db.scan(view[s:e], on_hit)
+                if not cold[1].isdisjoint(rules):
+                    cold[0].scan(view[s:e], on_hit)
             memo: dict[int, bool] = {}
             ok = [r for r in sorted(rules) if reqs[r](hits, memo)]
             if ok:
                 out[k] = ok
         return out
 
+    # ------------------------------------------------------------------ self-tuning
+
+    def _observe(
+        self,
+        entries: bytes,
+        spans: Sequence[tuple[int, int]],
+        counts: dict[int, int],
+    ) -> None:
+        """Count, per pattern, the observed entries holding it (every entry of the chunk)."""
+        view = memoryview(entries)
+        seen: set[int] = set()
+
+        def on_hit(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
+            seen.add(i)
+
+        get = counts.get
+        for s, e in spans:
+            seen.clear()
+            self.full_db.scan(view[s:e], on_hit)
+            for i in seen:
+                counts[i] = get(i, 0) + 1
+        self._observed += len(spans)
+        if self._observed >= self.tune_after and not self._tuning:
+            self._tuning = True
+            self._counts = None
+            threading.Thread(
+                target=self._tune_in_background,
+                args=(counts, self._observed),
+                name="ruletag-prefilter-tune",
+                daemon=True,
+            ).start()
+
+    def _tune_in_background(self, counts: dict[int, int], n: int) -> None:
+        try:
+            tuned = self.retune(counts, n)
+            if self.after_tune is not None:
+                self.after_tune(tuned)
+            self.tuned = tuned
+        except Exception as exc:  # pragma: no cover - the untuned filter stays in use
+            self.tune_error = f"{type(exc).__name__}: {exc}"
+
+    def retune(self, counts: Mapping[int, int], n: int) -> RawFilter:
+        """A filter with the same requirements, triggers picked by the measured frequency
+        of each pattern (``counts[i]`` of ``n`` records), common patterns no longer scanned
+        for in stage 2."""
+        if self.plan is None:
+            raise ValueError("this filter keeps no plan to re-tune from")
+        patterns, prior, reqs = marshal.loads(self.plan)
+        n = max(n, 1)
+        cost = [(counts.get(i, 0) + 0.5 * min(1.0, p)) / n for i, p in enumerate(prior)]
+        common = frozenset(i for i, c in counts.items() if i < len(prior) and c / n > COMMON)
+        return _assemble(patterns, reqs, cost, common, self.plan, tuned_on=n)
+
 
 _FOLD_ID = 1 << 30  # the id of the fold-character patterns, above any literal's id
+
+
+def _strip(r: Req, drop: frozenset[int]) -> Req | None:
+    """``r`` with the patterns of ``drop`` taken as present (None: always holds)."""
+    if type(r) is int:
+        return None if r in drop else r
+    op, args = r  # type: ignore[misc]
+    parts = [_strip(a, drop) for a in args]
+    return _and(parts) if op == "&" else _or(parts)
+
+
+def _assemble(
+    patterns: Sequence[tuple[bytes, int]],
+    reqs: Mapping[int, Req],
+    cost: Sequence[float],
+    drop: frozenset[int],
+    plan: bytes,
+    tuned_on: int = 0,
+) -> RawFilter:
+    """The filter for ``reqs``: triggers by ``cost``, stage 2 without the ``drop`` patterns.
+
+    When tuned (``tuned_on``), stage 2 has two databases: one for the rules whose trigger is
+    measured to fire on more than :data:`HOT` of the records, one for the rest (scanned only
+    for the rare entries that trigger one of those)."""
+    trig_rules: dict[int, list[int]] = {}
+    hot: set[int] = set()
+    rates: dict[int, float] = {}
+    for k, r in reqs.items():
+        pats, c = _trigger(r, cost)
+        rates[k] = c
+        if not tuned_on or c > HOT:
+            hot.add(k)
+        for t in pats:
+            trig_rules.setdefault(t, []).append(k)
+    checks: dict[int, Req] = {}
+    used: tuple[set[int], set[int]] = (set(), set())
+    for k, r in reqs.items():
+        got = _strip(r, drop) if drop else r
+        if got is None:
+            got = _TRUE
+        else:
+            _pattern_ids(got, used[0] if k in hot else used[1])
+        checks[k] = got
+    fold = [(_escape(_encode(ch)), hs.HS_FLAG_SINGLEMATCH) for ch in FOLDS_TO_ASCII]
+    trig = [(patterns[i][0], patterns[i][1] & ~_Q, i) for i in sorted(trig_rules)]
+    trig += [(p, 0, _FOLD_ID) for p, _ in fold]
+    one = hs.HS_FLAG_SINGLEMATCH
+    dbs = []
+    for ids in used:
+        full = [(patterns[i][0], (patterns[i][1] & ~_Q) | one, i) for i in sorted(ids)]
+        full += [(p, fl, _FOLD_ID) for p, fl in fold]
+        dbs.append(_compile(full))
+    trig_rules[_FOLD_ID] = []
+    gen = _ReqCode(checks)
+    source = gen.module(checks)
+    filt = RawFilter(
+        _compile(trig),
+        dbs[0],
+        {t: tuple(v) for t, v in trig_rules.items()},
+        source,
+        tuple(gen.consts),
+        plan=plan,
+        tuned_on=tuned_on,
+        cold=(dbs[1], frozenset(reqs) - hot) if used[1] else None,
+    )
+    if tuned_on:
+        filt.rates = rates
+    return filt
 
 
 def build_raw_filter(
@@ -634,34 +822,14 @@ def build_raw_filter(
         for i in used:
             spread[i] += 1
     cost = [c * (1.0 + spread[i] / 8) for i, c in enumerate(b.kind)]
-    trig_rules: dict[int, list[int]] = {}
-    for k, r in reqs.items():
-        for t in _trigger(r, cost)[0]:
-            trig_rules.setdefault(t, []).append(k)
-    stats = {
-        "raw_patterns": len(b.patterns),
-        "raw_triggers": len(trig_rules),
-        "raw_requirements": len(reqs),
-    }
+    stats = {"raw_patterns": len(b.patterns), "raw_requirements": len(reqs)}
     if not reqs:
+        stats["raw_triggers"] = 0
         return None, forced, stats
-    by_id = {i: (pat, fl) for (pat, fl), i in b.patterns.items()}
-    fold = [(_escape(_encode(ch)), hs.HS_FLAG_SINGLEMATCH) for ch in FOLDS_TO_ASCII]
-    trig = [(by_id[i][0], by_id[i][1] & ~_Q, i) for i in sorted(trig_rules)]
-    trig += [(p, 0, _FOLD_ID) for p, _ in fold]
-    one = hs.HS_FLAG_SINGLEMATCH
-    full = [(pat, (fl & ~_Q) | one, i) for i, (pat, fl) in sorted(by_id.items())]
-    full += [(p, fl, _FOLD_ID) for p, fl in fold]
-    trig_rules[_FOLD_ID] = []
-    gen = _ReqCode(reqs)
-    source = gen.module(reqs)
-    filt = RawFilter(
-        _compile(trig),
-        _compile(full),
-        {t: tuple(v) for t, v in trig_rules.items()},
-        source,
-        tuple(gen.consts),
-    )
+    patterns = [(pat, fl) for (pat, fl), _ in sorted(b.patterns.items(), key=lambda x: x[1])]
+    plan = marshal.dumps((patterns, b.kind, reqs))
+    filt = _assemble(patterns, reqs, cost, frozenset(), plan)
+    stats["raw_triggers"] = len(filt.trig_rules) - 1
     return filt, forced, stats
 
 
@@ -681,18 +849,21 @@ def dump(f: RawFilter | None) -> tuple[Any, ...] | None:
     if f is None:
         return None
     code = (sys.version_info[:2], marshal.dumps(f.code))
-    return (hs.dumpb(f.trigger_db), hs.dumpb(f.full_db), f.trig_rules, f.source, f.consts, code)
+    dbs = (hs.dumpb(f.trigger_db), hs.dumpb(f.full_db))
+    cold = None if f.cold is None else (hs.dumpb(f.cold[0]), f.cold[1])
+    return (*dbs, f.trig_rules, f.source, f.consts, code, f.plan, f.tuned_on, cold)
 
 
 def load(state: tuple[Any, ...] | None) -> RawFilter | None:
     """A filter from :func:`dump` output."""
     if state is None:
         return None
-    trig, full, trig_rules, source, consts, (pyver, blob) = state
+    trig, full, trig_rules, source, consts, (pyver, blob), plan, tuned_on, cold = state
     code = marshal.loads(blob) if pyver == sys.version_info[:2] else None
     dbs = []
-    for blob in (trig, full):
+    for blob in (trig, full, *(cold[:1] if cold else ())):
         db = hs.loadb(blob, hs.HS_MODE_BLOCK)
         db.scratch = hs.Scratch(db)
         dbs.append(db)
-    return RawFilter(dbs[0], dbs[1], trig_rules, source, consts, code)
+    cold_db = (dbs[2], cold[1]) if cold else None
+    return RawFilter(dbs[0], dbs[1], trig_rules, source, consts, code, plan, tuned_on, cold_db)

@@ -30,6 +30,7 @@ import gc
 import hashlib
 import io
 import ipaddress
+import logging
 import marshal
 import math
 import pickle
@@ -67,9 +68,11 @@ from ruletag.rules.ir import (
     Wild,
 )
 
+log = logging.getLogger(__name__)
+
 __all__ = ["CompiledTable"]
 
-_MAGIC = b"RULETAG-TABLE\x00v3\n"  # v3: one database per field group
+_MAGIC = b"RULETAG-TABLE\x00v4\n"  # v4: the pre-filter keeps its plan for re-tuning
 _BLOCK = hs.HS_MODE_BLOCK
 #: One UTF-8 encoded character (values are encoded with ``surrogatepass``, so well formed).
 _ONE_CHAR = (
@@ -796,6 +799,7 @@ class CompiledTable:
         self._raw_forced: tuple[int, ...] = ()
         if raw:
             self._build_raw(formulas, fm)
+        self._init_tuning()
         self.stats["compile_seconds"] = round(time.perf_counter() - t0, 3)
         return self
 
@@ -923,10 +927,28 @@ class CompiledTable:
         out: dict[int, list[int]] = {}
         if not spans:
             return out
-        cands = self._raw_db.candidates(entries, spans) if self._raw_db is not None else {}
+        raw = self._raw_db
+        cands = raw.candidates(entries, spans) if raw is not None else {}
+        if raw is not None and raw.tune_error is not None:
+            log.warning("pre-filter re-tuning failed (compiled triggers kept): %s", raw.tune_error)
+            raw.tune_error = None
+        if raw is not None and raw.tuned is not None:  # re-tuned on the traffic seen so far
+            self._raw_db = raw.tuned
+            self._hot = self._next_hot
+            self.stats["raw_tuned_on_records"] = raw.tuned.tuned_on
+            self.stats["raw_triggers"] = len(raw.tuned.trig_rules) - 1
+            self.stats["hot_rules"] = len(self._hot[1]) if self._hot else 0
+            log.info(
+                "pre-filter re-tuned on %d records: %d triggers, %d often-passed rules in "
+                "their own table",
+                raw.tuned.tuned_on,
+                self.stats["raw_triggers"],
+                self.stats["hot_rules"],
+            )
         forced = self._raw_forced
         view = memoryview(entries)
         todo: Iterable[int] = range(len(spans)) if forced else sorted(cands)
+        hot = self._hot
         for k in todo:
             rules: Iterable[int] = cands.get(k, ())
             if forced:
@@ -935,10 +957,41 @@ class CompiledTable:
             record = _record_of(view[s:e])
             if record is None:
                 continue
-            m = self.match_subset(record, rules)
+            if hot is None:
+                m = self.match_subset(record, rules)
+            else:
+                m = self._match_hot(record, rules, hot)
             if m:
                 out[k] = m
         return out
+
+    def _match_hot(
+        self,
+        record: Mapping[str, object],
+        rules: Iterable[int],
+        hot: tuple[CompiledTable, dict[int, int], tuple[int, ...]],
+    ) -> list[int]:
+        """``match_subset`` with the often-candidate rules evaluated by the small table."""
+        sub, pos, back = hot
+        mine = [pos[r] for r in rules if r in pos]
+        rest = [r for r in rules if r not in pos]
+        got = [back[i] for i in sub.match_subset(record, mine)] if mine else []
+        if rest:
+            got = sorted(got + self.match_subset(record, rest))
+        return got
+
+    #: a rule whose trigger fires on more than this share of the records is evaluated by
+    #: a table of such rules only (its field databases are a fraction of the full ones)
+    HOT_SHARE = 0.01
+
+    def _build_hot(self, tuned: prefilter.RawFilter) -> None:
+        """On the tuning thread: the small table of the rules the tuned filter often passes."""
+        hot = sorted(k for k, c in tuned.rates.items() if c > self.HOT_SHARE)
+        if not hot:
+            self._next_hot = None
+            return
+        sub = CompiledTable._build([self.rules[k] for k in hot], self.fieldmap, "", raw=False)
+        self._next_hot = (sub, {k: i for i, k in enumerate(hot)}, tuple(hot))
 
     # ------------------------------------------------------------------ persistence
 
@@ -994,7 +1047,19 @@ class CompiledTable:
         self._formulas = _exec_module(self._code, self._consts)
         self._raw_db = prefilter.load(st["_raw_db"])
         self._init_lazy()
+        self._init_tuning()
         return self
+
+    def set_tune_after(self, records: int) -> None:
+        """Let the pre-filter re-tune itself after ``records`` records (0: never)."""
+        if self._raw_db is not None:
+            self._raw_db.set_tune_after(records)
+
+    def _init_tuning(self) -> None:
+        self._hot: tuple[CompiledTable, dict[int, int], tuple[int, ...]] | None = None
+        self._next_hot: tuple[CompiledTable, dict[int, int], tuple[int, ...]] | None = None
+        if self._raw_db is not None:
+            self._raw_db.after_tune = self._build_hot
 
 
 _STATE_KEYS = (

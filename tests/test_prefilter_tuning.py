@@ -1,0 +1,148 @@
+"""The pre-filter re-tunes itself on the traffic it sees, and matches never change."""
+
+from __future__ import annotations
+
+import marshal
+import random
+import time
+
+import msgpack
+import pytest
+
+from ruletag.config import ConfigError, config_from_mapping
+from ruletag.rules.fields import FieldMap
+from ruletag.rules.ir import And, Match, Node, Not, Rule, Wild
+from ruletag.rules.table import CompiledTable
+
+A = Wild.ANY
+
+
+def rule(rid: str, cond: Node) -> Rule:
+    return Rule(id=rid, name=rid, source="sigma", condition=cond)
+
+
+def rules() -> list[Rule]:
+    return [
+        # the length guess picks the long literal, which every record holds; the short one
+        # is the rare one
+        rule(
+            "pair",
+            And(
+                (
+                    Match("CommandLine", (A, "program files", A)),
+                    Match("CommandLine", (A, "zq", A)),
+                )
+            ),
+        ),
+        # broad: every process record passes its raw requirement
+        rule("broad", And((Match("Image", (A,)), Not(Match("Image", (A, ".exe")))))),
+        rule("rare", Match("CommandLine", (A, "mimikatz", A))),
+    ]
+
+
+def traffic(n: int, seed: int) -> list[dict[str, object]]:
+    rng = random.Random(seed)
+    out: list[dict[str, object]] = []
+    for i in range(n):
+        image = rng.choice(["C:\\Program Files\\a.exe", "C:\\Program Files\\b.dll", "x.exe"])
+        cmd = f'"{image}" --id {rng.randint(1, 10**6)}'
+        if i % 97 == 0:
+            cmd += " zq"
+        if i % 131 == 0:
+            cmd += " mimikatz"
+        out.append({"Image": image, "CommandLine": cmd, "EventID": 1})
+    return out
+
+
+def pack(records: list[dict[str, object]]) -> tuple[bytes, list[tuple[int, int]]]:
+    parts = [msgpack.packb([i, r]) for i, r in enumerate(records)]
+    spans, pos = [], 0
+    for p in parts:
+        spans.append((pos, pos + len(p)))
+        pos += len(p)
+    return b"".join(parts), spans
+
+
+def want(t: CompiledTable, records: list[dict[str, object]]) -> dict[int, list[int]]:
+    return {k: m for k, r in enumerate(records) if (m := t.match(r))}
+
+
+def feed_until_tuned(t: CompiledTable, records: list[dict[str, object]]) -> None:
+    buf, spans = pack(records)
+    deadline = time.monotonic() + 60
+    while t.stats.get("raw_tuned_on_records") is None:
+        assert t._raw_db is not None and t._raw_db.tune_error is None
+        assert time.monotonic() < deadline, "the pre-filter did not re-tune"
+        t.match_entries(buf, spans)
+        time.sleep(0.01)
+
+
+@pytest.fixture()
+def table() -> CompiledTable:
+    t = CompiledTable.build(rules(), FieldMap.default())
+    t.set_tune_after(300)
+    return t
+
+
+def test_retuned_filter_gives_the_same_matches(table: CompiledTable) -> None:
+    sample = traffic(1000, 1)
+    feed_until_tuned(table, sample)
+    raw = table._raw_db
+    assert raw is not None and raw.tuned_on >= 300
+    fresh = traffic(3000, 2)
+    buf, spans = pack(fresh)
+    expected = want(table, fresh)
+    assert expected, "the test traffic must trip some rule"
+    assert table.match_entries(buf, spans) == expected
+
+
+def test_retuned_triggers_follow_measured_frequency(table: CompiledTable) -> None:
+    before = table._raw_db
+    assert before is not None and before.plan is not None
+    patterns = [p for p, _ in marshal.loads(before.plan)[0]]
+    long_id = patterns.index(b"program\\x20files")
+    short_id = patterns.index(b"zq")
+    assert 0 in before.trig_rules.get(long_id, ())  # the guess: the longer literal
+    feed_until_tuned(table, traffic(1000, 3))
+    after = table._raw_db
+    assert after is not before and after is not None
+    assert 0 in after.trig_rules.get(short_id, ())  # measured: the rarer one
+    assert 0 not in after.trig_rules.get(long_id, ())
+    # the broad rule is evaluated by the small table of often-passed rules
+    assert table.stats["hot_rules"] >= 1 and table._hot is not None
+    assert 1 in table._hot[1]
+
+
+def test_a_loaded_table_tunes_too(table: CompiledTable, tmp_path) -> None:
+    path = tmp_path / "t.table"
+    table.save(path)
+    loaded = CompiledTable.load(path)
+    loaded.set_tune_after(200)
+    feed_until_tuned(loaded, traffic(600, 4))
+    fresh = traffic(1500, 5)
+    buf, spans = pack(fresh)
+    assert loaded.match_entries(buf, spans) == want(loaded, fresh)
+
+
+def test_tune_after_zero_keeps_the_compiled_filter() -> None:
+    t = CompiledTable.build(rules(), FieldMap.default())
+    t.set_tune_after(0)
+    first = t._raw_db
+    buf, spans = pack(traffic(2000, 6))
+    for _ in range(3):
+        t.match_entries(buf, spans)
+    time.sleep(0.2)
+    t.match_entries(buf, spans)
+    assert t._raw_db is first and first is not None and first.tuned is None
+    assert "raw_tuned_on_records" not in t.stats
+
+
+def test_tune_after_config_key() -> None:
+    base = {"listen": {"port": 0}, "outputs": [{"type": "stdout"}]}
+    rules_ = {"paths": ["builtin:seeds"]}
+    cfg = config_from_mapping({**base, "rules": {**rules_, "tune_after": 500}}, None)
+    assert cfg.rules is not None and cfg.rules.tune_after == 500
+    default = config_from_mapping({**base, "rules": rules_}, None)
+    assert default.rules is not None and default.rules.tune_after == 20_000
+    with pytest.raises(ConfigError, match=r"rules\.tune_after"):
+        config_from_mapping({**base, "rules": {**rules_, "tune_after": -1}}, None)
