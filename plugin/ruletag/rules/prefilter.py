@@ -29,6 +29,7 @@ rule (a caseless ASCII literal could miss them).
 from __future__ import annotations
 
 import bisect
+import ctypes
 import marshal
 import re
 import struct
@@ -254,11 +255,25 @@ def _size(r: Req) -> int:
     return sum(_size(a) for a in r[1])  # type: ignore[index]
 
 
+def _compile_pieces(source: str, piece: int = 1 << 16) -> tuple[Any, ...]:
+    """``source`` compiled in pieces of about ``piece`` characters, cut between functions:
+    compiling a 2 MB module at once takes ~200 MB of memory at its peak."""
+    out: list[Any] = []
+    start = 0
+    while start < len(source):
+        cut = source.find("\ndef ", start + piece)
+        end = len(source) if cut < 0 else cut + 1
+        out.append(compile(source[start:end], "<ruletag-raw>", "exec"))
+        start = end
+    return tuple(out)
+
+
 def _exec(
-    code: Any, consts: Sequence[frozenset[int]]
+    code: Sequence[Any], consts: Sequence[frozenset[int]]
 ) -> dict[int, Callable[[set[int], dict[int, bool]], bool]]:
     ns: dict[str, Any] = {"_S": tuple(consts)}
-    exec(code, ns)
+    for piece in code:
+        exec(piece, ns)
     return ns["_REQS"]
 
 
@@ -545,6 +560,9 @@ COMMON = 0.3
 #: patterns are in the database scanned for most triggered entries; the others' patterns
 #: are in a second database, scanned only for the entries that trigger one of them.
 HOT = 0.002
+#: A rule whose requirement held in more than this share of the records its trigger is
+#: measured to fire on skips stage 2: it is decoded whenever its trigger fires.
+PASSING = 0.5
 
 
 class RawFilter:
@@ -582,7 +600,7 @@ class RawFilter:
         self.trig_rules = trig_rules
         self.source = source
         self.consts = consts
-        self.code = code if code is not None else compile(source, "<ruletag-raw>", "exec")
+        self.code = code if code is not None else _compile_pieces(source)
         self.reqs = _exec(self.code, consts)
         #: rules whose stage-2 requirement needs a pattern (requirements are monotone: one
         #: that holds with no pattern found always holds, so its trigger is enough)
@@ -599,6 +617,7 @@ class RawFilter:
         #: called on the tuning thread with the tuned filter before it is published
         self.after_tune: Callable[[RawFilter], None] | None = None
         self._counts: dict[int, int] | None = None
+        self._passes: dict[int, int] = {}  # while observing: entries each requirement held in
         self._observed = 0
         self._tuning = False
         self.tune_after = 0
@@ -660,6 +679,8 @@ class RawFilter:
             if checked.isdisjoint(rules):
                 if rules:  # every triggered rule's requirement is met by its trigger alone
                     out[k] = sorted(rules)
+                    if counts is not None:
+                        self._count_passes(out[k])
                 continue
             s, e = spans[k]
             hits.clear()
@@ -674,7 +695,14 @@ class RawFilter:
             ok = [r for r in sorted(rules) if reqs[r](hits, memo)]
             if ok:
                 out[k] = ok
+                if counts is not None:
+                    self._count_passes(ok)
         return out
+
+    def _count_passes(self, rules: Sequence[int]) -> None:
+        passes = self._passes
+        for r in rules:
+            passes[r] = passes.get(r, 0) + 1
 
     # ------------------------------------------------------------------ self-tuning
 
@@ -703,34 +731,52 @@ class RawFilter:
             self._counts = None
             threading.Thread(
                 target=self._tune_in_background,
-                args=(counts, self._observed),
+                args=(counts, self._passes, self._observed),
                 name="ruletag-prefilter-tune",
                 daemon=True,
             ).start()
 
-    def _tune_in_background(self, counts: dict[int, int], n: int) -> None:
+    def _tune_in_background(self, counts: dict[int, int], passes: dict[int, int], n: int) -> None:
         try:
-            tuned = self.retune(counts, n)
+            tuned = self.retune(counts, n, passes)
             if self.after_tune is not None:
                 self.after_tune(tuned)
             self.tuned = tuned
         except Exception as exc:  # pragma: no cover - the untuned filter stays in use
             self.tune_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            _release_memory()
 
-    def retune(self, counts: Mapping[int, int], n: int) -> RawFilter:
+    def retune(
+        self, counts: Mapping[int, int], n: int, passes: Mapping[int, int] | None = None
+    ) -> RawFilter:
         """A filter with the same requirements, triggers picked by the measured frequency
         of each pattern (``counts[i]`` of ``n`` records), common patterns no longer scanned
-        for in stage 2."""
+        for in stage 2, nor the patterns of rules whose requirement held in most of the
+        records their trigger is expected to fire on (``passes[k]`` of ``n``)."""
         if self.plan is None:
             raise ValueError("this filter keeps no plan to re-tune from")
         patterns, prior, reqs = marshal.loads(self.plan)
         n = max(n, 1)
         cost = [(counts.get(i, 0) + 0.5 * min(1.0, p)) / n for i, p in enumerate(prior)]
         common = frozenset(i for i, c in counts.items() if i < len(prior) and c / n > COMMON)
-        return _assemble(patterns, reqs, cost, common, self.plan, tuned_on=n)
+        # the rarely needed second stage-2 database: this filter's own, which holds every
+        # pattern (compiling ~40k patterns anew would take ~150 MB more at its peak)
+        return _assemble(
+            patterns, reqs, cost, common, self.plan, n, cold_db=self.full_db, passes=passes
+        )
 
 
 _FOLD_ID = 1 << 30  # the id of the fold-character patterns, above any literal's id
+
+
+def _release_memory() -> None:
+    """Give the heap that compiling freed back to the system (glibc keeps it per thread
+    arena otherwise: ~200 MB of RSS after a re-tune with every rule). Best effort."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _strip(r: Req, drop: frozenset[int]) -> Req | None:
@@ -749,12 +795,15 @@ def _assemble(
     drop: frozenset[int],
     plan: bytes,
     tuned_on: int = 0,
+    cold_db: Any = None,
+    passes: Mapping[int, int] | None = None,
 ) -> RawFilter:
     """The filter for ``reqs``: triggers by ``cost``, stage 2 without the ``drop`` patterns.
 
     When tuned (``tuned_on``), stage 2 has two databases: one for the rules whose trigger is
     measured to fire on more than :data:`HOT` of the records, one for the rest (scanned only
-    for the rare entries that trigger one of those)."""
+    for the rare entries that trigger one of those): ``cold_db``, any database that reports
+    at least their patterns, under the same ids."""
     trig_rules: dict[int, list[int]] = {}
     hot: set[int] = set()
     rates: dict[int, float] = {}
@@ -769,6 +818,8 @@ def _assemble(
     used: tuple[set[int], set[int]] = (set(), set())
     for k, r in reqs.items():
         got = _strip(r, drop) if drop else r
+        if passes and rates[k] > 0 and passes.get(k, 0) / tuned_on > PASSING * rates[k]:
+            got = None  # the trigger is (almost) enough: stage 2 would mostly confirm it
         if got is None:
             got = _TRUE
         else:
@@ -779,10 +830,12 @@ def _assemble(
     trig += [(p, 0, _FOLD_ID) for p, _ in fold]
     one = hs.HS_FLAG_SINGLEMATCH
     dbs = []
-    for ids in used:
+    for ids in used if cold_db is None else used[:1]:
         full = [(patterns[i][0], (patterns[i][1] & ~_Q) | one, i) for i in sorted(ids)]
         full += [(p, fl, _FOLD_ID) for p, fl in fold]
         dbs.append(_compile(full))
+    if cold_db is not None:
+        dbs.append(cold_db)
     trig_rules[_FOLD_ID] = []
     gen = _ReqCode(checks)
     source = gen.module(checks)
