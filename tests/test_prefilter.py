@@ -165,3 +165,38 @@ def test_prefilter_rejects_records_without_the_literals(fm: FieldMap) -> None:
     assert t._raw_db.candidates(buf, spans) == {}
     buf, spans = chunk([msgpack.packb([0, {"EventID": 7}])])
     assert t._raw_db.candidates(buf, spans) == {0: [1]}
+
+
+def test_key_patterns_are_whole_keys_or_dotted_ends(fm: FieldMap) -> None:
+    """``port`` must not be found inside ``transport``; a dotted literal key still counts."""
+    t = CompiledTable.build([rule("p", Equals("DestinationPort", 80))], fm)
+    assert t._raw_db is not None
+    near = [
+        msgpack.packb([0, {"transport": "tcp", "Port": 80, "xDestinationPort": 80}]),
+        msgpack.packb([0, {"DestinationPortName": 80}]),
+    ]
+    buf, spans = chunk(near)
+    assert t._raw_db.candidates(buf, spans) == {}
+    hits = [
+        msgpack.packb([0, {"DestinationPort": 80}]),
+        msgpack.packb([0, {"event.DestinationPort": 80}]),  # a dotted literal key
+        entry([(b"\xd9\x0fDestinationPort", b"\xcc\x50")]),  # str8 key, uint8 value
+        entry([(b"\xc4\x0fDestinationPort", b"\x50")]),  # bin key
+    ]
+    for e in hits:
+        buf, spans = chunk([e])
+        assert t._raw_db.candidates(buf, spans) == {0: [0]}, e
+    agree(t, near + hits)
+
+
+def test_numbers_as_strings_in_any_form_still_pass(fm: FieldMap) -> None:
+    t = CompiledTable.build([rule("lt", Equals("LogonType", 10))], fm)
+    forms = ["10", "+10", "010", "10.0", "1e1", ".1e2", "10."]
+    entries = [msgpack.packb([0, {"LogonType": f}]) for f in forms]
+    entries += [entry([(s("LogonType"), b"\xd9\x02" + b"10")])]  # str8 header
+    want = agree(t, entries)
+    assert sorted(want) == list(range(len(entries)))
+    # text that cannot be a number is not even decoded
+    assert t._raw_db is not None
+    buf, spans = chunk([msgpack.packb([0, {"LogonType": "RemoteInteractive"}])])
+    assert t._raw_db.candidates(buf, spans) == {}

@@ -12,18 +12,20 @@ occur in the msgpack bytes of any entry the rule matches. Leaves contribute what
 * :class:`~ruletag.rules.ir.Regex`: the literal runs every match contains (parsed with
   Python's regex parser; anything it rejects adds the key names only);
 * :class:`~ruletag.rules.ir.Equals` with a number on an underived field: a key name
-  immediately followed by the number in any msgpack integer encoding, or by a float, str, bin
-  or array header (numeric strings and lists can match too);
+  immediately followed by the number in any msgpack integer encoding, by a float or array
+  header, or by a str/bin header and a sign, digit or point (numeric strings can match too);
 * other leaves on a field: one of the field's key names (matched cased, as record lookups
-  are); ``Not``, ``IsNull`` and computed predicates: no requirement.
+  are: the whole key after its str/bin header, or the end of a dotted key);
+  ``Not``, ``IsNull`` and computed predicates: no requirement.
 
 Matching is two-staged (:class:`RawFilter`): one Hyperscan scan of the whole chunk for each
 rule's *trigger* (the rarest-looking patterns one of which must occur), then, for the entries a
 trigger hit, one scan of the entry for every pattern and the triggered rules' requirements as
-generated Python code. The caller decodes only the entries with a rule left and evaluates only
-those rules; rules without a requirement are evaluated on every entry. Entries holding a
-character that lower-cases or case-folds to ASCII letters (U+0130, U+212A, U+017F) go to every
-rule (a caseless ASCII literal could miss them).
+generated Python code. The filter re-tunes itself on the traffic it sees (triggers by measured
+frequency; see :class:`RawFilter`). The caller decodes only the entries with a rule left and
+evaluates only those rules; rules without a requirement are evaluated on every entry. Entries
+holding a character that lower-cases or case-folds to ASCII letters (U+0130, U+212A, U+017F)
+go to every rule (a caseless ASCII literal could miss them).
 """
 
 from __future__ import annotations
@@ -67,8 +69,12 @@ __all__ = ["FOLDS_TO_ASCII", "RawFilter", "build_raw_filter"]
 FOLDS_TO_ASCII = ("\u0130", "\u212a", "\u017f")
 _NUMBER_CHARS = frozenset("0123456789.e+-")
 _NUMBER_WORDS = ("true", "false", "-infinity", "-nan", "none", "null")
-#: Headers after which a value can still equal a number: str, bin, float, array.
-_NUMERIC_OTHER = rb"[\xa0-\xbf\xd9-\xdb\xc4-\xc6\xca\xcb\x90-\x9f\xdc\xdd]"
+#: What else can follow a key whose value equals a number: a float, an array (of numbers), or
+#: a str/bin header whose text starts like a plain decimal number (sign, digit or point).
+_NUMERIC_OTHER = (
+    rb"(?:[\xca\xcb\x90-\x9f\xdc\xdd]|(?:[\xa0-\xbf]|[\xd9\xc4][\x00-\xff]"
+    rb"|[\xda\xc5][\x00-\xff]{2}|[\xdb\xc6][\x00-\xff]{4})[0-9\x2b\x2d\x2e])"
+)
 _INT_FORMATS = (
     (0xCC, ">B", 0, 0xFF),
     (0xCD, ">H", 0, 0xFFFF),
@@ -138,6 +144,14 @@ def text_headers(n: int) -> list[bytes]:
 
 def _alts(parts: Sequence[bytes]) -> bytes:
     return b"(?:" + b"|".join(_escape(p) for p in parts) + b")"
+
+
+def _key(name: str) -> bytes:
+    """The pattern of a record key ``name``: the whole key (right after its msgpack str or
+    bin header), or the end of a dotted literal key (``"process.name"`` supplies ``name``).
+    A bare substring would also hit ``transport`` for ``port`` or ``hostname`` for ``name``."""
+    raw = _encode(name)
+    return b"(?:" + _alts(text_headers(len(raw))) + b"|\\x2e)" + _escape(raw)
 
 
 # --------------------------------------------------------------------------- requirements
@@ -396,7 +410,7 @@ class _Builder:
         got = self._keys.get((field, direct), _FALSE)
         if got is _FALSE:
             ks = self.fm.direct_keys(field) if direct else self.fm.raw_keys(field)
-            got = _or([self.pattern(_escape(_encode(k)), _Q, _KEY_PRIOR) for k in sorted(ks)])
+            got = _or([self.pattern(_key(k), _Q, _KEY_PRIOR) for k in sorted(ks)])
             got = None if not ks else got
             self._keys[(field, direct)] = got
         return got
@@ -524,7 +538,7 @@ class _Builder:
             v = int(v)
         encs = int_encodings(v) if isinstance(v, int) else []
         tail = b"(?:" + b"|".join([*(_escape(e) for e in encs), _NUMERIC_OTHER]) + b")"
-        alts: list[Req | None] = [self.pattern(_escape(_encode(k)) + tail, _Q, 0.3) for k in ks]
+        alts: list[Req | None] = [self.pattern(_key(k) + tail, _Q, 0.3) for k in ks]
         for kind, src, _value in self.fm.derivations(n.field):
             alts.append(self.keys(src) if kind != "windows_event" else self.keys(CHANNEL))
         return _or(alts) if alts else None
