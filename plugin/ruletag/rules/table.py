@@ -72,6 +72,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CompiledTable"]
 
+#: Values up to this many characters have their scan results cached (per table) ...
+_CACHE_TEXT = 256
+#: ... in at most this many (group, value) entries; the cache is emptied when full.
+_CACHE_ENTRIES = 1 << 16
 _MAGIC = b"RULETAG-TABLE\x00v4\n"  # v4: the pre-filter keeps its plan for re-tuning
 _BLOCK = hs.HS_MODE_BLOCK
 #: One UTF-8 encoded character (values are encoded with ``surrogatepass``, so well formed).
@@ -347,11 +351,18 @@ class _Group:
         self.caseless_ids = frozenset(i for i, _ in self.caseless)
 
     def scan(
-        self, values: Iterable[object], hits: Hits, on_match: Callable[..., None] | None = None
+        self,
+        values: Iterable[object],
+        hits: Hits,
+        on_match: Callable[..., None] | None = None,
+        cache: dict[tuple[int, str], tuple[int, ...]] | None = None,
     ) -> None:
-        """Add the atoms ``values`` hit to ``hits`` (``on_match``: a handler adding to it)."""
+        """Add the atoms ``values`` hit to ``hits`` (``on_match``: a handler adding to it).
+
+        With ``cache``, the atoms a short value hits are remembered per (group, value): log
+        values repeat (images, users, channels), and a repeated one costs a dict lookup
+        instead of a Hyperscan scan and its callbacks."""
         add = hits.add
-        db = self.db
         if on_match is None:
 
             def on_match(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
@@ -361,22 +372,45 @@ class _Group:
             s = as_text(v)
             if s is None:
                 continue
-            rest = self.re2_all
-            if s.isascii():
-                if db is not None:
-                    if rest and s.endswith("\n"):
-                        self._scan_only(s.encode(), self.cased_ids | self.caseless_ids, add)
-                    else:
-                        db.scan(s.encode(), match_event_handler=on_match)
-                        rest = self.re2_only
-            elif db is not None:
-                if self.cased_ids:
-                    self._scan_only(_encode(s), self.cased_ids, add)
-                if self.caseless_ids:
-                    self._scan_only(_encode(s.lower()), self.caseless_ids, add)
-            for i, rx in rest:
-                if i not in hits and _re2_search(rx, s):
-                    add(i)
+            if cache is None or len(s) > _CACHE_TEXT:
+                self._scan_value(s, hits, add, on_match)
+                continue
+            key = (id(self), s)
+            got = cache.get(key)
+            if got is None:
+                mine: Hits = set()
+                self._scan_value(s, mine, mine.add, None)
+                got = tuple(mine)
+                if len(cache) >= _CACHE_ENTRIES:
+                    cache.clear()
+                cache[key] = got
+            hits.update(got)
+
+    def _scan_value(
+        self, s: str, hits: Hits, add: Callable[[int], None], on_match: Callable[..., None] | None
+    ) -> None:
+        db = self.db
+        if on_match is None:
+
+            def on_match(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
+                add(i)
+
+        rest = self.re2_all
+        if s.isascii():
+            if db is not None:
+                if rest and s.endswith("\n"):
+                    self._scan_only(s.encode(), self.cased_ids | self.caseless_ids, add)
+                else:
+                    db.scan(s.encode(), match_event_handler=on_match)
+                    rest = self.re2_only
+        elif db is not None:
+            if self.cased_ids:
+                self._scan_only(_encode(s), self.cased_ids, add)
+            if self.caseless_ids:
+                self._scan_only(_encode(s.lower()), self.caseless_ids, add)
+        for i, rx in rest:
+            if i not in hits and _re2_search(rx, s):
+                add(i)
 
     def _scan_only(self, data: bytes, ids: frozenset[int], add: Callable[[int], None]) -> None:
         """Scan ``data``, keeping only the hits of ``ids``."""
@@ -826,7 +860,7 @@ class CompiledTable:
             if st is None:
                 st = cache[-1] = set()
                 if group is not None:
-                    group.scan(view.strings(), st)
+                    group.scan(view.strings(), st, None, self._value_cache)
             return st
 
         self._lazy = {
@@ -854,7 +888,9 @@ class CompiledTable:
         self._scan_groups(view, todo, hits)
         cache: dict[int, Any] = {}
         if self._kw_eager:
-            self._kw_group.scan(view.strings(), hits)  # type: ignore[union-attr]
+            self._kw_group.scan(  # type: ignore[union-attr]
+                view.strings(), hits, None, self._value_cache
+            )
             cache[-1] = hits
         cand: set[int] = set(self._always)
         trig = self._trig
@@ -881,6 +917,7 @@ class CompiledTable:
         group_paths = self._group_paths
         flat = view.flat()
         add = hits.add
+        cache = self._value_cache
 
         def on_match(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
             add(i)
@@ -892,7 +929,7 @@ class CompiledTable:
             g = groups[gi]
             vals = view.values(g.field)  # type: ignore[arg-type]
             if vals:
-                g.scan(vals, hits, on_match)
+                g.scan(vals, hits, on_match, cache)
 
     def match_subset(self, record: Mapping[str, object], rules: Iterable[int]) -> list[int]:
         """Which of ``rules`` (indexes) match ``record``, scanning only the fields they read."""
@@ -1056,6 +1093,8 @@ class CompiledTable:
             self._raw_db.set_tune_after(records)
 
     def _init_tuning(self) -> None:
+        #: (group, short value) -> the atoms it hits (see :meth:`_Group.scan`)
+        self._value_cache: dict[tuple[int, str], tuple[int, ...]] = {}
         self._hot: tuple[CompiledTable, dict[int, int], tuple[int, ...]] | None = None
         self._next_hot: tuple[CompiledTable, dict[int, int], tuple[int, ...]] | None = None
         if self._raw_db is not None:
