@@ -84,6 +84,36 @@ def _skipped_name(path: Path) -> bool:
     return path.name.startswith(".") or path.stem.lower().startswith(_SKIP_STEMS)
 
 
+def _scan_folder(
+    top: str, rel: tuple[str, ...], out: list[tuple[tuple[str, ...], str, bool]]
+) -> None:
+    """Rule files under ``top`` as (path parts below the root, path, is a symlink); hidden
+    entries skipped, symlinked folders followed. One ``scandir`` per folder: the file type
+    comes with the entry, so most files cost no system call."""
+    try:
+        with os.scandir(top) as it:
+            entries = list(it)
+    except OSError:  # unreadable or vanished meanwhile: as os.walk, skip it
+        return
+    for e in entries:
+        name = e.name
+        if name.startswith("."):
+            continue
+        try:
+            if e.is_dir():
+                _scan_folder(e.path, (*rel, name), out)
+                continue
+            stem, suffix = os.path.splitext(name)
+            suffix = suffix.lower()
+            if suffix not in SIGMA_SUFFIXES and suffix not in ELASTIC_SUFFIXES:
+                continue
+            if stem.lower().startswith(_SKIP_STEMS) or not e.is_file():
+                continue
+            out.append(((*rel, name), e.path, e.is_symlink()))
+        except OSError:
+            continue
+
+
 def rule_files(paths: Sequence[str | Path]) -> tuple[list[Path], list[RuleError]]:
     """Every rule file under ``paths`` (sorted within each folder), and paths that are missing.
 
@@ -103,20 +133,10 @@ def rule_files(paths: Sequence[str | Path]) -> tuple[list[Path], list[RuleError]
         p = Path(raw)
         if p.is_dir():
             root = p.resolve()  # once per folder: resolve() per file costs an lstat per part
-            found: list[tuple[tuple[str, ...], Path, Path]] = []
-            for dirpath, dirnames, filenames in os.walk(p, followlinks=True):
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                rel_dir = Path(dirpath).relative_to(p).parts
-                for name in filenames:
-                    f = Path(dirpath, name)
-                    if name.startswith(".") or not source_of(f) or _skipped_name(f):
-                        continue
-                    if not os.path.isfile(f):
-                        continue
-                    key = f.resolve() if os.path.islink(f) else root.joinpath(*rel_dir, name)
-                    found.append(((*rel_dir, name), f, key))
-            for _, f, key in sorted(found, key=lambda item: item[0]):
-                add(f, key)
+            found: list[tuple[tuple[str, ...], str, bool]] = []
+            _scan_folder(str(p), (), found)
+            for rel, f, link in sorted(found):
+                add(Path(f), Path(f).resolve() if link else root.joinpath(*rel))
         elif p.is_file():
             if source_of(p):
                 add(p)
