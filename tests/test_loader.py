@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -189,8 +190,8 @@ def test_compile_rules_caches_table_and_report(tmp_path: Path,
     assert not first.cached
     assert len(first.rules) == 2 and len(first.problems) == 1
     assert table.version and len(table.version) == 16
-    assert sorted(p.name for p in cache.iterdir()) == [
-        f"{table.version}.report.json", f"{table.version}.table"]
+    assert {p.name for p in cache.iterdir()} == {
+        f"{table.version}.report.json", f"{table.version}.table", "digests.pickle"}
 
     def no_parse(*_a: object, **_k: object) -> object:
         raise AssertionError("rules were parsed again despite the cache")
@@ -293,3 +294,37 @@ def test_cache_key_follows_the_compiler(tmp_path: Path, monkeypatch: pytest.Monk
     before = cache_key([f], None, "fm")
     monkeypatch.setattr(loader, "compiler_fingerprint", lambda: "another-compiler")
     assert cache_key([f], None, "fm") != before
+
+
+def test_cache_key_reads_only_changed_files(tmp_path: Path) -> None:
+    rules = _setup_rules(tmp_path)
+    files, _ = rule_files([rules])
+    digests: dict[str, tuple[int, int, str]] = {}
+    base = cache_key(files, None, "f1", digests)
+    assert base == cache_key(files, None, "f1")  # the memo changes nothing by itself
+    assert sorted(digests) == sorted(os.path.abspath(f) for f in files)
+    # an unchanged file (same size and mtime) is taken from the memo, not read again
+    first = os.path.abspath(files[0])
+    size, mtime, _ = digests[first]
+    digests[first] = (size, mtime, "0" * 64)
+    assert cache_key(files, None, "f1", digests) != base
+    # a changed file is read again, and its digest renewed
+    digests[first] = (size, mtime - 1, "0" * 64)
+    assert cache_key(files, None, "f1", digests) == base
+    assert digests[first][2] != "0" * 64
+
+
+def test_compile_rules_keeps_rule_digests_in_the_cache(tmp_path: Path) -> None:
+    rules = _setup_rules(tmp_path)
+    cache = tmp_path / "cache"
+    t1, _ = compile_rules([rules], cache_dir=cache)
+    memo = loader._read_digests(cache / "digests.pickle")
+    assert len(memo) == len(rule_files([rules])[0])
+    t2, r2 = compile_rules([rules], cache_dir=cache)
+    assert r2.cached and t2.version == t1.version
+    (cache / "digests.pickle").write_bytes(b"not a pickle")  # damaged: rebuilt, same key
+    t3, r3 = compile_rules([rules], cache_dir=cache)
+    assert r3.cached and t3.version == t1.version
+    sigma(rules, "extra.yml", 5)
+    t4, r4 = compile_rules([rules], cache_dir=cache)
+    assert not r4.cached and t4.version != t1.version

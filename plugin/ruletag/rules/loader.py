@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -229,8 +230,23 @@ def compiler_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(files: Sequence[Path], variables: Variables | None, fieldmap_version: str) -> str:
-    """Hash of everything a compiled table depends on (also the table's version)."""
+#: One rule file's content digest and the ``(size, mtime_ns)`` it was taken at.
+Digests = dict[str, tuple[int, int, str]]
+#: Most rule files whose digests the cache folder remembers (every rule set sharing it).
+_MAX_DIGESTS = 200_000
+
+
+def cache_key(
+    files: Sequence[Path],
+    variables: Variables | None,
+    fieldmap_version: str,
+    digests: Digests | None = None,
+) -> str:
+    """Hash of everything a compiled table depends on (also the table's version).
+
+    It follows the files' contents. ``digests`` (path -> size, mtime, content digest) lets
+    an unchanged file (same size and modification time, as the reload watcher judges) go
+    unread; it is updated in place for the files that were read."""
     from ruletag import __version__
 
     h = hashlib.sha256()
@@ -239,13 +255,34 @@ def cache_key(files: Sequence[Path], variables: Variables | None, fieldmap_versi
     norm = {k: list(v) for k, v in sorted((variables or {}).items())}
     h.update(json.dumps(norm, sort_keys=True).encode() + b"\0")
     for f in files:
-        try:
-            data = f.read_bytes()
-        except OSError as exc:  # the front-end reports it as that file's problem
-            data = f"unreadable: {exc.strerror or exc}".encode()
-        h.update(f"{os.path.abspath(f)}\0{len(data)}\0".encode())
-        h.update(data)
+        path = os.path.abspath(f)
+        h.update(f"{path}\0{_file_digest(path, digests)}\0".encode())
     return h.hexdigest()[:16]
+
+
+def _file_digest(path: str, digests: Digests | None) -> str:
+    try:
+        st = os.stat(path)
+        if digests is not None:
+            got = digests.get(path)
+            if got is not None and got[0] == st.st_size and got[1] == st.st_mtime_ns:
+                return got[2]
+        with open(path, "rb") as fh:
+            digest = hashlib.sha256(fh.read()).hexdigest()
+    except OSError as exc:  # the front-end reports it as that file's problem
+        return f"unreadable: {exc.strerror or exc}"
+    if digests is not None:
+        digests[path] = (st.st_size, st.st_mtime_ns, digest)
+    return digest
+
+
+def _read_digests(path: Path) -> Digests:
+    try:
+        with open(path, "rb") as fh:
+            got = pickle.load(fh)
+    except Exception:  # missing, damaged or from another Python: start afresh
+        return {}
+    return got if isinstance(got, dict) else {}
 
 
 def problem_to_json(p: RuleError) -> dict[str, Any]:
@@ -334,8 +371,20 @@ def compile_rules(
 
     fmap = fieldmap or FieldMap.default()
     files, _ = rule_files(paths)
-    key = cache_key(files, variables, fmap.version)
     folder = cache_dir or default_cache_dir()
+    memo_path = folder / "digests.pickle"
+    digests = _read_digests(memo_path) if use_cache else None
+    if digests is not None and len(digests) > _MAX_DIGESTS:  # paths long gone pile up
+        digests.clear()
+    before = dict(digests) if digests is not None else None
+    key = cache_key(files, variables, fmap.version, digests)
+    if digests is not None and digests != before:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            blob = pickle.dumps(digests, protocol=pickle.HIGHEST_PROTOCOL)
+            _atomic_write(memo_path, lambda p: p.write_bytes(blob))
+        except OSError as exc:  # costs the next start a re-read, nothing else
+            log.warning("cannot write rule digests in %s: %s", folder, exc)
     table_path = folder / f"{key}.table"
     report_path = folder / f"{key}.report.json"
     if use_cache and (hit := _read_cache(table_path, report_path)) is not None:
