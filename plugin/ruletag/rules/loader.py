@@ -73,16 +73,16 @@ def default_cache_dir() -> Path:
 
 def source_of(path: Path) -> str | None:
     """``"sigma"``/``"elastic"`` for a rule file name, None for anything else."""
-    suffix = path.suffix.lower()
+    return _source_of_suffix(path.suffix)
+
+
+def _source_of_suffix(suffix: str) -> str | None:
+    suffix = suffix.lower()
     if suffix in SIGMA_SUFFIXES:
         return "sigma"
     if suffix in ELASTIC_SUFFIXES:
         return "elastic"
     return None
-
-
-def _skipped_name(path: Path) -> bool:
-    return path.name.startswith(".") or path.stem.lower().startswith(_SKIP_STEMS)
 
 
 def _scan_folder(
@@ -105,8 +105,7 @@ def _scan_folder(
                 _scan_folder(e.path, (*rel, name), out)
                 continue
             stem, suffix = os.path.splitext(name)
-            suffix = suffix.lower()
-            if suffix not in SIGMA_SUFFIXES and suffix not in ELASTIC_SUFFIXES:
+            if _source_of_suffix(suffix) is None:
                 continue
             if stem.lower().startswith(_SKIP_STEMS) or not e.is_file():
                 continue

@@ -362,39 +362,34 @@ class _Group:
         With ``cache``, the atoms a short value hits are remembered per (group, value): log
         values repeat (images, users, channels), and a repeated one costs a dict lookup
         instead of a Hyperscan scan and its callbacks."""
-        add = hits.add
-        if on_match is None:
-
-            def on_match(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
-                add(i)
-
         for v in values:
             s = as_text(v)
             if s is None:
                 continue
             if cache is None or len(s) > _CACHE_TEXT:
-                self._scan_value(s, hits, add, on_match)
+                self._scan_value(s, hits, on_match)
                 continue
             key = (id(self), s)
             got = cache.get(key)
             if got is None:
                 mine: Hits = set()
-                self._scan_value(s, mine, mine.add, None)
+                self._scan_value(s, mine, None)
                 got = tuple(mine)
                 if len(cache) >= _CACHE_ENTRIES:
                     cache.clear()
                 cache[key] = got
             hits.update(got)
 
-    def _scan_value(
-        self, s: str, hits: Hits, add: Callable[[int], None], on_match: Callable[..., None] | None
-    ) -> None:
-        db = self.db
+    def _scan_value(self, s: str, hits: Hits, on_match: Callable[..., None] | None) -> None:
+        """Add the atoms the text ``s`` hits to ``hits`` (``on_match``: a handler adding
+        to it, or None)."""
+        add = hits.add
         if on_match is None:
 
             def on_match(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
                 add(i)
 
+        db = self.db
         rest = self.re2_all
         if s.isascii():
             if db is not None:
