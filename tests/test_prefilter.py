@@ -9,7 +9,20 @@ import msgpack
 import pytest
 
 from ruletag.rules.fields import FieldMap
-from ruletag.rules.ir import Equals, Logsource, Match, Node, Regex, Rule, Wild
+from ruletag.rules.ir import (
+    And,
+    Call,
+    Equals,
+    FieldValue,
+    Literal_,
+    Logsource,
+    Match,
+    Node,
+    Predicate,
+    Regex,
+    Rule,
+    Wild,
+)
 from ruletag.rules.prefilter import int_encodings, text_headers
 from ruletag.rules.table import CompiledTable
 
@@ -200,3 +213,26 @@ def test_numbers_as_strings_in_any_form_still_pass(fm: FieldMap) -> None:
     assert t._raw_db is not None
     buf, spans = chunk([msgpack.packb([0, {"LogonType": "RemoteInteractive"}])])
     assert t._raw_db.candidates(buf, spans) == {}
+
+
+def test_predicates_false_without_their_fields_need_a_key(fm: FieldMap) -> None:
+    """``length(CallTrace) > 0`` cannot hold without ``CallTrace``: other records are not
+    decoded; ``CallTrace == null`` holds without it, so it gives no requirement."""
+    length = Call("length", (FieldValue("CallTrace"),))
+    t = CompiledTable.build(
+        [
+            rule("len", And((Equals("EventID", 10), Predicate(length, ">", Literal_(0))))),
+            rule("null", Predicate(FieldValue("CallTrace"), "==", Literal_(None))),
+        ],
+        fm,
+    )
+    assert t._raw_db is not None and t._raw_forced == (1,)
+    records = [
+        {"EventID": 10, "TargetImage": "C:\\x.exe"},  # no CallTrace: only rule "null"
+        {"EventID": 10, "CallTrace": "C:\\Windows\\SYSTEM32\\ntdll.dll+9d1e4"},
+        {"EventID": 10, "CallTrace": ""},
+    ]
+    entries = [msgpack.packb([0, r]) for r in records]
+    buf, spans = chunk(entries)
+    assert t._raw_db.candidates(buf, spans) == {1: [0], 2: [0]}
+    assert agree(t, entries) == {0: [1], 1: [0]}

@@ -16,7 +16,10 @@ occur in the msgpack bytes of any entry the rule matches. Leaves contribute what
   header, or by a str/bin header and a sign, digit or point (numeric strings can match too);
 * other leaves on a field: one of the field's key names (matched cased, as record lookups
   are: the whole key after its str/bin header, or the end of a dotted key);
-  ``Not``, ``IsNull`` and computed predicates: no requirement.
+* a computed predicate (``length(CallTrace) > 0``) that is false on a record without any of
+  the fields it reads (checked at compile time on an empty record): one of those fields'
+  key names;
+  ``Not``, ``IsNull`` and the other predicates: no requirement.
 
 Matching is two-staged (:class:`RawFilter`): one Hyperscan scan of the whole chunk for each
 rule's *trigger* (the rarest-looking patterns one of which must occur), then, for the entries a
@@ -54,11 +57,15 @@ from ruletag.rules.ir import (
     Equals,
     Exists,
     FieldRef,
+    FieldValue,
+    Literal_,
     Match,
     Node,
     Not,
     Or,
+    Predicate,
     Regex,
+    ValueExpr,
     Wild,
 )
 
@@ -441,7 +448,29 @@ class _Builder:
             return self.keys(n.field)
         if isinstance(n, FieldRef):
             return _and([self.keys(n.field), self.keys(n.other)])
-        return None  # IsNull, Predicate
+        if isinstance(n, Predicate):
+            return self._predicate(n)
+        return None  # IsNull
+
+    def _predicate(self, n: Predicate) -> Req | None:
+        """A key of one of the fields ``n`` reads, if ``n`` is false when all are missing.
+
+        Without those keys in the bytes, every field ``n`` reads is missing, so ``n`` has
+        the value it has on an empty record."""
+        fields: set[str] = set()
+        for e in (n.left, *(n.right if isinstance(n.right, tuple) else (n.right,))):
+            _value_fields(e, fields)
+        if not fields:
+            return None
+        from ruletag.rules.fields import RecordView
+        from ruletag.rules.reference import evaluate
+
+        try:
+            if evaluate(n, RecordView(self.fm, {})):
+                return None
+        except Exception:  # whatever fails here gives no requirement
+            return None
+        return _or([self.keys(f) for f in sorted(fields)])
 
     def _text(self, n: Match, field_req: Req | None, exact: bool) -> Req | None:
         """``field_req`` and the literals a text value matching ``n`` contains."""
@@ -542,6 +571,15 @@ class _Builder:
         for kind, src, _value in self.fm.derivations(n.field):
             alts.append(self.keys(src) if kind != "windows_event" else self.keys(CHANNEL))
         return _or(alts) if alts else None
+
+
+def _value_fields(e: ValueExpr, out: set[str]) -> None:
+    """Add the fields that value expression ``e`` reads to ``out``."""
+    if isinstance(e, FieldValue):
+        out.add(e.field)
+    elif not isinstance(e, Literal_):
+        for a in e.args:
+            _value_fields(a, out)
 
 
 def _trigger(r: Req, cost: Sequence[float]) -> tuple[frozenset[int], float]:

@@ -1,0 +1,114 @@
+"""Which records the raw pre-filter still decodes, and which rules make it (prints figures).
+
+Loads (or compiles, through the rule cache) a rule set, lets the pre-filter re-tune itself on
+the first ``--tune-after`` records of a traffic file written by ``bench/gen_traffic.py``, then
+runs the tuned filter over the following chunks and prints, per traffic source (the chunk's
+tag), the share of records decoded and the time ``match_entries`` takes, and the rules whose
+raw requirement held on the most records: each of those rules makes every record it holds on
+be decoded and evaluated.
+
+    .venv/bin/python bench/gen_traffic.py          # once: /tmp/ruletag-bench/traffic.bin
+    .venv/bin/python bench/why_decoded.py --rules ../shared/rules
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import time
+from pathlib import Path
+
+import msgpack
+
+from ruletag.rules.loader import compile_rules
+from ruletag.rules.table import CompiledTable
+
+
+def read_chunks(path: Path) -> list[tuple[bytes, list[tuple[int, int]], str]]:
+    """The traffic file's chunks: (entries, entry spans, tag)."""
+    data = path.read_bytes()
+    index = json.loads(Path(f"{path}.json").read_text())
+    out = []
+    for off, length, _n, _chunk, tag in index["chunks"]:
+        _tag, entries, _opt = msgpack.unpackb(data[off : off + length], raw=False)
+        up = msgpack.Unpacker(raw=False)
+        up.feed(entries)
+        spans, pos = [], 0
+        while pos < len(entries):
+            up.skip()
+            end = up.tell()
+            spans.append((pos, end))
+            pos = end
+        out.append((entries, spans, tag))
+    return out
+
+
+def tune(table: CompiledTable, chunks: list, records: int, timeout: float) -> int:
+    """Feed chunks until the pre-filter has re-tuned itself; the index of the next chunk."""
+    table.set_tune_after(records)
+    fed = k = 0
+    while fed < records and k < len(chunks):
+        table.match_entries(*chunks[k][:2])
+        fed += len(chunks[k][1])
+        k += 1
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not table.stats.get("raw_tuned_on_records"):
+        table.match_entries(*chunks[k % len(chunks)][:2])  # swaps the tuned filter in
+        k += 1
+        time.sleep(0.2)
+    return k
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rules", nargs="+", required=True, help="rule files or folders")
+    ap.add_argument("--traffic", default="/tmp/ruletag-bench/traffic.bin")
+    ap.add_argument("--cache-dir", help="rule table cache (default: the user cache)")
+    ap.add_argument("--tune-after", type=int, default=20_000)
+    ap.add_argument("--top", type=int, default=25, help="rules to list")
+    ns = ap.parse_args()
+
+    t0 = time.perf_counter()
+    table, result = compile_rules(ns.rules, cache_dir=Path(ns.cache_dir) if ns.cache_dir else None)
+    print(f"{len(result.rules)} rules ({time.perf_counter() - t0:.1f} s to load or compile)")
+    chunks = read_chunks(Path(ns.traffic))
+    start = tune(table, chunks, ns.tune_after, timeout=300.0)
+    if not table.stats.get("raw_tuned_on_records"):
+        print("the pre-filter did not re-tune (too little traffic?): figures are untuned")
+    rest = chunks[start:] or chunks
+    raw = table._raw_db
+    per_rule: collections.Counter[int] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    decoded: collections.Counter[str] = collections.Counter()
+    seconds: collections.Counter[str] = collections.Counter()
+    for entries, spans, tag in rest:
+        cands = raw.candidates(entries, spans) if raw is not None else {}
+        total[tag] += len(spans)
+        decoded[tag] += len(cands)
+        for rules in cands.values():
+            per_rule.update(rules)
+        t = time.perf_counter()
+        table.match_entries(entries, spans)
+        seconds[tag] += time.perf_counter() - t
+    n = sum(total.values())
+    print(
+        f"\n{n} records after tuning; decoded {sum(decoded.values()) / n:.1%}; "
+        f"match_entries {sum(seconds.values()) / n * 1e6:.1f} us/record\n"
+    )
+    print("| source | share of records | decoded | match_entries us/record |")
+    print("| --- | ---: | ---: | ---: |")
+    for tag in sorted(total, key=lambda x: -seconds[x] / total[x]):
+        print(
+            f"| {tag} | {total[tag] / n:.0%} | {decoded[tag] / total[tag]:.0%} "
+            f"| {seconds[tag] / total[tag] * 1e6:.1f} |"
+        )
+    print("\n| records its requirement held on | rule | source | file |")
+    print("| ---: | --- | --- | --- |")
+    for k, c in per_rule.most_common(ns.top):
+        rule = table.rules[k]
+        print(f"| {c / n:.1%} | {rule.name} | {rule.source} | {Path(rule.path).name} |")
+
+
+if __name__ == "__main__":
+    main()
