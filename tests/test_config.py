@@ -153,3 +153,11 @@ def test_validate_command(tmp_path: Path, capsys: Any) -> None:
     assert main(["validate", str(REPO / "pipelines" / "relay.yaml"), str(bad)]) == 1
     err = capsys.readouterr().err
     assert "forward.servers[0].port: must be an int 1..65535" in err
+
+
+def test_rules_exclude_is_a_list_of_globs() -> None:
+    cfg = config_from_mapping({**MIN, "rules": {"paths": ["r/"], "exclude": ["a*", "b"]}})
+    assert cfg.rules is not None and cfg.rules.exclude == ("a*", "b")
+    for bad in ("a*", [""], [1]):
+        with pytest.raises(ConfigError, match=r"rules\.exclude"):
+            config_from_mapping({**MIN, "rules": {"paths": ["r/"], "exclude": bad}})

@@ -328,3 +328,19 @@ def test_compile_rules_keeps_rule_digests_in_the_cache(tmp_path: Path) -> None:
     sigma(rules, "extra.yml", 5)
     t4, r4 = compile_rules([rules], cache_dir=cache)
     assert not r4.cached and t4.version != t1.version
+
+
+def test_exclude_leaves_rules_out_by_id_or_name_and_keys_the_cache(tmp_path: Path) -> None:
+    rules = _setup_rules(tmp_path)
+    cache = tmp_path / "cache"
+    full, _ = compile_rules([rules], cache_dir=cache)
+    by_name, first = compile_rules([rules], cache_dir=cache, exclude=["Extra *"])
+    assert not first.cached and first.excluded == 0  # no rule is named "Extra ..."
+    assert by_name.version != full.version  # the exclude list is part of the cache key
+    seed_id = next(r.id for r in full.rules if r.path.endswith(SIGMA_SEED.name))
+    table, result = compile_rules([rules], cache_dir=cache, exclude=[seed_id, "Test rule *"])
+    assert result.excluded == 2 and not table.rules and table.version != full.version
+    again, cached = compile_rules([rules], cache_dir=cache, exclude=[seed_id, "Test rule *"])
+    assert cached.cached and cached.excluded == 2 and again.version == table.version
+    _, by_glob = compile_rules([rules], cache_dir=cache, exclude=["00000000-*"])
+    assert by_glob.excluded == 1 and [r.id for r in by_glob.rules] == [seed_id]

@@ -270,3 +270,8 @@ def test_subprocess_compiler_fills_the_cache_and_can_be_killed(
     assert [str(e) for e in errors] == ["shutting down"]
     with pytest.raises(RuntimeError, match="shutting down"):
         slow()
+
+
+def test_subprocess_compiler_passes_the_exclude_list(rules_dir: Path, tmp_path: Path) -> None:
+    table, result = SubprocessCompiler([rules_dir], None, tmp_path / "cache", [SYSMON_RULE])()
+    assert result.cached and result.excluded == 1 and not table.rules

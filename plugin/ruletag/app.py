@@ -208,7 +208,9 @@ def rule_loader(config: Config) -> Callable[[], tuple[CompiledTable, LoadResult]
     rules = config.rules
     assert rules is not None
     cache = Path(rules.cache_dir) if rules.cache_dir else None
-    return lambda: compile_rules(list(rules.paths), rules.vars or None, cache)
+    return lambda: compile_rules(
+        list(rules.paths), rules.vars or None, cache, exclude=rules.exclude
+    )
 
 
 class _Enrichment:
@@ -238,7 +240,7 @@ class _Enrichment:
         rules = self.config.rules
         self.reloader = Reloader(  # reloads compile in a child process: the loop never stalls
             self.live,
-            SubprocessCompiler(rules.paths, rules.vars or None, rules.cache_dir),
+            SubprocessCompiler(rules.paths, rules.vars or None, rules.cache_dir, rules.exclude),
             rules.paths,
             interval=rules.reload_interval,
             on_result=self.metrics.reload_done,
@@ -248,9 +250,11 @@ class _Enrichment:
             result = await self.reloader.load_initial()
         except Exception as exc:
             raise ConfigError(f"rules: {exc}") from exc
-        log.info("rules: %d loaded from %d files in %.2f s%s, ruleset %s",
+        log.info("rules: %d loaded from %d files in %.2f s%s%s, ruleset %s",
                  self.live.rule_count, result.files, result.seconds,
-                 " (cached)" if result.cached else "", self.live.version,
+                 " (cached)" if result.cached else "",
+                 f", {result.excluded} excluded by rules.exclude" if result.excluded else "",
+                 self.live.version,
                  extra={"event": "rules_loaded", "rules": self.live.rule_count,
                         "version": self.live.version})
         if result.problems or result.duplicates:
@@ -323,6 +327,7 @@ def main_validate(ns: argparse.Namespace) -> int:
                 f"{len(rule_filter.table.rules)} rules (version {rule_filter.table.version}), "
                 f"{len(result.unsupported)} unsupported, {len(result.invalid)} invalid, "
                 f"{len(result.duplicates)} duplicate ids"
+                + (f", {result.excluded} excluded" if result.excluded else "")
             )
         else:
             parts.append("no rules")

@@ -40,6 +40,7 @@ forward.connect_timeout            10 s
 forward.max_in_flight_bytes        64 MiB       bytes sent but not yet acked downstream
 forward.entry_format               v1           v1 = ``[time, record]``; v2 keeps metadata
 rules.reload_interval              5 s          poll rule files for changes (0 = SIGHUP only)
+rules.exclude                      []           rule ids or names (globs) left out of the table
 enrich.key / enrich.style          detections   where (style ruletag) the detections go /
                                    / ruletag    ``ecs`` writes rule.*, threat.*, event.*
 metrics.listen                     127.0.0.1:   Prometheus /metrics and /health
@@ -210,6 +211,7 @@ class RulesConfig:
     cache_dir: str | None = None  # None = $XDG_CACHE_HOME/ruletag
     reload_interval: float = DEFAULT_RELOAD_INTERVAL  # poll rule files; 0 = SIGHUP only
     tune_after: int = DEFAULT_TUNE_AFTER  # re-pick pre-filter triggers after N records; 0 = never
+    exclude: tuple[str, ...] = ()  # rule id / name globs left out of the table
 
 
 @dataclass(frozen=True, slots=True)
@@ -668,8 +670,14 @@ def _rules(data: object, base: Path | None) -> RulesConfig:
         if any(isinstance(x, Mapping | list) for x in values):
             raise ConfigError(f"rules.vars.{k}: values must be strings")
         variables[str(k)] = tuple("" if x is None else str(x) for x in values)
+    raw_exclude = s.raw("exclude", [])
+    if not isinstance(raw_exclude, list) or not all(
+        isinstance(x, str) and x for x in raw_exclude
+    ):
+        raise ConfigError("rules.exclude: must be a list of rule ids or names (globs allowed)")
     cfg = RulesConfig(
         paths=paths,
+        exclude=tuple(raw_exclude),
         vars=variables,
         cache_dir=s.file("cache_dir", base),
         reload_interval=s.duration("reload_interval", DEFAULT_RELOAD_INTERVAL),

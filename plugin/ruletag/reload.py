@@ -89,7 +89,7 @@ def _child_main() -> None:
     job = json.loads(sys.stdin.read())
     variables = {k: tuple(v) for k, v in job["vars"].items()} if job["vars"] else None
     cache = Path(job["cache_dir"]) if job["cache_dir"] else None
-    compile_rules(job["paths"], variables, cache)
+    compile_rules(job["paths"], variables, cache, exclude=job["exclude"])
 
 
 class SubprocessCompiler:
@@ -106,8 +106,10 @@ class SubprocessCompiler:
         paths: Sequence[str | Path],
         variables: Mapping[str, Sequence[str]] | None = None,
         cache_dir: str | Path | None = None,
+        exclude: Sequence[str] = (),
     ) -> None:
         self.paths = [str(p) for p in paths]
+        self.exclude = list(exclude)
         self.variables = {k: list(v) for k, v in variables.items()} if variables else None
         self.cache_dir = str(cache_dir) if cache_dir is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -118,7 +120,7 @@ class SubprocessCompiler:
         from ruletag.rules.loader import compile_rules
 
         job = json.dumps({"paths": self.paths, "vars": self.variables,
-                          "cache_dir": self.cache_dir}).encode()
+                          "cache_dir": self.cache_dir, "exclude": self.exclude}).encode()
         with self._lock:
             if self._killed:
                 raise RuntimeError("shutting down")
@@ -139,7 +141,7 @@ class SubprocessCompiler:
                         proc.returncode, last[0])
         cache = Path(self.cache_dir) if self.cache_dir else None
         variables = {k: tuple(v) for k, v in self.variables.items()} if self.variables else None
-        return compile_rules(self.paths, variables, cache)
+        return compile_rules(self.paths, variables, cache, exclude=self.exclude)
 
     def kill(self) -> None:
         """Stop a running child and refuse further compiles."""

@@ -13,12 +13,14 @@
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import hashlib
 import json
 import logging
 import os
 import pickle
+import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -55,6 +57,7 @@ class LoadResult:
     cached: bool = False  # the table and this report came from the cache
     seconds: float = 0.0  # load (or cache read) time
     sources: dict[str, int] = field(default_factory=dict)  # rule files per front-end
+    excluded: int = 0  # rules left out by ``rules.exclude``
 
     @property
     def unsupported(self) -> list[RuleError]:
@@ -214,6 +217,15 @@ def load_rules(paths: Sequence[str | Path], variables: Variables | None = None) 
                       seconds=time.perf_counter() - start, sources=sources)
 
 
+def exclude_rules(result: LoadResult, patterns: Sequence[str]) -> None:
+    """Drop from ``result`` the rules whose id or name matches a glob of ``patterns``
+    (case-sensitive ``fnmatch``); ``result.excluded`` counts them."""
+    rx = re.compile("|".join(fnmatch.translate(p) for p in patterns))
+    kept = [r for r in result.rules if not (rx.match(r.id) or rx.match(r.name))]
+    result.excluded += len(result.rules) - len(kept)
+    result.rules = kept
+
+
 # --------------------------------------------------------------------------- cache
 
 
@@ -240,6 +252,7 @@ def cache_key(
     variables: Variables | None,
     fieldmap_version: str,
     digests: Digests | None = None,
+    exclude: Sequence[str] = (),
 ) -> str:
     """Hash of everything a compiled table depends on (also the table's version).
 
@@ -253,6 +266,8 @@ def cache_key(
     h.update(f"fields {fieldmap_version}\0".encode())
     norm = {k: list(v) for k, v in sorted((variables or {}).items())}
     h.update(json.dumps(norm, sort_keys=True).encode() + b"\0")
+    if exclude:
+        h.update(json.dumps(sorted(exclude)).encode() + b"\0")
     for f in files:
         path = os.path.abspath(f)
         h.update(f"{path}\0{_file_digest(path, digests)}\0".encode())
@@ -302,6 +317,7 @@ def report_to_json(result: LoadResult) -> dict[str, Any]:
         "sources": result.sources,
         "problems": [problem_to_json(p) for p in result.problems],
         "duplicates": result.duplicates,
+        "excluded": result.excluded,
     }
 
 
@@ -338,6 +354,7 @@ def _read_cache(table_path: Path, report_path: Path) -> tuple[CompiledTable, Loa
         cached=True,
         seconds=time.perf_counter() - start,
         sources=dict(report.get("sources", {})),
+        excluded=int(report.get("excluded", 0)),
     )
     return table, result
 
@@ -360,8 +377,11 @@ def compile_rules(
     *,
     fieldmap: FieldMap | None = None,
     use_cache: bool = True,
+    exclude: Sequence[str] = (),
 ) -> tuple[CompiledTable, LoadResult]:
     """Load and compile ``paths``, or read the same table back from the cache.
+
+    Rules whose id or name matches one of the ``exclude`` glob patterns are left out.
 
     The table's ``version`` is the cache key, so equal rule sets give equal versions.
     """
@@ -376,7 +396,7 @@ def compile_rules(
     if digests is not None and len(digests) > _MAX_DIGESTS:  # paths long gone pile up
         digests.clear()
     before = dict(digests) if digests is not None else None
-    key = cache_key(files, variables, fmap.version, digests)
+    key = cache_key(files, variables, fmap.version, digests, exclude)
     if digests is not None and digests != before:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -389,6 +409,8 @@ def compile_rules(
     if use_cache and (hit := _read_cache(table_path, report_path)) is not None:
         return hit
     result = load_rules(paths, variables)
+    if exclude:
+        exclude_rules(result, exclude)
     table = CompiledTable.build(result.rules, fmap, key)
     if use_cache:
         _write_cache(table, result, table_path, report_path)
