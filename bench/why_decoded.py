@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import time
 from pathlib import Path
 
 import msgpack
 
+from gen_traffic import load_index
+from ruletag.codec import iter_entries
 from ruletag.rules.loader import compile_rules
 from ruletag.rules.table import CompiledTable
 
@@ -28,19 +29,10 @@ from ruletag.rules.table import CompiledTable
 def read_chunks(path: Path) -> list[tuple[bytes, list[tuple[int, int]], str]]:
     """The traffic file's chunks: (entries, entry spans, tag)."""
     data = path.read_bytes()
-    index = json.loads(Path(f"{path}.json").read_text())
     out = []
-    for off, length, _n, _chunk, tag in index["chunks"]:
+    for off, length, _n, _chunk, tag in load_index(path)["chunks"]:
         _tag, entries, _opt = msgpack.unpackb(data[off : off + length], raw=False)
-        up = msgpack.Unpacker(raw=False)
-        up.feed(entries)
-        spans, pos = [], 0
-        while pos < len(entries):
-            up.skip()
-            end = up.tell()
-            spans.append((pos, end))
-            pos = end
-        out.append((entries, spans, tag))
+        out.append((entries, iter_entries(entries), tag))
     return out
 
 

@@ -344,3 +344,5 @@ def test_exclude_leaves_rules_out_by_id_or_name_and_keys_the_cache(tmp_path: Pat
     assert cached.cached and cached.excluded == 2 and again.version == table.version
     _, by_glob = compile_rules([rules], cache_dir=cache, exclude=["00000000-*"])
     assert by_glob.excluded == 1 and [r.id for r in by_glob.rules] == [seed_id]
+    _, none = compile_rules([rules], cache_dir=cache, exclude=[])
+    assert none.excluded == 0 and len(none.rules) == len(full.rules)

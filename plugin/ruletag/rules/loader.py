@@ -220,6 +220,8 @@ def load_rules(paths: Sequence[str | Path], variables: Variables | None = None) 
 def exclude_rules(result: LoadResult, patterns: Sequence[str]) -> None:
     """Drop from ``result`` the rules whose id or name matches a glob of ``patterns``
     (case-sensitive ``fnmatch``); ``result.excluded`` counts them."""
+    if not patterns:  # an empty alternation would match every rule
+        return
     rx = re.compile("|".join(fnmatch.translate(p) for p in patterns))
     kept = [r for r in result.rules if not (rx.match(r.id) or rx.match(r.name))]
     result.excluded += len(result.rules) - len(kept)
@@ -409,8 +411,7 @@ def compile_rules(
     if use_cache and (hit := _read_cache(table_path, report_path)) is not None:
         return hit
     result = load_rules(paths, variables)
-    if exclude:
-        exclude_rules(result, exclude)
+    exclude_rules(result, exclude)
     table = CompiledTable.build(result.rules, fmap, key)
     if use_cache:
         _write_cache(table, result, table_path, report_path)
