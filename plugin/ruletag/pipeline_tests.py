@@ -197,6 +197,7 @@ def parse_tests(raw: object, base_dir: str | Path) -> list[PipelineTest]:
             ]
         if ("expect" in item) == ("outputs" in item):
             raise _err(path, "needs exactly one of expect or outputs")
+        expectations: tuple[Expectation, ...]
         if "expect" in item:
             expectations = (_expectation(item["expect"], f"{path}.expect"),)
             per_record = False

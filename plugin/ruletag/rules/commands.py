@@ -19,7 +19,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import msgpack
 import ujson
@@ -171,7 +171,13 @@ def _entry_record(entry: object) -> object | None:
     return None
 
 
-def _unpacker(data: IO[bytes] | bytes) -> msgpack.Unpacker:
+class _Readable(Protocol):
+    """What ``msgpack.Unpacker`` reads a stream through: ``read(n)``."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+def _unpacker(data: _Readable | bytes) -> msgpack.Unpacker:
     opts: dict[str, Any] = {"raw": False, "strict_map_key": False,
                             "unicode_errors": "surrogateescape", "max_buffer_size": 2**31 - 1}
     if isinstance(data, bytes | bytearray):

@@ -535,7 +535,7 @@ class _Builder(Transformer):
     @staticmethod
     def _value(x: Any, meta: Any) -> ValueExpr:
         if _is_value(x):
-            return x  # type: ignore[no-any-return]
+            return x
         raise UnsupportedRule(
             "EQL: a boolean condition used as a value is not supported", line=meta.line
         )
@@ -543,7 +543,7 @@ class _Builder(Transformer):
     @staticmethod
     def _cond(x: Any, meta: Any) -> Node:
         if not _is_value(x):
-            return x  # type: ignore[no-any-return]
+            return x
         if isinstance(x, Literal_):
             if isinstance(x.value, bool):
                 return Const(x.value)
@@ -558,18 +558,17 @@ class _Builder(Transformer):
 def _call_condition(call: Call, line: int) -> Node:
     """A boolean function call as a condition: a specialized leaf when possible."""
     args = call.args
-    plain = bool(args) and isinstance(args[0], FieldValue)
-    literal_strs = all(isinstance(a, Literal_) and isinstance(a.value, str) for a in args[1:])
-    if plain and literal_strs:
-        field = args[0].field  # type: ignore[union-attr]
-        lits = [a.value for a in args[1:]]  # type: ignore[union-attr]
+    first = args[0] if args else None
+    lits = [a.value for a in args[1:] if isinstance(a, Literal_) and isinstance(a.value, str)]
+    if isinstance(first, FieldValue) and len(lits) == len(args) - 1:
+        field = first.field
         if call.name == "cidrmatch":
             for net in lits:
                 try:
                     ipaddress.ip_network(net, strict=False)
                 except ValueError:
                     raise InvalidRule(f"cidrMatch: invalid network {net!r}", line=line) from None
-            return Cidr(field, tuple(lits))  # type: ignore[arg-type]
+            return Cidr(field, tuple(lits))
         if call.name in ("stringcontains", "startswith", "endswith"):
             text = lits[0]
             parts = {
@@ -577,5 +576,5 @@ def _call_condition(call: Call, line: int) -> Node:
                 "startswith": (text, Wild.ANY),
                 "endswith": (Wild.ANY, text),
             }[call.name]
-            return Match(field, _literal_pattern(*parts), cased=call.cased)  # type: ignore[arg-type]
+            return Match(field, _literal_pattern(*parts), cased=call.cased)
     return Predicate(call, "==", Literal_(True))

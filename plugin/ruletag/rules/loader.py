@@ -323,7 +323,8 @@ def report_to_json(result: LoadResult) -> dict[str, Any]:
     }
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Write ``path`` through ``write(temporary path)`` (its result is ignored), then rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -42,8 +42,11 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from functools import cache
-from re import _constants as _C  # type: ignore[attr-defined]
-from re import _parser as _sre  # type: ignore[attr-defined]
+
+# typeshed has no stubs for these private modules; the error shows only when no module in the
+# run (lark.utils does) imports them as submodules, hence unused-ignore too
+from re import _constants as _C  # type: ignore[attr-defined, unused-ignore]
+from re import _parser as _sre  # type: ignore[attr-defined, unused-ignore]
 from typing import Any
 
 import hyperscan as hs
@@ -101,9 +104,9 @@ _Q = hs.HS_FLAG_QUIET  # marks a sub-pattern; never passed to Hyperscan
 _KEY_PRIOR = 20.0  # the prior cost of a key-name pattern (key names occur in most records)
 
 # A requirement: a pattern id, ("&", args) or ("|", args); None = no requirement.
-Req = int | tuple[str, frozenset[Any]]
-_FALSE: tuple[str, frozenset[Any]] = ("F", frozenset())  # can never hold (rule never matches)
-_TRUE: tuple[str, frozenset[Any]] = ("&", frozenset())  # always holds (an empty And)
+Req = int | tuple[str, frozenset["Req"]]
+_FALSE: Req = ("F", frozenset())  # can never hold (rule never matches)
+_TRUE: Req = ("&", frozenset())  # always holds (an empty And)
 
 
 def _encode(s: str) -> bytes:
@@ -165,7 +168,7 @@ def _key(name: str) -> bytes:
 
 
 def _and(parts: Sequence[Req | None]) -> Req | None:
-    items: set[Any] = set()
+    items: set[Req] = set()
     for p in parts:
         if p is _FALSE:
             return _FALSE
@@ -183,7 +186,7 @@ def _and(parts: Sequence[Req | None]) -> Req | None:
 
 
 def _or(parts: Sequence[Req | None]) -> Req | None:
-    items: set[Any] = set()
+    items: set[Req] = set()
     for p in parts:
         if p is None:
             return None
@@ -228,15 +231,15 @@ class _ReqCode:
         self._big = {r for r, n in counts.items() if n >= 2 and _size(r) >= 6}
 
     def _count(self, r: Req, counts: dict[Req, int], seen: set[Req]) -> None:
-        if type(r) is int or r in seen:
+        if isinstance(r, int) or r in seen:
             return
         seen.add(r)
         counts[r] = counts.get(r, 0) + 1
-        for a in r[1]:  # type: ignore[index]
+        for a in r[1]:
             self._count(a, counts, seen)
 
     def expr(self, r: Req, top: bool = False) -> str:
-        if type(r) is int:
+        if isinstance(r, int):
             return f"({r} in h)"
         if not top and r in self._big:
             j = self.shared.get(r)
@@ -245,7 +248,7 @@ class _ReqCode:
                 j = self.shared[r] = len(self.shared_src)
                 self.shared_src.append(f"def _c{j}(h, M):\n    return {body}")
             return f"(M[{j}] if {j} in M else _m(h, M, {j}))"
-        op, args = r  # type: ignore[misc]
+        op, args = r
         if not args:  # _TRUE
             return "True"
         ints = sorted(a for a in args if type(a) is int)
@@ -271,9 +274,9 @@ class _ReqCode:
 
 
 def _size(r: Req) -> int:
-    if type(r) is int:
+    if isinstance(r, int):
         return 1
-    return sum(_size(a) for a in r[1])  # type: ignore[index]
+    return sum(_size(a) for a in r[1])
 
 
 def _compile_pieces(source: str, piece: int = 1 << 16) -> tuple[Any, ...]:
@@ -495,8 +498,8 @@ class _Builder:
             return field_req
         if exact and whole and len(n.pattern) == 1:
             lit = lits[0]
-            whole = _alts(text_headers(len(lit))) + _escape(lit)
-            return _and([field_req, self.pattern(whole, flags, _lit_cost(len(lit) + 2))])
+            exact_pat = _alts(text_headers(len(lit))) + _escape(lit)
+            return _and([field_req, self.pattern(exact_pat, flags, _lit_cost(len(lit) + 2))])
         good = [x for x in lits if len(x) >= _MIN_LIT]
         if not good:
             best = max(lits, key=len)
@@ -688,11 +691,14 @@ class RawFilter:
         starts = [s for s, _ in spans]
         per_entry: dict[int, set[int]] = {}
         bis = bisect.bisect_right
-        last = [-1, -1, set()]  # span of the last entry hit and its trigger set
+        # span of the last entry hit and its trigger set
+        last_start, last_end = -1, -1
+        last_got: set[int] = set()
 
         def on_trigger(i: int, _f: int, to: int, _fl: int, _c: object) -> None:
-            if last[0] < to <= last[1]:
-                last[2].add(i)
+            nonlocal last_start, last_end, last_got
+            if last_start < to <= last_end:
+                last_got.add(i)
                 return
             k = bis(starts, to - 1) - 1
             if k >= 0:
@@ -702,7 +708,7 @@ class RawFilter:
                     if got is None:
                         got = per_entry[k] = set()
                     got.add(i)
-                    last[0], last[1], last[2] = s, e, got
+                    last_start, last_end, last_got = s, e, got
 
         self.trigger_db.scan(entries, on_trigger)
         counts = self._counts
@@ -833,9 +839,9 @@ def _release_memory() -> None:
 
 def _strip(r: Req, drop: frozenset[int]) -> Req | None:
     """``r`` with the patterns of ``drop`` taken as present (None: always holds)."""
-    if type(r) is int:
+    if isinstance(r, int):
         return None if r in drop else r
-    op, args = r  # type: ignore[misc]
+    op, args = r
     parts = [_strip(a, drop) for a in args]
     return _and(parts) if op == "&" else _or(parts)
 

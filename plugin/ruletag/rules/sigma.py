@@ -171,6 +171,7 @@ def _parse_yaml(text: str, path: str) -> tuple[list[yaml.Node], list[Any]]:
     try:
         while loader.check_node():
             node = loader.get_node()
+            assert node is not None  # check_node() said a document follows
             nodes.append(node)
             docs.append(loader.construct_document(node))
     except yaml.YAMLError as e:

@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import CodeType
 from typing import Any
 
 import hyperscan as hs
@@ -87,6 +88,8 @@ _ONE_CHAR = (
 Hits = set[int]
 Formula = Callable[[Hits, Callable[[int], bool]], bool]
 Lazy = Callable[[RecordView, dict[int, Any]], bool]
+#: The small table of often-passed rules: (table, rule -> its index there, index -> rule).
+HotTable = tuple["CompiledTable", dict[int, int], tuple[int, ...]]
 
 
 class TableError(RuletagError):
@@ -177,7 +180,7 @@ def _simplify(n: Node) -> Node:
                     return s
                 continue
             if type(s) is type(n):
-                out.extend(s.args)  # type: ignore[union-attr]
+                out.extend(s.args)
             else:
                 out.append(s)
         out = list(dict.fromkeys(out))
@@ -256,8 +259,11 @@ def _hs_try(patterns: Sequence[tuple[int, bytes, int]]) -> Any:
     return db
 
 
-def _hs_compile(patterns: Sequence[tuple[int, bytes, int]]) -> tuple[hs.Database, list[int]]:
-    """Compile (id, pattern, flags); returns the database and the ids Hyperscan rejected."""
+def _hs_compile(
+    patterns: Sequence[tuple[int, bytes, int]],
+) -> tuple[hs.Database | None, list[int]]:
+    """Compile (id, pattern, flags); returns the database (None if Hyperscan rejected every
+    pattern) and the ids Hyperscan rejected."""
     rejected: list[int] = []
     todo = list(patterns)
     while True:
@@ -282,7 +288,7 @@ def _hs_compile(patterns: Sequence[tuple[int, bytes, int]]) -> tuple[hs.Database
                     rejected.append(item[0])
             todo = good
             if not todo:
-                return None, rejected  # type: ignore[return-value]
+                return None, rejected
 
 
 @dataclass(slots=True)
@@ -556,7 +562,7 @@ def _lazy_fn(leaf: Node, kw: Callable[[RecordView, dict[int, Any]], Hits], atom:
 
         return in_cidr
     if isinstance(leaf, FieldRef):
-        f, g, op, cased = leaf.field, leaf.other, leaf.op, leaf.cased
+        f, g, how, cased = leaf.field, leaf.other, leaf.op, leaf.cased
 
         def ref(view: RecordView, _c: object) -> bool:
             xs = [s for s in map(as_text, view.values(f)) if s is not None]
@@ -564,7 +570,7 @@ def _lazy_fn(leaf: Node, kw: Callable[[RecordView, dict[int, Any]], Hits], atom:
             if not cased:
                 xs = [s.lower() for s in xs]
                 ys = [s.lower() for s in ys]
-            return any(_fieldref(x, y, op) for x in xs for y in ys)
+            return any(_fieldref(x, y, how) for x in xs for y in ys)
 
         return ref
     if isinstance(leaf, Predicate):
@@ -651,6 +657,35 @@ class CompiledTable:
     rules: tuple[Rule, ...]
     version: str
     stats: dict[str, Any]
+    fieldmap: FieldMap
+
+    # Instance state, set by ``_build`` or ``_from_state`` (``_STATE_KEYS`` are saved).
+    #: the field groups (field not None), scanned eagerly; the keyword group (field None)
+    _groups: tuple[_Group, ...]
+    _kw_group: _Group | None
+    #: atom -> its leaf; after loading, eager atoms (scanned, never evaluated) are None
+    _leaves: tuple[Node | None, ...]
+    _key_atom: dict[str, int]  # key name -> its pseudo atom
+    _key_groups: dict[str, tuple[int, ...]]  # key name -> the field groups it can supply
+    _scan_always: tuple[int, ...]  # field groups without key names: always scanned
+    _trig: dict[int, tuple[int, ...]]  # atom -> the rules it triggers
+    _always: tuple[int, ...]  # rules without a trigger
+    _kw_eager: bool  # a keyword atom is a trigger: scan every string of every record
+    _source: str
+    _consts: tuple[frozenset[int], ...]
+    _code: CodeType
+    _formulas: tuple[Formula, ...]
+    _eager: frozenset[int]
+    _rule_groups: tuple[tuple[int, ...], ...]  # rule -> the field groups it reads
+    _raw_db: prefilter.RawFilter | None
+    _raw_forced: tuple[int, ...]  # rules the pre-filter cannot restrict
+    #: per field group: its direct record paths, None if the field is derived
+    _group_paths: tuple[frozenset[str] | None, ...]
+    _lazy: dict[int, Lazy]
+    #: (group, short value) -> the atoms it hits (see :meth:`_Group.scan`)
+    _value_cache: dict[tuple[int, str], tuple[int, ...]]
+    _hot: HotTable | None
+    _next_hot: HotTable | None
 
     # ------------------------------------------------------------------ build
 
@@ -815,7 +850,7 @@ class CompiledTable:
         group_of = {g.field: gi for gi, g in enumerate(self._groups)}
         rule_groups: list[tuple[int, ...]] = []
         for f in formulas:
-            mine: dict[Node, int] = {}
+            mine = {}
             _leaves(f, mine)
             gis = {
                 group_of[group_key(n.field)]
@@ -825,7 +860,7 @@ class CompiledTable:
             rule_groups.append(tuple(sorted(gis)))
         self._rule_groups = tuple(rule_groups)
         self._raw_db = None
-        self._raw_forced: tuple[int, ...] = ()
+        self._raw_forced = ()
         if raw:
             self._build_raw(formulas, fm)
         self._init_tuning()
@@ -845,7 +880,7 @@ class CompiledTable:
         fm = self.fieldmap
         # per field group: its direct record paths when it has no derivation (a record with
         # none of them has no value for it, so the group is skipped without resolving it)
-        self._group_paths: tuple[frozenset[str] | None, ...] = tuple(
+        self._group_paths = tuple(
             None if fm.derived(g.field) else frozenset(fm.paths(g.field))  # type: ignore[arg-type]
             for g in self._groups
         )
@@ -858,9 +893,12 @@ class CompiledTable:
                     group.scan(view.strings(), st, None, self._value_cache)
             return st
 
-        self._lazy = {
-            i: _lazy_fn(leaf, kw, i) for i, leaf in enumerate(self._leaves) if i not in self._eager
-        }
+        lazy: dict[int, Lazy] = {}
+        for i, leaf in enumerate(self._leaves):
+            if i not in self._eager:
+                assert leaf is not None  # a saved table drops only the eager atoms' leaves
+                lazy[i] = _lazy_fn(leaf, kw, i)
+        self._lazy = lazy
 
     # ------------------------------------------------------------------ matching
 
@@ -1001,7 +1039,7 @@ class CompiledTable:
         self,
         record: Mapping[str, object],
         rules: Iterable[int],
-        hot: tuple[CompiledTable, dict[int, int], tuple[int, ...]],
+        hot: HotTable,
     ) -> list[int]:
         """``match_subset`` with the often-candidate rules evaluated by the small table."""
         sub, pos, back = hot
@@ -1091,10 +1129,9 @@ class CompiledTable:
             self._raw_db.set_tune_after(records)
 
     def _init_tuning(self) -> None:
-        #: (group, short value) -> the atoms it hits (see :meth:`_Group.scan`)
-        self._value_cache: dict[tuple[int, str], tuple[int, ...]] = {}
-        self._hot: tuple[CompiledTable, dict[int, int], tuple[int, ...]] | None = None
-        self._next_hot: tuple[CompiledTable, dict[int, int], tuple[int, ...]] | None = None
+        self._value_cache = {}
+        self._hot = None
+        self._next_hot = None
         if self._raw_db is not None:
             self._raw_db.after_tune = self._build_hot
 
