@@ -12,8 +12,8 @@ grammar is ``eql.lark``; the semantics are Elasticsearch's (not the ``eql`` pack
 * ``:`` is case-insensitive with ``*``/``?`` wildcards (backslash is a plain character, as in
   ES, where wildcards cannot be escaped); ``like``/``like~`` are wildcard matches, case-sensitive
   / insensitive; list forms become an ``Or``. ``in``/``in~`` are an ``Or`` of literal equalities;
-  ``f not in (...)`` is ``And(Exists(f), Not(Or(...)))``, like ``!=``. ``not <cond>`` is plain
-  ``Not``.
+  ``f not in (...)`` is ``And(Exists(f), Not(Or(...)))``, like ``!=``. ``not <cond>`` is
+  ``Not``, simplified (``algebra.not_``). And/Or are built by ``algebra.and_``/``or_``.
 * ``regex``/``regex~`` use Lucene regular expressions, which are anchored to the whole value.
   They become :class:`Regex` with the pattern translated to RE2 and wrapped as
   ``^(?:...)$``, flags ``"s"`` (Lucene's ``.`` matches newlines) plus ``"i"`` for ``~``.
@@ -55,6 +55,8 @@ from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
 
 from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
+from ruletag.rules import functions
+from ruletag.rules.algebra import and_, not_, or_, tokens, wildcard_tokens
 from ruletag.rules.ir import (
     And,
     Call,
@@ -69,36 +71,19 @@ from ruletag.rules.ir import (
     Match,
     Node,
     Not,
-    Or,
     Predicate,
     Regex,
     ValueExpr,
     Wild,
 )
-from ruletag.rules.ir import (
-    Token as PatternToken,
-)
 
 CATEGORY_FIELD = "event.category"
 
-#: ES EQL functions: lower-case name -> (min args, max args or None, accepts ``~``).
+#: ES EQL functions (``functions.py`` evaluates them): lower-case name -> (min args, max args
+#: or None, accepts ``~``).
 FUNCTIONS: dict[str, tuple[int, int | None, bool]] = {
-    "add": (2, 2, False),
-    "between": (3, 4, True),
-    "cidrmatch": (2, None, False),
-    "concat": (1, None, False),
-    "divide": (2, 2, False),
-    "endswith": (2, 2, True),
-    "indexof": (2, 3, True),
-    "length": (1, 1, False),
-    "modulo": (2, 2, False),
-    "multiply": (2, 2, False),
-    "number": (1, 2, False),
-    "startswith": (2, 2, True),
-    "string": (1, 1, False),
-    "stringcontains": (2, 2, True),
-    "substring": (2, 3, False),
-    "subtract": (2, 2, False),
+    name: (lo, hi, name in functions.CASE_INSENSITIVE_VARIANTS)
+    for name, (lo, hi) in functions.ARITY.items()
 }
 
 _ARITH = {"+": "add", "-": "subtract", "*": "multiply", "/": "divide", "%": "modulo"}
@@ -213,35 +198,6 @@ def decode_string(text: str, line: int | None = None) -> str:
     return "".join(out)
 
 
-def wildcard_pattern(text: str) -> tuple[PatternToken, ...]:
-    """An ES wildcard string (``*`` any run, ``?`` one character) as Match tokens."""
-    tokens: list[PatternToken] = []
-    for part in re.split(r"([*?])", text):
-        if part == "*":
-            if not tokens or tokens[-1] is not Wild.ANY:
-                tokens.append(Wild.ANY)
-        elif part == "?":
-            tokens.append(Wild.ONE)
-        elif part:
-            tokens.append(part)
-    return tuple(tokens)
-
-
-def _literal_pattern(*parts: PatternToken) -> tuple[PatternToken, ...]:
-    """Join literal text and wildcards, dropping empty text and merging ANY runs."""
-    out: list[PatternToken] = []
-    for p in parts:
-        if p == "":
-            continue
-        if p is Wild.ANY and out and out[-1] is Wild.ANY:
-            continue
-        if isinstance(p, str) and out and isinstance(out[-1], str):
-            out[-1] = out[-1] + p
-            continue
-        out.append(p)
-    return tuple(out)
-
-
 # --------------------------------------------------------------------------- regex
 
 
@@ -327,27 +283,6 @@ def _regex(pattern: str, cased: bool) -> tuple[str, str]:
 # --------------------------------------------------------------------------- IR builder
 
 
-def _flatten(kind: type[And] | type[Or], args: tuple[Node, ...]) -> Node:
-    """Flatten nested And/Or; drop the neutral constant (true in And, false in Or)."""
-    neutral = kind is And
-    flat: list[Node] = []
-    for a in args:
-        if isinstance(a, Const) and a.value is neutral:
-            continue
-        flat.extend(a.args if isinstance(a, kind) else (a,))
-    if not flat:
-        return Const(neutral)
-    return flat[0] if len(flat) == 1 else kind(tuple(flat))
-
-
-def _and(*args: Node) -> Node:
-    return _flatten(And, args)
-
-
-def _or(*args: Node) -> Node:
-    return _flatten(Or, args)
-
-
 def _is_value(x: Any) -> bool:
     return isinstance(x, FieldValue | Literal_ | Call)
 
@@ -363,7 +298,7 @@ def _equal_leaf(f: str, v: Literal_, cased: bool) -> Node:
     if v.value is None:
         return IsNull(f)
     if isinstance(v.value, str):
-        return Match(f, _literal_pattern(v.value), cased=cased)
+        return Match(f, tokens(v.value), cased=cased)
     return Equals(f, v.value)
 
 
@@ -464,7 +399,7 @@ class _Builder(Transformer):
         values = [self._value(x, meta) for x in rest if not isinstance(x, Token)]
         lhs = self._value(left, meta)
         if isinstance(lhs, FieldValue) and all(isinstance(v, Literal_) for v in values):
-            node = _or(*(_equal_leaf(lhs.field, v, cased) for v in values))  # type: ignore[arg-type]
+            node = or_(*(_equal_leaf(lhs.field, v, cased) for v in values))  # type: ignore[arg-type]
             return And((Exists(lhs.field), Not(node))) if negated else node
         pred = Predicate(lhs, "in", tuple(values), cased=cased)
         return Not(pred) if negated else pred
@@ -491,31 +426,31 @@ class _Builder(Transformer):
                     exc.line = meta.line
                     raise
             if isinstance(lhs, FieldValue):
-                return _or(*(Regex(lhs.field, p, flags) for p, flags in pats))
+                return or_(*(Regex(lhs.field, p, flags) for p, flags in pats))
             return Predicate(lhs, "regex", tuple(Literal_(p) for p, _ in pats), cased=cased)
         texts = [
             v.value if isinstance(v.value, str) else None if v.value is None else _text(v)
             for v in values
         ]
         if isinstance(lhs, FieldValue):
-            return _or(
+            return or_(
                 *(
                     IsNull(lhs.field)
                     if t is None
-                    else Match(lhs.field, wildcard_pattern(t), cased=cased)
+                    else Match(lhs.field, wildcard_tokens(t), cased=cased)
                     for t in texts
                 )
             )
         return Predicate(lhs, kind, tuple(Literal_(t) for t in texts), cased=cased)
 
     def not_(self, meta: Any, _tok: Token, arg: Any) -> Node:
-        return Not(self._cond(arg, meta))
+        return not_(self._cond(arg, meta))
 
     def and_test(self, meta: Any, *args: Any) -> Node:
-        return _and(*(self._cond(a, meta) for a in args))
+        return and_(*(self._cond(a, meta) for a in args))
 
     def or_test(self, meta: Any, *args: Any) -> Node:
-        return _or(*(self._cond(a, meta) for a in args))
+        return or_(*(self._cond(a, meta) for a in args))
 
     def category(self, meta: Any, tok: Any) -> str | None:
         if isinstance(tok, Token) and tok.type == "ANY":
@@ -528,7 +463,7 @@ class _Builder(Transformer):
         node = self._cond(cond, meta)
         if category is None:
             return node
-        return _and(Match(CATEGORY_FIELD, _literal_pattern(category), cased=True), node)
+        return and_(Match(CATEGORY_FIELD, tokens(category), cased=True), node)
 
     # ---- helpers
 
@@ -576,5 +511,5 @@ def _call_condition(call: Call, line: int) -> Node:
                 "startswith": (text, Wild.ANY),
                 "endswith": (Wild.ANY, text),
             }[call.name]
-            return Match(field, _literal_pattern(*parts), cased=call.cased)
+            return Match(field, tokens(*parts), cased=call.cased)
     return Predicate(call, "==", Literal_(True))

@@ -11,7 +11,6 @@ and any mix of both (``{"process": {"parent.name": ...}}``); lists are searched 
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -22,29 +21,14 @@ from typing import Any
 import yaml
 
 from ruletag.errors import ConfigError
-from ruletag.rules.ir import And, Equals, Exists, Logsource, Match, Node, Not, Or, Token, Wild
+from ruletag.rules.algebra import and_, as_text, not_, or_, wildcard_tokens
+from ruletag.rules.ir import Equals, Exists, Logsource, Match, Node
 
 #: Bumped when the meaning of the YAML schema changes (part of :attr:`FieldMap.version`).
 _SCHEMA = "fields-v1"
 
 CHANNEL = "winlog.channel"
 EVENT_ID = "winlog.event_id"
-
-
-def as_text(value: object) -> str | None:
-    """Canonical text of a scalar (``ir`` semantics): str as is, bytes decoded, ints, floats and
-    bools as text (``"4688"``, ``"true"``); ``None`` for maps, lists and null."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, bytes | bytearray):
-        return bytes(value).decode("utf-8", "surrogateescape")
-    return None
 
 
 def basename(path: str) -> str:
@@ -282,19 +266,6 @@ def _as_int(value: object) -> int | None:
 # --------------------------------------------------------------------------- the map
 
 
-def _pattern(text: str) -> tuple[Token, ...]:
-    """Mapping-file pattern (``*`` and ``?`` wildcards, no escapes) -> Match tokens."""
-    out: list[Token] = []
-    for piece in re.split(r"([*?])", text):
-        if piece == "*":
-            out.append(Wild.ANY)
-        elif piece == "?":
-            out.append(Wild.ONE)
-        elif piece:
-            out.append(piece)
-    return tuple(out)
-
-
 def _str_list(value: object, where: str) -> list[str]:
     if value is None:
         return []
@@ -437,28 +408,30 @@ class FieldMap:
         """YAML condition -> IR: a mapping is an And of ``field: value`` tests (a list value
         means any of them); a list of mappings is an Or; ``{not: ...}`` negates; a string value
         ``"*"`` means the field exists. Strings are case-insensitive patterns (``*``, ``?``)."""
-        if isinstance(spec, list):
-            return _or([self._condition(s, where) for s in spec])
+        if isinstance(spec, list) and spec:
+            return or_(*(self._condition(s, where) for s in spec))
         if not isinstance(spec, Mapping) or not spec:
             raise ConfigError(f"fields mapping: {where}: expected a mapping or a list")
         parts: list[Node] = []
         for key, value in spec.items():
             if key == "not":
-                parts.append(Not(self._condition(value, where)))
+                parts.append(not_(self._condition(value, where)))
                 continue
             values = value if isinstance(value, list) else [value]
+            if not values:
+                raise ConfigError(f"fields mapping: {where}.{key}: empty list")
             alts: list[Node] = []
             for v in values:
                 if v == "*":
                     alts.append(Exists(key))
                 elif isinstance(v, str):
-                    alts.append(Match(key, _pattern(v), cased=False))
+                    alts.append(Match(key, wildcard_tokens(v), cased=False))
                 elif isinstance(v, int | float) and not isinstance(v, bool):
                     alts.append(Equals(key, v))
                 else:
                     raise ConfigError(f"fields mapping: {where}.{key}: bad value {v!r}")
-            parts.append(_or(alts))
-        return parts[0] if len(parts) == 1 else And(tuple(parts))
+            parts.append(or_(*alts))
+        return and_(*parts)
 
     def _check_cycles(self) -> None:
         def visit(name: str, seen: tuple[str, ...]) -> None:
@@ -589,17 +562,17 @@ class FieldMap:
                 parts.append(cond)
         if not parts:
             return None
-        return parts[0] if len(parts) == 1 else And(tuple(parts))
+        return and_(*parts)
 
     def _category_condition(self, product: str | None, category: str) -> Node | None:
         ecs = self._ecs_categories.get(category)
         rows = self._by_category.get(category, []) if product in (None, "windows") else []
         if not rows:
             return ecs
-        win = _or([_event_row(r) for r in rows])
+        win = or_(*(_event_row(r) for r in rows))
         if ecs is None:
             return win
-        return Or((win, And((Not(Exists(CHANNEL)), ecs))))
+        return or_(win, and_(not_(Exists(CHANNEL)), ecs))
 
     @property
     def version(self) -> str:
@@ -608,11 +581,9 @@ class FieldMap:
 
 
 def _event_row(row: _WinEvent) -> Node:
-    return And((Match(CHANNEL, _pattern(row.channel), cased=False), Equals(EVENT_ID, row.event_id)))
-
-
-def _or(nodes: list[Node]) -> Node:
-    return nodes[0] if len(nodes) == 1 else Or(tuple(nodes))
+    return and_(
+        Match(CHANNEL, wildcard_tokens(row.channel), cased=False), Equals(EVENT_ID, row.event_id)
+    )
 
 
 @cache

@@ -36,16 +36,10 @@ Names are the lower-case EQL names without ``~``; ``cased=False`` selects the ``
 
 from __future__ import annotations
 
-import ipaddress
 import math
-import re
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 
-from ruletag.rules.fields import as_text
-
-_INT = re.compile(r"[+-]?\d+")
-_FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+from ruletag.rules.algebra import as_text, ip_of, network_of, number_of
 
 
 def _text(value: object) -> str | None:
@@ -148,26 +142,17 @@ def between(
     return s[start:j]
 
 
-@lru_cache(maxsize=1024)
-def _network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
-    try:
-        return ipaddress.ip_network(cidr.strip(), strict=False)
-    except ValueError:
-        return None
-
-
 def cidrmatch(ip: object, *cidrs: object) -> bool | None:
     """True when ``ip`` is inside any of ``cidrs``."""
     t = _text(ip)
     if t is None:
         return None
-    try:
-        addr = ipaddress.ip_address(t.strip())
-    except ValueError:
+    addr = ip_of(t)
+    if addr is None:
         return False
     for c in cidrs:
         ct = _text(c)
-        net = _network(ct) if ct is not None else None
+        net = network_of(ct) if ct is not None else None
         if net is not None and addr.version == net.version and addr in net:
             return True
     return False
@@ -242,8 +227,8 @@ def number(source: object, base: object = None) -> int | float | None:
         return None
     if b == 16 and s.lower().startswith(("0x", "-0x", "+0x")):
         s = s.replace("0x", "", 1).replace("0X", "", 1)
-    if b == 10 and not _INT.fullmatch(s):
-        return float(s) if _FLOAT.fullmatch(s) else None
+    if b == 10:
+        return number_of(s)
     try:
         return int(s, b)
     except ValueError:

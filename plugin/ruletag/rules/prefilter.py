@@ -21,6 +21,12 @@ occur in the msgpack bytes of any entry the rule matches. Leaves contribute what
   key names;
   ``Not``, ``IsNull`` and the other predicates: no requirement.
 
+A requirement is a small immutable tree: :class:`Pattern` (a byte pattern's id), :class:`AllOf`
+and :class:`AnyOf` (frozensets of requirements); ``None`` stands for no requirement and
+:data:`NEVER` for a formula that is never true. The trees exist at compile and tune time
+only: they are compiled to Python code over the set of pattern ids found in an entry, and the
+filter's *plan* (what re-tuning starts from) keeps them as marshalled plain data.
+
 Matching is two-staged (:class:`RawFilter`): one Hyperscan scan of the whole chunk for each
 rule's *trigger* (the rarest-looking patterns one of which must occur), then, for the entries a
 trigger hit, one scan of the entry for every pattern and the triggered rules' requirements as
@@ -41,6 +47,7 @@ import struct
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import cache
 
 # typeshed has no stubs for these private modules; the error shows only when no module in the
@@ -51,6 +58,7 @@ from typing import Any
 
 import hyperscan as hs
 
+from ruletag.rules.algebra import wildcard_match
 from ruletag.rules.fields import CHANNEL, EVENT_ID, FieldMap
 from ruletag.rules.ir import (
     And,
@@ -72,7 +80,7 @@ from ruletag.rules.ir import (
     Wild,
 )
 
-__all__ = ["FOLDS_TO_ASCII", "RawFilter", "build_raw_filter"]
+__all__ = ["FOLDS_TO_ASCII", "AllOf", "AnyOf", "Pattern", "RawFilter", "Req", "build_raw_filter"]
 
 #: Non-ASCII characters whose ``str.lower()`` contains ASCII letters (U+0130, U+212A), or
 #: that RE2's caseless matching folds to an ASCII letter (U+017F long s, U+212A).
@@ -103,17 +111,77 @@ _SURROGATES = re.compile("[\ud800-\udfff]")
 _Q = hs.HS_FLAG_QUIET  # marks a sub-pattern; never passed to Hyperscan
 _KEY_PRIOR = 20.0  # the prior cost of a key-name pattern (key names occur in most records)
 
-# A requirement: a pattern id, ("&", args) or ("|", args); None = no requirement.
-Req = int | tuple[str, frozenset["Req"]]
-_FALSE: Req = ("F", frozenset())  # can never hold (rule never matches)
-_TRUE: Req = ("&", frozenset())  # always holds (an empty And)
+
+# --------------------------------------------------------------------------- requirement type
 
 
-def _encode(s: str) -> bytes:
+@dataclass(frozen=True, slots=True)
+class Pattern:
+    """The entry holds byte pattern ``id`` (an index into the filter's pattern list)."""
+
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class AllOf:
+    """Every one of ``args`` holds (none: always holds)."""
+
+    args: frozenset[Req]
+
+
+@dataclass(frozen=True, slots=True)
+class AnyOf:
+    """One of ``args`` holds (none: can never hold)."""
+
+    args: frozenset[Req]
+
+
+#: A raw requirement; where ``Req | None`` is written, None is no requirement at all.
+Req = Pattern | AllOf | AnyOf
+NEVER: Req = AnyOf(frozenset())  # can never hold (the rule never matches)
+ALWAYS: Req = AllOf(frozenset())  # always holds
+#: A requirement as marshal-able data (how the filter's plan keeps it, as before the types):
+#: a pattern id, ("&", args) or ("|", args).
+Plain = int | tuple[str, frozenset["Plain"]]
+
+
+def _plain(r: Req, memo: dict[Req, Plain]) -> Plain:
+    """``r`` as plain data; ``memo`` makes equal sub-requirements one object (a logsource
+    test many rules share is marshalled once, then referenced)."""
+    got = memo.get(r)
+    if got is None:
+        if isinstance(r, Pattern):
+            got = r.id
+        else:
+            op = "&" if isinstance(r, AllOf) else "|"
+            got = (op, frozenset(_plain(a, memo) for a in r.args))
+        memo[r] = got
+    return got
+
+
+def _typed(r: Plain, memo: dict[Plain, Req]) -> Req:
+    """The requirement of :func:`_plain` output (``memo``: as there)."""
+    got = memo.get(r)
+    if got is None:
+        if isinstance(r, int):
+            got = Pattern(r)
+        else:
+            args = frozenset(_typed(a, memo) for a in r[1])
+            got = AllOf(args) if r[0] == "&" else AnyOf(args)
+        memo[r] = got
+    return got
+
+
+# --------------------------------------------------------------------------- byte patterns
+
+
+def encode(s: str) -> bytes:
+    """Text as the UTF-8 bytes Hyperscan scans (lone surrogates kept: ``surrogatepass``)."""
     return s.encode("utf-8", "surrogatepass")
 
 
-def _escape(lit: bytes) -> bytes:
+def hs_escape(lit: bytes) -> bytes:
+    """A Hyperscan pattern matching the bytes ``lit`` literally."""
     return b"".join(
         bytes((c,)) if (48 <= c <= 57 or 65 <= c <= 90 or 97 <= c <= 122) else b"\\x%02x" % c
         for c in lit
@@ -153,55 +221,50 @@ def text_headers(n: int) -> list[bytes]:
 
 
 def _alts(parts: Sequence[bytes]) -> bytes:
-    return b"(?:" + b"|".join(_escape(p) for p in parts) + b")"
+    return b"(?:" + b"|".join(hs_escape(p) for p in parts) + b")"
 
 
 def _key(name: str) -> bytes:
     """The pattern of a record key ``name``: the whole key (right after its msgpack str or
     bin header), or the end of a dotted literal key (``"process.name"`` supplies ``name``).
     A bare substring would also hit ``transport`` for ``port`` or ``hostname`` for ``name``."""
-    raw = _encode(name)
-    return b"(?:" + _alts(text_headers(len(raw))) + b"|\\x2e)" + _escape(raw)
+    raw = encode(name)
+    return b"(?:" + _alts(text_headers(len(raw))) + b"|\\x2e)" + hs_escape(raw)
 
 
 # --------------------------------------------------------------------------- requirements
 
 
-def _and(parts: Sequence[Req | None]) -> Req | None:
+def _join(kind: type[AllOf] | type[AnyOf], parts: Sequence[Req | None]) -> Req | None:
+    """``kind`` of ``parts``: nested ones of that kind flattened; decided by NEVER in an AllOf
+    and by None (no requirement) in an AnyOf, which the other ignores; one part is itself."""
+    decides, neutral = (NEVER, None) if kind is AllOf else (None, NEVER)
     items: set[Req] = set()
     for p in parts:
-        if p is _FALSE:
-            return _FALSE
-        if p is None:
+        if p is decides:
+            return decides
+        if p is None or p is neutral:
             continue
-        if isinstance(p, tuple) and p[0] == "&":
-            items |= p[1]
+        if isinstance(p, kind):
+            items |= p.args
         else:
             items.add(p)
-    if not items:
-        return None
-    if len(items) == 1:
-        return next(iter(items))
-    return ("&", frozenset(items))
+    if len(items) <= 1:
+        return next(iter(items), neutral)
+    return kind(frozenset(items))
+
+
+def _and(parts: Sequence[Req | None]) -> Req | None:
+    return _join(AllOf, parts)
 
 
 def _or(parts: Sequence[Req | None]) -> Req | None:
-    items: set[Req] = set()
-    for p in parts:
-        if p is None:
-            return None
-        if p is _FALSE:
-            continue
-        if isinstance(p, tuple) and p[0] == "|":
-            items |= p[1]
-        else:
-            items.add(p)
-    if not items:
-        return _FALSE
-    if len(items) == 1:
-        return next(iter(items))
+    got = _join(AnyOf, parts)
+    if not isinstance(got, AnyOf) or got is NEVER:
+        return got
+    items = got.args
     # (a & k) | (b & k) -> k & (a | b): keeps expressions small (field key names repeat)
-    conj = [p[1] if isinstance(p, tuple) and p[0] == "&" else frozenset((p,)) for p in items]
+    conj = [p.args if isinstance(p, AllOf) else frozenset((p,)) for p in items]
     common = frozenset.intersection(*conj)
     if common:
         rest: list[Req | None] = []
@@ -211,7 +274,7 @@ def _or(parts: Sequence[Req | None]) -> Req | None:
                 return _and(list(common))
             rest.append(_and(list(r)))
         return _and([*common, _or(rest)])
-    return ("|", frozenset(items))
+    return got
 
 
 class _ReqCode:
@@ -231,16 +294,16 @@ class _ReqCode:
         self._big = {r for r, n in counts.items() if n >= 2 and _size(r) >= 6}
 
     def _count(self, r: Req, counts: dict[Req, int], seen: set[Req]) -> None:
-        if isinstance(r, int) or r in seen:
+        if isinstance(r, Pattern) or r in seen:
             return
         seen.add(r)
         counts[r] = counts.get(r, 0) + 1
-        for a in r[1]:
+        for a in r.args:
             self._count(a, counts, seen)
 
     def expr(self, r: Req, top: bool = False) -> str:
-        if isinstance(r, int):
-            return f"({r} in h)"
+        if isinstance(r, Pattern):
+            return f"({r.id} in h)"
         if not top and r in self._big:
             j = self.shared.get(r)
             if j is None:
@@ -248,21 +311,23 @@ class _ReqCode:
                 j = self.shared[r] = len(self.shared_src)
                 self.shared_src.append(f"def _c{j}(h, M):\n    return {body}")
             return f"(M[{j}] if {j} in M else _m(h, M, {j}))"
-        op, args = r
-        if not args:  # _TRUE
-            return "True"
-        ints = sorted(a for a in args if type(a) is int)
+        every = isinstance(r, AllOf)
+        if not r.args:  # ALWAYS (NEVER is no rule's requirement)
+            return "True" if every else "False"
+        ints = sorted(a.id for a in r.args if isinstance(a, Pattern))
         # cheaper (shorter) sub-expressions first: ``and``/``or`` stop early
-        rest = sorted((self.expr(a) for a in args if type(a) is not int), key=lambda x: (len(x), x))
+        rest = sorted(
+            (self.expr(a) for a in r.args if not isinstance(a, Pattern)), key=lambda x: (len(x), x)
+        )
         parts: list[str] = []
         if len(ints) == 1:
             parts.append(f"({ints[0]} in h)")
         elif ints:
             self.consts.append(frozenset(ints))
             c = f"_S[{len(self.consts) - 1}]"
-            parts.append(f"({c} <= h)" if op == "&" else f"(not h.isdisjoint({c}))")
+            parts.append(f"({c} <= h)" if every else f"(not h.isdisjoint({c}))")
         parts.extend(rest)
-        return "(" + (" and " if op == "&" else " or ").join(parts) + ")"
+        return "(" + (" and " if every else " or ").join(parts) + ")"
 
     def module(self, reqs: dict[int, Req]) -> str:
         lines = [f"def _q{k}(h, M):\n    return {self.expr(r)}" for k, r in reqs.items()]
@@ -274,9 +339,9 @@ class _ReqCode:
 
 
 def _size(r: Req) -> int:
-    if isinstance(r, int):
+    if isinstance(r, Pattern):
         return 1
-    return sum(_size(a) for a in r[1])
+    return sum(_size(a) for a in r.args)
 
 
 def _compile_pieces(source: str, piece: int = 1 << 16) -> tuple[Any, ...]:
@@ -333,19 +398,6 @@ def _caseless_runs(token: str) -> list[str]:
     if cur:
         runs.append("".join(cur))
     return runs
-
-
-def _wild_match(m: Match, text: str) -> bool:
-    """Does ``text`` fully match the Match pattern (``ir`` semantics)?"""
-    parts: list[str] = []
-    for t in m.pattern:
-        if t is Wild.ANY:
-            parts.append(".*")
-        elif t is Wild.ONE:
-            parts.append(".")
-        else:
-            parts.append(re.escape(t if m.cased else t.lower()))
-    return re.fullmatch("".join(parts), text if m.cased else text.lower(), re.DOTALL) is not None
 
 
 def _lit_cost(n: int) -> float:
@@ -406,31 +458,31 @@ class _Builder:
         self.fm = fm
         self.patterns: dict[tuple[bytes, int], int] = {}
         self.kind: list[float] = []  # per pattern: base cost (how common it likely is)
+        self._ids: list[Pattern] = []  # per pattern: its requirement
         self._keys: dict[tuple[str, bool], Req | None] = {}
         self._memo: dict[Node, Req | None] = {}
 
-    def pattern(self, pat: bytes, flags: int, cost: float) -> int:
+    def pattern(self, pat: bytes, flags: int, cost: float) -> Pattern:
         i = self.patterns.setdefault((pat, flags), len(self.patterns))
         if i == len(self.kind):
             self.kind.append(cost)
-        return i
+            self._ids.append(Pattern(i))
+        return self._ids[i]
 
     def keys(self, field: str, direct: bool = False) -> Req | None:
         """One of the key names that can supply ``field`` (``direct``: no derivations)."""
-        got = self._keys.get((field, direct), _FALSE)
-        if got is _FALSE:
+        at = (field, direct)
+        if at not in self._keys:
             ks = self.fm.direct_keys(field) if direct else self.fm.raw_keys(field)
-            got = _or([self.pattern(_key(k), _Q, _KEY_PRIOR) for k in sorted(ks)])
-            got = None if not ks else got
-            self._keys[(field, direct)] = got
-        return got
+            pats = [self.pattern(_key(k), _Q, _KEY_PRIOR) for k in sorted(ks)]
+            self._keys[at] = _or(pats) if pats else None
+        return self._keys[at]
 
     def req(self, n: Node) -> Req | None:
-        """The raw requirement of ``n`` (None: none; ``_FALSE``: ``n`` is never true)."""
-        got = self._memo.get(n, _FALSE)
-        if got is _FALSE and n not in self._memo:
-            got = self._memo[n] = self._req(n)
-        return got
+        """The raw requirement of ``n`` (None: none; NEVER: ``n`` is never true)."""
+        if n not in self._memo:
+            self._memo[n] = self._req(n)
+        return self._memo[n]
 
     def _req(self, n: Node) -> Req | None:
         if isinstance(n, And):
@@ -438,7 +490,7 @@ class _Builder:
         if isinstance(n, Or):
             return _or([self.req(a) for a in n.args])
         if isinstance(n, Const):
-            return None if n.value else _FALSE
+            return None if n.value else NEVER
         if isinstance(n, Not):
             return None
         if isinstance(n, Match):
@@ -489,22 +541,22 @@ class _Builder:
                 if _SURROGATES.search(t):  # stands for raw bytes the value holds otherwise
                     whole = False
                 else:
-                    lits.append(_encode(t))
+                    lits.append(encode(t))
                 continue
             runs = _caseless_runs(t)
             whole = whole and runs == [t]
-            lits.extend(_encode(x.lower()) for x in runs)
+            lits.extend(encode(x.lower()) for x in runs)
         if not lits:
             return field_req
         if exact and whole and len(n.pattern) == 1:
             lit = lits[0]
-            exact_pat = _alts(text_headers(len(lit))) + _escape(lit)
+            exact_pat = _alts(text_headers(len(lit))) + hs_escape(lit)
             return _and([field_req, self.pattern(exact_pat, flags, _lit_cost(len(lit) + 2))])
         good = [x for x in lits if len(x) >= _MIN_LIT]
         if not good:
             best = max(lits, key=len)
             good = [best] if len(best) >= 2 else []
-        pats = [self.pattern(_escape(x), flags, _lit_cost(len(x))) for x in good]
+        pats = [self.pattern(hs_escape(x), flags, _lit_cost(len(x))) for x in good]
         return _and([field_req, *pats])
 
     def _regex(self, n: Regex) -> Req | None:
@@ -519,8 +571,8 @@ class _Builder:
             out: list[Req | None] = []
             for p in pieces:
                 if len(p) >= _MIN_LIT and not number_like(p) and not _SURROGATES.search(p):
-                    b = _encode(p.lower() if caseless else p)
-                    out.append(self.pattern(_escape(b), flags, _lit_cost(len(b))))
+                    b = encode(p.lower() if caseless else p)
+                    out.append(self.pattern(hs_escape(b), flags, _lit_cost(len(b))))
             return _and(out)
 
         try:
@@ -541,7 +593,7 @@ class _Builder:
                 inner = Match(src, (Wild.ANY, *n.pattern, Wild.ANY), n.cased)
                 alts.append(self.req(inner))
             elif kind == "when_present":
-                alts.append(self.keys(src) if _wild_match(n, value) else _FALSE)
+                alts.append(self.keys(src) if wildcard_match(value, n.pattern, n.cased) else NEVER)
             else:
                 alts.append(self._windows_event(n, src))
         return _or(alts)
@@ -550,7 +602,7 @@ class _Builder:
         rows: list[Req | None] = []
         for channel, eid, cats, types in self.fm.windows_events():
             values = cats if attr == "category" else types
-            if any(_wild_match(n, v) for v in values):
+            if any(wildcard_match(v, n.pattern, n.cased) for v in values):
                 rows.append(
                     _and(
                         [
@@ -569,7 +621,7 @@ class _Builder:
         if isinstance(v, float) and v.is_integer():
             v = int(v)
         encs = int_encodings(v) if isinstance(v, int) else []
-        tail = b"(?:" + b"|".join([*(_escape(e) for e in encs), _NUMERIC_OTHER]) + b")"
+        tail = b"(?:" + b"|".join([*(hs_escape(e) for e in encs), _NUMERIC_OTHER]) + b")"
         alts: list[Req | None] = [self.pattern(_key(k) + tail, _Q, 0.3) for k in ks]
         for kind, src, _value in self.fm.derivations(n.field):
             alts.append(self.keys(src) if kind != "windows_event" else self.keys(CHANNEL))
@@ -587,20 +639,19 @@ def _value_fields(e: ValueExpr, out: set[str]) -> None:
 
 def _trigger(r: Req, cost: Sequence[float]) -> tuple[frozenset[int], float]:
     """Patterns one of which occurs whenever ``r`` holds, chosen to be rare; and their cost."""
-    if isinstance(r, int):
-        return frozenset((r,)), cost[r]
-    op, args = r
-    subs = [_trigger(a, cost) for a in args]
-    if op == "&":
-        return min(subs, key=lambda x: x[1])
+    if isinstance(r, Pattern):
+        return frozenset((r.id,)), cost[r.id]
+    subs = [_trigger(a, cost) for a in r.args]
+    if isinstance(r, AllOf):  # the rarest; of equally rare ones, the lowest pattern ids
+        return min(subs, key=lambda x: (x[1], sorted(x[0])))
     return frozenset().union(*(s for s, _ in subs)), sum(c for _, c in subs)
 
 
 def _pattern_ids(r: Req, out: set[int]) -> None:
-    if isinstance(r, int):
-        out.add(r)
+    if isinstance(r, Pattern):
+        out.add(r.id)
     else:
-        for a in r[1]:
+        for a in r.args:
             _pattern_ids(a, out)
 
 
@@ -814,7 +865,9 @@ class RawFilter:
         records their trigger is expected to fire on (``passes[k]`` of ``n``)."""
         if self.plan is None:
             raise ValueError("this filter keeps no plan to re-tune from")
-        patterns, prior, reqs = marshal.loads(self.plan)
+        patterns, prior, plain = marshal.loads(self.plan)
+        memo: dict[Plain, Req] = {}
+        reqs = {k: _typed(r, memo) for k, r in plain.items()}
         n = max(n, 1)
         cost = [(counts.get(i, 0) + 0.5 * min(1.0, p)) / n for i, p in enumerate(prior)]
         common = frozenset(i for i, c in counts.items() if i < len(prior) and c / n > COMMON)
@@ -839,11 +892,10 @@ def _release_memory() -> None:
 
 def _strip(r: Req, drop: frozenset[int]) -> Req | None:
     """``r`` with the patterns of ``drop`` taken as present (None: always holds)."""
-    if isinstance(r, int):
-        return None if r in drop else r
-    op, args = r
-    parts = [_strip(a, drop) for a in args]
-    return _and(parts) if op == "&" else _or(parts)
+    if isinstance(r, Pattern):
+        return None if r.id in drop else r
+    parts = [_strip(a, drop) for a in r.args]
+    return _and(parts) if isinstance(r, AllOf) else _or(parts)
 
 
 def _assemble(
@@ -879,26 +931,26 @@ def _assemble(
         if passes and rates[k] > 0 and passes.get(k, 0) / tuned_on > PASSING * rates[k]:
             got = None  # the trigger is (almost) enough: stage 2 would mostly confirm it
         if got is None:
-            got = _TRUE
+            got = ALWAYS
         else:
             _pattern_ids(got, used[0] if k in hot else used[1])
         checks[k] = got
-    fold = [(_escape(_encode(ch)), hs.HS_FLAG_SINGLEMATCH) for ch in FOLDS_TO_ASCII]
-    trig = [(patterns[i][0], patterns[i][1] & ~_Q, i) for i in sorted(trig_rules)]
-    trig += [(p, 0, _FOLD_ID) for p, _ in fold]
+    fold = [(hs_escape(encode(ch)), hs.HS_FLAG_SINGLEMATCH) for ch in FOLDS_TO_ASCII]
+    trig = [(i, patterns[i][0], patterns[i][1] & ~_Q) for i in sorted(trig_rules)]
+    trig += [(_FOLD_ID, p, 0) for p, _ in fold]
     one = hs.HS_FLAG_SINGLEMATCH
     dbs = []
     for ids in used if cold_db is None else used[:1]:
-        full = [(patterns[i][0], (patterns[i][1] & ~_Q) | one, i) for i in sorted(ids)]
-        full += [(p, fl, _FOLD_ID) for p, fl in fold]
-        dbs.append(_compile(full))
+        full = [(i, patterns[i][0], (patterns[i][1] & ~_Q) | one) for i in sorted(ids)]
+        full += [(_FOLD_ID, p, fl) for p, fl in fold]
+        dbs.append(compile_db(full))
     if cold_db is not None:
         dbs.append(cold_db)
     trig_rules[_FOLD_ID] = []
     gen = _ReqCode(checks)
     source = gen.module(checks)
     filt = RawFilter(
-        _compile(trig),
+        compile_db(trig),
         dbs[0],
         {t: tuple(v) for t, v in trig_rules.items()},
         source,
@@ -923,7 +975,7 @@ def build_raw_filter(
         r = b.req(f)
         if r is None:
             forced.append(k)
-        elif r is not _FALSE:
+        elif r is not NEVER:
             reqs[k] = r
     # patterns many rules use (logsource tests, key names) are likely frequent in the data
     spread = [0] * len(b.kind)
@@ -938,20 +990,30 @@ def build_raw_filter(
         stats["raw_triggers"] = 0
         return None, forced, stats
     patterns = [(pat, fl) for (pat, fl), _ in sorted(b.patterns.items(), key=lambda x: x[1])]
-    plan = marshal.dumps((patterns, b.kind, reqs))
+    memo: dict[Req, Plain] = {}
+    plan = marshal.dumps((patterns, b.kind, {k: _plain(r, memo) for k, r in reqs.items()}))
     filt = _assemble(patterns, reqs, cost, frozenset(), plan)
     stats["raw_triggers"] = len(filt.trig_rules) - 1
     return filt, forced, stats
 
 
-def _compile(pats: Sequence[tuple[bytes, int, int]]) -> Any:
+def compile_db(patterns: Sequence[tuple[int, bytes, int]]) -> Any:
+    """One block-mode Hyperscan database of (id, pattern, flags); raises ``hs.error`` when
+    Hyperscan rejects a pattern."""
     db = hs.Database(mode=hs.HS_MODE_BLOCK)
     db.compile(
-        expressions=[p for p, _, _ in pats],
-        ids=[i for _, _, i in pats],
-        elements=len(pats),
-        flags=[f for _, f, _ in pats],
+        expressions=[p for _, p, _ in patterns],
+        ids=[i for i, _, _ in patterns],
+        elements=len(patterns),
+        flags=[f for _, _, f in patterns],
     )
+    return db
+
+
+def load_db(blob: bytes) -> Any:
+    """A database serialised by ``hs.dumpb``, with its scratch space."""
+    db = hs.loadb(blob, hs.HS_MODE_BLOCK)
+    db.scratch = hs.Scratch(db)
     return db
 
 
@@ -971,10 +1033,6 @@ def load(state: tuple[Any, ...] | None) -> RawFilter | None:
         return None
     trig, full, trig_rules, source, consts, (pyver, blob), plan, tuned_on, cold = state
     code = marshal.loads(blob) if pyver == sys.version_info[:2] else None
-    dbs = []
-    for blob in (trig, full, *(cold[:1] if cold else ())):
-        db = hs.loadb(blob, hs.HS_MODE_BLOCK)
-        db.scratch = hs.Scratch(db)
-        dbs.append(db)
+    dbs = [load_db(blob) for blob in (trig, full, *(cold[:1] if cold else ()))]
     cold_db = (dbs[2], cold[1]) if cold else None
     return RawFilter(dbs[0], dbs[1], trig_rules, source, consts, code, plan, tuned_on, cold_db)

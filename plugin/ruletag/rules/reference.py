@@ -26,16 +26,22 @@ multi-valued field may satisfy a leaf; missing-or-null satisfies only ``IsNull``
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
-import re
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 
 import re2
 
 from ruletag.rules import functions
-from ruletag.rules.fields import FieldMap, RecordView, as_text
+from ruletag.rules.algebra import (
+    as_text,
+    equals_value,
+    number_of,
+    re2_search,
+    wildcard_match,
+    wildcard_tokens,
+)
+from ruletag.rules.fields import FieldMap, RecordView
 from ruletag.rules.ir import (
     And,
     Call,
@@ -55,61 +61,14 @@ from ruletag.rules.ir import (
     Predicate,
     Regex,
     Rule,
-    Token,
     ValueExpr,
-    Wild,
 )
 
-_INT = re.compile(r"[+-]?\d+")
-_FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 _MAX_COMBINATIONS = 4096
 
 
-def number_of(value: object) -> int | float | None:
-    """A value as a number: ints and floats as is, decimal strings parsed, else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return value
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "surrogateescape")
-    if isinstance(value, str):
-        if _INT.fullmatch(value):
-            return int(value)
-        if _FLOAT.fullmatch(value):
-            return float(value)
-    return None
-
-
-@lru_cache(maxsize=4096)
-def wildcard_regex(pattern: tuple[Token, ...], cased: bool) -> re.Pattern[str]:
-    """Match tokens -> an anchored Python regex (use ``fullmatch``)."""
-    parts: list[str] = []
-    for tok in pattern:
-        if tok is Wild.ANY:
-            parts.append(".*")
-        elif tok is Wild.ONE:
-            parts.append(".")
-        else:
-            parts.append(re.escape(tok if cased else str(tok).lower()))
-    return re.compile("".join(parts), re.DOTALL)
-
-
 def _like(text: str, pattern: str, cased: bool) -> bool:
-    tokens: list[Token] = []
-    for piece in re.split(r"([*?])", pattern):
-        if piece == "*":
-            tokens.append(Wild.ANY)
-        elif piece == "?":
-            tokens.append(Wild.ONE)
-        elif piece:
-            tokens.append(piece)
-    return _match_text(text, tuple(tokens), cased)
-
-
-def _match_text(text: str, pattern: tuple[Token, ...], cased: bool) -> bool:
-    rx = wildcard_regex(pattern, cased)
-    return rx.fullmatch(text if cased else text.lower()) is not None
+    return wildcard_match(text, wildcard_tokens(pattern), cased)
 
 
 @lru_cache(maxsize=4096)
@@ -119,30 +78,8 @@ def _re2(pattern: str, flags: str, anchored: bool = False) -> re2._Regexp:
     return re2.compile(prefix + body)
 
 
-def _re2_search(rx: re2._Regexp, text: str) -> bool:
-    try:
-        return rx.search(text) is not None
-    except UnicodeEncodeError:  # lone surrogates from undecodable bytes
-        clean = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        return rx.search(clean) is not None
-
-
-@lru_cache(maxsize=4096)
-def _networks(
-    networks: tuple[str, ...],
-) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    return tuple(ipaddress.ip_network(n, strict=False) for n in networks)
-
-
 def _in_cidr(value: object, networks: tuple[str, ...]) -> bool:
-    text = as_text(value)
-    if text is None:
-        return False
-    try:
-        addr = ipaddress.ip_address(text.strip())
-    except ValueError:
-        return False
-    return any(addr.version == n.version and addr in n for n in _networks(networks))
+    return functions.cidrmatch(value, *networks) is True
 
 
 def _texts(view: RecordView, field: str | None) -> list[str]:
@@ -161,15 +98,6 @@ def _compare(a: int | float, op: str, b: int | float) -> bool:
     if op == ">=":
         return a >= b
     raise ValueError(f"unknown comparison {op!r}")
-
-
-def _equals(value: object, want: int | float | bool) -> bool:
-    if isinstance(want, bool):
-        if isinstance(value, bool):
-            return value is want
-        return as_text(value) == ("true" if want else "false")
-    n = number_of(value)
-    return n is not None and n == want
 
 
 def _fieldref(view: RecordView, node: FieldRef) -> bool:
@@ -245,7 +173,7 @@ def _binary(op: str, a: object, b: object, cased: bool) -> bool:
     if op == "like":
         return _like(ta, tb, cased)
     if op == "regex":
-        return _re2_search(_re2(tb, "s" if cased else "is", anchored=True), ta)
+        return re2_search(_re2(tb, "s" if cased else "is", anchored=True), ta)
     if op == "in":
         return _scalar_eq(a, b, cased)
     raise ValueError(f"unknown predicate operator {op!r}")
@@ -277,17 +205,17 @@ def evaluate(node: Node, view: RecordView) -> bool:
     if isinstance(node, Const):
         return node.value
     if isinstance(node, Match):
-        return any(_match_text(t, node.pattern, node.cased) for t in _texts(view, node.field))
+        return any(wildcard_match(t, node.pattern, node.cased) for t in _texts(view, node.field))
     if isinstance(node, Regex):
         rx = _re2(node.pattern, node.flags)
-        return any(_re2_search(rx, t) for t in _texts(view, node.field))
+        return any(re2_search(rx, t) for t in _texts(view, node.field))
     if isinstance(node, Cidr):
         return any(_in_cidr(v, node.networks) for v in view.values(node.field))
     if isinstance(node, Compare):
         nums = (number_of(v) for v in view.values(node.field))
         return any(n is not None and _compare(n, node.op, node.value) for n in nums)
     if isinstance(node, Equals):
-        return any(_equals(v, node.value) for v in view.values(node.field))
+        return any(equals_value(v, node.value) for v in view.values(node.field))
     if isinstance(node, IsNull):
         return not view.values(node.field)
     if isinstance(node, Exists):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,13 +58,12 @@ from sigma.types import (
 
 from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
 from ruletag.rules import attack
+from ruletag.rules.algebra import and_, not_, or_, tokens
 from ruletag.rules.ir import (
     DEFAULT_RISK_SCORE,
-    And,
     Attack,
     Cidr,
     Compare,
-    Const,
     Equals,
     Exists,
     FieldRef,
@@ -72,7 +71,6 @@ from ruletag.rules.ir import (
     Logsource,
     Match,
     Node,
-    Not,
     Or,
     Regex,
     Rule,
@@ -436,11 +434,11 @@ class _Converter:
 
     def node(self, item: Any) -> Node:
         if isinstance(item, ConditionAND):
-            return _and([self.node(a) for a in item.args])
+            return and_(*(self.node(a) for a in item.args))
         if isinstance(item, ConditionOR):
             return _or([self.node(a) for a in item.args])
         if isinstance(item, ConditionNOT):
-            return _not(self.node(item.args[0]))
+            return not_(self.node(item.args[0]))
         if isinstance(item, ConditionFieldEqualsValueExpression):
             return self.leaf(item.field, item.value)
         if isinstance(item, ConditionValueExpression):
@@ -483,7 +481,7 @@ class _Converter:
         if isinstance(value, SigmaCompareExpression):
             number = value.number.number
             if value.op is CompareOperators.NEQ:
-                return _not(Equals(field, number))
+                return not_(Equals(field, number))
             return Compare(field, _COMPARE_OPS[value.op], number)
         if isinstance(value, SigmaFieldReference):
             if value.starts_with and value.ends_with:
@@ -569,49 +567,29 @@ def _with_flags(pattern: str, value: SigmaRegularExpression) -> tuple[str, str]:
 
 def _tokens(value: SigmaString) -> tuple[Token, ...]:
     """SigmaString parts -> Match tokens: literals merged, ``**`` collapsed."""
-    out: list[Token] = []
+    parts: list[Token] = []
     for part in value.s:
         if isinstance(part, str):
-            if not part:
-                continue
-            if out and isinstance(out[-1], str):
-                out[-1] += part
-            else:
-                out.append(part)
+            parts.append(part)
         elif part is SpecialChars.WILDCARD_MULTI:
-            if not (out and out[-1] is Wild.ANY):
-                out.append(Wild.ANY)
+            parts.append(Wild.ANY)
         elif part is SpecialChars.WILDCARD_SINGLE:
-            out.append(Wild.ONE)
+            parts.append(Wild.ONE)
         else:  # a Placeholder left over: expand() should have replaced it
             raise UnsupportedRule(f"unset placeholder: %{getattr(part, 'name', part)}%")
-    return tuple(out)
+    return tokens(*parts)
 
 
 # --------------------------------------------------------------------------- simplification
 
 
-def _flatten(args: Sequence[Node], kind: type[And] | type[Or]) -> list[Node]:
-    out: list[Node] = []
-    for a in args:
-        for b in a.args if isinstance(a, kind) else (a,):
-            if b not in out:
-                out.append(b)
-    return out
-
-
-def _and(args: Sequence[Node]) -> Node:
-    flat = _flatten(args, And)
-    if len(flat) == 1:
-        return flat[0]
-    return And(tuple(flat)) if flat else Const(True)
-
-
-def _or(args: Sequence[Node]) -> Node:
-    flat = _merge_cidrs(_flatten(args, Or))
-    if len(flat) == 1:
-        return flat[0]
-    return Or(tuple(flat)) if flat else Const(False)
+def _or(args: Iterable[Node]) -> Node:
+    """The Or of ``args``, the networks of Cidr leaves on one field merged."""
+    node = or_(*args)
+    if not isinstance(node, Or):
+        return node
+    merged = _merge_cidrs(list(node.args))
+    return merged[0] if len(merged) == 1 else Or(tuple(merged))
 
 
 def _merge_cidrs(args: list[Node]) -> list[Node]:
@@ -630,14 +608,6 @@ def _merge_cidrs(args: list[Node]) -> list[Node]:
             where[a.field] = len(out)
         out.append(a)
     return out
-
-
-def _not(arg: Node) -> Node:
-    if isinstance(arg, Not):
-        return arg.arg
-    if isinstance(arg, Const):
-        return Const(not arg.value)
-    return Not(arg)
 
 
 # --------------------------------------------------------------------------- metadata

@@ -29,12 +29,10 @@ import dataclasses
 import gc
 import hashlib
 import io
-import ipaddress
 import logging
 import marshal
 import math
 import pickle
-import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -49,7 +47,16 @@ import re2
 
 from ruletag.errors import RuletagError
 from ruletag.rules import prefilter
-from ruletag.rules.fields import FieldMap, RecordView, as_text
+from ruletag.rules.algebra import (
+    as_text,
+    equals_value,
+    ip_of,
+    network_of,
+    number_of,
+    re2_search,
+    simplify,
+)
+from ruletag.rules.fields import FieldMap, RecordView
 from ruletag.rules.ir import (
     And,
     Cidr,
@@ -68,6 +75,7 @@ from ruletag.rules.ir import (
     Rule,
     Wild,
 )
+from ruletag.rules.prefilter import compile_db, encode, hs_escape, load_db
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +86,6 @@ _CACHE_TEXT = 256
 #: ... in at most this many (group, value) entries; the cache is emptied when full.
 _CACHE_ENTRIES = 1 << 16
 _MAGIC = b"RULETAG-TABLE\x00v4\n"  # v4: the pre-filter keeps its plan for re-tuning
-_BLOCK = hs.HS_MODE_BLOCK
 #: One UTF-8 encoded character (values are encoded with ``surrogatepass``, so well formed).
 _ONE_CHAR = (
     rb"(?:[\x00-\x7f]|[\xc0-\xdf][\x80-\xbf]"
@@ -97,37 +104,6 @@ class TableError(RuletagError):
 
 
 # --------------------------------------------------------------------------- values
-
-
-_INT = re.compile(r"[+-]?\d+")
-_FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-
-
-def _number(v: object) -> float | int | None:
-    """A value as a number (ints, floats, plain decimal strings; bools are not), else None."""
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, int | float):
-        return v
-    if isinstance(v, bytes | bytearray):
-        v = bytes(v).decode("utf-8", "surrogateescape")
-    if isinstance(v, str):
-        if _INT.fullmatch(v):
-            return int(v)
-        if _FLOAT.fullmatch(v):
-            return float(v)
-    return None
-
-
-def _encode(s: str) -> bytes:
-    return s.encode("utf-8", "surrogatepass")
-
-
-def _hs_escape(lit: bytes) -> bytes:
-    return b"".join(
-        bytes((c,)) if (48 <= c <= 57 or 65 <= c <= 90 or 97 <= c <= 122) else b"\\x%02x" % c
-        for c in lit
-    )
 
 
 def _match_regex(m: Match) -> bytes:
@@ -154,7 +130,7 @@ def _match_regex(m: Match) -> bytes:
         elif tok is Wild.ONE:
             parts.append(_ONE_CHAR)
         else:
-            parts.append(_hs_escape(_encode(tok if m.cased else tok.lower())))
+            parts.append(hs_escape(encode(tok if m.cased else tok.lower())))
     parts.append(tail)
     out = b"".join(parts)
     return out or rb"\A"  # "*" alone: any value (ALLOWEMPTY makes the empty match count)
@@ -166,39 +142,6 @@ def _longest_literal(m: Match) -> str:
 
 
 # --------------------------------------------------------------------------- normalisation
-
-
-def _simplify(n: Node) -> Node:
-    """Flatten nested And/Or, fold constants, remove double negation."""
-    if isinstance(n, And | Or):
-        is_and = isinstance(n, And)
-        out: list[Node] = []
-        for a in n.args:
-            s = _simplify(a)
-            if isinstance(s, Const):
-                if s.value != is_and:  # False in And / True in Or decides
-                    return s
-                continue
-            if type(s) is type(n):
-                out.extend(s.args)
-            else:
-                out.append(s)
-        out = list(dict.fromkeys(out))
-        if not out:
-            return Const(is_and)
-        if len(out) == 1:
-            return out[0]
-        return And(tuple(out)) if is_and else Or(tuple(out))
-    if isinstance(n, Not):
-        s = _simplify(n.arg)
-        if isinstance(s, Const):
-            return Const(not s.value)
-        if isinstance(s, Not):
-            return s.arg
-        if isinstance(s, IsNull):
-            return Exists(s.field)
-        return Not(s)
-    return n
 
 
 def _leaves(n: Node, out: dict[Node, int]) -> None:
@@ -246,17 +189,10 @@ def _trigger(
 
 def _hs_try(patterns: Sequence[tuple[int, bytes, int]]) -> Any:
     """One Hyperscan database of (id, pattern, flags), or None if Hyperscan rejects one."""
-    db = hs.Database(mode=_BLOCK)
     try:
-        db.compile(
-            expressions=[p for _, p, _ in patterns],
-            ids=[i for i, _, _ in patterns],
-            elements=len(patterns),
-            flags=[f for _, _, f in patterns],
-        )
+        return compile_db(patterns)
     except hs.error:
         return None
-    return db
 
 
 def _hs_compile(
@@ -267,28 +203,19 @@ def _hs_compile(
     rejected: list[int] = []
     todo = list(patterns)
     while True:
-        db = hs.Database(mode=_BLOCK)
-        try:
-            db.compile(
-                expressions=[p for _, p, _ in todo],
-                ids=[i for i, _, _ in todo],
-                elements=len(todo),
-                flags=[f for _, _, f in todo],
-            )
+        db = _hs_try(todo)
+        if db is not None:
             return db, rejected
-        except hs.error:
-            # Find the offending pattern(s) one by one; happens rarely (regex atoms only).
-            good = []
-            for item in todo:
-                probe = hs.Database(mode=_BLOCK)
-                try:
-                    probe.compile(expressions=[item[1]], ids=[item[0]], elements=1, flags=[item[2]])
-                    good.append(item)
-                except hs.error:
-                    rejected.append(item[0])
-            todo = good
-            if not todo:
-                return None, rejected
+        # Find the offending pattern(s) one by one; happens rarely (regex atoms only).
+        good = []
+        for item in todo:
+            if _hs_try([item]) is not None:
+                good.append(item)
+            else:
+                rejected.append(item[0])
+        todo = good
+        if not todo:
+            return None, rejected
 
 
 @dataclass(slots=True)
@@ -406,11 +333,11 @@ class _Group:
                     rest = self.re2_only
         elif db is not None:
             if self.cased_ids:
-                self._scan_only(_encode(s), self.cased_ids, add)
+                self._scan_only(encode(s), self.cased_ids, add)
             if self.caseless_ids:
-                self._scan_only(_encode(s.lower()), self.caseless_ids, add)
+                self._scan_only(encode(s.lower()), self.caseless_ids, add)
         for i, rx in rest:
-            if i not in hits and _re2_search(rx, s):
+            if i not in hits and re2_search(rx, s):
                 add(i)
 
     def _scan_only(self, data: bytes, ids: frozenset[int], add: Callable[[int], None]) -> None:
@@ -444,20 +371,8 @@ class _Group:
         self._init_runtime()
 
 
-def _re2_search(rx: Any, text: str) -> bool:
-    try:
-        return rx.search(text) is not None
-    except UnicodeEncodeError:  # lone surrogates (undecodable bytes) are not UTF-8
-        clean = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        return rx.search(clean) is not None
-
-
 def _load_db(blob: bytes | None) -> Any:
-    if blob is None:
-        return None
-    db = hs.loadb(blob, _BLOCK)
-    db.scratch = hs.Scratch(db)
-    return db
+    return None if blob is None else load_db(blob)
 
 
 # --------------------------------------------------------------------------- lazy leaves
@@ -467,9 +382,8 @@ def _cidr_ranges(networks: Sequence[str]) -> tuple[list[int], list[int]]:
     """Sorted, merged [start, end] ranges; IPv6 shifted above 2**32 to share one list."""
     spans: list[tuple[int, int]] = []
     for net in networks:
-        try:
-            n = ipaddress.ip_network(net.strip(), strict=False)
-        except ValueError:
+        n = network_of(net)
+        if n is None:
             continue
         off = 0 if n.version == 4 else 1 << 32
         spans.append((int(n.network_address) + off, int(n.broadcast_address) + off))
@@ -486,23 +400,8 @@ def _cidr_ranges(networks: Sequence[str]) -> tuple[list[int], list[int]]:
 
 
 def _ip_int(v: object) -> int | None:
-    s = as_text(v)
-    if s is None:
-        return None
-    try:
-        ip = ipaddress.ip_address(s.strip())
-    except ValueError:
-        return None
-    return int(ip) + (0 if ip.version == 4 else 1 << 32)
-
-
-def _equals(v: object, want: int | float | bool) -> bool:
-    if isinstance(want, bool):
-        if isinstance(v, bool):
-            return v is want
-        return as_text(v) == ("true" if want else "false")
-    num = _number(v)
-    return num is not None and num == want
+    ip = ip_of(v)
+    return None if ip is None else int(ip) + (0 if ip.version == 4 else 1 << 32)
 
 
 _OPS: dict[str, Callable[[Any, Any], bool]] = {
@@ -535,13 +434,13 @@ def _lazy_fn(leaf: Node, kw: Callable[[RecordView, dict[int, Any]], Hits], atom:
         return lambda view, _c: not view.values(f)
     if isinstance(leaf, Equals):
         f, want = leaf.field, leaf.value
-        return lambda view, _c: any(_equals(v, want) for v in view.values(f))
+        return lambda view, _c: any(equals_value(v, want) for v in view.values(f))
     if isinstance(leaf, Compare):
         f, op, num = leaf.field, _OPS[leaf.op], leaf.value
 
         def cmp(view: RecordView, _c: object) -> bool:
             for v in view.values(f):
-                x = _number(v)
+                x = number_of(v)
                 if x is not None and op(x, num):
                     return True
             return False
@@ -709,7 +608,7 @@ class CompiledTable:
             ls = fm.logsource_condition(r.logsource) if r.logsource is not None else None
             if ls is not None:
                 cond = And((ls, cond))
-            formulas.append(_simplify(cond))
+            formulas.append(simplify(cond))
 
         atom_of: dict[Node, int] = {}
         shared: dict[int, int] = {}  # atom -> how many rules use it (logsource atoms: many)
@@ -933,6 +832,13 @@ class CompiledTable:
                 cand.update(r)
         if not cand:
             return []
+        return self._holding(sorted(cand), view, hits, cache)
+
+    def _holding(
+        self, rules: Iterable[int], view: RecordView, hits: Hits, cache: dict[int, Any]
+    ) -> list[int]:
+        """Those of ``rules`` whose formula holds: the scanned atoms that hit are ``hits``, the
+        lazy leaves are evaluated on ``view`` when a formula asks (each once: ``cache``)."""
         lazy = self._lazy
 
         def L(i: int) -> bool:  # the name the generated code calls
@@ -942,7 +848,7 @@ class CompiledTable:
             return r
 
         f = self._formulas
-        return [k for k in sorted(cand) if f[k](hits, L)]
+        return [k for k in rules if f[k](hits, L)]
 
     def _scan_groups(self, view: RecordView, todo: Iterable[int], hits: Hits) -> None:
         """Scan the values of the field groups ``todo`` that the record has."""
@@ -974,17 +880,7 @@ class CompiledTable:
         for k in rules:
             todo.update(rule_groups[k])
         self._scan_groups(view, todo, hits)
-        cache: dict[int, Any] = {}
-        lazy = self._lazy
-
-        def L(i: int) -> bool:  # the name the generated code calls
-            r = cache.get(i)
-            if r is None:
-                r = cache[i] = lazy[i](view, cache)
-            return r
-
-        f = self._formulas
-        return [k for k in rules if f[k](hits, L)]
+        return self._holding(rules, view, hits, {})
 
     def match_entries(
         self, entries: bytes, spans: Sequence[tuple[int, int]]
