@@ -24,7 +24,10 @@ setup: $(STAMP) $(NPM_STAMP)
 run: $(STAMP)
 	$(BIN)/ruletag serve --config pipelines/default.yaml
 
-## test: set up, lint, run the whole test suite (slow fault tests included) and pipeline tests
+## test: set up, lint, run the whole test suite (slow fault tests included) and pipeline tests.
+## The whole-corpus tests run only with RULETAG_CORPUS set to a folder holding sigma/ and
+## elastic/ (e.g. `RULETAG_CORPUS=../shared/rules make test`); otherwise the pinned sample in
+## tests/data/corpus runs and pytest prints one line saying the corpus tests were not run.
 test: setup
 	$(BIN)/ruff check plugin tests bench scripts
 	$(BIN)/ruletag test pipelines/*.yaml
@@ -36,8 +39,11 @@ test-fast: setup
 lint: $(STAMP)
 	$(BIN)/ruff check plugin tests bench scripts
 
+## bench: the load benchmark; BENCH_RULES (a folder holding sigma/ and elastic/, by default
+## ../shared/rules when it exists) adds the corpus rule sets to none and seeds.
+BENCH_RULES ?= $(wildcard ../shared/rules)
 bench: $(STAMP)
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/run_all.py $(if $(BENCH_RULES),--corpus $(BENCH_RULES))
 
 clean:
 	rm -rf $(VENV) tests/js/node_modules .pytest_cache

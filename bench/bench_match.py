@@ -1,11 +1,13 @@
 """Matching throughput of the compiled table (not a test: prints figures).
 
-~1 KB ECS- and Sysmon-shaped records, 0.5% of them tripping a rule, matched with the seed rules
-only and with every rule of the shared corpus: records/s for ``match()`` and for
-``match_entries()`` on packed chunks of 1000 entries (with the compiled pre-filter triggers,
-then re-tuned on the same records), plus compile time, file size, load time.
+~1 KB ECS- and Sysmon-shaped records, 0.5% of them tripping a rule, matched with the bundled
+seed rules only and, given ``--corpus``, with every rule of a corpus: records/s for
+``match()`` and for ``match_entries()`` on packed chunks of 1000 entries (with the compiled
+pre-filter triggers, then re-tuned on the same records), plus compile time, file size, load
+time.
 
-    .venv/bin/python bench/bench_match.py [--records 20000] [--seeds-only]
+    .venv/bin/python bench/bench_match.py [--records 20000] [--corpus RULES...]
+    .venv/bin/python bench/bench_match.py --corpus ../shared/rules   # e.g. the shared corpora
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ruletag.rules.fields import FieldMap
 from ruletag.rules.loader import load_rules
 from ruletag.rules.table import CompiledTable
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SEEDS = Path(__file__).resolve().parents[1] / "plugin" / "ruletag" / "data" / "rules"
 WORDS = (
     "alpha",
     "beta",
@@ -187,12 +189,14 @@ def bench(name: str, paths: list[Path], records: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=20000)
-    ap.add_argument("--seeds-only", action="store_true")
+    ap.add_argument("--corpus", nargs="+", type=Path, metavar="RULES",
+                    help="rule files or folders to bench as the whole corpus")
+    ap.add_argument("--seeds-only", action="store_true", help="ignore --corpus")
     args = ap.parse_args()
     records = make_records(args.records)
-    bench("seed rules", [SHARED / "seeds" / "rules"], records)
-    if not args.seeds_only:
-        bench("whole corpus", [SHARED / "rules"], records)
+    bench("seed rules", [SEEDS], records)
+    if args.corpus and not args.seeds_only:
+        bench("whole corpus", args.corpus, records)
 
 
 if __name__ == "__main__":

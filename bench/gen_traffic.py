@@ -9,7 +9,7 @@ Traffic: flat Sysmon events (process creation, network connection, file creation
 Security logons, ECS-shaped Elastic Defend process and network events, Linux syslog/auditd
 and parsed web access logs, about 1 KB per record on average. A configurable fraction
 (default 0.5%) are *positives*: the seed positives of
-``shared/captures/windows-events.jsonl`` and events built from the literals of a few corpus
+``tests/data/captures/windows-events.jsonl`` and events built from the literals of a few corpus
 rules (shadow-copy deletion, python pty spawn, web path traversal), which trip at least one
 rule.
 
@@ -35,9 +35,9 @@ from typing import Any
 import msgpack
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent.parent / "shared"
-CAPTURE = SHARED / "captures" / "windows-events.jsonl"
-EXPECTED = SHARED / "captures" / "windows-events.expected.json"
+CAPTURES = HERE.parent / "tests" / "data" / "captures"
+CAPTURE = CAPTURES / "windows-events.jsonl"
+EXPECTED = CAPTURES / "windows-events.expected.json"
 
 #: Seconds of the first chunk's EventTime (2024-05-01T12:00:00Z).
 T0 = 1714564800

@@ -1,14 +1,15 @@
 """``make bench``: run ``ruletag serve`` under load for every rule set and print one table.
 
-Rule sets: none (pure relay), seeds, a 10% sample of every rule file (for the 10x scaling
-ratio), all Sigma, all Elastic, everything (``shared/rules``). Each table is compiled once
+Rule sets: none (pure relay), seeds (the bundled seed rules), and, given ``--corpus DIR`` (a
+folder holding ``sigma/`` and ``elastic/``): a 10% sample of every rule file (for the 10x
+scaling ratio), all Sigma, all Elastic, everything. Each table is compiled once
 into a bench cache folder first, so ``serve`` starts from the compiled table (start-up time is
 spawn -> ``ruletag ready``). Per rule set: a full-speed run (throughput, ruletag CPU per
 record, peak RSS) and a fixed-rate run (added latency at a steady load), after a warm-up that
 lasts until the pre-filter has re-tuned itself on the traffic. Then ``workers`` scaling with
 every rule loaded.
 
-    python bench/run_all.py                     # everything, ~6 minutes (+1 to compile)
+    python bench/run_all.py --corpus ../shared/rules   # everything, ~6 minutes (+1 to compile)
     python bench/run_all.py --sets none,seeds --duration 5 --json out.json
 """
 
@@ -27,31 +28,35 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-SHARED = REPO.parent / "shared"
+SEEDS = REPO / "plugin" / "ruletag" / "data" / "rules"
 sys.path.insert(0, str(HERE))
 
 import gen_traffic  # noqa: E402
 import load  # noqa: E402
 
-RULES = SHARED / "rules"
+#: The rule sets that need ``--corpus``.
+CORPUS_SETS = ("tenth", "sigma", "elastic", "everything")
 
 
-def _sample_tenth() -> list[str]:
+def _sample_tenth(corpus: Path) -> list[str]:
     """Every 10th rule file of the whole corpus (sorted), for the 10x rule-count ratio."""
     files = sorted(
-        str(p) for p in RULES.rglob("*") if p.suffix in (".yml", ".yaml", ".toml")
+        str(p) for p in corpus.rglob("*") if p.suffix in (".yml", ".yaml", ".toml")
     )
     return files[::10]
 
 
-RULE_SETS: dict[str, Any] = {
-    "none": [],
-    "seeds": [str(SHARED / "seeds" / "rules")],
-    "tenth": _sample_tenth,
-    "sigma": [str(RULES / "sigma")],
-    "elastic": [str(RULES / "elastic")],
-    "everything": [str(RULES)],
-}
+def rule_sets(corpus: Path | None) -> dict[str, Any]:
+    """Rule paths (or a function giving them) per set; the corpus sets only with a corpus."""
+    sets: dict[str, Any] = {"none": [], "seeds": [str(SEEDS)]}
+    if corpus is not None:
+        sets.update(
+            tenth=lambda: _sample_tenth(corpus),
+            sigma=[str(corpus / "sigma")],
+            elastic=[str(corpus / "elastic")],
+            everything=[str(corpus)],
+        )
+    return sets
 
 
 def code_hash() -> str:
@@ -215,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="/tmp/ruletag-bench", help="traffic, configs, cache")
     ap.add_argument("--chunks", type=int, default=100, help="traffic chunks of 1000 records")
-    ap.add_argument("--sets", default=",".join(RULE_SETS))
+    ap.add_argument("--corpus", type=Path,
+                    help="folder holding sigma/ and elastic/ (e.g. ../shared/rules)")
+    ap.add_argument("--sets", help="comma-separated rule sets (default: every available one)")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per full-speed run")
     ap.add_argument("--rate", type=float, default=50_000.0, help="records/s of the fixed-rate run")
     ap.add_argument("--window", type=int, default=8, help="unacked chunks per connection")
@@ -225,6 +232,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune-timeout", type=float, default=120.0,
                     help="longest warm-up waiting for the pre-filter to re-tune (seconds)")
     ns = ap.parse_args(argv)
+    sets = rule_sets(ns.corpus)
+    if ns.corpus is not None and not all((ns.corpus / d).is_dir() for d in ("sigma", "elastic")):
+        ap.error(f"--corpus {ns.corpus}: want a folder holding sigma/ and elastic/")
+    ns.sets = ns.sets or ",".join(sets)
+    missing = [s for s in ns.sets.split(",") if s not in sets]
+    if missing:
+        need = [s for s in missing if s in CORPUS_SETS]
+        ap.error(f"rule sets {','.join(missing)}: "
+                 + ("need --corpus DIR" if need == missing else f"unknown; have {','.join(sets)}"))
+    if ns.corpus is None:
+        print(f"no --corpus: benchmarking {ns.sets} only (the corpus sets "
+              f"{','.join(CORPUS_SETS)} need --corpus DIR)", flush=True)
     work = Path(ns.work)
     cache = work / f"cache-{code_hash()}"  # a table compiled by other code is rebuilt
     cache.mkdir(parents=True, exist_ok=True)
@@ -239,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     try:
         for name in ns.sets.split(","):
-            spec = RULE_SETS[name]
+            spec = sets[name]
             paths = spec() if callable(spec) else spec
             info = precompile(paths, cache) if paths else {"rules": 0}
             print(f"[{name}] {info}", flush=True)
@@ -248,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"[{name}] {json.dumps(row)}", flush=True)
         if "everything" in ns.sets.split(","):
-            paths = RULE_SETS["everything"]
+            paths = sets["everything"]
             for w in (int(x) for x in ns.workers.split(",")):
                 if w <= 1:
                     continue

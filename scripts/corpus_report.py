@@ -1,7 +1,7 @@
 """Corpus figures: how much of the Sigma and Elastic rule corpora ruletag loads and compiles.
 
-Usage: ``python scripts/corpus_report.py [--json] [SIGMA_DIR] [ELASTIC_DIR]`` (defaults:
-``../shared/rules/sigma`` and ``../shared/rules/elastic`` beside the checkout).
+Usage: ``python scripts/corpus_report.py [--json] SIGMA_DIR ELASTIC_DIR``, for example
+``python scripts/corpus_report.py ../shared/rules/sigma ../shared/rules/elastic``.
 
 Prints, per corpus and for both together: files, loaded / unsupported / invalid rules,
 duplicates, the top reasons, the share of Elastic EQL rules that are single-event (the only
@@ -25,8 +25,6 @@ from ruletag.rules.fields import FieldMap
 from ruletag.rules.loader import load_rules
 from ruletag.rules.table import CompiledTable
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SHARED = ROOT.parent / "shared" / "rules"
 _LANGUAGE = re.compile(r'^language\s*=\s*"([^"]+)"', re.M)
 _SEQUENCE = re.compile(r"^\s*(sequence|sample)\b", re.M)
 
@@ -79,8 +77,8 @@ def measure(name: str, paths: list[Path], fieldmap: FieldMap) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("sigma", nargs="?", type=Path, default=DEFAULT_SHARED / "sigma")
-    ap.add_argument("elastic", nargs="?", type=Path, default=DEFAULT_SHARED / "elastic")
+    ap.add_argument("sigma", type=Path, help="the Sigma corpus folder")
+    ap.add_argument("elastic", type=Path, help="the Elastic detection-rules corpus folder")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ns = ap.parse_args(argv)
     fm = FieldMap.default()

@@ -10,12 +10,11 @@ from typing import Any
 
 import msgpack
 
+from paths import CAPTURE_DIRS
+from paths import CAPTURES as CAPTURES
 from ruletag.codec import NEED_DATA, ClientConnection, ServerConnection, iter_entries
 from ruletag.events import Chunk, ConnectionClosed, Event
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CAPTURES = SHARED / "captures"
-CAPTURE_DIRS = (CAPTURES, CAPTURES / "fluent-bit-5.1.1")
 SHARED_KEY = b"fwd-secret-123"
 USERS = {b"edr-user": b"edr-pass-456"}
 

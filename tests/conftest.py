@@ -1,5 +1,6 @@
 """Shared fixtures: an in-process relay (server -> pipeline -> forwarder -> Sink), a ruletag
-subprocess, TLS certificates, and paths to the shared captures.
+subprocess, TLS certificates, the recorded captures (``tests/paths.py``), and the line
+saying whether the whole-corpus tests ran.
 
 No pytest-asyncio: async scenarios run through the ``arun`` fixture (``asyncio.run`` with a
 hard timeout), and build relays with the ``relay`` fixture (an async context manager factory).
@@ -24,6 +25,7 @@ from typing import Any
 
 import pytest
 
+import paths
 from peers import Sink
 from ruletag.config import config_from_mapping
 from ruletag.forwarder import Forwarder
@@ -31,12 +33,22 @@ from ruletag.pipeline import Pipeline
 from ruletag.server import Server
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-CAPTURES = SHARED / "captures"
+CAPTURES = paths.CAPTURES
 JS_DIR = REPO / "tests" / "js"
 
 #: Fast retries so outage tests finish in seconds.
 FAST_FORWARD = {"retry_backoff_base": 0.05, "retry_backoff_max": 0.3, "ack_timeout": 5}
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line when the whole-corpus tests were skipped: how to run them."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    count = sum("whole-corpus test" in str(getattr(r, "longrepr", "")) for r in skipped)
+    if count:
+        terminalreporter.write_line(
+            f"{count} whole-corpus tests not run ({paths.CORPUS_ENV} unset; the pinned sample in "
+            f"tests/data/corpus ran instead). Run them with: {paths.CORPUS_HOWTO}"
+        )
 
 
 def run_async(coro: Coroutine[Any, Any, Any], timeout: float = 30.0) -> Any:

@@ -5,15 +5,10 @@ from __future__ import annotations
 import json
 import re
 from importlib import resources
-from pathlib import Path
 
-import pytest
-
+from paths import corpus, needs_corpus
 from ruletag.rules import attack
 from ruletag.rules.ir import Attack
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-ELASTIC = SHARED / "rules" / "elastic"
 
 
 def test_tactic_shortnames_in_every_spelling() -> None:
@@ -57,12 +52,13 @@ def test_table_shape() -> None:
     assert all(re.fullmatch(r"TA\d{4}", t["id"]) for t in table["tactics"])
 
 
-@pytest.mark.skipif(not ELASTIC.is_dir(), reason="shared Elastic rule corpus not present")
+@needs_corpus
 def test_every_elastic_threat_entry_agrees_with_the_table() -> None:
     """Elastic's [[rule.threat]] blocks carry MITRE ids and names: all must resolve the same."""
+    elastic = corpus("elastic")
     pair = re.compile(r'^id = "((?:TA|T)\d{4}(?:\.\d{3})?)"\s*\nname = "([^"]*)"', re.M)
     seen = 0
-    for path in ELASTIC.rglob("*.toml"):
+    for path in elastic.rglob("*.toml"):
         if "_deprecated" in path.parts:  # retired rules keep names MITRE has since changed
             continue
         for ident, name in pair.findall(path.read_text("utf-8")):

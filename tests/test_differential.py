@@ -6,20 +6,19 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import paths
+from paths import SEED_RULES, needs_corpus
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import Match, Node, Regex, Rule, Wild, fields_of
 from ruletag.rules.reference import reference_match
 from ruletag.rules.table import CompiledTable
 from test_table import RULES
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 def _walk(n: Node, out: list[Node]) -> None:
@@ -152,7 +151,7 @@ def _check(table: CompiledTable, fm: FieldMap, records: list[dict]) -> None:
 def _rules_small() -> list[Rule]:
     from ruletag.rules.loader import load_rules
 
-    seeds = load_rules([SHARED / "seeds" / "rules"]).rules
+    seeds = load_rules([SEED_RULES]).rules
     assert len(seeds) == 2, "the two seed rules did not load"
     return [*RULES, *seeds]
 
@@ -201,12 +200,13 @@ def test_retuned_table_agrees_with_reference(records: list[dict]) -> None:
 def corpus() -> tuple[CompiledTable, list[str], list[str]]:
     from ruletag.rules.loader import load_rules
 
-    rules = load_rules([SHARED / "rules"]).rules
+    rules = load_rules([paths.corpus("sigma"), paths.corpus("elastic")]).rules
     assert len(rules) > 4000, f"the front-ends loaded only {len(rules)} corpus rules"
     fields, texts = _material(rules, FM)
     return CompiledTable.build(rules, FM), fields, texts
 
 
+@needs_corpus
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_table_agrees_with_reference_on_whole_corpus(

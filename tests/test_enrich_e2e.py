@@ -48,11 +48,6 @@ OVERRIDES = {38: [SIGMA_ID]}
 DETECTION_KEYS = {"rule_id", "name", "source", "severity", "risk_score", "author", "tactics",
                   "techniques", "ruleset_version"}
 
-needs_captures = pytest.mark.skipif(
-    not (CAPTURES / "windows-events.jsonl").is_file(), reason="shared captures not present"
-)
-
-
 def seed_events() -> tuple[list[dict[str, Any]], list[list[str]]]:
     """The 52 capture records and the sorted rule ids each must get."""
     records = [json.loads(line) for line in
@@ -174,7 +169,6 @@ def test_cli_config_and_overrides(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- end to end
 
 
-@needs_captures
 def test_seed_events_annotated_in_ruletag_style(
     arun, serve_process, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -232,7 +226,6 @@ def test_seed_events_annotated_in_ruletag_style(
     arun(scenario(), timeout=60)
 
 
-@needs_captures
 def test_ecs_style_and_retag_from_config(arun, serve_process, tmp_path: Path) -> None:
     records, want = seed_events()
     rules = tmp_path / "rules"
@@ -298,7 +291,6 @@ async def wait_metric(port: int, key: tuple[str, tuple[tuple[str, str], ...]], v
         await asyncio.sleep(0.05)
 
 
-@needs_captures
 def test_reloads_during_traffic_lose_nothing(arun, serve_process, tmp_path: Path) -> None:
     records, _ = seed_events()
     ecs_hit = records[0]  # matches the EQL rule only
@@ -432,7 +424,6 @@ def test_serve_with_unusable_rules_exits_2(tmp_path: Path) -> None:
     ]
 
 
-@needs_captures
 def test_fluent_logger_client_records_are_annotated(
     arun, serve_process, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

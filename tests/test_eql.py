@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from paths import ELASTIC_SEED, corpus, needs_corpus
 from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
 from ruletag.rules.elastic import load_elastic_file
 from ruletag.rules.eql import lucene_to_re2, parse_eql
@@ -31,9 +32,7 @@ from ruletag.rules.ir import (
     Wild,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-SEED = SHARED / "seeds" / "rules" / "potential_wsus_abuse_for_lateral_movement.toml"
-CORPUS = SHARED / "rules" / "elastic"
+SEED = ELASTIC_SEED
 ANY, ONE = Wild.ANY, Wild.ONE
 PROC = Match("event.category", ("process",), cased=True)
 
@@ -411,12 +410,12 @@ def test_sequence_rule_file_is_unsupported(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- corpus
 
 
-@pytest.mark.skipif(not CORPUS.is_dir(), reason="shared Elastic rule corpus is not present")
+@needs_corpus
 def test_elastic_corpus_loads() -> None:
     """Every file loads or fails with a rule error; >= 99% of single-event EQL rules load."""
     reasons: Counter[str] = Counter()
     loaded = single_event_failed = 0
-    for path in sorted(CORPUS.rglob("*.toml")):
+    for path in sorted(corpus("elastic").rglob("*.toml")):
         try:
             rules = load_elastic_file(path)
         except (InvalidRule, UnsupportedRule) as exc:

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from paths import CAPTURES
 from ruletag.errors import ConfigError
 from ruletag.rules.fields import FieldMap, as_text, basename, flatten_record, resolve
 from ruletag.rules.ir import And, Equals, Exists, Logsource, Match, Node, Not, Or
@@ -123,9 +124,7 @@ def test_raw_keys_cover_every_supplier(fm: FieldMap) -> None:
 def test_raw_keys_are_necessary_for_a_value(fm: FieldMap) -> None:
     """For every record of the captures and every field the seeds use: a value implies that
     one of the raw keys appears among the record's keys (at any depth, inside dotted keys)."""
-    lines = (Path(__file__).resolve().parents[1].parent / "shared" / "captures").joinpath(
-        "windows-events.jsonl"
-    )
+    lines = CAPTURES / "windows-events.jsonl"
     fields = [
         "process.name",
         "process.parent.name",
@@ -303,7 +302,7 @@ def _leaf_types(node: Node) -> set[type]:
     return {type(node)}
 
 
-# The most used Windows logsources of the Sigma corpus (counted in shared/rules/sigma).
+# The most used Windows logsources of the Sigma corpus (counted in the SigmaHQ corpus).
 CORPUS_WINDOWS = [
     ("process_creation", None),
     ("registry_set", None),

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 
+from paths import CAPTURES, SEED_RULES
 from ruletag import codec
 from ruletag.events import Chunk
 from ruletag.filter import RuleFilter
 from ruletag.rules.loader import compile_rules
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CAPTURE = SHARED / "captures" / "windows-events.jsonl"
-EXPECTED = SHARED / "captures" / "windows-events.expected.json"
+CAPTURE = CAPTURES / "windows-events.jsonl"
+EXPECTED = CAPTURES / "windows-events.expected.json"
 
 
 def _pack(time: int, record: dict[str, Any]) -> bytes:
@@ -26,8 +25,8 @@ def _pack(time: int, record: dict[str, Any]) -> bytes:
 
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory: pytest.TempPathFactory) -> tuple[RuleFilter, list[Any], list[Any]]:
-    assert CAPTURE.exists(), "shared/captures must be next to the repository"
-    table, _ = compile_rules([SHARED / "seeds" / "rules"],
+    assert CAPTURE.exists(), "tests/data/captures is missing"
+    table, _ = compile_rules([SEED_RULES],
                              cache_dir=tmp_path_factory.mktemp("cache"))
     lines = [json.loads(x) for x in CAPTURE.read_text(encoding="utf-8").splitlines()]
     items = json.loads(EXPECTED.read_text())["records"]

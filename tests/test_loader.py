@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from paths import SEED_RULES, SIGMA_SEED
 from ruletag.annotate import detection
 from ruletag.errors import InvalidRule, UnsupportedRule
 from ruletag.rules import loader
@@ -22,14 +23,9 @@ from ruletag.rules.loader import (
     rule_files,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-SEEDS = SHARED / "seeds" / "rules"
-SIGMA_SEED = SEEDS / "net_connection_win_wuauclt_network_connection.yml"
-ELASTIC_SEED = SEEDS / "potential_wsus_abuse_for_lateral_movement.toml"
+SEEDS = SEED_RULES
 SIGMA_ID = "c649a6c7-cd8c-4a78-9c04-000fc76df954"
 ELASTIC_ID = "8e2485b6-a74f-411b-bf7f-38b819f3a846"
-
-pytestmark = pytest.mark.skipif(not SEEDS.is_dir(), reason="shared seed rules not present")
 
 SIMPLE_SIGMA = """\
 title: Test rule {n}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from paths import CAPTURES
 from ruletag.rules import functions
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import (
@@ -33,9 +34,7 @@ from ruletag.rules.ir import (
 )
 from ruletag.rules.reference import evaluate, reference_match
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DATA = Path(__file__).resolve().parent / "data"
-CAPTURES = SHARED / "captures"
 
 EQL_ID = "8e2485b6-a74f-411b-bf7f-38b819f3a846"
 SIGMA_ID = "c649a6c7-cd8c-4a78-9c04-000fc76df954"

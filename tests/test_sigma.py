@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from paths import SIGMA_SEED, corpus, needs_corpus
 from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
 from ruletag.rules import attack
 from ruletag.rules.ir import (
@@ -31,9 +32,7 @@ from ruletag.rules.ir import (
 )
 from ruletag.rules.sigma import load_sigma_file
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-SEED = SHARED / "seeds" / "rules" / "net_connection_win_wuauclt_network_connection.yml"
-CORPUS = SHARED / "rules" / "sigma"
+SEED = SIGMA_SEED
 
 ANY, ONE = Wild.ANY, Wild.ONE
 ID1 = "00000000-0000-0000-0000-000000000001"
@@ -604,9 +603,9 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # ~5 s of CPU, well over that on a busy machine
-@pytest.mark.skipif(not CORPUS.is_dir(), reason="shared Sigma corpus not present")
+@needs_corpus
 def test_sigma_corpus_loads() -> None:
-    files = sorted(CORPUS.rglob("*.yml"))
+    files = sorted(corpus("sigma").rglob("*.yml"))
     assert len(files) > 3000
     loaded = 0
     reasons: collections.Counter[tuple[str, str]] = collections.Counter()

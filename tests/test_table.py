@@ -8,6 +8,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from paths import CAPTURES, SEED_RULES
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import (
     And,
@@ -34,7 +35,6 @@ from ruletag.rules.ir import (
 from ruletag.rules.reference import reference_match
 from ruletag.rules.table import CompiledTable, TableError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 A = Wild.ANY
 
 
@@ -251,8 +251,8 @@ def test_hostile_regex_is_linear(fm: FieldMap) -> None:
 
 
 def _seed_records() -> list[tuple[dict, list[str]]]:
-    lines = (SHARED / "captures" / "windows-events.jsonl").read_text().splitlines()
-    expected = json.loads((SHARED / "captures" / "windows-events.expected.json").read_text())
+    lines = (CAPTURES / "windows-events.jsonl").read_text().splitlines()
+    expected = json.loads((CAPTURES / "windows-events.expected.json").read_text())
     out = []
     for row in expected["records"]:
         want = [r for r in row["expected_rule_ids"] if not r.startswith("logsource-dependent:")]
@@ -263,7 +263,7 @@ def _seed_records() -> list[tuple[dict, list[str]]]:
 def test_seed_rules_on_the_capture_records(fm: FieldMap) -> None:
     from ruletag.rules import loader
 
-    result = loader.load_rules([SHARED / "seeds" / "rules"])
+    result = loader.load_rules([SEED_RULES])
     assert len(result.rules) == 2
     t = CompiledTable.build(result.rules, fm)
     known = {r.id for r in result.rules}
