@@ -63,7 +63,7 @@ def test_out_forward_capture_replays(capture: Capture) -> None:
             (m.get("options") or {}).get("chunk", "").encode() or None for m in expected
         ]
         for chunk, message in zip(got, expected, strict=True):
-            assert chunk.size == message["length"]
+            assert chunk.wire_size == message["length"]
             options = message.get("options") or {}
             assert chunk.signal == options.get("fluent_signal", 0)
             if chunk.signal == 0:

@@ -324,7 +324,7 @@ def test_gzip_compression() -> None:
             await fw.send(chunk)
             await fw.close()
             assert len(sink.records) == 200
-            assert 0 < sink.chunks[0].size < len(chunk.entries) // 10
+            assert 0 < sink.chunks[0].wire_size < len(chunk.entries) // 10
 
     run(main())
 

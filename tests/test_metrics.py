@@ -151,6 +151,8 @@ def test_relay_metrics_and_health_over_http(arun, tmp_path: Path) -> None:
                 assert s[("ruletag_chunks_in_total", ())] == 3
                 assert s[("ruletag_bytes_in_total", ())] == server.stats.bytes_in > 0
                 assert s[("ruletag_forward_bytes_total", ())] == forwarder.bytes_sent > 0
+                assert s[("ruletag_connections_slow_frames_total", ())] == 0
+                assert s[("ruletag_connections_handshake_timeouts_total", ())] == 0
                 out_bytes = sum(len(c.entries) for c in sink.chunks)
                 assert s[("ruletag_bytes_out_total", ())] == out_bytes > 0
                 assert s[("ruletag_chunks_out_total", ())] == len(sink.chunks)

@@ -131,6 +131,7 @@ _background: set[asyncio.Task[None]] = set()
 
 async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     """Run the relay until ``stop`` is set or SIGTERM/SIGINT arrives; return 0."""
+    from ruletag.deadletter import with_default_dir
     from ruletag.durable import DurablePipeline, start_durable
     from ruletag.outputs import build_outputs, describe
     from ruletag.pipeline import Pipeline
@@ -151,7 +152,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         for sig in installed:
             loop.remove_signal_handler(sig)
         raise
-    forwarder = build_outputs(config)  # forward and/or stdout/file outputs
+    forwarder = build_outputs(with_default_dir(config))  # forward and/or stdout/file outputs
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
         # SIGUSR1 reopens file outputs after a log rotation (the nginx/fluentd convention).
         loop.add_signal_handler(signal.SIGUSR1, _reopen_soon, forwarder)

@@ -1,4 +1,5 @@
-"""The ``ruletag`` command line: serve, rules check/compile, match, test, validate."""
+"""The ``ruletag`` command line: serve, rules check/compile, match, test, validate,
+dead-letter list/resend."""
 
 from __future__ import annotations
 
@@ -90,6 +91,27 @@ def _run_validate(ns: argparse.Namespace) -> int:
     return main_validate(ns)
 
 
+def _add_dead_letter(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dead-letter", help="list or re-send chunks set aside as dead letters")
+    dsub = p.add_subparsers(dest="dead_letter_cmd", required=True)
+    ls = dsub.add_parser("list", help="one line per dead-lettered chunk in DIR")
+    ls.add_argument("dir")
+    ls.set_defaults(func=_run_dead_letter)
+    rs = dsub.add_parser("resend", help="send DIR's dead letters; delete each once acked")
+    rs.add_argument("dir")
+    rs.add_argument("--config", "-c", help="pipeline YAML file (its forward section)")
+    rs.add_argument("--forward", help="downstream HOST:PORT[,HOST:PORT...]")
+    rs.add_argument("--shared-key", help="shared key for the downstream")
+    rs.add_argument("--retry-limit", type=int, default=5, help="failed tries per chunk (5)")
+    rs.set_defaults(func=_run_dead_letter)
+
+
+def _run_dead_letter(ns: argparse.Namespace) -> int:
+    from ruletag.deadletter_cmd import main_dead_letter
+
+    return main_dead_letter(ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ruletag", description=__doc__)
     from ruletag import __version__
@@ -100,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rules(sub)
     _add_match(sub)
     _add_pipeline_cmds(sub)
+    _add_dead_letter(sub)
     return parser
 
 

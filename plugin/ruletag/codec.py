@@ -15,7 +15,7 @@ import math
 import os
 import struct
 import zlib
-from typing import Final
+from typing import Final, TypedDict
 
 import msgpack
 
@@ -32,6 +32,7 @@ from ruletag.events import (
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
+    "DEFAULT_MAX_INFLATE_MEMBERS",
     "DEFAULT_MAX_INFLATE_SIZE",
     "NEED_DATA",
     "ClientConnection",
@@ -49,10 +50,16 @@ NEED_DATA: Final = object()
 DEFAULT_MAX_FRAME_SIZE: Final = 16 * 1024 * 1024
 #: Default largest decompressed CompressedPackedForward payload (gzip-bomb cap).
 DEFAULT_MAX_INFLATE_SIZE: Final = 64 * 1024 * 1024
+#: Default most gzip members in one CompressedPackedForward payload (Fluent Bit sends 1).
+DEFAULT_MAX_INFLATE_MEMBERS: Final = 1024
 
 _FEED_STEP: Final = 256 * 1024  # bytes handed to the streaming unpacker at a time
 _COMPACT_AT: Final = 1024 * 1024  # drop consumed bytes from the receive buffer past this
-_INFLATE_STEP: Final = 256 * 1024
+_INFLATE_STEP: Final = 256 * 1024  # largest output piece per zlib call
+_INFLATE_WINDOW_MIN: Final = 64  # first input window per gzip member
+_INFLATE_WINDOW_MAX: Final = 64 * 1024
+#: Metrics/traces payloads are a few cmetrics/ctraces contexts; this bounds the Python loop.
+_MAX_SIGNAL_OBJECTS: Final = 1_000_000
 _SIGNALS: Final = frozenset({0, 1, 2})  # logs, metrics, traces (what Fluent Bit in_forward takes)
 _PONG_SHARED_KEY_MISMATCH: Final = "shared_key mismatch"
 _PONG_USER_MISMATCH: Final = "username/password mismatch"
@@ -396,27 +403,78 @@ def _v2_to_v1_from(entries: bytes, pos: int, pieces: list[bytes], last: int) -> 
         pieces.append(entries[last:])
 
 
-def _inflate(data: bytes, limit: int) -> bytes:
-    """Gunzip ``data`` (one or more members), refusing to produce more than ``limit`` bytes."""
+def _inflate(data: bytes, limit: int, max_members: int) -> bytes:
+    """Gunzip ``data`` (one or more members) in one pass, linear in input plus output.
+
+    Refuses more than ``limit`` output bytes or more than ``max_members`` members. Zero
+    padding after the last member is accepted.
+    """
+    view = memoryview(data)
+    total = len(data)
     out: list[bytes] = []
-    produced = 0
-    while data:
-        d = zlib.decompressobj(wbits=31)
-        while True:
-            chunk = d.decompress(data, max(1, min(_INFLATE_STEP, limit - produced + 1)))
-            produced += len(chunk)
-            if produced > limit:
-                raise RemoteProtocolError(f"decompressed payload exceeds {limit} bytes")
-            out.append(chunk)
-            data = d.unconsumed_tail
-            if d.eof:
-                data = d.unused_data
-                break
-            if not data and not chunk:
-                raise RemoteProtocolError("truncated gzip payload")
-        if data and not data.strip(b"\x00"):
+    pos = produced = members = 0
+    while pos < total:
+        if members and data[pos] == 0 and data.count(0, pos) == total - pos:
             break  # zero padding after the last member
+        members += 1
+        if members > max_members:
+            raise RemoteProtocolError(f"gzip payload has more than {max_members} members")
+        pos, produced = _inflate_member(view, pos, out, produced, limit)
     return b"".join(out)
+
+
+def _inflate_member(
+    view: memoryview, pos: int, out: list[bytes], produced: int, limit: int
+) -> tuple[int, int]:
+    """Inflate the gzip member at ``view[pos:]`` into ``out``.
+
+    Returns (where the member ends, total bytes produced so far). Input goes in through
+    windows that start small and double up to ``_INFLATE_WINDOW_MAX``, so zlib's copies of
+    input it did not use stay proportional to the member's size.
+    """
+    d = zlib.decompressobj(wbits=31)
+    total = len(view)
+    window = _INFLATE_WINDOW_MIN
+    while True:
+        piece = view[pos : pos + window]
+        chunk = d.decompress(piece, max(1, min(_INFLATE_STEP, limit - produced + 1)))
+        produced += len(chunk)
+        if produced > limit:
+            raise RemoteProtocolError(f"decompressed payload exceeds {limit} bytes")
+        if chunk:
+            out.append(chunk)
+        if d.eof:
+            return pos + len(piece) - len(d.unused_data), produced
+        consumed = len(piece) - len(d.unconsumed_tail)
+        pos += consumed
+        if not chunk and not consumed and (pos >= total or window == _INFLATE_WINDOW_MAX):
+            raise RemoteProtocolError("truncated gzip payload")
+        window = min(window * 2, _INFLATE_WINDOW_MAX)
+
+
+def _check_msgpack_sequence(payload: bytes, signal: int) -> None:
+    """Raise unless ``payload`` is a sequence of complete msgpack objects (skipped in C)."""
+    unpacker = _sub_unpacker(payload)
+    skip = unpacker.skip
+    tell = unpacker.tell
+    total = len(payload)
+    try:
+        for _ in range(_MAX_SIGNAL_OBJECTS):
+            if tell() >= total:
+                return
+            skip()
+    except msgpack.OutOfData:
+        raise RemoteProtocolError(
+            f"fluent_signal {signal} payload ends inside a msgpack object"
+        ) from None
+    except (msgpack.UnpackException, ValueError) as exc:
+        raise RemoteProtocolError(
+            f"fluent_signal {signal} payload is not msgpack: {exc!r}"
+        ) from None
+    if tell() < total:
+        raise RemoteProtocolError(
+            f"fluent_signal {signal} payload has more than {_MAX_SIGNAL_OBJECTS} msgpack objects"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,6 +577,16 @@ class _Connection:
 # Server side
 
 
+class _ChunkCommon(TypedDict):
+    """The ``Chunk`` fields every message mode fills the same way."""
+
+    chunk_id: bytes | None
+    options: dict[str, object]
+    size: int
+    wire_size: int
+    signal: int
+
+
 class ServerConnection(_Connection):
     """Server side of one forward connection.
 
@@ -539,6 +607,7 @@ class ServerConnection(_Connection):
         tag_prefix: str = "",
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_inflate_size: int = DEFAULT_MAX_INFLATE_SIZE,
+        max_inflate_members: int = DEFAULT_MAX_INFLATE_MEMBERS,
         nonce: bytes | None = None,
         auth_salt: bytes | None = None,
     ) -> None:
@@ -550,6 +619,7 @@ class ServerConnection(_Connection):
         self._hostname = hostname
         self._tag_prefix = tag_prefix
         self._max_inflate = max_inflate_size
+        self._max_members = max_inflate_members
         self._nonce = nonce if nonce is not None else os.urandom(16)
         if auth_salt is None:
             auth_salt = os.urandom(16) if self._users else b""
@@ -570,6 +640,12 @@ class ServerConnection(_Connection):
         if not self._authenticated:
             return self._handle_ping(frame)
         return self._decode(frame)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received and not yet returned as a frame (a partial or undecoded frame)."""
+        reader = self._reader
+        return reader._base + len(reader._buf) - reader._frame_start
 
     def ack(self, chunk_id: bytes) -> bytes:
         """``{"ack": chunk_id}`` with the id as msgpack str, bytes echoed exactly."""
@@ -652,7 +728,14 @@ class ServerConnection(_Connection):
         has_options = length == (4 if mode == "message" else 3)
         options, chunk_id, spans = self._options(frame, u) if has_options else ({}, None, {})
         signal = options.get("fluent_signal", 0)
-        common = {"chunk_id": chunk_id, "options": options, "size": len(frame), "signal": signal}
+        assert isinstance(signal, int)  # _options checked it
+        common: _ChunkCommon = {
+            "chunk_id": chunk_id,
+            "options": options,
+            "size": len(frame),
+            "wire_size": len(frame),
+            "signal": signal,
+        }
         if mode == "message":
             entry = self._message_entry(frame, second, record_at, record_end, spans)
             return Chunk(tag=tag, entries=entry, count=1, v2="metadata" in spans, **common)
@@ -669,8 +752,10 @@ class ServerConnection(_Connection):
         lo, hi = _raw_span(frame, second)
         payload = frame[lo:hi]
         if options.get("compressed") == "gzip" or payload[:2] == b"\x1f\x8b":
-            payload = _inflate(payload, self._max_inflate)
+            payload = _inflate(payload, self._max_inflate, self._max_members)
+            common["size"] = len(frame) - (hi - lo) + len(payload)
         if signal:
+            _check_msgpack_sequence(payload, signal)
             return Chunk(tag=tag, entries=payload, count=1, **common)
         count, v2, _, spans_ = _scan_entries(payload, 0, len(payload), None, convert_float=False)
         return Chunk(tag=tag, entries=payload, count=count, v2=v2, spans=spans_, **common)

@@ -26,8 +26,16 @@ listen.self_hostname               ruletag-in   hostname in our PONG (must diffe
                                                 client's own and from forward.self_hostname)
 listen.max_frame_size              16 MiB       largest msgpack message accepted
 listen.max_inflate_size            64 MiB       largest decompressed gzip payload
+listen.max_inflate_members         1024         most gzip members in one compressed payload
 listen.max_connections             1024         further connections are closed at accept
 listen.idle_timeout                300 s        close a silent connection (0 = never)
+listen.handshake_timeout           10 s         with a shared_key: close a connection that
+                                                has not passed the handshake by then (0 = never)
+listen.max_unauthenticated_bytes   64 KiB       with a shared_key: most bytes buffered before
+                                                the handshake passed (a PING is < 1 KiB)
+listen.frame_timeout /             20 s /       a started message must arrive within
+listen.min_frame_rate              1 KiB        frame_timeout + its bytes / min_frame_rate
+                                                (bytes/s) seconds (frame_timeout 0 = never)
 listen.max_in_flight_bytes         32 MiB       per connection: pause reading above this
 listen.max_total_in_flight_bytes   256 MiB      all connections: pause reading above this
 listen.shutdown_timeout            10 s         graceful shutdown: wait for in-flight chunks
@@ -36,6 +44,13 @@ forward.require_ack                true         wait for ``{"ack": id}`` from do
 forward.ack_timeout                30 s         no ack within this: reconnect and resend
 forward.retry_backoff_base / _max  1 s / 60 s   exponential reconnect/resend backoff
 forward.retry_limit                null         null = retry forever (never drop a record)
+forward.max_rejects                5            a chunk the downstream rejected this often
+                                                (closed on it / left unacked while acking
+                                                others) goes to the dead-letter folder;
+                                                0 = never (retry with growing delay)
+forward.dead_letter_path           see          dead-letter folder (``ruletag.deadletter``):
+                                   note         <buffer.path>/rejected in disk mode, else
+                                                $XDG_STATE_HOME/ruletag/rejected
 forward.connect_timeout            10 s
 forward.max_in_flight_bytes        64 MiB       bytes sent but not yet acked downstream
 forward.entry_format               v1           v1 = ``[time, record]``; v2 keeps metadata
@@ -75,6 +90,7 @@ MAX_WORKERS: Final = 64
 DEFAULT_PORT: Final = 24224
 DEFAULT_MAX_FRAME_SIZE: Final = 16 * MIB
 DEFAULT_MAX_INFLATE_SIZE: Final = 64 * MIB
+DEFAULT_MAX_INFLATE_MEMBERS: Final = 1024
 DEFAULT_MAX_CONNECTIONS: Final = 1024
 DEFAULT_IDLE_TIMEOUT: Final = 300.0
 
@@ -115,8 +131,13 @@ class ListenConfig:
     tag_prefix: str = ""
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     max_inflate_size: int = DEFAULT_MAX_INFLATE_SIZE
+    max_inflate_members: int = DEFAULT_MAX_INFLATE_MEMBERS
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # seconds; 0 = none
+    handshake_timeout: float = 10.0  # seconds to pass the handshake; 0 = none
+    max_unauthenticated_bytes: int = 64 * KIB  # buffered before the handshake passed
+    frame_timeout: float = 20.0  # initial allowance for one message; 0 = none
+    min_frame_rate: int = KIB  # bytes/s that extend the allowance of a started message
     max_in_flight_bytes: int = 32 * MIB  # per connection
     max_total_in_flight_bytes: int = 256 * MIB  # all connections together
     shutdown_timeout: float = 10.0
@@ -174,6 +195,8 @@ class ForwardConfig:
     retry_backoff_base: float = 1.0
     retry_backoff_max: float = 60.0
     retry_limit: int | None = None  # None = never give up
+    max_rejects: int = 5  # rejections of one chunk before it is dead-lettered; 0 = never
+    dead_letter_path: str | None = None  # None = ruletag.deadletter.default_dir()
     compress: bool = False
     entry_format: str = "v1"  # "v1" | "v2"
     keepalive: bool = True
@@ -512,8 +535,13 @@ def _listen(data: object, base: Path | None) -> ListenConfig:
         tag_prefix=s.str_("tag_prefix", ""),
         max_frame_size=s.size("max_frame_size", DEFAULT_MAX_FRAME_SIZE),
         max_inflate_size=s.size("max_inflate_size", DEFAULT_MAX_INFLATE_SIZE),
+        max_inflate_members=s.int_("max_inflate_members", DEFAULT_MAX_INFLATE_MEMBERS, 1),
         max_connections=s.int_("max_connections", DEFAULT_MAX_CONNECTIONS, 1),
         idle_timeout=s.duration("idle_timeout", DEFAULT_IDLE_TIMEOUT),
+        handshake_timeout=s.duration("handshake_timeout", 10.0),
+        max_unauthenticated_bytes=s.size("max_unauthenticated_bytes", 64 * KIB),
+        frame_timeout=s.duration("frame_timeout", 20.0),
+        min_frame_rate=s.size("min_frame_rate", KIB),
         max_in_flight_bytes=s.size("max_in_flight_bytes", 32 * MIB),
         max_total_in_flight_bytes=s.size("max_total_in_flight_bytes", 256 * MIB),
         shutdown_timeout=s.duration("shutdown_timeout", 10.0),
@@ -596,6 +624,8 @@ def _forward(data: object, base: Path | None) -> ForwardConfig:
         retry_backoff_base=s.duration("retry_backoff_base", 1.0),
         retry_backoff_max=s.duration("retry_backoff_max", 60.0),
         retry_limit=s.int_("retry_limit", None, 0),
+        max_rejects=s.int_("max_rejects", 5, 0),
+        dead_letter_path=s.file("dead_letter_path", base),
         compress=s.bool_("compress", False),
         entry_format=s.choice("entry_format", "v1", ("v1", "v2")),
         keepalive=s.bool_("keepalive", True),
@@ -768,7 +798,7 @@ def config_from_mapping(data: object, base_dir: str | Path | None = None) -> Con
             "forward.self_hostname: must differ from listen.self_hostname "
             "(fluentd refuses a peer with its own hostname)"
         )
-    return Config(  # type: ignore[arg-type]
+    return Config(
         listen=listen, forward=forward, log=log, outputs=outputs, workers=workers, **sections
     )
 

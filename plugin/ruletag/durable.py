@@ -13,8 +13,12 @@ Never drop:
   the server's in-flight limit pauses reading that connection, so the backpressure reaches the
   sender. A chunk larger than the whole buffer can never fit: ``submit`` raises (no ack).
 - write errors (ENOSPC, EIO): nothing was stored (the buffer cuts partial records), so no ack
-  is sent; the error is logged once per episode and the write retried with backoff until it
-  succeeds (space returned) or the server gives up at shutdown.
+  is sent; the error is logged once per episode and the write retried with backoff (sooner
+  when a delivery frees space) until it succeeds or the server gives up at shutdown.
+- ``stats.full`` is true while a chunk waits for space (``max_size`` reached or the disk is
+  full): metrics export it and ``/health`` says so.
+- a resend (same upstream ``chunk`` id and same content as a chunk still buffered) is stored
+  once and counted in ``stats.duplicates_dropped``; the same id with other content is stored.
 - a forwarder that gives up (``retry_limit``) leaves the chunk in the buffer; it is retried.
 
 Gauges for metrics (plain attributes of ``stats``): buffer bytes, chunks, oldest chunk age.
@@ -32,11 +36,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from ruletag.buffer import DiskBuffer, RecoveryReport
+from ruletag.buffer import DiskBuffer, RecoveryReport, content_digest, is_space_error
 from ruletag.config import BufferConfig
 from ruletag.errors import BufferFullError, RuletagError
 from ruletag.events import Chunk
-from ruletag.pipeline import Sender, Transform
+from ruletag.pipeline import Sender, Transform, apply_transform
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +64,11 @@ class BufferStats:
     oldest_stored_at: float = 0.0  # time.time() of the oldest unacked chunk (0: none)
     appended: int = 0
     delivered: int = 0
-    duplicates_dropped: int = 0  # resends whose upstream chunk id was still buffered
+    duplicates_dropped: int = 0  # resends (same upstream chunk id and content) still buffered
     full_waits: int = 0  # times submit waited for space
     write_errors: int = 0  # failed appends (ENOSPC...), each retried
+    full: bool = False  # a chunk is waiting for space (max_size reached or disk full)
+    lost_on_recovery: int = 0  # chunk records in damaged spans skipped on start
 
     @property
     def oldest_age(self) -> float:
@@ -103,6 +109,7 @@ class DurablePipeline:
         self._workers: list[asyncio.Task[None]] = []
         self._closing = False
         self._full_logged = False
+        self._space_waiters = 0  # chunks waiting for buffer or disk space
         self._error_logged = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -112,6 +119,11 @@ class DurablePipeline:
         report = await self._call(self.buffer.open)
         for problem in report.problems:
             log.warning("disk buffer %s: %s", self.buffer.path, problem)
+        if report.damaged:
+            self.stats.lost_on_recovery = report.lost_chunks
+            log.error("disk buffer %s: %d damaged span(s) skipped on replay, %d chunk "
+                      "record(s) lost (each listed above with its segment and offset)",
+                      self.buffer.path, report.damaged, report.lost_chunks)
         ids = await self._call(self.buffer.pending_ids)
         for rec_id in ids:
             self._enqueue(rec_id, None)
@@ -151,56 +163,82 @@ class DurablePipeline:
     async def submit(self, chunk: Chunk) -> None:
         """Transform ``chunk`` and store the result durably; return = safe to ack upstream."""
         self.chunks_in += 1
-        out = [chunk] if self.transform is None else self.transform(chunk)
+        out = await apply_transform(self.transform, chunk)
+        digest = content_digest(chunk)  # of the upstream chunk: the resend test
         if chunk.chunk_id is not None:
             out = _with_buffer_ids(out, chunk.chunk_id)
         for part in out:
-            await self._store(part)
+            await self._store(part, digest)
         self.chunks_out += len(out)
 
-    async def _store(self, chunk: Chunk) -> None:
+    async def _store(self, chunk: Chunk, digest: bytes) -> None:
+        rec_id = await self._append_retrying(chunk, digest)
+        if self._full_logged or self._error_logged:
+            log.info("disk buffer %s: writing again", self.buffer.path)
+            self._full_logged = self._error_logged = False
+        if rec_id in self._queued:
+            self.stats.duplicates_dropped += 1
+            log.debug("disk buffer: chunk id %r with the same content is still buffered "
+                      "(chunk %d): resend stored once (%d duplicates dropped)",
+                      chunk.chunk_id, rec_id, self.stats.duplicates_dropped)
+        else:
+            self.stats.appended += 1
+            self._enqueue(rec_id, chunk)
+
+    async def _append_retrying(self, chunk: Chunk, digest: bytes) -> int:
+        """Append ``chunk`` to the buffer, waiting and retrying while there is no space or
+        the write fails; the buffer's id of the chunk."""
         delay = self.retry_min
-        while True:
-            if self._closing:
-                raise RuletagError("disk buffer is closing; chunk not stored (not acked)")
-            freed = self.stats.delivered  # to notice space freed while we were writing
-            try:
-                rec_id = await self._call(self._append, chunk)
-            except BufferFullError as exc:
-                if len(chunk.entries) + 1024 > self.buffer.max_bytes:
-                    log.error("chunk of %d bytes can never fit the disk buffer (max_size %d)",
-                              len(chunk.entries), self.buffer.max_bytes)
-                    raise
-                self.stats.full_waits += 1
-                if not self._full_logged:
-                    self._full_logged = True
-                    log.warning("%s: holding acks (senders are paused) until downstream "
-                                "delivery frees space", exc)
-                if self.stats.delivered == freed:
-                    self._space.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._space.wait(), self.retry_max)
-                continue
-            except OSError as exc:
-                self.stats.write_errors += 1
-                if not self._error_logged:
-                    self._error_logged = True
-                    name = errno.errorcode.get(exc.errno or 0, "error")
-                    log.error("disk buffer %s: cannot write a chunk (%s: %s); it is NOT acked "
-                              "upstream; retrying until the write succeeds",
-                              self.buffer.path, name, exc.strerror or exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max)
-                continue
-            if self._full_logged or self._error_logged:
-                log.info("disk buffer %s: writing again", self.buffer.path)
-                self._full_logged = self._error_logged = False
-            if rec_id in self._queued:
-                self.stats.duplicates_dropped += 1  # a resend of a chunk still buffered
-            else:
-                self.stats.appended += 1
-                self._enqueue(rec_id, chunk)
-            return
+        no_space = False  # this chunk is one of the _space_waiters (stats.full)
+        try:
+            while True:
+                if self._closing:
+                    raise RuletagError("disk buffer is closing; chunk not stored (not acked)")
+                freed = self.stats.delivered  # to notice space freed while we were writing
+                try:
+                    return await self._call(self._append, chunk, digest)
+                except BufferFullError as exc:
+                    if len(chunk.entries) + 1024 > self.buffer.max_bytes:
+                        log.error("chunk of %d bytes can never fit the disk buffer "
+                                  "(max_size %d)", len(chunk.entries), self.buffer.max_bytes)
+                        raise
+                    self.stats.full_waits += 1
+                    no_space = no_space or self._add_space_waiter()
+                    if not self._full_logged:
+                        self._full_logged = True
+                        log.warning("%s: holding acks (senders are paused) until downstream "
+                                    "delivery frees space", exc)
+                    await self._wait_for_space(freed, self.retry_max)
+                except OSError as exc:
+                    self.stats.write_errors += 1
+                    if is_space_error(exc):
+                        no_space = no_space or self._add_space_waiter()
+                    if not self._error_logged:
+                        self._error_logged = True
+                        name = errno.errorcode.get(exc.errno or 0, "error")
+                        log.error("disk buffer %s: cannot write a chunk (%s: %s); it is NOT "
+                                  "acked upstream; retrying until the write succeeds",
+                                  self.buffer.path, name, exc.strerror or exc)
+                    await self._wait_for_space(freed, delay)
+                    delay = min(delay * 2, self.retry_max)
+        finally:
+            if no_space:
+                self._space_waiters -= 1
+            self.stats.full = self._space_waiters > 0
+
+    def _add_space_waiter(self) -> bool:
+        self._space_waiters += 1
+        self.stats.full = True
+        return True
+
+    async def _wait_for_space(self, freed: int, timeout: float) -> None:
+        """Wait up to ``timeout`` s, or less if a delivery frees space (``freed``: the
+        delivered count before the failed write)."""
+        if self.stats.delivered != freed:
+            return  # space was freed while the write was failing: retry now
+        self._space.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._space.wait(), timeout)
 
     # -- delivery ---------------------------------------------------------------------------
 
@@ -252,9 +290,9 @@ class DurablePipeline:
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def _append(self, chunk: Chunk) -> int:
+    def _append(self, chunk: Chunk, digest: bytes) -> int:
         try:
-            return self.buffer.append(chunk)
+            return self.buffer.append(chunk, digest)
         finally:
             self._snapshot()
 
@@ -272,8 +310,9 @@ class DurablePipeline:
 
 
 def _with_buffer_ids(out: list[Chunk], upstream_id: bytes) -> list[Chunk]:
-    """Give each transformed chunk a buffer dedupe key derived from the upstream chunk id, so
-    a resend of the same upstream chunk is not stored twice (invariant 5 of the buffer)."""
+    """Give each transformed chunk a buffer dedupe key derived from the upstream chunk id (the
+    buffer pairs it with the upstream content digest), so a resend of the same upstream chunk
+    is not stored twice (invariant 5 of the buffer)."""
     if len(out) == 1:
         return [out[0] if out[0].chunk_id == upstream_id else replace(out[0],
                                                                        chunk_id=upstream_id)]

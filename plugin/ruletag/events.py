@@ -21,7 +21,8 @@ class Chunk:
     PackedForward payload would carry them (decompressed). Entries are ``[time, record]``
     unless ``v2`` says some are ``[[time, metadata], record]``. Record bytes are kept as they
     came, so an unchanged record can leave byte for byte. For ``signal`` 1 (metrics) and
-    2 (traces) ``entries`` is the opaque payload, forwarded untouched.
+    2 (traces) ``entries`` is the payload (checked to be complete msgpack objects), forwarded
+    untouched.
     """
 
     tag: str
@@ -31,7 +32,10 @@ class Chunk:
     signal: int = 0
     v2: bool = False
     options: dict[str, object] = field(default_factory=dict)  # other options, for logging
-    size: int = 0  # bytes received for this message (for limits and metrics)
+    #: Bytes this chunk holds in memory: the message size, with a compressed payload counted
+    #: decompressed (what the in-flight limits count).
+    size: int = 0
+    wire_size: int = 0  # bytes of this message as received (0: not from the wire)
     #: Each entry's ``(start, end)`` in ``entries`` when the decoder already knows them (it
     #: validated every entry); None = compute with ``codec.iter_entries``. Derived data: not
     #: compared, and must be reset (None) by whoever builds a chunk with other entries.

@@ -13,14 +13,17 @@ Exported families (all prefixed ``ruletag_``): ``records_in_total``, ``records_o
 ``records_matched_total``, ``record_match_errors_total``, ``downstream_pending_chunks``,
 ``upstream_pending_chunks``,
 ``upstream_in_flight_bytes``, ``forward_in_flight_bytes``, ``forward_retries_total``,
-``forward_ack_timeouts_total``, ``forward_connect_failures_total``, ``downstream_up{server}``,
+``forward_ack_timeouts_total``, ``forward_connect_failures_total``, ``dead_letters_total``,
+``downstream_up{server}``,
 ``protocol_errors_total``, ``auth_failures_total``, ``submit_errors_total``,
 ``connections_total``, ``connections_refused_total``, ``connections_idle_closed_total``,
+``connections_handshake_timeouts_total``, ``connections_unauthenticated_overflows_total``,
+``connections_slow_frames_total``, ``decodes_off_loop_total``,
 ``connections_open``, ``stage_duration_seconds{stage=decode|filter|forward}``,
 ``rules_loaded``, ``rule_load_problems{kind}``, ``ruleset_info{version}``,
 ``rule_reloads_total{result=ok|failed}``, ``ready``; in disk mode ``buffer_bytes``,
 ``buffer_chunks``, ``buffer_oldest_age_seconds``, ``buffer_duplicates_dropped_total``,
-``buffer_full_waits_total``, ``buffer_write_errors_total``.
+``buffer_full_waits_total``, ``buffer_write_errors_total``, ``buffer_full``.
 """
 
 from __future__ import annotations
@@ -179,9 +182,12 @@ class Metrics:
     def health(self) -> tuple[bool, str]:
         """``(ok, reason)`` from the bound health check (never raises)."""
         try:
-            return self.health_check()
+            ok, reason = self.health_check()
         except Exception as exc:  # a broken check reports unhealthy, never crashes a scrape
             return False, f"health check failed: {exc}"
+        if getattr(self.buffer, "full", False):  # backpressure by design: still healthy
+            reason += "; buffer full: disk buffer holding acks until delivery frees space"
+        return ok, reason
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition body and its content type (OpenMetrics if ``accept`` asks for it)."""
@@ -265,6 +271,8 @@ class _RelayCollector(Collector):
                        st.full_waits)
         yield _counter("buffer_write_errors", "Failed buffer writes (e.g. ENOSPC), retried.",
                        st.write_errors)
+        yield _gauge("buffer_full", "1 while chunks wait for disk-buffer space (acks held).",
+                     float(getattr(st, "full", False)))
 
     @staticmethod
     def _server(server: Any) -> Iterator[Metric]:
@@ -285,6 +293,16 @@ class _RelayCollector(Collector):
                        st.idle_closed)
         yield _counter("submit_errors", "Chunks not delivered (connection closed unacked).",
                        st.submit_errors)
+        yield _counter("connections_handshake_timeouts",
+                       "Upstream connections closed: no handshake in time.", st.handshake_timeouts)
+        yield _counter("connections_unauthenticated_overflows",
+                       "Upstream connections closed: too many bytes before the handshake.",
+                       st.unauthenticated_overflows)
+        yield _counter("connections_slow_frames",
+                       "Upstream connections closed: a message arrived below the minimum rate.",
+                       st.slow_frames)
+        yield _counter("decodes_off_loop", "Large messages decoded on a worker thread.",
+                       st.decodes_off_loop)
         yield _gauge("connections_open", "Open upstream connections.", len(server.connections))
         yield _gauge("upstream_pending_chunks", "Upstream chunks received and not yet acked.",
                      server.pending_chunks)
@@ -302,6 +320,8 @@ class _RelayCollector(Collector):
                        fwd.ack_timeouts)
         yield _counter("forward_connect_failures", "Failed downstream connects.",
                        fwd.connect_failures)
+        yield _counter("dead_letters", "Chunks the downstream kept rejecting, set aside in the "
+                       "dead-letter folder.", getattr(fwd, "dead_letters", 0))
         yield _gauge("forward_in_flight_bytes", "Bytes sent downstream and not yet acked.",
                      fwd.in_flight_bytes)
         up = GaugeMetricFamily(f"{PREFIX}_downstream_up",

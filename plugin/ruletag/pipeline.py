@@ -8,16 +8,106 @@ So an upstream ack means "delivered downstream": end-to-end, at-least-once. If `
 raises, the server sends no ack and closes that connection, so the sender retries.
 Disk mode (``buffer: {type: disk}`` / ``--buffer-dir``) moves the ack point to "written and
 fsync'ed to the disk buffer": ``ruletag.durable.DurablePipeline`` has the same ``submit``.
+
+Fairness: both pipelines call the transform through :func:`apply_transform`, which hands a
+large chunk to it in slices of whole entries and yields to the event loop between slices, so
+other connections' acks are not held up for the whole chunk. A transform must therefore work
+entry by entry (as the rule filter does): the output for a chunk equals the outputs for its
+slices, one after the other, with adjacent chunks of the same tag joined; a transform that
+returns its input unchanged (the very object) for every slice returns the chunk itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Protocol
 
+from ruletag.codec import iter_entries
 from ruletag.events import Chunk
 
 Transform = Callable[[Chunk], list[Chunk]]
+
+#: A chunk with more entries or bytes than this is transformed in slices of at most this much.
+SLICE_ENTRIES = 4096
+SLICE_BYTES = 128 * 1024
+
+
+async def apply_transform(transform: Transform | None, chunk: Chunk) -> list[Chunk]:
+    """``transform(chunk)``, in slices that yield to the event loop when ``chunk`` is large."""
+    if transform is None:
+        return [chunk]
+    if chunk.signal != 0 or (chunk.count <= SLICE_ENTRIES and len(chunk.entries) <= SLICE_BYTES):
+        return transform(chunk)
+    pinned = getattr(transform, "pinned", None)
+    if pinned is not None:
+        transform = pinned()  # one rule set for every slice, even across a reload
+    spans = chunk.spans
+    if spans is None:
+        spans = await asyncio.to_thread(iter_entries, chunk.entries)
+    bounds = slice_bounds(spans)
+    if len(bounds) <= 1:
+        return transform(chunk)
+    outputs: list[list[Chunk]] = []
+    unchanged = True
+    for n, (first, last) in enumerate(bounds):
+        if n:
+            await asyncio.sleep(0)
+        part = _slice(chunk, spans, first, last)
+        out = transform(part)
+        unchanged = unchanged and len(out) == 1 and out[0] is part
+        outputs.append(out)
+    return [chunk] if unchanged else _join_runs(chunk, outputs)
+
+
+def slice_bounds(spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Entry index ranges ``[first, last)`` of at most ``SLICE_ENTRIES`` / ``SLICE_BYTES``."""
+    bounds: list[tuple[int, int]] = []
+    first = 0
+    total = len(spans)
+    while first < total:
+        last = min(first + SLICE_ENTRIES, total)
+        start = spans[first][0]
+        if spans[last - 1][1] - start > SLICE_BYTES:
+            lo, hi = first + 1, last  # the largest last with the slice within SLICE_BYTES
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if spans[mid - 1][1] - start <= SLICE_BYTES:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            last = lo
+        bounds.append((first, last))
+        first = last
+    return bounds
+
+
+def _slice(chunk: Chunk, spans: Sequence[tuple[int, int]], first: int, last: int) -> Chunk:
+    """The entries ``first`` to ``last - 1`` of ``chunk`` as a chunk of their own."""
+    lo, hi = spans[first][0], spans[last - 1][1]
+    return replace(
+        chunk, entries=chunk.entries[lo:hi], count=last - first, chunk_id=None,
+        spans=[(s - lo, e - lo) for s, e in spans[first:last]],
+    )
+
+
+def _join_runs(chunk: Chunk, outputs: list[list[Chunk]]) -> list[Chunk]:
+    """The slices' outputs in order, adjacent chunks of one tag joined (no chunk id)."""
+    runs: list[tuple[str, list[Chunk]]] = []
+    for out in outputs:
+        for c in out:
+            if runs and runs[-1][0] == c.tag:
+                runs[-1][1].append(c)
+            else:
+                runs.append((c.tag, [c]))
+    return [
+        replace(
+            chunk, tag=tag, entries=b"".join(c.entries for c in parts), chunk_id=None,
+            count=sum(c.count for c in parts), v2=any(c.v2 for c in parts), spans=None,
+        )
+        for tag, parts in runs
+    ]
 
 
 class Sender(Protocol):
@@ -38,7 +128,7 @@ class Pipeline:
     async def submit(self, chunk: Chunk) -> None:
         """Return once every chunk derived from ``chunk`` is acked downstream."""
         self.chunks_in += 1
-        out = [chunk] if self.transform is None else self.transform(chunk)
+        out = await apply_transform(self.transform, chunk)
         # Runs cut by re-tagging go one after the other: with several downstream servers,
         # sending them concurrently could let a later run overtake an earlier one.
         for c in out:

@@ -166,6 +166,10 @@ def fingerprint(paths: Sequence[str | Path]) -> Fingerprint:
     return tuple(out)
 
 
+def _unchanged(chunk: Chunk) -> list[Chunk]:
+    return [chunk]
+
+
 class LiveFilter:
     """The pipeline transform that always runs the current rule set (see the module doc)."""
 
@@ -178,6 +182,11 @@ class LiveFilter:
     def __call__(self, chunk: Chunk) -> list[Chunk]:
         f = self.filter
         return [chunk] if f is None else f(chunk)
+
+    def pinned(self) -> Callable[[Chunk], list[Chunk]]:
+        """The transform of the rule set live now, for the slices of one large chunk."""
+        f = self.filter
+        return f if f is not None else _unchanged
 
     def prepare(self, table: CompiledTable) -> RuleFilter:
         """Build a filter for ``table`` (thread-safe: touches nothing live)."""

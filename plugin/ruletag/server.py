@@ -12,6 +12,17 @@ reading pauses while the bytes submitted-but-not-done on a connection exceed
 below; ``idle_timeout`` closes silent connections with nothing in flight; frames larger than
 ``max_frame_size`` are a protocol error. A protocol error closes that connection only.
 
+Slow and unauthenticated peers: with a shared key, a connection must pass the handshake
+within ``handshake_timeout`` and may buffer at most ``max_unauthenticated_bytes`` before it
+does. Once a message has started, it must be complete within ``frame_timeout`` plus one
+second per ``min_frame_rate`` bytes received (the allowance of Apache's mod_reqtimeout
+``MinRate``), so a peer dripping bytes loses its slot while a large message on a slow link
+still completes; time spent paused by backpressure does not count. A message of
+``DECODE_OFF_LOOP_BYTES`` or more is decoded in a worker thread (reading paused meanwhile),
+so one huge chunk does not stall the other connections. When a connection that buffered a
+large message closes, its codec is dropped and freed heap is handed back to the OS
+(``malloc_trim``, glibc only, at most once per ``TRIM_INTERVAL``).
+
 Graceful shutdown (``stop``): close the listeners, stop reading, wait up to the timeout for
 in-flight chunks to be acked, then close every connection and cancel what is left.
 """
@@ -20,14 +31,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import functools
 import logging
 import os
 import ssl
 import stat
+import sys
 import time
+import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, cast
 
 from ruletag import codec
 from ruletag.config import ListenConfig, ListenTLS
@@ -40,6 +56,35 @@ Submit = Callable[[Chunk], Awaitable[None]]
 
 #: Log refused connections at most once per this many seconds (one line per burst).
 REFUSE_LOG_INTERVAL = 10.0
+#: A connection holding this many undecoded bytes decodes in a worker thread.
+DECODE_OFF_LOOP_BYTES = 512 * 1024
+#: Hand freed heap back to the OS after a connection that buffered this much closes.
+TRIM_AFTER_BYTES = 1024 * 1024
+#: At most one ``malloc_trim`` per this many seconds.
+TRIM_INTERVAL = 1.0
+
+_malloc_trim: Callable[[int], int] | None = None
+_malloc_trim_loaded = False
+
+
+def malloc_trim() -> bool:
+    """Return freed heap pages to the OS (glibc ``malloc_trim(0)``); False where unavailable."""
+    global _malloc_trim, _malloc_trim_loaded
+    if not _malloc_trim_loaded:
+        _malloc_trim_loaded = True
+        if sys.platform.startswith("linux"):
+            try:
+                fn = ctypes.CDLL(None).malloc_trim  # absent on musl
+            except (OSError, AttributeError):
+                fn = None
+            if fn is not None:
+                fn.argtypes = [ctypes.c_size_t]
+                fn.restype = ctypes.c_int
+                _malloc_trim = fn
+    if _malloc_trim is None:
+        return False
+    _malloc_trim(0)
+    return True
 
 
 def build_server_ssl_context(tls: ListenTLS) -> ssl.SSLContext:
@@ -66,6 +111,11 @@ class ServerStats:
         self.auth_failures = 0
         self.submit_errors = 0
         self.idle_closed = 0
+        self.handshake_timeouts = 0  # closed: no handshake within listen.handshake_timeout
+        self.unauthenticated_overflows = 0  # closed: over listen.max_unauthenticated_bytes
+        self.slow_frames = 0  # closed: a message arrived slower than listen.min_frame_rate
+        self.decodes_off_loop = 0  # decode steps run in the worker thread
+        self.memory_trims = 0  # malloc_trim calls after large connections closed
 
 
 class _Pending:
@@ -101,11 +151,23 @@ class ForwardProtocol(asyncio.Protocol):
         self.idle_handle: asyncio.TimerHandle | None = None
         self.close_reason: str | None = None  # why we closed it (None: the peer did)
         self.chunks = 0
+        self.authenticated = server.config.shared_key is None
+        self.handshake_handle: asyncio.TimerHandle | None = None
+        self.frames = 0  # events the codec returned (frames complete)
+        self.frame_start: float | None = None  # when the message in progress started
+        self.frame_bytes = 0  # its bytes received so far
+        self.frame_frames = 0  # ``frames`` when it started
+        self.frame_handle: asyncio.TimerHandle | None = None
+        self.peak_buffered = 0
+        self.decoding = False  # a worker thread owns the codec
+        self.held: list[bytes] = []  # bytes received while it does (b"": EOF)
 
     # -- asyncio callbacks ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop: not a subclass
+        # uvloop's transports are not subclasses of asyncio.Transport, but have its methods.
+        self.transport = cast(asyncio.Transport, transport)
+        transport = self.transport
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.peer = f"{peer[0]}:{peer[1]}"
@@ -130,6 +192,7 @@ class ForwardProtocol(asyncio.Protocol):
                 tag_prefix=cfg.tag_prefix,
                 max_frame_size=cfg.max_frame_size,
                 max_inflate_size=cfg.max_inflate_size,
+                max_inflate_members=cfg.max_inflate_members,
                 nonce=srv.nonce,
                 auth_salt=srv.auth_salt,
             )
@@ -140,10 +203,13 @@ class ForwardProtocol(asyncio.Protocol):
             return
         if first:
             transport.write(first)
-        self.ack_task = asyncio.get_running_loop().create_task(self._ack_loop())
+        loop = asyncio.get_running_loop()
+        self.ack_task = loop.create_task(self._ack_loop())
         srv.working.add(self)
         if cfg.idle_timeout > 0:
             self._schedule_idle(cfg.idle_timeout)
+        if not self.authenticated and cfg.handshake_timeout > 0:
+            self.handshake_handle = loop.call_later(cfg.handshake_timeout, self._handshake_expired)
         log.debug("connection from %s", self.peer)
 
     def data_received(self, data: bytes) -> None:
@@ -152,11 +218,17 @@ class ForwardProtocol(asyncio.Protocol):
         self.bytes_in += len(data)
         self.server.stats.bytes_in += len(data)
         self.last_activity = time.monotonic()
+        if self.decoding:
+            self.held.append(data)
+            return
         self._feed(data)
+        self._track_frame(len(data))
 
     def eof_received(self) -> bool | None:
         self.eof = True
-        if not self.closing and self.conn is not None:
+        if self.decoding:
+            self.held.append(b"")
+        elif not self.closing and self.conn is not None:
             self._feed(b"")
             self._maybe_finish()
         if self.closing:
@@ -166,10 +238,10 @@ class ForwardProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        if self.idle_handle is not None:
-            self.idle_handle.cancel()
+        self._cancel_timers()
         if self.refused:
             return
+        self._release_codec()
         self.wakeup.set()
         if self.read_paused:
             self.server.paused.discard(self)
@@ -195,9 +267,25 @@ class ForwardProtocol(asyncio.Protocol):
         except Exception as exc:
             self._on_error(exc)
             return
+        self.peak_buffered = max(self.peak_buffered, self.conn.buffered_bytes)
+        if not self.authenticated and self._over_unauthenticated_limit(self.conn):
+            return
         self._process()
         if hook is not None:
             hook(time.perf_counter() - start)
+
+    def _over_unauthenticated_limit(self, conn: codec.ServerConnection) -> bool:
+        """Close (and return True) when a peer not yet authenticated buffers too much."""
+        limit = self.server.config.max_unauthenticated_bytes
+        buffered = conn.buffered_bytes
+        if buffered <= limit:
+            return False
+        self.server.stats.unauthenticated_overflows += 1
+        log.warning("closing connection from %s: %d bytes before the handshake "
+                    "(listen.max_unauthenticated_bytes %d)", self.peer, buffered, limit)
+        self._close(abort=True, reason=f"{buffered} bytes before the handshake "
+                                       "(listen.max_unauthenticated_bytes)")
+        return True
 
     def _process(self) -> None:
         """Pull events from the codec; stop early while reading is paused (backpressure)."""
@@ -210,29 +298,153 @@ class ForwardProtocol(asyncio.Protocol):
                 if self.read_paused and not self.server.closing:
                     self.backlog = True  # bytes stay in the codec until we resume
                     break
+                if self.authenticated and conn.buffered_bytes >= DECODE_OFF_LOOP_BYTES:
+                    self._decode_off_loop(conn)
+                    return
                 event = conn.next_event()
                 if event is codec.NEED_DATA:
                     break
-                if isinstance(event, Chunk):
-                    self._on_chunk(event)
-                elif isinstance(event, ConnectionClosed):
-                    self.eof = True
-                    self._flush(conn)
-                    self._maybe_finish()
+                if not self._on_event(conn, event):
                     return
-                elif isinstance(event, Authenticated):
-                    log.debug("%s authenticated as %r (%s)", self.peer, event.hostname,
-                              event.username or "no user")
-                elif isinstance(event, Heartbeat):
-                    pass
-                self._flush(conn)
             self._flush(conn)
         except Exception as exc:
             self._on_error(exc)
 
+    def _on_event(self, conn: codec.ServerConnection, event: object) -> bool:
+        """Act on one codec event; False when the stream ended (stop processing)."""
+        self.frames += 1
+        if isinstance(event, Chunk):
+            self._on_chunk(event)
+        elif isinstance(event, ConnectionClosed):
+            self.eof = True
+            self._flush(conn)
+            self._maybe_finish()
+            return False
+        elif isinstance(event, Authenticated):
+            self.authenticated = True
+            if self.handshake_handle is not None:
+                self.handshake_handle.cancel()
+                self.handshake_handle = None
+            log.debug("%s authenticated as %r (%s)", self.peer, event.hostname,
+                      event.username or "no user")
+        elif isinstance(event, Heartbeat):
+            pass
+        self._flush(conn)
+        return True
+
+    # -- large messages: decode in a worker thread -------------------------------------------
+
+    def _decode_off_loop(self, conn: codec.ServerConnection) -> None:
+        """Run one ``next_event`` in the server's decode thread; reading pauses meanwhile."""
+        assert self.transport is not None
+        self.decoding = True
+        self.server.stats.decodes_off_loop += 1
+        if not self.read_paused:
+            self.transport.pause_reading()
+        future = self.server.decoder().submit(_timed_next_event, conn)
+        loop = asyncio.get_running_loop()
+        future.add_done_callback(lambda f: _call_soon(loop, self._decoded, conn, f))
+
+    def _decoded(self, conn: codec.ServerConnection, future: Future[tuple[object, float]]) -> None:
+        """Back on the loop: act on the decoded event, then on what arrived meanwhile."""
+        self.decoding = False
+        if self.closing or self.conn is not conn:
+            self.held.clear()
+            return
+        try:
+            event, seconds = future.result()
+        except Exception as exc:
+            self._on_error(exc)
+            return
+        if self.server.on_decode is not None:
+            self.server.on_decode(seconds)
+        if self.transport is not None and not self.read_paused:
+            self.transport.resume_reading()
+        if event is not codec.NEED_DATA:
+            if not self._on_event(conn, event):
+                return
+            self._process()
+        else:
+            self._flush(conn)
+        received = 0
+        while self.held and not self.decoding and not self.closing:
+            data = self.held.pop(0)
+            received += len(data)
+            self._feed(data)
+            if not data:
+                self._maybe_finish()
+        self._track_frame(received)
+
+    # -- slow peers ---------------------------------------------------------------------------
+
+    def _handshake_expired(self) -> None:
+        self.handshake_handle = None
+        if self.closing or self.authenticated:
+            return
+        timeout = self.server.config.handshake_timeout
+        self.server.stats.handshake_timeouts += 1
+        log.warning("closing connection from %s: no handshake within %g s", self.peer, timeout)
+        self._close(reason=f"no handshake within {timeout:g} s (listen.handshake_timeout)")
+
+    def _track_frame(self, received: int) -> None:
+        """Start, extend or stop the deadline of the message in progress after a read."""
+        conn = self.conn
+        cfg = self.server.config
+        if conn is None or self.closing or not self.authenticated or cfg.frame_timeout <= 0:
+            return
+        if self.decoding:
+            if self.frame_start is not None:
+                self.frame_bytes += received
+            return
+        if self.read_paused or self.backlog:  # we stopped reading, not the peer
+            self.frame_start = None
+            return
+        buffered = conn.buffered_bytes
+        if buffered == 0:
+            self.frame_start = None
+            return
+        if self.frame_start is None or self.frames != self.frame_frames:
+            self.frame_start = time.monotonic()
+            self.frame_bytes = buffered
+            self.frame_frames = self.frames
+        else:
+            self.frame_bytes += received
+        if self.frame_handle is None:
+            self._schedule_frame_check()
+
+    def _frame_deadline(self) -> float:
+        assert self.frame_start is not None
+        cfg = self.server.config
+        return self.frame_start + cfg.frame_timeout + self.frame_bytes / cfg.min_frame_rate
+
+    def _schedule_frame_check(self) -> None:
+        delay = self._frame_deadline() - time.monotonic()
+        loop = asyncio.get_running_loop()
+        self.frame_handle = loop.call_later(max(delay, 0.05), self._frame_check)
+
+    def _frame_check(self) -> None:
+        self.frame_handle = None
+        if self.closing or self.frame_start is None:
+            return
+        if self.read_paused or self.backlog:
+            self.frame_start = None
+            return
+        if self.decoding or time.monotonic() < self._frame_deadline():
+            self._schedule_frame_check()  # a decode in progress: check again after it
+            return
+        cfg = self.server.config
+        took = time.monotonic() - self.frame_start
+        self.server.stats.slow_frames += 1
+        log.warning("closing connection from %s: %d bytes of a message in %.1f s (below "
+                    "listen.min_frame_rate %d B/s after listen.frame_timeout %g s)",
+                    self.peer, self.frame_bytes, took, cfg.min_frame_rate, cfg.frame_timeout)
+        self._close(abort=True, reason=f"message too slow: {self.frame_bytes} bytes in "
+                                       f"{took:.1f} s (listen.min_frame_rate)")
+
     def _on_error(self, exc: Exception) -> None:
         conn = self.conn
         assert conn is not None
+        asyncio.get_running_loop().call_soon(_forget_frames, exc)  # once its frames returned
         if isinstance(exc, AuthenticationError):
             self.server.stats.auth_failures += 1
             log.warning("authentication failed from %s: %s", self.peer, exc)
@@ -260,7 +472,7 @@ class ForwardProtocol(asyncio.Protocol):
         srv.stats.records += chunk.count
         self.chunks += 1
         size = chunk.size or len(chunk.entries)
-        task = asyncio.get_running_loop().create_task(srv.submit(chunk))
+        task: asyncio.Task[None] = asyncio.ensure_future(srv.submit(chunk))
         self.pending.append(_Pending(task, chunk.chunk_id, size))
         self.in_flight += size
         srv.in_flight += size
@@ -317,7 +529,10 @@ class ForwardProtocol(asyncio.Protocol):
             if item.task.done():
                 self._release(item)
             else:
-                item.task.add_done_callback(lambda _t, it=item: self._release(it))
+                item.task.add_done_callback(functools.partial(self._release_done, item))
+
+    def _release_done(self, item: _Pending, _task: asyncio.Task[None]) -> None:
+        self._release(item)
 
     def _release(self, item: _Pending) -> None:
         if item.size < 0:
@@ -337,7 +552,8 @@ class ForwardProtocol(asyncio.Protocol):
 
     def _maybe_finish(self) -> bool:
         """After EOF with nothing pending, close; return True when closed."""
-        if self.eof and not self.pending and not self.backlog and not self.closing:
+        if (self.eof and not self.pending and not self.backlog and not self.decoding
+                and not self.held and not self.closing):
             self._close(reason=None)  # the peer ended the stream: "closed by peer"
             return True
         return False
@@ -357,11 +573,14 @@ class ForwardProtocol(asyncio.Protocol):
         if over and not self.read_paused:
             self.read_paused = True
             srv.paused.add(self)
-            self.transport.pause_reading()
+            if not self.decoding:
+                self.transport.pause_reading()
         elif not over and self.read_paused:
             self.read_paused = False
             srv.paused.discard(self)
-            if self.backlog:
+            if self.decoding:
+                pass  # the decode thread's callback resumes reading
+            elif self.backlog:
                 # Decode what is already buffered before reading more: resuming the socket
                 # now would read a whole socket buffer per chunk submitted, and the codec
                 # buffer would grow without bound while the pipeline is slow.
@@ -372,7 +591,8 @@ class ForwardProtocol(asyncio.Protocol):
     def _process_then_resume(self) -> None:
         """Work off the backlog; resume reading only if that did not pause us again."""
         self._process()
-        if self.transport is not None and not self.closing and not self.read_paused:
+        if (self.transport is not None and not self.closing and not self.read_paused
+                and not self.decoding):
             self.transport.resume_reading()
 
     def _schedule_idle(self, delay: float) -> None:
@@ -397,8 +617,7 @@ class ForwardProtocol(asyncio.Protocol):
         self.closing = True
         self.close_reason = reason
         self.wakeup.set()
-        if self.idle_handle is not None:
-            self.idle_handle.cancel()
+        self._cancel_timers()
         if self.read_paused:
             self.read_paused = False
             self.server.paused.discard(self)
@@ -407,6 +626,49 @@ class ForwardProtocol(asyncio.Protocol):
                 self.transport.abort()
             else:
                 self.transport.close()
+
+    def _cancel_timers(self) -> None:
+        for handle in (self.idle_handle, self.handshake_handle, self.frame_handle):
+            if handle is not None:
+                handle.cancel()
+        self.handshake_handle = self.frame_handle = None
+
+    def _release_codec(self) -> None:
+        """Drop the codec and its buffers; trim the heap after a large one."""
+        conn, self.conn = self.conn, None
+        self.held.clear()
+        if conn is not None:
+            self.peak_buffered = max(self.peak_buffered, conn.buffered_bytes)
+        if self.peak_buffered >= TRIM_AFTER_BYTES:
+            self.server.trim_memory_soon()
+
+
+def _forget_frames(exc: BaseException) -> None:
+    """Clear the finished frames of ``exc`` and its causes: the codec keeps its error, and
+    the frames' locals would keep the codec (and its buffers) alive in a reference cycle."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if e.__traceback__ is not None:
+            traceback.clear_frames(e.__traceback__)
+        todo += (e.__cause__, e.__context__)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    """``call_soon_threadsafe`` that does nothing once the loop is closed (at shutdown)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)
+
+
+def _timed_next_event(conn: codec.ServerConnection) -> tuple[object, float]:
+    """``conn.next_event()`` and the seconds it took (runs in the decode thread)."""
+    start = time.perf_counter()
+    event = conn.next_event()
+    return event, time.perf_counter() - start
 
 
 class Server:
@@ -444,9 +706,32 @@ class Server:
         self.idle = asyncio.Event()
         self.idle.set()
         self.closing = False
-        self._servers: list[asyncio.AbstractServer] = []
+        self._servers: list[asyncio.Server] = []
         self._refused_unlogged = 0
         self._last_refuse_log = -REFUSE_LOG_INTERVAL * 2
+        self._decoder: ThreadPoolExecutor | None = None
+        self._trim_handle: asyncio.TimerHandle | None = None
+        self._last_trim = -TRIM_INTERVAL
+
+    def decoder(self) -> ThreadPoolExecutor:
+        """The worker threads that decode large messages (started on first use)."""
+        if self._decoder is None:
+            self._decoder = ThreadPoolExecutor(2, thread_name_prefix="ruletag-decode")
+        return self._decoder
+
+    def trim_memory_soon(self) -> None:
+        """Schedule one ``malloc_trim`` (at most one per ``TRIM_INTERVAL``)."""
+        if self._trim_handle is not None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, self._last_trim + TRIM_INTERVAL - time.monotonic())
+        self._trim_handle = loop.call_later(delay, self._trim_memory)
+
+    def _trim_memory(self) -> None:
+        self._trim_handle = None
+        self._last_trim = time.monotonic()
+        if malloc_trim():
+            self.stats.memory_trims += 1
 
     @property
     def address(self) -> str:
@@ -547,6 +832,12 @@ class Server:
         if self.config.path:
             _remove_stale_socket(self.config.path)
         self._servers.clear()
+        if self._trim_handle is not None:
+            self._trim_handle.cancel()
+            self._trim_handle = None
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=False, cancel_futures=True)
+            self._decoder = None
 
 
 def _remove_stale_socket(path: str) -> None:
