@@ -14,12 +14,12 @@ import time
 
 import msgpack
 
-from ruletag import codec
-from ruletag.config import config_from_mapping
-from ruletag.events import Chunk
-from ruletag.forwarder import Forwarder
-from ruletag.pipeline import Pipeline
-from ruletag.server import Server
+from ruletag import protocol
+from ruletag.config.load import config_from_mapping
+from ruletag.delivery.pipeline import Pipeline
+from ruletag.protocol import Chunk
+from ruletag.transport.forwarder import Forwarder
+from ruletag.transport.server import Server
 
 
 class CountingSink:
@@ -35,11 +35,11 @@ class CountingSink:
         self._srv = srv
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = codec.ServerConnection(hostname="bench-sink")
+        conn = protocol.ServerConnection(hostname="bench-sink")
         writer.write(conn.initial_bytes())
         while data := await reader.read(1 << 18):
             conn.receive_data(data)
-            while (ev := conn.next_event()) is not codec.NEED_DATA:
+            while (ev := conn.next_event()) is not protocol.NEED_DATA:
                 if isinstance(ev, Chunk):
                     self.records += ev.count
                     if ev.chunk_id is not None:
@@ -63,7 +63,7 @@ def make_entries(n: int) -> bytes:
 
 async def client(port: int, frames: list[bytes], window: int) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    cc = codec.ClientConnection(hostname="bench-client")
+    cc = protocol.ClientConnection(hostname="bench-client")
     sem = asyncio.Semaphore(window)
     done = asyncio.Event()
     acked = 0
@@ -75,7 +75,7 @@ async def client(port: int, frames: list[bytes], window: int) -> None:
             if not data:
                 raise ConnectionError("relay closed the connection")
             cc.receive_data(data)
-            while cc.next_event() is not codec.NEED_DATA:
+            while cc.next_event() is not protocol.NEED_DATA:
                 acked += 1
                 sem.release()
         done.set()
@@ -104,7 +104,7 @@ async def run(records: int, per_chunk: int, connections: int, window: int) -> No
     entries = make_entries(per_chunk)
     chunks_per_conn = max(1, records // per_chunk // connections)
     frames = [
-        [codec.encode_chunk("bench.relay", entries, per_chunk, chunk_id=codec.new_chunk_id())
+        [protocol.encode_chunk("bench.relay", entries, per_chunk, chunk_id=protocol.new_chunk_id())
          for _ in range(chunks_per_conn)]
         for _ in range(connections)
     ]

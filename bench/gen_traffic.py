@@ -496,7 +496,7 @@ def load_index(path: Path) -> dict[str, Any]:
 
 def check(path: Path, rule_paths: list[str]) -> dict[str, Any]:
     """Run the traffic through the rule filter in-process; count matched records."""
-    from ruletag.codec import iter_entries
+    from ruletag.protocol import iter_entries
     from ruletag.rules.loader import compile_rules
 
     table, _ = compile_rules(rule_paths)

@@ -21,7 +21,7 @@ from pathlib import Path
 import msgpack
 
 from gen_traffic import load_index
-from ruletag.codec import iter_entries
+from ruletag.protocol import iter_entries
 from ruletag.rules.loader import compile_rules
 from ruletag.rules.table import CompiledTable
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ruletag.rules.commands import summarize
+from ruletag.commands.rules import summarize
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.loader import load_rules
 from ruletag.rules.table import CompiledTable

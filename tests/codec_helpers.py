@@ -12,8 +12,15 @@ import msgpack
 
 from paths import CAPTURE_DIRS
 from paths import CAPTURES as CAPTURES
-from ruletag.codec import NEED_DATA, ClientConnection, ServerConnection, iter_entries
-from ruletag.events import Chunk, ConnectionClosed, Event
+from ruletag.protocol import (
+    NEED_DATA,
+    Chunk,
+    ClientConnection,
+    ConnectionClosed,
+    Event,
+    ServerConnection,
+    iter_entries,
+)
 
 SHARED_KEY = b"fwd-secret-123"
 USERS = {b"edr-user": b"edr-pass-456"}

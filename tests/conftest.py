@@ -27,10 +27,10 @@ import pytest
 
 import paths
 from peers import Sink
-from ruletag.config import config_from_mapping
-from ruletag.forwarder import Forwarder
-from ruletag.pipeline import Pipeline
-from ruletag.server import Server
+from ruletag.config.load import config_from_mapping
+from ruletag.delivery.pipeline import Pipeline
+from ruletag.transport.forwarder import Forwarder
+from ruletag.transport.server import Server
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTURES = paths.CAPTURES

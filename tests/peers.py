@@ -29,9 +29,9 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from ruletag import codec
+from ruletag import protocol
 from ruletag.errors import AuthenticationError, RemoteProtocolError
-from ruletag.events import Ack, Chunk, ConnectionClosed, EventTime
+from ruletag.protocol import Ack, Chunk, ConnectionClosed, EventTime
 
 T = TypeVar("T")
 HOST = "127.0.0.1"
@@ -204,7 +204,7 @@ class Sink:
         self._tasks.add(task)
         self._writers.add(writer)
         self.connections += 1
-        conn = codec.ServerConnection(
+        conn = protocol.ServerConnection(
             shared_key=self.shared_key.encode() if self.shared_key is not None else None,
             users={u.encode(): p.encode() for u, p in self.users.items()} or None,
             hostname=self.hostname,
@@ -215,7 +215,7 @@ class Sink:
             while True:
                 data = await reader.read(65536)
                 conn.receive_data(data)
-                while (event := conn.next_event()) is not codec.NEED_DATA:
+                while (event := conn.next_event()) is not protocol.NEED_DATA:
                     if isinstance(event, ConnectionClosed):
                         break
                     out = conn.data_to_send()
@@ -259,7 +259,7 @@ class Sink:
         self._notify()
 
     def _maybe_ack(
-        self, writer: asyncio.StreamWriter, conn: codec.ServerConnection, chunk_id: bytes
+        self, writer: asyncio.StreamWriter, conn: protocol.ServerConnection, chunk_id: bytes
     ) -> None:
         if not self.ack or len(self.chunks) <= self.withhold_first:
             return
@@ -288,7 +288,7 @@ class Source:
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        client: codec.ClientConnection,
+        client: protocol.ClientConnection,
     ) -> None:
         self.reader = reader
         self.writer = writer
@@ -312,7 +312,7 @@ class Source:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(host, port, ssl=ssl_context), timeout
         )
-        client = codec.ClientConnection(
+        client = protocol.ClientConnection(
             shared_key=shared_key.encode() if shared_key is not None else None,
             username=username,
             password=password,
@@ -333,7 +333,7 @@ class Source:
     async def _pump(self) -> None:
         data = await self.reader.read(65536)
         self.client.receive_data(data)
-        while (event := self.client.next_event()) is not codec.NEED_DATA:
+        while (event := self.client.next_event()) is not protocol.NEED_DATA:
             if isinstance(event, ConnectionClosed):
                 break
             if isinstance(event, Ack):
@@ -352,8 +352,8 @@ class Source:
 
     async def send_chunk(self, chunk: Chunk, *, ack: bool = True) -> bytes | None:
         """Send ``chunk`` as PackedForward; returns the chunk id used (None if ``ack=False``)."""
-        chunk_id = (chunk.chunk_id or codec.new_chunk_id()) if ack else None
-        frame = codec.encode_chunk(
+        chunk_id = (chunk.chunk_id or protocol.new_chunk_id()) if ack else None
+        frame = protocol.encode_chunk(
             chunk.tag, chunk.entries, chunk.count, chunk_id=chunk_id, signal=chunk.signal
         )
         await self.send_bytes(frame)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ruletag.buffer import DiskBuffer
+from ruletag.delivery.buffer import DiskBuffer
 from ruletag.errors import BufferFullError
-from ruletag.events import Chunk
+from ruletag.protocol import Chunk
 
 
 def chunk(i: int, chunk_id: bytes | None = None, size: int = 100) -> Chunk:
@@ -125,7 +125,7 @@ def test_enospc_leaves_no_partial_record(tmp_path: Path, monkeypatch: pytest.Mon
     def no_space(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("ruletag.buffer.os.fsync", no_space)
+    monkeypatch.setattr("ruletag.delivery.buffer.os.fsync", no_space)
     with pytest.raises(OSError):
         buf.append(chunk(2))
     monkeypatch.undo()
@@ -140,8 +140,8 @@ def test_enospc_leaves_no_partial_record(tmp_path: Path, monkeypatch: pytest.Mon
 
 _REAL_WRITE_ERROR = textwrap.dedent("""
     import resource, sys
-    from ruletag.buffer import DiskBuffer
-    from ruletag.events import Chunk
+    from ruletag.delivery.buffer import DiskBuffer
+    from ruletag.protocol import Chunk
 
     def chunk(i, size):
         return Chunk(tag=f"t.{i}", entries=bytes([i]) * size, count=1)

@@ -23,13 +23,13 @@ import pytest
 from conftest import FAST_FORWARD
 from peers import Sink, Source, eventually, make_chunk
 from reliability import report, rss_kib
-from ruletag.buffer import DiskBuffer
-from ruletag.config import config_from_mapping
-from ruletag.durable import DurablePipeline
-from ruletag.events import Chunk
-from ruletag.forwarder import Forwarder
-from ruletag.metrics import Metrics, MetricsServer, health_of
-from ruletag.server import Server
+from ruletag.config.load import config_from_mapping
+from ruletag.delivery.buffer import DiskBuffer
+from ruletag.delivery.durable import DurablePipeline
+from ruletag.protocol import Chunk
+from ruletag.runtime.metrics import Metrics, MetricsServer, health_of
+from ruletag.transport.forwarder import Forwarder
+from ruletag.transport.server import Server
 
 
 @dataclass
@@ -263,11 +263,11 @@ def test_injected_enospc_rolls_the_active_segment(
     def no_space(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("ruletag.buffer.os.fsync", no_space)
+    monkeypatch.setattr("ruletag.delivery.buffer.os.fsync", no_space)
     with pytest.raises(OSError):
         buf.append(make_chunk("t", [{"seq": 9}]))
     assert not first.exists() and buf.bytes_used == 0  # the delivered active segment is gone
-    monkeypatch.setattr("ruletag.buffer.os.fsync", real_fsync)
+    monkeypatch.setattr("ruletag.delivery.buffer.os.fsync", real_fsync)
     rec_id = buf.append(make_chunk("t", [{"seq": 9}]))
     buf.close()
     again = DiskBuffer(tmp_path)
@@ -290,7 +290,7 @@ def test_full_flag_clears_when_the_waiting_chunk_goes_away(
         sink = Sink()
         await sink.start()
         async with disk_relay(tmp_path / "buf", sink) as relay:
-            monkeypatch.setattr("ruletag.buffer.os.fsync", no_space)
+            monkeypatch.setattr("ruletag.delivery.buffer.os.fsync", no_space)
             task = asyncio.ensure_future(relay.pipe.submit(make_chunk("t", [{"seq": 1}])))
             await eventually(lambda: relay.pipe.stats.full, "the full state")
             assert "buffer full" in await http_get(relay.http.port, "/health")

@@ -12,17 +12,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from codec_helpers import chunks, drain, feed_all, link
-from ruletag.codec import (
+from ruletag.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
+from ruletag.protocol import (
     NEED_DATA,
+    Ack,
+    Authenticated,
+    Chunk,
     ClientConnection,
+    ConnectionClosed,
+    Heartbeat,
+    Helo,
     ServerConnection,
     encode_chunk,
     entries_to_v1,
     iter_entries,
     new_chunk_id,
 )
-from ruletag.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
-from ruletag.events import Ack, Authenticated, Chunk, ConnectionClosed, Heartbeat, Helo
 
 ET = b"\xd7\x00" + struct.pack(">II", 1714564800, 7)  # EventTime fixext8
 # A record with a non-minimal map32 header, a str value and a bin value.

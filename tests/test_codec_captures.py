@@ -24,9 +24,17 @@ from codec_helpers import (
     out_forward_captures,
     records,
 )
-from ruletag.codec import ClientConnection, ServerConnection
 from ruletag.errors import AuthenticationError, RemoteProtocolError
-from ruletag.events import Ack, Authenticated, Chunk, ConnectionClosed, Heartbeat, Helo
+from ruletag.protocol import (
+    Ack,
+    Authenticated,
+    Chunk,
+    ClientConnection,
+    ConnectionClosed,
+    Heartbeat,
+    Helo,
+    ServerConnection,
+)
 
 CAPTURE_LIST = out_forward_captures()
 IN_FORWARD = in_forward_cases()

@@ -9,15 +9,14 @@ import pytest
 
 from conftest import REPO
 from ruletag.cli import main
-from ruletag.config import (
-    DEFAULT_MAX_FRAME_SIZE,
-    ForwardTLS,
+from ruletag.config.load import (
     config_from_cli,
     config_from_mapping,
     load_config,
     parse_duration,
     parse_size,
 )
+from ruletag.config.model import DEFAULT_MAX_FRAME_SIZE, ForwardTLS
 from ruletag.errors import ConfigError
 
 MIN = {"forward": {"servers": [{"host": "127.0.0.1", "port": 24225}]}}

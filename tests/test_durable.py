@@ -16,12 +16,12 @@ import pytest
 from conftest import FAST_FORWARD
 from peers import Sink, Source, eventually, make_chunk
 from reliability import report
-from ruletag.buffer import DiskBuffer
-from ruletag.config import config_from_mapping
-from ruletag.durable import DurablePipeline
-from ruletag.events import Chunk
-from ruletag.forwarder import Forwarder
-from ruletag.server import Server
+from ruletag.config.load import config_from_mapping
+from ruletag.delivery.buffer import DiskBuffer
+from ruletag.delivery.durable import DurablePipeline
+from ruletag.protocol import Chunk
+from ruletag.transport.forwarder import Forwarder
+from ruletag.transport.server import Server
 
 
 def recs(i: int, n: int = 3) -> list[dict[str, Any]]:
@@ -174,7 +174,7 @@ def test_enospc_means_no_ack_a_clear_log_and_recovery(
         await sink.start()
         async with durable(tmp_path / "buf", sink) as pipe:
             await pipe.submit(make_chunk("t", recs(0)))
-            monkeypatch.setattr("ruletag.buffer.os.fsync", fsync)
+            monkeypatch.setattr("ruletag.delivery.buffer.os.fsync", fsync)
             task = asyncio.ensure_future(pipe.submit(make_chunk("t", recs(1))))
             await eventually(lambda: pipe.stats.write_errors >= 1, "a failed write")
             await eventually(lambda: "NOT acked" in caplog.text, "the error line")
@@ -265,7 +265,7 @@ def test_failed_ack_record_still_frees_space(tmp_path: Path, monkeypatch: pytest
 
 
 def test_buffer_config_and_cli_override(tmp_path: Path) -> None:
-    from ruletag.config import with_cli_overrides
+    from ruletag.config.load import with_cli_overrides
     from ruletag.errors import ConfigError
 
     base = {"forward": {"servers": ["127.0.0.1:24225"]}}

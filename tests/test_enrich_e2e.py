@@ -26,18 +26,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import CAPTURES, REPO
 from peers import Sink, Source, make_chunk
-from ruletag.codec import iter_entries
-from ruletag.config import (
-    BUILTIN_RULES,
-    EnrichConfig,
-    MetricsConfig,
-    builtin_rules_path,
+from ruletag.config.load import (
     config_from_cli,
     config_from_mapping,
     load_config,
     with_cli_overrides,
 )
+from ruletag.config.model import BUILTIN_RULES, EnrichConfig, MetricsConfig, builtin_rules_path
 from ruletag.errors import ConfigError
+from ruletag.protocol import iter_entries
 
 SEEDS = REPO / "plugin" / "ruletag" / "data" / "rules"
 SIGMA_ID = "c649a6c7-cd8c-4a78-9c04-000fc76df954"
@@ -371,7 +368,7 @@ def test_health_flips_during_shutdown_in_process(
     arun, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``app.serve`` in-process: /health is 200 while serving, 503 once shutdown began."""
-    from ruletag.app import serve
+    from ruletag.runtime.relay import serve
 
     async def scenario() -> None:
         async with Sink(ack=False) as sink:

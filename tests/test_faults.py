@@ -26,8 +26,8 @@ import yaml
 from conftest import ServeProcess, start_serve
 from peers import BackgroundLoop, Sink, pack_entries
 from reliability import report, rss_kib
-from ruletag import codec
-from ruletag.events import Ack
+from ruletag import protocol
+from ruletag.protocol import Ack
 
 pytestmark = pytest.mark.slow
 
@@ -61,8 +61,8 @@ class Streamer:
         seqs = list(range(self.next_seq, self.next_seq + RECORDS_PER_CHUNK))
         self.next_seq += RECORDS_PER_CHUNK
         entries, count = pack_entries({"seq": s, "msg": self.payload} for s in seqs)
-        chunk_id = codec.new_chunk_id()
-        frame = codec.encode_chunk("fault.test", entries, count, chunk_id=chunk_id)
+        chunk_id = protocol.new_chunk_id()
+        frame = protocol.encode_chunk("fault.test", entries, count, chunk_id=chunk_id)
         self.chunks[chunk_id] = (frame, seqs)
         return chunk_id
 
@@ -72,11 +72,11 @@ class Streamer:
         self._tasks = [asyncio.get_running_loop().create_task(self._read(reader))]
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
-        client = codec.ClientConnection()
+        client = protocol.ClientConnection()
         with contextlib.suppress(OSError, Exception):
             while data := await reader.read(65536):
                 client.receive_data(data)
-                while (event := client.next_event()) is not codec.NEED_DATA:
+                while (event := client.next_event()) is not protocol.NEED_DATA:
                     if isinstance(event, Ack) and event.chunk_id in self.chunks:
                         if event.chunk_id not in self.acked:
                             self.acked.add(event.chunk_id)

@@ -9,9 +9,9 @@ import msgpack
 import pytest
 
 from paths import CAPTURES, SEED_RULES
-from ruletag import codec
-from ruletag.events import Chunk
-from ruletag.filter import RuleFilter
+from ruletag import protocol
+from ruletag.enrich.filter import RuleFilter
+from ruletag.protocol import Chunk
 from ruletag.rules.loader import compile_rules
 
 CAPTURE = CAPTURES / "windows-events.jsonl"
@@ -39,7 +39,7 @@ def seeds(tmp_path_factory: pytest.TempPathFactory) -> tuple[RuleFilter, list[An
 def _runs_one_by_one(chunk: Chunk, f: RuleFilter, prefix: str) -> list[tuple[str, list[Any]]]:
     """What the filter must produce, entry by entry: (tag, decoded entries) runs."""
     runs: list[tuple[str, list[Any]]] = []
-    for s, e in codec.iter_entries(chunk.entries):
+    for s, e in protocol.iter_entries(chunk.entries):
         entry = msgpack.unpackb(chunk.entries[s:e], raw=False)
         matched = f.table.match(entry[1])
         tag = prefix + chunk.tag if matched else chunk.tag
@@ -62,19 +62,19 @@ def test_runs_keep_order_bytes_and_counts(
               "alternate": {0, 2, 3, 7}}[layout]
     records = [pos[i % len(pos)] if i in hit_at else neg[i % len(neg)] for i in range(n)]
     entries = b"".join(_pack(1000 + i, r) for i, r in enumerate(records))
-    frame = codec.encode_chunk("win", entries, n, chunk_id=b"abc")
-    conn = codec.ServerConnection()
+    frame = protocol.encode_chunk("win", entries, n, chunk_id=b"abc")
+    conn = protocol.ServerConnection()
     conn.receive_data(frame)
     chunk = conn.next_event()
     assert isinstance(chunk, Chunk)
-    assert chunk.spans == codec.iter_entries(chunk.entries)  # the codec's spans are exact
+    assert chunk.spans == protocol.iter_entries(chunk.entries)  # the codec's spans are exact
     out = f(chunk)
     want = _runs_one_by_one(chunk, f, prefix)
     if not prefix:
         want = [(chunk.tag, [r for _, rs in want for r in rs])]
     assert [c.tag for c in out] == [t for t, _ in want]
     got_records = [[msgpack.unpackb(c.entries[s:e], raw=False)[1]
-                    for s, e in codec.iter_entries(c.entries)] for c in out]
+                    for s, e in protocol.iter_entries(c.entries)] for c in out]
     assert [len(g) for g in got_records] == [c.count for c in out]
     flat = [r for g in got_records for r in g]
     assert len(flat) == n
@@ -82,10 +82,10 @@ def test_runs_keep_order_bytes_and_counts(
         assert ("detections" in r) == (i in hit_at)
         assert {k: v for k, v in r.items() if k != "detections"} == records[i]
     # unmatched entries leave byte for byte; derived chunks carry no stale spans or chunk id
-    spans = codec.iter_entries(entries)
+    spans = protocol.iter_entries(entries)
     kept = b"".join(entries[s:e] for i, (s, e) in enumerate(spans) if i not in hit_at)
     out_unmatched = b"".join(
-        c.entries[s:e] for c in out for s, e in codec.iter_entries(c.entries)
+        c.entries[s:e] for c in out for s, e in protocol.iter_entries(c.entries)
         if b"detections" not in c.entries[s:e]
     )
     assert out_unmatched == kept
@@ -96,15 +96,15 @@ def test_runs_keep_order_bytes_and_counts(
 
 
 def test_spans_absent_when_float_times_are_rewritten() -> None:
-    conn = codec.ServerConnection()
+    conn = protocol.ServerConnection()
     conn.receive_data(msgpack.packb(["t", [[1.5, {"a": 1}], [2, {"b": 2}]]]))
     chunk = conn.next_event()
     assert isinstance(chunk, Chunk) and chunk.spans is None
-    assert len(codec.iter_entries(chunk.entries)) == 2
+    assert len(protocol.iter_entries(chunk.entries)) == 2
     conn.receive_data(msgpack.packb(["t", [[1, {"a": 1}], [2, {"b": 2}]]]))
     chunk = conn.next_event()
     assert isinstance(chunk, Chunk)
-    assert chunk.spans == codec.iter_entries(chunk.entries) == [(0, 6), (6, 12)]
+    assert chunk.spans == protocol.iter_entries(chunk.entries) == [(0, 6), (6, 12)]
 
 
 def test_a_record_that_breaks_matching_is_forwarded_and_only_it(
@@ -125,7 +125,7 @@ def test_a_record_that_breaks_matching_is_forwarded_and_only_it(
     monkeypatch.setattr(f.table, "match_entries", breaks_on_poison)
     out = f(chunk)
     got = [msgpack.unpackb(out[0].entries[s:e], raw=False)[1]
-           for s, e in codec.iter_entries(out[0].entries)]
+           for s, e in protocol.iter_entries(out[0].entries)]
     assert len(out) == 1 and out[0].count == 4
     assert "detections" in got[0] and "detections" in got[2]  # the others still matched
     assert got[1] == {"poison": True} and "detections" not in got[3]

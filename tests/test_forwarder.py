@@ -19,10 +19,10 @@ import pytest
 
 from conftest import require
 from peers import BackgroundLoop, Sink, Source, make_chunk
-from ruletag.config import ForwardConfig, ForwardServer, ForwardTLS
+from ruletag.config.model import ForwardConfig, ForwardServer, ForwardTLS
 from ruletag.errors import AuthenticationError
-from ruletag.events import Chunk
-from ruletag.forwarder import DeliveryError, Forwarder
+from ruletag.protocol import Chunk
+from ruletag.transport.forwarder import DeliveryError, Forwarder
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 HOST = "127.0.0.1"

@@ -23,9 +23,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reliability import report
-from ruletag.codec import NEED_DATA, ClientConnection, ServerConnection, encode_chunk
 from ruletag.errors import RemoteProtocolError
-from ruletag.events import Chunk, ConnectionClosed
+from ruletag.protocol import (
+    NEED_DATA,
+    Chunk,
+    ClientConnection,
+    ConnectionClosed,
+    ServerConnection,
+    encode_chunk,
+)
 
 MAX_FRAME = 64 * 1024
 MAX_INFLATE = 64 * 1024

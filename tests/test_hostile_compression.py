@@ -26,10 +26,10 @@ import yaml
 from conftest import ServeProcess, start_relay
 from peers import BackgroundLoop, Sink, Source, make_chunk, pack_entries
 from reliability import report, rss_kib
-from ruletag import codec
-from ruletag.config import config_from_mapping
+from ruletag import protocol
+from ruletag.config.load import config_from_mapping
 from ruletag.errors import ConfigError, RemoteProtocolError
-from ruletag.events import Ack, Chunk
+from ruletag.protocol import Ack, Chunk
 
 EMPTY_MEMBER = gzip.compress(b"", mtime=0)  # 20 bytes
 MIB = 1024 * 1024
@@ -55,7 +55,7 @@ def many_members(size: int) -> bytes:
 
 
 def decode(frame: bytes, **kwargs: Any) -> Any:
-    server = codec.ServerConnection(max_frame_size=32 * MIB, **kwargs)
+    server = protocol.ServerConnection(max_frame_size=32 * MIB, **kwargs)
     server.receive_data(frame)
     return server.next_event()
 
@@ -117,12 +117,12 @@ def test_member_cap_padding_and_multimember() -> None:
 
 def test_chunk_size_counts_decompressed_bytes() -> None:
     entries, count = pack_entries({"seq": i, "msg": "x" * 1000} for i in range(1000))
-    frame = codec.encode_chunk("t", entries, count, compress=True)
+    frame = protocol.encode_chunk("t", entries, count, compress=True)
     assert len(frame) < len(entries) // 20
     chunk = decode(frame)
     assert chunk.wire_size == len(frame)
     assert chunk.size >= len(entries)
-    plain = codec.encode_chunk("t", entries, count)
+    plain = protocol.encode_chunk("t", entries, count)
     assert decode(plain).size == decode(plain).wire_size == len(plain)
 
 
@@ -141,7 +141,7 @@ BAD_SIGNAL_PAYLOADS = {
 def test_malformed_signal_payload_is_a_protocol_error(signal: int, name: str,
                                                       compress: bool) -> None:
     payload = BAD_SIGNAL_PAYLOADS[name]
-    frame = codec.encode_chunk("m", payload, 1, chunk_id=b"id", compress=compress, signal=signal)
+    frame = protocol.encode_chunk("m", payload, 1, chunk_id=b"id", compress=compress, signal=signal)
     with pytest.raises(RemoteProtocolError, match=f"fluent_signal {signal} payload"):
         decode(frame)
 
@@ -149,7 +149,7 @@ def test_malformed_signal_payload_is_a_protocol_error(signal: int, name: str,
 @pytest.mark.parametrize("compress", [False, True])
 def test_valid_signal_payload_passes(compress: bool) -> None:
     payload = METRICS * 3
-    chunk = decode(codec.encode_chunk("m", payload, 1, compress=compress, signal=1))
+    chunk = decode(protocol.encode_chunk("m", payload, 1, compress=compress, signal=1))
     assert (chunk.signal, chunk.entries) == (1, payload)
 
 
@@ -199,7 +199,7 @@ async def send_until_closed(port: int, data: bytes, timeout: float = 30.0) -> tu
 
 
 def acks_in(data: bytes) -> list[bytes]:
-    client = codec.ClientConnection()
+    client = protocol.ClientConnection()
     client.receive_data(data)
     out = []
     with contextlib.suppress(RemoteProtocolError):
@@ -244,7 +244,7 @@ def test_malformed_metrics_chunk_closes_its_connection(
 ) -> None:
     async def scenario() -> dict[str, Any]:
         async with start_relay() as relay:
-            bad = codec.encode_chunk("metrics", b"\xc1\xc1 not msgpack", 1, chunk_id=b"bad",
+            bad = protocol.encode_chunk("metrics", b"\xc1\xc1 not msgpack", 1, chunk_id=b"bad",
                                      compress=compress, signal=1)
             back, _ = await send_until_closed(relay.port, bad, timeout=10)
             assert acks_in(back) == []
@@ -259,7 +259,7 @@ def test_malformed_metrics_chunk_closes_its_connection(
                     "good_acked": 1, "forwarded": len(chunks),
                     "protocol_errors": relay.server.stats.protocol_errors}
 
-    with caplog.at_level(logging.WARNING, logger="ruletag.server"):
+    with caplog.at_level(logging.WARNING, logger="ruletag.transport.server"):
         figures = arun(scenario(), timeout=30)
     assert "fluent_signal 1 payload is not msgpack" in caplog.text
     report(tmp_path, f"malformed_metrics_chunk_{'gzip' if compress else 'plain'}", **figures)
@@ -270,7 +270,7 @@ def test_max_inflate_members_is_a_listen_key(
 ) -> None:
     forward = {"servers": [{"host": "127.0.0.1", "port": 1}]}
     listen = config_from_mapping({"forward": forward}).listen
-    assert listen.max_inflate_members == codec.DEFAULT_MAX_INFLATE_MEMBERS
+    assert listen.max_inflate_members == protocol.DEFAULT_MAX_INFLATE_MEMBERS
     with pytest.raises(ConfigError, match=r"listen\.max_inflate_members: must be an int"):
         config_from_mapping({"listen": {"max_inflate_members": 0}, "forward": forward})
     entries, _ = pack_entries([{"a": 1}])
@@ -282,7 +282,7 @@ def test_max_inflate_members_is_a_listen_key(
             assert relay.sink.chunks == []
             return acks_in(back)
 
-    with caplog.at_level(logging.WARNING, logger="ruletag.server"):
+    with caplog.at_level(logging.WARNING, logger="ruletag.transport.server"):
         assert arun(scenario(), timeout=30) == []
     assert "gzip payload has more than 1 members" in caplog.text
 
@@ -314,17 +314,17 @@ class CompressedSender:
     async def _write(self, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             while self.producing:
-                cid = codec.new_chunk_id()
+                cid = protocol.new_chunk_id()
                 writer.write(compressed_frame(self.payload, chunk_id=cid))
                 await writer.drain()
                 self.sent += 1
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
-        client = codec.ClientConnection()
+        client = protocol.ClientConnection()
         with contextlib.suppress(OSError, RemoteProtocolError):
             while data := await reader.read(65536):
                 client.receive_data(data)
-                while (event := client.next_event()) is not codec.NEED_DATA:
+                while (event := client.next_event()) is not protocol.NEED_DATA:
                     if isinstance(event, Ack):
                         self.acked.add(event.chunk_id)
 

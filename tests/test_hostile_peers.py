@@ -26,10 +26,10 @@ import ruletag
 from conftest import ServeProcess, start_relay
 from peers import Source, eventually, make_chunk, pack_entries
 from reliability import report, rss_kib
-from ruletag import codec
-from ruletag.events import Chunk
-from ruletag.filter import RuleFilter
-from ruletag.pipeline import apply_transform, slice_bounds
+from ruletag import protocol
+from ruletag.delivery.pipeline import apply_transform, slice_bounds
+from ruletag.enrich.filter import RuleFilter
+from ruletag.protocol import Chunk
 from ruletag.rules.loader import compile_rules
 
 KEY = "peers-key"
@@ -285,7 +285,7 @@ def test_drippers_lose_their_slots_and_honest_peers_get_through(
             for _ in range(2):
                 src = await Source.connect(port, shared_key=KEY, hostname="drip")
                 entries, n = pack_entries([{"x": "y" * 200}])
-                frame = codec.encode_chunk("drip", entries, n, chunk_id=codec.new_chunk_id())
+                frame = protocol.encode_chunk("drip", entries, n, chunk_id=protocol.new_chunk_id())
                 tasks.append(asyncio.create_task(drip(src.reader, src.writer, frame)))
             await eventually(lambda: len(srv.connections) == 4, "4 drippers connected")
             refused_before = srv.stats.connections_refused
@@ -313,8 +313,8 @@ def test_drippers_lose_their_slots_and_honest_peers_get_through(
             # a slow but honest sender: a 2 MB message at about 200 KB/s completes
             honest = await Source.connect(port, shared_key=KEY, hostname="honest")
             entries, n = pack_entries({"blob": "z" * 1000, "i": i} for i in range(2000))
-            cid = codec.new_chunk_id()
-            frame = codec.encode_chunk("honest", entries, n, chunk_id=cid)
+            cid = protocol.new_chunk_id()
+            frame = protocol.encode_chunk("honest", entries, n, chunk_id=cid)
             t1 = time.monotonic()
             for i in range(0, len(frame), 20_000):
                 await honest.send_bytes(frame[i : i + 20_000])
@@ -374,8 +374,8 @@ def test_huge_chunk_does_not_stall_a_steady_client(
 
             task = asyncio.create_task(steady_loop())
             await asyncio.sleep(1.0)
-            cid = codec.new_chunk_id()
-            frame = codec.encode_chunk("big", entries, n, chunk_id=cid)
+            cid = protocol.new_chunk_id()
+            frame = protocol.encode_chunk("big", entries, n, chunk_id=cid)
             t0 = time.monotonic()
             await big.send_bytes(frame)
             assert await big.read_ack(timeout=30) == cid
@@ -408,7 +408,7 @@ def test_huge_chunk_does_not_stall_a_steady_client(
 
 
 def _decoded(frame: bytes) -> Chunk:
-    conn = codec.ServerConnection()
+    conn = protocol.ServerConnection()
     conn.receive_data(frame)
     event = conn.next_event()
     assert isinstance(event, Chunk)
@@ -426,11 +426,11 @@ def test_sliced_filter_output_is_byte_identical(arun: Any, tmp_path: Path) -> No
                for i in range(20_000)]
     v1, n = pack_entries(records)
     v2, _ = pack_entries(records[:5000], metadata={"m": 1})
-    packed = _decoded(codec.encode_chunk("win", v1 + v2, n + 5000, chunk_id=b"c1"))
+    packed = _decoded(protocol.encode_chunk("win", v1 + v2, n + 5000, chunk_id=b"c1"))
     # Forward mode with float times: the codec rewrites the entries and gives no spans
     floats = _decoded(msgpack.packb(
         ["win", [[1.5 + i, r] for i, r in enumerate(records[:6000])], {"chunk": "c2"}]))
-    plain = _decoded(codec.encode_chunk(
+    plain = _decoded(protocol.encode_chunk(
         "win", *pack_entries({"EventID": 1, "n": i} for i in range(9000)), chunk_id=b"c3"))
     assert floats.spans is None and len(slice_bounds(packed.spans or [])) > 5
 
@@ -454,7 +454,7 @@ def test_sliced_filter_output_is_byte_identical(arun: Any, tmp_path: Path) -> No
 
 def test_slices_of_one_chunk_use_one_rule_set_across_a_reload(arun: Any) -> None:
     """A reload while a large chunk is being sliced must not split it between two rule sets."""
-    chunk = _decoded(codec.encode_chunk(
+    chunk = _decoded(protocol.encode_chunk(
         "win", *pack_entries({"EventID": 1, "n": i} for i in range(20_000)), chunk_id=b"c"))
     seen: list[str] = []
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from paths import SEED_RULES, SIGMA_SEED
-from ruletag.annotate import detection
+from ruletag.enrich.annotate import detection
 from ruletag.errors import InvalidRule, UnsupportedRule
 from ruletag.rules import loader
 from ruletag.rules.ir import Attack, Const, Rule

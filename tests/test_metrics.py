@@ -14,14 +14,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import FAST_FORWARD
 from peers import Sink, Source, eventually, make_chunk
-from ruletag.config import config_from_mapping
-from ruletag.filter import RuleFilter
-from ruletag.forwarder import Forwarder
-from ruletag.metrics import STAGES, Metrics, MetricsServer, health_of
-from ruletag.pipeline import Pipeline
-from ruletag.reload import LiveFilter, Reloader
+from ruletag.config.load import config_from_mapping
+from ruletag.delivery.pipeline import Pipeline
+from ruletag.enrich.filter import RuleFilter
 from ruletag.rules.loader import compile_rules
-from ruletag.server import Server
+from ruletag.runtime.metrics import STAGES, Metrics, MetricsServer, health_of
+from ruletag.runtime.reload import LiveFilter, Reloader
+from ruletag.transport.forwarder import Forwarder
+from ruletag.transport.server import Server
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = REPO / "plugin" / "ruletag" / "data" / "rules"
@@ -212,7 +212,7 @@ def test_http_rejects_bad_requests(arun, request_bytes: bytes) -> None:
 
 
 def test_disk_buffer_gauges_are_exported() -> None:
-    from ruletag.durable import BufferStats
+    from ruletag.delivery.durable import BufferStats
 
     metrics = Metrics()
     stats = BufferStats(bytes=4096, chunks=3, oldest_stored_at=1.0, duplicates_dropped=2,

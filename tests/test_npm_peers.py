@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from conftest import JS_DIR, start_relay
-from ruletag.config import config_from_mapping
-from ruletag.forwarder import Forwarder
-from ruletag.pipeline import Pipeline
-from ruletag.server import Server
+from ruletag.config.load import config_from_mapping
+from ruletag.delivery.pipeline import Pipeline
+from ruletag.transport.forwarder import Forwarder
+from ruletag.transport.server import Server
 
 pytestmark = pytest.mark.usefixtures("node_peers")
 

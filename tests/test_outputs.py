@@ -16,10 +16,10 @@ import msgpack
 import pytest
 
 from peers import Source, eventually, make_chunk
-from ruletag.app import serve
-from ruletag.config import config_from_mapping
-from ruletag.events import Chunk
-from ruletag.outputs import FanOut, FileOutput, StdoutOutput, chunk_lines, dump_json
+from ruletag.config.load import config_from_mapping
+from ruletag.delivery.outputs import FanOut, FileOutput, StdoutOutput, chunk_lines, dump_json
+from ruletag.protocol import Chunk
+from ruletag.runtime.relay import serve
 
 
 def _event_time(seconds: int, nanos: int) -> msgpack.ExtType:

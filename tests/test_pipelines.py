@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from peers import Source, make_chunk
+from ruletag.commands.test import lookup, parse_tests
 from ruletag.errors import ConfigError
-from ruletag.pipeline_tests import lookup, parse_tests
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = sorted((REPO / "pipelines").glob("*.yaml"))

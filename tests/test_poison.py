@@ -24,10 +24,11 @@ import yaml
 from conftest import REPO, start_relay, start_serve
 from peers import Sink, Source, decode_entries, make_chunk
 from reliability import report
-from ruletag import codec, deadletter
-from ruletag.config import ForwardConfig, ForwardServer
-from ruletag.events import Chunk
-from ruletag.forwarder import Forwarder
+from ruletag import protocol
+from ruletag.config.model import ForwardConfig, ForwardServer
+from ruletag.protocol import Chunk
+from ruletag.transport import deadletter
+from ruletag.transport.forwarder import Forwarder
 
 MARKER = "POISON-7f3a1c"
 RECORDS_PER_CHUNK = 10
@@ -86,7 +87,7 @@ class Steady:
             seqs = list(range(self._seq, self._seq + RECORDS_PER_CHUNK))
             self._seq += RECORDS_PER_CHUNK
             chunk = make_chunk("steady", [{"seq": s, "msg": "steady record"} for s in seqs])
-            chunk_id = codec.new_chunk_id()
+            chunk_id = protocol.new_chunk_id()
             self.sent[chunk_id] = seqs
             await src.send_chunk(Chunk(tag=chunk.tag, entries=chunk.entries, count=chunk.count,
                                        chunk_id=chunk_id))
@@ -139,7 +140,7 @@ def captured(name: str = "ruletag") -> Iterator[list[logging.LogRecord]]:
 def poison_chunk() -> Chunk:
     chunk = make_chunk("poison.tag", [{"marker": MARKER, "msg": "the downstream hates me"}])
     return Chunk(tag=chunk.tag, entries=chunk.entries, count=chunk.count,
-                 chunk_id=codec.new_chunk_id())
+                 chunk_id=protocol.new_chunk_id())
 
 
 def forward_options(mode: str, folder: Path) -> dict[str, Any]:

@@ -9,7 +9,8 @@ import time
 import msgpack
 import pytest
 
-from ruletag.config import ConfigError, config_from_mapping
+from ruletag.config.load import config_from_mapping
+from ruletag.errors import ConfigError
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import And, Match, Node, Not, Rule, Wild
 from ruletag.rules.table import CompiledTable

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from peers import decode_entries, make_chunk
+from ruletag.enrich.filter import RuleFilter
 from ruletag.errors import InvalidRule
-from ruletag.filter import RuleFilter
-from ruletag.reload import (
+from ruletag.rules.loader import LoadResult, compile_rules
+from ruletag.runtime.reload import (
     LiveFilter,
     Reloader,
     SubprocessCompiler,
@@ -27,7 +28,6 @@ from ruletag.reload import (
     problem_summary,
     refusal,
 )
-from ruletag.rules.loader import LoadResult, compile_rules
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = REPO / "plugin" / "ruletag" / "data" / "rules"
@@ -126,7 +126,7 @@ def test_failing_and_refused_reloads_keep_the_live_set(
         assert results == [False, False, False] and rl.failed == 3
 
     arun(scenario())
-    msgs = [r.getMessage() for r in caplog.records if r.name == "ruletag.reload"]
+    msgs = [r.getMessage() for r in caplog.records if r.name == "ruletag.runtime.reload"]
     assert sum("failed, keeping rule set" in m for m in msgs) == 3
 
 

@@ -13,11 +13,11 @@ import pytest
 
 from conftest import Certs
 from peers import Source, decode_entries, eventually, make_chunk
-from ruletag import codec
-from ruletag.config import config_from_mapping
+from ruletag import protocol
+from ruletag.config.load import config_from_mapping
 from ruletag.errors import AuthenticationError
-from ruletag.events import Chunk
-from ruletag.server import Server
+from ruletag.protocol import Chunk
+from ruletag.transport.server import Server
 
 HOST = "127.0.0.1"
 
@@ -78,7 +78,7 @@ async def read_eof(reader: asyncio.StreamReader, timeout: float = 3.0) -> bytes:
 
 def frame(tag: str, n: int = 2, chunk_id: bytes | None = None) -> bytes:
     c = make_chunk(tag, [{"i": i, "msg": "x" * 20} for i in range(n)])
-    return codec.encode_chunk(c.tag, c.entries, c.count, chunk_id=chunk_id)
+    return protocol.encode_chunk(c.tag, c.entries, c.count, chunk_id=chunk_id)
 
 
 def test_chunk_submitted_then_acked(arun: Any) -> None:
@@ -113,7 +113,7 @@ def test_no_ack_without_chunk_option(arun: Any) -> None:
         writer.write(frame("t.noack") + frame("t.ack", chunk_id=b"abc=="))
         writer.write_eof()
         reply = await read_eof(reader)
-        assert reply == codec.ServerConnection().ack(b"abc==")
+        assert reply == protocol.ServerConnection().ack(b"abc==")
         writer.close()
 
     rec = arun(with_server(body))
@@ -159,7 +159,7 @@ def test_oversized_frame_closes_only_that_connection(arun: Any) -> None:
         good = await Source.connect(server.port)
         reader, writer = await asyncio.open_connection(HOST, server.port)
         big = make_chunk("big", [{"blob": "y" * 8000}])
-        writer.write(codec.encode_chunk(big.tag, big.entries, 1, chunk_id=b"big"))
+        writer.write(protocol.encode_chunk(big.tag, big.entries, 1, chunk_id=b"big"))
         assert await read_eof(reader) == b""
         writer.close()
         small = make_chunk("small", [{"blob": "y" * 100}])
@@ -192,7 +192,7 @@ def test_eof_after_data_still_gets_its_ack(arun: Any) -> None:
         reader, writer = await asyncio.open_connection(HOST, server.port)
         writer.write(frame("t", chunk_id=b"late=="))
         writer.write_eof()
-        assert await read_eof(reader) == codec.ServerConnection().ack(b"late==")
+        assert await read_eof(reader) == protocol.ServerConnection().ack(b"late==")
         writer.close()
 
     arun(with_server(body))
@@ -367,7 +367,7 @@ def test_unix_socket_listener(arun: Any, tmp_path: Path) -> None:
         reader, writer = await asyncio.open_unix_connection(path)
         writer.write(frame("unix", chunk_id=b"u1"))
         writer.write_eof()
-        assert await read_eof(reader) == codec.ServerConnection().ack(b"u1")
+        assert await read_eof(reader) == protocol.ServerConnection().ack(b"u1")
         writer.close()
 
     rec = arun(with_server(body, path=path, host=None, port=None))

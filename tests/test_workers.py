@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from peers import Sink, Source, make_chunk
-from ruletag.config import config_from_mapping
+from ruletag.config.load import config_from_mapping
 from ruletag.errors import ConfigError
-from ruletag.workers import reserve_port, worker_config
+from ruletag.runtime.workers import reserve_port, worker_config
 
 FORWARD = {"servers": [{"host": "127.0.0.1", "port": 1}]}
 

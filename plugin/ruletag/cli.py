@@ -23,7 +23,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(ns: argparse.Namespace) -> int:
-    from ruletag.app import main_serve
+    from ruletag.commands.serve import main_serve
 
     return main_serve(ns)
 
@@ -44,13 +44,13 @@ def _add_rules(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_rules_check(ns: argparse.Namespace) -> int:
-    from ruletag.rules.commands import check
+    from ruletag.commands.rules import check
 
     return check(ns)
 
 
 def _run_rules_compile(ns: argparse.Namespace) -> int:
-    from ruletag.rules.commands import compile_
+    from ruletag.commands.rules import compile_
 
     return compile_(ns)
 
@@ -65,7 +65,7 @@ def _add_match(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_match(ns: argparse.Namespace) -> int:
-    from ruletag.rules.commands import match
+    from ruletag.commands.match import match
 
     return match(ns)
 
@@ -80,13 +80,13 @@ def _add_pipeline_cmds(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_test(ns: argparse.Namespace) -> int:
-    from ruletag.pipeline_tests import main_test
+    from ruletag.commands.test import main_test
 
     return main_test(ns)
 
 
 def _run_validate(ns: argparse.Namespace) -> int:
-    from ruletag.app import main_validate
+    from ruletag.commands.validate import main_validate
 
     return main_validate(ns)
 
@@ -107,7 +107,7 @@ def _add_dead_letter(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_dead_letter(ns: argparse.Namespace) -> int:
-    from ruletag.deadletter_cmd import main_dead_letter
+    from ruletag.commands.dead_letter import main_dead_letter
 
     return main_dead_letter(ns)
 

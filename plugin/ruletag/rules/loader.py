@@ -238,7 +238,7 @@ def compiler_fingerprint() -> str:
     pkg = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     for f in sorted([*(pkg / "rules").glob("*.py"), *(pkg / "rules").glob("*.lark"),
-                     pkg / "data" / "attack.json", pkg / "annotate.py"]):
+                     pkg / "data" / "attack.json", pkg / "enrich" / "annotate.py"]):
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
 

@@ -58,7 +58,7 @@ from typing import Any, Literal
 import msgpack
 
 from ruletag.errors import BufferFullError
-from ruletag.events import Chunk
+from ruletag.protocol import Chunk
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,8 +36,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ruletag.events import Chunk
-from ruletag.filter import FilterStats, RuleFilter
+from ruletag.enrich.filter import FilterStats, RuleFilter
+from ruletag.protocol import Chunk
 from ruletag.rules.loader import LoadResult, rule_files
 from ruletag.rules.table import CompiledTable
 
@@ -57,10 +58,17 @@ def problem_counts(result: LoadResult) -> dict[str, int]:
     return dict(counts)
 
 
+def reason_key(reason: str) -> str:
+    """Group problem reasons: quoted parts and numbers become placeholders."""
+    key = re.sub(r"'[^']*'|\"[^\"]*\"|`[^`]*`", "'…'", reason)
+    key = re.sub(r"%[^%\s]+%", "%…%", key)
+    key = re.sub(r"\d+", "N", key)
+    return key[:120]
+
+
+
 def problem_summary(result: LoadResult, top: int = 8) -> str:
     """One line: how many rules could not be used, grouped by reason (most common first)."""
-    from ruletag.rules.commands import reason_key
-
     if not result.problems and not result.duplicates:
         return "no problems"
     by_reason = Counter(f"{p.kind}: {reason_key(p.reason)}" for p in result.problems)
@@ -125,7 +133,8 @@ class SubprocessCompiler:
             if self._killed:
                 raise RuntimeError("shutting down")
             proc = self._proc = subprocess.Popen(
-                [sys.executable, "-c", "from ruletag.reload import _child_main; _child_main()"],
+                [sys.executable, "-c",
+                 "from ruletag.runtime.reload import _child_main; _child_main()"],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             )
         try:

@@ -45,8 +45,8 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from ruletag.events import Chunk
-from ruletag.pipeline import Sender, Transform
+from ruletag.delivery.pipeline import Sender, Transform
+from ruletag.protocol import Chunk
 
 log = logging.getLogger(__name__)
 

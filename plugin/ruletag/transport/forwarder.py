@@ -18,7 +18,7 @@ Poison chunks (a chunk the downstream rejects while it accepts the others):
 - A chunk that failed alone waits before its next try: exponential per chunk, with jitter,
   capped at ``retry_backoff_max``.
 - After ``max_rejects`` rejects the chunk is written durably to the dead-letter folder
-  (``ruletag.deadletter``) and ``send`` returns. If that folder cannot be written (or
+  (``ruletag.transport.deadletter``) and ``send`` returns. If that folder cannot be written (or
   ``max_rejects`` is 0) the chunk keeps being retried with growing delay; never dropped.
 
 Healing bound: once a downstream that refused connections listens again, the first delivery
@@ -36,10 +36,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ruletag import codec, deadletter
-from ruletag.config import ForwardConfig, ForwardTLS
+from ruletag import protocol
+from ruletag.config.model import ForwardConfig, ForwardTLS
 from ruletag.errors import AuthenticationError, ProtocolError, RuletagError
-from ruletag.events import Ack, Chunk, ConnectionClosed
+from ruletag.protocol import Ack, Chunk, ConnectionClosed
+from ruletag.transport import deadletter
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class _Connection:
         server: _Server,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        client: codec.ClientConnection,
+        client: protocol.ClientConnection,
     ) -> None:
         self.server = server
         self.reader = reader
@@ -127,7 +128,7 @@ class _Connection:
             while True:
                 data = await self.reader.read(_READ_SIZE)
                 self.client.receive_data(data)
-                while (event := self.client.next_event()) is not codec.NEED_DATA:
+                while (event := self.client.next_event()) is not protocol.NEED_DATA:
                     if isinstance(event, Ack):
                         self._acked(event.chunk_id)
                     elif isinstance(event, ConnectionClosed):
@@ -358,8 +359,8 @@ class Forwarder:
     def _encode(self, chunk: Chunk, chunk_id: bytes | None) -> bytes:
         entries = chunk.entries
         if chunk.signal == 0 and chunk.v2 and self.config.entry_format != "v2":
-            entries = codec.entries_to_v1(entries, chunk.spans)
-        return codec.encode_chunk(
+            entries = protocol.entries_to_v1(entries, chunk.spans)
+        return protocol.encode_chunk(
             chunk.tag,
             entries,
             chunk.count,
@@ -377,7 +378,7 @@ class Forwarder:
         """
         if self._closing or self._space is None:
             raise DeliveryError("forwarder is not running")
-        chunk_id = codec.new_chunk_id() if self.require_ack else None
+        chunk_id = protocol.new_chunk_id() if self.require_ack else None
         frame = self._encode(chunk, chunk_id)
         size = len(frame)
         async with self._space:
@@ -659,7 +660,7 @@ class Forwarder:
             else None,
             limit=_READ_SIZE * 4,
         )
-        client = codec.ClientConnection(
+        client = protocol.ClientConnection(
             shared_key=server.shared_key,
             username=server.username,
             password=server.password,
@@ -669,7 +670,7 @@ class Forwarder:
             while not client.ready:
                 data = await reader.read(_READ_SIZE)
                 client.receive_data(data)
-                while (event := client.next_event()) is not codec.NEED_DATA:
+                while (event := client.next_event()) is not protocol.NEED_DATA:
                     if isinstance(event, ConnectionClosed):
                         break
                 out = client.data_to_send()

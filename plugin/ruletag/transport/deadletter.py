@@ -22,8 +22,8 @@ from typing import Any
 
 import msgpack
 
-from ruletag.config import Config
-from ruletag.events import Chunk
+from ruletag.config.model import Config
+from ruletag.protocol import Chunk
 
 SUFFIX = ".rtdl"
 _FORMAT = 1

@@ -38,12 +38,12 @@ from typing import Any
 import msgpack
 import ujson
 
-from ruletag.codec import iter_entries
-from ruletag.config import Config, load_config
+from ruletag.config.load import load_config
+from ruletag.config.model import Config
+from ruletag.delivery.pipeline import Transform
+from ruletag.enrich.filter import RuleFilter
 from ruletag.errors import ConfigError
-from ruletag.events import Chunk
-from ruletag.filter import RuleFilter
-from ruletag.pipeline import Transform
+from ruletag.protocol import Chunk, iter_entries
 from ruletag.rules.loader import LoadResult
 
 DEFAULT_TAG = "test"
@@ -345,9 +345,9 @@ def load_rule_filter(config: Config) -> tuple[RuleFilter | None, LoadResult | No
     ``(None, None)`` when the config has no ``rules``. Raises ``ConfigError`` when the rules
     cannot be used at all (a rule path is missing, or not one rule could be loaded).
     """
-    from ruletag.app import filter_factory, rule_loader
-    from ruletag.reload import refusal
     from ruletag.rules.loader import rule_files
+    from ruletag.runtime.relay import filter_factory, rule_loader
+    from ruletag.runtime.reload import refusal
 
     if config.rules is None:
         return None, None
@@ -369,7 +369,7 @@ def build_filter(config: Config) -> tuple[Transform | None, Annotation, list[str
 
     Raises ``ConfigError`` when the rules cannot be used at all.
     """
-    from ruletag.reload import problem_summary
+    from ruletag.runtime.reload import problem_summary
 
     rule_filter, result = load_rule_filter(config)
     if rule_filter is None or result is None:

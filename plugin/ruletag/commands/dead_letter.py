@@ -1,6 +1,6 @@
 """``ruletag dead-letter list DIR`` and ``ruletag dead-letter resend DIR --forward H:P``.
 
-``resend`` sends each dead letter with the same :class:`~ruletag.forwarder.Forwarder` as
+``resend`` sends each dead letter with the same :class:`~ruletag.transport.forwarder.Forwarder` as
 ``serve`` (acks, shared key, TLS from ``--config``), with dead-lettering off and a retry limit,
 and deletes a file only once the downstream acked its chunk; what fails stays in the folder.
 """
@@ -15,9 +15,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from ruletag import deadletter
-from ruletag.config import ForwardConfig, config_from_cli, load_config
+from ruletag.config.load import config_from_cli, load_config
+from ruletag.config.model import ForwardConfig
 from ruletag.errors import ConfigError, RuletagError
+from ruletag.transport import deadletter
 
 
 def main_dead_letter(ns: argparse.Namespace) -> int:
@@ -27,7 +28,7 @@ def main_dead_letter(ns: argparse.Namespace) -> int:
         return 2
     if ns.dead_letter_cmd == "list":
         return list_letters(ns.dir)
-    from ruletag.logs import setup_logging
+    from ruletag.runtime.logs import setup_logging
 
     setup_logging("text", "WARNING")
     return asyncio.run(resend_letters(ns.dir, _forward_config(ns)))
@@ -69,7 +70,7 @@ def _forward_config(ns: argparse.Namespace) -> ForwardConfig:
 
 async def resend_letters(folder: str, config: ForwardConfig) -> int:
     """Send every dead letter in ``folder``; delete each file once its chunk was acked."""
-    from ruletag.forwarder import Forwarder
+    from ruletag.transport.forwarder import Forwarder
 
     fw = Forwarder(config)
     await fw.start()

@@ -1,7 +1,7 @@
 """Disk mode of the pipeline: the ack point is "written and fsync'ed to the disk buffer".
 
 ``DurablePipeline.submit(chunk)`` runs the transform (the rule filter), appends every resulting
-chunk to the :class:`~ruletag.buffer.DiskBuffer` on a single worker thread (fsync blocks; the
+chunk to the :class:`~.buffer.DiskBuffer` on a single worker thread (fsync blocks; the
 buffer is not thread-safe, so every buffer call goes through that one thread) and returns: the
 server then acks upstream. Delivery tasks (bounded concurrency) send buffered chunks downstream
 through the forwarder and ack them in the buffer once the downstream acked. On ``start()``,
@@ -36,11 +36,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from ruletag.buffer import DiskBuffer, RecoveryReport, content_digest, is_space_error
-from ruletag.config import BufferConfig
+from ruletag.config.model import BufferConfig
+from ruletag.delivery.buffer import DiskBuffer, RecoveryReport, content_digest, is_space_error
+from ruletag.delivery.pipeline import Sender, Transform, apply_transform
 from ruletag.errors import BufferFullError, RuletagError
-from ruletag.events import Chunk
-from ruletag.pipeline import Sender, Transform, apply_transform
+from ruletag.protocol import Chunk
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
-"""Pipeline configuration: typed, frozen dataclasses plus YAML loading and validation.
+"""Loading a pipeline config: YAML file, parsed mapping or ``serve`` flags -> ``Config``.
 
 A config file is a YAML mapping with the sections ``listen`` (forward input), ``forward``
 (downstream output), ``outputs`` (JSON lines to ``stdout``/``file``, beside or instead of
 ``forward``; at least one of the two is required), ``log``, ``tests`` (run by ``ruletag
-test``, parsed by ``ruletag.pipeline_tests``), ``rules`` (rule ``paths`` relative to the
+test``, parsed by ``ruletag.commands.test``), ``rules`` (rule ``paths`` relative to the
 config file, or ``builtin:seeds`` for the bundled rules; ``vars``; ``cache_dir``;
 ``reload_interval``), ``enrich`` (``key``, ``style: ruletag|ecs``, ``retag_prefix``),
 ``metrics`` (``listen: HOST:PORT``), and ``buffer`` (``type: memory|disk``, ``path``,
@@ -14,60 +14,7 @@ Unknown keys are errors, and every error names its key path, e.g.
 Durations accept a number of seconds or a string with a unit (``500ms``, ``30s``, ``5m``,
 ``1h``); sizes accept a number of bytes or a string with a unit (``64KiB``, ``16MiB``, ``1GB``).
 Relative TLS file paths are resolved against the config file's folder.
-
-Defaults (sized against fluentd's 8 MB buffer chunks):
-
-=================================  ===========  ============================================
-key                                default      meaning
-=================================  ===========  ============================================
-listen.host / listen.port          127.0.0.1 /  TCP listener (``listen.path``: unix socket
-                                   24224        instead)
-listen.self_hostname               ruletag-in   hostname in our PONG (must differ from the
-                                                client's own and from forward.self_hostname)
-listen.max_frame_size              16 MiB       largest msgpack message accepted
-listen.max_inflate_size            64 MiB       largest decompressed gzip payload
-listen.max_inflate_members         1024         most gzip members in one compressed payload
-listen.max_connections             1024         further connections are closed at accept
-listen.idle_timeout                300 s        close a silent connection (0 = never)
-listen.handshake_timeout           10 s         with a shared_key: close a connection that
-                                                has not passed the handshake by then (0 = never)
-listen.max_unauthenticated_bytes   64 KiB       with a shared_key: most bytes buffered before
-                                                the handshake passed (a PING is < 1 KiB)
-listen.frame_timeout /             20 s /       a started message must arrive within
-listen.min_frame_rate              1 KiB        frame_timeout + its bytes / min_frame_rate
-                                                (bytes/s) seconds (frame_timeout 0 = never)
-listen.max_in_flight_bytes         32 MiB       per connection: pause reading above this
-listen.max_total_in_flight_bytes   256 MiB      all connections: pause reading above this
-listen.shutdown_timeout            10 s         graceful shutdown: wait for in-flight chunks
-forward.self_hostname              ruletag-out  hostname in our PING
-forward.require_ack                true         wait for ``{"ack": id}`` from downstream
-forward.ack_timeout                30 s         no ack within this: reconnect and resend
-forward.retry_backoff_base / _max  1 s / 60 s   exponential reconnect/resend backoff
-forward.retry_limit                null         null = retry forever (never drop a record)
-forward.max_rejects                5            a chunk the downstream rejected this often
-                                                (closed on it / left unacked while acking
-                                                others) goes to the dead-letter folder;
-                                                0 = never (retry with growing delay)
-forward.dead_letter_path           see          dead-letter folder (``ruletag.deadletter``):
-                                   note         <buffer.path>/rejected in disk mode, else
-                                                $XDG_STATE_HOME/ruletag/rejected
-forward.connect_timeout            10 s
-forward.max_in_flight_bytes        64 MiB       bytes sent but not yet acked downstream
-forward.entry_format               v1           v1 = ``[time, record]``; v2 keeps metadata
-rules.reload_interval              5 s          poll rule files for changes (0 = SIGHUP only)
-rules.exclude                      []           rule ids or names (globs) left out of the table
-enrich.key / enrich.style          detections   where (style ruletag) the detections go /
-                                   / ruletag    ``ecs`` writes rule.*, threat.*, event.*
-metrics.listen                     127.0.0.1:   Prometheus /metrics and /health
-                                   9464
-buffer.type                        memory       memory: ack after downstream ack; disk: ack
-                                                once fsync'ed to the disk buffer at ``path``
-buffer.max_size / segment_size     1 GiB /      disk buffer size limit (full: acks are held,
-                                   64 MiB       senders paused) / segment file size
-buffer.fsync                       always       never: survives a crash, not a power loss
-workers                            1            serve processes sharing the listen port
-                                                (SO_REUSEPORT, see ``ruletag.workers``)
-=================================  ===========  ============================================
+The dataclasses and every default are in ``ruletag.config.model``.
 """
 
 from __future__ import annotations
@@ -75,248 +22,44 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import yaml
 
+from ruletag.config.model import (
+    BUILTIN_RULES,
+    DEFAULT_BUFFER_MAX_SIZE,
+    DEFAULT_BUFFER_SEGMENT_SIZE,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_FRAME_SIZE,
+    DEFAULT_MAX_INFLATE_MEMBERS,
+    DEFAULT_MAX_INFLATE_SIZE,
+    DEFAULT_PORT,
+    DEFAULT_RELOAD_INTERVAL,
+    DEFAULT_TUNE_AFTER,
+    KIB,
+    MAX_WORKERS,
+    MIB,
+    BufferConfig,
+    Config,
+    EnrichConfig,
+    ForwardConfig,
+    ForwardServer,
+    ForwardTLS,
+    ListenConfig,
+    ListenTLS,
+    LogConfig,
+    MetricsConfig,
+    OutputConfig,
+    OutputsConfig,
+    RulesConfig,
+    TestsConfig,
+    User,
+    builtin_rules_path,
+)
 from ruletag.errors import ConfigError
-
-KIB: Final = 1024
-MIB: Final = 1024 * 1024
-MAX_WORKERS: Final = 64
-
-DEFAULT_PORT: Final = 24224
-DEFAULT_MAX_FRAME_SIZE: Final = 16 * MIB
-DEFAULT_MAX_INFLATE_SIZE: Final = 64 * MIB
-DEFAULT_MAX_INFLATE_MEMBERS: Final = 1024
-DEFAULT_MAX_CONNECTIONS: Final = 1024
-DEFAULT_IDLE_TIMEOUT: Final = 300.0
-
-
-# ---------------------------------------------------------------------------------------------
-# dataclasses
-
-
-@dataclass(frozen=True, slots=True)
-class User:
-    """One username/password pair for the handshake's user authentication."""
-
-    username: str
-    password: str
-
-
-@dataclass(frozen=True, slots=True)
-class ListenTLS:
-    """Server-side TLS: our certificate, and optionally client-certificate verification."""
-
-    cert_file: str
-    key_file: str
-    ca_file: str | None = None
-    client_cert_required: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class ListenConfig:
-    """The forward-protocol input: where we listen and what we accept."""
-
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    path: str | None = None  # unix socket path; when set, host/port are not used
-    tls: ListenTLS | None = None
-    shared_key: str | None = None
-    users: tuple[User, ...] = ()
-    self_hostname: str = "ruletag-in"
-    tag_prefix: str = ""
-    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
-    max_inflate_size: int = DEFAULT_MAX_INFLATE_SIZE
-    max_inflate_members: int = DEFAULT_MAX_INFLATE_MEMBERS
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # seconds; 0 = none
-    handshake_timeout: float = 10.0  # seconds to pass the handshake; 0 = none
-    max_unauthenticated_bytes: int = 64 * KIB  # buffered before the handshake passed
-    frame_timeout: float = 20.0  # initial allowance for one message; 0 = none
-    min_frame_rate: int = KIB  # bytes/s that extend the allowance of a started message
-    max_in_flight_bytes: int = 32 * MIB  # per connection
-    max_total_in_flight_bytes: int = 256 * MIB  # all connections together
-    shutdown_timeout: float = 10.0
-    reuse_port: bool = False  # SO_REUSEPORT; set for each of ``workers`` (not a YAML key)
-
-    @property
-    def address(self) -> str:
-        """``HOST:PORT`` or ``unix:PATH``, for log lines."""
-        return f"unix:{self.path}" if self.path else _join_hostport(self.host, self.port)
-
-
-@dataclass(frozen=True, slots=True)
-class ForwardTLS:
-    """Client-side TLS towards one downstream server."""
-
-    enabled: bool = False
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    verify: bool = True
-    server_hostname: str | None = None  # SNI / name to verify; default: the server's host
-
-
-@dataclass(frozen=True, slots=True)
-class ForwardServer:
-    """One downstream forward-protocol receiver.
-
-    ``shared_key``, ``username``, ``password`` and ``tls`` are already resolved: values set
-    on the ``forward`` section apply to every server that does not set its own.
-    """
-
-    host: str
-    port: int = DEFAULT_PORT
-    name: str = ""
-    standby: bool = False
-    shared_key: str | None = None
-    username: str = ""
-    password: str = ""
-    tls: ForwardTLS = field(default_factory=ForwardTLS)
-
-    @property
-    def address(self) -> str:
-        """``HOST:PORT`` for log lines."""
-        return _join_hostport(self.host, self.port)
-
-
-@dataclass(frozen=True, slots=True)
-class ForwardConfig:
-    """The forward-protocol output (used by ``ruletag.forwarder.Forwarder``)."""
-
-    servers: tuple[ForwardServer, ...]
-    self_hostname: str = "ruletag-out"
-    require_ack: bool = True
-    ack_timeout: float = 30.0
-    retry_backoff_base: float = 1.0
-    retry_backoff_max: float = 60.0
-    retry_limit: int | None = None  # None = never give up
-    max_rejects: int = 5  # rejections of one chunk before it is dead-lettered; 0 = never
-    dead_letter_path: str | None = None  # None = ruletag.deadletter.default_dir()
-    compress: bool = False
-    entry_format: str = "v1"  # "v1" | "v2"
-    keepalive: bool = True
-    connect_timeout: float = 10.0
-    max_in_flight_bytes: int = 64 * MIB
-
-
-@dataclass(frozen=True, slots=True)
-class LogConfig:
-    """Logging: ``text`` or ``json`` (one object per line), and the level."""
-
-    format: str = "text"
-    level: str = "INFO"
-
-
-#: ``rules.paths`` value that selects the rules bundled in ``ruletag/data/rules``.
-BUILTIN_RULES: Final = "builtin:seeds"
-DEFAULT_RELOAD_INTERVAL: Final = 5.0
-DEFAULT_TUNE_AFTER: Final = 20_000  # records the pre-filter observes before re-tuning
-
-
-def builtin_rules_path() -> str:
-    """The folder of the bundled seed rules (package data)."""
-    from importlib.resources import files
-
-    return str(files("ruletag").joinpath("data", "rules"))
-
-
-@dataclass(frozen=True, slots=True)
-class RulesConfig:
-    """``rules``: rule files/folders (absolute), Sigma ``|expand`` variables, table cache."""
-
-    paths: tuple[str, ...]
-    vars: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    cache_dir: str | None = None  # None = $XDG_CACHE_HOME/ruletag
-    reload_interval: float = DEFAULT_RELOAD_INTERVAL  # poll rule files; 0 = SIGHUP only
-    tune_after: int = DEFAULT_TUNE_AFTER  # re-pick pre-filter triggers after N records; 0 = never
-    exclude: tuple[str, ...] = ()  # rule id / name globs left out of the table
-
-
-@dataclass(frozen=True, slots=True)
-class EnrichConfig:
-    """``enrich``: how matched records are annotated."""
-
-    key: str = "detections"  # style ruletag: the list of detections goes under this key
-    style: str = "ruletag"  # ruletag | ecs (rule.*, threat.*, event.severity/risk_score)
-    retag_prefix: str = ""  # e.g. "alert.": matched records get tag "alert.<tag>"
-
-
-DEFAULT_BUFFER_MAX_SIZE: Final = 1024 * MIB
-DEFAULT_BUFFER_SEGMENT_SIZE: Final = 64 * MIB
-
-
-@dataclass(frozen=True, slots=True)
-class BufferConfig:
-    """``buffer``: where a chunk is when the upstream ack is sent (docs/reliability.md)."""
-
-    type: str = "memory"  # memory | disk
-    path: str | None = None  # disk: the buffer folder (resolved against the config file)
-    max_size: int = DEFAULT_BUFFER_MAX_SIZE
-    segment_size: int = DEFAULT_BUFFER_SEGMENT_SIZE
-    fsync: str = "always"  # always | never
-
-    @property
-    def disk(self) -> bool:
-        return self.type == "disk"
-
-
-@dataclass(frozen=True, slots=True)
-class MetricsConfig:
-    """``metrics``: the Prometheus ``/metrics`` and ``/health`` HTTP endpoint."""
-
-    host: str = "127.0.0.1"
-    port: int = 9464
-
-    @property
-    def address(self) -> str:
-        return _join_hostport(self.host, self.port)
-
-
-@dataclass(frozen=True, slots=True)
-class OutputConfig:
-    """One ``outputs`` item: JSON lines to ``stdout`` or to a ``file`` (see ruletag.outputs)."""
-
-    type: str  # "stdout" | "file"
-    path: str | None = None  # file: resolved against the config file's folder
-    fsync: bool = False  # file: fsync before a chunk counts as written
-    name: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class OutputsConfig:
-    """``outputs``: JSON-lines outputs used beside ``forward``, or instead of it."""
-
-    items: tuple[OutputConfig, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class TestsConfig:
-    """``tests``: pipeline unit tests, kept as written; ``ruletag test`` parses them."""
-
-    raw: Any = None
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    """A whole pipeline config."""
-
-    listen: ListenConfig
-    forward: ForwardConfig | None  # None: records go to ``outputs`` only
-    log: LogConfig = field(default_factory=LogConfig)
-    rules: RulesConfig | None = None
-    enrich: EnrichConfig | None = None
-    buffer: BufferConfig | None = None
-    metrics: MetricsConfig | None = None
-    outputs: OutputsConfig | None = None
-    tests: TestsConfig | None = None
-    source: str | None = None  # the file it was loaded from
-    workers: int = 1  # serve processes sharing the listen port (ruletag.workers)
-
 
 # ---------------------------------------------------------------------------------------------
 # scalar parsing
@@ -359,10 +102,6 @@ def parse_size(value: object, path: str) -> int:
     if size <= 0:
         raise ConfigError(f"{path}: must be positive")
     return size
-
-
-def _join_hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_hostport(
@@ -898,3 +637,4 @@ def config_from_cli(
     if metrics:
         data["metrics"] = {"listen": metrics}
     return config_from_mapping(data, Path.cwd())
+

@@ -1,6 +1,6 @@
 """The ``stdout`` and ``file`` outputs: chunks written as JSON lines, beside or instead of forward.
 
-Each output has the same ``async send(chunk)`` as :class:`ruletag.forwarder.Forwarder`
+Each output has the same ``async send(chunk)`` as :class:`ruletag.transport.forwarder.Forwarder`
 (plus ``start``/``close``), so the pipeline treats every output alike; :class:`FanOut` sends
 one chunk to several outputs and returns once all of them have it. ``send`` returns once the
 lines are written and flushed (and fsync'ed for a file output with ``fsync: true``): that is
@@ -37,10 +37,10 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 import msgpack
 import ujson
 
-from ruletag.events import Chunk
+from ruletag.protocol import Chunk
 
 if TYPE_CHECKING:
-    from ruletag.config import Config, OutputConfig
+    from ruletag.config.model import Config, OutputConfig
 
 _EVENT_TIME = struct.Struct(">II")
 
@@ -283,7 +283,7 @@ def build_outputs(config: Config) -> Output:
     """
     outputs: list[Output] = []
     if config.forward is not None:
-        from ruletag.forwarder import Forwarder
+        from ruletag.transport.forwarder import Forwarder
 
         outputs.append(Forwarder(config.forward))
     if config.outputs is not None:

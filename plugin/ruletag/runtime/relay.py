@@ -1,118 +1,40 @@
-"""``ruletag serve`` and ``ruletag validate``: build config, pipeline, server and forwarder.
+"""A running relay: build it from a ``Config``, run it until stopped, shut it down in order.
 
-``serve`` logs one ``ruletag ready: ...`` line once it accepts connections (with the number
-of rules and the rule-set version), and shuts down gracefully (exit 0) on SIGTERM/SIGINT. A bad
-config, or rules that cannot be used at all, print one line on stderr and exit 2. Around the
-pipeline, ``_Enrichment`` wires the live rule filter (``reload``), its hot reload (SIGHUP and
-rule-file polling) and the metrics endpoint (``metrics``).
+``serve`` wires server -> pipeline (memory or durable) -> outputs, logs one ``ruletag ready:
+...`` line once it accepts connections (with the number of rules and the rule-set version),
+and shuts down gracefully on SIGTERM/SIGINT. Around the pipeline, ``_Enrichment`` wires the
+live rule filter (``reload``), its hot reload (SIGHUP and rule-file polling) and the metrics
+endpoint (``metrics``).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import functools
 import logging
 import signal
-import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ruletag.config import Config, config_from_cli, load_config, with_cli_overrides
+from ruletag.config.model import Config
 from ruletag.errors import ConfigError
-from ruletag.logs import setup_logging
 
 if TYPE_CHECKING:
-    from ruletag.filter import RuleFilter
-    from ruletag.metrics import MetricsServer
-    from ruletag.pipeline import Sender, Transform
-    from ruletag.reload import LiveFilter, Reloader
+    from ruletag.delivery.pipeline import Sender, Transform
+    from ruletag.enrich.filter import RuleFilter
     from ruletag.rules.loader import LoadResult
     from ruletag.rules.table import CompiledTable
-    from ruletag.server import Server
+    from ruletag.runtime.metrics import MetricsServer
+    from ruletag.runtime.reload import LiveFilter, Reloader
+    from ruletag.transport.server import Server
 
-log = logging.getLogger("ruletag.app")
-
-def _fail(message: str) -> int:
-    print(f"ruletag: {message}", file=sys.stderr)
-    return 2
-
-
-def build_config(ns: argparse.Namespace) -> Config:
-    """The ``Config`` for ``serve``: from ``--config``, or from ``--listen``/``--forward``."""
-    config_file = getattr(ns, "config", None)
-    listen = getattr(ns, "listen", None)
-    forward = getattr(ns, "forward", None)
-    shared_key = getattr(ns, "shared_key", None)
-    rules = getattr(ns, "rules", None)
-    metrics = getattr(ns, "metrics", None)
-    buffer_dir = getattr(ns, "buffer_dir", None)
-    if config_file:
-        if listen or forward or shared_key is not None:
-            raise ConfigError("use either --config or --listen/--forward/--shared-key, not both")
-        config = load_config(config_file)
-        return with_cli_overrides(config, rules=rules, metrics=metrics, buffer_dir=buffer_dir)
-    if not forward and not rules:
-        raise ConfigError("serve needs --config FILE, --forward HOST:PORT[,HOST:PORT...] "
-                          "or --rules PATH... (without --forward, records go to stdout)")
-    config = config_from_cli(listen, forward, shared_key, rules=rules, metrics=metrics)
-    return with_cli_overrides(config, buffer_dir=buffer_dir)
-
-
-def main_serve(ns: argparse.Namespace) -> int:
-    """Entry point of ``ruletag serve``; returns the exit code."""
-    try:
-        config = build_config(ns)
-    except ConfigError as exc:
-        return _fail(f"invalid config: {exc}")
-    try:
-        setup_logging(
-            getattr(ns, "log_format", None) or config.log.format,
-            getattr(ns, "log_level", None) or config.log.level,
-        )
-    except ValueError as exc:
-        return _fail(f"--log-level: {exc}")
-    if config.workers > 1:
-        from ruletag.workers import run_workers
-
-        try:
-            return run_workers(config, _serve_one)
-        except ConfigError as exc:
-            return _fail(f"invalid config: {exc}")
-        except OSError as exc:
-            log.error("cannot start: %s", exc)
-            return 1
-    return _serve_one(config)
-
-
-def _serve_one(config: Config) -> int:
-    """Run one serving process to the end; its exit code."""
-    try:
-        return _run(serve(config))
-    except ConfigError as exc:  # e.g. the rules cannot be used at all
-        return _fail(f"invalid config: {exc}")
-    except OSError as exc:
-        log.error("cannot start: %s", exc)
-        return 1
-
-
-def _run(coro: Coroutine[Any, Any, int]) -> int:
-    """Run on uvloop when installed, else the default asyncio loop."""
-    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    try:
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    except ImportError:
-        pass
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(coro)
+log = logging.getLogger(__name__)
 
 
 def _reopen_soon(output: object) -> None:
-    from ruletag.outputs import reopen_files
+    from ruletag.delivery.outputs import reopen_files
 
     async def reopen() -> None:
         try:
@@ -131,11 +53,11 @@ _background: set[asyncio.Task[None]] = set()
 
 async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     """Run the relay until ``stop`` is set or SIGTERM/SIGINT arrives; return 0."""
-    from ruletag.deadletter import with_default_dir
-    from ruletag.durable import DurablePipeline, start_durable
-    from ruletag.outputs import build_outputs, describe
-    from ruletag.pipeline import Pipeline
-    from ruletag.server import Server
+    from ruletag.delivery.durable import DurablePipeline, start_durable
+    from ruletag.delivery.outputs import build_outputs, describe
+    from ruletag.delivery.pipeline import Pipeline
+    from ruletag.transport.deadletter import with_default_dir
+    from ruletag.transport.server import Server
 
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
@@ -188,8 +110,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
 
 
 def filter_factory(config: Config) -> Callable[[CompiledTable], RuleFilter]:
-    from ruletag.config import EnrichConfig
-    from ruletag.filter import RuleFilter
+    from ruletag.config.model import EnrichConfig
+    from ruletag.enrich.filter import RuleFilter
 
     enrich = config.enrich or EnrichConfig()
     tune_after = config.rules.tune_after if config.rules is not None else None
@@ -218,7 +140,7 @@ class _Enrichment:
     """One relay's live rule set, reloader, metrics and metrics endpoint."""
 
     def __init__(self, config: Config) -> None:
-        from ruletag.metrics import Metrics
+        from ruletag.runtime.metrics import Metrics
 
         self.config = config
         self.metrics = Metrics()
@@ -228,8 +150,13 @@ class _Enrichment:
 
     async def start(self) -> None:
         """Start the metrics endpoint (``/health`` says 503 meanwhile), then load the rules."""
-        from ruletag.metrics import MetricsServer
-        from ruletag.reload import LiveFilter, Reloader, SubprocessCompiler, problem_summary
+        from ruletag.runtime.metrics import MetricsServer
+        from ruletag.runtime.reload import (
+            LiveFilter,
+            Reloader,
+            SubprocessCompiler,
+            problem_summary,
+        )
 
         if self.config.metrics is not None:
             m = self.config.metrics
@@ -270,7 +197,7 @@ class _Enrichment:
 
     def attach(self, server: Server, output: object, buffer: object = None) -> None:
         """Export ``server``'s and ``output``'s counters; start watching the rule files."""
-        from ruletag.metrics import health_of
+        from ruletag.runtime.metrics import health_of
 
         live = self.live
         server.on_decode = functools.partial(self.metrics.observe, "decode")
@@ -298,46 +225,3 @@ class _Enrichment:
         if self.http is not None:
             await self.http.stop()
 
-
-def main_validate(ns: argparse.Namespace) -> int:
-    """Entry point of ``ruletag validate``: 0 if every config (and its rules) is valid, else 1.
-
-    Loads each config, parses its ``tests:`` block, and loads and compiles its rules exactly as
-    ``serve`` does. Rules that are unsupported or malformed are counted and listed (``serve``
-    skips them too); a missing rule path or a rule set without one usable rule is invalid.
-    """
-    from ruletag.pipeline_tests import load_rule_filter, parse_tests
-    from ruletag.reload import problem_summary
-
-    bad = 0
-    for path in ns.configs:
-        try:
-            config = load_config(path)
-            tests = 0
-            if config.tests is not None:
-                tests = len(parse_tests(config.tests.raw, Path(path).resolve().parent))
-            rule_filter, result = load_rule_filter(config)
-        except ConfigError as exc:
-            where = "" if str(exc).startswith(str(path)) else f"{path}: "
-            print(f"INVALID {where}{exc}", file=sys.stderr)
-            bad += 1
-            continue
-        parts = []
-        if rule_filter is not None and result is not None:
-            parts.append(
-                f"{len(rule_filter.table.rules)} rules (version {rule_filter.table.version}), "
-                f"{len(result.unsupported)} unsupported, {len(result.invalid)} invalid, "
-                f"{len(result.duplicates)} duplicate ids"
-                + (f", {result.excluded} excluded" if result.excluded else "")
-            )
-        else:
-            parts.append("no rules")
-        parts.append(f"{tests} tests")
-        print(f"OK {path}: {'; '.join(parts)}")
-        if result is not None and (result.problems or result.duplicates):
-            print(f"  {problem_summary(result)}")
-            for problem in result.problems[:20]:
-                print(f"  {problem.kind}: {problem}")
-            if len(result.problems) > 20:
-                print(f"  ... and {len(result.problems) - 20} more (ruletag rules check)")
-    return 1 if bad else 0

@@ -15,9 +15,8 @@ from typing import Any, Literal
 
 import msgpack
 
-from ruletag.annotate import detection
-from ruletag.codec import iter_entries
-from ruletag.events import Chunk
+from ruletag.enrich.annotate import detection
+from ruletag.protocol import Chunk, iter_entries
 from ruletag.rules.ir import Rule
 from ruletag.rules.table import CompiledTable
 

@@ -1,6 +1,6 @@
 """The forward-protocol input: an asyncio server with one sans-IO codec per connection.
 
-Each accepted connection gets a :class:`ForwardProtocol` holding a ``codec.ServerConnection``.
+Each accepted connection gets a :class:`ForwardProtocol` holding a ``protocol.ServerConnection``.
 For every decoded ``Chunk`` the injected ``submit(chunk)`` coroutine (the pipeline) runs as a
 task; an ack-writer per connection awaits those tasks in arrival order and writes
 ``{"ack": id}`` after each returns, so acks leave in order and only after ``submit`` is done.
@@ -45,10 +45,10 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, cast
 
-from ruletag import codec
-from ruletag.config import ListenConfig, ListenTLS
+from ruletag import protocol
+from ruletag.config.model import ListenConfig, ListenTLS
 from ruletag.errors import AuthenticationError, RemoteProtocolError
-from ruletag.events import Authenticated, Chunk, ConnectionClosed, Heartbeat
+from ruletag.protocol import Authenticated, Chunk, ConnectionClosed, Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class ForwardProtocol(asyncio.Protocol):
     def __init__(self, server: Server) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
-        self.conn: codec.ServerConnection | None = None
+        self.conn: protocol.ServerConnection | None = None
         self.peer = "?"
         self.refused = False
         self.closing = False
@@ -185,7 +185,7 @@ class ForwardProtocol(asyncio.Protocol):
         srv.stats.connections_accepted += 1
         cfg = srv.config
         try:
-            self.conn = codec.ServerConnection(
+            self.conn = protocol.ServerConnection(
                 shared_key=cfg.shared_key.encode() if cfg.shared_key is not None else None,
                 users={u.username.encode(): u.password.encode() for u in cfg.users} or None,
                 hostname=cfg.self_hostname,
@@ -274,7 +274,7 @@ class ForwardProtocol(asyncio.Protocol):
         if hook is not None:
             hook(time.perf_counter() - start)
 
-    def _over_unauthenticated_limit(self, conn: codec.ServerConnection) -> bool:
+    def _over_unauthenticated_limit(self, conn: protocol.ServerConnection) -> bool:
         """Close (and return True) when a peer not yet authenticated buffers too much."""
         limit = self.server.config.max_unauthenticated_bytes
         buffered = conn.buffered_bytes
@@ -302,7 +302,7 @@ class ForwardProtocol(asyncio.Protocol):
                     self._decode_off_loop(conn)
                     return
                 event = conn.next_event()
-                if event is codec.NEED_DATA:
+                if event is protocol.NEED_DATA:
                     break
                 if not self._on_event(conn, event):
                     return
@@ -310,7 +310,7 @@ class ForwardProtocol(asyncio.Protocol):
         except Exception as exc:
             self._on_error(exc)
 
-    def _on_event(self, conn: codec.ServerConnection, event: object) -> bool:
+    def _on_event(self, conn: protocol.ServerConnection, event: object) -> bool:
         """Act on one codec event; False when the stream ended (stop processing)."""
         self.frames += 1
         if isinstance(event, Chunk):
@@ -334,7 +334,7 @@ class ForwardProtocol(asyncio.Protocol):
 
     # -- large messages: decode in a worker thread -------------------------------------------
 
-    def _decode_off_loop(self, conn: codec.ServerConnection) -> None:
+    def _decode_off_loop(self, conn: protocol.ServerConnection) -> None:
         """Run one ``next_event`` in the server's decode thread; reading pauses meanwhile."""
         assert self.transport is not None
         self.decoding = True
@@ -345,7 +345,9 @@ class ForwardProtocol(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         future.add_done_callback(lambda f: _call_soon(loop, self._decoded, conn, f))
 
-    def _decoded(self, conn: codec.ServerConnection, future: Future[tuple[object, float]]) -> None:
+    def _decoded(
+        self, conn: protocol.ServerConnection, future: Future[tuple[object, float]]
+    ) -> None:
         """Back on the loop: act on the decoded event, then on what arrived meanwhile."""
         self.decoding = False
         if self.closing or self.conn is not conn:
@@ -360,7 +362,7 @@ class ForwardProtocol(asyncio.Protocol):
             self.server.on_decode(seconds)
         if self.transport is not None and not self.read_paused:
             self.transport.resume_reading()
-        if event is not codec.NEED_DATA:
+        if event is not protocol.NEED_DATA:
             if not self._on_event(conn, event):
                 return
             self._process()
@@ -461,7 +463,7 @@ class ForwardProtocol(asyncio.Protocol):
                       exc_info=exc)
             self._close(abort=True, reason=f"internal error: {type(exc).__name__}: {exc}")
 
-    def _flush(self, conn: codec.ServerConnection) -> None:
+    def _flush(self, conn: protocol.ServerConnection) -> None:
         out = conn.data_to_send()
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(out)
@@ -664,7 +666,7 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: 
         loop.call_soon_threadsafe(fn, *args)
 
 
-def _timed_next_event(conn: codec.ServerConnection) -> tuple[object, float]:
+def _timed_next_event(conn: protocol.ServerConnection) -> tuple[object, float]:
     """``conn.next_event()`` and the seconds it took (runs in the decode thread)."""
     start = time.perf_counter()
     event = conn.next_event()

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from ruletag.config import Config
+from ruletag.config.model import Config
 from ruletag.errors import ConfigError
 
 log = logging.getLogger(__name__)

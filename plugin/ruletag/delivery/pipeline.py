@@ -7,7 +7,7 @@ downstream ack; with ``forward.require_ack: false`` it returns once the bytes ar
 So an upstream ack means "delivered downstream": end-to-end, at-least-once. If ``submit``
 raises, the server sends no ack and closes that connection, so the sender retries.
 Disk mode (``buffer: {type: disk}`` / ``--buffer-dir``) moves the ack point to "written and
-fsync'ed to the disk buffer": ``ruletag.durable.DurablePipeline`` has the same ``submit``.
+fsync'ed to the disk buffer": ``ruletag.delivery.durable.DurablePipeline`` has the same ``submit``.
 
 Fairness: both pipelines call the transform through :func:`apply_transform`, which hands a
 large chunk to it in slices of whole entries and yields to the event loop between slices, so
@@ -24,8 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Protocol
 
-from ruletag.codec import iter_entries
-from ruletag.events import Chunk
+from ruletag.protocol import Chunk, iter_entries
 
 Transform = Callable[[Chunk], list[Chunk]]
 

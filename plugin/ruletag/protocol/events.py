@@ -37,7 +37,7 @@ class Chunk:
     size: int = 0
     wire_size: int = 0  # bytes of this message as received (0: not from the wire)
     #: Each entry's ``(start, end)`` in ``entries`` when the decoder already knows them (it
-    #: validated every entry); None = compute with ``codec.iter_entries``. Derived data: not
+    #: validated every entry); None = compute with ``protocol.iter_entries``. Derived data: not
     #: compared, and must be reset (None) by whoever builds a chunk with other entries.
     spans: list[tuple[int, int]] | None = field(default=None, compare=False, repr=False)
 
