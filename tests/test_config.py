@@ -140,6 +140,37 @@ def test_config_from_cli() -> None:
         config_from_cli(None, "a:0")
 
 
+def _serve_config(*flags: str) -> Any:
+    from ruletag.cli import build_parser
+    from ruletag.commands.serve import build_config
+
+    return build_config(build_parser().parse_args(["serve", *flags]))
+
+
+def test_serve_keys_per_side() -> None:
+    """--shared-key sets both sides; --listen-shared-key / --forward-shared-key set one side
+    each (agents with one key, an aggregator with another or none), replacing --shared-key."""
+
+    def keys(*flags: str) -> tuple[str | None, list[str | None]]:
+        cfg = _serve_config("--listen", "127.0.0.1:0", "--forward", "a:1,b:2", *flags)
+        return cfg.listen.shared_key, [s.shared_key for s in cfg.forward.servers]
+
+    assert keys() == (None, [None, None])
+    assert keys("--shared-key", "k") == ("k", ["k", "k"])
+    assert keys("--listen-shared-key", "agents") == ("agents", [None, None])
+    assert keys("--forward-shared-key", "agg") == (None, ["agg", "agg"])
+    assert keys("--listen-shared-key", "agents", "--forward-shared-key", "agg") == (
+        "agents", ["agg", "agg"]
+    )
+    assert keys("--shared-key", "k", "--forward-shared-key", "agg") == ("k", ["agg", "agg"])
+    assert keys("--shared-key", "k", "--listen-shared-key", "agents") == ("agents", ["k", "k"])
+    with pytest.raises(ConfigError, match="--forward-shared-key: needs --forward"):
+        _serve_config("--rules", "builtin:seeds", "--forward-shared-key", "agg")
+    with pytest.raises(ConfigError, match="not both"):
+        _serve_config("--config", str(REPO / "pipelines" / "relay.yaml"),
+                      "--listen-shared-key", "agents")
+
+
 def test_example_relay_pipeline_is_valid() -> None:
     cfg = load_config(REPO / "pipelines" / "relay.yaml")
     assert cfg.forward.servers[0].port == 24225

@@ -288,6 +288,32 @@ def test_serve_cli_flags(arun: Any, serve_process: Any) -> None:
     arun(scenario())
 
 
+@pytest.mark.parametrize("forward_key", ["aggregator", None])
+def test_serve_cli_listen_and_forward_keys(
+    arun: Any, serve_process: Any, forward_key: str | None
+) -> None:
+    """Agents authenticate with one key, the downstream with another (or none)."""
+
+    async def scenario() -> None:
+        sink = Sink(shared_key=forward_key, hostname="downstream")
+        await sink.start()
+        args = ["--listen", "127.0.0.1:0", "--forward", f"127.0.0.1:{sink.port}",
+                "--listen-shared-key", "agents"]
+        if forward_key is not None:
+            args += ["--forward-shared-key", forward_key]
+        sp = await asyncio.to_thread(serve_process, args)
+        src = await Source.connect(sp.port, shared_key="agents")
+        cid = await src.send_chunk(make_chunk("keys", [{"k": 1}]))
+        assert await src.read_ack() == cid
+        await src.close()
+        assert sink.records == [{"k": 1}]
+        sp.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(sp.proc.wait, 10) == 0
+        await sink.stop()
+
+    arun(scenario())
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

@@ -14,6 +14,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--listen", help="HOST:PORT (or unix:PATH) to accept Fluent forward input on")
     p.add_argument("--forward", help="downstream HOST:PORT[,HOST:PORT...] (forward output)")
     p.add_argument("--shared-key", help="shared key for both the listener and the downstream")
+    p.add_argument("--listen-shared-key", help="shared key of the listener (the agents' key)")
+    p.add_argument("--forward-shared-key", help="shared key of the downstream (the aggregator's)")
     p.add_argument("--rules", nargs="+", default=None, help="rule files or folders")
     p.add_argument("--metrics", help="HOST:PORT for Prometheus /metrics and /health")
     p.add_argument("--buffer-dir", help="turn the durable disk buffer on, in this folder")

@@ -33,18 +33,21 @@ def build_config(ns: argparse.Namespace) -> Config:
     listen = getattr(ns, "listen", None)
     forward = getattr(ns, "forward", None)
     shared_key = getattr(ns, "shared_key", None)
+    listen_key = getattr(ns, "listen_shared_key", None)
+    forward_key = getattr(ns, "forward_shared_key", None)
     rules = getattr(ns, "rules", None)
     metrics = getattr(ns, "metrics", None)
     buffer_dir = getattr(ns, "buffer_dir", None)
     if config_file:
-        if listen or forward or shared_key is not None:
+        if listen or forward or {shared_key, listen_key, forward_key} != {None}:
             raise ConfigError("use either --config or --listen/--forward/--shared-key, not both")
         config = load_config(config_file)
         return with_cli_overrides(config, rules=rules, metrics=metrics, buffer_dir=buffer_dir)
     if not forward and not rules:
         raise ConfigError("serve needs --config FILE, --forward HOST:PORT[,HOST:PORT...] "
                           "or --rules PATH... (without --forward, records go to stdout)")
-    config = config_from_cli(listen, forward, shared_key, rules=rules, metrics=metrics)
+    config = config_from_cli(listen, forward, shared_key, rules=rules, metrics=metrics,
+                             listen_shared_key=listen_key, forward_shared_key=forward_key)
     return with_cli_overrides(config, buffer_dir=buffer_dir)
 
 

@@ -23,19 +23,12 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import yaml
 
 from ruletag.config.model import (
     BUILTIN_RULES,
-    DEFAULT_BUFFER_MAX_SIZE,
-    DEFAULT_BUFFER_SEGMENT_SIZE,
-    DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_FRAME_SIZE,
-    DEFAULT_MAX_INFLATE_MEMBERS,
-    DEFAULT_MAX_INFLATE_SIZE,
     DEFAULT_PORT,
     DEFAULT_RELOAD_INTERVAL,
     DEFAULT_TUNE_AFTER,
@@ -126,6 +119,13 @@ def parse_hostport(
     if not port_text.isdigit() or not lo <= int(port_text) <= 65535:
         raise ConfigError(f"{path}: bad port in {text!r} (want {lo}..65535)")
     return host, int(port_text)
+
+
+#: The model's defaults, read by the section readers below (config/model.py is their one source).
+_LISTEN: Final = ListenConfig()
+_FORWARD: Final = ForwardConfig(servers=())
+_ENRICH: Final = EnrichConfig()
+_BUFFER: Final = BufferConfig()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,26 +264,30 @@ def _listen(data: object, base: Path | None) -> ListenConfig:
         path = str(base / path)
     users = _users(s.raw("users"), "listen.users")
     cfg = ListenConfig(
-        host=s.str_("host", "127.0.0.1", empty=False),
-        port=s.int_("port", DEFAULT_PORT, 0, 65535),
+        host=s.str_("host", _LISTEN.host, empty=False),
+        port=s.int_("port", _LISTEN.port, 0, 65535),
         path=path,
         tls=_listen_tls(s.raw("tls"), "listen.tls", base),
         shared_key=s.str_("shared_key"),
         users=users,
-        self_hostname=s.str_("self_hostname", "ruletag-in", empty=False),
-        tag_prefix=s.str_("tag_prefix", ""),
-        max_frame_size=s.size("max_frame_size", DEFAULT_MAX_FRAME_SIZE),
-        max_inflate_size=s.size("max_inflate_size", DEFAULT_MAX_INFLATE_SIZE),
-        max_inflate_members=s.int_("max_inflate_members", DEFAULT_MAX_INFLATE_MEMBERS, 1),
-        max_connections=s.int_("max_connections", DEFAULT_MAX_CONNECTIONS, 1),
-        idle_timeout=s.duration("idle_timeout", DEFAULT_IDLE_TIMEOUT),
-        handshake_timeout=s.duration("handshake_timeout", 10.0),
-        max_unauthenticated_bytes=s.size("max_unauthenticated_bytes", 64 * KIB),
-        frame_timeout=s.duration("frame_timeout", 20.0),
-        min_frame_rate=s.size("min_frame_rate", KIB),
-        max_in_flight_bytes=s.size("max_in_flight_bytes", 32 * MIB),
-        max_total_in_flight_bytes=s.size("max_total_in_flight_bytes", 256 * MIB),
-        shutdown_timeout=s.duration("shutdown_timeout", 10.0),
+        self_hostname=s.str_("self_hostname", _LISTEN.self_hostname, empty=False),
+        tag_prefix=s.str_("tag_prefix", _LISTEN.tag_prefix),
+        max_frame_size=s.size("max_frame_size", _LISTEN.max_frame_size),
+        max_inflate_size=s.size("max_inflate_size", _LISTEN.max_inflate_size),
+        max_inflate_members=s.int_("max_inflate_members", _LISTEN.max_inflate_members, 1),
+        max_connections=s.int_("max_connections", _LISTEN.max_connections, 1),
+        idle_timeout=s.duration("idle_timeout", _LISTEN.idle_timeout),
+        handshake_timeout=s.duration("handshake_timeout", _LISTEN.handshake_timeout),
+        max_unauthenticated_bytes=s.size(
+            "max_unauthenticated_bytes", _LISTEN.max_unauthenticated_bytes
+        ),
+        frame_timeout=s.duration("frame_timeout", _LISTEN.frame_timeout),
+        min_frame_rate=s.size("min_frame_rate", _LISTEN.min_frame_rate),
+        max_in_flight_bytes=s.size("max_in_flight_bytes", _LISTEN.max_in_flight_bytes),
+        max_total_in_flight_bytes=s.size(
+            "max_total_in_flight_bytes", _LISTEN.max_total_in_flight_bytes
+        ),
+        shutdown_timeout=s.duration("shutdown_timeout", _LISTEN.shutdown_timeout),
     )
     s.done()
     if users and cfg.shared_key is None:
@@ -357,19 +361,19 @@ def _forward(data: object, base: Path | None) -> ForwardConfig:
         raise ConfigError("forward.servers: at least one server must not be standby")
     cfg = ForwardConfig(
         servers=servers,
-        self_hostname=s.str_("self_hostname", "ruletag-out", empty=False),
-        require_ack=s.bool_("require_ack", True),
-        ack_timeout=s.duration("ack_timeout", 30.0),
-        retry_backoff_base=s.duration("retry_backoff_base", 1.0),
-        retry_backoff_max=s.duration("retry_backoff_max", 60.0),
+        self_hostname=s.str_("self_hostname", _FORWARD.self_hostname, empty=False),
+        require_ack=s.bool_("require_ack", _FORWARD.require_ack),
+        ack_timeout=s.duration("ack_timeout", _FORWARD.ack_timeout),
+        retry_backoff_base=s.duration("retry_backoff_base", _FORWARD.retry_backoff_base),
+        retry_backoff_max=s.duration("retry_backoff_max", _FORWARD.retry_backoff_max),
         retry_limit=s.int_("retry_limit", None, 0),
-        max_rejects=s.int_("max_rejects", 5, 0),
+        max_rejects=s.int_("max_rejects", _FORWARD.max_rejects, 0),
         dead_letter_path=s.file("dead_letter_path", base),
-        compress=s.bool_("compress", False),
-        entry_format=s.choice("entry_format", "v1", ("v1", "v2")),
-        keepalive=s.bool_("keepalive", True),
-        connect_timeout=s.duration("connect_timeout", 10.0),
-        max_in_flight_bytes=s.size("max_in_flight_bytes", 64 * MIB),
+        compress=s.bool_("compress", _FORWARD.compress),
+        entry_format=s.choice("entry_format", _FORWARD.entry_format, ("v1", "v2")),
+        keepalive=s.bool_("keepalive", _FORWARD.keepalive),
+        connect_timeout=s.duration("connect_timeout", _FORWARD.connect_timeout),
+        max_in_flight_bytes=s.size("max_in_flight_bytes", _FORWARD.max_in_flight_bytes),
     )
     s.done()
     if cfg.retry_backoff_max < cfg.retry_backoff_base:
@@ -459,9 +463,9 @@ def _rules(data: object, base: Path | None) -> RulesConfig:
 def _enrich(data: object) -> EnrichConfig:
     s = _Section(data, "enrich")
     cfg = EnrichConfig(
-        key=s.str_("key", "detections", empty=False),
-        style=s.choice("style", "ruletag", ("ruletag", "ecs")),
-        retag_prefix=s.str_("retag_prefix", ""),
+        key=s.str_("key", _ENRICH.key, empty=False),
+        style=s.choice("style", _ENRICH.style, ("ruletag", "ecs")),
+        retag_prefix=s.str_("retag_prefix", _ENRICH.retag_prefix),
     )
     s.done()
     return cfg
@@ -481,9 +485,9 @@ def _buffer(data: object, base: Path | None, max_frame_size: int) -> BufferConfi
     cfg = BufferConfig(
         type=kind,
         path=s.file("path", base, required=kind == "disk"),
-        max_size=s.size("max_size", DEFAULT_BUFFER_MAX_SIZE),
-        segment_size=s.size("segment_size", DEFAULT_BUFFER_SEGMENT_SIZE),
-        fsync=s.choice("fsync", "always", ("always", "never")),
+        max_size=s.size("max_size", _BUFFER.max_size),
+        segment_size=s.size("segment_size", _BUFFER.segment_size),
+        fsync=s.choice("fsync", _BUFFER.fsync, ("always", "never")),
     )
     s.done()
     if cfg.segment_size < 4 * KIB:
@@ -603,10 +607,15 @@ def config_from_cli(
     *,
     rules: list[str] | None = None,
     metrics: str | None = None,
+    listen_shared_key: str | None = None,
+    forward_shared_key: str | None = None,
 ) -> Config:
     """The config for ``ruletag serve --listen HOST:PORT --forward H:P[,H:P...]``.
 
-    ``listen`` may be ``unix:PATH``; ``--shared-key`` applies to both sides. Without
+    ``listen`` may be ``unix:PATH``; ``--shared-key`` applies to both sides, and
+    ``--listen-shared-key`` / ``--forward-shared-key`` set (or replace it on) one side only,
+    as Fluent Bit configures each plugin on its own: agents with one key, an aggregator with
+    another or none. Without
     ``forward``, records go to stdout (JSON lines). ``rules`` are
     rule paths (relative to the current folder, or ``builtin:seeds``); ``metrics`` is the
     ``HOST:PORT`` of the metrics endpoint.
@@ -617,8 +626,14 @@ def config_from_cli(
             ldata["path"] = listen[5:]
         else:
             ldata["host"], ldata["port"] = parse_hostport(listen, "--listen", allow_zero=True)
-    if shared_key is not None:
-        ldata["shared_key"] = shared_key
+    if listen_shared_key is None:
+        listen_shared_key = shared_key
+    if forward_shared_key is None:
+        forward_shared_key = shared_key
+    elif not forward:
+        raise ConfigError("--forward-shared-key: needs --forward")
+    if listen_shared_key is not None:
+        ldata["shared_key"] = listen_shared_key
     data: dict[str, Any] = {"listen": ldata}
     if forward:
         servers = [
@@ -627,8 +642,8 @@ def config_from_cli(
             if part.strip()
         ]
         fdata: dict[str, Any] = {"servers": servers}
-        if shared_key is not None:
-            fdata["shared_key"] = shared_key
+        if forward_shared_key is not None:
+            fdata["shared_key"] = forward_shared_key
         data["forward"] = fdata
     else:
         data["outputs"] = [{"type": "stdout"}]
