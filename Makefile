@@ -24,20 +24,23 @@ setup: $(STAMP) $(NPM_STAMP)
 run: $(STAMP)
 	$(BIN)/ruletag serve --config pipelines/default.yaml
 
-## test: set up, lint, run the whole test suite (slow fault tests included) and pipeline tests.
+## test: set up, lint (ruff check, ruff format --check, mypy), run the whole test suite (slow
+## fault tests included) and the pipeline tests.
 ## The whole-corpus tests run only with RULETAG_CORPUS set to a folder holding sigma/ and
 ## elastic/ (e.g. `RULETAG_CORPUS=../shared/rules make test`); otherwise the pinned sample in
 ## tests/data/corpus runs and pytest prints one line saying the corpus tests were not run.
-test: setup
-	$(BIN)/ruff check plugin tests bench scripts
+test: setup lint
 	$(BIN)/ruletag test pipelines/*.yaml
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
+## lint: the checks pre-commit runs too (.pre-commit-config.yaml)
 lint: $(STAMP)
 	$(BIN)/ruff check plugin tests bench scripts
+	$(BIN)/ruff format --check plugin tests bench scripts
+	$(BIN)/mypy
 
 ## bench: the load benchmark; BENCH_RULES (a folder holding sigma/ and elastic/, by default
 ## ../shared/rules when it exists) adds the corpus rule sets to none and seeds.

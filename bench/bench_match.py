@@ -189,8 +189,13 @@ def bench(name: str, paths: list[Path], records: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=20000)
-    ap.add_argument("--corpus", nargs="+", type=Path, metavar="RULES",
-                    help="rule files or folders to bench as the whole corpus")
+    ap.add_argument(
+        "--corpus",
+        nargs="+",
+        type=Path,
+        metavar="RULES",
+        help="rule files or folders to bench as the whole corpus",
+    )
     ap.add_argument("--seeds-only", action="store_true", help="ignore --corpus")
     args = ap.parse_args()
     records = make_records(args.records)

@@ -93,10 +93,12 @@ async def client(port: int, frames: list[bytes], window: int) -> None:
 async def run(records: int, per_chunk: int, connections: int, window: int) -> None:
     sink = CountingSink()
     await sink.start()
-    cfg = config_from_mapping({
-        "listen": {"port": 0},
-        "forward": {"servers": [{"host": "127.0.0.1", "port": sink.port}]},
-    })
+    cfg = config_from_mapping(
+        {
+            "listen": {"port": 0},
+            "forward": {"servers": [{"host": "127.0.0.1", "port": sink.port}]},
+        }
+    )
     forwarder = Forwarder(cfg.forward)
     await forwarder.start()
     server = Server(cfg.listen, Pipeline(forwarder).submit)
@@ -104,8 +106,12 @@ async def run(records: int, per_chunk: int, connections: int, window: int) -> No
     entries = make_entries(per_chunk)
     chunks_per_conn = max(1, records // per_chunk // connections)
     frames = [
-        [protocol.encode_chunk("bench.relay", entries, per_chunk, chunk_id=protocol.new_chunk_id())
-         for _ in range(chunks_per_conn)]
+        [
+            protocol.encode_chunk(
+                "bench.relay", entries, per_chunk, chunk_id=protocol.new_chunk_id()
+            )
+            for _ in range(chunks_per_conn)
+        ]
         for _ in range(connections)
     ]
     total = chunks_per_conn * connections * per_chunk

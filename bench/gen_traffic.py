@@ -50,39 +50,85 @@ USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "sv
 DOMAIN = "CORP"
 #: (image, command line template, parent image, code signer) of ordinary Windows processes.
 WIN_PROCS = [
-    (r"C:\Program Files\Google\Chrome\Application\chrome.exe",
-     '"{img}" --type=renderer --field-trial-handle=1784,{n},{m} --lang=en-US /prefetch:1',
-     r"C:\Windows\explorer.exe", "Google LLC"),
-    (r"C:\Program Files\Microsoft Office\root\Office16\WINWORD.EXE",
-     '"{img}" /n "C:\\Users\\Public\\Documents\\report-{n}.docx"',
-     r"C:\Windows\explorer.exe", "Microsoft Corporation"),
-    (r"C:\Windows\System32\svchost.exe",
-     r"C:\Windows\system32\svchost.exe -k netsvcs -p -s Schedule",
-     r"C:\Windows\System32\services.exe", "Microsoft Windows"),
-    (r"C:\Windows\System32\RuntimeBroker.exe", r"C:\Windows\System32\RuntimeBroker.exe "
-     "-Embedding", r"C:\Windows\System32\svchost.exe", "Microsoft Windows"),
-    (r"C:\Program Files\Microsoft VS Code\Code.exe",
-     '"{img}" --type=utility --utility-sub-type=node.mojom.NodeService --lang=en-US {n}',
-     r"C:\Windows\explorer.exe", "Microsoft Corporation"),
-    (r"C:\Windows\System32\SearchProtocolHost.exe",
-     '"{img}" Global\\UsGthrFltPipeMssGthrPipe{n}_ Global\\UsGthrCtrlFltPipeMssGthrPipe{n} 1 '
-     "-2147483646", r"C:\Windows\System32\SearchIndexer.exe", "Microsoft Windows"),
-    (r"C:\Program Files\Mozilla Firefox\firefox.exe",
-     '"{img}" -contentproc -childID {n} -isForBrowser -prefsLen {m} tab',
-     r"C:\Windows\explorer.exe", "Mozilla Corporation"),
-    (r"C:\Windows\System32\taskhostw.exe", "taskhostw.exe Install $(Arg0)",
-     r"C:\Windows\System32\svchost.exe", "Microsoft Windows"),
-    (r"C:\Windows\System32\notepad.exe", r'"C:\Windows\system32\notepad.exe" '
-     r"C:\Users\Public\notes-{n}.txt", r"C:\Windows\explorer.exe", "Microsoft Windows"),
+    (
+        r"C:\Program Files\Google\Chrome\Application\chrome.exe",
+        '"{img}" --type=renderer --field-trial-handle=1784,{n},{m} --lang=en-US /prefetch:1',
+        r"C:\Windows\explorer.exe",
+        "Google LLC",
+    ),
+    (
+        r"C:\Program Files\Microsoft Office\root\Office16\WINWORD.EXE",
+        '"{img}" /n "C:\\Users\\Public\\Documents\\report-{n}.docx"',
+        r"C:\Windows\explorer.exe",
+        "Microsoft Corporation",
+    ),
+    (
+        r"C:\Windows\System32\svchost.exe",
+        r"C:\Windows\system32\svchost.exe -k netsvcs -p -s Schedule",
+        r"C:\Windows\System32\services.exe",
+        "Microsoft Windows",
+    ),
+    (
+        r"C:\Windows\System32\RuntimeBroker.exe",
+        r"C:\Windows\System32\RuntimeBroker.exe "
+        "-Embedding",
+        r"C:\Windows\System32\svchost.exe",
+        "Microsoft Windows",
+    ),
+    (
+        r"C:\Program Files\Microsoft VS Code\Code.exe",
+        '"{img}" --type=utility --utility-sub-type=node.mojom.NodeService --lang=en-US {n}',
+        r"C:\Windows\explorer.exe",
+        "Microsoft Corporation",
+    ),
+    (
+        r"C:\Windows\System32\SearchProtocolHost.exe",
+        '"{img}" Global\\UsGthrFltPipeMssGthrPipe{n}_ Global\\UsGthrCtrlFltPipeMssGthrPipe{n} 1 '
+        "-2147483646",
+        r"C:\Windows\System32\SearchIndexer.exe",
+        "Microsoft Windows",
+    ),
+    (
+        r"C:\Program Files\Mozilla Firefox\firefox.exe",
+        '"{img}" -contentproc -childID {n} -isForBrowser -prefsLen {m} tab',
+        r"C:\Windows\explorer.exe",
+        "Mozilla Corporation",
+    ),
+    (
+        r"C:\Windows\System32\taskhostw.exe",
+        "taskhostw.exe Install $(Arg0)",
+        r"C:\Windows\System32\svchost.exe",
+        "Microsoft Windows",
+    ),
+    (
+        r"C:\Windows\System32\notepad.exe",
+        r'"C:\Windows\system32\notepad.exe" '
+        r"C:\Users\Public\notes-{n}.txt",
+        r"C:\Windows\explorer.exe",
+        "Microsoft Windows",
+    ),
 ]
 SYSMON_PROCS = [p for p in WIN_PROCS if "Mozilla" not in p[3] and "Google" not in p[3]]
 NET_PROCS = [WIN_PROCS[i][0] for i in (0, 2, 4, 6)]
-LINUX_PROCS = [("/usr/bin/ls", "ls -la /var/log/nginx"), ("/usr/bin/git", "git fetch origin"),
-               ("/usr/sbin/logrotate", "/usr/sbin/logrotate /etc/logrotate.conf"),
-               ("/usr/bin/rsync", "rsync -a /srv/data/ /mnt/backup/data/"),
-               ("/usr/local/bin/node", "node /srv/app/server.js --port 3000")]
-PATHS = ["/", "/index.html", "/api/v1/orders", "/api/v1/users/{n}", "/static/js/app.{n}.js",
-         "/static/css/site.css", "/healthz", "/login", "/search", "/products/{n}"]
+LINUX_PROCS = [
+    ("/usr/bin/ls", "ls -la /var/log/nginx"),
+    ("/usr/bin/git", "git fetch origin"),
+    ("/usr/sbin/logrotate", "/usr/sbin/logrotate /etc/logrotate.conf"),
+    ("/usr/bin/rsync", "rsync -a /srv/data/ /mnt/backup/data/"),
+    ("/usr/local/bin/node", "node /srv/app/server.js --port 3000"),
+]
+PATHS = [
+    "/",
+    "/index.html",
+    "/api/v1/orders",
+    "/api/v1/users/{n}",
+    "/static/js/app.{n}.js",
+    "/static/css/site.css",
+    "/healthz",
+    "/login",
+    "/search",
+    "/products/{n}",
+]
 QUERIES = ["", "page={n}", "q=winter+jacket&sort=price", "id={n}&lang=en", "ref=newsletter"]
 AGENTS = [
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -101,8 +147,10 @@ def _guid(rnd: random.Random) -> str:
 def _ip(rnd: random.Random, private: bool = True) -> str:
     if private:
         return f"10.{rnd.randrange(256)}.{rnd.randrange(256)}.{rnd.randrange(1, 255)}"
-    return f"{rnd.choice([34, 35, 104, 142, 151])}.{rnd.randrange(256)}.{rnd.randrange(256)}." \
-           f"{rnd.randrange(1, 255)}"
+    return (
+        f"{rnd.choice([34, 35, 104, 142, 151])}.{rnd.randrange(256)}.{rnd.randrange(256)}."
+        f"{rnd.randrange(1, 255)}"
+    )
 
 
 def _utc(seq: int) -> str:
@@ -119,8 +167,19 @@ LOGON_NOTE = (
 
 def _render(title: str, r: Record) -> str:
     """A rendered event text, like the ``Message`` of Winlogbeat or Fluent Bit winevtlog."""
-    skip = ("Channel", "Provider_Name", "Provider_Guid", "Level", "Task", "Opcode", "Keywords",
-            "Version", "EventRecordID", "Computer", "EventID")
+    skip = (
+        "Channel",
+        "Provider_Name",
+        "Provider_Guid",
+        "Level",
+        "Task",
+        "Opcode",
+        "Keywords",
+        "Version",
+        "EventRecordID",
+        "Computer",
+        "EventID",
+    )
     body = "\r\n".join(f"{k}: {v}" for k, v in r.items() if k not in skip)
     return f"{title}:\r\n{body}"
 
@@ -128,14 +187,22 @@ def _render(title: str, r: Record) -> str:
 def _shipper(rnd: random.Random, host: str, path: str) -> Record:
     """The metadata a log shipper (Filebeat/Elastic Agent) adds to a line it read."""
     return {
-        "agent": {"type": "filebeat", "version": "8.13.2", "name": host,
-                  "id": f"{rnd.getrandbits(128):032x}",
-                  "ephemeral_id": f"{rnd.getrandbits(128):032x}"},
+        "agent": {
+            "type": "filebeat",
+            "version": "8.13.2",
+            "name": host,
+            "id": f"{rnd.getrandbits(128):032x}",
+            "ephemeral_id": f"{rnd.getrandbits(128):032x}",
+        },
         "log": {"file": {"path": path}, "offset": rnd.randrange(10**9)},
         "input": {"type": "filestream"},
         "ecs": {"version": "8.11.0"},
-        "cloud": {"provider": "aws", "region": "eu-west-1", "availability_zone": "eu-west-1b",
-                  "instance": {"id": f"i-{rnd.getrandbits(64):016x}"}},
+        "cloud": {
+            "provider": "aws",
+            "region": "eu-west-1",
+            "availability_zone": "eu-west-1b",
+            "instance": {"id": f"i-{rnd.getrandbits(64):016x}"},
+        },
     }
 
 
@@ -164,55 +231,60 @@ def sysmon_process(rnd: random.Random, seq: int) -> Record:
     n, m = rnd.randrange(1, 99999), rnd.randrange(1, 99999)
     user = rnd.choice(USERS)
     r = _sysmon_base(rnd, seq, 1)
-    r.update({
-        "ProcessGuid": _guid(rnd),
-        "ProcessId": rnd.randrange(1000, 30000),
-        "Image": img,
-        "FileVersion": f"{rnd.randrange(1, 125)}.0.{n}.{m % 300}",
-        "Description": img.rsplit("\\", 1)[-1].rsplit(".", 1)[0],
-        "Product": "Microsoft® Windows® Operating System",
-        "Company": signer,
-        "OriginalFileName": img.rsplit("\\", 1)[-1],
-        "CommandLine": cmd.format(img=img, n=n, m=m),
-        "CurrentDirectory": "C:\\Windows\\system32\\",
-        "User": f"{DOMAIN}\\{user}",
-        "LogonGuid": _guid(rnd),
-        "LogonId": f"0x{rnd.getrandbits(24):x}",
-        "TerminalSessionId": rnd.randrange(0, 3),
-        "IntegrityLevel": rnd.choice(["Medium", "High", "System"]),
-        "Hashes": f"SHA1={rnd.getrandbits(160):040X},MD5={rnd.getrandbits(128):032X},"
-                  f"SHA256={rnd.getrandbits(256):064X},IMPHASH={rnd.getrandbits(128):032X}",
-        "ParentProcessGuid": _guid(rnd),
-        "ParentProcessId": rnd.randrange(400, 9000),
-        "ParentImage": parent,
-        "ParentCommandLine": parent,
-        "ParentUser": f"{DOMAIN}\\{user}",
-    })
+    r.update(
+        {
+            "ProcessGuid": _guid(rnd),
+            "ProcessId": rnd.randrange(1000, 30000),
+            "Image": img,
+            "FileVersion": f"{rnd.randrange(1, 125)}.0.{n}.{m % 300}",
+            "Description": img.rsplit("\\", 1)[-1].rsplit(".", 1)[0],
+            "Product": "Microsoft® Windows® Operating System",
+            "Company": signer,
+            "OriginalFileName": img.rsplit("\\", 1)[-1],
+            "CommandLine": cmd.format(img=img, n=n, m=m),
+            "CurrentDirectory": "C:\\Windows\\system32\\",
+            "User": f"{DOMAIN}\\{user}",
+            "LogonGuid": _guid(rnd),
+            "LogonId": f"0x{rnd.getrandbits(24):x}",
+            "TerminalSessionId": rnd.randrange(0, 3),
+            "IntegrityLevel": rnd.choice(["Medium", "High", "System"]),
+            "Hashes": f"SHA1={rnd.getrandbits(160):040X},MD5={rnd.getrandbits(128):032X},"
+            f"SHA256={rnd.getrandbits(256):064X},IMPHASH={rnd.getrandbits(128):032X}",
+            "ParentProcessGuid": _guid(rnd),
+            "ParentProcessId": rnd.randrange(400, 9000),
+            "ParentImage": parent,
+            "ParentCommandLine": parent,
+            "ParentUser": f"{DOMAIN}\\{user}",
+        }
+    )
     return r
 
 
 def sysmon_network(rnd: random.Random, seq: int) -> Record:
     img = rnd.choice(NET_PROCS)
     r = _sysmon_base(rnd, seq, 3)
-    r.update({
-        "ProcessGuid": _guid(rnd),
-        "ProcessId": rnd.randrange(1000, 30000),
-        "Image": img,
-        "User": f"{DOMAIN}\\{rnd.choice(USERS)}",
-        "Protocol": "tcp",
-        "Initiated": "true",
-        "SourceIsIpv6": "false",
-        "SourceIp": _ip(rnd),
-        "SourceHostname": f"{rnd.choice(HOSTS)}.corp.example.com",
-        "SourcePort": rnd.randrange(49152, 65535),
-        "SourcePortName": "-",
-        "DestinationIsIpv6": "false",
-        "DestinationIp": _ip(rnd, private=rnd.random() < 0.5),
-        "DestinationHostname": rnd.choice(["www.example.com", "cdn.example.net", "-",
-                                           "login.example.org", "api.example.com"]),
-        "DestinationPort": rnd.choice([443, 443, 8443]),
-        "DestinationPortName": "https",
-    })
+    r.update(
+        {
+            "ProcessGuid": _guid(rnd),
+            "ProcessId": rnd.randrange(1000, 30000),
+            "Image": img,
+            "User": f"{DOMAIN}\\{rnd.choice(USERS)}",
+            "Protocol": "tcp",
+            "Initiated": "true",
+            "SourceIsIpv6": "false",
+            "SourceIp": _ip(rnd),
+            "SourceHostname": f"{rnd.choice(HOSTS)}.corp.example.com",
+            "SourcePort": rnd.randrange(49152, 65535),
+            "SourcePortName": "-",
+            "DestinationIsIpv6": "false",
+            "DestinationIp": _ip(rnd, private=rnd.random() < 0.5),
+            "DestinationHostname": rnd.choice(
+                ["www.example.com", "cdn.example.net", "-", "login.example.org", "api.example.com"]
+            ),
+            "DestinationPort": rnd.choice([443, 443, 8443]),
+            "DestinationPortName": "https",
+        }
+    )
     r["Message"] = _render("Network connection detected", r)
     return r
 
@@ -221,15 +293,17 @@ def sysmon_file(rnd: random.Random, seq: int) -> Record:
     img = rnd.choice(NET_PROCS)
     user = rnd.choice(USERS)
     r = _sysmon_base(rnd, seq, 11)
-    r.update({
-        "ProcessGuid": _guid(rnd),
-        "ProcessId": rnd.randrange(1000, 30000),
-        "Image": img,
-        "TargetFilename": f"C:\\Users\\{user}\\AppData\\Local\\Temp\\tmp{rnd.getrandbits(32):08x}"
-                          f".{rnd.choice(['tmp', 'log', 'json', 'dat'])}",
-        "CreationUtcTime": _utc(seq),
-        "User": f"{DOMAIN}\\{user}",
-    })
+    r.update(
+        {
+            "ProcessGuid": _guid(rnd),
+            "ProcessId": rnd.randrange(1000, 30000),
+            "Image": img,
+            "TargetFilename": f"C:\\Users\\{user}\\AppData\\Local\\Temp\\"
+            f"tmp{rnd.getrandbits(32):08x}.{rnd.choice(['tmp', 'log', 'json', 'dat'])}",
+            "CreationUtcTime": _utc(seq),
+            "User": f"{DOMAIN}\\{user}",
+        }
+    )
     r["Message"] = _render("File created", r)
     return r
 
@@ -277,18 +351,36 @@ def _ecs_common(rnd: random.Random, seq: int, category: str, etype: str) -> Reco
     host = rnd.choice(HOSTS)
     return {
         "@timestamp": f"2024-05-01T{_utc(seq)[11:]}Z",
-        "event": {"id": f"evt-{seq:09d}", "kind": "event", "type": [etype],
-                  "category": [category], "module": "endpoint",
-                  "dataset": f"endpoint.events.{category}", "created": "2024-05-01T12:00:00Z"},
-        "host": {"name": host, "hostname": host.lower(), "id": f"{rnd.getrandbits(128):032x}",
-                 "os": {"type": "windows", "family": "windows", "name": "Windows 10 Pro",
-                        "version": "22H2", "kernel": "22H2 (10.0.19045.4291)"},
-                 "ip": [_ip(rnd)]},
+        "event": {
+            "id": f"evt-{seq:09d}",
+            "kind": "event",
+            "type": [etype],
+            "category": [category],
+            "module": "endpoint",
+            "dataset": f"endpoint.events.{category}",
+            "created": "2024-05-01T12:00:00Z",
+        },
+        "host": {
+            "name": host,
+            "hostname": host.lower(),
+            "id": f"{rnd.getrandbits(128):032x}",
+            "os": {
+                "type": "windows",
+                "family": "windows",
+                "name": "Windows 10 Pro",
+                "version": "22H2",
+                "kernel": "22H2 (10.0.19045.4291)",
+            },
+            "ip": [_ip(rnd)],
+        },
         "agent": {"type": "endpoint", "version": "8.13.2", "id": f"{rnd.getrandbits(64):016x}"},
         "ecs": {"version": "8.11.0"},
         "user": {"name": rnd.choice(USERS), "domain": DOMAIN},
-        "data_stream": {"type": "logs", "dataset": f"endpoint.events.{category}",
-                        "namespace": "default"},
+        "data_stream": {
+            "type": "logs",
+            "dataset": f"endpoint.events.{category}",
+            "namespace": "default",
+        },
     }
 
 
@@ -305,11 +397,18 @@ def ecs_process(rnd: random.Random, seq: int) -> Record:
         "args": [img, f"--n={n}"],
         "command_line": cmd.format(img=img, n=n, m=m),
         "working_directory": "C:\\Windows\\system32\\",
-        "parent": {"pid": rnd.randrange(400, 9000), "name": parent.rsplit("\\", 1)[-1],
-                   "executable": parent},
+        "parent": {
+            "pid": rnd.randrange(400, 9000),
+            "name": parent.rsplit("\\", 1)[-1],
+            "executable": parent,
+        },
         "pe": {"original_file_name": name, "company": signer},
-        "code_signature": {"subject_name": signer, "trusted": True, "exists": True,
-                           "status": "trusted"},
+        "code_signature": {
+            "subject_name": signer,
+            "trusted": True,
+            "exists": True,
+            "status": "trusted",
+        },
         "hash": {"sha256": f"{rnd.getrandbits(256):064x}"},
     }
     return r
@@ -318,8 +417,11 @@ def ecs_process(rnd: random.Random, seq: int) -> Record:
 def ecs_network(rnd: random.Random, seq: int) -> Record:
     img = rnd.choice(NET_PROCS)
     r = _ecs_common(rnd, seq, "network", "connection")
-    r["process"] = {"pid": rnd.randrange(1000, 30000), "name": img.rsplit("\\", 1)[-1],
-                    "executable": img}
+    r["process"] = {
+        "pid": rnd.randrange(1000, 30000),
+        "name": img.rsplit("\\", 1)[-1],
+        "executable": img,
+    }
     r["source"] = {"ip": _ip(rnd), "port": rnd.randrange(49152, 65535)}
     r["destination"] = {"ip": _ip(rnd, private=False), "port": 443}
     r["network"] = {"transport": "tcp", "type": "ipv4", "direction": "egress"}
@@ -339,9 +441,13 @@ def linux_syslog(rnd: random.Random, seq: int) -> Record:
         "disconnected by user",
     ]
     return {
-        "host": host, "ident": rnd.choice(["sshd", "CRON", "systemd"]),
-        "pid": str(rnd.randrange(100, 60000)), "message": rnd.choice(msgs),
-        "facility": "authpriv", "priority": "info", "hostname": f"{host}.example.com",
+        "host": host,
+        "ident": rnd.choice(["sshd", "CRON", "systemd"]),
+        "pid": str(rnd.randrange(100, 60000)),
+        "message": rnd.choice(msgs),
+        "facility": "authpriv",
+        "priority": "info",
+        "hostname": f"{host}.example.com",
         "os": {"type": "linux"},
         **_shipper(rnd, host, "/var/log/auth.log"),
     }
@@ -351,11 +457,19 @@ def linux_auditd(rnd: random.Random, seq: int) -> Record:
     exe, cmd = rnd.choice(LINUX_PROCS)
     args = cmd.split(" ")
     r: Record = {
-        "type": "EXECVE", "node": f"app{rnd.randrange(1, 20):02d}.example.com",
-        "msg": f"audit(1714564800.{seq % 1000:03d}:{seq})", "argc": str(len(args)),
-        "exe": exe, "comm": exe.rsplit("/", 1)[-1], "uid": "1000", "auid": "1000",
-        "ses": str(rnd.randrange(1, 500)), "key": "exec",
-        "cwd": f"/home/{rnd.choice(USERS)}", "syscall": "59", "success": "yes",
+        "type": "EXECVE",
+        "node": f"app{rnd.randrange(1, 20):02d}.example.com",
+        "msg": f"audit(1714564800.{seq % 1000:03d}:{seq})",
+        "argc": str(len(args)),
+        "exe": exe,
+        "comm": exe.rsplit("/", 1)[-1],
+        "uid": "1000",
+        "auid": "1000",
+        "ses": str(rnd.randrange(1, 500)),
+        "key": "exec",
+        "cwd": f"/home/{rnd.choice(USERS)}",
+        "syscall": "59",
+        "success": "yes",
         **_shipper(rnd, f"app{rnd.randrange(1, 20):02d}", "/var/log/audit/audit.log"),
     }
     for i, a in enumerate(args):
@@ -368,13 +482,21 @@ def web_access(rnd: random.Random, seq: int) -> Record:
     path = rnd.choice(PATHS).format(n=n)
     query = rnd.choice(QUERIES).format(n=n)
     return {
-        "date": "2024-05-01", "time": _utc(seq)[11:19], "c-ip": _ip(rnd, private=False),
-        "cs-method": rnd.choice(["GET", "GET", "GET", "POST"]), "cs-uri-stem": path,
-        "cs-uri-query": query, "sc-status": rnd.choice([200, 200, 200, 304, 404]),
-        "sc-bytes": rnd.randrange(200, 90000), "time-taken": rnd.randrange(1, 900),
-        "cs-host": "shop.example.com", "cs-user-agent": rnd.choice(AGENTS),
-        "cs-referer": "https://shop.example.com/", "x-forwarded-for": _ip(rnd, private=False),
-        "upstream": f"10.1.0.{rnd.randrange(2, 30)}:8080", "request_id": f"{rnd.getrandbits(64):x}",
+        "date": "2024-05-01",
+        "time": _utc(seq)[11:19],
+        "c-ip": _ip(rnd, private=False),
+        "cs-method": rnd.choice(["GET", "GET", "GET", "POST"]),
+        "cs-uri-stem": path,
+        "cs-uri-query": query,
+        "sc-status": rnd.choice([200, 200, 200, 304, 404]),
+        "sc-bytes": rnd.randrange(200, 90000),
+        "time-taken": rnd.randrange(1, 900),
+        "cs-host": "shop.example.com",
+        "cs-user-agent": rnd.choice(AGENTS),
+        "cs-referer": "https://shop.example.com/",
+        "x-forwarded-for": _ip(rnd, private=False),
+        "upstream": f"10.1.0.{rnd.randrange(2, 30)}:8080",
+        "request_id": f"{rnd.getrandbits(64):x}",
         **_shipper(rnd, "web01", "/var/log/nginx/access.log"),
     }
 
@@ -406,15 +528,21 @@ def positives() -> list[Record]:
     rnd = random.Random(7)
     # sigma proc_creation_win_susp_shadow_copies_deletion
     r = sysmon_process(rnd, 1)
-    r.update(Image=r"C:\Windows\System32\vssadmin.exe", OriginalFileName="VSSADMIN.EXE",
-             CommandLine="vssadmin.exe delete shadows /all /quiet")
+    r.update(
+        Image=r"C:\Windows\System32\vssadmin.exe",
+        OriginalFileName="VSSADMIN.EXE",
+        CommandLine="vssadmin.exe delete shadows /all /quiet",
+    )
     out.append(r)
     # sigma proc_creation_lnx_python_pty_spawn (ECS-shaped Linux process event)
     r = ecs_process(rnd, 2)
     r["host"]["os"] = {"type": "linux", "family": "debian", "name": "Debian"}
-    r["process"].update(name="python3", executable="/usr/bin/python3",
-                        command_line="python3 -c 'import pty; pty.spawn(\"/bin/bash\")'",
-                        args=["python3", "-c", "import pty; pty.spawn(\"/bin/bash\")"])
+    r["process"].update(
+        name="python3",
+        executable="/usr/bin/python3",
+        command_line="python3 -c 'import pty; pty.spawn(\"/bin/bash\")'",
+        args=["python3", "-c", 'import pty; pty.spawn("/bin/bash")'],
+    )
     out.append(r)
     # sigma web_path_traversal_exploitation_attempt
     r = web_access(rnd, 3)
@@ -440,7 +568,10 @@ def _frame(tag: str, entries: bytes, count: int, chunk_id: bytes) -> bytes:
 
 
 def generate(
-    out: Path, chunks: int, match_fraction: float = 0.005, seed: int = 1,
+    out: Path,
+    chunks: int,
+    match_fraction: float = 0.005,
+    seed: int = 1,
     entries_per_chunk: int = CHUNK_ENTRIES,
 ) -> dict[str, Any]:
     """Write ``chunks`` frames to ``out`` and the index to ``out.json``; return the index."""
@@ -522,15 +653,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunks", type=int, default=100, help="chunks of 1000 entries")
     ap.add_argument("--match-fraction", type=float, default=0.005)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--check", nargs="+", metavar="RULES",
-                    help="afterwards, count records that match these rules (in-process)")
+    ap.add_argument(
+        "--check",
+        nargs="+",
+        metavar="RULES",
+        help="afterwards, count records that match these rules (in-process)",
+    )
     ns = ap.parse_args(argv)
     out = Path(ns.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = generate(out, ns.chunks, ns.match_fraction, ns.seed)
-    print(f"{out}: {meta['records']} records in {len(meta['chunks'])} chunks, "
-          f"{meta['bytes'] / 1e6:.1f} MB, {meta['avg_record_bytes']} B/record, "
-          f"{meta['planted_positives']} planted positives")
+    print(
+        f"{out}: {meta['records']} records in {len(meta['chunks'])} chunks, "
+        f"{meta['bytes'] / 1e6:.1f} MB, {meta['avg_record_bytes']} B/record, "
+        f"{meta['planted_positives']} planted positives"
+    )
     if ns.check:
         print(json.dumps(check(out, ns.check), indent=1))
     return 0

@@ -144,9 +144,15 @@ def run_sink(conn: Connection, t0: int, port: int = 0) -> None:
                 return
             receipts = state.receipts
             state.receipts = []
-            conn.send({"records": state.records, "chunks": state.chunks,
-                       "entry_bytes": state.entry_bytes, "wire_bytes": state.wire_bytes,
-                       "receipts": receipts})
+            conn.send(
+                {
+                    "records": state.records,
+                    "chunks": state.chunks,
+                    "entry_bytes": state.entry_bytes,
+                    "wire_bytes": state.wire_bytes,
+                    "receipts": receipts,
+                }
+            )
 
         loop.add_reader(conn.fileno(), on_cmd)
         await done.wait()
@@ -302,8 +308,14 @@ class _Client(asyncio.Protocol):
 
 
 async def _drive(
-    traffic: Traffic, host: str, port: int, *, duration: float, connections: int,
-    window: int, rate: float | None,
+    traffic: Traffic,
+    host: str,
+    port: int,
+    *,
+    duration: float,
+    connections: int,
+    window: int,
+    rate: float | None,
 ) -> DriveResult:
     loop = asyncio.get_running_loop()
     n = len(traffic.frames)
@@ -348,26 +360,47 @@ async def _drive(
             await asyncio.wait_for(proto.event.wait(), 60)
         totals["chunks"] += len(sent_counts)
         totals["records"] += sum(sent_counts)
-        totals["bytes"] += sum(len(traffic.frames[mine[k % len(mine)]])
-                               for k in range(len(sent_counts)))
+        totals["bytes"] += sum(
+            len(traffic.frames[mine[k % len(mine)]]) for k in range(len(sent_counts))
+        )
         proto.transport.close()
 
     await asyncio.gather(*(one(c) for c in range(connections)))
     elapsed = time.monotonic() - start
-    return DriveResult("rate" if rate else "full", elapsed, totals["chunks"], totals["records"],
-                       totals["bytes"], sends)
+    return DriveResult(
+        "rate" if rate else "full",
+        elapsed,
+        totals["chunks"],
+        totals["records"],
+        totals["bytes"],
+        sends,
+    )
 
 
 def drive(
-    traffic: Traffic, host: str, port: int, *, duration: float = 10.0, connections: int = 1,
-    window: int = 8, rate: float | None = None,
+    traffic: Traffic,
+    host: str,
+    port: int,
+    *,
+    duration: float = 10.0,
+    connections: int = 1,
+    window: int = 8,
+    rate: float | None = None,
 ) -> DriveResult:
     """Send frames (cycling through the traffic) for ``duration`` s; wait for every ack."""
     loop = _new_loop()
     try:
-        return loop.run_until_complete(_drive(
-            traffic, host, port, duration=duration, connections=connections, window=window,
-            rate=rate))
+        return loop.run_until_complete(
+            _drive(
+                traffic,
+                host,
+                port,
+                duration=duration,
+                connections=connections,
+                window=window,
+                rate=rate,
+            )
+        )
     finally:
         loop.close()
 
@@ -393,8 +426,15 @@ def pct(values: list[float], q: float) -> float:
 
 
 def measure(
-    traffic: Traffic, sink: SinkProcess, listen: tuple[str, int], pid: int | None, *,
-    duration: float, connections: int = 1, window: int = 8, rate: float | None = None,
+    traffic: Traffic,
+    sink: SinkProcess,
+    listen: tuple[str, int],
+    pid: int | None,
+    *,
+    duration: float,
+    connections: int = 1,
+    window: int = 8,
+    rate: float | None = None,
 ) -> dict[str, Any]:
     """One load run; throughput, latency and the ruletag process tree's CPU and RSS."""
     ps = ProcStats(pid) if pid else None
@@ -403,8 +443,9 @@ def measure(
     cpu0 = ps.cpu() if ps else 0.0
     sink_cpu0 = _cpu(sink.proc.pid or 0)
     me0 = time.process_time()
-    res = drive(traffic, *listen, duration=duration, connections=connections, window=window,
-                rate=rate)
+    res = drive(
+        traffic, *listen, duration=duration, connections=connections, window=window, rate=rate
+    )
     cpu = (ps.cpu() - cpu0) if ps else 0.0
     driver_cpu = time.process_time() - me0
     sink_cpu = _cpu(sink.proc.pid or 0) - sink_cpu0
@@ -449,16 +490,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connections", type=int, default=1)
     ap.add_argument("--window", type=int, default=8, help="unacked chunks per connection")
     ap.add_argument("--rate", type=float, help="records/s (fixed rate) instead of full speed")
-    ap.add_argument("--wait", type=float, default=0.0,
-                    help="seconds to wait after the sink is up (to start ruletag meanwhile)")
+    ap.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        help="seconds to wait after the sink is up (to start ruletag meanwhile)",
+    )
     ns = ap.parse_args(argv)
     traffic = Traffic.load(Path(ns.traffic))
     host, _, port = ns.listen.rpartition(":")
     sink = SinkProcess(traffic.t0, ns.sink_port)
     try:
         time.sleep(ns.wait)
-        out = measure(traffic, sink, (host, int(port)), ns.pid, duration=ns.duration,
-                      connections=ns.connections, window=ns.window, rate=ns.rate)
+        out = measure(
+            traffic,
+            sink,
+            (host, int(port)),
+            ns.pid,
+            duration=ns.duration,
+            connections=ns.connections,
+            window=ns.window,
+            rate=ns.rate,
+        )
     finally:
         sink.close()
     print(json.dumps(out, indent=1))

@@ -40,9 +40,7 @@ CORPUS_SETS = ("tenth", "sigma", "elastic", "everything")
 
 def _sample_tenth(corpus: Path) -> list[str]:
     """Every 10th rule file of the whole corpus (sorted), for the 10x rule-count ratio."""
-    files = sorted(
-        str(p) for p in corpus.rglob("*") if p.suffix in (".yml", ".yaml", ".toml")
-    )
+    files = sorted(str(p) for p in corpus.rglob("*") if p.suffix in (".yml", ".yaml", ".toml"))
     return files[::10]
 
 
@@ -82,7 +80,12 @@ def _yaml_list(items: list[str], indent: str) -> str:
 
 
 def write_config(
-    folder: Path, name: str, port: int, sink_port: int, paths: list[str], cache: Path,
+    folder: Path,
+    name: str,
+    port: int,
+    sink_port: int,
+    paths: list[str],
+    cache: Path,
     workers: int = 1,
 ) -> Path:
     """A serve config: listen on ``port``, forward to the sink, these rules, no reload."""
@@ -108,7 +111,9 @@ class Serve:
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
             [ruletag_bin(), "serve", "--config", str(config)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self.lines: list[str] = []
         ready = threading.Event()
@@ -159,8 +164,14 @@ def precompile(paths: list[str], cache: Path) -> dict[str, Any]:
 
 
 def run_set(
-    name: str, paths: list[str], traffic: load.Traffic, sink: load.SinkProcess, work: Path,
-    cache: Path, ns: argparse.Namespace, workers: int = 1,
+    name: str,
+    paths: list[str],
+    traffic: load.Traffic,
+    sink: load.SinkProcess,
+    work: Path,
+    cache: Path,
+    ns: argparse.Namespace,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Start serve for one rule set, run full speed then fixed rate, stop it."""
     port = load.free_port()
@@ -173,21 +184,42 @@ def run_set(
         # traffic (docs/rules.md): the runs below measure the steady state
         t_warm = time.monotonic()
         while True:
-            load.measure(traffic, sink, ("127.0.0.1", port), srv.pid, duration=1.0,
-                         connections=conns, window=ns.window)
+            load.measure(
+                traffic,
+                sink,
+                ("127.0.0.1", port),
+                srv.pid,
+                duration=1.0,
+                connections=conns,
+                window=ns.window,
+            )
             tuned = sum("pre-filter re-tuned" in line for line in srv.lines)
             if not paths or tuned >= workers or time.monotonic() - t_warm > ns.tune_timeout:
                 break
         row["tuned_after_s"] = round(time.monotonic() - t_warm, 1) if paths and tuned else None
-        full = load.measure(traffic, sink, ("127.0.0.1", port), srv.pid,
-                            duration=ns.duration, connections=conns, window=ns.window)
+        full = load.measure(
+            traffic,
+            sink,
+            ("127.0.0.1", port),
+            srv.pid,
+            duration=ns.duration,
+            connections=conns,
+            window=ns.window,
+        )
         row["full"] = full
         if workers == 1 and ns.rate:
             # a steady load the server can carry: at most half its full-speed throughput
             rate = min(ns.rate, full["records_per_s"] / 2)
             row["rate"] = load.measure(
-                traffic, sink, ("127.0.0.1", port), srv.pid, duration=ns.duration / 2,
-                connections=1, window=ns.window, rate=rate)
+                traffic,
+                sink,
+                ("127.0.0.1", port),
+                srv.pid,
+                duration=ns.duration / 2,
+                connections=1,
+                window=ns.window,
+                rate=rate,
+            )
     finally:
         srv.stop()
     return row
@@ -198,8 +230,11 @@ def _fmt_row(r: dict[str, Any], relay: float | None) -> str:
     rate = r.get("rate") or {}
     vs = f"{f['records_per_s'] / relay * 100:.0f}%" if relay else "-"
     cap = 1e6 / f["cpu_us_per_record"] if f["cpu_us_per_record"] else 0
-    lat = (f"{rate['p50_ms']:.1f} / {rate['p99_ms']:.1f} @ {rate['records_per_s'] / 1000:.0f}k/s"
-           if rate else "-")
+    lat = (
+        f"{rate['p50_ms']:.1f} / {rate['p99_ms']:.1f} @ {rate['records_per_s'] / 1000:.0f}k/s"
+        if rate
+        else "-"
+    )
     return (
         f"| {r['set']} | {r.get('rules', 0)} | {r['workers']} | {r['startup_s']:.2f} | "
         f"{r['tuned_after_s'] if r.get('tuned_after_s') is not None else '-'} | "
@@ -220,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="/tmp/ruletag-bench", help="traffic, configs, cache")
     ap.add_argument("--chunks", type=int, default=100, help="traffic chunks of 1000 records")
-    ap.add_argument("--corpus", type=Path,
-                    help="folder holding sigma/ and elastic/ (e.g. ../shared/rules)")
+    ap.add_argument(
+        "--corpus", type=Path, help="folder holding sigma/ and elastic/ (e.g. ../shared/rules)"
+    )
     ap.add_argument("--sets", help="comma-separated rule sets (default: every available one)")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per full-speed run")
     ap.add_argument("--rate", type=float, default=50_000.0, help="records/s of the fixed-rate run")
@@ -229,8 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connections", type=int, default=1)
     ap.add_argument("--workers", default="1,2", help="worker counts to try with everything")
     ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--tune-timeout", type=float, default=120.0,
-                    help="longest warm-up waiting for the pre-filter to re-tune (seconds)")
+    ap.add_argument(
+        "--tune-timeout",
+        type=float,
+        default=120.0,
+        help="longest warm-up waiting for the pre-filter to re-tune (seconds)",
+    )
     ns = ap.parse_args(argv)
     sets = rule_sets(ns.corpus)
     if ns.corpus is not None and not all((ns.corpus / d).is_dir() for d in ("sigma", "elastic")):
@@ -239,11 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     missing = [s for s in ns.sets.split(",") if s not in sets]
     if missing:
         need = [s for s in missing if s in CORPUS_SETS]
-        ap.error(f"rule sets {','.join(missing)}: "
-                 + ("need --corpus DIR" if need == missing else f"unknown; have {','.join(sets)}"))
+        ap.error(
+            f"rule sets {','.join(missing)}: "
+            + ("need --corpus DIR" if need == missing else f"unknown; have {','.join(sets)}")
+        )
     if ns.corpus is None:
-        print(f"no --corpus: benchmarking {ns.sets} only (the corpus sets "
-              f"{','.join(CORPUS_SETS)} need --corpus DIR)", flush=True)
+        print(
+            f"no --corpus: benchmarking {ns.sets} only (the corpus sets "
+            f"{','.join(CORPUS_SETS)} need --corpus DIR)",
+            flush=True,
+        )
     work = Path(ns.work)
     cache = work / f"cache-{code_hash()}"  # a table compiled by other code is rebuilt
     cache.mkdir(parents=True, exist_ok=True)
@@ -283,10 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         sink.close()
     relay = next((r["full"]["records_per_s"] for r in rows if r["set"] == "none"), None)
     print()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}; traffic: {meta['records']} records, "
-          f"{meta['avg_record_bytes']} B/record avg, {meta['match_fraction'] * 100:.1f}% planted "
-          f"positives; {ns.duration:.0f} s per run, window {ns.window} chunks")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}; traffic: {meta['records']} records, "
+        f"{meta['avg_record_bytes']} B/record avg, {meta['match_fraction'] * 100:.1f}% planted "
+        f"positives; {ns.duration:.0f} s per run, window {ns.window} chunks"
+    )
     print()
     print(HEADER)
     for r in rows:
@@ -294,14 +341,20 @@ def main(argv: list[str] | None = None) -> int:
     by = {(r["set"], r["workers"]): r for r in rows}
     if ("tenth", 1) in by and ("everything", 1) in by:
         a, b = by[("tenth", 1)], by[("everything", 1)]
-        print(f"\nper-record CPU, everything vs tenth ({b['rules']} vs {a['rules']} rules): "
-              f"{b['full']['cpu_us_per_record'] / a['full']['cpu_us_per_record']:.2f}x")
+        print(
+            f"\nper-record CPU, everything vs tenth ({b['rules']} vs {a['rules']} rules): "
+            f"{b['full']['cpu_us_per_record'] / a['full']['cpu_us_per_record']:.2f}x"
+        )
     if ("everything", 2) in by and ("everything", 1) in by:
-        print(f"workers 2 vs 1 (everything): "
-              f"{by[('everything', 2)]['full']['records_per_s'] / by[('everything', 1)]['full']['records_per_s']:.2f}x")  # noqa: E501
+        two = by[("everything", 2)]["full"]["records_per_s"]
+        one = by[("everything", 1)]["full"]["records_per_s"]
+        print(f"workers 2 vs 1 (everything): {two / one:.2f}x")
     if ns.json:
-        Path(ns.json).write_text(json.dumps({"meta": {k: v for k, v in meta.items()
-                                                      if k != "chunks"}, "rows": rows}, indent=1))
+        Path(ns.json).write_text(
+            json.dumps(
+                {"meta": {k: v for k, v in meta.items() if k != "chunks"}, "rows": rows}, indent=1
+            )
+        )
     return 0
 
 

@@ -93,18 +93,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for key in ("sigma", "elastic", "both"):
         r = report[key]
-        print(f"{key}: {r['files']} files, {r['loaded']} loaded, {r['unsupported']} unsupported, "
-              f"{r['invalid']} invalid, {r['duplicates']} duplicates; load {r['load_seconds']}s, "
-              f"compile {r['compile_seconds']}s, table {r['table_bytes'] / 1048576:.1f} MiB "
-              f"(reload {r['table_load_seconds']}s)")
+        print(
+            f"{key}: {r['files']} files, {r['loaded']} loaded, {r['unsupported']} unsupported, "
+            f"{r['invalid']} invalid, {r['duplicates']} duplicates; load {r['load_seconds']}s, "
+            f"compile {r['compile_seconds']}s, table {r['table_bytes'] / 1048576:.1f} MiB "
+            f"(reload {r['table_load_seconds']}s)"
+        )
         for reason, n in r["top_reasons"].items():
             print(f"    {n:5d}  {reason}")
     kinds = report["elastic_query_kinds"]
     eql = kinds["eql_single_event"] + kinds["eql_sequence_or_sample"]
     share = kinds["eql_single_event"] / eql if eql else 0.0
-    print(f"elastic (active rules): {eql} EQL, {kinds['eql_single_event']} single-event "
-          f"({share:.0%}), {kinds['eql_sequence_or_sample']} sequence/sample; "
-          f"{kinds['other_language']} other languages")
+    print(
+        f"elastic (active rules): {eql} EQL, {kinds['eql_single_event']} single-event "
+        f"({share:.0%}), {kinds['eql_sequence_or_sample']} sequence/sample; "
+        f"{kinds['other_language']} other languages"
+    )
     return 0
 
 

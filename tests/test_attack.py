@@ -17,14 +17,16 @@ def test_tactic_shortnames_in_every_spelling() -> None:
     assert attack.tactic_by_shortname("defense_evasion") == want
     assert attack.tactic_by_shortname("Defense Evasion") == want
     assert attack.tactic_by_shortname("command_and_control") == Attack(
-        "TA0011", "Command and Control")
+        "TA0011", "Command and Control"
+    )
     assert attack.tactic_by_shortname("no-such-tactic") is None
 
 
 def test_v19_tactics_stealth_and_defense_impairment() -> None:
     assert attack.tactic_by_shortname("stealth") == Attack("TA0005", "Stealth")
     assert attack.tactic_by_shortname("defense-impairment") == Attack(
-        "TA0112", "Defense Impairment")
+        "TA0112", "Defense Impairment"
+    )
     assert attack.tactic_by_id("TA0112") == Attack("TA0112", "Defense Impairment")
     # By id, TA0005 keeps the name of the release the table was generated from.
     assert attack.tactic_by_id("ta0005") == Attack("TA0005", "Defense Evasion")

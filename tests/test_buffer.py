@@ -171,7 +171,10 @@ def test_real_write_error_leaves_nothing_behind(tmp_path: Path) -> None:
     plugin = Path(__file__).resolve().parents[1] / "plugin"
     proc = subprocess.run(
         [sys.executable, "-c", _REAL_WRITE_ERROR, str(tmp_path)],
-        env={"PYTHONPATH": str(plugin)}, capture_output=True, text=True, timeout=30,
+        env={"PYTHONPATH": str(plugin)},
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert proc.returncode == 0, proc.stderr
     again = DiskBuffer(tmp_path)

@@ -48,11 +48,16 @@ class DiskRelay:
 @asynccontextmanager
 async def disk_relay(path: Path, sink: Sink, **buffer: Any) -> AsyncIterator[DiskRelay]:
     """A relay in disk mode on 127.0.0.1 whose downstream is ``sink`` (up or down)."""
-    cfg = config_from_mapping({
-        "listen": {"host": "127.0.0.1", "port": 0},
-        "forward": {"servers": [{"host": "127.0.0.1", "port": sink.port}], **FAST_FORWARD,
-                    "ack_timeout": 1},
-    })
+    cfg = config_from_mapping(
+        {
+            "listen": {"host": "127.0.0.1", "port": 0},
+            "forward": {
+                "servers": [{"host": "127.0.0.1", "port": sink.port}],
+                **FAST_FORWARD,
+                "ack_timeout": 1,
+            },
+        }
+    )
     assert cfg.forward is not None
     fwd = Forwarder(cfg.forward)
     await fwd.start()
@@ -61,8 +66,12 @@ async def disk_relay(path: Path, sink: Sink, **buffer: Any) -> AsyncIterator[Dis
     server = Server(cfg.listen, pipe.submit)
     await server.start()
     metrics = Metrics()
-    metrics.bind(server=server, forwarder=fwd, buffer=pipe.stats,
-                 health=health_of((lambda: server.listening, "listener not up")))
+    metrics.bind(
+        server=server,
+        forwarder=fwd,
+        buffer=pipe.stats,
+        health=health_of((lambda: server.listening, "listener not up")),
+    )
     http = MetricsServer(metrics, "127.0.0.1", 0)
     await http.start()
     try:
@@ -120,9 +129,16 @@ def test_same_chunk_id_other_content_is_a_new_chunk(arun: Any, tmp_path: Path) -
             await a.close()
             await b.close()
         got = seqs(sink)
-        report(tmp_path, "disk_same_chunk_id", chunks_sent=3, chunks_acked=acked,
-               records_sent=9, records_delivered=len(got), lost=6 - len(set(got)),
-               duplicates_dropped=stats.duplicates_dropped)
+        report(
+            tmp_path,
+            "disk_same_chunk_id",
+            chunks_sent=3,
+            chunks_acked=acked,
+            records_sent=9,
+            records_delivered=len(got),
+            lost=6 - len(set(got)),
+            duplicates_dropped=stats.duplicates_dropped,
+        )
         assert sorted(got) == [0, 1, 2, 100, 101, 102]
         await sink.stop()
 
@@ -177,9 +193,15 @@ def test_damaged_record_is_skipped_alone_and_named(
 
     sink = arun(replay(), timeout=60)
     got = seqs(sink)
-    report(tmp_path, "disk_damaged_record", chunks_sent=total, chunks_acked=acked,
-           records_delivered=len(set(got)), lost=total - len(set(got)),
-           duplicated=len(got) - len(set(got)))
+    report(
+        tmp_path,
+        "disk_damaged_record",
+        chunks_sent=total,
+        chunks_acked=acked,
+        records_delivered=len(set(got)),
+        lost=total - len(set(got)),
+        duplicated=len(got) - len(set(got)),
+    )
     assert sorted(set(got)) == [i for i in range(total) if i != victim]
     log = caplog.text
     assert "1 chunk record(s) lost" in log and "'c-00200'" in log, log
@@ -197,8 +219,12 @@ def test_format_1_segment_is_replayed(tmp_path: Path) -> None:
     """A segment written by the previous format (no header, RTB1 records) is still read."""
     chunks = [make_chunk("t", [{"seq": i}]) for i in range(3)]
     body = b"".join(
-        _v1_record(1, msgpack.packb([i + 1, c.tag, c.entries, c.count, b"id-%d" % i, 0, False,
-                                     1.0], use_bin_type=True))
+        _v1_record(
+            1,
+            msgpack.packb(
+                [i + 1, c.tag, c.entries, c.count, b"id-%d" % i, 0, False, 1.0], use_bin_type=True
+            ),
+        )
         for i, c in enumerate(chunks)
     ) + _v1_record(2, msgpack.packb([2]))
     (tmp_path / "segment-000000000001.log").write_bytes(body)
@@ -310,8 +336,12 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
     mnt.mkdir()
     if shutil.which("mount") is None:
         pytest.skip("no mount command: cannot make a small filesystem")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True, timeout=10)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     if proc.returncode != 0:
         pytest.skip(f"mounting a 2 MiB tmpfs is not permitted here: {proc.stderr.strip()}")
     try:
@@ -388,8 +418,12 @@ async def full_disk_round(relay: DiskRelay, sink: Sink, folder: Path, seq: int) 
     assert fresh == 400, f"a new sender got {fresh} of 400 chunks acked"
     fresh_want = records_of(held + 1, held + 400)
     await eventually(lambda: fresh_want <= set(seqs(sink)), "the new sender's records", 30)
-    return {"filled_chunks": len(acked) + 1, "new_sender_acked": fresh,
-            "segments_left": len(on_disk(folder)), "next_seq": held + 401}
+    return {
+        "filled_chunks": len(acked) + 1,
+        "new_sender_acked": fresh,
+        "segments_left": len(on_disk(folder)),
+        "next_seq": held + 401,
+    }
 
 
 @pytest.mark.slow
@@ -406,19 +440,20 @@ def test_full_disk_reclaims_every_segment_and_never_wedges(
         sink = Sink()
         await sink.start()
         seq = 0
-        async with disk_relay(small_fs, sink, max_bytes=1 << 30,
-                              segment_bytes=64 << 20) as relay:
+        async with disk_relay(small_fs, sink, max_bytes=1 << 30, segment_bytes=64 << 20) as relay:
             for rnd in (1, 2):
                 got = await full_disk_round(relay, sink, small_fs, seq)
                 seq = got.pop("next_seq")
                 figures[f"round{rnd}"] = "/".join(f"{k}={v}" for k, v in got.items())
             stats = relay.pipe.stats
-            figures.update(write_errors=stats.write_errors,
-                           peak_rss_kib=rss_kib(os.getpid()))
+            figures.update(write_errors=stats.write_errors, peak_rss_kib=rss_kib(os.getpid()))
         delivered = seqs(sink)
-        figures.update(records_sent=seq * 10, records_delivered=len(set(delivered)),
-                       lost=seq * 10 - len(set(delivered)),
-                       duplicated=len(delivered) - len(set(delivered)))
+        figures.update(
+            records_sent=seq * 10,
+            records_delivered=len(set(delivered)),
+            lost=seq * 10 - len(set(delivered)),
+            duplicated=len(delivered) - len(set(delivered)),
+        )
         await sink.stop()
 
     arun(scenario(), timeout=150)

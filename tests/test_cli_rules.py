@@ -20,9 +20,13 @@ RULETAG = Path(sys.executable).with_name("ruletag")
 
 pytestmark = pytest.mark.skipif(not RULETAG.exists(), reason="ruletag console script not installed")
 
-HIT = {"EventID": 3, "Channel": "Microsoft-Windows-Sysmon/Operational",
-       "Image": "C:\\Windows\\System32\\wuauclt.exe", "DestinationIp": "8.8.8.8",
-       "CommandLine": "wuauclt.exe /UpdateDeployProvider x.dll /RunHandlerComServer"}
+HIT = {
+    "EventID": 3,
+    "Channel": "Microsoft-Windows-Sysmon/Operational",
+    "Image": "C:\\Windows\\System32\\wuauclt.exe",
+    "DestinationIp": "8.8.8.8",
+    "CommandLine": "wuauclt.exe /UpdateDeployProvider x.dll /RunHandlerComServer",
+}
 MISS = {**HIT, "DestinationIp": "10.1.2.3"}
 
 PLACEHOLDER_RULE = """\
@@ -44,8 +48,9 @@ level: low
 
 def run(*args: str, stdin: bytes | None = None, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
-    return subprocess.run([str(RULETAG), *args], input=stdin, capture_output=True, env=env,
-                          timeout=120, check=False)
+    return subprocess.run(
+        [str(RULETAG), *args], input=stdin, capture_output=True, env=env, timeout=120, check=False
+    )
 
 
 @pytest.fixture
@@ -88,10 +93,21 @@ def test_rules_check_vars_expands_placeholders(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["loaded"] == 1
     events = tmp_path / "ev.jsonl"
-    events.write_text(json.dumps({"EventID": 1, "Channel": "Microsoft-Windows-Sysmon/Operational",
-                                  "User": "BOB"}) + "\n", encoding="utf-8")
-    m = run("match", "--rules", str(rule), "--vars", str(varfile), "--events", str(events),
-            cache=tmp_path / "c")
+    events.write_text(
+        json.dumps({"EventID": 1, "Channel": "Microsoft-Windows-Sysmon/Operational", "User": "BOB"})
+        + "\n",
+        encoding="utf-8",
+    )
+    m = run(
+        "match",
+        "--rules",
+        str(rule),
+        "--vars",
+        str(varfile),
+        "--events",
+        str(events),
+        cache=tmp_path / "c",
+    )
     assert m.returncode == 0, m.stderr
     (out,) = [json.loads(x) for x in m.stdout.splitlines()]
     assert [d["rule_id"] for d in out["detections"]] == ["11111111-2222-4333-8444-555555555555"]
@@ -115,8 +131,15 @@ def test_compile_then_match_with_the_table(rules_dir: Path, tmp_path: Path) -> N
     assert got[0]["DestinationIp"] == "10.1.2.3"
     (det,) = got[1]["detections"]
     assert det["rule_id"] == SIGMA_ID and det["author"] and det["source"] == "sigma"
-    only = run("match", "--rules", str(table), "--events", str(events), "--only-matches",
-               cache=tmp_path / "c")
+    only = run(
+        "match",
+        "--rules",
+        str(table),
+        "--events",
+        str(events),
+        "--only-matches",
+        cache=tmp_path / "c",
+    )
     assert [json.loads(x)["DestinationIp"] for x in only.stdout.splitlines()] == ["8.8.8.8"]
 
 
@@ -125,16 +148,19 @@ def test_match_msgpack_from_stdin_all_shapes(tmp_path: Path) -> None:
     rec = [dict(HIT, n=i) for i in range(6)]
     rec[2] = dict(MISS, n=2)
     entries = msgpack.packb([1714564800, rec[4]]) + msgpack.packb([[1714564800, {}], rec[5]])
-    stream = b"".join([
-        msgpack.packb(rec[0]),
-        msgpack.packb([1714564800, rec[1]]),
-        msgpack.packb(["tag", 1714564800, rec[2], {"chunk": "abc"}]),  # Message
-        msgpack.packb(["tag", [[1714564800, rec[3]]]]),  # Forward
-        msgpack.packb(None),  # heartbeat
-        msgpack.packb(["tag", entries, {"size": 2}]),  # PackedForward
-    ])
-    m = run("match", "--rules", str(SIGMA_SEED), "--events", "-", stdin=stream,
-            cache=tmp_path / "c")
+    stream = b"".join(
+        [
+            msgpack.packb(rec[0]),
+            msgpack.packb([1714564800, rec[1]]),
+            msgpack.packb(["tag", 1714564800, rec[2], {"chunk": "abc"}]),  # Message
+            msgpack.packb(["tag", [[1714564800, rec[3]]]]),  # Forward
+            msgpack.packb(None),  # heartbeat
+            msgpack.packb(["tag", entries, {"size": 2}]),  # PackedForward
+        ]
+    )
+    m = run(
+        "match", "--rules", str(SIGMA_SEED), "--events", "-", stdin=stream, cache=tmp_path / "c"
+    )
     assert m.returncode == 0, m.stderr
     got = [json.loads(x) for x in m.stdout.splitlines()]
     assert [g["n"] for g in got] == list(range(6))
@@ -166,8 +192,7 @@ def test_match_bad_events_file_fails_cleanly(tmp_path: Path) -> None:
     ("name", "data", "message"),
     [
         ("missing.bin", None, "No such file"),
-        ("truncated.bin", msgpack.packb(HIT) + msgpack.packb([1714564800, HIT])[:-3],
-         "truncated"),
+        ("truncated.bin", msgpack.packb(HIT) + msgpack.packb([1714564800, HIT])[:-3], "truncated"),
         ("badgzip.bin", msgpack.packb(["t", b"\x1f\x8b\x08\x00\x00\x80", {}]), "bad gzip"),
     ],
 )

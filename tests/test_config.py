@@ -47,37 +47,56 @@ def test_defaults() -> None:
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"forward": {"servers": [{"host": "h", "port": 70000}]}},
-         "forward.servers[0].port: must be an int 1..65535"),
-        ({"forward": {"servers": [{"host": "h", "port": "80"}]}},
-         "forward.servers[0].port: must be an int 1..65535"),
-        ({"forward": {"servers": [{"host": "h", "prot": 1}]}},
-         "forward.servers[0].prot: unknown key"),
+        (
+            {"forward": {"servers": [{"host": "h", "port": 70000}]}},
+            "forward.servers[0].port: must be an int 1..65535",
+        ),
+        (
+            {"forward": {"servers": [{"host": "h", "port": "80"}]}},
+            "forward.servers[0].port: must be an int 1..65535",
+        ),
+        (
+            {"forward": {"servers": [{"host": "h", "prot": 1}]}},
+            "forward.servers[0].prot: unknown key",
+        ),
         ({**MIN, "lisen": {}}, "lisen: unknown key"),
         (with_("listen", idle_timeout="soon"), "listen.idle_timeout: must be a duration"),
         (with_("listen", max_frame_size="big"), "listen.max_frame_size: must be a size"),
         (with_("listen", max_connections=0), "listen.max_connections: must be an int >= 1"),
-        (with_("listen", users=[{"username": "u", "password": "p"}]),
-         "listen.users: needs listen.shared_key"),
-        (with_("listen", users=[{"username": "u", "pass": "p"}], shared_key="k"),
-         "listen.users[0].pass: unknown key"),
-        (with_("listen", tls={"cert_file": "c", "key_file": "k",
-                              "client_cert_required": True}),
-         "listen.tls.ca_file: is required"),
+        (
+            with_("listen", users=[{"username": "u", "password": "p"}]),
+            "listen.users: needs listen.shared_key",
+        ),
+        (
+            with_("listen", users=[{"username": "u", "pass": "p"}], shared_key="k"),
+            "listen.users[0].pass: unknown key",
+        ),
+        (
+            with_("listen", tls={"cert_file": "c", "key_file": "k", "client_cert_required": True}),
+            "listen.tls.ca_file: is required",
+        ),
         (with_("listen", tls={"cert_file": "c"}), "listen.tls.key_file: is required"),
         (with_("listen", path="/tmp/s", port=1), "listen.path: set either path"),
-        (with_("listen", shared_key="k", self_hostname="ruletag-out"),
-         "forward.self_hostname: must differ"),
+        (
+            with_("listen", shared_key="k", self_hostname="ruletag-out"),
+            "forward.self_hostname: must differ",
+        ),
         (with_("forward", entry_format="v3"), "forward.entry_format: must be one of v1, v2"),
         (with_("forward", require_ack="yes"), "forward.require_ack: must be true or false"),
-        (with_("forward", retry_backoff_base=10, retry_backoff_max=1),
-         "forward.retry_backoff_max: must be >= retry_backoff_base"),
+        (
+            with_("forward", retry_backoff_base=10, retry_backoff_max=1),
+            "forward.retry_backoff_max: must be >= retry_backoff_base",
+        ),
         (with_("forward", tls={"cert_file": "c"}), "forward.tls: cert_file and key_file"),
         ({"forward": {"servers": []}}, "forward.servers: must be a non-empty list"),
-        ({"forward": {"servers": [{"host": "h", "standby": True}]}},
-         "forward.servers: at least one server must not be standby"),
-        ({"forward": {"servers": [{"host": "h", "username": "u"}]}},
-         "forward.servers[0].username: needs a shared_key"),
+        (
+            {"forward": {"servers": [{"host": "h", "standby": True}]}},
+            "forward.servers: at least one server must not be standby",
+        ),
+        (
+            {"forward": {"servers": [{"host": "h", "username": "u"}]}},
+            "forward.servers[0].username: needs a shared_key",
+        ),
         ({"listen": {}}, "forward: is required"),
         (with_("log", format="xml"), "log.format: must be one of text, json"),
         ([1, 2], ": must be a mapping"),
@@ -90,10 +109,17 @@ def test_errors_name_the_key(data: Any, message: str) -> None:
 
 
 def test_forward_defaults_are_inherited_by_servers() -> None:
-    cfg = config_from_mapping({"forward": {
-        "shared_key": "k", "username": "u", "password": "p", "tls": True,
-        "servers": ["a:1", {"host": "b", "shared_key": "other", "tls": {"verify": False}}],
-    }})
+    cfg = config_from_mapping(
+        {
+            "forward": {
+                "shared_key": "k",
+                "username": "u",
+                "password": "p",
+                "tls": True,
+                "servers": ["a:1", {"host": "b", "shared_key": "other", "tls": {"verify": False}}],
+            }
+        }
+    )
     a, b = cfg.forward.servers
     assert (a.host, a.port, a.shared_key, a.username, a.password) == ("a", 1, "k", "u", "p")
     assert a.tls.enabled and b.tls.enabled and not b.tls.verify
@@ -133,7 +159,8 @@ def test_config_from_cli() -> None:
     cfg = config_from_cli("0.0.0.0:0", "a:1,[::1]:2", "key")
     assert (cfg.listen.host, cfg.listen.port, cfg.listen.shared_key) == ("0.0.0.0", 0, "key")
     assert [(s.host, s.port, s.shared_key) for s in cfg.forward.servers] == [
-        ("a", 1, "key"), ("::1", 2, "key")
+        ("a", 1, "key"),
+        ("::1", 2, "key"),
     ]
     assert config_from_cli("unix:/tmp/x.sock", "a").listen.path == "/tmp/x.sock"
     with pytest.raises(ConfigError, match="--forward: bad port"):
@@ -160,15 +187,17 @@ def test_serve_keys_per_side() -> None:
     assert keys("--listen-shared-key", "agents") == ("agents", [None, None])
     assert keys("--forward-shared-key", "agg") == (None, ["agg", "agg"])
     assert keys("--listen-shared-key", "agents", "--forward-shared-key", "agg") == (
-        "agents", ["agg", "agg"]
+        "agents",
+        ["agg", "agg"],
     )
     assert keys("--shared-key", "k", "--forward-shared-key", "agg") == ("k", ["agg", "agg"])
     assert keys("--shared-key", "k", "--listen-shared-key", "agents") == ("agents", ["k", "k"])
     with pytest.raises(ConfigError, match="--forward-shared-key: needs --forward"):
         _serve_config("--rules", "builtin:seeds", "--forward-shared-key", "agg")
     with pytest.raises(ConfigError, match="not both"):
-        _serve_config("--config", str(REPO / "pipelines" / "relay.yaml"),
-                      "--listen-shared-key", "agents")
+        _serve_config(
+            "--config", str(REPO / "pipelines" / "relay.yaml"), "--listen-shared-key", "agents"
+        )
 
 
 def test_example_relay_pipeline_is_valid() -> None:

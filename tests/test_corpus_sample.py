@@ -26,13 +26,18 @@ from ruletag.rules.table import CompiledTable
 from test_differential import _check, _material, records_from
 
 MANIFEST: dict[str, dict[str, object]] = json.loads((SAMPLE / "MANIFEST.json").read_text())
-LICENSES = ["sigma/LICENSE", "sigma/LICENSE.Detection.Rules.md", "elastic/LICENSE.txt",
-            "elastic/NOTICE.txt"]
+LICENSES = [
+    "sigma/LICENSE",
+    "sigma/LICENSE.Detection.Rules.md",
+    "elastic/LICENSE.txt",
+    "elastic/NOTICE.txt",
+]
 
 
 def rule_files() -> list[str]:
-    return sorted(p.relative_to(SAMPLE).as_posix() for p in SAMPLE.rglob("*")
-                  if p.suffix in (".yml", ".toml"))
+    return sorted(
+        p.relative_to(SAMPLE).as_posix() for p in SAMPLE.rglob("*") if p.suffix in (".yml", ".toml")
+    )
 
 
 def outcome(rel: str) -> str:

@@ -30,13 +30,23 @@ def recs(i: int, n: int = 3) -> list[dict[str, Any]]:
 
 @asynccontextmanager
 async def durable(
-    path: Path, sink: Sink, *, max_bytes: int = 1 << 30, segment_bytes: int = 1 << 20,
+    path: Path,
+    sink: Sink,
+    *,
+    max_bytes: int = 1 << 30,
+    segment_bytes: int = 1 << 20,
     forward: dict[str, Any] | None = None,
 ) -> AsyncIterator[DurablePipeline]:
-    cfg = config_from_mapping({"forward": {
-        "servers": [{"host": "127.0.0.1", "port": sink.port}], **FAST_FORWARD,
-        "ack_timeout": 1, **(forward or {}),
-    }})
+    cfg = config_from_mapping(
+        {
+            "forward": {
+                "servers": [{"host": "127.0.0.1", "port": sink.port}],
+                **FAST_FORWARD,
+                "ack_timeout": 1,
+                **(forward or {}),
+            }
+        }
+    )
     assert cfg.forward is not None
     fwd = Forwarder(cfg.forward)
     await fwd.start()
@@ -104,8 +114,9 @@ def test_resend_of_a_buffered_chunk_id_is_stored_once(arun: Any, tmp_path: Path)
         await sink.stop()
         async with durable(tmp_path, sink) as pipe:
             chunk = make_chunk("t", recs(1))
-            with_id = Chunk(tag=chunk.tag, entries=chunk.entries, count=chunk.count,
-                            chunk_id=b"same-id")
+            with_id = Chunk(
+                tag=chunk.tag, entries=chunk.entries, count=chunk.count, chunk_id=b"same-id"
+            )
             await pipe.submit(with_id)
             await pipe.submit(with_id)  # fluentd resends after an ack timeout
             assert pipe.stats.appended == 1 and pipe.stats.duplicates_dropped == 1
@@ -147,8 +158,14 @@ def test_full_buffer_holds_the_ack_until_space_returns(
         assert sorted(set(seqs(sink))) == sorted(
             i * 1000 + j for i in range(total) for j in range(5)
         )
-        report(tmp_path, "disk_buffer_full", stored_before_full=stored, sent=total * 5,
-               delivered=len(set(seqs(sink))), duplicated=len(seqs(sink)) - len(set(seqs(sink))))
+        report(
+            tmp_path,
+            "disk_buffer_full",
+            stored_before_full=stored,
+            sent=total * 5,
+            delivered=len(set(seqs(sink))),
+            duplicated=len(seqs(sink)) - len(set(seqs(sink))),
+        )
         await sink.stop()
 
     arun(scenario(), timeout=30)
@@ -185,8 +202,15 @@ def test_enospc_means_no_ack_a_clear_log_and_recovery(
             await sink.wait_records(6, timeout=10)
         got = seqs(sink)
         assert sorted(set(got)) == [0, 1, 2, 1000, 1001, 1002]
-        report(tmp_path, "disk_enospc", sent=6, acked=6, delivered=len(set(got)),
-               duplicated=len(got) - len(set(got)), write_errors=pipe.stats.write_errors)
+        report(
+            tmp_path,
+            "disk_enospc",
+            sent=6,
+            acked=6,
+            delivered=len(set(got)),
+            duplicated=len(got) - len(set(got)),
+            write_errors=pipe.stats.write_errors,
+        )
         await sink.stop()
 
     arun(scenario(), timeout=30)
@@ -202,8 +226,12 @@ def test_server_acks_from_disk_while_downstream_is_down(arun: Any, tmp_path: Pat
         await sink.start()
         await sink.stop()
         async with durable(tmp_path, sink) as pipe:
-            cfg = config_from_mapping({"listen": {"port": 0}, "forward": {
-                "servers": [{"host": "127.0.0.1", "port": sink.port}]}})
+            cfg = config_from_mapping(
+                {
+                    "listen": {"port": 0},
+                    "forward": {"servers": [{"host": "127.0.0.1", "port": sink.port}]},
+                }
+            )
             server = Server(cfg.listen, pipe.submit)
             await server.start()
             src = await Source.connect(server.port)
@@ -244,8 +272,9 @@ def test_full_buffer_of_acked_data_rolls_and_reclaims(tmp_path: Path) -> None:
     buf.close()
 
 
-def test_failed_ack_record_still_frees_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_failed_ack_record_still_frees_space(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     buf = DiskBuffer(tmp_path, segment_bytes=600)
     buf.open()
     ids = [buf.append(make_chunk("t", recs(i))) for i in range(4)]
@@ -269,9 +298,19 @@ def test_buffer_config_and_cli_override(tmp_path: Path) -> None:
     from ruletag.errors import ConfigError
 
     base = {"forward": {"servers": ["127.0.0.1:24225"]}}
-    cfg = config_from_mapping({**base, "buffer": {"type": "disk", "path": "buf",
-                                                  "max_size": "64MiB", "segment_size": "8MiB",
-                                                  "fsync": "never"}}, tmp_path)
+    cfg = config_from_mapping(
+        {
+            **base,
+            "buffer": {
+                "type": "disk",
+                "path": "buf",
+                "max_size": "64MiB",
+                "segment_size": "8MiB",
+                "fsync": "never",
+            },
+        },
+        tmp_path,
+    )
     assert cfg.buffer is not None and cfg.buffer.disk
     assert cfg.buffer.path == str(tmp_path / "buf") and cfg.buffer.max_size == 64 << 20
     assert cfg.buffer.fsync == "never"
@@ -279,8 +318,10 @@ def test_buffer_config_and_cli_override(tmp_path: Path) -> None:
     for bad, needle in [
         ({"type": "disk"}, "buffer.path"),
         ({"type": "tape"}, "buffer.type"),
-        ({"type": "disk", "path": "b", "max_size": "1MiB", "segment_size": "1MiB"},
-         "buffer.max_size"),
+        (
+            {"type": "disk", "path": "b", "max_size": "1MiB", "segment_size": "1MiB"},
+            "buffer.max_size",
+        ),
         ({"type": "disk", "path": "b", "fsync": "sometimes"}, "buffer.fsync"),
         ({"type": "disk", "path": "b", "colour": 1}, "buffer.colour"),
     ]:
@@ -308,6 +349,7 @@ class _FlakyOutput:
 def test_unexpected_output_error_keeps_delivery_going(arun: Any, tmp_path: Path) -> None:
     """A delivery task survives an output raising something unexpected: the chunk stays
     buffered and is delivered on a later try (a dead task would strand it until a restart)."""
+
     async def scenario() -> None:
         out = _FlakyOutput(failures=3)
         pipe = DurablePipeline(out, DiskBuffer(tmp_path), concurrency=1, retry_max=0.05)

@@ -42,13 +42,26 @@ EQL_ID = "8e2485b6-a74f-411b-bf7f-38b819f3a846"
 TAG = "windows.events"
 #: Line 38: the real SigmaHQ rule says ``contains|all`` (see test_seed_rules.py).
 OVERRIDES = {38: [SIGMA_ID]}
-DETECTION_KEYS = {"rule_id", "name", "source", "severity", "risk_score", "author", "tactics",
-                  "techniques", "ruleset_version"}
+DETECTION_KEYS = {
+    "rule_id",
+    "name",
+    "source",
+    "severity",
+    "risk_score",
+    "author",
+    "tactics",
+    "techniques",
+    "ruleset_version",
+}
+
 
 def seed_events() -> tuple[list[dict[str, Any]], list[list[str]]]:
     """The 52 capture records and the sorted rule ids each must get."""
-    records = [json.loads(line) for line in
-               (CAPTURES / "windows-events.jsonl").read_text("utf-8").splitlines() if line]
+    records = [
+        json.loads(line)
+        for line in (CAPTURES / "windows-events.jsonl").read_text("utf-8").splitlines()
+        if line
+    ]
     exp = json.loads((CAPTURES / "windows-events.expected.json").read_text("utf-8"))
     want = []
     for r in exp["records"]:
@@ -83,8 +96,11 @@ async def http_get(port: int, path: str) -> tuple[int, str]:
 async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     status, body = await http_get(port, "/metrics")
     assert status == 200
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(body) for s in fam.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(body)
+        for s in fam.samples
+    }
 
 
 def metrics_port(lines: list[str]) -> int:
@@ -148,14 +164,18 @@ def test_config_sections(tmp_path: Path) -> None:
 
 
 def test_cli_config_and_overrides(tmp_path: Path) -> None:
-    cfg = config_from_cli("127.0.0.1:0", "127.0.0.1:9", rules=["r1", BUILTIN_RULES],
-                          metrics="127.0.0.1:0")
-    assert cfg.rules is not None and cfg.rules.paths == (str(Path.cwd() / "r1"),
-                                                         builtin_rules_path())
+    cfg = config_from_cli(
+        "127.0.0.1:0", "127.0.0.1:9", rules=["r1", BUILTIN_RULES], metrics="127.0.0.1:0"
+    )
+    assert cfg.rules is not None and cfg.rules.paths == (
+        str(Path.cwd() / "r1"),
+        builtin_rules_path(),
+    )
     assert cfg.metrics == MetricsConfig("127.0.0.1", 0) and cfg.enrich is None
     f = tmp_path / "p.yaml"
-    f.write_text("forward: {servers: ['127.0.0.1:9']}\n"
-                 "rules: {paths: [here], reload_interval: 0}\n")
+    f.write_text(
+        "forward: {servers: ['127.0.0.1:9']}\nrules: {paths: [here], reload_interval: 0}\n"
+    )
     loaded = load_config(f)
     assert loaded.rules is not None and loaded.rules.paths == (str(tmp_path / "here"),)
     over = with_cli_overrides(loaded, rules=["there"], metrics="127.0.0.1:1234")
@@ -183,7 +203,7 @@ def test_seed_events_annotated_in_ruletag_style(
             assert "2 rules loaded (ruleset " in ready["msg"]
             mport = metrics_port(sp.lines)
             assert await http_get(mport, "/health") == (200, "ok\n")
-            sent = await send_all(sp.port, [records[i:i + 13] for i in range(0, 52, 13)])
+            sent = await send_all(sp.port, [records[i : i + 13] for i in range(0, 52, 13)])
             got = entries_of(sink.chunks)
             assert len(got) == 52
             versions = set()
@@ -256,7 +276,8 @@ def test_ecs_style_and_retag_from_config(arun, serve_process, tmp_path: Path) ->
                 assert rec["event"]["severity"] == 2 and rec["event"]["risk_score"] > 0
                 orig_rec = unpack(orig)[1]
                 assert {k: v for k, v in rec.items() if k not in ("rule", "threat", "event")} == {
-                    k: v for k, v in orig_rec.items() if k not in ("rule", "threat", "event")}
+                    k: v for k, v in orig_rec.items() if k not in ("rule", "threat", "event")
+                }
                 if isinstance(orig_rec.get("event"), dict):  # ECS shape: event.* kept, merged
                     assert rec["event"]["id"] == orig_rec["event"]["id"]
             # order: the tags alternate in runs, so the sink saw more chunks than were sent
@@ -277,8 +298,9 @@ HIT = {
 }  # fmt: skip
 
 
-async def wait_metric(port: int, key: tuple[str, tuple[tuple[str, str], ...]], value: float,
-                      timeout: float = 10.0) -> None:
+async def wait_metric(
+    port: int, key: tuple[str, tuple[tuple[str, str], ...]], value: float, timeout: float = 10.0
+) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         s = await scrape(port)
@@ -351,8 +373,9 @@ def test_reloads_during_traffic_lose_nothing(arun, serve_process, tmp_path: Path
             ecs = [r for r in got if r.get("event", {}).get("id") == "ecs-01"]
             flags = [bool(r.get("detections")) for r in sorted(ecs, key=lambda r: r["seq"])]
             assert not flags[0] and flags[-1]
-            assert all(r["detections"][0]["rule_id"] == SIGMA_ID
-                       for r in got if r.get("EventID") == 3)
+            assert all(
+                r["detections"][0]["rule_id"] == SIGMA_ID for r in got if r.get("EventID") == 3
+            )
             s = await scrape(mport)
             assert s[("ruletag_records_in_total", ())] == seq
             assert s[("ruletag_connections_total", ())] == 3
@@ -438,8 +461,9 @@ def test_fluent_logger_client_records_are_annotated(
             ])  # fmt: skip
 
             def emit_all() -> None:
-                s = sender.FluentSender("windows", host="127.0.0.1", port=sp.port,
-                                        nanosecond_precision=True)
+                s = sender.FluentSender(
+                    "windows", host="127.0.0.1", port=sp.port, nanosecond_precision=True
+                )
                 try:
                     for rec in records:
                         assert s.emit("events", rec), s.last_error

@@ -147,22 +147,34 @@ def wait_for(cond: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def write_config(path: Path, sink_port: int, *, buffer_dir: Path | None = None,
-                 **forward: Any) -> Path:
+def write_config(
+    path: Path, sink_port: int, *, buffer_dir: Path | None = None, **forward: Any
+) -> Path:
     data: dict[str, Any] = {
         "listen": {
-            "host": "127.0.0.1", "port": 0, "max_in_flight_bytes": "1MiB",
-            "max_total_in_flight_bytes": "4MiB", "max_frame_size": "1MiB",
+            "host": "127.0.0.1",
+            "port": 0,
+            "max_in_flight_bytes": "1MiB",
+            "max_total_in_flight_bytes": "4MiB",
+            "max_frame_size": "1MiB",
         },
         "forward": {
             "servers": [{"host": "127.0.0.1", "port": sink_port}],
-            "retry_backoff_base": 0.05, "retry_backoff_max": 0.5, "ack_timeout": 2,
-            "connect_timeout": 1, "max_in_flight_bytes": "2MiB", **forward,
+            "retry_backoff_base": 0.05,
+            "retry_backoff_max": 0.5,
+            "ack_timeout": 2,
+            "connect_timeout": 1,
+            "max_in_flight_bytes": "2MiB",
+            **forward,
         },
     }
     if buffer_dir is not None:
-        data["buffer"] = {"type": "disk", "path": str(buffer_dir), "max_size": "16MiB",
-                          "segment_size": "2MiB"}
+        data["buffer"] = {
+            "type": "disk",
+            "path": str(buffer_dir),
+            "max_size": "16MiB",
+            "segment_size": "2MiB",
+        }
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -229,9 +241,14 @@ def test_kill9_mid_stream_loses_nothing_acked(mode: str, tmp_path: Path) -> None
         assert not lost, f"{len(lost)} acked records lost"
         assert set(got) == expected
         report(
-            tmp_path, f"kill9_{mode}", chunks_sent=sent_chunks,
-            records_sent=len(expected), records_acked_before_kill=len(acked_seqs),
-            chunks_resent=resent, records_delivered=len(set(got)), lost=len(lost),
+            tmp_path,
+            f"kill9_{mode}",
+            chunks_sent=sent_chunks,
+            records_sent=len(expected),
+            records_acked_before_kill=len(acked_seqs),
+            chunks_resent=resent,
+            records_delivered=len(set(got)),
+            lost=len(lost),
             duplicated=len(got) - len(set(got)),
         )
         bg.run(sink.stop())
@@ -255,8 +272,9 @@ class RssSampler:
         return round(max(self.samples) / 1024, 1)
 
 
-def _stall_and_check(bg: BackgroundLoop, streamer: Streamer, rss: RssSampler,
-                     seconds: float) -> tuple[int, int]:
+def _stall_and_check(
+    bg: BackgroundLoop, streamer: Streamer, rss: RssSampler, seconds: float
+) -> tuple[int, int]:
     """Let the stall run; return (unacked bytes at half time, at the end)."""
     end = time.monotonic() + seconds
     half = time.monotonic() + seconds / 2
@@ -321,12 +339,18 @@ def test_stalled_downstream_backpressure_and_bounded_memory(
             bg.run(streamer.stop())
         assert set(got) == expected
         report(
-            tmp_path, f"stalled_downstream_{trouble}_{mode}", stall_s=seconds,
-            records_sent=len(expected), records_acked_during_stall=acked_during_stall,
+            tmp_path,
+            f"stalled_downstream_{trouble}_{mode}",
+            stall_s=seconds,
+            records_sent=len(expected),
+            records_acked_during_stall=acked_during_stall,
             records_acked=len(streamer.acked_seqs()),
-            records_delivered=len(set(got)), duplicated=len(got) - len(set(got)),
-            sender_unacked_bytes_half=at_half, sender_unacked_bytes_end=at_end,
-            rss_baseline_mib=round(baseline / 1024, 1), rss_peak_mib=rss.peak_mib,
+            records_delivered=len(set(got)),
+            duplicated=len(got) - len(set(got)),
+            sender_unacked_bytes_half=at_half,
+            sender_unacked_bytes_end=at_end,
+            rss_baseline_mib=round(baseline / 1024, 1),
+            rss_peak_mib=rss.peak_mib,
         )
         bg.run(sink.stop())
 
@@ -365,9 +389,13 @@ def test_unreliable_downstream_loses_nothing(trouble: str, tmp_path: Path) -> No
         assert set(got) == expected
         assert max(rss.samples) - baseline < 200 * 1024
         report(
-            tmp_path, f"downstream_{trouble}", records_sent=len(expected),
-            records_acked=len(streamer.acked_seqs()), records_delivered=len(set(got)),
-            duplicated=len(got) - len(set(got)), rss_baseline_mib=round(baseline / 1024, 1),
+            tmp_path,
+            f"downstream_{trouble}",
+            records_sent=len(expected),
+            records_acked=len(streamer.acked_seqs()),
+            records_delivered=len(set(got)),
+            duplicated=len(got) - len(set(got)),
+            rss_baseline_mib=round(baseline / 1024, 1),
             rss_peak_mib=rss.peak_mib,
         )
         bg.run(sink.stop())

@@ -350,8 +350,7 @@ _keys = st.sampled_from(["a", "b", "a.b", "b.c", "a.b.c", "c", ""])
 _scalars = st.one_of(st.none(), st.integers(-3, 3), st.text("xy", max_size=2), st.booleans())
 _values = st.recursive(
     _scalars,
-    lambda inner: st.one_of(st.lists(inner, max_size=3),
-                            st.dictionaries(_keys, inner, max_size=3)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(_keys, inner, max_size=3)),
     max_leaves=12,
 )
 

@@ -26,12 +26,14 @@ def _pack(time: int, record: dict[str, Any]) -> bytes:
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory: pytest.TempPathFactory) -> tuple[RuleFilter, list[Any], list[Any]]:
     assert CAPTURE.exists(), "tests/data/captures is missing"
-    table, _ = compile_rules([SEED_RULES],
-                             cache_dir=tmp_path_factory.mktemp("cache"))
+    table, _ = compile_rules([SEED_RULES], cache_dir=tmp_path_factory.mktemp("cache"))
     lines = [json.loads(x) for x in CAPTURE.read_text(encoding="utf-8").splitlines()]
     items = json.loads(EXPECTED.read_text())["records"]
-    pos = [lines[i["line"] - 1] for i in items
-           if i["expected_rule_ids"] and "logsource" not in i["expected_rule_ids"][0]]
+    pos = [
+        lines[i["line"] - 1]
+        for i in items
+        if i["expected_rule_ids"] and "logsource" not in i["expected_rule_ids"][0]
+    ]
     neg = [lines[i["line"] - 1] for i in items if not i["expected_rule_ids"]]
     return RuleFilter(table), pos, neg
 
@@ -58,8 +60,14 @@ def test_runs_keep_order_bytes_and_counts(
     base, pos, neg = seeds
     f = RuleFilter(base.table, retag_prefix=prefix)
     n = 9
-    hit_at = {"first": {0}, "middle": {4}, "last": {8}, "all": set(range(n)), "none": set(),
-              "alternate": {0, 2, 3, 7}}[layout]
+    hit_at = {
+        "first": {0},
+        "middle": {4},
+        "last": {8},
+        "all": set(range(n)),
+        "none": set(),
+        "alternate": {0, 2, 3, 7},
+    }[layout]
     records = [pos[i % len(pos)] if i in hit_at else neg[i % len(neg)] for i in range(n)]
     entries = b"".join(_pack(1000 + i, r) for i, r in enumerate(records))
     frame = protocol.encode_chunk("win", entries, n, chunk_id=b"abc")
@@ -73,8 +81,10 @@ def test_runs_keep_order_bytes_and_counts(
     if not prefix:
         want = [(chunk.tag, [r for _, rs in want for r in rs])]
     assert [c.tag for c in out] == [t for t, _ in want]
-    got_records = [[msgpack.unpackb(c.entries[s:e], raw=False)[1]
-                    for s, e in protocol.iter_entries(c.entries)] for c in out]
+    got_records = [
+        [msgpack.unpackb(c.entries[s:e], raw=False)[1] for s, e in protocol.iter_entries(c.entries)]
+        for c in out
+    ]
     assert [len(g) for g in got_records] == [c.count for c in out]
     flat = [r for g in got_records for r in g]
     assert len(flat) == n
@@ -85,7 +95,9 @@ def test_runs_keep_order_bytes_and_counts(
     spans = protocol.iter_entries(entries)
     kept = b"".join(entries[s:e] for i, (s, e) in enumerate(spans) if i not in hit_at)
     out_unmatched = b"".join(
-        c.entries[s:e] for c in out for s, e in protocol.iter_entries(c.entries)
+        c.entries[s:e]
+        for c in out
+        for s, e in protocol.iter_entries(c.entries)
         if b"detections" not in c.entries[s:e]
     )
     assert out_unmatched == kept
@@ -124,8 +136,10 @@ def test_a_record_that_breaks_matching_is_forwarded_and_only_it(
 
     monkeypatch.setattr(f.table, "match_entries", breaks_on_poison)
     out = f(chunk)
-    got = [msgpack.unpackb(out[0].entries[s:e], raw=False)[1]
-           for s, e in protocol.iter_entries(out[0].entries)]
+    got = [
+        msgpack.unpackb(out[0].entries[s:e], raw=False)[1]
+        for s, e in protocol.iter_entries(out[0].entries)
+    ]
     assert len(out) == 1 and out[0].count == 4
     assert "detections" in got[0] and "detections" in got[2]  # the others still matched
     assert got[1] == {"poison": True} and "detections" not in got[3]

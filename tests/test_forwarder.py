@@ -235,9 +235,7 @@ def test_round_robin_and_failover_to_the_second_server() -> None:
 def test_standby_is_used_only_while_no_active_server_is_healthy() -> None:
     async def main() -> None:
         async with Sink() as active, Sink() as standby:
-            fw = await started(
-                fconfig(server(active.port), server(standby.port, standby=True))
-            )
+            fw = await started(fconfig(server(active.port), server(standby.port, standby=True)))
             for i in range(3):
                 await fw.send(make_chunk("t", recs(1, i)))
             assert len(active.chunks) == 3 and standby.chunks == []
@@ -274,15 +272,34 @@ def test_shared_key_and_user_password() -> None:
 @pytest.fixture(scope="module")
 def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """A self-signed certificate for 127.0.0.1 / localhost, made with the openssl CLI."""
-    require(shutil.which("openssl") is not None,
-            "the openssl command is needed to generate a test certificate")
+    require(
+        shutil.which("openssl") is not None,
+        "the openssl command is needed to generate a test certificate",
+    )
     d = tmp_path_factory.mktemp("tls")
     cert, key = d / "cert.pem", d / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     return str(cert), str(key)
 
@@ -302,9 +319,25 @@ def test_tls_with_verification(tls_cert: tuple[str, str], tmp_path: Path) -> Non
 
             other = tmp_path / "other.pem"  # a CA that did not sign the server certificate
             subprocess.run(
-                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                 "-keyout", str(tmp_path / "k.pem"), "-out", str(other), "-subj", "/CN=x"],
-                check=True, capture_output=True, timeout=60,
+                [
+                    "openssl",
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-days",
+                    "1",
+                    "-keyout",
+                    str(tmp_path / "k.pem"),
+                    "-out",
+                    str(other),
+                    "-subj",
+                    "/CN=x",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=60,
             )
             bad = ForwardTLS(enabled=True, ca_file=str(other))
             fw = await started(fconfig(server(sink.port, tls=bad, shared_key="k"), retry_limit=0))
@@ -390,13 +423,19 @@ def test_in_flight_bytes_limit_still_delivers_everything() -> None:
 @contextmanager
 def fluent_server(*args: str) -> Iterator[tuple[int, list[dict[str, Any]]]]:
     """Run tests/js/fluent_server.mjs; yields (port, received records as parsed JSON lines)."""
-    require(shutil.which("node") is not None,
-            "node is not installed (needed for the npm FluentServer peer)")
-    require((JS_DIR / "node_modules" / "@fluent-org" / "logger").is_dir(),
-            "tests/js/node_modules is missing")
+    require(
+        shutil.which("node") is not None,
+        "node is not installed (needed for the npm FluentServer peer)",
+    )
+    require(
+        (JS_DIR / "node_modules" / "@fluent-org" / "logger").is_dir(),
+        "tests/js/node_modules is missing",
+    )
     proc = subprocess.Popen(
         ["node", str(JS_DIR / "fluent_server.mjs"), "0", *args],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     reader: threading.Thread | None = None
     try:
@@ -445,7 +484,9 @@ def test_fluent_server_acks_v1_entries(compress: bool) -> None:
         wait_lines(lines, 3)
         assert fw.acks == 2 and fw.retries == 0
         assert [(x["tag"], x["record"]["i"]) for x in lines] == [
-            ("js.v2in", 0), ("js.v2in", 1), ("js.v1in", 2)
+            ("js.v2in", 0),
+            ("js.v2in", 1),
+            ("js.v1in", 2),
         ]
         assert lines[0]["time"] == 1_700_000_000
 

@@ -217,13 +217,21 @@ def server_inputs(draw: st.DrawFn) -> tuple[bytes, list[int], bool]:
 
 @st.composite
 def client_inputs(draw: st.DrawFn) -> tuple[bytes, list[int], bool]:
-    helo = _pack(["HELO", {"nonce": draw(st.binary(max_size=20)),
-                           "auth": draw(st.one_of(st.binary(max_size=20), _values)),
-                           "keepalive": draw(_values)}])
+    helo = _pack(
+        [
+            "HELO",
+            {
+                "nonce": draw(st.binary(max_size=20)),
+                "auth": draw(st.one_of(st.binary(max_size=20), _values)),
+                "keepalive": draw(_values),
+            },
+        ]
+    )
     pong = _pack(["PONG", draw(_values), draw(_values), draw(_values), draw(_values)])
     acks = [_pack({"ack": draw(st.one_of(st.text(max_size=24), _values))}) for _ in range(2)]
-    data = mutate(helo + pong + b"".join(acks) + _pack(draw(_values)),
-                  draw(st.lists(_mutation, max_size=3)))
+    data = mutate(
+        helo + pong + b"".join(acks) + _pack(draw(_values)), draw(st.lists(_mutation, max_size=3))
+    )
     return data, draw(st.lists(st.integers(0, 1 << 16), max_size=3)), draw(st.booleans())
 
 
@@ -239,8 +247,14 @@ def _variants(data: bytes, seed: int, n: int) -> list[bytes]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        ops = [(rng.choice(("flip", "cut", "insert", "dup")), rng.randrange(1 << 16),
-                bytes([rng.randrange(256)])) for _ in range(rng.randint(1, 3))]
+        ops = [
+            (
+                rng.choice(("flip", "cut", "insert", "dup")),
+                rng.randrange(1 << 16),
+                bytes([rng.randrange(256)]),
+            )
+            for _ in range(rng.randint(1, 3))
+        ]
         out.append(mutate(data, ops))
     return out
 

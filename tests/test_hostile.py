@@ -29,8 +29,12 @@ from ruletag.errors import AuthenticationError
 KEY = "hostile-key"
 USERS = [{"username": "alice", "password": "right"}]
 LISTEN = {
-    "shared_key": KEY, "users": USERS, "max_frame_size": "64KiB", "max_inflate_size": "256KiB",
-    "idle_timeout": 0.5, "max_connections": 16,
+    "shared_key": KEY,
+    "users": USERS,
+    "max_frame_size": "64KiB",
+    "max_inflate_size": "256KiB",
+    "idle_timeout": 0.5,
+    "max_connections": 16,
 }
 
 
@@ -69,8 +73,9 @@ async def closed_by_server(reader: asyncio.StreamReader, timeout: float = 5.0) -
 async def raw(port: int, data: bytes, *, handshake: bool = True) -> bytes:
     """Open a connection, (authenticate,) write ``data``, return what came back until close."""
     if handshake:
-        src = await Source.connect(port, shared_key=KEY, username="alice", password="right",
-                                   hostname="attacker")
+        src = await Source.connect(
+            port, shared_key=KEY, username="alice", password="right", hostname="attacker"
+        )
         reader, writer = src.reader, src.writer
     else:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -105,9 +110,11 @@ def test_hostile_input_never_disturbs_a_steady_client(arun: Any, tmp_path: Path)
         async with start_relay(listen=LISTEN) as relay:
             port = relay.port
             steady = Steady()
-            task = asyncio.create_task(steady.run(
-                port, shared_key=KEY, username="alice", password="right", hostname="steady"
-            ))
+            task = asyncio.create_task(
+                steady.run(
+                    port, shared_key=KEY, username="alice", password="right", hostname="steady"
+                )
+            )
             await asyncio.sleep(0.1)
             errors_before = relay.server.stats.protocol_errors
             for name, data in ATTACKS.items():
@@ -124,9 +131,11 @@ def test_hostile_input_never_disturbs_a_steady_client(arun: Any, tmp_path: Path)
                 garbage += 1
 
             # wrong shared key, wrong password: refused, no data accepted
-            for auth in ({"shared_key": "wrong", "username": "alice", "password": "right"},
-                         {"shared_key": KEY, "username": "alice", "password": "wrong"},
-                         {"shared_key": KEY, "username": "mallory", "password": "right"}):
+            for auth in (
+                {"shared_key": "wrong", "username": "alice", "password": "right"},
+                {"shared_key": KEY, "username": "alice", "password": "wrong"},
+                {"shared_key": KEY, "username": "mallory", "password": "right"},
+            ):
                 with pytest.raises(AuthenticationError):
                     await Source.connect(port, hostname="attacker", **auth)
             assert relay.server.stats.auth_failures >= 3
@@ -141,8 +150,10 @@ def test_hostile_input_never_disturbs_a_steady_client(arun: Any, tmp_path: Path)
             # more connections than the limit: the extra ones are closed at accept
             held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
             # the steady client holds one slot, so at least 5 of the 20 are refused
-            await eventually(lambda: relay.server.stats.connections_refused >= 20 - 16 + 1,
-                             "the extra connections to be refused")
+            await eventually(
+                lambda: relay.server.stats.connections_refused >= 20 - 16 + 1,
+                "the extra connections to be refused",
+            )
             refused = relay.server.stats.connections_refused
             for _, w in held:
                 w.close()
@@ -157,9 +168,12 @@ def test_hostile_input_never_disturbs_a_steady_client(arun: Any, tmp_path: Path)
             assert sorted(set(steady_records)) == list(range(expected))
             assert len(records) == len(steady_records), "an attack's records got through"
             return {
-                "attacks": len(ATTACKS), "garbage_connections": garbage,
-                "auth_refused": relay.server.stats.auth_failures, "refused_at_accept": refused,
-                "steady_chunks_sent": steady.sent, "steady_chunks_acked": steady.acked,
+                "attacks": len(ATTACKS),
+                "garbage_connections": garbage,
+                "auth_refused": relay.server.stats.auth_failures,
+                "refused_at_accept": refused,
+                "steady_chunks_sent": steady.sent,
+                "steady_chunks_acked": steady.acked,
                 "steady_records_delivered": len(set(steady_records)),
                 "duplicated": len(steady_records) - len(set(steady_records)),
             }
@@ -183,10 +197,22 @@ def test_tls_on_both_sides_with_client_certificates(arun: Any, certs: Certs) -> 
     async def scenario() -> None:
         sink = Sink(ssl_context=_server_ctx(certs.cert, certs.key, ca=certs.client_cert))
         await sink.start()
-        listen = {"tls": {"cert_file": certs.cert, "key_file": certs.key,
-                          "ca_file": certs.client_cert, "client_cert_required": True}}
-        forward = {"tls": {"ca_file": certs.cert, "cert_file": certs.client_cert,
-                           "key_file": certs.client_key, "server_hostname": "localhost"}}
+        listen = {
+            "tls": {
+                "cert_file": certs.cert,
+                "key_file": certs.key,
+                "ca_file": certs.client_cert,
+                "client_cert_required": True,
+            }
+        }
+        forward = {
+            "tls": {
+                "ca_file": certs.cert,
+                "cert_file": certs.client_cert,
+                "key_file": certs.client_key,
+                "server_hostname": "localhost",
+            }
+        }
         async with start_relay(listen=listen, forward=forward, sink=sink) as relay:
             client_ctx = ssl.create_default_context(cafile=certs.cert)
             client_ctx.check_hostname = False

@@ -126,8 +126,12 @@ def test_chunk_size_counts_decompressed_bytes() -> None:
     assert decode(plain).size == decode(plain).wire_size == len(plain)
 
 
-METRICS = pack({"meta": {"cmetrics": {}, "processing": {"static_labels": []}},
-                "metrics": [{"meta": {"type": 0, "opts": {"name": "up"}}, "values": []}]})
+METRICS = pack(
+    {
+        "meta": {"cmetrics": {}, "processing": {"static_labels": []}},
+        "metrics": [{"meta": {"type": 0, "opts": {"name": "up"}}, "values": []}],
+    }
+)
 BAD_SIGNAL_PAYLOADS = {
     "not msgpack": b"\xc1\xc1 this is not msgpack",
     "truncated object": METRICS[:-3],
@@ -138,8 +142,9 @@ BAD_SIGNAL_PAYLOADS = {
 @pytest.mark.parametrize("signal", [1, 2])
 @pytest.mark.parametrize("name", list(BAD_SIGNAL_PAYLOADS))
 @pytest.mark.parametrize("compress", [False, True])
-def test_malformed_signal_payload_is_a_protocol_error(signal: int, name: str,
-                                                      compress: bool) -> None:
+def test_malformed_signal_payload_is_a_protocol_error(
+    signal: int, name: str, compress: bool
+) -> None:
     payload = BAD_SIGNAL_PAYLOADS[name]
     frame = protocol.encode_chunk("m", payload, 1, chunk_id=b"id", compress=compress, signal=signal)
     with pytest.raises(RemoteProtocolError, match=f"fluent_signal {signal} payload"):
@@ -228,10 +233,13 @@ def test_many_members_never_stall_other_connections(arun: Any, tmp_path: Path) -
             await relay.sink.wait_records(probe.acked, timeout=10)
             assert len(relay.sink.records) == probe.acked  # nothing of the attack got through
             assert relay.server.stats.protocol_errors >= 2
-            return {**figures, "steady_chunks_sent": probe.sent,
-                    "steady_chunks_acked": probe.acked,
-                    "steady_records_delivered": len(relay.sink.records),
-                    "steady_worst_ack_latency_s": round(probe.worst, 3)}
+            return {
+                **figures,
+                "steady_chunks_sent": probe.sent,
+                "steady_chunks_acked": probe.acked,
+                "steady_records_delivered": len(relay.sink.records),
+                "steady_worst_ack_latency_s": round(probe.worst, 3),
+            }
 
     figures = arun(scenario(), timeout=230)
     report(tmp_path, "many_gzip_members_relay", **figures)
@@ -244,8 +252,9 @@ def test_malformed_metrics_chunk_closes_its_connection(
 ) -> None:
     async def scenario() -> dict[str, Any]:
         async with start_relay() as relay:
-            bad = protocol.encode_chunk("metrics", b"\xc1\xc1 not msgpack", 1, chunk_id=b"bad",
-                                     compress=compress, signal=1)
+            bad = protocol.encode_chunk(
+                "metrics", b"\xc1\xc1 not msgpack", 1, chunk_id=b"bad", compress=compress, signal=1
+            )
             back, _ = await send_until_closed(relay.port, bad, timeout=10)
             assert acks_in(back) == []
             src = await Source.connect(relay.port)
@@ -255,9 +264,14 @@ def test_malformed_metrics_chunk_closes_its_connection(
             await src.close()
             chunks = await relay.sink.wait_chunks(1)
             assert [(c.signal, c.entries) for c in chunks] == [(1, METRICS)]
-            return {"bad_sent": 1, "bad_acked": len(acks_in(back)), "good_sent": 1,
-                    "good_acked": 1, "forwarded": len(chunks),
-                    "protocol_errors": relay.server.stats.protocol_errors}
+            return {
+                "bad_sent": 1,
+                "bad_acked": len(acks_in(back)),
+                "good_sent": 1,
+                "good_acked": 1,
+                "forwarded": len(chunks),
+                "protocol_errors": relay.server.stats.protocol_errors,
+            }
 
     with caplog.at_level(logging.WARNING, logger="ruletag.transport.server"):
         figures = arun(scenario(), timeout=30)
@@ -265,9 +279,7 @@ def test_malformed_metrics_chunk_closes_its_connection(
     report(tmp_path, f"malformed_metrics_chunk_{'gzip' if compress else 'plain'}", **figures)
 
 
-def test_max_inflate_members_is_a_listen_key(
-    arun: Any, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_max_inflate_members_is_a_listen_key(arun: Any, caplog: pytest.LogCaptureFixture) -> None:
     forward = {"servers": [{"host": "127.0.0.1", "port": 1}]}
     listen = config_from_mapping({"forward": forward}).listen
     assert listen.max_inflate_members == protocol.DEFAULT_MAX_INFLATE_MEMBERS
@@ -337,12 +349,25 @@ class CompressedSender:
 
 
 def _relay_config(path: Path, sink_port: int) -> Path:
-    path.write_text(yaml.safe_dump({
-        "listen": {"host": "127.0.0.1", "port": 0, "max_in_flight_bytes": "4MiB",
-                   "max_total_in_flight_bytes": "16MiB", "max_frame_size": "1MiB"},
-        "forward": {"servers": [{"host": "127.0.0.1", "port": sink_port}],
-                    "ack_timeout": 30, "connect_timeout": 1, "max_in_flight_bytes": "4MiB"},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "listen": {
+                    "host": "127.0.0.1",
+                    "port": 0,
+                    "max_in_flight_bytes": "4MiB",
+                    "max_total_in_flight_bytes": "16MiB",
+                    "max_frame_size": "1MiB",
+                },
+                "forward": {
+                    "servers": [{"host": "127.0.0.1", "port": sink_port}],
+                    "ack_timeout": 30,
+                    "connect_timeout": 1,
+                    "max_in_flight_bytes": "4MiB",
+                },
+            }
+        )
+    )
     return path
 
 
@@ -358,8 +383,9 @@ def test_compressed_chunks_are_bounded_by_decompressed_size(
     with BackgroundLoop() as bg:
         sink = Sink(ack=False)
         bg.run(sink.start())
-        sp: ServeProcess = serve_process(["--config", str(_relay_config(tmp_path / "r.yaml",
-                                                                         sink.port))])
+        sp: ServeProcess = serve_process(
+            ["--config", str(_relay_config(tmp_path / "r.yaml", sink.port))]
+        )
         baseline = peak = rss_kib(sp.proc.pid)
         sender = CompressedSender()
         bg.run(sender.start(sp.port))
@@ -376,12 +402,17 @@ def test_compressed_chunks_are_bounded_by_decompressed_size(
         forwarded = len(sink.chunks)
         bg.run(sink.stop())
     report(
-        tmp_path, "compressed_chunks_stalled_downstream", stall_s=seconds,
+        tmp_path,
+        "compressed_chunks_stalled_downstream",
+        stall_s=seconds,
         chunk_wire_bytes=len(compressed_frame(sender.payload, b"x" * 24)),
         chunk_decompressed_bytes=sender.decompressed,
-        chunks_sent_half=sent_half, chunks_sent_end=sent_end,
-        records_sent=sent_end * sender.count, records_acked=len(sender.acked) * sender.count,
-        chunks_forwarded_unacked=forwarded, rss_baseline_mib=round(baseline / 1024, 1),
+        chunks_sent_half=sent_half,
+        chunks_sent_end=sent_end,
+        records_sent=sent_end * sender.count,
+        records_acked=len(sender.acked) * sender.count,
+        chunks_forwarded_unacked=forwarded,
+        rss_baseline_mib=round(baseline / 1024, 1),
         rss_peak_mib=round(peak / 1024, 1),
     )
     assert peak - baseline < 100 * 1024, f"RSS grew {baseline} -> {peak} KiB"

@@ -175,8 +175,12 @@ async def serve(factory: Callable[[list[str]], ServeProcess], cfg: Path) -> Serv
 def test_unauthenticated_buffers_are_capped_and_memory_returns(
     arun: Any, serve_process: Any, tmp_path: Path
 ) -> None:
-    listen = {"shared_key": KEY, "max_unauthenticated_bytes": "64KiB",
-              "handshake_timeout": "2s", "max_frame_size": "16MiB"}
+    listen = {
+        "shared_key": KEY,
+        "max_unauthenticated_bytes": "64KiB",
+        "handshake_timeout": "2s",
+        "max_frame_size": "16MiB",
+    }
 
     async def scenario() -> dict[str, Any]:
         sink = await LightSink().start()
@@ -193,7 +197,8 @@ def test_unauthenticated_buffers_are_capped_and_memory_returns(
             # 10 unauthenticated connections, each sending 6 MiB of a partial message
             rss.start()
             conns = await asyncio.gather(
-                *(write_partial(sp.port, 6 * MIB, auth=False) for _ in range(10)))
+                *(write_partial(sp.port, 6 * MIB, auth=False) for _ in range(10))
+            )
             closes = await asyncio.gather(*(closed_within(r, 10) for r, _, _ in conns))
             unauth_peak = await rss.stop()
             for _, w, _ in conns:
@@ -218,7 +223,8 @@ def test_unauthenticated_buffers_are_capped_and_memory_returns(
             # authenticated: 10 partial messages of 8 MiB are held, then the peers go away
             rss.start()
             held = await asyncio.gather(
-                *(write_partial(sp.port, 8 * MIB, auth=True) for _ in range(10)))
+                *(write_partial(sp.port, 8 * MIB, auth=True) for _ in range(10))
+            )
             await asyncio.sleep(1.0)
             held_peak = await rss.stop()
             for _, w, _ in held:
@@ -229,7 +235,8 @@ def test_unauthenticated_buffers_are_capped_and_memory_returns(
         finally:
             await sink.stop()
         figures = {
-            "unauth_connections": 10, "unauth_closed": len(closes),
+            "unauth_connections": 10,
+            "unauth_closed": len(closes),
             "unauth_bytes_written_max": max(written),
             "rss_base_mib": round(base / 1024, 1),
             "rss_peak_unauth_mib": round(unauth_peak / 1024, 1),
@@ -251,11 +258,15 @@ def test_unauthenticated_buffers_are_capped_and_memory_returns(
 
 
 @pytest.mark.slow
-def test_drippers_lose_their_slots_and_honest_peers_get_through(
-    arun: Any, tmp_path: Path
-) -> None:
-    listen = {"shared_key": KEY, "max_connections": 4, "handshake_timeout": 2.0,
-              "frame_timeout": 2.0, "min_frame_rate": "64KiB", "idle_timeout": 300}
+def test_drippers_lose_their_slots_and_honest_peers_get_through(arun: Any, tmp_path: Path) -> None:
+    listen = {
+        "shared_key": KEY,
+        "max_connections": 4,
+        "handshake_timeout": 2.0,
+        "frame_timeout": 2.0,
+        "min_frame_rate": "64KiB",
+        "idle_timeout": 300,
+    }
     tick = 1.0
 
     async def scenario() -> dict[str, Any]:
@@ -295,8 +306,7 @@ def test_drippers_lose_their_slots_and_honest_peers_get_through(
             agent = None
             while agent is None:
                 try:
-                    agent = await Source.connect(port, shared_key=KEY, hostname="agent",
-                                                 timeout=1)
+                    agent = await Source.connect(port, shared_key=KEY, hostname="agent", timeout=1)
                 except (ConnectionError, TimeoutError):
                     assert time.monotonic() - t0 < 20, "the drippers kept every slot"
                     await asyncio.sleep(0.2)
@@ -324,12 +334,16 @@ def test_drippers_lose_their_slots_and_honest_peers_get_through(
             await honest.close()
             records = await relay.sink.wait_records(5 + n, timeout=10)
             figures = {
-                "drippers": 4, "dripper_slot_held_s": [round(h, 1) for h in held],
+                "drippers": 4,
+                "dripper_slot_held_s": [round(h, 1) for h in held],
                 "refused_while_held": srv.stats.connections_refused - refused_before,
-                "agent_in_after_s": round(agent_in, 1), "agent_sent": 5, "agent_acked": acked,
+                "agent_in_after_s": round(agent_in, 1),
+                "agent_sent": 5,
+                "agent_acked": acked,
                 "handshake_timeouts": srv.stats.handshake_timeouts,
                 "slow_frames": srv.stats.slow_frames,
-                "honest_bytes": len(frame), "honest_s": round(honest_s, 1),
+                "honest_bytes": len(frame),
+                "honest_s": round(honest_s, 1),
                 "honest_records_delivered": sum(1 for r in records if "blob" in r),
                 "drip_records_delivered": sum(1 for r in records if "x" in r),
             }
@@ -391,10 +405,13 @@ def test_huge_chunk_does_not_stall_a_steady_client(
         during = [lat for sent, lat in latencies if t0 - 0.05 <= sent <= t1]
         before = [lat for sent, lat in latencies if sent < t0]
         figures = {
-            "big_entries": n, "big_bytes": len(frame), "big_acked_after_s": round(t1 - t0, 2),
+            "big_entries": n,
+            "big_bytes": len(frame),
+            "big_acked_after_s": round(t1 - t0, 2),
             "big_delivered": sink.count("big"),
             "big_identical": sink.entries("big") == entries,
-            "steady_acked": len(latencies), "steady_acked_during_big": len(during),
+            "steady_acked": len(latencies),
+            "steady_acked_during_big": len(during),
             "steady_worst_before_ms": round(max(before) * 1000, 1),
             "steady_worst_during_big_ms": round(max(during, default=0) * 1000, 1),
             "steady_delivered": sink.count("steady"),
@@ -416,22 +433,31 @@ def _decoded(frame: bytes) -> Chunk:
 
 
 def _fields(chunks: list[Chunk]) -> list[tuple[Any, ...]]:
-    return [(c.tag, c.entries, c.count, c.chunk_id, c.v2, c.signal, c.size, c.options)
-            for c in chunks]
+    return [
+        (c.tag, c.entries, c.count, c.chunk_id, c.v2, c.signal, c.size, c.options) for c in chunks
+    ]
 
 
 def test_sliced_filter_output_is_byte_identical(arun: Any, tmp_path: Path) -> None:
     table, _ = compile_rules([SEEDS], cache_dir=tmp_path / "cache")
-    records = [dict(HIT, n=i) if i % 7 == 3 else {"EventID": 1, "n": i, "pad": "x" * (i % 50)}
-               for i in range(20_000)]
+    records = [
+        dict(HIT, n=i) if i % 7 == 3 else {"EventID": 1, "n": i, "pad": "x" * (i % 50)}
+        for i in range(20_000)
+    ]
     v1, n = pack_entries(records)
     v2, _ = pack_entries(records[:5000], metadata={"m": 1})
     packed = _decoded(protocol.encode_chunk("win", v1 + v2, n + 5000, chunk_id=b"c1"))
     # Forward mode with float times: the codec rewrites the entries and gives no spans
-    floats = _decoded(msgpack.packb(
-        ["win", [[1.5 + i, r] for i, r in enumerate(records[:6000])], {"chunk": "c2"}]))
-    plain = _decoded(protocol.encode_chunk(
-        "win", *pack_entries({"EventID": 1, "n": i} for i in range(9000)), chunk_id=b"c3"))
+    floats = _decoded(
+        msgpack.packb(
+            ["win", [[1.5 + i, r] for i, r in enumerate(records[:6000])], {"chunk": "c2"}]
+        )
+    )
+    plain = _decoded(
+        protocol.encode_chunk(
+            "win", *pack_entries({"EventID": 1, "n": i} for i in range(9000)), chunk_id=b"c3"
+        )
+    )
     assert floats.spans is None and len(slice_bounds(packed.spans or [])) > 5
 
     async def compare() -> dict[str, Any]:
@@ -446,16 +472,22 @@ def test_sliced_filter_output_is_byte_identical(arun: Any, tmp_path: Path) -> No
                 checked += 1
         unchanged = await apply_transform(RuleFilter(table), plain)
         assert len(unchanged) == 1 and unchanged[0] is plain
-        return {"chunks_compared": checked, "entries": packed.count + floats.count + plain.count,
-                "slices_of_the_packed_chunk": len(slice_bounds(packed.spans or []))}
+        return {
+            "chunks_compared": checked,
+            "entries": packed.count + floats.count + plain.count,
+            "slices_of_the_packed_chunk": len(slice_bounds(packed.spans or [])),
+        }
 
     report(tmp_path, "sliced_filter_identity", **arun(compare(), timeout=60))
 
 
 def test_slices_of_one_chunk_use_one_rule_set_across_a_reload(arun: Any) -> None:
     """A reload while a large chunk is being sliced must not split it between two rule sets."""
-    chunk = _decoded(protocol.encode_chunk(
-        "win", *pack_entries({"EventID": 1, "n": i} for i in range(20_000)), chunk_id=b"c"))
+    chunk = _decoded(
+        protocol.encode_chunk(
+            "win", *pack_entries({"EventID": 1, "n": i} for i in range(20_000)), chunk_id=b"c"
+        )
+    )
     seen: list[str] = []
 
     def rule_set(name: str) -> Callable[[Chunk], list[Chunk]]:
@@ -463,6 +495,7 @@ def test_slices_of_one_chunk_use_one_rule_set_across_a_reload(arun: Any) -> None
             seen.append(name)
             live.current = rule_set("new")  # a reload lands between two slices
             return [part]
+
         return transform
 
     class Live:

@@ -72,8 +72,9 @@ def _imports(module: str, path: Path) -> set[str]:
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join([*anchor, *([base] if base else [])])
             # "from pkg import name": name is a submodule or an attribute of pkg.
-            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base
-                     for a in node.names]
+            names = [
+                f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names
+            ]
         else:
             continue
         found.update(n for n in names if n == "ruletag" or n.startswith("ruletag."))
@@ -108,7 +109,7 @@ def test_no_import_cycles() -> None:
         state[mod] = 1
         for target in sorted(GRAPH.get(mod, ())):
             if state.get(target) == 1:
-                cycles.append(" -> ".join([*path[path.index(target):], target]))
+                cycles.append(" -> ".join([*path[path.index(target) :], target]))
             elif target not in state:
                 visit(target, [*path, target])
         state[mod] = 2
@@ -121,9 +122,11 @@ def test_no_import_cycles() -> None:
 
 @pytest.mark.parametrize(
     ("source", "target"),
-    [("ruletag.delivery.pipeline", "ruletag.runtime.relay"),
-     ("ruletag.protocol.connection", "ruletag.rules.ir"),
-     ("ruletag.rules.loader", "ruletag.enrich.annotate")],
+    [
+        ("ruletag.delivery.pipeline", "ruletag.runtime.relay"),
+        ("ruletag.protocol.connection", "ruletag.rules.ir"),
+        ("ruletag.rules.loader", "ruletag.enrich.annotate"),
+    ],
 )
 def test_the_check_catches_an_upward_or_sibling_import(source: str, target: str) -> None:
     assert _rank(_group(target)) >= _rank(_group(source))

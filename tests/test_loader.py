@@ -59,8 +59,14 @@ def test_walk_is_sorted_and_skips_non_rule_files(tmp_path: Path) -> None:
     sigma(tmp_path, "b.yml", 1)
     sigma(tmp_path, "a/c.yaml", 2)
     write(tmp_path / "z.toml", "x = 1\n")
-    for skipped in ("LICENSE.yml", "README.yml", "NOTICE.txt", "notes.txt", ".hidden/d.yml",
-                    ".e.yml"):
+    for skipped in (
+        "LICENSE.yml",
+        "README.yml",
+        "NOTICE.txt",
+        "notes.txt",
+        ".hidden/d.yml",
+        ".e.yml",
+    ):
         write(tmp_path / skipped, "whatever: 1\n")
     files, problems = rule_files([tmp_path])
     assert [f.relative_to(tmp_path).as_posix() for f in files] == ["a/c.yaml", "b.yml", "z.toml"]
@@ -95,8 +101,9 @@ def test_a_bad_file_never_stops_the_others(tmp_path: Path) -> None:
     assert result.sources == {"sigma": 4}
 
 
-def test_front_end_crash_becomes_internal_error(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_front_end_crash_becomes_internal_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import ruletag.rules.sigma as sigma_mod
 
     real = sigma_mod.load_sigma_file
@@ -118,8 +125,9 @@ def test_front_end_crash_becomes_internal_error(tmp_path: Path,
 
 
 def _rule(rid: str, path: str, modified: str) -> Rule:
-    return Rule(id=rid, name=rid, source="sigma", condition=Const(True), path=path,
-                modified=modified)
+    return Rule(
+        id=rid, name=rid, source="sigma", condition=Const(True), path=path, modified=modified
+    )
 
 
 def test_dedupe_keeps_newest_then_last_loaded() -> None:
@@ -157,11 +165,24 @@ def test_annotation_carries_author_and_attack() -> None:
     assert {"id": "T1218", "name": "System Binary Proxy Execution"} in d["techniques"]
     assert all(set(t) == {"id", "name"} for t in d["tactics"])
     json.dumps(d)  # JSON-ready
-    r2 = Rule(id="e", name="E", source="elastic", condition=Const(True), author=("Elastic",),
-              tactics=(Attack("TA0008", "Lateral Movement"),), severity="high", risk_score=73)
+    r2 = Rule(
+        id="e",
+        name="E",
+        source="elastic",
+        condition=Const(True),
+        author=("Elastic",),
+        tactics=(Attack("TA0008", "Lateral Movement"),),
+        severity="high",
+        risk_score=73,
+    )
     assert detection(r2) == {
-        "rule_id": "e", "name": "E", "source": "elastic", "severity": "high", "risk_score": 73,
-        "author": ["Elastic"], "tactics": [{"id": "TA0008", "name": "Lateral Movement"}],
+        "rule_id": "e",
+        "name": "E",
+        "source": "elastic",
+        "severity": "high",
+        "risk_score": 73,
+        "author": ["Elastic"],
+        "tactics": [{"id": "TA0008", "name": "Lateral Movement"}],
         "techniques": [],
     }
 
@@ -178,8 +199,9 @@ def _setup_rules(tmp: Path) -> Path:
     return rules
 
 
-def test_compile_rules_caches_table_and_report(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compile_rules_caches_table_and_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rules = _setup_rules(tmp_path)
     cache = tmp_path / "cache"
     table, first = compile_rules([rules], cache_dir=cache)
@@ -187,7 +209,10 @@ def test_compile_rules_caches_table_and_report(tmp_path: Path,
     assert len(first.rules) == 2 and len(first.problems) == 1
     assert table.version and len(table.version) == 16
     assert {p.name for p in cache.iterdir()} == {
-        f"{table.version}.report.json", f"{table.version}.table", "digests.pickle"}
+        f"{table.version}.report.json",
+        f"{table.version}.table",
+        "digests.pickle",
+    }
 
     def no_parse(*_a: object, **_k: object) -> object:
         raise AssertionError("rules were parsed again despite the cache")
@@ -198,16 +223,22 @@ def test_compile_rules_caches_table_and_report(tmp_path: Path,
     assert table2.version == table.version
     assert [r.id for r in table2.rules] == [r.id for r in table.rules]
     assert [(p.kind, p.path, p.line, p.reason) for p in second.problems] == [
-        (p.kind, p.path, p.line, p.reason) for p in first.problems]
+        (p.kind, p.path, p.line, p.reason) for p in first.problems
+    ]
     assert second.files == first.files and second.duplicates == first.duplicates
-    rec = {"EventID": 1, "Channel": "Microsoft-Windows-Sysmon/Operational",
-           "Image": "C:\\x\\tool3.exe"}
+    rec = {
+        "EventID": 1,
+        "Channel": "Microsoft-Windows-Sysmon/Operational",
+        "Image": "C:\\x\\tool3.exe",
+    }
     assert [table2.rules[i].id for i in table2.match(rec)] == [
-        "00000000-0000-4000-8000-000000000003"]
+        "00000000-0000-4000-8000-000000000003"
+    ]
 
 
-def test_an_unreadable_rule_file_fails_only_itself(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unreadable_rule_file_fails_only_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rules = _setup_rules(tmp_path)
     write(rules / "locked.yml", "title: x\n")
     write(rules / "locked.toml", "[rule]\n")
@@ -225,10 +256,13 @@ def test_an_unreadable_rule_file_fails_only_itself(tmp_path: Path,
     monkeypatch.setattr(Path, "read_text", refuse(real_read_text))
     table, result = compile_rules([rules], cache_dir=tmp_path / "cache")
     assert len(table.rules) == 2
-    locked = sorted((Path(p.path or "").name, p.reason) for p in result.problems
-                    if "locked" in (p.path or ""))
-    assert locked == [("locked.toml", "cannot read rule file: PermissionError"),
-                      ("locked.yml", "cannot read rule file: PermissionError")]
+    locked = sorted(
+        (Path(p.path or "").name, p.reason) for p in result.problems if "locked" in (p.path or "")
+    )
+    assert locked == [
+        ("locked.toml", "cannot read rule file: PermissionError"),
+        ("locked.yml", "cannot read rule file: PermissionError"),
+    ]
 
 
 def test_cache_key_follows_content_variables_and_fieldmap(tmp_path: Path) -> None:
@@ -259,8 +293,10 @@ def test_damaged_cache_is_rebuilt(tmp_path: Path) -> None:
     (cache / f"{t1.version}.table").write_bytes(b"garbage")
     t2, r2 = compile_rules([rules], cache_dir=cache)
     assert not r2.cached and t2.version == t1.version and len(t2.rules) == 2
-    assert loader._read_cache(cache / f"{t1.version}.table",
-                              cache / f"{t1.version}.report.json") is not None
+    assert (
+        loader._read_cache(cache / f"{t1.version}.table", cache / f"{t1.version}.report.json")
+        is not None
+    )
 
 
 def test_default_cache_dir_follows_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

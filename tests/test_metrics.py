@@ -111,18 +111,25 @@ def test_relay_metrics_and_health_over_http(arun, tmp_path: Path) -> None:
             })  # fmt: skip
             live = LiveFilter(lambda t: RuleFilter(t))
             reloader = Reloader(
-                live, lambda: compile_rules([SEEDS], None, tmp_path), [SEEDS], interval=0,
+                live,
+                lambda: compile_rules([SEEDS], None, tmp_path),
+                [SEEDS],
+                interval=0,
                 on_result=metrics.reload_done,
             )
             forwarder = Forwarder(cfg.forward)
             await forwarder.start()
-            pipeline = Pipeline(metrics.instrument_sender(forwarder),
-                                metrics.timed_transform(live))
+            pipeline = Pipeline(metrics.instrument_sender(forwarder), metrics.timed_transform(live))
             server = Server(cfg.listen, pipeline.submit)
-            metrics.bind(server=server, forwarder=forwarder, rules=live, health=health_of(
-                (lambda: live.loaded, "rule table not loaded"),
-                (lambda: server.listening, "listener not up"),
-            ))
+            metrics.bind(
+                server=server,
+                forwarder=forwarder,
+                rules=live,
+                health=health_of(
+                    (lambda: live.loaded, "rule table not loaded"),
+                    (lambda: server.listening, "listener not up"),
+                ),
+            )
             http = MetricsServer(metrics, "127.0.0.1", 0)
             await http.start()
             try:
@@ -172,7 +179,8 @@ def test_relay_metrics_and_health_over_http(arun, tmp_path: Path) -> None:
                     key = ("ruletag_stage_duration_seconds_count", (("stage", stage),))
                     assert s[key] >= 3, stage
                 assert {lab[0][1] for name, lab in s if name.endswith("_seconds_count")} == set(
-                    STAGES)
+                    STAGES
+                )
 
                 # a protocol error is counted; the downstream going away flips downstream_up
                 bad = await Source.connect(server.port)
@@ -215,8 +223,14 @@ def test_disk_buffer_gauges_are_exported() -> None:
     from ruletag.delivery.durable import BufferStats
 
     metrics = Metrics()
-    stats = BufferStats(bytes=4096, chunks=3, oldest_stored_at=1.0, duplicates_dropped=2,
-                        full_waits=1, write_errors=4)
+    stats = BufferStats(
+        bytes=4096,
+        chunks=3,
+        oldest_stored_at=1.0,
+        duplicates_dropped=2,
+        full_waits=1,
+        write_errors=4,
+    )
     metrics.bind(buffer=stats)
     body, _ = metrics.render()
     s = samples(body.decode())

@@ -36,18 +36,24 @@ def _lines(data: bytes) -> list[dict[str, object]]:
 
 
 def test_chunk_lines_every_entry_shape() -> None:
-    chunk = _chunk([
-        [1714564800, {"a": 1}],
-        [_event_time(1714564800, 500_000_000), {"b": "x"}],
-        [[_event_time(1714564801, 0), {"host": "h1"}], {"c": [1, 2]}],
-        [[_event_time(1714564802, 0), {}], {"d": None}],
-    ])
+    chunk = _chunk(
+        [
+            [1714564800, {"a": 1}],
+            [_event_time(1714564800, 500_000_000), {"b": "x"}],
+            [[_event_time(1714564801, 0), {"host": "h1"}], {"c": [1, 2]}],
+            [[_event_time(1714564802, 0), {}], {"d": None}],
+        ]
+    )
     out = _lines(chunk_lines(chunk))
     assert out == [
         {"tag": "windows.events", "time": 1714564800, "record": {"a": 1}},
         {"tag": "windows.events", "time": 1714564800.5, "record": {"b": "x"}},
-        {"tag": "windows.events", "time": 1714564801.0, "record": {"c": [1, 2]},
-         "metadata": {"host": "h1"}},
+        {
+            "tag": "windows.events",
+            "time": 1714564801.0,
+            "record": {"c": [1, 2]},
+            "metadata": {"host": "h1"},
+        },
         {"tag": "windows.events", "time": 1714564802.0, "record": {"d": None}},
     ]
     assert list(out[2]) == ["tag", "time", "record", "metadata"]
@@ -118,7 +124,8 @@ def test_file_output_appends_and_reopens(tmp_path: Path, fsync: bool) -> None:
 
     asyncio.run(go())
     assert [r["record"] for r in _lines((tmp_path / "rotated.jsonl").read_bytes())] == [
-        {"a": 1}, {"a": 2},
+        {"a": 1},
+        {"a": 2},
     ]
     assert [r["record"] for r in _lines(path.read_bytes())] == [{"a": 3}]
 
@@ -194,7 +201,6 @@ def test_fanout_sends_to_all_and_raises_on_any_failure(tmp_path: Path) -> None:
 # ----------------------------------------------------------------- through a running ruletag
 
 
-
 def test_serve_writes_stdout_and_file_and_acks_after_writing(
     tmp_path: Path, serve_process: Any
 ) -> None:
@@ -233,8 +239,7 @@ def test_sigusr1_reopens_file_outputs_after_rotation(tmp_path: Path, serve_proce
     out_file = tmp_path / "records.jsonl"
     cfg = tmp_path / "p.yaml"
     cfg.write_text(
-        "listen: {host: 127.0.0.1, port: 0}\n"
-        "outputs:\n  - {type: file, path: records.jsonl}\n",
+        "listen: {host: 127.0.0.1, port: 0}\noutputs:\n  - {type: file, path: records.jsonl}\n",
         encoding="utf-8",
     )
     sp = serve_process(["--config", str(cfg)])

@@ -83,7 +83,10 @@ ECS_HIT = """
 
 
 def test_failing_tests_exit_1_with_reasons(tmp_path: Path) -> None:
-    cfg = _write(tmp_path, HEAD + f"""
+    cfg = _write(
+        tmp_path,
+        HEAD
+        + f"""
 tests:
   - name: passes
     input:
@@ -103,15 +106,20 @@ tests:
   - name: wrong field and tag
     input: {{tag: t, record: {{a: 1}}}}
     expect: {{tag: other, fields: {{a: 2, b.c: 3}}}}
-""")
+""",
+    )
     proc = _ruletag("test", str(cfg))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     out = proc.stdout
     assert "PASS passes" in out
-    assert f"FAIL wrong rule id: record 1 (tests[1].input): rule_ids ['{WSUS}'] != " \
-           "expected ['not-this-one']" in out
-    assert f"FAIL hit expected to be silent: record 1 (tests[2].input): expected no detection, " \
-           f"got rule_ids ['{WSUS}']" in out
+    assert (
+        f"FAIL wrong rule id: record 1 (tests[1].input): rule_ids ['{WSUS}'] != "
+        "expected ['not-this-one']" in out
+    )
+    assert (
+        f"FAIL hit expected to be silent: record 1 (tests[2].input): expected no detection, "
+        f"got rule_ids ['{WSUS}']" in out
+    )
     assert "FAIL wrong field and tag: record 1 (tests[3].input): tag 't' != expected 'other'" in out
     assert "field a = 1 != expected 2" in out and "field b.c missing (expected 3)" in out
     assert "1 passed, 3 failed" in out
@@ -125,7 +133,10 @@ def test_records_file_and_per_record_outputs(tmp_path: Path) -> None:
         '"CommandLine": "wuauclt.exe /RunHandlerComServer"}\n',
         encoding="utf-8",
     )
-    cfg = _write(tmp_path, HEAD + """
+    cfg = _write(
+        tmp_path,
+        HEAD
+        + """
 enrich: {retag_prefix: "alert."}
 tests:
   - name: file records in order
@@ -135,7 +146,8 @@ tests:
       - {no_detection: true, tag: w}
       - {rule_ids: [c649a6c7-cd8c-4a78-9c04-000fc76df954], tag: alert.w,
          fields: {detections.0.severity: medium, DestinationIp: 1.1.1.1}}
-""")
+""",
+    )
     proc = _ruletag("test", str(cfg), cwd=tmp_path.parent)  # relative to the config, not cwd
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASS file records in order" in proc.stdout
@@ -146,12 +158,18 @@ tests:
     [
         ("tests: []", "tests: must be a non-empty list"),
         ("tests: [{name: x, input: {record: {a: 1}}}]", "tests[0]: needs exactly one of expect"),
-        ("tests: [{name: x, input: {record: {a: 1}}, expect: {rule_id: [a]}}]",
-         "tests[0].expect.rule_id: unknown key"),
-        ("tests: [{name: x, input: {records_file: nope.jsonl}, expect: {no_detection: true}}]",
-         "cannot read"),
-        ("tests: [{name: x, inputs: [{record: {a: 1}}], outputs: [{tag: a}, {tag: b}]}]",
-         "has 2 items for 1 input records"),
+        (
+            "tests: [{name: x, input: {record: {a: 1}}, expect: {rule_id: [a]}}]",
+            "tests[0].expect.rule_id: unknown key",
+        ),
+        (
+            "tests: [{name: x, input: {records_file: nope.jsonl}, expect: {no_detection: true}}]",
+            "cannot read",
+        ),
+        (
+            "tests: [{name: x, inputs: [{record: {a: 1}}], outputs: [{tag: a}, {tag: b}]}]",
+            "has 2 items for 1 input records",
+        ),
     ],
 )
 def test_bad_tests_block_exits_2(tmp_path: Path, tests_block: str, message: str) -> None:
@@ -165,8 +183,12 @@ def test_bad_tests_block_exits_2(tmp_path: Path, tests_block: str, message: str)
 
 def test_bad_config_and_missing_rules_are_invalid(tmp_path: Path) -> None:
     bad_yaml = _write(tmp_path, "outputs: [stdout\n", "bad.yaml")
-    missing = _write(tmp_path, "outputs: [stdout]\nrules: {paths: [no-such-dir]}\n"
-                     "tests: [{name: t, input: {record: {}}, expect: {tag: test}}]\n", "m.yaml")
+    missing = _write(
+        tmp_path,
+        "outputs: [stdout]\nrules: {paths: [no-such-dir]}\n"
+        "tests: [{name: t, input: {record: {}}, expect: {tag: test}}]\n",
+        "m.yaml",
+    )
     for cfg in (bad_yaml, missing):
         proc = _ruletag("validate", str(cfg))
         assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -192,19 +214,31 @@ def test_validate_reports_unusable_rules_without_failing(tmp_path: Path) -> None
 
 def test_parse_tests_in_process(tmp_path: Path) -> None:
     tests = parse_tests(
-        [{"name": "a", "input": {"tag": "x", "record": {"k": 1}, "time": 5},
-          "expect": {"rule_ids": ["r2", "r1"], "tag": "y"}}],
+        [
+            {
+                "name": "a",
+                "input": {"tag": "x", "record": {"k": 1}, "time": 5},
+                "expect": {"rule_ids": ["r2", "r1"], "tag": "y"},
+            }
+        ],
         tmp_path,
     )
     (t,) = tests
     assert t.records[0].tag == "x" and t.records[0].time == 5 and not t.per_record
     assert t.expectations[0].rule_ids == frozenset({"r1", "r2"})
     with pytest.raises(ConfigError, match="duplicate test name"):
-        parse_tests([{"name": "a", "input": {"record": {}}, "expect": {"tag": "t"}}] * 2,
-                    tmp_path)
+        parse_tests([{"name": "a", "input": {"record": {}}, "expect": {"tag": "t"}}] * 2, tmp_path)
     with pytest.raises(ConfigError, match="contradicts"):
-        parse_tests([{"name": "a", "input": {"record": {}},
-                      "expect": {"no_detection": True, "rule_ids": ["x"]}}], tmp_path)
+        parse_tests(
+            [
+                {
+                    "name": "a",
+                    "input": {"record": {}},
+                    "expect": {"no_detection": True, "rule_ids": ["x"]},
+                }
+            ],
+            tmp_path,
+        )
 
 
 def test_lookup_paths() -> None:
@@ -259,7 +293,6 @@ def test_fluent_bit_aggregator_configs_accept_forward_with_key_and_tls() -> None
 # ---------------------------------------------------------------- the default pipeline, served
 
 
-
 def test_default_pipeline_served_prints_annotated_records(
     tmp_path: Path, serve_process: Any
 ) -> None:
@@ -270,9 +303,13 @@ def test_default_pipeline_served_prints_annotated_records(
     cfg.write_text(yaml.safe_dump(data), encoding="utf-8")
     sp = serve_process(["--config", str(cfg)])
     assert "2 rules loaded" in sp.lines[-1]
-    hit = {"EventID": 3, "Channel": "Microsoft-Windows-Sysmon/Operational",
-           "Image": "C:\\Windows\\System32\\wuauclt.exe", "DestinationIp": "8.8.8.8",
-           "CommandLine": "wuauclt.exe /RunHandlerComServer"}
+    hit = {
+        "EventID": 3,
+        "Channel": "Microsoft-Windows-Sysmon/Operational",
+        "Image": "C:\\Windows\\System32\\wuauclt.exe",
+        "DestinationIp": "8.8.8.8",
+        "CommandLine": "wuauclt.exe /RunHandlerComServer",
+    }
     miss = {**hit, "DestinationIp": "10.0.0.1"}
 
     async def send() -> None:
@@ -297,9 +334,12 @@ def test_default_pipeline_served_prints_annotated_records(
 def test_serve_rules_without_forward_writes_stdout(serve_process: Any) -> None:
     sp = serve_process(["--rules", "builtin:seeds", "--listen", "127.0.0.1:0"])
     assert "forwarding to stdout" in sp.lines[-1]
-    rec = {"EventID": 1, "Channel": "Microsoft-Windows-Sysmon/Operational",
-           "Image": "C:\\Windows\\SoftwareDistribution\\Download\\Install\\PsExec64.exe",
-           "ParentImage": "C:\\Windows\\System32\\wuauclt.exe"}
+    rec = {
+        "EventID": 1,
+        "Channel": "Microsoft-Windows-Sysmon/Operational",
+        "Image": "C:\\Windows\\SoftwareDistribution\\Download\\Install\\PsExec64.exe",
+        "ParentImage": "C:\\Windows\\System32\\wuauclt.exe",
+    }
 
     async def send() -> None:
         src = await Source.connect(sp.port)

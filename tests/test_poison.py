@@ -75,8 +75,10 @@ class Steady:
 
     async def start(self) -> None:
         src = await Source.connect(self.port)
-        self._tasks = [asyncio.ensure_future(self._write(src)),
-                       asyncio.ensure_future(self._read(src))]
+        self._tasks = [
+            asyncio.ensure_future(self._write(src)),
+            asyncio.ensure_future(self._read(src)),
+        ]
         self._src = src
 
     async def _write(self, src: Source) -> None:
@@ -89,8 +91,9 @@ class Steady:
             chunk = make_chunk("steady", [{"seq": s, "msg": "steady record"} for s in seqs])
             chunk_id = protocol.new_chunk_id()
             self.sent[chunk_id] = seqs
-            await src.send_chunk(Chunk(tag=chunk.tag, entries=chunk.entries, count=chunk.count,
-                                       chunk_id=chunk_id))
+            await src.send_chunk(
+                Chunk(tag=chunk.tag, entries=chunk.entries, count=chunk.count, chunk_id=chunk_id)
+            )
 
     async def _read(self, src: Source) -> None:
         while True:
@@ -139,14 +142,17 @@ def captured(name: str = "ruletag") -> Iterator[list[logging.LogRecord]]:
 
 def poison_chunk() -> Chunk:
     chunk = make_chunk("poison.tag", [{"marker": MARKER, "msg": "the downstream hates me"}])
-    return Chunk(tag=chunk.tag, entries=chunk.entries, count=chunk.count,
-                 chunk_id=protocol.new_chunk_id())
+    return Chunk(
+        tag=chunk.tag, entries=chunk.entries, count=chunk.count, chunk_id=protocol.new_chunk_id()
+    )
 
 
 def forward_options(mode: str, folder: Path) -> dict[str, Any]:
     return {
-        "max_rejects": MAX_REJECTS, "dead_letter_path": str(folder),
-        "retry_backoff_base": 0.2, "retry_backoff_max": 1.0,
+        "max_rejects": MAX_REJECTS,
+        "dead_letter_path": str(folder),
+        "retry_backoff_base": 0.2,
+        "retry_backoff_max": 1.0,
         "ack_timeout": 0.5 if mode == "noack" else 5,
     }
 
@@ -168,12 +174,20 @@ async def resend_with_cli(folder: Path) -> tuple[list[Any], str]:
     """``ruletag dead-letter list`` then ``resend`` to an accepting Sink: its records, output."""
     async with Sink() as good:
         out = []
-        for args in (["list", str(folder)],
-                     ["resend", str(folder), "--forward", f"127.0.0.1:{good.port}"],
-                     ["list", str(folder)]):
+        for args in (
+            ["list", str(folder)],
+            ["resend", str(folder), "--forward", f"127.0.0.1:{good.port}"],
+            ["list", str(folder)],
+        ):
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "ruletag", "dead-letter", *args, cwd=REPO,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                sys.executable,
+                "-m",
+                "ruletag",
+                "dead-letter",
+                *args,
+                cwd=REPO,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
             )
             stdout, _ = await asyncio.wait_for(proc.communicate(), 60)
             assert proc.returncode == 0, stdout.decode()
@@ -217,12 +231,19 @@ def test_poison_chunk_is_dead_lettered_while_a_steady_sender_keeps_its_pace(
         dl = deadletter.read(path)
         records, cli_out = await resend_with_cli(folder)
         report(
-            tmp_path, f"poison_{mode}", steady_records_sent=len(sent),
-            steady_acked=len(acked), steady_delivered=len(delivered & sent),
-            lost=len(sent - delivered), poison_tries=tries, rejects=rejects,
-            dead_letters=dead, seconds_to_dead_letter=round(ended - started, 2),
+            tmp_path,
+            f"poison_{mode}",
+            steady_records_sent=len(sent),
+            steady_acked=len(acked),
+            steady_delivered=len(delivered & sent),
+            lost=len(sent - delivered),
+            poison_tries=tries,
+            rejects=rejects,
+            dead_letters=dead,
+            seconds_to_dead_letter=round(ended - started, 2),
             steady_chunks_per_s_baseline=round(base, 1),
-            steady_chunks_per_s_during=round(during, 1), resent=len(records),
+            steady_chunks_per_s_during=round(during, 1),
+            resent=len(records),
         )
         assert acked == sent == delivered & sent, "every steady record is acked and delivered"
         assert dead == 1 and rejects == MAX_REJECTS and tries >= MAX_REJECTS
@@ -246,12 +267,20 @@ def test_ack_timeouts_leave_no_never_retrieved_tracebacks(tmp_path: Path) -> Non
 
     async def main() -> None:
         async with Sink(ack=False) as sink:
-            cfg.write_text(yaml.safe_dump({
-                "listen": {"host": "127.0.0.1", "port": 0},
-                "forward": {"servers": [{"host": "127.0.0.1", "port": sink.port}],
-                            "ack_timeout": 0.3, "retry_backoff_base": 0.05,
-                            "retry_backoff_max": 0.2, "dead_letter_path": str(tmp_path / "d")},
-            }))
+            cfg.write_text(
+                yaml.safe_dump(
+                    {
+                        "listen": {"host": "127.0.0.1", "port": 0},
+                        "forward": {
+                            "servers": [{"host": "127.0.0.1", "port": sink.port}],
+                            "ack_timeout": 0.3,
+                            "retry_backoff_base": 0.05,
+                            "retry_backoff_max": 0.2,
+                            "dead_letter_path": str(tmp_path / "d"),
+                        },
+                    }
+                )
+            )
             sp = await asyncio.to_thread(start_serve, ["--config", str(cfg)])
             try:
                 src = await Source.connect(sp.port)
@@ -264,9 +293,16 @@ def test_ack_timeouts_leave_no_never_retrieved_tracebacks(tmp_path: Path) -> Non
             finally:
                 output = await asyncio.to_thread(sp.stop)
         never = output.count("never retrieved")
-        report(tmp_path, "ack_timeout_logs", chunks_sent=len(ids), acked=len(set(acks)),
-               downstream_receipts_before_acks=timeouts_seen, log_lines=output.count("\n"),
-               never_retrieved=never, tracebacks=output.count("Traceback"))
+        report(
+            tmp_path,
+            "ack_timeout_logs",
+            chunks_sent=len(ids),
+            acked=len(set(acks)),
+            downstream_receipts_before_acks=timeouts_seen,
+            log_lines=output.count("\n"),
+            never_retrieved=never,
+            tracebacks=output.count("Traceback"),
+        )
         assert set(acks) == set(ids) and timeouts_seen > len(ids)
         assert never == 0 and "Traceback" not in output, output[-3000:]
 
@@ -274,15 +310,14 @@ def test_ack_timeouts_leave_no_never_retrieved_tracebacks(tmp_path: Path) -> Non
 
 
 def fconfig(port: int, **kw: Any) -> ForwardConfig:
-    return ForwardConfig(servers=(ForwardServer(host="127.0.0.1", port=port),),
-                         connect_timeout=1.0, **kw)
+    return ForwardConfig(
+        servers=(ForwardServer(host="127.0.0.1", port=port),), connect_timeout=1.0, **kw
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("outage", ["refused", "stalled"])
-def test_first_delivery_after_the_downstream_heals_is_bounded(
-    outage: str, tmp_path: Path
-) -> None:
+def test_first_delivery_after_the_downstream_heals_is_bounded(outage: str, tmp_path: Path) -> None:
     """Bound: refused connections -> ``retry_backoff_max`` + connect time; a stall (accepts,
     never acks) -> ``ack_timeout`` + ``retry_backoff_base`` + connect time, since every
     successful connect resets the backoff."""
@@ -293,8 +328,15 @@ def test_first_delivery_after_the_downstream_heals_is_bounded(
         sink = await Sink(ack=False).start()
         if outage == "refused":
             await sink.stop()
-        fw = Forwarder(fconfig(sink.port, retry_backoff_base=base, retry_backoff_max=cap,
-                               ack_timeout=ack_timeout, dead_letter_path=str(tmp_path)))
+        fw = Forwarder(
+            fconfig(
+                sink.port,
+                retry_backoff_base=base,
+                retry_backoff_max=cap,
+                ack_timeout=ack_timeout,
+                dead_letter_path=str(tmp_path),
+            )
+        )
         await fw.start()
         sends = [asyncio.ensure_future(fw.send(make_chunk("t", [{"i": i}]))) for i in range(3)]
         await asyncio.sleep(5.0)  # long enough for the backoff to grow to its cap
@@ -312,10 +354,18 @@ def test_first_delivery_after_the_downstream_heals_is_bounded(
         await asyncio.wait_for(asyncio.gather(*sends), 30)
         await fw.close()
         await sink.stop()
-        report(tmp_path, f"heal_{outage}", chunks=3, delivered=len(sink.records),
-               retries=fw.retries, connect_failures=fw.connect_failures,
-               ack_timeouts=fw.ack_timeouts, seconds_to_first_delivery=round(first, 2),
-               bound_s=bound, backoff_max_s=cap)
+        report(
+            tmp_path,
+            f"heal_{outage}",
+            chunks=3,
+            delivered=len(sink.records),
+            retries=fw.retries,
+            connect_failures=fw.connect_failures,
+            ack_timeouts=fw.ack_timeouts,
+            seconds_to_first_delivery=round(first, 2),
+            bound_s=bound,
+            backoff_max_s=cap,
+        )
         assert {r["i"] for r in sink.records} == {0, 1, 2}
         assert first <= bound, f"first delivery {first:.2f} s after healing (bound {bound} s)"
 
@@ -332,9 +382,16 @@ def test_without_a_usable_dead_letter_folder_the_chunk_is_kept_and_retried(
 
     async def main() -> None:
         async with PoisonSink("close") as sink:
-            fw = Forwarder(fconfig(sink.port, retry_backoff_base=0.05, retry_backoff_max=0.2,
-                                   ack_timeout=2.0, max_rejects=2,
-                                   dead_letter_path=str(blocked / "dead")))
+            fw = Forwarder(
+                fconfig(
+                    sink.port,
+                    retry_backoff_base=0.05,
+                    retry_backoff_max=0.2,
+                    ack_timeout=2.0,
+                    max_rejects=2,
+                    dead_letter_path=str(blocked / "dead"),
+                )
+            )
             await fw.start()
             with captured() as logs:
                 poison = asyncio.ensure_future(fw.send(poison_chunk()))
@@ -348,9 +405,16 @@ def test_without_a_usable_dead_letter_folder_the_chunk_is_kept_and_retried(
             with contextlib.suppress(Exception):
                 await poison
         errors = [x for x in logs if "cannot write a dead letter" in x.getMessage()]
-        report(tmp_path, "dead_letter_folder_unusable", steady_sent=sent,
-               steady_delivered=len(sink.records), poison_tries=sink.poison_seen,
-               rejects=fw.rejects, dead_letters=fw.dead_letters, error_lines=len(errors))
+        report(
+            tmp_path,
+            "dead_letter_folder_unusable",
+            steady_sent=sent,
+            steady_delivered=len(sink.records),
+            poison_tries=sink.poison_seen,
+            rejects=fw.rejects,
+            dead_letters=fw.dead_letters,
+            error_lines=len(errors),
+        )
         assert fw.dead_letters == 0 and len(errors) == 1
         assert {r["seq"] for r in sink.records} == set(range(sent))
 

@@ -115,8 +115,10 @@ def test_replay_capture(name: str, arun: Any) -> None:
     handshake = next((c["handshake"] for c in conns if c["handshake"]), None)
     listen: dict[str, Any] = {}
     if handshake:
-        listen = {"shared_key": HANDSHAKE_KEY,
-                  "self_hostname": handshake["pong"]["server_hostname"]}
+        listen = {
+            "shared_key": HANDSHAKE_KEY,
+            "self_hostname": handshake["pong"]["server_hostname"],
+        }
         if handshake["ping"]["username"]:
             listen["users"] = [HANDSHAKE_USER]
     keys, blobs = expected_from_capture(sent)
@@ -145,10 +147,13 @@ def test_replay_capture(name: str, arun: Any) -> None:
             assert len(got) == len(keys)
             assert Counter(got) == Counter(keys)
             got_blobs = [
-                _canon(decode_entries(
-                    gzip.decompress(c.entries) if c.entries[:2] == b"\x1f\x8b" else c.entries
-                ))
-                for c in r.sink.chunks if c.signal in (1, 2)
+                _canon(
+                    decode_entries(
+                        gzip.decompress(c.entries) if c.entries[:2] == b"\x1f\x8b" else c.entries
+                    )
+                )
+                for c in r.sink.chunks
+                if c.signal in (1, 2)
             ]
             assert got_blobs == blobs
 
@@ -203,8 +208,9 @@ def test_pypi_fluent_logger_sender(arun: Any) -> None:
 
             def emit() -> None:
                 plain = sender.FluentSender("py", host="127.0.0.1", port=r.port)
-                nano = sender.FluentSender("pyns", host="127.0.0.1", port=r.port,
-                                           nanosecond_precision=True)
+                nano = sender.FluentSender(
+                    "pyns", host="127.0.0.1", port=r.port, nanosecond_precision=True
+                )
                 for i in range(5):
                     assert plain.emit("plain", {"i": i}), plain.last_error
                     assert nano.emit("nano", {"i": i}), nano.last_error
@@ -227,8 +233,9 @@ def test_relay_with_forward_shared_key_and_v2(arun: Any) -> None:
     async def scenario() -> None:
         sink = Sink(shared_key="down", hostname="downstream")
         await sink.start()
-        async with start_relay({"shared_key": "up"},
-                               {"shared_key": "down", "entry_format": "v2"}, sink=sink) as r:
+        async with start_relay(
+            {"shared_key": "up"}, {"shared_key": "down", "entry_format": "v2"}, sink=sink
+        ) as r:
             src = await Source.connect(r.port, shared_key="up")
             cid = await src.send_chunk(make_chunk("v2", [{"a": 1}, {"a": 2}], v2=True))
             assert await src.read_ack() == cid
@@ -241,7 +248,8 @@ def test_relay_with_forward_shared_key_and_v2(arun: Any) -> None:
 def _relay_yaml(tmp_path: Path, sink_port: int, listen_extra: str = "") -> Path:
     cfg = tmp_path / "relay.yaml"
     cfg.write_text(
-        "listen:\n  host: 127.0.0.1\n  port: 0\n" + listen_extra
+        "listen:\n  host: 127.0.0.1\n  port: 0\n"
+        + listen_extra
         + f"forward:\n  servers:\n    - host: 127.0.0.1\n      port: {sink_port}\n"
         + "log:\n  format: json\n"
     )
@@ -297,8 +305,14 @@ def test_serve_cli_listen_and_forward_keys(
     async def scenario() -> None:
         sink = Sink(shared_key=forward_key, hostname="downstream")
         await sink.start()
-        args = ["--listen", "127.0.0.1:0", "--forward", f"127.0.0.1:{sink.port}",
-                "--listen-shared-key", "agents"]
+        args = [
+            "--listen",
+            "127.0.0.1:0",
+            "--forward",
+            f"127.0.0.1:{sink.port}",
+            "--listen-shared-key",
+            "agents",
+        ]
         if forward_key is not None:
             args += ["--forward-shared-key", forward_key]
         sp = await asyncio.to_thread(serve_process, args)
@@ -341,4 +355,3 @@ def test_serve_bad_config_file_exits_2(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "forward.servers[0].port: must be an int 1..65535" in proc.stderr
-

@@ -59,8 +59,11 @@ def make_reloader(rules_dir: Path, cache: Path, **kw: object) -> tuple[LiveFilte
 
 def detections_of(live: LiveFilter, records: list[dict]) -> list[list[str]]:
     out = live(make_chunk("t", records))
-    return [[d["rule_id"] for d in e[1].get("detections", [])]
-            for c in out for e in decode_entries(c.entries)]
+    return [
+        [d["rule_id"] for d in e[1].get("detections", [])]
+        for c in out
+        for e in decode_entries(c.entries)
+    ]
 
 
 async def wait_for(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]

@@ -58,14 +58,18 @@ def matched_ids(table: CompiledTable, record: dict) -> list[str]:
 
 
 def test_every_seed_rule_has_both_fixture_files() -> None:
-    assert SEEDS == ["net_connection_win_wuauclt_network_connection",
-                     "potential_wsus_abuse_for_lateral_movement"]
+    assert SEEDS == [
+        "net_connection_win_wuauclt_network_connection",
+        "potential_wsus_abuse_for_lateral_movement",
+    ]
     for stem in SEEDS:
         for kind in ("fire", "quiet"):
             rows = read_jsonl(FIXTURES / f"{stem}.{kind}.jsonl")
             assert len(rows) >= 4 and all(r.get("test_note") for r in rows)
-        shapes = {("ecs" if "event" in r or "@timestamp" in r else "windows")
-                  for r in read_jsonl(FIXTURES / f"{stem}.fire.jsonl")}
+        shapes = {
+            ("ecs" if "event" in r or "@timestamp" in r else "windows")
+            for r in read_jsonl(FIXTURES / f"{stem}.fire.jsonl")
+        }
         assert shapes == {"ecs", "windows"}, stem
 
 
@@ -85,9 +89,13 @@ def test_fixtures_through_ruletag_match(stem: str, tmp_path: Path) -> None:
     rid = table_for(rule_file(stem)).rules[0].id
     for kind in ("fire", "quiet"):
         events = FIXTURES / f"{stem}.{kind}.jsonl"
-        p = subprocess.run([str(RULETAG), "match", "--rules", str(rule_file(stem)),
-                            "--events", str(events)], capture_output=True, env=env,
-                           timeout=120, check=False)
+        p = subprocess.run(
+            [str(RULETAG), "match", "--rules", str(rule_file(stem)), "--events", str(events)],
+            capture_output=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
         assert p.returncode == 0, p.stderr
         out = [json.loads(line) for line in p.stdout.splitlines()]
         assert [o["test_note"] for o in out] == [r["test_note"] for r in read_jsonl(events)]
@@ -123,23 +131,35 @@ def test_capture_replay_in_process() -> None:
 
 
 @pytest.mark.skipif(not RULETAG.exists(), reason="the ruletag console script is not installed")
-@pytest.mark.parametrize("capture", [
-    "windows-events.jsonl",  # the JSON lines Fluent Bit read
-    "default.bin",  # Fluent Bit 4.2.8 out_forward, Forward mode, [time, record]
-    "compress-gzip.bin",  # CompressedPackedForward
-    "fluent-bit-5.1.1/default.bin",  # Forward mode with [[time, metadata], record] entries
-    "tag-dynamic-ack.bin",  # Message mode
-])
+@pytest.mark.parametrize(
+    "capture",
+    [
+        "windows-events.jsonl",  # the JSON lines Fluent Bit read
+        "default.bin",  # Fluent Bit 4.2.8 out_forward, Forward mode, [time, record]
+        "compress-gzip.bin",  # CompressedPackedForward
+        "fluent-bit-5.1.1/default.bin",  # Forward mode with [[time, metadata], record] entries
+        "tag-dynamic-ack.bin",  # Message mode
+    ],
+)
 def test_capture_replay_through_ruletag_match(capture: str, tmp_path: Path) -> None:
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    p = subprocess.run([str(RULETAG), "match", "--rules", str(SEED_RULES),
-                        "--events", str(CAPTURES / capture)],
-                       capture_output=True, env=env, timeout=120, check=False)
+    p = subprocess.run(
+        [str(RULETAG), "match", "--rules", str(SEED_RULES), "--events", str(CAPTURES / capture)],
+        capture_output=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert p.returncode == 0, p.stderr
     out = [json.loads(line) for line in p.stdout.splitlines()]
     records = read_jsonl(CAPTURES / "windows-events.jsonl")
-    want = dict(zip((json.dumps(r, sort_keys=True) for r in records),
-                    (ids for _, ids in expected_capture()), strict=True))
+    want = dict(
+        zip(
+            (json.dumps(r, sort_keys=True) for r in records),
+            (ids for _, ids in expected_capture()),
+            strict=True,
+        )
+    )
     seen = 0
     for o in out:
         got = sorted(d["rule_id"] for d in o.pop("detections", []))

@@ -23,8 +23,7 @@ HOST = "127.0.0.1"
 
 
 def listen_config(**listen: Any) -> Any:
-    data = {"listen": {"host": HOST, "port": 0, **listen},
-            "forward": {"servers": ["127.0.0.1:9"]}}
+    data = {"listen": {"host": HOST, "port": 0, **listen}, "forward": {"servers": ["127.0.0.1:9"]}}
     return config_from_mapping(data).listen
 
 
@@ -97,8 +96,9 @@ def test_acks_in_arrival_order_even_when_submits_finish_out_of_order(arun: Any) 
     async def body(server: Server, rec: Recorder) -> None:
         rec.delays = {"slow": 0.3, "mid": 0.1}
         src = await Source.connect(server.port)
-        ids = [await src.send_chunk(make_chunk(tag, [{"t": tag}]))
-               for tag in ("slow", "mid", "fast")]
+        ids = [
+            await src.send_chunk(make_chunk(tag, [{"t": tag}])) for tag in ("slow", "mid", "fast")
+        ]
         got = [await src.read_ack() for _ in ids]
         assert got == ids
         await src.close()
@@ -274,8 +274,10 @@ def test_global_in_flight_limit_pauses_every_connection(arun: Any) -> None:
         b = await Source.connect(server.port)
         chunk = make_chunk("t", [{"blob": "z" * 1000}])
         ida = [await a.send_chunk(chunk) for _ in range(5)]
-        await eventually(lambda: len(server.connections) == 2
-                         and all(p.read_paused for p in server.connections), "both paused")
+        await eventually(
+            lambda: len(server.connections) == 2 and all(p.read_paused for p in server.connections),
+            "both paused",
+        )
         idb = [await b.send_chunk(chunk) for _ in range(2)]
         rec.gate.set()
         assert [await a.read_ack() for _ in ida] == ida
@@ -288,20 +290,20 @@ def test_global_in_flight_limit_pauses_every_connection(arun: Any) -> None:
 
 def test_shared_key_and_users(arun: Any) -> None:
     async def body(server: Server, rec: Recorder) -> None:
-        ok = await Source.connect(server.port, shared_key="k3y", username="alice",
-                                  password="pw")
+        ok = await Source.connect(server.port, shared_key="k3y", username="alice", password="pw")
         cid = await ok.send_chunk(make_chunk("t", [{"a": 1}]))
         assert await ok.read_ack() == cid
         await ok.close()
-        for kwargs in ({"shared_key": "wrong", "username": "alice", "password": "pw"},
-                       {"shared_key": "k3y", "username": "alice", "password": "bad"},
-                       {"shared_key": "k3y", "username": "mallory", "password": "pw"}):
+        for kwargs in (
+            {"shared_key": "wrong", "username": "alice", "password": "pw"},
+            {"shared_key": "k3y", "username": "alice", "password": "bad"},
+            {"shared_key": "k3y", "username": "mallory", "password": "pw"},
+        ):
             with pytest.raises((AuthenticationError, ConnectionError)):
                 await Source.connect(server.port, **kwargs)
         assert server.stats.auth_failures == 3
 
-    rec = arun(with_server(body, shared_key="k3y",
-                           users=[{"username": "alice", "password": "pw"}]))
+    rec = arun(with_server(body, shared_key="k3y", users=[{"username": "alice", "password": "pw"}]))
     assert len(rec.chunks) == 1
 
 
@@ -325,8 +327,9 @@ def client_ssl(certs: Certs, *, with_cert: bool) -> ssl.SSLContext:
 
 def test_tls_listener(arun: Any, certs: Certs) -> None:
     async def body(server: Server, rec: Recorder) -> None:
-        src = await Source.connect(server.port, host="localhost",
-                                   ssl_context=client_ssl(certs, with_cert=False))
+        src = await Source.connect(
+            server.port, host="localhost", ssl_context=client_ssl(certs, with_cert=False)
+        )
         cid = await src.send_chunk(make_chunk("tls", [{"a": 1}]))
         assert await src.read_ack() == cid
         await src.close()
@@ -342,19 +345,25 @@ def test_tls_listener(arun: Any, certs: Certs) -> None:
 
 def test_tls_client_cert_required(arun: Any, certs: Certs) -> None:
     async def body(server: Server, rec: Recorder) -> None:
-        src = await Source.connect(server.port, host="localhost",
-                                   ssl_context=client_ssl(certs, with_cert=True))
+        src = await Source.connect(
+            server.port, host="localhost", ssl_context=client_ssl(certs, with_cert=True)
+        )
         cid = await src.send_chunk(make_chunk("mtls", [{"a": 1}]))
         assert await src.read_ack() == cid
         await src.close()
         with pytest.raises((ssl.SSLError, ConnectionError)):
-            bad = await Source.connect(server.port, host="localhost",
-                                       ssl_context=client_ssl(certs, with_cert=False))
+            bad = await Source.connect(
+                server.port, host="localhost", ssl_context=client_ssl(certs, with_cert=False)
+            )
             await bad.send_chunk(make_chunk("nocert", [{"a": 1}]))
             await bad.read_ack()
 
-    tls = {"cert_file": certs.cert, "key_file": certs.key, "ca_file": certs.client_cert,
-           "client_cert_required": True}
+    tls = {
+        "cert_file": certs.cert,
+        "key_file": certs.key,
+        "ca_file": certs.client_cert,
+        "client_cert_required": True,
+    }
     rec = arun(with_server(body, tls=tls))
     assert [c.tag for c in rec.chunks] == ["mtls"]
 

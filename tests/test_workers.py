@@ -65,9 +65,7 @@ def test_reserved_port_can_be_shared() -> None:
         holder.close()
 
 
-def test_two_workers_relay_restart_and_stop(
-    arun: Any, serve_process: Any, tmp_path: Path
-) -> None:
+def test_two_workers_relay_restart_and_stop(arun: Any, serve_process: Any, tmp_path: Path) -> None:
     async def scenario() -> None:
         sink = Sink()
         await sink.start()

@@ -46,8 +46,10 @@ def list_letters(folder: str) -> int:
             bad += 1
             continue
         when = dt.datetime.fromtimestamp(dl.time, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        print(f"{path.name}\ttag={dl.chunk.tag}\trecords={dl.chunk.count}\t"
-              f"signal={dl.chunk.signal}\ttries={dl.tries}\t{when}\t{dl.reason}")
+        print(
+            f"{path.name}\ttag={dl.chunk.tag}\trecords={dl.chunk.count}\t"
+            f"signal={dl.chunk.signal}\ttries={dl.tries}\t{when}\t{dl.reason}"
+        )
     print(f"{len(paths)} dead letter(s) in {folder}" + (f", {bad} unreadable" if bad else ""))
     return 1 if bad else 0
 

@@ -48,8 +48,12 @@ class _Readable(Protocol):
 
 
 def _unpacker(data: _Readable | bytes) -> msgpack.Unpacker:
-    opts: dict[str, Any] = {"raw": False, "strict_map_key": False,
-                            "unicode_errors": "surrogateescape", "max_buffer_size": 2**31 - 1}
+    opts: dict[str, Any] = {
+        "raw": False,
+        "strict_map_key": False,
+        "unicode_errors": "surrogateescape",
+        "max_buffer_size": 2**31 - 1,
+    }
     if isinstance(data, bytes | bytearray):
         up = msgpack.Unpacker(**opts)
         up.feed(data)
@@ -147,8 +151,9 @@ def _json_default(obj: object) -> object:
 def dump_record(record: object) -> str:
     """One record as a JSON line (bytes as UTF-8 text, unknown types as their repr)."""
     try:
-        return ujson.dumps(record, ensure_ascii=False, escape_forward_slashes=False,
-                           default=_json_default)
+        return ujson.dumps(
+            record, ensure_ascii=False, escape_forward_slashes=False, default=_json_default
+        )
     except (OverflowError, UnicodeEncodeError, TypeError):
         return json.dumps(record, ensure_ascii=False, default=_json_default)
 
@@ -161,8 +166,10 @@ def _load_table(paths: Sequence[str], variables: dict[str, list[str]] | None) ->
     if len(paths) == 1 and Path(paths[0]).is_file() and source_of(Path(paths[0])) is None:
         return CompiledTable.load(Path(paths[0]))
     table, result = compile_rules(paths, variables)
-    print(f"ruletag: rules: {summary_line(result)}"
-          + (" [cached]" if result.cached else ""), file=sys.stderr)
+    print(
+        f"ruletag: rules: {summary_line(result)}" + (" [cached]" if result.cached else ""),
+        file=sys.stderr,
+    )
     return table
 
 
@@ -200,4 +207,3 @@ def match(ns: argparse.Namespace) -> int:
     if skipped:
         print(f"ruletag: skipped {skipped} entries that are not maps", file=sys.stderr)
     return 0
-

@@ -40,7 +40,6 @@ def read_vars(path: str | None) -> dict[str, list[str]] | None:
     return out
 
 
-
 def _problem_source(p: RuleError) -> str:
     return (source_of(Path(p.path)) if p.path else None) or "other"
 
@@ -50,8 +49,7 @@ def summarize(result: LoadResult) -> dict[str, Any]:
     by_source: dict[str, dict[str, int]] = {}
 
     def bucket(src: str) -> dict[str, int]:
-        return by_source.setdefault(src, {"files": 0, "loaded": 0, "unsupported": 0,
-                                          "invalid": 0})
+        return by_source.setdefault(src, {"files": 0, "loaded": 0, "unsupported": 0, "invalid": 0})
 
     for src, n in result.sources.items():
         bucket(src)["files"] = n
@@ -76,11 +74,15 @@ def summarize(result: LoadResult) -> dict[str, Any]:
 
 def summary_line(result: LoadResult) -> str:
     s = summarize(result)
-    per = ", ".join(f"{src} {c['loaded']}/{c['unsupported']}/{c['invalid']}"
-                    for src, c in sorted(s["by_source"].items()))
-    return (f"{s['files']} files: {s['loaded']} loaded, {s['unsupported']} unsupported, "
-            f"{s['invalid']} invalid, {s['duplicates']} duplicates"
-            + (f" (loaded/unsupported/invalid by source: {per})" if per else ""))
+    per = ", ".join(
+        f"{src} {c['loaded']}/{c['unsupported']}/{c['invalid']}"
+        for src, c in sorted(s["by_source"].items())
+    )
+    return (
+        f"{s['files']} files: {s['loaded']} loaded, {s['unsupported']} unsupported, "
+        f"{s['invalid']} invalid, {s['duplicates']} duplicates"
+        + (f" (loaded/unsupported/invalid by source: {per})" if per else "")
+    )
 
 
 # --------------------------------------------------------------------------- rules check
@@ -126,13 +128,15 @@ def compile_(ns: argparse.Namespace) -> int:
         print(f"ruletag: cannot write {out}: {exc}", file=sys.stderr)
         return 1
     print(summary_line(result))
-    print(f"table {out}: version {version}, {len(table.rules)} rules, "
-          f"{out.stat().st_size / 1048576:.2f} MiB; load {result.seconds:.2f}s, "
-          f"compile {built:.2f}s")
+    print(
+        f"table {out}: version {version}, {len(table.rules)} rules, "
+        f"{out.stat().st_size / 1048576:.2f} MiB; load {result.seconds:.2f}s, "
+        f"compile {built:.2f}s"
+    )
     stats = getattr(table, "stats", None)
     if isinstance(stats, Mapping):
-        shown = {k: (len(v) if isinstance(v, list | tuple | dict | set) else v)
-                 for k, v in stats.items()}
+        shown = {
+            k: (len(v) if isinstance(v, list | tuple | dict | set) else v) for k, v in stats.items()
+        }
         print("stats: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     return 0
-

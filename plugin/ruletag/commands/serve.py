@@ -44,10 +44,19 @@ def build_config(ns: argparse.Namespace) -> Config:
         config = load_config(config_file)
         return with_cli_overrides(config, rules=rules, metrics=metrics, buffer_dir=buffer_dir)
     if not forward and not rules:
-        raise ConfigError("serve needs --config FILE, --forward HOST:PORT[,HOST:PORT...] "
-                          "or --rules PATH... (without --forward, records go to stdout)")
-    config = config_from_cli(listen, forward, shared_key, rules=rules, metrics=metrics,
-                             listen_shared_key=listen_key, forward_shared_key=forward_key)
+        raise ConfigError(
+            "serve needs --config FILE, --forward HOST:PORT[,HOST:PORT...] "
+            "or --rules PATH... (without --forward, records go to stdout)"
+        )
+    config = config_from_cli(
+        listen,
+        forward,
+        shared_key,
+        rules=rules,
+        metrics=metrics,
+        listen_shared_key=listen_key,
+        forward_shared_key=forward_key,
+    )
     return with_cli_overrides(config, buffer_dir=buffer_dir)
 
 

@@ -141,8 +141,10 @@ def _inputs(data: object, path: str, base: Path) -> list[TestRecord]:
     if not isinstance(name, str) or not name:
         raise _err(f"{path}.records_file", "must be a file name")
     file = Path(name) if Path(name).is_absolute() else base / name
-    return [TestRecord(tag, rec, t, where)
-            for rec, where in _read_records_file(file, f"{path}.records_file")]
+    return [
+        TestRecord(tag, rec, t, where)
+        for rec, where in _read_records_file(file, f"{path}.records_file")
+    ]
 
 
 def _expectation(data: object, path: str) -> Expectation:
@@ -206,8 +208,9 @@ def parse_tests(raw: object, base_dir: str | Path) -> list[PipelineTest]:
             if not isinstance(outs, list):
                 raise _err(f"{path}.outputs", "must be a list (one item per input record)")
             if len(outs) != len(records):
-                raise _err(f"{path}.outputs",
-                           f"has {len(outs)} items for {len(records)} input records")
+                raise _err(
+                    f"{path}.outputs", f"has {len(outs)} items for {len(records)} input records"
+                )
             expectations = tuple(
                 _expectation(x, f"{path}.outputs[{k}]") for k, x in enumerate(outs)
             )
@@ -250,8 +253,9 @@ def run_records(transform: Transform | None, records: Sequence[TestRecord]) -> l
         for out in produced:
             for start, end in iter_entries(out.entries):
                 raw = out.entries[start:end]
-                entry = msgpack.unpackb(raw, raw=False, unicode_errors="surrogateescape",
-                                        strict_map_key=False)
+                entry = msgpack.unpackb(
+                    raw, raw=False, unicode_errors="surrogateescape", strict_map_key=False
+                )
                 outputs.append(Output(out.tag, raw, entry[1]))
         i = j
     return outputs

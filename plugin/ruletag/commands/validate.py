@@ -52,4 +52,3 @@ def main_validate(ns: argparse.Namespace) -> int:
             if len(result.problems) > 20:
                 print(f"  ... and {len(result.problems) - 20} more (ruletag rules check)")
     return 1 if bad else 0
-

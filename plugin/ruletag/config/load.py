@@ -179,8 +179,11 @@ class _Section:
         value = self.raw(name, default)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo or (
-            hi is not None and value > hi
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < lo
+            or (hi is not None and value > hi)
         ):
             bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
             raise ConfigError(f"{self.key(name)}: must be an int {bound}")
@@ -246,9 +249,7 @@ def _users(data: object, path: str) -> tuple[User, ...]:
     users = []
     for i, item in enumerate(data):
         s = _Section(item, f"{path}[{i}]")
-        users.append(
-            User(s.str_("username", empty=False) or "", s.str_("password", "") or "")
-        )
+        users.append(User(s.str_("username", empty=False) or "", s.str_("password", "") or ""))
         if not users[-1].username:
             raise ConfigError(f"{path}[{i}].username: is required")
         s.done()
@@ -321,8 +322,12 @@ def _forward_server(
     if isinstance(data, str):
         host, port = parse_hostport(data, path)
         return ForwardServer(
-            host=host, port=port, shared_key=defaults.shared_key, username=defaults.username,
-            password=defaults.password, tls=defaults.tls,
+            host=host,
+            port=port,
+            shared_key=defaults.shared_key,
+            username=defaults.username,
+            password=defaults.password,
+            tls=defaults.tls,
         )
     s = _Section(data, path)
     server = ForwardServer(
@@ -444,9 +449,7 @@ def _rules(data: object, base: Path | None) -> RulesConfig:
             raise ConfigError(f"rules.vars.{k}: values must be strings")
         variables[str(k)] = tuple("" if x is None else str(x) for x in values)
     raw_exclude = s.raw("exclude", [])
-    if not isinstance(raw_exclude, list) or not all(
-        isinstance(x, str) and x for x in raw_exclude
-    ):
+    if not isinstance(raw_exclude, list) or not all(isinstance(x, str) and x for x in raw_exclude):
         raise ConfigError("rules.exclude: must be a list of rule ids or names (globs allowed)")
     cfg = RulesConfig(
         paths=paths,
@@ -564,9 +567,17 @@ def load_config(path: str | Path) -> Config:
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from exc
     return Config(
-        listen=cfg.listen, forward=cfg.forward, log=cfg.log, rules=cfg.rules, enrich=cfg.enrich,
-        buffer=cfg.buffer, metrics=cfg.metrics, outputs=cfg.outputs, tests=cfg.tests,
-        source=str(p), workers=cfg.workers,
+        listen=cfg.listen,
+        forward=cfg.forward,
+        log=cfg.log,
+        rules=cfg.rules,
+        enrich=cfg.enrich,
+        buffer=cfg.buffer,
+        metrics=cfg.metrics,
+        outputs=cfg.outputs,
+        tests=cfg.tests,
+        source=str(p),
+        workers=cfg.workers,
     )
 
 
@@ -652,4 +663,3 @@ def config_from_cli(
     if metrics:
         data["metrics"] = {"listen": metrics}
     return config_from_mapping(data, Path.cwd())
-

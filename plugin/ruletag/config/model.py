@@ -299,7 +299,6 @@ class Config:
     workers: int = 1  # serve processes sharing the listen port (ruletag.runtime.workers)
 
 
-
 def join_hostport(host: str, port: int) -> str:
     """``HOST:PORT``, or ``[V6]:PORT`` for an IPv6 host."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -164,8 +164,17 @@ class _Damage:
 
 def _encode_chunk(rec_id: int, chunk: Chunk, stored_at: float, digest: bytes) -> bytes:
     return msgpack.packb(
-        [rec_id, chunk.tag, chunk.entries, chunk.count, chunk.chunk_id, chunk.signal,
-         chunk.v2, stored_at, digest],
+        [
+            rec_id,
+            chunk.tag,
+            chunk.entries,
+            chunk.count,
+            chunk.chunk_id,
+            chunk.signal,
+            chunk.v2,
+            stored_at,
+            digest,
+        ],
         use_bin_type=True,
     )
 
@@ -174,8 +183,7 @@ def _decode_chunk(payload: bytes | memoryview) -> tuple[int, Chunk, float, bytes
     """A chunk record's payload: format 2 carries the dedupe digest, format 1 does not."""
     fields = msgpack.unpackb(payload, raw=False)
     rec_id, tag, entries, count, chunk_id, signal, v2, stored_at = fields[:8]
-    chunk = Chunk(tag=tag, entries=entries, count=count, chunk_id=chunk_id, signal=signal,
-                  v2=v2)
+    chunk = Chunk(tag=tag, entries=entries, count=count, chunk_id=chunk_id, signal=signal, v2=v2)
     digest = fields[8] if len(fields) > 8 else content_digest(chunk)
     if not isinstance(rec_id, int) or not isinstance(digest, bytes):
         raise ValueError("malformed chunk record")
@@ -284,8 +292,10 @@ def _damage_message(dmg: _Damage, delivered: set[int]) -> tuple[str, int]:
         parts.append(f"{len(chunks) - len(lost)} already delivered")
     if acks:
         parts.append(f"{acks} ack record(s) lost (may cause duplicate deliveries)")
-    msg = (f"{dmg.segment}: torn or corrupt record(s) at bytes {dmg.start}-{dmg.end} "
-           f"({dmg.reason}), skipped alone: " + "; ".join(parts))
+    msg = (
+        f"{dmg.segment}: torn or corrupt record(s) at bytes {dmg.start}-{dmg.end} "
+        f"({dmg.reason}), skipped alone: " + "; ".join(parts)
+    )
     return msg, len(lost)
 
 
@@ -330,7 +340,8 @@ class DiskBuffer:
         acked: set[int] = set()
         damage: list[_Damage] = []
         numbers = sorted(
-            int(p.stem.split("-")[1]) for p in self.path.glob("segment-*.log")
+            int(p.stem.split("-")[1])
+            for p in self.path.glob("segment-*.log")
             if p.stem.split("-")[1].isdigit()
         )
         reusable = False
@@ -358,8 +369,9 @@ class DiskBuffer:
         report.pending = len(self._pending)
         return report
 
-    def _segment_format(self, seg: _Segment, raw: bytes,
-                        report: RecoveryReport) -> tuple[int, int] | None:
+    def _segment_format(
+        self, seg: _Segment, raw: bytes, report: RecoveryReport
+    ) -> tuple[int, int] | None:
         """``(format version, header size)`` of a segment's bytes; None = refuse it."""
         if not raw or raw.startswith(_V1_MAGIC):
             return (FORMAT_VERSION if not raw else 1), 0
@@ -379,8 +391,9 @@ class DiskBuffer:
         # A damaged header: read the records of whichever format they are in.
         return (FORMAT_VERSION, _FILE_HEADER.size) if _V2_MAGIC in raw else (1, 0)
 
-    def _replay(self, seg: _Segment, acked: set[int], damage: list[_Damage],
-                report: RecoveryReport) -> int | None:
+    def _replay(
+        self, seg: _Segment, acked: set[int], damage: list[_Damage], report: RecoveryReport
+    ) -> int | None:
         """Index the segment's records; the end of its last intact record (None: refused)."""
         raw = seg.path.read_bytes()
         fmt = self._segment_format(seg, raw, report)
@@ -398,8 +411,7 @@ class DiskBuffer:
         while pos < len(raw):
             frame = _frame_at(data, pos, seg.version)
             if frame is None or not frame.intact:
-                end = frame.end if frame is not None else _resync(data, pos + 1, seg.version,
-                                                                  raw)
+                end = frame.end if frame is not None else _resync(data, pos + 1, seg.version, raw)
                 records = _describe_span(raw, pos, end, seg.version)
                 reason = "checksum mismatch" if frame is not None else "bad or torn frame"
                 damage.append(_Damage(seg.path.name, pos, end, records, reason))
@@ -409,20 +421,23 @@ class DiskBuffer:
                 self._apply(seg, pos, frame, data, acked)
             except (ValueError, TypeError, msgpack.UnpackException) as exc:
                 records = _describe_span(raw, pos, frame.end, seg.version)
-                damage.append(_Damage(seg.path.name, pos, frame.end, records,
-                                      f"undecodable: {exc}"))
+                damage.append(
+                    _Damage(seg.path.name, pos, frame.end, records, f"undecodable: {exc}")
+                )
             pos = clean_end = frame.end
         seg.size = len(raw)
         return clean_end
 
-    def _apply(self, seg: _Segment, pos: int, frame: _Frame, data: memoryview,
-               acked: set[int]) -> None:
+    def _apply(
+        self, seg: _Segment, pos: int, frame: _Frame, data: memoryview, acked: set[int]
+    ) -> None:
         """Take an intact record into the index."""
         body = data[frame.body : frame.end]
         if frame.kind == _KIND_CHUNK:
             rec_id, chunk, stored_at, digest = _decode_chunk(body)
-            entry = _Entry(seg.number, pos, frame.end - frame.body, stored_at, chunk.chunk_id,
-                           digest)
+            entry = _Entry(
+                seg.number, pos, frame.end - frame.body, stored_at, chunk.chunk_id, digest
+            )
             self._remember(rec_id, entry, seg)
             self._next_id = max(self._next_id, rec_id + 1)
         elif frame.kind == _KIND_ACK:
@@ -436,8 +451,9 @@ class DiskBuffer:
                     fh.truncate(clean_end)
                 seg.size = clean_end
             except OSError as exc:
-                log.warning("disk buffer: cannot truncate the torn tail of %s (%s)",
-                            seg.path.name, exc)
+                log.warning(
+                    "disk buffer: cannot truncate the torn tail of %s (%s)", seg.path.name, exc
+                )
                 return False
         intact = all(d.start >= clean_end for d in damage)  # damage only in the cut tail
         return seg.version == FORMAT_VERSION and intact and seg.size < self.segment_bytes
@@ -546,8 +562,7 @@ class DiskBuffer:
             offset = self._write(_KIND_CHUNK, payload, sync=sync)  # space was freed
         self._next_id += 1
         assert self._active is not None
-        entry = _Entry(self._active.number, offset, len(payload), stored_at, chunk.chunk_id,
-                       digest)
+        entry = _Entry(self._active.number, offset, len(payload), stored_at, chunk.chunk_id, digest)
         self._remember(rec_id, entry, self._active)
         return rec_id
 
@@ -559,9 +574,7 @@ class DiskBuffer:
             self._roll()  # invariant 8: let the acked active segment be deleted
             self._drop_empty_segments()
         if self._used + need > self.max_bytes:
-            raise BufferFullError(
-                f"disk buffer full ({self._used} of {self.max_bytes} bytes used)"
-            )
+            raise BufferFullError(f"disk buffer full ({self._used} of {self.max_bytes} bytes used)")
         assert self._active is not None
         if self._active.size and self._active.size + need > self.segment_bytes:
             self._roll()
@@ -610,8 +623,13 @@ class DiskBuffer:
             self.ack_write_errors += 1
             level = logging.DEBUG if self._ack_failing else logging.WARNING
             self._ack_failing = True  # one warning per episode, not one per chunk
-            log.log(level, "disk buffer: cannot record the ack of chunk %d (%s); it may be "
-                    "delivered again after a restart", rec_id, exc)
+            log.log(
+                level,
+                "disk buffer: cannot record the ack of chunk %d (%s); it may be "
+                "delivered again after a restart",
+                rec_id,
+                exc,
+            )
         self._forget(rec_id)
         active = self._active
         if active is not None and not active.live and active.size >= self.reclaim_bytes:

@@ -121,15 +121,22 @@ class DurablePipeline:
             log.warning("disk buffer %s: %s", self.buffer.path, problem)
         if report.damaged:
             self.stats.lost_on_recovery = report.lost_chunks
-            log.error("disk buffer %s: %d damaged span(s) skipped on replay, %d chunk "
-                      "record(s) lost (each listed above with its segment and offset)",
-                      self.buffer.path, report.damaged, report.lost_chunks)
+            log.error(
+                "disk buffer %s: %d damaged span(s) skipped on replay, %d chunk "
+                "record(s) lost (each listed above with its segment and offset)",
+                self.buffer.path,
+                report.damaged,
+                report.lost_chunks,
+            )
         ids = await self._call(self.buffer.pending_ids)
         for rec_id in ids:
             self._enqueue(rec_id, None)
         if ids:
-            log.info("disk buffer %s: replaying %d unacked chunk(s) from a previous run",
-                     self.buffer.path, len(ids))
+            log.info(
+                "disk buffer %s: replaying %d unacked chunk(s) from a previous run",
+                self.buffer.path,
+                len(ids),
+            )
         loop = asyncio.get_running_loop()
         self._workers = [loop.create_task(self._deliver_loop()) for _ in range(self.concurrency)]
         return report
@@ -151,8 +158,11 @@ class DurablePipeline:
             await self._call(self.buffer.close)
         self._executor.shutdown(wait=True)
         if self.stats.chunks:
-            log.info("disk buffer %s: %d chunk(s) kept for the next start",
-                     self.buffer.path, self.stats.chunks)
+            log.info(
+                "disk buffer %s: %d chunk(s) kept for the next start",
+                self.buffer.path,
+                self.stats.chunks,
+            )
 
     def describe(self) -> str:
         """A fragment for the ready log line."""
@@ -178,9 +188,13 @@ class DurablePipeline:
             self._full_logged = self._error_logged = False
         if rec_id in self._queued:
             self.stats.duplicates_dropped += 1
-            log.debug("disk buffer: chunk id %r with the same content is still buffered "
-                      "(chunk %d): resend stored once (%d duplicates dropped)",
-                      chunk.chunk_id, rec_id, self.stats.duplicates_dropped)
+            log.debug(
+                "disk buffer: chunk id %r with the same content is still buffered "
+                "(chunk %d): resend stored once (%d duplicates dropped)",
+                chunk.chunk_id,
+                rec_id,
+                self.stats.duplicates_dropped,
+            )
         else:
             self.stats.appended += 1
             self._enqueue(rec_id, chunk)
@@ -199,15 +213,21 @@ class DurablePipeline:
                     return await self._call(self._append, chunk, digest)
                 except BufferFullError as exc:
                     if len(chunk.entries) + 1024 > self.buffer.max_bytes:
-                        log.error("chunk of %d bytes can never fit the disk buffer "
-                                  "(max_size %d)", len(chunk.entries), self.buffer.max_bytes)
+                        log.error(
+                            "chunk of %d bytes can never fit the disk buffer (max_size %d)",
+                            len(chunk.entries),
+                            self.buffer.max_bytes,
+                        )
                         raise
                     self.stats.full_waits += 1
                     no_space = no_space or self._add_space_waiter()
                     if not self._full_logged:
                         self._full_logged = True
-                        log.warning("%s: holding acks (senders are paused) until downstream "
-                                    "delivery frees space", exc)
+                        log.warning(
+                            "%s: holding acks (senders are paused) until downstream "
+                            "delivery frees space",
+                            exc,
+                        )
                     await self._wait_for_space(freed, self.retry_max)
                 except OSError as exc:
                     self.stats.write_errors += 1
@@ -216,9 +236,13 @@ class DurablePipeline:
                     if not self._error_logged:
                         self._error_logged = True
                         name = errno.errorcode.get(exc.errno or 0, "error")
-                        log.error("disk buffer %s: cannot write a chunk (%s: %s); it is NOT "
-                                  "acked upstream; retrying until the write succeeds",
-                                  self.buffer.path, name, exc.strerror or exc)
+                        log.error(
+                            "disk buffer %s: cannot write a chunk (%s: %s); it is NOT "
+                            "acked upstream; retrying until the write succeeds",
+                            self.buffer.path,
+                            name,
+                            exc.strerror or exc,
+                        )
                     await self._wait_for_space(freed, delay)
                     delay = min(delay * 2, self.retry_max)
         finally:
@@ -263,8 +287,12 @@ class DurablePipeline:
                     await self._call(self._ack, rec_id)
                     self.stats.delivered += 1
             except Exception as exc:  # unreadable segment, failing output...: keep it, retry
-                log.error("disk buffer: chunk %d could not be delivered (%s); retrying in %.1f s",
-                          rec_id, exc, self.retry_max)
+                log.error(
+                    "disk buffer: chunk %d could not be delivered (%s); retrying in %.1f s",
+                    rec_id,
+                    exc,
+                    self.retry_max,
+                )
                 await asyncio.sleep(self.retry_max)
                 self._queue.put_nowait(rec_id)
                 continue
@@ -280,8 +308,12 @@ class DurablePipeline:
             except RuletagError as exc:  # retry_limit reached: keep the chunk, try later
                 if self._closing:
                     raise
-                log.warning("delivery of a buffered chunk failed (%s); it stays in the disk "
-                            "buffer and is retried in %.1f s", exc, delay)
+                log.warning(
+                    "delivery of a buffered chunk failed (%s); it stays in the disk "
+                    "buffer and is retried in %.1f s",
+                    exc,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.retry_max)
 
@@ -314,8 +346,7 @@ def _with_buffer_ids(out: list[Chunk], upstream_id: bytes) -> list[Chunk]:
     buffer pairs it with the upstream content digest), so a resend of the same upstream chunk
     is not stored twice (invariant 5 of the buffer)."""
     if len(out) == 1:
-        return [out[0] if out[0].chunk_id == upstream_id else replace(out[0],
-                                                                       chunk_id=upstream_id)]
+        return [out[0] if out[0].chunk_id == upstream_id else replace(out[0], chunk_id=upstream_id)]
     return [replace(c, chunk_id=upstream_id + b"#" + str(i).encode()) for i, c in enumerate(out)]
 
 

@@ -86,7 +86,10 @@ def _slice(chunk: Chunk, spans: Sequence[tuple[int, int]], first: int, last: int
     """The entries ``first`` to ``last - 1`` of ``chunk`` as a chunk of their own."""
     lo, hi = spans[first][0], spans[last - 1][1]
     return replace(
-        chunk, entries=chunk.entries[lo:hi], count=last - first, chunk_id=None,
+        chunk,
+        entries=chunk.entries[lo:hi],
+        count=last - first,
+        chunk_id=None,
         spans=[(s - lo, e - lo) for s, e in spans[first:last]],
     )
 
@@ -102,8 +105,13 @@ def _join_runs(chunk: Chunk, outputs: list[list[Chunk]]) -> list[Chunk]:
                 runs.append((c.tag, [c]))
     return [
         replace(
-            chunk, tag=tag, entries=b"".join(c.entries for c in parts), chunk_id=None,
-            count=sum(c.count for c in parts), v2=any(c.v2 for c in parts), spans=None,
+            chunk,
+            tag=tag,
+            entries=b"".join(c.entries for c in parts),
+            chunk_id=None,
+            count=sum(c.count for c in parts),
+            v2=any(c.v2 for c in parts),
+            spans=None,
         )
         for tag, parts in runs
     ]

@@ -143,8 +143,11 @@ class RuleFilter:
         self, entries: bytes, spans: Sequence[tuple[int, int]], exc: Exception
     ) -> dict[int, list[int]]:
         """Slow path after a failed chunk scan: match each entry alone, skip the bad ones."""
-        log.warning("matching a chunk failed (%s: %s); matching its records one by one",
-                    type(exc).__name__, exc)
+        log.warning(
+            "matching a chunk failed (%s: %s); matching its records one by one",
+            type(exc).__name__,
+            exc,
+        )
         hits: dict[int, list[int]] = {}
         for idx, (start, end) in enumerate(spans):
             try:
@@ -161,8 +164,14 @@ class RuleFilter:
         self.stats.record_errors += 1
         n = self.stats.record_errors
         if n <= 10 or n % 1000 == 0:
-            log.error("record %d of a chunk forwarded unannotated: matching failed: %s: %s "
-                      "(%d such records so far)", idx, type(exc).__name__, exc, n)
+            log.error(
+                "record %d of a chunk forwarded unannotated: matching failed: %s: %s "
+                "(%d such records so far)",
+                idx,
+                type(exc).__name__,
+                exc,
+                n,
+            )
 
     def _count(self, matched: list[int]) -> None:
         stats = self.stats
@@ -218,6 +227,12 @@ def _set_ecs(record: dict[str, Any], rules: Sequence[Rule], version: str) -> Non
         },
     )
     order = ["informational", "low", "medium", "high", "critical"]
-    worst = max(rules, key=lambda r: (order.index(r.severity) if r.severity in order else 2))
-    put(record, "event", {"severity": order.index(worst.severity) if worst.severity in order
-                          else 2, "risk_score": max(r.risk_score for r in rules)})
+    worst = max(rules, key=lambda r: order.index(r.severity) if r.severity in order else 2)
+    put(
+        record,
+        "event",
+        {
+            "severity": order.index(worst.severity) if worst.severity in order else 2,
+            "risk_score": max(r.risk_score for r in rules),
+        },
+    )

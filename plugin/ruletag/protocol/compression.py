@@ -65,4 +65,3 @@ def gzip(data: bytes) -> bytes:
     """One gzip member (mtime 0, so equal input gives equal bytes)."""
     compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
     return compressor.compress(data) + compressor.flush()
-

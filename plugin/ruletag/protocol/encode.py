@@ -28,7 +28,6 @@ def _bin_header(n: int) -> bytes:
     return b"\xc6" + n.to_bytes(4, "big")
 
 
-
 def encode_ack(chunk_id: bytes) -> bytes:
     """``{"ack": chunk_id}`` with the id as msgpack str, bytes echoed exactly."""
     return b"\x81\xa3ack" + _str_header(len(chunk_id)) + chunk_id
@@ -65,7 +64,6 @@ def encode_chunk(
         parts.append(b"\xaacompressed\xa4gzip")
     parts += (b"\xadfluent_signal", msgpack.packb(signal))
     return b"".join(parts)
-
 
 
 def new_chunk_id() -> bytes:

@@ -40,7 +40,6 @@ def float_to_event_time(buf: bytes, pos: int) -> tuple[bytes, int]:
     return b"\xd7\x00" + struct.pack(">II", seconds, nanos), size
 
 
-
 def scan_entries(
     buf: bytes, start: int, end: int, count: int | None, *, convert_float: bool
 ) -> tuple[int, bool, bytes | None, list[tuple[int, int]] | None]:

@@ -121,10 +121,8 @@ def array_header(buf: bytes, pos: int) -> tuple[int, int]:
     raise RemoteProtocolError(f"expected an array, got type byte 0x{b:02x}")
 
 
-
 def sub_unpacker(buf: bytes | memoryview) -> msgpack.Unpacker:
     """A non-streaming unpacker over one complete buffer, limits sized to it."""
     unpacker = msgpack.Unpacker(raw=True, max_buffer_size=max(len(buf), 64))
     unpacker.feed(buf)
     return unpacker
-

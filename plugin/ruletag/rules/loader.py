@@ -144,8 +144,7 @@ def rule_files(paths: Sequence[str | Path]) -> tuple[list[Path], list[RuleError]
             if source_of(p):
                 add(p)
             else:
-                problems.append(InvalidRule("not a rule file (want .yml, .yaml or .toml)",
-                                            str(p)))
+                problems.append(InvalidRule("not a rule file (want .yml, .yaml or .toml)", str(p)))
         else:
             problems.append(InvalidRule("no such file or folder", str(p)))
     return files, problems
@@ -213,8 +212,14 @@ def load_rules(paths: Sequence[str | Path], variables: Variables | None = None) 
         rules.extend(got)
         problems.extend(bad)
     rules, duplicates = dedupe(rules)
-    return LoadResult(rules, problems, duplicates, len(files),
-                      seconds=time.perf_counter() - start, sources=sources)
+    return LoadResult(
+        rules,
+        problems,
+        duplicates,
+        len(files),
+        seconds=time.perf_counter() - start,
+        sources=sources,
+    )
 
 
 def exclude_rules(result: LoadResult, patterns: Sequence[str]) -> None:
@@ -237,8 +242,14 @@ def compiler_fingerprint() -> str:
     ATT&CK table): a changed compiler never reuses a table cached by an older one."""
     pkg = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
-    for f in sorted([*(pkg / "rules").glob("*.py"), *(pkg / "rules").glob("*.lark"),
-                     pkg / "data" / "attack.json", pkg / "enrich" / "annotate.py"]):
+    for f in sorted(
+        [
+            *(pkg / "rules").glob("*.py"),
+            *(pkg / "rules").glob("*.lark"),
+            pkg / "data" / "attack.json",
+            pkg / "enrich" / "annotate.py",
+        ]
+    ):
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
 
@@ -362,8 +373,9 @@ def _read_cache(table_path: Path, report_path: Path) -> tuple[CompiledTable, Loa
     return table, result
 
 
-def _write_cache(table: CompiledTable, result: LoadResult, table_path: Path,
-                 report_path: Path) -> None:
+def _write_cache(
+    table: CompiledTable, result: LoadResult, table_path: Path, report_path: Path
+) -> None:
     try:
         table_path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(table_path, table.save)

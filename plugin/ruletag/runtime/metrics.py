@@ -104,15 +104,18 @@ class Metrics:
             registry=self.registry,
         )
         self.records_out = Counter(
-            f"{PREFIX}_records_out", "Records delivered (acked by every output).",
+            f"{PREFIX}_records_out",
+            "Records delivered (acked by every output).",
             registry=self.registry,
         )
         self.bytes_out = Counter(
-            f"{PREFIX}_bytes_out", "Bytes of msgpack entries delivered (before framing).",
+            f"{PREFIX}_bytes_out",
+            "Bytes of msgpack entries delivered (before framing).",
             registry=self.registry,
         )
         self.chunks_out = Counter(
-            f"{PREFIX}_chunks_out", "Chunks delivered (acked by every output).",
+            f"{PREFIX}_chunks_out",
+            "Chunks delivered (acked by every output).",
             registry=self.registry,
         )
         self.server: Any = None
@@ -261,18 +264,28 @@ class _RelayCollector(Collector):
         if st is None:
             return
         yield _gauge("buffer_bytes", "Bytes of disk-buffer segment files.", st.bytes)
-        yield _gauge("buffer_chunks", "Chunks in the disk buffer not yet acked downstream.",
-                     st.chunks)
-        yield _gauge("buffer_oldest_age_seconds", "Age of the oldest unacked buffered chunk.",
-                     st.oldest_age)
-        yield _counter("buffer_duplicates_dropped", "Resends of a chunk id still buffered.",
-                       st.duplicates_dropped)
-        yield _counter("buffer_full_waits", "Times an upstream chunk waited for buffer space.",
-                       st.full_waits)
-        yield _counter("buffer_write_errors", "Failed buffer writes (e.g. ENOSPC), retried.",
-                       st.write_errors)
-        yield _gauge("buffer_full", "1 while chunks wait for disk-buffer space (acks held).",
-                     float(getattr(st, "full", False)))
+        yield _gauge(
+            "buffer_chunks", "Chunks in the disk buffer not yet acked downstream.", st.chunks
+        )
+        yield _gauge(
+            "buffer_oldest_age_seconds", "Age of the oldest unacked buffered chunk.", st.oldest_age
+        )
+        yield _counter(
+            "buffer_duplicates_dropped",
+            "Resends of a chunk id still buffered.",
+            st.duplicates_dropped,
+        )
+        yield _counter(
+            "buffer_full_waits", "Times an upstream chunk waited for buffer space.", st.full_waits
+        )
+        yield _counter(
+            "buffer_write_errors", "Failed buffer writes (e.g. ENOSPC), retried.", st.write_errors
+        )
+        yield _gauge(
+            "buffer_full",
+            "1 while chunks wait for disk-buffer space (acks held).",
+            float(getattr(st, "full", False)),
+        )
 
     @staticmethod
     def _server(server: Any) -> Iterator[Metric]:
@@ -283,50 +296,79 @@ class _RelayCollector(Collector):
         yield _counter("bytes_in", "Bytes received from upstream (as on the wire).", st.bytes_in)
         yield _counter("chunks_in", "Chunks received from upstream.", st.chunks)
         yield _counter("acks_sent", "Acks sent upstream.", st.acks_sent)
-        yield _counter("protocol_errors", "Connections closed on a protocol error.",
-                       st.protocol_errors)
+        yield _counter(
+            "protocol_errors", "Connections closed on a protocol error.", st.protocol_errors
+        )
         yield _counter("auth_failures", "Failed upstream handshakes.", st.auth_failures)
         yield _counter("connections", "Upstream connections accepted.", st.connections_accepted)
-        yield _counter("connections_refused", "Upstream connections refused (limit/shutdown).",
-                       st.connections_refused)
-        yield _counter("connections_idle_closed", "Upstream connections closed when idle.",
-                       st.idle_closed)
-        yield _counter("submit_errors", "Chunks not delivered (connection closed unacked).",
-                       st.submit_errors)
-        yield _counter("connections_handshake_timeouts",
-                       "Upstream connections closed: no handshake in time.", st.handshake_timeouts)
-        yield _counter("connections_unauthenticated_overflows",
-                       "Upstream connections closed: too many bytes before the handshake.",
-                       st.unauthenticated_overflows)
-        yield _counter("connections_slow_frames",
-                       "Upstream connections closed: a message arrived below the minimum rate.",
-                       st.slow_frames)
-        yield _counter("decodes_off_loop", "Large messages decoded on a worker thread.",
-                       st.decodes_off_loop)
+        yield _counter(
+            "connections_refused",
+            "Upstream connections refused (limit/shutdown).",
+            st.connections_refused,
+        )
+        yield _counter(
+            "connections_idle_closed", "Upstream connections closed when idle.", st.idle_closed
+        )
+        yield _counter(
+            "submit_errors", "Chunks not delivered (connection closed unacked).", st.submit_errors
+        )
+        yield _counter(
+            "connections_handshake_timeouts",
+            "Upstream connections closed: no handshake in time.",
+            st.handshake_timeouts,
+        )
+        yield _counter(
+            "connections_unauthenticated_overflows",
+            "Upstream connections closed: too many bytes before the handshake.",
+            st.unauthenticated_overflows,
+        )
+        yield _counter(
+            "connections_slow_frames",
+            "Upstream connections closed: a message arrived below the minimum rate.",
+            st.slow_frames,
+        )
+        yield _counter(
+            "decodes_off_loop", "Large messages decoded on a worker thread.", st.decodes_off_loop
+        )
         yield _gauge("connections_open", "Open upstream connections.", len(server.connections))
-        yield _gauge("upstream_pending_chunks", "Upstream chunks received and not yet acked.",
-                     server.pending_chunks)
-        yield _gauge("upstream_in_flight_bytes", "Bytes of upstream chunks not yet acked.",
-                     server.in_flight)
+        yield _gauge(
+            "upstream_pending_chunks",
+            "Upstream chunks received and not yet acked.",
+            server.pending_chunks,
+        )
+        yield _gauge(
+            "upstream_in_flight_bytes", "Bytes of upstream chunks not yet acked.", server.in_flight
+        )
 
     @staticmethod
     def _forwarder(fwd: Any) -> Iterator[Metric]:
         if fwd is None:
             return
-        yield _counter("forward_bytes", "Bytes of frames acked by the downstream servers.",
-                       fwd.bytes_sent)
+        yield _counter(
+            "forward_bytes", "Bytes of frames acked by the downstream servers.", fwd.bytes_sent
+        )
         yield _counter("forward_retries", "Chunk resends to the downstream.", fwd.retries)
-        yield _counter("forward_ack_timeouts", "Downstream acks that did not come in time.",
-                       fwd.ack_timeouts)
-        yield _counter("forward_connect_failures", "Failed downstream connects.",
-                       fwd.connect_failures)
-        yield _counter("dead_letters", "Chunks the downstream kept rejecting, set aside in the "
-                       "dead-letter folder.", getattr(fwd, "dead_letters", 0))
-        yield _gauge("forward_in_flight_bytes", "Bytes sent downstream and not yet acked.",
-                     fwd.in_flight_bytes)
-        up = GaugeMetricFamily(f"{PREFIX}_downstream_up",
-                               "1 while a downstream server is not backing off after a failure.",
-                               labels=["server"])
+        yield _counter(
+            "forward_ack_timeouts", "Downstream acks that did not come in time.", fwd.ack_timeouts
+        )
+        yield _counter(
+            "forward_connect_failures", "Failed downstream connects.", fwd.connect_failures
+        )
+        yield _counter(
+            "dead_letters",
+            "Chunks the downstream kept rejecting, set aside in the dead-letter folder.",
+            getattr(fwd, "dead_letters", 0),
+        )
+        yield _gauge(
+            "forward_in_flight_bytes",
+            "Bytes sent downstream and not yet acked.",
+            fwd.in_flight_bytes,
+        )
+        up = GaugeMetricFamily(
+            f"{PREFIX}_downstream_up",
+            "1 while a downstream server is not backing off after a failure.",
+            labels=["server"],
+        )
         now = time.monotonic()
         for srv in getattr(fwd, "_servers", ()):  # the forwarder's per-server health
             up.add_metric([str(srv.name)], 1.0 if srv.healthy(now) else 0.0)
@@ -340,27 +382,36 @@ class _RelayCollector(Collector):
         info = InfoMetricFamily(f"{PREFIX}_ruleset", "The live rule set (content hash).")
         info.add_metric([], {"version": rules.version or ""})
         yield info
-        probs = GaugeMetricFamily(f"{PREFIX}_rule_load_problems",
-                                  "Rule files of the live set that could not be used, by kind.",
-                                  labels=["kind"])
+        probs = GaugeMetricFamily(
+            f"{PREFIX}_rule_load_problems",
+            "Rule files of the live set that could not be used, by kind.",
+            labels=["kind"],
+        )
         for kind, n in sorted(rules.problem_counts.items()):
             probs.add_metric([kind], n)
         yield probs
         stats = rules.filter_stats
         if stats is None:
             return
-        yield _counter("records_matched", "Records that matched at least one rule.",
-                       stats.records_matched)
-        yield _counter("record_match_errors",
-                       "Records forwarded unannotated because matching them failed.",
-                       getattr(stats, "record_errors", 0))
-        det = CounterMetricFamily(f"{PREFIX}_detections", "Rule matches, per rule.",
-                                  labels=["rule_id"])
+        yield _counter(
+            "records_matched", "Records that matched at least one rule.", stats.records_matched
+        )
+        yield _counter(
+            "record_match_errors",
+            "Records forwarded unannotated because matching them failed.",
+            getattr(stats, "record_errors", 0),
+        )
+        det = CounterMetricFamily(
+            f"{PREFIX}_detections", "Rule matches, per rule.", labels=["rule_id"]
+        )
         for rule_id, n in sorted(dict(stats.detections).items()):
             det.add_metric([rule_id], n)
         yield det
-        sev = CounterMetricFamily(f"{PREFIX}_detections_by_severity",
-                                  "Rule matches, per rule severity.", labels=["severity"])
+        sev = CounterMetricFamily(
+            f"{PREFIX}_detections_by_severity",
+            "Rule matches, per rule severity.",
+            labels=["severity"],
+        )
         for severity, n in sorted(dict(stats.by_severity).items()):
             sev.add_metric([severity], n)
         yield sev
@@ -385,8 +436,9 @@ class MetricsServer:
 
     async def start(self) -> None:
         """Bind (port 0 picks a free port; :attr:`port` is then the real one)."""
-        self._server = await asyncio.start_server(self._handle, self.host, self.port,
-                                                  reuse_address=True)
+        self._server = await asyncio.start_server(
+            self._handle, self.host, self.port, reuse_address=True
+        )
         self.port = int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
@@ -400,8 +452,12 @@ class MetricsServer:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _REQUEST_TIMEOUT)
             status, ctype, body, method = self._respond(head)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
-                ConnectionError):
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            TimeoutError,
+            ConnectionError,
+        ):
             writer.close()
             return
         headers = (
@@ -468,4 +524,3 @@ __all__ = [
     "health_of",
     "start_metrics_server",
 ]
-

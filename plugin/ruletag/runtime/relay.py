@@ -89,8 +89,13 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         enrichment.attach(server, forwarder, durable.stats if durable else None)
         await server.start()
         targets = describe(forwarder)
-        log.info("ruletag ready: listening on %s, forwarding to %s%s%s", server.address, targets,
-                 enrichment.describe(), durable.describe() if durable else "")
+        log.info(
+            "ruletag ready: listening on %s, forwarding to %s%s%s",
+            server.address,
+            targets,
+            enrichment.describe(),
+            durable.describe() if durable else "",
+        )
         await stop.wait()
         log.info("shutting down")
         await server.stop()
@@ -119,8 +124,12 @@ def filter_factory(config: Config) -> Callable[[CompiledTable], RuleFilter]:
     def make(table: CompiledTable) -> RuleFilter:
         if tune_after is not None:
             table.set_tune_after(tune_after)
-        return RuleFilter(table, key=enrich.key, style=enrich.style,  # type: ignore[arg-type]
-                          retag_prefix=enrich.retag_prefix)
+        return RuleFilter(
+            table,
+            key=enrich.key,
+            style=enrich.style,  # type: ignore[arg-type]
+            retag_prefix=enrich.retag_prefix,
+        )
 
     return make
 
@@ -178,13 +187,20 @@ class _Enrichment:
             result = await self.reloader.load_initial()
         except Exception as exc:
             raise ConfigError(f"rules: {exc}") from exc
-        log.info("rules: %d loaded from %d files in %.2f s%s%s, ruleset %s",
-                 self.live.rule_count, result.files, result.seconds,
-                 " (cached)" if result.cached else "",
-                 f", {result.excluded} excluded by rules.exclude" if result.excluded else "",
-                 self.live.version,
-                 extra={"event": "rules_loaded", "rules": self.live.rule_count,
-                        "version": self.live.version})
+        log.info(
+            "rules: %d loaded from %d files in %.2f s%s%s, ruleset %s",
+            self.live.rule_count,
+            result.files,
+            result.seconds,
+            " (cached)" if result.cached else "",
+            f", {result.excluded} excluded by rules.exclude" if result.excluded else "",
+            self.live.version,
+            extra={
+                "event": "rules_loaded",
+                "rules": self.live.rule_count,
+                "version": self.live.version,
+            },
+        )
         if result.problems or result.duplicates:
             log.warning("rules: %s", problem_summary(result))
             for p in result.problems:
@@ -205,8 +221,7 @@ class _Enrichment:
             (lambda: live is None or live.loaded, "rule table not loaded"),
             (lambda: server.listening, "listener not up"),
         )
-        self.metrics.bind(server=server, forwarder=output, rules=live, buffer=buffer,
-                          health=health)
+        self.metrics.bind(server=server, forwarder=output, rules=live, buffer=buffer, health=health)
         if self.reloader is not None:
             self.reloader.start()
 
@@ -224,4 +239,3 @@ class _Enrichment:
             await self.reloader.stop()
         if self.http is not None:
             await self.http.stop()
-

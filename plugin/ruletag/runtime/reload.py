@@ -66,7 +66,6 @@ def reason_key(reason: str) -> str:
     return key[:120]
 
 
-
 def problem_summary(result: LoadResult, top: int = 8) -> str:
     """One line: how many rules could not be used, grouped by reason (most common first)."""
     if not result.problems and not result.duplicates:
@@ -127,15 +126,26 @@ class SubprocessCompiler:
     def __call__(self) -> tuple[CompiledTable, LoadResult]:
         from ruletag.rules.loader import compile_rules
 
-        job = json.dumps({"paths": self.paths, "vars": self.variables,
-                          "cache_dir": self.cache_dir, "exclude": self.exclude}).encode()
+        job = json.dumps(
+            {
+                "paths": self.paths,
+                "vars": self.variables,
+                "cache_dir": self.cache_dir,
+                "exclude": self.exclude,
+            }
+        ).encode()
         with self._lock:
             if self._killed:
                 raise RuntimeError("shutting down")
             proc = self._proc = subprocess.Popen(
-                [sys.executable, "-c",
-                 "from ruletag.runtime.reload import _child_main; _child_main()"],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                [
+                    sys.executable,
+                    "-c",
+                    "from ruletag.runtime.reload import _child_main; _child_main()",
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
             )
         try:
             _, err = proc.communicate(job)
@@ -146,8 +156,11 @@ class SubprocessCompiler:
             raise RuntimeError("shutting down")
         if proc.returncode != 0:
             last = err.decode("utf-8", "replace").strip().splitlines()[-1:] or ["?"]
-            log.warning("rule compiler process failed (exit %s: %s); compiling in-process",
-                        proc.returncode, last[0])
+            log.warning(
+                "rule compiler process failed (exit %s: %s); compiling in-process",
+                proc.returncode,
+                last[0],
+            )
         cache = Path(self.cache_dir) if self.cache_dir else None
         variables = {k: tuple(v) for k, v in self.variables.items()} if self.variables else None
         return compile_rules(self.paths, variables, cache, exclude=self.exclude)
@@ -292,11 +305,16 @@ class Reloader:
                     log.info("rule reload (%s) abandoned: shutting down", reason)
                     return False
                 self.failed += 1
-                self.last_error = str(exc) if isinstance(exc, _Refused) else (
-                    f"{type(exc).__name__}: {exc}")
-                log.error("rule reload (%s) failed, keeping rule set %s: %s", reason, old,
-                          self.last_error, extra={"event": "reload", "result": "failed",
-                                                  "reason": reason, "version": old})
+                self.last_error = (
+                    str(exc) if isinstance(exc, _Refused) else (f"{type(exc).__name__}: {exc}")
+                )
+                log.error(
+                    "rule reload (%s) failed, keeping rule set %s: %s",
+                    reason,
+                    old,
+                    self.last_error,
+                    extra={"event": "reload", "result": "failed", "reason": reason, "version": old},
+                )
                 self._fingerprint = fingerprint(self.watch) if self.watch else ()
                 self._notify(False)
                 return False
@@ -306,13 +324,20 @@ class Reloader:
             self.last_error = None
             version = self.live.version
             log.info(
-                "rules reloaded (%s): %d rules, version %s%s; %s", reason,
-                self.live.rule_count, version,
+                "rules reloaded (%s): %d rules, version %s%s; %s",
+                reason,
+                self.live.rule_count,
+                version,
                 " (unchanged)" if version == old else f" (was {old})",
                 problem_summary(result),
-                extra={"event": "reload", "result": "ok", "reason": reason,
-                       "version": version, "previous_version": old,
-                       "rules": self.live.rule_count},
+                extra={
+                    "event": "reload",
+                    "result": "ok",
+                    "reason": reason,
+                    "version": version,
+                    "previous_version": old,
+                    "rules": self.live.rule_count,
+                },
             )
             self._notify(True)
             return True

@@ -59,7 +59,12 @@ def with_default_dir(config: Config) -> Config:
 
 
 def write(
-    folder: str, chunk: Chunk, chunk_id: bytes | None, *, reason: str, tries: int,
+    folder: str,
+    chunk: Chunk,
+    chunk_id: bytes | None,
+    *,
+    reason: str,
+    tries: int,
     downstream: str,
 ) -> Path:
     """Write ``chunk`` durably into ``folder`` (created if needed); raises OSError."""
@@ -67,9 +72,17 @@ def write(
     ident = (chunk_id or os.urandom(12)).hex()
     body = msgpack.packb(
         {
-            "format": _FORMAT, "tag": chunk.tag, "entries": chunk.entries, "count": chunk.count,
-            "signal": chunk.signal, "v2": chunk.v2, "reason": reason, "tries": tries,
-            "downstream": downstream, "chunk_id": ident, "time": now,
+            "format": _FORMAT,
+            "tag": chunk.tag,
+            "entries": chunk.entries,
+            "count": chunk.count,
+            "signal": chunk.signal,
+            "v2": chunk.v2,
+            "reason": reason,
+            "tries": tries,
+            "downstream": downstream,
+            "chunk_id": ident,
+            "time": now,
         },
         use_bin_type=True,
     )
@@ -102,12 +115,19 @@ def read(path: Path) -> DeadLetter:
         raise ValueError(f"{path}: not a dead-letter file (unknown format)")
     try:
         chunk = Chunk(
-            tag=str(data["tag"]), entries=bytes(data["entries"]), count=int(data["count"]),
-            signal=int(data["signal"]), v2=bool(data["v2"]),
+            tag=str(data["tag"]),
+            entries=bytes(data["entries"]),
+            count=int(data["count"]),
+            signal=int(data["signal"]),
+            v2=bool(data["v2"]),
         )
         return DeadLetter(
-            path=path, chunk=chunk, reason=str(data["reason"]), tries=int(data["tries"]),
-            downstream=str(data["downstream"]), time=float(data["time"]),
+            path=path,
+            chunk=chunk,
+            reason=str(data["reason"]),
+            tries=int(data["tries"]),
+            downstream=str(data["downstream"]),
+            time=float(data["time"]),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path}: incomplete dead-letter file ({exc!r})") from None

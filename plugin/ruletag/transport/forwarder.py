@@ -170,8 +170,12 @@ class _Connection:
             if isinstance(exc, _Stalled):
                 pass  # the chunk that timed out logs it
             elif pending:
-                log.warning("%s: connection lost with %d chunk(s) unacked: %s",
-                            self.server, len(pending), _describe(exc))
+                log.warning(
+                    "%s: connection lost with %d chunk(s) unacked: %s",
+                    self.server,
+                    len(pending),
+                    _describe(exc),
+                )
             else:
                 log.info("%s: connection closed (%s)", self.server, _describe(exc))
 
@@ -383,9 +387,11 @@ class Forwarder:
         size = len(frame)
         async with self._space:
             await self._space.wait_for(
-                lambda: self._closing
-                or self.in_flight_bytes == 0
-                or self.in_flight_bytes + size <= self.config.max_in_flight_bytes
+                lambda: (
+                    self._closing
+                    or self.in_flight_bytes == 0
+                    or self.in_flight_bytes + size <= self.config.max_in_flight_bytes
+                )
             )
             if self._closing:
                 raise DeliveryError("forwarder closed before the chunk could be sent")
@@ -476,7 +482,11 @@ class Forwarder:
     # -- failures: the server's, or the chunk's ---------------------------------------------
 
     async def _failed(
-        self, server: _Server, conn: _Connection | None, d: _Delivery, exc: BaseException,
+        self,
+        server: _Server,
+        conn: _Connection | None,
+        d: _Delivery,
+        exc: BaseException,
         sent_at: float,
     ) -> bool:
         """Judge one failed try of ``d``; True once it was dead-lettered (done).
@@ -500,22 +510,38 @@ class Forwarder:
         if rejected is not None:
             d.rejects += 1
             self.rejects += 1
-            log.info("forward: %s rejected by %s (%d of max_rejects %d): %s", d.label, server,
-                     d.rejects, self.config.max_rejects, rejected)
+            log.info(
+                "forward: %s rejected by %s (%d of max_rejects %d): %s",
+                d.label,
+                server,
+                d.rejects,
+                self.config.max_rejects,
+                rejected,
+            )
             if await self._maybe_dead_letter(server, d, rejected):
                 return True
         if self.retry_limit is not None and d.attempts > self.retry_limit:
-            msg = (f"giving up on {d.label} after {d.attempts} attempts: {_describe(exc)}")
+            msg = f"giving up on {d.label} after {d.attempts} attempts: {_describe(exc)}"
             log.error("forward: %s", msg)
             raise DeliveryError(msg) from exc
         self.retries += 1
         if rejected is None:
-            log.info("forward: %s to %s failed (%s); retry %d%s", d.label, server,
-                     _describe(exc), d.attempts, " alone" if d.isolated else "")
+            log.info(
+                "forward: %s to %s failed (%s); retry %d%s",
+                d.label,
+                server,
+                _describe(exc),
+                d.attempts,
+                " alone" if d.isolated else "",
+            )
         return False
 
     def _judge_alone(
-        self, server: _Server, conn: _Connection, d: _Delivery, exc: BaseException,
+        self,
+        server: _Server,
+        conn: _Connection,
+        d: _Delivery,
+        exc: BaseException,
         sent_at: float,
     ) -> str | None:
         """A failure of ``d`` alone on ``conn`` (or an unacked chunk among acked ones): the
@@ -534,9 +560,15 @@ class Forwarder:
         self._mark_failed(server, conn, exc)
         if d.tries >= max(self.config.max_rejects, 1) and not d.stuck_logged:
             d.stuck_logged = True
-            log.warning("forward: %s failed alone %d times (%s) while %s acked nothing else: "
-                        "not counted as rejects (a broken downstream is not the chunk's fault); "
-                        "retrying with growing delay", d.label, d.tries, _describe(exc), server)
+            log.warning(
+                "forward: %s failed alone %d times (%s) while %s acked nothing else: "
+                "not counted as rejects (a broken downstream is not the chunk's fault); "
+                "retrying with growing delay",
+                d.label,
+                d.tries,
+                _describe(exc),
+                server,
+            )
         return None
 
     def _grow_delay(self, d: _Delivery) -> None:
@@ -553,27 +585,38 @@ class Forwarder:
             return False
         if limit == 0:
             if d.rejects == 1:
-                log.warning("forward: %s is rejected by the downstream; dead letters are off "
-                            "(forward.max_rejects: 0): retrying with growing delay", d.label)
+                log.warning(
+                    "forward: %s is rejected by the downstream; dead letters are off "
+                    "(forward.max_rejects: 0): retrying with growing delay",
+                    d.label,
+                )
             return False
         why = f"rejected {d.rejects} times by {server}; last: {reason}"
         try:
             path = await asyncio.to_thread(
-                deadletter.write, self.dead_letter_path, d.chunk, d.chunk_id, reason=why,
-                tries=d.attempts, downstream=server.name,
+                deadletter.write,
+                self.dead_letter_path,
+                d.chunk,
+                d.chunk_id,
+                reason=why,
+                tries=d.attempts,
+                downstream=server.name,
             )
         except OSError as exc:
             if d.rejects == limit:
-                log.error("forward: %s: cannot write a dead letter in %s (%s); it is kept and "
-                          "retried with growing delay", d.label, self.dead_letter_path, exc)
+                log.error(
+                    "forward: %s: cannot write a dead letter in %s (%s); it is kept and "
+                    "retried with growing delay",
+                    d.label,
+                    self.dead_letter_path,
+                    exc,
+                )
             return False
         self.dead_letters += 1
         log.warning("forward: %s set aside as dead letter %s: %s", d.label, path, why)
         return True
 
-    def _mark_failed(
-        self, server: _Server, conn: _Connection | None, exc: BaseException
-    ) -> None:
+    def _mark_failed(self, server: _Server, conn: _Connection | None, exc: BaseException) -> None:
         """Back ``server`` off after a failed send; drop ``conn``, the connection that failed.
 
         Only that connection is dropped: by now ``server.conn`` may be a newer connection
@@ -592,8 +635,12 @@ class Forwarder:
         delay = delay / 2 + random.uniform(0, delay / 2)
         server.retry_at = now + delay
         if isinstance(exc, AuthenticationError):
-            log.error("%s refused our handshake (check shared_key, username, password and "
-                      "self_hostname): %s", server, exc)
+            log.error(
+                "%s refused our handshake (check shared_key, username, password and "
+                "self_hostname): %s",
+                server,
+                exc,
+            )
         elif server.failures == 1:
             log.warning("%s marked down: %s", server, _describe(exc))
 
@@ -655,9 +702,7 @@ class Forwarder:
             server.host,
             server.port,
             ssl=server.ssl_context,
-            server_hostname=(server.server_hostname or server.host)
-            if server.ssl_context
-            else None,
+            server_hostname=(server.server_hostname or server.host) if server.ssl_context else None,
             limit=_READ_SIZE * 4,
         )
         client = protocol.ClientConnection(

@@ -247,8 +247,13 @@ class ForwardProtocol(asyncio.Protocol):
             self.server.paused.discard(self)
         self.server.connections.discard(self)
         reason = self.close_reason or (f"connection lost: {exc}" if exc else "closed by peer")
-        extra = {"event": "connection_closed", "peer": self.peer, "reason": reason,
-                 "bytes_in": self.bytes_in, "chunks": self.chunks}
+        extra = {
+            "event": "connection_closed",
+            "peer": self.peer,
+            "reason": reason,
+            "bytes_in": self.bytes_in,
+            "chunks": self.chunks,
+        }
         if self.bytes_in == 0 and self.close_reason is None and exc is None:
             log.debug("empty connection from %s closed (heartbeat)", self.peer, extra=extra)
         else:
@@ -281,10 +286,17 @@ class ForwardProtocol(asyncio.Protocol):
         if buffered <= limit:
             return False
         self.server.stats.unauthenticated_overflows += 1
-        log.warning("closing connection from %s: %d bytes before the handshake "
-                    "(listen.max_unauthenticated_bytes %d)", self.peer, buffered, limit)
-        self._close(abort=True, reason=f"{buffered} bytes before the handshake "
-                                       "(listen.max_unauthenticated_bytes)")
+        log.warning(
+            "closing connection from %s: %d bytes before the handshake "
+            "(listen.max_unauthenticated_bytes %d)",
+            self.peer,
+            buffered,
+            limit,
+        )
+        self._close(
+            abort=True,
+            reason=f"{buffered} bytes before the handshake (listen.max_unauthenticated_bytes)",
+        )
         return True
 
     def _process(self) -> None:
@@ -325,8 +337,12 @@ class ForwardProtocol(asyncio.Protocol):
             if self.handshake_handle is not None:
                 self.handshake_handle.cancel()
                 self.handshake_handle = None
-            log.debug("%s authenticated as %r (%s)", self.peer, event.hostname,
-                      event.username or "no user")
+            log.debug(
+                "%s authenticated as %r (%s)",
+                self.peer,
+                event.hostname,
+                event.username or "no user",
+            )
         elif isinstance(event, Heartbeat):
             pass
         self._flush(conn)
@@ -437,11 +453,20 @@ class ForwardProtocol(asyncio.Protocol):
         cfg = self.server.config
         took = time.monotonic() - self.frame_start
         self.server.stats.slow_frames += 1
-        log.warning("closing connection from %s: %d bytes of a message in %.1f s (below "
-                    "listen.min_frame_rate %d B/s after listen.frame_timeout %g s)",
-                    self.peer, self.frame_bytes, took, cfg.min_frame_rate, cfg.frame_timeout)
-        self._close(abort=True, reason=f"message too slow: {self.frame_bytes} bytes in "
-                                       f"{took:.1f} s (listen.min_frame_rate)")
+        log.warning(
+            "closing connection from %s: %d bytes of a message in %.1f s (below "
+            "listen.min_frame_rate %d B/s after listen.frame_timeout %g s)",
+            self.peer,
+            self.frame_bytes,
+            took,
+            cfg.min_frame_rate,
+            cfg.frame_timeout,
+        )
+        self._close(
+            abort=True,
+            reason=f"message too slow: {self.frame_bytes} bytes in "
+            f"{took:.1f} s (listen.min_frame_rate)",
+        )
 
     def _on_error(self, exc: Exception) -> None:
         conn = self.conn
@@ -459,8 +484,7 @@ class ForwardProtocol(asyncio.Protocol):
             self._close(reason=f"protocol error: {exc}")
         else:
             self.server.stats.protocol_errors += 1
-            log.error("unexpected error on connection from %s, closing", self.peer,
-                      exc_info=exc)
+            log.error("unexpected error on connection from %s, closing", self.peer, exc_info=exc)
             self._close(abort=True, reason=f"internal error: {type(exc).__name__}: {exc}")
 
     def _flush(self, conn: protocol.ServerConnection) -> None:
@@ -508,8 +532,9 @@ class ForwardProtocol(asyncio.Protocol):
                 except Exception as exc:
                     failed = True
                     srv.stats.submit_errors += 1
-                    log.error("chunk from %s not delivered, closing without ack: %s",
-                              self.peer, exc)
+                    log.error(
+                        "chunk from %s not delivered, closing without ack: %s", self.peer, exc
+                    )
                 self.pending.popleft()
                 self._release(item)
                 if failed:
@@ -554,8 +579,14 @@ class ForwardProtocol(asyncio.Protocol):
 
     def _maybe_finish(self) -> bool:
         """After EOF with nothing pending, close; return True when closed."""
-        if (self.eof and not self.pending and not self.backlog and not self.decoding
-                and not self.held and not self.closing):
+        if (
+            self.eof
+            and not self.pending
+            and not self.backlog
+            and not self.decoding
+            and not self.held
+            and not self.closing
+        ):
             self._close(reason=None)  # the peer ended the stream: "closed by peer"
             return True
         return False
@@ -593,8 +624,12 @@ class ForwardProtocol(asyncio.Protocol):
     def _process_then_resume(self) -> None:
         """Work off the backlog; resume reading only if that did not pause us again."""
         self._process()
-        if (self.transport is not None and not self.closing and not self.read_paused
-                and not self.decoding):
+        if (
+            self.transport is not None
+            and not self.closing
+            and not self.read_paused
+            and not self.decoding
+        ):
             self.transport.resume_reading()
 
     def _schedule_idle(self, delay: float) -> None:
@@ -776,8 +811,13 @@ class Server:
             )
         else:
             srv = await loop.create_server(
-                lambda: ForwardProtocol(self), cfg.host, cfg.port, ssl=self.ssl_context,
-                backlog=backlog, reuse_address=True, reuse_port=cfg.reuse_port or None,
+                lambda: ForwardProtocol(self),
+                cfg.host,
+                cfg.port,
+                ssl=self.ssl_context,
+                backlog=backlog,
+                reuse_address=True,
+                reuse_port=cfg.reuse_port or None,
             )
         self._servers.append(srv)
 
@@ -787,11 +827,17 @@ class Server:
         self._refused_unlogged += 1
         now = time.monotonic()
         if now - self._last_refuse_log >= REFUSE_LOG_INTERVAL:
-            reason = "shutting down" if self.closing else (
-                f"max_connections {self.config.max_connections} reached"
+            reason = (
+                "shutting down"
+                if self.closing
+                else (f"max_connections {self.config.max_connections} reached")
             )
-            log.warning("refusing connections (%s): %d refused, latest from %s",
-                        reason, self._refused_unlogged, peer)
+            log.warning(
+                "refusing connections (%s): %d refused, latest from %s",
+                reason,
+                self._refused_unlogged,
+                peer,
+            )
             self._refused_unlogged = 0
             self._last_refuse_log = now
 
@@ -809,13 +855,19 @@ class Server:
             srv.close()
         self.update_all_flow()  # closing => every connection stops reading
         if self.pending_chunks:
-            log.info("shutdown: waiting up to %.0f s for %d in-flight chunks",
-                     timeout, self.pending_chunks)
+            log.info(
+                "shutdown: waiting up to %.0f s for %d in-flight chunks",
+                timeout,
+                self.pending_chunks,
+            )
             try:
                 await asyncio.wait_for(self.idle.wait(), timeout)
             except TimeoutError:
-                log.warning("shutdown: %d chunks still in flight after %.0f s, closing",
-                            self.pending_chunks, timeout)
+                log.warning(
+                    "shutdown: %d chunks still in flight after %.0f s, closing",
+                    self.pending_chunks,
+                    timeout,
+                )
         # Let ack loops write the last acks before closing.
         await asyncio.sleep(0)
         tasks = []
