@@ -94,6 +94,7 @@ def _add_rules_ops(rsub: argparse._SubParsersAction) -> None:
     s.add_argument("--metrics", required=True, help="the relay's metrics URL or HOST:PORT")
     s.add_argument("--top", type=int, default=10, help="rules per list (10)")
     s.add_argument("--interval", type=float, default=0.0, help="scrape twice, this many s apart")
+    s.add_argument("--rules", nargs="+", help="rule files/folders, to show rule names")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=_run_rules_stats)
 
