@@ -107,13 +107,6 @@ def test_elastic_rule_fields_after_mapping(seeds) -> None:  # type: ignore[no-un
     assert exe["from"] == ["Image"]  # the record path that supplied the value
 
 
-@pytest.fixture(scope="module")
-def sample(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    table, result = compile_rules([SAMPLE], cache_dir=tmp_path_factory.mktemp("cache"))
-    assert len(table.rules) > 10
-    return table
-
-
 def test_verdict_equals_table_on_seed_events(seeds) -> None:  # type: ignore[no-untyped-def]
     for rec in FIRE + QUIET + EQL_FIRE + EQL_QUIET:
         hits = set(seeds.match(dict(rec)))
@@ -195,7 +188,9 @@ def test_cli_explain_text_json_and_config(
     one = tmp_path / "one.json"
     one.write_text(json.dumps(EQL_FIRE[0], indent=2))
     cfg = Path(__file__).resolve().parents[1] / "pipelines" / "default.yaml"
-    assert main(["rules", "explain", "-c", str(cfg), "--rule", "wsus abuse", "--event", str(one)]) == 0
+    assert (
+        main(["rules", "explain", "-c", str(cfg), "--rule", "wsus abuse", "--event", str(one)]) == 0
+    )
     assert "verdict: MATCH" in capsys.readouterr().out
     assert main([*args[:4], "--rule", "no such rule", "--event", str(one)]) == 2
 

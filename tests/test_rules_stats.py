@@ -25,7 +25,8 @@ SIGMA_ID = "c649a6c7-cd8c-4a78-9c04-000fc76df954"
 FIRE = [
     json.loads(x)
     for x in (
-        Path(__file__).parent / "data/seeds/net_connection_win_wuauclt_network_connection.fire.jsonl"
+        Path(__file__).parent
+        / "data/seeds/net_connection_win_wuauclt_network_connection.fire.jsonl"
     )
     .read_text()
     .splitlines()
@@ -124,7 +125,7 @@ def test_stats_on_a_real_relay_and_reload_on_update(
 def test_stats_without_samples_and_unreachable(capsys: pytest.CaptureFixture[str]) -> None:
     from ruletag.commands.stats import report, to_text
 
-    text = "ruletag_detections_total{rule_id=\"a\"} 5.0\nruletag_detections_total{rule_id=\"b\"} 9.0\n"
+    text = 'ruletag_detections_total{rule_id="a"} 5.0\nruletag_detections_total{rule_id="b"} 9.0\n'
     rep = report(parse(text), None, 10)
     assert [r["rule_id"] for r in rep["noisiest"]] == ["b", "a"] and rep["costliest"] == []
     assert "RULETAG_RULE_COST_SAMPLE" in to_text(rep, {})

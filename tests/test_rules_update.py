@@ -44,7 +44,11 @@ def make_zip(files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def make_tgz(files: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
+def make_tgz(
+    files: dict[str, bytes],
+    links: dict[str, str] | None = None,
+    hardlinks: dict[str, str] | None = None,
+) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
         for name, data in files.items():
@@ -56,11 +60,16 @@ def make_tgz(files: dict[str, bytes], links: dict[str, str] | None = None) -> by
             info.type = tarfile.SYMTYPE
             info.linkname = target
             tf.addfile(info)
+        for name, target in (hardlinks or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.LNKTYPE
+            info.linkname = target
+            tf.addfile(info)
     return buf.getvalue()
 
 
 class _Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
@@ -203,6 +212,8 @@ def test_path_traversal_and_links_refused(installed, capsys: pytest.CaptureFixtu
     (root / "link.tgz").write_bytes(make_tgz(files, {"rules/evil.yml": "../../../etc/passwd"}))
     _assert_refused(dest, cur, f"{base}/link.tgz", capsys, "link leaving the package")
     assert not (dest.parent / "evil.yml").exists() and not (dest / "evil.yml").exists()
+    (root / "hard.tgz").write_bytes(make_tgz(files, {}, {"rules/h.yml": "../outside.yml"}))
+    _assert_refused(dest, cur, f"{base}/hard.tgz", capsys, "leaving the package")
     # A link that stays inside is skipped, the package is installed.
     (root / "inside.tgz").write_bytes(make_tgz(files, {"rules/alias.yml": "windows"}))
     assert run("--sigma", "--url", f"{base}/inside.tgz", "--dest", str(dest)) == 0
@@ -252,7 +263,9 @@ def test_elastic_tar_gz_branch_archive_and_file_url(
     archive = tmp_path / "main.tar.gz"
     archive.write_bytes(make_tgz(files))
     dest = tmp_path / "rules"
-    assert main(["rules", "update", "--elastic", "--url", archive.as_uri(), "--dest", str(dest)]) == 0
+    assert (
+        main(["rules", "update", "--elastic", "--url", archive.as_uri(), "--dest", str(dest)]) == 0
+    )
     out = capsys.readouterr().out
     assert "elastic: current -> versions/" in out
     cur = dest / "elastic" / "current"

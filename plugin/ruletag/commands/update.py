@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import datetime as dt
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -95,7 +96,7 @@ def download(url: str, into: IO[bytes], limits: Limits, timeout: float = 60.0) -
     h = hashlib.sha256()
     n = 0
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (user's URL)
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             while chunk := resp.read(_CHUNK):
                 n += len(chunk)
                 if n > limits.download:
@@ -154,6 +155,15 @@ def _zip_members(zf: zipfile.ZipFile, limits: Limits) -> Iterator[_Member]:
     infos = zf.infolist()
     if len(infos) > limits.members:
         raise UpdateError(f"archive has more than {limits.members} entries, refused")
+    total = 0
+    for info in infos:  # the declared sizes first: a bomb is refused before inflating it
+        total += info.file_size
+        if info.file_size > limits.file:
+            raise UpdateError(f"archive entry larger than {limits.file} bytes: {info.filename!r}")
+        if info.file_size > (1 << 20) and info.file_size > info.compress_size * limits.ratio:
+            raise UpdateError(f"archive entry compressed more than {limits.ratio}:1")
+        if total > limits.total:
+            raise UpdateError(f"archive unpacks to more than {limits.total} bytes, refused")
     bad = zf.testzip()  # reads every member: CRC and decompression errors
     if bad is not None:
         raise UpdateError(f"archive damaged: bad CRC in {bad!r}")
@@ -166,7 +176,7 @@ def _zip_members(zf: zipfile.ZipFile, limits: Limits) -> Iterator[_Member]:
         if info.is_dir() or not parts:
             continue
         yield _Member(
-            parts, info.file_size, lambda info=info: zf.open(info), info.compress_size or 1
+            parts, info.file_size, functools.partial(zf.open, info), info.compress_size or 1
         )
 
 
@@ -177,8 +187,11 @@ def _tar_members(tf: tarfile.TarFile, limits: Limits) -> Iterator[_Member]:
         count += 1
         if count > limits.members:
             raise UpdateError(f"archive has more than {limits.members} entries, refused")
-        if m.issym() or m.islnk():
-            _check_link(m.name, m.linkname if m.issym() else "/".join([".."] * 64))
+        if m.issym():
+            _check_link(m.name, m.linkname)
+            continue
+        if m.islnk():  # a hard link names another member, from the archive's root
+            _parts(m.linkname)
             continue
         parts = _parts(m.name)
         if not m.isfile() or not parts:

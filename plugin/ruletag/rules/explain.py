@@ -306,7 +306,11 @@ def to_text(e: Explanation) -> str:
         ls = r.logsource
         spec = " ".join(
             f"{k}={v}"
-            for k, v in (("product", ls.product), ("category", ls.category), ("service", ls.service))
+            for k, v in (
+                ("product", ls.product),
+                ("category", ls.category),
+                ("service", ls.service),
+            )
             if v
         )
         if e.logsource is None:
@@ -315,7 +319,12 @@ def to_text(e: Explanation) -> str:
             out.append(f"logsource {spec}: {'in' if e.logsource.result else 'NOT in'} it")
             _lines(e.logsource, 1, out)
     else:
-        out.append("logsource: none (the condition names its event category itself)")
+        out.append(
+            "logsource: none (index patterns are not used: the event category is part of the "
+            "condition)"
+            if r.source == "elastic"
+            else "logsource: none"
+        )
     out.append(f"condition: {'true' if e.condition.result else 'false'}")
     _lines(e.condition, 1, out)
     out.append(f"verdict: {'MATCH' if e.verdict else 'no match'}")
