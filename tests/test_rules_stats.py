@@ -35,6 +35,12 @@ FIRE = [
 EXTRA = sorted((SAMPLE / "sigma" / "rules" / "windows" / "process_creation").glob("*.yml"))
 
 
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.delenv(k, raising=False)
+
+
 def _package(tmp_path: Path, name: str, extra: int) -> str:
     files = {f"rules/{SIGMA_SEED.name}": SIGMA_SEED.read_bytes()}
     for p in EXTRA[:extra]:

@@ -453,7 +453,7 @@ def update(
             shutil.rmtree(staging, ignore_errors=True)
         old = _manifest(versions / previous) if previous else {}
         _switch(source_dir, name)
-        pruned = _prune(source_dir, keep)
+        pruned = _prune(source_dir, max(1, keep))
         return Outcome(
             source, name, previous, manifest, changes(old, manifest), pruned=tuple(pruned)
         )
