@@ -1,5 +1,5 @@
-"""The ``ruletag`` command line: serve, rules check/compile, match, test, validate,
-dead-letter list/resend."""
+"""The ``ruletag`` command line: serve, rules check/compile/update/explain/stats, match, test,
+validate, dead-letter list/resend."""
 
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ def _add_rules(sub: argparse._SubParsersAction) -> None:
     k.add_argument("-o", "--output", required=True, help="table file to write")
     k.add_argument("--vars", help="YAML map of Sigma |expand placeholders")
     k.set_defaults(func=_run_rules_compile)
+    _add_rules_ops(rsub)
 
 
 def _run_rules_check(ns: argparse.Namespace) -> int:
@@ -57,12 +58,76 @@ def _run_rules_compile(ns: argparse.Namespace) -> int:
     return compile_(ns)
 
 
+def _add_rules_ops(rsub: argparse._SubParsersAction) -> None:
+    u = rsub.add_parser(
+        "update",
+        help="download upstream rule packages into versioned folders, switch DIR/<source>/current",
+        description="Download, verify and install SigmaHQ / Elastic rule packages. Proxies: "
+        "HTTPS_PROXY, HTTP_PROXY and NO_PROXY apply; a file:// URL installs a package brought "
+        "in by hand.",
+    )
+    u.add_argument("--dest", required=True, help="folder holding <source>/versions and current")
+    u.add_argument("--sigma", action="store_true", help="the SigmaHQ release package")
+    u.add_argument("--elastic", action="store_true", help="Elastic's detection-rules archive")
+    u.add_argument(
+        "--sigma-package",
+        choices=["core", "core+", "all"],
+        default="core",
+        help="which SigmaHQ release package (core)",
+    )
+    u.add_argument("--url", help="fetch this URL instead (http, https or file) for one source")
+    u.add_argument("--sha256", help="refuse the download unless its sha256 is this")
+    u.add_argument("--keep", type=int, default=3, help="versions kept per source (3)")
+    u.add_argument("--timeout", type=float, default=60.0, help="network timeout, seconds (60)")
+    u.add_argument("--rollback", action="store_true", help="switch current to the version before")
+    u.set_defaults(func=_run_rules_update)
+    e = rsub.add_parser("explain", help="why a rule did or did not match an event")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--rules", nargs="+", help="rule files or folders")
+    src.add_argument("--config", "-c", help="pipeline YAML file: its rules")
+    e.add_argument("--rule", required=True, help="rule id or name (or a unique part of a name)")
+    e.add_argument("--event", required=True, help="JSON object or JSON lines file ('-' = stdin)")
+    e.add_argument("--vars", help="YAML map of Sigma |expand placeholders")
+    e.add_argument("--json", action="store_true", help="one JSON object per event")
+    e.set_defaults(func=_run_rules_explain)
+    s = rsub.add_parser("stats", help="noisiest and costliest rules of a running relay")
+    s.add_argument("--metrics", required=True, help="the relay's metrics URL or HOST:PORT")
+    s.add_argument("--top", type=int, default=10, help="rules per list (10)")
+    s.add_argument("--interval", type=float, default=0.0, help="scrape twice, this many s apart")
+    s.add_argument("--rules", nargs="+", help="rule files/folders, to show rule names")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=_run_rules_stats)
+
+
+def _run_rules_update(ns: argparse.Namespace) -> int:
+    from ruletag.commands.update import main_update
+
+    return main_update(ns)
+
+
+def _run_rules_explain(ns: argparse.Namespace) -> int:
+    from ruletag.commands.explain import main_explain
+
+    return main_explain(ns)
+
+
+def _run_rules_stats(ns: argparse.Namespace) -> int:
+    from ruletag.commands.stats import main_stats
+
+    return main_stats(ns)
+
+
 def _add_match(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("match", help="match records from a file against rules, print JSON lines")
     p.add_argument("--rules", nargs="+", required=True, help="rule files/folders or a table file")
     p.add_argument("--events", required=True, help="JSON lines or msgpack stream ('-' = stdin)")
     p.add_argument("--vars", help="YAML map of Sigma |expand placeholders")
     p.add_argument("--only-matches", action="store_true", help="print matched records only")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="add an 'explain' key to matched records: why each rule fired",
+    )
     p.set_defaults(func=_run_match)
 
 

@@ -5,6 +5,9 @@ or forward-protocol messages: Message, Forward, PackedForward, CompressedPackedF
 writes every record as one JSON line, in input order. A record that matched gets the key
 ``detections`` (a list of :func:`ruletag.enrich.annotate.detection` dicts); a record that
 matched nothing is written without that key, as the server leaves unmatched records untouched.
+With ``--explain``, a matched record also gets the key ``explain``: per rule that fired, its
+traced condition tree (:mod:`ruletag.rules.explain`), so the output stays one JSON line per
+record and can be filtered with ``jq``.
 """
 
 from __future__ import annotations
@@ -179,6 +182,13 @@ def match(ns: argparse.Namespace) -> int:
     table = _load_table(ns.rules, variables)
     annotations = [detection(r) for r in table.rules]
     only = bool(getattr(ns, "only_matches", False))
+    explaining = bool(getattr(ns, "explain", False))
+    fmap = None
+    if explaining:
+        from ruletag.commands.explain import explain_hits
+        from ruletag.rules.fields import FieldMap
+
+        fmap = FieldMap.default()
     out = sys.stdout
     try:
         src: IO[bytes] = sys.stdin.buffer if ns.events == "-" else open(ns.events, "rb")  # noqa: SIM115
@@ -193,7 +203,10 @@ def match(ns: argparse.Namespace) -> int:
                 continue
             hits = table.match(record)
             if hits:
+                why = explain_hits(table.rules, hits, record, fmap) if fmap is not None else None
                 record["detections"] = [annotations[i] for i in hits]
+                if why is not None:
+                    record["explain"] = why
             elif only:
                 continue
             out.write(dump_record(record) + "\n")

@@ -16,7 +16,7 @@ import logging
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ruletag.config.model import Config
 from ruletag.errors import ConfigError
@@ -156,6 +156,7 @@ class _Enrichment:
         self.live: LiveFilter | None = None
         self.reloader: Reloader | None = None
         self.http: MetricsServer | None = None
+        self.cost: Any = None  # runtime.rulecost.RuleCostSampler when sampling is on
 
     async def start(self) -> None:
         """Start the metrics endpoint (``/health`` says 503 meanwhile), then load the rules."""
@@ -209,6 +210,10 @@ class _Enrichment:
     def wrap(self, output: Sender) -> tuple[Sender, Transform | None]:
         """The instrumented output and the (timed) live rule filter for the pipeline."""
         transform = self.metrics.timed_transform(self.live) if self.live is not None else None
+        if transform is not None:  # sampled per-rule cost, only with RULETAG_RULE_COST_SAMPLE
+            from ruletag.runtime.rulecost import install
+
+            transform, self.cost = install(self.live, self.metrics.registry, transform)
         return self.metrics.instrument_sender(output), transform
 
     def attach(self, server: Server, output: object, buffer: object = None) -> None:
@@ -235,6 +240,8 @@ class _Enrichment:
         return "".join(f", {p}" for p in parts)
 
     async def stop(self) -> None:
+        if self.cost is not None:
+            await asyncio.to_thread(self.cost.close)
         if self.reloader is not None:
             await self.reloader.stop()
         if self.http is not None:
