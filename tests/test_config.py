@@ -220,3 +220,12 @@ def test_rules_exclude_is_a_list_of_globs() -> None:
     for bad in ("a*", [""], [1]):
         with pytest.raises(ConfigError, match=r"rules\.exclude"):
             config_from_mapping({**MIN, "rules": {"paths": ["r/"], "exclude": bad}})
+
+
+def test_rules_building_blocks_keep_or_drop() -> None:
+    cfg = config_from_mapping({**MIN, "rules": {"paths": ["r/"]}})
+    assert cfg.rules is not None and cfg.rules.building_blocks == "keep"
+    cfg = config_from_mapping({**MIN, "rules": {"paths": ["r/"], "building_blocks": "drop"}})
+    assert cfg.rules is not None and cfg.rules.building_blocks == "drop"
+    with pytest.raises(ConfigError, match=r"rules\.building_blocks"):
+        config_from_mapping({**MIN, "rules": {"paths": ["r/"], "building_blocks": "hide"}})
