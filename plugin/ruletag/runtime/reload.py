@@ -85,7 +85,12 @@ def refusal(result: LoadResult) -> str | None:
     if missing:
         return f"rule path missing: {', '.join(str(m) for m in missing)}"
     if not result.rules and result.problems:
-        return f"no rule could be loaded ({problem_summary(result)})"
+        left_out = (
+            f"; {result.building_blocks} building-block rules left out by rules.building_blocks"
+            if result.building_blocks
+            else ""
+        )
+        return f"no rule could be loaded ({problem_summary(result)}{left_out})"
     return None
 
 
