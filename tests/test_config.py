@@ -220,3 +220,28 @@ def test_rules_exclude_is_a_list_of_globs() -> None:
     for bad in ("a*", [""], [1]):
         with pytest.raises(ConfigError, match=r"rules\.exclude"):
             config_from_mapping({**MIN, "rules": {"paths": ["r/"], "exclude": bad}})
+
+
+def test_rules_building_blocks_keep_or_drop() -> None:
+    cfg = config_from_mapping({**MIN, "rules": {"paths": ["r/"]}})
+    assert cfg.rules is not None and cfg.rules.building_blocks == "keep"
+    cfg = config_from_mapping({**MIN, "rules": {"paths": ["r/"], "building_blocks": "drop"}})
+    assert cfg.rules is not None and cfg.rules.building_blocks == "drop"
+    with pytest.raises(ConfigError, match=r"rules\.building_blocks"):
+        config_from_mapping({**MIN, "rules": {"paths": ["r/"], "building_blocks": "hide"}})
+
+
+def test_validate_reports_building_blocks_left_out(tmp_path: Path, capsys: Any) -> None:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    bb = REPO / "tests" / "data" / "corpus" / "elastic" / "rules_building_block"
+    for f in [*bb.glob("*.toml"), *(REPO / "plugin" / "ruletag" / "data" / "rules").glob("*.toml")]:
+        (rules / f.name).write_bytes(f.read_bytes())
+    cfg = tmp_path / "bb.yaml"
+    cfg.write_text(
+        "forward: {servers: [{host: 127.0.0.1, port: 24225}]}\n"
+        f"rules: {{paths: [{rules}], building_blocks: drop, cache_dir: {tmp_path / 'cache'}}}\n"
+    )
+    assert main(["validate", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "1 rules" in out and "4 building-block rules left out" in out

@@ -287,7 +287,7 @@ def test_services(fm: FieldMap) -> None:
 
 def test_unknown_logsources_are_unrestricted(fm: FieldMap) -> None:
     assert fm.logsource_condition(Logsource()) is None
-    assert fm.logsource_condition(Logsource("aws", None, "cloudtrail")) is None
+    assert fm.logsource_condition(Logsource("gcp", None, "gcp.audit")) is None
     assert fm.logsource_condition(Logsource(None, "webserver")) is None
     # a known product still restricts when its category is unknown
     cond = fm.logsource_condition(Logsource("windows", "no_such_category"))
@@ -365,3 +365,140 @@ def test_flatten_record_finds_what_resolve_finds(record: dict) -> None:
         resolve(record, path.split("."), want)
         got = flat.get(path, [])
         assert sorted(map(repr, got)) == sorted(map(repr, want)), path
+
+
+# --------------------------------------------------------------------------- sources' own shapes
+
+SOURCES = DATA / "fields"  # upstream rule copies (licenses beside them)
+_EQL_RULES = {
+    "okta-session-start-test": """
+any where data_stream.dataset == "okta.system" and event.action == "user.session.start"
+  and okta.outcome.result == "SUCCESS" and cidrMatch(source.ip, "203.0.113.0/24")
+  and okta.actor.alternate_id : "*@example.com" and user_agent.original : "*firefox*"
+""",
+    "azure-keyvault-secret-write-test": """
+any where event.dataset == "azure.activitylogs"
+  and event.action == "MICROSOFT.KEYVAULT/VAULTS/SECRETS/WRITE"
+  and azure.activitylogs.category == "Administrative"
+  and azure.activitylogs.identity.authorization.evidence.principal_type == "User"
+  and cidrMatch(source.ip, "203.0.113.0/24")
+""",
+}
+
+
+def _source_rules(tmp_path: Path) -> list:
+    from ruletag.rules.loader import load_rules
+
+    for rule_id, query in _EQL_RULES.items():
+        (tmp_path / f"{rule_id}.toml").write_text(
+            f'[metadata]\ncreation_date = "2026/08/01"\n\n[rule]\nrule_id = "{rule_id}"\n'
+            f'name = "{rule_id}"\ntype = "eql"\nlanguage = "eql"\nquery = """{query}"""\n'
+        )
+    result = load_rules([SOURCES, tmp_path])
+    assert not result.problems, result.problems
+    return result.rules
+
+
+def test_cloud_and_defender_rules_fire_in_every_shape(fm: FieldMap, tmp_path: Path) -> None:
+    import msgpack
+
+    from ruletag.rules.reference import reference_match
+    from ruletag.rules.table import CompiledTable
+
+    rules = _source_rules(tmp_path)
+    table = CompiledTable.build(rules, fm)
+    key = {r.id: r.id if r.id in _EQL_RULES else Path(r.path).name for r in rules}
+    cases = json.loads((DATA / "fields_sources.json").read_text())
+    cases.pop("_about")
+    assert set(cases) == set(key.values())
+    records, want = [], []
+    for name, items in cases.items():
+        for case in items:
+            records.append(case["record"])
+            want.append((name, case["shape"], case["fire"]))
+    buf = bytearray()
+    spans = []
+    for n, rec in enumerate(records):
+        start = len(buf)
+        buf += msgpack.packb([1700000000 + n, rec])
+        spans.append((start, len(buf)))
+    raw = table.match_entries(bytes(buf), spans)
+    for n, (record, (name, shape, fire)) in enumerate(zip(records, want, strict=True)):
+        got = {key[table.rules[i].id] for i in table.match(record)}
+        ref = {key[rule_id] for rule_id in reference_match(rules, record, fm)}
+        pre = {key[table.rules[i].id] for i in raw.get(n, [])}
+        assert got == ref == pre, (name, shape)
+        assert (name in got) is fire, (name, shape, sorted(got))
+
+
+def test_windows_names_with_spaces_join_the_sigma_spelling(fm: FieldMap) -> None:
+    assert fm.paths("ThreatName") == (
+        "ThreatName",
+        "Threat Name",
+        "winlog.event_data.ThreatName",
+        "winlog.event_data.Threat Name",
+    )
+    assert set(fm.paths("Threat Name")) == set(fm.paths("ThreatName"))
+    assert {"Feature Name", "Feature_Name", "FeatureName"} <= set(fm.paths("Feature_Name"))
+    assert "winlog.event_data.Process Name" in fm.paths("ProcessName")
+    assert "winlog.user_data.Address" in fm.paths("Address")  # TerminalServices UserData
+    # a name of no channel's table is unchanged
+    assert fm.paths("CommandLine") == (
+        "CommandLine",
+        "process.command_line",
+        "winlog.event_data.CommandLine",
+    )
+    wlb = {"winlog": {"user_data": {"Address": "10.0.0.1"}}}
+    assert fm.view(wlb).values("Address") == ["10.0.0.1"]
+    with pytest.raises(ConfigError, match="two field groups"):
+        FieldMap(
+            {
+                "fields": {"a": {"aliases": ["b"]}, "c": {"aliases": ["d"]}},
+                "windows_channels": {"X": {"names": {"a": "d"}}},
+            }
+        )
+
+
+def test_cloud_mapping_both_directions(fm: FieldMap) -> None:
+    raw = {
+        "eventVersion": "1.08",
+        "eventSource": "s3.amazonaws.com",
+        "eventName": "PutBucketPolicy",
+        "requestParameters": {"bucketName": "b1"},
+        "userIdentity": {"type": "Root"},
+    }
+    v = fm.view(raw)
+    assert v.values("event.action") == ["PutBucketPolicy"]
+    assert v.values("event.provider") == ["s3.amazonaws.com"]
+    assert v.values("data_stream.dataset") == ["aws.cloudtrail"]
+    assert v.values("event.outcome") == ["success"]
+    assert v.values("aws.cloudtrail.user_identity.type") == ["Root"]
+    assert v.values("aws.cloudtrail.flattened.request_parameters.bucketName") == ["b1"]
+    assert fm.view({**raw, "errorCode": "AccessDenied"}).values("event.outcome") == ["failure"]
+    ecs = {
+        "event": {"action": "PutBucketPolicy", "provider": "s3.amazonaws.com"},
+        "aws": {"cloudtrail": {"flattened": {"request_parameters": {"bucketName": "b1"}}}},
+    }
+    v = fm.view(ecs)
+    assert v.values("eventName") == ["PutBucketPolicy"]
+    assert v.values("eventSource") == ["s3.amazonaws.com"]
+    assert v.values("requestParameters.bucketName") == ["b1"]
+    assert v.values("event.outcome") == []  # not CloudTrail-shaped: nothing derived
+    okta = {
+        "eventType": "user.session.start",
+        "authenticationContext": {"issuer": None},
+        "client": {"ipAddress": "203.0.113.5"},
+    }
+    v = fm.view(okta)
+    assert v.values("event.action") == ["user.session.start"]
+    assert v.values("event.dataset") == ["okta.system"]
+    assert v.values("source.ip") == ["203.0.113.5"] == v.values("okta.client.ip")
+    # CloudTrail's own eventType is not an action
+    ct = {"eventVersion": "1.08", "eventName": "GetObject", "eventType": "AwsApiCall"}
+    assert fm.view(ct).values("event.action") == ["GetObject"]
+    assert fm.view(ct).values("aws.cloudtrail.event_type") == ["AwsApiCall"]
+    az = {"operationName": "MICROSOFT.COMPUTE/VIRTUALMACHINES/WRITE", "identity": {"claims": {}}}
+    assert fm.view(az).values("event.action") == [az["operationName"]]
+    assert fm.view(az).values("event.dataset") == ["azure.activitylogs"]
+    ecs_az = {"azure": {"activitylogs": {"operation_name": "X/WRITE"}}}
+    assert fm.view(ecs_az).values("operationName") == ["X/WRITE"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from paths import SEED_RULES, SIGMA_SEED
+from paths import SAMPLE, SEED_RULES, SIGMA_SEED
 from ruletag.enrich.annotate import detection
 from ruletag.errors import InvalidRule, UnsupportedRule
 from ruletag.rules import loader
@@ -378,3 +378,33 @@ def test_exclude_leaves_rules_out_by_id_or_name_and_keys_the_cache(tmp_path: Pat
     assert by_glob.excluded == 1 and [r.id for r in by_glob.rules] == [seed_id]
     _, none = compile_rules([rules], cache_dir=cache, exclude=[])
     assert none.excluded == 0 and len(none.rules) == len(full.rules)
+
+
+BUILDING_BLOCKS = SAMPLE / "elastic" / "rules_building_block"
+
+
+def test_building_block_rules_are_marked_in_their_annotation() -> None:
+    result = load_rules([BUILDING_BLOCKS])
+    assert result.rules and all(r.building_block for r in result.rules)
+    assert all(detection(r)["building_block"] is True for r in result.rules)
+    seeds = load_rules([SEEDS]).rules
+    assert seeds and not any(r.building_block for r in seeds)
+    assert all("building_block" not in detection(r) for r in seeds)  # other bytes unchanged
+
+
+def test_building_blocks_drop_leaves_them_out_and_keys_the_cache(tmp_path: Path) -> None:
+    rules = tmp_path / "rules"
+    shutil.copytree(BUILDING_BLOCKS, rules / "bb")
+    shutil.copytree(SEEDS, rules / "seeds")
+    cache = tmp_path / "cache"
+    kept, full = compile_rules([rules], cache_dir=cache)
+    n_bb = sum(r.building_block for r in full.rules)
+    assert n_bb >= 3 and full.building_blocks == 0
+    table, result = compile_rules([rules], cache_dir=cache, building_blocks="drop")
+    assert not result.cached and result.building_blocks == n_bb
+    assert len(table.rules) == len(kept.rules) - n_bb
+    assert not any(r.building_block for r in table.rules)
+    assert table.version != kept.version  # the switch is part of the cache key
+    again, cached = compile_rules([rules], cache_dir=cache, building_blocks="drop")
+    assert cached.cached and cached.building_blocks == n_bb and again.version == table.version
+    assert loader.report_to_json(cached)["building_blocks"] == n_bb

@@ -40,6 +40,11 @@ def main_validate(ns: argparse.Namespace) -> int:
                 f"{len(result.unsupported)} unsupported, {len(result.invalid)} invalid, "
                 f"{len(result.duplicates)} duplicate ids"
                 + (f", {result.excluded} excluded" if result.excluded else "")
+                + (
+                    f", {result.building_blocks} building-block rules left out"
+                    if result.building_blocks
+                    else ""
+                )
             )
         else:
             parts.append("no rules")

@@ -125,6 +125,7 @@ def parse_hostport(
 _LISTEN: Final = ListenConfig()
 _FORWARD: Final = ForwardConfig(servers=())
 _ENRICH: Final = EnrichConfig()
+_RULES: Final = RulesConfig(paths=())
 _BUFFER: Final = BufferConfig()
 
 
@@ -458,6 +459,7 @@ def _rules(data: object, base: Path | None) -> RulesConfig:
         cache_dir=s.file("cache_dir", base),
         reload_interval=s.duration("reload_interval", DEFAULT_RELOAD_INTERVAL),
         tune_after=s.int_("tune_after", DEFAULT_TUNE_AFTER, 0),
+        building_blocks=s.choice("building_blocks", _RULES.building_blocks, ("keep", "drop")),
     )
     s.done()
     return cfg

@@ -45,6 +45,7 @@ forward.max_in_flight_bytes        64 MiB       bytes sent but not yet acked dow
 forward.entry_format               v1           v1 = ``[time, record]``; v2 keeps metadata
 rules.reload_interval              5 s          poll rule files for changes (0 = SIGHUP only)
 rules.exclude                      []           rule ids or names (globs) left out of the table
+rules.building_blocks              keep         drop = leave Elastic building-block rules out
 enrich.key / enrich.style          detections   where (style ruletag) the detections go /
                                    / ruletag    ``ecs`` writes rule.*, threat.*, event.*
 metrics.listen                     127.0.0.1:   Prometheus /metrics and /health
@@ -216,6 +217,7 @@ class RulesConfig:
     reload_interval: float = DEFAULT_RELOAD_INTERVAL  # poll rule files; 0 = SIGHUP only
     tune_after: int = DEFAULT_TUNE_AFTER  # re-pick pre-filter triggers after N records; 0 = never
     exclude: tuple[str, ...] = ()  # rule id / name globs left out of the table
+    building_blocks: str = "keep"  # keep | drop: Elastic building-block rules in the table or not
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,8 +17,9 @@ def _attack(items: Iterable[Attack]) -> list[dict[str, str]]:
 
 
 def detection(rule: Rule) -> dict[str, Any]:
-    """One rule as a JSON-ready dict: id, name, source, severity, risk, author, ATT&CK."""
-    return {
+    """One rule as a JSON-ready dict: id, name, source, severity, risk, author, ATT&CK, and
+    ``building_block: true`` for an Elastic building-block rule (absent otherwise)."""
+    d: dict[str, Any] = {
         "rule_id": rule.id,
         "name": rule.name,
         "source": rule.source,
@@ -28,3 +29,6 @@ def detection(rule: Rule) -> dict[str, Any]:
         "tactics": _attack(rule.tactics),
         "techniques": _attack(rule.techniques),
     }
+    if rule.building_block:
+        d["building_block"] = True
+    return d

@@ -89,6 +89,7 @@ def load_elastic_file(path: Path) -> list[Rule]:
             techniques=techniques,
             modified=_iso_date(meta.get("updated_date") or meta.get("creation_date")),
             tags=tuple(str(t) for t in rule.get("tags") or ()),
+            building_block=bool(rule.get("building_block_type")),
         )
     ]
 

@@ -1,11 +1,16 @@
 """Field mapping: which record paths can supply a rule's field, and logsource conditions.
 
 The mapping lives in ``ruletag/data/fields.yaml`` (see ``docs/rules.md``). A rule field name
-resolves to a *plan*: direct record paths (every alias of the field, plus the Winlogbeat
-``winlog.event_data.<Name>`` form of un-dotted names) and, used only when no direct path has a
-value, *derivations* (the basename of another field, the ECS category/type of a Windows event
-id, a constant when another field is present). Paths match nested objects, literal dotted keys
-and any mix of both (``{"process": {"parent.name": ...}}``); lists are searched element-wise.
+resolves to a *plan*: direct record paths (every alias of the field, the names Windows gives
+the same event data in a channel, the Winlogbeat ``winlog.event_data.<Name>`` form of un-dotted
+names, ``winlog.user_data.<Name>`` for the UserData fields of the channels that have them, and
+the other spelling of a prefix alias such as ``requestParameters.`` /
+``aws.cloudtrail.flattened.request_parameters.``) and, used only when no direct path has a
+value, *derivations* (the basename or a copy of another field, the ECS category/type of a
+Windows event id, a constant when another field is present and others are not). Plans are
+built once per field name, so a record pays only for the paths of the fields rules read.
+Paths match nested objects, literal dotted keys and any mix of both
+(``{"process": {"parent.name": ...}}``); lists are searched element-wise.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from ruletag.rules.algebra import and_, as_text, not_, or_, wildcard_tokens
 from ruletag.rules.ir import Equals, Exists, Logsource, Match, Node
 
 #: Bumped when the meaning of the YAML schema changes (part of :attr:`FieldMap.version`).
-_SCHEMA = "fields-v1"
+_SCHEMA = "fields-v2"
 
 CHANNEL = "winlog.channel"
 EVENT_ID = "winlog.event_id"
@@ -148,12 +153,18 @@ class _WindowsEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class _Copy:
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
 class _WhenPresent:
     source: str
     value: str
+    unless: tuple[str, ...] = ()  # no value when any of these fields has one
 
 
-_Derivation = _Basename | _WindowsEvent | _WhenPresent
+_Derivation = _Basename | _Copy | _WindowsEvent | _WhenPresent
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,8 +243,11 @@ class RecordView:
         for d in plan.derive:
             if isinstance(d, _Basename):
                 out = [basename(v) for v in self.values(d.source) if isinstance(v, str)]
+            elif isinstance(d, _Copy):
+                out = list(self.values(d.source))
             elif isinstance(d, _WhenPresent):
-                out = [d.value] if self.values(d.source) else []
+                present = self.values(d.source) and not any(self.values(u) for u in d.unless)
+                out = [d.value] if present else []
             else:
                 out = self._windows_event(d.attr)
             if out:
@@ -290,7 +304,10 @@ class FieldMap:
         self._derive: dict[str, tuple[_Derivation, ...]] = {}
         self._canonical: dict[str, str] = {}
         self._plans: dict[str, _Plan] = {}
+        self._prefix_aliases: list[tuple[str, ...]] = []
         self._load_fields(data.get("fields") or {})
+        self._load_prefix_aliases(data.get("prefix_aliases") or [])
+        self._load_channels(data.get("windows_channels") or {})
         self._events: dict[tuple[str, int], _WinEvent] = {}
         self._by_category: dict[str, list[_WinEvent]] = {}
         self._load_windows(data.get("windows_events") or [])
@@ -348,14 +365,65 @@ class FieldMap:
                 yield _Basename(item["basename"])
             elif isinstance(item, Mapping) and item.get("windows_event") in ("category", "type"):
                 yield _WindowsEvent(item["windows_event"])
+            elif isinstance(item, Mapping) and isinstance(item.get("copy"), str):
+                yield _Copy(item["copy"])
             elif (
                 isinstance(item, Mapping)
                 and isinstance(item.get("when_present"), str)
                 and isinstance(item.get("value"), str)
+                and set(item) <= {"when_present", "value", "unless"}
             ):
-                yield _WhenPresent(item["when_present"], item["value"])
+                unless = tuple(_str_list(item.get("unless"), f"{name}.derive.unless"))
+                yield _WhenPresent(item["when_present"], item["value"], unless)
             else:
                 raise ConfigError(f"fields mapping: {name}: bad derivation {item!r}")
+
+    def _join(self, name: str, other: str) -> None:
+        """Put ``other`` in ``name``'s field group (creating the group when there is none)."""
+        mine, theirs = self._groups.get(name), self._groups.get(other)
+        if mine is not None and theirs is not None:
+            if set(mine) != set(theirs):
+                raise ConfigError(f"fields mapping: {other!r} is in two field groups")
+            return
+        if theirs is not None:
+            name, other, mine = other, name, theirs
+        canon = self._canonical.get(name, name)
+        names = (*(mine or (name,)), other)
+        for n in names:
+            self._canonical[n] = canon
+            self._groups[n] = names
+        self._extra.setdefault(canon, [])
+        self._derive.setdefault(canon, ())
+
+    def _load_prefix_aliases(self, rows: object) -> None:
+        if not isinstance(rows, list):
+            raise ConfigError("fields mapping: 'prefix_aliases' must be a list")
+        for row in rows:
+            names = _str_list(row, "prefix_aliases[]")
+            if len(names) < 2 or any(not n or n.endswith(".") for n in names):
+                raise ConfigError(f"fields mapping: bad prefix_aliases row {row!r}")
+            self._prefix_aliases.append(tuple(names))
+
+    def _load_channels(self, channels: object) -> None:
+        """``windows_channels``: per channel, the names Windows gives event data that rules
+        spell otherwise (``names``: rule name -> Windows name(s)) and the names of its UserData
+        fields (``user_data``), which Winlogbeat puts below ``winlog.user_data``."""
+        if not isinstance(channels, Mapping):
+            raise ConfigError("fields mapping: 'windows_channels' must be a mapping")
+        for channel, spec in channels.items():
+            where = f"windows_channels.{channel}"
+            if not isinstance(spec, Mapping) or set(spec) - {"names", "user_data"}:
+                raise ConfigError(f"fields mapping: {where}: expected names and/or user_data")
+            names = spec.get("names") or {}
+            if not isinstance(names, Mapping):
+                raise ConfigError(f"fields mapping: {where}.names must be a mapping")
+            for rule_name, spelled in names.items():
+                for other in _str_list(spelled, f"{where}.names.{rule_name}"):
+                    self._join(str(rule_name), other)
+            for n in _str_list(spec.get("user_data"), f"{where}.user_data"):
+                extra = self._extra.setdefault(self._canonical.get(n, n), [])
+                if f"winlog.user_data.{n}" not in extra:
+                    extra.append(f"winlog.user_data.{n}")
 
     def _load_windows(self, rows: object) -> None:
         if not isinstance(rows, list):
@@ -439,8 +507,10 @@ class FieldMap:
             if canon in seen:
                 raise ConfigError(f"fields mapping: derivation cycle through {canon!r}")
             for d in self._derive.get(canon, ()):
-                if isinstance(d, _Basename | _WhenPresent):
+                if isinstance(d, _Basename | _Copy | _WhenPresent):
                     visit(d.source, (*seen, canon))
+                    for u in d.unless if isinstance(d, _WhenPresent) else ():
+                        visit(u, (*seen, canon))
                 else:
                     visit(CHANNEL, (*seen, canon))
                     visit(EVENT_ID, (*seen, canon))
@@ -465,6 +535,14 @@ class FieldMap:
                 for p in self._prefixes:
                     if f"{p}.{n}" not in paths:
                         paths.append(f"{p}.{n}")
+        for row in self._prefix_aliases:
+            for n in list(paths):
+                for prefix in row:
+                    if n.startswith(prefix + ".") and len(n) > len(prefix) + 1:
+                        rest = n[len(prefix) :]
+                        for other in row:
+                            if other + rest not in paths:
+                                paths.append(other + rest)
         plan = _Plan(
             tuple(tuple(p.split(".")) for p in paths), self._derive.get(canon, ()), tuple(paths)
         )
@@ -490,6 +568,7 @@ class FieldMap:
         keys = {parts[-1] for parts in plan.paths}
         seen = seen | {field}
         for d in plan.derive:
+            # ``unless`` fields only take a value away: a record without them still qualifies
             src = CHANNEL if isinstance(d, _WindowsEvent) else d.source
             if src not in seen:
                 keys |= self._raw_keys(src, seen)
@@ -501,7 +580,7 @@ class FieldMap:
         constant values are not. Non-string values (numbers, bools) are yielded unchanged."""
         plan = self._plan(field)
         for d in plan.derive:
-            if isinstance(d, _Basename):
+            if isinstance(d, _Basename | _Copy):
                 if not self.verbatim(d.source):
                     return False
             else:
@@ -518,10 +597,14 @@ class FieldMap:
 
     def derivations(self, field: str) -> tuple[tuple[str, str, str], ...]:
         """``field``'s derivations as ``(kind, source, value)``: ``("basename", source, "")``,
-        ``("when_present", source, value)``, ``("windows_event", "category"|"type", "")``."""
+        ``("when_present", source, value)``, ``("windows_event", "category"|"type", "")``.
+
+        What they need of a record, which is what the raw pre-filter reads them for: a copy is
+        reported as a basename (both yield substrings of the source's values), and a constant
+        with ``unless`` fields as a plain ``when_present`` (it needs the source too)."""
         out: list[tuple[str, str, str]] = []
         for d in self._plan(field).derive:
-            if isinstance(d, _Basename):
+            if isinstance(d, _Basename | _Copy):
                 out.append(("basename", d.source, ""))
             elif isinstance(d, _WhenPresent):
                 out.append(("when_present", d.source, d.value))

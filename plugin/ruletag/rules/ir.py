@@ -242,6 +242,7 @@ class Rule:
     modified: str = ""  # ISO date of the last change; the newest copy of a duplicate id wins
     kind: Literal["event"] = "event"
     tags: tuple[str, ...] = field(default=())
+    building_block: bool = False  # Elastic ``building_block_type``: an input to other rules
 
 
 def fields_of(node: Node) -> set[str]:

@@ -58,6 +58,7 @@ class LoadResult:
     seconds: float = 0.0  # load (or cache read) time
     sources: dict[str, int] = field(default_factory=dict)  # rule files per front-end
     excluded: int = 0  # rules left out by ``rules.exclude``
+    building_blocks: int = 0  # Elastic building-block rules left out (``rules.building_blocks``)
 
     @property
     def unsupported(self) -> list[RuleError]:
@@ -233,6 +234,14 @@ def exclude_rules(result: LoadResult, patterns: Sequence[str]) -> None:
     result.rules = kept
 
 
+def drop_building_blocks(result: LoadResult) -> None:
+    """Drop from ``result`` the Elastic building-block rules (``building_block_type``, inputs
+    to other rules rather than alerts of their own); ``result.building_blocks`` counts them."""
+    kept = [r for r in result.rules if not r.building_block]
+    result.building_blocks += len(result.rules) - len(kept)
+    result.rules = kept
+
+
 # --------------------------------------------------------------------------- cache
 
 
@@ -266,6 +275,7 @@ def cache_key(
     fieldmap_version: str,
     digests: Digests | None = None,
     exclude: Sequence[str] = (),
+    building_blocks: str = "keep",
 ) -> str:
     """Hash of everything a compiled table depends on (also the table's version).
 
@@ -281,6 +291,8 @@ def cache_key(
     h.update(json.dumps(norm, sort_keys=True).encode() + b"\0")
     if exclude:
         h.update(json.dumps(sorted(exclude)).encode() + b"\0")
+    if building_blocks != "keep":
+        h.update(f"building_blocks {building_blocks}\0".encode())
     for f in files:
         path = os.path.abspath(f)
         h.update(f"{path}\0{_file_digest(path, digests)}\0".encode())
@@ -331,6 +343,7 @@ def report_to_json(result: LoadResult) -> dict[str, Any]:
         "problems": [problem_to_json(p) for p in result.problems],
         "duplicates": result.duplicates,
         "excluded": result.excluded,
+        "building_blocks": result.building_blocks,
     }
 
 
@@ -369,6 +382,7 @@ def _read_cache(table_path: Path, report_path: Path) -> tuple[CompiledTable, Loa
         seconds=time.perf_counter() - start,
         sources=dict(report.get("sources", {})),
         excluded=int(report.get("excluded", 0)),
+        building_blocks=int(report.get("building_blocks", 0)),
     )
     return table, result
 
@@ -393,10 +407,12 @@ def compile_rules(
     fieldmap: FieldMap | None = None,
     use_cache: bool = True,
     exclude: Sequence[str] = (),
+    building_blocks: str = "keep",
 ) -> tuple[CompiledTable, LoadResult]:
     """Load and compile ``paths``, or read the same table back from the cache.
 
-    Rules whose id or name matches one of the ``exclude`` glob patterns are left out.
+    Rules whose id or name matches one of the ``exclude`` glob patterns are left out, and
+    Elastic building-block rules when ``building_blocks`` is ``"drop"``.
 
     The table's ``version`` is the cache key, so equal rule sets give equal versions.
     """
@@ -411,7 +427,7 @@ def compile_rules(
     if digests is not None and len(digests) > _MAX_DIGESTS:  # paths long gone pile up
         digests.clear()
     before = dict(digests) if digests is not None else None
-    key = cache_key(files, variables, fmap.version, digests, exclude)
+    key = cache_key(files, variables, fmap.version, digests, exclude, building_blocks)
     if digests is not None and digests != before:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -425,6 +441,8 @@ def compile_rules(
         return hit
     result = load_rules(paths, variables)
     exclude_rules(result, exclude)
+    if building_blocks == "drop":
+        drop_building_blocks(result)
     table = CompiledTable.build(result.rules, fmap, key)
     if use_cache:
         _write_cache(table, result, table_path, report_path)

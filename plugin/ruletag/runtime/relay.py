@@ -141,7 +141,11 @@ def rule_loader(config: Config) -> Callable[[], tuple[CompiledTable, LoadResult]
     assert rules is not None
     cache = Path(rules.cache_dir) if rules.cache_dir else None
     return lambda: compile_rules(
-        list(rules.paths), rules.vars or None, cache, exclude=rules.exclude
+        list(rules.paths),
+        rules.vars or None,
+        cache,
+        exclude=rules.exclude,
+        building_blocks=rules.building_blocks,
     )
 
 
@@ -178,7 +182,13 @@ class _Enrichment:
         rules = self.config.rules
         self.reloader = Reloader(  # reloads compile in a child process: the loop never stalls
             self.live,
-            SubprocessCompiler(rules.paths, rules.vars or None, rules.cache_dir, rules.exclude),
+            SubprocessCompiler(
+                rules.paths,
+                rules.vars or None,
+                rules.cache_dir,
+                rules.exclude,
+                rules.building_blocks,
+            ),
             rules.paths,
             interval=rules.reload_interval,
             on_result=self.metrics.reload_done,
@@ -189,12 +199,15 @@ class _Enrichment:
         except Exception as exc:
             raise ConfigError(f"rules: {exc}") from exc
         log.info(
-            "rules: %d loaded from %d files in %.2f s%s%s, ruleset %s",
+            "rules: %d loaded from %d files in %.2f s%s%s%s, ruleset %s",
             self.live.rule_count,
             result.files,
             result.seconds,
             " (cached)" if result.cached else "",
             f", {result.excluded} excluded by rules.exclude" if result.excluded else "",
+            f", {result.building_blocks} building-block rules left out by rules.building_blocks"
+            if result.building_blocks
+            else "",
             self.live.version,
             extra={
                 "event": "rules_loaded",

@@ -85,7 +85,12 @@ def refusal(result: LoadResult) -> str | None:
     if missing:
         return f"rule path missing: {', '.join(str(m) for m in missing)}"
     if not result.rules and result.problems:
-        return f"no rule could be loaded ({problem_summary(result)})"
+        left_out = (
+            f"; {result.building_blocks} building-block rules left out by rules.building_blocks"
+            if result.building_blocks
+            else ""
+        )
+        return f"no rule could be loaded ({problem_summary(result)}{left_out})"
     return None
 
 
@@ -96,7 +101,13 @@ def _child_main() -> None:
     job = json.loads(sys.stdin.read())
     variables = {k: tuple(v) for k, v in job["vars"].items()} if job["vars"] else None
     cache = Path(job["cache_dir"]) if job["cache_dir"] else None
-    compile_rules(job["paths"], variables, cache, exclude=job["exclude"])
+    compile_rules(
+        job["paths"],
+        variables,
+        cache,
+        exclude=job["exclude"],
+        building_blocks=job.get("building_blocks", "keep"),
+    )
 
 
 class SubprocessCompiler:
@@ -114,9 +125,11 @@ class SubprocessCompiler:
         variables: Mapping[str, Sequence[str]] | None = None,
         cache_dir: str | Path | None = None,
         exclude: Sequence[str] = (),
+        building_blocks: str = "keep",
     ) -> None:
         self.paths = [str(p) for p in paths]
         self.exclude = list(exclude)
+        self.building_blocks = building_blocks
         self.variables = {k: list(v) for k, v in variables.items()} if variables else None
         self.cache_dir = str(cache_dir) if cache_dir is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -132,6 +145,7 @@ class SubprocessCompiler:
                 "vars": self.variables,
                 "cache_dir": self.cache_dir,
                 "exclude": self.exclude,
+                "building_blocks": self.building_blocks,
             }
         ).encode()
         with self._lock:
@@ -163,7 +177,13 @@ class SubprocessCompiler:
             )
         cache = Path(self.cache_dir) if self.cache_dir else None
         variables = {k: tuple(v) for k, v in self.variables.items()} if self.variables else None
-        return compile_rules(self.paths, variables, cache, exclude=self.exclude)
+        return compile_rules(
+            self.paths,
+            variables,
+            cache,
+            exclude=self.exclude,
+            building_blocks=self.building_blocks,
+        )
 
     def kill(self) -> None:
         """Stop a running child and refuse further compiles."""
