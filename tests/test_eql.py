@@ -357,7 +357,10 @@ def test_metadata_with_subtechniques_and_creation_date(tmp_path: Path) -> None:
     [
         ({"type": "query", "language": "kuery"}, "query language kuery is not supported"),
         ({"type": "query", "language": "lucene"}, "query language lucene is not supported"),
-        ({"type": "esql", "language": "esql"}, "query language esql is not supported"),
+        (
+            {"type": "esql", "language": "esql", "query": "from logs-* | stats n = count(*)"},
+            "ES|QL STATS aggregates over many events (stateful)",
+        ),
         ({"type": "machine_learning"}, "elastic rule type machine_learning is not supported"),
         (
             {"type": "new_terms", "language": "kuery"},
