@@ -27,7 +27,7 @@ ES|QL would drop.
 
 Leaves. ``==``/``!=``/``IN`` on a field and literals are :class:`Match` (case-sensitive) or
 :class:`Equals`; ``< <= > >=`` with a number :class:`Compare`; ``LIKE`` (``*``/``?``, ``\\``
-escapes the next character, case-sensitive, whole value) :class:`Match`; ``RLIKE`` (Lucene
+escapes ``*``, ``?`` or itself, case-sensitive, whole value) :class:`Match`; ``RLIKE`` (Lucene
 regex, whole value) :class:`Regex`, translated as EQL's ``regex``; ``IS [NOT] NULL``
 :class:`IsNull`/:class:`Exists`; ``CIDR_MATCH`` :class:`Cidr`; ``STARTS_WITH``/``ENDS_WITH``
 :class:`Match`. ``TO_LOWER(f)`` compared with lower-case literals is a case-insensitive
@@ -602,13 +602,20 @@ def _notnull(v: ValueExpr) -> Node:
     return not_(Predicate(v, "==", Literal_(None)))
 
 
-def _like_tokens(pattern: str) -> tuple[PatternToken, ...]:
-    """An ES|QL LIKE pattern as Match tokens: ``*``, ``?``, ``\\`` escapes the next char."""
+def _like_tokens(pattern: str, line: int | None = None) -> tuple[PatternToken, ...]:
+    """An ES|QL LIKE pattern as Match tokens: ``*``, ``?``; ``\\`` escapes ``*``, ``?`` or
+    itself, any other use is an error (as Elasticsearch reports it)."""
     parts: list[PatternToken] = []
     i = 0
     while i < len(pattern):
         c = pattern[i]
-        if c == "\\" and i + 1 < len(pattern):
+        if c == "\\":
+            if i + 1 >= len(pattern) or pattern[i + 1] not in "*?\\":
+                raise InvalidRule(
+                    f"ES|QL: invalid pattern for LIKE [{pattern}]: escape character is not "
+                    "followed by special wildcard char",
+                    line=line,
+                )
             parts.append(pattern[i + 1])
             i += 2
             continue
@@ -698,10 +705,9 @@ class _Compiler:
             ts.append(and_(*earlier, taken, t))
             fs.append(and_(*earlier, taken, f))
             earlier.append(not_(taken))
-        if len(args) % 2:
-            t, f = leaf(args[-1])
-            ts.append(and_(*earlier, t))
-            fs.append(and_(*earlier, f))
+        t, f = leaf(args[-1] if len(args) % 2 else _Lit(None))  # no default: null
+        ts.append(and_(*earlier, t))
+        fs.append(and_(*earlier, f))
         return or_(*ts), or_(*fs)
 
     # ---- leaves
@@ -820,13 +826,12 @@ class _Compiler:
         ts: list[Node] = []
         for text in texts:
             if kind == "like":
-                ts.append(self._like(lv, _like_tokens(text)))
+                ts.append(self._like(lv, _like_tokens(text, line)))
             else:
                 try:
                     pattern, flags = lucene_regex(text, True)
                 except RuleError as exc:
-                    exc.line = line
-                    raise
+                    raise type(exc)(f"ES|QL RLIKE: {exc.reason}", line=line) from None
                 if isinstance(lv, FieldValue):
                     ts.append(Regex(lv.field, pattern, flags))
                 else:
