@@ -5,6 +5,7 @@ record that fires and a near miss."""
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 
 import pytest
@@ -276,7 +277,15 @@ REFUSED: list[tuple[str, str]] = [
         "ES|QL function JSON_EXTRACT is supported on _source with a $.a.b path only",
     ),
     ('from l | grok a "%{IP:x}" | where x == "1"', "ES|QL GROK pattern %{IP} not supported"),
-    ('from l | grok a "^(?<x>a)" | where x == "1"', "ES|QL GROK regex anchor ^ not supported"),
+    ('from l | grok a "(?x)(?<x>a)" | where x == "1"', "ES|QL GROK regex flag (?x) not supported"),
+    (
+        'from l | grok a """(?<x>\\d+)""" | where x == "1"',
+        "ES|QL GROK regex escape \\d not supported",
+    ),
+    (
+        'from l | grok a "(?i)(?<x>[a-z]+)" | where x == "1"',
+        "ES|QL GROK (?i) with letters in a character class not supported",
+    ),
     (
         'from l | grok a "%{DATA:x:int}" | where x == 1',
         "ES|QL GROK typed captures (%{NAME:field:type}) not supported",
@@ -396,10 +405,21 @@ def test_dissect_like_elasticsearch() -> None:
     assert dissect("{k=v}", "{%{?key}=%{v}}") == {"v": "v"}
 
 
+def test_grok_caseless_and_line_anchors_follow_oniguruma() -> None:
+    python, _ = grok_to_python("(?i)^fi(?<x>k)$")
+    rx = re.compile(python)
+    assert rx.search("a\nFI\u212a\nb").group("g0") == "\u212a"  # Kelvin sign folds to k
+    assert rx.search("\ufb01k")  # the fi ligature folds to "fi"
+    assert rx.search("\u0131k") is None  # dotless i does not fold to i
+    assert re.compile(grok_to_python("(?<x>a)^")[0]).search("a\n") is None  # not after a final \n
+    assert call("trim", ["\u2003 x\t\n"]) == "x"
+    assert call("trim", ["\xa0x"]) == "\xa0x"  # non-breaking space is not white space in Java
+
+
 def test_grok_translation() -> None:
     python, columns = grok_to_python("%{DATA}/exec\\?%{DATA:raw}&(?:a|b)=%{GREEDYDATA}")
     assert columns == {"raw": "g0"}
-    assert python == "(?:.*?)/exec\\?(?P<g0>.*?)&(?:a|b)=(?:.*)"
+    assert python == "(?:.*?)/exec\\?(?P<g0>.*?)\\&(?:a|b)=(?:.*)"
 
 
 def test_url_decode_and_base64() -> None:
@@ -456,6 +476,20 @@ _GKE = {
         "action": "io.k8s.certificates.v1.certificatesigningrequests.create",
     },
 }
+
+
+def _adcs(rmd: str) -> dict:
+    return {
+        "event": {"code": "4887"},
+        "winlog": {
+            "event_data": {
+                "Requester": "CORP\\WS01$",
+                "Attributes": "CertificateTemplate:Machine\r\nSAN:dns=dc01.corp.local\r\n"
+                f"rmd:{rmd}\r\n",
+            }
+        },
+    }
+
 
 SAMPLES: list[tuple[str, dict, dict]] = [
     (

@@ -33,7 +33,7 @@ regex, whole value) :class:`Regex`, translated as EQL's ``regex``; ``IS [NOT] NU
 :class:`Match`. ``TO_LOWER(f)`` compared with lower-case literals is a case-insensitive
 :class:`Match`. Anything else computed is a :class:`Predicate` over :class:`Call` values
 (``functions.py``: ``length``, ``locate``, ``esql_substring``, ``replace``, ``to_lower``,
-``to_upper``, ``concat``, ``coalesce``, ``to_double``, ``url_decode``, ``from_base64``,
+``to_upper``, ``concat``, ``coalesce``, ``trim``, ``to_double``, ``url_decode``, ``from_base64``,
 arithmetic; ``JSON_EXTRACT(_source, "$.a.b")`` reads the field ``a.b``). ``CASE`` in a
 comparison or as a condition is expanded branch by branch (a null condition takes the next
 branch).
@@ -582,6 +582,9 @@ _CALLS: dict[str, tuple[str, int, int | None]] = {
     "REPLACE": ("replace", 3, 3),
     "CONCAT": ("concat", 2, None),
     "COALESCE": ("coalesce", 1, None),
+    "TRIM": ("trim", 1, 1),
+    "LTRIM": ("ltrim", 1, 1),
+    "RTRIM": ("rtrim", 1, 1),
     "STARTS_WITH": ("startswith", 2, 2),
     "ENDS_WITH": ("endswith", 2, 2),
     "CIDR_MATCH": ("cidrmatch", 2, None),

@@ -46,6 +46,8 @@ theirs). String positions are in code points, 1-based:
 ``replace(s, rx, r)``        every match of the Java regex ``rx`` replaced by ``r``
                              (``Matcher.replaceAll``; see ``javaregex.py``).
 ``coalesce(a...)``           the first non-null argument.
+``trim(s)``                  leading and trailing ``Character.isWhitespace`` code points
+                             removed; ``ltrim``/``rtrim`` one side.
 ``to_double(v)``             numbers and bools as floats, numeric text parsed.
 ``url_decode(s)``            ``java.net.URLDecoder`` (UTF-8): ``+`` is a space, ``%xx``
                              runs are UTF-8 bytes; a malformed escape -> None.
@@ -63,6 +65,7 @@ from __future__ import annotations
 import base64
 import math
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 
@@ -328,6 +331,43 @@ def replace(source: object, regex: object, replacement: object) -> str | None:
         return None
 
 
+def java_whitespace(ch: str) -> bool:
+    """``Character.isWhitespace``: Unicode space separators except the non-breaking ones, and
+    the ASCII controls TAB, LF, VT, FF, CR and FS, GS, RS, US."""
+    if ch in "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f":
+        return True
+    if ch in "\xa0\u2007\u202f":
+        return False
+    return unicodedata.category(ch) in ("Zs", "Zl", "Zp")
+
+
+def _trim(source: object, left: bool, right: bool) -> str | None:
+    s = _text(source)
+    if s is None:
+        return None
+    a, b = 0, len(s)
+    while left and a < b and java_whitespace(s[a]):
+        a += 1
+    while right and b > a and java_whitespace(s[b - 1]):
+        b -= 1
+    return s[a:b]
+
+
+def trim(source: object) -> str | None:
+    """``source`` without leading and trailing white space (Java's definition)."""
+    return _trim(source, True, True)
+
+
+def ltrim(source: object) -> str | None:
+    """``source`` without leading white space."""
+    return _trim(source, True, False)
+
+
+def rtrim(source: object) -> str | None:
+    """``source`` without trailing white space."""
+    return _trim(source, False, True)
+
+
 def coalesce(*args: object) -> object:
     """The first argument that is not null."""
     return next((a for a in args if a is not None), None)
@@ -474,10 +514,13 @@ ESQL_FUNCTIONS: dict[str, Callable[..., object]] = {
     "from_base64": from_base64,
     "grok": grok,
     "locate": locate,
+    "ltrim": ltrim,
     "replace": replace,
+    "rtrim": rtrim,
     "to_double": to_double,
     "to_lower": to_lower,
     "to_upper": to_upper,
+    "trim": trim,
     "url_decode": url_decode,
 }
 
@@ -488,10 +531,13 @@ ESQL_ARITY: dict[str, tuple[int, int | None]] = {
     "from_base64": (1, 1),
     "grok": (3, 3),
     "locate": (2, 2),
+    "ltrim": (1, 1),
     "replace": (3, 3),
+    "rtrim": (1, 1),
     "to_double": (1, 1),
     "to_lower": (1, 1),
     "to_upper": (1, 1),
+    "trim": (1, 1),
     "url_decode": (1, 1),
 }
 

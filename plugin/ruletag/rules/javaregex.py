@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache, lru_cache
 
 _TERMINATORS = "\\n\\r\\u0085\\u2028\\u2029"
 _DOT = f"[^{_TERMINATORS}]"
@@ -199,19 +199,57 @@ def java_replacement(text: str) -> Callable[[re.Match[str]], str]:
 GROK_PATTERNS = {"DATA": ".*?", "GREEDYDATA": ".*"}
 
 
+#: Oniguruma folds these characters to several ASCII letters (Unicode CaseFolding "F"
+#: entries), so under ``(?i)`` the literal text on the right matches them.
+_MULTI_FOLDS = {"ss": "ßẞ", "st": "ﬅﬆ", "ff": "ﬀ", "fi": "ﬁ", "fl": "ﬂ", "ffi": "ﬃ", "ffl": "ﬄ"}
+_LINE_START = "(?:(?<![\\s\\S])|(?<=\\n)(?=[\\s\\S]))"
+
+
+_SIMPLE_FOLDS = {"k": "\u212a", "s": "\u017f"}  # Kelvin sign, long s
+
+
+def _caseless_char(c: str) -> str:
+    """An ASCII character and every character Unicode simple case folding maps with it."""
+    if not c.isalpha():
+        return re.escape(c)
+    low = c.lower()
+    return f"[{low}{low.upper()}{_SIMPLE_FOLDS.get(low, '')}]"
+
+
+def _folded_run(run: str) -> str:
+    """Caseless ASCII literal ``run`` as an explicit Python pattern (no ``(?i)``, whose extra
+    equivalences differ): each letter with its case variants, and the characters whose full
+    case folding spells part of the run (``fi`` also matches ``ﬁ``)."""
+
+    @cache
+    def at(i: int) -> str:
+        if i == len(run):
+            return ""
+        alternatives = [_caseless_char(run[i]) + at(i + 1)]
+        for k in (3, 2):
+            seg = run[i : i + k].lower()
+            if len(seg) == k and seg in _MULTI_FOLDS:
+                alternatives.append(f"[{_MULTI_FOLDS[seg]}]" + at(i + k))
+        return alternatives[0] if len(alternatives) == 1 else f"(?:{'|'.join(alternatives)})"
+
+    return at(0)
+
+
 def grok_to_python(pattern: str) -> tuple[str, dict[str, str]]:
     """(Python pattern, column name -> group name) for an ES|QL ``GROK`` pattern.
 
-    Only constructs that read the same in Oniguruma (grok's engine) and Python are accepted:
-    literal text, escaped punctuation, ``\\t \\n \\r``, ``.`` (any character but ``\\n``), ``$``
-    (end of a line, Ruby syntax),
-    simple character classes, groups ``(?:`` ``(?=`` ``(?!`` ``(?<name>``, quantifiers, ``|``
-    and the ``%{DATA}``/``%{GREEDYDATA}`` library patterns (optionally named). Anything else
-    (anchors, ``\\d``-style classes, flags, other library patterns, typed captures) raises
-    ValueError naming it.
+    Grok compiles with Oniguruma's Ruby syntax. Only constructs that can be read the same in
+    Python are accepted: leading ``(?i)``/``(?m)`` flags (Ruby's ``m`` is "dot matches newline";
+    ``i`` is Unicode case folding, spelled out for ASCII literal text), literal text, escaped
+    punctuation, ``\\t \\n \\r``, ``.`` (any character but ``\\n``), ``^``/``$`` (start and end
+    of a line, always, as in Ruby), character classes without letters under ``(?i)``, groups
+    ``(?:`` ``(?=`` ``(?!`` ``(?<name>``, quantifiers, ``|`` and the ``%{DATA}``/``%{GREEDYDATA}``
+    library patterns (optionally named). Anything else (``\\d``-style classes, other flags,
+    other library patterns, typed captures) raises ValueError naming it.
     """
     out: list[str] = []
     columns: dict[str, str] = {}
+    run: list[str] = []  # pending literal characters (joined to fold multi-letter sequences)
 
     def group_for(column: str) -> str:
         if column in columns:
@@ -220,8 +258,36 @@ def grok_to_python(pattern: str) -> tuple[str, dict[str, str]]:
         return columns[column]
 
     i, n = 0, len(pattern)
+    caseless = False
+    m = re.match(r"\(\?([a-z]+)\)", pattern)
+    if m is not None:
+        for flag in m.group(1):
+            if flag not in "im":
+                raise ValueError(f"GROK regex flag (?{flag}) not supported")
+        caseless = "i" in m.group(1)
+        if "m" in m.group(1):
+            out.append("(?s)")
+        i = m.end()
+
+    def flush(keep_last: bool = False) -> None:
+        text = "".join(run)
+        last = ""
+        if keep_last and text:
+            text, last = text[:-1], text[-1]
+        out.append(_folded_run(text) if caseless else re.escape(text))
+        out.append(re.escape(last))
+        run.clear()
+
     while i < n:
         c = pattern[i]
+        if c not in "\\[](){}.*+?^$|" and not pattern.startswith("%{", i):
+            if caseless and c.isalpha() and not c.isascii():
+                raise ValueError("GROK (?i) with non-ASCII letters not supported")
+            run.append(c)
+            i += 1
+            continue
+        if run:
+            flush(keep_last=c in "*+?{")  # a quantifier applies to the last character alone
         if pattern.startswith("%{", i):
             end = pattern.find("}", i)
             if end < 0:
@@ -251,6 +317,8 @@ def grok_to_python(pattern: str) -> tuple[str, dict[str, str]]:
                     if j + 1 < n and pattern[j + 1].isalnum() and pattern[j + 1] not in "tnr":
                         raise ValueError(f"GROK regex escape \\{pattern[j + 1]} not supported")
                     j += 1
+                elif caseless and pattern[j].isalpha():
+                    raise ValueError("GROK (?i) with letters in a character class not supported")
                 j += 1
             if j >= n or j == i + 1 or (j == i + 2 and pattern[i + 1] == "^"):
                 raise ValueError("GROK character class not supported")
@@ -262,14 +330,17 @@ def grok_to_python(pattern: str) -> tuple[str, dict[str, str]]:
                 raise ValueError(f"GROK regex group {pattern[i : i + 4]!r} not supported")
             out.append(f"(?P<{group_for(m.group(2))}>" if m.group(2) else m.group(0))
             i += m.end()
-        elif c == "$":  # Oniguruma (Ruby syntax): end of a line
+        elif c == "$":  # Ruby syntax: end of a line
             out.append("(?m:$)")
             i += 1
-        elif c == "^":
-            raise ValueError(f"GROK regex anchor {c} not supported")
+        elif c == "^":  # Ruby syntax: start of a line (not after a final newline)
+            out.append(_LINE_START)
+            i += 1
         else:
             out.append(c)
             i += 1
+    if run:
+        flush()
     if not columns:
         raise ValueError("GROK pattern captures nothing")
     python = "".join(out)
