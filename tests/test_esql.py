@@ -252,7 +252,7 @@ REFUSED: list[tuple[str, str]] = [
     ),
     (
         q('kql("a:x")'),
-        "ES|QL function KQL needs the field's analyzer (full-text search is not supported)",
+        "ES|QL function KQL (an embedded KQL query) is not supported",
     ),
     (
         q('qstr("x")'),

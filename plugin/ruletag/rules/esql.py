@@ -593,7 +593,7 @@ _CALLS: dict[str, tuple[str, int, int | None]] = {
     "\0DISSECT": ("dissect", 3, 3),
     "\0GROK": ("grok", 3, 3),
 }
-_FULL_TEXT_FUNCTIONS = {"MATCH", "QSTR", "KQL", "MATCH_PHRASE", "MULTI_MATCH"}
+_FULL_TEXT_FUNCTIONS = {"MATCH", "QSTR", "MATCH_PHRASE", "MULTI_MATCH"}
 
 
 def _notnull(v: ValueExpr) -> Node:
@@ -913,6 +913,10 @@ class _Compiler:
             if isinstance(n, Literal_) and isinstance(n.value, int) and 0 <= n.value <= 1 << 20:
                 return Literal_(" " * n.value)
             raise UnsupportedRule("ES|QL SPACE with a computed count", line=e.line)
+        if name == "KQL":
+            raise UnsupportedRule(
+                "ES|QL function KQL (an embedded KQL query) is not supported", line=e.line
+            )
         if name in _FULL_TEXT_FUNCTIONS:
             raise UnsupportedRule(f"ES|QL function {name} {_FULL_TEXT}", line=e.line)
         if name == "CASE":
