@@ -8,7 +8,7 @@ pipes; ``esql.lark`` parses the commands this module evaluates:
   column is substituted into later commands), ``RENAME``, ``KEEP``/``DROP`` (a later use of a
   removed column is an error, as in ES), ``SORT`` (no effect on one event), ``LIMIT n``
   (``LIMIT 0`` never fires; any other limit keeps the one event).
-* ``DISSECT`` (Elasticsearch's delimiter algorithm, ``javaregex.dissect``; no ``+ * &``
+* ``DISSECT`` (Elasticsearch's delimiter algorithm, ``javaregex.dissect``; no ``+ / * &``
   modifiers, no ``APPEND_SEPARATOR``) and ``GROK`` (the patterns ``javaregex.grok_to_python``
   translates exactly): each column they define is a :class:`Call` (``dissect``/``grok``), null
   when the pattern does not match, like ES.
@@ -34,7 +34,8 @@ regex, whole value) :class:`Regex`, translated as EQL's ``regex``; ``IS [NOT] NU
 :class:`Match`. Anything else computed is a :class:`Predicate` over :class:`Call` values
 (``functions.py``: ``length``, ``locate``, ``esql_substring``, ``replace``, ``to_lower``,
 ``to_upper``, ``concat``, ``coalesce``, ``trim``, ``to_double``, ``url_decode``, ``from_base64``,
-arithmetic; ``JSON_EXTRACT(_source, "$.a.b")`` reads the field ``a.b``). ``CASE`` in a
+arithmetic; ``JSON_EXTRACT(_source, "$.a.b")`` reads the field ``a.b``, so an object value is
+null here where ES gives its JSON text). ``CASE`` in a
 comparison or as a condition is expanded branch by branch (a null condition takes the next
 branch).
 Functions, operators and types outside this list raise UnsupportedRule with their name; an
