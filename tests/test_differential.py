@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -15,7 +16,18 @@ from hypothesis import strategies as st
 import paths
 from paths import SEED_RULES, needs_corpus
 from ruletag.rules.fields import FieldMap
-from ruletag.rules.ir import Match, Node, Regex, Rule, Wild, fields_of
+from ruletag.rules.ir import (
+    Call,
+    Literal_,
+    Match,
+    Node,
+    Predicate,
+    Regex,
+    Rule,
+    ValueExpr,
+    Wild,
+    fields_of,
+)
 from ruletag.rules.reference import reference_match
 from ruletag.rules.table import CompiledTable
 from test_table import RULES
@@ -61,12 +73,24 @@ def _texts_of(leaf: Node, out: set[str]) -> None:
         out.update(t for t in leaf.pattern if isinstance(t, str))
     elif isinstance(leaf, Regex):
         out.add("".join(c for c in leaf.pattern if c.isalnum()))
+    elif isinstance(leaf, Predicate):  # the literals of computed comparisons (EQL, ES|QL)
+        _literal_texts(leaf.left, out)
+        for r in leaf.right if isinstance(leaf.right, tuple) else (leaf.right,):
+            _literal_texts(r, out)
     for attr in ("value",):
         v = getattr(leaf, attr, None)
         if isinstance(v, int | float | bool):
             out.add(str(v))
     for net in getattr(leaf, "networks", ()) or ():
         out.add(net.split("/")[0])
+
+
+def _literal_texts(v: ValueExpr, out: set[str]) -> None:
+    if isinstance(v, Literal_) and isinstance(v.value, str) and len(v.value) < 200:
+        out.add("".join(c for c in v.value if c.isalnum() or c in " ./-_:") or v.value)
+    elif isinstance(v, Call):
+        for a in v.args:
+            _literal_texts(a, out)
 
 
 def _mutate(draw: st.DrawFn, text: str) -> object:
@@ -221,4 +245,28 @@ def test_table_agrees_with_reference_on_whole_corpus(
 
     run()
     _tuned(table, fields, texts, 2000)
+    run()
+
+
+@needs_corpus
+def test_table_agrees_with_reference_on_corpus_esql_rules() -> None:
+    """The ES|QL rules of the corpus alone: their computed values (REPLACE, DISSECT, GROK, ...)
+    run through the reference evaluator in both paths, so a small table shows disagreements
+    quickly."""
+    from ruletag.rules.loader import load_rules
+
+    rules = [
+        r
+        for r in load_rules([paths.corpus("elastic")]).rules
+        if 'language = "esql"' in Path(r.path).read_text(encoding="utf-8")
+    ]
+    assert len(rules) >= 30, f"only {len(rules)} ES|QL corpus rules loaded"
+    fields, texts = _material(rules, FM)
+    table = CompiledTable.build(rules, FM)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(records_from(fields, texts), min_size=1, max_size=4))
+    def run(records: list[dict]) -> None:
+        _check(table, FM, records)
+
     run()

@@ -1,8 +1,8 @@
 """Elastic detection-rules TOML files to ruletag IR.
 
 One file holds one rule: ``[metadata]`` and ``[rule]`` tables. EQL rules are translated by
-``eql.py``; other query languages, other rule types and deprecated rules raise
-UnsupportedRule with a short reason that groups well in load reports.
+``eql.py``, ES|QL rules by ``esql.py``; other query languages, other rule types and
+deprecated rules raise UnsupportedRule with a short reason that groups well in load reports.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
 from ruletag.rules.eql import parse_eql
+from ruletag.rules.esql import parse_esql
 from ruletag.rules.ir import DEFAULT_RISK_SCORE, Attack, Rule
 
 #: Rule types whose ``language`` decides whether we can evaluate them.
@@ -50,7 +51,7 @@ def load_elastic_file(path: Path) -> list[Rule]:
     if rtype not in _QUERY_TYPES:
         raise UnsupportedRule(f"elastic rule type {rtype} is not supported", where, query_line)
     language = rule.get("language")
-    if language != "eql":
+    if language not in ("eql", "esql"):
         raise UnsupportedRule(f"query language {language} is not supported", where, query_line)
 
     query = rule.get("query")
@@ -62,7 +63,9 @@ def load_elastic_file(path: Path) -> list[Rule]:
     assert isinstance(query, str) and isinstance(rule_id, str) and isinstance(name, str)
 
     try:
-        condition = parse_eql(query)
+        # The FROM index patterns (parse_esql(...).indices) are not used yet, like the
+        # ``index`` of EQL rules.
+        condition = parse_esql(query).condition if language == "esql" else parse_eql(query)
     except RuleError as exc:
         line = query_start + (exc.line or 1) - 1
         raise type(exc)(exc.reason, where, line) from None

@@ -32,14 +32,45 @@ Names are the lower-case EQL names without ``~``; ``cased=False`` selects the ``
 ``stringcontains(s, x)``  bool.
 ``substring(s, a[, b])``  Python slice ``s[a:b]`` (negative offsets from the end).
 ========================  =======================================================
+
+ES|QL functions (``esql.py``) share the dispatch under their ES|QL names, with ES|QL's
+semantics; they are not EQL functions (``ARITY`` stays the EQL table, ``ESQL_ARITY`` is
+theirs). String positions are in code points, 1-based:
+
+===========================  ====================================================
+``to_lower(s)``              ``s`` lower-cased (``str.lower``); ``to_upper`` too.
+``locate(s, x)``             1-based position of the first ``x`` in ``s``, 0 when absent.
+``esql_substring(s, a[, n])``  ``n`` code points (default: the rest) from position
+                             ``a`` (1-based; negative counts from the end, 0 is 1);
+                             a negative ``n`` -> None.
+``replace(s, rx, r)``        every match of the Java regex ``rx`` replaced by ``r``
+                             (``Matcher.replaceAll``; see ``javaregex.py``).
+``coalesce(a...)``           the first non-null argument.
+``trim(s)``                  leading and trailing ``Character.isWhitespace`` code points
+                             removed; ``ltrim``/``rtrim`` one side.
+``to_double(v)``             numbers and bools as floats, numeric text parsed.
+``url_decode(s)``            ``java.net.URLDecoder`` (UTF-8): ``+`` is a space, ``%xx``
+                             runs are UTF-8 bytes; a malformed escape -> None.
+``from_base64(s)``           ``java.util.Base64`` decoding (padding optional); the bytes
+                             as text (UTF-8, surrogateescape); invalid input -> None.
+``dissect(s, pattern, c)``   column ``c`` of the ``DISSECT`` pattern; None when the
+                             pattern does not match (``javaregex.dissect``).
+``grok(s, rx, g)``           group ``g`` of the first match of Python regex ``rx`` (a
+                             translated ``GROK`` pattern); None when there is none.
+===========================  ====================================================
 """
 
 from __future__ import annotations
 
+import base64
 import math
+import re
+import unicodedata
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 
 from ruletag.rules.algebra import as_text, ip_of, network_of, number_of
+from ruletag.rules.javaregex import compile_java, dissect, java_replacement
 
 
 def _text(value: object) -> str | None:
@@ -252,6 +283,187 @@ def substring(source: object, start: object, end: object = None) -> str | None:
     return s[a:b]
 
 
+# --------------------------------------------------------------------------- ES|QL
+
+
+def to_lower(source: object) -> str | None:
+    """``source`` lower-cased."""
+    s = _text(source)
+    return None if s is None else s.lower()
+
+
+def to_upper(source: object) -> str | None:
+    """``source`` upper-cased."""
+    s = _text(source)
+    return None if s is None else s.upper()
+
+
+def locate(source: object, sub: object) -> int | None:
+    """1-based position of ``sub`` in ``source``; 0 when absent."""
+    s, x = _text(source), _text(sub)
+    if s is None or x is None:
+        return None
+    return s.find(x) + 1
+
+
+def esql_substring(source: object, start: object, count: object = None) -> str | None:
+    """ES|QL ``SUBSTRING``: ``count`` code points from 1-based ``start``."""
+    s, a = _text(source), _index(start)
+    if s is None or a is None:
+        return None
+    begin = a - 1 if a > 0 else max(len(s) + a, 0) if a < 0 else 0
+    if count is None:
+        return s[begin:]
+    n = _index(count)
+    if n is None or n < 0:
+        return None
+    return s[begin : begin + n]
+
+
+def replace(source: object, regex: object, replacement: object) -> str | None:
+    """Every match of the Java regex ``regex`` in ``source`` replaced by ``replacement``."""
+    s, rx, r = _text(source), _text(regex), _text(replacement)
+    if s is None or rx is None or r is None:
+        return None
+    try:
+        return compile_java(rx).sub(java_replacement(r), s)
+    except ValueError:
+        return None
+
+
+def java_whitespace(ch: str) -> bool:
+    """``Character.isWhitespace``: Unicode space separators except the non-breaking ones, and
+    the ASCII controls TAB, LF, VT, FF, CR and FS, GS, RS, US."""
+    if ch in "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f":
+        return True
+    if ch in "\xa0\u2007\u202f":
+        return False
+    return unicodedata.category(ch) in ("Zs", "Zl", "Zp")
+
+
+def _trim(source: object, left: bool, right: bool) -> str | None:
+    s = _text(source)
+    if s is None:
+        return None
+    a, b = 0, len(s)
+    while left and a < b and java_whitespace(s[a]):
+        a += 1
+    while right and b > a and java_whitespace(s[b - 1]):
+        b -= 1
+    return s[a:b]
+
+
+def trim(source: object) -> str | None:
+    """``source`` without leading and trailing white space (Java's definition)."""
+    return _trim(source, True, True)
+
+
+def ltrim(source: object) -> str | None:
+    """``source`` without leading white space."""
+    return _trim(source, True, False)
+
+
+def rtrim(source: object) -> str | None:
+    """``source`` without trailing white space."""
+    return _trim(source, False, True)
+
+
+def coalesce(*args: object) -> object:
+    """The first argument that is not null."""
+    return next((a for a in args if a is not None), None)
+
+
+def to_double(value: object) -> float | None:
+    """A number, bool or numeric text as a float."""
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    n = number_of(value)
+    if n is None:
+        return None
+    try:
+        return float(n)
+    except OverflowError:
+        return None
+
+
+_HEX = "0123456789abcdefABCDEF"
+
+
+def url_decode(source: object) -> str | None:
+    """``URLDecoder.decode(s, UTF_8)``: None for a malformed ``%`` escape."""
+    s = _text(source)
+    if s is None:
+        return None
+    out: list[str] = []
+    i, n = 0, len(s)
+    while i < n:
+        c = s[i]
+        if c == "+":
+            out.append(" ")
+            i += 1
+        elif c == "%":
+            run = bytearray()
+            while i < n and s[i] == "%":
+                pair = s[i + 1 : i + 3]
+                # Integer.parseInt(pair, 16) also takes a sign: "+f" is 15, "-x" is refused
+                if len(pair) < 2 or pair[1] not in _HEX or pair[0] not in _HEX + "+":
+                    return None
+                run.append(int(pair.lstrip("+"), 16))
+                i += 3
+            out.append(run.decode("utf-8", "replace"))
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*")
+
+
+def from_base64(source: object) -> str | None:
+    """``Base64.getDecoder().decode(s)`` as text; None for invalid base64."""
+    s = _text(source)
+    if s is None:
+        return None
+    body = s.rstrip("=")
+    pad = len(s) - len(body)
+    if not _BASE64.fullmatch(body) or len(body) % 4 == 1 or pad > 2:
+        return None
+    if pad and (len(s) % 4 != 0):  # padding, when present, must complete the last quantum
+        return None
+    try:
+        data = base64.b64decode(body + "=" * (-len(body) % 4))
+    except ValueError:
+        return None
+    return data.decode("utf-8", "surrogateescape")
+
+
+def dissect_column(source: object, pattern: object, column: object) -> str | None:
+    """Column ``column`` extracted by the dissect ``pattern``; None when it does not match."""
+    s, p, c = _text(source), _text(pattern), _text(column)
+    if s is None or p is None or c is None:
+        return None
+    try:
+        found = dissect(s, p)
+    except ValueError:
+        return None
+    return None if found is None else found.get(c)
+
+
+@lru_cache(maxsize=1024)
+def _python_regex(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+def grok(source: object, pattern: object, group: object) -> str | None:
+    """Group ``group`` of the first match of the (translated) grok ``pattern``."""
+    s, p, g = _text(source), _text(pattern), _text(group)
+    if s is None or p is None or g is None:
+        return None
+    m = _python_regex(p).search(s)
+    return None if m is None else m.group(g)
+
+
 # --------------------------------------------------------------------------- dispatch
 
 _CASED = {"between", "endswith", "indexof", "startswith", "stringcontains"}
@@ -295,17 +507,52 @@ ARITY: dict[str, tuple[int, int | None]] = {
     "subtract": (2, 2),
 }
 
+ESQL_FUNCTIONS: dict[str, Callable[..., object]] = {
+    "coalesce": coalesce,
+    "dissect": dissect_column,
+    "esql_substring": esql_substring,
+    "from_base64": from_base64,
+    "grok": grok,
+    "locate": locate,
+    "ltrim": ltrim,
+    "replace": replace,
+    "rtrim": rtrim,
+    "to_double": to_double,
+    "to_lower": to_lower,
+    "to_upper": to_upper,
+    "trim": trim,
+    "url_decode": url_decode,
+}
+
+ESQL_ARITY: dict[str, tuple[int, int | None]] = {
+    "coalesce": (1, None),
+    "dissect": (3, 3),
+    "esql_substring": (2, 3),
+    "from_base64": (1, 1),
+    "grok": (3, 3),
+    "locate": (2, 2),
+    "ltrim": (1, 1),
+    "replace": (3, 3),
+    "rtrim": (1, 1),
+    "to_double": (1, 1),
+    "to_lower": (1, 1),
+    "to_upper": (1, 1),
+    "trim": (1, 1),
+    "url_decode": (1, 1),
+}
+
 #: Functions with a ``~`` (case-insensitive) variant.
 CASE_INSENSITIVE_VARIANTS = frozenset(_CASED)
 
 
 def call(name: str, args: Sequence[object], cased: bool = True) -> object:
-    """Apply EQL function ``name`` (lower-case, no ``~``) to scalar ``args``.
+    """Apply EQL or ES|QL function ``name`` (lower-case, no ``~``) to scalar ``args``.
 
     Raises ``KeyError`` for an unknown name and ``TypeError`` for a wrong argument count.
     """
-    fn = FUNCTIONS[name.lower()]
-    lo, hi = ARITY[name.lower()]
+    key = name.lower()
+    fn = FUNCTIONS[key] if key in FUNCTIONS else ESQL_FUNCTIONS[key]
+    lo, hi = ARITY[key] if key in ARITY else ESQL_ARITY[key]
     if len(args) < lo or (hi is not None and len(args) > hi):
         raise TypeError(f"{name}() takes {lo}..{hi or 'n'} arguments, got {len(args)}")
     if name.lower() in _CASED:
