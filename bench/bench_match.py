@@ -20,9 +20,10 @@ from pathlib import Path
 
 import msgpack
 
+from ruletag.rules.compiler import build, load, save
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.loader import load_rules
-from ruletag.rules.table import CompiledTable
+from ruletag.rules.matcher import Matcher
 
 SEEDS = Path(__file__).resolve().parents[1] / "plugin" / "ruletag" / "data" / "rules"
 WORDS = (
@@ -141,35 +142,36 @@ def bench(name: str, paths: list[Path], records: list[dict]) -> None:
     rules = load_rules(paths).rules
     t_load_rules = time.perf_counter() - t
     t = time.perf_counter()
-    table = CompiledTable.build(rules, fm)
+    table = build(rules, fm)
     t_build = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "table.bin"
-        table.save(path)
+        save(table, path)
         size = path.stat().st_size
         t = time.perf_counter()
-        table = CompiledTable.load(path)
+        table = load(path)
         t_load = time.perf_counter() - t
+    m = Matcher(table)
     t = time.perf_counter()
-    hits = sum(bool(table.match(r)) for r in records)
+    hits = sum(bool(m.match(r)) for r in records)
     rate_match = len(records) / (time.perf_counter() - t)
     packed = chunks(records)
-    table.set_tune_after(0)  # first the compiled triggers (the length guess) ...
+    m.set_tune_after(0)  # first the compiled triggers (the length guess) ...
     t = time.perf_counter()
-    hits2 = sum(len(table.match_entries(buf, spans)) for buf, spans in packed)
+    hits2 = sum(len(m.match_entries(buf, spans)) for buf, spans in packed)
     rate_entries = len(records) / (time.perf_counter() - t)
     # ... then the filter re-tuned on these records (docs/rules.md), waited for
-    table.set_tune_after(len(records))
+    m.set_tune_after(len(records))
     t = time.perf_counter()
-    while "raw_tuned_on_records" not in table.stats and time.perf_counter() - t < 120:
+    while "raw_tuned_on_records" not in m.stats and time.perf_counter() - t < 120:
         for buf, spans in packed:
-            table.match_entries(buf, spans)
+            m.match_entries(buf, spans)
     t_tune = time.perf_counter() - t
     t = time.perf_counter()
-    hits3 = sum(len(table.match_entries(buf, spans)) for buf, spans in packed)
+    hits3 = sum(len(m.match_entries(buf, spans)) for buf, spans in packed)
     rate_tuned = len(records) / (time.perf_counter() - t)
     avg = sum(len(buf) for buf, _ in packed) / len(records)
-    st = table.stats
+    st = m.stats
     print(f"== {name}: {len(rules)} rules (parsed in {t_load_rules:.1f}s)")
     print(f"   compile {t_build:.1f}s, table file {size / 1e6:.1f} MB, load {t_load:.2f}s")
     print(

@@ -629,15 +629,17 @@ def check(path: Path, rule_paths: list[str]) -> dict[str, Any]:
     """Run the traffic through the rule filter in-process; count matched records."""
     from ruletag.protocol import iter_entries
     from ruletag.rules.loader import compile_rules
+    from ruletag.rules.matcher import Matcher
 
     table, _ = compile_rules(rule_paths)
+    matcher = Matcher(table)
     data = path.read_bytes()
     matched = 0
     per_rule: dict[str, int] = {}
     unpacker = msgpack.Unpacker(raw=False, max_buffer_size=2**31 - 1)
     unpacker.feed(data)
     for _tag, entries, _opts in unpacker:
-        hits = table.match_entries(entries, iter_entries(entries))
+        hits = matcher.match_entries(entries, iter_entries(entries))
         matched += len(hits)
         for rule_ids in hits.values():
             for k in rule_ids:

@@ -23,7 +23,7 @@ import msgpack
 from gen_traffic import load_index
 from ruletag.protocol import iter_entries
 from ruletag.rules.loader import compile_rules
-from ruletag.rules.table import CompiledTable
+from ruletag.rules.matcher import Matcher
 
 
 def read_chunks(path: Path) -> list[tuple[bytes, list[tuple[int, int]], str]]:
@@ -36,17 +36,17 @@ def read_chunks(path: Path) -> list[tuple[bytes, list[tuple[int, int]], str]]:
     return out
 
 
-def tune(table: CompiledTable, chunks: list, records: int, timeout: float) -> int:
+def tune(matcher: Matcher, chunks: list, records: int, timeout: float) -> int:
     """Feed chunks until the pre-filter has re-tuned itself; the index of the next chunk."""
-    table.set_tune_after(records)
+    matcher.set_tune_after(records)
     fed = k = 0
     while fed < records and k < len(chunks):
-        table.match_entries(*chunks[k][:2])
+        matcher.match_entries(*chunks[k][:2])
         fed += len(chunks[k][1])
         k += 1
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not table.stats.get("raw_tuned_on_records"):
-        table.match_entries(*chunks[k % len(chunks)][:2])  # swaps the tuned filter in
+    while time.monotonic() < deadline and not matcher.stats.get("raw_tuned_on_records"):
+        matcher.match_entries(*chunks[k % len(chunks)][:2])  # swaps the tuned filter in
         k += 1
         time.sleep(0.2)
     return k
@@ -62,14 +62,17 @@ def main() -> None:
     ns = ap.parse_args()
 
     t0 = time.perf_counter()
-    table, result = compile_rules(ns.rules, cache_dir=Path(ns.cache_dir) if ns.cache_dir else None)
+    compiled, result = compile_rules(
+        ns.rules, cache_dir=Path(ns.cache_dir) if ns.cache_dir else None
+    )
     print(f"{len(result.rules)} rules ({time.perf_counter() - t0:.1f} s to load or compile)")
+    matcher = Matcher(compiled)
     chunks = read_chunks(Path(ns.traffic))
-    start = tune(table, chunks, ns.tune_after, timeout=300.0)
-    if not table.stats.get("raw_tuned_on_records"):
+    start = tune(matcher, chunks, ns.tune_after, timeout=300.0)
+    if not matcher.stats.get("raw_tuned_on_records"):
         print("the pre-filter did not re-tune (too little traffic?): figures are untuned")
     rest = chunks[start:] or chunks
-    raw = table._raw_db
+    raw = matcher.raw
     per_rule: collections.Counter[int] = collections.Counter()
     total: collections.Counter[str] = collections.Counter()
     decoded: collections.Counter[str] = collections.Counter()
@@ -81,7 +84,7 @@ def main() -> None:
         for rules in cands.values():
             per_rule.update(rules)
         t = time.perf_counter()
-        table.match_entries(entries, spans)
+        matcher.match_entries(entries, spans)
         seconds[tag] += time.perf_counter() - t
     n = sum(total.values())
     print(
@@ -98,7 +101,7 @@ def main() -> None:
     print("\n| records its requirement held on | rule | source | file |")
     print("| ---: | --- | --- | --- |")
     for k, c in per_rule.most_common(ns.top):
-        rule = table.rules[k]
+        rule = compiled.rules[k]
         print(f"| {c / n:.1%} | {rule.name} | {rule.source} | {Path(rule.path).name} |")
 
 

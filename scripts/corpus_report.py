@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from ruletag.commands.rules import summarize
+from ruletag.rules.compiler import build, load, save
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.loader import load_rules
-from ruletag.rules.table import CompiledTable
 
 _LANGUAGE = re.compile(r'^language\s*=\s*"([^"]+)"', re.M)
 _SEQUENCE = re.compile(r"^\s*(sequence|sample)\b", re.M)
@@ -50,14 +50,14 @@ def measure(name: str, paths: list[Path], fieldmap: FieldMap) -> dict[str, Any]:
     result = load_rules(paths)
     summary = summarize(result)
     t0 = time.perf_counter()
-    table = CompiledTable.build(result.rules, fieldmap, name)
+    table = build(result.rules, fieldmap, name)
     compile_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "corpus.table"
-        table.save(out)
+        save(table, out)
         size = out.stat().st_size
         t1 = time.perf_counter()
-        CompiledTable.load(out)
+        load(out)
         table_load_s = time.perf_counter() - t1
     return {
         "name": name,

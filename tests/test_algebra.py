@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import marshal
 
-from ruletag.rules import prefilter
 from ruletag.rules.algebra import (
     and_,
     equals_value,
@@ -17,8 +16,9 @@ from ruletag.rules.algebra import (
     wildcard_match,
     wildcard_tokens,
 )
+from ruletag.rules.compiler import prefilter
+from ruletag.rules.compiler.prefilter import NEVER, AllOf, AnyOf, Pattern
 from ruletag.rules.ir import And, Const, Exists, IsNull, Match, Not, Or, Wild
-from ruletag.rules.prefilter import NEVER, AllOf, AnyOf, Pattern
 
 a, b, c = Match("a", ("1",)), Match("b", ("2",)), Match("c", ("3",))
 

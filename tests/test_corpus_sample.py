@@ -17,12 +17,13 @@ from hypothesis import strategies as st
 from paths import SAMPLE
 from ruletag.errors import RuleError
 from ruletag.rules import attack
+from ruletag.rules.compiler import build
 from ruletag.rules.elastic import load_elastic_file
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import Attack, Rule
 from ruletag.rules.loader import load_rules
+from ruletag.rules.matcher import Matcher
 from ruletag.rules.sigma import load_sigma_file
-from ruletag.rules.table import CompiledTable
 from test_differential import _check, _material, records_from
 
 MANIFEST: dict[str, dict[str, object]] = json.loads((SAMPLE / "MANIFEST.json").read_text())
@@ -93,10 +94,10 @@ FM = FieldMap.default()
 
 
 @cache
-def sample_table() -> tuple[CompiledTable, list[str], list[str]]:
+def sample_table() -> tuple[Matcher, list[str], list[str]]:
     rules = list(sample_rules())
     fields, texts = _material(rules, FM)
-    return CompiledTable.build(rules, FM), fields, texts
+    return Matcher(build(rules, FM)), fields, texts
 
 
 def _records() -> st.SearchStrategy[list[dict]]:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import paths
 from paths import SEED_RULES, needs_corpus
+from ruletag.rules.compiler import build
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import (
     Call,
@@ -28,8 +29,8 @@ from ruletag.rules.ir import (
     Wild,
     fields_of,
 )
+from ruletag.rules.matcher import Matcher
 from ruletag.rules.reference import reference_match
-from ruletag.rules.table import CompiledTable
 from test_table import RULES
 
 
@@ -163,10 +164,11 @@ def _pack(records: list[dict]) -> tuple[bytes, list[tuple[int, int]]]:
     return bytes(buf), spans
 
 
-def _check(table: CompiledTable, fm: FieldMap, records: list[dict]) -> None:
+def _check(table: Matcher, fm: FieldMap, records: list[dict]) -> None:
+    rules = table.table.rules
     for rec in records:
-        got = [table.rules[i].id for i in table.match(rec)]
-        assert got == reference_match(table.rules, rec, fm), rec
+        got = [rules[i].id for i in table.match(rec)]
+        assert got == reference_match(rules, rec, fm), rec
     buf, spans = _pack(records)
     want = {k: table.match(r) for k, r in enumerate(records)}
     assert table.match_entries(buf, spans) == {k: v for k, v in want.items() if v}
@@ -182,7 +184,7 @@ def _rules_small() -> list[Rule]:
 
 FM = FieldMap.default()
 SMALL = _rules_small()
-SMALL_TABLE = CompiledTable.build(SMALL, FM)
+SMALL_TABLE = Matcher(build(SMALL, FM))
 SMALL_FIELDS, SMALL_TEXTS = _material(SMALL, FM)
 
 
@@ -192,7 +194,7 @@ def test_table_agrees_with_reference_on_hand_built_and_seed_rules(records: list[
     _check(SMALL_TABLE, FM, records)
 
 
-def _tuned(table: CompiledTable, fields: list[str], texts: list[str], n: int) -> CompiledTable:
+def _tuned(table: Matcher, fields: list[str], texts: list[str], n: int) -> Matcher:
     """``table`` after its pre-filter re-tuned on ``n`` random records of ``fields``/``texts``
     (triggers by measured frequency, common patterns dropped, the table of often-passed
     rules): the tuned path must agree exactly like the compiled one."""
@@ -204,14 +206,14 @@ def _tuned(table: CompiledTable, fields: list[str], texts: list[str], n: int) ->
     table.set_tune_after(n)
     deadline = time.monotonic() + 120
     while "raw_tuned_on_records" not in table.stats:
-        assert table._raw_db is not None and table._raw_db.tune_error is None
+        assert table.raw is not None and table.raw.tune_error is None
         assert time.monotonic() < deadline, "the pre-filter did not re-tune"
         table.match_entries(buf, spans)
         time.sleep(0.01)
     return table
 
 
-TUNED_TABLE = _tuned(CompiledTable.build(SMALL, FM), SMALL_FIELDS, SMALL_TEXTS, 400)
+TUNED_TABLE = _tuned(Matcher(build(SMALL, FM)), SMALL_FIELDS, SMALL_TEXTS, 400)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -221,20 +223,20 @@ def test_retuned_table_agrees_with_reference(records: list[dict]) -> None:
 
 
 @pytest.fixture(scope="module")
-def corpus() -> tuple[CompiledTable, list[str], list[str]]:
+def corpus() -> tuple[Matcher, list[str], list[str]]:
     from ruletag.rules.loader import load_rules
 
     rules = load_rules([paths.corpus("sigma"), paths.corpus("elastic")]).rules
     assert len(rules) > 4000, f"the front-ends loaded only {len(rules)} corpus rules"
     fields, texts = _material(rules, FM)
-    return CompiledTable.build(rules, FM), fields, texts
+    return Matcher(build(rules, FM)), fields, texts
 
 
 @needs_corpus
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_table_agrees_with_reference_on_whole_corpus(
-    corpus: tuple[CompiledTable, list[str], list[str]],
+    corpus: tuple[Matcher, list[str], list[str]],
 ) -> None:
     table, fields, texts = corpus
 
@@ -262,7 +264,7 @@ def test_table_agrees_with_reference_on_corpus_esql_rules() -> None:
     ]
     assert len(rules) >= 30, f"only {len(rules)} ES|QL corpus rules loaded"
     fields, texts = _material(rules, FM)
-    table = CompiledTable.build(rules, FM)
+    table = Matcher(build(rules, FM))
 
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.lists(records_from(fields, texts), min_size=1, max_size=4))

@@ -12,14 +12,15 @@ import pytest
 
 from paths import SAMPLE
 from ruletag.errors import InvalidRule, UnsupportedRule
+from ruletag.rules.compiler import build
 from ruletag.rules.elastic import load_elastic_file
 from ruletag.rules.esql import parse_esql, split_commands
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.functions import call
 from ruletag.rules.ir import Const, Rule
 from ruletag.rules.javaregex import compile_java, dissect, grok_to_python
+from ruletag.rules.matcher import Matcher
 from ruletag.rules.reference import evaluate, reference_match
-from ruletag.rules.table import CompiledTable
 
 FM = FieldMap.default()
 
@@ -29,7 +30,7 @@ def fires(query: str, record: dict) -> bool:
     cond = parse_esql(query).condition
     want = evaluate(cond, FM.view(record))
     rule = Rule(id="r", name="r", source="elastic", condition=cond)
-    table = CompiledTable.build([rule], FM)
+    table = Matcher(build([rule], FM))
     assert bool(table.match(record)) == want, (query, record)
     return want
 
@@ -614,8 +615,8 @@ def test_corpus_sample_rule_fires_and_near_miss_stays_quiet(
     rel: str, fire: dict, quiet: dict
 ) -> None:
     (rule,) = load_elastic_file(SAMPLE / "elastic" / "rules" / rel)
-    table = CompiledTable.build([rule], FM)
+    table = Matcher(build([rule], FM))
     assert reference_match([rule], fire, FM) == [rule.id]
-    assert [table.rules[i].id for i in table.match(fire)] == [rule.id]
+    assert [table.table.rules[i].id for i in table.match(fire)] == [rule.id]
     assert reference_match([rule], quiet, FM) == []
     assert table.match(quiet) == []

@@ -402,11 +402,12 @@ def _source_rules(tmp_path: Path) -> list:
 def test_cloud_and_defender_rules_fire_in_every_shape(fm: FieldMap, tmp_path: Path) -> None:
     import msgpack
 
+    from ruletag.rules.compiler import build
+    from ruletag.rules.matcher import Matcher
     from ruletag.rules.reference import reference_match
-    from ruletag.rules.table import CompiledTable
 
     rules = _source_rules(tmp_path)
-    table = CompiledTable.build(rules, fm)
+    table = Matcher(build(rules, fm))
     key = {r.id: r.id if r.id in _EQL_RULES else Path(r.path).name for r in rules}
     cases = json.loads((DATA / "fields_sources.json").read_text())
     cases.pop("_about")
@@ -424,9 +425,9 @@ def test_cloud_and_defender_rules_fire_in_every_shape(fm: FieldMap, tmp_path: Pa
         spans.append((start, len(buf)))
     raw = table.match_entries(bytes(buf), spans)
     for n, (record, (name, shape, fire)) in enumerate(zip(records, want, strict=True)):
-        got = {key[table.rules[i].id] for i in table.match(record)}
+        got = {key[table.table.rules[i].id] for i in table.match(record)}
         ref = {key[rule_id] for rule_id in reference_match(rules, record, fm)}
-        pre = {key[table.rules[i].id] for i in raw.get(n, [])}
+        pre = {key[table.table.rules[i].id] for i in raw.get(n, [])}
         assert got == ref == pre, (name, shape)
         assert (name in got) is fire, (name, shape, sorted(got))
 

@@ -43,7 +43,7 @@ def _runs_one_by_one(chunk: Chunk, f: RuleFilter, prefix: str) -> list[tuple[str
     runs: list[tuple[str, list[Any]]] = []
     for s, e in protocol.iter_entries(chunk.entries):
         entry = msgpack.unpackb(chunk.entries[s:e], raw=False)
-        matched = f.table.match(entry[1])
+        matched = f.matcher.match(entry[1])
         tag = prefix + chunk.tag if matched else chunk.tag
         if runs and runs[-1][0] == tag:
             runs[-1][1].append(entry[1])
@@ -127,14 +127,14 @@ def test_a_record_that_breaks_matching_is_forwarded_and_only_it(
     records = [pos[0], {"poison": True}, pos[1], neg[0]]
     entries = b"".join(_pack(1000 + i, r) for i, r in enumerate(records))
     chunk = Chunk(tag="win", entries=entries, count=len(records))
-    real = f.table.match_entries
+    real = f.matcher.match_entries
 
     def breaks_on_poison(buf: bytes, spans: Any) -> dict[int, list[int]]:
         if b"poison" in buf:
             raise RuntimeError("matcher bug")
         return real(buf, spans)
 
-    monkeypatch.setattr(f.table, "match_entries", breaks_on_poison)
+    monkeypatch.setattr(f.matcher, "match_entries", breaks_on_poison)
     out = f(chunk)
     got = [
         msgpack.unpackb(out[0].entries[s:e], raw=False)[1]

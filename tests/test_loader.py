@@ -22,6 +22,7 @@ from ruletag.rules.loader import (
     load_rules,
     rule_files,
 )
+from ruletag.rules.matcher import Matcher
 
 SEEDS = SEED_RULES
 SIGMA_ID = "c649a6c7-cd8c-4a78-9c04-000fc76df954"
@@ -231,7 +232,7 @@ def test_compile_rules_caches_table_and_report(
         "Channel": "Microsoft-Windows-Sysmon/Operational",
         "Image": "C:\\x\\tool3.exe",
     }
-    assert [table2.rules[i].id for i in table2.match(rec)] == [
+    assert [table2.rules[i].id for i in Matcher(table2).match(rec)] == [
         "00000000-0000-4000-8000-000000000003"
     ]
 

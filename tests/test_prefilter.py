@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import msgpack
 import pytest
 
+from ruletag.rules.compiler import CompiledTable, build
+from ruletag.rules.compiler.prefilter import int_encodings, text_headers
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import (
     And,
@@ -23,8 +25,8 @@ from ruletag.rules.ir import (
     Rule,
     Wild,
 )
-from ruletag.rules.prefilter import int_encodings, text_headers
-from ruletag.rules.table import CompiledTable
+from ruletag.rules.matcher import Matcher
+from ruletag.rules.matcher.prefilter import RawMatcher
 
 A = Wild.ANY
 
@@ -64,14 +66,21 @@ def chunk(entries: Sequence[bytes]) -> tuple[bytes, list[tuple[int, int]]]:
 def agree(t: CompiledTable, entries: Sequence[bytes]) -> dict[int, list[int]]:
     """match_entries must give exactly what match() gives on the decoded records."""
     buf, spans = chunk(entries)
+    m = Matcher(t)
     want = {}
     for k, e in enumerate(entries):
         rec = msgpack.unpackb(e, raw=False, strict_map_key=False)[1]
-        got = t.match(rec)
+        got = m.match(rec)
         if got:
             want[k] = got
-    assert t.match_entries(buf, spans) == want
+    assert m.match_entries(buf, spans) == want
     return want
+
+
+def candidates(t: CompiledTable, buf: bytes, spans: list[tuple[int, int]]) -> dict[int, list[int]]:
+    """What the table's compiled pre-filter lets through (no re-tuning)."""
+    assert t.raw is not None
+    return RawMatcher(t.raw, 0).candidates(buf, spans)
 
 
 def test_encodings_decode_to_the_value() -> None:
@@ -86,7 +95,7 @@ def test_encodings_decode_to_the_value() -> None:
 
 
 def test_numbers_in_any_encoding_and_numeric_strings(fm: FieldMap) -> None:
-    t = CompiledTable.build([rule("eid", Equals("EventID", 4624))], fm)
+    t = build([rule("eid", Equals("EventID", 4624))], fm)
     key = s("EventID")
     entries = [
         entry([(key, b"\xcd\x12\x10")]),  # canonical uint16
@@ -103,7 +112,7 @@ def test_numbers_in_any_encoding_and_numeric_strings(fm: FieldMap) -> None:
 
 
 def test_exact_values_with_any_header_bin_and_case(fm: FieldMap) -> None:
-    t = CompiledTable.build([rule("nc", Match("Image", ("nc",), cased=False))], fm)
+    t = build([rule("nc", Match("Image", ("nc",), cased=False))], fm)
     img = s("Image")
     entries = [
         entry([(img, s("nc"))]),
@@ -116,7 +125,7 @@ def test_exact_values_with_any_header_bin_and_case(fm: FieldMap) -> None:
 
 
 def test_nested_and_dotted_keys(fm: FieldMap) -> None:
-    t = CompiledTable.build([rule("e", Equals("winlog.event_id", 4688))], fm)
+    t = build([rule("e", Equals("winlog.event_id", 4688))], fm)
     records = [
         {"winlog": {"event_id": 4688}},
         {"winlog.event_id": 4688},
@@ -134,7 +143,7 @@ def test_derived_category_and_logsource(fm: FieldMap) -> None:
         rule("cat", Match("event.category", ("process",), cased=False)),
         rule("ls", Match("Image", (A, "\\evil.exe")), ls),
     ]
-    t = CompiledTable.build(rules, fm)
+    t = build(rules, fm)
     sysmon = {"Channel": "Microsoft-Windows-Sysmon/Operational", "Image": "C:\\evil.exe"}
     records = [
         {**sysmon, "EventID": 1},  # derived category "process"; process creation
@@ -153,7 +162,7 @@ def test_regex_literals_and_caseless_unicode(fm: FieldMap) -> None:
         rule("dash", Match("CommandLine", (A, ' \u2013i "lsass', A), cased=False)),
         rule("disk", Regex("CommandLine", r"diskpart", "i")),
     ]
-    t = CompiledTable.build(rules, fm)
+    t = build(rules, fm)
     records = [
         {"CommandLine": "PING  -N 3 x & ECHO hi"},
         {"CommandLine": "ping -c 3"},
@@ -168,28 +177,28 @@ def test_regex_literals_and_caseless_unicode(fm: FieldMap) -> None:
 
 
 def test_prefilter_rejects_records_without_the_literals(fm: FieldMap) -> None:
-    t = CompiledTable.build(
+    t = build(
         [rule("a", Match("CommandLine", (A, "mimikatz", A))), rule("b", Equals("EventID", 7))],
         fm,
     )
-    assert t._raw_db is not None
+    assert t.raw is not None
     records = [{"CommandLine": "notepad.exe", "EventID": 1}, {"EventID": 8, "x": "mimi"}]
     buf, spans = chunk([msgpack.packb([0, r]) for r in records])
-    assert t._raw_db.candidates(buf, spans) == {}
+    assert candidates(t, buf, spans) == {}
     buf, spans = chunk([msgpack.packb([0, {"EventID": 7}])])
-    assert t._raw_db.candidates(buf, spans) == {0: [1]}
+    assert candidates(t, buf, spans) == {0: [1]}
 
 
 def test_key_patterns_are_whole_keys_or_dotted_ends(fm: FieldMap) -> None:
     """``port`` must not be found inside ``transport``; a dotted literal key still counts."""
-    t = CompiledTable.build([rule("p", Equals("DestinationPort", 80))], fm)
-    assert t._raw_db is not None
+    t = build([rule("p", Equals("DestinationPort", 80))], fm)
+    assert t.raw is not None
     near = [
         msgpack.packb([0, {"transport": "tcp", "Port": 80, "xDestinationPort": 80}]),
         msgpack.packb([0, {"DestinationPortName": 80}]),
     ]
     buf, spans = chunk(near)
-    assert t._raw_db.candidates(buf, spans) == {}
+    assert candidates(t, buf, spans) == {}
     hits = [
         msgpack.packb([0, {"DestinationPort": 80}]),
         msgpack.packb([0, {"event.DestinationPort": 80}]),  # a dotted literal key
@@ -198,35 +207,35 @@ def test_key_patterns_are_whole_keys_or_dotted_ends(fm: FieldMap) -> None:
     ]
     for e in hits:
         buf, spans = chunk([e])
-        assert t._raw_db.candidates(buf, spans) == {0: [0]}, e
+        assert candidates(t, buf, spans) == {0: [0]}, e
     agree(t, near + hits)
 
 
 def test_numbers_as_strings_in_any_form_still_pass(fm: FieldMap) -> None:
-    t = CompiledTable.build([rule("lt", Equals("LogonType", 10))], fm)
+    t = build([rule("lt", Equals("LogonType", 10))], fm)
     forms = ["10", "+10", "010", "10.0", "1e1", ".1e2", "10."]
     entries = [msgpack.packb([0, {"LogonType": f}]) for f in forms]
     entries += [entry([(s("LogonType"), b"\xd9\x02" + b"10")])]  # str8 header
     want = agree(t, entries)
     assert sorted(want) == list(range(len(entries)))
     # text that cannot be a number is not even decoded
-    assert t._raw_db is not None
+    assert t.raw is not None
     buf, spans = chunk([msgpack.packb([0, {"LogonType": "RemoteInteractive"}])])
-    assert t._raw_db.candidates(buf, spans) == {}
+    assert candidates(t, buf, spans) == {}
 
 
 def test_predicates_false_without_their_fields_need_a_key(fm: FieldMap) -> None:
     """``length(CallTrace) > 0`` cannot hold without ``CallTrace``: other records are not
     decoded; ``CallTrace == null`` holds without it, so it gives no requirement."""
     length = Call("length", (FieldValue("CallTrace"),))
-    t = CompiledTable.build(
+    t = build(
         [
             rule("len", And((Equals("EventID", 10), Predicate(length, ">", Literal_(0))))),
             rule("null", Predicate(FieldValue("CallTrace"), "==", Literal_(None))),
         ],
         fm,
     )
-    assert t._raw_db is not None and t._raw_forced == (1,)
+    assert t.raw is not None and t.raw_forced == (1,)
     records = [
         {"EventID": 10, "TargetImage": "C:\\x.exe"},  # no CallTrace: only rule "null"
         {"EventID": 10, "CallTrace": "C:\\Windows\\SYSTEM32\\ntdll.dll+9d1e4"},
@@ -234,5 +243,5 @@ def test_predicates_false_without_their_fields_need_a_key(fm: FieldMap) -> None:
     ]
     entries = [msgpack.packb([0, r]) for r in records]
     buf, spans = chunk(entries)
-    assert t._raw_db.candidates(buf, spans) == {1: [0], 2: [0]}
+    assert candidates(t, buf, spans) == {1: [0], 2: [0]}
     assert agree(t, entries) == {0: [1], 1: [0]}

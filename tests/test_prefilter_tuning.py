@@ -11,9 +11,10 @@ import pytest
 
 from ruletag.config.load import config_from_mapping
 from ruletag.errors import ConfigError
+from ruletag.rules.compiler import build, load, save
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import And, Match, Node, Not, Rule, Wild
-from ruletag.rules.table import CompiledTable
+from ruletag.rules.matcher import Matcher
 
 A = Wild.ANY
 
@@ -64,32 +65,30 @@ def pack(records: list[dict[str, object]]) -> tuple[bytes, list[tuple[int, int]]
     return b"".join(parts), spans
 
 
-def want(t: CompiledTable, records: list[dict[str, object]]) -> dict[int, list[int]]:
+def want(t: Matcher, records: list[dict[str, object]]) -> dict[int, list[int]]:
     return {k: m for k, r in enumerate(records) if (m := t.match(r))}
 
 
-def feed_until_tuned(t: CompiledTable, records: list[dict[str, object]]) -> None:
+def feed_until_tuned(t: Matcher, records: list[dict[str, object]]) -> None:
     buf, spans = pack(records)
     deadline = time.monotonic() + 60
     while t.stats.get("raw_tuned_on_records") is None:
-        assert t._raw_db is not None and t._raw_db.tune_error is None
+        assert t.raw is not None and t.raw.tune_error is None
         assert time.monotonic() < deadline, "the pre-filter did not re-tune"
         t.match_entries(buf, spans)
         time.sleep(0.01)
 
 
 @pytest.fixture()
-def table() -> CompiledTable:
-    t = CompiledTable.build(rules(), FieldMap.default())
-    t.set_tune_after(300)
-    return t
+def table() -> Matcher:
+    return Matcher(build(rules(), FieldMap.default()), tune_after=300)
 
 
-def test_retuned_filter_gives_the_same_matches(table: CompiledTable) -> None:
+def test_retuned_filter_gives_the_same_matches(table: Matcher) -> None:
     sample = traffic(1000, 1)
     feed_until_tuned(table, sample)
-    raw = table._raw_db
-    assert raw is not None and raw.tuned_on >= 300
+    raw = table.raw
+    assert raw is not None and raw.filter.tuned_on >= 300
     fresh = traffic(3000, 2)
     buf, spans = pack(fresh)
     expected = want(table, fresh)
@@ -97,16 +96,17 @@ def test_retuned_filter_gives_the_same_matches(table: CompiledTable) -> None:
     assert table.match_entries(buf, spans) == expected
 
 
-def test_retuned_triggers_follow_measured_frequency(table: CompiledTable) -> None:
-    before = table._raw_db
+def test_retuned_triggers_follow_measured_frequency(table: Matcher) -> None:
+    before = table.table.raw
     assert before is not None and before.plan is not None
     patterns = [p for p, _ in marshal.loads(before.plan)[0]]
     long_id = patterns.index(b"program\\x20files")
     short_id = patterns.index(b"zq")
     assert 0 in before.trig_rules.get(long_id, ())  # the guess: the longer literal
     feed_until_tuned(table, traffic(1000, 3))
-    after = table._raw_db
-    assert after is not before and after is not None
+    assert table.raw is not None
+    after = table.raw.filter
+    assert after is not before and table.table.raw is before
     assert 0 in after.trig_rules.get(short_id, ())  # measured: the rarer one
     assert 0 not in after.trig_rules.get(long_id, ())
     # the broad rule is evaluated by the small table of often-passed rules
@@ -114,11 +114,10 @@ def test_retuned_triggers_follow_measured_frequency(table: CompiledTable) -> Non
     assert 1 in table._hot[1]
 
 
-def test_a_loaded_table_tunes_too(table: CompiledTable, tmp_path) -> None:
+def test_a_loaded_table_tunes_too(table: Matcher, tmp_path) -> None:
     path = tmp_path / "t.table"
-    table.save(path)
-    loaded = CompiledTable.load(path)
-    loaded.set_tune_after(200)
+    save(table.table, path)
+    loaded = Matcher(load(path), tune_after=200)
     feed_until_tuned(loaded, traffic(600, 4))
     fresh = traffic(1500, 5)
     buf, spans = pack(fresh)
@@ -126,15 +125,14 @@ def test_a_loaded_table_tunes_too(table: CompiledTable, tmp_path) -> None:
 
 
 def test_tune_after_zero_keeps_the_compiled_filter() -> None:
-    t = CompiledTable.build(rules(), FieldMap.default())
-    t.set_tune_after(0)
-    first = t._raw_db
+    t = Matcher(build(rules(), FieldMap.default()), tune_after=0)
+    first = t.raw
     buf, spans = pack(traffic(2000, 6))
     for _ in range(3):
         t.match_entries(buf, spans)
     time.sleep(0.2)
     t.match_entries(buf, spans)
-    assert t._raw_db is first and first is not None and first.tuned is None
+    assert t.raw is first and first is not None and first.tuned is None
     assert "raw_tuned_on_records" not in t.stats
 
 

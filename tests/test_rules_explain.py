@@ -29,6 +29,7 @@ from ruletag.rules.ir import (
     Wild,
 )
 from ruletag.rules.loader import compile_rules
+from ruletag.rules.matcher import Matcher
 from test_differential import _material, records_from
 
 SIGMA_ID = "c649a6c7-cd8c-4a78-9c04-000fc76df954"
@@ -50,7 +51,7 @@ EQL_QUIET = _jsonl("potential_wsus_abuse_for_lateral_movement.quiet.jsonl")
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     table, _ = compile_rules([SEED_RULES], cache_dir=tmp_path_factory.mktemp("cache"))
-    return table
+    return Matcher(table)
 
 
 def _rule(table, rule_id: str):  # type: ignore[no-untyped-def]
@@ -114,7 +115,7 @@ def test_verdict_equals_table_on_seed_events(seeds) -> None:  # type: ignore[no-
             assert explain(rule, rec, FM).verdict == (i in hits), (rule.id, rec)
 
 
-_SAMPLE_TABLE, _ = compile_rules([SAMPLE], use_cache=False)
+_SAMPLE_TABLE = Matcher(compile_rules([SAMPLE], use_cache=False)[0], tune_after=0)
 _FIELDS, _TEXTS = _material(_SAMPLE_TABLE.rules, FM)
 
 

@@ -26,9 +26,10 @@ from pathlib import Path
 import pytest
 
 from paths import CAPTURES, SEED_RULES, seed_rule_files
+from ruletag.rules.compiler import CompiledTable, build
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.loader import load_rules
-from ruletag.rules.table import CompiledTable
+from ruletag.rules.matcher import Matcher
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "data" / "seeds"
@@ -50,11 +51,11 @@ def read_jsonl(path: Path) -> list[dict]:
 def table_for(*paths: Path) -> CompiledTable:
     result = load_rules(list(paths))
     assert result.problems == [], [str(p) for p in result.problems]
-    return CompiledTable.build(result.rules, FieldMap.default(), "test")
+    return build(result.rules, FieldMap.default(), "test")
 
 
 def matched_ids(table: CompiledTable, record: dict) -> list[str]:
-    return sorted(table.rules[i].id for i in table.match(record))
+    return sorted(table.rules[i].id for i in Matcher(table).match(record))
 
 
 def test_every_seed_rule_has_both_fixture_files() -> None:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
+import time
 from pathlib import Path
 
 import msgpack
 import pytest
 
 from paths import CAPTURES, SEED_RULES
+from ruletag.rules.compiler import CompiledTable, TableError, build, load, save
+from ruletag.rules.compiler.store import dumps
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import (
     And,
@@ -32,8 +37,8 @@ from ruletag.rules.ir import (
     Rule,
     Wild,
 )
+from ruletag.rules.matcher import Matcher
 from ruletag.rules.reference import reference_match
-from ruletag.rules.table import CompiledTable, TableError
 
 A = Wild.ANY
 
@@ -43,7 +48,7 @@ def rule(rid: str, cond: Node, logsource: Logsource | None = None) -> Rule:
 
 
 def ids(table: CompiledTable, record: dict) -> list[str]:
-    return [table.rules[i].id for i in table.match(record)]
+    return [table.rules[i].id for i in Matcher(table).match(record)]
 
 
 def pack(records: list[dict]) -> tuple[bytes, list[tuple[int, int]]]:
@@ -95,7 +100,7 @@ def fm() -> FieldMap:
 
 @pytest.fixture(scope="module")
 def table(fm: FieldMap) -> CompiledTable:
-    return CompiledTable.build(RULES, fm, version="v-test")
+    return build(RULES, fm, version="v-test")
 
 
 CASES: list[tuple[dict, set[str]]] = [
@@ -152,7 +157,7 @@ def test_match_every_leaf_type(
     got = ids(table, record)
     assert set(got) == expected
     assert got == reference_match(table.rules, record, fm)
-    assert table.match(record) == sorted(table.match(record))
+    assert Matcher(table).match(record) == sorted(Matcher(table).match(record))
 
 
 def test_stats_report_untriggered_rules(table: CompiledTable) -> None:
@@ -168,26 +173,26 @@ def test_stats_report_untriggered_rules(table: CompiledTable) -> None:
 def test_match_entries_agrees_with_match(table: CompiledTable) -> None:
     records = [rec for rec, _ in CASES] + [{"plain": "nothing here"}, {"n": 1}]
     buf, spans = pack(records)
-    got = table.match_entries(buf, spans)
-    want = {k: table.match(r) for k, r in enumerate(records) if table.match(r)}
+    got = Matcher(table).match_entries(buf, spans)
+    want = {k: Matcher(table).match(r) for k, r in enumerate(records) if Matcher(table).match(r)}
     assert got == want
 
 
 def test_raw_prefilter_skips_entries_without_literals(fm: FieldMap) -> None:
-    t = CompiledTable.build([rule("ends", Match("Image", (A, "\\wuauclt.exe")))], fm)
-    assert t.stats["rules_without_raw_literal"] == []
+    t = build([rule("ends", Match("Image", (A, "\\wuauclt.exe")))], fm)
+    assert t.stats["rules_without_raw_literal"] == ()
     records = [{"Image": "C:\\a.exe"}, {"Image": "C:\\WUAUCLT.EXE"}, {"x": 1}]
     buf, spans = pack(records)
-    assert t.match_entries(buf, spans) == {1: [0]}
+    assert Matcher(t).match_entries(buf, spans) == {1: [0]}
 
 
 def test_raw_prefilter_sees_kelvin_sign(fm: FieldMap) -> None:
     # "\u212a".lower() == "k": the raw bytes hold no "k", yet the rule must fire.
-    t = CompiledTable.build([rule("k", Match("Image", (A, "kit.exe")))], fm)
+    t = build([rule("k", Match("Image", (A, "kit.exe")))], fm)
     records = [{"Image": "C:\\\u212ait.exe"}, {"Image": "C:\\kot.exe"}]
-    assert t.match(records[0]) == [0]
+    assert Matcher(t).match(records[0]) == [0]
     buf, spans = pack(records)
-    assert t.match_entries(buf, spans) == {0: [0]}
+    assert Matcher(t).match_entries(buf, spans) == {0: [0]}
 
 
 def test_match_entries_v2_entries_and_odd_entries(table: CompiledTable) -> None:
@@ -201,40 +206,40 @@ def test_match_entries_v2_entries_and_odd_entries(table: CompiledTable) -> None:
         start = len(buf)
         buf += msgpack.packb(entry)
         spans.append((start, len(buf)))
-    assert table.match_entries(bytes(buf), spans) == {0: [0]}
-    assert table.match_entries(b"", []) == {}
+    assert Matcher(table).match_entries(bytes(buf), spans) == {0: [0]}
+    assert Matcher(table).match_entries(b"", []) == {}
 
 
 def test_save_load_roundtrip(table: CompiledTable, tmp_path: Path) -> None:
     path = tmp_path / "table.bin"
-    table.save(path)
-    loaded = CompiledTable.load(path)
+    save(table, path)
+    loaded = load(path)
     assert loaded.rules == table.rules
     assert loaded.version == "v-test"
     assert loaded.stats == table.stats
     for record, _ in CASES:
-        assert loaded.match(record) == table.match(record)
+        assert Matcher(loaded).match(record) == Matcher(table).match(record)
     buf, spans = pack([rec for rec, _ in CASES])
-    assert loaded.match_entries(buf, spans) == table.match_entries(buf, spans)
+    assert Matcher(loaded).match_entries(buf, spans) == Matcher(table).match_entries(buf, spans)
 
 
 def test_load_rejects_foreign_and_corrupt_files(table: CompiledTable, tmp_path: Path) -> None:
     bad = tmp_path / "bad.bin"
     bad.write_bytes(b"hello")
     with pytest.raises(TableError):
-        CompiledTable.load(bad)
+        load(bad)
     good = tmp_path / "t.bin"
-    table.save(good)
+    save(table, good)
     data = bytearray(good.read_bytes())
     data[-10] ^= 0xFF
     good.write_bytes(bytes(data))
     with pytest.raises(TableError, match="corrupt"):
-        CompiledTable.load(good)
+        load(good)
 
 
 def test_logsource_condition_is_honoured(fm: FieldMap) -> None:
     ls = Logsource(product="windows", category="network_connection")
-    t = CompiledTable.build([rule("net", Match("Image", (A, "\\wuauclt.exe")), ls)], fm)
+    t = build([rule("net", Match("Image", (A, "\\wuauclt.exe")), ls)], fm)
     base = {"Channel": "Microsoft-Windows-Sysmon/Operational", "Image": "C:\\wuauclt.exe"}
     for eid in (3, 1):
         rec = {**base, "EventID": eid}
@@ -244,10 +249,10 @@ def test_logsource_condition_is_honoured(fm: FieldMap) -> None:
 
 
 def test_hostile_regex_is_linear(fm: FieldMap) -> None:
-    t = CompiledTable.build([rule("redos", Regex("CommandLine", r"^(a+)+$"))], fm)
-    assert t.match({"CommandLine": "a" * 5000 + "!"}) == []
-    assert t.match({"CommandLine": "ä" + "a" * 5000 + "!"}) == []
-    assert t.match({"CommandLine": "a" * 50}) == [0]
+    t = build([rule("redos", Regex("CommandLine", r"^(a+)+$"))], fm)
+    assert Matcher(t).match({"CommandLine": "a" * 5000 + "!"}) == []
+    assert Matcher(t).match({"CommandLine": "ä" + "a" * 5000 + "!"}) == []
+    assert Matcher(t).match({"CommandLine": "a" * 50}) == [0]
 
 
 def _seed_records() -> list[tuple[dict, list[str]]]:
@@ -265,7 +270,7 @@ def test_seed_rules_on_the_capture_records(fm: FieldMap) -> None:
 
     result = loader.load_rules([SEED_RULES])
     assert len(result.rules) == 2
-    t = CompiledTable.build(result.rules, fm)
+    t = build(result.rules, fm)
     known = {r.id for r in result.rules}
     records = _seed_records()
     fired = 0
@@ -277,15 +282,100 @@ def test_seed_rules_on_the_capture_records(fm: FieldMap) -> None:
         fired += bool(got)
     assert fired >= 6
     buf, spans = pack([r for r, _ in records])
-    assert t.match_entries(buf, spans) == {
-        k: t.match(r) for k, (r, _) in enumerate(records) if t.match(r)
+    assert Matcher(t).match_entries(buf, spans) == {
+        k: Matcher(t).match(r) for k, (r, _) in enumerate(records) if Matcher(t).match(r)
     }
 
 
 def test_empty_rule_set_is_a_pass_through_table(tmp_path: Path) -> None:
-    table = CompiledTable.build([])
-    assert table.match({"Image": "C:\\x.exe"}) == []
+    table = build([])
+    assert Matcher(table).match({"Image": "C:\\x.exe"}) == []
     entries = msgpack.packb([1, {"a": "b"}])
-    assert table.match_entries(entries, [(0, len(entries))]) == {}
-    table.save(tmp_path / "empty.rtt")
-    assert CompiledTable.load(tmp_path / "empty.rtt").match({"a": "b"}) == []
+    assert Matcher(table).match_entries(entries, [(0, len(entries))]) == {}
+    save(table, tmp_path / "empty.rtt")
+    assert Matcher(load(tmp_path / "empty.rtt")).match({"a": "b"}) == []
+
+
+# --------------------------------------------------------------------------- compiler / matcher
+
+
+def _frozen_everywhere(t: CompiledTable) -> None:
+    """Assigning or deleting any field of the table (or of its pre-filter) raises."""
+    with pytest.raises(AttributeError):
+        t.rules = ()  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        t.stats = {}  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        del t.version
+    with pytest.raises(AttributeError):
+        t.anything_new = 1  # type: ignore[attr-defined]
+    with pytest.raises(TypeError):
+        t.stats["rules"] = 0  # type: ignore[index]
+    with pytest.raises(TypeError):
+        t.trig[0] = ()  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        t.groups[0].db = None  # type: ignore[misc]
+    assert t.raw is not None
+    with pytest.raises(AttributeError):
+        t.raw.trig_rules = {}  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        t.raw.trig_rules[0] = ()  # type: ignore[index]
+
+
+def test_a_compiled_table_is_immutable_after_build_and_load(
+    table: CompiledTable, tmp_path: Path
+) -> None:
+    _frozen_everywhere(table)
+    save(table, tmp_path / "t.bin")
+    _frozen_everywhere(load(tmp_path / "t.bin"))
+
+
+def _tuning_traffic(n: int, seed: int) -> list[dict]:
+    rnd = random.Random(seed)
+    pool = [rec for rec, _ in CASES] + [{"Image": f"C:\\x{i}.exe", "n": i} for i in range(50)]
+    return [dict(rnd.choice(pool)) for _ in range(n)]
+
+
+def _feed_until_tuned(m: Matcher, buf: bytes, spans: list[tuple[int, int]]) -> None:
+    deadline = time.monotonic() + 60
+    while "raw_tuned_on_records" not in m.stats:
+        assert m.raw is not None and m.raw.tune_error is None
+        assert time.monotonic() < deadline, "the pre-filter did not re-tune"
+        m.match_entries(buf, spans)
+        time.sleep(0.01)
+
+
+def test_matching_leaves_the_table_unchanged(table: CompiledTable, tmp_path: Path) -> None:
+    before = dumps(table)
+    raw_before = table.raw
+    m = Matcher(table, tune_after=50)
+    buf, spans = pack(_tuning_traffic(400, 1))
+    for record, _ in CASES:
+        m.match(record)
+    _feed_until_tuned(m, buf, spans)
+    m.match_entries(buf, spans)
+    assert m.raw is not None and m.raw.filter is not raw_before
+    assert table.raw is raw_before and "raw_tuned_on_records" not in table.stats
+    assert dumps(table) == before
+
+
+def test_matchers_over_one_table_are_independent(table: CompiledTable) -> None:
+    tuned = Matcher(table, tune_after=50)
+    plain = Matcher(table, tune_after=0)
+    records = _tuning_traffic(600, 2)
+    buf, spans = pack(records)
+    _feed_until_tuned(tuned, buf, spans)
+    assert plain.raw is not None and tuned.raw is not None
+    assert plain.raw.filter is table.raw and plain.raw.tuned is None
+    assert tuned.raw.filter is not table.raw and tuned.raw.filter.tuned_on >= 50
+    assert "raw_tuned_on_records" not in plain.stats
+    assert plain._value_cache is not tuned._value_cache
+    fresh = _tuning_traffic(500, 3)
+    buf, spans = pack(fresh)
+    want = {k: got for k, r in enumerate(fresh) if (got := Matcher(table).match(r))}
+    assert want
+    assert tuned.match_entries(buf, spans) == want
+    assert plain.match_entries(buf, spans) == want
+    assert [tuned.match(r) for r in fresh] == [plain.match(r) for r in fresh]
+    # the untuned one still runs the compiled filter, and never tunes
+    assert plain.raw.filter is table.raw and "raw_tuned_on_records" not in plain.stats

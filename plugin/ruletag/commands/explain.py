@@ -21,6 +21,7 @@ from ruletag.errors import ConfigError
 from ruletag.rules.explain import explain, to_text
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import Rule
+from ruletag.rules.matcher import Matcher
 
 
 def read_json_events(text: str) -> Iterator[dict[str, Any]]:
@@ -115,11 +116,12 @@ def main_explain(ns: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError) as exc:
         print(f"ruletag: {ns.event}: {exc}", file=sys.stderr)
         return 1
+    matcher = Matcher(table, tune_after=0)
     disagree = 0
     n = 0
     for n, record in enumerate(read_json_events(text), 1):
         e = explain(rule, record, fmap)
-        table_verdict = index in table.match(dict(record))
+        table_verdict = index in matcher.match(dict(record))
         disagree += table_verdict != e.verdict
         if ns.json:
             d = e.to_json()

@@ -163,11 +163,11 @@ def dump_record(record: object) -> str:
 
 def _load_table(paths: Sequence[str], variables: dict[str, list[str]] | None) -> Any:
     """A table file, or rule files/folders compiled (through the cache)."""
+    from ruletag.rules.compiler import load
     from ruletag.rules.loader import compile_rules
-    from ruletag.rules.table import CompiledTable
 
     if len(paths) == 1 and Path(paths[0]).is_file() and source_of(Path(paths[0])) is None:
-        return CompiledTable.load(Path(paths[0]))
+        return load(Path(paths[0]))
     table, result = compile_rules(paths, variables)
     print(
         f"ruletag: rules: {summary_line(result)}" + (" [cached]" if result.cached else ""),
@@ -178,8 +178,11 @@ def _load_table(paths: Sequence[str], variables: dict[str, list[str]] | None) ->
 
 def match(ns: argparse.Namespace) -> int:
     """Match every record of ``--events`` and print it as JSON, with its detections."""
+    from ruletag.rules.matcher import Matcher
+
     variables = read_vars(ns.vars)  # a bad --vars file: ConfigError, exit 2 (cli.main)
     table = _load_table(ns.rules, variables)
+    matcher = Matcher(table)
     annotations = [detection(r) for r in table.rules]
     only = bool(getattr(ns, "only_matches", False))
     explaining = bool(getattr(ns, "explain", False))
@@ -201,7 +204,7 @@ def match(ns: argparse.Namespace) -> int:
             if not isinstance(record, dict):
                 skipped += 1
                 continue
-            hits = table.match(record)
+            hits = matcher.match(record)
             if hits:
                 why = explain_hits(table.rules, hits, record, fmap) if fmap is not None else None
                 record["detections"] = [annotations[i] for i in hits]

@@ -108,9 +108,9 @@ def check(ns: argparse.Namespace) -> int:
 
 def compile_(ns: argparse.Namespace) -> int:
     """Load and compile rules into a table file; print counts and times."""
+    from ruletag.rules.compiler import build, save
     from ruletag.rules.fields import FieldMap
     from ruletag.rules.loader import cache_key, rule_files
-    from ruletag.rules.table import CompiledTable
 
     variables = read_vars(ns.vars)  # a bad --vars file: ConfigError, exit 2 (cli.main)
     result = load_rules(ns.paths, variables)
@@ -119,11 +119,11 @@ def compile_(ns: argparse.Namespace) -> int:
     fmap = FieldMap.default()
     version = cache_key(rule_files(ns.paths)[0], variables, fmap.version)
     start = time.perf_counter()
-    table = CompiledTable.build(result.rules, fmap, version)
+    table = build(result.rules, fmap, version)
     built = time.perf_counter() - start
     out = Path(ns.output)
     try:
-        table.save(out)
+        save(table, out)
     except OSError as exc:
         print(f"ruletag: cannot write {out}: {exc}", file=sys.stderr)
         return 1

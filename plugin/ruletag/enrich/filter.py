@@ -17,8 +17,9 @@ import msgpack
 
 from ruletag.enrich.annotate import detection
 from ruletag.protocol import Chunk, iter_entries
+from ruletag.rules.compiler import CompiledTable
 from ruletag.rules.ir import Rule
-from ruletag.rules.table import CompiledTable
+from ruletag.rules.matcher import Matcher
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ def _pack(obj: Any) -> bytes:
 
 
 class RuleFilter:
-    """Annotates records with the detections of a :class:`CompiledTable`."""
+    """Annotates records with the detections of a :class:`CompiledTable` (through its own
+    :class:`Matcher`)."""
 
     def __init__(
         self,
@@ -59,8 +61,11 @@ class RuleFilter:
         style: Style = "ruletag",
         retag_prefix: str = "",
         on_match: Callable[[Sequence[Rule]], None] | None = None,
+        tune_after: int | None = None,
     ) -> None:
         self.table = table
+        #: this filter's own matcher over the shared table (``tune_after``: see Matcher)
+        self.matcher = Matcher(table, tune_after)
         self.key = key
         self.style = style
         self.retag_prefix = retag_prefix
@@ -93,7 +98,7 @@ class RuleFilter:
         stats.records_in += chunk.count
         spans = chunk.spans if chunk.spans is not None else iter_entries(chunk.entries)
         try:
-            hits = self.table.match_entries(chunk.entries, spans)
+            hits = self.matcher.match_entries(chunk.entries, spans)
         except Exception as exc:  # a bug or an odd record must not block the whole chunk
             hits = self._match_one_by_one(chunk.entries, spans, exc)
         if not hits:
@@ -151,7 +156,7 @@ class RuleFilter:
         hits: dict[int, list[int]] = {}
         for idx, (start, end) in enumerate(spans):
             try:
-                one = self.table.match_entries(entries[start:end], [(0, end - start)])
+                one = self.matcher.match_entries(entries[start:end], [(0, end - start)])
             except Exception as err:
                 self._record_error(idx, err)
                 continue

@@ -20,7 +20,7 @@ One place for what every front-end, the compiler and the reference evaluator agr
   :func:`re2_search` (RE2 on text that may hold lone surrogates from undecodable bytes).
 
 Only the meaning of the IR lives here: how the compiled table matches (Hyperscan databases,
-generated code) is ``table.py``'s, and the reference evaluator walks the IR on its own.
+generated code) is ``compiler/codegen.py``'s, and the reference evaluator walks the IR on its own.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The rule intermediate form (IR): what every rule front-end produces.
 
 Sigma (``sigma.py``) and Elastic EQL (``eql.py``) translate rules into these frozen
-dataclasses; one compiler (``table.py``) turns a list of :class:`Rule` into the pattern
+dataclasses; one compiler (``compiler/``) turns a list of :class:`Rule` into the pattern
 table, and ``reference.py`` evaluates the same IR slowly and obviously.
 
 Semantics (shared by every evaluator):

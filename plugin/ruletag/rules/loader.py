@@ -32,8 +32,8 @@ from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
 from ruletag.rules.ir import Rule
 
 if TYPE_CHECKING:
+    from ruletag.rules.compiler import CompiledTable
     from ruletag.rules.fields import FieldMap
-    from ruletag.rules.table import CompiledTable
 
 log = logging.getLogger(__name__)
 
@@ -253,13 +253,13 @@ def compiler_fingerprint() -> str:
     h = hashlib.sha256()
     for f in sorted(
         [
-            *(pkg / "rules").glob("*.py"),
-            *(pkg / "rules").glob("*.lark"),
+            *(pkg / "rules").rglob("*.py"),
+            *(pkg / "rules").rglob("*.lark"),
             pkg / "data" / "attack.json",
             pkg / "enrich" / "annotate.py",
         ]
     ):
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
+        h.update(f.relative_to(pkg).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -360,7 +360,7 @@ def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
 
 
 def _read_cache(table_path: Path, report_path: Path) -> tuple[CompiledTable, LoadResult] | None:
-    from ruletag.rules.table import CompiledTable
+    from ruletag.rules.compiler import load
 
     if not (table_path.is_file() and report_path.is_file()):
         return None
@@ -369,7 +369,7 @@ def _read_cache(table_path: Path, report_path: Path) -> tuple[CompiledTable, Loa
         report = json.loads(report_path.read_text("utf-8"))
         if report.get("format") != REPORT_FORMAT:
             return None
-        table = CompiledTable.load(table_path)
+        table = load(table_path)
     except Exception:  # a stale or damaged cache entry is rebuilt, never fatal
         log.warning("ignoring unreadable rule cache %s", table_path, exc_info=True)
         return None
@@ -390,9 +390,11 @@ def _read_cache(table_path: Path, report_path: Path) -> tuple[CompiledTable, Loa
 def _write_cache(
     table: CompiledTable, result: LoadResult, table_path: Path, report_path: Path
 ) -> None:
+    from ruletag.rules.compiler import save
+
     try:
         table_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(table_path, table.save)
+        _atomic_write(table_path, lambda p: save(table, p))
         text = json.dumps(report_to_json(result), indent=1)
         _atomic_write(report_path, lambda p: p.write_text(text, "utf-8"))
     except OSError as exc:  # a read-only cache only costs the next start a re-parse
@@ -416,8 +418,8 @@ def compile_rules(
 
     The table's ``version`` is the cache key, so equal rule sets give equal versions.
     """
+    from ruletag.rules.compiler import build
     from ruletag.rules.fields import FieldMap
-    from ruletag.rules.table import CompiledTable
 
     fmap = fieldmap or FieldMap.default()
     files, _ = rule_files(paths)
@@ -443,7 +445,7 @@ def compile_rules(
     exclude_rules(result, exclude)
     if building_blocks == "drop":
         drop_building_blocks(result)
-    table = CompiledTable.build(result.rules, fmap, key)
+    table = build(result.rules, fmap, key)
     if use_cache:
         _write_cache(table, result, table_path, report_path)
     return table, result

@@ -24,8 +24,8 @@ from ruletag.errors import ConfigError
 if TYPE_CHECKING:
     from ruletag.delivery.pipeline import Sender, Transform
     from ruletag.enrich.filter import RuleFilter
+    from ruletag.rules.compiler import CompiledTable
     from ruletag.rules.loader import LoadResult
-    from ruletag.rules.table import CompiledTable
     from ruletag.runtime.metrics import MetricsServer
     from ruletag.runtime.reload import LiveFilter, Reloader
     from ruletag.transport.server import Server
@@ -122,10 +122,9 @@ def filter_factory(config: Config) -> Callable[[CompiledTable], RuleFilter]:
     tune_after = config.rules.tune_after if config.rules is not None else None
 
     def make(table: CompiledTable) -> RuleFilter:
-        if tune_after is not None:
-            table.set_tune_after(tune_after)
         return RuleFilter(
             table,
+            tune_after=tune_after,
             key=enrich.key,
             style=enrich.style,  # type: ignore[arg-type]
             retag_prefix=enrich.retag_prefix,

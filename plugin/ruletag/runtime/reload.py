@@ -38,8 +38,8 @@ from typing import Any
 
 from ruletag.enrich.filter import FilterStats, RuleFilter
 from ruletag.protocol import Chunk
+from ruletag.rules.compiler import CompiledTable
 from ruletag.rules.loader import LoadResult, rule_files
-from ruletag.rules.table import CompiledTable
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The raw-bytes pre-filter: which packed entries can match some rule, without decoding them.
+"""The raw-bytes pre-filter, compile time: each rule's raw requirement and the compiled filter.
 
 Each rule formula becomes a *raw requirement*: an AND/OR formula over byte patterns that must
 occur in the msgpack bytes of any entry the rule matches. Leaves contribute what they imply:
@@ -27,11 +27,12 @@ and :class:`AnyOf` (frozensets of requirements); ``None`` stands for no requirem
 only: they are compiled to Python code over the set of pattern ids found in an entry, and the
 filter's *plan* (what re-tuning starts from) keeps them as marshalled plain data.
 
-Matching is two-staged (:class:`RawFilter`): one Hyperscan scan of the whole chunk for each
-rule's *trigger* (the rarest-looking patterns one of which must occur), then, for the entries a
-trigger hit, one scan of the entry for every pattern and the triggered rules' requirements as
-generated Python code. The filter re-tunes itself on the traffic it sees (triggers by measured
-frequency; see :class:`RawFilter`). The caller decodes only the entries with a rule left and
+Matching is two-staged: one Hyperscan scan of the whole chunk for each rule's *trigger* (the
+rarest-looking patterns one of which must occur), then, for the entries a trigger hit, one scan
+of the entry for every pattern and the triggered rules' requirements as generated Python code.
+A :class:`RawFilter` is that compiled, immutable data; running it and re-tuning it on the
+traffic seen (:func:`retune` builds the re-tuned filter) is the matcher's business
+(``rules/matcher/prefilter.py``). The caller decodes only the entries with a rule left and
 evaluates only those rules; rules without a requirement are evaluated on every entry. Entries
 holding a character that lower-cases or case-folds to ASCII letters (U+0130, U+212A, U+017F)
 go to every rule (a caseless ASCII literal could miss them).
@@ -39,13 +40,9 @@ go to every rule (a caseless ASCII literal could miss them).
 
 from __future__ import annotations
 
-import bisect
-import ctypes
 import marshal
 import re
 import struct
-import sys
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -59,6 +56,9 @@ from typing import Any
 import hyperscan as hs
 
 from ruletag.rules.algebra import wildcard_match
+from ruletag.rules.compiler.codegen import compile_pieces, exec_pieces
+from ruletag.rules.compiler.frozen import Frozen, frozen_map
+from ruletag.rules.compiler.hyperscan import compile_db, encode, hs_escape
 from ruletag.rules.fields import CHANNEL, EVENT_ID, FieldMap
 from ruletag.rules.ir import (
     And,
@@ -80,7 +80,17 @@ from ruletag.rules.ir import (
     Wild,
 )
 
-__all__ = ["FOLDS_TO_ASCII", "AllOf", "AnyOf", "Pattern", "RawFilter", "Req", "build_raw_filter"]
+__all__ = [
+    "FOLDS_TO_ASCII",
+    "FOLD_ID",
+    "AllOf",
+    "AnyOf",
+    "Pattern",
+    "RawFilter",
+    "Req",
+    "build_raw_filter",
+    "retune",
+]
 
 #: Non-ASCII characters whose ``str.lower()`` contains ASCII letters (U+0130, U+212A), or
 #: that RE2's caseless matching folds to an ASCII letter (U+017F long s, U+212A).
@@ -173,19 +183,6 @@ def _typed(r: Plain, memo: dict[Plain, Req]) -> Req:
 
 
 # --------------------------------------------------------------------------- byte patterns
-
-
-def encode(s: str) -> bytes:
-    """Text as the UTF-8 bytes Hyperscan scans (lone surrogates kept: ``surrogatepass``)."""
-    return s.encode("utf-8", "surrogatepass")
-
-
-def hs_escape(lit: bytes) -> bytes:
-    """A Hyperscan pattern matching the bytes ``lit`` literally."""
-    return b"".join(
-        bytes((c,)) if (48 <= c <= 57 or 65 <= c <= 90 or 97 <= c <= 122) else b"\\x%02x" % c
-        for c in lit
-    )
 
 
 def number_like(lit: str) -> bool:
@@ -342,28 +339,6 @@ def _size(r: Req) -> int:
     if isinstance(r, Pattern):
         return 1
     return sum(_size(a) for a in r.args)
-
-
-def _compile_pieces(source: str, piece: int = 1 << 16) -> tuple[Any, ...]:
-    """``source`` compiled in pieces of about ``piece`` characters, cut between functions:
-    compiling a 2 MB module at once takes ~200 MB of memory at its peak."""
-    out: list[Any] = []
-    start = 0
-    while start < len(source):
-        cut = source.find("\ndef ", start + piece)
-        end = len(source) if cut < 0 else cut + 1
-        out.append(compile(source[start:end], "<ruletag-raw>", "exec"))
-        start = end
-    return tuple(out)
-
-
-def _exec(
-    code: Sequence[Any], consts: Sequence[frozenset[int]]
-) -> dict[int, Callable[[set[int], dict[int, bool]], bool]]:
-    ns: dict[str, Any] = {"_S": tuple(consts)}
-    for piece in code:
-        exec(piece, ns)
-    return ns["_REQS"]
 
 
 @cache
@@ -657,8 +632,6 @@ def _pattern_ids(r: Req, out: set[int]) -> None:
 
 # --------------------------------------------------------------------------- the filter
 
-#: Records observed before the filter re-picks its triggers from measured frequencies.
-TUNE_AFTER = 20_000
 #: A pattern found in more than this share of the observed records is no filter: stage 2
 #: treats it as present (requirements only get looser) and stops scanning for it.
 COMMON = 0.3
@@ -669,225 +642,107 @@ HOT = 0.002
 #: A rule whose requirement held in more than this share of the records its trigger is
 #: measured to fire on skips stage 2: it is decoded whenever its trigger fires.
 PASSING = 0.5
+FOLD_ID = 1 << 30  # the id of the fold-character patterns, above any literal's id
 
 
-class RawFilter:
-    """A compiled pre-filter: :meth:`candidates` lists the entries worth decoding, and for
-    each the rules whose raw requirement holds.
+class RawFilter(Frozen):
+    """A compiled pre-filter (immutable): the trigger database, the stage-2 database(s), the
+    rules each trigger pattern triggers and the requirements as generated code.
 
     Two stages: one scan of the whole chunk for the *trigger* patterns (a rare pattern per
     rule, or per branch of an Or), then, for the entries a trigger hit, one scan of that entry
     for every pattern and a check of the triggered rules' full requirements.
 
-    *Self-tuning*: the first triggers are a guess (longer literals are rarer). While it runs,
-    the filter counts in how many of the first :data:`TUNE_AFTER` records each pattern occurs,
-    then builds, on a background thread (Hyperscan compiles without the GIL), a filter whose
-    triggers are the patterns measured rarest and whose stage 2 no longer scans for the
-    patterns almost every record holds; :attr:`tuned` holds it once ready and the owner
-    swaps it in. Any choice of triggers and any loosening is sound, so matches never change.
+    The first triggers are a guess (longer literals are rarer); :func:`retune` builds a filter
+    whose triggers are the patterns measured rarest on the traffic, whose stage 2 no longer
+    scans for the patterns almost every record holds. Any choice of triggers and any loosening
+    is sound, so matches never change.
     """
+
+    __slots__ = (
+        "checked",
+        "code",
+        "cold",
+        "consts",
+        "full_db",
+        "plan",
+        "rates",
+        "reqs",
+        "source",
+        "trig_rules",
+        "trigger_db",
+        "tuned_on",
+    )
+    trigger_db: Any
+    full_db: Any
+    #: the stage-2 database of the rarely triggered rules, and those rules
+    cold: tuple[Any, frozenset[int]] | None
+    trig_rules: Mapping[int, tuple[int, ...]]
+    source: str
+    consts: tuple[frozenset[int], ...]
+    code: tuple[Any, ...]
+    reqs: Mapping[int, Callable[[set[int], dict[int, bool]], bool]]
+    #: rules whose stage-2 requirement needs a pattern (requirements are monotone: one that
+    #: holds with no pattern found always holds, so its trigger is enough)
+    checked: frozenset[int]
+    #: marshalled (patterns, prior costs, requirements): what re-tuning starts from
+    plan: bytes | None
+    #: how many observed records the triggers were picked on (0: the length guess)
+    tuned_on: int
+    #: tuned: per rule, the measured share of records its trigger fires on
+    rates: Mapping[int, float]
 
     def __init__(
         self,
         trigger_db: Any,
         full_db: Any,
-        trig_rules: dict[int, tuple[int, ...]],
+        trig_rules: Mapping[int, tuple[int, ...]],
         source: str,
         consts: tuple[frozenset[int], ...],
-        code: Any = None,
+        code: tuple[Any, ...] | None = None,
         plan: bytes | None = None,
         tuned_on: int = 0,
         cold: tuple[Any, frozenset[int]] | None = None,
+        rates: Mapping[int, float] | None = None,
     ) -> None:
-        self.trigger_db = trigger_db
-        self.full_db = full_db
-        #: the stage-2 database of the rarely triggered rules, and those rules
-        self.cold = cold
-        self.trig_rules = trig_rules
-        self.source = source
-        self.consts = consts
-        self.code = code if code is not None else _compile_pieces(source)
-        self.reqs = _exec(self.code, consts)
-        #: rules whose stage-2 requirement needs a pattern (requirements are monotone: one
-        #: that holds with no pattern found always holds, so its trigger is enough)
-        self.checked = frozenset(k for k, f in self.reqs.items() if not f(set(), {}))
-        #: marshalled (patterns, prior costs, requirements): what re-tuning starts from
-        self.plan = plan
-        #: how many observed records the triggers were picked on (0: the length guess)
-        self.tuned_on = tuned_on
-        #: the re-tuned filter, once built (the owner replaces this one with it)
-        self.tuned: RawFilter | None = None
-        self.tune_error: str | None = None
-        #: tuned: per rule, the measured share of records its trigger fires on
-        self.rates: dict[int, float] = {}
-        #: called on the tuning thread with the tuned filter before it is published
-        self.after_tune: Callable[[RawFilter], None] | None = None
-        self._counts: dict[int, int] | None = None
-        self._passes: dict[int, int] = {}  # while observing: entries each requirement held in
-        self._observed = 0
-        self._tuning = False
-        self.tune_after = 0
-        self.set_tune_after(TUNE_AFTER)
-
-    def set_tune_after(self, records: int) -> None:
-        """Re-tune after ``records`` observed records (0: never; only an untuned filter)."""
-        self.tune_after = records
-        can = records > 0 and self.plan is not None and not self.tuned_on and not self._tuning
-        self._counts = ({} if self._counts is None else self._counts) if can else None
-
-    def candidates(self, entries: bytes, spans: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
-        """Entry index -> rules (ascending) whose raw requirement holds in that entry."""
-        if not spans:
-            return {}
-        starts = [s for s, _ in spans]
-        per_entry: dict[int, set[int]] = {}
-        bis = bisect.bisect_right
-        # span of the last entry hit and its trigger set
-        last_start, last_end = -1, -1
-        last_got: set[int] = set()
-
-        def on_trigger(i: int, _f: int, to: int, _fl: int, _c: object) -> None:
-            nonlocal last_start, last_end, last_got
-            if last_start < to <= last_end:
-                last_got.add(i)
-                return
-            k = bis(starts, to - 1) - 1
-            if k >= 0:
-                s, e = spans[k]
-                if to <= e:
-                    got = per_entry.get(k)
-                    if got is None:
-                        got = per_entry[k] = set()
-                    got.add(i)
-                    last_start, last_end, last_got = s, e, got
-
-        self.trigger_db.scan(entries, on_trigger)
-        counts = self._counts
-        if counts is not None:
-            self._observe(entries, spans, counts)
-        out: dict[int, list[int]] = {}
-        if not per_entry:
-            return out
-        view = memoryview(entries)
-        trig_rules = self.trig_rules
-        reqs = self.reqs
-        hits: set[int] = set()
-
-        def on_hit(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
-            hits.add(i)
-
-        checked = self.checked
-        cold = self.cold
-        for k in sorted(per_entry):
-            rules: set[int] = set()
-            for t in per_entry[k]:
-                rules.update(trig_rules.get(t, ()))
-            if _FOLD_ID in per_entry[k]:  # a caseless literal could be hidden: any rule may match
-                out[k] = sorted(reqs)
-                continue
-            if checked.isdisjoint(rules):
-                if rules:  # every triggered rule's requirement is met by its trigger alone
-                    out[k] = sorted(rules)
-                    if counts is not None:
-                        self._count_passes(out[k])
-                continue
-            s, e = spans[k]
-            hits.clear()
-            if cold is None:
-                self.full_db.scan(view[s:e], on_hit)
-            else:
-                if not cold[1].issuperset(rules):
-                    self.full_db.scan(view[s:e], on_hit)
-                if not cold[1].isdisjoint(rules):
-                    cold[0].scan(view[s:e], on_hit)
-            memo: dict[int, bool] = {}
-            ok = [r for r in sorted(rules) if reqs[r](hits, memo)]
-            if ok:
-                out[k] = ok
-                if counts is not None:
-                    self._count_passes(ok)
-        return out
-
-    def _count_passes(self, rules: Sequence[int]) -> None:
-        passes = self._passes
-        for r in rules:
-            passes[r] = passes.get(r, 0) + 1
-
-    # ------------------------------------------------------------------ self-tuning
-
-    def _observe(
-        self,
-        entries: bytes,
-        spans: Sequence[tuple[int, int]],
-        counts: dict[int, int],
-    ) -> None:
-        """Count, per pattern, the observed entries holding it (every entry of the chunk)."""
-        view = memoryview(entries)
-        seen: set[int] = set()
-
-        def on_hit(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
-            seen.add(i)
-
-        get = counts.get
-        for s, e in spans:
-            seen.clear()
-            self.full_db.scan(view[s:e], on_hit)
-            for i in seen:
-                counts[i] = get(i, 0) + 1
-        self._observed += len(spans)
-        if self._observed >= self.tune_after and not self._tuning:
-            self._tuning = True
-            self._counts = None
-            threading.Thread(
-                target=self._tune_in_background,
-                args=(counts, self._passes, self._observed),
-                name="ruletag-prefilter-tune",
-                daemon=True,
-            ).start()
-
-    def _tune_in_background(self, counts: dict[int, int], passes: dict[int, int], n: int) -> None:
-        try:
-            tuned = self.retune(counts, n, passes)
-            if self.after_tune is not None:
-                self.after_tune(tuned)
-            self.tuned = tuned
-        except Exception as exc:  # pragma: no cover - the untuned filter stays in use
-            self.tune_error = f"{type(exc).__name__}: {exc}"
-        finally:
-            _release_memory()
-
-    def retune(
-        self, counts: Mapping[int, int], n: int, passes: Mapping[int, int] | None = None
-    ) -> RawFilter:
-        """A filter with the same requirements, triggers picked by the measured frequency
-        of each pattern (``counts[i]`` of ``n`` records), common patterns no longer scanned
-        for in stage 2, nor the patterns of rules whose requirement held in most of the
-        records their trigger is expected to fire on (``passes[k]`` of ``n``)."""
-        if self.plan is None:
-            raise ValueError("this filter keeps no plan to re-tune from")
-        patterns, prior, plain = marshal.loads(self.plan)
-        memo: dict[Plain, Req] = {}
-        reqs = {k: _typed(r, memo) for k, r in plain.items()}
-        n = max(n, 1)
-        cost = [(counts.get(i, 0) + 0.5 * min(1.0, p)) / n for i, p in enumerate(prior)]
-        common = frozenset(i for i, c in counts.items() if i < len(prior) and c / n > COMMON)
-        # the rarely needed second stage-2 database: this filter's own, which holds every
-        # pattern (compiling ~40k patterns anew would take ~150 MB more at its peak)
-        return _assemble(
-            patterns, reqs, cost, common, self.plan, n, cold_db=self.full_db, passes=passes
+        code = code if code is not None else compile_pieces(source)
+        reqs = exec_pieces(code, consts)
+        self._set(
+            trigger_db=trigger_db,
+            full_db=full_db,
+            cold=cold,
+            trig_rules=frozen_map(trig_rules),
+            source=source,
+            consts=consts,
+            code=code,
+            reqs=frozen_map(reqs),
+            checked=frozenset(k for k, f in reqs.items() if not f(set(), {})),
+            plan=plan,
+            tuned_on=tuned_on,
+            rates=frozen_map(rates or {}),
         )
 
 
-_FOLD_ID = 1 << 30  # the id of the fold-character patterns, above any literal's id
-
-
-def _release_memory() -> None:
-    """Give the heap that compiling freed back to the system (glibc keeps it per thread
-    arena otherwise: ~200 MB of RSS after a re-tune with every rule). Best effort."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+def retune(
+    filt: RawFilter, counts: Mapping[int, int], n: int, passes: Mapping[int, int] | None = None
+) -> RawFilter:
+    """A filter with the requirements of ``filt``, triggers picked by the measured frequency
+    of each pattern (``counts[i]`` of ``n`` records), common patterns no longer scanned for in
+    stage 2, nor the patterns of rules whose requirement held in most of the records their
+    trigger is expected to fire on (``passes[k]`` of ``n``)."""
+    if filt.plan is None:
+        raise ValueError("this filter keeps no plan to re-tune from")
+    patterns, prior, plain = marshal.loads(filt.plan)
+    memo: dict[Plain, Req] = {}
+    reqs = {k: _typed(r, memo) for k, r in plain.items()}
+    n = max(n, 1)
+    cost = [(counts.get(i, 0) + 0.5 * min(1.0, p)) / n for i, p in enumerate(prior)]
+    common = frozenset(i for i, c in counts.items() if i < len(prior) and c / n > COMMON)
+    # the rarely needed second stage-2 database: this filter's own, which holds every
+    # pattern (compiling ~40k patterns anew would take ~150 MB more at its peak)
+    return _assemble(
+        patterns, reqs, cost, common, filt.plan, n, cold_db=filt.full_db, passes=passes
+    )
 
 
 def _strip(r: Req, drop: frozenset[int]) -> Req | None:
@@ -937,19 +792,19 @@ def _assemble(
         checks[k] = got
     fold = [(hs_escape(encode(ch)), hs.HS_FLAG_SINGLEMATCH) for ch in FOLDS_TO_ASCII]
     trig = [(i, patterns[i][0], patterns[i][1] & ~_Q) for i in sorted(trig_rules)]
-    trig += [(_FOLD_ID, p, 0) for p, _ in fold]
+    trig += [(FOLD_ID, p, 0) for p, _ in fold]
     one = hs.HS_FLAG_SINGLEMATCH
     dbs = []
     for ids in used if cold_db is None else used[:1]:
         full = [(i, patterns[i][0], (patterns[i][1] & ~_Q) | one) for i in sorted(ids)]
-        full += [(_FOLD_ID, p, fl) for p, fl in fold]
+        full += [(FOLD_ID, p, fl) for p, fl in fold]
         dbs.append(compile_db(full))
     if cold_db is not None:
         dbs.append(cold_db)
-    trig_rules[_FOLD_ID] = []
+    trig_rules[FOLD_ID] = []
     gen = _ReqCode(checks)
     source = gen.module(checks)
-    filt = RawFilter(
+    return RawFilter(
         compile_db(trig),
         dbs[0],
         {t: tuple(v) for t, v in trig_rules.items()},
@@ -958,10 +813,8 @@ def _assemble(
         plan=plan,
         tuned_on=tuned_on,
         cold=(dbs[1], frozenset(reqs) - hot) if used[1] else None,
+        rates=rates if tuned_on else None,
     )
-    if tuned_on:
-        filt.rates = rates
-    return filt
 
 
 def build_raw_filter(
@@ -995,44 +848,3 @@ def build_raw_filter(
     filt = _assemble(patterns, reqs, cost, frozenset(), plan)
     stats["raw_triggers"] = len(filt.trig_rules) - 1
     return filt, forced, stats
-
-
-def compile_db(patterns: Sequence[tuple[int, bytes, int]]) -> Any:
-    """One block-mode Hyperscan database of (id, pattern, flags); raises ``hs.error`` when
-    Hyperscan rejects a pattern."""
-    db = hs.Database(mode=hs.HS_MODE_BLOCK)
-    db.compile(
-        expressions=[p for _, p, _ in patterns],
-        ids=[i for i, _, _ in patterns],
-        elements=len(patterns),
-        flags=[f for _, _, f in patterns],
-    )
-    return db
-
-
-def load_db(blob: bytes) -> Any:
-    """A database serialised by ``hs.dumpb``, with its scratch space."""
-    db = hs.loadb(blob, hs.HS_MODE_BLOCK)
-    db.scratch = hs.Scratch(db)
-    return db
-
-
-def dump(f: RawFilter | None) -> tuple[Any, ...] | None:
-    """The filter as picklable data (Hyperscan databases serialised)."""
-    if f is None:
-        return None
-    code = (sys.version_info[:2], marshal.dumps(f.code))
-    dbs = (hs.dumpb(f.trigger_db), hs.dumpb(f.full_db))
-    cold = None if f.cold is None else (hs.dumpb(f.cold[0]), f.cold[1])
-    return (*dbs, f.trig_rules, f.source, f.consts, code, f.plan, f.tuned_on, cold)
-
-
-def load(state: tuple[Any, ...] | None) -> RawFilter | None:
-    """A filter from :func:`dump` output."""
-    if state is None:
-        return None
-    trig, full, trig_rules, source, consts, (pyver, blob), plan, tuned_on, cold = state
-    code = marshal.loads(blob) if pyver == sys.version_info[:2] else None
-    dbs = [load_db(blob) for blob in (trig, full, *(cold[:1] if cold else ()))]
-    cold_db = (dbs[2], cold[1]) if cold else None
-    return RawFilter(dbs[0], dbs[1], trig_rules, source, consts, code, plan, tuned_on, cold_db)

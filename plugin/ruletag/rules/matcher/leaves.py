@@ -1,0 +1,134 @@
+"""Lazily evaluated leaves: the IR leaves a rule formula asks about only for candidate rules.
+
+Each leaf becomes a function ``(record view, per-record cache) -> bool``; keyword atoms share
+one scan of every string of the record (the ``kw`` function the matcher passes in).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ruletag.rules.algebra import as_text, equals_value, ip_of, network_of, number_of
+from ruletag.rules.fields import RecordView
+from ruletag.rules.ir import (
+    Cidr,
+    Compare,
+    Equals,
+    Exists,
+    FieldRef,
+    IsNull,
+    Match,
+    Node,
+    Predicate,
+    Regex,
+)
+
+__all__ = ["Lazy", "lazy_fn"]
+
+Hits = set[int]
+Lazy = Callable[[RecordView, dict[int, Any]], bool]
+
+
+def _cidr_ranges(networks: Sequence[str]) -> tuple[list[int], list[int]]:
+    """Sorted, merged [start, end] ranges; IPv6 shifted above 2**32 to share one list."""
+    spans: list[tuple[int, int]] = []
+    for net in networks:
+        n = network_of(net)
+        if n is None:
+            continue
+        off = 0 if n.version == 4 else 1 << 32
+        spans.append((int(n.network_address) + off, int(n.broadcast_address) + off))
+    spans.sort()
+    starts: list[int] = []
+    ends: list[int] = []
+    for a, b in spans:
+        if ends and a <= ends[-1] + 1:
+            ends[-1] = max(ends[-1], b)
+        else:
+            starts.append(a)
+            ends.append(b)
+    return starts, ends
+
+
+def _ip_int(v: object) -> int | None:
+    ip = ip_of(v)
+    return None if ip is None else int(ip) + (0 if ip.version == 4 else 1 << 32)
+
+
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+}
+
+
+def _fieldref(a: str, b: str, op: str) -> bool:
+    if op == "eq":
+        return a == b
+    if op == "startswith":
+        return a.startswith(b)
+    if op == "endswith":
+        return a.endswith(b)
+    return b in a
+
+
+def lazy_fn(leaf: Node, kw: Callable[[RecordView, dict[int, Any]], Hits], atom: int) -> Lazy:
+    """A function ``(view, per-record cache) -> bool`` for one lazily evaluated leaf."""
+    if isinstance(leaf, Match | Regex):  # keyword atoms: one shared scan of every string
+        return lambda view, cache: atom in kw(view, cache)
+    if isinstance(leaf, Exists):
+        f = leaf.field
+        return lambda view, _c: bool(view.values(f))
+    if isinstance(leaf, IsNull):
+        f = leaf.field
+        return lambda view, _c: not view.values(f)
+    if isinstance(leaf, Equals):
+        f, want = leaf.field, leaf.value
+        return lambda view, _c: any(equals_value(v, want) for v in view.values(f))
+    if isinstance(leaf, Compare):
+        f, op, num = leaf.field, _OPS[leaf.op], leaf.value
+
+        def cmp(view: RecordView, _c: object) -> bool:
+            for v in view.values(f):
+                x = number_of(v)
+                if x is not None and op(x, num):
+                    return True
+            return False
+
+        return cmp
+    if isinstance(leaf, Cidr):
+        f = leaf.field
+        starts, ends = _cidr_ranges(leaf.networks)
+
+        def in_cidr(view: RecordView, _c: object) -> bool:
+            for v in view.values(f):
+                ip = _ip_int(v)
+                if ip is not None:
+                    k = bisect.bisect_right(starts, ip) - 1
+                    if k >= 0 and ip <= ends[k]:
+                        return True
+            return False
+
+        return in_cidr
+    if isinstance(leaf, FieldRef):
+        f, g, how, cased = leaf.field, leaf.other, leaf.op, leaf.cased
+
+        def ref(view: RecordView, _c: object) -> bool:
+            xs = [s for s in map(as_text, view.values(f)) if s is not None]
+            ys = [s for s in map(as_text, view.values(g)) if s is not None]
+            if not cased:
+                xs = [s.lower() for s in xs]
+                ys = [s.lower() for s in ys]
+            return any(_fieldref(x, y, how) for x in xs for y in ys)
+
+        return ref
+    if isinstance(leaf, Predicate):
+        # Generic computed comparison (few EQL rules): the function semantics live in one
+        # place, the reference evaluator, which implements them with functions.py.
+        from ruletag.rules.reference import evaluate
+
+        return lambda view, _c: bool(evaluate(leaf, view))
+    raise TypeError(f"unknown leaf {leaf!r}")

@@ -1,0 +1,197 @@
+"""The raw-bytes pre-filter at run time: which packed entries can match some rule.
+
+A :class:`RawMatcher` runs one compiled, immutable
+:class:`~ruletag.rules.compiler.prefilter.RawFilter` over chunks of packed entries and owns
+what changes while traffic flows: the pattern counts it observes and the re-tuning they lead
+to. Each matcher tunes on its own; the filter it started from is never changed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import threading
+from collections.abc import Callable, Sequence
+
+from ruletag.rules.compiler.prefilter import FOLD_ID, RawFilter, retune
+
+__all__ = ["TUNE_AFTER", "RawMatcher"]
+
+#: Records observed before the filter re-picks its triggers from measured frequencies.
+TUNE_AFTER = 20_000
+
+
+class RawMatcher:
+    """Runs :attr:`filter`: :meth:`candidates` lists the entries worth decoding, and for
+    each the rules whose raw requirement holds.
+
+    *Self-tuning*: while it runs, the matcher counts in how many of the first ``tune_after``
+    records each pattern occurs, then builds (:func:`~ruletag.rules.compiler.prefilter.retune`),
+    on a background thread (Hyperscan compiles without the GIL), a filter whose triggers are
+    the patterns measured rarest and whose stage 2 no longer scans for the patterns almost
+    every record holds; :attr:`tuned` holds it once ready and the owner swaps in a matcher
+    over it. Any choice of triggers and any loosening is sound, so matches never change.
+    """
+
+    def __init__(
+        self,
+        filt: RawFilter,
+        tune_after: int = TUNE_AFTER,
+        after_tune: Callable[[RawFilter], None] | None = None,
+    ) -> None:
+        self.filter = filt
+        self._trigger_db = filt.trigger_db
+        self._full_db = filt.full_db
+        self._cold = filt.cold
+        self._trig_rules = dict(filt.trig_rules)
+        self._reqs = dict(filt.reqs)
+        self._checked = filt.checked
+        #: the re-tuned filter, once built (the owner replaces this matcher with one over it)
+        self.tuned: RawFilter | None = None
+        self.tune_error: str | None = None
+        #: called on the tuning thread with the tuned filter before it is published
+        self.after_tune = after_tune
+        self._counts: dict[int, int] | None = None
+        self._passes: dict[int, int] = {}  # while observing: entries each requirement held in
+        self._observed = 0
+        self._tuning = False
+        self.tune_after = 0
+        self.set_tune_after(tune_after)
+
+    def set_tune_after(self, records: int) -> None:
+        """Re-tune after ``records`` observed records (0: never; only an untuned filter)."""
+        self.tune_after = records
+        f = self.filter
+        can = records > 0 and f.plan is not None and not f.tuned_on and not self._tuning
+        self._counts = ({} if self._counts is None else self._counts) if can else None
+
+    def candidates(self, entries: bytes, spans: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
+        """Entry index -> rules (ascending) whose raw requirement holds in that entry."""
+        if not spans:
+            return {}
+        starts = [s for s, _ in spans]
+        per_entry: dict[int, set[int]] = {}
+        bis = bisect.bisect_right
+        # span of the last entry hit and its trigger set
+        last_start, last_end = -1, -1
+        last_got: set[int] = set()
+
+        def on_trigger(i: int, _f: int, to: int, _fl: int, _c: object) -> None:
+            nonlocal last_start, last_end, last_got
+            if last_start < to <= last_end:
+                last_got.add(i)
+                return
+            k = bis(starts, to - 1) - 1
+            if k >= 0:
+                s, e = spans[k]
+                if to <= e:
+                    got = per_entry.get(k)
+                    if got is None:
+                        got = per_entry[k] = set()
+                    got.add(i)
+                    last_start, last_end, last_got = s, e, got
+
+        self._trigger_db.scan(entries, on_trigger)
+        counts = self._counts
+        if counts is not None:
+            self._observe(entries, spans, counts)
+        out: dict[int, list[int]] = {}
+        if not per_entry:
+            return out
+        view = memoryview(entries)
+        trig_rules = self._trig_rules
+        reqs = self._reqs
+        hits: set[int] = set()
+
+        def on_hit(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
+            hits.add(i)
+
+        checked = self._checked
+        cold = self._cold
+        full_db = self._full_db
+        for k in sorted(per_entry):
+            rules: set[int] = set()
+            for t in per_entry[k]:
+                rules.update(trig_rules.get(t, ()))
+            if FOLD_ID in per_entry[k]:  # a caseless literal could be hidden: any rule may match
+                out[k] = sorted(reqs)
+                continue
+            if checked.isdisjoint(rules):
+                if rules:  # every triggered rule's requirement is met by its trigger alone
+                    out[k] = sorted(rules)
+                    if counts is not None:
+                        self._count_passes(out[k])
+                continue
+            s, e = spans[k]
+            hits.clear()
+            if cold is None:
+                full_db.scan(view[s:e], on_hit)
+            else:
+                if not cold[1].issuperset(rules):
+                    full_db.scan(view[s:e], on_hit)
+                if not cold[1].isdisjoint(rules):
+                    cold[0].scan(view[s:e], on_hit)
+            memo: dict[int, bool] = {}
+            ok = [r for r in sorted(rules) if reqs[r](hits, memo)]
+            if ok:
+                out[k] = ok
+                if counts is not None:
+                    self._count_passes(ok)
+        return out
+
+    def _count_passes(self, rules: Sequence[int]) -> None:
+        passes = self._passes
+        for r in rules:
+            passes[r] = passes.get(r, 0) + 1
+
+    # ------------------------------------------------------------------ self-tuning
+
+    def _observe(
+        self,
+        entries: bytes,
+        spans: Sequence[tuple[int, int]],
+        counts: dict[int, int],
+    ) -> None:
+        """Count, per pattern, the observed entries holding it (every entry of the chunk)."""
+        view = memoryview(entries)
+        seen: set[int] = set()
+
+        def on_hit(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
+            seen.add(i)
+
+        get = counts.get
+        for s, e in spans:
+            seen.clear()
+            self._full_db.scan(view[s:e], on_hit)
+            for i in seen:
+                counts[i] = get(i, 0) + 1
+        self._observed += len(spans)
+        if self._observed >= self.tune_after and not self._tuning:
+            self._tuning = True
+            self._counts = None
+            threading.Thread(
+                target=self._tune_in_background,
+                args=(counts, self._passes, self._observed),
+                name="ruletag-prefilter-tune",
+                daemon=True,
+            ).start()
+
+    def _tune_in_background(self, counts: dict[int, int], passes: dict[int, int], n: int) -> None:
+        try:
+            tuned = retune(self.filter, counts, n, passes)
+            if self.after_tune is not None:
+                self.after_tune(tuned)
+            self.tuned = tuned
+        except Exception as exc:  # pragma: no cover - the untuned filter stays in use
+            self.tune_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            _release_memory()
+
+
+def _release_memory() -> None:
+    """Give the heap that compiling freed back to the system (glibc keeps it per thread
+    arena otherwise). Best effort."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -1,0 +1,366 @@
+"""The runtime matcher: matches records (decoded, or packed entries) against a compiled table.
+
+A :class:`Matcher` reads one immutable :class:`~ruletag.rules.compiler.CompiledTable` and owns
+everything that changes while traffic flows: the per-value scan cache, the raw pre-filter's
+matcher and its re-tuning (``prefilter.py``), and the small table of often-passed rules that
+tuning builds. Several matchers over one table are independent.
+
+* :meth:`Matcher.match`: a decoded record; the field groups whose keys the record has are
+  scanned (one Hyperscan scan per value), then the formulas of the rules an atom triggered
+  (lazy leaves evaluated on demand: ``leaves.py``).
+* :meth:`Matcher.match_entries`: raw msgpack bytes; the pre-filter lists the entries that
+  meet some rule's raw requirement, only those are decoded and only those rules evaluated
+  (:meth:`Matcher.match_subset`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import msgpack
+
+from ruletag.rules.algebra import as_text, re2_search
+from ruletag.rules.compiler.hyperscan import Group, encode
+from ruletag.rules.compiler.prefilter import RawFilter
+from ruletag.rules.compiler.table import CompiledTable, build
+from ruletag.rules.fields import RecordView
+from ruletag.rules.ir import Rule
+from ruletag.rules.matcher.leaves import Lazy, lazy_fn
+from ruletag.rules.matcher.prefilter import TUNE_AFTER, RawMatcher
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Matcher"]
+
+#: Values up to this many characters have their scan results cached (per matcher) ...
+_CACHE_TEXT = 256
+#: ... in at most this many (group, value) entries; the cache is emptied when full.
+_CACHE_ENTRIES = 1 << 16
+
+Hits = set[int]
+ValueCache = dict[tuple[int, str], tuple[int, ...]]
+#: The matcher of the often-passed rules: (its matcher, rule -> its index there, index -> rule).
+HotTable = tuple["Matcher", dict[int, int], tuple[int, ...]]
+
+
+class Matcher:
+    """Matches records against ``table``; rule numbers are indexes into ``table.rules``.
+
+    ``tune_after``: records the raw pre-filter observes before it re-tunes itself (0: never;
+    None: :data:`~ruletag.rules.matcher.prefilter.TUNE_AFTER`).
+    """
+
+    #: a rule whose trigger fires on more than this share of the records is evaluated by
+    #: a table of such rules only (its field databases are a fraction of the full ones)
+    HOT_SHARE = 0.01
+
+    def __init__(self, table: CompiledTable, tune_after: int | None = None) -> None:
+        self.table = table
+        #: the table's figures, and this matcher's re-tuning figures once it has re-tuned
+        self.stats: dict[str, Any] = dict(table.stats)
+        #: (group, short value) -> the atoms it hits (see :func:`scan`)
+        self._value_cache: ValueCache = {}
+        # the lookups of the hot path, as plain dicts
+        self._key_atom = dict(table.key_atom)
+        self._key_groups = dict(table.key_groups)
+        self._trig = dict(table.trig)
+        self._lazy = self._lazy_leaves()
+        self.raw: RawMatcher | None = None
+        if table.raw is not None:
+            after = TUNE_AFTER if tune_after is None else tune_after
+            self.raw = RawMatcher(table.raw, after, self._build_hot)
+        self._hot: HotTable | None = None
+        self._next_hot: HotTable | None = None
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        """The table's rules (what the indexes returned by the match methods point at)."""
+        return self.table.rules
+
+    def set_tune_after(self, records: int) -> None:
+        """Let the pre-filter re-tune itself after ``records`` records (0: never)."""
+        if self.raw is not None:
+            self.raw.set_tune_after(records)
+
+    def _lazy_leaves(self) -> dict[int, Lazy]:
+        group = self.table.kw_group
+        value_cache = self._value_cache
+
+        def kw(view: RecordView, cache: dict[int, Any]) -> Hits:
+            st = cache.get(-1)
+            if st is None:
+                st = cache[-1] = set()
+                if group is not None:
+                    scan(group, view.strings(), st, None, value_cache)
+            return st
+
+        lazy: dict[int, Lazy] = {}
+        eager = self.table.eager
+        for i, leaf in enumerate(self.table.leaves):
+            if i not in eager:
+                assert leaf is not None  # a saved table drops only the eager atoms' leaves
+                lazy[i] = lazy_fn(leaf, kw, i)
+        return lazy
+
+    # ------------------------------------------------------------------ matching
+
+    def match(self, record: Mapping[str, object]) -> list[int]:
+        """Indexes (ascending) of the rules that match ``record``."""
+        t = self.table
+        view = t.fieldmap.view(record)
+        keys: set[str] = set()
+        _record_keys(record, keys)
+        hits: Hits = set()
+        key_atom = self._key_atom
+        key_groups = self._key_groups
+        todo: set[int] = set(t.scan_always)
+        for k in keys:
+            a = key_atom.get(k)
+            if a is not None:
+                hits.add(a)
+            g = key_groups.get(k)
+            if g is not None:
+                todo.update(g)
+        self._scan_groups(view, todo, hits)
+        cache: dict[int, Any] = {}
+        if t.kw_eager:
+            scan(t.kw_group, view.strings(), hits, None, self._value_cache)  # type: ignore[arg-type]
+            cache[-1] = hits
+        cand: set[int] = set(t.always)
+        trig = self._trig
+        for a in hits:
+            r = trig.get(a)
+            if r is not None:
+                cand.update(r)
+        if not cand:
+            return []
+        return self._holding(sorted(cand), view, hits, cache)
+
+    def _holding(
+        self, rules: Iterable[int], view: RecordView, hits: Hits, cache: dict[int, Any]
+    ) -> list[int]:
+        """Those of ``rules`` whose formula holds: the scanned atoms that hit are ``hits``, the
+        lazy leaves are evaluated on ``view`` when a formula asks (each once: ``cache``)."""
+        lazy = self._lazy
+
+        def L(i: int) -> bool:  # the name the generated code calls
+            r = cache.get(i)
+            if r is None:
+                r = cache[i] = lazy[i](view, cache)
+            return r
+
+        f = self.table.formulas
+        return [k for k in rules if f[k](hits, L)]
+
+    def _scan_groups(self, view: RecordView, todo: Iterable[int], hits: Hits) -> None:
+        """Scan the values of the field groups ``todo`` that the record has."""
+        groups = self.table.groups
+        group_paths = self.table.group_paths
+        flat = view.flat()
+        add = hits.add
+        cache = self._value_cache
+
+        def on_match(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
+            add(i)
+
+        for gi in todo:
+            paths = group_paths[gi]
+            if paths is not None and flat.keys().isdisjoint(paths):
+                continue
+            g = groups[gi]
+            vals = view.values(g.field)  # type: ignore[arg-type]
+            if vals:
+                scan(g, vals, hits, on_match, cache)
+
+    def match_subset(self, record: Mapping[str, object], rules: Iterable[int]) -> list[int]:
+        """Which of ``rules`` (indexes) match ``record``, scanning only the fields they read."""
+        rules = sorted(rules)
+        view = self.table.fieldmap.view(record)
+        hits: Hits = set()
+        rule_groups = self.table.rule_groups
+        todo: set[int] = set()
+        for k in rules:
+            todo.update(rule_groups[k])
+        self._scan_groups(view, todo, hits)
+        return self._holding(rules, view, hits, {})
+
+    def match_entries(
+        self, entries: bytes, spans: Sequence[tuple[int, int]]
+    ) -> dict[int, list[int]]:
+        """Entry index -> matching rule indexes, for entries with at least one match.
+
+        Only entries that meet some rule's raw requirement are decoded, and only the rules
+        whose requirement they meet (plus the rules without one) are evaluated.
+        """
+        out: dict[int, list[int]] = {}
+        if not spans:
+            return out
+        raw = self.raw
+        cands = raw.candidates(entries, spans) if raw is not None else {}
+        if raw is not None and raw.tune_error is not None:
+            log.warning("pre-filter re-tuning failed (compiled triggers kept): %s", raw.tune_error)
+            raw.tune_error = None
+        if raw is not None and raw.tuned is not None:  # re-tuned on the traffic seen so far
+            self._swap_tuned(raw.tuned)
+        forced = self.table.raw_forced
+        view = memoryview(entries)
+        todo: Iterable[int] = range(len(spans)) if forced else sorted(cands)
+        hot = self._hot
+        for k in todo:
+            rules: Iterable[int] = cands.get(k, ())
+            if forced:
+                rules = set(rules).union(forced)
+            s, e = spans[k]
+            record = _record_of(view[s:e])
+            if record is None:
+                continue
+            if hot is None:
+                m = self.match_subset(record, rules)
+            else:
+                m = self._match_hot(record, rules, hot)
+            if m:
+                out[k] = m
+        return out
+
+    def _swap_tuned(self, tuned: RawFilter) -> None:
+        """Run the re-tuned filter from now on (and the often-passed rules' own matcher)."""
+        self.raw = RawMatcher(tuned, 0)
+        self._hot = self._next_hot
+        self.stats["raw_tuned_on_records"] = tuned.tuned_on
+        self.stats["raw_triggers"] = len(tuned.trig_rules) - 1
+        self.stats["hot_rules"] = len(self._hot[1]) if self._hot else 0
+        log.info(
+            "pre-filter re-tuned on %d records: %d triggers, %d often-passed rules in "
+            "their own table",
+            tuned.tuned_on,
+            self.stats["raw_triggers"],
+            self.stats["hot_rules"],
+        )
+
+    def _match_hot(
+        self,
+        record: Mapping[str, object],
+        rules: Iterable[int],
+        hot: HotTable,
+    ) -> list[int]:
+        """``match_subset`` with the often-candidate rules evaluated by the small table."""
+        sub, pos, back = hot
+        mine = [pos[r] for r in rules if r in pos]
+        rest = [r for r in rules if r not in pos]
+        got = [back[i] for i in sub.match_subset(record, mine)] if mine else []
+        if rest:
+            got = sorted(got + self.match_subset(record, rest))
+        return got
+
+    def _build_hot(self, tuned: RawFilter) -> None:
+        """On the tuning thread: the small table of the rules the tuned filter often passes."""
+        hot = sorted(k for k, c in tuned.rates.items() if c > self.HOT_SHARE)
+        if not hot:
+            self._next_hot = None
+            return
+        t = self.table
+        sub = build([t.rules[k] for k in hot], t.fieldmap, "", raw=False)
+        self._next_hot = (Matcher(sub, 0), {k: i for i, k in enumerate(hot)}, tuple(hot))
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+def scan(
+    g: Group,
+    values: Iterable[object],
+    hits: Hits,
+    on_match: Callable[..., None] | None = None,
+    cache: ValueCache | None = None,
+) -> None:
+    """Add the atoms of group ``g`` that ``values`` hit to ``hits`` (``on_match``: a handler
+    adding to it).
+
+    With ``cache``, the atoms a short value hits are remembered per (group, value): log
+    values repeat (images, users, channels), and a repeated one costs a dict lookup instead
+    of a Hyperscan scan and its callbacks."""
+    for v in values:
+        s = as_text(v)
+        if s is None:
+            continue
+        if cache is None or len(s) > _CACHE_TEXT:
+            _scan_value(g, s, hits, on_match)
+            continue
+        key = (id(g), s)
+        got = cache.get(key)
+        if got is None:
+            mine: Hits = set()
+            _scan_value(g, s, mine, None)
+            got = tuple(mine)
+            if len(cache) >= _CACHE_ENTRIES:
+                cache.clear()
+            cache[key] = got
+        hits.update(got)
+
+
+def _scan_value(g: Group, s: str, hits: Hits, on_match: Callable[..., None] | None) -> None:
+    """Add the atoms of ``g`` the text ``s`` hits to ``hits`` (``on_match``: a handler adding
+    to it, or None)."""
+    add = hits.add
+    if on_match is None:
+
+        def on_match(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
+            add(i)
+
+    db = g.db
+    rest = g.re2_all
+    if s.isascii():
+        if db is not None:
+            if rest and s.endswith("\n"):
+                _scan_only(db, s.encode(), g.cased_ids | g.caseless_ids, add)
+            else:
+                db.scan(s.encode(), match_event_handler=on_match)
+                rest = g.re2_only
+    elif db is not None:
+        if g.cased_ids:
+            _scan_only(db, encode(s), g.cased_ids, add)
+        if g.caseless_ids:
+            _scan_only(db, encode(s.lower()), g.caseless_ids, add)
+    for i, rx in rest:
+        if i not in hits and re2_search(rx, s):
+            add(i)
+
+
+def _scan_only(db: Any, data: bytes, ids: frozenset[int], add: Callable[[int], None]) -> None:
+    """Scan ``data``, keeping only the hits of ``ids``."""
+
+    def on_match(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
+        if i in ids:
+            add(i)
+
+    db.scan(data, match_event_handler=on_match)
+
+
+def _record_keys(obj: Mapping[Any, object], out: set[str]) -> None:
+    """Every key name at any depth (dotted keys also split into their parts)."""
+    for k, v in obj.items():
+        if isinstance(k, str):
+            out.add(k)
+            if "." in k:
+                out.update(k.split("."))
+        if isinstance(v, dict):
+            _record_keys(v, out)
+        elif isinstance(v, list):
+            for x in v:
+                if isinstance(x, dict):
+                    _record_keys(x, out)
+
+
+def _record_of(buf: memoryview) -> Mapping[str, object] | None:
+    """The record map of one packed entry ``[time, record]``, or None if it has none."""
+    try:
+        entry = msgpack.unpackb(
+            buf, raw=False, unicode_errors="surrogateescape", strict_map_key=False
+        )
+    except Exception:
+        return None
+    if isinstance(entry, list | tuple) and len(entry) >= 2 and isinstance(entry[1], dict):
+        return entry[1]
+    return None
