@@ -17,7 +17,8 @@ How each filter reads a rule:
   category and service (an item matches when all its keys do); Elastic rules carry no
   logsource and are not affected (select them by tags such as ``"OS: Windows"``).
 * ``tags`` include/exclude: globs, compared case-insensitively with ``_`` and blanks read as
-  ``-``, against the rule's tags, its ATT&CK tactics (``attack.execution``, ``TA0002``) and
+  ``-`` and blanks around ``:`` dropped (``"Tactic: Execution"`` = ``tactic:execution``),
+  against the rule's tags, its ATT&CK tactics (``attack.execution``, ``TA0002``) and
   techniques (``attack.t1059.001``, ``T1059.001``, and the parent ``T1059``), so ``T1059``
   selects its sub-techniques too.
 * ``building_blocks: drop``: Elastic building-block rules; ``exclude``: id or name globs
@@ -56,7 +57,9 @@ def rule_status(rule: Rule) -> str:
 
 
 def _norm(text: str) -> str:
-    return "-".join(text.strip().lower().replace("_", "-").split())
+    """``"Tactic: Defense Evasion"`` -> ``"tactic:defense-evasion"``; ``_`` -> ``-``."""
+    text = re.sub(r"\s*:\s*", ":", text.strip().lower().replace("_", "-"))
+    return "-".join(text.split())
 
 
 def rule_tags(rule: Rule) -> set[str]:
