@@ -78,7 +78,13 @@ def test_rules_check_json(rules_dir: Path, tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     s = json.loads(p.stdout)
     assert (s["loaded"], s["unsupported"], s["invalid"], s["duplicates"]) == (1, 0, 1, 0)
-    assert s["by_source"]["sigma"] == {"files": 2, "loaded": 1, "unsupported": 0, "invalid": 1}
+    assert s["by_source"]["sigma"] == {
+        "files": 2,
+        "loaded": 1,
+        "kept": 1,
+        "unsupported": 0,
+        "invalid": 1,
+    }
     assert sum(s["by_reason"].values()) == 1
     (prob,) = s["problems"]
     assert prob["kind"] == "invalid" and prob["path"] == str(rules_dir / "broken.yml")

@@ -30,6 +30,42 @@ def _run_serve(ns: argparse.Namespace) -> int:
     return main_serve(ns)
 
 
+def add_select_flags(p: argparse.ArgumentParser) -> None:
+    """The rule selection flags (``rules.select``, ``rules.exclude``, ``rules.building_blocks``);
+    each replaces the config's value for its key. Lists: repeat the flag or separate by commas."""
+    g = p.add_argument_group(
+        "rule selection", "which loaded rules are used; each flag replaces the config's value"
+    )
+    g.add_argument("--source", action="append", help="sigma, elastic (default: both)")
+    g.add_argument(
+        "--min-level",
+        help="lowest Sigma level / Elastic severity kept: informational (default), low, "
+        "medium, high, critical",
+    )
+    g.add_argument(
+        "--status",
+        action="append",
+        help="statuses kept: stable, test, experimental (default), deprecated, unsupported; "
+        "Elastic production = stable, development = experimental",
+    )
+    g.add_argument(
+        "--tag",
+        action="append",
+        help="keep rules with a matching tag or ATT&CK id (glob: T1059, attack.execution, "
+        "'detection.*')",
+    )
+    g.add_argument("--exclude-tag", action="append", help="leave out rules with a matching tag")
+    g.add_argument(
+        "--logsource",
+        action="append",
+        help="keep Sigma rules of this logsource: product=windows[,category=process_creation]",
+    )
+    g.add_argument("--exclude-logsource", action="append", help="leave out this Sigma logsource")
+    g.add_argument("--rule-type", action="append", help="Elastic rule types kept: query, eql, esql")
+    g.add_argument("--building-blocks", choices=["keep", "drop"], help="Elastic building blocks")
+    g.add_argument("--exclude", action="append", help="leave out rules by id or name (glob)")
+
+
 def _add_rules(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rules", help="load, check and compile detection rules")
     rsub = p.add_subparsers(dest="rules_cmd", required=True)
@@ -37,11 +73,13 @@ def _add_rules(sub: argparse._SubParsersAction) -> None:
     c.add_argument("paths", nargs="+")
     c.add_argument("--json", action="store_true", help="print one JSON summary object")
     c.add_argument("--vars", help="YAML map of Sigma |expand placeholders")
+    add_select_flags(c)
     c.set_defaults(func=_run_rules_check)
     k = rsub.add_parser("compile", help="compile rules into a pattern table file")
     k.add_argument("paths", nargs="+")
     k.add_argument("-o", "--output", required=True, help="table file to write")
     k.add_argument("--vars", help="YAML map of Sigma |expand placeholders")
+    add_select_flags(k)
     k.set_defaults(func=_run_rules_compile)
     _add_rules_ops(rsub)
 
@@ -128,6 +166,7 @@ def _add_match(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="add an 'explain' key to matched records: why each rule fired",
     )
+    add_select_flags(p)
     p.set_defaults(func=_run_match)
 
 
@@ -143,6 +182,8 @@ def _add_pipeline_cmds(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=_run_test)
     v = sub.add_parser("validate", help="check a pipeline config and its rules without starting")
     v.add_argument("configs", nargs="+")
+    v.add_argument("--json", action="store_true", help="print one JSON object")
+    add_select_flags(v)
     v.set_defaults(func=_run_validate)
 
 

@@ -76,7 +76,14 @@ def _load(ns: argparse.Namespace) -> Any:
             raise ConfigError(f"{ns.config}: no rules section")
         r = config.rules
         cache = Path(r.cache_dir) if r.cache_dir else None
-        table, result = compile_rules(list(r.paths), r.vars or None, cache, exclude=r.exclude)
+        table, result = compile_rules(
+            list(r.paths),
+            r.vars or None,
+            cache,
+            exclude=r.exclude,
+            building_blocks=r.building_blocks,
+            select=r.select,
+        )
     else:
         table, result = compile_rules(ns.rules, read_vars(ns.vars))
     print(

@@ -24,9 +24,11 @@ from typing import IO, Any, Protocol
 import msgpack
 import ujson
 
-from ruletag.commands.rules import read_vars, summary_line
+from ruletag.commands.rules import read_vars, selection_from_args, summary_line
 from ruletag.enrich.annotate import detection
+from ruletag.errors import ConfigError
 from ruletag.rules.loader import source_of
+from ruletag.rules.select import Selection
 
 # --------------------------------------------------------------------------- match
 
@@ -161,14 +163,27 @@ def dump_record(record: object) -> str:
         return json.dumps(record, ensure_ascii=False, default=_json_default)
 
 
-def _load_table(paths: Sequence[str], variables: dict[str, list[str]] | None) -> Any:
-    """A table file, or rule files/folders compiled (through the cache)."""
+def _load_table(
+    paths: Sequence[str],
+    variables: dict[str, list[str]] | None,
+    selection: Selection | None = None,
+) -> Any:
+    """A table file, or rule files/folders compiled (through the cache) with ``selection``."""
     from ruletag.rules.compiler import load
     from ruletag.rules.loader import compile_rules
 
+    sel = selection or Selection()
     if len(paths) == 1 and Path(paths[0]).is_file() and source_of(Path(paths[0])) is None:
+        if sel.key():
+            raise ConfigError("rule selection flags need rule files, not a compiled table")
         return load(Path(paths[0]))
-    table, result = compile_rules(paths, variables)
+    table, result = compile_rules(
+        paths,
+        variables,
+        exclude=sel.exclude,
+        building_blocks=sel.building_blocks,
+        select=sel.select,
+    )
     print(
         f"ruletag: rules: {summary_line(result)}" + (" [cached]" if result.cached else ""),
         file=sys.stderr,
@@ -181,7 +196,7 @@ def match(ns: argparse.Namespace) -> int:
     from ruletag.rules.matcher import Matcher
 
     variables = read_vars(ns.vars)  # a bad --vars file: ConfigError, exit 2 (cli.main)
-    table = _load_table(ns.rules, variables)
+    table = _load_table(ns.rules, variables, selection_from_args(ns))
     matcher = Matcher(table)
     annotations = [detection(r) for r in table.rules]
     only = bool(getattr(ns, "only_matches", False))

@@ -5,7 +5,8 @@ A config file is a YAML mapping with the sections ``listen`` (forward input), ``
 ``forward``; at least one of the two is required), ``log``, ``tests`` (run by ``ruletag
 test``, parsed by ``ruletag.commands.test``), ``rules`` (rule ``paths`` relative to the
 config file, or ``builtin:seeds`` for the bundled rules; ``vars``; ``cache_dir``;
-``reload_interval``), ``enrich`` (``key``, ``style: ruletag|ecs``, ``retag_prefix``),
+``reload_interval``; ``exclude``, ``building_blocks`` and ``select``: which rules the table
+keeps, see ``parse_select``), ``enrich`` (``key``, ``style: ruletag|ecs``, ``retag_prefix``),
 ``metrics`` (``listen: HOST:PORT``), and ``buffer`` (``type: memory|disk``, ``path``,
 ``max_size``, ``segment_size``, ``fsync: always|never``; see docs/reliability.md).
 Unknown keys are errors, and every error names its key path, e.g.
@@ -32,9 +33,15 @@ from ruletag.config.model import (
     DEFAULT_PORT,
     DEFAULT_RELOAD_INTERVAL,
     DEFAULT_TUNE_AFTER,
+    ELASTIC_RULE_TYPES,
     KIB,
+    LEVELS,
+    LOGSOURCE_KEYS,
+    MATURITY_STATUS,
     MAX_WORKERS,
     MIB,
+    RULE_SOURCES,
+    STATUSES,
     BufferConfig,
     Config,
     EnrichConfig,
@@ -48,6 +55,7 @@ from ruletag.config.model import (
     OutputConfig,
     OutputsConfig,
     RulesConfig,
+    SelectConfig,
     TestsConfig,
     User,
     builtin_rules_path,
@@ -127,6 +135,7 @@ _FORWARD: Final = ForwardConfig(servers=())
 _ENRICH: Final = EnrichConfig()
 _RULES: Final = RulesConfig(paths=())
 _BUFFER: Final = BufferConfig()
+_SELECT: Final = SelectConfig()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,6 +441,143 @@ def _rule_path(value: object, path: str, base: Path | None) -> str:
     return str(p)
 
 
+def _names(
+    value: object, path: str, choices: tuple[str, ...], aliases: Mapping[str, str] | None = None
+) -> tuple[str, ...]:
+    """A list of ``choices`` (or one string, comma-separated), lower-cased, each ``aliases``
+    key standing for its value, duplicates dropped."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(
+        isinstance(x, str) and x.strip() for x in items
+    ):
+        raise ConfigError(f"{path}: must be a list of: {', '.join(choices)}")
+    out = [x.strip().lower() for x in items]
+    out = [(aliases or {}).get(x, x) for x in out]
+    bad = [x for x in out if x not in choices]
+    if bad:
+        raise ConfigError(f"{path}: {bad[0]!r} is not one of {', '.join(choices)}")
+    return tuple(dict.fromkeys(out))
+
+
+def logsource_item(value: object, path: str) -> str:
+    """One logsource selector, a mapping or ``key=glob[,key=glob]`` over product/category/
+    service, in its canonical text form (keys in that order, values lower-cased)."""
+    pairs: dict[str, object] = {}
+    if isinstance(value, Mapping):
+        pairs = {str(k): v for k, v in value.items()}
+    elif isinstance(value, str) and value.strip():
+        for part in value.split(","):
+            key, eq, glob = part.partition("=")
+            if not eq:
+                raise ConfigError(f"{path}: {value!r}: want key=value (product, category, service)")
+            pairs[key.strip()] = glob.strip()
+    else:
+        raise ConfigError(f"{path}: must be a mapping or 'product=..,category=..,service=..'")
+    for key, got in pairs.items():
+        if key not in LOGSOURCE_KEYS:
+            raise ConfigError(f"{path}: {key!r} is not one of {', '.join(LOGSOURCE_KEYS)}")
+        if not isinstance(got, str) or not got:
+            raise ConfigError(f"{path}.{key}: must be a non-empty string")
+    if not pairs:
+        raise ConfigError(f"{path}: names none of {', '.join(LOGSOURCE_KEYS)}")
+    return ",".join(f"{k}={str(pairs[k]).lower()}" for k in LOGSOURCE_KEYS if k in pairs)
+
+
+def _include_exclude(
+    value: object, path: str, item: Any
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``{include: [...], exclude: [...]}``, or a plain list meaning ``include``."""
+    if isinstance(value, list | str):
+        value = {"include": value}
+    s = _Section(value, path)
+    lists = []
+    for key in ("include", "exclude"):
+        raw = s.raw(key, [])
+        if not isinstance(raw, list):
+            raw = [raw]
+        lists.append(tuple(dict.fromkeys(item(x, f"{path}.{key}[{i}]") for i, x in enumerate(raw))))
+    s.done()
+    return lists[0], lists[1]
+
+
+def _tag(value: object, path: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{path}: must be a tag or ATT&CK id (globs allowed)")
+    return value.strip()
+
+
+def parse_select(data: object, path: str = "rules.select") -> SelectConfig:
+    """The ``rules.select`` section (see ``SelectConfig``); errors name the key."""
+    s = _Section(data, path)
+    tags, exclude_tags = _include_exclude(s.raw("tags", {}), s.key("tags"), _tag)
+    logsource, exclude_logsource = _include_exclude(
+        s.raw("logsource", {}), s.key("logsource"), logsource_item
+    )
+    cfg = SelectConfig(
+        sources=_names(s.raw("sources", list(_SELECT.sources)), s.key("sources"), RULE_SOURCES),
+        min_level=s.choice("min_level", _SELECT.min_level, LEVELS),
+        status=_names(
+            s.raw("status", list(_SELECT.status)), s.key("status"), STATUSES, MATURITY_STATUS
+        ),
+        tags=tags,
+        exclude_tags=exclude_tags,
+        logsource=logsource,
+        exclude_logsource=exclude_logsource,
+        rule_types=_names(s.raw("rule_types", []), s.key("rule_types"), ELASTIC_RULE_TYPES),
+    )
+    s.done()
+    if not cfg.sources:
+        raise ConfigError(f"{s.key('sources')}: must name at least one of sigma, elastic")
+    if not cfg.status:
+        raise ConfigError(f"{s.key('status')}: must name at least one status")
+    return cfg
+
+
+def select_overrides(
+    base: SelectConfig,
+    *,
+    sources: list[str] | None = None,
+    min_level: str | None = None,
+    status: list[str] | None = None,
+    tags: list[str] | None = None,
+    exclude_tags: list[str] | None = None,
+    logsource: list[str] | None = None,
+    exclude_logsource: list[str] | None = None,
+    rule_types: list[str] | None = None,
+) -> SelectConfig:
+    """``base`` with the selection flags given on the command line replacing its values
+    (``--source``, ``--min-level``, ``--status``, ``--tag``, ``--exclude-tag``,
+    ``--logsource``, ``--exclude-logsource``, ``--rule-type``); lists may be comma-separated
+    and repeated. Errors name the flag."""
+    from dataclasses import replace
+
+    def flat(values: list[str]) -> list[str]:
+        return [x for v in values for x in v.split(",")]
+
+    changes: dict[str, Any] = {}
+    if sources is not None:
+        changes["sources"] = _names(flat(sources), "--source", RULE_SOURCES)
+    if min_level is not None:
+        if min_level.lower() not in LEVELS:
+            raise ConfigError(f"--min-level: must be one of {', '.join(LEVELS)}")
+        changes["min_level"] = min_level.lower()
+    if status is not None:
+        changes["status"] = _names(flat(status), "--status", STATUSES, MATURITY_STATUS)
+    if tags is not None:
+        changes["tags"] = tuple(_tag(t, "--tag") for t in tags)
+    if exclude_tags is not None:
+        changes["exclude_tags"] = tuple(_tag(t, "--exclude-tag") for t in exclude_tags)
+    if logsource is not None:
+        changes["logsource"] = tuple(logsource_item(x, "--logsource") for x in logsource)
+    if exclude_logsource is not None:
+        changes["exclude_logsource"] = tuple(
+            logsource_item(x, "--exclude-logsource") for x in exclude_logsource
+        )
+    if rule_types is not None:
+        changes["rule_types"] = _names(flat(rule_types), "--rule-type", ELASTIC_RULE_TYPES)
+    return replace(base, **changes)
+
+
 def _rules(data: object, base: Path | None) -> RulesConfig:
     s = _Section(data, "rules")
     raw_paths = s.raw("paths")
@@ -460,6 +606,7 @@ def _rules(data: object, base: Path | None) -> RulesConfig:
         reload_interval=s.duration("reload_interval", DEFAULT_RELOAD_INTERVAL),
         tune_after=s.int_("tune_after", DEFAULT_TUNE_AFTER, 0),
         building_blocks=s.choice("building_blocks", _RULES.building_blocks, ("keep", "drop")),
+        select=parse_select(s.raw("select"), "rules.select"),
     )
     s.done()
     return cfg

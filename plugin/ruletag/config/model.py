@@ -46,6 +46,17 @@ forward.entry_format               v1           v1 = ``[time, record]``; v2 keep
 rules.reload_interval              5 s          poll rule files for changes (0 = SIGHUP only)
 rules.exclude                      []           rule ids or names (globs) left out of the table
 rules.building_blocks              keep         drop = leave Elastic building-block rules out
+rules.select.sources               sigma,       rule front-ends kept
+                                   elastic
+rules.select.min_level             informa-     lowest Sigma ``level`` / Elastic ``severity``
+                                   tional       kept (all)
+rules.select.status                stable,      statuses kept: deprecated and unsupported
+                                   test,        rules are left out, as Hayabusa does; Elastic
+                                   experimental ``maturity`` production = stable,
+                                                development = experimental
+rules.select.tags                  all          include/exclude globs on tags and ATT&CK ids
+rules.select.logsource             all          include/exclude of Sigma product/category/service
+rules.select.rule_types            all          Elastic rule types kept (query, eql, esql, ...)
 enrich.key / enrich.style          detections   where (style ruletag) the detections go /
                                    / ruletag    ``ecs`` writes rule.*, threat.*, event.*
 metrics.listen                     127.0.0.1:   Prometheus /metrics and /health
@@ -207,6 +218,54 @@ def builtin_rules_path() -> str:
     return str(files("ruletag").joinpath("data", "rules"))
 
 
+#: Sigma ``level`` / Elastic ``severity`` values, lowest first (``rules.select.min_level``).
+LEVELS: Final = ("informational", "low", "medium", "high", "critical")
+#: Sigma ``status`` values, least trusted first (``rules.select.status``).
+STATUSES: Final = ("unsupported", "deprecated", "experimental", "test", "stable")
+#: Elastic ``maturity`` values as the Sigma status they are selected by.
+MATURITY_STATUS: Final = {
+    "production": "stable",
+    "development": "experimental",
+    "deprecated": "deprecated",
+}
+#: The status a rule without one is selected by (unreviewed: as a new rule).
+NO_STATUS: Final = "experimental"
+#: Statuses kept by default: every status but ``deprecated`` and ``unsupported``, the choice of
+#: Hayabusa (which loads those two only on request) and of the SigmaHQ release packages.
+DEFAULT_STATUS: Final = ("stable", "test", "experimental")
+RULE_SOURCES: Final = ("sigma", "elastic")
+#: Elastic rule ``type`` values (``rules.select.rule_types``).
+ELASTIC_RULE_TYPES: Final = (
+    "query",
+    "eql",
+    "esql",
+    "threshold",
+    "new_terms",
+    "threat_match",
+    "machine_learning",
+)
+LOGSOURCE_KEYS: Final = ("product", "category", "service")
+
+
+@dataclass(frozen=True, slots=True)
+class SelectConfig:
+    """``rules.select``: which loaded rules go into the table (``ruletag.rules.select``).
+
+    Tags, logsource items and rule types are globs/values; empty include lists keep everything.
+    Logsource items are ``key=glob[,key=glob]`` strings over product/category/service (Sigma
+    rules only); tags match Sigma tags, Elastic tags and ATT&CK tactic/technique ids.
+    """
+
+    sources: tuple[str, ...] = RULE_SOURCES
+    min_level: str = "informational"
+    status: tuple[str, ...] = DEFAULT_STATUS
+    tags: tuple[str, ...] = ()  # include: a rule needs one tag matching one of these
+    exclude_tags: tuple[str, ...] = ()
+    logsource: tuple[str, ...] = ()  # include: a Sigma rule needs to match one item
+    exclude_logsource: tuple[str, ...] = ()
+    rule_types: tuple[str, ...] = ()  # Elastic rule types kept; empty = all
+
+
 @dataclass(frozen=True, slots=True)
 class RulesConfig:
     """``rules``: rule files/folders (absolute), Sigma ``|expand`` variables, table cache."""
@@ -218,6 +277,7 @@ class RulesConfig:
     tune_after: int = DEFAULT_TUNE_AFTER  # re-pick pre-filter triggers after N records; 0 = never
     exclude: tuple[str, ...] = ()  # rule id / name globs left out of the table
     building_blocks: str = "keep"  # keep | drop: Elastic building-block rules in the table or not
+    select: SelectConfig = field(default_factory=SelectConfig)  # rules.select
 
 
 @dataclass(frozen=True, slots=True)

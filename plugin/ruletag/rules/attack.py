@@ -58,3 +58,10 @@ def tactic_by_id(tactic_id: str) -> Attack | None:
 def technique(technique_id: str) -> Attack | None:
     """``"T1218"`` or ``"T1218.011"`` (any case) -> the technique, or None."""
     return _techniques().get(technique_id.strip().upper())
+
+
+@cache
+def tactic_shortnames(tactic_id: str) -> tuple[str, ...]:
+    """Every shortname of a tactic: ``"TA0005"`` -> ``("defense-evasion", "stealth")``."""
+    tid = tactic_id.strip().upper()
+    return tuple(short for short, a in _tactics()[0].items() if a.id == tid)

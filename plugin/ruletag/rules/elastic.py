@@ -93,6 +93,8 @@ def load_elastic_file(path: Path) -> list[Rule]:
             modified=_iso_date(meta.get("updated_date") or meta.get("creation_date")),
             tags=tuple(str(t) for t in rule.get("tags") or ()),
             building_block=bool(rule.get("building_block_type")),
+            status=str(meta.get("maturity") or ""),
+            rule_type=str(rtype),
         )
     ]
 

@@ -243,6 +243,8 @@ class Rule:
     kind: Literal["event"] = "event"
     tags: tuple[str, ...] = field(default=())
     building_block: bool = False  # Elastic ``building_block_type``: an input to other rules
+    status: str = ""  # Sigma ``status`` / Elastic ``metadata.maturity``, as the file says it
+    rule_type: str = ""  # Elastic rule ``type`` (query, eql, esql, ...); "" for Sigma
 
 
 def fields_of(node: Node) -> set[str]:

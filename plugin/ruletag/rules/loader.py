@@ -7,20 +7,20 @@
   error: ...")`` for that file.
 * Duplicate rule ids: the newest copy (``Rule.modified``) is kept; on equal dates the one
   loaded last (later in path order) wins. Each dropped copy is reported.
-* :func:`compile_rules` caches the compiled table by a hash of (ruletag version, field map
-  version, variables, every file's path and bytes); the load report is stored beside it.
+* :func:`compile_rules` applies the rule selection (``ruletag.rules.select``: ``rules.select``,
+  ``rules.exclude``, ``rules.building_blocks``) and caches the compiled table by a hash of
+  (ruletag version, field map version, variables, selection, every file's path and bytes); the
+  load report is stored beside it.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import hashlib
 import json
 import logging
 import os
 import pickle
-import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -30,8 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
 from ruletag.rules.ir import Rule
+from ruletag.rules.select import Selection, SelectionReport
 
 if TYPE_CHECKING:
+    from ruletag.config.model import SelectConfig
     from ruletag.rules.compiler import CompiledTable
     from ruletag.rules.fields import FieldMap
 
@@ -59,6 +61,7 @@ class LoadResult:
     sources: dict[str, int] = field(default_factory=dict)  # rule files per front-end
     excluded: int = 0  # rules left out by ``rules.exclude``
     building_blocks: int = 0  # Elastic building-block rules left out (``rules.building_blocks``)
+    selection: SelectionReport | None = None  # what each selection filter left out
 
     @property
     def unsupported(self) -> list[RuleError]:
@@ -223,23 +226,21 @@ def load_rules(paths: Sequence[str | Path], variables: Variables | None = None) 
     )
 
 
-def exclude_rules(result: LoadResult, patterns: Sequence[str]) -> None:
-    """Drop from ``result`` the rules whose id or name matches a glob of ``patterns``
-    (case-sensitive ``fnmatch``); ``result.excluded`` counts them."""
-    if not patterns:  # an empty alternation would match every rule
-        return
-    rx = re.compile("|".join(fnmatch.translate(p) for p in patterns))
-    kept = [r for r in result.rules if not (rx.match(r.id) or rx.match(r.name))]
-    result.excluded += len(result.rules) - len(kept)
-    result.rules = kept
+def select_rules(result: LoadResult, selection: Selection) -> None:
+    """Keep in ``result`` only the rules ``selection`` keeps; record its report (and the
+    ``excluded`` / ``building_blocks`` counts)."""
+    result.rules, report = selection.apply(result.rules)
+    result.selection = report
+    result.excluded = report.left_out("exclude")
+    result.building_blocks = report.left_out("building_blocks")
 
 
-def drop_building_blocks(result: LoadResult) -> None:
-    """Drop from ``result`` the Elastic building-block rules (``building_block_type``, inputs
-    to other rules rather than alerts of their own); ``result.building_blocks`` counts them."""
-    kept = [r for r in result.rules if not r.building_block]
-    result.building_blocks += len(result.rules) - len(kept)
-    result.rules = kept
+def _selection(
+    select: SelectConfig | None, exclude: Sequence[str], building_blocks: str
+) -> Selection:
+    if select is None:
+        return Selection(exclude=tuple(exclude), building_blocks=building_blocks)
+    return Selection(select, tuple(exclude), building_blocks)
 
 
 # --------------------------------------------------------------------------- cache
@@ -276,6 +277,7 @@ def cache_key(
     digests: Digests | None = None,
     exclude: Sequence[str] = (),
     building_blocks: str = "keep",
+    select: SelectConfig | None = None,
 ) -> str:
     """Hash of everything a compiled table depends on (also the table's version).
 
@@ -289,10 +291,9 @@ def cache_key(
     h.update(f"fields {fieldmap_version}\0".encode())
     norm = {k: list(v) for k, v in sorted((variables or {}).items())}
     h.update(json.dumps(norm, sort_keys=True).encode() + b"\0")
-    if exclude:
-        h.update(json.dumps(sorted(exclude)).encode() + b"\0")
-    if building_blocks != "keep":
-        h.update(f"building_blocks {building_blocks}\0".encode())
+    selection = _selection(select, exclude, building_blocks).key()
+    if selection:
+        h.update(f"select {selection}\0".encode())
     for f in files:
         path = os.path.abspath(f)
         h.update(f"{path}\0{_file_digest(path, digests)}\0".encode())
@@ -344,6 +345,7 @@ def report_to_json(result: LoadResult) -> dict[str, Any]:
         "duplicates": result.duplicates,
         "excluded": result.excluded,
         "building_blocks": result.building_blocks,
+        "selection": result.selection.to_json() if result.selection is not None else None,
     }
 
 
@@ -383,6 +385,9 @@ def _read_cache(table_path: Path, report_path: Path) -> tuple[CompiledTable, Loa
         sources=dict(report.get("sources", {})),
         excluded=int(report.get("excluded", 0)),
         building_blocks=int(report.get("building_blocks", 0)),
+        selection=SelectionReport.from_json(report["selection"])
+        if report.get("selection")
+        else None,
     )
     return table, result
 
@@ -410,11 +415,13 @@ def compile_rules(
     use_cache: bool = True,
     exclude: Sequence[str] = (),
     building_blocks: str = "keep",
+    select: SelectConfig | None = None,
 ) -> tuple[CompiledTable, LoadResult]:
     """Load and compile ``paths``, or read the same table back from the cache.
 
-    Rules whose id or name matches one of the ``exclude`` glob patterns are left out, and
-    Elastic building-block rules when ``building_blocks`` is ``"drop"``.
+    Only the rules the selection keeps go into the table: ``select`` (``rules.select``; None =
+    the defaults), rules whose id or name matches one of the ``exclude`` glob patterns left
+    out, Elastic building-block rules too when ``building_blocks`` is ``"drop"``.
 
     The table's ``version`` is the cache key, so equal rule sets give equal versions.
     """
@@ -429,7 +436,7 @@ def compile_rules(
     if digests is not None and len(digests) > _MAX_DIGESTS:  # paths long gone pile up
         digests.clear()
     before = dict(digests) if digests is not None else None
-    key = cache_key(files, variables, fmap.version, digests, exclude, building_blocks)
+    key = cache_key(files, variables, fmap.version, digests, exclude, building_blocks, select)
     if digests is not None and digests != before:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -442,9 +449,7 @@ def compile_rules(
     if use_cache and (hit := _read_cache(table_path, report_path)) is not None:
         return hit
     result = load_rules(paths, variables)
-    exclude_rules(result, exclude)
-    if building_blocks == "drop":
-        drop_building_blocks(result)
+    select_rules(result, _selection(select, exclude, building_blocks))
     table = build(result.rules, fmap, key)
     if use_cache:
         _write_cache(table, result, table_path, report_path)

@@ -640,6 +640,7 @@ def _metadata(rule: SigmaRule, condition: Node, path: str, line: int, index: int
         logsource=Logsource(logsource.product, logsource.category, logsource.service),
         modified=stamp.isoformat() if stamp is not None else "",
         tags=tags,
+        status=str(rule.status) if rule.status is not None else "",
     )
 
 

@@ -145,6 +145,7 @@ def rule_loader(config: Config) -> Callable[[], tuple[CompiledTable, LoadResult]
         cache,
         exclude=rules.exclude,
         building_blocks=rules.building_blocks,
+        select=rules.select,
     )
 
 
@@ -187,6 +188,7 @@ class _Enrichment:
                 rules.cache_dir,
                 rules.exclude,
                 rules.building_blocks,
+                rules.select,
             ),
             rules.paths,
             interval=rules.reload_interval,
@@ -214,6 +216,8 @@ class _Enrichment:
                 "version": self.live.version,
             },
         )
+        if result.selection is not None and result.selection.loaded > result.selection.kept:
+            log.info("rules: %s", result.selection.text())
         if result.problems or result.duplicates:
             log.warning("rules: %s", problem_summary(result))
             for p in result.problems:

@@ -33,9 +33,11 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ruletag.config.model import SelectConfig
 from ruletag.enrich.filter import FilterStats, RuleFilter
 from ruletag.protocol import Chunk
 from ruletag.rules.compiler import CompiledTable
@@ -90,8 +92,19 @@ def refusal(result: LoadResult) -> str | None:
             if result.building_blocks
             else ""
         )
+        sel = result.selection
+        if sel is not None and sel.loaded > sel.kept:
+            left_out += f"; {sel.text()}"
         return f"no rule could be loaded ({problem_summary(result)}{left_out})"
     return None
+
+
+def select_from_json(data: Mapping[str, Any] | None) -> SelectConfig | None:
+    """A ``SelectConfig`` sent to the compiler child as JSON (lists back to tuples)."""
+    if data is None:
+        return None
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return SelectConfig(**fields)
 
 
 def _child_main() -> None:
@@ -107,6 +120,7 @@ def _child_main() -> None:
         cache,
         exclude=job["exclude"],
         building_blocks=job.get("building_blocks", "keep"),
+        select=select_from_json(job.get("select")),
     )
 
 
@@ -126,10 +140,12 @@ class SubprocessCompiler:
         cache_dir: str | Path | None = None,
         exclude: Sequence[str] = (),
         building_blocks: str = "keep",
+        select: SelectConfig | None = None,
     ) -> None:
         self.paths = [str(p) for p in paths]
         self.exclude = list(exclude)
         self.building_blocks = building_blocks
+        self.select = select
         self.variables = {k: list(v) for k, v in variables.items()} if variables else None
         self.cache_dir = str(cache_dir) if cache_dir is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -146,6 +162,7 @@ class SubprocessCompiler:
                 "cache_dir": self.cache_dir,
                 "exclude": self.exclude,
                 "building_blocks": self.building_blocks,
+                "select": asdict(self.select) if self.select is not None else None,
             }
         ).encode()
         with self._lock:
@@ -183,6 +200,7 @@ class SubprocessCompiler:
             cache,
             exclude=self.exclude,
             building_blocks=self.building_blocks,
+            select=self.select,
         )
 
     def kill(self) -> None:
