@@ -4,6 +4,7 @@ pre-filtered path (match_entries) with match(). Any disagreement is a bug in one
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Sequence
 
@@ -61,6 +62,9 @@ def _texts_of(leaf: Node, out: set[str]) -> None:
         out.update(t for t in leaf.pattern if isinstance(t, str))
     elif isinstance(leaf, Regex):
         out.add("".join(c for c in leaf.pattern if c.isalnum()))
+        # the words of a KQL text-field phrase, as a sentence
+        words = re.split(r"\\p[LN]|\\x\{[0-9a-f]+\}|\W+", leaf.pattern)
+        out.add(" ".join(w for w in words if w))
     for attr in ("value",):
         v = getattr(leaf, attr, None)
         if isinstance(v, int | float | bool):
