@@ -702,3 +702,13 @@ def test_corpus_rule_fixture(rel: str) -> None:
     assert not evaluate(rule.condition, FM.view(quiet)), "reference: quiet"
     assert index[rel] in table.match(fire)
     assert index[rel] not in table.match(quiet)
+
+
+def test_raw_prefilter_path_agrees() -> None:
+    """The pre-filtered msgpack path (``match_entries``) agrees with ``match`` and the
+    reference on every matching case and every fixture record."""
+    from test_differential import _check
+
+    _check(_table(), FM, [record for _, record, _ in CASES])
+    table, _ = _fixture_table()
+    _check(table, FM, [r for pair in FIXTURES.values() for r in pair])

@@ -18,8 +18,9 @@ type (``fieldtypes.py``) says:
 * ``text``, ``match_only_text``: analyzed by the standard analyzer. A quoted value is a
   phrase (its tokens, consecutive, in order); an unquoted one is a ``match`` query (any of its
   tokens); an unquoted wildcard value matches one token. Case-insensitive. Compiled to
-  :class:`Regex` over token boundaries (Unicode word characters, with ``. ' :`` joining
-  letters and ``. , ;`` joining digits as the standard tokenizer does).
+  :class:`Regex` over token boundaries (letters, digits and ``_`` form words; ``. ' :``
+  between letters and ``. , ;`` between digits join words into one token, as the standard
+  tokenizer does; the regexes treat every non-ASCII character as a word character).
 * numbers: :class:`Equals` and, for ranges, :class:`Compare`; ``boolean``: ``true`` /
   ``false``; ``ip``: :class:`Cidr` (an address or a CIDR network).
 * A multi-field (``process.command_line.text``) reads its parent's value with its own type.
@@ -393,19 +394,19 @@ def free_text(v: Lit) -> Node:
 
 # --------------------------------------------------------------------------- analyzed text
 
-#: Word characters of the standard tokenizer (letters, digits, ``_``), non-word, the
-#: characters that join two words into one token, and hard separators.
-_W = r"\pL\pN_"
-_N = rf"[^{_W}]"
-_JOIN = r".'\x{2019}:\x{b7},;"  # ASCII text, so Hyperscan can take the patterns
-_H = rf"[^{_W}{_JOIN}]"
-_PRE = rf"(?:^[{_JOIN}]?|{_H}|{_N}{_N})"
-_POST = rf"(?:[{_JOIN}]?$|{_H}|{_N}{_N})"
+#: Character classes of the token-boundary regexes, written with ASCII ranges only: Hyperscan
+#: compiles Unicode property classes (``\pL``) orders of magnitude slower. Non-word characters
+#: are the ASCII ones other than letters, digits and ``_`` (every non-ASCII character counts as
+#: a word character, right for letters); joiners ``' , . : ;`` make one token of the words
+#: around them; hard separators are the other non-word characters.
+_N = r"[\x00-\x2f\x3a-\x40\x5b-\x5e\x60\x7b-\x7f]"
+_JOIN = r"[\x27\x2c\x2e\x3a\x3b]"
+_H = r"[\x00-\x26\x28-\x2b\x2d\x2f\x3c-\x40\x5b-\x5e\x60\x7b-\x7f]"
+_PRE = rf"(?:^{_JOIN}?|{_H}|{_N}{_N})"
+_POST = rf"(?:{_JOIN}?$|{_H}|{_N}{_N})"
 _SEP = rf"(?:{_N}{_N}+|{_H})"
-_TOKEN_CHARS = rf"[{_W}{_JOIN}]"
-_TOKEN = re.compile(
-    r"\w+(?:(?:(?<=[^\W\d_])[:.'\u2019\u00b7](?=[^\W\d_])|(?<=\d)[.,;'\u2019](?=\d))\w+)*"
-)
+_TOKEN_CHARS = r"[^\x00-\x26\x28-\x2b\x2d\x2f\x3c-\x40\x5b-\x5e\x60\x7b-\x7f]"
+_TOKEN = re.compile(r"\w+(?:(?:(?<=[^\W\d_])[:.'](?=[^\W\d_])|(?<=\d)[.,;'](?=\d))\w+)*")
 _RE2_PUNCT = set(r"\.+*?()|[]{}^$-#&~/")
 
 
