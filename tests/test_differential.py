@@ -4,6 +4,7 @@ pre-filtered path (match_entries) with match(). Any disagreement is a bug in one
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,6 +75,9 @@ def _texts_of(leaf: Node, out: set[str]) -> None:
         out.update(t for t in leaf.pattern if isinstance(t, str))
     elif isinstance(leaf, Regex):
         out.add("".join(c for c in leaf.pattern if c.isalnum()))
+        # the words of a KQL text-field phrase, as a sentence
+        words = re.split(r"\\p[LN]|\\x\{[0-9a-f]+\}|\W+", leaf.pattern)
+        out.add(" ".join(w for w in words if w))
     elif isinstance(leaf, Predicate):  # the literals of computed comparisons (EQL, ES|QL)
         _literal_texts(leaf.left, out)
         for r in leaf.right if isinstance(leaf.right, tuple) else (leaf.right,):

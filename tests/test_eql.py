@@ -355,19 +355,25 @@ def test_metadata_with_subtechniques_and_creation_date(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kw", "reason"),
     [
-        ({"type": "query", "language": "kuery"}, "query language kuery is not supported"),
         ({"type": "query", "language": "lucene"}, "query language lucene is not supported"),
         (
             {"type": "esql", "language": "esql", "query": "from logs-* | stats n = count(*)"},
             "ES|QL STATS aggregates over many events (stateful)",
         ),
-        ({"type": "machine_learning"}, "elastic rule type machine_learning is not supported"),
+        (
+            {"type": "machine_learning"},
+            "elastic rule type machine_learning: needs an Elastic ML job",
+        ),
         (
             {"type": "new_terms", "language": "kuery"},
-            "elastic rule type new_terms is not supported",
+            "elastic rule type new_terms: stateful rules not supported yet",
         ),
-        ({"type": "threshold"}, "elastic rule type threshold is not supported"),
-        ({"type": "threat_match"}, "elastic rule type threat_match is not supported"),
+        ({"type": "threshold"}, "elastic rule type threshold: stateful rules not supported yet"),
+        (
+            {"type": "threat_match"},
+            "elastic rule type threat_match: indicator-match rules not supported yet",
+        ),
+        ({"type": "saved_query"}, "elastic rule type saved_query is not supported"),
         ({"maturity": "deprecated"}, "deprecated rule"),
     ],
 )

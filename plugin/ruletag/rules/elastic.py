@@ -1,8 +1,9 @@
 """Elastic detection-rules TOML files to ruletag IR.
 
 One file holds one rule: ``[metadata]`` and ``[rule]`` tables. EQL rules are translated by
-``eql.py``, ES|QL rules by ``esql.py``; other query languages, other rule types and
-deprecated rules raise UnsupportedRule with a short reason that groups well in load reports.
+``eql.py``, ES|QL rules by ``esql.py``, KQL (``kuery``) rules and their ``[[rule.filters]]``
+by ``kql.py``; other query languages, other rule types and deprecated rules raise
+UnsupportedRule with a short reason that groups well in load reports.
 """
 
 from __future__ import annotations
@@ -13,12 +14,21 @@ from pathlib import Path
 from typing import Any
 
 from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
+from ruletag.rules.algebra import and_
 from ruletag.rules.eql import parse_eql
 from ruletag.rules.esql import parse_esql
 from ruletag.rules.ir import DEFAULT_RISK_SCORE, Attack, Rule
+from ruletag.rules.kql import filters_condition, parse_kql
 
 #: Rule types whose ``language`` decides whether we can evaluate them.
 _QUERY_TYPES = {"eql", "query", "esql"}
+#: Rule types that need state across events (or an ML job), by the reason they are refused.
+_STATEFUL_TYPES = {
+    "new_terms": "elastic rule type new_terms: stateful rules not supported yet",
+    "threshold": "elastic rule type threshold: stateful rules not supported yet",
+    "threat_match": "elastic rule type threat_match: indicator-match rules not supported yet",
+    "machine_learning": "elastic rule type machine_learning: needs an Elastic ML job",
+}
 _SEVERITIES = {"informational", "low", "medium", "high", "critical"}
 _QUERY_LINE = re.compile(r"^\s*query\s*=\s*(.*)$")
 _DATE = re.compile(r"^(\d{4})[/-](\d{2})[/-](\d{2})$")
@@ -48,10 +58,12 @@ def load_elastic_file(path: Path) -> list[Rule]:
     if meta.get("maturity") == "deprecated" or "_deprecated" in path.parts:
         raise UnsupportedRule("deprecated rule", where, query_line)
     rtype = rule.get("type")
+    if rtype in _STATEFUL_TYPES:
+        raise UnsupportedRule(_STATEFUL_TYPES[str(rtype)], where, query_line)
     if rtype not in _QUERY_TYPES:
         raise UnsupportedRule(f"elastic rule type {rtype} is not supported", where, query_line)
     language = rule.get("language")
-    if language not in ("eql", "esql"):
+    if language not in ("eql", "esql", "kuery"):
         raise UnsupportedRule(f"query language {language} is not supported", where, query_line)
 
     query = rule.get("query")
@@ -63,12 +75,21 @@ def load_elastic_file(path: Path) -> list[Rule]:
     assert isinstance(query, str) and isinstance(rule_id, str) and isinstance(name, str)
 
     try:
-        # The FROM index patterns (parse_esql(...).indices) are not used yet, like the
-        # ``index`` of EQL rules.
-        condition = parse_esql(query).condition if language == "esql" else parse_eql(query)
+        # The index patterns (``index``, ES|QL's FROM) are not used yet.
+        if language == "eql":
+            condition = parse_eql(query)
+        elif language == "esql":
+            condition = parse_esql(query).condition
+        else:
+            condition = parse_kql(query)
     except RuleError as exc:
         line = query_start + (exc.line or 1) - 1
         raise type(exc)(exc.reason, where, line) from None
+    if language != "esql":  # Kibana applies a rule's filters to KQL and EQL queries
+        try:
+            condition = and_(condition, filters_condition(rule.get("filters"), query_line))
+        except RuleError as exc:
+            raise type(exc)(exc.reason, where, exc.line) from None
 
     severity = str(rule.get("severity", "medium")).lower()
     if severity not in _SEVERITIES:

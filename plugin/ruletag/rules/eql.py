@@ -18,6 +18,8 @@ grammar is ``eql.lark``; the semantics are Elasticsearch's (not the ``eql`` pack
   They become :class:`Regex` with the pattern translated to RE2 and wrapped as
   ``^(?:...)$``, flags ``"s"`` (Lucene's ``.`` matches newlines) plus ``"i"`` for ``~``.
   Lucene operators RE2 lacks (``~ & # <n-m>``) raise UnsupportedRule.
+* Field types (``fieldtypes.py``): equality (``==``, ``:``, ``in``) of an ``ip`` field with an
+  IP address is :class:`Cidr` (addresses compare as addresses, whatever their spelling).
 * ``?field`` (optional field) reads the field normally: a missing field matches no leaf.
 * Strings: ``"..."`` with escapes ``\\t \\b \\f \\n \\r \\" \\' \\\\ \\u{XXXX}``; raw
   ``\"\"\"...\"\"\"``. Single-quoted and ``?"..."`` strings are rejected, as ES does.
@@ -55,7 +57,7 @@ from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
 
 from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
-from ruletag.rules import functions
+from ruletag.rules import fieldtypes, functions
 from ruletag.rules.algebra import and_, not_, or_, tokens, wildcard_tokens
 from ruletag.rules.ir import (
     And,
@@ -294,11 +296,23 @@ def _text(v: Literal_) -> str:
     return str(v.value)
 
 
+def _ip_equal(f: str, text: str) -> Node | None:
+    """``Cidr(f, (text,))`` when ``f`` is mapped as ``ip`` and ``text`` an IP address: ES
+    compares ip fields as addresses (``::FFFF:1.2.3.4`` equals ``1.2.3.4``), not as text."""
+    if fieldtypes.type_of(f) != "ip":
+        return None
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return Cidr(f, (text,))
+
+
 def _equal_leaf(f: str, v: Literal_, cased: bool) -> Node:
     if v.value is None:
         return IsNull(f)
     if isinstance(v.value, str):
-        return Match(f, tokens(v.value), cased=cased)
+        return _ip_equal(f, v.value) or Match(f, tokens(v.value), cased=cased)
     return Equals(f, v.value)
 
 
@@ -437,7 +451,8 @@ class _Builder(Transformer):
                 *(
                     IsNull(lhs.field)
                     if t is None
-                    else Match(lhs.field, wildcard_tokens(t), cased=cased)
+                    else _ip_equal(lhs.field, t)
+                    or Match(lhs.field, wildcard_tokens(t), cased=cased)
                     for t in texts
                 )
             )
