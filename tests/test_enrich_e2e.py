@@ -390,8 +390,8 @@ def test_reloads_during_traffic_lose_nothing(arun, serve_process, tmp_path: Path
 def test_health_flips_during_shutdown_in_process(
     arun, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """``app.serve`` in-process: /health is 200 while serving, 503 once shutdown began."""
-    from ruletag.runtime.relay import serve
+    """``Relay.serve`` in-process: /health is 200 while serving, 503 once shutdown began."""
+    from ruletag.runtime.relay import Relay
 
     async def scenario() -> None:
         async with Sink(ack=False) as sink:
@@ -403,8 +403,8 @@ def test_health_flips_during_shutdown_in_process(
                           "reload_interval": 0},
                 "metrics": {"listen": "127.0.0.1:0"},
             })  # fmt: skip
-            stop = asyncio.Event()
-            task = asyncio.create_task(serve(cfg, stop))
+            relay = Relay(cfg)
+            task = asyncio.create_task(relay.serve())
             while not any("ruletag ready" in r.getMessage() for r in caplog.records):
                 assert not task.done(), task
                 await asyncio.sleep(0.02)
@@ -415,7 +415,7 @@ def test_health_flips_during_shutdown_in_process(
             src = await Source.connect(lport)
             cid = await src.send_chunk(make_chunk(TAG, [HIT]))
             await sink.wait_records(1)  # delivered, but the sink withholds its ack
-            stop.set()
+            relay.should_exit = True
             deadline = asyncio.get_running_loop().time() + 10
             while (health := await http_get(mport, "/health"))[0] == 200:  # until it stops
                 assert asyncio.get_running_loop().time() < deadline, "still healthy"
