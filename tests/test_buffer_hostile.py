@@ -20,9 +20,6 @@ from typing import Any
 import msgpack
 import pytest
 
-from conftest import FAST_FORWARD
-from peers import Sink, Source, eventually, make_chunk
-from reliability import report, rss_kib
 from ruletag.config.load import config_from_mapping
 from ruletag.delivery.buffer import DiskBuffer
 from ruletag.delivery.durable import DurablePipeline
@@ -30,6 +27,9 @@ from ruletag.protocol import Chunk
 from ruletag.runtime.metrics import Metrics, MetricsServer, health_of
 from ruletag.transport.forwarder import Forwarder
 from ruletag.transport.server import Server
+from support.peers import Sink, Source, eventually, make_chunk
+from support.reliability import report, rss_kib
+from support.servers import FAST_FORWARD
 
 
 @dataclass

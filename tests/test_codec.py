@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from codec_helpers import chunks, drain, feed_all, link
 from ruletag.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
 from ruletag.protocol import (
     NEED_DATA,
@@ -28,6 +27,7 @@ from ruletag.protocol import (
     iter_entries,
     new_chunk_id,
 )
+from support.codec import chunks, drain, feed_all, link
 
 ET = b"\xd7\x00" + struct.pack(">II", 1714564800, 7)  # EventTime fixext8
 # A record with a non-minimal map32 header, a str value and a bin value.

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from conftest import REPO
 from ruletag.cli import main
 from ruletag.config.load import (
     config_from_cli,
@@ -18,6 +17,7 @@ from ruletag.config.load import (
 )
 from ruletag.config.model import DEFAULT_MAX_FRAME_SIZE, ForwardTLS
 from ruletag.errors import ConfigError
+from support.paths import REPO
 
 MIN = {"forward": {"servers": [{"host": "127.0.0.1", "port": 24225}]}}
 

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import paths
-from paths import SEED_RULES, needs_corpus
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import Match, Node, Regex, Rule, Wild, fields_of
 from ruletag.rules.reference import reference_match
 from ruletag.rules.table import CompiledTable
+from support import paths
+from support.paths import SEED_RULES, needs_corpus
 from test_table import RULES
 
 

@@ -13,15 +13,15 @@ from typing import Any
 
 import pytest
 
-from conftest import FAST_FORWARD
-from peers import Sink, Source, eventually, make_chunk
-from reliability import report
 from ruletag.config.load import config_from_mapping
 from ruletag.delivery.buffer import DiskBuffer
 from ruletag.delivery.durable import DurablePipeline
 from ruletag.protocol import Chunk
 from ruletag.transport.forwarder import Forwarder
 from ruletag.transport.server import Server
+from support.peers import Sink, Source, eventually, make_chunk
+from support.reliability import report
+from support.servers import FAST_FORWARD
 
 
 def recs(i: int, n: int = 3) -> list[dict[str, Any]]:

@@ -24,8 +24,6 @@ import msgpack
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import CAPTURES, REPO
-from peers import Sink, Source, make_chunk
 from ruletag.config.load import (
     config_from_cli,
     config_from_mapping,
@@ -35,10 +33,12 @@ from ruletag.config.load import (
 from ruletag.config.model import BUILTIN_RULES, EnrichConfig, MetricsConfig, builtin_rules_path
 from ruletag.errors import ConfigError
 from ruletag.protocol import iter_entries
+from support.paths import CAPTURES
+from support.paths import SEED_RULES as SEEDS
+from support.peers import Sink, Source, make_chunk
+from support.seeds import EQL_ID, SIGMA_ID
+from support.seeds import SIGMA_HIT as HIT
 
-SEEDS = REPO / "plugin" / "ruletag" / "data" / "rules"
-SIGMA_ID = "c649a6c7-cd8c-4a78-9c04-000fc76df954"
-EQL_ID = "8e2485b6-a74f-411b-bf7f-38b819f3a846"
 TAG = "windows.events"
 #: Line 38: the real SigmaHQ rule says ``contains|all`` (see test_seed_rules.py).
 OVERRIDES = {38: [SIGMA_ID]}
@@ -288,14 +288,6 @@ def test_ecs_style_and_retag_from_config(arun, serve_process, tmp_path: Path) ->
 
 
 # --------------------------------------------------------------------------- reload
-
-
-HIT = {
-    "EventID": 3, "Channel": "Microsoft-Windows-Sysmon/Operational",
-    "Image": "C:\\Windows\\System32\\wuauclt.exe",
-    "CommandLine": "wuauclt.exe /UpdateDeploymentProvider x.dll /RunHandlerComServer",
-    "DestinationIp": "8.8.8.8", "Initiated": "true",
-}  # fmt: skip
 
 
 async def wait_metric(

@@ -23,11 +23,11 @@ import msgpack
 import pytest
 import yaml
 
-from conftest import ServeProcess, start_serve
-from peers import BackgroundLoop, Sink, pack_entries
-from reliability import report, rss_kib
 from ruletag import protocol
 from ruletag.protocol import Ack
+from support.peers import BackgroundLoop, Sink, pack_entries
+from support.reliability import report, rss_kib
+from support.servers import ServeProcess, start_serve
 
 pytestmark = pytest.mark.slow
 

@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from conftest import require
-from peers import BackgroundLoop, Sink, Source, make_chunk
 from ruletag.config.model import ForwardConfig, ForwardServer, ForwardTLS
 from ruletag.errors import AuthenticationError
 from ruletag.protocol import Chunk
 from ruletag.transport.forwarder import DeliveryError, Forwarder
+from support.peers import BackgroundLoop, Sink, Source, make_chunk
+from support.servers import require
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 HOST = "127.0.0.1"

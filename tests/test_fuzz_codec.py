@@ -22,7 +22,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reliability import report
 from ruletag.errors import RemoteProtocolError
 from ruletag.protocol import (
     NEED_DATA,
@@ -32,6 +31,7 @@ from ruletag.protocol import (
     ServerConnection,
     encode_chunk,
 )
+from support.reliability import report
 
 MAX_FRAME = 64 * 1024
 MAX_INFLATE = 64 * 1024

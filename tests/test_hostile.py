@@ -21,10 +21,10 @@ from typing import Any
 import msgpack
 import pytest
 
-from conftest import Certs, start_relay
-from peers import Sink, Source, eventually, make_chunk
-from reliability import report
 from ruletag.errors import AuthenticationError
+from support.peers import Sink, Source, eventually, make_chunk
+from support.reliability import report
+from support.servers import Certs, start_relay
 
 KEY = "hostile-key"
 USERS = [{"username": "alice", "password": "right"}]

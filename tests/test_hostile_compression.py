@@ -23,13 +23,13 @@ import msgpack
 import pytest
 import yaml
 
-from conftest import ServeProcess, start_relay
-from peers import BackgroundLoop, Sink, Source, make_chunk, pack_entries
-from reliability import report, rss_kib
 from ruletag import protocol
 from ruletag.config.load import config_from_mapping
 from ruletag.errors import ConfigError, RemoteProtocolError
 from ruletag.protocol import Ack, Chunk
+from support.peers import BackgroundLoop, Sink, Source, make_chunk, pack_entries
+from support.reliability import report, rss_kib
+from support.servers import ServeProcess, start_relay
 
 EMPTY_MEMBER = gzip.compress(b"", mtime=0)  # 20 bytes
 MIB = 1024 * 1024

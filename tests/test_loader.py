@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from paths import SEED_RULES, SIGMA_SEED
 from ruletag.enrich.annotate import detection
 from ruletag.errors import InvalidRule, UnsupportedRule
 from ruletag.rules import loader
@@ -22,10 +21,11 @@ from ruletag.rules.loader import (
     load_rules,
     rule_files,
 )
+from support.paths import SEED_RULES, SIGMA_SEED
+from support.seeds import EQL_ID as ELASTIC_ID
+from support.seeds import SIGMA_ID
 
 SEEDS = SEED_RULES
-SIGMA_ID = "c649a6c7-cd8c-4a78-9c04-000fc76df954"
-ELASTIC_ID = "8e2485b6-a74f-411b-bf7f-38b819f3a846"
 
 SIMPLE_SIGMA = """\
 title: Test rule {n}

@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import FAST_FORWARD
-from peers import Sink, Source, eventually, make_chunk
 from ruletag.config.load import config_from_mapping
 from ruletag.delivery.pipeline import Pipeline
 from ruletag.enrich.filter import RuleFilter
@@ -22,17 +20,12 @@ from ruletag.runtime.metrics import STAGES, Metrics, MetricsServer, health_of
 from ruletag.runtime.reload import LiveFilter, Reloader
 from ruletag.transport.forwarder import Forwarder
 from ruletag.transport.server import Server
+from support.paths import SEED_RULES as SEEDS
+from support.peers import Sink, Source, eventually, make_chunk
+from support.seeds import SIGMA_HIT as HIT
+from support.seeds import SIGMA_ID as SYSMON_RULE
+from support.servers import FAST_FORWARD
 
-REPO = Path(__file__).resolve().parents[1]
-SEEDS = REPO / "plugin" / "ruletag" / "data" / "rules"
-SYSMON_RULE = "c649a6c7-cd8c-4a78-9c04-000fc76df954"
-
-HIT = {
-    "EventID": 3, "Channel": "Microsoft-Windows-Sysmon/Operational",
-    "Image": "C:\\Windows\\System32\\wuauclt.exe",
-    "CommandLine": "wuauclt.exe /UpdateDeploymentProvider x.dll /RunHandlerComServer",
-    "DestinationIp": "8.8.8.8", "Initiated": "true",
-}  # fmt: skip
 MISS = {"log": "nothing to see here", "n": 1}
 
 

@@ -15,11 +15,11 @@ from typing import Any
 import msgpack
 import pytest
 
-from peers import Source, eventually, make_chunk
 from ruletag.config.load import config_from_mapping
 from ruletag.delivery.outputs import FanOut, FileOutput, StdoutOutput, chunk_lines, dump_json
 from ruletag.protocol import Chunk
 from ruletag.runtime.relay import Relay
+from support.peers import Source, eventually, make_chunk
 
 
 def _event_time(seconds: int, nanos: int) -> msgpack.ExtType:

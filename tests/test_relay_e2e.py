@@ -18,8 +18,9 @@ from typing import Any
 import msgpack
 import pytest
 
-from conftest import CAPTURES, REPO, start_relay
-from peers import Sink, Source, decode_entries, make_chunk
+from support.paths import CAPTURES, REPO
+from support.peers import Sink, Source, decode_entries, make_chunk
+from support.servers import start_relay
 
 HANDSHAKE_KEY = "fwd-secret-123"
 HANDSHAKE_USER = {"username": "edr-user", "password": "edr-pass-456"}

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from peers import decode_entries, make_chunk
 from ruletag.enrich.filter import RuleFilter
 from ruletag.errors import InvalidRule
 from ruletag.rules.loader import LoadResult, compile_rules
@@ -28,18 +27,12 @@ from ruletag.runtime.reload import (
     problem_summary,
     refusal,
 )
+from support.paths import ELASTIC_SEED as EQL
+from support.paths import SIGMA_SEED as SIGMA
+from support.peers import decode_entries, make_chunk
+from support.seeds import SIGMA_HIT as HIT
+from support.seeds import SIGMA_ID as SYSMON_RULE
 
-REPO = Path(__file__).resolve().parents[1]
-SEEDS = REPO / "plugin" / "ruletag" / "data" / "rules"
-SIGMA = SEEDS / "net_connection_win_wuauclt_network_connection.yml"
-EQL = SEEDS / "potential_wsus_abuse_for_lateral_movement.toml"
-SYSMON_RULE = "c649a6c7-cd8c-4a78-9c04-000fc76df954"
-HIT = {
-    "EventID": 3, "Channel": "Microsoft-Windows-Sysmon/Operational",
-    "Image": "C:\\Windows\\System32\\wuauclt.exe",
-    "CommandLine": "wuauclt.exe /UpdateDeploymentProvider x.dll /RunHandlerComServer",
-    "DestinationIp": "8.8.8.8", "Initiated": "true",
-}  # fmt: skip
 MISS = {"log": "plain"}
 
 

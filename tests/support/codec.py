@@ -10,8 +10,6 @@ from typing import Any
 
 import msgpack
 
-from paths import CAPTURE_DIRS
-from paths import CAPTURES as CAPTURES
 from ruletag.protocol import (
     NEED_DATA,
     Chunk,
@@ -21,6 +19,8 @@ from ruletag.protocol import (
     ServerConnection,
     iter_entries,
 )
+from support.paths import CAPTURE_DIRS
+from support.paths import CAPTURES as CAPTURES
 
 SHARED_KEY = b"fwd-secret-123"
 USERS = {b"edr-user": b"edr-pass-456"}
