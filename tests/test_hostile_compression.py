@@ -27,7 +27,7 @@ from ruletag import protocol
 from ruletag.config.load import config_from_mapping
 from ruletag.errors import ConfigError, RemoteProtocolError
 from ruletag.protocol import Ack, Chunk
-from support.peers import BackgroundLoop, Sink, Source, make_chunk, pack_entries
+from support.peers import BackgroundLoop, Sink, Source, make_chunk, pack_entries, read_acks
 from support.reliability import report, rss_kib
 from support.servers import ServeProcess, start_relay
 
@@ -332,13 +332,7 @@ class CompressedSender:
                 self.sent += 1
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
-        client = protocol.ClientConnection()
-        with contextlib.suppress(OSError, RemoteProtocolError):
-            while data := await reader.read(65536):
-                client.receive_data(data)
-                while (event := client.next_event()) is not protocol.NEED_DATA:
-                    if isinstance(event, Ack):
-                        self.acked.add(event.chunk_id)
+        await read_acks(reader, self.acked.add)
 
     async def stop(self) -> None:
         for task in self._tasks:

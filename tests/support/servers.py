@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 
 from ruletag.config.load import config_from_mapping
+from ruletag.delivery.buffer import DiskBuffer
+from ruletag.delivery.durable import DurablePipeline
 from ruletag.delivery.pipeline import Pipeline
 from ruletag.transport.forwarder import Forwarder
 from ruletag.transport.server import Server
@@ -48,15 +50,32 @@ def ruletag_script() -> Path:
     return RULETAG
 
 
-async def start_forwarder(port: int, **forward: Any) -> Forwarder:
-    """A started ``Forwarder`` to 127.0.0.1:``port`` with ``FAST_FORWARD`` retries."""
+@contextlib.asynccontextmanager
+async def durable_pipeline(
+    path: Path, port: int, *, forward: dict[str, Any] | None = None, **buffer: Any
+) -> AsyncIterator[DurablePipeline]:
+    """A started disk-mode pipeline (``DiskBuffer(path, **buffer)``, fast retries) whose
+    forwarder sends to 127.0.0.1:``port`` with ``FAST_FORWARD`` and a 1 s ack timeout."""
     cfg = config_from_mapping(
-        {"forward": {"servers": [{"host": "127.0.0.1", "port": port}], **FAST_FORWARD, **forward}}
+        {
+            "forward": {
+                "servers": [{"host": "127.0.0.1", "port": port}],
+                **FAST_FORWARD,
+                "ack_timeout": 1,
+                **(forward or {}),
+            }
+        }
     )
     assert cfg.forward is not None
-    forwarder = Forwarder(cfg.forward)
-    await forwarder.start()
-    return forwarder
+    fwd = Forwarder(cfg.forward)
+    await fwd.start()
+    pipe = DurablePipeline(fwd, DiskBuffer(path, **buffer), retry_min=0.05, retry_max=0.3)
+    try:
+        await pipe.start()
+        yield pipe
+    finally:
+        await pipe.close(timeout=0.5)
+        await fwd.close(timeout=0.5)
 
 
 @dataclass
@@ -120,7 +139,12 @@ class Certs:
     client_key: str
 
 
-def _openssl_selfsigned(cert: Path, key: Path, cn: str) -> None:
+def selfsigned_cert(cert: Path, key: Path, cn: str) -> None:
+    """A self-signed certificate for ``cn`` and 127.0.0.1, made with the openssl command."""
+    require(
+        shutil.which("openssl") is not None,
+        "the openssl command is needed to make test certificates",
+    )
     subprocess.run(
         [
             "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
@@ -133,12 +157,8 @@ def _openssl_selfsigned(cert: Path, key: Path, cn: str) -> None:
 
 def make_certs(folder: Path) -> Certs:
     """Self-signed certs made with the ``openssl`` command (``cryptography`` is not a dep)."""
-    require(
-        shutil.which("openssl") is not None,
-        "the openssl command is needed to make test certificates",
-    )
-    _openssl_selfsigned(folder / "server.pem", folder / "server.key", "localhost")
-    _openssl_selfsigned(folder / "client.pem", folder / "client.key", "client")
+    selfsigned_cert(folder / "server.pem", folder / "server.key", "localhost")
+    selfsigned_cert(folder / "client.pem", folder / "client.key", "client")
     return Certs(
         str(folder / "server.pem"),
         str(folder / "server.key"),
