@@ -90,34 +90,28 @@ class Metrics:
             registry=self.registry,
         )
         self._stage = {s: self.stage_seconds.labels(stage=s) for s in STAGES}
-        self.reloads = Counter(
-            f"{PREFIX}_rule_reloads",
+        registry = self.registry
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(f"{PREFIX}_{name}", doc, labels, registry=registry)
+
+        self.reloads = counter(
+            "rule_reloads",
             "Rule-set reloads by result (a failed reload keeps the previous rule set).",
-            ["result"],
-            registry=self.registry,
+            ("result",),
         )
         self._reload_ok = self.reloads.labels(result="ok")
         self._reload_failed = self.reloads.labels(result="failed")
         self.downstream_pending = Gauge(
             f"{PREFIX}_downstream_pending_chunks",
             "Chunks sent (or queued) to the downstream and not yet acknowledged.",
-            registry=self.registry,
+            registry=registry,
         )
-        self.records_out = Counter(
-            f"{PREFIX}_records_out",
-            "Records delivered (acked by every output).",
-            registry=self.registry,
+        self.records_out = counter("records_out", "Records delivered (acked by every output).")
+        self.bytes_out = counter(
+            "bytes_out", "Bytes of msgpack entries delivered (before framing)."
         )
-        self.bytes_out = Counter(
-            f"{PREFIX}_bytes_out",
-            "Bytes of msgpack entries delivered (before framing).",
-            registry=self.registry,
-        )
-        self.chunks_out = Counter(
-            f"{PREFIX}_chunks_out",
-            "Chunks delivered (acked by every output).",
-            registry=self.registry,
-        )
+        self.chunks_out = counter("chunks_out", "Chunks delivered (acked by every output).")
         self.server: Any = None
         self.forwarder: Any = None
         self.buffer: Any = None  # durable.BufferStats in disk mode
