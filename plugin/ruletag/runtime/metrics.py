@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "ruletag"
 STAGES = ("decode", "filter", "forward")
-#: Latency buckets (seconds): chunk work spans ~10 us (pass-through) to seconds (slow acks).
+#: Latency buckets (seconds): from microseconds (pass-through) to seconds (slow acks).
 LATENCY_BUCKETS = (
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
     0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
