@@ -1,6 +1,7 @@
 """Fixtures over the ``support`` package (``tests/support/``): ``arun`` for async scenarios,
 ``relay`` (an in-process relay), ``serve_process`` (``ruletag serve`` subprocesses), ``certs``,
-``node_peers``, and the line saying whether the whole-corpus tests ran.
+``node_peers``, ``fm`` (the default field mapping), and the line saying whether the
+whole-corpus tests ran.
 
 No pytest-asyncio: async scenarios run through the ``arun`` fixture (``asyncio.run`` with a
 hard timeout), and build relays with the ``relay`` fixture (an async context manager factory).
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from ruletag.rules.fields import FieldMap
 from support import paths
 from support.paths import JS_DIR
 from support.servers import (
@@ -49,6 +51,12 @@ def run_async(coro: Coroutine[Any, Any, Any], timeout: float = 30.0) -> Any:
 def arun() -> Callable[..., Any]:
     """``arun(coro, timeout=30)``: run an async scenario from a sync test."""
     return run_async
+
+
+@pytest.fixture(scope="session")
+def fm() -> FieldMap:
+    """The default field mapping."""
+    return FieldMap.default()
 
 
 @pytest.fixture

@@ -27,7 +27,8 @@ from ruletag.delivery.durable import DurablePipeline
 from ruletag.protocol import Chunk
 from ruletag.runtime.metrics import Metrics, MetricsServer, health_of
 from ruletag.transport.server import Server
-from support.peers import Sink, Source, eventually, make_chunk
+from support import servers
+from support.peers import Sink, Source, eventually, make_chunk, seqs
 from support.reliability import report, rss_kib
 from support.servers import durable_pipeline
 
@@ -69,19 +70,11 @@ async def disk_relay(path: Path, sink: Sink, **buffer: Any) -> AsyncIterator[Dis
 
 async def http_get(port: int, path: str) -> str:
     """The body of ``GET path`` on 127.0.0.1:port."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    data = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
-    return data.split(b"\r\n\r\n", 1)[1].decode()
+    return (await servers.http_get(port, path))[2].decode()
 
 
 def with_id(chunk: Chunk, chunk_id: bytes) -> Chunk:
     return Chunk(tag=chunk.tag, entries=chunk.entries, count=chunk.count, chunk_id=chunk_id)
-
-
-def seqs(sink: Sink) -> list[int]:
-    return [r["seq"] for r in sink.records]
 
 
 # -- item 7: chunk ids are not unique ----------------------------------------------------------

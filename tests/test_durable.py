@@ -17,7 +17,7 @@ from ruletag.delivery.buffer import DiskBuffer
 from ruletag.delivery.durable import DurablePipeline
 from ruletag.protocol import Chunk
 from ruletag.transport.server import Server
-from support.peers import Sink, Source, eventually, make_chunk
+from support.peers import Sink, Source, eventually, make_chunk, seqs
 from support.reliability import report
 from support.servers import durable_pipeline
 
@@ -37,10 +37,6 @@ def durable(
     return durable_pipeline(
         path, sink.port, forward=forward, max_bytes=max_bytes, segment_bytes=segment_bytes
     )
-
-
-def seqs(sink: Sink) -> list[int]:
-    return [r["seq"] for r in sink.records]
 
 
 def test_submit_returns_while_downstream_is_down_then_delivers(arun: Any, tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from ruletag.config.load import (
 from ruletag.config.model import BUILTIN_RULES, EnrichConfig, MetricsConfig, builtin_rules_path
 from ruletag.errors import ConfigError
 from ruletag.protocol import iter_entries
+from support import servers
 from support.paths import CAPTURES
 from support.paths import SEED_RULES as SEEDS
 from support.peers import Sink, Source, make_chunk
@@ -84,13 +85,8 @@ def unpack(entry: bytes) -> Any:
 
 
 async def http_get(port: int, path: str) -> tuple[int, str]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    await writer.drain()
-    raw = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body.decode()
+    status, _, body = await servers.http_get(port, path)
+    return status, body.decode()
 
 
 async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -19,11 +19,6 @@ DATA = Path(__file__).resolve().parent / "data"
 SYSMON = "Microsoft-Windows-Sysmon/Operational"
 
 
-@pytest.fixture(scope="module")
-def fm() -> FieldMap:
-    return FieldMap.default()
-
-
 def test_dotted_names_resolve_nested_dotted_and_mixed(fm: FieldMap) -> None:
     shapes = [
         {"process": {"parent": {"name": "x.exe"}}},

@@ -22,6 +22,7 @@ import msgpack
 import pytest
 
 from ruletag.errors import AuthenticationError
+from support.codec import pack
 from support.peers import Sink, Source, eventually, make_chunk
 from support.reliability import report
 from support.servers import Certs, start_relay
@@ -86,10 +87,6 @@ async def raw(port: int, data: bytes, *, handshake: bool = True) -> bytes:
         return await closed_by_server(reader)
     finally:
         writer.close()
-
-
-def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
 
 
 ATTACKS: dict[str, bytes] = {

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 import yaml
 
@@ -27,16 +26,13 @@ from ruletag import protocol
 from ruletag.config.load import config_from_mapping
 from ruletag.errors import ConfigError, RemoteProtocolError
 from ruletag.protocol import Ack, Chunk
+from support.codec import pack
 from support.peers import BackgroundLoop, Sink, Source, make_chunk, pack_entries, read_acks
 from support.reliability import report, rss_kib
 from support.servers import ServeProcess, start_relay
 
 EMPTY_MEMBER = gzip.compress(b"", mtime=0)  # 20 bytes
 MIB = 1024 * 1024
-
-
-def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
 
 
 def compressed_frame(payload: bytes, chunk_id: bytes | None = None, signal: int = 0) -> bytes:

@@ -24,24 +24,9 @@ from support.paths import SEED_RULES as SEEDS
 from support.peers import Sink, Source, eventually, make_chunk
 from support.seeds import SIGMA_HIT as HIT
 from support.seeds import SIGMA_ID as SYSMON_RULE
-from support.servers import FAST_FORWARD
+from support.servers import FAST_FORWARD, http_get
 
 MISS = {"log": "nothing to see here", "n": 1}
-
-
-async def http_get(port: int, path: str, accept: str = "") -> tuple[int, dict[str, str], bytes]:
-    """A bare HTTP/1.1 GET on 127.0.0.1 (status, lower-cased headers, body)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    extra = f"Accept: {accept}\r\n" if accept else ""
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
-    await writer.drain()
-    raw = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-    return status, headers, body
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -53,11 +53,6 @@ def capture_cases() -> list[tuple[int, dict, list[str], list[str]]]:
     return cases
 
 
-@pytest.fixture(scope="module")
-def fm() -> FieldMap:
-    return FieldMap.default()
-
-
 @pytest.mark.parametrize(("line", "record", "must", "must_not"), capture_cases())
 def test_seed_rules_on_capture_records(
     fm: FieldMap, line: int, record: dict, must: list[str], must_not: list[str]

@@ -29,7 +29,7 @@ from ruletag.runtime.reload import (
 )
 from support.paths import ELASTIC_SEED as EQL
 from support.paths import SIGMA_SEED as SIGMA
-from support.peers import decode_entries, make_chunk
+from support.peers import decode_entries, eventually, make_chunk
 from support.seeds import SIGMA_HIT as HIT
 from support.seeds import SIGMA_ID as SYSMON_RULE
 
@@ -57,13 +57,6 @@ def detections_of(live: LiveFilter, records: list[dict]) -> list[list[str]]:
         for c in out
         for e in decode_entries(c.entries)
     ]
-
-
-async def wait_for(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 def test_live_filter_without_rules_passes_chunks_through() -> None:
@@ -144,15 +137,15 @@ def test_file_change_triggers_reload(arun, rules_dir: Path, tmp_path: Path) -> N
         try:
             v1 = live.version
             shutil.copy(EQL, rules_dir / EQL.name)
-            await wait_for(lambda: live.rule_count == 2)
+            await eventually(lambda: live.rule_count == 2)
             assert live.version != v1 and rl.ok == 1
             # an edit that keeps size but changes mtime is seen too
             p = rules_dir / EQL.name
             st = p.stat()
             os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
-            await wait_for(lambda: rl.ok == 2)
+            await eventually(lambda: rl.ok == 2)
             (rules_dir / EQL.name).unlink()
-            await wait_for(lambda: live.rule_count == 1)
+            await eventually(lambda: live.rule_count == 1)
         finally:
             await rl.stop()
 
@@ -170,7 +163,7 @@ def test_sighup_reloads(arun, rules_dir: Path, tmp_path: Path) -> None:
         try:
             shutil.copy(EQL, rules_dir / EQL.name)
             os.kill(os.getpid(), signal.SIGHUP)
-            await wait_for(lambda: rl.ok == 1)
+            await eventually(lambda: rl.ok == 1)
             assert live.rule_count == 2
         finally:
             await rl.stop()
@@ -211,7 +204,7 @@ def test_requests_during_a_reload_coalesce_and_chunks_keep_flowing(
             await asyncio.sleep(0.01)
         shutil.copy(EQL, rules_dir / EQL.name)
         gate.set()
-        await wait_for(lambda: rl.ok == 2)
+        await eventually(lambda: rl.ok == 2)
         await rl.stop()
         assert calls == 3  # startup + the running reload + one for both queued requests
         assert live.rule_count == 2 and live.version != v1

@@ -63,6 +63,11 @@ class Capture:
         )
 
 
+def pack(obj: Any) -> bytes:
+    """``obj`` as msgpack, str and bin kept apart (as Fluent Bit sends them)."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
 def out_forward_captures() -> list[Capture]:
     """Every Fluent Bit out_forward capture (v4.2.8 and v5.1.1)."""
     found = []

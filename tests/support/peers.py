@@ -101,6 +101,11 @@ def make_chunk(
     return Chunk(tag=tag, entries=entries, count=count, v2=v2, size=len(entries))
 
 
+def seqs(sink: Sink) -> list[int]:
+    """The ``seq`` field of every record ``sink`` received, in arrival order."""
+    return [r["seq"] for r in sink.records]
+
+
 async def read_acks(reader: asyncio.StreamReader, on_ack: Callable[[bytes], None]) -> None:
     """Decode what a server sends on ``reader`` until EOF, calling ``on_ack(chunk_id)`` for
     every ack; any error ends it quietly (the caller judges by the acks it counted)."""

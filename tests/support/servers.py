@@ -1,9 +1,11 @@
 """Servers on 127.0.0.1 for the tests: an in-process relay (server -> pipeline -> forwarder ->
-``Sink``), a started ``Forwarder`` with fast retries, ``ruletag serve`` subprocesses, the
-``ruletag`` console script and self-signed certificates. Missing peers fail, never skip."""
+``Sink``), a disk-mode pipeline with fast retries, ``ruletag serve`` subprocesses, the
+``ruletag`` console script, self-signed certificates and a bare HTTP GET. A missing test peer
+fails the test (``require``), never skips it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -48,6 +50,21 @@ def ruletag_script() -> Path:
     """The ``ruletag`` console script; fails the test (never skips) when it is missing."""
     require(RULETAG.exists(), f"the ruletag console script is not installed at {RULETAG}")
     return RULETAG
+
+
+async def http_get(port: int, path: str, accept: str = "") -> tuple[int, dict[str, str], bytes]:
+    """A bare HTTP/1.1 GET on 127.0.0.1 (status, lower-cased headers, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    extra = f"Accept: {accept}\r\n" if accept else ""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    return status, headers, body
 
 
 @contextlib.asynccontextmanager
