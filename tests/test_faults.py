@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from ruletag import protocol
-from support.peers import BackgroundLoop, Sink, pack_entries, read_acks
+from support.peers import BackgroundLoop, Sink, cancel_all, pack_entries, read_acks
 from support.reliability import report, rss_kib
 from support.servers import ServeProcess, start_serve
 
@@ -117,11 +117,7 @@ class Streamer:
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_all(self._tasks)
         if self._writer is not None:
             self._writer.close()
 

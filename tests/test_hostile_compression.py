@@ -27,7 +27,15 @@ from ruletag.config.load import config_from_mapping
 from ruletag.errors import ConfigError, RemoteProtocolError
 from ruletag.protocol import Ack, Chunk
 from support.codec import pack
-from support.peers import BackgroundLoop, Sink, Source, make_chunk, pack_entries, read_acks
+from support.peers import (
+    BackgroundLoop,
+    Sink,
+    Source,
+    cancel_all,
+    make_chunk,
+    pack_entries,
+    read_acks,
+)
 from support.reliability import report, rss_kib
 from support.servers import ServeProcess, start_relay
 
@@ -331,11 +339,7 @@ class CompressedSender:
         await read_acks(reader, self.acked.add)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_all(self._tasks)
 
 
 def _relay_config(path: Path, sink_port: int) -> Path:

@@ -101,6 +101,16 @@ def make_chunk(
     return Chunk(tag=tag, entries=entries, count=count, v2=v2, size=len(entries))
 
 
+async def cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until each has ended (whatever it raised)."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(BaseException):
+            await task
+
+
 def seqs(sink: Sink) -> list[int]:
     """The ``seq`` field of every record ``sink`` received, in arrival order."""
     return [r["seq"] for r in sink.records]
