@@ -37,9 +37,9 @@ log = logging.getLogger(__name__)
 class Relay:
     """One relay built from ``config``: ``await Relay(config).serve()`` runs it to the end.
 
-    Setting ``should_exit`` (from a signal handler, a test or another task) makes ``serve()``
-    shut down gracefully. ``startup()`` and ``shutdown()`` can also be driven by hand, without
-    any signal handler.
+    Setting ``should_exit`` (from a signal handler, a test or another task on the relay's event
+    loop) makes ``serve()`` shut down gracefully. ``startup()`` and ``shutdown()`` can also be
+    driven by hand, without any signal handler.
     """
 
     def __init__(self, config: Config) -> None:
