@@ -7,7 +7,6 @@ import random
 import time
 from collections.abc import Sequence
 
-import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,6 +16,7 @@ from ruletag.rules.ir import Match, Node, Regex, Rule, Wild, fields_of
 from ruletag.rules.reference import reference_match
 from ruletag.rules.table import CompiledTable
 from support import paths
+from support.codec import pack_records
 from support.paths import SEED_RULES, needs_corpus
 from test_table import RULES
 
@@ -129,21 +129,11 @@ def records_from(fields: list[str], texts: list[str]) -> st.SearchStrategy[dict]
     return build()
 
 
-def _pack(records: list[dict]) -> tuple[bytes, list[tuple[int, int]]]:
-    buf = bytearray()
-    spans = []
-    for rec in records:
-        start = len(buf)
-        buf += msgpack.packb([0, rec])
-        spans.append((start, len(buf)))
-    return bytes(buf), spans
-
-
 def _check(table: CompiledTable, fm: FieldMap, records: list[dict]) -> None:
     for rec in records:
         got = [table.rules[i].id for i in table.match(rec)]
         assert got == reference_match(table.rules, rec, fm), rec
-    buf, spans = _pack(records)
+    buf, spans = pack_records(records)
     want = {k: table.match(r) for k, r in enumerate(records)}
     assert table.match_entries(buf, spans) == {k: v for k, v in want.items() if v}
 
@@ -176,7 +166,7 @@ def _tuned(table: CompiledTable, fields: list[str], texts: list[str], n: int) ->
     records = [
         {rng.choice(fields): rng.choice(texts) for _ in range(rng.randint(1, 6))} for _ in range(n)
     ]
-    buf, spans = _pack(records)
+    buf, spans = pack_records(records)
     table.set_tune_after(n)
     deadline = time.monotonic() + 120
     while "raw_tuned_on_records" not in table.stats:

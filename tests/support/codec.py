@@ -68,6 +68,22 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+def joined(entries: Iterable[bytes]) -> tuple[bytes, list[tuple[int, int]]]:
+    """Packed entries as one buffer, with each entry's ``(start, end)`` in it."""
+    buf = bytearray()
+    spans = []
+    for entry in entries:
+        spans.append((len(buf), len(buf) + len(entry)))
+        buf += entry
+    return bytes(buf), spans
+
+
+def pack_records(records: Iterable[Any], *, time: int = 0) -> tuple[bytes, list[tuple[int, int]]]:
+    """``[time, record]`` entries of ``records`` joined, with their spans (``match_entries``
+    input)."""
+    return joined(msgpack.packb([time, rec]) for rec in records)
+
+
 def out_forward_captures() -> list[Capture]:
     """Every Fluent Bit out_forward capture (v4.2.8 and v5.1.1)."""
     found = []
