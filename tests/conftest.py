@@ -1,6 +1,7 @@
-"""Shared fixtures: an in-process relay (server -> pipeline -> forwarder -> Sink), a ruletag
-subprocess, TLS certificates, the recorded captures (``tests/paths.py``), and the line
-saying whether the whole-corpus tests ran.
+"""Fixtures over the ``support`` package (``tests/support/``): ``arun`` for async scenarios,
+``relay`` (an in-process relay), ``serve_process`` (``ruletag serve`` subprocesses), ``certs``,
+``node_peers``, ``fm`` (the default field mapping), and the line saying whether the
+whole-corpus tests ran.
 
 No pytest-asyncio: async scenarios run through the ``arun`` fixture (``asyncio.run`` with a
 hard timeout), and build relays with the ``relay`` fixture (an async context manager factory).
@@ -10,34 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import re
 import shutil
-import signal
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
 
-import paths
-from peers import Sink
-from ruletag.config.load import config_from_mapping
-from ruletag.delivery.pipeline import Pipeline
-from ruletag.transport.forwarder import Forwarder
-from ruletag.transport.server import Server
-
-REPO = Path(__file__).resolve().parents[1]
-CAPTURES = paths.CAPTURES
-JS_DIR = REPO / "tests" / "js"
-
-#: Fast retries so outage tests finish in seconds.
-FAST_FORWARD = {"retry_backoff_base": 0.05, "retry_backoff_max": 0.3, "ack_timeout": 5}
+from ruletag.rules.fields import FieldMap
+from support import paths
+from support.paths import JS_DIR
+from support.servers import (
+    Certs,
+    Relay,
+    ServeProcess,
+    make_certs,
+    require,
+    start_relay,
+    start_serve,
+)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -62,54 +53,10 @@ def arun() -> Callable[..., Any]:
     return run_async
 
 
-@dataclass
-class Relay:
-    """A running in-process relay and its downstream sink."""
-
-    server: Server
-    forwarder: Forwarder
-    pipeline: Pipeline
-    sink: Sink
-
-    @property
-    def port(self) -> int:
-        return self.server.port
-
-
-@contextlib.asynccontextmanager
-async def start_relay(
-    listen: dict[str, Any] | None = None,
-    forward: dict[str, Any] | None = None,
-    *,
-    sink: Sink | None = None,
-    nonce: bytes | None = None,
-    auth_salt: bytes | None = None,
-) -> AsyncIterator[Relay]:
-    """Sink (started unless given running) <- Forwarder <- Pipeline <- Server on 127.0.0.1:0."""
-    own_sink = sink is None
-    if sink is None:
-        sink = Sink()
-    if own_sink or sink.port == 0:
-        await sink.start()
-    fdata: dict[str, Any] = {
-        "servers": [{"host": "127.0.0.1", "port": sink.port}],
-        **FAST_FORWARD,
-        **(forward or {}),
-    }
-    cfg = config_from_mapping(
-        {"listen": {"host": "127.0.0.1", "port": 0, **(listen or {})}, "forward": fdata}
-    )
-    forwarder = Forwarder(cfg.forward)
-    await forwarder.start()
-    pipeline = Pipeline(forwarder)
-    server = Server(cfg.listen, pipeline.submit, nonce=nonce, auth_salt=auth_salt)
-    await server.start()
-    try:
-        yield Relay(server, forwarder, pipeline, sink)
-    finally:
-        await server.stop(timeout=2.0)
-        await forwarder.close(timeout=2.0)
-        await sink.stop()
+@pytest.fixture(scope="session")
+def fm() -> FieldMap:
+    """The default field mapping."""
+    return FieldMap.default()
 
 
 @pytest.fixture
@@ -122,107 +69,16 @@ def node_available() -> bool:
     return shutil.which("node") is not None and (JS_DIR / "node_modules").is_dir()
 
 
-def require(ok: bool, what: str) -> None:
-    """Fail, never skip: `make setup` installs every test peer, so a missing one is a setup
-    error that must not pass silently."""
-    if not ok:
-        pytest.fail(f"{what} (run `make setup`)", pytrace=False)
-
-
 @pytest.fixture
 def node_peers() -> None:
     """The npm test peers (node and tests/js/node_modules) must be installed."""
     require(node_available(), "node or tests/js/node_modules is missing")
 
 
-@dataclass
-class Certs:
-    """A self-signed CA-less server cert (also usable as its own CA) and a client cert."""
-
-    cert: str
-    key: str
-    client_cert: str
-    client_key: str
-
-
-def _openssl_selfsigned(cert: Path, key: Path, cn: str) -> None:
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={cn}",
-            "-addext", f"subjectAltName=DNS:{cn},IP:127.0.0.1",
-        ],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-
-
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    """Self-signed certs made with the ``openssl`` command (``cryptography`` is not a dep)."""
-    require(
-        shutil.which("openssl") is not None,
-        "the openssl command is needed to make test certificates",
-    )
-    d = tmp_path_factory.mktemp("certs")
-    _openssl_selfsigned(d / "server.pem", d / "server.key", "localhost")
-    _openssl_selfsigned(d / "client.pem", d / "client.key", "client")
-    return Certs(
-        str(d / "server.pem"),
-        str(d / "server.key"),
-        str(d / "client.pem"),
-        str(d / "client.key"),
-    )
-
-
-@dataclass
-class ServeProcess:
-    """A ``ruletag serve`` subprocess; ``port`` parsed from its ready line."""
-
-    proc: subprocess.Popen[str]
-    port: int
-    lines: list[str]
-
-    def stop(self) -> str:
-        """SIGTERM the server; everything it printed (stdout and logs) up to ``stopped``."""
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=20)
-        deadline = time.monotonic() + 10
-        while not any("stopped" in ln for ln in self.lines) and time.monotonic() < deadline:
-            time.sleep(0.05)  # the reader thread is still draining the pipe
-        return "".join(self.lines)
-
-
-def _drain(proc: subprocess.Popen[str], lines: list[str]) -> None:
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line)
-
-
-def start_serve(args: list[str], timeout: float = 15.0) -> ServeProcess:
-    """Start ``python -m ruletag serve ARGS`` and wait for the line containing ``ready``."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ruletag", "serve", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
-    )  # fmt: skip
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if "ready" in line:
-            m = re.search(r"listening on \S*?:(\d+)", line)
-            assert m, line
-            # Keep reading what the server logs afterwards, so a chatty server never blocks
-            # on a full pipe; tests can still inspect ``lines``.
-            threading.Thread(target=_drain, args=(proc, lines), daemon=True).start()
-            return ServeProcess(proc, int(m.group(1)), lines)
-    proc.kill()
-    proc.wait(5)
-    raise AssertionError("ruletag serve did not become ready:\n" + "".join(lines))
+    """Self-signed server and client certificates (see ``support.servers.make_certs``)."""
+    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture

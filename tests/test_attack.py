@@ -6,9 +6,9 @@ import json
 import re
 from importlib import resources
 
-from paths import corpus, needs_corpus
 from ruletag.rules import attack
 from ruletag.rules.ir import Attack
+from support.paths import corpus, needs_corpus
 
 
 def test_tactic_shortnames_in_every_spelling() -> None:

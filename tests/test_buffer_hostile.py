@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import io
 import logging
 import os
 import shutil
@@ -20,16 +21,16 @@ from typing import Any
 import msgpack
 import pytest
 
-from conftest import FAST_FORWARD
-from peers import Sink, Source, eventually, make_chunk
-from reliability import report, rss_kib
-from ruletag.config.load import config_from_mapping
+from ruletag.config.model import ListenConfig
 from ruletag.delivery.buffer import DiskBuffer
 from ruletag.delivery.durable import DurablePipeline
 from ruletag.protocol import Chunk
 from ruletag.runtime.metrics import Metrics, MetricsServer, health_of
-from ruletag.transport.forwarder import Forwarder
 from ruletag.transport.server import Server
+from support import servers
+from support.peers import Sink, Source, eventually, make_chunk, seqs
+from support.reliability import report, rss_kib
+from support.servers import durable_pipeline
 
 
 @dataclass
@@ -48,56 +49,32 @@ class DiskRelay:
 @asynccontextmanager
 async def disk_relay(path: Path, sink: Sink, **buffer: Any) -> AsyncIterator[DiskRelay]:
     """A relay in disk mode on 127.0.0.1 whose downstream is ``sink`` (up or down)."""
-    cfg = config_from_mapping(
-        {
-            "listen": {"host": "127.0.0.1", "port": 0},
-            "forward": {
-                "servers": [{"host": "127.0.0.1", "port": sink.port}],
-                **FAST_FORWARD,
-                "ack_timeout": 1,
-            },
-        }
-    )
-    assert cfg.forward is not None
-    fwd = Forwarder(cfg.forward)
-    await fwd.start()
-    pipe = DurablePipeline(fwd, DiskBuffer(path, **buffer), retry_min=0.05, retry_max=0.3)
-    await pipe.start()
-    server = Server(cfg.listen, pipe.submit)
-    await server.start()
-    metrics = Metrics()
-    metrics.bind(
-        server=server,
-        forwarder=fwd,
-        buffer=pipe.stats,
-        health=health_of((lambda: server.listening, "listener not up")),
-    )
-    http = MetricsServer(metrics, "127.0.0.1", 0)
-    await http.start()
-    try:
-        yield DiskRelay(server, pipe, http)
-    finally:
-        await http.stop()
-        await server.stop(timeout=1)
-        await pipe.close(timeout=0.5)
-        await fwd.close(timeout=0.5)
+    async with durable_pipeline(path, sink.port, **buffer) as pipe:
+        server = Server(ListenConfig(host="127.0.0.1", port=0), pipe.submit)
+        await server.start()
+        metrics = Metrics()
+        metrics.bind(
+            server=server,
+            forwarder=pipe.forwarder,
+            buffer=pipe.stats,
+            health=health_of((lambda: server.listening, "listener not up")),
+        )
+        http = MetricsServer(metrics, "127.0.0.1", 0)
+        await http.start()
+        try:
+            yield DiskRelay(server, pipe, http)
+        finally:
+            await http.stop()
+            await server.stop(timeout=1)
 
 
 async def http_get(port: int, path: str) -> str:
     """The body of ``GET path`` on 127.0.0.1:port."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    data = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
-    return data.split(b"\r\n\r\n", 1)[1].decode()
+    return (await servers.http_get(port, path))[2].decode()
 
 
 def with_id(chunk: Chunk, chunk_id: bytes) -> Chunk:
     return Chunk(tag=chunk.tag, entries=chunk.entries, count=chunk.count, chunk_id=chunk_id)
-
-
-def seqs(sink: Sink) -> list[int]:
-    return [r["seq"] for r in sink.records]
 
 
 # -- item 7: chunk ids are not unique ----------------------------------------------------------
@@ -329,21 +306,51 @@ def test_full_flag_clears_when_the_waiting_chunk_goes_away(
     arun(scenario(), timeout=30)
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs (needs root or CAP_SYS_ADMIN; skipped with the reason otherwise)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
+SMALL_FS_BYTES = 2 << 20
+
+
+class _BudgetFile(io.FileIO):
+    """A segment file in a folder that behaves like a ``budget``-byte filesystem: a write
+    that does not fit is short, the next one fails with ENOSPC; freed files give space back."""
+
+    budget = SMALL_FS_BYTES
+
+    def write(self, data: Any) -> int:
+        folder = Path(self.name).parent
+        used = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        room = self.budget - used
+        if room <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+        return super().write(memoryview(data)[:room])
+
+
+def _mount_tmpfs(mnt: Path) -> str | None:
+    """Mount a 2 MiB tmpfs on ``mnt`` (root or CAP_SYS_ADMIN); None, or why it could not."""
     if shutil.which("mount") is None:
-        pytest.skip("no mount command: cannot make a small filesystem")
+        return "no mount command"
     proc = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
         capture_output=True,
         text=True,
         timeout=10,
     )
-    if proc.returncode != 0:
-        pytest.skip(f"mounting a 2 MiB tmpfs is not permitted here: {proc.stderr.strip()}")
+    return None if proc.returncode == 0 else proc.stderr.strip() or f"exit {proc.returncode}"
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A 2 MiB filesystem: a real tmpfs where it can be mounted (root, as in CI), otherwise a
+    folder whose segment files fail with ENOSPC past 2 MiB in all (never a skip)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    why = _mount_tmpfs(mnt)
+    if why is not None:
+        logging.getLogger(__name__).info("no tmpfs (%s): simulating a 2 MiB filesystem", why)
+        monkeypatch.setattr(
+            "ruletag.delivery.buffer._open_segment", lambda path: _BudgetFile(path, "ab")
+        )
+        yield mnt
+        return
     try:
         yield mnt
     finally:

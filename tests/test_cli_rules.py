@@ -6,19 +6,16 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import msgpack
 import pytest
 
-from paths import SEED_RULES, SIGMA_SEED
+from support.paths import SEED_RULES, SIGMA_SEED
+from support.seeds import SIGMA_ID
+from support.servers import ruletag_script
 
 SEEDS = SEED_RULES
-SIGMA_ID = "c649a6c7-cd8c-4a78-9c04-000fc76df954"
-RULETAG = Path(sys.executable).with_name("ruletag")
-
-pytestmark = pytest.mark.skipif(not RULETAG.exists(), reason="ruletag console script not installed")
 
 HIT = {
     "EventID": 3,
@@ -49,7 +46,12 @@ level: low
 def run(*args: str, stdin: bytes | None = None, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
     return subprocess.run(
-        [str(RULETAG), *args], input=stdin, capture_output=True, env=env, timeout=120, check=False
+        [str(ruletag_script()), *args],
+        input=stdin,
+        capture_output=True,
+        env=env,
+        timeout=120,
+        check=False,
     )
 
 

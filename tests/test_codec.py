@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from codec_helpers import chunks, drain, feed_all, link
 from ruletag.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
 from ruletag.protocol import (
     NEED_DATA,
@@ -28,14 +27,11 @@ from ruletag.protocol import (
     iter_entries,
     new_chunk_id,
 )
+from support.codec import chunks, drain, feed_all, link, pack
 
 ET = b"\xd7\x00" + struct.pack(">II", 1714564800, 7)  # EventTime fixext8
 # A record with a non-minimal map32 header, a str value and a bin value.
 RECORD = b"\xdf\x00\x00\x00\x02\xa3msg\xa2hi\xa3raw\xc4\x02\x00\xff"
-
-
-def pack(obj: object) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
 
 
 def decode_one(frame: bytes, **kwargs: object) -> Chunk:

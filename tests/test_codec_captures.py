@@ -12,18 +12,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from codec_helpers import (
-    CAPTURES,
-    SHARED_KEY,
-    Capture,
-    chunks,
-    drain,
-    feed_all,
-    in_forward_cases,
-    iter_entries,
-    out_forward_captures,
-    records,
-)
 from ruletag.errors import AuthenticationError, RemoteProtocolError
 from ruletag.protocol import (
     Ack,
@@ -34,6 +22,18 @@ from ruletag.protocol import (
     Heartbeat,
     Helo,
     ServerConnection,
+)
+from support.codec import (
+    CAPTURES,
+    SHARED_KEY,
+    Capture,
+    chunks,
+    drain,
+    feed_all,
+    in_forward_cases,
+    iter_entries,
+    out_forward_captures,
+    records,
 )
 
 CAPTURE_LIST = out_forward_captures()

@@ -14,7 +14,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from paths import SAMPLE
 from ruletag.errors import RuleError
 from ruletag.rules import attack
 from ruletag.rules.compiler import build
@@ -24,6 +23,7 @@ from ruletag.rules.ir import Attack, Rule
 from ruletag.rules.loader import load_rules
 from ruletag.rules.matcher import Matcher
 from ruletag.rules.sigma import load_sigma_file
+from support.paths import SAMPLE
 from test_differential import _check, _material, records_from
 
 MANIFEST: dict[str, dict[str, object]] = json.loads((SAMPLE / "MANIFEST.json").read_text())

@@ -9,13 +9,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import paths
-from paths import SEED_RULES, needs_corpus
 from ruletag.rules.compiler import build
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import (
@@ -32,6 +29,9 @@ from ruletag.rules.ir import (
 )
 from ruletag.rules.matcher import Matcher
 from ruletag.rules.reference import reference_match
+from support import paths
+from support.codec import pack_records
+from support.paths import SEED_RULES, needs_corpus
 from test_table import RULES
 
 
@@ -158,22 +158,12 @@ def records_from(fields: list[str], texts: list[str]) -> st.SearchStrategy[dict]
     return build()
 
 
-def _pack(records: list[dict]) -> tuple[bytes, list[tuple[int, int]]]:
-    buf = bytearray()
-    spans = []
-    for rec in records:
-        start = len(buf)
-        buf += msgpack.packb([0, rec])
-        spans.append((start, len(buf)))
-    return bytes(buf), spans
-
-
 def _check(table: Matcher, fm: FieldMap, records: list[dict]) -> None:
     rules = table.table.rules
     for rec in records:
         got = [rules[i].id for i in table.match(rec)]
         assert got == reference_match(rules, rec, fm), rec
-    buf, spans = _pack(records)
+    buf, spans = pack_records(records)
     want = {k: table.match(r) for k, r in enumerate(records)}
     assert table.match_entries(buf, spans) == {k: v for k, v in want.items() if v}
 
@@ -206,7 +196,7 @@ def _tuned(table: Matcher, fields: list[str], texts: list[str], n: int) -> Match
     records = [
         {rng.choice(fields): rng.choice(texts) for _ in range(rng.randint(1, 6))} for _ in range(n)
     ]
-    buf, spans = _pack(records)
+    buf, spans = pack_records(records)
     table.set_tune_after(n)
     deadline = time.monotonic() + 120
     while "raw_tuned_on_records" not in table.stats:

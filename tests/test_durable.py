@@ -4,64 +4,39 @@ a full buffer and ENOSPC hold acks instead of dropping. In-process, loopback soc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import FAST_FORWARD
-from peers import Sink, Source, eventually, make_chunk
-from reliability import report
 from ruletag.config.load import config_from_mapping
 from ruletag.delivery.buffer import DiskBuffer
 from ruletag.delivery.durable import DurablePipeline
 from ruletag.protocol import Chunk
-from ruletag.transport.forwarder import Forwarder
 from ruletag.transport.server import Server
+from support.peers import Sink, Source, eventually, make_chunk, seqs
+from support.reliability import report
+from support.servers import durable_pipeline
 
 
 def recs(i: int, n: int = 3) -> list[dict[str, Any]]:
     return [{"seq": i * 1000 + j, "msg": "x" * 50} for j in range(n)]
 
 
-@asynccontextmanager
-async def durable(
+def durable(
     path: Path,
     sink: Sink,
     *,
     max_bytes: int = 1 << 30,
     segment_bytes: int = 1 << 20,
     forward: dict[str, Any] | None = None,
-) -> AsyncIterator[DurablePipeline]:
-    cfg = config_from_mapping(
-        {
-            "forward": {
-                "servers": [{"host": "127.0.0.1", "port": sink.port}],
-                **FAST_FORWARD,
-                "ack_timeout": 1,
-                **(forward or {}),
-            }
-        }
+) -> contextlib.AbstractAsyncContextManager[DurablePipeline]:
+    return durable_pipeline(
+        path, sink.port, forward=forward, max_bytes=max_bytes, segment_bytes=segment_bytes
     )
-    assert cfg.forward is not None
-    fwd = Forwarder(cfg.forward)
-    await fwd.start()
-    buf = DiskBuffer(path, max_bytes=max_bytes, segment_bytes=segment_bytes)
-    pipe = DurablePipeline(fwd, buf, retry_min=0.05, retry_max=0.3)
-    await pipe.start()
-    try:
-        yield pipe
-    finally:
-        await pipe.close(timeout=0.5)
-        await fwd.close(timeout=0.5)
-
-
-def seqs(sink: Sink) -> list[int]:
-    return [r["seq"] for r in sink.records]
 
 
 def test_submit_returns_while_downstream_is_down_then_delivers(arun: Any, tmp_path: Path) -> None:

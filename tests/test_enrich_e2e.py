@@ -24,8 +24,6 @@ import msgpack
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import CAPTURES, REPO
-from peers import Sink, Source, make_chunk
 from ruletag.config.load import (
     config_from_cli,
     config_from_mapping,
@@ -35,10 +33,13 @@ from ruletag.config.load import (
 from ruletag.config.model import BUILTIN_RULES, EnrichConfig, MetricsConfig, builtin_rules_path
 from ruletag.errors import ConfigError
 from ruletag.protocol import iter_entries
+from support import servers
+from support.paths import CAPTURES
+from support.paths import SEED_RULES as SEEDS
+from support.peers import Sink, Source, make_chunk
+from support.seeds import EQL_ID, SIGMA_ID
+from support.seeds import SIGMA_HIT as HIT
 
-SEEDS = REPO / "plugin" / "ruletag" / "data" / "rules"
-SIGMA_ID = "c649a6c7-cd8c-4a78-9c04-000fc76df954"
-EQL_ID = "8e2485b6-a74f-411b-bf7f-38b819f3a846"
 TAG = "windows.events"
 #: Line 38: the real SigmaHQ rule says ``contains|all`` (see test_seed_rules.py).
 OVERRIDES = {38: [SIGMA_ID]}
@@ -84,13 +85,8 @@ def unpack(entry: bytes) -> Any:
 
 
 async def http_get(port: int, path: str) -> tuple[int, str]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    await writer.drain()
-    raw = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body.decode()
+    status, _, body = await servers.http_get(port, path)
+    return status, body.decode()
 
 
 async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -290,14 +286,6 @@ def test_ecs_style_and_retag_from_config(arun, serve_process, tmp_path: Path) ->
 # --------------------------------------------------------------------------- reload
 
 
-HIT = {
-    "EventID": 3, "Channel": "Microsoft-Windows-Sysmon/Operational",
-    "Image": "C:\\Windows\\System32\\wuauclt.exe",
-    "CommandLine": "wuauclt.exe /UpdateDeploymentProvider x.dll /RunHandlerComServer",
-    "DestinationIp": "8.8.8.8", "Initiated": "true",
-}  # fmt: skip
-
-
 async def wait_metric(
     port: int, key: tuple[str, tuple[tuple[str, str], ...]], value: float, timeout: float = 10.0
 ) -> None:
@@ -390,8 +378,8 @@ def test_reloads_during_traffic_lose_nothing(arun, serve_process, tmp_path: Path
 def test_health_flips_during_shutdown_in_process(
     arun, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """``app.serve`` in-process: /health is 200 while serving, 503 once shutdown began."""
-    from ruletag.runtime.relay import serve
+    """``Relay.serve`` in-process: /health is 200 while serving, 503 once shutdown began."""
+    from ruletag.runtime.relay import Relay
 
     async def scenario() -> None:
         async with Sink(ack=False) as sink:
@@ -403,8 +391,8 @@ def test_health_flips_during_shutdown_in_process(
                           "reload_interval": 0},
                 "metrics": {"listen": "127.0.0.1:0"},
             })  # fmt: skip
-            stop = asyncio.Event()
-            task = asyncio.create_task(serve(cfg, stop))
+            relay = Relay(cfg)
+            task = asyncio.create_task(relay.serve())
             while not any("ruletag ready" in r.getMessage() for r in caplog.records):
                 assert not task.done(), task
                 await asyncio.sleep(0.02)
@@ -415,7 +403,7 @@ def test_health_flips_during_shutdown_in_process(
             src = await Source.connect(lport)
             cid = await src.send_chunk(make_chunk(TAG, [HIT]))
             await sink.wait_records(1)  # delivered, but the sink withholds its ack
-            stop.set()
+            relay.should_exit = True
             deadline = asyncio.get_running_loop().time() + 10
             while (health := await http_get(mport, "/health"))[0] == 200:  # until it stops
                 assert asyncio.get_running_loop().time() < deadline, "still healthy"

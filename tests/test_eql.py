@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from paths import ELASTIC_SEED, corpus, needs_corpus
 from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
 from ruletag.rules.elastic import load_elastic_file
 from ruletag.rules.eql import lucene_to_re2, parse_eql
@@ -31,6 +30,8 @@ from ruletag.rules.ir import (
     Regex,
     Wild,
 )
+from support.paths import ELASTIC_SEED, corpus, needs_corpus
+from support.seeds import EQL_ID, EQL_NAME, eql_seed_condition
 
 SEED = ELASTIC_SEED
 ANY, ONE = Wild.ANY, Wild.ONE
@@ -266,26 +267,8 @@ def test_syntax_error_reports_line_inside_query() -> None:
 
 def test_seed_rule_loads_to_expected_ir() -> None:
     (rule,) = load_elastic_file(SEED)
-    assert rule.condition == And(
-        (
-            PROC,
-            Match("host.os.type", ("windows",), cased=True),
-            Match("event.type", ("start",), cased=True),
-            Match("process.parent.name", ("wuauclt.exe",)),
-            Match(
-                "process.executable",
-                (ONE, ":\\Windows\\SoftwareDistribution\\Download\\Install\\", ANY),
-            ),
-            Or(
-                (
-                    Match("process.name", ("psexec64.exe",)),
-                    Match("process.pe.original_file_name", ("psexec.c",)),
-                )
-            ),
-        )
-    )
-    assert rule.id == "8e2485b6-a74f-411b-bf7f-38b819f3a846"
-    assert rule.name == "Potential WSUS Abuse for Lateral Movement"
+    assert rule.condition == eql_seed_condition()
+    assert (rule.id, rule.name) == (EQL_ID, EQL_NAME)
     assert (rule.source, rule.severity, rule.risk_score) == ("elastic", "medium", 47)
     assert rule.author == ("Elastic",)
     assert rule.tactics == (Attack("TA0008", "Lateral Movement"),)

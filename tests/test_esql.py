@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from paths import SAMPLE
 from ruletag.errors import InvalidRule, UnsupportedRule
 from ruletag.rules.compiler import build
 from ruletag.rules.elastic import load_elastic_file
@@ -21,6 +20,7 @@ from ruletag.rules.ir import Const, Rule
 from ruletag.rules.javaregex import compile_java, dissect, grok_to_python
 from ruletag.rules.matcher import Matcher
 from ruletag.rules.reference import evaluate, reference_match
+from support.paths import SAMPLE
 
 FM = FieldMap.default()
 

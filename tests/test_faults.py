@@ -23,11 +23,10 @@ import msgpack
 import pytest
 import yaml
 
-from conftest import ServeProcess, start_serve
-from peers import BackgroundLoop, Sink, pack_entries
-from reliability import report, rss_kib
 from ruletag import protocol
-from ruletag.protocol import Ack
+from support.peers import BackgroundLoop, Sink, cancel_all, pack_entries, read_acks
+from support.reliability import report, rss_kib
+from support.servers import ServeProcess, start_serve
 
 pytestmark = pytest.mark.slow
 
@@ -72,16 +71,14 @@ class Streamer:
         self._tasks = [asyncio.get_running_loop().create_task(self._read(reader))]
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
-        client = protocol.ClientConnection()
-        with contextlib.suppress(OSError, Exception):
-            while data := await reader.read(65536):
-                client.receive_data(data)
-                while (event := client.next_event()) is not protocol.NEED_DATA:
-                    if isinstance(event, Ack) and event.chunk_id in self.chunks:
-                        if event.chunk_id not in self.acked:
-                            self.acked.add(event.chunk_id)
-                            self.bytes_acked += len(self.chunks[event.chunk_id][0])
-                        self._ack_event.set()
+        await read_acks(reader, self._on_ack)
+
+    def _on_ack(self, chunk_id: bytes) -> None:
+        if chunk_id in self.chunks:
+            if chunk_id not in self.acked:
+                self.acked.add(chunk_id)
+                self.bytes_acked += len(self.chunks[chunk_id][0])
+            self._ack_event.set()
 
     async def _write(self, chunk_id: bytes) -> None:
         assert self._writer is not None
@@ -120,11 +117,7 @@ class Streamer:
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_all(self._tasks)
         if self._writer is not None:
             self._writer.close()
 

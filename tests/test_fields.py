@@ -9,19 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paths import CAPTURES
 from ruletag.errors import ConfigError
 from ruletag.rules.fields import FieldMap, as_text, basename, flatten_record, resolve
 from ruletag.rules.ir import And, Equals, Exists, Logsource, Match, Node, Not, Or
 from ruletag.rules.reference import evaluate
+from support.paths import CAPTURES
 
 DATA = Path(__file__).resolve().parent / "data"
 SYSMON = "Microsoft-Windows-Sysmon/Operational"
-
-
-@pytest.fixture(scope="module")
-def fm() -> FieldMap:
-    return FieldMap.default()
 
 
 def test_dotted_names_resolve_nested_dotted_and_mixed(fm: FieldMap) -> None:

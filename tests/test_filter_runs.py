@@ -8,11 +8,11 @@ from typing import Any
 import msgpack
 import pytest
 
-from paths import CAPTURES, SEED_RULES
 from ruletag import protocol
 from ruletag.enrich.filter import RuleFilter
 from ruletag.protocol import Chunk
 from ruletag.rules.loader import compile_rules
+from support.paths import CAPTURES, SEED_RULES
 
 CAPTURE = CAPTURES / "windows-events.jsonl"
 EXPECTED = CAPTURES / "windows-events.expected.json"

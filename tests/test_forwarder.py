@@ -17,14 +17,14 @@ from typing import Any
 
 import pytest
 
-from conftest import require
-from peers import BackgroundLoop, Sink, Source, make_chunk
 from ruletag.config.model import ForwardConfig, ForwardServer, ForwardTLS
 from ruletag.errors import AuthenticationError
 from ruletag.protocol import Chunk
 from ruletag.transport.forwarder import DeliveryError, Forwarder
+from support.paths import JS_DIR
+from support.peers import BackgroundLoop, Sink, Source, make_chunk
+from support.servers import Certs, require, selfsigned_cert
 
-JS_DIR = Path(__file__).resolve().parent / "js"
 HOST = "127.0.0.1"
 
 
@@ -269,39 +269,10 @@ def test_shared_key_and_user_password() -> None:
     run(main())
 
 
-@pytest.fixture(scope="module")
-def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """A self-signed certificate for 127.0.0.1 / localhost, made with the openssl CLI."""
-    require(
-        shutil.which("openssl") is not None,
-        "the openssl command is needed to generate a test certificate",
-    )
-    d = tmp_path_factory.mktemp("tls")
-    cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return str(cert), str(key)
+@pytest.fixture
+def tls_cert(certs: Certs) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 / localhost."""
+    return certs.cert, certs.key
 
 
 def test_tls_with_verification(tls_cert: tuple[str, str], tmp_path: Path) -> None:
@@ -318,27 +289,7 @@ def test_tls_with_verification(tls_cert: tuple[str, str], tmp_path: Path) -> Non
             assert len(sink.records) == 2
 
             other = tmp_path / "other.pem"  # a CA that did not sign the server certificate
-            subprocess.run(
-                [
-                    "openssl",
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "rsa:2048",
-                    "-nodes",
-                    "-days",
-                    "1",
-                    "-keyout",
-                    str(tmp_path / "k.pem"),
-                    "-out",
-                    str(other),
-                    "-subj",
-                    "/CN=x",
-                ],
-                check=True,
-                capture_output=True,
-                timeout=60,
-            )
+            selfsigned_cert(other, tmp_path / "k.pem", "x")
             bad = ForwardTLS(enabled=True, ca_file=str(other))
             fw = await started(fconfig(server(sink.port, tls=bad, shared_key="k"), retry_limit=0))
             with pytest.raises(DeliveryError, match="CERTIFICATE_VERIFY_FAILED"):

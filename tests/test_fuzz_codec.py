@@ -22,7 +22,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reliability import report
 from ruletag.errors import RemoteProtocolError
 from ruletag.protocol import (
     NEED_DATA,
@@ -32,6 +31,8 @@ from ruletag.protocol import (
     ServerConnection,
     encode_chunk,
 )
+from support.codec import pack
+from support.reliability import report
 
 MAX_FRAME = 64 * 1024
 MAX_INFLATE = 64 * 1024
@@ -92,12 +93,8 @@ _options = st.one_of(
 _tags = st.one_of(st.text(max_size=12), _values)
 
 
-def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
-
-
 def _packed_entries(entries: list[Any]) -> bytes:
-    return b"".join(_pack(e) for e in entries)
+    return b"".join(pack(e) for e in entries)
 
 
 @st.composite
@@ -109,7 +106,7 @@ def messages(draw: st.DrawFn) -> bytes:
     if mode == "heartbeat":
         return b"\xc0"
     if mode == "any":
-        return _pack(draw(_values))
+        return pack(draw(_values))
     if mode == "message":
         msg: list[Any] = [tag, draw(_times), draw(_records)]
     elif mode == "forward":
@@ -121,7 +118,7 @@ def messages(draw: st.DrawFn) -> bytes:
         msg = [tag, payload]
     if option is not None or draw(st.booleans()):
         msg.append(option)
-    return _pack(msg)
+    return pack(msg)
 
 
 _mutation = st.tuples(
@@ -217,7 +214,7 @@ def server_inputs(draw: st.DrawFn) -> tuple[bytes, list[int], bool]:
 
 @st.composite
 def client_inputs(draw: st.DrawFn) -> tuple[bytes, list[int], bool]:
-    helo = _pack(
+    helo = pack(
         [
             "HELO",
             {
@@ -227,10 +224,10 @@ def client_inputs(draw: st.DrawFn) -> tuple[bytes, list[int], bool]:
             },
         ]
     )
-    pong = _pack(["PONG", draw(_values), draw(_values), draw(_values), draw(_values)])
-    acks = [_pack({"ack": draw(st.one_of(st.text(max_size=24), _values))}) for _ in range(2)]
+    pong = pack(["PONG", draw(_values), draw(_values), draw(_values), draw(_values)])
+    acks = [pack({"ack": draw(st.one_of(st.text(max_size=24), _values))}) for _ in range(2)]
     data = mutate(
-        helo + pong + b"".join(acks) + _pack(draw(_values)), draw(st.lists(_mutation, max_size=3))
+        helo + pong + b"".join(acks) + pack(draw(_values)), draw(st.lists(_mutation, max_size=3))
     )
     return data, draw(st.lists(st.integers(0, 1 << 16), max_size=3)), draw(st.booleans())
 
@@ -316,7 +313,7 @@ def test_generated_valid_messages_are_decoded() -> None:
     @settings(max_examples=100, **_SETTINGS)  # type: ignore[arg-type]
     @given(st.lists(st.dictionaries(st.text(max_size=8), ints, max_size=4), min_size=1, max_size=4))
     def prop(records: list[dict[str, int]]) -> None:
-        data = _pack(["tag", [[1, r] for r in records], {"chunk": "abc"}])
+        data = pack(["tag", [[1, r] for r in records], {"chunk": "abc"}])
         server = ServerConnection()
         server.receive_data(data)
         event = server.next_event()
@@ -344,8 +341,8 @@ def test_hostile_shapes_are_protocol_errors() -> None:
         "huge array header": b"\x92\xa1t\xdd\xff\xff\xff\xff",
         "invalid utf-8 tag": b"\x93\xa2\xff\xfe\x01\x80",
         "oversized bin": b"\x93\xa1t\xc6\x7f\xff\xff\xff" + b"\x00" * 100,
-        "gzip bomb": _pack(["t", gzip.compress(b"\x00" * (8 * MAX_INFLATE)), {}]),
-        "gzip of garbage": _pack(["t", b"\x1f\x8b" + b"\x00" * 30, {"compressed": "gzip"}]),
+        "gzip bomb": pack(["t", gzip.compress(b"\x00" * (8 * MAX_INFLATE)), {}]),
+        "gzip of garbage": pack(["t", b"\x1f\x8b" + b"\x00" * 30, {"compressed": "gzip"}]),
     }
     for name, data in cases.items():
         server = ServerConnection(max_frame_size=MAX_FRAME, max_inflate_size=MAX_INFLATE)
@@ -361,7 +358,7 @@ def test_huge_valid_map_is_accepted_within_frame_limit() -> None:
     """A record with many keys (a "huge map" that fits the frame limit) is not an error."""
     record = {f"k{i}": i for i in range(5000)}
     server = ServerConnection(max_frame_size=MAX_FRAME)
-    server.receive_data(_pack(["t", 1, record]))
+    server.receive_data(pack(["t", 1, record]))
     event = server.next_event()
     assert isinstance(event, Chunk) and event.count == 1
 

@@ -21,10 +21,11 @@ from typing import Any
 import msgpack
 import pytest
 
-from conftest import Certs, start_relay
-from peers import Sink, Source, eventually, make_chunk
-from reliability import report
 from ruletag.errors import AuthenticationError
+from support.codec import pack
+from support.peers import Sink, Source, eventually, make_chunk
+from support.reliability import report
+from support.servers import Certs, start_relay
 
 KEY = "hostile-key"
 USERS = [{"username": "alice", "password": "right"}]
@@ -86,10 +87,6 @@ async def raw(port: int, data: bytes, *, handshake: bool = True) -> bytes:
         return await closed_by_server(reader)
     finally:
         writer.close()
-
-
-def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
 
 
 ATTACKS: dict[str, bytes] = {

@@ -19,24 +19,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 import yaml
 
-from conftest import ServeProcess, start_relay
-from peers import BackgroundLoop, Sink, Source, make_chunk, pack_entries
-from reliability import report, rss_kib
 from ruletag import protocol
 from ruletag.config.load import config_from_mapping
 from ruletag.errors import ConfigError, RemoteProtocolError
 from ruletag.protocol import Ack, Chunk
+from support.codec import pack
+from support.peers import (
+    BackgroundLoop,
+    Sink,
+    Source,
+    cancel_all,
+    make_chunk,
+    pack_entries,
+    read_acks,
+)
+from support.reliability import report, rss_kib
+from support.servers import ServeProcess, start_relay
 
 EMPTY_MEMBER = gzip.compress(b"", mtime=0)  # 20 bytes
 MIB = 1024 * 1024
-
-
-def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
 
 
 def compressed_frame(payload: bytes, chunk_id: bytes | None = None, signal: int = 0) -> bytes:
@@ -332,20 +336,10 @@ class CompressedSender:
                 self.sent += 1
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
-        client = protocol.ClientConnection()
-        with contextlib.suppress(OSError, RemoteProtocolError):
-            while data := await reader.read(65536):
-                client.receive_data(data)
-                while (event := client.next_event()) is not protocol.NEED_DATA:
-                    if isinstance(event, Ack):
-                        self.acked.add(event.chunk_id)
+        await read_acks(reader, self.acked.add)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_all(self._tasks)
 
 
 def _relay_config(path: Path, sink_port: int) -> Path:

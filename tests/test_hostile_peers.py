@@ -22,26 +22,19 @@ from typing import Any
 import msgpack
 import pytest
 
-import ruletag
-from conftest import ServeProcess, start_relay
-from peers import Source, eventually, make_chunk, pack_entries
-from reliability import report, rss_kib
 from ruletag import protocol
 from ruletag.delivery.pipeline import apply_transform, slice_bounds
 from ruletag.enrich.filter import RuleFilter
 from ruletag.protocol import Chunk
 from ruletag.rules.loader import compile_rules
+from support.paths import SEED_RULES as SEEDS
+from support.peers import Source, eventually, make_chunk, pack_entries
+from support.reliability import report, rss_kib
+from support.seeds import SIGMA_HIT as HIT
+from support.servers import ServeProcess, start_relay
 
 KEY = "peers-key"
 MIB = 1024 * 1024
-SEEDS = Path(ruletag.__file__).parent / "data" / "rules"
-#: Matches the seed Sigma rule (Sysmon network connection of wuauclt).
-HIT = {
-    "EventID": 3, "Channel": "Microsoft-Windows-Sysmon/Operational",
-    "Image": "C:\\Windows\\System32\\wuauclt.exe",
-    "CommandLine": "wuauclt.exe /UpdateDeploymentProvider x.dll /RunHandlerComServer",
-    "DestinationIp": "8.8.8.8", "Initiated": "true",
-}  # fmt: skip
 
 
 class LightSink:

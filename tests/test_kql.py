@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from paths import SAMPLE
 from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
 from ruletag.rules import fieldtypes
 from ruletag.rules.compiler import build
@@ -39,6 +38,7 @@ from ruletag.rules.ir import (
 from ruletag.rules.kql import analyze, field_names, filters_condition, parse_kql
 from ruletag.rules.matcher import Matcher
 from ruletag.rules.reference import evaluate
+from support.paths import SAMPLE
 
 ANY = Wild.ANY
 FM = FieldMap.default()

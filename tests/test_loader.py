@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from paths import SAMPLE, SEED_RULES, SIGMA_SEED
 from ruletag.enrich.annotate import detection
 from ruletag.errors import InvalidRule, UnsupportedRule
 from ruletag.rules import loader
@@ -23,10 +22,11 @@ from ruletag.rules.loader import (
     rule_files,
 )
 from ruletag.rules.matcher import Matcher
+from support.paths import SAMPLE, SEED_RULES, SIGMA_SEED
+from support.seeds import EQL_ID as ELASTIC_ID
+from support.seeds import SIGMA_ID
 
 SEEDS = SEED_RULES
-SIGMA_ID = "c649a6c7-cd8c-4a78-9c04-000fc76df954"
-ELASTIC_ID = "8e2485b6-a74f-411b-bf7f-38b819f3a846"
 
 SIMPLE_SIGMA = """\
 title: Test rule {n}

@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import FAST_FORWARD
-from peers import Sink, Source, eventually, make_chunk
 from ruletag.config.load import config_from_mapping
 from ruletag.delivery.pipeline import Pipeline
 from ruletag.enrich.filter import RuleFilter
@@ -22,33 +20,13 @@ from ruletag.runtime.metrics import STAGES, Metrics, MetricsServer, health_of
 from ruletag.runtime.reload import LiveFilter, Reloader
 from ruletag.transport.forwarder import Forwarder
 from ruletag.transport.server import Server
+from support.paths import SEED_RULES as SEEDS
+from support.peers import Sink, Source, eventually, make_chunk
+from support.seeds import SIGMA_HIT as HIT
+from support.seeds import SIGMA_ID as SYSMON_RULE
+from support.servers import FAST_FORWARD, http_get
 
-REPO = Path(__file__).resolve().parents[1]
-SEEDS = REPO / "plugin" / "ruletag" / "data" / "rules"
-SYSMON_RULE = "c649a6c7-cd8c-4a78-9c04-000fc76df954"
-
-HIT = {
-    "EventID": 3, "Channel": "Microsoft-Windows-Sysmon/Operational",
-    "Image": "C:\\Windows\\System32\\wuauclt.exe",
-    "CommandLine": "wuauclt.exe /UpdateDeploymentProvider x.dll /RunHandlerComServer",
-    "DestinationIp": "8.8.8.8", "Initiated": "true",
-}  # fmt: skip
 MISS = {"log": "nothing to see here", "n": 1}
-
-
-async def http_get(port: int, path: str, accept: str = "") -> tuple[int, dict[str, str], bytes]:
-    """A bare HTTP/1.1 GET on 127.0.0.1 (status, lower-cased headers, body)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    extra = f"Accept: {accept}\r\n" if accept else ""
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
-    await writer.drain()
-    raw = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-    return status, headers, body
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
-from conftest import JS_DIR, start_relay
 from ruletag.config.load import config_from_mapping
 from ruletag.delivery.pipeline import Pipeline
 from ruletag.transport.forwarder import Forwarder
 from ruletag.transport.server import Server
+from support.paths import JS_DIR
+from support.servers import start_relay
 
 pytestmark = pytest.mark.usefixtures("node_peers")
 

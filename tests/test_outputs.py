@@ -15,11 +15,11 @@ from typing import Any
 import msgpack
 import pytest
 
-from peers import Source, eventually, make_chunk
 from ruletag.config.load import config_from_mapping
 from ruletag.delivery.outputs import FanOut, FileOutput, StdoutOutput, chunk_lines, dump_json
 from ruletag.protocol import Chunk
-from ruletag.runtime.relay import serve
+from ruletag.runtime.relay import Relay
+from support.peers import Source, eventually, make_chunk
 
 
 def _event_time(seconds: int, nanos: int) -> msgpack.ExtType:
@@ -153,7 +153,7 @@ def test_serve_with_a_bad_output_path_cleans_up(tmp_path: Path) -> None:
 
     async def scenario() -> bool:
         with pytest.raises(OSError):
-            await serve(cfg, asyncio.Event())
+            await Relay(cfg).serve()
         return asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
 
     assert asyncio.run(asyncio.wait_for(scenario(), 30)) is False  # handler removed

@@ -12,15 +12,15 @@ from typing import Any
 import pytest
 import yaml
 
-from peers import Source, make_chunk
 from ruletag.commands.test import lookup, parse_tests
 from ruletag.errors import ConfigError
+from support.paths import SEED_RULES
+from support.peers import Source, make_chunk
+from support.seeds import EQL_ID as WSUS
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = sorted((REPO / "pipelines").glob("*.yaml"))
 FLUENT_BIT = REPO / "pipelines" / "fluent-bit"
-SEED_RULES = REPO / "plugin" / "ruletag" / "data" / "rules"
-WSUS = "8e2485b6-a74f-411b-bf7f-38b819f3a846"
 
 
 def _ruletag(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:

@@ -21,14 +21,15 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import REPO, start_relay, start_serve
-from peers import Sink, Source, decode_entries, make_chunk
-from reliability import report
 from ruletag import protocol
 from ruletag.config.model import ForwardConfig, ForwardServer
 from ruletag.protocol import Chunk
 from ruletag.transport import deadletter
 from ruletag.transport.forwarder import Forwarder
+from support.paths import REPO
+from support.peers import Sink, Source, decode_entries, make_chunk
+from support.reliability import report
+from support.servers import start_relay, start_serve
 
 MARKER = "POISON-7f3a1c"
 RECORDS_PER_CHUNK = 10

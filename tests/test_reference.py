@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from paths import CAPTURES
 from ruletag.rules import functions
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import (
@@ -22,113 +21,21 @@ from ruletag.rules.ir import (
     FieldValue,
     IsNull,
     Literal_,
-    Logsource,
     Match,
     Node,
     Not,
     Or,
     Predicate,
     Regex,
-    Rule,
     Wild,
 )
 from ruletag.rules.reference import evaluate, reference_match
+from support.paths import CAPTURES
+from support.seeds import EQL_ID, SIGMA_ID, eql_seed, sigma_seed
 
 DATA = Path(__file__).resolve().parent / "data"
 
-EQL_ID = "8e2485b6-a74f-411b-bf7f-38b819f3a846"
-SIGMA_ID = "c649a6c7-cd8c-4a78-9c04-000fc76df954"
 ANY, ONE = Wild.ANY, Wild.ONE
-
-
-def contains(field: str, text: str) -> Match:
-    return Match(field, (ANY, text, ANY))
-
-
-def sigma_seed(winsxs_all: bool = False) -> Rule:
-    """Hand-built IR of the Sigma seed as rendered in seeds/004 (the expected file's reading).
-
-    The rendering flattens ``filter_main_winsxs`` (``contains|all`` in the YAML) into two
-    separate filters; ``winsxs_all=True`` builds the YAML's AND instead.
-    """
-    selection = And(
-        (contains("Image", "wuauclt"), contains("CommandLine", " /RunHandlerComServer"))
-    )
-    ip = Cidr(
-        "DestinationIp",
-        (
-            "127.0.0.0/8",
-            "10.0.0.0/8",
-            "169.254.0.0/16",
-            "172.16.0.0/12",
-            "192.168.0.0/16",
-            "::1/128",
-            "fe80::/10",
-            "fc00::/7",
-        ),
-    )
-    msrange = Cidr(
-        "DestinationIp",
-        (
-            "20.184.0.0/13",
-            "20.192.0.0/10",
-            "23.79.0.0/16",
-            "51.10.0.0/15",
-            "51.103.0.0/16",
-            "51.104.0.0/15",
-            "52.224.0.0/11",
-        ),
-    )
-    uus = Or(
-        (
-            contains(
-                "CommandLine",
-                ":\\Windows\\UUS\\Packages\\Preview\\amd64\\updatedeploy.dll /ClassId",
-            ),
-            contains("CommandLine", ":\\Windows\\UUS\\amd64\\UpdateDeploy.dll /ClassId"),
-        )
-    )
-    winsxs_parts = (
-        contains("CommandLine", ":\\Windows\\WinSxS\\"),
-        contains("CommandLine", "\\UpdateDeploy.dll /ClassId "),
-    )
-    winsxs = And(winsxs_parts) if winsxs_all else Or(winsxs_parts)
-    filters = Or((ip, msrange, uus, winsxs, IsNull("CommandLine"), Match("CommandLine", ())))
-    return Rule(
-        id=SIGMA_ID,
-        name="Potentially Suspicious Wuauclt Network Connection",
-        source="sigma",
-        condition=And((selection, Not(filters))),
-        logsource=Logsource(product="windows", category="network_connection"),
-    )
-
-
-def eql_seed() -> Rule:
-    """Hand-built IR of potential_wsus_abuse_for_lateral_movement.toml."""
-    cond = And(
-        (
-            Match("event.category", ("process",), cased=True),
-            Match("host.os.type", ("windows",), cased=True),
-            Match("event.type", ("start",), cased=True),
-            Match("process.parent.name", ("wuauclt.exe",)),
-            Match(
-                "process.executable",
-                (ONE, ":\\Windows\\SoftwareDistribution\\Download\\Install\\", ANY),
-            ),
-            Or(
-                (
-                    Match("process.name", ("psexec64.exe",)),
-                    Match("process.pe.original_file_name", ("psexec.c",)),
-                )
-            ),
-        )
-    )
-    return Rule(
-        id=EQL_ID,
-        name="Potential WSUS Abuse for Lateral Movement",
-        source="elastic",
-        condition=cond,
-    )
 
 
 RULES = (eql_seed(), sigma_seed())
@@ -144,11 +51,6 @@ def capture_cases() -> list[tuple[int, dict, list[str], list[str]]]:
         must_not = [i.split(":", 1)[1] for i in ids if i.startswith("logsource-dependent:")]
         cases.append((exp["line"], records[exp["line"] - 1], must, must_not))
     return cases
-
-
-@pytest.fixture(scope="module")
-def fm() -> FieldMap:
-    return FieldMap.default()
 
 
 @pytest.mark.parametrize(("line", "record", "must", "must_not"), capture_cases())

@@ -18,8 +18,11 @@ from typing import Any
 import msgpack
 import pytest
 
-from conftest import CAPTURES, REPO, start_relay
-from peers import Sink, Source, decode_entries, make_chunk
+from ruletag.config.load import config_from_mapping
+from ruletag.runtime.relay import Relay
+from support.paths import CAPTURES, REPO
+from support.peers import Sink, Source, decode_entries, make_chunk
+from support.servers import start_relay
 
 HANDSHAKE_KEY = "fwd-secret-123"
 HANDSHAKE_USER = {"username": "edr-user", "password": "edr-pass-456"}
@@ -355,3 +358,39 @@ def test_serve_bad_config_file_exits_2(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "forward.servers[0].port: must be an int 1..65535" in proc.stderr
+
+
+def test_relay_lifecycle_by_hand_installs_no_signal_handler(arun: Any) -> None:
+    """``Relay.startup()``/``shutdown()`` without ``serve()``: a chunk goes through, no signal
+    handler is installed; ``serve()`` returns once ``should_exit`` is set."""
+
+    async def scenario() -> None:
+        async with Sink() as sink:
+            cfg = config_from_mapping({
+                "listen": {"host": "127.0.0.1", "port": 0},
+                "forward": {"servers": [f"127.0.0.1:{sink.port}"]},
+            })  # fmt: skip
+            relay = Relay(cfg)
+            await relay.startup()
+            try:
+                assert relay.server is not None and not relay.should_exit
+                src = await Source.connect(relay.server.port)
+                cid = await src.send_chunk(make_chunk("hand", [{"n": 1}]))
+                assert await src.read_ack() == cid
+                await src.close()
+            finally:
+                await relay.shutdown()
+            loop = asyncio.get_running_loop()
+            assert not loop.remove_signal_handler(signal.SIGTERM)
+            assert sink.records == [{"n": 1}]
+
+            again = Relay(cfg)
+            task = asyncio.create_task(again.serve())
+            while not again.started:
+                assert not task.done(), task
+                await asyncio.sleep(0.01)
+            again.should_exit = True
+            assert await asyncio.wait_for(task, 10) == 0
+            assert not loop.remove_signal_handler(signal.SIGTERM)  # serve() removed its own
+
+    arun(scenario())

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from peers import decode_entries, make_chunk
 from ruletag.enrich.filter import RuleFilter
 from ruletag.errors import InvalidRule
 from ruletag.rules.loader import LoadResult, compile_rules
@@ -28,18 +27,12 @@ from ruletag.runtime.reload import (
     problem_summary,
     refusal,
 )
+from support.paths import ELASTIC_SEED as EQL
+from support.paths import SIGMA_SEED as SIGMA
+from support.peers import decode_entries, eventually, make_chunk
+from support.seeds import SIGMA_HIT as HIT
+from support.seeds import SIGMA_ID as SYSMON_RULE
 
-REPO = Path(__file__).resolve().parents[1]
-SEEDS = REPO / "plugin" / "ruletag" / "data" / "rules"
-SIGMA = SEEDS / "net_connection_win_wuauclt_network_connection.yml"
-EQL = SEEDS / "potential_wsus_abuse_for_lateral_movement.toml"
-SYSMON_RULE = "c649a6c7-cd8c-4a78-9c04-000fc76df954"
-HIT = {
-    "EventID": 3, "Channel": "Microsoft-Windows-Sysmon/Operational",
-    "Image": "C:\\Windows\\System32\\wuauclt.exe",
-    "CommandLine": "wuauclt.exe /UpdateDeploymentProvider x.dll /RunHandlerComServer",
-    "DestinationIp": "8.8.8.8", "Initiated": "true",
-}  # fmt: skip
 MISS = {"log": "plain"}
 
 
@@ -64,13 +57,6 @@ def detections_of(live: LiveFilter, records: list[dict]) -> list[list[str]]:
         for c in out
         for e in decode_entries(c.entries)
     ]
-
-
-async def wait_for(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 def test_live_filter_without_rules_passes_chunks_through() -> None:
@@ -151,15 +137,15 @@ def test_file_change_triggers_reload(arun, rules_dir: Path, tmp_path: Path) -> N
         try:
             v1 = live.version
             shutil.copy(EQL, rules_dir / EQL.name)
-            await wait_for(lambda: live.rule_count == 2)
+            await eventually(lambda: live.rule_count == 2)
             assert live.version != v1 and rl.ok == 1
             # an edit that keeps size but changes mtime is seen too
             p = rules_dir / EQL.name
             st = p.stat()
             os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
-            await wait_for(lambda: rl.ok == 2)
+            await eventually(lambda: rl.ok == 2)
             (rules_dir / EQL.name).unlink()
-            await wait_for(lambda: live.rule_count == 1)
+            await eventually(lambda: live.rule_count == 1)
         finally:
             await rl.stop()
 
@@ -177,7 +163,7 @@ def test_sighup_reloads(arun, rules_dir: Path, tmp_path: Path) -> None:
         try:
             shutil.copy(EQL, rules_dir / EQL.name)
             os.kill(os.getpid(), signal.SIGHUP)
-            await wait_for(lambda: rl.ok == 1)
+            await eventually(lambda: rl.ok == 1)
             assert live.rule_count == 2
         finally:
             await rl.stop()
@@ -218,7 +204,7 @@ def test_requests_during_a_reload_coalesce_and_chunks_keep_flowing(
             await asyncio.sleep(0.01)
         shutil.copy(EQL, rules_dir / EQL.name)
         gate.set()
-        await wait_for(lambda: rl.ok == 2)
+        await eventually(lambda: rl.ok == 2)
         await rl.stop()
         assert calls == 3  # startup + the running reload + one for both queued requests
         assert live.rule_count == 2 and live.version != v1

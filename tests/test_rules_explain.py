@@ -11,7 +11,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from paths import DATA, SAMPLE, SEED_RULES
 from ruletag.cli import main
 from ruletag.rules.explain import Trace, explain, to_text
 from ruletag.rules.fields import FieldMap
@@ -30,6 +29,7 @@ from ruletag.rules.ir import (
 )
 from ruletag.rules.loader import compile_rules
 from ruletag.rules.matcher import Matcher
+from support.paths import DATA, SAMPLE, SEED_RULES
 from test_differential import _material, records_from
 
 SIGMA_ID = "c649a6c7-cd8c-4a78-9c04-000fc76df954"

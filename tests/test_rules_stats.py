@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from paths import SAMPLE, SIGMA_SEED
-from peers import Source, make_chunk
 from ruletag.cli import main
 from ruletag.commands.stats import parse
 from ruletag.runtime.rulecost import RuleCostSampler, every_from_env
+from support.paths import SAMPLE, SIGMA_SEED
+from support.peers import Source, make_chunk
 from test_rules_update import make_zip
 
 SIGMA_ID = "c649a6c7-cd8c-4a78-9c04-000fc76df954"

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from paths import SAMPLE
 from ruletag.cli import main
 from ruletag.commands.update import Limits, UpdateError, current_version, update
 from ruletag.runtime.reload import fingerprint
+from support.paths import SAMPLE
 
 SIGMA = SAMPLE / "sigma"
 ELASTIC = SAMPLE / "elastic"

@@ -19,21 +19,21 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from functools import cache
 from pathlib import Path
 
 import pytest
 
-from paths import CAPTURES, SEED_RULES, seed_rule_files
 from ruletag.rules.compiler import CompiledTable, build
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.loader import load_rules
 from ruletag.rules.matcher import Matcher
+from support.paths import CAPTURES, SEED_RULES, seed_rule_files
+from support.seeds import SIGMA_ID
+from support.servers import ruletag_script
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "data" / "seeds"
-RULETAG = Path(sys.executable).with_name("ruletag")
 
 SEEDS = sorted({p.name.split(".")[0] for p in FIXTURES.glob("*.jsonl")})
 
@@ -83,31 +83,33 @@ def test_fixtures_in_process(stem: str) -> None:
             assert matched_ids(table, rec) == want, f"{kind}: {rec['test_note']}"
 
 
-@pytest.mark.skipif(not RULETAG.exists(), reason="ruletag console script not installed")
+def ruletag_match(rules: Path, events: Path, cache: Path) -> list[dict]:
+    """``ruletag match --rules RULES --events EVENTS`` through the console script; its output."""
+    p = subprocess.run(
+        [str(ruletag_script()), "match", "--rules", str(rules), "--events", str(events)],
+        capture_output=True,
+        env={**os.environ, "XDG_CACHE_HOME": str(cache)},
+        timeout=120,
+        check=False,
+    )
+    assert p.returncode == 0, p.stderr
+    return [json.loads(line) for line in p.stdout.splitlines()]
+
+
 @pytest.mark.parametrize("stem", SEEDS)
 def test_fixtures_through_ruletag_match(stem: str, tmp_path: Path) -> None:
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     rid = table_for(rule_file(stem)).rules[0].id
     for kind in ("fire", "quiet"):
         events = FIXTURES / f"{stem}.{kind}.jsonl"
-        p = subprocess.run(
-            [str(RULETAG), "match", "--rules", str(rule_file(stem)), "--events", str(events)],
-            capture_output=True,
-            env=env,
-            timeout=120,
-            check=False,
-        )
-        assert p.returncode == 0, p.stderr
-        out = [json.loads(line) for line in p.stdout.splitlines()]
+        out = ruletag_match(rule_file(stem), events, tmp_path)
         assert [o["test_note"] for o in out] == [r["test_note"] for r in read_jsonl(events)]
         for o in out:
             got = [d["rule_id"] for d in o.get("detections", [])]
             assert got == ([rid] if kind == "fire" else []), f"{kind}: {o['test_note']}"
 
 
-SIGMA_SEED_ID = "c649a6c7-cd8c-4a78-9c04-000fc76df954"
 #: Capture lines whose expectation differs under the real rule files (see the module docstring).
-CAPTURE_OVERRIDES = {38: [SIGMA_SEED_ID]}
+CAPTURE_OVERRIDES = {38: [SIGMA_ID]}
 
 
 def expected_capture() -> list[tuple[str, list[str]]]:
@@ -131,7 +133,6 @@ def test_capture_replay_in_process() -> None:
     assert matched_ids(table, large) == []
 
 
-@pytest.mark.skipif(not RULETAG.exists(), reason="the ruletag console script is not installed")
 @pytest.mark.parametrize(
     "capture",
     [
@@ -143,16 +144,7 @@ def test_capture_replay_in_process() -> None:
     ],
 )
 def test_capture_replay_through_ruletag_match(capture: str, tmp_path: Path) -> None:
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    p = subprocess.run(
-        [str(RULETAG), "match", "--rules", str(SEED_RULES), "--events", str(CAPTURES / capture)],
-        capture_output=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
-    assert p.returncode == 0, p.stderr
-    out = [json.loads(line) for line in p.stdout.splitlines()]
+    out = ruletag_match(SEED_RULES, CAPTURES / capture, tmp_path)
     records = read_jsonl(CAPTURES / "windows-events.jsonl")
     want = dict(
         zip(

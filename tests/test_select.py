@@ -15,8 +15,6 @@ from typing import Any
 
 import pytest
 
-from conftest import ServeProcess
-from paths import ELASTIC_SEED, SAMPLE, SEED_RULES, SIGMA_SEED
 from ruletag.cli import build_parser, main
 from ruletag.commands.rules import selection_from_args
 from ruletag.config.load import config_from_mapping, parse_select, select_overrides
@@ -25,6 +23,8 @@ from ruletag.errors import ConfigError
 from ruletag.rules.ir import Const, Rule
 from ruletag.rules.loader import cache_key, compile_rules, load_rules, rule_files
 from ruletag.rules.select import Selection, rule_status, rule_tags
+from support.paths import ELASTIC_SEED, SAMPLE, SEED_RULES, SIGMA_SEED
+from support.servers import ServeProcess
 
 MIN = {"forward": {"servers": [{"host": "127.0.0.1", "port": 24225}]}}
 
@@ -421,7 +421,7 @@ def test_validate_reports_the_selection_and_flags_override(tmp_path: Path, capsy
 
 
 def test_default_pipeline_still_runs_both_seed_rules(capsys: Any) -> None:
-    from paths import REPO
+    from support.paths import REPO
 
     for name in ("default.yaml", "production.yaml"):
         assert main(["validate", str(REPO / "pipelines" / name)]) == 0, name

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from conftest import Certs
-from peers import Source, decode_entries, eventually, make_chunk
 from ruletag import protocol
 from ruletag.config.load import config_from_mapping
 from ruletag.errors import AuthenticationError
 from ruletag.protocol import Chunk
 from ruletag.transport.server import Server
+from support.peers import Source, decode_entries, eventually, make_chunk
+from support.servers import Certs
 
 HOST = "127.0.0.1"
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from paths import SIGMA_SEED, corpus, needs_corpus
 from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
 from ruletag.rules import attack
 from ruletag.rules.ir import (
@@ -31,6 +30,8 @@ from ruletag.rules.ir import (
     Wild,
 )
 from ruletag.rules.sigma import load_sigma_file
+from support.paths import SIGMA_SEED, corpus, needs_corpus
+from support.seeds import SIGMA_ID, SIGMA_NAME, sigma_seed_condition
 
 SEED = SIGMA_SEED
 
@@ -72,54 +73,8 @@ def contains(field: str | None, text: str, cased: bool = False) -> Match:
 
 def test_seed_rule_exact_ir() -> None:
     (rule,) = load_sigma_file(SEED)
-    cl = "CommandLine"
-    assert rule.condition == And(
-        (
-            contains("Image", "wuauclt"),
-            contains(cl, " /RunHandlerComServer"),
-            Not(
-                Or(
-                    (
-                        Cidr(
-                            "DestinationIp",
-                            (
-                                "127.0.0.0/8",
-                                "10.0.0.0/8",
-                                "169.254.0.0/16",
-                                "172.16.0.0/12",
-                                "192.168.0.0/16",
-                                "::1/128",
-                                "fe80::/10",
-                                "fc00::/7",
-                                "20.184.0.0/13",
-                                "20.192.0.0/10",
-                                "23.79.0.0/16",
-                                "51.10.0.0/15",
-                                "51.103.0.0/16",
-                                "51.104.0.0/15",
-                                "52.224.0.0/11",
-                            ),
-                        ),
-                        contains(
-                            cl,
-                            ":\\Windows\\UUS\\Packages\\Preview\\amd64\\updatedeploy.dll /ClassId",
-                        ),
-                        contains(cl, ":\\Windows\\UUS\\amd64\\UpdateDeploy.dll /ClassId"),
-                        And(
-                            (
-                                contains(cl, ":\\Windows\\WinSxS\\"),
-                                contains(cl, "\\UpdateDeploy.dll /ClassId "),
-                            )
-                        ),
-                        IsNull(cl),
-                        Match(cl, ()),
-                    )
-                )
-            ),
-        )
-    )
-    assert rule.id == "c649a6c7-cd8c-4a78-9c04-000fc76df954"
-    assert rule.name == "Potentially Suspicious Wuauclt Network Connection"
+    assert rule.condition == sigma_seed_condition()
+    assert (rule.id, rule.name) == (SIGMA_ID, SIGMA_NAME)
     assert (rule.source, rule.path, rule.line) == ("sigma", str(SEED), 1)
     assert (rule.severity, rule.risk_score) == ("medium", 47)
     assert rule.author == ("Roberto Rodriguez (Cyb3rWard0g)", "OTR (Open Threat Research)")

@@ -11,7 +11,6 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from paths import CAPTURES, SEED_RULES
 from ruletag.rules.compiler import CompiledTable, TableError, build, load, save
 from ruletag.rules.compiler.store import dumps
 from ruletag.rules.fields import FieldMap
@@ -39,6 +38,7 @@ from ruletag.rules.ir import (
 )
 from ruletag.rules.matcher import Matcher
 from ruletag.rules.reference import reference_match
+from support.paths import CAPTURES, SEED_RULES
 
 A = Wild.ANY
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from peers import Sink, Source, make_chunk
 from ruletag.config.load import config_from_mapping
 from ruletag.errors import ConfigError
 from ruletag.runtime.workers import reserve_port, worker_config
+from support.peers import Sink, Source, make_chunk
 
 FORWARD = {"servers": [{"host": "127.0.0.1", "port": 1}]}
 

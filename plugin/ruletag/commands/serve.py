@@ -17,7 +17,7 @@ from ruletag.config.load import config_from_cli, load_config, with_cli_overrides
 from ruletag.config.model import Config
 from ruletag.errors import ConfigError
 from ruletag.runtime.logs import setup_logging
-from ruletag.runtime.relay import serve
+from ruletag.runtime.relay import Relay
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def main_serve(ns: argparse.Namespace) -> int:
 def _serve_one(config: Config) -> int:
     """Run one serving process to the end; its exit code."""
     try:
-        return _run(serve(config))
+        return _run(Relay(config).serve())
     except ConfigError as exc:  # e.g. the rules cannot be used at all
         return _fail(f"invalid config: {exc}")
     except OSError as exc:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -715,19 +716,7 @@ def load_config(path: str | Path) -> Config:
         cfg = config_from_mapping(data, p.resolve().parent)
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from exc
-    return Config(
-        listen=cfg.listen,
-        forward=cfg.forward,
-        log=cfg.log,
-        rules=cfg.rules,
-        enrich=cfg.enrich,
-        buffer=cfg.buffer,
-        metrics=cfg.metrics,
-        outputs=cfg.outputs,
-        tests=cfg.tests,
-        source=str(p),
-        workers=cfg.workers,
-    )
+    return replace(cfg, source=str(p))
 
 
 def with_cli_overrides(
@@ -744,7 +733,6 @@ def with_cli_overrides(
     (vars, cache_dir, reload_interval) are kept. ``--buffer-dir`` turns the disk buffer on in
     that folder (keeping the ``buffer`` section's sizes and fsync policy).
     """
-    from dataclasses import replace
 
     if buffer_dir:
         old = config.buffer or BufferConfig()

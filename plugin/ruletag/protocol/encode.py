@@ -10,22 +10,18 @@ import msgpack
 from ruletag.protocol.compression import gzip
 
 
+def _sized_header(n: int, codes: bytes) -> bytes:
+    """A msgpack str/bin header: ``codes[i]`` then ``n`` in 1, 2 or 4 big-endian bytes."""
+    i = 0 if n < 0x100 else 1 if n < 0x10000 else 2
+    return codes[i : i + 1] + n.to_bytes(1 << i, "big")
+
+
 def _str_header(n: int) -> bytes:
-    if n < 32:
-        return bytes((0xA0 | n,))
-    if n < 0x100:
-        return b"\xd9" + bytes((n,))
-    if n < 0x10000:
-        return b"\xda" + n.to_bytes(2, "big")
-    return b"\xdb" + n.to_bytes(4, "big")
+    return bytes((0xA0 | n,)) if n < 32 else _sized_header(n, b"\xd9\xda\xdb")
 
 
 def _bin_header(n: int) -> bytes:
-    if n < 0x100:
-        return b"\xc4" + bytes((n,))
-    if n < 0x10000:
-        return b"\xc5" + n.to_bytes(2, "big")
-    return b"\xc6" + n.to_bytes(4, "big")
+    return _sized_header(n, b"\xc4\xc5\xc6")
 
 
 def encode_ack(chunk_id: bytes) -> bytes:

@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "ruletag"
 STAGES = ("decode", "filter", "forward")
-#: Latency buckets (seconds): chunk work spans ~10 us (pass-through) to seconds (slow acks).
+#: Latency buckets (seconds): from microseconds (pass-through) to seconds (slow acks).
 LATENCY_BUCKETS = (
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
     0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -90,34 +90,28 @@ class Metrics:
             registry=self.registry,
         )
         self._stage = {s: self.stage_seconds.labels(stage=s) for s in STAGES}
-        self.reloads = Counter(
-            f"{PREFIX}_rule_reloads",
+        registry = self.registry
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(f"{PREFIX}_{name}", doc, labels, registry=registry)
+
+        self.reloads = counter(
+            "rule_reloads",
             "Rule-set reloads by result (a failed reload keeps the previous rule set).",
-            ["result"],
-            registry=self.registry,
+            ("result",),
         )
         self._reload_ok = self.reloads.labels(result="ok")
         self._reload_failed = self.reloads.labels(result="failed")
         self.downstream_pending = Gauge(
             f"{PREFIX}_downstream_pending_chunks",
             "Chunks sent (or queued) to the downstream and not yet acknowledged.",
-            registry=self.registry,
+            registry=registry,
         )
-        self.records_out = Counter(
-            f"{PREFIX}_records_out",
-            "Records delivered (acked by every output).",
-            registry=self.registry,
+        self.records_out = counter("records_out", "Records delivered (acked by every output).")
+        self.bytes_out = counter(
+            "bytes_out", "Bytes of msgpack entries delivered (before framing)."
         )
-        self.bytes_out = Counter(
-            f"{PREFIX}_bytes_out",
-            "Bytes of msgpack entries delivered (before framing).",
-            registry=self.registry,
-        )
-        self.chunks_out = Counter(
-            f"{PREFIX}_chunks_out",
-            "Chunks delivered (acked by every output).",
-            registry=self.registry,
-        )
+        self.chunks_out = counter("chunks_out", "Chunks delivered (acked by every output).")
         self.server: Any = None
         self.forwarder: Any = None
         self.buffer: Any = None  # durable.BufferStats in disk mode
@@ -261,118 +255,34 @@ class _RelayCollector(Collector):
 
     @staticmethod
     def _buffer(st: Any) -> Iterator[Metric]:
-        if st is None:
-            return
-        yield _gauge("buffer_bytes", "Bytes of disk-buffer segment files.", st.bytes)
-        yield _gauge(
-            "buffer_chunks", "Chunks in the disk buffer not yet acked downstream.", st.chunks
-        )
-        yield _gauge(
-            "buffer_oldest_age_seconds", "Age of the oldest unacked buffered chunk.", st.oldest_age
-        )
-        yield _counter(
-            "buffer_duplicates_dropped",
-            "Resends of a chunk id still buffered.",
-            st.duplicates_dropped,
-        )
-        yield _counter(
-            "buffer_full_waits", "Times an upstream chunk waited for buffer space.", st.full_waits
-        )
-        yield _counter(
-            "buffer_write_errors", "Failed buffer writes (e.g. ENOSPC), retried.", st.write_errors
-        )
-        yield _gauge(
-            "buffer_full",
-            "1 while chunks wait for disk-buffer space (acks held).",
-            float(getattr(st, "full", False)),
-        )
+        if st is not None:
+            yield from _read(st, _BUFFER_METRICS)
 
     @staticmethod
     def _server(server: Any) -> Iterator[Metric]:
         if server is None:
             return
-        st = server.stats
-        yield _counter("records_in", "Records received from upstream.", st.records)
-        yield _counter("bytes_in", "Bytes received from upstream (as on the wire).", st.bytes_in)
-        yield _counter("chunks_in", "Chunks received from upstream.", st.chunks)
-        yield _counter("acks_sent", "Acks sent upstream.", st.acks_sent)
-        yield _counter(
-            "protocol_errors", "Connections closed on a protocol error.", st.protocol_errors
-        )
-        yield _counter("auth_failures", "Failed upstream handshakes.", st.auth_failures)
-        yield _counter("connections", "Upstream connections accepted.", st.connections_accepted)
-        yield _counter(
-            "connections_refused",
-            "Upstream connections refused (limit/shutdown).",
-            st.connections_refused,
-        )
-        yield _counter(
-            "connections_idle_closed", "Upstream connections closed when idle.", st.idle_closed
-        )
-        yield _counter(
-            "submit_errors", "Chunks not delivered (connection closed unacked).", st.submit_errors
-        )
-        yield _counter(
-            "connections_handshake_timeouts",
-            "Upstream connections closed: no handshake in time.",
-            st.handshake_timeouts,
-        )
-        yield _counter(
-            "connections_unauthenticated_overflows",
-            "Upstream connections closed: too many bytes before the handshake.",
-            st.unauthenticated_overflows,
-        )
-        yield _counter(
-            "connections_slow_frames",
-            "Upstream connections closed: a message arrived below the minimum rate.",
-            st.slow_frames,
-        )
-        yield _counter(
-            "decodes_off_loop", "Large messages decoded on a worker thread.", st.decodes_off_loop
-        )
+        yield from _read(server.stats, _SERVER_METRICS)
         yield _gauge("connections_open", "Open upstream connections.", len(server.connections))
-        yield _gauge(
-            "upstream_pending_chunks",
-            "Upstream chunks received and not yet acked.",
-            server.pending_chunks,
-        )
-        yield _gauge(
-            "upstream_in_flight_bytes", "Bytes of upstream chunks not yet acked.", server.in_flight
-        )
+        yield from _read(server, _SERVER_STATE_METRICS)
 
     @staticmethod
     def _forwarder(fwd: Any) -> Iterator[Metric]:
         if fwd is None:
             return
-        yield _counter(
-            "forward_bytes", "Bytes of frames acked by the downstream servers.", fwd.bytes_sent
-        )
-        yield _counter("forward_retries", "Chunk resends to the downstream.", fwd.retries)
-        yield _counter(
-            "forward_ack_timeouts", "Downstream acks that did not come in time.", fwd.ack_timeouts
-        )
-        yield _counter(
-            "forward_connect_failures", "Failed downstream connects.", fwd.connect_failures
-        )
-        yield _counter(
-            "dead_letters",
-            "Chunks the downstream kept rejecting, set aside in the dead-letter folder.",
-            getattr(fwd, "dead_letters", 0),
-        )
-        yield _gauge(
-            "forward_in_flight_bytes",
-            "Bytes sent downstream and not yet acked.",
-            fwd.in_flight_bytes,
-        )
-        up = GaugeMetricFamily(
-            f"{PREFIX}_downstream_up",
-            "1 while a downstream server is not backing off after a failure.",
-            labels=["server"],
-        )
+        yield from _read(fwd, _FORWARDER_METRICS)
         now = time.monotonic()
-        for srv in getattr(fwd, "_servers", ()):  # the forwarder's per-server health
-            up.add_metric([str(srv.name)], 1.0 if srv.healthy(now) else 0.0)
-        yield up
+        yield _labelled(
+            GaugeMetricFamily,
+            "downstream_up",
+            "1 while a downstream server is not backing off after a failure.",
+            "server",
+            # the forwarder's per-server health
+            (
+                (str(srv.name), 1.0 if srv.healthy(now) else 0.0)
+                for srv in getattr(fwd, "_servers", ())
+            ),
+        )
 
     @staticmethod
     def _rules(rules: RuleSource | None) -> Iterator[Metric]:
@@ -382,39 +292,173 @@ class _RelayCollector(Collector):
         info = InfoMetricFamily(f"{PREFIX}_ruleset", "The live rule set (content hash).")
         info.add_metric([], {"version": rules.version or ""})
         yield info
-        probs = GaugeMetricFamily(
-            f"{PREFIX}_rule_load_problems",
+        yield _labelled(
+            GaugeMetricFamily,
+            "rule_load_problems",
             "Rule files of the live set that could not be used, by kind.",
-            labels=["kind"],
+            "kind",
+            sorted(rules.problem_counts.items()),
         )
-        for kind, n in sorted(rules.problem_counts.items()):
-            probs.add_metric([kind], n)
-        yield probs
         stats = rules.filter_stats
         if stats is None:
             return
-        yield _counter(
-            "records_matched", "Records that matched at least one rule.", stats.records_matched
+        yield from _read(stats, _FILTER_METRICS)
+        yield _labelled(
+            CounterMetricFamily,
+            "detections",
+            "Rule matches, per rule.",
+            "rule_id",
+            sorted(dict(stats.detections).items()),
         )
-        yield _counter(
-            "record_match_errors",
-            "Records forwarded unannotated because matching them failed.",
-            getattr(stats, "record_errors", 0),
-        )
-        det = CounterMetricFamily(
-            f"{PREFIX}_detections", "Rule matches, per rule.", labels=["rule_id"]
-        )
-        for rule_id, n in sorted(dict(stats.detections).items()):
-            det.add_metric([rule_id], n)
-        yield det
-        sev = CounterMetricFamily(
-            f"{PREFIX}_detections_by_severity",
+        yield _labelled(
+            CounterMetricFamily,
+            "detections_by_severity",
             "Rule matches, per rule severity.",
-            labels=["severity"],
+            "severity",
+            sorted(dict(stats.by_severity).items()),
         )
-        for severity, n in sorted(dict(stats.by_severity).items()):
-            sev.add_metric([severity], n)
-        yield sev
+
+
+#: One plain family read at scrape time: (family, name, help, attribute of the object read).
+_Spec = tuple[Callable[[str, str, float], Metric], str, str, str]
+
+
+def _read(obj: Any, specs: tuple[_Spec, ...]) -> Iterator[Metric]:
+    """The families of ``specs`` with their values read from ``obj`` (a missing one is 0)."""
+    for family, name, doc, attr in specs:
+        yield family(name, doc, float(getattr(obj, attr, 0)))
+
+
+def _labelled(
+    family: type[CounterMetricFamily] | type[GaugeMetricFamily],
+    name: str,
+    doc: str,
+    label: str,
+    values: Iterable[tuple[str, float]],
+) -> Metric:
+    """A family with one ``label``, one sample per ``(label value, value)``."""
+    metric = family(f"{PREFIX}_{name}", doc, labels=[label])
+    for key, value in values:
+        metric.add_metric([key], value)
+    return metric
+
+
+_SERVER_METRICS: tuple[_Spec, ...] = (
+    (_counter, "records_in", "Records received from upstream.", "records"),
+    (_counter, "bytes_in", "Bytes received from upstream (as on the wire).", "bytes_in"),
+    (_counter, "chunks_in", "Chunks received from upstream.", "chunks"),
+    (_counter, "acks_sent", "Acks sent upstream.", "acks_sent"),
+    (_counter, "protocol_errors", "Connections closed on a protocol error.", "protocol_errors"),
+    (_counter, "auth_failures", "Failed upstream handshakes.", "auth_failures"),
+    (_counter, "connections", "Upstream connections accepted.", "connections_accepted"),
+    (
+        _counter,
+        "connections_refused",
+        "Upstream connections refused (limit/shutdown).",
+        "connections_refused",
+    ),
+    (_counter, "connections_idle_closed", "Upstream connections closed when idle.", "idle_closed"),
+    (
+        _counter,
+        "submit_errors",
+        "Chunks not delivered (connection closed unacked).",
+        "submit_errors",
+    ),
+    (
+        _counter,
+        "connections_handshake_timeouts",
+        "Upstream connections closed: no handshake in time.",
+        "handshake_timeouts",
+    ),
+    (
+        _counter,
+        "connections_unauthenticated_overflows",
+        "Upstream connections closed: too many bytes before the handshake.",
+        "unauthenticated_overflows",
+    ),
+    (
+        _counter,
+        "connections_slow_frames",
+        "Upstream connections closed: a message arrived below the minimum rate.",
+        "slow_frames",
+    ),
+    (
+        _counter,
+        "decodes_off_loop",
+        "Large messages decoded on a worker thread.",
+        "decodes_off_loop",
+    ),
+)
+_SERVER_STATE_METRICS: tuple[_Spec, ...] = (
+    (
+        _gauge,
+        "upstream_pending_chunks",
+        "Upstream chunks received and not yet acked.",
+        "pending_chunks",
+    ),
+    (_gauge, "upstream_in_flight_bytes", "Bytes of upstream chunks not yet acked.", "in_flight"),
+)
+_FORWARDER_METRICS: tuple[_Spec, ...] = (
+    (_counter, "forward_bytes", "Bytes of frames acked by the downstream servers.", "bytes_sent"),
+    (_counter, "forward_retries", "Chunk resends to the downstream.", "retries"),
+    (
+        _counter,
+        "forward_ack_timeouts",
+        "Downstream acks that did not come in time.",
+        "ack_timeouts",
+    ),
+    (_counter, "forward_connect_failures", "Failed downstream connects.", "connect_failures"),
+    (
+        _counter,
+        "dead_letters",
+        "Chunks the downstream kept rejecting, set aside in the dead-letter folder.",
+        "dead_letters",
+    ),
+    (
+        _gauge,
+        "forward_in_flight_bytes",
+        "Bytes sent downstream and not yet acked.",
+        "in_flight_bytes",
+    ),
+)
+_FILTER_METRICS: tuple[_Spec, ...] = (
+    (_counter, "records_matched", "Records that matched at least one rule.", "records_matched"),
+    (
+        _counter,
+        "record_match_errors",
+        "Records forwarded unannotated because matching them failed.",
+        "record_errors",
+    ),
+)
+_BUFFER_METRICS: tuple[_Spec, ...] = (
+    (_gauge, "buffer_bytes", "Bytes of disk-buffer segment files.", "bytes"),
+    (_gauge, "buffer_chunks", "Chunks in the disk buffer not yet acked downstream.", "chunks"),
+    (
+        _gauge,
+        "buffer_oldest_age_seconds",
+        "Age of the oldest unacked buffered chunk.",
+        "oldest_age",
+    ),
+    (
+        _counter,
+        "buffer_duplicates_dropped",
+        "Resends of a chunk id still buffered.",
+        "duplicates_dropped",
+    ),
+    (
+        _counter,
+        "buffer_full_waits",
+        "Times an upstream chunk waited for buffer space.",
+        "full_waits",
+    ),
+    (
+        _counter,
+        "buffer_write_errors",
+        "Failed buffer writes (e.g. ENOSPC), retried.",
+        "write_errors",
+    ),
+    (_gauge, "buffer_full", "1 while chunks wait for disk-buffer space (acks held).", "full"),
+)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
-"""A running relay: build it from a ``Config``, run it until stopped, shut it down in order.
+"""A running relay with a start/stop lifecycle, like uvicorn's ``Server``.
 
-``serve`` wires server -> pipeline (memory or durable) -> outputs, logs one ``ruletag ready:
-...`` line once it accepts connections (with the number of rules and the rule-set version),
-and shuts down gracefully on SIGTERM/SIGINT. Around the pipeline, ``_Enrichment`` wires the
-live rule filter (``reload``), its hot reload (SIGHUP and rule-file polling) and the metrics
-endpoint (``metrics``).
+``Relay(config)`` wires server -> pipeline (memory or durable) -> outputs around the live rule
+filter, its hot reload and the metrics endpoint. ``serve()`` installs the signal handlers
+(SIGTERM/SIGINT stop, SIGUSR1 reopens file outputs), runs ``startup()``, waits until
+``should_exit`` is set and runs ``shutdown()``; ``startup()`` logs one ``ruletag ready: ...``
+line once the relay accepts connections.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from ruletag.config.model import Config
 from ruletag.errors import ConfigError
 
 if TYPE_CHECKING:
+    from ruletag.delivery.durable import DurablePipeline
     from ruletag.delivery.pipeline import Sender, Transform
     from ruletag.enrich.filter import RuleFilter
     from ruletag.rules.compiler import CompiledTable
@@ -33,81 +34,129 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _reopen_soon(output: object) -> None:
-    from ruletag.delivery.outputs import reopen_files
+class Relay:
+    """One relay built from ``config``: ``await Relay(config).serve()`` runs it to the end.
 
-    async def reopen() -> None:
+    Setting ``should_exit`` (from a signal handler, a test or another task on the relay's event
+    loop) makes ``serve()`` shut down gracefully. ``startup()`` and ``shutdown()`` can also be
+    driven by hand, without any signal handler.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.enrichment = _Enrichment(config)
+        self.output: Any = None  # the forwarder and/or stdout/file outputs
+        self.durable: DurablePipeline | None = None
+        self.server: Server | None = None
+        self.started = False
+        self._exit = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def should_exit(self) -> bool:
+        return self._exit.is_set()
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        if value:
+            self._exit.set()
+        else:
+            self._exit.clear()
+
+    async def serve(self) -> int:
+        """Install the signal handlers, start, wait for ``should_exit``, shut down; 0."""
+        loop = asyncio.get_running_loop()
+        installed = self._install_signal_handlers(loop)
         try:
-            n = await reopen_files(output)
-            log.info("SIGUSR1: reopened %d file output(s)", n)
-        except OSError as exc:
-            log.error("SIGUSR1: could not reopen a file output: %s", exc)
+            try:
+                await self.startup()
+                await self._exit.wait()
+                log.info("shutting down")
+            finally:
+                await self.shutdown()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+        log.info("stopped")
+        return 0
 
-    task = asyncio.get_running_loop().create_task(reopen())
-    _background.add(task)
-    task.add_done_callback(_background.discard)
+    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> list[signal.Signals]:
+        handlers: list[tuple[signal.Signals, Callable[[], None]]] = [
+            (signal.SIGTERM, self._handle_exit),
+            (signal.SIGINT, self._handle_exit),
+            # SIGUSR1 reopens file outputs after a log rotation (the nginx/fluentd convention).
+            (signal.SIGUSR1, self._reopen_soon),
+        ]
+        installed = []
+        for sig, handler in handlers:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, handler)
+                installed.append(sig)
+        return installed
 
+    def _handle_exit(self) -> None:
+        self.should_exit = True
 
-_background: set[asyncio.Task[None]] = set()
+    def _reopen_soon(self) -> None:
+        from ruletag.delivery.outputs import reopen_files
 
+        output = self.output
+        if output is None:
+            return
 
-async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
-    """Run the relay until ``stop`` is set or SIGTERM/SIGINT arrives; return 0."""
-    from ruletag.delivery.durable import DurablePipeline, start_durable
-    from ruletag.delivery.outputs import build_outputs, describe
-    from ruletag.delivery.pipeline import Pipeline
-    from ruletag.transport.deadletter import with_default_dir
-    from ruletag.transport.server import Server
+        async def reopen() -> None:
+            try:
+                n = await reopen_files(output)
+                log.info("SIGUSR1: reopened %d file output(s)", n)
+            except OSError as exc:
+                log.error("SIGUSR1: could not reopen a file output: %s", exc)
 
-    loop = asyncio.get_running_loop()
-    stop = stop or asyncio.Event()
-    installed = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
-    enrichment = _Enrichment(config)
-    try:
-        await enrichment.start()  # metrics endpoint, then the rules (raises ConfigError)
-    except BaseException:
-        await enrichment.stop()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-        raise
-    forwarder = build_outputs(with_default_dir(config))  # forward and/or stdout/file outputs
-    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-        # SIGUSR1 reopens file outputs after a log rotation (the nginx/fluentd convention).
-        loop.add_signal_handler(signal.SIGUSR1, _reopen_soon, forwarder)
-        installed.append(signal.SIGUSR1)
-    sender, transform = enrichment.wrap(forwarder)
-    durable: DurablePipeline | None = None
-    try:
-        await forwarder.start()  # inside: a bad output path still stops metrics and reload
+        task = asyncio.get_running_loop().create_task(reopen())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def startup(self) -> None:
+        """Metrics endpoint and rules, outputs, durable buffer, then the listener; logs the
+        ready line. On failure, ``shutdown()`` releases what was started."""
+        from ruletag.delivery.durable import start_durable
+        from ruletag.delivery.outputs import build_outputs, describe
+        from ruletag.delivery.pipeline import Pipeline
+        from ruletag.transport.deadletter import with_default_dir
+        from ruletag.transport.server import Server
+
+        config = self.config
+        await self.enrichment.start()  # metrics endpoint, then the rules (raises ConfigError)
+        self.output = build_outputs(with_default_dir(config))  # forward and/or stdout/file
+        sender, transform = self.enrichment.wrap(self.output)
+        await self.output.start()
         if config.buffer is not None and config.buffer.disk:  # the ack point: on disk
-            durable = await start_durable(config.buffer, sender, transform)
+            self.durable = await start_durable(config.buffer, sender, transform)
+        durable = self.durable
         server = Server(config.listen, (durable or Pipeline(sender, transform)).submit)
-        enrichment.attach(server, forwarder, durable.stats if durable else None)
+        self.server = server
+        self.enrichment.attach(server, self.output, durable.stats if durable else None)
         await server.start()
-        targets = describe(forwarder)
+        self.started = True
         log.info(
             "ruletag ready: listening on %s, forwarding to %s%s%s",
             server.address,
-            targets,
-            enrichment.describe(),
+            describe(self.output),
+            self.enrichment.describe(),
             durable.describe() if durable else "",
         )
-        await stop.wait()
-        log.info("shutting down")
-        await server.stop()
-    finally:
-        if durable is not None:
-            await durable.close(timeout=min(config.listen.shutdown_timeout, 2.0))
-        await enrichment.stop()
-        await forwarder.close()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-    log.info("stopped")
-    return 0
+
+    async def shutdown(self) -> None:
+        """Stop accepting and drain the listener, then the buffer, rules and outputs."""
+        try:
+            if self.started and self.server is not None:
+                self.started = False
+                await self.server.stop()
+        finally:
+            if self.durable is not None:
+                await self.durable.close(timeout=min(self.config.listen.shutdown_timeout, 2.0))
+            await self.enrichment.stop()
+            if self.output is not None:
+                await self.output.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -474,10 +474,14 @@ class Forwarder:
             return await self._connect(server)
         if server.probe is None or server.probe.closed:
             server.probe = None
-            if not server.healthy(time.monotonic()):
-                raise _ServerDown(str(server))
-            server.probe = await self._connect(server)
+            server.probe = await self._reconnect(server)
         return server.probe
+
+    async def _reconnect(self, server: _Server) -> _Connection:
+        """A new connection to ``server``; refused while it backs off after a failure."""
+        if not server.healthy(time.monotonic()):
+            raise _ServerDown(str(server))
+        return await self._connect(server)
 
     # -- failures: the server's, or the chunk's ---------------------------------------------
 
@@ -669,9 +673,7 @@ class Forwarder:
         async with server.lock:
             if server.conn is None or server.conn.closed:
                 server.conn = None
-                if not server.healthy(time.monotonic()):
-                    raise _ServerDown(str(server))
-                server.conn = await self._connect(server)
+                server.conn = await self._reconnect(server)
             return server.conn
 
     async def _send_on(self, conn: _Connection, frame: bytes, chunk_id: bytes | None) -> None:

@@ -10,8 +10,6 @@ from typing import Any
 
 import msgpack
 
-from paths import CAPTURE_DIRS
-from paths import CAPTURES as CAPTURES
 from ruletag.protocol import (
     NEED_DATA,
     Chunk,
@@ -21,6 +19,8 @@ from ruletag.protocol import (
     ServerConnection,
     iter_entries,
 )
+from support.paths import CAPTURE_DIRS
+from support.paths import CAPTURES as CAPTURES
 
 SHARED_KEY = b"fwd-secret-123"
 USERS = {b"edr-user": b"edr-pass-456"}
@@ -61,6 +61,27 @@ class Capture:
             nonce=bytes.fromhex(helo["nonce_hex"]),
             auth_salt=bytes.fromhex(salt) if salt else None,
         )
+
+
+def pack(obj: Any) -> bytes:
+    """``obj`` as msgpack, str and bin kept apart (as Fluent Bit sends them)."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def joined(entries: Iterable[bytes]) -> tuple[bytes, list[tuple[int, int]]]:
+    """Packed entries as one buffer, with each entry's ``(start, end)`` in it."""
+    buf = bytearray()
+    spans = []
+    for entry in entries:
+        spans.append((len(buf), len(buf) + len(entry)))
+        buf += entry
+    return bytes(buf), spans
+
+
+def pack_records(records: Iterable[Any], *, time: int = 0) -> tuple[bytes, list[tuple[int, int]]]:
+    """``[time, record]`` entries of ``records`` joined, with their spans (``match_entries``
+    input)."""
+    return joined(msgpack.packb([time, rec]) for rec in records)
 
 
 def out_forward_captures() -> list[Capture]:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
 DATA = TESTS / "data"
+JS_DIR = TESTS / "js"
 
 CAPTURES = DATA / "captures"
 CAPTURE_DIRS = (CAPTURES, CAPTURES / "fluent-bit-5.1.1")

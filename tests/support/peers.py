@@ -15,6 +15,7 @@ Its behaviour can be changed at any time through attributes::
 ``make_chunk`` / ``pack_entries`` build ``events.Chunk`` values from Python records.
 ``BackgroundLoop`` runs coroutines on an event loop in a thread, for synchronous tests.
 ``eventually(predicate)`` waits for a condition with a deadline (never a fixed sleep).
+``read_acks(reader, on_ack)`` counts the acks a server sends to a raw writer.
 """
 
 from __future__ import annotations
@@ -98,6 +99,33 @@ def make_chunk(
     """A log ``Chunk`` of ``records`` (v2 entries carry ``{"m": 1}`` metadata)."""
     entries, count = pack_entries(records, time=time, metadata={"m": 1} if v2 else None)
     return Chunk(tag=tag, entries=entries, count=count, v2=v2, size=len(entries))
+
+
+async def cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until each has ended (whatever it raised)."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(BaseException):
+            await task
+
+
+def seqs(sink: Sink) -> list[int]:
+    """The ``seq`` field of every record ``sink`` received, in arrival order."""
+    return [r["seq"] for r in sink.records]
+
+
+async def read_acks(reader: asyncio.StreamReader, on_ack: Callable[[bytes], None]) -> None:
+    """Decode what a server sends on ``reader`` until EOF, calling ``on_ack(chunk_id)`` for
+    every ack; any error ends it quietly (the caller judges by the acks it counted)."""
+    client = protocol.ClientConnection()
+    with contextlib.suppress(Exception):
+        while data := await reader.read(65536):
+            client.receive_data(data)
+            while (event := client.next_event()) is not protocol.NEED_DATA:
+                if isinstance(event, Ack):
+                    on_ack(event.chunk_id)
 
 
 class Sink:
