@@ -166,6 +166,12 @@ def _add_match(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="add an 'explain' key to matched records: why each rule fired",
     )
+    p.add_argument(
+        "--no-prefilter",
+        action="store_true",
+        help="match every decoded record instead of using the raw pre-filter (slower, same "
+        "matches; for comparison)",
+    )
     add_select_flags(p)
     p.set_defaults(func=_run_match)
 
