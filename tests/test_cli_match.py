@@ -179,3 +179,12 @@ def test_fast_path_equals_dict_path_after_re_tuning() -> None:
     assert raw.tune_error is None
     assert sum(len(both(b)) for b in batches) == matched > 0
     assert fast.matcher.stats.get("raw_tuned_on_records", 0) >= 600
+
+
+def test_tune_after_flag(tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(json_lines())
+    want = run_match(capsysbinary, events)
+    assert run_match(capsysbinary, events, "--tune-after", "100") == want
+    assert run_match(capsysbinary, events, "--tune-after", "0") == want
+    assert run_match(capsysbinary, events, "--tune-after", "-1")[0] == 2

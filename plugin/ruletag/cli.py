@@ -172,6 +172,13 @@ def _add_match(sub: argparse._SubParsersAction) -> None:
         help="match every decoded record instead of using the raw pre-filter (slower, same "
         "matches; for comparison)",
     )
+    p.add_argument(
+        "--tune-after",
+        type=int,
+        metavar="N",
+        help="records the pre-filter observes before it re-tunes itself (default: as the "
+        "relay's rules.tune_after; 0: never)",
+    )
     add_select_flags(p)
     p.set_defaults(func=_run_match)
 

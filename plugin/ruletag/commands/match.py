@@ -35,6 +35,7 @@ import ujson
 
 from ruletag.commands.explain import explain_hits
 from ruletag.commands.rules import read_vars, selection_from_args, summary_line
+from ruletag.config.model import DEFAULT_TUNE_AFTER
 from ruletag.enrich.annotate import detection
 from ruletag.errors import ConfigError
 from ruletag.rules.fields import FieldMap
@@ -359,7 +360,7 @@ def match(ns: argparse.Namespace) -> int:
     variables = read_vars(ns.vars)  # a bad --vars file: ConfigError, exit 2 (cli.main)
     table = _load_table(ns.rules, variables, selection_from_args(ns))
     ctx = MatchContext(
-        Matcher(table),  # re-tunes its pre-filter on long inputs, like the relay
+        Matcher(table, _tune_after(ns)),  # re-tunes its pre-filter on long inputs, like the relay
         table,
         prefilter=not getattr(ns, "no_prefilter", False),
         only_matches=bool(getattr(ns, "only_matches", False)),
@@ -385,6 +386,16 @@ def match(ns: argparse.Namespace) -> int:
     if ctx.skipped:
         print(f"ruletag: skipped {ctx.skipped} entries that are not maps", file=sys.stderr)
     return 0
+
+
+def _tune_after(ns: argparse.Namespace) -> int:
+    """``--tune-after``, else the relay's default (``rules.tune_after``)."""
+    n = getattr(ns, "tune_after", None)
+    if n is None:
+        return DEFAULT_TUNE_AFTER
+    if n < 0:
+        raise ConfigError("--tune-after: must be 0 or more")
+    return int(n)
 
 
 class _Sink(Protocol):
