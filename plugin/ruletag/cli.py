@@ -166,6 +166,19 @@ def _add_match(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="add an 'explain' key to matched records: why each rule fired",
     )
+    p.add_argument(
+        "--no-prefilter",
+        action="store_true",
+        help="match every decoded record instead of using the raw pre-filter (slower, same "
+        "matches; for comparison)",
+    )
+    p.add_argument(
+        "--tune-after",
+        type=int,
+        metavar="N",
+        help="records the pre-filter observes before it re-tunes itself (default: as the "
+        "relay's rules.tune_after; 0: never)",
+    )
     add_select_flags(p)
     p.set_defaults(func=_run_match)
 

@@ -3,11 +3,19 @@
 ``match`` reads JSON lines or a msgpack stream (bare record maps, ``[time, record]`` entries,
 or forward-protocol messages: Message, Forward, PackedForward, CompressedPackedForward) and
 writes every record as one JSON line, in input order. A record that matched gets the key
-``detections`` (a list of :func:`ruletag.enrich.annotate.detection` dicts); a record that
-matched nothing is written without that key, as the server leaves unmatched records untouched.
-With ``--explain``, a matched record also gets the key ``explain``: per rule that fired, its
-traced condition tree (:mod:`ruletag.rules.explain`), so the output stays one JSON line per
+``detections`` (a list of :func:`ruletag.enrich.annotate.detection` dicts) and is written
+re-serialised; a record that matched nothing is written without that key, as the server leaves
+unmatched records untouched: a JSON object that was alone on its input line is written as that
+line (surrounding whitespace and a BOM removed, its bytes unchanged), any other record as
+JSON. With ``--explain``, a matched record also gets the key ``explain``: per rule that fired,
+its traced condition tree (:mod:`ruletag.rules.explain`), so the output stays one JSON line per
 record and can be filtered with ``jq``.
+
+Records are handled in batches (:data:`BATCH`): packed once into msgpack entries and matched
+with :meth:`~ruletag.rules.matcher.Matcher.match_entries` as the relay matches a chunk (the
+raw pre-filter lets most records through undecoded, and re-tunes itself on long inputs), then
+written to stdout as one block. ``--no-prefilter`` matches every decoded record with
+:meth:`~ruletag.rules.matcher.Matcher.match` instead; the output is the same.
 """
 
 from __future__ import annotations
@@ -18,19 +26,27 @@ import json
 import sys
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 import msgpack
 import ujson
 
+from ruletag.commands.explain import explain_hits
 from ruletag.commands.rules import read_vars, selection_from_args, summary_line
+from ruletag.config.model import DEFAULT_TUNE_AFTER
 from ruletag.enrich.annotate import detection
 from ruletag.errors import ConfigError
+from ruletag.rules.fields import FieldMap
 from ruletag.rules.loader import source_of
+from ruletag.rules.matcher import Matcher
 from ruletag.rules.select import Selection
 
 # --------------------------------------------------------------------------- match
+
+#: Records read, matched and written at a time.
+BATCH = 4096
 
 
 def _is_time(v: object) -> bool:
@@ -110,28 +126,71 @@ def read_events(stream: IO[bytes]) -> Iterator[object]:
 
     ``stream`` must be a buffered binary file (``open(..., "rb")``, ``sys.stdin.buffer``).
     """
+    for batch in read_batches(stream):
+        yield from batch.records
+
+
+@dataclass
+class Batch:
+    """Consecutive records of the input; ``lines[i]``: the JSON line record ``i`` was read
+    from when it was a bare map on its own line (None otherwise)."""
+
+    records: list[object] = field(default_factory=list)
+    lines: list[bytes | None] = field(default_factory=list)
+
+
+def read_batches(stream: IO[bytes], size: int = BATCH) -> Iterator[Batch]:
+    """The records of a JSON-lines or msgpack stream (sniffed), about ``size`` at a time.
+
+    A stream that breaks off (bad JSON line, cut msgpack object) first yields the records read
+    before the fault, then raises ValueError.
+    """
     head = stream.peek(1)[:1]  # type: ignore[attr-defined]
     if not head:
         return
-    if head in (b"{", b"[", b" ", b"\t", b"\r", b"\n", b"\xef"):  # JSON lines (maybe a BOM)
-        for n, line in enumerate(stream, 1):
-            text = line.decode("utf-8-sig" if n == 1 else "utf-8").strip()
-            if not text:
-                continue
-            try:
-                obj = ujson.loads(text)
-            except ValueError as exc:
-                raise ValueError(f"line {n}: not JSON: {exc}") from exc
-            yield from records_of(obj)
-        return
-    counted = _CountingReader(stream)
-    unpacker = _unpacker(counted)
-    end = 0  # where the last complete object ended (tell() also counts a partial one)
-    for obj in unpacker:
-        end = unpacker.tell()
-        yield from records_of(obj)
-    if end != counted.bytes_read:
-        raise ValueError(f"msgpack stream truncated: incomplete object after byte {end}")
+    batch = Batch()
+    try:
+        if head in (b"{", b"[", b" ", b"\t", b"\r", b"\n", b"\xef"):  # JSON (maybe a BOM)
+            for n, line in enumerate(stream, 1):
+                if n == 1 and line.startswith(b"\xef\xbb\xbf"):
+                    line = line[3:]
+                text = line.strip()
+                if not text:
+                    continue
+                try:
+                    obj = ujson.loads(text)
+                except ValueError as exc:
+                    raise ValueError(f"line {n}: not JSON: {exc}") from exc
+                if isinstance(obj, dict):
+                    batch.records.append(obj)
+                    batch.lines.append(text)
+                else:
+                    for rec in records_of(obj):
+                        batch.records.append(rec)
+                        batch.lines.append(None)
+                if len(batch.records) >= size:
+                    yield batch
+                    batch = Batch()
+        else:
+            counted = _CountingReader(stream)
+            unpacker = _unpacker(counted)
+            end = 0  # where the last complete object ended (tell() also counts a partial one)
+            for obj in unpacker:
+                end = unpacker.tell()
+                for rec in records_of(obj):
+                    batch.records.append(rec)
+                    batch.lines.append(None)
+                if len(batch.records) >= size:
+                    yield batch
+                    batch = Batch()
+            if end != counted.bytes_read:
+                raise ValueError(f"msgpack stream truncated: incomplete object after byte {end}")
+    except ValueError:
+        if batch.records:
+            yield batch  # what was read before the fault is still written
+        raise
+    if batch.records:
+        yield batch
 
 
 class _CountingReader:
@@ -191,50 +250,179 @@ def _load_table(
     return table
 
 
+class MatchContext:
+    """Matches batches of records and renders them as JSON lines.
+
+    ``prefilter``: pack the records into msgpack entries and match them with
+    :meth:`~ruletag.rules.matcher.Matcher.match_entries` (the raw pre-filter skips most of
+    them undecoded), like the relay; False: :meth:`~ruletag.rules.matcher.Matcher.match`
+    on every record. Both give the same matches.
+    """
+
+    def __init__(
+        self,
+        matcher: Matcher,
+        table: Any,
+        *,
+        prefilter: bool = True,
+        only_matches: bool = False,
+        explain: bool = False,
+    ) -> None:
+        self.matcher = matcher
+        self.rules = table.rules
+        self.annotations = [detection(r) for r in table.rules]
+        self.prefilter = prefilter
+        self.only_matches = only_matches
+        self.fmap: FieldMap | None = None
+        if explain:
+            self.fmap = FieldMap.default()
+        self.skipped = 0  # records that are not maps
+        self._pack = msgpack.Packer(use_bin_type=True).pack
+
+    def match_batch(self, batch: Batch) -> dict[int, list[int]]:
+        """Record index in ``batch`` -> the indexes of the rules it matches (matched only)."""
+        records = batch.records
+        match = self.matcher.match
+        if not self.prefilter:
+            out: dict[int, list[int]] = {}
+            for i, rec in enumerate(records):
+                if isinstance(rec, dict):
+                    got = match(rec)
+                    if got:
+                        out[i] = got
+            return out
+        pack = self._pack
+        parts: list[bytes] = []
+        spans: list[tuple[int, int]] = []
+        where: list[int] = []  # entry index -> record index
+        alone: dict[int, list[int]] = {}  # records msgpack cannot hold, matched as dicts
+        pos = 0
+        for i, rec in enumerate(records):
+            if not isinstance(rec, dict):
+                continue
+            try:
+                data = pack([0, rec])
+            except (OverflowError, ValueError, TypeError):  # huge int, lone surrogate
+                got = match(rec)
+                if got:
+                    alone[i] = got
+                continue
+            parts.append(data)
+            end = pos + len(data)
+            spans.append((pos, end))
+            where.append(i)
+            pos = end
+        hits = self.matcher.match_entries(b"".join(parts), spans)
+        out = {where[k]: got for k, got in hits.items()}
+        if alone:
+            out.update(alone)
+        return out
+
+    def render_batch(self, batch: Batch, hits: Mapping[int, list[int]]) -> bytes:
+        """The JSON lines of ``batch``: matched records with ``detections`` (and ``explain``),
+        the others as they came (a bare-map JSON line unchanged) unless ``only_matches``."""
+        out: list[bytes] = []
+        add = out.append
+        lines = batch.lines
+        annotations = self.annotations
+        fmap = self.fmap
+        for i, record in enumerate(batch.records):
+            if not isinstance(record, dict):
+                self.skipped += 1
+                continue
+            found = hits.get(i)
+            if found:
+                why = explain_hits(self.rules, found, record, fmap) if fmap is not None else None
+                record["detections"] = [annotations[k] for k in found]
+                if why is not None:
+                    record["explain"] = why
+                add(_utf8(dump_record(record)))
+            elif self.only_matches:
+                continue
+            else:
+                line = lines[i]
+                add(line if line is not None else _utf8(dump_record(record)))
+        if not out:
+            return b""
+        out.append(b"")
+        return b"\n".join(out)
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # msgpack strings decoded with surrogateescape: bytes back
+        return text.encode("utf-8", "surrogateescape")
+
+
 def match(ns: argparse.Namespace) -> int:
     """Match every record of ``--events`` and print it as JSON, with its detections."""
-    from ruletag.rules.matcher import Matcher
-
     variables = read_vars(ns.vars)  # a bad --vars file: ConfigError, exit 2 (cli.main)
     table = _load_table(ns.rules, variables, selection_from_args(ns))
-    matcher = Matcher(table)
-    annotations = [detection(r) for r in table.rules]
-    only = bool(getattr(ns, "only_matches", False))
-    explaining = bool(getattr(ns, "explain", False))
-    fmap = None
-    if explaining:
-        from ruletag.commands.explain import explain_hits
-        from ruletag.rules.fields import FieldMap
-
-        fmap = FieldMap.default()
-    out = sys.stdout
+    ctx = MatchContext(
+        Matcher(table, _tune_after(ns)),  # re-tunes its pre-filter on long inputs, like the relay
+        table,
+        prefilter=not getattr(ns, "no_prefilter", False),
+        only_matches=bool(getattr(ns, "only_matches", False)),
+        explain=bool(getattr(ns, "explain", False)),
+    )
+    out = _binary_stdout()
     try:
         src: IO[bytes] = sys.stdin.buffer if ns.events == "-" else open(ns.events, "rb")  # noqa: SIM115
     except OSError as exc:
         print(f"ruletag: {ns.events}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    skipped = 0
     try:
-        for record in read_events(src):
-            if not isinstance(record, dict):
-                skipped += 1
-                continue
-            hits = matcher.match(record)
-            if hits:
-                why = explain_hits(table.rules, hits, record, fmap) if fmap is not None else None
-                record["detections"] = [annotations[i] for i in hits]
-                if why is not None:
-                    record["explain"] = why
-            elif only:
-                continue
-            out.write(dump_record(record) + "\n")
+        for batch in read_batches(src):
+            out.write(ctx.render_batch(batch, ctx.match_batch(batch)))
     except (ValueError, OSError) as exc:  # msgpack errors are ValueErrors
+        out.flush()
         print(f"ruletag: {ns.events}: {exc}", file=sys.stderr)
         return 1
     finally:
         if src is not sys.stdin.buffer:
             src.close()
     out.flush()
-    if skipped:
-        print(f"ruletag: skipped {skipped} entries that are not maps", file=sys.stderr)
+    if ctx.skipped:
+        print(f"ruletag: skipped {ctx.skipped} entries that are not maps", file=sys.stderr)
     return 0
+
+
+def _tune_after(ns: argparse.Namespace) -> int:
+    """``--tune-after``, else the relay's default (``rules.tune_after``)."""
+    n = getattr(ns, "tune_after", None)
+    if n is None:
+        return DEFAULT_TUNE_AFTER
+    if n < 0:
+        raise ConfigError("--tune-after: must be 0 or more")
+    return int(n)
+
+
+class _Sink(Protocol):
+    """Where ``match`` writes its output blocks."""
+
+    def write(self, data: bytes, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+
+def _binary_stdout() -> _Sink:
+    """Where the JSON lines go: ``sys.stdout``'s bytes layer (flushed of any text first)."""
+    sys.stdout.flush()
+    buf = getattr(sys.stdout, "buffer", None)
+    if buf is not None:
+        return buf
+    return _TextSink(sys.stdout)
+
+
+class _TextSink:
+    """A text stream seen as a bytes one (a replaced ``sys.stdout`` without ``buffer``)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+
+    def write(self, data: bytes) -> int:
+        return self._stream.write(data.decode("utf-8", "surrogateescape"))
+
+    def flush(self) -> None:
+        self._stream.flush()
