@@ -1,8 +1,9 @@
 """The rule intermediate form (IR): what every rule front-end produces.
 
-Sigma (``sigma.py``) and Elastic EQL (``eql.py``) translate rules into these frozen
-dataclasses; one compiler (``compiler/``) turns a list of :class:`Rule` into the pattern
-table, and ``reference.py`` evaluates the same IR slowly and obviously.
+Sigma (``sigma.py``) and Elastic (``elastic.py``, with the EQL, KQL and ES|QL front-ends)
+translate rules into these frozen dataclasses; one compiler (``compiler/``) turns a list of
+:class:`Rule` into the pattern table, and ``reference.py`` evaluates the same IR slowly and
+obviously.
 
 Semantics (shared by every evaluator):
 
@@ -18,9 +19,8 @@ Semantics (shared by every evaluator):
 * ``cased=False`` means Unicode case-insensitive comparison (``str.casefold``-free: both sides
   are lower-cased with ``str.lower``).
 
-Rules are single-event today (``Rule.kind == "event"``). Stateful rules (EQL sequences,
-Sigma correlations) will add a new top-level query type that holds several of these
-single-event conditions as its steps, so per-step matching reuses the same table.
+A :class:`Rule` is a single-event rule (``Rule.kind == "event"``): its condition is
+evaluated on one record at a time.
 """
 
 from __future__ import annotations

@@ -126,7 +126,9 @@ class RuleCostSampler:
         times: list[tuple[str, float]] = []
         for n, rule in enumerate(rules):
             if n % 64 == 63:
-                time.sleep(0)  # let the event loop take the GIL between rules, not only per 5 ms
+                # let the event loop take the GIL between rules, not only at the
+                # interpreter's switch interval
+                time.sleep(0)
             cond = self._condition(rule)
             t0 = clock()
             try:

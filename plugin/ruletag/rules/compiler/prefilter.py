@@ -739,7 +739,7 @@ def retune(
     cost = [(counts.get(i, 0) + 0.5 * min(1.0, p)) / n for i, p in enumerate(prior)]
     common = frozenset(i for i, c in counts.items() if i < len(prior) and c / n > COMMON)
     # the rarely needed second stage-2 database: this filter's own, which holds every
-    # pattern (compiling ~40k patterns anew would take ~150 MB more at its peak)
+    # pattern, reused rather than compiled anew (see docs/benchmarks.md on tuning memory)
     return _assemble(
         patterns, reqs, cost, common, filt.plan, n, cold_db=filt.full_db, passes=passes
     )
