@@ -68,16 +68,14 @@ from ruletag.rules.ir import (
     Equals,
     Exists,
     FieldRef,
-    FieldValue,
-    Literal_,
     Match,
     Node,
     Not,
     Or,
     Predicate,
     Regex,
-    ValueExpr,
     Wild,
+    leaf_fields,
 )
 
 __all__ = [
@@ -487,9 +485,7 @@ class _Builder:
 
         Without those keys in the bytes, every field ``n`` reads is missing, so ``n`` has
         the value it has on an empty record."""
-        fields: set[str] = set()
-        for e in (n.left, *(n.right if isinstance(n.right, tuple) else (n.right,))):
-            _value_fields(e, fields)
+        fields = leaf_fields(n)
         if not fields:
             return None
         from ruletag.rules.fields import RecordView
@@ -601,15 +597,6 @@ class _Builder:
         for kind, src, _value in self.fm.derivations(n.field):
             alts.append(self.keys(src) if kind != "windows_event" else self.keys(CHANNEL))
         return _or(alts) if alts else None
-
-
-def _value_fields(e: ValueExpr, out: set[str]) -> None:
-    """Add the fields that value expression ``e`` reads to ``out``."""
-    if isinstance(e, FieldValue):
-        out.add(e.field)
-    elif not isinstance(e, Literal_):
-        for a in e.args:
-            _value_fields(a, out)
 
 
 def _trigger(r: Req, cost: Sequence[float]) -> tuple[frozenset[int], float]:
