@@ -5,6 +5,7 @@ other in a cycle."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,38 @@ def test_no_import_cycles() -> None:
 )
 def test_the_check_catches_an_upward_or_sibling_import(source: str, target: str) -> None:
     assert _rank(_group(target)) >= _rank(_group(source))
+
+
+# --------------------------------------------------------------------------- the module table
+
+ARCHITECTURE = PACKAGE.parents[1] / "docs" / "architecture.md"
+
+
+def _module_table() -> set[str]:
+    """The names in backticks in the first column of docs/architecture.md's "Modules" table."""
+    text = ARCHITECTURE.read_text("utf-8")
+    section = text.split("\n## Modules\n", 1)[1].split("\n## ", 1)[0]
+    names: set[str] = set()
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            first = line.split(" | ", 1)[0]
+            names.update(re.findall(r"`([^`]+)`", first))
+    return names
+
+
+def _table_name(path: Path) -> tuple[str, ...]:
+    """How the table may name a module: its path under ruletag/, or a package's folder."""
+    rel = path.relative_to(PACKAGE).as_posix()
+    if path.name == "__init__.py" and path.parent != PACKAGE:
+        return (rel, rel.removesuffix("__init__.py"))
+    return (rel,)
+
+
+def test_the_module_table_names_every_module() -> None:
+    names = _module_table()
+    missing = [
+        _table_name(p)[-1] for p in MODULES.values() if not names.intersection(_table_name(p))
+    ]
+    assert not missing, f"modules missing from docs/architecture.md's table: {sorted(missing)}"
+    stale = [n for n in names if n.endswith((".py", "/")) and not (PACKAGE / n).exists()]
+    assert not stale, f"docs/architecture.md's table names what does not exist: {sorted(stale)}"

@@ -6,7 +6,6 @@ import struct
 from collections.abc import Sequence
 
 import msgpack
-import pytest
 
 from ruletag.rules.compiler import CompiledTable, build
 from ruletag.rules.compiler.prefilter import int_encodings, text_headers
@@ -27,13 +26,9 @@ from ruletag.rules.ir import (
 )
 from ruletag.rules.matcher import Matcher
 from ruletag.rules.matcher.prefilter import RawMatcher
+from support.codec import joined
 
 A = Wild.ANY
-
-
-@pytest.fixture(scope="module")
-def fm() -> FieldMap:
-    return FieldMap.default()
 
 
 def rule(rid: str, cond: Node, ls: Logsource | None = None) -> Rule:
@@ -54,18 +49,9 @@ def entry(pairs: Sequence[tuple[bytes, bytes]]) -> bytes:
     return b"\x92\x00" + bytes((0x80 | len(pairs),)) + body
 
 
-def chunk(entries: Sequence[bytes]) -> tuple[bytes, list[tuple[int, int]]]:
-    spans = []
-    pos = 0
-    for e in entries:
-        spans.append((pos, pos + len(e)))
-        pos += len(e)
-    return b"".join(entries), spans
-
-
 def agree(t: CompiledTable, entries: Sequence[bytes]) -> dict[int, list[int]]:
     """match_entries must give exactly what match() gives on the decoded records."""
-    buf, spans = chunk(entries)
+    buf, spans = joined(entries)
     m = Matcher(t)
     want = {}
     for k, e in enumerate(entries):
@@ -183,9 +169,9 @@ def test_prefilter_rejects_records_without_the_literals(fm: FieldMap) -> None:
     )
     assert t.raw is not None
     records = [{"CommandLine": "notepad.exe", "EventID": 1}, {"EventID": 8, "x": "mimi"}]
-    buf, spans = chunk([msgpack.packb([0, r]) for r in records])
+    buf, spans = joined([msgpack.packb([0, r]) for r in records])
     assert candidates(t, buf, spans) == {}
-    buf, spans = chunk([msgpack.packb([0, {"EventID": 7}])])
+    buf, spans = joined([msgpack.packb([0, {"EventID": 7}])])
     assert candidates(t, buf, spans) == {0: [1]}
 
 
@@ -197,7 +183,7 @@ def test_key_patterns_are_whole_keys_or_dotted_ends(fm: FieldMap) -> None:
         msgpack.packb([0, {"transport": "tcp", "Port": 80, "xDestinationPort": 80}]),
         msgpack.packb([0, {"DestinationPortName": 80}]),
     ]
-    buf, spans = chunk(near)
+    buf, spans = joined(near)
     assert candidates(t, buf, spans) == {}
     hits = [
         msgpack.packb([0, {"DestinationPort": 80}]),
@@ -206,7 +192,7 @@ def test_key_patterns_are_whole_keys_or_dotted_ends(fm: FieldMap) -> None:
         entry([(b"\xc4\x0fDestinationPort", b"\x50")]),  # bin key
     ]
     for e in hits:
-        buf, spans = chunk([e])
+        buf, spans = joined([e])
         assert candidates(t, buf, spans) == {0: [0]}, e
     agree(t, near + hits)
 
@@ -220,7 +206,7 @@ def test_numbers_as_strings_in_any_form_still_pass(fm: FieldMap) -> None:
     assert sorted(want) == list(range(len(entries)))
     # text that cannot be a number is not even decoded
     assert t.raw is not None
-    buf, spans = chunk([msgpack.packb([0, {"LogonType": "RemoteInteractive"}])])
+    buf, spans = joined([msgpack.packb([0, {"LogonType": "RemoteInteractive"}])])
     assert candidates(t, buf, spans) == {}
 
 
@@ -242,6 +228,6 @@ def test_predicates_false_without_their_fields_need_a_key(fm: FieldMap) -> None:
         {"EventID": 10, "CallTrace": ""},
     ]
     entries = [msgpack.packb([0, r]) for r in records]
-    buf, spans = chunk(entries)
+    buf, spans = joined(entries)
     assert candidates(t, buf, spans) == {1: [0], 2: [0]}
     assert agree(t, entries) == {0: [1], 1: [0]}

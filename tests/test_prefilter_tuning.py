@@ -6,7 +6,6 @@ import marshal
 import random
 import time
 
-import msgpack
 import pytest
 
 from ruletag.config.load import config_from_mapping
@@ -15,6 +14,7 @@ from ruletag.rules.compiler import build, load, save
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import And, Match, Node, Not, Rule, Wild
 from ruletag.rules.matcher import Matcher
+from support.codec import pack_records
 
 A = Wild.ANY
 
@@ -56,21 +56,12 @@ def traffic(n: int, seed: int) -> list[dict[str, object]]:
     return out
 
 
-def pack(records: list[dict[str, object]]) -> tuple[bytes, list[tuple[int, int]]]:
-    parts = [msgpack.packb([i, r]) for i, r in enumerate(records)]
-    spans, pos = [], 0
-    for p in parts:
-        spans.append((pos, pos + len(p)))
-        pos += len(p)
-    return b"".join(parts), spans
-
-
 def want(t: Matcher, records: list[dict[str, object]]) -> dict[int, list[int]]:
     return {k: m for k, r in enumerate(records) if (m := t.match(r))}
 
 
 def feed_until_tuned(t: Matcher, records: list[dict[str, object]]) -> None:
-    buf, spans = pack(records)
+    buf, spans = pack_records(records)
     deadline = time.monotonic() + 60
     while t.stats.get("raw_tuned_on_records") is None:
         assert t.raw is not None and t.raw.tune_error is None
@@ -80,8 +71,8 @@ def feed_until_tuned(t: Matcher, records: list[dict[str, object]]) -> None:
 
 
 @pytest.fixture()
-def table() -> Matcher:
-    return Matcher(build(rules(), FieldMap.default()), tune_after=300)
+def table(fm: FieldMap) -> Matcher:
+    return Matcher(build(rules(), fm), tune_after=300)
 
 
 def test_retuned_filter_gives_the_same_matches(table: Matcher) -> None:
@@ -90,7 +81,7 @@ def test_retuned_filter_gives_the_same_matches(table: Matcher) -> None:
     raw = table.raw
     assert raw is not None and raw.filter.tuned_on >= 300
     fresh = traffic(3000, 2)
-    buf, spans = pack(fresh)
+    buf, spans = pack_records(fresh)
     expected = want(table, fresh)
     assert expected, "the test traffic must trip some rule"
     assert table.match_entries(buf, spans) == expected
@@ -120,14 +111,14 @@ def test_a_loaded_table_tunes_too(table: Matcher, tmp_path) -> None:
     loaded = Matcher(load(path), tune_after=200)
     feed_until_tuned(loaded, traffic(600, 4))
     fresh = traffic(1500, 5)
-    buf, spans = pack(fresh)
+    buf, spans = pack_records(fresh)
     assert loaded.match_entries(buf, spans) == want(loaded, fresh)
 
 
-def test_tune_after_zero_keeps_the_compiled_filter() -> None:
-    t = Matcher(build(rules(), FieldMap.default()), tune_after=0)
+def test_tune_after_zero_keeps_the_compiled_filter(fm: FieldMap) -> None:
+    t = Matcher(build(rules(), fm), tune_after=0)
     first = t.raw
-    buf, spans = pack(traffic(2000, 6))
+    buf, spans = pack_records(traffic(2000, 6))
     for _ in range(3):
         t.match_entries(buf, spans)
     time.sleep(0.2)

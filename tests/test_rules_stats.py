@@ -16,7 +16,9 @@ import pytest
 
 from ruletag.cli import main
 from ruletag.commands.stats import parse
-from ruletag.runtime.rulecost import RuleCostSampler, every_from_env
+from ruletag.config.load import config_from_mapping, with_cli_overrides
+from ruletag.errors import ConfigError
+from ruletag.runtime.rulecost import RuleCostSampler
 from support.paths import SAMPLE, SIGMA_SEED
 from support.peers import Source, make_chunk
 from test_rules_update import make_zip
@@ -65,7 +67,6 @@ def _wait(cond: Any, timeout: float = 20.0) -> None:
 def test_stats_on_a_real_relay_and_reload_on_update(
     tmp_path: Path,
     serve_process: Any,
-    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     assert len(EXTRA) >= 2
@@ -77,11 +78,10 @@ def test_stats_on_a_real_relay_and_reload_on_update(
         "listen: {host: 127.0.0.1, port: 0}\n"
         f"rules:\n  paths: [{dest / 'sigma' / 'current'}]\n  reload_interval: 0.2s\n"
         f"  cache_dir: {tmp_path / 'cache'}\n"
-        "metrics: {listen: '127.0.0.1:0'}\n"
+        "metrics: {listen: '127.0.0.1:0', rule_cost_sample: 1}\n"
         "outputs:\n  - {type: file, path: out.jsonl}\n",
         encoding="utf-8",
     )
-    monkeypatch.setenv("RULETAG_RULE_COST_SAMPLE", "1")
     sp = serve_process(["--config", str(cfg)])
     ready = next(ln for ln in sp.lines if "ready" in ln)
     m = re.search(r"metrics on (\S+?:\d+)", ready)
@@ -134,12 +134,12 @@ def test_stats_without_samples_and_unreachable(capsys: pytest.CaptureFixture[str
     text = 'ruletag_detections_total{rule_id="a"} 5.0\nruletag_detections_total{rule_id="b"} 9.0\n'
     rep = report(parse(text), None, 10)
     assert [r["rule_id"] for r in rep["noisiest"]] == ["b", "a"] and rep["costliest"] == []
-    assert "RULETAG_RULE_COST_SAMPLE" in to_text(rep, {})
+    assert "metrics.rule_cost_sample" in to_text(rep, {})
     assert main(["rules", "stats", "--metrics", "127.0.0.1:9"]) == 1
     assert "127.0.0.1:9/metrics" in capsys.readouterr().err
 
 
-def test_sampler_times_every_rule_and_env_parsing() -> None:
+def test_sampler_times_every_rule() -> None:
     from ruletag.rules.loader import load_rules
 
     rules = load_rules([SIGMA_SEED, *EXTRA[:2]]).rules
@@ -151,5 +151,18 @@ def test_sampler_times_every_rule_and_env_parsing() -> None:
         assert samples == 2 and set(seconds) == {r.id for r in rules}
     finally:
         s.close()
-    assert every_from_env({}) == 0 and every_from_env({"RULETAG_RULE_COST_SAMPLE": "50"}) == 50
-    assert every_from_env({"RULETAG_RULE_COST_SAMPLE": "x"}) == 0
+
+
+def test_rule_cost_sample_config_key() -> None:
+    base: dict[str, Any] = {"listen": {"port": 0}, "outputs": [{"type": "stdout"}]}
+    off = config_from_mapping({**base, "metrics": {"listen": "127.0.0.1:0"}})
+    assert off.metrics is not None and off.metrics.rule_cost_sample == 0
+    on = config_from_mapping({**base, "metrics": {"rule_cost_sample": 50}})
+    assert on.metrics is not None and on.metrics.rule_cost_sample == 50
+    for bad in (-1, "x", 1.5, True):
+        with pytest.raises(ConfigError, match=r"metrics\.rule_cost_sample"):
+            config_from_mapping({**base, "metrics": {"rule_cost_sample": bad}})
+    # serve --metrics HOST:PORT replaces the address and keeps the sampling
+    moved = with_cli_overrides(on, metrics="127.0.0.1:0")
+    assert moved.metrics is not None and moved.metrics.port == 0
+    assert moved.metrics.rule_cost_sample == 50

@@ -38,7 +38,9 @@ from ruletag.rules.ir import (
 )
 from ruletag.rules.matcher import Matcher
 from ruletag.rules.reference import reference_match
+from support.codec import joined, pack_records
 from support.paths import CAPTURES, SEED_RULES
+from support.seeds import EQL_ID, SIGMA_ID
 
 A = Wild.ANY
 
@@ -49,16 +51,6 @@ def rule(rid: str, cond: Node, logsource: Logsource | None = None) -> Rule:
 
 def ids(table: CompiledTable, record: dict) -> list[str]:
     return [table.rules[i].id for i in Matcher(table).match(record)]
-
-
-def pack(records: list[dict]) -> tuple[bytes, list[tuple[int, int]]]:
-    buf = bytearray()
-    spans = []
-    for n, rec in enumerate(records):
-        start = len(buf)
-        buf += msgpack.packb([1700000000 + n, rec])
-        spans.append((start, len(buf)))
-    return bytes(buf), spans
 
 
 RULES = [
@@ -91,11 +83,6 @@ RULES = [
     rule("unicode", Match("Image", (A, "\\ÄBC.EXE"))),
     rule("num-as-text", Match("EventID", ("4625",))),
 ]
-
-
-@pytest.fixture(scope="module")
-def fm() -> FieldMap:
-    return FieldMap.default()
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +159,7 @@ def test_stats_report_untriggered_rules(table: CompiledTable) -> None:
 
 def test_match_entries_agrees_with_match(table: CompiledTable) -> None:
     records = [rec for rec, _ in CASES] + [{"plain": "nothing here"}, {"n": 1}]
-    buf, spans = pack(records)
+    buf, spans = pack_records(records)
     got = Matcher(table).match_entries(buf, spans)
     want = {k: Matcher(table).match(r) for k, r in enumerate(records) if Matcher(table).match(r)}
     assert got == want
@@ -182,7 +169,7 @@ def test_raw_prefilter_skips_entries_without_literals(fm: FieldMap) -> None:
     t = build([rule("ends", Match("Image", (A, "\\wuauclt.exe")))], fm)
     assert t.stats["rules_without_raw_literal"] == ()
     records = [{"Image": "C:\\a.exe"}, {"Image": "C:\\WUAUCLT.EXE"}, {"x": 1}]
-    buf, spans = pack(records)
+    buf, spans = pack_records(records)
     assert Matcher(t).match_entries(buf, spans) == {1: [0]}
 
 
@@ -191,22 +178,20 @@ def test_raw_prefilter_sees_kelvin_sign(fm: FieldMap) -> None:
     t = build([rule("k", Match("Image", (A, "kit.exe")))], fm)
     records = [{"Image": "C:\\\u212ait.exe"}, {"Image": "C:\\kot.exe"}]
     assert Matcher(t).match(records[0]) == [0]
-    buf, spans = pack(records)
+    buf, spans = pack_records(records)
     assert Matcher(t).match_entries(buf, spans) == {0: [0]}
 
 
 def test_match_entries_v2_entries_and_odd_entries(table: CompiledTable) -> None:
-    buf = bytearray()
-    spans = []
-    for entry in (
-        [[1, {"m": 1}], {"Image": "c:\\windows\\cmd.exe"}],
-        [2, "not a map"],
-        "garbage",
-    ):
-        start = len(buf)
-        buf += msgpack.packb(entry)
-        spans.append((start, len(buf)))
-    assert Matcher(table).match_entries(bytes(buf), spans) == {0: [0]}
+    buf, spans = joined(
+        msgpack.packb(entry)
+        for entry in (
+            [[1, {"m": 1}], {"Image": "c:\\windows\\cmd.exe"}],
+            [2, "not a map"],
+            "garbage",
+        )
+    )
+    assert Matcher(table).match_entries(buf, spans) == {0: [0]}
     assert Matcher(table).match_entries(b"", []) == {}
 
 
@@ -219,7 +204,7 @@ def test_save_load_roundtrip(table: CompiledTable, tmp_path: Path) -> None:
     assert loaded.stats == table.stats
     for record, _ in CASES:
         assert Matcher(loaded).match(record) == Matcher(table).match(record)
-    buf, spans = pack([rec for rec, _ in CASES])
+    buf, spans = pack_records([rec for rec, _ in CASES])
     assert Matcher(loaded).match_entries(buf, spans) == Matcher(table).match_entries(buf, spans)
 
 
@@ -269,7 +254,7 @@ def test_seed_rules_on_the_capture_records(fm: FieldMap) -> None:
     from ruletag.rules import loader
 
     result = loader.load_rules([SEED_RULES])
-    assert len(result.rules) == 2
+    assert sorted(r.id for r in result.rules) == sorted((SIGMA_ID, EQL_ID))
     t = build(result.rules, fm)
     known = {r.id for r in result.rules}
     records = _seed_records()
@@ -281,7 +266,7 @@ def test_seed_rules_on_the_capture_records(fm: FieldMap) -> None:
         assert set(want) & known <= set(got), record
         fired += bool(got)
     assert fired >= 6
-    buf, spans = pack([r for r, _ in records])
+    buf, spans = pack_records([r for r, _ in records])
     assert Matcher(t).match_entries(buf, spans) == {
         k: Matcher(t).match(r) for k, (r, _) in enumerate(records) if Matcher(t).match(r)
     }
@@ -349,7 +334,7 @@ def test_matching_leaves_the_table_unchanged(table: CompiledTable, tmp_path: Pat
     before = dumps(table)
     raw_before = table.raw
     m = Matcher(table, tune_after=50)
-    buf, spans = pack(_tuning_traffic(400, 1))
+    buf, spans = pack_records(_tuning_traffic(400, 1))
     for record, _ in CASES:
         m.match(record)
     _feed_until_tuned(m, buf, spans)
@@ -363,7 +348,7 @@ def test_matchers_over_one_table_are_independent(table: CompiledTable) -> None:
     tuned = Matcher(table, tune_after=50)
     plain = Matcher(table, tune_after=0)
     records = _tuning_traffic(600, 2)
-    buf, spans = pack(records)
+    buf, spans = pack_records(records)
     _feed_until_tuned(tuned, buf, spans)
     assert plain.raw is not None and tuned.raw is not None
     assert plain.raw.filter is table.raw and plain.raw.tuned is None
@@ -371,7 +356,7 @@ def test_matchers_over_one_table_are_independent(table: CompiledTable) -> None:
     assert "raw_tuned_on_records" not in plain.stats
     assert plain._value_cache is not tuned._value_cache
     fresh = _tuning_traffic(500, 3)
-    buf, spans = pack(fresh)
+    buf, spans = pack_records(fresh)
     want = {k: got for k, r in enumerate(fresh) if (got := Matcher(table).match(r))}
     assert want
     assert tuned.match_entries(buf, spans) == want

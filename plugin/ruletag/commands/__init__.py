@@ -1,2 +1,3 @@
-"""One module per ``ruletag`` subcommand: ``serve``, ``validate``, ``test``, ``rules``
-(check/compile), ``match``, ``dead_letter``. ``ruletag.cli`` only parses the arguments."""
+"""One module per ``ruletag`` subcommand: ``serve``, ``validate``, ``test``, ``rules`` (check /
+compile), ``update``, ``explain`` and ``stats`` (``rules update|explain|stats``), ``match``,
+``dead_letter``. ``ruletag.cli`` only parses the arguments."""

@@ -74,16 +74,9 @@ def _load(ns: argparse.Namespace) -> Any:
         config = load_config(ns.config)
         if config.rules is None:
             raise ConfigError(f"{ns.config}: no rules section")
-        r = config.rules
-        cache = Path(r.cache_dir) if r.cache_dir else None
-        table, result = compile_rules(
-            list(r.paths),
-            r.vars or None,
-            cache,
-            exclude=r.exclude,
-            building_blocks=r.building_blocks,
-            select=r.select,
-        )
+        from ruletag.runtime.relay import rule_loader
+
+        table, result = rule_loader(config)()
     else:
         table, result = compile_rules(ns.rules, read_vars(ns.vars))
     print(

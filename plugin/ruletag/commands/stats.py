@@ -5,7 +5,7 @@ Noise is ``ruletag_detections_total{rule_id}`` (hits since the relay started; wi
 ``--interval S`` the endpoint is scraped twice and hits per second over that window are shown
 too). Cost is the sampled ``ruletag_rule_eval_seconds_total{rule_id}`` divided by
 ``ruletag_rule_eval_samples_total`` (:mod:`ruletag.runtime.rulecost`): present only when the
-relay runs with ``RULETAG_RULE_COST_SAMPLE=N``. ``--rules PATH...`` adds rule names.
+relay's config sets ``metrics.rule_cost_sample: N``. ``--rules PATH...`` adds rule names.
 """
 
 from __future__ import annotations
@@ -146,8 +146,8 @@ def to_text(rep: dict[str, Any], names: dict[str, str]) -> str:
             )
     else:
         out.append(
-            "costliest rules: no samples (run the relay with RULETAG_RULE_COST_SAMPLE=N "
-            "to time the rules on 1 chunk in N)"
+            "costliest rules: no samples (set metrics.rule_cost_sample: N in the relay's "
+            "config to time the rules on 1 chunk in N)"
         )
     return "\n".join(out)
 

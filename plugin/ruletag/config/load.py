@@ -7,8 +7,9 @@ test``, parsed by ``ruletag.commands.test``), ``rules`` (rule ``paths`` relative
 config file, or ``builtin:seeds`` for the bundled rules; ``vars``; ``cache_dir``;
 ``reload_interval``; ``exclude``, ``building_blocks`` and ``select``: which rules the table
 keeps, see ``parse_select``), ``enrich`` (``key``, ``style: ruletag|ecs``, ``retag_prefix``),
-``metrics`` (``listen: HOST:PORT``), and ``buffer`` (``type: memory|disk``, ``path``,
-``max_size``, ``segment_size``, ``fsync: always|never``; see docs/reliability.md).
+``metrics`` (``listen: HOST:PORT``, ``rule_cost_sample: N``), and ``buffer`` (``type:
+memory|disk``, ``path``, ``max_size``, ``segment_size``, ``fsync: always|never``; see
+docs/reliability.md).
 Unknown keys are errors, and every error names its key path, e.g.
 ``forward.servers[0].port: must be an int 1..65535``.
 
@@ -33,6 +34,7 @@ from ruletag.config.model import (
     BUILTIN_RULES,
     DEFAULT_PORT,
     DEFAULT_RELOAD_INTERVAL,
+    DEFAULT_RULE_COST_SAMPLE,
     DEFAULT_TUNE_AFTER,
     ELASTIC_RULE_TYPES,
     KIB,
@@ -628,8 +630,9 @@ def _metrics(data: object) -> MetricsConfig:
     s = _Section(data, "metrics")
     text = s.str_("listen", "127.0.0.1:9464", empty=False)
     host, port = parse_hostport(text, "metrics.listen", 9464, allow_zero=True)
+    every = s.int_("rule_cost_sample", DEFAULT_RULE_COST_SAMPLE, 0)
     s.done()
-    return MetricsConfig(host=host, port=port)
+    return MetricsConfig(host=host, port=port, rule_cost_sample=every)
 
 
 def _buffer(data: object, base: Path | None, max_frame_size: int) -> BufferConfig:
@@ -744,7 +747,10 @@ def with_cli_overrides(
             new = replace(config.rules, paths=new.paths)
         config = replace(config, rules=new)
     if metrics:
-        config = replace(config, metrics=_metrics({"listen": metrics}))
+        new_metrics = _metrics({"listen": metrics})
+        if config.metrics is not None:
+            new_metrics = replace(config.metrics, host=new_metrics.host, port=new_metrics.port)
+        config = replace(config, metrics=new_metrics)
     return config
 
 

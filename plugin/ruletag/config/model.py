@@ -61,6 +61,9 @@ enrich.key / enrich.style          detections   where (style ruletag) the detect
                                    / ruletag    ``ecs`` writes rule.*, threat.*, event.*
 metrics.listen                     127.0.0.1:   Prometheus /metrics and /health
                                    9464
+metrics.rule_cost_sample           0            time every rule, off the hot path, on the first
+                                                record of 1 chunk in N (0 = off; see
+                                                ``ruletag.runtime.rulecost``)
 buffer.type                        memory       memory: ack after downstream ack; disk: ack
                                                 once fsync'ed to the disk buffer at ``path``
 buffer.max_size / segment_size     1 GiB /      disk buffer size limit (full: acks are held,
@@ -86,6 +89,7 @@ DEFAULT_MAX_INFLATE_SIZE: Final = 64 * MIB
 DEFAULT_MAX_INFLATE_MEMBERS: Final = 1024
 DEFAULT_MAX_CONNECTIONS: Final = 1024
 DEFAULT_IDLE_TIMEOUT: Final = 300.0
+DEFAULT_RULE_COST_SAMPLE: Final = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,10 +314,12 @@ class BufferConfig:
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
-    """``metrics``: the Prometheus ``/metrics`` and ``/health`` HTTP endpoint."""
+    """``metrics``: the Prometheus ``/metrics`` and ``/health`` HTTP endpoint, and the sampled
+    per-rule cost it exports (``rule_cost_sample``: 1 chunk in N; 0 = off)."""
 
     host: str = "127.0.0.1"
     port: int = 9464
+    rule_cost_sample: int = DEFAULT_RULE_COST_SAMPLE
 
     @property
     def address(self) -> str:

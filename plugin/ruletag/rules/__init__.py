@@ -1,1 +1,2 @@
-"""Detection rules: front-ends (Sigma, EQL) to IR, and the compiled pattern table."""
+"""Detection rules: front-ends (Sigma; Elastic EQL, KQL, ES|QL) to IR, rule selection, the
+compiled pattern table (``compiler``) and its runtime matcher (``matcher``)."""

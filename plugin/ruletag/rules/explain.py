@@ -1,7 +1,7 @@
 """Why a rule did or did not match a record: the reference evaluator, tracing every node.
 
-:func:`explain` walks a rule's condition like :func:`ruletag.rules.reference.evaluate` (same
-leaf semantics: each leaf's truth value comes from ``evaluate`` itself), but visits every
+:func:`explain` walks a rule's condition like :func:`ruletag.rules.reference.evaluate`, with
+the same leaf evaluation (:func:`~ruletag.rules.reference.evaluate_leaf`), but visits every
 child instead of short-circuiting and records, per leaf, the field it reads, the record paths
 that supplied the values (after the field mapping, or the derivation used), the values read
 and the result. The Sigma logsource condition is traced on its own, so an explanation says
@@ -39,8 +39,9 @@ from ruletag.rules.ir import (
     Rule,
     ValueExpr,
     Wild,
+    leaf_fields,
 )
-from ruletag.rules.reference import evaluate, values_of
+from ruletag.rules.reference import evaluate_leaf, values_of
 
 #: Values shown per leaf (the rest is counted).
 MAX_VALUES = 5
@@ -201,30 +202,6 @@ def _field(view: RecordView, fmap: FieldMap, name: str) -> dict[str, Any]:
     return out
 
 
-def _value_fields(v: ValueExpr | tuple[ValueExpr, ...], out: list[str]) -> None:
-    if isinstance(v, tuple):
-        for x in v:
-            _value_fields(x, out)
-    elif isinstance(v, FieldValue):
-        if v.field not in out:
-            out.append(v.field)
-    elif isinstance(v, Call):
-        for a in v.args:
-            _value_fields(a, out)
-
-
-def _leaf_fields(node: Node) -> list[str]:
-    if isinstance(node, Predicate):
-        names: list[str] = []
-        _value_fields(node.left, names)
-        _value_fields(node.right, names)
-        return names
-    if isinstance(node, FieldRef):
-        return [node.field, node.other]
-    name = getattr(node, "field", None)
-    return [name] if isinstance(name, str) else []
-
-
 # --------------------------------------------------------------------------- tracing
 
 
@@ -241,9 +218,9 @@ def trace(node: Node, view: RecordView, fmap: FieldMap) -> Trace:
         return Trace("not", not kid.result, children=[kid])
     if isinstance(node, Const):
         return Trace("const", node.value, describe(node))
-    result = evaluate(node, view)
+    result = evaluate_leaf(node, view)
     leaf = Trace(type(node).__name__.lower(), result, describe(node))
-    leaf.fields = [_field(view, fmap, f) for f in _leaf_fields(node)]
+    leaf.fields = [_field(view, fmap, f) for f in leaf_fields(node)]
     if isinstance(node, Match) and node.field is None:
         leaf.fields = [{"field": None, "from": ["every value of the record"]}]
     if isinstance(node, Predicate) and isinstance(node.left, Call):
@@ -256,7 +233,7 @@ def trace(node: Node, view: RecordView, fmap: FieldMap) -> Trace:
 def explain(rule: Rule, record: Mapping[str, object], fmap: FieldMap) -> Explanation:
     """Trace ``rule`` on ``record``; the verdict is logsource AND condition."""
     view = fmap.view(record)
-    ls_node = fmap.logsource_condition(rule.logsource) if rule.logsource is not None else None
+    ls_node = fmap.logsource_condition(rule.logsource)
     ls = trace(ls_node, view, fmap) if ls_node is not None else None
     cond = trace(rule.condition, view, fmap)
     verdict = cond.result and (ls is None or ls.result)

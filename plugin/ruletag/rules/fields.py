@@ -620,13 +620,16 @@ class FieldMap:
 
     # ----------------------------------------------------------------- logsources
 
-    def logsource_condition(self, logsource: Logsource) -> Node | None:
-        """The condition a record must meet to be in this logsource; None = no restriction.
+    def logsource_condition(self, logsource: Logsource | None) -> Node | None:
+        """The condition a record must meet to be in this logsource; None = no restriction
+        (also for no logsource).
 
         Known parts (product, category, service) are ANDed; an unknown part adds nothing.
         Windows categories hold either a Windows event-log record (channel + event id, flat
         or Winlogbeat shape) or, for records without a channel, the ECS equivalent.
         """
+        if logsource is None:
+            return None
         product = (logsource.product or "").lower() or None
         category = (logsource.category or "").lower() or None
         service = (logsource.service or "").lower() or None

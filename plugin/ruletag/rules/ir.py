@@ -1,8 +1,9 @@
 """The rule intermediate form (IR): what every rule front-end produces.
 
-Sigma (``sigma.py``) and Elastic EQL (``eql.py``) translate rules into these frozen
-dataclasses; one compiler (``compiler/``) turns a list of :class:`Rule` into the pattern
-table, and ``reference.py`` evaluates the same IR slowly and obviously.
+Sigma (``sigma.py``) and Elastic (``elastic.py``, with the EQL, KQL and ES|QL front-ends)
+translate rules into these frozen dataclasses; one compiler (``compiler/``) turns a list of
+:class:`Rule` into the pattern table, and ``reference.py`` evaluates the same IR slowly and
+obviously.
 
 Semantics (shared by every evaluator):
 
@@ -18,9 +19,8 @@ Semantics (shared by every evaluator):
 * ``cased=False`` means Unicode case-insensitive comparison (``str.casefold``-free: both sides
   are lower-cased with ``str.lower``).
 
-Rules are single-event today (``Rule.kind == "event"``). Stateful rules (EQL sequences,
-Sigma correlations) will add a new top-level query type that holds several of these
-single-event conditions as its steps, so per-step matching reuses the same table.
+A :class:`Rule` is a single-event rule (``Rule.kind == "event"``): its condition is
+evaluated on one record at a time.
 """
 
 from __future__ import annotations
@@ -247,35 +247,40 @@ class Rule:
     rule_type: str = ""  # Elastic rule ``type`` (query, eql, esql, ...); "" for Sigma
 
 
+def value_fields(v: ValueExpr | tuple[ValueExpr, ...]) -> tuple[str, ...]:
+    """The fields a value expression (or a tuple of them) reads, in order, each once."""
+    out: dict[str, None] = {}
+
+    def walk(x: ValueExpr | tuple[ValueExpr, ...]) -> None:
+        if isinstance(x, tuple):
+            for y in x:
+                walk(y)
+        elif isinstance(x, FieldValue):
+            out[x.field] = None
+        elif isinstance(x, Call):
+            for a in x.args:
+                walk(a)
+
+    walk(v)
+    return tuple(out)
+
+
+def leaf_fields(leaf: Leaf) -> tuple[str, ...]:
+    """The fields a leaf reads, in order (none for a keyword :class:`Match`)."""
+    if isinstance(leaf, Predicate):
+        right = leaf.right if isinstance(leaf.right, tuple) else (leaf.right,)
+        return value_fields((leaf.left, *right))
+    if isinstance(leaf, FieldRef):
+        return (leaf.field, leaf.other)
+    return () if leaf.field is None else (leaf.field,)
+
+
 def fields_of(node: Node) -> set[str]:
     """Every field name a condition reads (``None`` keyword fields excluded)."""
-    out: set[str] = set()
-
-    def walk_value(v: ValueExpr | tuple[ValueExpr, ...]) -> None:
-        if isinstance(v, tuple):
-            for x in v:
-                walk_value(x)
-        elif isinstance(v, FieldValue):
-            out.add(v.field)
-        elif isinstance(v, Call):
-            for a in v.args:
-                walk_value(a)
-
-    def walk(n: Node) -> None:
-        if isinstance(n, And | Or):
-            for a in n.args:
-                walk(a)
-        elif isinstance(n, Not):
-            walk(n.arg)
-        elif isinstance(n, Predicate):
-            walk_value(n.left)
-            walk_value(n.right)
-        elif isinstance(n, FieldRef):
-            out.update((n.field, n.other))
-        elif isinstance(n, Const):
-            pass
-        elif n.field is not None:
-            out.add(n.field)
-
-    walk(node)
-    return out
+    if isinstance(node, And | Or):
+        return set().union(*(fields_of(a) for a in node.args))
+    if isinstance(node, Not):
+        return fields_of(node.arg)
+    if isinstance(node, Const):
+        return set()
+    return set(leaf_fields(node))

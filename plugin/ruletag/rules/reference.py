@@ -27,8 +27,9 @@ multi-valued field may satisfy a leaf; missing-or-null satisfies only ``IsNull``
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
+from typing import Any
 
 import re2
 
@@ -53,6 +54,7 @@ from ruletag.rules.ir import (
     FieldRef,
     FieldValue,
     IsNull,
+    Leaf,
     Literal_,
     Match,
     Node,
@@ -100,7 +102,7 @@ def _compare(a: int | float, op: str, b: int | float) -> bool:
     raise ValueError(f"unknown comparison {op!r}")
 
 
-def _fieldref(view: RecordView, node: FieldRef) -> bool:
+def _fieldref(node: FieldRef, view: RecordView) -> bool:
     mine = _texts(view, node.field)
     others = _texts(view, node.other)
     for a in mine:
@@ -191,6 +193,61 @@ def _predicate(node: Predicate, view: RecordView) -> bool:
     return any(_binary(node.op, a, b, node.cased) for a in lefts for b in rights)
 
 
+# --------------------------------------------------------------------------- leaves
+
+
+def _match(node: Match, view: RecordView) -> bool:
+    return any(wildcard_match(t, node.pattern, node.cased) for t in _texts(view, node.field))
+
+
+def _regex(node: Regex, view: RecordView) -> bool:
+    rx = _re2(node.pattern, node.flags)
+    return any(re2_search(rx, t) for t in _texts(view, node.field))
+
+
+def _cidr(node: Cidr, view: RecordView) -> bool:
+    return any(_in_cidr(v, node.networks) for v in view.values(node.field))
+
+
+def _compare_leaf(node: Compare, view: RecordView) -> bool:
+    nums = (number_of(v) for v in view.values(node.field))
+    return any(n is not None and _compare(n, node.op, node.value) for n in nums)
+
+
+def _equals(node: Equals, view: RecordView) -> bool:
+    return any(equals_value(v, node.value) for v in view.values(node.field))
+
+
+def _is_null(node: IsNull, view: RecordView) -> bool:
+    return not view.values(node.field)
+
+
+def _exists(node: Exists, view: RecordView) -> bool:
+    return bool(view.values(node.field))
+
+
+#: The evaluator of each leaf kind (shared by :func:`evaluate` and the ``explain`` tracer).
+_LEAVES: dict[type, Callable[[Any, RecordView], bool]] = {
+    Match: _match,
+    Regex: _regex,
+    Cidr: _cidr,
+    Compare: _compare_leaf,
+    Equals: _equals,
+    IsNull: _is_null,
+    Exists: _exists,
+    FieldRef: _fieldref,
+    Predicate: _predicate,
+}
+
+
+def evaluate_leaf(leaf: Leaf, view: RecordView) -> bool:
+    """Whether the record behind ``view`` satisfies the leaf ``leaf``."""
+    fn = _LEAVES.get(type(leaf))
+    if fn is None:
+        raise TypeError(f"not an IR leaf: {leaf!r}")
+    return fn(leaf, view)
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -204,32 +261,12 @@ def evaluate(node: Node, view: RecordView) -> bool:
         return not evaluate(node.arg, view)
     if isinstance(node, Const):
         return node.value
-    if isinstance(node, Match):
-        return any(wildcard_match(t, node.pattern, node.cased) for t in _texts(view, node.field))
-    if isinstance(node, Regex):
-        rx = _re2(node.pattern, node.flags)
-        return any(re2_search(rx, t) for t in _texts(view, node.field))
-    if isinstance(node, Cidr):
-        return any(_in_cidr(v, node.networks) for v in view.values(node.field))
-    if isinstance(node, Compare):
-        nums = (number_of(v) for v in view.values(node.field))
-        return any(n is not None and _compare(n, node.op, node.value) for n in nums)
-    if isinstance(node, Equals):
-        return any(equals_value(v, node.value) for v in view.values(node.field))
-    if isinstance(node, IsNull):
-        return not view.values(node.field)
-    if isinstance(node, Exists):
-        return bool(view.values(node.field))
-    if isinstance(node, FieldRef):
-        return _fieldref(view, node)
-    if isinstance(node, Predicate):
-        return _predicate(node, view)
-    raise TypeError(f"not an IR node: {node!r}")
+    return evaluate_leaf(node, view)
 
 
 def rule_condition(rule: Rule, fieldmap: FieldMap) -> Node:
     """A rule's condition ANDed with its logsource condition (when it has one)."""
-    ls = fieldmap.logsource_condition(rule.logsource) if rule.logsource is not None else None
+    ls = fieldmap.logsource_condition(rule.logsource)
     return rule.condition if ls is None else And((ls, rule.condition))
 
 

@@ -275,10 +275,12 @@ class _Enrichment:
     def wrap(self, output: Sender) -> tuple[Sender, Transform | None]:
         """The instrumented output and the (timed) live rule filter for the pipeline."""
         transform = self.metrics.timed_transform(self.live) if self.live is not None else None
-        if transform is not None:  # sampled per-rule cost, only with RULETAG_RULE_COST_SAMPLE
+        metrics = self.config.metrics
+        every = metrics.rule_cost_sample if metrics is not None else 0
+        if transform is not None and every > 0:  # sampled per-rule cost (metrics.rule_cost_sample)
             from ruletag.runtime.rulecost import install
 
-            transform, self.cost = install(self.live, self.metrics.registry, transform)
+            transform, self.cost = install(self.live, self.metrics.registry, transform, every)
         return self.metrics.instrument_sender(output), transform
 
     def attach(self, server: Server, output: object, buffer: object = None) -> None:

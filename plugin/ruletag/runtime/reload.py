@@ -107,14 +107,13 @@ def select_from_json(data: Mapping[str, Any] | None) -> SelectConfig | None:
     return SelectConfig(**fields)
 
 
-def _child_main() -> None:
-    """Child-process entry point: compile the rules described on stdin into the table cache."""
+def _compile_job(job: Mapping[str, Any]) -> tuple[CompiledTable, LoadResult]:
+    """``compile_rules`` on a compile job (the JSON-ready dict a compiler child reads)."""
     from ruletag.rules.loader import compile_rules
 
-    job = json.loads(sys.stdin.read())
     variables = {k: tuple(v) for k, v in job["vars"].items()} if job["vars"] else None
     cache = Path(job["cache_dir"]) if job["cache_dir"] else None
-    compile_rules(
+    return compile_rules(
         job["paths"],
         variables,
         cache,
@@ -122,6 +121,11 @@ def _child_main() -> None:
         building_blocks=job.get("building_blocks", "keep"),
         select=select_from_json(job.get("select")),
     )
+
+
+def _child_main() -> None:
+    """Child-process entry point: compile the rules described on stdin into the table cache."""
+    _compile_job(json.loads(sys.stdin.read()))
 
 
 class SubprocessCompiler:
@@ -153,18 +157,14 @@ class SubprocessCompiler:
         self._killed = False
 
     def __call__(self) -> tuple[CompiledTable, LoadResult]:
-        from ruletag.rules.loader import compile_rules
-
-        job = json.dumps(
-            {
-                "paths": self.paths,
-                "vars": self.variables,
-                "cache_dir": self.cache_dir,
-                "exclude": self.exclude,
-                "building_blocks": self.building_blocks,
-                "select": asdict(self.select) if self.select is not None else None,
-            }
-        ).encode()
+        job = {
+            "paths": self.paths,
+            "vars": self.variables,
+            "cache_dir": self.cache_dir,
+            "exclude": self.exclude,
+            "building_blocks": self.building_blocks,
+            "select": asdict(self.select) if self.select is not None else None,
+        }
         with self._lock:
             if self._killed:
                 raise RuntimeError("shutting down")
@@ -179,7 +179,7 @@ class SubprocessCompiler:
                 stderr=subprocess.PIPE,
             )
         try:
-            _, err = proc.communicate(job)
+            _, err = proc.communicate(json.dumps(job).encode())
         finally:
             with self._lock:
                 self._proc = None
@@ -192,16 +192,7 @@ class SubprocessCompiler:
                 proc.returncode,
                 last[0],
             )
-        cache = Path(self.cache_dir) if self.cache_dir else None
-        variables = {k: tuple(v) for k, v in self.variables.items()} if self.variables else None
-        return compile_rules(
-            self.paths,
-            variables,
-            cache,
-            exclude=self.exclude,
-            building_blocks=self.building_blocks,
-            select=self.select,
-        )
+        return _compile_job(job)
 
     def kill(self) -> None:
         """Stop a running child and refuse further compiles."""

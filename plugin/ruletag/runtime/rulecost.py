@@ -9,13 +9,13 @@ for the reference walk (many leaves, regexes, wide keyword searches, logsources 
 everything) is expensive for the table too, so the ranking says which rules to look at first;
 the absolute figures are reference-evaluator time, not table time.
 
-The relay's transform is wrapped only when sampling is on (``RULETAG_RULE_COST_SAMPLE=N``,
-N >= 1); when it is off nothing is wrapped and the hot path is unchanged. With it on, the
-filter path pays a counter increment per chunk, plus a first-entry decode and a queue put on
-sampled chunks; the evaluation runs in the worker, and a sample arriving while the worker is
-busy is dropped rather than queued. The worker still shares the GIL with the event loop (it
-yields it between rules), and a sample walks every rule in Python: on large rule sets keep N
-large (hundreds or thousands of chunks).
+The relay's transform is wrapped only when sampling is on (``metrics.rule_cost_sample: N``
+in the config, N >= 1); when it is off nothing is wrapped and the hot path is unchanged. With
+it on, the filter path pays a counter increment per chunk, plus a first-entry decode and a
+queue put on sampled chunks; the evaluation runs in the worker, and a sample arriving while the
+worker is busy is dropped rather than queued. The worker still shares the GIL with the event
+loop (it yields it between rules), and a sample walks every rule in Python: on large rule sets
+keep N large (hundreds or thousands of chunks).
 
 Exported (on the relay's ``/metrics``): ``ruletag_rule_eval_seconds_total{rule_id}`` and
 ``ruletag_rule_eval_samples_total`` (records evaluated); their ratio is a rule's mean
@@ -25,7 +25,6 @@ reference-evaluation time per record.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -43,21 +42,7 @@ from ruletag.rules.reference import evaluate, rule_condition
 
 log = logging.getLogger(__name__)
 
-ENV = "RULETAG_RULE_COST_SAMPLE"
 Transform = Callable[[Chunk], list[Chunk]]
-
-
-def every_from_env(environ: Mapping[str, str] | None = None) -> int:
-    """N of ``RULETAG_RULE_COST_SAMPLE`` (0 = off; a bad value is logged and means off)."""
-    raw = (environ if environ is not None else os.environ).get(ENV, "").strip()
-    if not raw:
-        return 0
-    try:
-        n = int(raw)
-    except ValueError:
-        log.warning("%s=%r is not a whole number: rule cost sampling off", ENV, raw)
-        return 0
-    return max(n, 0)
 
 
 class RuleCostSampler:
@@ -126,7 +111,9 @@ class RuleCostSampler:
         times: list[tuple[str, float]] = []
         for n, rule in enumerate(rules):
             if n % 64 == 63:
-                time.sleep(0)  # let the event loop take the GIL between rules, not only per 5 ms
+                # let the event loop take the GIL between rules, not only at the
+                # interpreter's switch interval
+                time.sleep(0)
             cond = self._condition(rule)
             t0 = clock()
             try:
@@ -175,7 +162,7 @@ class RuleCostCollector(Collector):
         samples, seconds = self.sampler.snapshot()
         yield CounterMetricFamily(
             "ruletag_rule_eval_samples",
-            "Records sampled for per-rule cost (RULETAG_RULE_COST_SAMPLE).",
+            "Records sampled for per-rule cost (metrics.rule_cost_sample).",
             value=samples,
         )
         fam = CounterMetricFamily(
@@ -188,9 +175,11 @@ class RuleCostCollector(Collector):
         yield fam
 
 
-def install(live: Any, registry: Any, transform: Transform) -> tuple[Transform, Any]:
-    """The relay's hook: ``(transform, sampler)``, wrapped and exported only when on."""
-    every = every_from_env()
+def install(
+    live: Any, registry: Any, transform: Transform, every: int
+) -> tuple[Transform, RuleCostSampler | None]:
+    """The relay's hook: ``(transform, sampler)``, wrapped and exported only when ``every``
+    (``metrics.rule_cost_sample``) is 1 or more."""
     if every <= 0:
         return transform, None
 
@@ -200,5 +189,5 @@ def install(live: Any, registry: Any, transform: Transform) -> tuple[Transform, 
 
     sampler = RuleCostSampler(rules, every)
     registry.register(RuleCostCollector(sampler))
-    log.info("rule cost sampling on: 1 chunk in %d (%s)", every, ENV)
+    log.info("rule cost sampling on: 1 chunk in %d (metrics.rule_cost_sample)", every)
     return sampler.wrap(transform), sampler

@@ -70,8 +70,8 @@ def exec_formulas(code: Any, consts: Sequence[frozenset[int]]) -> tuple[Formula,
 
 
 def compile_pieces(source: str, piece: int = 1 << 16) -> tuple[Any, ...]:
-    """``source`` compiled in pieces of about ``piece`` characters, cut between functions:
-    compiling a 2 MB module at once takes ~200 MB of memory at its peak."""
+    """``source`` compiled in pieces of about ``piece`` characters, cut between functions, so
+    the compiler's peak memory follows the piece size rather than the whole module's."""
     out: list[Any] = []
     start = 0
     while start < len(source):

@@ -68,16 +68,14 @@ from ruletag.rules.ir import (
     Equals,
     Exists,
     FieldRef,
-    FieldValue,
-    Literal_,
     Match,
     Node,
     Not,
     Or,
     Predicate,
     Regex,
-    ValueExpr,
     Wild,
+    leaf_fields,
 )
 
 __all__ = [
@@ -487,9 +485,7 @@ class _Builder:
 
         Without those keys in the bytes, every field ``n`` reads is missing, so ``n`` has
         the value it has on an empty record."""
-        fields: set[str] = set()
-        for e in (n.left, *(n.right if isinstance(n.right, tuple) else (n.right,))):
-            _value_fields(e, fields)
+        fields = leaf_fields(n)
         if not fields:
             return None
         from ruletag.rules.fields import RecordView
@@ -601,15 +597,6 @@ class _Builder:
         for kind, src, _value in self.fm.derivations(n.field):
             alts.append(self.keys(src) if kind != "windows_event" else self.keys(CHANNEL))
         return _or(alts) if alts else None
-
-
-def _value_fields(e: ValueExpr, out: set[str]) -> None:
-    """Add the fields that value expression ``e`` reads to ``out``."""
-    if isinstance(e, FieldValue):
-        out.add(e.field)
-    elif not isinstance(e, Literal_):
-        for a in e.args:
-            _value_fields(a, out)
 
 
 def _trigger(r: Req, cost: Sequence[float]) -> tuple[frozenset[int], float]:
@@ -739,7 +726,7 @@ def retune(
     cost = [(counts.get(i, 0) + 0.5 * min(1.0, p)) / n for i, p in enumerate(prior)]
     common = frozenset(i for i, c in counts.items() if i < len(prior) and c / n > COMMON)
     # the rarely needed second stage-2 database: this filter's own, which holds every
-    # pattern (compiling ~40k patterns anew would take ~150 MB more at its peak)
+    # pattern, reused rather than compiled anew (see docs/benchmarks.md on tuning memory)
     return _assemble(
         patterns, reqs, cost, common, filt.plan, n, cold_db=filt.full_db, passes=passes
     )

@@ -152,7 +152,8 @@ def _load_raw(state: tuple[Any, ...] | None) -> RawFilter | None:
 
 
 class _Pickler(pickle.Pickler):
-    """Pickles frozen dataclasses (the IR) as constructor calls: much faster to load."""
+    """Pickles frozen dataclasses (the IR) as plain constructor calls with positional fields,
+    instead of the generic object reduction."""
 
     def reducer_override(self, obj: Any) -> Any:
         cls = type(obj)

@@ -55,6 +55,7 @@ from ruletag.rules.ir import (
     Rule,
     Wild,
 )
+from ruletag.rules.reference import rule_condition
 
 __all__ = ["CompiledTable", "build"]
 
@@ -234,13 +235,7 @@ def build(
     t0 = time.perf_counter()
     fm = fieldmap or FieldMap.default()
     rule_list = tuple(rules)
-    formulas: list[Node] = []
-    for r in rule_list:
-        cond: Node = r.condition
-        ls = fm.logsource_condition(r.logsource) if r.logsource is not None else None
-        if ls is not None:
-            cond = And((ls, cond))
-        formulas.append(simplify(cond))
+    formulas: list[Node] = [simplify(rule_condition(r, fm)) for r in rule_list]
 
     atom_of: dict[Node, int] = {}
     shared: dict[int, int] = {}  # atom -> how many rules use it (logsource atoms: many)
