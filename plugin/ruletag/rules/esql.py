@@ -28,7 +28,8 @@ ES|QL would drop.
 Leaves. ``==``/``!=``/``IN`` on a field and literals are :class:`Match` (case-sensitive) or
 :class:`Equals`; ``< <= > >=`` with a number :class:`Compare`; ``LIKE`` (``*``/``?``, ``\\``
 escapes ``*``, ``?`` or itself, case-sensitive, whole value) :class:`Match`; ``RLIKE`` (Lucene
-regex, whole value) :class:`Regex`, translated as EQL's ``regex``; ``IS [NOT] NULL``
+regex, whole value) :class:`Regex`, translated as EQL's ``regex`` (a top-level intersection
+``A&B`` is two regexes ANDed); ``IS [NOT] NULL``
 :class:`IsNull`/:class:`Exists`; ``CIDR_MATCH`` :class:`Cidr`; ``STARTS_WITH``/``ENDS_WITH``
 :class:`Match`. ``TO_LOWER(f)`` compared with lower-case literals is a case-insensitive
 :class:`Match`. Anything else computed is a :class:`Predicate` over :class:`Call` values
@@ -38,6 +39,10 @@ arithmetic; ``JSON_EXTRACT(_source, "$.a.b")`` reads the field ``a.b``, so an ob
 null here where ES gives its JSON text). ``CASE`` in a
 comparison or as a condition is expanded branch by branch (a null condition takes the next
 branch).
+Full text: ``field : "text"`` and ``MATCH(field, "text")`` are Elasticsearch's ``match``
+query by the field's type (``fieldtypes``: analyzed tokens on text fields, one exact term
+otherwise, as KQL builds its leaves); ``KQL("...")`` is compiled by ``kql.py``. A Lucene query
+is never null, so their false branch is the plain negation.
 Functions, operators and types outside this list raise UnsupportedRule with their name; an
 ``EVAL`` column no ``WHERE`` reads is never evaluated, so its functions do not matter.
 """
