@@ -211,6 +211,17 @@ CASES: list[tuple[str, dict, bool]] = [
     (q('a rlike "[a&]+&.*\\\\&"'), {"a": "a&"}, True),  # \\& is a character
     (q('not a rlike "x&y"'), {"a": "x"}, True),
     (q('not a rlike "x&y"'), {}, False),
+    # & elsewhere with a literal operand: that literal when the other operands fully match
+    # it, else nothing (Lucene reads a | or ) right after & as a character)
+    (q('a rlike "x|ab&\\"ab\\""'), {"a": "ab"}, True),
+    (q('a rlike "x|ab&\\"ab\\""'), {"a": "x"}, True),
+    (q('a rlike "x|a.&ab"'), {"a": "ab"}, True),
+    (q('a rlike "x|a.&ab"'), {"a": "ac"}, False),
+    (q('a rlike "(a&b)c"'), {"a": "bc"}, False),  # empty: never true
+    (q('not a rlike "(a&b)c"'), {"a": "bc"}, True),
+    (q('a rlike ".*(k>&|0>&1|z).*"'), {"a": "0>&1"}, False),  # k> & |0> & 1: empty
+    (q('a rlike ".*(k>&|0>&1|z).*"'), {"a": "xzy"}, True),
+    (q('a rlike "(x&x)+y"'), {"a": "xxy"}, True),
     # MATCH / ":" on a keyword field: one exact, case-sensitive term
     (q('match(process.name, "cmd.exe")'), {"process": {"name": "cmd.exe"}}, True),
     (q('match(process.name, "cmd.exe")'), {"process": {"name": "CMD.EXE"}}, False),
@@ -313,13 +324,11 @@ REFUSED: list[tuple[str, str]] = [
         "ES|QL CASE inside a function call is not supported",
     ),
     (
-        q('a rlike "(a&b)c"'),
-        "ES|QL RLIKE: Lucene & inside a group or beside a top-level | (only A&B is supported)",
+        q('a rlike "(a.*&.*b)c"'),
+        "ES|QL RLIKE: Lucene & between operands that are not literal text, inside a pattern "
+        "(only A&B over the whole pattern)",
     ),
-    (
-        q('a rlike "x|a&b"'),
-        "ES|QL RLIKE: Lucene & inside a group or beside a top-level | (only A&B is supported)",
-    ),
+    (q('a rlike "x|a&~b"'), "ES|QL RLIKE: Lucene regex operator '~' is not supported"),
     (
         q('replace(a, "\\\\p{Alpha}", "") == ""'),
         "ES|QL REPLACE regex: Java regex \\p{...} classes not supported",
@@ -547,6 +556,11 @@ def _adcs(rmd: str) -> dict:
     }
 
 
+def _k8s_exec(query: str) -> dict:
+    uri = f"/api/v1/namespaces/d/pods/p/exec?{query}&container=c&stdin=true&stdout=true"
+    return {"kubernetes": {"audit": {"objectRef": {"subresource": "exec"}, "requestURI": uri}}}
+
+
 def _rbac(verb: str, rules: dict, where: str = "requestObject") -> dict:
     return {
         "user": {"name": "alice"},
@@ -677,6 +691,11 @@ SAMPLES: list[tuple[str, dict, dict]] = [
             },
             "user": {"name": "alice", "target": {"name": "alice"}},
         },
+    ),
+    (  # RLIKE with & inside an alternation: the intersections are empty, the rest matches
+        "integrations/kubernetes/execution_kubernetes_pod_exec_potential_reverse_shell.toml",
+        _k8s_exec("command=sh&command=-c&command=mkfifo%20%2Ftmp%2Ff"),
+        _k8s_exec("command=sh&command=-c&command=0%3E%261"),
     ),
     (  # the match operator on a text field: any token of the query
         "windows/defense_evasion_posh_obfuscation_reverse_keyword.toml",

@@ -29,7 +29,8 @@ Leaves. ``==``/``!=``/``IN`` on a field and literals are :class:`Match` (case-se
 :class:`Equals`; ``< <= > >=`` with a number :class:`Compare`; ``LIKE`` (``*``/``?``, ``\\``
 escapes ``*``, ``?`` or itself, case-sensitive, whole value) :class:`Match`; ``RLIKE`` (Lucene
 regex, whole value) :class:`Regex`, translated as EQL's ``regex`` (a top-level intersection
-``A&B`` is two regexes ANDed); ``IS [NOT] NULL``
+``A&B`` is two regexes ANDed; a nested one with a literal operand is that literal or
+nothing); ``IS [NOT] NULL``
 :class:`IsNull`/:class:`Exists`; ``CIDR_MATCH`` :class:`Cidr`; ``STARTS_WITH``/``ENDS_WITH``
 :class:`Match`. ``TO_LOWER(f)`` compared with lower-case literals is a case-insensitive
 :class:`Match`. Anything else computed is a :class:`Predicate` over :class:`Call` values
@@ -55,6 +56,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+import re2
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
 
@@ -654,6 +656,15 @@ def _tokens_regex(toks: tuple[PatternToken, ...]) -> str:
     return f"^(?:{body})$"
 
 
+def _has_intersection(pattern: str) -> bool:
+    """An unescaped ``&`` outside classes and quoted strings."""
+    return "&" in _strip_literals(pattern)
+
+
+def _strip_literals(pattern: str) -> str:
+    return re.sub(r'\\.|\[(?:\\.|[^\]\\])*\]?|"[^"]*"?', "", pattern, flags=re.DOTALL)
+
+
 def _intersection(pattern: str) -> list[str]:
     """The operands of a Lucene regex that is an intersection ``A&B...`` at top level (no
     top-level ``|``, which binds looser than ``&``): the value must fully match each one.
@@ -694,6 +705,158 @@ def _intersection(pattern: str) -> list[str]:
     if any(not p for p in parts):
         raise InvalidRule(f"ES|QL RLIKE: empty operand of & in {pattern!r}")
     return parts
+
+
+_LUCENE_SPECIAL = set('\\.?+*|{}[]()"&~#@<>')
+
+
+class _LuceneIntersections:
+    """Lucene regex syntax (``RegExp`` with every flag) parsed as Lucene parses it, to remove
+    intersections one operand of which is a literal string: ``A&"lit"`` is ``"lit"`` when A
+    fully matches it and the empty language otherwise. Nodes: ``("lit", text)``, ``("raw",
+    lucene)`` (``.``, ``@``, a class), ``("cat", [..])``, ``("alt", [..])``, ``("rep", node,
+    suffix)``, ``("inter", [..])``, ``("nothing",)`` (``#``). :meth:`emit` gives Lucene text
+    without ``&``, or None for the empty language."""
+
+    def __init__(self, pattern: str) -> None:
+        self.src = pattern
+        self.pos = 0
+
+    def parse(self) -> Any:
+        if not self.src:
+            return ("lit", "")
+        node = self.union()
+        if self.pos < len(self.src):
+            raise InvalidRule(f"ES|QL RLIKE: end of pattern expected in {self.src!r}")
+        return node
+
+    def _more(self) -> bool:
+        return self.pos < len(self.src)
+
+    def _peek(self, chars: str) -> bool:
+        return self._more() and self.src[self.pos] in chars
+
+    def _match(self, ch: str) -> bool:
+        if self._peek(ch):
+            self.pos += 1
+            return True
+        return False
+
+    def _next(self) -> str:
+        if not self._more():
+            raise InvalidRule(f"ES|QL RLIKE: unexpected end of pattern {self.src!r}")
+        self.pos += 1
+        return self.src[self.pos - 1]
+
+    def union(self) -> Any:
+        alts = [self.inter()]
+        while self._match("|"):
+            alts.append(self.inter())
+        return alts[0] if len(alts) == 1 else ("alt", alts)
+
+    def inter(self) -> Any:
+        ops = [self.concat()]
+        while self._match("&"):
+            ops.append(self.concat())
+        return ops[0] if len(ops) == 1 else ("inter", ops)
+
+    def concat(self) -> Any:
+        items = [self.repeat()]  # the first item is parsed whatever comes: `&|` is `|` literal
+        while self._more() and not self._peek(")|&"):
+            items.append(self.repeat())
+        merged: list[Any] = []
+        for it in items:
+            if it[0] == "lit" and merged and merged[-1][0] == "lit":
+                merged[-1] = ("lit", merged[-1][1] + it[1])
+            else:
+                merged.append(it)
+        return merged[0] if len(merged) == 1 else ("cat", merged)
+
+    def repeat(self) -> Any:
+        node = self.simple()
+        while self._peek("?*+{"):
+            if self.src[self.pos] == "{":
+                m = re.compile(r"\{\d+(?:,\d*)?\}").match(self.src, self.pos)
+                if m is None:
+                    raise InvalidRule(f"ES|QL RLIKE: malformed repetition in {self.src!r}")
+                suffix = m.group(0)
+                self.pos = m.end()
+            else:
+                suffix = self._next()
+            node = ("rep", node, suffix)
+        return node
+
+    def simple(self) -> Any:
+        ch = self._next()
+        if ch in "~<":
+            raise UnsupportedRule(f"ES|QL RLIKE: Lucene regex operator {ch!r} is not supported")
+        if ch == "#":
+            return ("nothing",)
+        if ch in ".@":
+            return ("raw", ch)
+        if ch == "[":
+            start = self.pos - 1
+            self._match("^")
+            while self._more() and self.src[self.pos] != "]":
+                self.pos += 2 if self.src[self.pos] == "\\" else 1
+            if not self._match("]"):
+                raise InvalidRule(f"ES|QL RLIKE: unterminated character class in {self.src!r}")
+            return ("raw", self.src[start : self.pos])
+        if ch == '"':
+            end = self.src.find('"', self.pos)
+            if end < 0:
+                raise InvalidRule(f"ES|QL RLIKE: unterminated quoted string in {self.src!r}")
+            text = self.src[self.pos : end]
+            self.pos = end + 1
+            return ("lit", text)
+        if ch == "(":
+            if self._match(")"):
+                return ("lit", "")
+            node = self.union()
+            if not self._match(")"):
+                raise InvalidRule(f"ES|QL RLIKE: missing ) in {self.src!r}")
+            return node
+        if ch == "\\":
+            nxt = self._next()
+            return ("raw", "\\" + nxt) if nxt in "dDsSwW" else ("lit", nxt)
+        return ("lit", ch)
+
+    @classmethod
+    def emit(cls, node: Any) -> str | None:
+        kind = node[0]
+        if kind == "lit":
+            return "".join("\\" + c if c in _LUCENE_SPECIAL else c for c in node[1])
+        if kind == "raw":
+            return str(node[1])
+        if kind == "nothing":
+            return None
+        if kind == "cat":
+            parts = [cls.emit(n) for n in node[1]]
+            return None if any(p is None for p in parts) else "".join(map(str, parts))
+        if kind == "alt":
+            alts = [a for a in (cls.emit(n) for n in node[1]) if a is not None]
+            return f"({'|'.join(alts)})" if alts else None
+        if kind == "rep":
+            inner = cls.emit(node[1])
+            if inner is None:
+                return "()" if node[2] in "*?" or node[2].startswith("{0") else None
+            return f"({inner}){node[2]}"
+        assert kind == "inter"
+        ops = [cls.emit(n) for n in node[1]]
+        if any(o is None for o in ops):
+            return None
+        literals = [n[1] for n in node[1] if n[0] == "lit"]
+        if not literals:
+            raise UnsupportedRule(
+                "ES|QL RLIKE: Lucene & between operands that are not literal text, "
+                "inside a pattern (only A&B over the whole pattern)"
+            )
+        value = literals[0]
+        for op in ops:
+            pattern, flags = lucene_regex(str(op), True)
+            if re2.search(f"(?{flags}){pattern}", value) is None:
+                return None
+        return cls.emit(("lit", value))
 
 
 class _Compiler:
@@ -900,11 +1063,14 @@ class _Compiler:
     @staticmethod
     def _rlike(lv: ValueExpr, text: str, line: int) -> Node:
         try:
+            if _has_intersection(text):
+                reduced = _LuceneIntersections.emit(_LuceneIntersections(text).parse())
+                if reduced is None:  # the empty language
+                    return Const(False)
+                text = reduced
             pattern, flags = lucene_regex(text, True)
         except RuleError as exc:
-            reason = exc.reason
-            if "'&'" in reason:
-                reason = "Lucene & inside a group or beside a top-level | (only A&B is supported)"
+            reason = exc.reason.removeprefix("ES|QL RLIKE: ")
             raise type(exc)(f"ES|QL RLIKE: {reason}", line=line) from None
         if isinstance(lv, FieldValue):
             return Regex(lv.field, pattern, flags)
