@@ -204,6 +204,57 @@ CASES: list[tuple[str, dict, bool]] = [
     (q('a != "x"'), {"a": ["x", "y"]}, False),
     # LIMIT 0
     (q('a == "x"', "| limit 0 "), {"a": "x"}, False),
+    # RLIKE A&B over the whole pattern: the value fully matches both
+    (q('a rlike ".*x.*&.*y.*"'), {"a": "1x2y3"}, True),
+    (q('a rlike ".*x.*&.*y.*"'), {"a": "1x2"}, False),
+    (q('a rlike "[a&]+&.*b"'), {"a": "a&b"}, False),  # & inside a class is a character
+    (q('a rlike "[a&]+&.*\\\\&"'), {"a": "a&"}, True),  # \\& is a character
+    (q('not a rlike "x&y"'), {"a": "x"}, True),
+    (q('not a rlike "x&y"'), {}, False),
+    # & elsewhere with a literal operand: that literal when the other operands fully match
+    # it, else nothing (Lucene reads a | or ) right after & as a character)
+    (q('a rlike "x|ab&\\"ab\\""'), {"a": "ab"}, True),
+    (q('a rlike "x|ab&\\"ab\\""'), {"a": "x"}, True),
+    (q('a rlike "x|a.&ab"'), {"a": "ab"}, True),
+    (q('a rlike "x|a.&ab"'), {"a": "ac"}, False),
+    (q('a rlike "(a&b)c"'), {"a": "bc"}, False),  # empty: never true
+    (q('not a rlike "(a&b)c"'), {"a": "bc"}, True),
+    (q('a rlike ".*(k>&|0>&1|z).*"'), {"a": "0>&1"}, False),  # k> & |0> & 1: empty
+    (q('a rlike ".*(k>&|0>&1|z).*"'), {"a": "xzy"}, True),
+    (q('a rlike "(x&x)+y"'), {"a": "xxy"}, True),
+    # MATCH / ":" on a keyword field: one exact, case-sensitive term
+    (q('match(process.name, "cmd.exe")'), {"process": {"name": "cmd.exe"}}, True),
+    (q('match(process.name, "cmd.exe")'), {"process": {"name": "CMD.EXE"}}, False),
+    (q('process.name : "cmd.exe"'), {"process": {"name": "x cmd.exe"}}, False),
+    (q("process.pid : 4"), {"process": {"pid": 4}}, True),
+    (q('source.ip : "10.0.0.0/8"'), {"source": {"ip": "10.1.2.3"}}, True),
+    # on a text field: analyzed, any token (operator AND: every token), case-insensitive
+    (q('message : "Failed LOGON"'), {"message": "an account failed to log on"}, True),
+    (q('message : "Failed LOGON"'), {"message": "logon ok"}, True),
+    (q('message : "Failed LOGON"'), {"message": "logons"}, False),
+    (q('match(message, "failed logon", {"operator": "AND"})'), {"message": "logon failed"}, True),
+    (q('match(message, "failed logon", {"operator": "AND"})'), {"message": "failed"}, False),
+    (q('match(message, "x", {"boost": 2.0})'), {"message": "a x"}, True),
+    (q('message : "rahc|metsys"'), {"message": "[metsys]"}, True),
+    (q('match(message::STRING, "metsys")'), {"message": "Metsys"}, True),
+    (
+        q('process.command_line.text : "whoami"'),
+        {"process": {"command_line": "c:\\whoami /all"}},
+        True,
+    ),
+    (q('message : "..."'), {"message": "..."}, False),  # no tokens: matches nothing
+    # never null: NOT of a full-text match is true on a record without the field
+    (q('not message : "x"'), {}, True),
+    (q('not message : "x"'), {"message": "x y"}, False),
+    (q('not match(process.name, "x")'), {"process": {"name": "y"}}, True),
+    # KQL(): the embedded query with KQL semantics; never null either
+    (q('kql("""a: (x or y) and not b: z""")'), {"a": "y"}, True),
+    (q('kql("""a: (x or y) and not b: z""")'), {"a": "y", "b": "z"}, False),
+    (q('kql("""a: x*""")'), {"a": "xa"}, True),
+    (q('kql("""message: "log on" """)'), {"message": "Log On now"}, True),
+    (q('kql("""message: "log on" """)'), {"message": "on log"}, False),
+    (q('not kql("a: x")'), {}, True),
+    (q('c == 1 and kql("a: x")'), {"c": 1, "a": "x"}, True),
 ]
 
 
@@ -242,18 +293,26 @@ REFUSED: list[tuple[str, str]] = [
         "ES|QL STATS aggregates over many events (stateful)",
     ),
     ("from l | mv_expand a | where a == 1", "ES|QL MV_EXPAND is not supported"),
+    (
+        'from l metadata _ignored | mv_expand _ignored | where _ignored == "a"',
+        "ES|QL MV_EXPAND _ignored: index-time metadata that stream records do not have",
+    ),
     ("row a = 1 | where a == 1", "ES|QL source command ROW is not supported"),
     (
-        q('a : "x"'),
-        "ES|QL match operator (:) needs the field's analyzer (full-text search is not supported)",
+        q('match(a, "x", {"fuzziness": 1, "max_expansions": 10})'),
+        "ES|QL MATCH fuzziness: fuzzy terms depend on the index's term dictionary",
     ),
     (
-        q('match(a, "x")'),
-        "ES|QL function MATCH needs the field's analyzer (full-text search is not supported)",
+        q('match(a, "x", {"analyzer": "whitespace"})'),
+        "ES|QL MATCH option analyzer is not supported",
     ),
+    (q('match(to_lower(a), "x")'), "ES|QL MATCH on a computed value (not a field)"),
+    (q("match(a, b)"), "ES|QL MATCH with a query that is not a literal"),
+    (q('length(kql("a:x")) > 1'), "ES|QL function KQL used as a value (not a WHERE condition)"),
+    (q('kql("a:x", {"case_insensitive": true})'), "ES|QL KQL with options is not supported"),
     (
-        q('kql("a:x")'),
-        "ES|QL function KQL (an embedded KQL query) is not supported",
+        q('kql("a > 2024-01-01 and @timestamp < now")'),
+        "ES|QL KQL(): KQL: range on keyword field a with a string",
     ),
     (
         q('qstr("x")'),
@@ -264,7 +323,12 @@ REFUSED: list[tuple[str, str]] = [
         q('to_lower(case(a == "x", "A", "B")) == "a"'),
         "ES|QL CASE inside a function call is not supported",
     ),
-    (q('a rlike "a&b"'), "ES|QL RLIKE: Lucene regex operator '&' is not supported"),
+    (
+        q('a rlike "(a.*&.*b)c"'),
+        "ES|QL RLIKE: Lucene & between operands that are not literal text, inside a pattern "
+        "(only A&B over the whole pattern)",
+    ),
+    (q('a rlike "x|a&~b"'), "ES|QL RLIKE: Lucene regex operator '~' is not supported"),
     (
         q('replace(a, "\\\\p{Alpha}", "") == ""'),
         "ES|QL REPLACE regex: Java regex \\p{...} classes not supported",
@@ -492,6 +556,46 @@ def _adcs(rmd: str) -> dict:
     }
 
 
+def _k8s_exec(query: str) -> dict:
+    uri = f"/api/v1/namespaces/d/pods/p/exec?{query}&container=c&stdin=true&stdout=true"
+    return {"kubernetes": {"audit": {"objectRef": {"subresource": "exec"}, "requestURI": uri}}}
+
+
+def _rbac(verb: str, rules: dict, where: str = "requestObject") -> dict:
+    return {
+        "user": {"name": "alice"},
+        "event": {"action": verb},
+        "kubernetes": {
+            "audit": {
+                "objectRef": {"resource": "clusterroles", "name": "ops"},
+                "verb": verb,
+                "annotations": {"authorization_k8s_io/decision": "allow"},
+                "level": "RequestResponse",
+                "stage": "ResponseComplete",
+                "sourceIPs": ["10.0.0.5"],
+                where: {"rules": [{"verbs": ["list"], "resources": ["pods"]}, rules]},
+            }
+        },
+    }
+
+
+_GITHUB = {
+    "data_stream": {"dataset": "github.audit"},
+    "event": {"action": "protected_branch.rejected_ref_update"},
+}
+
+
+def _github(code: str) -> dict:
+    message = (
+        "refusing to allow a GitHub App to create or update workflow "
+        "`.github/workflows/ci.yml` without `workflows` permission"
+    )
+    return {
+        **_GITHUB,
+        "github": {"category": "protected_branch", "reasons": [{"code": code, "message": message}]},
+    }
+
+
 SAMPLES: list[tuple[str, dict, dict]] = [
     (
         "network/command_and_control_fin7_c2_behavior.toml",
@@ -587,6 +691,37 @@ SAMPLES: list[tuple[str, dict, dict]] = [
             },
             "user": {"name": "alice", "target": {"name": "alice"}},
         },
+    ),
+    (  # RLIKE with & inside an alternation: the intersections are empty, the rest matches
+        "integrations/kubernetes/execution_kubernetes_pod_exec_potential_reverse_shell.toml",
+        _k8s_exec("command=sh&command=-c&command=mkfifo%20%2Ftmp%2Ff"),
+        _k8s_exec("command=sh&command=-c&command=0%3E%261"),
+    ),
+    (  # the match operator on a text field: any token of the query
+        "windows/defense_evasion_posh_obfuscation_reverse_keyword.toml",
+        {
+            "event": {"code": "4104"},
+            "powershell": {"file": {"script_block_text": "$t = 'metsys.O.I' ; $n = 'tcejbo-wen'"}},
+        },
+        {  # one reversed keyword: the count stays below two
+            "event": {"code": "4104"},
+            "powershell": {"file": {"script_block_text": "$t = 'metsys.O.I' ; $n = 'x'"}},
+        },
+    ),
+    (  # MATCH on a text field cast to STRING (the query runs on the indexed field)
+        "integrations/github/initial_access_github_actions_workflow_injection_blocked.toml",
+        _github("workflow_updates"),
+        _github("required_status_checks"),
+    ),
+    (  # KQL() in an OR: keyword values, arrays of objects
+        "integrations/kubernetes/persistence_sensitive_role_creation_or_modification.toml",
+        _rbac("create", {"verbs": ["get", "list"], "resources": ["secrets"]}),
+        _rbac("create", {"verbs": ["get", "list"], "resources": ["configmaps"]}),
+    ),
+    (  # KQL() with a quoted "*": the literal value, not a wildcard
+        "integrations/kubernetes/privilege_escalation_role_patch_wildcard_verbs_resources_response.toml",
+        _rbac("patch", {"verbs": ["*"], "resources": ["*"]}, "responseObject"),
+        _rbac("patch", {"verbs": ["*"], "resources": ["roles"]}, "responseObject"),
     ),
     (
         "integrations/gcp/privilege_escalation_gcp_gke_certificate_signing_request_privileged_identity_requested.toml",

@@ -199,6 +199,9 @@ def test_custom_mapping_file(tmp_path: Path) -> None:
         "fields:\n  a: {derive: [{basename: b}]}\n  b: {derive: [{basename: a}]}\n",
         "fields:\n  a: {derive: [{frobnicate: b}]}\n",
         "fields:\n  a: {colour: red}\n",
+        "fields:\n  a: {derive: [{copy: b, only: [1]}]}\n",
+        "fields:\n  a: {derive: [{copy: b, only: [x], caseless: maybe}]}\n",
+        "fields:\n  a: {derive: [{copy: b, unless: [c]}]}\n",
         "windows_events: [{channel: X, id: one}]",
         "products: {windows: {f: [null]}}",
         "fields: {a: [unclosed",
@@ -498,3 +501,19 @@ def test_cloud_mapping_both_directions(fm: FieldMap) -> None:
     assert fm.view(az).values("event.dataset") == ["azure.activitylogs"]
     ecs_az = {"azure": {"activitylogs": {"operation_name": "X/WRITE"}}}
     assert fm.view(ecs_az).values("operationName") == ["X/WRITE"]
+
+
+def test_azure_activity_outcome_is_copied_only_for_an_outcome(fm: FieldMap) -> None:
+    """The activity-log pipeline copies resultType to event.outcome when it is success or
+    failure in any case, else properties.result when it is exactly success/failure/unknown."""
+    az = {"operationName": "X/DELETE", "identity": {"claims": {}}}
+
+    def outcome(**extra: object) -> list[object]:
+        return fm.view({**az, **extra}).values("event.outcome")
+
+    assert outcome(resultType="Success") == ["Success"]
+    assert outcome(resultType="FAILURE") == ["FAILURE"]
+    assert outcome(resultType="Start") == []
+    assert outcome(resultType="Start", properties={"result": "failure"}) == ["failure"]
+    assert outcome(properties={"result": "Failure"}) == []
+    assert outcome(resultType="Accept", event={"outcome": "unknown"}) == ["unknown"]

@@ -504,6 +504,152 @@ def test_rule_file_errors_carry_the_query_line(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- corpus rules
 
+_NDR_SCRIPT = (
+    "$p = $k::GetProcAddress($h, 'NdrClientCall3'); "
+    "$f = [Runtime.InteropServices.Marshal]::GetDelegateForFunctionPointer($p, $t)"
+)
+
+
+def _ecs_cloudtrail(provider: str, action: str, identity: str, key: str | None = None) -> dict:
+    record: dict = {
+        "data_stream": {"dataset": "aws.cloudtrail"},
+        "event": {"provider": provider, "action": action, "outcome": "success"},
+        "aws": {"cloudtrail": {"user_identity": {"type": identity}}},
+    }
+    if key is not None:
+        record["aws"]["cloudtrail"]["flattened"] = {"request_parameters": {"key": key}}
+    return record
+
+
+def _ecs_activity(operation: str, outcome: str) -> dict:
+    return {
+        "data_stream": {"dataset": "azure.activitylogs"},
+        "azure": {"activitylogs": {"operation_name": operation}},
+        "event": {"action": operation, "outcome": outcome},
+    }
+
+
+def _winlog(channel: str, event_id: object, **data: str) -> dict:
+    """A Winlogbeat ``winlog`` object without the ECS fields Beats add."""
+    return {
+        "winlog": {
+            "channel": channel,
+            "event_id": event_id,
+            "provider_name": "Microsoft-Windows-Security-Auditing",
+            "computer_name": "dc01.corp.local",
+            "record_id": 81233,
+            "event_data": {"SubjectUserName": "admin", "SubjectDomainName": "CORP", **data},
+        }
+    }
+
+
+def _flat_4104(script: str) -> dict:
+    """A PowerShell script-block event as a flat event-log record (EventID, Channel, data)."""
+    return {
+        "EventID": 4104,
+        "Channel": "Microsoft-Windows-PowerShell/Operational",
+        "Provider_Name": "Microsoft-Windows-PowerShell",
+        "Computer": "ws01.corp.local",
+        "MessageNumber": 1,
+        "MessageTotal": 1,
+        "ScriptBlockText": script,
+        "ScriptBlockId": "0b6f3c1e-7d4e-4a53-9a57-2d2c9c0e8f10",
+        "Path": "",
+    }
+
+
+def _cloudtrail(source: str, name: str, identity: str = "IAMUser", **extra: object) -> dict:
+    """A CloudTrail record as the CloudTrail API / S3 delivery has it."""
+    arn = "arn:aws:iam::111122223333:" + ("root" if identity == "Root" else "user/alice")
+    return {
+        "eventVersion": "1.09",
+        "userIdentity": {
+            "type": identity,
+            "principalId": "111122223333" if identity == "Root" else "AIDAEXAMPLE",
+            "arn": arn,
+            "accountId": "111122223333",
+            **({} if identity == "Root" else {"userName": "alice"}),
+        },
+        "eventTime": "2025-05-01T12:00:00Z",
+        "eventSource": source,
+        "eventName": name,
+        "awsRegion": "us-east-1",
+        "sourceIPAddress": "203.0.113.7",
+        "userAgent": "aws-cli/2.15.0",
+        "requestID": "5f8e1b2c-0000-4c1d-9a3e-000000000001",
+        "eventID": "a1b2c3d4-0000-4e5f-8a9b-000000000002",
+        "readOnly": False,
+        "eventType": "AwsConsoleSignIn" if name == "ConsoleLogin" else "AwsApiCall",
+        "managementEvent": True,
+        "recipientAccountId": "111122223333",
+        "eventCategory": "Management",
+        **extra,
+    }
+
+
+def _s3(key: str) -> dict:
+    return {"bucketName": "corp-backups", "Host": "corp-backups.s3.amazonaws.com", "key": key}
+
+
+def _okta(event_type: str) -> dict:
+    """An Okta System Log event as the /api/v1/logs API returns it."""
+    return {
+        "uuid": "2f4b7c1a-0000-11ef-9a3e-000000000003",
+        "published": "2025-05-01T12:00:00.000Z",
+        "eventType": event_type,
+        "version": "0",
+        "severity": "INFO",
+        "legacyEventType": event_type,
+        "displayMessage": event_type,
+        "actor": {
+            "id": "00u1abcd",
+            "type": "User",
+            "alternateId": "admin@example.com",
+            "displayName": "Admin",
+        },
+        "client": {
+            "userAgent": {"rawUserAgent": "Mozilla/5.0", "os": "Mac OS X", "browser": "CHROME"},
+            "zone": "null",
+            "device": "Computer",
+            "ipAddress": "198.51.100.7",
+        },
+        "outcome": {"result": "SUCCESS"},
+        "target": [{"id": "nzo1abcd", "type": "NetworkZone", "displayName": "Corp"}],
+        "transaction": {"type": "WEB", "id": "YAbcd"},
+        "debugContext": {"debugData": {"requestId": "YAbcd", "requestUri": "/api/v1/zones"}},
+        "authenticationContext": {"authenticationStep": 0, "externalSessionId": "102abcd"},
+        "securityContext": {},
+        "request": {"ipChain": [{"ip": "198.51.100.7"}]},
+    }
+
+
+def _activity(operation: str, result: str) -> dict:
+    """An Azure activity-log record as Azure Monitor exports it."""
+    return {
+        "time": "2025-05-01T12:00:00.0000000Z",
+        "resourceId": "/SUBSCRIPTIONS/0000/RESOURCEGROUPS/RG1/PROVIDERS/"
+        + operation.rsplit("/", 1)[0],
+        "operationName": operation,
+        "category": "Administrative",
+        "resultType": result,
+        "resultSignature": "Succeeded." if result == "Success" else "Started.",
+        "durationMs": "512",
+        "callerIpAddress": "203.0.113.9",
+        "correlationId": "7e3a0c11-0000-4f2e-8d1c-000000000004",
+        "identity": {
+            "authorization": {
+                "scope": "/subscriptions/0000/resourceGroups/rg1",
+                "action": operation.lower(),
+                "evidence": {"role": "Owner", "principalType": "User"},
+            },
+            "claims": {"name": "alice@example.com", "ipaddr": "203.0.113.9"},
+        },
+        "level": "Information",
+        "location": "global",
+        "properties": {"statusCode": "OK", "eventCategory": "Administrative"},
+    }
+
+
 #: Corpus KQL rules copied into the pinned sample: a record that fires and a near miss, ECS.
 FIXTURES: dict[str, tuple[dict, dict]] = {
     "elastic/rules/windows/persistence_ad_adminsdholder.toml": (
@@ -674,6 +820,155 @@ FIXTURES: dict[str, tuple[dict, dict]] = {
             "event": {"outcome": "Success"},
         },
     ),
+    "elastic/rules/windows/credential_access_seenabledelegationprivilege_assigned_to_user.toml": (
+        {
+            "event": {"code": "4704"},
+            "host": {"os": {"type": "windows"}},
+            "winlog": {"event_data": {"PrivilegeList": "SeEnableDelegationPrivilege"}},
+        },
+        {
+            "event": {"code": "4704"},
+            "host": {"os": {"type": "windows"}},
+            "winlog": {"event_data": {"PrivilegeList": "SeBackupPrivilege"}},
+        },
+    ),
+    "elastic/rules/windows/defense_evasion_amsi_bypass_rpc_ndrclientcall.toml": (
+        {
+            "event": {"code": "4104"},
+            "host": {"os": {"type": "windows"}},
+            "powershell": {"file": {"script_block_text": _NDR_SCRIPT}},
+        },
+        {
+            "event": {"code": "4104"},
+            "host": {"os": {"type": "windows"}},
+            "powershell": {"file": {"script_block_text": "NdrClientCall2 # no resolver"}},
+        },
+    ),
+    "elastic/rules/integrations/aws/initial_access_console_login_root.toml": (
+        _ecs_cloudtrail("signin.amazonaws.com", "ConsoleLogin", "Root"),
+        _ecs_cloudtrail("signin.amazonaws.com", "ConsoleLogin", "IAMUser"),
+    ),
+    "elastic/rules/integrations/aws/credential_access_credentials_in_s3_bucket.toml": (
+        _ecs_cloudtrail("s3.amazonaws.com", "GetObject", "IAMUser", key="u/.aws/credentials"),
+        _ecs_cloudtrail("s3.amazonaws.com", "GetObject", "IAMUser", key="u/.aws/notes.txt"),
+    ),
+    "elastic/rules/integrations/okta/credential_access_attempted_bypass_of_okta_mfa.toml": (
+        {"data_stream": {"dataset": "okta.system"}, "event": {"action": "user.mfa.attempt_bypass"}},
+        {"data_stream": {"dataset": "okta.system"}, "event": {"action": "user.mfa.factor.reset"}},
+    ),
+    "elastic/rules/integrations/azure/defense_evasion_event_hub_deletion.toml": (
+        _ecs_activity("MICROSOFT.EVENTHUB/NAMESPACES/EVENTHUBS/DELETE", "Success"),
+        _ecs_activity("MICROSOFT.EVENTHUB/NAMESPACES/EVENTHUBS/DELETE", "Failure"),
+    ),
+    "elastic/rules/integrations/azure/impact_resources_resource_group_deletion.toml": (
+        _ecs_activity("MICROSOFT.RESOURCES/SUBSCRIPTIONS/RESOURCEGROUPS/DELETE", "success"),
+        _ecs_activity("MICROSOFT.RESOURCES/SUBSCRIPTIONS/RESOURCEGROUPS/WRITE", "success"),
+    ),
+}
+
+#: The same rules on records in their source's own shape, as the source's API or agent emits
+#: them without Elastic's ingest pipelines (raw CloudTrail, Okta System Log and Azure activity
+#: log JSON; Windows event-log records flat or in Winlogbeat's ``winlog`` object without the
+#: ECS fields Beats add). The field mapping (``data/fields.yaml``) makes the ECS rule read them.
+SOURCE_SHAPE: dict[str, tuple[dict, dict]] = {
+    # Winlogbeat's winlog object only. A flat ``ObjectDN`` is not read for
+    # ``winlog.event_data.ObjectDN`` (un-dotted names are read below winlog.event_data, not the
+    # other way round), so the flat shape does not apply to this rule.
+    "elastic/rules/windows/persistence_ad_adminsdholder.toml": (
+        _winlog("Security", "5136", ObjectDN="CN=AdminSDHolder,CN=System,DC=corp,DC=local"),
+        _winlog("Security", "5137", ObjectDN="CN=AdminSDHolder,CN=System,DC=corp,DC=local"),
+    ),
+    "elastic/rules/windows/credential_access_seenabledelegationprivilege_assigned_to_user.toml": (
+        _winlog("Security", 4704, PrivilegeList="SeEnableDelegationPrivilege"),
+        _winlog("Security", 4705, PrivilegeList="SeEnableDelegationPrivilege"),  # removed
+    ),
+    # Flat event-log records (EventID, Channel, event data at top level): event.category comes
+    # from the (channel, event id) table, host.os.type from the channel.
+    "elastic/rules/windows/credential_access_posh_minidump.toml": (
+        _flat_4104("$r = [Dbg]::MiniDumpWriteDump($h, $id, $f, 2)"),
+        _flat_4104("Get-MiniDumpWriteDumpHelp"),
+    ),
+    "elastic/rules/windows/defense_evasion_amsi_bypass_rpc_ndrclientcall.toml": (
+        _flat_4104(_NDR_SCRIPT),
+        _flat_4104("NdrClientCall2 # no resolver"),
+    ),
+    # Raw CloudTrail: event.dataset from eventVersion, event.outcome success unless errorCode /
+    # errorMessage, requestParameters read for aws.cloudtrail.flattened.request_parameters.
+    "elastic/rules/integrations/aws/defense_evasion_ec2_flow_log_deletion.toml": (
+        _cloudtrail("ec2.amazonaws.com", "DeleteFlowLogs"),
+        _cloudtrail(
+            "ec2.amazonaws.com",
+            "DeleteFlowLogs",
+            errorCode="Client.UnauthorizedOperation",
+            errorMessage="You are not authorized to perform this operation.",
+        ),
+    ),
+    "elastic/rules/integrations/aws/initial_access_console_login_root.toml": (
+        _cloudtrail("signin.amazonaws.com", "ConsoleLogin", "Root"),
+        _cloudtrail(
+            "signin.amazonaws.com",
+            "ConsoleLogin",
+            "Root",
+            errorMessage="Failed authentication",
+            responseElements={"ConsoleLogin": "Failure"},
+        ),
+    ),
+    "elastic/rules/integrations/aws/credential_access_credentials_in_s3_bucket.toml": (
+        _cloudtrail("s3.amazonaws.com", "GetObject", requestParameters=_s3("u/.aws/credentials")),
+        _cloudtrail("s3.amazonaws.com", "GetObject", requestParameters=_s3("u/.aws/notes.txt")),
+    ),
+    # Raw Okta System Log: event.dataset from authenticationContext / debugContext, event.action
+    # from eventType.
+    "elastic/rules/integrations/okta/defense_evasion_attempt_to_delete_okta_network_zone.toml": (
+        _okta("zone.delete"),
+        _okta("zone.update"),
+    ),
+    "elastic/rules/integrations/okta/credential_access_attempted_bypass_of_okta_mfa.toml": (
+        _okta("user.mfa.attempt_bypass"),
+        _okta("user.mfa.factor.reset"),
+    ),
+    # Raw Azure activity log (the records of an Event Hub / storage export): event.dataset from
+    # identity.claims, event.action from operationName, event.outcome from resultType when it
+    # is success or failure. The Entra ID fixtures above (sign-in and audit logs) have no
+    # source-shape twin: those records share keys with the activity log and nothing in their
+    # shape names their dataset; these activity-log rules stand in for them.
+    "elastic/rules/integrations/azure/defense_evasion_event_hub_deletion.toml": (
+        _activity("MICROSOFT.EVENTHUB/NAMESPACES/EVENTHUBS/DELETE", "Success"),
+        _activity("MICROSOFT.EVENTHUB/NAMESPACES/EVENTHUBS/DELETE", "Start"),  # not an outcome
+    ),
+    "elastic/rules/integrations/azure/impact_resources_resource_group_deletion.toml": (
+        _activity("MICROSOFT.RESOURCES/SUBSCRIPTIONS/RESOURCEGROUPS/DELETE", "Success"),
+        _activity("MICROSOFT.RESOURCES/SUBSCRIPTIONS/RESOURCEGROUPS/DELETE", "Failure"),
+    ),
+}
+
+#: ECS fixtures without a source-shape twin, and why.
+ECS_ONLY: dict[str, str] = {
+    "elastic/rules/windows/defense_evasion_cve_2020_0601.toml": (
+        "event.provider and message are what Winlogbeat renders; a flat record has "
+        "Provider_Name and no rendered message the mapping reads"
+    ),
+    "elastic/rules/windows/defense_evasion_posh_high_entropy.toml": (
+        "script_block_length / entropy_bits / surprisal_stdev are computed by Elastic's "
+        "PowerShell pipeline, no source field holds them"
+    ),
+    "elastic/rules/linux/privilege_escalation_container_runc_init_effective_root_auditd.toml": (
+        "process.title and user.effective.id are Auditbeat's parse of auditd PROCTITLE / "
+        "SYSCALL records; the mapping has no raw auditd shape"
+    ),
+    "elastic/rules/linux/persistence_rc_local_error_via_syslog.toml": (
+        "data_stream.dataset system.syslog and process.name come from the syslog "
+        "integration's parse of the line; the mapping has no raw syslog shape"
+    ),
+    "elastic/rules/network/credential_access_icmp_redirect_message_observed.toml": (
+        "network_traffic.* / icmp.* are Packetbeat's own decoding, there is no other shape"
+    ),
+    "elastic/rules/integrations/azure/initial_access_entra_id_kali365_user_agent.toml": (
+        "azure.signinlogs: a raw sign-in record's shape does not name its dataset"
+    ),
+    "elastic/rules/integrations/azure/persistence_entra_id_pim_user_added_global_admin.toml": (
+        "azure.auditlogs: a raw audit record's shape does not name its dataset"
+    ),
 }
 
 
@@ -692,6 +987,12 @@ def test_fixtures_cover_windows_linux_and_cloud() -> None:
     assert len(FIXTURES) >= 10
     for part in ("/windows/", "/linux/", "/aws/", "/okta/", "/azure/"):
         assert any(part in rel for rel in FIXTURES), part
+    # both shapes for at least ten rules, every cloud source and Windows among them
+    assert len(SOURCE_SHAPE) >= 10 and set(SOURCE_SHAPE) <= set(FIXTURES)
+    for part in ("/windows/", "/aws/", "/okta/", "/azure/"):
+        assert any(part in rel for rel in SOURCE_SHAPE), part
+    assert set(FIXTURES) == set(SOURCE_SHAPE) | set(ECS_ONLY)
+    assert not set(SOURCE_SHAPE) & set(ECS_ONLY)
 
 
 @pytest.mark.parametrize("rel", sorted(FIXTURES))
@@ -699,6 +1000,17 @@ def test_corpus_rule_fixture(rel: str) -> None:
     table, index = _fixture_table()
     rule = table.rules[index[rel]]
     fire, quiet = FIXTURES[rel]
+    assert evaluate(rule.condition, FM.view(fire)), "reference: fire"
+    assert not evaluate(rule.condition, FM.view(quiet)), "reference: quiet"
+    assert index[rel] in table.match(fire)
+    assert index[rel] not in table.match(quiet)
+
+
+@pytest.mark.parametrize("rel", sorted(SOURCE_SHAPE))
+def test_corpus_rule_fixture_in_source_shape(rel: str) -> None:
+    table, index = _fixture_table()
+    rule = table.rules[index[rel]]
+    fire, quiet = SOURCE_SHAPE[rel]
     assert evaluate(rule.condition, FM.view(fire)), "reference: fire"
     assert not evaluate(rule.condition, FM.view(quiet)), "reference: quiet"
     assert index[rel] in table.match(fire)
@@ -713,3 +1025,4 @@ def test_raw_prefilter_path_agrees() -> None:
     _check(_table(), FM, [record for _, record, _ in CASES])
     table, _ = _fixture_table()
     _check(table, FM, [r for pair in FIXTURES.values() for r in pair])
+    _check(table, FM, [r for pair in SOURCE_SHAPE.values() for r in pair])

@@ -28,7 +28,9 @@ ES|QL would drop.
 Leaves. ``==``/``!=``/``IN`` on a field and literals are :class:`Match` (case-sensitive) or
 :class:`Equals`; ``< <= > >=`` with a number :class:`Compare`; ``LIKE`` (``*``/``?``, ``\\``
 escapes ``*``, ``?`` or itself, case-sensitive, whole value) :class:`Match`; ``RLIKE`` (Lucene
-regex, whole value) :class:`Regex`, translated as EQL's ``regex``; ``IS [NOT] NULL``
+regex, whole value) :class:`Regex`, translated as EQL's ``regex`` (a top-level intersection
+``A&B`` is two regexes ANDed; a nested one with a literal operand is that literal or
+nothing); ``IS [NOT] NULL``
 :class:`IsNull`/:class:`Exists`; ``CIDR_MATCH`` :class:`Cidr`; ``STARTS_WITH``/``ENDS_WITH``
 :class:`Match`. ``TO_LOWER(f)`` compared with lower-case literals is a case-insensitive
 :class:`Match`. Anything else computed is a :class:`Predicate` over :class:`Call` values
@@ -38,6 +40,10 @@ arithmetic; ``JSON_EXTRACT(_source, "$.a.b")`` reads the field ``a.b``, so an ob
 null here where ES gives its JSON text). ``CASE`` in a
 comparison or as a condition is expanded branch by branch (a null condition takes the next
 branch).
+Full text: ``field : "text"`` and ``MATCH(field, "text")`` are Elasticsearch's ``match``
+query by the field's type (``fieldtypes``: analyzed tokens on text fields, one exact term
+otherwise, as KQL builds its leaves); ``KQL("...")`` is compiled by ``kql.py``. A Lucene query
+is never null, so their false branch is the plain negation.
 Functions, operators and types outside this list raise UnsupportedRule with their name; an
 ``EVAL`` column no ``WHERE`` reads is never evaluated, so its functions do not matter.
 """
@@ -50,10 +56,12 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+import re2
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
 
 from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
+from ruletag.rules import fieldtypes
 from ruletag.rules.algebra import and_, not_, or_, tokens
 from ruletag.rules.eql import _regex as lucene_regex
 from ruletag.rules.ir import (
@@ -77,6 +85,7 @@ from ruletag.rules.ir import (
     Token as PatternToken,
 )
 from ruletag.rules.javaregex import compile_java, dissect_spec, grok_to_python, java_replacement
+from ruletag.rules.kql import Lit, analyze, parse_kql, phrase_regex, value_leaf
 
 _STATEFUL = {
     "STATS": "ES|QL STATS aggregates over many events (stateful)",
@@ -90,6 +99,9 @@ _STATEFUL = {
 _SOURCES = {"FROM", "ROW", "SHOW", "TS"}
 _COMMANDS = {"WHERE", "EVAL", "KEEP", "DROP", "LIMIT", "SORT", "RENAME", "DISSECT", "GROK"}
 _FULL_TEXT = "needs the field's analyzer (full-text search is not supported)"
+#: ``_ignored`` lists the fields Elasticsearch dropped while indexing (``ignore_above``,
+#: malformed values): index-time metadata that records on a stream never carry.
+_IGNORED = "ES|QL MV_EXPAND _ignored: index-time metadata that stream records do not have"
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,6 +472,8 @@ def parse_esql(query: str) -> EsqlQuery:
     env = _Env()
     conditions: list[Node] = []
     for cmd in commands[1:]:
+        if cmd.name == "MV_EXPAND" and cmd.body.strip() == "_ignored":
+            raise UnsupportedRule(_IGNORED, line=cmd.line)
         if cmd.name not in _COMMANDS:
             raise UnsupportedRule(f"ES|QL {cmd.name} is not supported", line=cmd.line)
         if cmd.name == "WHERE":
@@ -594,7 +608,14 @@ _CALLS: dict[str, tuple[str, int, int | None]] = {
     "\0DISSECT": ("dissect", 3, 3),
     "\0GROK": ("grok", 3, 3),
 }
-_FULL_TEXT_FUNCTIONS = {"MATCH", "QSTR", "MATCH_PHRASE", "MULTI_MATCH"}
+_FULL_TEXT_FUNCTIONS = {"QSTR", "MATCH_PHRASE", "MULTI_MATCH"}
+#: MATCH options that do not change which records match one event.
+_NEUTRAL_OPTIONS = {"boost", "auto_generate_synonyms_phrase_query", "lenient"}
+_FUZZY_OPTIONS = {"fuzziness", "max_expansions", "prefix_length", "fuzzy_transpositions"}
+#: Fuzzy matching expands a term to at most ``max_expansions`` terms of the index's term
+#: dictionary, the closest first: whether a record's value is among them depends on the
+#: other documents of the index.
+_FUZZY = "ES|QL MATCH {name}: fuzzy terms depend on the index's term dictionary"
 
 
 def _notnull(v: ValueExpr) -> Node:
@@ -635,6 +656,209 @@ def _tokens_regex(toks: tuple[PatternToken, ...]) -> str:
     return f"^(?:{body})$"
 
 
+def _has_intersection(pattern: str) -> bool:
+    """An unescaped ``&`` outside classes and quoted strings."""
+    return "&" in _strip_literals(pattern)
+
+
+def _strip_literals(pattern: str) -> str:
+    return re.sub(r'\\.|\[(?:\\.|[^\]\\])*\]?|"[^"]*"?', "", pattern, flags=re.DOTALL)
+
+
+def _intersection(pattern: str) -> list[str]:
+    """The operands of a Lucene regex that is an intersection ``A&B...`` at top level (no
+    top-level ``|``, which binds looser than ``&``): the value must fully match each one.
+    Any other pattern is returned whole."""
+    parts: list[str] = []
+    depth = 0
+    start = 0
+    union = False
+    i, n = 0, len(pattern)
+    while i < n:
+        ch = pattern[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "[":
+            i += 1
+            while i < n and pattern[i] != "]":
+                i += 2 if pattern[i] == "\\" else 1
+            i += 1
+            continue
+        if ch == '"':
+            end = pattern.find('"', i + 1)
+            i = n if end < 0 else end + 1
+            continue
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif depth == 0 and ch == "|":
+            union = True
+        elif depth == 0 and ch == "&":
+            parts.append(pattern[start:i])
+            start = i + 1
+        i += 1
+    if not parts or union:
+        return [pattern]
+    parts.append(pattern[start:])
+    if any(not p for p in parts):
+        raise InvalidRule(f"ES|QL RLIKE: empty operand of & in {pattern!r}")
+    return parts
+
+
+_LUCENE_SPECIAL = set('\\.?+*|{}[]()"&~#@<>')
+
+
+class _LuceneIntersections:
+    """Lucene regex syntax (``RegExp`` with every flag) parsed as Lucene parses it, to remove
+    intersections one operand of which is a literal string: ``A&"lit"`` is ``"lit"`` when A
+    fully matches it and the empty language otherwise. Nodes: ``("lit", text)``, ``("raw",
+    lucene)`` (``.``, ``@``, a class), ``("cat", [..])``, ``("alt", [..])``, ``("rep", node,
+    suffix)``, ``("inter", [..])``, ``("nothing",)`` (``#``). :meth:`emit` gives Lucene text
+    without ``&``, or None for the empty language."""
+
+    def __init__(self, pattern: str) -> None:
+        self.src = pattern
+        self.pos = 0
+
+    def parse(self) -> Any:
+        if not self.src:
+            return ("lit", "")
+        node = self.union()
+        if self.pos < len(self.src):
+            raise InvalidRule(f"ES|QL RLIKE: end of pattern expected in {self.src!r}")
+        return node
+
+    def _more(self) -> bool:
+        return self.pos < len(self.src)
+
+    def _peek(self, chars: str) -> bool:
+        return self._more() and self.src[self.pos] in chars
+
+    def _match(self, ch: str) -> bool:
+        if self._peek(ch):
+            self.pos += 1
+            return True
+        return False
+
+    def _next(self) -> str:
+        if not self._more():
+            raise InvalidRule(f"ES|QL RLIKE: unexpected end of pattern {self.src!r}")
+        self.pos += 1
+        return self.src[self.pos - 1]
+
+    def union(self) -> Any:
+        alts = [self.inter()]
+        while self._match("|"):
+            alts.append(self.inter())
+        return alts[0] if len(alts) == 1 else ("alt", alts)
+
+    def inter(self) -> Any:
+        ops = [self.concat()]
+        while self._match("&"):
+            ops.append(self.concat())
+        return ops[0] if len(ops) == 1 else ("inter", ops)
+
+    def concat(self) -> Any:
+        items = [self.repeat()]  # the first item is parsed whatever comes: `&|` is `|` literal
+        while self._more() and not self._peek(")|&"):
+            items.append(self.repeat())
+        merged: list[Any] = []
+        for it in items:
+            if it[0] == "lit" and merged and merged[-1][0] == "lit":
+                merged[-1] = ("lit", merged[-1][1] + it[1])
+            else:
+                merged.append(it)
+        return merged[0] if len(merged) == 1 else ("cat", merged)
+
+    def repeat(self) -> Any:
+        node = self.simple()
+        while self._peek("?*+{"):
+            if self.src[self.pos] == "{":
+                m = re.compile(r"\{\d+(?:,\d*)?\}").match(self.src, self.pos)
+                if m is None:
+                    raise InvalidRule(f"ES|QL RLIKE: malformed repetition in {self.src!r}")
+                suffix = m.group(0)
+                self.pos = m.end()
+            else:
+                suffix = self._next()
+            node = ("rep", node, suffix)
+        return node
+
+    def simple(self) -> Any:
+        ch = self._next()
+        if ch in "~<":
+            raise UnsupportedRule(f"ES|QL RLIKE: Lucene regex operator {ch!r} is not supported")
+        if ch == "#":
+            return ("nothing",)
+        if ch in ".@":
+            return ("raw", ch)
+        if ch == "[":
+            start = self.pos - 1
+            self._match("^")
+            while self._more() and self.src[self.pos] != "]":
+                self.pos += 2 if self.src[self.pos] == "\\" else 1
+            if not self._match("]"):
+                raise InvalidRule(f"ES|QL RLIKE: unterminated character class in {self.src!r}")
+            return ("raw", self.src[start : self.pos])
+        if ch == '"':
+            end = self.src.find('"', self.pos)
+            if end < 0:
+                raise InvalidRule(f"ES|QL RLIKE: unterminated quoted string in {self.src!r}")
+            text = self.src[self.pos : end]
+            self.pos = end + 1
+            return ("lit", text)
+        if ch == "(":
+            if self._match(")"):
+                return ("lit", "")
+            node = self.union()
+            if not self._match(")"):
+                raise InvalidRule(f"ES|QL RLIKE: missing ) in {self.src!r}")
+            return node
+        if ch == "\\":
+            nxt = self._next()
+            return ("raw", "\\" + nxt) if nxt in "dDsSwW" else ("lit", nxt)
+        return ("lit", ch)
+
+    @classmethod
+    def emit(cls, node: Any) -> str | None:
+        kind = node[0]
+        if kind == "lit":
+            return "".join("\\" + c if c in _LUCENE_SPECIAL else c for c in node[1])
+        if kind == "raw":
+            return str(node[1])
+        if kind == "nothing":
+            return None
+        if kind == "cat":
+            parts = [cls.emit(n) for n in node[1]]
+            return None if any(p is None for p in parts) else "".join(map(str, parts))
+        if kind == "alt":
+            alts = [a for a in (cls.emit(n) for n in node[1]) if a is not None]
+            return f"({'|'.join(alts)})" if alts else None
+        if kind == "rep":
+            inner = cls.emit(node[1])
+            if inner is None:
+                return "()" if node[2] in "*?" or node[2].startswith("{0") else None
+            return f"({inner}){node[2]}"
+        assert kind == "inter"
+        ops = [cls.emit(n) for n in node[1]]
+        if any(o is None for o in ops):
+            return None
+        literals = [n[1] for n in node[1] if n[0] == "lit"]
+        if not literals:
+            raise UnsupportedRule(
+                "ES|QL RLIKE: Lucene & between operands that are not literal text, "
+                "inside a pattern (only A&B over the whole pattern)"
+            )
+        value = literals[0]
+        for op in ops:
+            pattern, flags = lucene_regex(str(op), True)
+            if re2.search(f"(?{flags}){pattern}", value) is None:
+                return None
+        return cls.emit(("lit", value))
+
+
 class _Compiler:
     """Boolean expressions to ``(is true, is false)`` IR pairs, values to IR values."""
 
@@ -664,7 +888,7 @@ class _Compiler:
             t, f = self.cond(e.args[0])
             return f, t
         if k == "match":
-            raise UnsupportedRule(f"ES|QL match operator (:) {_FULL_TEXT}", line=e.line)
+            return self._match(e.args[0], e.args[1], None, e.line)
         if k == "isnull":
             return self._case(e, 0, lambda v: self._isnull(v))
         if k == "cmp":
@@ -832,16 +1056,25 @@ class _Compiler:
             if kind == "like":
                 ts.append(self._like(lv, _like_tokens(text, line)))
             else:
-                try:
-                    pattern, flags = lucene_regex(text, True)
-                except RuleError as exc:
-                    raise type(exc)(f"ES|QL RLIKE: {exc.reason}", line=line) from None
-                if isinstance(lv, FieldValue):
-                    ts.append(Regex(lv.field, pattern, flags))
-                else:
-                    ts.append(Predicate(lv, "regex", (Literal_(pattern),)))
+                ts.append(and_(*(self._rlike(lv, part, line) for part in _intersection(text))))
         t = or_(*ts)
         return t, and_(_notnull(lv), not_(t))
+
+    @staticmethod
+    def _rlike(lv: ValueExpr, text: str, line: int) -> Node:
+        try:
+            if _has_intersection(text):
+                reduced = _LuceneIntersections.emit(_LuceneIntersections(text).parse())
+                if reduced is None:  # the empty language
+                    return Const(False)
+                text = reduced
+            pattern, flags = lucene_regex(text, True)
+        except RuleError as exc:
+            reason = exc.reason.removeprefix("ES|QL RLIKE: ")
+            raise type(exc)(f"ES|QL RLIKE: {reason}", line=line) from None
+        if isinstance(lv, FieldValue):
+            return Regex(lv.field, pattern, flags)
+        return Predicate(lv, "regex", (Literal_(pattern),))
 
     @staticmethod
     def _like(lv: ValueExpr, toks: tuple[PatternToken, ...]) -> Node:
@@ -863,6 +1096,11 @@ class _Compiler:
     def _bool_fn(self, e: _Fn) -> tuple[Node, Node]:
         if e.name == "CASE":
             return self._branches(e, self.cond)
+        if e.name == "MATCH":
+            self._arity(e, 2, 3)
+            return self._match(e.args[0], e.args[1], e.args[2] if len(e.args) > 2 else None, e.line)
+        if e.name == "KQL":
+            return self._kql(e)
         if e.name in ("STARTS_WITH", "ENDS_WITH"):
             self._arity(e, 2, 2)
             s, x = self.value(e.args[0]), self.value(e.args[1])
@@ -882,6 +1120,74 @@ class _Compiler:
         call = self.value(e)
         t = Predicate(call, "==", Literal_(True))
         return t, Predicate(call, "==", Literal_(False))
+
+    # ---- full text: MATCH, the ``:`` operator, KQL()
+
+    def _match(self, field: Any, query: Any, options: Any, line: int) -> tuple[Node, Node]:
+        """``MATCH(field, "text")`` / ``field : "text"``: Elasticsearch's ``match`` query.
+
+        On a ``text`` field the query text is analyzed and any token matches (``operator":
+        "AND"``: every token); on other fields it is one term (keyword: exact and
+        case-sensitive). A Lucene query matches a document or not, never null, so the false
+        branch is the plain negation (a record without the field is false).
+        """
+        if isinstance(field, _Fn) and field.name in ("::STRING", "::KEYWORD", "::TEXT"):
+            field = field.args[0]  # the query runs on the indexed field, as mapped
+        if not isinstance(field, _Field):
+            raise UnsupportedRule("ES|QL MATCH on a computed value (not a field)", line=line)
+        if not isinstance(query, _Lit) or query.value is None:
+            raise UnsupportedRule("ES|QL MATCH with a query that is not a literal", line=line)
+        operator = "or"
+        for key, value in self._options(options, line):
+            if key in _FUZZY_OPTIONS:
+                raise UnsupportedRule(_FUZZY.format(name=key), line=line)
+            if key == "operator" and isinstance(value, str) and value.lower() in ("and", "or"):
+                operator = value.lower()
+            elif key not in _NEUTRAL_OPTIONS:
+                raise UnsupportedRule(f"ES|QL MATCH option {key} is not supported", line=line)
+        text = query.value
+        if isinstance(text, bool):
+            text = "true" if text else "false"
+        text = str(text)
+        name = field.name
+        if fieldtypes.is_text(name):
+            words = analyze(text)
+            source = fieldtypes.source_of(name)
+            leaves = [Regex(source, phrase_regex([w]), "is") for w in words]
+            t = (and_ if operator == "and" else or_)(*leaves) if words else Const(False)
+        else:
+            try:
+                t = value_leaf(name, Lit(tokens(text), quoted=True, line=line))
+            except RuleError as exc:
+                raise type(exc)(f"ES|QL MATCH: {exc.reason}", line=line) from None
+        return t, not_(t)
+
+    @staticmethod
+    def _options(options: Any, line: int) -> list[tuple[str, Any]]:
+        if options is None:
+            return []
+        if not (isinstance(options, _Fn) and options.name == "{map}"):
+            raise InvalidRule("ES|QL MATCH options must be a map literal", line=line)
+        out: list[tuple[str, Any]] = []
+        for key, value in options.args:
+            if not isinstance(value, _Lit):
+                raise InvalidRule(f"ES|QL MATCH option {key} must be a literal", line=line)
+            out.append((key, value.value))
+        return out
+
+    def _kql(self, e: _Fn) -> tuple[Node, Node]:
+        """``KQL("...")``: the embedded query with KQL's own semantics (``kql.py``). A
+        Lucene query is never null, so false is the plain negation."""
+        if len(e.args) != 1:
+            raise UnsupportedRule("ES|QL KQL with options is not supported", line=e.line)
+        arg = e.args[0]
+        if not (isinstance(arg, _Lit) and isinstance(arg.value, str)):
+            raise InvalidRule("ES|QL KQL needs a string literal query", line=e.line)
+        try:
+            t = parse_kql(arg.value)
+        except RuleError as exc:
+            raise type(exc)(f"ES|QL KQL(): {exc.reason}", line=e.line) from None
+        return t, not_(t)
 
     # ---- values
 
@@ -914,9 +1220,9 @@ class _Compiler:
             if isinstance(n, Literal_) and isinstance(n.value, int) and 0 <= n.value <= 1 << 20:
                 return Literal_(" " * n.value)
             raise UnsupportedRule("ES|QL SPACE with a computed count", line=e.line)
-        if name == "KQL":
+        if name in ("KQL", "MATCH"):
             raise UnsupportedRule(
-                "ES|QL function KQL (an embedded KQL query) is not supported", line=e.line
+                f"ES|QL function {name} used as a value (not a WHERE condition)", line=e.line
             )
         if name in _FULL_TEXT_FUNCTIONS:
             raise UnsupportedRule(f"ES|QL function {name} {_FULL_TEXT}", line=e.line)

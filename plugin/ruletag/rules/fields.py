@@ -155,6 +155,15 @@ class _WindowsEvent:
 @dataclass(frozen=True, slots=True)
 class _Copy:
     source: str
+    only: tuple[str, ...] = ()  # when given, only the values in this list are copied
+    caseless: bool = False  # ... compared lower-cased
+
+    def keeps(self, v: object) -> bool:
+        if not self.only:
+            return True
+        if not isinstance(v, str):
+            return False
+        return (v.lower() if self.caseless else v) in self.only
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +253,7 @@ class RecordView:
             if isinstance(d, _Basename):
                 out = [basename(v) for v in self.values(d.source) if isinstance(v, str)]
             elif isinstance(d, _Copy):
-                out = list(self.values(d.source))
+                out = [v for v in self.values(d.source) if d.keeps(v)]
             elif isinstance(d, _WhenPresent):
                 present = self.values(d.source) and not any(self.values(u) for u in d.unless)
                 out = [d.value] if present else []
@@ -365,8 +374,17 @@ class FieldMap:
                 yield _Basename(item["basename"])
             elif isinstance(item, Mapping) and item.get("windows_event") in ("category", "type"):
                 yield _WindowsEvent(item["windows_event"])
-            elif isinstance(item, Mapping) and isinstance(item.get("copy"), str):
-                yield _Copy(item["copy"])
+            elif (
+                isinstance(item, Mapping)
+                and isinstance(item.get("copy"), str)
+                and set(item) <= {"copy", "only", "caseless"}
+                and isinstance(item.get("caseless", False), bool)
+            ):
+                only = tuple(_str_list(item.get("only"), f"{name}.derive.only"))
+                caseless = bool(item.get("caseless", False))
+                if caseless:
+                    only = tuple(o.lower() for o in only)
+                yield _Copy(item["copy"], only, caseless)
             elif (
                 isinstance(item, Mapping)
                 and isinstance(item.get("when_present"), str)
