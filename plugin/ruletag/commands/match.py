@@ -3,8 +3,10 @@
 ``match`` reads JSON lines or a msgpack stream (bare record maps, ``[time, record]`` entries,
 or forward-protocol messages: Message, Forward, PackedForward, CompressedPackedForward) and
 writes every record as one JSON line, in input order. A record that matched gets the key
-``detections`` (a list of :func:`ruletag.enrich.annotate.detection` dicts); a record that
-matched nothing is written without that key, as the server leaves unmatched records untouched.
+``detections`` (a list of :func:`ruletag.enrich.annotate.detection` dicts; the record that
+completes an EQL sequence gets a :func:`~ruletag.enrich.annotate.sequence_detection`, with
+event time read from the records in file order); a record that matched nothing is written
+without that key, as the server leaves unmatched records untouched.
 With ``--explain``, a matched record also gets the key ``explain``: per rule that fired, its
 traced condition tree (:mod:`ruletag.rules.explain`), so the output stays one JSON line per
 record and can be filtered with ``jq``.
@@ -25,7 +27,7 @@ import msgpack
 import ujson
 
 from ruletag.commands.rules import read_vars, selection_from_args, summary_line
-from ruletag.enrich.annotate import detection
+from ruletag.enrich.annotate import detection, sequence_detection
 from ruletag.errors import ConfigError
 from ruletag.rules.loader import source_of
 from ruletag.rules.select import Selection
@@ -194,10 +196,13 @@ def _load_table(
 def match(ns: argparse.Namespace) -> int:
     """Match every record of ``--events`` and print it as JSON, with its detections."""
     from ruletag.rules.matcher import Matcher
+    from ruletag.rules.stateful.sequence import SequenceEngine
 
     variables = read_vars(ns.vars)  # a bad --vars file: ConfigError, exit 2 (cli.main)
     table = _load_table(ns.rules, variables, selection_from_args(ns))
     matcher = Matcher(table)
+    # stateful rules (EQL sequences): fed every record in file order, event time from records
+    sequences = SequenceEngine.of(table.rules, table.fieldmap)
     annotations = [detection(r) for r in table.rules]
     only = bool(getattr(ns, "only_matches", False))
     explaining = bool(getattr(ns, "explain", False))
@@ -220,9 +225,12 @@ def match(ns: argparse.Namespace) -> int:
                 skipped += 1
                 continue
             hits = matcher.match(record)
-            if hits:
+            done = sequences.feed(record) if sequences is not None else ()
+            if hits or done:
                 why = explain_hits(table.rules, hits, record, fmap) if fmap is not None else None
-                record["detections"] = [annotations[i] for i in hits]
+                record["detections"] = [annotations[i] for i in hits] + [
+                    sequence_detection(c.rule, c.keys, c.events) for c in done
+                ]
                 if why is not None:
                     record["explain"] = why
             elif only:
