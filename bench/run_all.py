@@ -58,16 +58,10 @@ def rule_sets(corpus: Path | None) -> dict[str, Any]:
 
 
 def code_hash() -> str:
-    """A hash of the rule compiler's sources: the table cache key ignores code changes."""
-    import hashlib
+    """The rule compiler's fingerprint: a table cached by other compiler code is rebuilt."""
+    from ruletag.rules.loader import compiler_fingerprint
 
-    import ruletag
-
-    pkg = Path(ruletag.__file__).parent
-    h = hashlib.sha256()
-    for p in sorted([*pkg.glob("rules/*.py"), *pkg.glob("data/*.yaml"), pkg / "filter.py"]):
-        h.update(p.read_bytes())
-    return h.hexdigest()[:12]
+    return compiler_fingerprint()[:12]
 
 
 def ruletag_bin() -> str:

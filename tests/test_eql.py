@@ -238,7 +238,7 @@ def test_function_and_operand_errors(expr: str, error: type[RuleError], message:
     [
         (
             "sequence by host.id with maxspan=1m\n [process where true]\n [file where true]",
-            "EQL sequence: stateful rules not supported yet",
+            "EQL sequence: not a single-event query",
         ),
         (
             "sequence [process where true] by a [process where true] by b with runs=3 "
@@ -390,13 +390,23 @@ def test_bad_toml_is_invalid_with_line(tmp_path: Path) -> None:
     assert info.value.line == 3
 
 
-def test_sequence_rule_file_is_unsupported(tmp_path: Path) -> None:
+def test_sequence_rule_file_loads_as_a_sequence_rule(tmp_path: Path) -> None:
     path = write_rule(
         tmp_path, query="sequence by host.id\n [process where true]\n [file where true]"
     )
-    with pytest.raises(UnsupportedRule, match="EQL sequence") as info:
+    (rule,) = load_elastic_file(path)
+    assert rule.kind == "sequence" and rule.sequence is not None
+    assert [s.keys for s in rule.sequence.steps] == [("host.id",), ("host.id",)]
+
+
+def test_missing_event_sequence_is_unsupported_with_line(tmp_path: Path) -> None:
+    path = write_rule(
+        tmp_path,
+        query="sequence by host.id with maxspan=5m\n [process where true]\n ![file where true]",
+    )
+    with pytest.raises(UnsupportedRule, match="missing events") as info:
         load_elastic_file(path)
-    assert info.value.line == 14
+    assert info.value.line == 16
 
 
 # --------------------------------------------------------------------------- corpus

@@ -3,12 +3,14 @@
 ``match`` reads JSON lines or a msgpack stream (bare record maps, ``[time, record]`` entries,
 or forward-protocol messages: Message, Forward, PackedForward, CompressedPackedForward) and
 writes every record as one JSON line, in input order. A record that matched gets the key
-``detections`` (a list of :func:`ruletag.enrich.annotate.detection` dicts) and is written
-re-serialised; a record that matched nothing is written without that key, as the server leaves
-unmatched records untouched: a JSON object that was alone on its input line is written as that
-line (surrounding whitespace and a BOM removed, its bytes unchanged), any other record as
-JSON. With ``--explain``, a matched record also gets the key ``explain``: per rule that fired,
-its traced condition tree (:mod:`ruletag.rules.explain`), so the output stays one JSON line per
+``detections`` (a list of :func:`ruletag.enrich.annotate.detection` dicts; the record that
+completes an EQL sequence gets a :func:`~ruletag.enrich.annotate.sequence_detection`, with
+event time read from the records in file order) and is written re-serialised; a record that
+matched nothing is written without that key, as the server leaves unmatched records untouched:
+a JSON object that was alone on its input line is written as that line (surrounding whitespace
+and a BOM removed, its bytes unchanged), any other record as JSON. With ``--explain``, a matched
+record also gets the key ``explain``: per rule that fired, its traced condition tree
+(:mod:`ruletag.rules.explain`), so the output stays one JSON line per
 record and can be filtered with ``jq``.
 
 Records are handled in batches (:data:`BATCH`): packed once into msgpack entries and matched
@@ -36,12 +38,13 @@ import ujson
 from ruletag.commands.explain import explain_hits
 from ruletag.commands.rules import read_vars, selection_from_args, summary_line
 from ruletag.config.model import DEFAULT_TUNE_AFTER
-from ruletag.enrich.annotate import detection
+from ruletag.enrich.annotate import detection, sequence_detection
 from ruletag.errors import ConfigError
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.loader import source_of
 from ruletag.rules.matcher import Matcher
 from ruletag.rules.select import Selection
+from ruletag.rules.stateful.sequence import SequenceEngine
 
 # --------------------------------------------------------------------------- match
 
@@ -267,8 +270,10 @@ class MatchContext:
         prefilter: bool = True,
         only_matches: bool = False,
         explain: bool = False,
+        sequences: SequenceEngine | None = None,
     ) -> None:
         self.matcher = matcher
+        self.sequences = sequences
         self.rules = table.rules
         self.annotations = [detection(r) for r in table.rules]
         self.prefilter = prefilter
@@ -330,10 +335,13 @@ class MatchContext:
             if not isinstance(record, dict):
                 self.skipped += 1
                 continue
-            found = hits.get(i)
-            if found:
+            found = hits.get(i) or ()
+            done = self.sequences.feed(record) if self.sequences is not None else ()
+            if found or done:
                 why = explain_hits(self.rules, found, record, fmap) if fmap is not None else None
-                record["detections"] = [annotations[k] for k in found]
+                record["detections"] = [annotations[k] for k in found] + [
+                    sequence_detection(c.rule, c.keys, c.events) for c in done
+                ]
                 if why is not None:
                     record["explain"] = why
                 add(_utf8(dump_record(record)))
@@ -365,6 +373,8 @@ def match(ns: argparse.Namespace) -> int:
         prefilter=not getattr(ns, "no_prefilter", False),
         only_matches=bool(getattr(ns, "only_matches", False)),
         explain=bool(getattr(ns, "explain", False)),
+        # stateful rules (EQL sequences): fed every record in file order, event time from records
+        sequences=SequenceEngine.of(table.rules, table.fieldmap),
     )
     out = _binary_stdout()
     try:

@@ -6,7 +6,7 @@ Sigma's Detection Rule License asks that messages produced from matches keep the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ruletag.rules.ir import Attack, Rule
@@ -31,4 +31,14 @@ def detection(rule: Rule) -> dict[str, Any]:
     }
     if rule.building_block:
         d["building_block"] = True
+    return d
+
+
+def sequence_detection(
+    rule: Rule, keys: Iterable[str], events: Iterable[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """A completed sequence: :func:`detection` plus ``sequence``: the join-key values and a
+    reference (``timestamp``, ``id``) of every event of the sequence, in order."""
+    d = detection(rule)
+    d["sequence"] = {"keys": list(keys), "events": [dict(e) for e in events]}
     return d

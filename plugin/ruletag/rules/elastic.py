@@ -1,13 +1,16 @@
 """Elastic detection-rules TOML files to ruletag IR.
 
 One file holds one rule: ``[metadata]`` and ``[rule]`` tables. EQL rules are translated by
-``eql.py``, ES|QL rules by ``esql.py``, KQL (``kuery``) rules and their ``[[rule.filters]]``
+``eql.py`` (an EQL ``sequence`` becomes a ``kind="sequence"`` rule whose steps get the rule's
+filters, ``event_category_override``, ``timestamp_field``, ``tiebreaker_field`` and look-back
+``from``), ES|QL rules by ``esql.py``, KQL (``kuery``) rules and their ``[[rule.filters]]``
 by ``kql.py``; other query languages, other rule types and deprecated rules raise
 UnsupportedRule with a short reason that groups well in load reports.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from pathlib import Path
@@ -15,9 +18,9 @@ from typing import Any
 
 from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
 from ruletag.rules.algebra import and_
-from ruletag.rules.eql import parse_eql
+from ruletag.rules.eql import CATEGORY_FIELD, parse_eql_query
 from ruletag.rules.esql import parse_esql
-from ruletag.rules.ir import DEFAULT_RISK_SCORE, Attack, Rule
+from ruletag.rules.ir import DEFAULT_RISK_SCORE, Attack, Const, Node, Rule, Sequence, Step
 from ruletag.rules.kql import filters_condition, parse_kql
 
 #: Rule types whose ``language`` decides whether we can evaluate them.
@@ -32,6 +35,10 @@ _STATEFUL_TYPES = {
 _SEVERITIES = {"informational", "low", "medium", "high", "critical"}
 _QUERY_LINE = re.compile(r"^\s*query\s*=\s*(.*)$")
 _DATE = re.compile(r"^(\d{4})[/-](\d{2})[/-](\d{2})$")
+_LOOKBACK = re.compile(r"^now-(\d+)([smhd])$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: Kibana's default rule look-back (``from``).
+DEFAULT_LOOKBACK = 360.0
 
 
 def load_elastic_file(path: Path) -> list[Rule]:
@@ -74,10 +81,17 @@ def load_elastic_file(path: Path) -> list[Rule]:
             raise InvalidRule(f"rule.{key} is missing or not a string", where, query_line)
     assert isinstance(query, str) and isinstance(rule_id, str) and isinstance(name, str)
 
+    sequence: Sequence | None = None
+    condition: Node
     try:
         # The index patterns (``index``, ES|QL's FROM) are not used yet.
         if language == "eql":
-            condition = parse_eql(query)
+            category = rule.get("event_category_override") or CATEGORY_FIELD
+            parsed = parse_eql_query(query, str(category))
+            if isinstance(parsed, Sequence):
+                sequence, condition = parsed, Const(True)
+            else:
+                condition = parsed
         elif language == "esql":
             condition = parse_esql(query).condition
         else:
@@ -90,6 +104,9 @@ def load_elastic_file(path: Path) -> list[Rule]:
             condition = and_(condition, filters_condition(rule.get("filters"), query_line))
         except RuleError as exc:
             raise type(exc)(exc.reason, where, exc.line) from None
+    if sequence is not None:
+        sequence = _sequence_of_rule(sequence, condition, rule)
+        condition = Const(False)  # the single-event table never fires a sequence rule
 
     severity = str(rule.get("severity", "medium")).lower()
     if severity not in _SEVERITIES:
@@ -116,8 +133,30 @@ def load_elastic_file(path: Path) -> list[Rule]:
             building_block=bool(rule.get("building_block_type")),
             status=str(meta.get("maturity") or ""),
             rule_type=str(rtype),
+            kind="sequence" if sequence is not None else "event",
+            sequence=sequence,
         )
     ]
+
+
+def _sequence_of_rule(seq: Sequence, filters: Node, rule: dict[str, Any]) -> Sequence:
+    """``seq`` with the rule's filters on every step and its time settings."""
+
+    def step(s: Step) -> Step:
+        return Step(and_(s.condition, filters), s.keys)
+
+    lookback = DEFAULT_LOOKBACK
+    m = _LOOKBACK.match(str(rule.get("from") or ""))
+    if m is not None:
+        lookback = float(int(m.group(1)) * _SECONDS[m.group(2)])
+    return dataclasses.replace(
+        seq,
+        steps=tuple(step(s) for s in seq.steps),
+        until=step(seq.until) if seq.until is not None else None,
+        timestamp_field=str(rule.get("timestamp_field") or "@timestamp"),
+        tiebreaker_field=str(rule["tiebreaker_field"]) if rule.get("tiebreaker_field") else None,
+        ttl=lookback,
+    )
 
 
 def _query_position(text: str) -> tuple[int, int]:

@@ -1,7 +1,11 @@
-"""Elasticsearch EQL (single-event queries) to ruletag IR.
+"""Elasticsearch EQL (single-event queries and sequences) to ruletag IR.
 
-``parse_eql("process where process.name : \\"cmd.exe\\"")`` returns the condition. The
-grammar is ``eql.lark``; the semantics are Elasticsearch's (not the ``eql`` package's):
+``parse_eql("process where process.name : \\"cmd.exe\\"")`` returns the condition;
+:func:`parse_eql_query` also accepts ``sequence`` queries and returns an IR
+:class:`~ruletag.rules.ir.Sequence` for them (shared ``by`` keys prepended to every step's own,
+``with runs=N`` expanded into N steps, ``maxspan`` in seconds). Missing-event steps
+(``![...]``), samples, joins and pipes raise UnsupportedRule. The grammar is ``eql.lark``; the
+semantics are Elasticsearch's (not the ``eql`` package's):
 
 * ``<category> where <cond>`` adds ``Match("event.category", (category,), cased=True)``;
   ``any where`` adds nothing.
@@ -75,6 +79,8 @@ from ruletag.rules.ir import (
     Not,
     Predicate,
     Regex,
+    Sequence,
+    Step,
     ValueExpr,
     Wild,
 )
@@ -93,7 +99,7 @@ _FLIP = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
 _ESCAPES = {"t": "\t", "b": "\b", "f": "\f", "n": "\n", "r": "\r", '"': '"', "'": "'", "\\": "\\"}
 _UNICODE_ESCAPE = re.compile(r"u\{([0-9A-Fa-f]{2,8})\}")
 _STATEFUL = {
-    "sequence": "EQL sequence: stateful rules not supported yet",
+    "sequence": "EQL sequence: not a single-event query",
     "sample": "EQL sample: stateful rules not supported yet",
     "join": "EQL join is not supported",
 }
@@ -105,11 +111,25 @@ def _parser() -> Lark:
     return Lark(grammar, parser="lalr", lexer="contextual", propagate_positions=True)
 
 
-def parse_eql(query: str) -> Node:
-    """Translate one EQL query into an IR condition.
+def parse_eql(query: str, category_field: str = CATEGORY_FIELD) -> Node:
+    """Translate one single-event EQL query into an IR condition.
 
     Raises InvalidRule for syntax errors (``line`` is the line inside ``query``) and
     UnsupportedRule for sequences, samples, joins, pipes and unknown functions.
+    """
+    result = parse_eql_query(query, category_field, sequences=False)
+    assert not isinstance(result, Sequence)
+    return result
+
+
+def parse_eql_query(
+    query: str, category_field: str = CATEGORY_FIELD, *, sequences: bool = True
+) -> Node | Sequence:
+    """An IR condition for a single-event query, an IR :class:`Sequence` for a sequence.
+
+    ``category_field``: the field ``<category> where`` tests (the rule's
+    ``event_category_override``). The sequence's time fields are the defaults; the caller
+    replaces them from the rule.
     """
     try:
         tree = _parser().parse(query)
@@ -117,7 +137,8 @@ def parse_eql(query: str) -> Node:
         raise InvalidRule(_syntax_message(exc, query), line=_error_line(exc, query)) from None
     query_node = tree.children[0]
     assert isinstance(query_node, Tree)
-    if query_node.data in _STATEFUL:
+    stateful = query_node.data in _STATEFUL
+    if stateful and not (sequences and query_node.data == "sequence"):
         raise UnsupportedRule(_STATEFUL[query_node.data], line=_line_of(query_node))
     pipes = tree.children[1:]
     if pipes:
@@ -126,14 +147,124 @@ def parse_eql(query: str) -> Node:
         raise UnsupportedRule(
             f"EQL pipe '{first.children[0]}' is not supported", line=_line_of(first)
         )
+    if stateful:
+        return _sequence(query_node, category_field)
+    return _condition(query_node, category_field)
+
+
+def _condition(node: Tree, category_field: str) -> Node:
     try:
-        result = _Builder().transform(query_node)
+        result = _Builder(category_field).transform(node)
     except VisitError as exc:
         if isinstance(exc.orig_exc, RuleError):
             raise exc.orig_exc from None
         raise
     assert not isinstance(result, FieldValue | Literal_ | Call)
     return result
+
+
+#: ``with maxspan`` units, in seconds.
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _sequence(node: Tree, category_field: str) -> Sequence:
+    """``sequence [by k..] [with maxspan=N<unit>] [step] [by f..] [with runs=N] ... [until]``."""
+    shared: tuple[str, ...] = ()
+    maxspan: float | None = None
+    steps: list[Step] = []
+    until: Step | None = None
+    for child in node.children:
+        if not isinstance(child, Tree):
+            continue
+        if child.data == "seq_params":
+            first = child.children[0]
+            if isinstance(first, Tree) and first.data == "maxspan" and len(child.children) > 1:
+                raise InvalidRule(
+                    "EQL sequence: 'by' must come before 'with maxspan'", line=_line_of(child)
+                )
+            for part in child.children:
+                if isinstance(part, Tree) and part.data == "join_keys":
+                    shared = _join_keys(part)
+                elif isinstance(part, Tree) and part.data == "maxspan":
+                    maxspan = _maxspan(part)
+        elif child.data == "seq_term":
+            missing = any(isinstance(c, Token) and c.type == "MISSING" for c in child.children)
+            if missing:
+                raise UnsupportedRule(
+                    "EQL sequence: missing events ![...] not supported yet (need a watermark)",
+                    line=_line_of(child),
+                )
+            cond, keys, runs = _term(child, category_field)
+            steps.extend([Step(cond, shared + keys)] * runs)
+        elif child.data == "until_clause":
+            cond, keys, _ = _term(child, category_field)
+            until = Step(cond, shared + keys)
+    line = _line_of(node)
+    if len(steps) < 2:
+        raise InvalidRule("EQL sequence: a sequence needs at least two steps", line=line)
+    widths = {len(s.keys) for s in steps} | ({len(until.keys)} if until else set())
+    if len(widths) > 1:
+        raise InvalidRule("EQL sequence: inconsistent number of join keys specified", line=line)
+    return Sequence(tuple(steps), maxspan, until)
+
+
+def _term(node: Tree, category_field: str) -> tuple[Node, tuple[str, ...], int]:
+    """(condition, own join keys, runs) of a ``seq_term`` or ``until_clause``."""
+    cond: Node | None = None
+    keys: tuple[str, ...] = ()
+    runs = 1
+    for part in node.children:
+        if not isinstance(part, Tree):
+            continue
+        if part.data == "subquery":
+            inner = part.children[0]
+            assert isinstance(inner, Tree)
+            cond = _condition(inner, category_field)
+        elif part.data == "join_keys":
+            keys = _join_keys(part)
+        elif part.data == "runs":
+            text = str(part.children[0])
+            if not text.isdigit() or not 1 <= int(text) <= 100:
+                raise InvalidRule(
+                    f"EQL sequence: runs must be an integer from 1 to 100, not {text}",
+                    line=_line_of(part),
+                )
+            runs = int(text)
+    assert cond is not None
+    return cond, keys, runs
+
+
+def _join_keys(node: Tree) -> tuple[str, ...]:
+    """The field names of a ``by`` list; only plain (non-optional) fields are supported."""
+    out: list[str] = []
+    for expr in node.children:
+        if not (isinstance(expr, Tree) and expr.data == "field"):
+            raise UnsupportedRule("EQL sequence: join keys must be fields", line=_line_of(node))
+        if any(isinstance(c, Token) and c.type == "OPTIONAL" for c in expr.children):
+            raise UnsupportedRule(
+                "EQL sequence: optional join keys (?field) not supported yet",
+                line=_line_of(node),
+            )
+        qname = expr.children[-1]
+        assert isinstance(qname, Tree)
+        out.append(_Builder._qname_text(qname.children))
+    return tuple(out)
+
+
+def _maxspan(node: Tree) -> float:
+    number = str(node.children[0])
+    unit = str(node.children[1]) if len(node.children) > 1 else ""
+    if not number.isdigit() or int(number) <= 0:
+        raise InvalidRule(
+            f"EQL sequence: maxspan must be a positive integer, not {number}",
+            line=_line_of(node),
+        )
+    if unit not in _UNITS:
+        raise InvalidRule(
+            f"EQL sequence: maxspan unit must be one of ms, s, m, h, d, not {unit!r}",
+            line=_line_of(node),
+        )
+    return int(number) * _UNITS[unit]
 
 
 def _line_of(node: Tree) -> int:
@@ -320,6 +451,10 @@ def _equal_leaf(f: str, v: Literal_, cased: bool) -> Node:
 class _Builder(Transformer):
     """Bottom-up: value rules return FieldValue/Literal_/Call, boolean rules return Nodes."""
 
+    def __init__(self, category_field: str = CATEGORY_FIELD) -> None:
+        super().__init__()
+        self.category_field = category_field
+
     # ---- values
 
     def string(self, meta: Any, tok: Token) -> Literal_:
@@ -341,6 +476,10 @@ class _Builder(Transformer):
         return Literal_(None)
 
     def qname(self, meta: Any, *parts: Token) -> str:
+        return self._qname_text(parts)
+
+    @staticmethod
+    def _qname_text(parts: Any) -> str:
         names = []
         for p in parts:
             s = str(p)
@@ -478,7 +617,7 @@ class _Builder(Transformer):
         node = self._cond(cond, meta)
         if category is None:
             return node
-        return and_(Match(CATEGORY_FIELD, tokens(category), cased=True), node)
+        return and_(Match(self.category_field, tokens(category), cased=True), node)
 
     # ---- helpers
 

@@ -19,8 +19,11 @@ Semantics (shared by every evaluator):
 * ``cased=False`` means Unicode case-insensitive comparison (``str.casefold``-free: both sides
   are lower-cased with ``str.lower``).
 
-A :class:`Rule` is a single-event rule (``Rule.kind == "event"``): its condition is
-evaluated on one record at a time.
+Rules are single-event (``Rule.kind == "event"``) or EQL sequences (``Rule.kind ==
+"sequence"``): a :class:`Sequence` holds ordinary single-event conditions as its steps (and its
+``until``) plus the join keys and time bounds; the sequence engine (``rules/stateful/``)
+matches the steps and keeps the partial sequences. A sequence rule's own ``condition`` is
+``Const(False)``, so the single-event table never fires it.
 """
 
 from __future__ import annotations
@@ -211,6 +214,30 @@ class Logsource:
     service: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One step of a :class:`Sequence`: a single-event condition and its join-key fields
+    (the sequence's shared ``by`` fields first, then the step's own), lined up by position."""
+
+    condition: Node
+    keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Sequence:
+    """An EQL ``sequence``: ``steps`` in order (``with runs=N`` already expanded into N steps),
+    ``maxspan`` in seconds (inclusive, from the first event; None: no bound), ``until`` (an
+    expiry step keyed like the others), and where event time comes from."""
+
+    steps: tuple[Step, ...]
+    maxspan: float | None = None
+    until: Step | None = None
+    timestamp_field: str = "@timestamp"
+    tiebreaker_field: str | None = None
+    #: seconds a partial may live when ``maxspan`` is None (the rule's look-back)
+    ttl: float = 540.0
+
+
 Severity = Literal["informational", "low", "medium", "high", "critical"]
 
 #: Risk score given to rules that carry none (Sigma), by severity; Elastic's own convention.
@@ -240,11 +267,12 @@ class Rule:
     techniques: tuple[Attack, ...] = ()
     logsource: Logsource | None = None
     modified: str = ""  # ISO date of the last change; the newest copy of a duplicate id wins
-    kind: Literal["event"] = "event"
+    kind: Literal["event", "sequence"] = "event"
     tags: tuple[str, ...] = field(default=())
     building_block: bool = False  # Elastic ``building_block_type``: an input to other rules
     status: str = ""  # Sigma ``status`` / Elastic ``metadata.maturity``, as the file says it
     rule_type: str = ""  # Elastic rule ``type`` (query, eql, esql, ...); "" for Sigma
+    sequence: Sequence | None = None  # set when ``kind == "sequence"``
 
 
 def value_fields(v: ValueExpr | tuple[ValueExpr, ...]) -> tuple[str, ...]:

@@ -249,7 +249,8 @@ def _selection(
 @functools.cache
 def compiler_fingerprint() -> str:
     """Hash of the code and data that turn rule files into a table (front-ends, compiler,
-    ATT&CK table): a changed compiler never reuses a table cached by an older one."""
+    ATT&CK table, field types, default field mapping): a changed compiler never reuses a
+    table cached by an older one."""
     pkg = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     for f in sorted(
@@ -257,6 +258,8 @@ def compiler_fingerprint() -> str:
             *(pkg / "rules").rglob("*.py"),
             *(pkg / "rules").rglob("*.lark"),
             pkg / "data" / "attack.json",
+            pkg / "data" / "field_types.json",
+            pkg / "data" / "fields.yaml",
             pkg / "enrich" / "annotate.py",
         ]
     ):

@@ -267,6 +267,13 @@ class _Enrichment:
         )
         if result.selection is not None and result.selection.loaded > result.selection.kept:
             log.info("rules: %s", result.selection.text())
+        sequences = sum(r.kind == "sequence" for r in result.rules)
+        if sequences:
+            log.warning(
+                "rules: %d EQL sequence rules loaded but not evaluated by the relay yet "
+                "(ruletag match evaluates them; docs/rules.md \"Sequences\")",
+                sequences,
+            )
         if result.problems or result.duplicates:
             log.warning("rules: %s", problem_summary(result))
             for p in result.problems:

@@ -1,0 +1,1 @@
+"""Stateful rule evaluation: state machines fed with the step hits of single-event matching."""
