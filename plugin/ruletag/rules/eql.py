@@ -58,11 +58,12 @@ from typing import Any
 
 import re2
 from lark import Lark, Token, Transformer, Tree, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
+from lark.exceptions import UnexpectedInput, VisitError
 
 from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
 from ruletag.rules import fieldtypes, functions
 from ruletag.rules.algebra import and_, not_, or_, tokens, wildcard_tokens
+from ruletag.rules.grammar import error_line, syntax_message
 from ruletag.rules.ir import (
     And,
     Call,
@@ -134,7 +135,7 @@ def parse_eql_query(
     try:
         tree = _parser().parse(query)
     except UnexpectedInput as exc:
-        raise InvalidRule(_syntax_message(exc, query), line=_error_line(exc, query)) from None
+        raise InvalidRule(syntax_message("EQL", exc), line=error_line(exc, query)) from None
     query_node = tree.children[0]
     assert isinstance(query_node, Tree)
     stateful = query_node.data in _STATEFUL
@@ -269,23 +270,6 @@ def _maxspan(node: Tree) -> float:
 
 def _line_of(node: Tree) -> int:
     return getattr(node.meta, "line", 1) if not node.meta.empty else 1
-
-
-def _error_line(exc: UnexpectedInput, query: str) -> int:
-    if isinstance(exc, UnexpectedEOF) or getattr(exc, "line", -1) in (-1, None):
-        return query.count("\n") + 1 if query.strip() else 1
-    return int(exc.line)
-
-
-def _syntax_message(exc: UnexpectedInput, query: str) -> str:
-    if isinstance(exc, UnexpectedEOF):
-        return "EQL syntax error: unexpected end of query"
-    if isinstance(exc, UnexpectedCharacters):
-        return f"EQL syntax error at column {exc.column}: unexpected character {exc.char!r}"
-    token = getattr(exc, "token", None)
-    if token is not None and getattr(token, "type", "") == "$END":
-        return "EQL syntax error: unexpected end of query"
-    return f"EQL syntax error at column {getattr(exc, 'column', '?')}: unexpected {token!r}"
 
 
 # --------------------------------------------------------------------------- strings

@@ -58,12 +58,13 @@ from typing import Any
 
 import re2
 from lark import Lark, Token, Transformer, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
+from lark.exceptions import UnexpectedInput, VisitError
 
 from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
 from ruletag.rules import fieldtypes
 from ruletag.rules.algebra import and_, not_, or_, tokens
 from ruletag.rules.eql import _regex as lucene_regex
+from ruletag.rules.grammar import syntax_message
 from ruletag.rules.ir import (
     Call,
     Cidr,
@@ -429,7 +430,8 @@ def _parse(start: str, body: str, line: int, query: str) -> Any:
         tree = _parser().parse(body, start=start)
     except UnexpectedInput as exc:
         raise InvalidRule(
-            _syntax_message(exc), line=line + max(getattr(exc, "line", 1) or 1, 1) - 1
+            syntax_message("ES|QL", exc, "command"),
+            line=line + max(getattr(exc, "line", 1) or 1, 1) - 1,
         ) from None
     try:
         return _Ast().transform(tree)
@@ -437,17 +439,6 @@ def _parse(start: str, body: str, line: int, query: str) -> Any:
         if isinstance(exc.orig_exc, RuleError):
             raise exc.orig_exc from None
         raise
-
-
-def _syntax_message(exc: UnexpectedInput) -> str:
-    if isinstance(exc, UnexpectedEOF):
-        return "ES|QL syntax error: unexpected end of command"
-    if isinstance(exc, UnexpectedCharacters):
-        return f"ES|QL syntax error at column {exc.column}: unexpected character {exc.char!r}"
-    token = getattr(exc, "token", None)
-    if token is not None and getattr(token, "type", "") == "$END":
-        return "ES|QL syntax error: unexpected end of command"
-    return f"ES|QL syntax error at column {getattr(exc, 'column', '?')}: unexpected {token!r}"
 
 
 # --------------------------------------------------------------------------- pipeline

@@ -42,11 +42,12 @@ from importlib import resources
 from typing import Any
 
 from lark import Lark, Token, Transformer, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
+from lark.exceptions import UnexpectedInput, VisitError
 
 from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
 from ruletag.rules import fieldtypes
 from ruletag.rules.algebra import and_, not_, or_, tokens
+from ruletag.rules.grammar import error_line, syntax_message
 from ruletag.rules.ir import (
     Cidr,
     Compare,
@@ -76,7 +77,7 @@ def parse_kql(query: str) -> Node:
     try:
         tree = _parser().parse(query)
     except UnexpectedInput as exc:
-        raise InvalidRule(_syntax_message(exc), line=_error_line(exc, query)) from None
+        raise InvalidRule(syntax_message("KQL", exc), line=error_line(exc, query)) from None
     if not tree.children:
         return Const(True)
     try:
@@ -86,25 +87,6 @@ def parse_kql(query: str) -> Node:
             raise exc.orig_exc from None
         raise
     return _compile(ast, "")
-
-
-def _error_line(exc: UnexpectedInput, query: str) -> int:
-    token = getattr(exc, "token", None)
-    at_end = isinstance(exc, UnexpectedEOF) or getattr(token, "type", "") == "$END"
-    if at_end or getattr(exc, "line", -1) in (-1, None):
-        return query.rstrip().count("\n") + 1  # the last line with text
-    return int(exc.line)
-
-
-def _syntax_message(exc: UnexpectedInput) -> str:
-    if isinstance(exc, UnexpectedEOF):
-        return "KQL syntax error: unexpected end of query"
-    if isinstance(exc, UnexpectedCharacters):
-        return f"KQL syntax error at column {exc.column}: unexpected character {exc.char!r}"
-    token = getattr(exc, "token", None)
-    if token is not None and getattr(token, "type", "") == "$END":
-        return "KQL syntax error: unexpected end of query"
-    return f"KQL syntax error at column {getattr(exc, 'column', '?')}: unexpected {token!r}"
 
 
 # --------------------------------------------------------------------------- literals

@@ -271,7 +271,7 @@ class _Enrichment:
         if sequences:
             log.warning(
                 "rules: %d EQL sequence rules loaded but not evaluated by the relay yet "
-                "(ruletag match evaluates them; docs/rules.md \"Sequences\")",
+                '(ruletag match evaluates them; docs/rules.md "Sequences")',
                 sequences,
             )
         if result.problems or result.duplicates:
