@@ -44,7 +44,7 @@ from ruletag.rules.fields import FieldMap
 from ruletag.rules.loader import source_of
 from ruletag.rules.matcher import Matcher
 from ruletag.rules.select import Selection
-from ruletag.rules.stateful.sequence import SequenceEngine
+from ruletag.rules.stateful.sequence import Completion, SequenceEngine
 
 # --------------------------------------------------------------------------- match
 
@@ -274,6 +274,7 @@ class MatchContext:
     ) -> None:
         self.matcher = matcher
         self.sequences = sequences
+        self._step_hits: dict[int, list[int]] | None = None
         self.rules = table.rules
         self.annotations = [detection(r) for r in table.rules]
         self.prefilter = prefilter
@@ -288,6 +289,9 @@ class MatchContext:
         """Record index in ``batch`` -> the indexes of the rules it matches (matched only)."""
         records = batch.records
         match = self.matcher.match
+        # the sequence engine's step hits, when the raw pre-filter found them (None: unknown,
+        # the engine matches each record itself)
+        self._step_hits = None
         if not self.prefilter:
             out: dict[int, list[int]] = {}
             for i, rec in enumerate(records):
@@ -308,19 +312,20 @@ class MatchContext:
             try:
                 data = pack([0, rec])
             except (OverflowError, ValueError, TypeError):  # huge int, lone surrogate
-                got = match(rec)
-                if got:
-                    alone[i] = got
+                alone[i] = match(rec)
                 continue
             parts.append(data)
             end = pos + len(data)
             spans.append((pos, end))
             where.append(i)
             pos = end
-        hits = self.matcher.match_entries(b"".join(parts), spans)
+        buf = b"".join(parts)
+        hits = self.matcher.match_entries(buf, spans)
         out = {where[k]: got for k, got in hits.items()}
-        if alone:
-            out.update(alone)
+        out.update((i, got) for i, got in alone.items() if got)
+        if self.sequences is not None and not alone:
+            steps = self.sequences.step_hits(buf, spans)
+            self._step_hits = {where[k]: got for k, got in steps.items()}
         return out
 
     def render_batch(self, batch: Batch, hits: Mapping[int, list[int]]) -> bytes:
@@ -336,7 +341,12 @@ class MatchContext:
                 self.skipped += 1
                 continue
             found = hits.get(i) or ()
-            done = self.sequences.feed(record) if self.sequences is not None else ()
+            done: list[Completion] | tuple[()] = ()
+            if self.sequences is not None:
+                if self._step_hits is None:
+                    done = self.sequences.feed(record)
+                elif i in self._step_hits:
+                    done = self.sequences.feed(record, self._step_hits[i])
             if found or done:
                 why = explain_hits(self.rules, found, record, fmap) if fmap is not None else None
                 record["detections"] = [annotations[k] for k in found] + [

@@ -349,8 +349,10 @@ class SequenceEngine:
                     )
                     self._targets.append([])
                 self._targets[k].append((ri, stage))
-        self.table = build(step_rules, fieldmap, raw=False)
-        self._matcher = Matcher(self.table, tune_after=0)
+        self.table = build(step_rules, fieldmap)
+        #: the step table's matcher: callers with packed entries use its raw pre-filter
+        #: (``step_hits``) so records that hit no step cost no Python work here
+        self.matcher = Matcher(self.table)
         self._arrival = 0
 
     @classmethod
@@ -369,10 +371,18 @@ class SequenceEngine:
                 out[k] = out.get(k, 0) + v
         return out
 
-    def feed(self, record: Mapping[str, object]) -> list[Completion]:
-        """Offer one record (in arrival order); the sequences it completes."""
+    def step_hits(self, entries: bytes, spans: Seq[tuple[int, int]]) -> dict[int, list[int]]:
+        """Entry index -> the step conditions it hits, for packed ``[time, record]`` entries
+        (the raw pre-filter leaves most entries undecoded); feed only those records."""
+        return self.matcher.match_entries(entries, spans)
+
+    def feed(self, record: Mapping[str, object], hits: Seq[int] | None = None) -> list[Completion]:
+        """Offer one record (in arrival order); the sequences it completes. ``hits``: its step
+        hits when already known (:meth:`step_hits`); a record that hits no step may be skipped,
+        since only the order of the records fed matters."""
         self._arrival += 1
-        hits = self._matcher.match(record)
+        if hits is None:
+            hits = self.matcher.match(record)
         if not hits:
             return []
         per_run: dict[int, set[int]] = {}
