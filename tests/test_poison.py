@@ -397,10 +397,15 @@ def test_without_a_usable_dead_letter_folder_the_chunk_is_kept_and_retried(
             with captured() as logs:
                 poison = asyncio.ensure_future(fw.send(poison_chunk()))
                 sent = 0
+                # Bounded by time, not by count: a fast machine sends thousands of steady
+                # chunks while the retry delay grows.
+                deadline = asyncio.get_running_loop().time() + 30.0
                 while fw.rejects < 6:
-                    assert sent < 5000, "the poison chunk was never charged"
+                    now = asyncio.get_running_loop().time()
+                    assert now < deadline, "the poison chunk was never charged in 30 s"
                     await fw.send(make_chunk("steady", [{"seq": sent}]))
                     sent += 1
+                    await asyncio.sleep(0.002)
                 assert not poison.done()
                 await fw.close(timeout=0.2)
             with contextlib.suppress(Exception):
