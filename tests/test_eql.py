@@ -351,7 +351,11 @@ def test_metadata_with_subtechniques_and_creation_date(tmp_path: Path) -> None:
             {"type": "new_terms", "language": "kuery"},
             "elastic rule type new_terms: stateful rules not supported yet",
         ),
-        ({"type": "threshold"}, "elastic rule type threshold: stateful rules not supported yet"),
+        (
+            {"type": "threshold"},
+            "elastic rule type threshold: query language eql is not supported",
+        ),
+        ({"type": "threshold", "language": "lucene"}, "query language lucene is not supported"),
         (
             {"type": "threat_match"},
             "elastic rule type threat_match: indicator-match rules not supported yet",

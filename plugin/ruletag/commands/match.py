@@ -4,8 +4,9 @@
 or forward-protocol messages: Message, Forward, PackedForward, CompressedPackedForward) and
 writes every record as one JSON line, in input order. A record that matched gets the key
 ``detections`` (a list of :func:`ruletag.enrich.annotate.detection` dicts; the record that
-completes an EQL sequence gets a :func:`~ruletag.enrich.annotate.sequence_detection`, with
-event time read from the records in file order) and is written re-serialised; a record that
+completes an EQL sequence gets a :func:`~ruletag.enrich.annotate.sequence_detection`, the
+record that reaches an Elastic threshold a :func:`~ruletag.enrich.annotate.threshold_detection`,
+with event time read from the records in file order) and is written re-serialised; a record that
 matched nothing is written without that key, as the server leaves unmatched records untouched:
 a JSON object that was alone on its input line is written as that line (surrounding whitespace
 and a BOM removed, its bytes unchanged), any other record as JSON. With ``--explain``, a matched
@@ -38,13 +39,14 @@ import ujson
 from ruletag.commands.explain import explain_hits
 from ruletag.commands.rules import read_vars, selection_from_args, summary_line
 from ruletag.config.model import DEFAULT_TUNE_AFTER
-from ruletag.enrich.annotate import detection, sequence_detection
+from ruletag.enrich.annotate import detection, sequence_detection, threshold_detection
 from ruletag.errors import ConfigError
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.loader import source_of
 from ruletag.rules.matcher import Matcher
 from ruletag.rules.select import Selection
-from ruletag.rules.stateful.sequence import Completion, SequenceEngine
+from ruletag.rules.stateful.sequence import SequenceEngine
+from ruletag.rules.stateful.threshold import Alert, ThresholdEngine, iso_time
 
 # --------------------------------------------------------------------------- match
 
@@ -271,9 +273,11 @@ class MatchContext:
         only_matches: bool = False,
         explain: bool = False,
         sequences: SequenceEngine | None = None,
+        thresholds: ThresholdEngine | None = None,
     ) -> None:
         self.matcher = matcher
         self.sequences = sequences
+        self.thresholds = thresholds
         self._step_hits: dict[int, list[int]] | None = None
         self.rules = table.rules
         self.annotations = [detection(r) for r in table.rules]
@@ -341,17 +345,10 @@ class MatchContext:
                 self.skipped += 1
                 continue
             found = hits.get(i) or ()
-            done: list[Completion] | tuple[()] = ()
-            if self.sequences is not None:
-                if self._step_hits is None:
-                    done = self.sequences.feed(record)
-                elif i in self._step_hits:
-                    done = self.sequences.feed(record, self._step_hits[i])
+            done = self.stateful(record, i)
             if found or done:
                 why = explain_hits(self.rules, found, record, fmap) if fmap is not None else None
-                record["detections"] = [annotations[k] for k in found] + [
-                    sequence_detection(c.rule, c.keys, c.events) for c in done
-                ]
+                record["detections"] = [annotations[k] for k in found] + done
                 if why is not None:
                     record["explain"] = why
                 add(_utf8(dump_record(record)))
@@ -364,6 +361,29 @@ class MatchContext:
             return b""
         out.append(b"")
         return b"\n".join(out)
+
+    def stateful(self, record: Mapping[str, object], i: int) -> list[dict[str, Any]]:
+        """The stateful detections ``record`` (entry ``i`` of the batch) completes: sequences,
+        then thresholds. The sequence engine sees only records whose steps hit, when the
+        batch's raw pre-filter found them."""
+        out: list[dict[str, Any]] = []
+        if self.sequences is not None:
+            steps = self._step_hits
+            if steps is None:
+                done = self.sequences.feed(record)
+            elif i in steps:
+                done = self.sequences.feed(record, steps[i])
+            else:
+                done = []
+            out.extend(sequence_detection(c.rule, c.keys, c.events) for c in done)
+        if self.thresholds is not None:
+            out.extend(_threshold(a) for a in self.thresholds.feed(record))
+        return out
+
+
+def _threshold(a: Alert) -> dict[str, Any]:
+    window = (iso_time(a.start), iso_time(a.end))
+    return threshold_detection(a.rule, a.terms, a.count, a.cardinality, window)
 
 
 def _utf8(text: str) -> bytes:
@@ -383,8 +403,10 @@ def match(ns: argparse.Namespace) -> int:
         prefilter=not getattr(ns, "no_prefilter", False),
         only_matches=bool(getattr(ns, "only_matches", False)),
         explain=bool(getattr(ns, "explain", False)),
-        # stateful rules (EQL sequences): fed every record in file order, event time from records
+        # stateful rules (EQL sequences, thresholds): fed every record in file order, event
+        # time from the records
         sequences=SequenceEngine.of(table.rules, table.fieldmap),
+        thresholds=ThresholdEngine.of(table.rules, table.fieldmap),
     )
     out = _binary_stdout()
     try:

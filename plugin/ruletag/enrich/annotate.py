@@ -42,3 +42,26 @@ def sequence_detection(
     d = detection(rule)
     d["sequence"] = {"keys": list(keys), "events": [dict(e) for e in events]}
     return d
+
+
+def threshold_detection(
+    rule: Rule,
+    terms: Iterable[tuple[str, str]],
+    count: int,
+    cardinality: tuple[str, int] | None,
+    window: tuple[str, str],
+) -> dict[str, Any]:
+    """A threshold reached: :func:`detection` plus ``threshold``: the group's ``terms``
+    (``field``, ``value``), the ``count`` of records, the ``cardinality`` (``field``, distinct
+    ``value``) for a rule with a distinct-count condition, and the ``window`` (``start``,
+    ``end``) counted, as Kibana's ``threshold_result`` names them."""
+    d = detection(rule)
+    block: dict[str, Any] = {
+        "terms": [{"field": f, "value": v} for f, v in terms],
+        "count": count,
+    }
+    if cardinality is not None:
+        block["cardinality"] = [{"field": cardinality[0], "value": cardinality[1]}]
+    block["window"] = {"start": window[0], "end": window[1]}
+    d["threshold"] = block
+    return d

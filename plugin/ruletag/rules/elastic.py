@@ -4,8 +4,12 @@ One file holds one rule: ``[metadata]`` and ``[rule]`` tables. EQL rules are tra
 ``eql.py`` (an EQL ``sequence`` becomes a ``kind="sequence"`` rule whose steps get the rule's
 filters, ``event_category_override``, ``timestamp_field``, ``tiebreaker_field`` and look-back
 ``from``), ES|QL rules by ``esql.py``, KQL (``kuery``) rules and their ``[[rule.filters]]``
-by ``kql.py``; other query languages, other rule types and deprecated rules raise
-UnsupportedRule with a short reason that groups well in load reports.
+by ``kql.py``. A ``threshold`` rule (KQL only) becomes a ``kind="threshold"`` rule: its query
+and filters are the base condition, ``[rule.threshold]`` gives the group fields, the count and
+the optional distinct count, and its window is the rule's look-back ``from`` (Kibana counts
+each run over ``[now - from, now]``; see docs/rules.md "Thresholds"). Other query
+languages, other rule types and deprecated rules raise UnsupportedRule with a short reason
+that groups well in load reports.
 """
 
 from __future__ import annotations
@@ -20,15 +24,23 @@ from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
 from ruletag.rules.algebra import and_
 from ruletag.rules.eql import CATEGORY_FIELD, parse_eql_query
 from ruletag.rules.esql import parse_esql
-from ruletag.rules.ir import DEFAULT_RISK_SCORE, Attack, Const, Node, Rule, Sequence, Step
+from ruletag.rules.ir import (
+    DEFAULT_RISK_SCORE,
+    Attack,
+    Const,
+    Node,
+    Rule,
+    Sequence,
+    Step,
+    Threshold,
+)
 from ruletag.rules.kql import filters_condition, parse_kql
 
 #: Rule types whose ``language`` decides whether we can evaluate them.
-_QUERY_TYPES = {"eql", "query", "esql"}
+_QUERY_TYPES = {"eql", "query", "esql", "threshold"}
 #: Rule types that need state across events (or an ML job), by the reason they are refused.
 _STATEFUL_TYPES = {
     "new_terms": "elastic rule type new_terms: stateful rules not supported yet",
-    "threshold": "elastic rule type threshold: stateful rules not supported yet",
     "threat_match": "elastic rule type threat_match: indicator-match rules not supported yet",
     "machine_learning": "elastic rule type machine_learning: needs an Elastic ML job",
 }
@@ -72,6 +84,12 @@ def load_elastic_file(path: Path) -> list[Rule]:
     language = rule.get("language")
     if language not in ("eql", "esql", "kuery"):
         raise UnsupportedRule(f"query language {language} is not supported", where, query_line)
+    if rtype == "threshold" and language != "kuery":
+        raise UnsupportedRule(
+            f"elastic rule type threshold: query language {language} is not supported",
+            where,
+            query_line,
+        )
 
     query = rule.get("query")
     rule_id = rule.get("rule_id")
@@ -107,6 +125,10 @@ def load_elastic_file(path: Path) -> list[Rule]:
     if sequence is not None:
         sequence = _sequence_of_rule(sequence, condition, rule)
         condition = Const(False)  # the single-event table never fires a sequence rule
+    threshold: Threshold | None = None
+    if rtype == "threshold":
+        threshold = _threshold_of_rule(condition, rule, where, query_line)
+        condition = Const(False)  # the threshold engine counts it, the table never fires it
 
     severity = str(rule.get("severity", "medium")).lower()
     if severity not in _SEVERITIES:
@@ -133,8 +155,15 @@ def load_elastic_file(path: Path) -> list[Rule]:
             building_block=bool(rule.get("building_block_type")),
             status=str(meta.get("maturity") or ""),
             rule_type=str(rtype),
-            kind="sequence" if sequence is not None else "event",
+            kind=(
+                "sequence"
+                if sequence is not None
+                else "threshold"
+                if threshold is not None
+                else "event"
+            ),
             sequence=sequence,
+            threshold=threshold,
         )
     ]
 
@@ -145,17 +174,67 @@ def _sequence_of_rule(seq: Sequence, filters: Node, rule: dict[str, Any]) -> Seq
     def step(s: Step) -> Step:
         return Step(and_(s.condition, filters), s.keys)
 
-    lookback = DEFAULT_LOOKBACK
-    m = _LOOKBACK.match(str(rule.get("from") or ""))
-    if m is not None:
-        lookback = float(int(m.group(1)) * _SECONDS[m.group(2)])
     return dataclasses.replace(
         seq,
         steps=tuple(step(s) for s in seq.steps),
         until=step(seq.until) if seq.until is not None else None,
         timestamp_field=str(rule.get("timestamp_field") or "@timestamp"),
         tiebreaker_field=str(rule["tiebreaker_field"]) if rule.get("tiebreaker_field") else None,
-        ttl=lookback,
+        ttl=_lookback(rule),
+    )
+
+
+def _lookback(rule: dict[str, Any]) -> float:
+    """Seconds of the rule's look-back ``from`` (``now-9m``); Kibana's default if unset."""
+    m = _LOOKBACK.match(str(rule.get("from") or ""))
+    if m is None:
+        return DEFAULT_LOOKBACK
+    return float(int(m.group(1)) * _SECONDS[m.group(2)])
+
+
+def _positive_int(value: Any, what: str, where: str, line: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidRule(f"{what} must be a positive integer", where, line)
+    return value
+
+
+def _threshold_of_rule(base: Node, rule: dict[str, Any], where: str, line: int) -> Threshold:
+    """The ``[rule.threshold]`` table over the base condition ``base``."""
+    table = rule.get("threshold")
+    if not isinstance(table, dict):
+        raise InvalidRule("rule.threshold is missing or not a table", where, line)
+    raw_fields = table.get("field") or []
+    if isinstance(raw_fields, str):
+        raw_fields = [raw_fields]
+    if not isinstance(raw_fields, list) or not all(
+        isinstance(f, str) and f.strip() for f in raw_fields
+    ):
+        raise InvalidRule(
+            "rule.threshold.field must be a field name or a list of them", where, line
+        )
+    value = _positive_int(table.get("value"), "rule.threshold.value", where, line)
+    card_field: str | None = None
+    card_value = 0
+    cards = table.get("cardinality") or []
+    if not isinstance(cards, list) or not all(isinstance(c, dict) for c in cards):
+        raise InvalidRule("rule.threshold.cardinality must be an array of tables", where, line)
+    if len(cards) > 1:  # Kibana's schema allows one
+        raise UnsupportedRule("threshold with more than one cardinality condition", where, line)
+    if cards:
+        card_field = cards[0].get("field")
+        if not isinstance(card_field, str) or not card_field.strip():
+            raise InvalidRule("rule.threshold.cardinality.field is missing", where, line)
+        card_value = _positive_int(
+            cards[0].get("value"), "rule.threshold.cardinality.value", where, line
+        )
+    return Threshold(
+        condition=base,
+        fields=tuple(dict.fromkeys(raw_fields)),
+        value=value,
+        cardinality_field=card_field,
+        cardinality_value=card_value,
+        window=_lookback(rule),
+        timestamp_field=str(rule.get("timestamp_field") or "@timestamp"),
     )
 
 

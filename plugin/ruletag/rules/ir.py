@@ -19,11 +19,12 @@ Semantics (shared by every evaluator):
 * ``cased=False`` means Unicode case-insensitive comparison (``str.casefold``-free: both sides
   are lower-cased with ``str.lower``).
 
-Rules are single-event (``Rule.kind == "event"``) or EQL sequences (``Rule.kind ==
-"sequence"``): a :class:`Sequence` holds ordinary single-event conditions as its steps (and its
-``until``) plus the join keys and time bounds; the sequence engine (``rules/stateful/``)
-matches the steps and keeps the partial sequences. A sequence rule's own ``condition`` is
-``Const(False)``, so the single-event table never fires it.
+Rules are single-event (``Rule.kind == "event"``), EQL sequences (``Rule.kind ==
+"sequence"``) or Elastic thresholds (``Rule.kind == "threshold"``): a :class:`Sequence` holds
+ordinary single-event conditions as its steps (and its ``until``) plus the join keys and time
+bounds, a :class:`Threshold` one base condition plus its group fields, counts and window; the
+engines in ``rules/stateful/`` match those conditions and keep the state. A stateful rule's own
+``condition`` is ``Const(False)``, so the single-event table never fires it.
 """
 
 from __future__ import annotations
@@ -238,6 +239,22 @@ class Sequence:
     ttl: float = 540.0
 
 
+@dataclass(frozen=True, slots=True)
+class Threshold:
+    """An Elastic ``threshold`` rule: records matching ``condition``, grouped by the values of
+    ``fields`` (none: one group), fire when at least ``value`` of them fall within ``window``
+    seconds of event time (and, with ``cardinality_field``, they hold at least
+    ``cardinality_value`` distinct values of that field)."""
+
+    condition: Node
+    fields: tuple[str, ...] = ()
+    value: int = 1
+    cardinality_field: str | None = None
+    cardinality_value: int = 0
+    window: float = 540.0
+    timestamp_field: str = "@timestamp"
+
+
 Severity = Literal["informational", "low", "medium", "high", "critical"]
 
 #: Risk score given to rules that carry none (Sigma), by severity; Elastic's own convention.
@@ -267,12 +284,13 @@ class Rule:
     techniques: tuple[Attack, ...] = ()
     logsource: Logsource | None = None
     modified: str = ""  # ISO date of the last change; the newest copy of a duplicate id wins
-    kind: Literal["event", "sequence"] = "event"
+    kind: Literal["event", "sequence", "threshold"] = "event"
     tags: tuple[str, ...] = field(default=())
     building_block: bool = False  # Elastic ``building_block_type``: an input to other rules
     status: str = ""  # Sigma ``status`` / Elastic ``metadata.maturity``, as the file says it
     rule_type: str = ""  # Elastic rule ``type`` (query, eql, esql, ...); "" for Sigma
     sequence: Sequence | None = None  # set when ``kind == "sequence"``
+    threshold: Threshold | None = None  # set when ``kind == "threshold"``
 
 
 def value_fields(v: ValueExpr | tuple[ValueExpr, ...]) -> tuple[str, ...]:

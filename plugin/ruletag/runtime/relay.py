@@ -268,11 +268,14 @@ class _Enrichment:
         if result.selection is not None and result.selection.loaded > result.selection.kept:
             log.info("rules: %s", result.selection.text())
         sequences = sum(r.kind == "sequence" for r in result.rules)
-        if sequences:
+        thresholds = sum(r.kind == "threshold" for r in result.rules)
+        if sequences or thresholds:
             log.warning(
-                "rules: %d EQL sequence rules loaded but not evaluated by the relay yet "
-                '(ruletag match evaluates them; docs/rules.md "Sequences")',
+                "rules: %d EQL sequence and %d threshold rules loaded but not evaluated by the "
+                'relay yet (ruletag match evaluates them; docs/rules.md "Sequences", '
+                '"Thresholds")',
                 sequences,
+                thresholds,
             )
         if result.problems or result.duplicates:
             log.warning("rules: %s", problem_summary(result))

@@ -362,11 +362,12 @@ def build(
         "databases": sum(fg.db is not None for fg in groups.values()),
         "regex_re2_only": sum(len(fg.re2_only) for fg in groups.values()),
         "rules_without_literal": tuple(rule_list[k].id for k in always),
-        # sequence rules never fire here: the sequence engine (rules/stateful/) runs them
+        # stateful rules never fire here: the engines in rules/stateful/ run them
         "rules_never_matching": tuple(
             rule_list[k].id for k in never if rule_list[k].kind == "event"
         ),
         "sequence_rules": sum(r.kind == "sequence" for r in rule_list),
+        "threshold_rules": sum(r.kind == "threshold" for r in rule_list),
     }
     group_of = {fg.field: gi for gi, fg in enumerate(field_groups)}
     rule_groups: list[tuple[int, ...]] = []
