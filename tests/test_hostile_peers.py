@@ -411,7 +411,10 @@ def test_huge_chunk_does_not_stall_a_steady_client(
         }
         assert figures["big_identical"] and figures["big_delivered"] == n, figures
         assert len(during) >= 3, figures
-        assert max(during) < 0.5, figures
+        # A stall would hold the steady client for the whole huge chunk (t1 - t0); the bound
+        # is a fifth of that, and never below 0.5 s, so a loaded machine does not fail it.
+        figures["steady_bound_ms"] = round(max(0.5, 0.2 * (t1 - t0)) * 1000, 1)
+        assert max(during) < max(0.5, 0.2 * (t1 - t0)), figures
         return figures
 
     report(tmp_path, "huge_chunk_fairness", **arun(scenario(), timeout=120))
