@@ -39,14 +39,13 @@ import ujson
 from ruletag.commands.explain import explain_hits
 from ruletag.commands.rules import read_vars, selection_from_args, summary_line
 from ruletag.config.model import DEFAULT_TUNE_AFTER
-from ruletag.enrich.annotate import detection, sequence_detection, threshold_detection
+from ruletag.enrich.annotate import detection, stateful_detection
 from ruletag.errors import ConfigError
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.loader import source_of
 from ruletag.rules.matcher import Matcher
 from ruletag.rules.select import Selection
-from ruletag.rules.stateful.sequence import SequenceEngine
-from ruletag.rules.stateful.threshold import Alert, ThresholdEngine, iso_time
+from ruletag.rules.stateful import Engine, stateful_engines
 
 # --------------------------------------------------------------------------- match
 
@@ -272,13 +271,13 @@ class MatchContext:
         prefilter: bool = True,
         only_matches: bool = False,
         explain: bool = False,
-        sequences: SequenceEngine | None = None,
-        thresholds: ThresholdEngine | None = None,
+        engines: Sequence[Engine] = (),
     ) -> None:
         self.matcher = matcher
-        self.sequences = sequences
-        self.thresholds = thresholds
-        self._step_hits: dict[int, list[int]] | None = None
+        self.engines = list(engines)
+        #: per engine, record index -> its step hits, when the raw pre-filter found them
+        #: (None: unknown, the engine matches each record itself)
+        self._step_hits: list[dict[int, list[int]] | None] = [None] * len(self.engines)
         self.rules = table.rules
         self.annotations = [detection(r) for r in table.rules]
         self.prefilter = prefilter
@@ -293,9 +292,7 @@ class MatchContext:
         """Record index in ``batch`` -> the indexes of the rules it matches (matched only)."""
         records = batch.records
         match = self.matcher.match
-        # the sequence engine's step hits, when the raw pre-filter found them (None: unknown,
-        # the engine matches each record itself)
-        self._step_hits = None
+        self._step_hits = [None] * len(self.engines)
         if not self.prefilter:
             out: dict[int, list[int]] = {}
             for i, rec in enumerate(records):
@@ -327,9 +324,11 @@ class MatchContext:
         hits = self.matcher.match_entries(buf, spans)
         out = {where[k]: got for k, got in hits.items()}
         out.update((i, got) for i, got in alone.items() if got)
-        if self.sequences is not None and not alone:
-            steps = self.sequences.step_hits(buf, spans)
-            self._step_hits = {where[k]: got for k, got in steps.items()}
+        if not alone:
+            for n, engine in enumerate(self.engines):
+                steps = engine.step_hits(buf, spans)
+                if steps is not None:
+                    self._step_hits[n] = {where[k]: got for k, got in steps.items()}
         return out
 
     def render_batch(self, batch: Batch, hits: Mapping[int, list[int]]) -> bytes:
@@ -363,27 +362,19 @@ class MatchContext:
         return b"\n".join(out)
 
     def stateful(self, record: Mapping[str, object], i: int) -> list[dict[str, Any]]:
-        """The stateful detections ``record`` (entry ``i`` of the batch) completes: sequences,
-        then thresholds. The sequence engine sees only records whose steps hit, when the
-        batch's raw pre-filter found them."""
+        """The stateful detections ``record`` (entry ``i`` of the batch) completes, engine by
+        engine. An engine whose step hits the batch's raw pre-filter found sees only the
+        records that hit a step."""
         out: list[dict[str, Any]] = []
-        if self.sequences is not None:
-            steps = self._step_hits
+        for engine, steps in zip(self.engines, self._step_hits, strict=True):
             if steps is None:
-                done = self.sequences.feed(record)
+                done = engine.feed(record)
             elif i in steps:
-                done = self.sequences.feed(record, steps[i])
+                done = engine.feed(record, steps[i])
             else:
-                done = []
-            out.extend(sequence_detection(c.rule, c.keys, c.events) for c in done)
-        if self.thresholds is not None:
-            out.extend(_threshold(a) for a in self.thresholds.feed(record))
+                continue
+            out.extend(stateful_detection(r) for r in done)
         return out
-
-
-def _threshold(a: Alert) -> dict[str, Any]:
-    window = (iso_time(a.start), iso_time(a.end))
-    return threshold_detection(a.rule, a.terms, a.count, a.cardinality, window)
 
 
 def _utf8(text: str) -> bytes:
@@ -403,10 +394,9 @@ def match(ns: argparse.Namespace) -> int:
         prefilter=not getattr(ns, "no_prefilter", False),
         only_matches=bool(getattr(ns, "only_matches", False)),
         explain=bool(getattr(ns, "explain", False)),
-        # stateful rules (EQL sequences, thresholds): fed every record in file order, event
-        # time from the records
-        sequences=SequenceEngine.of(table.rules, table.fieldmap),
-        thresholds=ThresholdEngine.of(table.rules, table.fieldmap),
+        # stateful rules (EQL sequences, thresholds, ...): fed the records in file order,
+        # event time from the records
+        engines=stateful_engines(table.rules, table.fieldmap),
     )
     out = _binary_stdout()
     try:

@@ -65,3 +65,18 @@ def threshold_detection(
     block["window"] = {"start": window[0], "end": window[1]}
     d["threshold"] = block
     return d
+
+
+def stateful_detection(result: object) -> dict[str, Any]:
+    """What a stateful engine returned (:mod:`ruletag.rules.stateful`) as an annotation."""
+    from ruletag.rules.stateful.sequence import Completion
+    from ruletag.rules.stateful.threshold import Alert, iso_time
+
+    if isinstance(result, Completion):
+        return sequence_detection(result.rule, result.keys, result.events)
+    if isinstance(result, Alert):
+        window = (iso_time(result.start), iso_time(result.end))
+        return threshold_detection(
+            result.rule, result.terms, result.count, result.cardinality, window
+        )
+    raise TypeError(f"no annotation for a stateful result of type {type(result).__name__}")

@@ -1,1 +1,57 @@
-"""Stateful rule evaluation: state machines fed with the step hits of single-event matching."""
+"""Stateful detections: engines that keep state across records, fed in arrival order.
+
+Every engine follows :class:`Engine`. :func:`stateful_engines` builds one engine of each kind
+that a rule set needs, from the builders listed in :func:`builders`. A new kind of stateful
+rule adds its builder there and its annotation to
+:func:`ruletag.enrich.annotate.stateful_detection`; ``ruletag match`` and the relay then run it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ruletag.rules.fields import FieldMap
+    from ruletag.rules.ir import Rule
+
+__all__ = ["Engine", "builders", "stateful_engines"]
+
+
+class Engine(Protocol):
+    """What every stateful engine offers its callers."""
+
+    #: the rule kind it runs (``Rule.kind``)
+    kind: str
+
+    def step_hits(
+        self, entries: bytes, spans: Sequence[tuple[int, int]]
+    ) -> dict[int, list[int]] | None:
+        """Entry index -> the engine's own condition hits for packed ``[time, record]``
+        entries, so that only those records need :meth:`feed`; None: feed every record."""
+        ...
+
+    def feed(self, record: Mapping[str, object], hits: Sequence[int] | None = None) -> list[Any]:
+        """Offer one record (``hits``: its :meth:`step_hits` when known); what it completes."""
+        ...
+
+    def stats(self) -> dict[str, int]:
+        """Live state and counters, summed over the engine's rules."""
+        ...
+
+
+Builder = Callable[["Iterable[Rule]", "FieldMap | None"], "Engine | None"]
+
+
+def builders() -> list[Builder]:
+    """The engine builders, one per stateful rule kind (imported late: no import cycle)."""
+    from ruletag.rules.stateful.sequence import SequenceEngine
+    from ruletag.rules.stateful.threshold import ThresholdEngine
+
+    return [SequenceEngine.of, ThresholdEngine.of]
+
+
+def stateful_engines(rules: Iterable[Rule], fieldmap: FieldMap | None = None) -> list[Engine]:
+    """One engine per stateful rule kind present in ``rules``."""
+    found = list(rules)
+    return [e for build in builders() if (e := build(found, fieldmap)) is not None]

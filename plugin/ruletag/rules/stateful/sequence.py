@@ -306,6 +306,8 @@ class _RuleRun:
 class SequenceEngine:
     """Every sequence rule of ``rules``, fed record by record (see the module docstring)."""
 
+    kind = "sequence"
+
     def __init__(
         self,
         rules: Iterable[Rule],

@@ -31,6 +31,7 @@ import math
 from bisect import bisect_left, insort
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -199,6 +200,8 @@ class Alert:
 class ThresholdEngine:
     """Every threshold rule of ``rules``, fed record by record (see the module docstring)."""
 
+    kind = "threshold"
+
     def __init__(
         self,
         rules: Iterable[Rule],
@@ -251,10 +254,16 @@ class ThresholdEngine:
                 out[k] = out.get(k, 0) + v
         return out
 
-    def feed(self, record: Mapping[str, object]) -> list[Alert]:
-        """Offer one record (in arrival order); the thresholds it reaches."""
+    def step_hits(self, entries: bytes, spans: Seq[tuple[int, int]]) -> None:
+        """None: every record is fed (the base table has no raw pre-filter)."""
+        return None
+
+    def feed(self, record: Mapping[str, object], hits: Seq[int] | None = None) -> list[Alert]:
+        """Offer one record (in arrival order); the thresholds it reaches. ``hits``: its
+        base-condition hits when already known."""
         self._arrival += 1
-        hits = self._matcher.match(record)
+        if hits is None:
+            hits = self._matcher.match(record)
         if not hits:
             return []
         view = self.table.fieldmap.view(record)
