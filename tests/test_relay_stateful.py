@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -429,3 +430,56 @@ def test_two_tiers_stateless_workers_then_one_stateful_relay(
     assert [r["event"]["id"] for r in records] == ["e1", "n1", "n2", "n3", "e3"]
     assert [r["event"]["id"] for r in records if "detections" in r] == ["e3"]
     assert records[4]["detections"][0]["sequence"] == SEQUENCE_BLOCK
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_keys_and_state_folder(tmp_path: Path) -> None:
+    from ruletag.config.model import DEFAULT_SNAPSHOT_INTERVAL
+    from ruletag.errors import ConfigError
+    from ruletag.runtime.state import state_folder
+
+    fwd = {"servers": ["127.0.0.1:9"]}
+    rules = {"paths": ["r"]}
+    cfg = config_from_mapping({
+        "forward": fwd, "rules": rules,
+        "enrich": {"alert_tag": "ruletag.alerts", "stateful": "off"},
+        "state": {"path": "st", "snapshot_interval": "500ms"},
+    }, tmp_path)  # fmt: skip
+    assert cfg.enrich is not None
+    assert (cfg.enrich.alert_tag, cfg.enrich.stateful) == ("ruletag.alerts", "off")
+    assert state_folder(cfg) == (tmp_path / "st", 0.5)
+    disk = {"type": "disk", "path": "buf"}
+    cfg = config_from_mapping({"forward": fwd, "rules": rules, "buffer": disk}, tmp_path)
+    assert state_folder(cfg) == (tmp_path / "buf" / "state", DEFAULT_SNAPSHOT_INTERVAL)
+    assert state_folder(config_from_mapping({"forward": fwd}))[0] is None
+    for bad, where in [
+        ({"state": {}}, "state.path: is required"),
+        ({"state": {"path": "x", "snapshot_interval": 0}}, "state.snapshot_interval"),
+        ({"state": {"path": "x", "oops": 1}}, "state.oops"),
+        ({"rules": rules, "enrich": {"stateful": "maybe"}}, "enrich.stateful"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(where)):
+            config_from_mapping({"forward": fwd, **bad}, tmp_path)
+
+
+def test_unreadable_checkpoint_is_set_aside(arun: Any, tmp_path: Path) -> None:
+    from ruletag.runtime.state import StateStore
+
+    stage = StatefulStage.of(load_elastic_file(SEQ_RULE))
+    assert stage is not None
+    (tmp_path / "state.json").write_text("{not json")
+    store = StateStore(tmp_path, lambda: stage, 60)
+    assert store.restore() == 0
+    assert (tmp_path / "state.json.bad").exists() and not (tmp_path / "state.json").exists()
+    chunk = make_chunk(TAG, [open_event(1, 0, "p1")])
+    stage.results(chunk.entries, list(iter_entries(chunk.entries)))
+    assert arun(store.save())
+    doc = json.loads((tmp_path / "state.json").read_text())
+    assert doc["format"] == "ruletag-state"
+    assert not list(tmp_path.glob("*.tmp"))
+    fresh = StatefulStage.of(load_elastic_file(SEQ_RULE))
+    assert fresh is not None
+    assert StateStore(tmp_path, lambda: fresh, 60).restore() == 1
+    assert fresh.stats()["sequence"]["keys"] == 1

@@ -237,7 +237,7 @@ class ThresholdEngine:
                 self._targets.append([])
             self._targets[k].append(ri)
         self.table = build(base_rules, fieldmap)
-        self._matcher = Matcher(self.table, tune_after=0)
+        self._matcher = Matcher(self.table)  # re-tunes its raw pre-filter on the traffic
         self._arrival = 0
 
     @classmethod
