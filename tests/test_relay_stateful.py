@@ -483,3 +483,24 @@ def test_unreadable_checkpoint_is_set_aside(arun: Any, tmp_path: Path) -> None:
     assert fresh is not None
     assert StateStore(tmp_path, lambda: fresh, 60).restore() == 1
     assert fresh.stats()["sequence"]["keys"] == 1
+
+
+def test_ecs_style_puts_the_stateful_rule_in_rule_fields() -> None:
+    from ruletag.enrich.filter import RuleFilter
+    from ruletag.rules.compiler import build
+
+    rules = load_elastic_file(SEQ_RULE)
+    table = build(rules)
+    f = RuleFilter(table, style="ecs", stateful=StatefulStage.of(rules, table.fieldmap))
+    recs = [open_event(1, 0, "p1"), noise(1), zip_event(3, 20, "p1")]
+    chunk = make_chunk(TAG, recs)
+    (out,) = f(chunk)
+    got = [unpack(out.entries[s:e]) for s, e in iter_entries(out.entries)]
+    assert [r[1]["event"]["id"] for r in got] == ["e1", "n1", "e3"]
+    assert "rule" not in got[0][1] and "ruletag" not in got[1][1]
+    done = got[2][1]
+    assert done["rule"]["id"] == [rules[0].id]
+    assert done["event"]["severity"] == 3  # high
+    (block,) = done["ruletag"]["stateful"]
+    assert block["sequence"] == SEQUENCE_BLOCK
+    assert f.stats.records_matched == 1 and f.stats.detections == {rules[0].id: 1}
