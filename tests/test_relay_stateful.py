@@ -504,3 +504,17 @@ def test_ecs_style_puts_the_stateful_rule_in_rule_fields() -> None:
     (block,) = done["ruletag"]["stateful"]
     assert block["sequence"] == SEQUENCE_BLOCK
     assert f.stats.records_matched == 1 and f.stats.detections == {rules[0].id: 1}
+
+
+def test_adopt_keeps_the_very_engines_when_the_stateful_rules_are_unchanged() -> None:
+    rules = load_elastic_file(SEQ_RULE)
+    a, b = StatefulStage.of(rules), StatefulStage.of(rules)
+    assert a is not None and b is not None
+    chunk = make_chunk(TAG, [open_event(1, 0, "p1")])
+    a.results(chunk.entries, list(iter_entries(chunk.entries)))
+    assert "unchanged" in b.adopt(a)
+    assert b.engines == a.engines and b.records_fed == 1
+    c = StatefulStage.of(rules + load_elastic_file(STOP_RULE))
+    assert c is not None
+    assert c.adopt(b).startswith("state of 1 unchanged stateful rules kept")
+    assert c.stats()["sequence"]["keys"] == 1 and c.stats()["threshold"]["groups"] == 0
