@@ -112,6 +112,42 @@ def run(f: RuleFilter, cs: Iterable[Chunk]) -> float:
     return spent
 
 
+def per_key_bytes(stage: StatefulStage, make: Any, keys: int = 20_000) -> float:
+    """Traced bytes the stage holds per key after ``keys`` records of distinct keys."""
+    warm = [make(i, f"warm{i}") for i in range(1000)]  # allocate the matchers' caches first
+    data = b"".join(msgpack.packb([1_700_000_000, r]) for r in warm)
+    f = RuleFilter(compile_rules([str(SEEDS)])[0], stateful=stage)
+    f(Chunk(tag="bench", entries=data, count=len(warm)))
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for lo in range(0, keys, 1000):
+        part = [make(i, f"k{i}") for i in range(lo, lo + 1000)]
+        data = b"".join(msgpack.packb([1_700_000_000, r]) for r in part)
+        f(Chunk(tag="bench", entries=data, count=len(part)))
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return (after - before) / keys
+
+
+def _open(i: int, key: str) -> dict[str, Any]:
+    return {
+        "@timestamp": "2026-03-01T10:00:00.000Z",
+        "event": {"id": f"o{i}", "category": ["file"], "action": "open"},
+        "host": {"os": {"type": "macos"}},
+        "process": {"entity_id": key},
+        "file": {"name": "s.db"},
+    }
+
+
+def _stop(i: int, key: str) -> dict[str, Any]:
+    return {
+        "@timestamp": "2026-03-01T10:00:00.000Z",
+        "event": {"id": f"s{i}", "category": "process", "type": "start"},
+        "host": {"id": key, "os": {"type": "windows"}},
+        "process": {"name": "taskkill.exe", "args": ["/F", "/IM", "x.exe"]},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=1_000_000)
@@ -164,6 +200,18 @@ def main() -> None:
             f"{(after - before) / live:,.0f} bytes per live key/group "
             f"({seq.get('keys', 0)} sequence keys, {th.get('groups', 0)} threshold groups, "
             f"{th.get('events', 0)} threshold events)"
+        )
+    for what, make in (("sequence partial (1 per key)", _open), ("threshold group", _stop)):
+        st = fresh()
+        b = per_key_bytes(st, make)
+        print(f"memory per live {what}: {b:,.0f} bytes (20,000 distinct keys, tracemalloc)")
+        t0 = time.perf_counter()
+        snap = st.snapshot()
+        t_snap = time.perf_counter() - t0
+        blob = json.dumps(snap, separators=(",", ":")).encode()
+        print(
+            f"  checkpoint with those 21,000 keys: {len(blob):,} bytes JSON, "
+            f"snapshot on the event loop {t_snap * 1000:.1f} ms"
         )
     t0 = time.perf_counter()
     snap = stage.snapshot()
