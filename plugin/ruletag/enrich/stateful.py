@@ -19,6 +19,7 @@ starts empty), and :meth:`snapshot`/:meth:`restore` are what ``runtime.state`` c
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -131,10 +132,18 @@ class StatefulStage:
         """The engines' state, JSON-ready: ``{"engines": {kind: snapshot}}`` (an engine without
         ``snapshot`` is left out: its state is not checkpointed)."""
         engines: dict[str, Any] = {}
-        for e in self.engines:
-            snap = getattr(e, "snapshot", None)
-            if snap is not None:
-                engines[e.kind] = snap()
+        # Building many small containers triggers the cyclic GC again and again; it finds
+        # nothing here (a snapshot has no cycles) and about doubles the time on the loop.
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for e in self.engines:
+                snap = getattr(e, "snapshot", None)
+                if snap is not None:
+                    engines[e.kind] = snap()
+        finally:
+            if was_enabled:
+                gc.enable()
         return {"version": 1, "engines": engines}
 
     def restore(self, data: Mapping[str, Any]) -> int:
