@@ -357,6 +357,7 @@ class SequenceEngine:
         #: (``step_hits``) so records that hit no step cost no Python work here
         self.matcher = Matcher(self.table)
         self._arrival = 0
+        self._digests: dict[str, str] = {}  # rule id -> rule_digest, for checkpoints
 
     @classmethod
     def of(cls, rules: Iterable[Rule], fieldmap: FieldMap | None = None) -> SequenceEngine | None:
@@ -429,6 +430,12 @@ class SequenceEngine:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _digest(self, rule: Rule) -> str:
+        d = self._digests.get(rule.id)
+        if d is None:
+            d = self._digests[rule.id] = rule_digest(rule)
+        return d
+
     def snapshot(self) -> dict[str, Any]:
         """The engine's state as JSON-ready data (see :mod:`ruletag.rules.stateful.snapshot`)."""
         rules: dict[str, Any] = {}
@@ -446,7 +453,7 @@ class SequenceEngine:
                 for key, ks in st.keys.items()
             ]
             rules[run.rule.id] = {
-                "digest": rule_digest(run.rule),
+                "digest": self._digest(run.rule),
                 "watermark": to_time(run.watermark),
                 "next_sweep": to_time(run.next_sweep),
                 "counters": dict(st.counters),
@@ -459,7 +466,7 @@ class SequenceEngine:
         how many rules were restored."""
         restored = 0
         for run in self.runs:
-            saved = restorable(snap, run.rule)
+            saved = restorable(snap, run.rule, self._digest(run.rule))
             if saved is None:
                 continue
             st = run.state

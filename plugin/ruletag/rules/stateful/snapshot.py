@@ -45,12 +45,17 @@ def json_value(value: object) -> object:
     return str(value)
 
 
-def restorable(snap: Mapping[str, Any], rule: Rule) -> Mapping[str, Any] | None:
-    """The saved state of ``rule`` in an engine snapshot, if its definition is unchanged."""
+def restorable(
+    snap: Mapping[str, Any], rule: Rule, digest: str | None = None
+) -> Mapping[str, Any] | None:
+    """The saved state of ``rule`` in an engine snapshot, if its definition is unchanged
+    (``digest``: its :func:`rule_digest` when already known)."""
     rules = snap.get("rules")
     if not isinstance(rules, Mapping):
         return None
     saved = rules.get(rule.id)
-    if not isinstance(saved, Mapping) or saved.get("digest") != rule_digest(rule):
+    if digest is None:
+        digest = rule_digest(rule)
+    if not isinstance(saved, Mapping) or saved.get("digest") != digest:
         return None
     return saved

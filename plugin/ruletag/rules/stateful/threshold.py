@@ -239,6 +239,7 @@ class ThresholdEngine:
         self.table = build(base_rules, fieldmap)
         self._matcher = Matcher(self.table)  # re-tunes its raw pre-filter on the traffic
         self._arrival = 0
+        self._digests: dict[str, str] = {}  # rule id -> rule_digest, for checkpoints
 
     @classmethod
     def of(cls, rules: Iterable[Rule], fieldmap: FieldMap | None = None) -> ThresholdEngine | None:
@@ -310,12 +311,18 @@ class ThresholdEngine:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _digest(self, rule: Rule) -> str:
+        d = self._digests.get(rule.id)
+        if d is None:
+            d = self._digests[rule.id] = rule_digest(rule)
+        return d
+
     def snapshot(self) -> dict[str, Any]:
         """The engine's state as JSON-ready data (see :mod:`ruletag.rules.stateful.snapshot`)."""
         rules: dict[str, Any] = {}
         for rule, st in zip(self.rules, self.states, strict=True):
             rules[rule.id] = {
-                "digest": rule_digest(rule),
+                "digest": self._digest(rule),
                 "watermark": to_time(st.watermark),
                 "next_sweep": to_time(st.next_sweep),
                 "counters": dict(st.counters),
@@ -331,7 +338,7 @@ class ThresholdEngine:
         how many rules were restored."""
         restored = 0
         for rule, st in zip(self.rules, self.states, strict=True):
-            saved = restorable(snap, rule)
+            saved = restorable(snap, rule, self._digest(rule))
             if saved is None:
                 continue
             st.groups.clear()
