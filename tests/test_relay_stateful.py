@@ -386,6 +386,23 @@ def test_workers_refuse_stateful_rules_unless_stateful_off(tmp_path: Path) -> No
     )
     assert proc.returncode == 2
     assert "workers: 2 with stateful rules (1 sequence) would split" in proc.stdout + proc.stderr
+    check = subprocess.run(
+        [sys.executable, "-m", "ruletag", "validate", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert check.returncode == 1 and "would split the state of a key" in check.stderr
+    cfg.write_text(json.dumps({**base, "enrich": {"stateful": "off"}}))
+    check = subprocess.run(
+        [sys.executable, "-m", "ruletag", "validate", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr
 
 
 def test_two_tiers_stateless_workers_then_one_stateful_relay(

@@ -180,10 +180,11 @@ def filter_factory(config: Config) -> Callable[[CompiledTable], RuleFilter]:
         from ruletag.enrich.stateful import StatefulStage
 
         stage = StatefulStage.of(table.rules, table.fieldmap) if enrich.stateful == "on" else None
-        if stage is not None and config.worker_of > 1:
+        workers = max(config.workers, config.worker_of)  # a worker, or validate/test
+        if stage is not None and workers > 1:
             counts = ", ".join(f"{n} {k}" for k, n in sorted(stage.rule_counts().items()))
             raise ConfigError(
-                f"workers: {config.worker_of} with stateful rules ({counts}) would split the "
+                f"workers: {workers} with stateful rules ({counts}) would split the "
                 "state of a key between processes: use workers: 1 here, or set "
                 "enrich.stateful: off on this tier and forward to a single-worker ruletag "
                 'that evaluates them (docs/deploy.md "Stateful rules and workers")'
