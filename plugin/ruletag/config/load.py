@@ -6,10 +6,11 @@ A config file is a YAML mapping with the sections ``listen`` (forward input), ``
 test``, parsed by ``ruletag.commands.test``), ``rules`` (rule ``paths`` relative to the
 config file, or ``builtin:seeds`` for the bundled rules; ``vars``; ``cache_dir``;
 ``reload_interval``; ``exclude``, ``building_blocks`` and ``select``: which rules the table
-keeps, see ``parse_select``), ``enrich`` (``key``, ``style: ruletag|ecs``, ``retag_prefix``),
-``metrics`` (``listen: HOST:PORT``, ``rule_cost_sample: N``), and ``buffer`` (``type:
-memory|disk``, ``path``, ``max_size``, ``segment_size``, ``fsync: always|never``; see
-docs/reliability.md).
+keeps, see ``parse_select``), ``enrich`` (``key``, ``style: ruletag|ecs``, ``retag_prefix``,
+``alert_tag``, ``stateful: on|off``), ``metrics`` (``listen: HOST:PORT``, ``rule_cost_sample:
+N``), ``buffer`` (``type: memory|disk``, ``path``, ``max_size``, ``segment_size``, ``fsync:
+always|never``; see docs/reliability.md), and ``state`` (``path``, ``snapshot_interval``:
+checkpoints of stateful rules).
 Unknown keys are errors, and every error names its key path, e.g.
 ``forward.servers[0].port: must be an int 1..65535``.
 
@@ -35,6 +36,7 @@ from ruletag.config.model import (
     DEFAULT_PORT,
     DEFAULT_RELOAD_INTERVAL,
     DEFAULT_RULE_COST_SAMPLE,
+    DEFAULT_SNAPSHOT_INTERVAL,
     DEFAULT_TUNE_AFTER,
     ELASTIC_RULE_TYPES,
     KIB,
@@ -59,6 +61,7 @@ from ruletag.config.model import (
     OutputsConfig,
     RulesConfig,
     SelectConfig,
+    StateConfig,
     TestsConfig,
     User,
     builtin_rules_path,
@@ -621,8 +624,22 @@ def _enrich(data: object) -> EnrichConfig:
         key=s.str_("key", _ENRICH.key, empty=False),
         style=s.choice("style", _ENRICH.style, ("ruletag", "ecs")),
         retag_prefix=s.str_("retag_prefix", _ENRICH.retag_prefix),
+        alert_tag=s.str_("alert_tag", _ENRICH.alert_tag),
+        stateful=s.choice("stateful", _ENRICH.stateful, ("on", "off")),
     )
     s.done()
+    return cfg
+
+
+def _state(data: object, base: Path | None) -> StateConfig:
+    s = _Section(data, "state")
+    cfg = StateConfig(
+        path=s.file("path", base, required=True),
+        snapshot_interval=s.duration("snapshot_interval", DEFAULT_SNAPSHOT_INTERVAL),
+    )
+    s.done()
+    if cfg.snapshot_interval <= 0:
+        raise ConfigError("state.snapshot_interval: must be more than 0")
     return cfg
 
 
@@ -684,6 +701,8 @@ def config_from_mapping(data: object, base_dir: str | Path | None = None) -> Con
         sections["metrics"] = _metrics(s.raw("metrics"))
     if s.has("buffer"):
         sections["buffer"] = _buffer(s.raw("buffer"), base, listen.max_frame_size)
+    if s.has("state"):
+        sections["state"] = _state(s.raw("state"), base)
     workers = s.int_("workers", 1, 1, MAX_WORKERS)
     if workers > 1 and listen.path:
         raise ConfigError("workers: needs a TCP listener (listen.host/port), not listen.path")

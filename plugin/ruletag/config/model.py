@@ -59,6 +59,13 @@ rules.select.logsource             all          include/exclude of Sigma product
 rules.select.rule_types            all          Elastic rule types kept (query, eql, esql, ...)
 enrich.key / enrich.style          detections   where (style ruletag) the detections go /
                                    / ruletag    ``ecs`` writes rule.*, threat.*, event.*
+enrich.alert_tag                   "" (off)     stateful rules: one extra alert record per
+                                                detection, on this tag, after its record
+enrich.stateful                    on           off: stateful rules are loaded, not evaluated
+                                                (the stateless tier before a stateful one)
+state.path                         <buffer.path>/state with a disk buffer, else none:
+                                                checkpoints of stateful rules' state
+state.snapshot_interval            10s          time between two checkpoints
 metrics.listen                     127.0.0.1:   Prometheus /metrics and /health
                                    9464
 metrics.rule_cost_sample           0            time every rule, off the hot path, on the first
@@ -291,6 +298,8 @@ class EnrichConfig:
     key: str = "detections"  # style ruletag: the list of detections goes under this key
     style: str = "ruletag"  # ruletag | ecs (rule.*, threat.*, event.severity/risk_score)
     retag_prefix: str = ""  # e.g. "alert.": matched records get tag "alert.<tag>"
+    alert_tag: str = ""  # stateful rules: one extra alert record per detection on this tag
+    stateful: str = "on"  # on | off: evaluate stateful rules here (off: a stateless tier)
 
 
 DEFAULT_BUFFER_MAX_SIZE: Final = 1024 * MIB
@@ -310,6 +319,19 @@ class BufferConfig:
     @property
     def disk(self) -> bool:
         return self.type == "disk"
+
+
+DEFAULT_SNAPSHOT_INTERVAL: Final = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    """``state``: where the state of stateful rules is checkpointed (``ruletag.runtime.state``).
+    Without this section it goes to ``<buffer.path>/state`` with a disk buffer, else nowhere
+    (state is lost at restart)."""
+
+    path: str | None = None  # the state folder (resolved against the config file)
+    snapshot_interval: float = DEFAULT_SNAPSHOT_INTERVAL  # seconds between checkpoints
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,6 +387,8 @@ class Config:
     tests: TestsConfig | None = None
     source: str | None = None  # the file it was loaded from
     workers: int = 1  # serve processes sharing the listen port (ruletag.runtime.workers)
+    state: StateConfig | None = None  # checkpoints of stateful rules (ruletag.runtime.state)
+    worker_of: int = 1  # in a worker: how many workers share the port (not a YAML key)
 
 
 def join_hostport(host: str, port: int) -> str:

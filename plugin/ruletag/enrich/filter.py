@@ -4,6 +4,12 @@
 match no rule keep their exact bytes; only matched entries are decoded, annotated and
 re-encoded. Entry order is kept; with re-tagging, matched entries move to ``<prefix><tag>``
 and the chunk is cut into consecutive runs so the downstream still sees the original order.
+
+With stateful rules (``stateful``: an :class:`ruletag.enrich.stateful.StatefulStage`), the
+record that completes a sequence or reaches a threshold gets that detection appended to its
+annotations (:func:`ruletag.enrich.annotate.stateful_detection`; in ``ecs`` style its rule joins
+``rule.*``/``threat.*`` and the detection goes under ``ruletag.stateful``) and, with
+``alert_tag``, one extra alert record per detection follows it on that tag.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from typing import Any, Literal
 
 import msgpack
 
-from ruletag.enrich.annotate import detection
+from ruletag.enrich.annotate import detection, stateful_detection
+from ruletag.enrich.stateful import StatefulStage
 from ruletag.protocol import Chunk, iter_entries
 from ruletag.rules.compiler import CompiledTable
 from ruletag.rules.ir import Rule
@@ -62,6 +69,8 @@ class RuleFilter:
         retag_prefix: str = "",
         on_match: Callable[[Sequence[Rule]], None] | None = None,
         tune_after: int | None = None,
+        stateful: StatefulStage | None = None,
+        alert_tag: str = "",
     ) -> None:
         self.table = table
         #: this filter's own matcher over the shared table (``tune_after``: see Matcher)
@@ -73,6 +82,10 @@ class RuleFilter:
         self._on_match = on_match
         # Annotation payloads are built once per rule, at table-load time, not per record.
         self._annotations = [self._annotation(r) for r in table.rules]
+        #: the stateful rules' engines (None: the rule set has none)
+        self.stateful = stateful
+        #: with stateful rules: the tag of the extra alert record per detection ("" = none)
+        self.alert_tag = alert_tag
 
     # ------------------------------------------------------------------ annotations
 
@@ -81,12 +94,26 @@ class RuleFilter:
         d["ruleset_version"] = self.table.version
         return d
 
-    def _annotate(self, record: dict[str, Any], matched: list[int]) -> None:
+    def _annotate(
+        self, record: dict[str, Any], matched: list[int], extra: Sequence[dict[str, Any]] = ()
+    ) -> None:
         if self.style == "ruletag":
-            record[self.key] = [self._annotations[i] for i in matched]
+            record[self.key] = [self._annotations[i] for i in matched] + list(extra)
             return
         rules = [self.table.rules[i] for i in matched]
+        if extra:
+            by_id = {r.id: r for r in self.table.rules}
+            rules += [by_id[d["rule_id"]] for d in extra if d["rule_id"] in by_id]
+            ruletag = record.get("ruletag")
+            if not isinstance(ruletag, dict):
+                ruletag = record["ruletag"] = {}
+            ruletag["stateful"] = list(extra)
         _set_ecs(record, rules, self.table.version)
+
+    def _stateful_annotation(self, result: object) -> dict[str, Any]:
+        d = stateful_detection(result)
+        d["ruleset_version"] = self.table.version
+        return d
 
     # ------------------------------------------------------------------ the stage
 
@@ -101,7 +128,8 @@ class RuleFilter:
             hits = self.matcher.match_entries(chunk.entries, spans)
         except Exception as exc:  # a bug or an odd record must not block the whole chunk
             hits = self._match_one_by_one(chunk.entries, spans, exc)
-        if not hits:
+        done = self.stateful.results(chunk.entries, spans) if self.stateful is not None else {}
+        if not hits and not done:
             return [chunk]
         entries = chunk.entries
         tag = chunk.tag
@@ -118,23 +146,30 @@ class RuleFilter:
                 runs.append((run_tag, [data], [n]))
 
         done_end, done_idx = spans[0][0], -1
-        for idx in sorted(hits):
+        for idx in sorted(hits.keys() | done.keys()):
             start, end = spans[idx]
             if idx > done_idx + 1:
                 add(tag, entries[done_end:start], idx - done_idx - 1)
+            matched = hits.get(idx, [])
+            extra = [self._stateful_annotation(r) for r in done.get(idx, ())]
+            alerts: list[bytes] = []
             try:
                 entry = _unpack(entries[start:end])
                 record = entry[1]
                 if isinstance(record, dict):
-                    self._annotate(record, hits[idx])
+                    self._annotate(record, matched, extra)
                     data = _pack(entry)
-                    self._count(hits[idx])
+                    self._count(matched, extra)
+                    if self.alert_tag:
+                        alerts = [_pack([entry[0], self._alert(tag, d)]) for d in extra]
                 else:  # not a map: nothing to annotate, keep as it came
                     data = entries[start:end]
             except Exception as exc:
                 self._record_error(idx, exc)
                 data = entries[start:end]
             add(alert_tag, data, 1)
+            for a in alerts:
+                add(self.alert_tag, a, 1)
             done_end, done_idx = end, idx
         if done_idx < len(spans) - 1:
             add(tag, entries[done_end : spans[-1][1]], len(spans) - 1 - done_idx)
@@ -178,9 +213,21 @@ class RuleFilter:
                 n,
             )
 
-    def _count(self, matched: list[int]) -> None:
+    def _alert(self, tag: str, annotation: dict[str, Any]) -> dict[str, Any]:
+        """The extra alert record of one stateful detection (``enrich.alert_tag``)."""
+        return {"source_tag": tag, "detection": annotation}
+
+    def _count(self, matched: list[int], extra: Sequence[dict[str, Any]] = ()) -> None:
         stats = self.stats
+        if not matched and not extra:
+            return
         stats.records_matched += 1
+        for d in extra:
+            rid, sev = d["rule_id"], d["severity"]
+            stats.detections[rid] = stats.detections.get(rid, 0) + 1
+            stats.by_severity[sev] = stats.by_severity.get(sev, 0) + 1
+        if not matched:
+            return
         rules = [self.table.rules[i] for i in matched]
         for r in rules:
             stats.detections[r.id] = stats.detections.get(r.id, 0) + 1

@@ -117,6 +117,9 @@ class Metrics:
         self.buffer: Any = None  # durable.BufferStats in disk mode
         self.rules: RuleSource | None = None
         self.health_check: Callable[[], tuple[bool, str]] = lambda: (False, "starting")
+        #: the live stateful stage (``stats()`` per engine) and the state checkpoints
+        self.stateful: Callable[[], Any] | None = None
+        self.state_store: Any = None
         self.registry.register(_RelayCollector(self))
 
     # -- binding ---------------------------------------------------------------------------
@@ -145,6 +148,12 @@ class Metrics:
             self.buffer = buffer
         if health is not None:
             self.health_check = health
+
+    def bind_stateful(self, stage: Callable[[], Any], store: Any = None) -> None:
+        """Export ``stage()``'s engine stats as ``ruletag_stateful{engine,stat}`` gauges and
+        the checkpoint counters of ``store`` (a ``runtime.state.StateStore``)."""
+        self.stateful = stage
+        self.state_store = store
 
     # -- hot-path helpers ------------------------------------------------------------------
 
@@ -252,6 +261,35 @@ class _RelayCollector(Collector):
         yield from self._forwarder(m.forwarder)
         yield from self._rules(m.rules)
         yield from self._buffer(m.buffer)
+        yield from self._stateful(m.stateful, m.state_store)
+
+    @staticmethod
+    def _stateful(stage_of: Callable[[], Any] | None, store: Any) -> Iterator[Metric]:
+        stage = stage_of() if stage_of is not None else None
+        if stage is not None:
+            fam = GaugeMetricFamily(
+                f"{PREFIX}_stateful",
+                "Stateful rules' engines: live keys/groups, partials, events held, and their "
+                "counters (completed, fired, evicted, expired, late records...), per engine.",
+                labels=["engine", "stat"],
+            )
+            for engine, stats in sorted(stage.stats().items()):
+                for stat, value in sorted(stats.items()):
+                    fam.add_metric([engine, stat], float(value))
+            yield fam
+            yield _counter(
+                "stateful_records_fed", "Records fed to the stateful engines.", stage.records_fed
+            )
+        if store is not None:
+            yield _counter(
+                "state_snapshots", "Checkpoints of the stateful rules' state written.",
+                store.snapshots,
+            )  # fmt: skip
+            yield _counter(
+                "state_snapshot_failures", "Checkpoints that could not be written.",
+                store.failures,
+            )  # fmt: skip
+            yield _gauge("state_snapshot_bytes", "Size of the last checkpoint.", store.last_bytes)
 
     @staticmethod
     def _buffer(st: Any) -> Iterator[Metric]:

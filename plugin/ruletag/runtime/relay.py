@@ -25,10 +25,12 @@ if TYPE_CHECKING:
     from ruletag.delivery.durable import DurablePipeline
     from ruletag.delivery.pipeline import Sender, Transform
     from ruletag.enrich.filter import RuleFilter
+    from ruletag.enrich.stateful import StatefulStage
     from ruletag.rules.compiler import CompiledTable
     from ruletag.rules.loader import LoadResult
     from ruletag.runtime.metrics import MetricsServer
     from ruletag.runtime.reload import LiveFilter, Reloader
+    from ruletag.runtime.state import StateStore
     from ruletag.transport.server import Server
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class Relay:
         self.output: Any = None  # the forwarder and/or stdout/file outputs
         self.durable: DurablePipeline | None = None
         self.server: Server | None = None
+        self.state: StateStore | None = None  # checkpoints of the stateful rules' state
         self.started = False
         self._exit = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
@@ -126,6 +129,7 @@ class Relay:
 
         config = self.config
         await self.enrichment.start()  # metrics endpoint, then the rules (raises ConfigError)
+        self.state = self.enrichment.start_state()  # stateful rules' checkpoints, restored
         self.output = build_outputs(with_default_dir(config))  # forward and/or stdout/file
         sender, transform = self.enrichment.wrap(self.output)
         await self.output.start()
@@ -154,6 +158,8 @@ class Relay:
         finally:
             if self.durable is not None:
                 await self.durable.close(timeout=min(self.config.listen.shutdown_timeout, 2.0))
+            if self.state is not None:  # after the last chunk went through the filter
+                await self.state.stop()
             await self.enrichment.stop()
             if self.output is not None:
                 await self.output.close()
@@ -171,12 +177,27 @@ def filter_factory(config: Config) -> Callable[[CompiledTable], RuleFilter]:
     tune_after = config.rules.tune_after if config.rules is not None else None
 
     def make(table: CompiledTable) -> RuleFilter:
+        from ruletag.enrich.stateful import StatefulStage
+
+        stage = StatefulStage.of(table.rules, table.fieldmap) if enrich.stateful == "on" else None
+        workers = max(config.workers, config.worker_of)  # a worker, or validate/test
+        if stage is not None and workers > 1:
+            counts = ", ".join(f"{n} {k}" for k, n in sorted(stage.rule_counts().items()))
+            raise ConfigError(
+                f"workers: {workers} with stateful rules ({counts}) would split the "
+                "state of a key between processes: use workers: 1 here, or set "
+                "enrich.stateful: off on this tier and forward to a single-worker ruletag "
+                'that evaluates them (docs/deploy.md "Stateful rules and workers")'
+            )
         return RuleFilter(
             table,
             tune_after=tune_after,
             key=enrich.key,
             style=enrich.style,  # type: ignore[arg-type]
             retag_prefix=enrich.retag_prefix,
+            # EQL sequences, thresholds...: their engines, fed after the filter matched a chunk
+            stateful=stage,
+            alert_tag=enrich.alert_tag,
         )
 
     return make
@@ -210,6 +231,7 @@ class _Enrichment:
         self.reloader: Reloader | None = None
         self.http: MetricsServer | None = None
         self.cost: Any = None  # runtime.rulecost.RuleCostSampler when sampling is on
+        self.state: StateStore | None = None
 
     async def start(self) -> None:
         """Start the metrics endpoint (``/health`` says 503 meanwhile), then load the rules."""
@@ -267,20 +289,46 @@ class _Enrichment:
         )
         if result.selection is not None and result.selection.loaded > result.selection.kept:
             log.info("rules: %s", result.selection.text())
-        sequences = sum(r.kind == "sequence" for r in result.rules)
-        thresholds = sum(r.kind == "threshold" for r in result.rules)
-        if sequences or thresholds:
-            log.warning(
-                "rules: %d EQL sequence and %d threshold rules loaded but not evaluated by the "
-                'relay yet (ruletag match evaluates them; docs/rules.md "Sequences", '
-                '"Thresholds")',
-                sequences,
-                thresholds,
+        stage = self.live.filter.stateful if self.live.filter is not None else None
+        if stage is not None:
+            counts = ", ".join(f"{n} {k}" for k, n in sorted(stage.rule_counts().items()))
+            log.info("rules: stateful rules evaluated in the stream: %s", counts)
+        elif any(r.kind != "event" for r in result.rules):
+            log.info(
+                "rules: %d stateful rules loaded, not evaluated here (enrich.stateful: off)",
+                sum(r.kind != "event" for r in result.rules),
             )
         if result.problems or result.duplicates:
             log.warning("rules: %s", problem_summary(result))
             for p in result.problems:
                 log.debug("rules: %s:%s: %s: %s", p.path, p.line or 1, p.kind, p.reason)
+
+    def stage(self) -> StatefulStage | None:
+        """The live rule set's stateful stage (None: no stateful rules)."""
+        f = self.live.filter if self.live is not None else None
+        return f.stateful if f is not None else None
+
+    def start_state(self) -> StateStore | None:
+        """Restore the stateful rules' checkpoint and start checkpointing (``state.path``, or
+        ``<buffer.path>/state`` with a disk buffer); None without a folder."""
+        from ruletag.runtime.state import StateStore, state_folder
+
+        if self.live is None:
+            return None
+        folder, interval = state_folder(self.config)
+        stage = self.stage()
+        if folder is None:
+            if stage is not None:
+                log.info(
+                    "state: no state.path and no disk buffer: the state of stateful rules "
+                    "(partial sequences, threshold counts) is lost at restart"
+                )
+            return None
+        store = StateStore(folder, self.stage, interval)
+        store.restore()
+        store.start()
+        self.state = store
+        return store
 
     def wrap(self, output: Sender) -> tuple[Sender, Transform | None]:
         """The instrumented output and the (timed) live rule filter for the pipeline."""
@@ -304,6 +352,7 @@ class _Enrichment:
             (lambda: server.listening, "listener not up"),
         )
         self.metrics.bind(server=server, forwarder=output, rules=live, buffer=buffer, health=health)
+        self.metrics.bind_stateful(self.stage, self.state)
         if self.reloader is not None:
             self.reloader.start()
 

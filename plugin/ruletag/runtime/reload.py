@@ -8,7 +8,9 @@ between chunks, no connection is touched, and no record is held or lost.
 
 A reload that raises, or whose result :func:`refusal` rejects (a configured rule path is
 missing, or not one rule could be loaded), keeps the old rule set and logs why. Detection
-counters survive reloads (the new filter shares the old one's ``FilterStats``).
+counters survive reloads (the new filter shares the old one's ``FilterStats``), and so does the
+state of stateful rules whose id and definition did not change
+(:meth:`ruletag.enrich.stateful.StatefulStage.adopt`); an edited stateful rule starts empty.
 
 :class:`Reloader` polls the rule files' (path, mtime, size) every ``interval`` seconds, in a
 thread, and reloads when that fingerprint changes; SIGHUP reloads at once. Reload requests that
@@ -246,6 +248,9 @@ class LiveFilter:
     def swap(self, new: RuleFilter, result: LoadResult) -> None:
         """Make ``new`` the live filter (call on the event loop, between chunks)."""
         new.stats = self.stats
+        old = self.filter
+        if old is not None and old.stateful is not None and new.stateful is not None:
+            log.info("rule reload: %s", new.stateful.adopt(old.stateful))
         self.filter = new
         self.result = result
 

@@ -49,7 +49,7 @@ def worker_config(config: Config, index: int, port: int) -> Config:
     """Worker ``index``'s config: the reserved port, ``reuse_port``, metrics on worker 0 only."""
     listen = replace(config.listen, port=port, reuse_port=True)
     metrics = config.metrics if index == 0 else None
-    return replace(config, listen=listen, metrics=metrics, workers=1)
+    return replace(config, listen=listen, metrics=metrics, workers=1, worker_of=config.workers)
 
 
 def run_workers(config: Config, run_one: Callable[[Config], int]) -> int:

@@ -47,6 +47,7 @@ import ujson
 from ruletag.rules.algebra import as_text
 from ruletag.rules.fields import FieldMap, RecordView
 from ruletag.rules.ir import Node, Rule
+from ruletag.rules.stateful.snapshot import from_time, json_value, restorable, rule_digest, to_time
 
 __all__ = [
     "Completion",
@@ -356,6 +357,7 @@ class SequenceEngine:
         #: (``step_hits``) so records that hit no step cost no Python work here
         self.matcher = Matcher(self.table)
         self._arrival = 0
+        self._digests: dict[str, str] = {}  # rule id -> rule_digest, for checkpoints
 
     @classmethod
     def of(cls, rules: Iterable[Rule], fieldmap: FieldMap | None = None) -> SequenceEngine | None:
@@ -425,3 +427,74 @@ class SequenceEngine:
             for key in join_keys(view, seq.until.keys):
                 state.until(key, ordinal)
         return out
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _digest(self, rule: Rule) -> str:
+        d = self._digests.get(rule.id)
+        if d is None:
+            d = self._digests[rule.id] = rule_digest(rule)
+        return d
+
+    def snapshot(self) -> dict[str, Any]:
+        """The engine's state as JSON-ready data (see :mod:`ruletag.rules.stateful.snapshot`)."""
+        rules: dict[str, Any] = {}
+        for run in self.runs:
+            st = run.state
+            keys = [
+                [
+                    list(key),
+                    [
+                        [[p.start, _ordinal_out(p.last), [_ref_out(r) for r in p.refs]] for p in g]
+                        for g in ks.groups
+                    ],
+                    [_ordinal_out(o) for o in ks.untils],
+                ]
+                for key, ks in st.keys.items()
+            ]
+            rules[run.rule.id] = {
+                "digest": self._digest(run.rule),
+                "watermark": to_time(run.watermark),
+                "next_sweep": to_time(run.next_sweep),
+                "counters": dict(st.counters),
+                "keys": keys,
+            }
+        return {"kind": self.kind, "arrival": self._arrival, "rules": rules}
+
+    def restore(self, snap: Mapping[str, Any]) -> int:
+        """Take back the state of every rule of ``snap`` whose id and definition are unchanged;
+        how many rules were restored."""
+        restored = 0
+        for run in self.runs:
+            saved = restorable(snap, run.rule, self._digest(run.rule))
+            if saved is None:
+                continue
+            st = run.state
+            st.keys.clear()
+            for key, groups, untils in saved["keys"]:
+                ks = _KeyState(st.stages)
+                for g, items in zip(ks.groups, groups, strict=True):
+                    g.extend(
+                        _Partial(float(start), _ordinal_in(last), tuple(refs))
+                        for start, last, refs in items
+                    )
+                ks.untils = [_ordinal_in(o) for o in untils]
+                st.keys[tuple(key)] = ks
+            st.counters.update(saved["counters"])
+            run.watermark = from_time(saved["watermark"])
+            run.next_sweep = from_time(saved["next_sweep"])
+            restored += 1
+        self._arrival = max(self._arrival, int(snap.get("arrival", 0)))
+        return restored
+
+
+def _ordinal_out(o: Ordinal) -> list[Any]:
+    return [o[0], list(o[1]), o[2]]
+
+
+def _ordinal_in(data: Seq[Any]) -> Ordinal:
+    return (float(data[0]), tuple(data[1]), int(data[2]))
+
+
+def _ref_out(ref: EventRef) -> dict[str, Any]:
+    return {k: json_value(v) for k, v in ref.items()}

@@ -34,11 +34,13 @@ from collections.abc import Iterable, Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from ruletag.rules.algebra import as_text
 from ruletag.rules.fields import FieldMap, RecordView
 from ruletag.rules.ir import Node, Rule, Threshold
 from ruletag.rules.stateful.sequence import event_time, join_keys
+from ruletag.rules.stateful.snapshot import from_time, restorable, rule_digest, to_time
 
 __all__ = ["Alert", "ThresholdEngine", "ThresholdState", "iso_time"]
 
@@ -234,9 +236,10 @@ class ThresholdEngine:
                 )
                 self._targets.append([])
             self._targets[k].append(ri)
-        self.table = build(base_rules, fieldmap, raw=False)
-        self._matcher = Matcher(self.table, tune_after=0)
+        self.table = build(base_rules, fieldmap)
+        self._matcher = Matcher(self.table)  # re-tunes its raw pre-filter on the traffic
         self._arrival = 0
+        self._digests: dict[str, str] = {}  # rule id -> rule_digest, for checkpoints
 
     @classmethod
     def of(cls, rules: Iterable[Rule], fieldmap: FieldMap | None = None) -> ThresholdEngine | None:
@@ -254,9 +257,10 @@ class ThresholdEngine:
                 out[k] = out.get(k, 0) + v
         return out
 
-    def step_hits(self, entries: bytes, spans: Seq[tuple[int, int]]) -> None:
-        """None: every record is fed (the base table has no raw pre-filter)."""
-        return None
+    def step_hits(self, entries: bytes, spans: Seq[tuple[int, int]]) -> dict[int, list[int]]:
+        """Entry index -> the base conditions it hits, for packed ``[time, record]`` entries
+        (the base table's raw pre-filter leaves most entries undecoded); feed only those."""
+        return self._matcher.match_entries(entries, spans)
 
     def feed(self, record: Mapping[str, object], hits: Seq[int] | None = None) -> list[Alert]:
         """Offer one record (in arrival order); the thresholds it reaches. ``hits``: its
@@ -304,3 +308,51 @@ class ThresholdEngine:
                 )
             )
         return out
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _digest(self, rule: Rule) -> str:
+        d = self._digests.get(rule.id)
+        if d is None:
+            d = self._digests[rule.id] = rule_digest(rule)
+        return d
+
+    def snapshot(self) -> dict[str, Any]:
+        """The engine's state as JSON-ready data (see :mod:`ruletag.rules.stateful.snapshot`)."""
+        rules: dict[str, Any] = {}
+        for rule, st in zip(self.rules, self.states, strict=True):
+            rules[rule.id] = {
+                "digest": self._digest(rule),
+                "watermark": to_time(st.watermark),
+                "next_sweep": to_time(st.next_sweep),
+                "counters": dict(st.counters),
+                "groups": [
+                    [list(key), to_time(g.fired_at), [[t, a, list(v)] for t, a, v in g.events]]
+                    for key, g in st.groups.items()
+                ],
+            }
+        return {"kind": self.kind, "arrival": self._arrival, "rules": rules}
+
+    def restore(self, snap: Mapping[str, Any]) -> int:
+        """Take back the state of every rule of ``snap`` whose id and definition are unchanged;
+        how many rules were restored."""
+        restored = 0
+        for rule, st in zip(self.rules, self.states, strict=True):
+            saved = restorable(snap, rule, self._digest(rule))
+            if saved is None:
+                continue
+            st.groups.clear()
+            for key, fired_at, events in saved["groups"]:
+                g = _Group()
+                g.fired_at = from_time(fired_at)
+                g.events = [(float(t), int(a), tuple(v)) for t, a, v in events]
+                for _, _, vals in g.events:
+                    for v in vals:
+                        g.distinct[v] += 1
+                st.groups[tuple(key)] = g
+            st.counters.update(saved["counters"])
+            st.watermark = from_time(saved["watermark"])
+            st.next_sweep = from_time(saved["next_sweep"])
+            restored += 1
+        self._arrival = max(self._arrival, int(snap.get("arrival", 0)))
+        return restored

@@ -1,0 +1,537 @@
+"""Stateful rules in the relay (issue 16): a real relay on 127.0.0.1 between a tests/peers
+``Source`` and ``Sink`` evaluates EQL sequences and thresholds: the completing record carries
+its annotation, every record passes in order and unmatched ones byte for byte; alert records on
+``enrich.alert_tag``; state survives a hot reload that keeps the rules; checkpoints and a
+kill -9 restart; the ``ruletag_stateful`` gauges."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ruletag.config.load import config_from_mapping
+from ruletag.enrich.stateful import StatefulStage
+from ruletag.protocol import iter_entries
+from ruletag.rules.elastic import load_elastic_file
+from ruletag.runtime.relay import Relay
+from support.paths import SAMPLE
+from support.peers import Sink, Source, eventually, make_chunk
+from support.servers import http_get
+
+SEQ_RULE = SAMPLE / (
+    "elastic/rules/macos/collection_sensitive_file_access_followed_by_compression.toml"
+)
+STOP_RULE = SAMPLE / "elastic/rules/windows/impact_stop_process_service_threshold.toml"
+TAG = "endpoint.events"
+
+
+def file_event(i: int, ts: str, entity: str, action: str, **file: str) -> dict[str, Any]:
+    return {
+        "@timestamp": ts,
+        "event": {"id": f"e{i}", "category": ["file"], "action": action},
+        "host": {"os": {"type": "macos"}},
+        "process": {"entity_id": entity},
+        "file": file,
+    }
+
+
+def open_event(i: int, second: int, entity: str) -> dict[str, Any]:
+    return file_event(i, f"2026-03-01T10:00:{second:02d}.000Z", entity, "open", name="s.db")
+
+
+def zip_event(i: int, second: int, entity: str) -> dict[str, Any]:
+    ts = f"2026-03-01T10:00:{second:02d}.000Z"
+    return file_event(
+        i, ts, entity, "modification", extension="zip", path="/tmp/o.zip", name="o.zip"
+    )
+
+
+def stop_event(n: int, second: int, host: str) -> dict[str, Any]:
+    return {
+        "@timestamp": f"2026-03-01T10:01:{second:02d}.000Z",
+        "event": {"id": f"s{n}", "category": "process", "type": "start"},
+        "host": {"id": host, "os": {"type": "windows"}},
+        "process": {"name": "taskkill.exe", "args": ["/F", "/IM", f"p{n}.exe"]},
+    }
+
+
+def noise(n: int) -> dict[str, Any]:
+    return {"@timestamp": "2026-03-01T10:00:00.000Z", "event": {"id": f"n{n}"}, "msg": "x" * n}
+
+
+def make_config(rules: list[Path], sink_port: int, **extra: Any) -> Any:
+    data: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "forward": {"servers": [f"127.0.0.1:{sink_port}"], "ack_timeout": 5},
+        "rules": {"paths": [str(p) for p in rules], "reload_interval": 0},
+        **extra,
+    }
+    return config_from_mapping(data)
+
+
+async def send(port: int, chunks: list[list[dict[str, Any]]]) -> list[bytes]:
+    """Each list of records as one chunk, acked one by one; the entry bytes sent, in order."""
+    src = await Source.connect(port)
+    sent: list[bytes] = []
+    try:
+        for recs in chunks:
+            chunk = make_chunk(TAG, recs)
+            sent.extend(chunk.entries[s:e] for s, e in iter_entries(chunk.entries))
+            cid = await src.send_chunk(chunk)
+            assert await src.read_ack(timeout=10) == cid
+    finally:
+        await src.close()
+    return sent
+
+
+def received(sink: Sink) -> list[tuple[str, bytes]]:
+    out = []
+    for c in sink.chunks:
+        out.extend((c.tag, c.entries[s:e]) for s, e in iter_entries(c.entries))
+    return out
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def traffic() -> list[list[dict[str, Any]]]:
+    """Three chunks: sequence steps among noise and 15 threshold hits; e3 completes p1's
+    sequence (e4 is outside maxspan for p2), s13 brings host h1 to 10 stops."""
+    first = [open_event(1, 0, "p1"), noise(1), open_event(2, 1, "p2"), noise(2)]
+    second = [noise(3), zip_event(3, 20, "p1"), noise(4), zip_event(4, 45, "p2")]
+    third = [stop_event(n, n, "h1" if n % 4 else "h2") for n in range(1, 16)] + [noise(5)]
+    return [first, second, third]
+
+
+SEQUENCE_BLOCK = {
+    "keys": ["p1"],
+    "events": [
+        {"timestamp": "2026-03-01T10:00:00.000Z", "id": "e1"},
+        {"timestamp": "2026-03-01T10:00:20.000Z", "id": "e3"},
+    ],
+}
+THRESHOLD_BLOCK = {
+    "terms": [{"field": "host.id", "value": "h1"}],
+    "count": 10,
+    "window": {"start": "2026-03-01T09:52:13.000Z", "end": "2026-03-01T10:01:13.000Z"},
+}
+
+
+def check_annotated(got: list[tuple[str, bytes]], sent: list[bytes]) -> dict[str, Any]:
+    """Order and count unchanged, unannotated entries byte for byte; the annotations by id."""
+    assert len(got) == len(sent)
+    found: dict[str, Any] = {}
+    for (tag, data), orig in zip(got, sent, strict=True):
+        assert tag == TAG
+        rec = unpack(data)
+        assert rec[1]["event"]["id"] == unpack(orig)[1]["event"]["id"]
+        if "detections" in rec[1]:
+            found[rec[1]["event"]["id"]] = rec[1]["detections"]
+        else:
+            assert data == orig
+    return found
+
+
+def test_relay_annotates_completing_records(
+    arun: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    seq_id = load_elastic_file(SEQ_RULE)[0].id
+    stop_id = load_elastic_file(STOP_RULE)[0].id
+
+    async def scenario() -> None:
+        async with Sink() as sink:
+            relay = Relay(make_config([SEQ_RULE, STOP_RULE], sink.port))
+            await relay.startup()
+            try:
+                assert relay.server is not None
+                sent = await send(relay.server.port, traffic())
+                got = received(sink)
+                live = relay.enrichment.live
+                assert live is not None and live.filter is not None
+                stage = live.filter.stateful
+                assert stage is not None
+                stats = stage.stats()
+            finally:
+                await relay.shutdown()
+        found = check_annotated(got, sent)
+        assert sorted(found) == ["e3", "s13"]
+        (d,) = found["e3"]
+        assert d["rule_id"] == seq_id and d["sequence"] == SEQUENCE_BLOCK
+        assert d["ruleset_version"]
+        (t,) = found["s13"]
+        assert t["rule_id"] == stop_id and t["threshold"] == THRESHOLD_BLOCK
+        assert stats["sequence"]["completed"] == 1 and stats["threshold"]["fired"] == 1
+        assert stats["sequence"]["keys"] == 0  # e4 took p2's partial, outside maxspan
+
+    arun(scenario(), timeout=120)
+
+
+def test_alert_tag_adds_one_alert_record_after_the_completing_one(
+    arun: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+    async def scenario() -> None:
+        async with Sink() as sink:
+            cfg = make_config([SEQ_RULE], sink.port, enrich={"alert_tag": "ruletag.alerts"})
+            relay = Relay(cfg)
+            await relay.startup()
+            try:
+                assert relay.server is not None
+                sent = await send(relay.server.port, traffic()[:2])
+            finally:
+                await relay.shutdown()
+            got = received(sink)
+        assert len(got) == len(sent) + 1
+        ids = [unpack(d)[1].get("event", {}).get("id") for _, d in got]
+        assert ids[:7] == [unpack(s)[1]["event"]["id"] for s in sent[:6]] + [None]
+        tag, data = got[6]
+        assert tag == "ruletag.alerts" and [t for t, _ in got].count("ruletag.alerts") == 1
+        time_, alert = unpack(data)
+        completing = unpack(got[5][1])
+        assert completing[1]["event"]["id"] == "e3"
+        assert time_ == completing[0]
+        assert alert["source_tag"] == TAG
+        assert alert["detection"] == completing[1]["detections"][0]
+        assert alert["detection"]["sequence"] == SEQUENCE_BLOCK
+
+    arun(scenario(), timeout=120)
+
+
+def test_reload_keeps_state_of_unchanged_rules(
+    arun: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 1, a reload that adds a rule file, step 2: the sequence still completes."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    shutil.copy(SEQ_RULE, rules / "seq.toml")
+
+    async def scenario() -> None:
+        async with Sink() as sink:
+            relay = Relay(make_config([rules], sink.port))
+            await relay.startup()
+            try:
+                assert relay.server is not None and relay.enrichment.reloader is not None
+                live = relay.enrichment.live
+                assert live is not None and live.filter is not None
+                before = live.filter
+                await send(relay.server.port, traffic()[:1])
+                shutil.copy(STOP_RULE, rules / "stop.toml")
+                assert await relay.enrichment.reloader.reload("test")
+                assert live.filter is not before and live.filter.stateful is not None
+                assert live.filter.stateful.rule_counts() == {"sequence": 1, "threshold": 1}
+                await send(relay.server.port, traffic()[1:2])
+            finally:
+                await relay.shutdown()
+            got = received(sink)
+        done = [unpack(d)[1] for _, d in got if "detections" in unpack(d)[1]]
+        assert [r["event"]["id"] for r in done] == ["e3"]
+        assert done[0]["detections"][0]["sequence"] == SEQUENCE_BLOCK
+
+    arun(scenario(), timeout=120)
+
+
+def test_stage_snapshot_round_trip_through_json() -> None:
+    rules = load_elastic_file(SEQ_RULE) + load_elastic_file(STOP_RULE)
+    a = StatefulStage.of(rules)
+    assert a is not None
+    records = [r for chunk in traffic() for r in chunk]
+    head, tail = records[:3] + records[8:15], records[3:8] + records[15:]
+    chunk = make_chunk(TAG, head)
+    assert not a.results(chunk.entries, list(iter_entries(chunk.entries)))
+    snap = json.loads(json.dumps(a.snapshot()))
+    b = StatefulStage.of(rules)
+    assert b is not None
+    assert b.restore(snap) == 2
+    assert json.loads(json.dumps(b.snapshot())) == snap
+    chunk = make_chunk(TAG, tail)
+    done = b.results(chunk.entries, list(iter_entries(chunk.entries)))
+    got = {tail[i]["event"]["id"]: [type(r).__name__ for r in rs] for i, rs in done.items()}
+    assert got == {"e3": ["Completion"], "s13": ["Alert"]}
+    # a rule whose definition changed gets no state back
+    snap["engines"]["sequence"]["rules"][rules[0].id]["digest"] = "other"
+    d = StatefulStage.of(rules)
+    assert d is not None and d.restore(snap) == 1  # only the threshold rule
+
+
+def test_metrics_export_the_engines_stats(
+    arun: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+    async def scenario() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        async with Sink() as sink:
+            cfg = make_config(
+                [SEQ_RULE, STOP_RULE],
+                sink.port,
+                metrics={"listen": "127.0.0.1:0"},
+                state={"path": str(tmp_path / "state"), "snapshot_interval": "1h"},
+            )
+            relay = Relay(cfg)
+            await relay.startup()
+            try:
+                assert relay.server is not None and relay.enrichment.http is not None
+                await send(relay.server.port, traffic())
+                assert relay.state is not None and await relay.state.save()
+                port = int(relay.enrichment.http.address.rsplit(":", 1)[1])
+                status, _, body = await http_get(port, "/metrics")
+                assert status == 200
+            finally:
+                await relay.shutdown()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(body.decode())
+            for s in fam.samples
+        }
+
+    got = arun(scenario(), timeout=120)
+    g = {k[1]: v for k, v in got.items() if k[0] == "ruletag_stateful"}
+    assert g[(("engine", "sequence"), ("stat", "completed"))] == 1
+    assert g[(("engine", "sequence"), ("stat", "rules"))] == 1
+    assert g[(("engine", "threshold"), ("stat", "fired"))] == 1
+    assert g[(("engine", "threshold"), ("stat", "groups"))] == 2  # h1 (suppressed) and h2
+    assert got[("ruletag_state_snapshots_total", ())] == 1
+    assert got[("ruletag_state_snapshot_bytes", ())] > 100
+    # every record that hit a step or base condition was fed: 4 file events + 15 stops
+    assert got[("ruletag_stateful_records_fed_total", ())] == 19
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_kill_9_and_restart_resume_a_partial_sequence(
+    arun: Any, tmp_path: Path, serve_process: Any
+) -> None:
+    """A relay in a subprocess with a state folder: first step, a checkpoint, kill -9, a new
+    relay on the same folder, second step -> the completing record is annotated."""
+    state = tmp_path / "state"
+
+    async def scenario() -> list[Any]:
+        async with Sink() as sink:
+            cfg = tmp_path / "relay.yaml"
+            cfg.write_text(
+                json.dumps(
+                    {
+                        "listen": {"host": "127.0.0.1", "port": 0},
+                        "forward": {"servers": [f"127.0.0.1:{sink.port}"], "ack_timeout": 5},
+                        "rules": {
+                            "paths": [str(SEQ_RULE)],
+                            "reload_interval": 0,
+                            "cache_dir": str(tmp_path / "cache"),
+                        },
+                        "state": {"path": str(state), "snapshot_interval": "100ms"},
+                    }
+                )
+            )
+            args = ["--config", str(cfg)]
+            sp = await asyncio.to_thread(serve_process, args)
+            await send(sp.port, [[open_event(1, 0, "p1"), noise(1)]])
+
+            def saved_partial() -> bool:
+                try:
+                    doc = json.loads((state / "state.json").read_text())
+                except (OSError, ValueError):
+                    return False
+                rules = doc["stage"]["engines"]["sequence"]["rules"]
+                return any(r["keys"] for r in rules.values())
+
+            await eventually(saved_partial, timeout=10)
+            sp.proc.send_signal(signal.SIGKILL)
+            assert await asyncio.to_thread(sp.proc.wait, 10) == -signal.SIGKILL
+            sp2 = await asyncio.to_thread(serve_process, args)
+            assert any("state: restored 1 stateful rules" in ln for ln in sp2.lines)
+            await send(sp2.port, [[noise(2), zip_event(3, 20, "p1")]])
+            await asyncio.to_thread(sp2.stop)
+            return [rec for _, _, rec in sink.entries]
+
+    records = arun(scenario(), timeout=120)
+    assert [r["event"]["id"] for r in records] == ["e1", "n1", "n2", "e3"]
+    (d,) = records[3]["detections"]
+    assert d["sequence"] == SEQUENCE_BLOCK
+    assert "detections" not in records[0]
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def test_workers_refuse_stateful_rules_unless_stateful_off(tmp_path: Path) -> None:
+    cfg = tmp_path / "w.yaml"
+    base = {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "forward": {"servers": ["127.0.0.1:9"]},
+        "rules": {"paths": [str(SEQ_RULE)], "cache_dir": str(tmp_path / "cache")},
+        "workers": 2,
+    }
+    cfg.write_text(json.dumps(base))
+    proc = subprocess.run(
+        [sys.executable, "-m", "ruletag", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "workers: 2 with stateful rules (1 sequence) would split" in proc.stdout + proc.stderr
+    check = subprocess.run(
+        [sys.executable, "-m", "ruletag", "validate", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert check.returncode == 1 and "would split the state of a key" in check.stderr
+    cfg.write_text(json.dumps({**base, "enrich": {"stateful": "off"}}))
+    check = subprocess.run(
+        [sys.executable, "-m", "ruletag", "validate", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr
+
+
+def test_two_tiers_stateless_workers_then_one_stateful_relay(
+    arun: Any, tmp_path: Path, serve_process: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tier 1: ``workers: 2`` with ``enrich.stateful: off``; tier 2: one stateful relay. The
+    two steps of a sequence sent on different connections (different workers) complete in
+    tier 2."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+    async def scenario() -> list[Any]:
+        async with Sink() as sink:
+            tier2 = Relay(make_config([SEQ_RULE], sink.port))
+            await tier2.startup()
+            try:
+                assert tier2.server is not None
+                cfg = tmp_path / "tier1.yaml"
+                cfg.write_text(
+                    json.dumps(
+                        {
+                            "listen": {"host": "127.0.0.1", "port": 0},
+                            "forward": {"servers": [f"127.0.0.1:{tier2.server.port}"]},
+                            "rules": {"paths": [str(SEQ_RULE)], "cache_dir": str(tmp_path / "c")},
+                            "enrich": {"stateful": "off"},
+                            "workers": 2,
+                        }
+                    )
+                )
+                sp = await asyncio.to_thread(serve_process, ["--config", str(cfg)])
+                assert any("not evaluated here" in ln for ln in sp.lines)
+                chunks = [[open_event(1, 0, "p1")], [noise(1)], [noise(2)], [noise(3)]]
+                chunks += [[zip_event(3, 20, "p1")]]
+                for recs in chunks:  # one connection each: the kernel spreads them
+                    await send(sp.port, [recs])
+                sp.proc.send_signal(signal.SIGTERM)
+                assert await asyncio.to_thread(sp.proc.wait, 20) == 0
+            finally:
+                await tier2.shutdown()
+            return [rec for _, _, rec in sink.entries]
+
+    records = arun(scenario(), timeout=120)
+    assert [r["event"]["id"] for r in records] == ["e1", "n1", "n2", "n3", "e3"]
+    assert [r["event"]["id"] for r in records if "detections" in r] == ["e3"]
+    assert records[4]["detections"][0]["sequence"] == SEQUENCE_BLOCK
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_keys_and_state_folder(tmp_path: Path) -> None:
+    from ruletag.config.model import DEFAULT_SNAPSHOT_INTERVAL
+    from ruletag.errors import ConfigError
+    from ruletag.runtime.state import state_folder
+
+    fwd = {"servers": ["127.0.0.1:9"]}
+    rules = {"paths": ["r"]}
+    cfg = config_from_mapping({
+        "forward": fwd, "rules": rules,
+        "enrich": {"alert_tag": "ruletag.alerts", "stateful": "off"},
+        "state": {"path": "st", "snapshot_interval": "500ms"},
+    }, tmp_path)  # fmt: skip
+    assert cfg.enrich is not None
+    assert (cfg.enrich.alert_tag, cfg.enrich.stateful) == ("ruletag.alerts", "off")
+    assert state_folder(cfg) == (tmp_path / "st", 0.5)
+    disk = {"type": "disk", "path": "buf"}
+    cfg = config_from_mapping({"forward": fwd, "rules": rules, "buffer": disk}, tmp_path)
+    assert state_folder(cfg) == (tmp_path / "buf" / "state", DEFAULT_SNAPSHOT_INTERVAL)
+    assert state_folder(config_from_mapping({"forward": fwd}))[0] is None
+    for bad, where in [
+        ({"state": {}}, "state.path: is required"),
+        ({"state": {"path": "x", "snapshot_interval": 0}}, "state.snapshot_interval"),
+        ({"state": {"path": "x", "oops": 1}}, "state.oops"),
+        ({"rules": rules, "enrich": {"stateful": "maybe"}}, "enrich.stateful"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(where)):
+            config_from_mapping({"forward": fwd, **bad}, tmp_path)
+
+
+def test_unreadable_checkpoint_is_set_aside(arun: Any, tmp_path: Path) -> None:
+    from ruletag.runtime.state import StateStore
+
+    stage = StatefulStage.of(load_elastic_file(SEQ_RULE))
+    assert stage is not None
+    (tmp_path / "state.json").write_text("{not json")
+    store = StateStore(tmp_path, lambda: stage, 60)
+    assert store.restore() == 0
+    assert (tmp_path / "state.json.bad").exists() and not (tmp_path / "state.json").exists()
+    chunk = make_chunk(TAG, [open_event(1, 0, "p1")])
+    stage.results(chunk.entries, list(iter_entries(chunk.entries)))
+    assert arun(store.save())
+    doc = json.loads((tmp_path / "state.json").read_text())
+    assert doc["format"] == "ruletag-state"
+    assert not list(tmp_path.glob("*.tmp"))
+    fresh = StatefulStage.of(load_elastic_file(SEQ_RULE))
+    assert fresh is not None
+    assert StateStore(tmp_path, lambda: fresh, 60).restore() == 1
+    assert fresh.stats()["sequence"]["keys"] == 1
+
+
+def test_ecs_style_puts_the_stateful_rule_in_rule_fields() -> None:
+    from ruletag.enrich.filter import RuleFilter
+    from ruletag.rules.compiler import build
+
+    rules = load_elastic_file(SEQ_RULE)
+    table = build(rules)
+    f = RuleFilter(table, style="ecs", stateful=StatefulStage.of(rules, table.fieldmap))
+    recs = [open_event(1, 0, "p1"), noise(1), zip_event(3, 20, "p1")]
+    chunk = make_chunk(TAG, recs)
+    (out,) = f(chunk)
+    got = [unpack(out.entries[s:e]) for s, e in iter_entries(out.entries)]
+    assert [r[1]["event"]["id"] for r in got] == ["e1", "n1", "e3"]
+    assert "rule" not in got[0][1] and "ruletag" not in got[1][1]
+    done = got[2][1]
+    assert done["rule"]["id"] == [rules[0].id]
+    assert done["event"]["severity"] == 3  # high
+    (block,) = done["ruletag"]["stateful"]
+    assert block["sequence"] == SEQUENCE_BLOCK
+    assert f.stats.records_matched == 1 and f.stats.detections == {rules[0].id: 1}
+
+
+def test_adopt_keeps_the_very_engines_when_the_stateful_rules_are_unchanged() -> None:
+    rules = load_elastic_file(SEQ_RULE)
+    a, b = StatefulStage.of(rules), StatefulStage.of(rules)
+    assert a is not None and b is not None
+    chunk = make_chunk(TAG, [open_event(1, 0, "p1")])
+    a.results(chunk.entries, list(iter_entries(chunk.entries)))
+    assert "unchanged" in b.adopt(a)
+    assert b.engines == a.engines and b.records_fed == 1
+    c = StatefulStage.of(rules + load_elastic_file(STOP_RULE))
+    assert c is not None
+    assert c.adopt(b).startswith("state of 1 unchanged stateful rules kept")
+    assert c.stats()["sequence"]["keys"] == 1 and c.stats()["threshold"]["groups"] == 0
