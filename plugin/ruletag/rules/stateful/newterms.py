@@ -107,14 +107,13 @@ class NewTermsState:
         for, each with when it was last seen before (None: never, as far as the state knows)."""
         if self.learn_until is None:
             self.learn_until = ts + self.learn
-        if ts > self.watermark:
-            self.watermark = ts
-            if ts >= self.next_sweep:
-                self.expire()
-                self.next_sweep = ts + max(self.history / 4, 1.0)
-        elif ts < self.watermark - self.history:
+        if ts < self.watermark - self.history:
             self.counters["late_records"] += 1
             return []
+        sweep = False
+        if ts > self.watermark:
+            self.watermark = ts
+            sweep = ts >= self.next_sweep
         learning = self.learning
         bound = ts - self.history
         terms = self.terms
@@ -136,6 +135,9 @@ class NewTermsState:
             if len(terms) > self.max_terms:
                 terms.popitem(last=False)
                 self.counters["evicted_terms"] += 1
+        if sweep:  # after the checks: what this record saw keeps its "last seen"
+            self.expire()
+            self.next_sweep = ts + max(self.history / 4, 1.0)
         return out
 
     def expire(self) -> int:
