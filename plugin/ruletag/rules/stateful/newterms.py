@@ -99,8 +99,11 @@ class NewTermsState:
 
     @property
     def learning(self) -> bool:
-        """Still learning: no record yet, or the watermark before the learning end."""
-        return self.learn_until is None or self.watermark < self.learn_until
+        """Still learning: the watermark before the learning end (no record yet: whether
+        there is a learning period at all)."""
+        if self.learn_until is None:
+            return self.learn > 0
+        return self.watermark < self.learn_until
 
     def observe(self, ts: float, keys: Iterable[Key]) -> list[tuple[Key, float | None]]:
         """A record at event time ``ts`` with the combinations ``keys``; the new ones it fires
