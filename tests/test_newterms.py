@@ -196,7 +196,8 @@ def nt_rule(
     rule_id: str = "r",
     **kw: Any,
 ) -> Rule:
-    nt = NewTerms(condition=Match("action", ("exec",)), fields=fields, history=history, **kw)
+    action = kw.pop("condition_action", "exec")
+    nt = NewTerms(condition=Match("action", (action,)), fields=fields, history=history, **kw)
     return Rule(
         id=rule_id,
         name=rule_id,
@@ -298,6 +299,21 @@ def test_learning_period_is_the_history_window_by_default() -> None:
     )
     assert [n for n, _, _ in got] == [4, 6]
     assert engine.stats()["learned"] == 3 and engine.stats()["learning"] == 0
+
+
+def test_learning_runs_from_the_start_of_the_stream_not_from_each_rule() -> None:
+    a = nt_rule(fields=("host",), history=100.0, rule_id="a")
+    b = nt_rule(fields=("user",), history=100.0, rule_id="b", condition_action="other")
+    engine = engine_of(a, b, learn=None)
+    got = run(
+        engine,
+        [
+            ev(1, 0, host="h1"),  # a: learned; the stream starts at 0
+            ev(2, 150, user="x", action="other"),  # b's first record, after 0 + 100: fires
+            ev(3, 160, host="h2"),  # a's learning is over too
+        ],
+    )
+    assert [n for n, _, _ in got] == [2, 3]
 
 
 def test_learning_for_a_configured_time_and_no_learning() -> None:

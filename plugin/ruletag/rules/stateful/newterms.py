@@ -9,8 +9,9 @@ seen in ``[ts - history, ts]`` (inclusive; ``ts`` its event time) and not seen l
 remembered at ``max(last seen, ts)``. Records are processed on arrival, compared by event time.
 
 Learning: a fresh state has no history, so a rule first learns for ``learn`` seconds of event
-time (default: its own history window) from the first record it sees: combinations are
-remembered, nothing fires (``learned`` counts them). ``learn=0`` fires from the first record
+time (default: its own history window) from the start of the stream (the first record the
+engine is fed, whichever rule it hits): combinations are remembered, nothing fires
+(``learned`` counts them). ``learn=0`` fires from the first record
 (``ruletag match --new-terms-no-learning``). A state restored from :meth:`NewTermsEngine.snapshot`
 keeps the learning end it had, so a restart does not learn again.
 
@@ -105,11 +106,14 @@ class NewTermsState:
             return self.learn > 0
         return self.watermark < self.learn_until
 
-    def observe(self, ts: float, keys: Iterable[Key]) -> list[tuple[Key, float | None]]:
+    def observe(
+        self, ts: float, keys: Iterable[Key], start: float | None = None
+    ) -> list[tuple[Key, float | None]]:
         """A record at event time ``ts`` with the combinations ``keys``; the new ones it fires
-        for, each with when it was last seen before (None: never, as far as the state knows)."""
+        for, each with when it was last seen before (None: never, as far as the state knows).
+        ``start``: when the stream began, if before ``ts`` (the learning period runs from it)."""
         if self.learn_until is None:
-            self.learn_until = ts + self.learn
+            self.learn_until = (ts if start is None else min(start, ts)) + self.learn
         if ts < self.watermark - self.history:
             self.counters["late_records"] += 1
             return []
@@ -283,6 +287,8 @@ class NewTermsEngine:
         #: the condition table's matcher: callers with packed entries use its raw pre-filter
         #: (``step_hits``) so records that hit no condition cost no Python work here
         self.matcher = Matcher(self.table)
+        #: event time of the first record fed (any rule): the learning periods start there
+        self.start: float | None = None
 
     @classmethod
     def of(cls, rules: Iterable[Rule], fieldmap: FieldMap | None = None) -> NewTermsEngine | None:
@@ -333,13 +339,15 @@ class NewTermsEngine:
         if ts is None:
             st.counters["no_timestamp"] += 1
             return []
+        if self.start is None:
+            self.start = ts
         keys = join_keys(view, nt.fields)
         if not keys:
             st.counters["no_terms"] += 1
             return []
         return [
             NewTerm(rule, tuple(zip(nt.fields, key, strict=True)), ts, nt.history, last)
-            for key, last in st.observe(ts, keys)
+            for key, last in st.observe(ts, keys, self.start)
         ]
 
     # ------------------------------------------------------------------ snapshot
