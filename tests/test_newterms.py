@@ -490,13 +490,17 @@ def getconf_event(n: int, t: float, parent: str) -> dict[str, Any]:
     }
 
 
-def ruletag_match(tmp_path: Path, events: list[dict[str, Any]], *flags: str) -> list[dict]:
+def ruletag_match(
+    tmp_path: Path, events: list[dict[str, Any]], *flags: str, stderr: list[str] | None = None
+) -> list[dict]:
     src = tmp_path / "events.jsonl"
     src.write_text("".join(json.dumps(e) + "\n" for e in events))
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     cmd = [str(ruletag_script()), "match", "--events", str(src), "--rules", str(GETCONF_RULE)]
     proc = subprocess.run([*cmd, *flags], capture_output=True, env=env, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr.decode()
+    if stderr is not None:
+        stderr.append(proc.stderr.decode())
     return [json.loads(line) for line in proc.stdout.decode().splitlines()]
 
 
@@ -524,8 +528,13 @@ def test_ruletag_match_end_to_end(tmp_path: Path) -> None:
             "end": iso_time(T0 + 6 * DAY + 1),
         },
     }  # no last_seen: e5 moved the watermark 6 days on, /bin/bash (seen at 120 s) expired
-    learning = ruletag_match(tmp_path, events)
+    err: list[str] = []
+    learning = ruletag_match(tmp_path, events, stderr=err)
     assert [r["event"]["id"] for r in learning if "detections" in r] == ["e5", "e6", "e7"]
+    assert "still learning" not in err[0]
+    short = ruletag_match(tmp_path, events[:3], stderr=err)
+    assert not any("detections" in r for r in short)
+    assert "ruletag: new_terms: 1 rule still learning at the end of the input" in err[1]
 
 
 # --------------------------------------------------------------------------- whole corpus

@@ -49,7 +49,7 @@ from ruletag.rules.loader import source_of
 from ruletag.rules.matcher import Matcher
 from ruletag.rules.select import Selection
 from ruletag.rules.stateful import Engine, stateful_engines
-from ruletag.rules.stateful.newterms import configure_new_terms
+from ruletag.rules.stateful.newterms import configure_new_terms, learning_note
 
 # --------------------------------------------------------------------------- match
 
@@ -424,6 +424,9 @@ def match(ns: argparse.Namespace) -> int:
     out.flush()
     if ctx.skipped:
         print(f"ruletag: skipped {ctx.skipped} entries that are not maps", file=sys.stderr)
+    note = learning_note(engines)
+    if note is not None:
+        print(f"ruletag: {note}", file=sys.stderr)
     return 0
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "NewTermsEngine",
     "NewTermsState",
     "configure_new_terms",
+    "learning_note",
 ]
 
 Key = tuple[str, ...]
@@ -380,6 +381,22 @@ class NewTermsEngine:
             else:
                 restored += 1
         return {"restored": restored, "skipped": skipped}
+
+
+def learning_note(engines: Iterable[object]) -> str | None:
+    """A line for the user when new_terms rules are still learning (nothing could fire yet)."""
+    for e in engines:
+        if isinstance(e, NewTermsEngine):
+            st = e.stats()
+            n = st["learning"]
+            if n and st["learned"]:
+                return (
+                    f"new_terms: {n} rule{'s' if n != 1 else ''} still learning at the end of "
+                    "the input "
+                    f"({st['learned']} combinations learned, none reported; "
+                    "--new-terms-no-learning reports them)"
+                )
+    return None
 
 
 def configure_new_terms(
