@@ -277,6 +277,13 @@ class _Enrichment:
                 sequences,
                 thresholds,
             )
+        new_terms = sum(r.kind == "new_terms" for r in result.rules)
+        if new_terms:
+            log.warning(
+                "rules: %d Elastic new_terms rules loaded but not evaluated by the relay yet "
+                '(ruletag match evaluates them; docs/rules.md "New terms")',
+                new_terms,
+            )
         if result.problems or result.duplicates:
             log.warning("rules: %s", problem_summary(result))
             for p in result.problems:
