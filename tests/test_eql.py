@@ -348,8 +348,8 @@ def test_metadata_with_subtechniques_and_creation_date(tmp_path: Path) -> None:
             "elastic rule type machine_learning: needs an Elastic ML job",
         ),
         (
-            {"type": "new_terms", "language": "kuery"},
-            "elastic rule type new_terms: stateful rules not supported yet",
+            {"type": "new_terms"},
+            "elastic rule type new_terms: query language eql is not supported",
         ),
         (
             {"type": "threshold"},

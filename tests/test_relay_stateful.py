@@ -535,3 +535,91 @@ def test_adopt_keeps_the_very_engines_when_the_stateful_rules_are_unchanged() ->
     assert c is not None
     assert c.adopt(b).startswith("state of 1 unchanged stateful rules kept")
     assert c.stats()["sequence"]["keys"] == 1 and c.stats()["threshold"]["groups"] == 0
+
+
+# --------------------------------------------------------------------------- new terms
+
+NEW_TERMS_RULE = """\
+[metadata]
+maturity = "production"
+
+[rule]
+author = ["A"]
+name = "first exec"
+rule_id = "nt-1"
+severity = "low"
+type = "new_terms"
+language = "kuery"
+query = '''
+event.action:exec
+'''
+[rule.new_terms]
+field = "new_terms_fields"
+value = ["host.id", "process.executable"]
+[[rule.new_terms.history_window_start]]
+field = "history_window_start"
+value = "now-7d"
+"""
+
+
+def exec_event(n: int, minute: int, exe: str) -> dict[str, Any]:
+    return {
+        "@timestamp": f"2026-03-01T10:{minute:02d}:00.000Z",
+        "event": {"id": f"x{n}", "action": "exec"},
+        "host": {"id": "h1"},
+        "process": {"executable": exe},
+    }
+
+
+@pytest.mark.parametrize(("learn", "fired"), [(False, ["x1", "x3"]), (None, [])])
+def test_relay_evaluates_new_terms_rules_after_learning(
+    arun: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    learn: bool | None,
+    fired: list[str],
+) -> None:
+    """rules.new_terms.learn: false fires on each first-seen (host, executable); the default
+    learns for the rule's 7-day history window first, so a fresh start fires nothing."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    rule = tmp_path / "nt.toml"
+    rule.write_text(NEW_TERMS_RULE, encoding="utf-8")
+    records = [
+        exec_event(1, 0, "/bin/a"),
+        noise(1),
+        exec_event(2, 1, "/bin/a"),
+        exec_event(3, 2, "/bin/b"),
+    ]
+    rules_section: dict[str, Any] = {"paths": [str(rule)], "reload_interval": 0}
+    if learn is not None:
+        rules_section["new_terms"] = {"learn": learn}
+
+    async def scenario() -> tuple[list[bytes], list[tuple[str, bytes]], dict[str, Any]]:
+        async with Sink() as sink:
+            data = {
+                "listen": {"host": "127.0.0.1", "port": 0},
+                "forward": {"servers": [f"127.0.0.1:{sink.port}"], "ack_timeout": 5},
+                "rules": rules_section,
+            }
+            cfg = config_from_mapping(data)
+            relay = Relay(cfg)
+            await relay.startup()
+            try:
+                assert relay.server is not None
+                sent = await send(relay.server.port, [records])
+                stage = relay.enrichment.stage()
+                assert stage is not None
+                stats = stage.stats()
+            finally:
+                await relay.shutdown()
+            return sent, received(sink), stats
+
+    sent, got, stats = arun(scenario(), timeout=120)
+    found = check_annotated(got, sent)
+    assert sorted(found) == fired
+    for ident in fired:
+        (d,) = found[ident]
+        assert d["rule_id"] == "nt-1"
+        assert d["new_terms"]["terms"][0] == {"field": "host.id", "value": "h1"}
+    assert stats["new_terms"]["fired"] == len(fired)
+    assert stats["new_terms"]["learned"] == (0 if fired else 2)

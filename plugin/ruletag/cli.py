@@ -179,6 +179,12 @@ def _add_match(sub: argparse._SubParsersAction) -> None:
         help="records the pre-filter observes before it re-tunes itself (default: as the "
         "relay's rules.tune_after; 0: never)",
     )
+    p.add_argument(
+        "--new-terms-no-learning",
+        action="store_true",
+        help="Elastic new_terms rules fire from the first record (default: each rule learns "
+        "for its history window of event time first, like a fresh server)",
+    )
     add_select_flags(p)
     p.set_defaults(func=_run_match)
 

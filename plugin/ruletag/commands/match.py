@@ -6,10 +6,13 @@ writes every record as one JSON line, in input order. A record that matched gets
 ``detections`` (a list of :func:`ruletag.enrich.annotate.detection` dicts; the record that
 completes an EQL sequence gets a :func:`~ruletag.enrich.annotate.sequence_detection`, the
 record that reaches an Elastic threshold a :func:`~ruletag.enrich.annotate.threshold_detection`,
-with event time read from the records in file order) and is written re-serialised; a record that
-matched nothing is written without that key, as the server leaves unmatched records untouched:
-a JSON object that was alone on its input line is written as that line (surrounding whitespace
-and a BOM removed, its bytes unchanged), any other record as JSON. With ``--explain``, a matched
+the record that shows a new_terms combination first a
+:func:`~ruletag.enrich.annotate.new_terms_detection` (after each rule's learning period unless
+``--new-terms-no-learning``), with event time read from the records in file order) and is
+written re-serialised; a record that matched nothing is written without that key, as the
+server leaves unmatched records untouched: a JSON object that was alone on its input line is
+written as that line (surrounding whitespace and a BOM removed, its bytes unchanged), any
+other record as JSON. With ``--explain``, a matched
 record also gets the key ``explain``: per rule that fired, its traced condition tree
 (:mod:`ruletag.rules.explain`), so the output stays one JSON line per
 record and can be filtered with ``jq``.
@@ -46,6 +49,7 @@ from ruletag.rules.loader import source_of
 from ruletag.rules.matcher import Matcher
 from ruletag.rules.select import Selection
 from ruletag.rules.stateful import Engine, stateful_engines
+from ruletag.rules.stateful.newterms import configure_new_terms, learning_note
 
 # --------------------------------------------------------------------------- match
 
@@ -388,6 +392,9 @@ def match(ns: argparse.Namespace) -> int:
     """Match every record of ``--events`` and print it as JSON, with its detections."""
     variables = read_vars(ns.vars)  # a bad --vars file: ConfigError, exit 2 (cli.main)
     table = _load_table(ns.rules, variables, selection_from_args(ns))
+    engines = stateful_engines(table.rules, table.fieldmap)
+    if getattr(ns, "new_terms_no_learning", False):
+        configure_new_terms(engines, learn=0.0)
     ctx = MatchContext(
         Matcher(table, _tune_after(ns)),  # re-tunes its pre-filter on long inputs, like the relay
         table,
@@ -396,7 +403,7 @@ def match(ns: argparse.Namespace) -> int:
         explain=bool(getattr(ns, "explain", False)),
         # stateful rules (EQL sequences, thresholds, ...): fed the records in file order,
         # event time from the records
-        engines=stateful_engines(table.rules, table.fieldmap),
+        engines=engines,
     )
     out = _binary_stdout()
     try:
@@ -417,6 +424,9 @@ def match(ns: argparse.Namespace) -> int:
     out.flush()
     if ctx.skipped:
         print(f"ruletag: skipped {ctx.skipped} entries that are not maps", file=sys.stderr)
+    note = learning_note(engines)
+    if note is not None:
+        print(f"ruletag: {note}", file=sys.stderr)
     return 0
 
 

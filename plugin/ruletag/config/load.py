@@ -57,6 +57,7 @@ from ruletag.config.model import (
     ListenTLS,
     LogConfig,
     MetricsConfig,
+    NewTermsConfig,
     OutputConfig,
     OutputsConfig,
     RulesConfig,
@@ -613,7 +614,25 @@ def _rules(data: object, base: Path | None) -> RulesConfig:
         tune_after=s.int_("tune_after", DEFAULT_TUNE_AFTER, 0),
         building_blocks=s.choice("building_blocks", _RULES.building_blocks, ("keep", "drop")),
         select=parse_select(s.raw("select"), "rules.select"),
+        new_terms=parse_new_terms(s.raw("new_terms"), "rules.new_terms"),
     )
+    s.done()
+    return cfg
+
+
+def parse_new_terms(data: object, path: str = "rules.new_terms") -> NewTermsConfig:
+    """The ``rules.new_terms`` section: ``learn`` (true: each rule's history window, the
+    default; false: no learning; or a duration) and ``max_terms`` (per rule, at least 1)."""
+    s = _Section(data, path)
+    raw = s.raw("learn", True)
+    learn: float | None
+    if raw is True:
+        learn = None
+    elif raw is False:
+        learn = 0.0
+    else:
+        learn = parse_duration(raw, s.key("learn"))
+    cfg = NewTermsConfig(learn=learn, max_terms=s.int_("max_terms", NewTermsConfig().max_terms, 1))
     s.done()
     return cfg
 

@@ -278,6 +278,17 @@ class SelectConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class NewTermsConfig:
+    """``rules.new_terms``: Elastic new_terms rules in the stream. ``learn``: seconds of event
+    time a rule only learns before it fires (None: its own history window; 0: fires from the
+    first record), unless its state was restored; ``max_terms``: combinations kept per rule,
+    the least recently seen evicted first."""
+
+    learn: float | None = None
+    max_terms: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
 class RulesConfig:
     """``rules``: rule files/folders (absolute), Sigma ``|expand`` variables, table cache."""
 
@@ -289,6 +300,7 @@ class RulesConfig:
     exclude: tuple[str, ...] = ()  # rule id / name globs left out of the table
     building_blocks: str = "keep"  # keep | drop: Elastic building-block rules in the table or not
     select: SelectConfig = field(default_factory=SelectConfig)  # rules.select
+    new_terms: NewTermsConfig = field(default_factory=NewTermsConfig)  # rules.new_terms
 
 
 @dataclass(frozen=True, slots=True)

@@ -67,6 +67,26 @@ def threshold_detection(
     return d
 
 
+def new_terms_detection(
+    rule: Rule,
+    terms: Iterable[tuple[str, str]],
+    window: tuple[str, str],
+    last_seen: str | None = None,
+) -> dict[str, Any]:
+    """A first-seen combination: :func:`detection` plus ``new_terms``: the ``terms``
+    (``field``, ``value``) of the combination, the ``history_window`` (``start``, ``end``: the
+    record's event time) it was not seen in, and ``last_seen`` when it was seen before that."""
+    d = detection(rule)
+    block: dict[str, Any] = {
+        "terms": [{"field": f, "value": v} for f, v in terms],
+        "history_window": {"start": window[0], "end": window[1]},
+    }
+    if last_seen is not None:
+        block["last_seen"] = last_seen
+    d["new_terms"] = block
+    return d
+
+
 def stateful_detection(result: object) -> dict[str, Any]:
     """What a stateful engine returned (:mod:`ruletag.rules.stateful`) as an annotation."""
     from ruletag.rules.stateful.sequence import Completion
@@ -79,4 +99,10 @@ def stateful_detection(result: object) -> dict[str, Any]:
         return threshold_detection(
             result.rule, result.terms, result.count, result.cardinality, window
         )
+    from ruletag.rules.stateful.newterms import NewTerm
+
+    if isinstance(result, NewTerm):
+        seen = None if result.last_seen is None else iso_time(result.last_seen)
+        window = (iso_time(result.time - result.history), iso_time(result.time))
+        return new_terms_detection(result.rule, result.terms, window, seen)
     raise TypeError(f"no annotation for a stateful result of type {type(result).__name__}")

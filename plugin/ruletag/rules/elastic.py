@@ -7,7 +7,11 @@ filters, ``event_category_override``, ``timestamp_field``, ``tiebreaker_field`` 
 by ``kql.py``. A ``threshold`` rule (KQL only) becomes a ``kind="threshold"`` rule: its query
 and filters are the base condition, ``[rule.threshold]`` gives the group fields, the count and
 the optional distinct count, and its window is the rule's look-back ``from`` (Kibana counts
-each run over ``[now - from, now]``; see docs/rules.md "Thresholds"). Other query
+each run over ``[now - from, now]``; see docs/rules.md "Thresholds"). A ``new_terms`` rule
+(KQL only, as Kibana allows KQL and Lucene) becomes a ``kind="new_terms"`` rule: its query and
+filters are the condition, ``[rule.new_terms]`` gives the term fields and the history window
+(``history_window_start``, ``now-7d``), ``timestamp_override`` the event time (with Kibana's
+``@timestamp`` fallback unless ``timestamp_override_fallback_disabled``). Other query
 languages, other rule types and deprecated rules raise UnsupportedRule with a short reason
 that groups well in load reports.
 """
@@ -28,6 +32,7 @@ from ruletag.rules.ir import (
     DEFAULT_RISK_SCORE,
     Attack,
     Const,
+    NewTerms,
     Node,
     Rule,
     Sequence,
@@ -37,10 +42,9 @@ from ruletag.rules.ir import (
 from ruletag.rules.kql import filters_condition, parse_kql
 
 #: Rule types whose ``language`` decides whether we can evaluate them.
-_QUERY_TYPES = {"eql", "query", "esql", "threshold"}
+_QUERY_TYPES = {"eql", "query", "esql", "threshold", "new_terms"}
 #: Rule types that need state across events (or an ML job), by the reason they are refused.
 _STATEFUL_TYPES = {
-    "new_terms": "elastic rule type new_terms: stateful rules not supported yet",
     "threat_match": "elastic rule type threat_match: indicator-match rules not supported yet",
     "machine_learning": "elastic rule type machine_learning: needs an Elastic ML job",
 }
@@ -84,9 +88,9 @@ def load_elastic_file(path: Path) -> list[Rule]:
     language = rule.get("language")
     if language not in ("eql", "esql", "kuery"):
         raise UnsupportedRule(f"query language {language} is not supported", where, query_line)
-    if rtype == "threshold" and language != "kuery":
+    if rtype in ("threshold", "new_terms") and language != "kuery":
         raise UnsupportedRule(
-            f"elastic rule type threshold: query language {language} is not supported",
+            f"elastic rule type {rtype}: query language {language} is not supported",
             where,
             query_line,
         )
@@ -129,6 +133,10 @@ def load_elastic_file(path: Path) -> list[Rule]:
     if rtype == "threshold":
         threshold = _threshold_of_rule(condition, rule, where, query_line)
         condition = Const(False)  # the threshold engine counts it, the table never fires it
+    new_terms: NewTerms | None = None
+    if rtype == "new_terms":
+        new_terms = _new_terms_of_rule(condition, rule, where, query_line)
+        condition = Const(False)  # the new-terms engine runs it, the table never fires it
 
     severity = str(rule.get("severity", "medium")).lower()
     if severity not in _SEVERITIES:
@@ -160,10 +168,13 @@ def load_elastic_file(path: Path) -> list[Rule]:
                 if sequence is not None
                 else "threshold"
                 if threshold is not None
+                else "new_terms"
+                if new_terms is not None
                 else "event"
             ),
             sequence=sequence,
             threshold=threshold,
+            new_terms=new_terms,
         )
     ]
 
@@ -235,6 +246,64 @@ def _threshold_of_rule(base: Node, rule: dict[str, Any], where: str, line: int) 
         cardinality_value=card_value,
         window=_lookback(rule),
         timestamp_field=str(rule.get("timestamp_field") or "@timestamp"),
+    )
+
+
+#: Kibana date math ``now-<n><unit>`` as new_terms ``history_window_start`` writes it.
+_HISTORY = re.compile(r"^now-(\d+)([smhHdw])$")
+_HISTORY_SECONDS = {"s": 1, "m": 60, "h": 3600, "H": 3600, "d": 86400, "w": 7 * 86400}
+#: Kibana's limit on ``new_terms_fields``.
+MAX_NEW_TERMS_FIELDS = 3
+
+
+def _new_terms_of_rule(base: Node, rule: dict[str, Any], where: str, line: int) -> NewTerms:
+    """The ``[rule.new_terms]`` table (``field = "new_terms_fields"``, ``value = [...]``, and
+    ``[[rule.new_terms.history_window_start]]``) over the condition ``base``."""
+    table = rule.get("new_terms")
+    if not isinstance(table, dict):
+        raise InvalidRule("rule.new_terms is missing or not a table", where, line)
+    if table.get("field", "new_terms_fields") != "new_terms_fields":
+        raise InvalidRule('rule.new_terms.field must be "new_terms_fields"', where, line)
+    raw_fields = table.get("value")
+    if isinstance(raw_fields, str):
+        raw_fields = [raw_fields]
+    if (
+        not isinstance(raw_fields, list)
+        or not raw_fields
+        or not all(isinstance(f, str) and f.strip() for f in raw_fields)
+    ):
+        raise InvalidRule("rule.new_terms.value must be a non-empty list of fields", where, line)
+    fields = tuple(dict.fromkeys(f.strip() for f in raw_fields))
+    if len(fields) > MAX_NEW_TERMS_FIELDS:
+        raise InvalidRule(
+            f"rule.new_terms.value: more than {MAX_NEW_TERMS_FIELDS} fields", where, line
+        )
+    windows = table.get("history_window_start")
+    if isinstance(windows, dict):
+        windows = [windows]
+    if not isinstance(windows, list) or len(windows) != 1 or not isinstance(windows[0], dict):
+        raise InvalidRule("rule.new_terms.history_window_start must be one table", where, line)
+    start = windows[0].get("value")
+    m = _HISTORY.match(str(start).strip()) if isinstance(start, str) else None
+    if m is None:
+        raise UnsupportedRule(
+            f"new_terms history_window_start {start!r} is not now-<n><s|m|h|d|w>", where, line
+        )
+    history = float(int(m.group(1)) * _HISTORY_SECONDS[m.group(2)])
+    if history <= 0:
+        raise InvalidRule("rule.new_terms.history_window_start must be before now", where, line)
+    override = rule.get("timestamp_override")
+    if override is not None and (not isinstance(override, str) or not override.strip()):
+        raise InvalidRule("rule.timestamp_override must be a field name", where, line)
+    fallback: str | None = None
+    if override and not rule.get("timestamp_override_fallback_disabled"):
+        fallback = "@timestamp"
+    return NewTerms(
+        condition=base,
+        fields=fields,
+        history=history,
+        timestamp_field=override.strip() if override else "@timestamp",
+        timestamp_fallback=fallback,
     )
 
 

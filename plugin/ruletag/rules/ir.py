@@ -25,6 +25,9 @@ ordinary single-event conditions as its steps (and its ``until``) plus the join 
 bounds, a :class:`Threshold` one base condition plus its group fields, counts and window; the
 engines in ``rules/stateful/`` match those conditions and keep the state. A stateful rule's own
 ``condition`` is ``Const(False)``, so the single-event table never fires it.
+
+Elastic ``new_terms`` rules (``Rule.kind == "new_terms"``) are stateful the same way: a
+:class:`NewTerms` holds one condition plus the term fields and the history window.
 """
 
 from __future__ import annotations
@@ -255,6 +258,21 @@ class Threshold:
     timestamp_field: str = "@timestamp"
 
 
+@dataclass(frozen=True, slots=True)
+class NewTerms:
+    """An Elastic ``new_terms`` rule: a record matching ``condition`` fires for each
+    combination of its ``fields`` values (the cartesian product of multi-valued fields; none
+    when a field is missing) not seen in the ``history`` seconds of event time before it.
+    Event time is ``timestamp_field``, else ``timestamp_fallback`` when that is missing (Kibana's
+    ``timestamp_override`` with its ``@timestamp`` fallback)."""
+
+    condition: Node
+    fields: tuple[str, ...]
+    history: float
+    timestamp_field: str = "@timestamp"
+    timestamp_fallback: str | None = None
+
+
 Severity = Literal["informational", "low", "medium", "high", "critical"]
 
 #: Risk score given to rules that carry none (Sigma), by severity; Elastic's own convention.
@@ -284,13 +302,14 @@ class Rule:
     techniques: tuple[Attack, ...] = ()
     logsource: Logsource | None = None
     modified: str = ""  # ISO date of the last change; the newest copy of a duplicate id wins
-    kind: Literal["event", "sequence", "threshold"] = "event"
+    kind: Literal["event", "sequence", "threshold", "new_terms"] = "event"
     tags: tuple[str, ...] = field(default=())
     building_block: bool = False  # Elastic ``building_block_type``: an input to other rules
     status: str = ""  # Sigma ``status`` / Elastic ``metadata.maturity``, as the file says it
     rule_type: str = ""  # Elastic rule ``type`` (query, eql, esql, ...); "" for Sigma
     sequence: Sequence | None = None  # set when ``kind == "sequence"``
     threshold: Threshold | None = None  # set when ``kind == "threshold"``
+    new_terms: NewTerms | None = None  # set when ``kind == "new_terms"``
 
 
 def value_fields(v: ValueExpr | tuple[ValueExpr, ...]) -> tuple[str, ...]:

@@ -178,8 +178,12 @@ def filter_factory(config: Config) -> Callable[[CompiledTable], RuleFilter]:
 
     def make(table: CompiledTable) -> RuleFilter:
         from ruletag.enrich.stateful import StatefulStage
+        from ruletag.rules.stateful.newterms import configure_new_terms
 
         stage = StatefulStage.of(table.rules, table.fieldmap) if enrich.stateful == "on" else None
+        if stage is not None and config.rules is not None:
+            nt = config.rules.new_terms
+            configure_new_terms(stage.engines, learn=nt.learn, max_terms=nt.max_terms)
         workers = max(config.workers, config.worker_of)  # a worker, or validate/test
         if stage is not None and workers > 1:
             counts = ", ".join(f"{n} {k}" for k, n in sorted(stage.rule_counts().items()))
