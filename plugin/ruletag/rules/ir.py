@@ -20,7 +20,9 @@ Semantics (shared by every evaluator):
   are lower-cased with ``str.lower``).
 
 Rules are single-event (``Rule.kind == "event"``), EQL sequences (``Rule.kind ==
-"sequence"``) or Elastic thresholds (``Rule.kind == "threshold"``): a :class:`Sequence` holds
+"sequence"``), Elastic thresholds (``Rule.kind == "threshold"``) or Sigma correlations
+(``Rule.kind == "correlation"``, the referenced rules' conditions linked into its
+:class:`Correlation` by the loader): a :class:`Sequence` holds
 ordinary single-event conditions as its steps (and its ``until``) plus the join keys and time
 bounds, a :class:`Threshold` one base condition plus its group fields, counts and window; the
 engines in ``rules/stateful/`` match those conditions and keep the state. A stateful rule's own
@@ -255,6 +257,44 @@ class Threshold:
     timestamp_field: str = "@timestamp"
 
 
+@dataclass(frozen=True, slots=True)
+class CorrelationInput:
+    """One rule a Sigma correlation refers to, once linked: the reference as written, the
+    rule's id, its condition and logsource (None when the rule is itself a correlation: a
+    chain) and, per ``group-by`` entry of the correlation, the field to read (an alias
+    resolved)."""
+
+    ref: str
+    rule_id: str
+    condition: Node | None = None
+    fields: tuple[str, ...] = ()
+    logsource: Logsource | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Correlation:
+    """A Sigma correlation: ``type`` (``event_count``, ``value_count``, ``temporal``,
+    ``temporal_ordered``, ``value_sum``, ``value_avg``, ``value_percentile``,
+    ``value_median``) over the rules ``refs`` (ids or names), grouped by ``group_by``, within
+    ``timespan`` seconds, when every ``(operator, value)`` of ``condition`` holds (ANDed);
+    ``field`` holds the condition's field(s), ``aliases`` maps alias -> ((rule name, field),
+    ...). ``inputs`` is empty until the loader links the references; ``emit`` is False for an
+    inner correlation of a chain whose outer rules all say ``generate: false``."""
+
+    type: str
+    refs: tuple[str, ...]
+    timespan: float
+    group_by: tuple[str, ...] = ()
+    condition: tuple[tuple[str, float], ...] = ()
+    field: tuple[str, ...] = ()
+    percentile: float | None = None
+    aliases: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+    generate: bool = False
+    inputs: tuple[CorrelationInput, ...] = ()
+    emit: bool = True
+    timestamp_field: str = "@timestamp"
+
+
 Severity = Literal["informational", "low", "medium", "high", "critical"]
 
 #: Risk score given to rules that carry none (Sigma), by severity; Elastic's own convention.
@@ -284,13 +324,15 @@ class Rule:
     techniques: tuple[Attack, ...] = ()
     logsource: Logsource | None = None
     modified: str = ""  # ISO date of the last change; the newest copy of a duplicate id wins
-    kind: Literal["event", "sequence", "threshold"] = "event"
+    kind: Literal["event", "sequence", "threshold", "correlation"] = "event"
     tags: tuple[str, ...] = field(default=())
     building_block: bool = False  # Elastic ``building_block_type``: an input to other rules
     status: str = ""  # Sigma ``status`` / Elastic ``metadata.maturity``, as the file says it
     rule_type: str = ""  # Elastic rule ``type`` (query, eql, esql, ...); "" for Sigma
     sequence: Sequence | None = None  # set when ``kind == "sequence"``
     threshold: Threshold | None = None  # set when ``kind == "threshold"``
+    correlation: Correlation | None = None  # set when ``kind == "correlation"``
+    ref_name: str = ""  # Sigma ``name``: how correlation rules may refer to the rule
 
 
 def value_fields(v: ValueExpr | tuple[ValueExpr, ...]) -> tuple[str, ...]:
