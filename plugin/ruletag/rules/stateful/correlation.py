@@ -227,7 +227,7 @@ def correlation_rule(doc: Mapping[str, Any], path: str, line: int, index: int) -
         line=line,
         severity=level,
         risk_score=DEFAULT_RISK_SCORE[level],
-        author=(author,) if isinstance(author, str) and author else (),
+        author=(author,) if isinstance(author, str) and author else _strs(author) or (),
         modified=str(modified),
         kind="correlation",
         tags=tags,
@@ -844,7 +844,11 @@ class CorrelationEngine:
             if c.emit:
                 out.append(fire)
             if depth < MAX_CHAIN:
-                tref = {"timestamp": raw, "id": f"correlation:{run.rule.id}"}
+                tref = {
+                    "timestamp": raw,
+                    "id": f"correlation:{run.rule.id}",
+                    "events": [dict(e) for e in fire.events],
+                }
                 for pri, pii in run.parents:
                     self._feed_run(
                         pri, {pii}, view, ts, raw, tref, dict(fire.group), out, depth + 1
