@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -13,15 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ruletag.enrich.annotate import stateful_detection
 from ruletag.errors import InvalidRule
-from ruletag.rules.ir import Const, Correlation, CorrelationInput, Logsource, Rule
+from ruletag.rules.ir import Const, Correlation, CorrelationInput, Logsource, Match, Rule
 from ruletag.rules.loader import load_rules
 from ruletag.rules.stateful import stateful_engines
 from ruletag.rules.stateful.correlation import (
     CorrelationEngine,
     correlation_rule,
+    link_correlations,
     parse_timespan,
 )
 from support.paths import corpus, needs_corpus
@@ -518,3 +522,71 @@ def test_corpus_correlation_documents_load_or_have_a_reason() -> None:
         for r in got.rules
         if r.kind == "correlation"
     )
+
+
+# --------------------------------------------------------------------------- property
+
+
+def _abc_rules(ctype: str, condition: dict[str, Any] | None) -> list[Rule]:
+    bases = [
+        Rule(id=x, name=x, source="sigma", condition=Match("r", (x,)), ref_name=x) for x in "abc"
+    ]
+    corr: dict[str, Any] = {"type": ctype, "rules": ["a", "b", "c"], "group-by": ["g"]}
+    corr["timespan"] = "10s"
+    if condition is not None:
+        corr["condition"] = condition
+    rule = correlation_rule({"title": "p", "id": "p", "correlation": corr}, "p.yml", 1, 0)
+    linked, problems = link_correlations([*bases, rule])
+    assert problems == []
+    return linked
+
+
+def _slow(ctype: str, need: int, events: list[tuple[float, str, str]]) -> list[int]:
+    """The records that fire, by brute force: per group, the events since its last alert and
+    within the timespan of the newest, searched for ``need`` rules (in order, for ordered)."""
+    kept: dict[str, list[tuple[float, str]]] = {}
+    out: list[int] = []
+    for i, (ts, rule, group) in enumerate(events):
+        window = [e for e in kept.get(group, []) if e[0] >= ts - 10] + [(ts, rule)]
+        kept[group] = window
+        if ctype == "event_count":
+            hit = len(window) >= need
+        elif ctype == "temporal":
+            hit = len({r for _, r in window}) >= need
+        else:
+            hit = any(
+                [window[j][1] for j in combo] == ["a", "b", "c"]
+                for combo in itertools.combinations(range(len(window)), 3)
+            )
+        if hit:
+            out.append(i)
+            kept[group] = []
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ctype=st.sampled_from(["event_count", "temporal", "temporal_ordered"]),
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from([0.0, 0.0, 1.0, 3.0, 7.0, 11.0]),
+            st.sampled_from("abc"),
+            st.sampled_from("xy"),
+        ),
+        max_size=40,
+    ),
+)
+def test_streaming_matches_a_slow_reference_on_in_order_events(
+    ctype: str, steps: list[tuple[float, str, str]]
+) -> None:
+    need = 4 if ctype == "event_count" else 3
+    cond = {"gte": need} if ctype == "event_count" else None
+    eng = CorrelationEngine.of(_abc_rules(ctype, cond))
+    assert eng is not None
+    events: list[tuple[float, str, str]] = []
+    t = T0
+    for gap, rule, group in steps:
+        t += gap
+        events.append((t, rule, group))
+    got = [i for i, (ts, r, g) in enumerate(events) if eng.feed({"@timestamp": ts, "r": r, "g": g})]
+    assert got == _slow(ctype, need, events)

@@ -45,6 +45,7 @@ references (the latest). ``stats()`` counts groups, events, fired, evictions, la
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import operator
 import re
@@ -530,7 +531,8 @@ class CorrelationState:
                     del self.groups[key]
         else:
             bound = ts - self.span
-            for key in list(self.groups)[:64]:  # the least recently used: idle ones first
+            # the least recently used first: stop at the first group still in the window
+            for key in list(itertools.islice(self.groups, 64)):
                 g = self.groups[key]
                 if g.events and g.events[-1].ts >= bound:
                     break
