@@ -369,6 +369,15 @@ def test_spec_example_failed_logins_followed_by_success() -> None:
     }
 
 
+def test_outer_correlation_carries_its_chain_when_selection_drops_the_rest() -> None:
+    outer = [r for r in rules_of("chain.yml") if r.id == CHAIN]  # e.g. --min-level high
+    eng = CorrelationEngine.of(outer)
+    assert eng is not None
+    recs = [logon(i, 4625, User="alice") for i in range(10)] + [logon(20, 4624, User="alice")]
+    assert fired(run(eng, recs)) == [(10, CHAIN, 2)]
+    assert eng.stats()["rules"] == 2  # the inner event_count runs too, unreported
+
+
 def test_temporal_ordered_needs_the_order_and_the_timespan() -> None:
     eng = engine("chain.yml")
     early = [logon(0, 4624, User="alice")]

@@ -261,14 +261,15 @@ class Threshold:
 class CorrelationInput:
     """One rule a Sigma correlation refers to, once linked: the reference as written, the
     rule's id, its condition and logsource (None when the rule is itself a correlation: a
-    chain) and, per ``group-by`` entry of the correlation, the field to read (an alias
-    resolved)."""
+    chain, whose linked ``Rule`` is then ``rule``) and, per ``group-by`` entry of the
+    correlation, the field to read (an alias resolved)."""
 
     ref: str
     rule_id: str
     condition: Node | None = None
     fields: tuple[str, ...] = ()
     logsource: Logsource | None = None
+    rule: Rule | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -341,27 +341,41 @@ def link_correlations(rules: list[Rule]) -> tuple[list[Rule], list[RuleError]]:
             assert t is not None
             wanted[t.id] = wanted.get(t.id, False) or r.correlation.generate
 
+    done: dict[str, Rule] = {}
+
+    def linked(r: Rule) -> Rule:
+        """``r`` with its inputs filled in; an inner correlation is linked first and carried
+        whole, so an outer correlation works even when selection leaves the inner one out."""
+        got = done.get(r.id)
+        if got is not None:
+            return got
+        c = r.correlation
+        assert c is not None
+        inputs = []
+        for ref in c.refs:
+            t = resolve(ref)
+            assert t is not None
+            event = t.kind == "event"
+            inputs.append(
+                CorrelationInput(
+                    ref=ref,
+                    rule_id=t.id,
+                    condition=t.condition if event else None,
+                    fields=_input_fields(c, ref, t),
+                    logsource=t.logsource if event else None,
+                    rule=None if event else linked(t),
+                )
+            )
+        emit = wanted.get(r.id, True)
+        got = done[r.id] = replace(r, correlation=replace(c, inputs=tuple(inputs), emit=emit))
+        return got
+
     out: list[Rule] = []
     for r in rules:
         if r.id in problems:
             continue
         if r.kind == "correlation" and r.correlation is not None:
-            c = r.correlation
-            inputs = []
-            for ref in c.refs:
-                t = resolve(ref)
-                assert t is not None
-                inputs.append(
-                    CorrelationInput(
-                        ref=ref,
-                        rule_id=t.id,
-                        condition=t.condition if t.kind == "event" else None,
-                        fields=_input_fields(c, ref, t),
-                        logsource=t.logsource if t.kind == "event" else None,
-                    )
-                )
-            emit = wanted.get(r.id, True)
-            r = replace(r, correlation=replace(c, inputs=tuple(inputs), emit=emit))
+            r = linked(r)
         elif r.kind == "event" and wanted.get(r.id) is False:
             r = replace(r, condition=Const(False))
         out.append(r)
@@ -668,6 +682,25 @@ def _value(view: RecordView, corr: Correlation) -> Any:
     return None
 
 
+def _reachable(rules: Iterable[Rule]) -> list[Rule]:
+    """The correlations of ``rules`` and every inner correlation they carry, once each by id,
+    inner ones first."""
+    out: dict[str, Rule] = {}
+
+    def visit(r: Rule) -> None:
+        if r.id in out or r.correlation is None:
+            return
+        for inp in r.correlation.inputs:
+            if inp.rule is not None:
+                visit(inp.rule)
+        out[r.id] = r
+
+    for r in rules:
+        if r.kind == "correlation":
+            visit(r)
+    return list(out.values())
+
+
 @dataclass
 class _Run:
     rule: Rule
@@ -694,7 +727,7 @@ class CorrelationEngine:
 
         self.runs: list[_Run] = []
         self.max_refs = max_refs
-        found = [r for r in rules if r.kind == "correlation" and r.correlation is not None]
+        found = _reachable(rules)
         run_of = {r.id: i for i, r in enumerate(found)}
         for r in found:
             assert r.correlation is not None
