@@ -277,6 +277,14 @@ class _Enrichment:
                 sequences,
                 thresholds,
             )
+        correlations = sum(r.kind == "correlation" for r in result.rules)
+        if correlations:
+            log.warning(
+                "rules: %d Sigma correlation rules loaded but not evaluated by the relay yet, "
+                "and the rules they use with generate: false do not fire on their own "
+                '(ruletag match evaluates them; docs/rules.md "Sigma correlations")',
+                correlations,
+            )
         if result.problems or result.duplicates:
             log.warning("rules: %s", problem_summary(result))
             for p in result.problems:

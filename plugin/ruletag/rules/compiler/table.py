@@ -368,6 +368,7 @@ def build(
         ),
         "sequence_rules": sum(r.kind == "sequence" for r in rule_list),
         "threshold_rules": sum(r.kind == "threshold" for r in rule_list),
+        "correlation_rules": sum(r.kind == "correlation" for r in rule_list),
     }
     group_of = {fg.field: gi for gi, fg in enumerate(field_groups)}
     rule_groups: list[tuple[int, ...]] = []
