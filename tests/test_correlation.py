@@ -28,10 +28,10 @@ from ruletag.rules.stateful.correlation import (
     link_correlations,
     parse_timespan,
 )
-from support.paths import corpus, needs_corpus
+from support.paths import CORRELATION, corpus, needs_corpus
 from support.servers import ruletag_script
 
-DATA = Path(__file__).parent / "data" / "correlation"
+DATA = CORRELATION
 T0 = 1714557600.0  # 2024-05-01T10:00:00Z
 
 
