@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -599,3 +600,20 @@ def test_streaming_matches_a_slow_reference_on_in_order_events(
         events.append((t, rule, group))
     got = [i for i, (ts, r, g) in enumerate(events) if eng.feed({"@timestamp": ts, "r": r, "g": g})]
     assert got == _slow(ctype, need, events)
+
+
+def test_step_hits_over_packed_entries_feed_only_the_referenced_rules_hits() -> None:
+    recs = [logon(i, 4625, User="alice") for i in range(10)]
+    recs += [logon(i + 10, 4688, User="alice") for i in range(5)]  # hits no referenced rule
+    recs.append(logon(20, 4624, User="alice"))
+    buf = bytearray()
+    spans = []
+    for r in recs:
+        start = len(buf)
+        buf += msgpack.packb([0, r])
+        spans.append((start, len(buf)))
+    eng = engine("chain.yml")
+    hits = eng.step_hits(bytes(buf), spans)
+    assert sorted(hits) == [*range(10), 15]
+    out = [(i, [f.rule.id for f in eng.feed(recs[i], h)]) for i, h in sorted(hits.items())]
+    assert [x for x in out if x[1]] == [(15, [CHAIN])]
