@@ -25,7 +25,7 @@ from ruletag.enrich.stateful import StatefulStage
 from ruletag.protocol import iter_entries
 from ruletag.rules.elastic import load_elastic_file
 from ruletag.runtime.relay import Relay
-from support.paths import SAMPLE
+from support.paths import CORRELATION, SAMPLE
 from support.peers import Sink, Source, eventually, make_chunk
 from support.servers import http_get
 
@@ -623,3 +623,52 @@ def test_relay_evaluates_new_terms_rules_after_learning(
         assert d["new_terms"]["terms"][0] == {"field": "host.id", "value": "h1"}
     assert stats["new_terms"]["fired"] == len(fired)
     assert stats["new_terms"]["learned"] == (0 if fired else 2)
+
+
+# --------------------------------------------------------------------------- correlations
+
+
+def failed_logon(n: int) -> dict[str, Any]:
+    return {
+        "@timestamp": f"2024-05-01T10:{n // 60:02d}:{n % 60:02d}.000Z",
+        "Channel": "Security",
+        "EventID": 4625,
+        "ComputerName": "A",
+        "User": f"u{n}",
+        "event": {"id": f"f{n}"},
+    }
+
+
+def test_relay_sigma_correlation_counts_across_a_restart(
+    arun: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The specification's event_count (>= 100 failed logons per host in 1h): 60 failures,
+    a clean restart on the same state folder, 40 more -> the 100th record fires, once."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    rules = CORRELATION / "counts.yml"
+    state = {"path": str(tmp_path / "state"), "snapshot_interval": "1h"}
+
+    async def run_relay(records: list[dict[str, Any]]) -> tuple[list[bytes], list[Any]]:
+        async with Sink() as sink:
+            relay = Relay(make_config([rules], sink.port, state=state))
+            await relay.startup()
+            try:
+                assert relay.server is not None
+                sent = await send(relay.server.port, [records[:30], records[30:]])
+            finally:
+                await relay.shutdown()
+            return sent, received(sink)
+
+    first, second = [failed_logon(n) for n in range(60)], [failed_logon(n) for n in range(60, 100)]
+    sent1, got1 = arun(run_relay(first), timeout=120)
+    assert check_annotated(got1, sent1) == {}
+    sent2, got2 = arun(run_relay(second), timeout=120)
+    found = check_annotated(got2, sent2)
+    assert sorted(found) == ["f99"]
+    (d,) = found["f99"]
+    assert d["rule_id"] == "0e95725d-7320-415d-80f7-004da920fc11"
+    corr = d["correlation"]
+    assert corr["type"] == "event_count" and corr["value"] == 100
+    assert corr["group"] == [{"field": "ComputerName", "value": "A"}]
+    window = {"start": "2024-05-01T10:00:00.000Z", "end": "2024-05-01T10:01:39.000Z"}
+    assert corr["window"] == window

@@ -480,10 +480,11 @@ def test_undefined_detection_in_condition(tmp_path: Path) -> None:
     assert err.line == 9
 
 
-def test_correlation_and_filter_rules_are_unsupported(tmp_path: Path) -> None:
+def test_correlation_rules_are_checked_and_filter_rules_are_unsupported(tmp_path: Path) -> None:
     corr = "title: C\ncorrelation:\n    type: event_count\n    rules: [x]\n"
-    err = error_of(write(tmp_path, corr))
-    assert (type(err), err.reason) == (UnsupportedRule, "correlation rules are not supported yet")
+    err = error_of(write(tmp_path, corr))  # correlations: tests/test_correlation.py
+    why = "correlation: 'timespan' must be a positive number with a unit s, m, h, d, w, M or y"
+    assert (type(err), err.reason) == (InvalidRule, why)
     filt = "title: F\nlogsource:\n    product: windows\nfilter:\n    rules: [x]\n"
     err = error_of(write(tmp_path, filt))
     assert (type(err), err.reason) == (UnsupportedRule, "filter rules are not supported yet")

@@ -27,6 +27,7 @@ SIGMA_SEED = SEED_RULES / "net_connection_win_wuauclt_network_connection.yml"
 ELASTIC_SEED = SEED_RULES / "potential_wsus_abuse_for_lateral_movement.toml"
 
 SAMPLE = DATA / "corpus"
+CORRELATION = DATA / "correlation"  # Sigma correlation fixtures (test_correlation.py)
 
 CORPUS_ENV = "RULETAG_CORPUS"
 CORPUS_HOWTO = f"{CORPUS_ENV}=../shared/rules make test"

@@ -87,6 +87,29 @@ def new_terms_detection(
     return d
 
 
+def correlation_detection(
+    rule: Rule,
+    type_: str,
+    group: Iterable[tuple[str, str]],
+    value: float,
+    window: tuple[str, str],
+    events: Iterable[Mapping[str, Any]],
+) -> dict[str, Any]:
+    """A Sigma correlation that fired: :func:`detection` plus ``correlation``: its ``type``,
+    the ``group`` (``field``, ``value`` per group-by field), the aggregate ``value`` compared
+    with the condition (an integer for counts), the event-time ``window`` (first and last
+    event counted) and a reference (``timestamp``, ``id``) of the events counted."""
+    d = detection(rule)
+    d["correlation"] = {
+        "type": type_,
+        "group": [{"field": f, "value": v} for f, v in group],
+        "value": int(value) if float(value).is_integer() else value,
+        "window": {"start": window[0], "end": window[1]},
+        "events": [dict(e) for e in events],
+    }
+    return d
+
+
 def stateful_detection(result: object) -> dict[str, Any]:
     """What a stateful engine returned (:mod:`ruletag.rules.stateful`) as an annotation."""
     from ruletag.rules.stateful.sequence import Completion
@@ -105,4 +128,12 @@ def stateful_detection(result: object) -> dict[str, Any]:
         seen = None if result.last_seen is None else iso_time(result.last_seen)
         window = (iso_time(result.time - result.history), iso_time(result.time))
         return new_terms_detection(result.rule, result.terms, window, seen)
+
+    from ruletag.rules.stateful.correlation import Fire
+
+    if isinstance(result, Fire):
+        window = (iso_time(result.start), iso_time(result.end))
+        return correlation_detection(
+            result.rule, result.type, result.group, result.value, window, result.events
+        )
     raise TypeError(f"no annotation for a stateful result of type {type(result).__name__}")

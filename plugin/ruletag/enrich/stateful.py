@@ -155,8 +155,16 @@ class StatefulStage:
         for e in self.engines:
             restore = getattr(e, "restore", None)
             snap = saved.get(e.kind)
-            if restore is not None and isinstance(snap, Mapping):
-                restored += int(restore(snap))
+            if restore is None or not isinstance(snap, Mapping):
+                continue
+            try:
+                got = restore(snap)
+            except (ValueError, TypeError, KeyError) as exc:  # a damaged or foreign snapshot
+                log.warning("state: %s state not restored: %s", e.kind, exc)
+                continue
+            if isinstance(got, Mapping):  # {"restored": n, ...}
+                got = got.get("restored", 0)
+            restored += int(got or 0)
         return restored
 
     def adopt(self, old: StatefulStage) -> str:

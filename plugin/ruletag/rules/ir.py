@@ -20,7 +20,9 @@ Semantics (shared by every evaluator):
   are lower-cased with ``str.lower``).
 
 Rules are single-event (``Rule.kind == "event"``), EQL sequences (``Rule.kind ==
-"sequence"``) or Elastic thresholds (``Rule.kind == "threshold"``): a :class:`Sequence` holds
+"sequence"``), Elastic thresholds (``Rule.kind == "threshold"``) or Sigma correlations
+(``Rule.kind == "correlation"``, the referenced rules' conditions linked into its
+:class:`Correlation` by the loader): a :class:`Sequence` holds
 ordinary single-event conditions as its steps (and its ``until``) plus the join keys and time
 bounds, a :class:`Threshold` one base condition plus its group fields, counts and window; the
 engines in ``rules/stateful/`` match those conditions and keep the state. A stateful rule's own
@@ -273,6 +275,45 @@ class NewTerms:
     timestamp_fallback: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class CorrelationInput:
+    """One rule a Sigma correlation refers to, once linked: the reference as written, the
+    rule's id, its condition and logsource (None when the rule is itself a correlation: a
+    chain, whose linked ``Rule`` is then ``rule``) and, per ``group-by`` entry of the
+    correlation, the field to read (an alias resolved)."""
+
+    ref: str
+    rule_id: str
+    condition: Node | None = None
+    fields: tuple[str, ...] = ()
+    logsource: Logsource | None = None
+    rule: Rule | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Correlation:
+    """A Sigma correlation: ``type`` (``event_count``, ``value_count``, ``temporal``,
+    ``temporal_ordered``, ``value_sum``, ``value_avg``, ``value_percentile``,
+    ``value_median``) over the rules ``refs`` (ids or names), grouped by ``group_by``, within
+    ``timespan`` seconds, when every ``(operator, value)`` of ``condition`` holds (ANDed);
+    ``field`` holds the condition's field(s), ``aliases`` maps alias -> ((rule name, field),
+    ...). ``inputs`` is empty until the loader links the references; ``emit`` is False for an
+    inner correlation of a chain whose outer rules all say ``generate: false``."""
+
+    type: str
+    refs: tuple[str, ...]
+    timespan: float
+    group_by: tuple[str, ...] = ()
+    condition: tuple[tuple[str, float], ...] = ()
+    field: tuple[str, ...] = ()
+    percentile: float | None = None
+    aliases: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+    generate: bool = False
+    inputs: tuple[CorrelationInput, ...] = ()
+    emit: bool = True
+    timestamp_field: str = "@timestamp"
+
+
 Severity = Literal["informational", "low", "medium", "high", "critical"]
 
 #: Risk score given to rules that carry none (Sigma), by severity; Elastic's own convention.
@@ -302,7 +343,7 @@ class Rule:
     techniques: tuple[Attack, ...] = ()
     logsource: Logsource | None = None
     modified: str = ""  # ISO date of the last change; the newest copy of a duplicate id wins
-    kind: Literal["event", "sequence", "threshold", "new_terms"] = "event"
+    kind: Literal["event", "sequence", "threshold", "new_terms", "correlation"] = "event"
     tags: tuple[str, ...] = field(default=())
     building_block: bool = False  # Elastic ``building_block_type``: an input to other rules
     status: str = ""  # Sigma ``status`` / Elastic ``metadata.maturity``, as the file says it
@@ -310,6 +351,8 @@ class Rule:
     sequence: Sequence | None = None  # set when ``kind == "sequence"``
     threshold: Threshold | None = None  # set when ``kind == "threshold"``
     new_terms: NewTerms | None = None  # set when ``kind == "new_terms"``
+    correlation: Correlation | None = None  # set when ``kind == "correlation"``
+    ref_name: str = ""  # Sigma ``name``: how correlation rules may refer to the rule
 
 
 def value_fields(v: ValueExpr | tuple[ValueExpr, ...]) -> tuple[str, ...]:

@@ -216,6 +216,8 @@ def load_rules(paths: Sequence[str | Path], variables: Variables | None = None) 
         rules.extend(got)
         problems.extend(bad)
     rules, duplicates = dedupe(rules)
+    rules, unlinked = _link(rules)
+    problems.extend(unlinked)
     return LoadResult(
         rules,
         problems,
@@ -224,6 +226,15 @@ def load_rules(paths: Sequence[str | Path], variables: Variables | None = None) 
         seconds=time.perf_counter() - start,
         sources=sources,
     )
+
+
+def _link(rules: list[Rule]) -> tuple[list[Rule], list[RuleError]]:
+    """Sigma correlations linked to the rules they refer to (``rules/stateful/correlation``)."""
+    if not any(r.kind == "correlation" for r in rules):
+        return rules, []
+    from ruletag.rules.stateful.correlation import link_correlations
+
+    return link_correlations(rules)
 
 
 def select_rules(result: LoadResult, selection: Selection) -> None:

@@ -210,8 +210,10 @@ def _load_document(
     """One rule document -> IR, with errors located in ``node``."""
     locate = _node_locator(node)
     start = node.start_mark.line + 1
-    if "correlation" in doc:
-        raise UnsupportedRule("correlation rules are not supported yet", path, start)
+    if "correlation" in doc:  # linked to the rules it uses once every file is loaded
+        from ruletag.rules.stateful.correlation import correlation_rule
+
+        return correlation_rule(doc, path, start, index)
     if "filter" in doc:
         raise UnsupportedRule("filter rules are not supported yet", path, start)
     if "id" in doc and not isinstance(doc["id"], str):
@@ -641,6 +643,7 @@ def _metadata(rule: SigmaRule, condition: Node, path: str, line: int, index: int
         modified=stamp.isoformat() if stamp is not None else "",
         tags=tags,
         status=str(rule.status) if rule.status is not None else "",
+        ref_name=rule.name if isinstance(rule.name, str) else "",
     )
 
 

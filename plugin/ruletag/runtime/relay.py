@@ -302,6 +302,14 @@ class _Enrichment:
                 "rules: %d stateful rules loaded, not evaluated here (enrich.stateful: off)",
                 sum(r.kind != "event" for r in result.rules),
             )
+        correlations = sum(r.kind == "correlation" for r in result.rules)
+        if correlations:
+            log.warning(
+                "rules: %d Sigma correlation rules loaded but not evaluated by the relay yet, "
+                "and the rules they use with generate: false do not fire on their own "
+                '(ruletag match evaluates them; docs/rules.md "Sigma correlations")',
+                correlations,
+            )
         if result.problems or result.duplicates:
             log.warning("rules: %s", problem_summary(result))
             for p in result.problems:

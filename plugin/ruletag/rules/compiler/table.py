@@ -369,6 +369,7 @@ def build(
         "sequence_rules": sum(r.kind == "sequence" for r in rule_list),
         "threshold_rules": sum(r.kind == "threshold" for r in rule_list),
         "new_terms_rules": sum(r.kind == "new_terms" for r in rule_list),
+        "correlation_rules": sum(r.kind == "correlation" for r in rule_list),
     }
     group_of = {fg.field: gi for gi, fg in enumerate(field_groups)}
     rule_groups: list[tuple[int, ...]] = []

@@ -45,11 +45,12 @@ Builder = Callable[["Iterable[Rule]", "FieldMap | None"], "Engine | None"]
 
 def builders() -> list[Builder]:
     """The engine builders, one per stateful rule kind (imported late: no import cycle)."""
+    from ruletag.rules.stateful.correlation import CorrelationEngine
     from ruletag.rules.stateful.newterms import NewTermsEngine
     from ruletag.rules.stateful.sequence import SequenceEngine
     from ruletag.rules.stateful.threshold import ThresholdEngine
 
-    return [SequenceEngine.of, ThresholdEngine.of, NewTermsEngine.of]
+    return [SequenceEngine.of, ThresholdEngine.of, NewTermsEngine.of, CorrelationEngine.of]
 
 
 def stateful_engines(rules: Iterable[Rule], fieldmap: FieldMap | None = None) -> list[Engine]:
