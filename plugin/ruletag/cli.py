@@ -179,6 +179,13 @@ def _add_match(sub: argparse._SubParsersAction) -> None:
         help="records the pre-filter observes before it re-tunes itself (default: as the "
         "relay's rules.tune_after; 0: never)",
     )
+    p.add_argument(
+        "--lateness",
+        type=float,
+        metavar="SECONDS",
+        help="allowed lateness of event time: an EQL sequence that needs an event to be "
+        "missing is confirmed once a record this much past its window is seen (default 2)",
+    )
     add_select_flags(p)
     p.set_defaults(func=_run_match)
 

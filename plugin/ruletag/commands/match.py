@@ -45,7 +45,7 @@ from ruletag.rules.fields import FieldMap
 from ruletag.rules.loader import source_of
 from ruletag.rules.matcher import Matcher
 from ruletag.rules.select import Selection
-from ruletag.rules.stateful import Engine, stateful_engines
+from ruletag.rules.stateful import Clocked, Engine, stateful_engines
 
 # --------------------------------------------------------------------------- match
 
@@ -278,6 +278,10 @@ class MatchContext:
         #: per engine, record index -> its step hits, when the raw pre-filter found them
         #: (None: unknown, the engine matches each record itself)
         self._step_hits: list[dict[int, list[int]] | None] = [None] * len(self.engines)
+        #: per engine, itself when its results may wait for event time (missing events)
+        self._clocked: list[Clocked | None] = [
+            e if isinstance(e, Clocked) else None for e in self.engines
+        ]
         self.rules = table.rules
         self.annotations = [detection(r) for r in table.rules]
         self.prefilter = prefilter
@@ -366,15 +370,31 @@ class MatchContext:
         engine. An engine whose step hits the batch's raw pre-filter found sees only the
         records that hit a step."""
         out: list[dict[str, Any]] = []
-        for engine, steps in zip(self.engines, self._step_hits, strict=True):
+        for engine, steps, clocked in zip(
+            self.engines, self._step_hits, self._clocked, strict=True
+        ):
             if steps is None:
                 done = engine.feed(record)
             elif i in steps:
                 done = engine.feed(record, steps[i])
+            elif clocked is not None and clocked.pending():
+                done = clocked.observe(record)  # moves the watermark: may release results
             else:
                 continue
             out.extend(stateful_detection(r) for r in done)
         return out
+
+    def finish(self) -> bytes:
+        """End of input: the results still waiting for event time (EQL missing events),
+        decided now, as one extra JSON line ``{"end_of_input": true, "detections": [...]}``;
+        empty when there are none."""
+        done: list[dict[str, Any]] = []
+        for clocked in self._clocked:
+            if clocked is not None:
+                done.extend(stateful_detection(r) for r in clocked.flush())
+        if not done:
+            return b""
+        return _utf8(dump_record({"end_of_input": True, "detections": done})) + b"\n"
 
 
 def _utf8(text: str) -> bytes:
@@ -396,7 +416,7 @@ def match(ns: argparse.Namespace) -> int:
         explain=bool(getattr(ns, "explain", False)),
         # stateful rules (EQL sequences, thresholds, ...): fed the records in file order,
         # event time from the records
-        engines=stateful_engines(table.rules, table.fieldmap),
+        engines=_with_lateness(stateful_engines(table.rules, table.fieldmap), ns),
     )
     out = _binary_stdout()
     try:
@@ -407,6 +427,7 @@ def match(ns: argparse.Namespace) -> int:
     try:
         for batch in read_batches(src):
             out.write(ctx.render_batch(batch, ctx.match_batch(batch)))
+        out.write(ctx.finish())
     except (ValueError, OSError) as exc:  # msgpack errors are ValueErrors
         out.flush()
         print(f"ruletag: {ns.events}: {exc}", file=sys.stderr)
@@ -418,6 +439,18 @@ def match(ns: argparse.Namespace) -> int:
     if ctx.skipped:
         print(f"ruletag: skipped {ctx.skipped} entries that are not maps", file=sys.stderr)
     return 0
+
+
+def _with_lateness(engines: list[Engine], ns: argparse.Namespace) -> list[Engine]:
+    """``engines`` with ``--lateness`` set on those that wait for event time."""
+    lateness = getattr(ns, "lateness", None)
+    if lateness is not None:
+        if lateness < 0:
+            raise ConfigError("--lateness: must be 0 or more seconds")
+        for e in engines:
+            if isinstance(e, Clocked):
+                e.lateness = float(lateness)
+    return engines
 
 
 def _tune_after(ns: argparse.Namespace) -> int:

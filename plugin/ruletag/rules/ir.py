@@ -25,6 +25,7 @@ ordinary single-event conditions as its steps (and its ``until``) plus the join 
 bounds, a :class:`Threshold` one base condition plus its group fields, counts and window; the
 engines in ``rules/stateful/`` match those conditions and keep the state. A stateful rule's own
 ``condition`` is ``Const(False)``, so the single-event table never fires it.
+An EQL ``sample`` is ``Rule.kind == "sample"`` with a :class:`Sample`.
 """
 
 from __future__ import annotations
@@ -225,6 +226,15 @@ class Step:
 
 
 @dataclass(frozen=True, slots=True)
+class MissingStep:
+    """A missing-event clause ``![...]`` of a :class:`Sequence`: ``position`` is the number of
+    positive steps before it (0: leading, ``len(steps)``: trailing, else between two)."""
+
+    position: int
+    step: Step
+
+
+@dataclass(frozen=True, slots=True)
 class Sequence:
     """An EQL ``sequence``: ``steps`` in order (``with runs=N`` already expanded into N steps),
     ``maxspan`` in seconds (inclusive, from the first event; None: no bound), ``until`` (an
@@ -237,6 +247,8 @@ class Sequence:
     tiebreaker_field: str | None = None
     #: seconds a partial may live when ``maxspan`` is None (the rule's look-back)
     ttl: float = 540.0
+    #: missing-event clauses ``![...]``, which are not in ``steps`` (``maxspan`` is then set)
+    missing: tuple[MissingStep, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +264,17 @@ class Threshold:
     cardinality_field: str | None = None
     cardinality_value: int = 0
     window: float = 540.0
+    timestamp_field: str = "@timestamp"
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """An EQL ``sample by``: one distinct record per step, all with the same join-key values
+    (the steps' ``keys`` line up by position), in any order, within ``ttl`` seconds (the
+    rule's look-back) of the key's first record."""
+
+    steps: tuple[Step, ...]
+    ttl: float = 540.0
     timestamp_field: str = "@timestamp"
 
 
@@ -284,13 +307,14 @@ class Rule:
     techniques: tuple[Attack, ...] = ()
     logsource: Logsource | None = None
     modified: str = ""  # ISO date of the last change; the newest copy of a duplicate id wins
-    kind: Literal["event", "sequence", "threshold"] = "event"
+    kind: Literal["event", "sequence", "threshold", "sample"] = "event"
     tags: tuple[str, ...] = field(default=())
     building_block: bool = False  # Elastic ``building_block_type``: an input to other rules
     status: str = ""  # Sigma ``status`` / Elastic ``metadata.maturity``, as the file says it
     rule_type: str = ""  # Elastic rule ``type`` (query, eql, esql, ...); "" for Sigma
     sequence: Sequence | None = None  # set when ``kind == "sequence"``
     threshold: Threshold | None = None  # set when ``kind == "threshold"``
+    sample: Sample | None = None  # set when ``kind == "sample"``
 
 
 def value_fields(v: ValueExpr | tuple[ValueExpr, ...]) -> tuple[str, ...]:

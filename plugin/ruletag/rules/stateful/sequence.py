@@ -27,6 +27,13 @@ expiries and late records.
 are compiled into a small table of their own (the main table holds sequence rules as
 never-firing entries), a record's step hits go to the rules' state machines, and completed
 sequences come back as :class:`Completion` values.
+
+Missing events ``![...]`` (:mod:`.missing`): the positive steps are matched as above, then each
+completed match waits until the engine's watermark (the latest event time it has seen, minus
+``lateness`` seconds) shows the missing clauses absent; it is returned by the :meth:`feed` (or
+:meth:`SequenceEngine.observe`) call whose record moved the watermark far enough, so the
+annotation goes on that record, or by :meth:`SequenceEngine.flush` at the end of the input.
+Its ``events`` hold ``{"missing": true}`` placeholders where the missing clauses stand.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import ujson
 from ruletag.rules.algebra import as_text
 from ruletag.rules.fields import FieldMap, RecordView
 from ruletag.rules.ir import Node, Rule
+from ruletag.rules.stateful.missing import MissingState
 
 __all__ = [
     "Completion",
@@ -63,6 +71,12 @@ EventRef = Mapping[str, Any]
 Key = tuple[str, ...]
 
 UNTIL = -1
+#: stage code of missing clause ``m``: ``MISSING - m``
+MISSING = -2
+#: default allowed lateness (seconds) of the watermark that confirms missing events
+DEFAULT_LATENESS = 2.0
+#: the placeholder of a missing clause in a completed sequence's events
+MISSING_REF: EventRef = {"missing": True}
 #: tiebreaker sort key of a record without a tiebreaker value (sorts after any value)
 NO_TIEBREAKER: tuple[Any, ...] = (1,)
 #: record fields used as an event's stable id, first present wins; else a content digest
@@ -102,8 +116,8 @@ class SequenceState:
     def __init__(
         self, stages: int, span: float, *, max_keys: int = 100_000, max_partials: int = 16
     ) -> None:
-        if stages < 2:
-            raise ValueError("a sequence has at least two stages")
+        if stages < 1:
+            raise ValueError("a sequence has at least one stage")
         self.stages = stages
         self.span = span
         self.max_keys = max_keys
@@ -129,6 +143,9 @@ class SequenceState:
         """A record with ``ordinal`` matched step ``stage`` with join ``key``; the events of
         the sequence it completes, if it does."""
         ts = ordinal[0]
+        if self.stages == 1:  # one positive step (and missing events): every hit completes
+            self.counters["completed"] += 1
+            return (ref,)
         if stage == 0:
             ks = self._touch(key)
             self._insert(ks.groups[0], _Partial(ts, ordinal, (ref,)))
@@ -282,6 +299,21 @@ def join_keys(view: RecordView, fields: Seq[str]) -> list[Key]:
     return [tuple(k) for k in itertools.product(*per_field)]
 
 
+def _with_gaps(seq: Any, refs: tuple[EventRef, ...]) -> tuple[EventRef, ...]:
+    """The positive events ``refs`` with a :data:`MISSING_REF` where each missing clause
+    stands, in clause order."""
+    out: list[EventRef] = []
+    at = sorted(m.position for m in seq.missing)
+    j = 0
+    for i, ref in enumerate(refs):
+        while j < len(at) and at[j] == i:
+            out.append(MISSING_REF)
+            j += 1
+        out.append(ref)
+    out.extend(MISSING_REF for _ in at[j:])
+    return tuple(out)
+
+
 # --------------------------------------------------------------------------- engine
 
 
@@ -301,6 +333,7 @@ class _RuleRun:
     watermark: float = -math.inf
     next_sweep: float = -math.inf
     stages_of: dict[int, list[int]] = field(default_factory=dict)
+    missing: MissingState | None = None
 
 
 class SequenceEngine:
@@ -315,6 +348,7 @@ class SequenceEngine:
         *,
         max_keys: int = 100_000,
         max_partials: int = 16,
+        lateness: float = DEFAULT_LATENESS,
     ) -> None:
         from ruletag.rules.compiler import build
         from ruletag.rules.matcher import Matcher
@@ -337,6 +371,12 @@ class SequenceEngine:
             parts = [(stage, s.condition) for stage, s in enumerate(seq.steps)]
             if seq.until is not None:
                 parts.append((UNTIL, seq.until.condition))
+            if seq.missing:
+                positions = [m.position for m in seq.missing]
+                self.runs[-1].missing = MissingState(
+                    positions, len(seq.steps), span, max_keys=max_keys
+                )
+                parts.extend((MISSING - m, ms.step.condition) for m, ms in enumerate(seq.missing))
             for stage, cond in parts:
                 k = index.get((ri, cond))
                 if k is None:
@@ -356,6 +396,17 @@ class SequenceEngine:
         #: (``step_hits``) so records that hit no step cost no Python work here
         self.matcher = Matcher(self.table)
         self._arrival = 0
+        self.lateness = lateness
+        #: the latest event time seen (missing events: the watermark is this minus lateness)
+        self.clock = -math.inf
+        self._checks = [run for run in self.runs if run.missing is not None]
+        self._time_fields = tuple(
+            dict.fromkeys(
+                run.rule.sequence.timestamp_field
+                for run in self._checks
+                if run.rule.sequence is not None
+            )
+        )
 
     @classmethod
     def of(cls, rules: Iterable[Rule], fieldmap: FieldMap | None = None) -> SequenceEngine | None:
@@ -369,8 +420,54 @@ class SequenceEngine:
         for run in self.runs:
             out["keys"] += len(run.state.keys)
             out["partials"] += run.state.partials()
-            for k, v in run.state.counters.items():
+            counters = dict(run.state.counters)
+            if run.missing is not None:
+                counters.update(run.missing.stats())
+            for k, v in counters.items():
                 out[k] = out.get(k, 0) + v
+        return out
+
+    # ------------------------------------------------------------------ time (missing events)
+
+    def pending(self) -> int:
+        """Sequences waiting for the watermark to confirm their missing events; while there
+        are some, callers should show the engine every record (:meth:`observe`)."""
+        return sum(len(run.missing.pending) for run in self._checks if run.missing is not None)
+
+    def watermark(self) -> float:
+        """The latest event time seen minus the allowed lateness."""
+        return self.clock - self.lateness
+
+    def advance(self, ts: float) -> list[Completion]:
+        """Event time ``ts`` was seen; the sequences whose missing events it confirms."""
+        if ts > self.clock:
+            self.clock = ts
+        return self._release(self.watermark())
+
+    def observe(self, record: Mapping[str, object]) -> list[Completion]:
+        """A record that hit no step still moves the watermark (read from the rules' timestamp
+        fields); the sequences it confirms."""
+        if not self._checks:
+            return []
+        view = self.table.fieldmap.view(record)
+        best = -math.inf
+        for f in self._time_fields:
+            ts = event_time(next(iter(view.values(f)), None))
+            if ts is not None and ts > best:
+                best = ts
+        return self.advance(best) if best > -math.inf else []
+
+    def flush(self) -> list[Completion]:
+        """End of input: decide every waiting sequence now."""
+        return self._release(math.inf)
+
+    def _release(self, watermark: float) -> list[Completion]:
+        out: list[Completion] = []
+        for run in self._checks:
+            assert run.missing is not None
+            if run.missing.pending:
+                for key, events in run.missing.release(watermark):
+                    out.append(Completion(run.rule, key, events))
         return out
 
     def step_hits(self, entries: bytes, spans: Seq[tuple[int, int]]) -> dict[int, list[int]]:
@@ -386,7 +483,7 @@ class SequenceEngine:
         if hits is None:
             hits = self.matcher.match(record)
         if not hits:
-            return []
+            return self.observe(record) if self._checks and self.pending() else []
         per_run: dict[int, set[int]] = {}
         for h in hits:
             for ri, stage in self._targets[h]:
@@ -395,6 +492,8 @@ class SequenceEngine:
         out: list[Completion] = []
         for ri, stages in per_run.items():
             out.extend(self._feed_run(self.runs[ri], stages, view))
+        if self._checks:
+            out.extend(self._release(self.watermark()))
         return out
 
     def _feed_run(self, run: _RuleRun, stages: set[int], view: RecordView) -> list[Completion]:
@@ -413,14 +512,34 @@ class SequenceEngine:
             if ts >= run.next_sweep:
                 state.expire(ts)
                 run.next_sweep = ts + max(state.span, 1.0)
+        late = ts < self.watermark()  # missing events: decisions may already have been made
+        if ts > self.clock:
+            self.clock = ts
         ordinal: Ordinal = (ts, _tiebreaker(view, seq.tiebreaker_field), self._arrival)
         ref: EventRef = {"timestamp": raw_ts, "id": event_id(view)}
         out: list[Completion] = []
-        for stage in sorted(stages - {UNTIL}, reverse=True):
+        missing = run.missing
+        if missing is not None:
+            if late:
+                missing.counters["missing_late"] = missing.counters.get("missing_late", 0) + 1
+            for code in stages:
+                if code <= MISSING:
+                    clause = MISSING - code
+                    for key in join_keys(view, seq.missing[clause].step.keys):
+                        missing.seen(clause, key, ts)
+        for stage in sorted((s for s in stages if s >= 0), reverse=True):
             for key in join_keys(view, seq.steps[stage].keys):
                 done = state.hit(stage, key, ordinal, ref)
-                if done is not None:
+                if done is None:
+                    continue
+                if missing is None:
                     out.append(Completion(run.rule, key, done))
+                    continue
+                times = [event_time(e["timestamp"]) for e in done[:-1]]
+                times.append(ts)
+                missing.candidate(
+                    key, [ts if t is None else t for t in times], _with_gaps(seq, done)
+                )
         if UNTIL in stages and seq.until is not None:
             for key in join_keys(view, seq.until.keys):
                 state.until(key, ordinal)
