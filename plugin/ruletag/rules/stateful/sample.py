@@ -118,12 +118,17 @@ def _assign(cands: list[list[_Cand]]) -> list[_Cand] | None:
     pick: list[_Cand | None] = [None] * len(cands)
 
     def place(f: int, seen: set[int]) -> bool:
-        for c in cands[f]:
+        for c in cands[f]:  # a free record first, the earliest
+            if c[1] not in owner and c[1] not in seen:
+                owner[c[1]] = f
+                pick[f] = c
+                return True
+        for c in cands[f]:  # else take one from a filter that can do with another
             if c[1] in seen:
                 continue
             seen.add(c[1])
             other = owner.get(c[1])
-            if other is None or place(other, seen):
+            if other is not None and place(other, seen):
                 owner[c[1]] = f
                 pick[f] = c
                 return True
