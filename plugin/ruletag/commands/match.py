@@ -6,13 +6,17 @@ writes every record as one JSON line, in input order. A record that matched gets
 ``detections`` (a list of :func:`ruletag.enrich.annotate.detection` dicts; the record that
 completes an EQL sequence gets a :func:`~ruletag.enrich.annotate.sequence_detection`, the
 record that reaches an Elastic threshold a :func:`~ruletag.enrich.annotate.threshold_detection`,
-with event time read from the records in file order) and is written re-serialised; a record that
+with event time read from the records in file order; an EQL sample likewise a
+:func:`~ruletag.enrich.annotate.sample_detection`) and is written re-serialised; a record that
 matched nothing is written without that key, as the server leaves unmatched records untouched:
 a JSON object that was alone on its input line is written as that line (surrounding whitespace
 and a BOM removed, its bytes unchanged), any other record as JSON. With ``--explain``, a matched
 record also gets the key ``explain``: per rule that fired, its traced condition tree
 (:mod:`ruletag.rules.explain`), so the output stays one JSON line per
-record and can be filtered with ``jq``.
+record and can be filtered with ``jq``. An EQL sequence with missing events ``![...]`` is
+confirmed once event time (minus ``--lateness``) has passed its window: the record that moved
+it carries the annotation, and those still waiting at the end of the input are written as one
+extra line ``{"end_of_input": true, "detections": [...]}`` (docs/rules.md "Missing events").
 
 Records are handled in batches (:data:`BATCH`): packed once into msgpack entries and matched
 with :meth:`~ruletag.rules.matcher.Matcher.match_entries` as the relay matches a chunk (the
