@@ -453,3 +453,11 @@ def _load(path: Path) -> list[Rule]:
         return [r for r in load_elastic_file(path) if r.kind in ("sequence", "sample")]
     except (InvalidRule, UnsupportedRule):
         return []
+
+
+def test_the_engine_default_lateness_is_the_config_default() -> None:
+    from ruletag.config.model import DEFAULT_LATENESS as CONFIGURED
+    from ruletag.rules.stateful.sequence import DEFAULT_LATENESS
+
+    assert DEFAULT_LATENESS == CONFIGURED
+    assert SequenceEngine([rule_of(TRAILING)]).lateness == CONFIGURED

@@ -32,6 +32,7 @@ import yaml
 
 from ruletag.config.model import (
     BUILTIN_RULES,
+    DEFAULT_LATENESS,
     DEFAULT_PORT,
     DEFAULT_RELOAD_INTERVAL,
     DEFAULT_RULE_COST_SAMPLE,
@@ -610,6 +611,7 @@ def _rules(data: object, base: Path | None) -> RulesConfig:
         tune_after=s.int_("tune_after", DEFAULT_TUNE_AFTER, 0),
         building_blocks=s.choice("building_blocks", _RULES.building_blocks, ("keep", "drop")),
         select=parse_select(s.raw("select"), "rules.select"),
+        lateness=s.duration("lateness", DEFAULT_LATENESS),
     )
     s.done()
     return cfg
