@@ -461,3 +461,18 @@ def test_the_engine_default_lateness_is_the_config_default() -> None:
 
     assert DEFAULT_LATENESS == CONFIGURED
     assert SequenceEngine([rule_of(TRAILING)]).lateness == CONFIGURED
+
+
+def test_missing_state_snapshot_and_restore() -> None:
+    state = MissingState([1], stages=1, span=10.0)
+    state.seen(0, ("k",), 3.0)
+    state.candidate(("k",), [0.0], ({"id": "a"}, dict(MISSING_REF)))
+    state.candidate(("j",), [1.0], ({"id": "b"}, dict(MISSING_REF)))
+    data = json.loads(json.dumps(state.snapshot()))
+    again = MissingState([1], stages=1, span=10.0)
+    again.restore(data)
+    assert again.stats()["missing_pending"] == 2 and again.stats()["missing_events"] == 1
+    assert again.flush() == [(("j",), ({"id": "b"}, {"missing": True}))]  # k: b at 3 rejects
+    other = MissingState([0], stages=1, span=10.0)
+    other.restore(data)  # another layout: ignored
+    assert other.stats()["missing_pending"] == 0

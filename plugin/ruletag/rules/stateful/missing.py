@@ -34,7 +34,7 @@ import itertools
 import math
 from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = ["MissingState"]
@@ -186,6 +186,34 @@ class MissingState:
             if not any(hist):
                 del self.history[key]
 
+    def snapshot(self) -> dict[str, Any]:
+        """The history and the pending candidates as JSON-able data (see :meth:`restore`);
+        payloads must be JSON-able themselves (event references are)."""
+        return {
+            "positions": list(self.positions),
+            "history": [[list(k), [list(t) for t in h]] for k, h in self.history.items()],
+            "pending": [
+                [_finite(d), list(k), list(times), [dict(e) for e in payload]]
+                for d, _, k, times, payload in sorted(self.pending)
+            ],
+        }
+
+    def restore(self, data: Mapping[str, Any]) -> None:
+        """Resume from :meth:`snapshot` output; data of another clause layout is ignored."""
+        if list(data.get("positions") or []) != list(self.positions):
+            return
+        self.history.clear()
+        for key, hist in data.get("history") or []:
+            if len(hist) == len(self.positions):
+                self.history[tuple(str(x) for x in key)] = [sorted(map(float, t)) for t in hist]
+        self.pending = []
+        for _, key, times, payload in data.get("pending") or []:
+            self.candidate(
+                tuple(str(x) for x in key),
+                [float(t) for t in times],
+                tuple(dict(e) for e in payload),
+            )
+
     def stats(self) -> dict[str, int]:
         """Keys with history, times held, pending candidates, and the counters."""
         out = {
@@ -195,3 +223,7 @@ class MissingState:
         }
         out.update(self.counters)
         return out
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
