@@ -299,6 +299,20 @@ def join_keys(view: RecordView, fields: Seq[str]) -> list[Key]:
     return [tuple(k) for k in itertools.product(*per_field)]
 
 
+def _plain_value(record: Mapping[str, object], name: str) -> object:
+    """``record[name]`` as a literal key or a path of nested maps; None if neither (cheap: no
+    field-map view, for the timestamp of records that hit no step)."""
+    value = record.get(name)
+    if value is not None or "." not in name:
+        return value
+    node: object = record
+    for part in name.split("."):
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(part)
+    return node
+
+
 def _with_gaps(seq: Any, refs: tuple[EventRef, ...]) -> tuple[EventRef, ...]:
     """The positive events ``refs`` with a :data:`MISSING_REF` where each missing clause
     stands, in clause order."""
@@ -449,10 +463,12 @@ class SequenceEngine:
         fields); the sequences it confirms."""
         if not self._checks:
             return []
-        view = self.table.fieldmap.view(record)
         best = -math.inf
         for f in self._time_fields:
-            ts = event_time(next(iter(view.values(f)), None))
+            ts = event_time(_plain_value(record, f))
+            if ts is None:  # an aliased or oddly nested field: the field map's full view
+                view = self.table.fieldmap.view(record)
+                ts = event_time(next(iter(view.values(f)), None))
             if ts is not None and ts > best:
                 best = ts
         return self.advance(best) if best > -math.inf else []
