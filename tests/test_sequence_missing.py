@@ -413,6 +413,24 @@ def test_ruletag_match_without_prefilter_gives_the_same_lines(tmp_path: Path) ->
     assert "detections" in fast[1] and len(fast) == 2
 
 
+LATE = ("--lateness", "-1")
+
+
+def test_ruletag_match_refuses_a_negative_lateness(tmp_path: Path) -> None:
+    src = tmp_path / "events.jsonl"
+    src.write_text("{}\n")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [str(ruletag_script()), "match", "--events", str(src), "--rules", str(ALERT_RULE), *LATE],
+        capture_output=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert b"--lateness" in proc.stderr
+
+
 # --------------------------------------------------------------------------- corpus
 
 
