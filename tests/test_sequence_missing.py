@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ruletag.errors import InvalidRule, UnsupportedRule
@@ -291,12 +291,25 @@ def test_one_engine_holds_plain_and_missing_event_rules() -> None:
 
 
 def test_missing_history_is_bounded_in_time() -> None:
-    state = MissingState([1], stages=1, span=10.0)
+    leading = MissingState([0], stages=1, span=10.0)  # ![b] [a]
     for t in range(100):
-        state.seen(0, ("k",), float(t))
-    state.release(100.0)
-    assert min(state.history[("k",)][0]) == 80.0  # older than watermark - 2 * maxspan: gone
-    assert state.stats()["missing_keys"] == 1
+        leading.seen(0, ("k",), float(t))
+    leading.release(100.0)
+    assert min(leading.history[("k",)][0]) == 80.0  # older than watermark - 2 * maxspan: gone
+    assert leading.stats()["missing_keys"] == 1
+
+
+def test_trailing_only_rejects_on_arrival_and_keeps_only_the_lateness_window() -> None:
+    state = MissingState([1], stages=1, span=10.0)  # [a] ![b]
+    state.candidate(("k",), [0.0], "first")
+    state.candidate(("k",), [50.0], "second")
+    state.seen(0, ("k",), 5.0)  # hits the first (in (0, 10]) at once
+    assert state.pending[0][5] is True
+    assert state.release(55.0) == []  # the first, rejected; the second waits (deadline 60)
+    assert state.stats()["missing_events"] == 0  # pruned back to the watermark
+    state.seen(0, ("k",), 58.0)  # hits the second at once
+    assert state.flush() == []
+    assert state.counters["missing_rejected"] == 2 and state.counters["missing_accepted"] == 0
 
 
 # --------------------------------------------------------------------------- property
@@ -319,6 +332,12 @@ def streams(draw: Any) -> tuple[list[tuple[float, str, str]], list[float]]:
 
 @settings(max_examples=80, deadline=None)
 @given(streams())
+@example(  # a b seen before a late a, then pruned before that a's decision (a fixed bug)
+    (
+        [(11.0, "h1", "a"), (0.0, "h1", "a"), (2.0, "h1", "b"), (1.0, "h1", "a")],
+        [0.0, 0.0, 0.0, 1.0],
+    )
+)
 def test_trailing_results_match_a_slow_reference_under_bounded_disorder(
     data: tuple[list[tuple[float, str, str]], list[float]],
 ) -> None:

@@ -24,7 +24,11 @@ time has come; :meth:`MissingState.flush` decides all of them (end of input).
 
 Bounds: missing-clause times older than ``watermark - 2 * maxspan`` are dropped (no candidate
 can need them unless it is itself later than that); at most ``max_keys`` keys (least recently
-used evicted first) and ``max_events`` times per key and clause (oldest first).
+used evicted first) and ``max_events`` times per key and clause (oldest first). With trailing
+clauses only (both corpus rules), a candidate is checked against the history when it is made
+and a missing-clause record rejects the waiting candidates it hits when it arrives, so times
+are only kept back to the watermark (for candidates still to come within the lateness): the
+history is the lateness window, not two maxspans.
 """
 
 from __future__ import annotations
@@ -68,10 +72,14 @@ class MissingState:
         self.middle = tuple(m for m, p in enumerate(self.positions) if 0 < p < stages)
         #: key -> per missing clause, the sorted distinct event times of its records
         self.history: OrderedDict[Key, list[list[float]]] = OrderedDict()
-        #: (deadline, order, key, positive times, payload): a heap by deadline
-        self.pending: list[tuple[float, int, Key, tuple[float, ...], Any]] = []
+        #: [deadline, order, key, positive times, payload, rejected]: a heap by deadline
+        self.pending: list[list[Any]] = []
+        #: key -> its pending entries (trailing clauses only: rejected as missing events come)
+        self.waiting: dict[Key, list[list[Any]]] = {}
+        self.trailing_only = bool(self.trailing) and not self.leading and not self.middle
         self._order = itertools.count()
         self._pruned = -math.inf
+        self._prune_every = max(1.0, min(span, 60.0))
         self.counters: dict[str, int] = {
             "missing_accepted": 0,
             "missing_rejected": 0,
@@ -91,6 +99,11 @@ class MissingState:
                 self.counters["missing_evicted_keys"] += 1
         else:
             self.history.move_to_end(key)
+        if self.trailing_only:
+            for entry in self.waiting.get(key, ()):
+                positives = entry[3]
+                if positives[-1] < ts <= positives[0] + self.span:
+                    entry[5] = True
         times = hist[clause]
         i = bisect_left(times, ts)
         if i < len(times) and times[i] == ts:
@@ -103,9 +116,15 @@ class MissingState:
     def candidate(self, key: Key, times: Sequence[float], payload: Any) -> None:
         """Positive events at ``times`` (one per positive step) matched for ``key``; decided
         once the watermark allows (``payload`` comes back with the decision)."""
-        heapq.heappush(
-            self.pending, (self.deadline(times), next(self._order), key, tuple(times), payload)
-        )
+        self._add(key, times, payload)
+
+    def _add(self, key: Key, times: Sequence[float], payload: Any) -> list[Any]:
+        entry = [self.deadline(times), next(self._order), key, tuple(times), payload, False]
+        heapq.heappush(self.pending, entry)
+        if self.trailing_only:  # decided as records come: the history may be pruned before
+            entry[5] = not self._accepts(key, times)
+            self.waiting.setdefault(key, []).append(entry)
+        return entry
 
     def deadline(self, times: Sequence[float]) -> float:
         """The event time the watermark must reach (trailing clauses: pass) to decide."""
@@ -122,11 +141,20 @@ class MissingState:
             deadline = self.pending[0][0]
             if watermark < deadline or (strict and watermark == deadline):
                 break
-            _, _, key, times, payload = heapq.heappop(self.pending)
-            if self.accepts(key, times):
+            entry = heapq.heappop(self.pending)
+            _, _, key, times, payload, rejected = entry
+            if self.trailing_only:
+                mine = self.waiting[key]
+                mine.remove(entry)
+                if not mine:
+                    del self.waiting[key]
+            if rejected:
+                self.counters["missing_rejected"] += 1
+            elif self.accepts(key, times):
                 out.append((key, payload))
-        if watermark - 2 * self.span > self._pruned + self.span:
-            self.prune(watermark - 2 * self.span)
+        bound = watermark if self.trailing_only else watermark - 2 * self.span
+        if bound > self._pruned + self._prune_every:
+            self.prune(bound)
         return out
 
     def flush(self) -> list[tuple[Key, Any]]:
@@ -193,8 +221,8 @@ class MissingState:
             "positions": list(self.positions),
             "history": [[list(k), [list(t) for t in h]] for k, h in self.history.items()],
             "pending": [
-                [_finite(d), list(k), list(times), [dict(e) for e in payload]]
-                for d, _, k, times, payload in sorted(self.pending)
+                [_finite(d), list(k), list(times), [dict(e) for e in payload], rejected]
+                for d, _, k, times, payload, rejected in sorted(self.pending)
             ],
         }
 
@@ -207,12 +235,14 @@ class MissingState:
             if len(hist) == len(self.positions):
                 self.history[tuple(str(x) for x in key)] = [sorted(map(float, t)) for t in hist]
         self.pending = []
-        for _, key, times, payload in data.get("pending") or []:
-            self.candidate(
+        self.waiting = {}
+        for _, key, times, payload, rejected in data.get("pending") or []:
+            entry = self._add(
                 tuple(str(x) for x in key),
                 [float(t) for t in times],
                 tuple(dict(e) for e in payload),
             )
+            entry[5] = bool(rejected)
 
     def stats(self) -> dict[str, int]:
         """Keys with history, times held, pending candidates, and the counters."""

@@ -481,9 +481,8 @@ class SequenceEngine:
         out: list[Completion] = []
         for run in self._checks:
             assert run.missing is not None
-            if run.missing.pending:
-                for key, events in run.missing.release(watermark):
-                    out.append(Completion(run.rule, key, events))
+            for key, events in run.missing.release(watermark):  # and prunes its history
+                out.append(Completion(run.rule, key, events))
         return out
 
     def step_hits(self, entries: bytes, spans: Seq[tuple[int, int]]) -> dict[int, list[int]]:
