@@ -258,13 +258,15 @@ def test_snapshot_and_restore_resume_open_samples() -> None:
         assert first.feed(rec) == []
     data = json.loads(json.dumps(first.snapshot()))  # JSON-able
     second = SampleEngine([rule])
-    second.restore(data)
+    assert second.restore(data) == 1
     (result,) = second.feed(ev("3", 3, "c"))
     assert [e["id"] for e in result.events] == ["1", "2", "3"]
     other = SampleEngine([rule_of(ABC, rule_id="other")])
     other.restore(data)  # a rule the snapshot does not know starts empty
     assert other.feed(ev("3", 3, "c")) == []
-    other.restore({"version": 99})  # an unknown format is ignored
+    assert other.restore({"version": 99}) == 0  # an unknown format is ignored
+    two = SampleEngine([rule_of('sample by h [process where x == "a"] [process where x == "b"]')])
+    assert two.restore(data) == 0  # the rule changed shape (2 filters, not 3)
     assert other.stats()["keys"] == 1
 
 

@@ -276,19 +276,26 @@ class SampleEngine:
                 }
                 for k, ks in run.state.keys.items()
             ]
-            rules[run.rule.id] = {"watermark": _finite(run.watermark), "keys": keys}
-        return {"version": 1, "arrival": self._arrival, "rules": rules}
+            rules[run.rule.id] = {
+                "filters": run.state.filters,
+                "watermark": _finite(run.watermark),
+                "keys": keys,
+            }
+        return {"kind": self.kind, "version": 1, "arrival": self._arrival, "rules": rules}
 
-    def restore(self, data: Mapping[str, Any]) -> None:
-        """Resume from :meth:`snapshot` output; rules it does not know start empty."""
+    def restore(self, data: Mapping[str, Any]) -> int:
+        """Resume from :meth:`snapshot` output; rules it does not know start empty. How many
+        rules were restored."""
         if data.get("version") != 1:
-            return
-        self._arrival = int(data.get("arrival", 0))
+            return 0
+        self._arrival = max(self._arrival, int(data.get("arrival", 0)))
         saved = data.get("rules") or {}
+        restored = 0
         for run in self.runs:
             got = saved.get(run.rule.id)
-            if not got:
+            if not got or got.get("filters") != run.state.filters:
                 continue
+            restored += 1
             wm = got.get("watermark")
             run.watermark = -math.inf if wm is None else float(wm)
             state = run.state
@@ -301,6 +308,7 @@ class SampleEngine:
                 ks.done = bool(item.get("done"))
                 ks.cands = [[(float(t), int(a), dict(ref)) for t, a, ref in g] for g in cands]
                 state.keys[tuple(str(x) for x in item["key"])] = ks
+        return restored
 
 
 def _finite(x: float) -> float | None:
