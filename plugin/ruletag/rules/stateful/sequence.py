@@ -54,6 +54,7 @@ import ujson
 from ruletag.rules.algebra import as_text
 from ruletag.rules.fields import FieldMap, RecordView
 from ruletag.rules.ir import Node, Rule
+from ruletag.rules.ir import Sequence as SequenceIR
 from ruletag.rules.stateful.missing import MissingState
 
 __all__ = [
@@ -313,7 +314,7 @@ def _plain_value(record: Mapping[str, object], name: str) -> object:
     return node
 
 
-def _with_gaps(seq: Any, refs: tuple[EventRef, ...]) -> tuple[EventRef, ...]:
+def _with_gaps(seq: SequenceIR, refs: tuple[EventRef, ...]) -> tuple[EventRef, ...]:
     """The positive events ``refs`` with a :data:`MISSING_REF` where each missing clause
     stands, in clause order."""
     out: list[EventRef] = []
