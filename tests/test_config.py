@@ -231,6 +231,15 @@ def test_rules_building_blocks_keep_or_drop() -> None:
         config_from_mapping({**MIN, "rules": {"paths": ["r/"], "building_blocks": "hide"}})
 
 
+def test_rules_lateness_is_a_duration() -> None:
+    cfg = config_from_mapping({**MIN, "rules": {"paths": ["r/"]}})
+    assert cfg.rules is not None and cfg.rules.lateness == 2.0
+    cfg = config_from_mapping({**MIN, "rules": {"paths": ["r/"], "lateness": "500ms"}})
+    assert cfg.rules is not None and cfg.rules.lateness == 0.5
+    with pytest.raises(ConfigError, match=r"rules\.lateness"):
+        config_from_mapping({**MIN, "rules": {"paths": ["r/"], "lateness": -1}})
+
+
 def test_validate_reports_building_blocks_left_out(tmp_path: Path, capsys: Any) -> None:
     rules = tmp_path / "rules"
     rules.mkdir()

@@ -403,14 +403,16 @@ def test_sequence_rule_file_loads_as_a_sequence_rule(tmp_path: Path) -> None:
     assert [s.keys for s in rule.sequence.steps] == [("host.id",), ("host.id",)]
 
 
-def test_missing_event_sequence_is_unsupported_with_line(tmp_path: Path) -> None:
+def test_missing_event_sequence_loads_with_its_missing_clause(tmp_path: Path) -> None:
     path = write_rule(
         tmp_path,
         query="sequence by host.id with maxspan=5m\n [process where true]\n ![file where true]",
     )
-    with pytest.raises(UnsupportedRule, match="missing events") as info:
-        load_elastic_file(path)
-    assert info.value.line == 16
+    (rule,) = load_elastic_file(path)
+    assert rule.kind == "sequence" and rule.sequence is not None
+    assert len(rule.sequence.steps) == 1
+    (gap,) = rule.sequence.missing
+    assert gap.position == 1 and gap.step.keys == ("host.id",)
 
 
 # --------------------------------------------------------------------------- corpus

@@ -672,3 +672,65 @@ def test_relay_sigma_correlation_counts_across_a_restart(
     assert corr["group"] == [{"field": "ComputerName", "value": "A"}]
     window = {"start": "2024-05-01T10:00:00.000Z", "end": "2024-05-01T10:01:39.000Z"}
     assert corr["window"] == window
+
+
+# --------------------------------------------------------------------------- missing events
+
+ALERT_RULE = SAMPLE / (
+    "elastic/rules/cross-platform/defense_evasion_missing_events_after_alert.toml"
+)
+
+
+def endpoint(ident: str, ts: str, host: str, **fields: Any) -> dict[str, Any]:
+    return {"@timestamp": ts, "event": {"id": ident}, "host": {"id": host}, **fields}
+
+
+def test_relay_confirms_missing_events_on_the_watermark_across_a_restart(
+    arun: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alert followed by no telemetry within 5 min (a corpus rule): h1's alert is pending when
+    the relay stops; the restarted relay resumes it from the checkpoint and confirms it on the
+    first record whose event time passes the window (the last of a chunk, which hits no step:
+    it only moves the watermark). h2's alert, followed by a process event, never completes."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    state = {"path": str(tmp_path / "state"), "snapshot_interval": "1h"}
+    alert = {"data_stream": {"dataset": "endpoint.alerts"}}
+    first = [
+        endpoint("a1", "2026-03-01T10:00:00.000Z", "h1", **alert),
+        endpoint("a2", "2026-03-01T10:01:00.000Z", "h2", **alert),
+        endpoint("p2", "2026-03-01T10:02:00.000Z", "h2", event={"id": "p2", "category": "process"}),
+        endpoint("n1", "2026-03-01T10:03:00.000Z", "h3"),
+    ]
+    second = [
+        endpoint("n2", "2026-03-01T10:04:00.000Z", "h3"),
+        endpoint("n3", "2026-03-01T10:06:30.000Z", "h3"),
+    ]
+
+    async def run_relay(records: list[dict[str, Any]]) -> tuple[list[bytes], list[Any], Any]:
+        async with Sink() as sink:
+            relay = Relay(make_config([ALERT_RULE], sink.port, state=state))
+            await relay.startup()
+            try:
+                assert relay.server is not None
+                sent = await send(relay.server.port, [records])
+                stage = relay.enrichment.stage()
+                assert stage is not None
+                stats = stage.stats()
+            finally:
+                await relay.shutdown()
+            return sent, received(sink), stats
+
+    sent1, got1, stats1 = arun(run_relay(first), timeout=120)
+    assert check_annotated(got1, sent1) == {}
+    assert stats1["sequence"]["missing_pending"] == 2
+    sent2, got2, stats2 = arun(run_relay(second), timeout=120)
+    found = check_annotated(got2, sent2)
+    assert sorted(found) == ["n3"]
+    (d,) = found["n3"]
+    assert d["sequence"]["keys"] == ["h1"]
+    assert d["sequence"]["events"] == [
+        {"timestamp": "2026-03-01T10:00:00.000Z", "id": "a1"},
+        {"missing": True},
+    ]
+    assert stats2["sequence"]["missing_pending"] == 0
+    assert stats2["sequence"]["missing_rejected"] == 1  # h2

@@ -185,6 +185,13 @@ def _add_match(sub: argparse._SubParsersAction) -> None:
         help="Elastic new_terms rules fire from the first record (default: each rule learns "
         "for its history window of event time first, like a fresh server)",
     )
+    p.add_argument(
+        "--lateness",
+        type=float,
+        metavar="SECONDS",
+        help="allowed lateness of event time: an EQL sequence that needs an event to be "
+        "missing is confirmed once a record this much past its window is seen (default 2)",
+    )
     add_select_flags(p)
     p.set_defaults(func=_run_match)
 

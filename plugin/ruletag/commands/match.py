@@ -6,16 +6,19 @@ writes every record as one JSON line, in input order. A record that matched gets
 ``detections`` (a list of :func:`ruletag.enrich.annotate.detection` dicts; the record that
 completes an EQL sequence gets a :func:`~ruletag.enrich.annotate.sequence_detection`, the
 record that reaches an Elastic threshold a :func:`~ruletag.enrich.annotate.threshold_detection`,
-the record that shows a new_terms combination first a
-:func:`~ruletag.enrich.annotate.new_terms_detection` (after each rule's learning period unless
-``--new-terms-no-learning``), with event time read from the records in file order) and is
-written re-serialised; a record that matched nothing is written without that key, as the
-server leaves unmatched records untouched: a JSON object that was alone on its input line is
-written as that line (surrounding whitespace and a BOM removed, its bytes unchanged), any
-other record as JSON. With ``--explain``, a matched
+with event time read from the records in file order; the record that shows a new_terms
+combination first a :func:`~ruletag.enrich.annotate.new_terms_detection` (after each rule's
+learning period unless ``--new-terms-no-learning``); an EQL sample a
+:func:`~ruletag.enrich.annotate.sample_detection`) and is written re-serialised; a record that
+matched nothing is written without that key, as the server leaves unmatched records untouched:
+a JSON object that was alone on its input line is written as that line (surrounding whitespace
+and a BOM removed, its bytes unchanged), any other record as JSON. With ``--explain``, a matched
 record also gets the key ``explain``: per rule that fired, its traced condition tree
 (:mod:`ruletag.rules.explain`), so the output stays one JSON line per
-record and can be filtered with ``jq``.
+record and can be filtered with ``jq``. An EQL sequence with missing events ``![...]`` is
+confirmed once event time (minus ``--lateness``) has passed its window: the record that moved
+it carries the annotation, and those still waiting at the end of the input are written as one
+extra line ``{"end_of_input": true, "detections": [...]}`` (docs/rules.md "Missing events").
 
 Records are handled in batches (:data:`BATCH`): packed once into msgpack entries and matched
 with :meth:`~ruletag.rules.matcher.Matcher.match_entries` as the relay matches a chunk (the
@@ -48,7 +51,7 @@ from ruletag.rules.fields import FieldMap
 from ruletag.rules.loader import source_of
 from ruletag.rules.matcher import Matcher
 from ruletag.rules.select import Selection
-from ruletag.rules.stateful import Engine, stateful_engines
+from ruletag.rules.stateful import Clocked, Engine, stateful_engines
 from ruletag.rules.stateful.newterms import configure_new_terms, learning_note
 
 # --------------------------------------------------------------------------- match
@@ -282,6 +285,10 @@ class MatchContext:
         #: per engine, record index -> its step hits, when the raw pre-filter found them
         #: (None: unknown, the engine matches each record itself)
         self._step_hits: list[dict[int, list[int]] | None] = [None] * len(self.engines)
+        #: per engine, itself when its results may wait for event time (missing events)
+        self._clocked: list[Clocked | None] = [
+            e if isinstance(e, Clocked) else None for e in self.engines
+        ]
         self.rules = table.rules
         self.annotations = [detection(r) for r in table.rules]
         self.prefilter = prefilter
@@ -370,15 +377,31 @@ class MatchContext:
         engine. An engine whose step hits the batch's raw pre-filter found sees only the
         records that hit a step."""
         out: list[dict[str, Any]] = []
-        for engine, steps in zip(self.engines, self._step_hits, strict=True):
+        for engine, steps, clocked in zip(
+            self.engines, self._step_hits, self._clocked, strict=True
+        ):
             if steps is None:
                 done = engine.feed(record)
             elif i in steps:
                 done = engine.feed(record, steps[i])
+            elif clocked is not None and clocked.pending():
+                done = clocked.observe(record)  # moves the watermark: may release results
             else:
                 continue
             out.extend(stateful_detection(r) for r in done)
         return out
+
+    def finish(self) -> bytes:
+        """End of input: the results still waiting for event time (EQL missing events),
+        decided now, as one extra JSON line ``{"end_of_input": true, "detections": [...]}``;
+        empty when there are none."""
+        done: list[dict[str, Any]] = []
+        for clocked in self._clocked:
+            if clocked is not None:
+                done.extend(stateful_detection(r) for r in clocked.flush())
+        if not done:
+            return b""
+        return _utf8(dump_record({"end_of_input": True, "detections": done})) + b"\n"
 
 
 def _utf8(text: str) -> bytes:
@@ -403,7 +426,7 @@ def match(ns: argparse.Namespace) -> int:
         explain=bool(getattr(ns, "explain", False)),
         # stateful rules (EQL sequences, thresholds, ...): fed the records in file order,
         # event time from the records
-        engines=engines,
+        engines=_with_lateness(engines, ns),
     )
     out = _binary_stdout()
     try:
@@ -414,6 +437,7 @@ def match(ns: argparse.Namespace) -> int:
     try:
         for batch in read_batches(src):
             out.write(ctx.render_batch(batch, ctx.match_batch(batch)))
+        out.write(ctx.finish())
     except (ValueError, OSError) as exc:  # msgpack errors are ValueErrors
         out.flush()
         print(f"ruletag: {ns.events}: {exc}", file=sys.stderr)
@@ -428,6 +452,18 @@ def match(ns: argparse.Namespace) -> int:
     if note is not None:
         print(f"ruletag: {note}", file=sys.stderr)
     return 0
+
+
+def _with_lateness(engines: list[Engine], ns: argparse.Namespace) -> list[Engine]:
+    """``engines`` with ``--lateness`` set on those that wait for event time."""
+    lateness = getattr(ns, "lateness", None)
+    if lateness is not None:
+        if lateness < 0:
+            raise ConfigError("--lateness: must be 0 or more seconds")
+        for e in engines:
+            if isinstance(e, Clocked):
+                e.lateness = float(lateness)
+    return engines
 
 
 def _tune_after(ns: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ import yaml
 
 from ruletag.config.model import (
     BUILTIN_RULES,
+    DEFAULT_LATENESS,
     DEFAULT_PORT,
     DEFAULT_RELOAD_INTERVAL,
     DEFAULT_RULE_COST_SAMPLE,
@@ -615,6 +616,7 @@ def _rules(data: object, base: Path | None) -> RulesConfig:
         building_blocks=s.choice("building_blocks", _RULES.building_blocks, ("keep", "drop")),
         select=parse_select(s.raw("select"), "rules.select"),
         new_terms=parse_new_terms(s.raw("new_terms"), "rules.new_terms"),
+        lateness=s.duration("lateness", DEFAULT_LATENESS),
     )
     s.done()
     return cfg

@@ -46,6 +46,8 @@ forward.entry_format               v1           v1 = ``[time, record]``; v2 keep
 rules.reload_interval              5 s          poll rule files for changes (0 = SIGHUP only)
 rules.exclude                      []           rule ids or names (globs) left out of the table
 rules.building_blocks              keep         drop = leave Elastic building-block rules out
+rules.lateness                     2 s          stateful rules: allowed lateness of event time
+                                                (EQL missing events wait for it)
 rules.select.sources               sigma,       rule front-ends kept
                                    elastic
 rules.select.min_level             informa-     lowest Sigma ``level`` / Elastic ``severity``
@@ -219,6 +221,8 @@ class LogConfig:
 #: ``rules.paths`` value that selects the rules bundled in ``ruletag/data/rules``.
 BUILTIN_RULES: Final = "builtin:seeds"
 DEFAULT_RELOAD_INTERVAL: Final = 5.0
+#: ``rules.lateness``: seconds records may arrive behind the latest event time seen
+DEFAULT_LATENESS: Final = 2.0
 DEFAULT_TUNE_AFTER: Final = 20_000  # records the pre-filter observes before re-tuning
 
 
@@ -301,6 +305,7 @@ class RulesConfig:
     building_blocks: str = "keep"  # keep | drop: Elastic building-block rules in the table or not
     select: SelectConfig = field(default_factory=SelectConfig)  # rules.select
     new_terms: NewTermsConfig = field(default_factory=NewTermsConfig)  # rules.new_terms
+    lateness: float = DEFAULT_LATENESS  # stateful rules: event-time lateness of the watermark
 
 
 @dataclass(frozen=True, slots=True)

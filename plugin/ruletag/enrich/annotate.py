@@ -110,6 +110,16 @@ def correlation_detection(
     return d
 
 
+def sample_detection(
+    rule: Rule, keys: Iterable[str], events: Iterable[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """A completed EQL sample: :func:`detection` plus ``sample``: the join-key values and a
+    reference (``timestamp``, ``id``) of every record of the sample, in filter order."""
+    d = detection(rule)
+    d["sample"] = {"keys": list(keys), "events": [dict(e) for e in events]}
+    return d
+
+
 def stateful_detection(result: object) -> dict[str, Any]:
     """What a stateful engine returned (:mod:`ruletag.rules.stateful`) as an annotation."""
     from ruletag.rules.stateful.sequence import Completion
@@ -136,4 +146,9 @@ def stateful_detection(result: object) -> dict[str, Any]:
         return correlation_detection(
             result.rule, result.type, result.group, result.value, window, result.events
         )
+
+    from ruletag.rules.stateful.sample import SampleResult
+
+    if isinstance(result, SampleResult):
+        return sample_detection(result.rule, result.keys, result.events)
     raise TypeError(f"no annotation for a stateful result of type {type(result).__name__}")

@@ -28,7 +28,7 @@ import msgpack
 
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import Rule
-from ruletag.rules.stateful import Engine, stateful_engines
+from ruletag.rules.stateful import Clocked, Engine, stateful_engines
 from ruletag.rules.stateful.snapshot import rule_digest
 
 log = logging.getLogger(__name__)
@@ -71,44 +71,72 @@ class StatefulStage:
     # ------------------------------------------------------------------ the hot path
 
     def results(self, entries: bytes, spans: Sequence[tuple[int, int]]) -> dict[int, list[Any]]:
-        """Entry index -> what the entry completed, for the entries that completed something."""
+        """Entry index -> what the entry completed, for the entries that completed something.
+
+        Engines waiting for event time (EQL missing events, :class:`Clocked`) also see the
+        chunk's last record while they have results pending: it moves their watermark, and
+        carries what that releases."""
         engines = self.engines
         steps = [e.step_hits(entries, spans) for e in engines]
         if any(s is None for s in steps):
-            todo: Iterable[int] = range(len(spans))
+            todo: list[int] = list(range(len(spans)))
         else:
             wanted: set[int] = set()
             for s in steps:
                 if s:
                     wanted.update(s)
-            if not wanted:
-                return {}
             todo = sorted(wanted)
         out: dict[int, list[Any]] = {}
         view = memoryview(entries)
         for idx in todo:
-            start, end = spans[idx]
-            try:
-                entry = _unpack(view[start:end])
-                record = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
-            except Exception as exc:
-                self._error(idx, exc)
-                continue
-            if not isinstance(record, dict):
-                continue
-            self.records_fed += 1
-            done: list[Any] = []
-            for engine, hits in zip(engines, steps, strict=True):
-                try:
-                    if hits is None:
-                        done.extend(engine.feed(record))
-                    elif idx in hits:
-                        done.extend(engine.feed(record, hits[idx]))
-                except Exception as exc:  # a bug or an odd record must not block the chunk
-                    self._error(idx, exc)
-            if done:
-                out[idx] = done
+            self._one(view, spans, idx, steps, out)
+        last = len(spans) - 1
+        if last >= 0 and (not todo or todo[-1] != last) and self._pending():
+            self._one(view, spans, last, steps, out)
         return out
+
+    def _pending(self) -> bool:
+        return any(isinstance(e, Clocked) and e.pending() for e in self.engines)
+
+    def _one(
+        self,
+        view: memoryview,
+        spans: Sequence[tuple[int, int]],
+        idx: int,
+        steps: Sequence[dict[int, list[int]] | None],
+        out: dict[int, list[Any]],
+    ) -> None:
+        """Feed entry ``idx`` to the engines it hit a step of (observe it in the clocked
+        engines that wait for event time); its results into ``out``."""
+        start, end = spans[idx]
+        try:
+            entry = _unpack(view[start:end])
+            record = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+        except Exception as exc:
+            self._error(idx, exc)
+            return
+        if not isinstance(record, dict):
+            return
+        self.records_fed += 1
+        done: list[Any] = []
+        for engine, hits in zip(self.engines, steps, strict=True):
+            try:
+                if hits is None:
+                    done.extend(engine.feed(record))
+                elif idx in hits:
+                    done.extend(engine.feed(record, hits[idx]))
+                elif isinstance(engine, Clocked) and engine.pending():
+                    done.extend(engine.observe(record))
+            except Exception as exc:  # a bug or an odd record must not block the chunk
+                self._error(idx, exc)
+        if done:
+            out[idx] = done
+
+    def set_lateness(self, lateness: float) -> None:
+        """``rules.lateness`` on the engines that wait for event time."""
+        for e in self.engines:
+            if isinstance(e, Clocked):
+                e.lateness = float(lateness)
 
     def _error(self, idx: int, exc: Exception) -> None:
         self.record_errors += 1

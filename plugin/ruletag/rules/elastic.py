@@ -14,6 +14,8 @@ filters are the condition, ``[rule.new_terms]`` gives the term fields and the hi
 ``@timestamp`` fallback unless ``timestamp_override_fallback_disabled``). Other query
 languages, other rule types and deprecated rules raise UnsupportedRule with a short reason
 that groups well in load reports.
+An EQL ``sample`` becomes a ``kind="sample"`` rule (its filters get the rule's filters, time
+field and look-back).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ruletag.rules.ir import (
     NewTerms,
     Node,
     Rule,
+    Sample,
     Sequence,
     Step,
     Threshold,
@@ -104,6 +107,7 @@ def load_elastic_file(path: Path) -> list[Rule]:
     assert isinstance(query, str) and isinstance(rule_id, str) and isinstance(name, str)
 
     sequence: Sequence | None = None
+    sample: Sample | None = None
     condition: Node
     try:
         # The index patterns (``index``, ES|QL's FROM) are not used yet.
@@ -112,6 +116,8 @@ def load_elastic_file(path: Path) -> list[Rule]:
             parsed = parse_eql_query(query, str(category))
             if isinstance(parsed, Sequence):
                 sequence, condition = parsed, Const(True)
+            elif isinstance(parsed, Sample):
+                sample, condition = parsed, Const(True)
             else:
                 condition = parsed
         elif language == "esql":
@@ -129,6 +135,9 @@ def load_elastic_file(path: Path) -> list[Rule]:
     if sequence is not None:
         sequence = _sequence_of_rule(sequence, condition, rule)
         condition = Const(False)  # the single-event table never fires a sequence rule
+    if sample is not None:
+        sample = _sample_of_rule(sample, condition, rule)
+        condition = Const(False)  # the sample engine joins it, the table never fires it
     threshold: Threshold | None = None
     if rtype == "threshold":
         threshold = _threshold_of_rule(condition, rule, where, query_line)
@@ -166,6 +175,8 @@ def load_elastic_file(path: Path) -> list[Rule]:
             kind=(
                 "sequence"
                 if sequence is not None
+                else "sample"
+                if sample is not None
                 else "threshold"
                 if threshold is not None
                 else "new_terms"
@@ -175,6 +186,7 @@ def load_elastic_file(path: Path) -> list[Rule]:
             sequence=sequence,
             threshold=threshold,
             new_terms=new_terms,
+            sample=sample,
         )
     ]
 
@@ -189,9 +201,19 @@ def _sequence_of_rule(seq: Sequence, filters: Node, rule: dict[str, Any]) -> Seq
         seq,
         steps=tuple(step(s) for s in seq.steps),
         until=step(seq.until) if seq.until is not None else None,
+        missing=tuple(dataclasses.replace(m, step=step(m.step)) for m in seq.missing),
         timestamp_field=str(rule.get("timestamp_field") or "@timestamp"),
         tiebreaker_field=str(rule["tiebreaker_field"]) if rule.get("tiebreaker_field") else None,
         ttl=_lookback(rule),
+    )
+
+
+def _sample_of_rule(sample: Sample, filters: Node, rule: dict[str, Any]) -> Sample:
+    """``sample`` with the rule's filters on every filter, its time field and look-back."""
+    return Sample(
+        steps=tuple(Step(and_(s.condition, filters), s.keys) for s in sample.steps),
+        ttl=_lookback(rule),
+        timestamp_field=str(rule.get("timestamp_field") or "@timestamp"),
     )
 
 

@@ -3,8 +3,9 @@
 ``parse_eql("process where process.name : \\"cmd.exe\\"")`` returns the condition;
 :func:`parse_eql_query` also accepts ``sequence`` queries and returns an IR
 :class:`~ruletag.rules.ir.Sequence` for them (shared ``by`` keys prepended to every step's own,
-``with runs=N`` expanded into N steps, ``maxspan`` in seconds). Missing-event steps
-(``![...]``), samples, joins and pipes raise UnsupportedRule. The grammar is ``eql.lark``; the
+``with runs=N`` expanded into N steps, ``maxspan`` in seconds, missing-event clauses
+``![...]`` in ``Sequence.missing``) and an IR :class:`~ruletag.rules.ir.Sample` for ``sample
+by`` queries. Joins and pipes raise UnsupportedRule. The grammar is ``eql.lark``; the
 semantics are Elasticsearch's (not the ``eql`` package's):
 
 * ``<category> where <cond>`` adds ``Match("event.category", (category,), cased=True)``;
@@ -76,10 +77,12 @@ from ruletag.rules.ir import (
     IsNull,
     Literal_,
     Match,
+    MissingStep,
     Node,
     Not,
     Predicate,
     Regex,
+    Sample,
     Sequence,
     Step,
     ValueExpr,
@@ -101,7 +104,7 @@ _ESCAPES = {"t": "\t", "b": "\b", "f": "\f", "n": "\n", "r": "\r", '"': '"', "'"
 _UNICODE_ESCAPE = re.compile(r"u\{([0-9A-Fa-f]{2,8})\}")
 _STATEFUL = {
     "sequence": "EQL sequence: not a single-event query",
-    "sample": "EQL sample: stateful rules not supported yet",
+    "sample": "EQL sample: not a single-event query",
     "join": "EQL join is not supported",
 }
 
@@ -119,14 +122,15 @@ def parse_eql(query: str, category_field: str = CATEGORY_FIELD) -> Node:
     UnsupportedRule for sequences, samples, joins, pipes and unknown functions.
     """
     result = parse_eql_query(query, category_field, sequences=False)
-    assert not isinstance(result, Sequence)
+    assert not isinstance(result, Sequence | Sample)
     return result
 
 
 def parse_eql_query(
     query: str, category_field: str = CATEGORY_FIELD, *, sequences: bool = True
-) -> Node | Sequence:
-    """An IR condition for a single-event query, an IR :class:`Sequence` for a sequence.
+) -> Node | Sequence | Sample:
+    """An IR condition for a single-event query, an IR :class:`Sequence` for a sequence, an IR
+    :class:`Sample` for a sample.
 
     ``category_field``: the field ``<category> where`` tests (the rule's
     ``event_category_override``). The sequence's time fields are the defaults; the caller
@@ -139,7 +143,7 @@ def parse_eql_query(
     query_node = tree.children[0]
     assert isinstance(query_node, Tree)
     stateful = query_node.data in _STATEFUL
-    if stateful and not (sequences and query_node.data == "sequence"):
+    if stateful and not (sequences and query_node.data in ("sequence", "sample")):
         raise UnsupportedRule(_STATEFUL[query_node.data], line=_line_of(query_node))
     pipes = tree.children[1:]
     if pipes:
@@ -148,6 +152,8 @@ def parse_eql_query(
         raise UnsupportedRule(
             f"EQL pipe '{first.children[0]}' is not supported", line=_line_of(first)
         )
+    if stateful and query_node.data == "sample":
+        return _sample(query_node, category_field)
     if stateful:
         return _sequence(query_node, category_field)
     return _condition(query_node, category_field)
@@ -173,6 +179,7 @@ def _sequence(node: Tree, category_field: str) -> Sequence:
     shared: tuple[str, ...] = ()
     maxspan: float | None = None
     steps: list[Step] = []
+    missing: list[MissingStep] = []
     until: Step | None = None
     for child in node.children:
         if not isinstance(child, Tree):
@@ -189,24 +196,62 @@ def _sequence(node: Tree, category_field: str) -> Sequence:
                 elif isinstance(part, Tree) and part.data == "maxspan":
                     maxspan = _maxspan(part)
         elif child.data == "seq_term":
-            missing = any(isinstance(c, Token) and c.type == "MISSING" for c in child.children)
-            if missing:
-                raise UnsupportedRule(
-                    "EQL sequence: missing events ![...] not supported yet (need a watermark)",
-                    line=_line_of(child),
-                )
+            absent = any(isinstance(c, Token) and c.type == "MISSING" for c in child.children)
             cond, keys, runs = _term(child, category_field)
-            steps.extend([Step(cond, shared + keys)] * runs)
+            if absent:
+                if any(isinstance(c, Tree) and c.data == "runs" for c in child.children):
+                    raise InvalidRule(
+                        "EQL sequence: a missing event ![...] cannot have runs",
+                        line=_line_of(child),
+                    )
+                missing.append(MissingStep(len(steps), Step(cond, shared + keys)))
+            else:
+                steps.extend([Step(cond, shared + keys)] * runs)
         elif child.data == "until_clause":
             cond, keys, _ = _term(child, category_field)
             until = Step(cond, shared + keys)
     line = _line_of(node)
-    if len(steps) < 2:
+    if missing and not steps:
+        raise InvalidRule("EQL sequence: a sequence needs a positive (not missing) step", line=line)
+    if missing and maxspan is None:
+        raise InvalidRule(
+            "EQL sequence: a sequence with missing events ![...] needs 'with maxspan'", line=line
+        )
+    if len(steps) + len(missing) < 2:
         raise InvalidRule("EQL sequence: a sequence needs at least two steps", line=line)
-    widths = {len(s.keys) for s in steps} | ({len(until.keys)} if until else set())
+    widths = {len(s.keys) for s in steps} | {len(m.step.keys) for m in missing}
+    widths |= {len(until.keys)} if until else set()
     if len(widths) > 1:
         raise InvalidRule("EQL sequence: inconsistent number of join keys specified", line=line)
-    return Sequence(tuple(steps), maxspan, until)
+    return Sequence(tuple(steps), maxspan, until, missing=tuple(missing))
+
+
+def _sample(node: Tree, category_field: str) -> Sample:
+    """``sample [by k..] [filter] [by f..] ...``: shared keys first, as for sequences."""
+    shared: tuple[str, ...] = ()
+    steps: list[Step] = []
+    children = [c for c in node.children if isinstance(c, Tree)]
+    i = 0
+    if children and children[0].data == "join_keys":
+        shared = _join_keys(children[0])
+        i = 1
+    while i < len(children):
+        sub = children[i]
+        assert sub.data == "subquery"
+        inner = sub.children[0]
+        assert isinstance(inner, Tree)
+        keys: tuple[str, ...] = ()
+        if i + 1 < len(children) and children[i + 1].data == "join_keys":
+            keys = _join_keys(children[i + 1])
+            i += 1
+        steps.append(Step(_condition(inner, category_field), shared + keys))
+        i += 1
+    line = _line_of(node)
+    if len(steps) < 2:
+        raise InvalidRule("EQL sample: a sample needs at least two filters", line=line)
+    if len({len(s.keys) for s in steps}) > 1:
+        raise InvalidRule("EQL sample: inconsistent number of join keys specified", line=line)
+    return Sample(tuple(steps))
 
 
 def _term(node: Tree, category_field: str) -> tuple[Node, tuple[str, ...], int]:

@@ -30,6 +30,8 @@ engines in ``rules/stateful/`` match those conditions and keep the state. A stat
 
 Elastic ``new_terms`` rules (``Rule.kind == "new_terms"``) are stateful the same way: a
 :class:`NewTerms` holds one condition plus the term fields and the history window.
+
+An EQL ``sample`` is ``Rule.kind == "sample"`` with a :class:`Sample`.
 """
 
 from __future__ import annotations
@@ -230,6 +232,15 @@ class Step:
 
 
 @dataclass(frozen=True, slots=True)
+class MissingStep:
+    """A missing-event clause ``![...]`` of a :class:`Sequence`: ``position`` is the number of
+    positive steps before it (0: leading, ``len(steps)``: trailing, else between two)."""
+
+    position: int
+    step: Step
+
+
+@dataclass(frozen=True, slots=True)
 class Sequence:
     """An EQL ``sequence``: ``steps`` in order (``with runs=N`` already expanded into N steps),
     ``maxspan`` in seconds (inclusive, from the first event; None: no bound), ``until`` (an
@@ -242,6 +253,8 @@ class Sequence:
     tiebreaker_field: str | None = None
     #: seconds a partial may live when ``maxspan`` is None (the rule's look-back)
     ttl: float = 540.0
+    #: missing-event clauses ``![...]``, which are not in ``steps`` (``maxspan`` is then set)
+    missing: tuple[MissingStep, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +327,17 @@ class Correlation:
     timestamp_field: str = "@timestamp"
 
 
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """An EQL ``sample by``: one distinct record per step, all with the same join-key values
+    (the steps' ``keys`` line up by position), in any order, within ``ttl`` seconds (the
+    rule's look-back) of the key's first record."""
+
+    steps: tuple[Step, ...]
+    ttl: float = 540.0
+    timestamp_field: str = "@timestamp"
+
+
 Severity = Literal["informational", "low", "medium", "high", "critical"]
 
 #: Risk score given to rules that carry none (Sigma), by severity; Elastic's own convention.
@@ -343,7 +367,7 @@ class Rule:
     techniques: tuple[Attack, ...] = ()
     logsource: Logsource | None = None
     modified: str = ""  # ISO date of the last change; the newest copy of a duplicate id wins
-    kind: Literal["event", "sequence", "threshold", "new_terms", "correlation"] = "event"
+    kind: Literal["event", "sequence", "threshold", "new_terms", "correlation", "sample"] = "event"
     tags: tuple[str, ...] = field(default=())
     building_block: bool = False  # Elastic ``building_block_type``: an input to other rules
     status: str = ""  # Sigma ``status`` / Elastic ``metadata.maturity``, as the file says it
@@ -353,6 +377,7 @@ class Rule:
     new_terms: NewTerms | None = None  # set when ``kind == "new_terms"``
     correlation: Correlation | None = None  # set when ``kind == "correlation"``
     ref_name: str = ""  # Sigma ``name``: how correlation rules may refer to the rule
+    sample: Sample | None = None  # set when ``kind == "sample"``
 
 
 def value_fields(v: ValueExpr | tuple[ValueExpr, ...]) -> tuple[str, ...]:

@@ -184,6 +184,7 @@ def filter_factory(config: Config) -> Callable[[CompiledTable], RuleFilter]:
         if stage is not None and config.rules is not None:
             nt = config.rules.new_terms
             configure_new_terms(stage.engines, learn=nt.learn, max_terms=nt.max_terms)
+            stage.set_lateness(config.rules.lateness)
         workers = max(config.workers, config.worker_of)  # a worker, or validate/test
         if stage is not None and workers > 1:
             counts = ", ".join(f"{n} {k}" for k, n in sorted(stage.rule_counts().items()))

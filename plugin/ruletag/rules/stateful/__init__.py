@@ -9,13 +9,13 @@ rule adds its builder there and its annotation to
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from ruletag.rules.fields import FieldMap
     from ruletag.rules.ir import Rule
 
-__all__ = ["Engine", "builders", "stateful_engines"]
+__all__ = ["Clocked", "Engine", "builders", "stateful_engines"]
 
 
 class Engine(Protocol):
@@ -40,6 +40,26 @@ class Engine(Protocol):
         ...
 
 
+@runtime_checkable
+class Clocked(Protocol):
+    """An engine some of whose results wait for event time to pass (EQL missing events): the
+    watermark is the latest event time seen minus ``lateness`` seconds."""
+
+    lateness: float
+
+    def pending(self) -> int:
+        """Results waiting for the watermark; while any, show every record to :meth:`observe`."""
+        ...
+
+    def observe(self, record: Mapping[str, object]) -> list[Any]:
+        """A record the engine was not fed moves the watermark; the results that releases."""
+        ...
+
+    def flush(self) -> list[Any]:
+        """End of input: every waiting result, decided now."""
+        ...
+
+
 Builder = Callable[["Iterable[Rule]", "FieldMap | None"], "Engine | None"]
 
 
@@ -47,10 +67,17 @@ def builders() -> list[Builder]:
     """The engine builders, one per stateful rule kind (imported late: no import cycle)."""
     from ruletag.rules.stateful.correlation import CorrelationEngine
     from ruletag.rules.stateful.newterms import NewTermsEngine
+    from ruletag.rules.stateful.sample import SampleEngine
     from ruletag.rules.stateful.sequence import SequenceEngine
     from ruletag.rules.stateful.threshold import ThresholdEngine
 
-    return [SequenceEngine.of, ThresholdEngine.of, NewTermsEngine.of, CorrelationEngine.of]
+    return [
+        SequenceEngine.of,
+        ThresholdEngine.of,
+        NewTermsEngine.of,
+        CorrelationEngine.of,
+        SampleEngine.of,
+    ]
 
 
 def stateful_engines(rules: Iterable[Rule], fieldmap: FieldMap | None = None) -> list[Engine]:

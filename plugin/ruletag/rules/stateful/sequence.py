@@ -27,6 +27,13 @@ expiries and late records.
 are compiled into a small table of their own (the main table holds sequence rules as
 never-firing entries), a record's step hits go to the rules' state machines, and completed
 sequences come back as :class:`Completion` values.
+
+Missing events ``![...]`` (:mod:`.missing`): the positive steps are matched as above, then each
+completed match waits until the engine's watermark (the latest event time it has seen, minus
+``lateness`` seconds) shows the missing clauses absent; it is returned by the :meth:`feed` (or
+:meth:`SequenceEngine.observe`) call whose record moved the watermark far enough, so the
+annotation goes on that record, or by :meth:`SequenceEngine.flush` at the end of the input.
+Its ``events`` hold ``{"missing": true}`` placeholders where the missing clauses stand.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ import ujson
 from ruletag.rules.algebra import as_text
 from ruletag.rules.fields import FieldMap, RecordView
 from ruletag.rules.ir import Node, Rule
+from ruletag.rules.ir import Sequence as SequenceIR
+from ruletag.rules.stateful.missing import MissingState
 from ruletag.rules.stateful.snapshot import from_time, json_value, restorable, rule_digest, to_time
 
 __all__ = [
@@ -64,6 +73,12 @@ EventRef = Mapping[str, Any]
 Key = tuple[str, ...]
 
 UNTIL = -1
+#: stage code of missing clause ``m``: ``MISSING - m``
+MISSING = -2
+#: default allowed lateness (seconds) of the watermark that confirms missing events
+DEFAULT_LATENESS = 2.0
+#: the placeholder of a missing clause in a completed sequence's events
+MISSING_REF: EventRef = {"missing": True}
 #: tiebreaker sort key of a record without a tiebreaker value (sorts after any value)
 NO_TIEBREAKER: tuple[Any, ...] = (1,)
 #: record fields used as an event's stable id, first present wins; else a content digest
@@ -103,8 +118,8 @@ class SequenceState:
     def __init__(
         self, stages: int, span: float, *, max_keys: int = 100_000, max_partials: int = 16
     ) -> None:
-        if stages < 2:
-            raise ValueError("a sequence has at least two stages")
+        if stages < 1:
+            raise ValueError("a sequence has at least one stage")
         self.stages = stages
         self.span = span
         self.max_keys = max_keys
@@ -130,6 +145,9 @@ class SequenceState:
         """A record with ``ordinal`` matched step ``stage`` with join ``key``; the events of
         the sequence it completes, if it does."""
         ts = ordinal[0]
+        if self.stages == 1:  # one positive step (and missing events): every hit completes
+            self.counters["completed"] += 1
+            return (ref,)
         if stage == 0:
             ks = self._touch(key)
             self._insert(ks.groups[0], _Partial(ts, ordinal, (ref,)))
@@ -283,6 +301,35 @@ def join_keys(view: RecordView, fields: Seq[str]) -> list[Key]:
     return [tuple(k) for k in itertools.product(*per_field)]
 
 
+def _plain_value(record: Mapping[str, object], name: str) -> object:
+    """``record[name]`` as a literal key or a path of nested maps; None if neither (cheap: no
+    field-map view, for the timestamp of records that hit no step)."""
+    value = record.get(name)
+    if value is not None or "." not in name:
+        return value
+    node: object = record
+    for part in name.split("."):
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _with_gaps(seq: SequenceIR, refs: tuple[EventRef, ...]) -> tuple[EventRef, ...]:
+    """The positive events ``refs`` with a :data:`MISSING_REF` where each missing clause
+    stands, in clause order."""
+    out: list[EventRef] = []
+    at = sorted(m.position for m in seq.missing)
+    j = 0
+    for i, ref in enumerate(refs):
+        while j < len(at) and at[j] == i:
+            out.append(MISSING_REF)
+            j += 1
+        out.append(ref)
+    out.extend(MISSING_REF for _ in at[j:])
+    return tuple(out)
+
+
 # --------------------------------------------------------------------------- engine
 
 
@@ -302,6 +349,7 @@ class _RuleRun:
     watermark: float = -math.inf
     next_sweep: float = -math.inf
     stages_of: dict[int, list[int]] = field(default_factory=dict)
+    missing: MissingState | None = None
 
 
 class SequenceEngine:
@@ -316,6 +364,7 @@ class SequenceEngine:
         *,
         max_keys: int = 100_000,
         max_partials: int = 16,
+        lateness: float = DEFAULT_LATENESS,
     ) -> None:
         from ruletag.rules.compiler import build
         from ruletag.rules.matcher import Matcher
@@ -338,6 +387,12 @@ class SequenceEngine:
             parts = [(stage, s.condition) for stage, s in enumerate(seq.steps)]
             if seq.until is not None:
                 parts.append((UNTIL, seq.until.condition))
+            if seq.missing:
+                positions = [m.position for m in seq.missing]
+                self.runs[-1].missing = MissingState(
+                    positions, len(seq.steps), span, max_keys=max_keys
+                )
+                parts.extend((MISSING - m, ms.step.condition) for m, ms in enumerate(seq.missing))
             for stage, cond in parts:
                 k = index.get((ri, cond))
                 if k is None:
@@ -358,6 +413,17 @@ class SequenceEngine:
         self.matcher = Matcher(self.table)
         self._arrival = 0
         self._digests: dict[str, str] = {}  # rule id -> rule_digest, for checkpoints
+        self.lateness = lateness
+        #: the latest event time seen (missing events: the watermark is this minus lateness)
+        self.clock = -math.inf
+        self._checks = [run for run in self.runs if run.missing is not None]
+        self._time_fields = tuple(
+            dict.fromkeys(
+                run.rule.sequence.timestamp_field
+                for run in self._checks
+                if run.rule.sequence is not None
+            )
+        )
 
     @classmethod
     def of(cls, rules: Iterable[Rule], fieldmap: FieldMap | None = None) -> SequenceEngine | None:
@@ -371,8 +437,55 @@ class SequenceEngine:
         for run in self.runs:
             out["keys"] += len(run.state.keys)
             out["partials"] += run.state.partials()
-            for k, v in run.state.counters.items():
+            counters = dict(run.state.counters)
+            if run.missing is not None:
+                counters.update(run.missing.stats())
+            for k, v in counters.items():
                 out[k] = out.get(k, 0) + v
+        return out
+
+    # ------------------------------------------------------------------ time (missing events)
+
+    def pending(self) -> int:
+        """Sequences waiting for the watermark to confirm their missing events; while there
+        are some, callers should show the engine every record (:meth:`observe`)."""
+        return sum(len(run.missing.pending) for run in self._checks if run.missing is not None)
+
+    def watermark(self) -> float:
+        """The latest event time seen minus the allowed lateness."""
+        return self.clock - self.lateness
+
+    def advance(self, ts: float) -> list[Completion]:
+        """Event time ``ts`` was seen; the sequences whose missing events it confirms."""
+        if ts > self.clock:
+            self.clock = ts
+        return self._release(self.watermark())
+
+    def observe(self, record: Mapping[str, object]) -> list[Completion]:
+        """A record that hit no step still moves the watermark (read from the rules' timestamp
+        fields); the sequences it confirms."""
+        if not self._checks:
+            return []
+        best = -math.inf
+        for f in self._time_fields:
+            ts = event_time(_plain_value(record, f))
+            if ts is None:  # an aliased or oddly nested field: the field map's full view
+                view = self.table.fieldmap.view(record)
+                ts = event_time(next(iter(view.values(f)), None))
+            if ts is not None and ts > best:
+                best = ts
+        return self.advance(best) if best > -math.inf else []
+
+    def flush(self) -> list[Completion]:
+        """End of input: decide every waiting sequence now."""
+        return self._release(math.inf)
+
+    def _release(self, watermark: float) -> list[Completion]:
+        out: list[Completion] = []
+        for run in self._checks:
+            assert run.missing is not None
+            for key, events in run.missing.release(watermark):  # and prunes its history
+                out.append(Completion(run.rule, key, events))
         return out
 
     def step_hits(self, entries: bytes, spans: Seq[tuple[int, int]]) -> dict[int, list[int]]:
@@ -388,7 +501,7 @@ class SequenceEngine:
         if hits is None:
             hits = self.matcher.match(record)
         if not hits:
-            return []
+            return self.observe(record) if self._checks and self.pending() else []
         per_run: dict[int, set[int]] = {}
         for h in hits:
             for ri, stage in self._targets[h]:
@@ -397,6 +510,8 @@ class SequenceEngine:
         out: list[Completion] = []
         for ri, stages in per_run.items():
             out.extend(self._feed_run(self.runs[ri], stages, view))
+        if self._checks:
+            out.extend(self._release(self.watermark()))
         return out
 
     def _feed_run(self, run: _RuleRun, stages: set[int], view: RecordView) -> list[Completion]:
@@ -415,14 +530,34 @@ class SequenceEngine:
             if ts >= run.next_sweep:
                 state.expire(ts)
                 run.next_sweep = ts + max(state.span, 1.0)
+        late = ts < self.watermark()  # missing events: decisions may already have been made
+        if ts > self.clock:
+            self.clock = ts
         ordinal: Ordinal = (ts, _tiebreaker(view, seq.tiebreaker_field), self._arrival)
         ref: EventRef = {"timestamp": raw_ts, "id": event_id(view)}
         out: list[Completion] = []
-        for stage in sorted(stages - {UNTIL}, reverse=True):
+        missing = run.missing
+        if missing is not None:
+            if late:
+                missing.counters["missing_late"] = missing.counters.get("missing_late", 0) + 1
+            for code in stages:
+                if code <= MISSING:
+                    clause = MISSING - code
+                    for key in join_keys(view, seq.missing[clause].step.keys):
+                        missing.seen(clause, key, ts)
+        for stage in sorted((s for s in stages if s >= 0), reverse=True):
             for key in join_keys(view, seq.steps[stage].keys):
                 done = state.hit(stage, key, ordinal, ref)
-                if done is not None:
+                if done is None:
+                    continue
+                if missing is None:
                     out.append(Completion(run.rule, key, done))
+                    continue
+                times = [event_time(e["timestamp"]) for e in done[:-1]]
+                times.append(ts)
+                missing.candidate(
+                    key, [ts if t is None else t for t in times], _with_gaps(seq, done)
+                )
         if UNTIL in stages and seq.until is not None:
             for key in join_keys(view, seq.until.keys):
                 state.until(key, ordinal)
@@ -459,7 +594,14 @@ class SequenceEngine:
                 "counters": dict(st.counters),
                 "keys": keys,
             }
-        return {"kind": self.kind, "arrival": self._arrival, "rules": rules}
+            if run.missing is not None:  # missing events: their history and pending matches
+                rules[run.rule.id]["missing"] = run.missing.snapshot()
+        return {
+            "kind": self.kind,
+            "arrival": self._arrival,
+            "clock": to_time(self.clock),
+            "rules": rules,
+        }
 
     def restore(self, snap: Mapping[str, Any]) -> int:
         """Take back the state of every rule of ``snap`` whose id and definition are unchanged;
@@ -483,8 +625,11 @@ class SequenceEngine:
             st.counters.update(saved["counters"])
             run.watermark = from_time(saved["watermark"])
             run.next_sweep = from_time(saved["next_sweep"])
+            if run.missing is not None and isinstance(saved.get("missing"), Mapping):
+                run.missing.restore(saved["missing"])
             restored += 1
         self._arrival = max(self._arrival, int(snap.get("arrival", 0)))
+        self.clock = max(self.clock, from_time(snap.get("clock")))
         return restored
 
 
