@@ -67,6 +67,26 @@ def threshold_detection(
     return d
 
 
+def aggregation_detection(
+    rule: Rule,
+    keys: Iterable[tuple[str, object]],
+    values: Iterable[tuple[str, object]],
+    count: int,
+    window: tuple[str, str],
+) -> dict[str, Any]:
+    """An aggregating ES|QL rule fired: :func:`detection` plus ``aggregation``: the group's
+    ``keys`` (``field``, ``value``) per ``BY`` column, the aggregate ``values`` (column ->
+    value), the ``count`` of records in the group and the ``window`` (``start``, ``end``)."""
+    d = detection(rule)
+    d["aggregation"] = {
+        "keys": [{"field": f, "value": v} for f, v in keys],
+        "values": dict(values),
+        "count": count,
+        "window": {"start": window[0], "end": window[1]},
+    }
+    return d
+
+
 def stateful_detection(result: object) -> dict[str, Any]:
     """What a stateful engine returned (:mod:`ruletag.rules.stateful`) as an annotation."""
     from ruletag.rules.stateful.sequence import Completion
@@ -79,4 +99,9 @@ def stateful_detection(result: object) -> dict[str, Any]:
         return threshold_detection(
             result.rule, result.terms, result.count, result.cardinality, window
         )
+    from ruletag.rules.stateful.aggregation import AggregateAlert
+
+    if isinstance(result, AggregateAlert):
+        window = (iso_time(result.start), iso_time(result.end))
+        return aggregation_detection(result.rule, result.keys, result.values, result.count, window)
     raise TypeError(f"no annotation for a stateful result of type {type(result).__name__}")

@@ -24,8 +24,10 @@ from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
 from ruletag.rules.algebra import and_
 from ruletag.rules.eql import CATEGORY_FIELD, parse_eql_query
 from ruletag.rules.esql import parse_esql
+from ruletag.rules.esql_stats import parse_esql_aggregation
 from ruletag.rules.ir import (
     DEFAULT_RISK_SCORE,
+    Aggregation,
     Attack,
     Const,
     Node,
@@ -100,6 +102,7 @@ def load_elastic_file(path: Path) -> list[Rule]:
     assert isinstance(query, str) and isinstance(rule_id, str) and isinstance(name, str)
 
     sequence: Sequence | None = None
+    aggregation: Aggregation | None = None
     condition: Node
     try:
         # The index patterns (``index``, ES|QL's FROM) are not used yet.
@@ -111,7 +114,8 @@ def load_elastic_file(path: Path) -> list[Rule]:
             else:
                 condition = parsed
         elif language == "esql":
-            condition = parse_esql(query).condition
+            aggregation = parse_esql_aggregation(query)
+            condition = Const(False) if aggregation is not None else parse_esql(query).condition
         else:
             condition = parse_kql(query)
     except RuleError as exc:
@@ -130,6 +134,12 @@ def load_elastic_file(path: Path) -> list[Rule]:
         threshold = _threshold_of_rule(condition, rule, where, query_line)
         condition = Const(False)  # the threshold engine counts it, the table never fires it
 
+    if aggregation is not None:  # the aggregation engine groups it, the table never fires it
+        aggregation = dataclasses.replace(
+            aggregation,
+            window=_lookback(rule),
+            timestamp_field=str(rule.get("timestamp_field") or "@timestamp"),
+        )
     severity = str(rule.get("severity", "medium")).lower()
     if severity not in _SEVERITIES:
         raise InvalidRule(f"rule.severity {severity!r} is not a known severity", where)
@@ -160,10 +170,13 @@ def load_elastic_file(path: Path) -> list[Rule]:
                 if sequence is not None
                 else "threshold"
                 if threshold is not None
+                else "aggregation"
+                if aggregation is not None
                 else "event"
             ),
             sequence=sequence,
             threshold=threshold,
+            aggregation=aggregation,
         )
     ]
 

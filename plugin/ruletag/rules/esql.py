@@ -283,6 +283,9 @@ class _Ast(Transformer):
     def integer(self, meta: Any, tok: Token) -> _Lit:
         return _Lit(int(str(tok)))
 
+    def timespan(self, meta: Any, tok: Token, unit: Token) -> _Fn:
+        return _Fn("\0SPAN", (_Lit(int(str(tok))), _Lit(str(unit).lower())), meta.line)
+
     def decimal(self, meta: Any, tok: Token) -> _Lit:
         return _Lit(float(str(tok)))
 
@@ -454,22 +457,36 @@ def parse_esql(query: str) -> EsqlQuery:
     for cmd in commands:  # an aggregation decides the reason, wherever it is
         if cmd.name in _STATEFUL:
             raise UnsupportedRule(_STATEFUL[cmd.name], line=cmd.line)
+    indices = source_indices(commands)
+    env = _Env()
+    return EsqlQuery(and_(*run_commands(commands[1:], env, query)), indices)
+
+
+def source_indices(commands: list[_Command]) -> tuple[str, ...]:
+    """The index patterns of the query's ``FROM`` (the first command)."""
     first = commands[0]
     if first.name != "FROM":
         if first.name in _SOURCES:
             raise UnsupportedRule(f"ES|QL source command {first.name} is not supported", line=1)
         raise InvalidRule(f"ES|QL query must start with FROM, not {first.name}", line=1)
-    indices = _from_indices(first.body, first.line)
-    env = _Env()
+    return _from_indices(first.body, first.line)
+
+
+def run_commands(
+    commands: list[_Command], env: _Env, query: str, now_field: str | None = None
+) -> list[Node]:
+    """Run single-event ``commands`` over the columns of ``env`` (updated in place): the
+    conditions of their ``WHERE``s (and ``LIMIT 0``), in order. ``now_field``: see
+    :class:`_Compiler`."""
     conditions: list[Node] = []
-    for cmd in commands[1:]:
+    for cmd in commands:
         if cmd.name == "MV_EXPAND" and cmd.body.strip() == "_ignored":
             raise UnsupportedRule(_IGNORED, line=cmd.line)
         if cmd.name not in _COMMANDS:
             raise UnsupportedRule(f"ES|QL {cmd.name} is not supported", line=cmd.line)
         if cmd.name == "WHERE":
             expr = env.resolve(_parse("where_cmd", cmd.body, cmd.line, query))
-            conditions.append(_Compiler().true(expr))
+            conditions.append(_Compiler(now_field).true(expr))
         elif cmd.name == "EVAL":
             for name, expr in _parse("eval_cmd", cmd.body, cmd.line, query):
                 env.define(name, env.resolve(expr))
@@ -502,7 +519,7 @@ def parse_esql(query: str) -> EsqlQuery:
                 conditions.append(Const(False))
         else:  # SORT
             _parse("sort_cmd", cmd.body, cmd.line, query)
-    return EsqlQuery(and_(*conditions), indices)
+    return conditions
 
 
 def _glob(pattern: str) -> re.Pattern[str]:
@@ -577,7 +594,7 @@ _CASTS = {
     "::KEYWORD": "string",
     "::TEXT": "string",
 }
-_CONVERSIONS = {"TO_DOUBLE": "to_double", "TO_STRING": "string"}
+_CONVERSIONS = {"TO_DOUBLE": "to_double", "TO_STRING": "string", "TO_IP": "to_ip"}
 #: ES|QL name -> (IR call name, min args, max args).
 _CALLS: dict[str, tuple[str, int, int | None]] = {
     "TO_LOWER": ("to_lower", 1, 1),
@@ -596,6 +613,8 @@ _CALLS: dict[str, tuple[str, int, int | None]] = {
     "CIDR_MATCH": ("cidrmatch", 2, None),
     "URL_DECODE": ("url_decode", 1, 1),
     "FROM_BASE64": ("from_base64", 1, 1),
+    "DATE_TRUNC": ("date_trunc", 2, 2),
+    "DATE_DIFF": ("date_diff", 3, 3),
     "\0DISSECT": ("dissect", 3, 3),
     "\0GROK": ("grok", 3, 3),
 }
@@ -851,7 +870,11 @@ class _LuceneIntersections:
 
 
 class _Compiler:
-    """Boolean expressions to ``(is true, is false)`` IR pairs, values to IR values."""
+    """Boolean expressions to ``(is true, is false)`` IR pairs, values to IR values.
+    ``now_field``: the field ``NOW()`` reads (rows after ``STATS``); None: unsupported."""
+
+    def __init__(self, now_field: str | None = None) -> None:
+        self.now_field = now_field
 
     def true(self, e: Any) -> Node:
         return self.cond(e)[0]
@@ -1205,6 +1228,16 @@ class _Compiler:
             return Call(_CASTS.get(name) or _CONVERSIONS[name], (self.value(e.args[0]),))
         if name.startswith("::"):
             raise UnsupportedRule(f"ES|QL cast {name} is not supported", line=e.line)
+        if name == "\0SPAN":  # a time span literal, as text: ``5 minutes``
+            return Literal_(f"{e.args[0].value} {e.args[1].value}")
+        if name == "NOW":
+            if self.now_field is None:
+                raise UnsupportedRule(
+                    "ES|QL NOW() on single events (the time of the query) is not supported",
+                    line=e.line,
+                )
+            self._arity(e, 0, 0)
+            return FieldValue(self.now_field)
         if name == "SPACE":
             self._arity(e, 1, 1)
             n = self.value(e.args[0])

@@ -255,6 +255,50 @@ class Threshold:
     timestamp_field: str = "@timestamp"
 
 
+@dataclass(frozen=True, slots=True)
+class Case:
+    """ES|QL ``CASE`` as a value: the value of the first branch whose condition holds, else
+    ``default`` (``Literal_(None)`` when the query gives none)."""
+
+    branches: tuple[tuple[Node, AggValue], ...]
+    default: AggValue
+
+
+AggValue = ValueExpr | Case
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    """One aggregate column of an :class:`Aggregation`: ``function`` (``count``,
+    ``count_distinct``, ``values``, ``min``, ``max``, ``sum``, ``avg``) over ``value``, computed
+    per record (None: ``COUNT(*)``, every record). Null values are skipped."""
+
+    name: str
+    function: str
+    value: AggValue | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregation:
+    """An aggregating ES|QL rule (``... | STATS aggs BY keys | WHERE ...``).
+
+    Records matching ``condition`` (every ``WHERE`` before ``STATS``) are grouped by the values
+    of ``keys`` (column name, per-record value; a multi-valued key puts the record in every
+    group, a null key in the null group), ``aggregates`` are computed over each group's records
+    in the event-time ``window`` (the rule's look-back, seconds) and the group fires when
+    ``having`` (the commands after ``STATS``, over the columns of the aggregated row) holds.
+    ``omitted`` names the aggregate columns that are not computed: no condition reads them and
+    their inputs use functions ruletag does not evaluate."""
+
+    condition: Node
+    keys: tuple[tuple[str, AggValue], ...] = ()
+    aggregates: tuple[Aggregate, ...] = ()
+    having: Node = Const(True)
+    omitted: tuple[str, ...] = ()
+    window: float = 360.0
+    timestamp_field: str = "@timestamp"
+
+
 Severity = Literal["informational", "low", "medium", "high", "critical"]
 
 #: Risk score given to rules that carry none (Sigma), by severity; Elastic's own convention.
@@ -284,13 +328,14 @@ class Rule:
     techniques: tuple[Attack, ...] = ()
     logsource: Logsource | None = None
     modified: str = ""  # ISO date of the last change; the newest copy of a duplicate id wins
-    kind: Literal["event", "sequence", "threshold"] = "event"
+    kind: Literal["event", "sequence", "threshold", "aggregation"] = "event"
     tags: tuple[str, ...] = field(default=())
     building_block: bool = False  # Elastic ``building_block_type``: an input to other rules
     status: str = ""  # Sigma ``status`` / Elastic ``metadata.maturity``, as the file says it
     rule_type: str = ""  # Elastic rule ``type`` (query, eql, esql, ...); "" for Sigma
     sequence: Sequence | None = None  # set when ``kind == "sequence"``
     threshold: Threshold | None = None  # set when ``kind == "threshold"``
+    aggregation: Aggregation | None = None  # set when ``kind == "aggregation"``
 
 
 def value_fields(v: ValueExpr | tuple[ValueExpr, ...]) -> tuple[str, ...]:

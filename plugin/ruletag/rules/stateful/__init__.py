@@ -45,10 +45,11 @@ Builder = Callable[["Iterable[Rule]", "FieldMap | None"], "Engine | None"]
 
 def builders() -> list[Builder]:
     """The engine builders, one per stateful rule kind (imported late: no import cycle)."""
+    from ruletag.rules.stateful.aggregation import AggregationEngine
     from ruletag.rules.stateful.sequence import SequenceEngine
     from ruletag.rules.stateful.threshold import ThresholdEngine
 
-    return [SequenceEngine.of, ThresholdEngine.of]
+    return [SequenceEngine.of, ThresholdEngine.of, AggregationEngine.of]
 
 
 def stateful_engines(rules: Iterable[Rule], fieldmap: FieldMap | None = None) -> list[Engine]:

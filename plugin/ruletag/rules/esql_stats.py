@@ -1,0 +1,301 @@
+"""Aggregating ES|QL queries (``FROM ... | WHERE ... | STATS aggs BY keys | WHERE ...``) to IR.
+
+:func:`parse_esql_aggregation` returns None for a query without ``STATS`` (``esql.py`` handles
+those) and otherwise an :class:`~ruletag.rules.ir.Aggregation`:
+
+* The commands before ``STATS`` run as in a single-event query (``esql.run_commands``): their
+  ``WHERE``s are the base condition, their ``EVAL``/``DISSECT``/``GROK`` columns are
+  substituted into the aggregates and keys.
+* ``STATS`` items ``[name =] AGG(value)``; ``AGG`` is ``COUNT`` (``COUNT(*)``/``COUNT()``: rows),
+  ``COUNT_DISTINCT`` (exact), ``VALUES``, ``MIN``, ``MAX``, ``SUM`` or ``AVG``. An aggregate
+  inside scalar functions (``MV_SLICE(VALUES(x), 0, 9)``, ``ROUND(AVG(x))``) is computed under
+  the column's name and the functions apply after ``STATS``. A value may be a ``CASE``.
+  ``BY`` keys are fields or named expressions; an unnamed one is named by its text.
+* The commands after ``STATS`` run over the aggregated row, whose only columns are the keys and
+  the aggregates: their ``WHERE``s are the group's firing condition (``having``); ``EVAL``,
+  ``KEEP``, ``DROP``, ``RENAME``, ``SORT`` and ``LIMIT`` as in a single-event query.
+* An aggregate whose value uses a function ruletag does not evaluate is left out (and named in
+  ``omitted``) when no condition reads it; otherwise the rule is unsupported with that reason.
+
+Refused with a reason: ``INLINE STATS``, ``LOOKUP JOIN``, ``ENRICH``, ``FORK``,
+``CHANGE_POINT`` (``esql.py``'s reasons), ``STATS`` after ``STATS``, ``MV_EXPAND`` before
+``STATS`` (one row per value changes the counts), per-aggregate ``WHERE`` filters, other
+aggregate functions (``TOP``, ``FIRST``, ``LAST``, ``MEDIAN``, ...) and commands after
+``STATS`` that are not single-event ones (``COMPLETION``, ...).
+
+Semantics from the ES|QL ``STATS`` reference: null values are skipped by the aggregates; a
+row whose key is multi-valued is in every group of its values; rows whose key is null form a
+group of their own (the reference's ``COUNT(...) BY languages`` example shows a ``null`` row).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ruletag.errors import UnsupportedRule
+from ruletag.rules.algebra import and_
+from ruletag.rules.esql import (
+    _STATEFUL,
+    _Command,
+    _Compiler,
+    _Env,
+    _Field,
+    _Fn,
+    _Lit,
+    _Op,
+    _parse,
+    run_commands,
+    source_indices,
+    split_commands,
+)
+from ruletag.rules.ir import Aggregate, Aggregation, AggValue, Case, Literal_, fields_of
+
+__all__ = ["AGGREGATES", "NOW_FIELD", "parse_esql_aggregation"]
+
+#: The row column ``NOW()`` reads after ``STATS``: the event time of the record that is being
+#: aggregated (the watermark), where Elasticsearch has the time of the rule's run.
+NOW_FIELD = "\0now"
+
+#: ES|QL aggregate name -> IR function name, for the aggregates evaluated here.
+AGGREGATES = {
+    "COUNT": "count",
+    "COUNT_DISTINCT": "count_distinct",
+    "VALUES": "values",
+    "MIN": "min",
+    "MAX": "max",
+    "SUM": "sum",
+    "AVG": "avg",
+}
+#: Every other aggregate function ES|QL has (refused by name).
+_OTHER_AGGREGATES = {
+    "MEDIAN",
+    "MEDIAN_ABSOLUTE_DEVIATION",
+    "PERCENTILE",
+    "STD_DEV",
+    "TOP",
+    "WEIGHTED_AVG",
+    "FIRST",
+    "LAST",
+    "SAMPLE",
+    "ST_CENTROID_AGG",
+    "ST_EXTENT_AGG",
+    "ABSENT",
+    "PRESENT",
+    "RATE",
+}
+
+
+def parse_esql_aggregation(query: str) -> Aggregation | None:
+    """The aggregation of an ES|QL query with ``STATS``; None when it has none.
+
+    Raises UnsupportedRule naming what is not evaluated (see the module docstring) and
+    InvalidRule for syntax errors. ``window`` and ``timestamp_field`` are left at their
+    defaults: the rule file sets them.
+    """
+    commands = split_commands(query)
+    at = [i for i, c in enumerate(commands) if c.name == "STATS"]
+    if not at:
+        return None
+    for cmd in commands:
+        if cmd.name in _STATEFUL and cmd.name != "STATS":
+            raise UnsupportedRule(_STATEFUL[cmd.name], line=cmd.line)
+    if len(at) > 1:
+        raise UnsupportedRule(
+            "ES|QL STATS after STATS (aggregating aggregated rows) is not supported",
+            line=commands[at[1]].line,
+        )
+    k = at[0]
+    for cmd in commands[1:k]:
+        if cmd.name == "MV_EXPAND":
+            raise UnsupportedRule(
+                "ES|QL MV_EXPAND before STATS (one row per value) is not supported",
+                line=cmd.line,
+            )
+    source_indices(commands)
+    env = _Env()
+    before = run_commands(commands[1:k], env, query)
+    stats = commands[k]
+    items, by = _split_stats(stats)
+    compiler = _Compiler()
+
+    keys: list[tuple[str, AggValue]] = []
+    for text in by:
+        name, expr = _item(text, stats, query)
+        expr = env.resolve(expr)
+        keys.append((name, _agg_value(compiler, expr)))
+
+    aggregates: list[Aggregate] = []
+    failed: list[tuple[tuple[str, ...], UnsupportedRule]] = []
+    row = _Env()
+    columns: list[str] = [name for name, _ in keys]
+    for text in items:
+        name, expr = _item(text, stats, query)
+        found: list[tuple[str, _Fn]] = []
+        shaped = _lift(expr, name, found, stats.line)
+        hidden = tuple(n for n, _ in found)
+        if not found:
+            raise UnsupportedRule(
+                f"ES|QL STATS column {name} holds no aggregate function", line=stats.line
+            )
+        try:
+            made = [_aggregate(compiler, n, call, env) for n, call in found]
+        except UnsupportedRule as exc:
+            failed.append((hidden, exc))
+            made = []
+        aggregates.extend(made)
+        columns.extend(hidden)
+        if not (isinstance(shaped, _Field) and shaped.name == name):
+            row.define(name, shaped)
+    names = set(columns) | {n for n, _ in keys}
+    row.filters.append(("KEEP", [re.compile(re.escape(n)) for n in names]))
+    after = run_commands(commands[k + 1 :], row, query, now_field=NOW_FIELD)
+    having = and_(*after)
+    read = fields_of(having)
+    omitted: list[str] = []
+    for hidden, error in failed:
+        if read.intersection(hidden):
+            raise error
+        omitted.extend(hidden)
+    return Aggregation(
+        condition=and_(*before),
+        keys=tuple(keys),
+        aggregates=tuple(aggregates),
+        having=having,
+        omitted=tuple(omitted),
+    )
+
+
+# --------------------------------------------------------------------------- STATS body
+
+
+def _split_stats(cmd: _Command) -> tuple[list[str], list[str]]:
+    """The aggregate items and the ``BY`` items of a ``STATS`` body, as text."""
+    body = cmd.body
+    cuts = _top_level(body)
+    by_at = next((i for i, word in cuts if word == "by"), None)
+    head, tail = (body, "") if by_at is None else (body[:by_at], body[by_at + 2 :])
+    for _, word in _top_level(head):
+        if word == "where":
+            raise UnsupportedRule(
+                "ES|QL STATS aggregate filters (... WHERE ...) are not supported", line=cmd.line
+            )
+    items = _commas(head)
+    if not items:
+        raise UnsupportedRule("ES|QL STATS without an aggregate is not supported", line=cmd.line)
+    return items, _commas(tail) if by_at is not None else []
+
+
+def _commas(text: str) -> list[str]:
+    parts: list[str] = []
+    start = 0
+    for i, word in _top_level(text):
+        if word == ",":
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p for p in parts if _strip_comments(p).strip()]
+
+
+_SKIP = re.compile(
+    r'"""[\s\S]*?"""(?!")|"(?:\\.|[^"\\\r\n])*"|`(?:[^`]|``)*`|//[^\n]*|/\*[\s\S]*?\*/'
+)
+_WORD = re.compile(r"[A-Za-z_@][A-Za-z0-9_@.]*")
+
+
+def _top_level(text: str) -> list[tuple[int, str]]:
+    """Offsets of top-level commas (``","``) and of the words ``by`` / ``where`` (lower-case)
+    outside brackets, strings, quoted names and comments."""
+    out: list[tuple[int, str]] = []
+    depth = 0
+    i, n = 0, len(text)
+    while i < n:
+        m = _SKIP.match(text, i)
+        if m is not None:
+            i = m.end()
+            continue
+        ch = text[i]
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            out.append((i, ","))
+        else:
+            w = _WORD.match(text, i)
+            if w is not None:
+                if depth == 0 and w.group(0).lower() in ("by", "where"):
+                    out.append((i, w.group(0).lower()))
+                i = w.end()
+                continue
+        i += 1
+    return out
+
+
+def _strip_comments(text: str) -> str:
+    return re.sub(r"//[^\n]*|/\*[\s\S]*?\*/", " ", text)
+
+
+def _item(text: str, cmd: _Command, query: str) -> tuple[str, Any]:
+    """(column name, expression) of one ``[name =] expr`` item."""
+    ((name, expr),) = _parse("eval_cmd", text, cmd.line, query)
+    if name == "\0unnamed":
+        name = _field_name(expr) or re.sub(r"\s+", " ", _strip_comments(text)).strip()
+    return name, expr
+
+
+def _field_name(expr: Any) -> str | None:
+    return expr.name if isinstance(expr, _Field) else None
+
+
+def _lift(expr: Any, name: str, found: list[tuple[str, _Fn]], line: int) -> Any:
+    """``expr`` with every aggregate call replaced by a column holding it: the call itself
+    is column ``name``, nested ones ``name`` then ``name#2``, ... ; ``found`` gets them."""
+    if isinstance(expr, _Fn):
+        if expr.name in AGGREGATES:
+            col = name if not found else f"{name}#{len(found) + 1}"
+            found.append((col, expr))
+            return _Field(col)
+        if expr.name in _OTHER_AGGREGATES:
+            raise UnsupportedRule(
+                f"ES|QL STATS aggregate function {expr.name} is not supported", line=expr.line
+            )
+        return _Fn(expr.name, tuple(_lift(a, name, found, line) for a in expr.args), expr.line)
+    if isinstance(expr, tuple):
+        return tuple(_lift(a, name, found, line) for a in expr)
+    if isinstance(expr, _Op):
+        return _Op(expr.kind, tuple(_lift(a, name, found, line) for a in expr.args), expr.line)
+    return expr
+
+
+def _aggregate(compiler: _Compiler, name: str, call: _Fn, env: _Env) -> Aggregate:
+    fn = AGGREGATES[call.name]
+    args = call.args
+    if fn == "count" and (not args or (len(args) == 1 and args[0] == _Lit("*"))):
+        return Aggregate(name, fn, None)
+    limit = 2 if fn == "count_distinct" else 1  # COUNT_DISTINCT(x, precision)
+    if not 1 <= len(args) <= limit:
+        raise UnsupportedRule(
+            f"ES|QL STATS {call.name} with {len(args)} arguments is not supported", line=call.line
+        )
+    for a in args:
+        if isinstance(a, _Fn) and (a.name in AGGREGATES or a.name in _OTHER_AGGREGATES):
+            raise UnsupportedRule(
+                f"ES|QL STATS {call.name} of an aggregate is not supported", line=call.line
+            )
+    return Aggregate(name, fn, _agg_value(compiler, env.resolve(args[0])))
+
+
+def _agg_value(compiler: _Compiler, expr: Any) -> AggValue:
+    """A per-record value: an IR value expression, or a :class:`Case` of them."""
+    if isinstance(expr, _Fn) and expr.name == "CASE":
+        args = expr.args
+        if len(args) < 2:
+            raise UnsupportedRule("ES|QL CASE needs a condition and a value", line=expr.line)
+        branches = tuple(
+            (compiler.true(args[i]), _agg_value(compiler, args[i + 1]))
+            for i in range(0, len(args) - 1, 2)
+        )
+        default = _agg_value(compiler, args[-1]) if len(args) % 2 else Literal_(None)
+        return Case(branches, default)
+    return compiler.value(expr)

@@ -1,0 +1,423 @@
+"""Streaming aggregating ES|QL rules (``STATS ... BY ... | WHERE ...``) over a sliding window.
+
+:class:`AggregationState` is the state of one rule (:class:`~ruletag.rules.ir.Aggregation`).
+A record that matches the rule's base condition (its ``WHERE``s before ``STATS``) is put in the
+groups named by its key values (the cartesian product of multi-valued keys; a null key is a
+group of its own) with its contribution to every aggregate (the non-null values of the
+aggregate's input). A group keeps the contributions of its records inside the window
+``[watermark - window, watermark]``, where the watermark is the latest event time the rule has
+seen and ``window`` the rule's look-back. When a record arrives the group's aggregates are
+computed from what it holds and the row (keys, aggregates, ``NOW()`` = the watermark) is tested
+against the conditions after ``STATS``; when they hold the record fires: one alert, after which
+the group's records are forgotten and the group is suppressed until the watermark passes the
+alert by more than ``window`` (once per group and window, like the threshold engine); records
+with an event time at or before the alert never count again. Records are processed on arrival
+and compared by event time; a record older than the window or than the group's last alert is
+counted as late and ignored; one without a parseable timestamp is not counted.
+
+Evaluated on arrival, a condition that later records could make false (``count < 3``,
+``count == 1``) fires at the first record that satisfies it, where Elasticsearch tests the
+whole look-back at the end of each run: such rules fire earlier (and possibly where
+Elasticsearch would not).
+
+Aggregates: ``count`` (rows for ``COUNT(*)``, else non-null values), ``count_distinct``
+(exact, by canonical text), ``values`` (distinct values in arrival order: a single value is a
+scalar, none is null), ``min``/``max`` (numbers numerically, other values by their text, so
+ISO timestamps compare in time order), ``sum`` and ``avg`` (numbers and numeric text; null
+when there is none).
+
+Bounds: at most ``max_groups`` groups per rule, the least recently used evicted first; at most
+``max_events`` records kept per group, the oldest dropped first; a group with nothing in the
+window and no running suppression is expired. :meth:`AggregationEngine.snapshot` and
+:meth:`AggregationEngine.restore` carry the state as JSON-able data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from bisect import bisect_left, insort
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from typing import Any
+
+from ruletag.rules.algebra import as_text, number_of
+from ruletag.rules.esql_stats import NOW_FIELD
+from ruletag.rules.fields import FieldMap, RecordView
+from ruletag.rules.ir import Aggregate, Aggregation, AggValue, Case, Node, Rule
+from ruletag.rules.reference import evaluate, values_of
+from ruletag.rules.stateful.sequence import event_time
+from ruletag.rules.stateful.threshold import iso_time
+
+__all__ = ["AggregateAlert", "AggregationEngine", "AggregationState", "aggregate", "row_values"]
+
+Scalar = str | int | float | bool
+Key = tuple[Scalar | None, ...]
+#: one record in a group: (event time, arrival number, its values per aggregate)
+_Event = tuple[float, int, tuple[tuple[Scalar, ...], ...]]
+
+_ROW_MAP: FieldMap | None = None
+
+
+def _row_map() -> FieldMap:
+    """The field mapping of aggregated rows: none (columns are read by their names)."""
+    global _ROW_MAP
+    if _ROW_MAP is None:
+        _ROW_MAP = FieldMap({})
+    return _ROW_MAP
+
+
+def _scalar(v: object) -> Scalar | None:
+    if isinstance(v, str | int | float | bool):
+        return v
+    if isinstance(v, bytes | bytearray):
+        return bytes(v).decode("utf-8", "surrogateescape")
+    return None
+
+
+def row_values(value: AggValue, view: RecordView) -> list[Scalar]:
+    """The non-null scalar values of a per-record value (a ``CASE`` takes the first branch
+    whose condition holds)."""
+    while isinstance(value, Case):
+        value = next((v for c, v in value.branches if evaluate(c, view)), value.default)
+    out: list[Scalar] = []
+    for v in values_of(value, view):
+        s = _scalar(v)
+        if s is not None:
+            out.append(s)
+    return out
+
+
+def _time(e: _Event) -> float:
+    return e[0]
+
+
+def aggregate(function: str, values: list[Scalar]) -> object:
+    """One aggregate (not ``COUNT(*)``) over the non-null ``values`` of a group."""
+    if function == "count":
+        return len(values)
+    if function == "count_distinct":
+        return len({as_text(v) for v in values})
+    if function == "values":
+        seen: dict[str | None, Scalar] = {}
+        for v in values:
+            seen.setdefault(as_text(v), v)
+        out = list(seen.values())
+        return None if not out else out[0] if len(out) == 1 else out
+    if function in ("min", "max"):
+        if not values:
+            return None
+        pick = min if function == "min" else max
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            return pick(values)
+        return pick(values, key=lambda v: as_text(v) or "")
+    numbers = [n for n in map(number_of, values) if n is not None]
+    if not numbers:
+        return None
+    total = sum(numbers)
+    if function == "sum":
+        return total
+    assert function == "avg", function
+    return total / len(numbers)
+
+
+class _Group:
+    __slots__ = ("events", "fired_at")
+
+    def __init__(self) -> None:
+        self.events: list[_Event] = []  # ordered by event time, then arrival
+        self.fired_at = -math.inf
+
+    def drop_before(self, bound: float) -> None:
+        del self.events[: bisect_left(self.events, bound, key=_time)]
+
+
+class AggregationState:
+    """The groups of one aggregating rule (see the module docstring)."""
+
+    def __init__(
+        self, agg: Aggregation, *, max_groups: int = 100_000, max_events: int = 10_000
+    ) -> None:
+        self.agg = agg
+        self.window = agg.window
+        self.max_groups = max_groups
+        self.max_events = max_events
+        self.watermark = -math.inf
+        self.next_sweep = -math.inf
+        self.groups: OrderedDict[Key, _Group] = OrderedDict()
+        self.counters: dict[str, int] = {
+            "fired": 0,
+            "evicted_groups": 0,
+            "evicted_events": 0,
+            "expired_groups": 0,
+            "late_records": 0,
+            "no_timestamp": 0,
+        }
+
+    def events(self) -> int:
+        """Records held over all groups."""
+        return sum(len(g.events) for g in self.groups.values())
+
+    def advance(self, ts: float) -> None:
+        """Move the watermark to event time ``ts`` (if later) and expire idle groups."""
+        if ts <= self.watermark:
+            return
+        self.watermark = ts
+        if ts >= self.next_sweep:
+            self.expire()
+            self.next_sweep = ts + max(self.window, 1.0)
+
+    def row(self, key: Key, g: _Group) -> dict[str, object]:
+        """The aggregated row of group ``key``: key columns, aggregates, ``NOW()``."""
+        row: dict[str, object] = {NOW_FIELD: iso_time(self.watermark)}
+        for (name, _), v in zip(self.agg.keys, key, strict=True):
+            row[name] = v
+        for i, a in enumerate(self.agg.aggregates):
+            vals = [v for e in g.events for v in e[2][i]]
+            row[a.name] = len(g.events) if a.value is None else aggregate(a.function, vals)
+        return row
+
+    def hit(
+        self, key: Key, ts: float, arrival: int, contrib: tuple[tuple[Scalar, ...], ...]
+    ) -> tuple[dict[str, object], int] | None:
+        """A record with event time ``ts`` (watermark already advanced) for group ``key``;
+        the group's row and record count if the record makes it fire."""
+        bound = self.watermark - self.window
+        g = self.groups.get(key)
+        if ts < bound or (g is not None and ts <= g.fired_at):
+            self.counters["late_records"] += 1
+            return None
+        if g is None:
+            g = self.groups[key] = _Group()
+            if len(self.groups) > self.max_groups:
+                _, old = self.groups.popitem(last=False)
+                self.counters["evicted_groups"] += 1
+                self.counters["evicted_events"] += len(old.events)
+        else:
+            self.groups.move_to_end(key)
+        insort(g.events, (ts, arrival, contrib))
+        g.drop_before(bound)
+        extra = len(g.events) - self.max_events
+        if extra > 0:
+            del g.events[:extra]
+            self.counters["evicted_events"] += extra
+        if self.watermark - g.fired_at <= self.window:
+            return None  # suppressed: this group fired less than a window ago
+        row = self.row(key, g)
+        if not evaluate(self.agg.having, _row_map().view(row)):
+            return None
+        count = len(g.events)
+        g.events.clear()
+        g.fired_at = self.watermark
+        self.counters["fired"] += 1
+        return row, count
+
+    def expire(self) -> None:
+        """Drop the groups with no record in the window and no running suppression."""
+        bound = self.watermark - self.window
+        idle = [
+            k
+            for k, g in self.groups.items()
+            if g.fired_at < bound and (not g.events or g.events[-1][0] < bound)
+        ]
+        for k in idle:
+            del self.groups[k]
+        for g in self.groups.values():
+            g.drop_before(bound)
+        self.counters["expired_groups"] += len(idle)
+
+    # ---- persistence
+
+    def snapshot(self) -> dict[str, Any]:
+        """The state as JSON-able data."""
+        return {
+            "watermark": _finite(self.watermark),
+            "groups": [
+                {
+                    "key": list(k),
+                    "fired_at": _finite(g.fired_at),
+                    "events": [[ts, n, [list(c) for c in contrib]] for ts, n, contrib in g.events],
+                }
+                for k, g in self.groups.items()
+            ],
+            "counters": dict(self.counters),
+        }
+
+    def restore(self, data: Mapping[str, Any]) -> None:
+        """Replace the state by a :meth:`snapshot`."""
+        self.watermark = _infinite(data.get("watermark"))
+        self.next_sweep = -math.inf
+        self.groups.clear()
+        for item in data.get("groups") or ():
+            g = _Group()
+            g.fired_at = _infinite(item.get("fired_at"))
+            g.events = [
+                (float(ts), int(n), tuple(tuple(c) for c in contrib))
+                for ts, n, contrib in item.get("events") or ()
+            ]
+            self.groups[tuple(item["key"])] = g
+        self.counters.update({k: int(v) for k, v in (data.get("counters") or {}).items()})
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isinf(x) else x
+
+
+def _infinite(x: object) -> float:
+    return -math.inf if x is None else float(x)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- engine
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateAlert:
+    """A group an aggregating rule fired on: its key columns, its aggregates, the window."""
+
+    rule: Rule
+    keys: tuple[tuple[str, object], ...]  # (column, value) per BY key
+    values: tuple[tuple[str, object], ...]  # (column, value) per aggregate
+    count: int  # records in the group
+    start: float  # window start (watermark - window), seconds
+    end: float  # window end (the watermark at the alert), seconds
+
+
+class AggregationEngine:
+    """Every aggregating ES|QL rule of ``rules``, fed record by record (module docstring)."""
+
+    kind = "aggregation"
+
+    def __init__(
+        self,
+        rules: Iterable[Rule],
+        fieldmap: FieldMap | None = None,
+        *,
+        max_groups: int = 100_000,
+        max_events: int = 10_000,
+    ) -> None:
+        from ruletag.rules.compiler import build
+        from ruletag.rules.matcher import Matcher
+
+        self.rules: list[Rule] = []
+        self.states: list[AggregationState] = []
+        base_rules: list[Rule] = []
+        index: dict[Node, int] = {}
+        #: base-table rule -> the aggregating rules (indexes) with that base condition
+        self._targets: list[list[int]] = []
+        for r in rules:
+            agg = r.aggregation
+            if r.kind != "aggregation" or agg is None:
+                continue
+            ri = len(self.rules)
+            self.rules.append(r)
+            self.states.append(AggregationState(agg, max_groups=max_groups, max_events=max_events))
+            k = index.get(agg.condition)
+            if k is None:
+                k = index[agg.condition] = len(base_rules)
+                base_rules.append(
+                    Rule(id=f"{r.id}#base", name=r.name, source=r.source, condition=agg.condition)
+                )
+                self._targets.append([])
+            self._targets[k].append(ri)
+        self.table = build(base_rules, fieldmap)
+        self.matcher = Matcher(self.table, tune_after=0)
+        self._arrival = 0
+
+    @classmethod
+    def of(
+        cls, rules: Iterable[Rule], fieldmap: FieldMap | None = None
+    ) -> AggregationEngine | None:
+        """An engine for the aggregating rules among ``rules``; None when there are none."""
+        found = [r for r in rules if r.kind == "aggregation" and r.aggregation is not None]
+        return cls(found, fieldmap) if found else None
+
+    def stats(self) -> dict[str, int]:
+        """Live groups and records held, and the counters, summed over the rules."""
+        out = {"rules": len(self.rules), "groups": 0, "events": 0}
+        for st in self.states:
+            out["groups"] += len(st.groups)
+            out["events"] += st.events()
+            for k, v in st.counters.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def step_hits(self, entries: bytes, spans: Seq[tuple[int, int]]) -> dict[int, list[int]]:
+        """Entry index -> the base conditions it hits, for packed ``[time, record]`` entries
+        (the raw pre-filter leaves most entries undecoded); feed only those records."""
+        return self.matcher.match_entries(entries, spans)
+
+    def feed(
+        self, record: Mapping[str, object], hits: Seq[int] | None = None
+    ) -> list[AggregateAlert]:
+        """Offer one record (in arrival order); the groups it makes fire. ``hits``: its
+        base-condition hits when already known (:meth:`step_hits`)."""
+        self._arrival += 1
+        if hits is None:
+            hits = self.matcher.match(record)
+        if not hits:
+            return []
+        view = self.table.fieldmap.view(record)
+        out: list[AggregateAlert] = []
+        for h in hits:
+            for ri in self._targets[h]:
+                out.extend(self._feed_rule(ri, view))
+        return out
+
+    def _feed_rule(self, ri: int, view: RecordView) -> list[AggregateAlert]:
+        rule, state = self.rules[ri], self.states[ri]
+        agg = state.agg
+        ts = event_time(next(iter(view.values(agg.timestamp_field)), None))
+        if ts is None:
+            state.counters["no_timestamp"] += 1
+            return []
+        state.advance(ts)
+        per_key: list[list[Scalar | None]] = []
+        for _, value in agg.keys:
+            vals: list[Scalar | None] = list(
+                {as_text(v): v for v in row_values(value, view)}.values()
+            )
+            per_key.append(vals or [None])
+        contrib = tuple(_contribution(a, view) for a in agg.aggregates)
+        out: list[AggregateAlert] = []
+        for key in itertools.product(*per_key):
+            fired = state.hit(key, ts, self._arrival, contrib)
+            if fired is None:
+                continue
+            row, count = fired
+            out.append(
+                AggregateAlert(
+                    rule,
+                    tuple((name, row[name]) for name, _ in agg.keys),
+                    tuple((a.name, row[a.name]) for a in agg.aggregates),
+                    count,
+                    state.watermark - state.window,
+                    state.watermark,
+                )
+            )
+        return out
+
+    # ---- persistence
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every rule's state as JSON-able data, keyed by rule id."""
+        return {
+            "version": 1,
+            "arrival": self._arrival,
+            "rules": {r.id: st.snapshot() for r, st in zip(self.rules, self.states, strict=True)},
+        }
+
+    def restore(self, data: Mapping[str, Any]) -> None:
+        """Load a :meth:`snapshot`; rules it does not name keep an empty state."""
+        if data.get("version") != 1:
+            raise ValueError(f"aggregation snapshot version {data.get('version')!r} unknown")
+        self._arrival = int(data.get("arrival") or 0)
+        saved = data.get("rules") or {}
+        for r, st in zip(self.rules, self.states, strict=True):
+            if r.id in saved:
+                st.restore(saved[r.id])
+
+
+def _contribution(a: Aggregate, view: RecordView) -> tuple[Scalar, ...]:
+    return () if a.value is None else tuple(row_values(a.value, view))
