@@ -253,6 +253,11 @@ def _lift(expr: Any, name: str, found: list[tuple[str, _Fn]], line: int) -> Any:
     is column ``name``, nested ones ``name`` then ``name#2``, ... ; ``found`` gets them."""
     if isinstance(expr, _Fn):
         if expr.name in AGGREGATES:
+            for a in expr.args:
+                if isinstance(a, _Fn) and (a.name in AGGREGATES or a.name in _OTHER_AGGREGATES):
+                    raise UnsupportedRule(
+                        f"ES|QL STATS {expr.name} of an aggregate is not supported", line=line
+                    )
             col = name if not found else f"{name}#{len(found) + 1}"
             found.append((col, expr))
             return _Field(col)
@@ -278,11 +283,6 @@ def _aggregate(compiler: _Compiler, name: str, call: _Fn, env: _Env) -> Aggregat
         raise UnsupportedRule(
             f"ES|QL STATS {call.name} with {len(args)} arguments is not supported", line=call.line
         )
-    for a in args:
-        if isinstance(a, _Fn) and (a.name in AGGREGATES or a.name in _OTHER_AGGREGATES):
-            raise UnsupportedRule(
-                f"ES|QL STATS {call.name} of an aggregate is not supported", line=call.line
-            )
     return Aggregate(name, fn, _agg_value(compiler, env.resolve(args[0])))
 
 
