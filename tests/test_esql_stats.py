@@ -23,6 +23,7 @@ from ruletag.rules.esql_stats import parse_esql_aggregation
 from ruletag.rules.ir import (
     Aggregate,
     Aggregation,
+    And,
     Call,
     Case,
     Compare,
@@ -160,12 +161,12 @@ def test_unevaluated_aggregate_is_omitted_unless_a_condition_reads_it() -> None:
         ),
         ("from l | enrich p on a | stats n = count(*)", "ES|QL ENRICH reads an enrich index"),
         (
-            "from l | mv_expand a | stats n = count(*) by a",
-            "ES|QL MV_EXPAND before STATS (one row per value) is not supported",
+            "from l | eval b = to_lower(a) | mv_expand a | stats n = count(*) by b",
+            "ES|QL MV_EXPAND of a column an earlier EVAL computes or reads is not supported",
         ),
         (
-            'from l | stats n = count(*) where a == "x" by b',
-            "ES|QL STATS aggregate filters (... WHERE ...) are not supported",
+            "from l | mv_expand _ignored | stats n = count(*)",
+            "ES|QL MV_EXPAND _ignored: index-time metadata",
         ),
         ('from l | stats t = top(a, 3, "desc")', "ES|QL STATS aggregate function TOP"),
         ("from l | stats m = median(a)", "ES|QL STATS aggregate function MEDIAN"),
@@ -222,6 +223,29 @@ def test_sample_corpus_rule_loads() -> None:
         "Esql.time_interval",
     ]
     assert a.having == Compare("Esql.failures_count", ">=", 10)
+
+
+def test_mv_expand_splits_the_conditions_after_it() -> None:
+    got = agg(
+        'from l | where host.os.type == "linux" | mv_expand event.action\n'
+        '| where event.action == "exec" and process.name == "sh" | stats n = count(*)'
+    )
+    assert got.expand == ("event.action",)
+    assert got.condition == And(
+        (
+            Match("host.os.type", ("linux",), cased=True),
+            Match("process.name", ("sh",), cased=True),
+        )
+    )
+    assert got.row_condition == Match("event.action", ("exec",), cased=True)
+
+
+def test_aggregate_filters_parse() -> None:
+    got = agg('from l | stats n = count(*) where a == "x", m = count_distinct(b) by c')
+    assert got.aggregates == (
+        Aggregate("n", "count", None, Match("a", ("x",), cased=True)),
+        Aggregate("m", "count_distinct", FieldValue("b")),
+    )
 
 
 # --------------------------------------------------------------------------- functions
@@ -346,6 +370,36 @@ def test_fire_and_quiet_per_aggregate(
     engine = AggregationEngine([rule(f"from l | stats m = {stats} | where m {where}")])
     records = [ev(i, **f) for i, f in enumerate(quiet + fires)]
     assert [i for i, _ in feed(engine, records)] == [len(quiet)]
+
+
+def test_mv_expand_counts_rows_and_tests_each_row() -> None:
+    q = (
+        'from l | mv_expand event.action | where event.action != "noise"\n'
+        "| stats n = count(*), acts = values(event.action) by user.name | where n >= 3"
+    )
+    engine = AggregationEngine([rule(q)])
+    records = [
+        {"@timestamp": ts(0), "event": {"action": ["a", "noise", "b"]}, "user": {"name": "u"}},
+        {"@timestamp": ts(1), "event": {"action": ["noise"]}, "user": {"name": "u"}},
+        {"@timestamp": ts(2), "event": {"action": "c"}, "user": {"name": "u"}},
+    ]
+    fired = feed(engine, records)
+    # rows a, b (record 0) and c (record 2); "noise" rows fail the row condition
+    assert [(i, dict(a.values), a.count) for i, a in fired] == [
+        (2, {"n": 3, "acts": ["a", "b", "c"]}, 3)
+    ]
+
+
+def test_aggregate_filters_count_only_their_rows() -> None:
+    q = (
+        "from l | stats total = count(*), bad = count(*) where code >= 500,"
+        " bad_paths = count_distinct(path) where code >= 500 | where bad >= 2"
+    )
+    engine = AggregationEngine([rule(q)])
+    records = [ev(0, code=200, path="/a"), ev(1, code=503, path="/b"), ev(2, code=404)]
+    records.append(ev(3, code=500, path="/b"))
+    fired = feed(engine, records)
+    assert [(i, dict(a.values)) for i, a in fired] == [(3, {"total": 4, "bad": 2, "bad_paths": 1})]
 
 
 def test_multi_valued_key_is_every_group_and_null_key_is_a_group() -> None:
@@ -513,4 +567,4 @@ def test_active_corpus_aggregating_esql_rules_by_reason() -> None:
         print(f"{count:5d}  {reason}")
     print(f"{loaded:5d}  loaded of {total} aggregating ES|QL rules")
     assert total == 164
-    assert loaded >= 104
+    assert loaded >= 122

@@ -17,11 +17,16 @@ those) and otherwise an :class:`~ruletag.rules.ir.Aggregation`:
 * An aggregate whose value uses a function ruletag does not evaluate is left out (and named in
   ``omitted``) when no condition reads it; otherwise the rule is unsupported with that reason.
 
+* ``MV_EXPAND field`` before ``STATS`` makes one row per value of the field (null: one row):
+  ``WHERE`` parts (top-level ``AND`` operands) after it that read an expanded field are tested
+  per row (``row_condition``), the others on the record; keys and aggregates are per row.
+* ``AGG(x) WHERE cond`` counts only the rows satisfying ``cond``.
+
 Refused with a reason: ``INLINE STATS``, ``LOOKUP JOIN``, ``ENRICH``, ``FORK``,
-``CHANGE_POINT`` (``esql.py``'s reasons), ``STATS`` after ``STATS``, ``MV_EXPAND`` before
-``STATS`` (one row per value changes the counts), per-aggregate ``WHERE`` filters, other
-aggregate functions (``TOP``, ``FIRST``, ``LAST``, ``MEDIAN``, ...) and commands after
-``STATS`` that are not single-event ones (``COMPLETION``, ...).
+``CHANGE_POINT`` (``esql.py``'s reasons), ``STATS`` after ``STATS``, ``MV_EXPAND`` of a column
+an earlier ``EVAL`` computes or reads, other aggregate functions (``TOP``, ``FIRST``, ``LAST``,
+``MEDIAN``, ...) and commands after ``STATS`` that are not single-event ones
+(``COMPLETION``, ...).
 
 Semantics from the ES|QL ``STATS`` reference: null values are skipped by the aggregates; a
 row whose key is multi-valued is in every group of its values; rows whose key is null form a
@@ -36,6 +41,7 @@ from typing import Any
 from ruletag.errors import UnsupportedRule
 from ruletag.rules.algebra import and_
 from ruletag.rules.esql import (
+    _IGNORED,
     _STATEFUL,
     _Command,
     _Compiler,
@@ -49,7 +55,17 @@ from ruletag.rules.esql import (
     source_indices,
     split_commands,
 )
-from ruletag.rules.ir import Aggregate, Aggregation, AggValue, Case, Literal_, fields_of
+from ruletag.rules.ir import (
+    Aggregate,
+    Aggregation,
+    AggValue,
+    And,
+    Case,
+    Const,
+    Literal_,
+    Node,
+    fields_of,
+)
 
 __all__ = ["AGGREGATES", "NOW_FIELD", "parse_esql_aggregation"]
 
@@ -106,15 +122,9 @@ def parse_esql_aggregation(query: str) -> Aggregation | None:
             line=commands[at[1]].line,
         )
     k = at[0]
-    for cmd in commands[1:k]:
-        if cmd.name == "MV_EXPAND":
-            raise UnsupportedRule(
-                "ES|QL MV_EXPAND before STATS (one row per value) is not supported",
-                line=cmd.line,
-            )
     source_indices(commands)
     env = _Env()
-    before = run_commands(commands[1:k], env, query)
+    table_parts, row_parts, expand = _before_stats(commands[1:k], env, query)
     stats = commands[k]
     items, by = _split_stats(stats)
     compiler = _Compiler()
@@ -129,8 +139,11 @@ def parse_esql_aggregation(query: str) -> Aggregation | None:
     failed: list[tuple[tuple[str, ...], UnsupportedRule]] = []
     row = _Env()
     columns: list[str] = [name for name, _ in keys]
-    for text in items:
+    for text, filter_text in items:
         name, expr = _item(text, stats, query)
+        where: Node = Const(True)
+        if filter_text is not None:
+            where = compiler.true(env.resolve(_parse("where_cmd", filter_text, stats.line, query)))
         found: list[tuple[str, _Fn]] = []
         shaped = _lift(expr, name, found, stats.line)
         hidden = tuple(n for n, _ in found)
@@ -139,7 +152,7 @@ def parse_esql_aggregation(query: str) -> Aggregation | None:
                 f"ES|QL STATS column {name} holds no aggregate function", line=stats.line
             )
         try:
-            made = [_aggregate(compiler, n, call, env) for n, call in found]
+            made = [_aggregate(compiler, n, call, env, where) for n, call in found]
         except UnsupportedRule as exc:
             failed.append((hidden, exc))
             made = []
@@ -158,29 +171,89 @@ def parse_esql_aggregation(query: str) -> Aggregation | None:
             raise error
         omitted.extend(hidden)
     return Aggregation(
-        condition=and_(*before),
+        condition=and_(*table_parts),
         keys=tuple(keys),
         aggregates=tuple(aggregates),
         having=having,
         omitted=tuple(omitted),
+        expand=expand,
+        row_condition=and_(*row_parts),
     )
+
+
+def _before_stats(
+    commands: list[_Command], env: _Env, query: str
+) -> tuple[list[Node], list[Node], tuple[str, ...]]:
+    """Run the commands before ``STATS``: (conditions on the record, conditions per
+    ``MV_EXPAND`` row, the expanded fields). A ``WHERE`` after an ``MV_EXPAND`` is split at
+    its top-level ``AND``s: the parts that read an expanded field are tested per row."""
+    table: list[Node] = []
+    rows: list[Node] = []
+    expand: list[str] = []
+    segment: list[_Command] = []
+
+    def flush() -> None:
+        for cond in run_commands(segment, env, query):
+            for part in cond.args if isinstance(cond, And) else (cond,):
+                (rows if fields_of(part).intersection(expand) else table).append(part)
+        segment.clear()
+
+    for cmd in commands:
+        if cmd.name != "MV_EXPAND":
+            segment.append(cmd)
+            continue
+        flush()
+        field = _strip_comments(cmd.body).strip()
+        if field == "_ignored":
+            raise UnsupportedRule(_IGNORED, line=cmd.line)
+        if not _NAME.fullmatch(field):
+            raise UnsupportedRule(f"ES|QL MV_EXPAND of {field!r} is not supported", line=cmd.line)
+        field = field.replace("`", "")
+        if field in env.computed or any(
+            field in _ast_fields(expr) for expr in env.computed.values()
+        ):
+            raise UnsupportedRule(
+                "ES|QL MV_EXPAND of a column an earlier EVAL computes or reads is not supported",
+                line=cmd.line,
+            )
+        env.lookup(field, cmd.line)  # still visible (KEEP/DROP)
+        expand.append(field)
+    flush()
+    return table, rows, tuple(expand)
+
+
+_PART = r"(?:[A-Za-z_@][A-Za-z0-9_@]*|`[^`]+`)"
+_NAME = re.compile(rf"{_PART}(?:\.{_PART})*")
+
+
+def _ast_fields(expr: Any) -> set[str]:
+    """Every source field an expression of ``esql.py``'s AST reads."""
+    if isinstance(expr, _Field):
+        return {expr.name}
+    if isinstance(expr, _Fn | _Op):
+        return set().union(*(_ast_fields(a) for a in expr.args))
+    if isinstance(expr, tuple):
+        return set().union(*(_ast_fields(a) for a in expr))
+    return set()
 
 
 # --------------------------------------------------------------------------- STATS body
 
 
-def _split_stats(cmd: _Command) -> tuple[list[str], list[str]]:
-    """The aggregate items and the ``BY`` items of a ``STATS`` body, as text."""
+def _split_stats(cmd: _Command) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """The aggregate items (text, ``WHERE`` filter text or None) and the ``BY`` items of a
+    ``STATS`` body."""
     body = cmd.body
     cuts = _top_level(body)
     by_at = next((i for i, word in cuts if word == "by"), None)
     head, tail = (body, "") if by_at is None else (body[:by_at], body[by_at + 2 :])
-    for _, word in _top_level(head):
-        if word == "where":
-            raise UnsupportedRule(
-                "ES|QL STATS aggregate filters (... WHERE ...) are not supported", line=cmd.line
-            )
-    items = _commas(head)
+    items: list[tuple[str, str | None]] = []
+    for text in _commas(head):
+        where_at = next((i for i, word in _top_level(text) if word == "where"), None)
+        if where_at is None:
+            items.append((text, None))
+        else:
+            items.append((text[:where_at], text[where_at + 5 :]))
     if not items:
         raise UnsupportedRule("ES|QL STATS without an aggregate is not supported", line=cmd.line)
     return items, _commas(tail) if by_at is not None else []
@@ -273,17 +346,17 @@ def _lift(expr: Any, name: str, found: list[tuple[str, _Fn]], line: int) -> Any:
     return expr
 
 
-def _aggregate(compiler: _Compiler, name: str, call: _Fn, env: _Env) -> Aggregate:
+def _aggregate(compiler: _Compiler, name: str, call: _Fn, env: _Env, where: Node) -> Aggregate:
     fn = AGGREGATES[call.name]
     args = call.args
     if fn == "count" and (not args or (len(args) == 1 and args[0] == _Lit("*"))):
-        return Aggregate(name, fn, None)
+        return Aggregate(name, fn, None, where)
     limit = 2 if fn == "count_distinct" else 1  # COUNT_DISTINCT(x, precision)
     if not 1 <= len(args) <= limit:
         raise UnsupportedRule(
             f"ES|QL STATS {call.name} with {len(args)} arguments is not supported", line=call.line
         )
-    return Aggregate(name, fn, _agg_value(compiler, env.resolve(args[0])))
+    return Aggregate(name, fn, _agg_value(compiler, env.resolve(args[0])), where)
 
 
 def _agg_value(compiler: _Compiler, expr: Any) -> AggValue:

@@ -271,11 +271,13 @@ AggValue = ValueExpr | Case
 class Aggregate:
     """One aggregate column of an :class:`Aggregation`: ``function`` (``count``,
     ``count_distinct``, ``values``, ``min``, ``max``, ``sum``, ``avg``) over ``value``, computed
-    per record (None: ``COUNT(*)``, every record). Null values are skipped."""
+    per record (None: ``COUNT(*)``, every record) that satisfies ``filter`` (``STATS ... WHERE``).
+    Null values are skipped."""
 
     name: str
     function: str
     value: AggValue | None = None
+    filter: Node = Const(True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +298,10 @@ class Aggregation:
     having: Node = Const(True)
     omitted: tuple[str, ...] = ()
     window: float = 360.0
+    #: ``MV_EXPAND`` fields: a record is one row per combination of their values, and
+    #: ``row_condition`` (the ``WHERE`` parts that read them) is tested per row
+    expand: tuple[str, ...] = ()
+    row_condition: Node = Const(True)
     timestamp_field: str = "@timestamp"
 
 

@@ -46,7 +46,7 @@ from typing import Any
 from ruletag.rules.algebra import as_text, number_of
 from ruletag.rules.esql_stats import NOW_FIELD
 from ruletag.rules.fields import FieldMap, RecordView
-from ruletag.rules.ir import Aggregate, Aggregation, AggValue, Case, Node, Rule
+from ruletag.rules.ir import Aggregate, Aggregation, AggValue, Case, Const, Node, Rule
 from ruletag.rules.reference import evaluate, values_of
 from ruletag.rules.stateful.sequence import event_time
 from ruletag.rules.stateful.threshold import iso_time
@@ -176,7 +176,7 @@ class AggregationState:
             row[name] = v
         for i, a in enumerate(self.agg.aggregates):
             vals = [v for e in g.events for v in e[2][i]]
-            row[a.name] = len(g.events) if a.value is None else aggregate(a.function, vals)
+            row[a.name] = len(vals) if a.value is None else aggregate(a.function, vals)
         return row
 
     def hit(
@@ -373,29 +373,31 @@ class AggregationEngine:
             state.counters["no_timestamp"] += 1
             return []
         state.advance(ts)
-        per_key: list[list[Scalar | None]] = []
-        for _, value in agg.keys:
-            vals: list[Scalar | None] = list(
-                {as_text(v): v for v in row_values(value, view)}.values()
-            )
-            per_key.append(vals or [None])
-        contrib = tuple(_contribution(a, view) for a in agg.aggregates)
         out: list[AggregateAlert] = []
-        for key in itertools.product(*per_key):
-            fired = state.hit(key, ts, self._arrival, contrib)
-            if fired is None:
-                continue
-            row, count = fired
-            out.append(
-                AggregateAlert(
-                    rule,
-                    tuple((name, row[name]) for name, _ in agg.keys),
-                    tuple((a.name, row[a.name]) for a in agg.aggregates),
-                    count,
-                    state.watermark - state.window,
-                    state.watermark,
+        for rv in _rows(agg, view, self.table.fieldmap):
+            per_key: list[list[Scalar | None]] = []
+            for _, value in agg.keys:
+                vals: list[Scalar | None] = list(
+                    {as_text(v): v for v in row_values(value, rv)}.values()
                 )
-            )
+                per_key.append(vals or [None])
+            contrib = tuple(_contribution(a, rv) for a in agg.aggregates)
+            for key in itertools.product(*per_key):
+                self._arrival += 1  # orders the rows of one record too
+                fired = state.hit(key, ts, self._arrival, contrib)
+                if fired is None:
+                    continue
+                row, count = fired
+                out.append(
+                    AggregateAlert(
+                        rule,
+                        tuple((name, row[name]) for name, _ in agg.keys),
+                        tuple((a.name, row[a.name]) for a in agg.aggregates),
+                        count,
+                        state.watermark - state.window,
+                        state.watermark,
+                    )
+                )
         return out
 
     # ---- persistence
@@ -420,4 +422,43 @@ class AggregationEngine:
 
 
 def _contribution(a: Aggregate, view: RecordView) -> tuple[Scalar, ...]:
-    return () if a.value is None else tuple(row_values(a.value, view))
+    """What one row adds to an aggregate: its non-null values (``COUNT(*)``: ``(True,)``);
+    nothing when it fails the aggregate's filter."""
+    if a.filter != _TRUE and not evaluate(a.filter, view):
+        return ()
+    return (True,) if a.value is None else tuple(row_values(a.value, view))
+
+
+_TRUE = Const(True)
+#: at most this many ``MV_EXPAND`` rows per record and rule (the first ones are kept)
+MAX_ROWS = 1024
+
+
+class _RowView(RecordView):
+    """A record seen as one ``MV_EXPAND`` row: the expanded fields hold one value each."""
+
+    __slots__ = ("_over",)
+
+    def __init__(
+        self, fieldmap: FieldMap, record: Mapping[str, object], over: dict[str, list[object]]
+    ) -> None:
+        super().__init__(fieldmap, record)
+        self._over = over
+
+    def values(self, field: str) -> list[object]:
+        got = self._over.get(field)
+        return got if got is not None else super().values(field)
+
+
+def _rows(agg: Aggregation, view: RecordView, fieldmap: FieldMap) -> list[RecordView]:
+    """The rows of a record: itself, or one per combination of its expanded fields' values
+    (a null field: one row) that satisfies the rule's per-row condition."""
+    if not agg.expand:
+        return [view]
+    per_field = [[[v] for v in view.values(f)] or [[]] for f in agg.expand]
+    out: list[RecordView] = []
+    for combo in itertools.islice(itertools.product(*per_field), MAX_ROWS):
+        row = _RowView(fieldmap, view.record, dict(zip(agg.expand, combo, strict=True)))
+        if evaluate(agg.row_condition, row):
+            out.append(row)
+    return out
