@@ -61,6 +61,18 @@ _Event = tuple[float, int, tuple[tuple[Scalar, ...], ...]]
 _ROW_MAP: FieldMap | None = None
 
 
+class _PlainRow(RecordView):
+    """An aggregated row: columns read by their exact names, no field mapping."""
+
+    __slots__ = ()
+
+    def values(self, field: str) -> list[object]:
+        v = self.record.get(field)
+        if v is None:
+            return []
+        return [x for x in v if x is not None] if isinstance(v, list) else [v]
+
+
 def _row_map() -> FieldMap:
     """The field mapping of aggregated rows: none (columns are read by their names)."""
     global _ROW_MAP
@@ -94,18 +106,47 @@ def _time(e: _Event) -> float:
     return e[0]
 
 
-def aggregate(function: str, values: list[Scalar]) -> object:
-    """One aggregate (not ``COUNT(*)``) over the non-null ``values`` of a group."""
-    if function == "count":
-        return len(values)
-    if function == "count_distinct":
-        return len({as_text(v) for v in values})
-    if function == "values":
-        seen: dict[str | None, Scalar] = {}
+class _Acc:
+    """The running state of one aggregate of one group: the number of non-null values, the
+    distinct values (canonical text -> [first value, how many]) and the numeric sum."""
+
+    __slots__ = ("n", "numbers", "seen", "total")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.seen: dict[str | None, list[Any]] = {}
+        self.total: int | float = 0
+        self.numbers = 0
+
+    def add(self, values: tuple[Scalar, ...], sign: int) -> None:
+        """Count ``values`` in (``sign`` 1) or out (-1)."""
         for v in values:
-            seen.setdefault(as_text(v), v)
-        out = list(seen.values())
-        return None if not out else out[0] if len(out) == 1 else out
+            self.n += sign
+            text = as_text(v)
+            slot = self.seen.get(text)
+            if slot is None:
+                self.seen[text] = [v, 1]  # sign is 1: a removed value was added before
+            else:
+                slot[1] += sign
+                if slot[1] <= 0:
+                    del self.seen[text]
+            num = number_of(v)
+            if num is not None:
+                self.total += sign * num
+                self.numbers += sign
+        if self.numbers == 0:
+            self.total = 0  # no drift once every number left
+
+
+def aggregate(function: str, acc: _Acc) -> object:
+    """One aggregate (``COUNT(*)`` counts its ``True`` values) from its running state."""
+    if function == "count":
+        return acc.n
+    if function == "count_distinct":
+        return len(acc.seen)
+    values = [slot[0] for slot in acc.seen.values()]
+    if function == "values":
+        return None if not values else values[0] if len(values) == 1 else values
     if function in ("min", "max"):
         if not values:
             return None
@@ -113,25 +154,36 @@ def aggregate(function: str, values: list[Scalar]) -> object:
         if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
             return pick(values)
         return pick(values, key=lambda v: as_text(v) or "")
-    numbers = [n for n in map(number_of, values) if n is not None]
-    if not numbers:
+    if not acc.numbers:
         return None
-    total = sum(numbers)
     if function == "sum":
-        return total
+        return acc.total
     assert function == "avg", function
-    return total / len(numbers)
+    return acc.total / acc.numbers
 
 
 class _Group:
-    __slots__ = ("events", "fired_at")
+    __slots__ = ("accs", "events", "fired_at")
 
-    def __init__(self) -> None:
+    def __init__(self, aggregates: int) -> None:
         self.events: list[_Event] = []  # ordered by event time, then arrival
+        self.accs = [_Acc() for _ in range(aggregates)]
         self.fired_at = -math.inf
 
+    def add(self, event: _Event) -> None:
+        insort(self.events, event)
+        for acc, vals in zip(self.accs, event[2], strict=True):
+            acc.add(vals, 1)
+
+    def forget(self, n: int) -> None:
+        """Forget the ``n`` oldest events."""
+        for _, _, contrib in self.events[:n]:
+            for acc, vals in zip(self.accs, contrib, strict=True):
+                acc.add(vals, -1)
+        del self.events[:n]
+
     def drop_before(self, bound: float) -> None:
-        del self.events[: bisect_left(self.events, bound, key=_time)]
+        self.forget(bisect_left(self.events, bound, key=_time))
 
 
 class AggregationState:
@@ -174,9 +226,8 @@ class AggregationState:
         row: dict[str, object] = {NOW_FIELD: iso_time(self.watermark)}
         for (name, _), v in zip(self.agg.keys, key, strict=True):
             row[name] = v
-        for i, a in enumerate(self.agg.aggregates):
-            vals = [v for e in g.events for v in e[2][i]]
-            row[a.name] = len(vals) if a.value is None else aggregate(a.function, vals)
+        for a, acc in zip(self.agg.aggregates, g.accs, strict=True):
+            row[a.name] = aggregate(a.function, acc)
         return row
 
     def hit(
@@ -190,26 +241,26 @@ class AggregationState:
             self.counters["late_records"] += 1
             return None
         if g is None:
-            g = self.groups[key] = _Group()
+            g = self.groups[key] = _Group(len(self.agg.aggregates))
             if len(self.groups) > self.max_groups:
                 _, old = self.groups.popitem(last=False)
                 self.counters["evicted_groups"] += 1
                 self.counters["evicted_events"] += len(old.events)
         else:
             self.groups.move_to_end(key)
-        insort(g.events, (ts, arrival, contrib))
+        g.add((ts, arrival, contrib))
         g.drop_before(bound)
         extra = len(g.events) - self.max_events
         if extra > 0:
-            del g.events[:extra]
+            g.forget(extra)
             self.counters["evicted_events"] += extra
         if self.watermark - g.fired_at <= self.window:
             return None  # suppressed: this group fired less than a window ago
         row = self.row(key, g)
-        if not evaluate(self.agg.having, _row_map().view(row)):
+        if not evaluate(self.agg.having, _PlainRow(_row_map(), row)):
             return None
         count = len(g.events)
-        g.events.clear()
+        g.forget(count)
         g.fired_at = self.watermark
         self.counters["fired"] += 1
         return row, count
@@ -251,12 +302,10 @@ class AggregationState:
         self.next_sweep = -math.inf
         self.groups.clear()
         for item in data.get("groups") or ():
-            g = _Group()
+            g = _Group(len(self.agg.aggregates))
             g.fired_at = _infinite(item.get("fired_at"))
-            g.events = [
-                (float(ts), int(n), tuple(tuple(c) for c in contrib))
-                for ts, n, contrib in item.get("events") or ()
-            ]
+            for ts, n, contrib in item.get("events") or ():
+                g.add((float(ts), int(n), tuple(tuple(c) for c in contrib)))
             self.groups[tuple(item["key"])] = g
         self.counters.update({k: int(v) for k, v in (data.get("counters") or {}).items()})
 
