@@ -14,7 +14,10 @@ pipes; ``esql.lark`` parses the commands this module evaluates:
   when the pattern does not match, like ES.
 * Commands that aggregate or read other data raise UnsupportedRule naming the command
   (``STATS``, ``INLINE STATS``, ``LOOKUP JOIN``, ``ENRICH`` are "stateful"); so do the
-  other commands (``MV_EXPAND``, ...), by name.
+  other commands (``MV_EXPAND``, ...), by name. ``esql_stats.py`` turns ``STATS`` queries into
+  aggregations, running the commands around ``STATS`` with :func:`run_commands`.
+* Time-span literals (``5 minutes``) are text values for ``DATE_TRUNC``; ``NOW()`` is refused
+  here (it is the time of the query) and read from a row column after ``STATS``.
 
 Three-valued logic. ES|QL keeps a row when the ``WHERE`` condition is true; a comparison with
 a null operand (a missing field) is null, ``NOT null`` is null, ``null AND false`` is false,
@@ -35,9 +38,10 @@ nothing); ``IS [NOT] NULL``
 :class:`Match`. ``TO_LOWER(f)`` compared with lower-case literals is a case-insensitive
 :class:`Match`. Anything else computed is a :class:`Predicate` over :class:`Call` values
 (``functions.py``: ``length``, ``locate``, ``esql_substring``, ``replace``, ``to_lower``,
-``to_upper``, ``concat``, ``coalesce``, ``trim``, ``to_double``, ``url_decode``, ``from_base64``,
-arithmetic; ``JSON_EXTRACT(_source, "$.a.b")`` reads the field ``a.b``, so an object value is
-null here where ES gives its JSON text). ``CASE`` in a
+``to_upper``, ``concat``, ``coalesce``, ``trim``, ``to_double``, ``to_ip``, ``url_decode``,
+``from_base64``, ``date_trunc``, ``date_diff``, arithmetic; ``JSON_EXTRACT(_source,
+"$.a.b")`` reads the field ``a.b``, so an object value is null here where ES gives its JSON
+text). ``CASE`` in a
 comparison or as a condition is expanded branch by branch (a null condition takes the next
 branch).
 Full text: ``field : "text"`` and ``MATCH(field, "text")`` are Elasticsearch's ``match``

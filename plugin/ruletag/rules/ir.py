@@ -23,7 +23,9 @@ Rules are single-event (``Rule.kind == "event"``), EQL sequences (``Rule.kind ==
 "sequence"``) or Elastic thresholds (``Rule.kind == "threshold"``): a :class:`Sequence` holds
 ordinary single-event conditions as its steps (and its ``until``) plus the join keys and time
 bounds, a :class:`Threshold` one base condition plus its group fields, counts and window; the
-engines in ``rules/stateful/`` match those conditions and keep the state. A stateful rule's own
+engines in ``rules/stateful/`` match those conditions and keep the state. Aggregating ES|QL
+rules (``Rule.kind == "aggregation"``) carry an :class:`Aggregation`: a base condition, group
+keys, aggregates and the condition on the aggregated row. A stateful rule's own
 ``condition`` is ``Const(False)``, so the single-event table never fires it.
 """
 
