@@ -143,6 +143,8 @@ def test_unevaluated_aggregate_is_omitted_unless_a_condition_reads_it() -> None:
     got = agg('from l | stats n = count(*), s = values(mv_concat(a, ",")) | where n > 1')
     assert got.omitted == ("s",)
     assert [a.name for a in got.aggregates] == ["n"]
+    got = agg('from l | stats n = count(*), t = top(a, 3, "desc") | where n > 1')
+    assert got.omitted == ("t",) and [a.name for a in got.aggregates] == ["n"]
     with pytest.raises(UnsupportedRule, match=r"ES\|QL function MV_CONCAT is not supported"):
         parse_esql_aggregation('from l | stats s = values(mv_concat(a, ",")) | where s == "x"')
 
@@ -171,15 +173,17 @@ def test_unevaluated_aggregate_is_omitted_unless_a_condition_reads_it() -> None:
             "from l | mv_expand _ignored | stats n = count(*)",
             "ES|QL MV_EXPAND _ignored: index-time metadata",
         ),
-        ('from l | stats t = top(a, 3, "desc")', "ES|QL STATS aggregate function TOP"),
-        ("from l | stats m = median(a)", "ES|QL STATS aggregate function MEDIAN"),
+        (
+            'from l | stats t = top(a, 3, "desc") | where t == "x"',
+            "ES|QL STATS aggregate function TOP",
+        ),
+        ("from l | stats m = median(a) | where m > 1", "ES|QL STATS aggregate function MEDIAN"),
         ("from l | stats n = count(*) | completion r = p", "ES|QL COMPLETION is not supported"),
         (
             "from l | where @timestamp > now() | stats n = count(*)",
             "ES|QL NOW() on single events",
         ),
         ("from l | stats x = a", "ES|QL STATS column x holds no aggregate function"),
-        ("from l | stats n = max(count(*))", "ES|QL STATS MAX of an aggregate"),
         ("from l | stats n = count(*) | where mv_count(n) > 1", "ES|QL function MV_COUNT"),
     ],
 )
@@ -187,6 +191,11 @@ def test_refused_constructs_name_their_reason(query: str, reason: str) -> None:
     with pytest.raises(UnsupportedRule) as exc:
         parse_esql_aggregation(query)
     assert exc.value.reason.startswith(reason), exc.value.reason
+
+
+def test_an_aggregate_of_an_aggregate_is_invalid() -> None:
+    with pytest.raises(InvalidRule, match="MAX of an aggregate function"):
+        parse_esql_aggregation("from l | stats n = max(count(*))")
 
 
 def test_columns_removed_before_stats_cannot_be_aggregated() -> None:

@@ -14,8 +14,9 @@ those) and otherwise an :class:`~ruletag.rules.ir.Aggregation`:
 * The commands after ``STATS`` run over the aggregated row, whose only columns are the keys and
   the aggregates: their ``WHERE``s are the group's firing condition (``having``); ``EVAL``,
   ``KEEP``, ``DROP``, ``RENAME``, ``SORT`` and ``LIMIT`` as in a single-event query.
-* An aggregate whose value uses a function ruletag does not evaluate is left out (and named in
-  ``omitted``) when no condition reads it; otherwise the rule is unsupported with that reason.
+* An aggregate that ruletag does not evaluate (its function, or a function its value uses) is
+  left out (and named in ``omitted``) when no condition reads it; otherwise the rule is
+  unsupported with that reason.
 
 * ``MV_EXPAND field`` before ``STATS`` makes one row per value of the field (null: one row):
   ``WHERE`` parts (top-level ``AND`` operands) after it that read an expanded field are tested
@@ -38,7 +39,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ruletag.errors import UnsupportedRule
+from ruletag.errors import InvalidRule, UnsupportedRule
 from ruletag.rules.algebra import and_
 from ruletag.rules.esql import (
     _IGNORED,
@@ -145,7 +146,12 @@ def parse_esql_aggregation(query: str) -> Aggregation | None:
         if filter_text is not None:
             where = compiler.true(env.resolve(_parse("where_cmd", filter_text, stats.line, query)))
         found: list[tuple[str, _Fn]] = []
-        shaped = _lift(expr, name, found, stats.line)
+        try:
+            shaped = _lift(expr, name, found, stats.line)
+        except UnsupportedRule as exc:  # an aggregate function not evaluated here
+            failed.append(((name,), exc))
+            columns.append(name)
+            continue
         hidden = tuple(n for n, _ in found)
         if not found:
             raise UnsupportedRule(
@@ -328,8 +334,8 @@ def _lift(expr: Any, name: str, found: list[tuple[str, _Fn]], line: int) -> Any:
         if expr.name in AGGREGATES:
             for a in expr.args:
                 if isinstance(a, _Fn) and (a.name in AGGREGATES or a.name in _OTHER_AGGREGATES):
-                    raise UnsupportedRule(
-                        f"ES|QL STATS {expr.name} of an aggregate is not supported", line=line
+                    raise InvalidRule(  # Elasticsearch rejects the query
+                        f"ES|QL STATS: {expr.name} of an aggregate function", line=line
                     )
             col = name if not found else f"{name}#{len(found) + 1}"
             found.append((col, expr))
