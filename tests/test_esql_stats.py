@@ -282,6 +282,11 @@ def test_date_functions() -> None:
         functions.call("date_diff", ["month", "2026-01-31T00:00:00Z", "2026-03-30T00:00:00Z"]) == 1
     )
     assert functions.call("date_diff", ["minute", a, None]) is None
+    assert functions.call("date_add", [b, "9 minutes", -1]) == "2026-03-01T09:58:59.000Z"
+    assert functions.call("date_add", ["2026-01-31T00:00:00Z", "1 month"]) == (
+        "2026-02-28T00:00:00.000Z"
+    )
+    assert functions.call("date_add", [None, "1 hour"]) is None
     assert functions.call("to_ip", [" 10.0.0.1"]) == "10.0.0.1"
     assert functions.call("to_ip", ["no"]) is None
 
@@ -437,6 +442,23 @@ def test_case_values_and_date_diff_with_now() -> None:
     fired = feed(engine, records)
     assert [(i, a.keys, dict(a.values)) for i, a in fired] == [
         (3, (("id", 1),), {"aws": 1, "first": ts(0)})
+    ]
+
+
+def test_dates_compare_as_instants_with_now_minus_a_span() -> None:
+    # "seen twice, first within the last 9 minutes": NOW() is the aggregating record's time
+    q = (
+        "from l | stats n = count(*), first = min(@timestamp) by k"
+        " | where n >= 2 and first >= now() - 9 minutes"
+    )
+    got = agg(q)
+    assert "date_add" in repr(got.having) and "date_diff" in repr(got.having)
+    engine = AggregationEngine([rule(q, window=3600)])
+    records = [ev(0, k="a"), ev(600, k="b"), ev(601, k="a"), ev(602, k="b")]
+    fired = feed(engine, records)
+    # a: first seen 601 s before its second record (> 540 s): quiet; b: 2 s apart: fires
+    assert [(i, a.keys, dict(a.values)) for i, a in fired] == [
+        (3, (("k", "b"),), {"n": 2, "first": ts(600)})
     ]
 
 

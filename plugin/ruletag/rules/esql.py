@@ -632,6 +632,10 @@ _FUZZY_OPTIONS = {"fuzziness", "max_expansions", "prefix_length", "fuzzy_transpo
 _FUZZY = "ES|QL MATCH {name}: fuzzy terms depend on the index's term dictionary"
 
 
+def _is_span(e: Any) -> bool:
+    return isinstance(e, _Fn) and e.name == "\0SPAN"
+
+
 def _notnull(v: ValueExpr) -> Node:
     """The IR condition "``v`` is not null"."""
     if isinstance(v, FieldValue):
@@ -972,6 +976,11 @@ class _Compiler:
         if isinstance(left, _Op) or isinstance(right, _Op):
             return self._bool_compare(op, left, right, line)
         lv, rv = self.value(left), self.value(right)
+        if self._is_date(lv) or self._is_date(rv):
+            # dates compare as instants: ``l op r`` is ``date_diff(ms, r, l) op 0``
+            diff = Call("date_diff", (Literal_("millisecond"), rv, lv))
+            later = Predicate(diff, op, Literal_(0))
+            return later, and_(_notnull(diff), not_(later))
         if isinstance(lv, Literal_) and not isinstance(rv, Literal_):
             lv, rv, op = rv, lv, _FLIP[op]
         if isinstance(rv, Literal_) and rv.value is None:
@@ -1225,6 +1234,8 @@ class _Compiler:
             )
         assert isinstance(e, _Fn), e
         name = e.name
+        if name in ("+", "-") and any(_is_span(a) for a in e.args):
+            return self._date_arith(e)
         if name in _ARITH:
             return Call(_ARITH[name], (self.value(e.args[0]), self.value(e.args[1])))
         if name in _CASTS or name in _CONVERSIONS:
@@ -1266,6 +1277,22 @@ class _Compiler:
         if name == "REPLACE":
             self._check_replace(args, e.line)
         return Call(ir_name, args)
+
+    def _is_date(self, v: ValueExpr) -> bool:
+        """A value known to be a date: ``NOW()``, date arithmetic, ``DATE_TRUNC``."""
+        if isinstance(v, FieldValue):
+            return self.now_field is not None and v.field == self.now_field
+        return isinstance(v, Call) and v.name in ("date_add", "date_trunc")
+
+    def _date_arith(self, e: _Fn) -> ValueExpr:
+        """``date + span``, ``span + date``, ``date - span``: a date (``date_add``)."""
+        a, b = e.args
+        if _is_span(a) and e.name == "+":
+            a, b = b, a
+        if _is_span(a) or not _is_span(b):
+            raise UnsupportedRule(f"ES|QL: time span arithmetic {e.name} on spans", line=e.line)
+        sign = 1 if e.name == "+" else -1
+        return Call("date_add", (self.value(a), self.value(b), Literal_(sign)))
 
     def _json_extract(self, e: _Fn) -> ValueExpr:
         """``JSON_EXTRACT(_source, "$.a.b")``: the field ``a.b`` of the record."""

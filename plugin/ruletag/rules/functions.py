@@ -56,6 +56,7 @@ theirs). String positions are in code points, 1-based:
 ``to_ip(v)``                 the address's text (``ipaddress``), None if not one.
 ``date_trunc(span, d)``      ``d`` rounded down to ``span`` (``"5 minutes"``), ISO text.
 ``date_diff(unit, a, b)``    ``b - a`` in whole ``unit``s, truncated toward zero.
+``date_add(d, span, sign)``  ``d + span`` (sign 1) or ``d - span`` (-1), ISO text.
 ``dissect(s, pattern, c)``   column ``c`` of the ``DISSECT`` pattern; None when the
                              pattern does not match (``javaregex.dissect``).
 ``grok(s, rx, g)``           group ``g`` of the first match of Python regex ``rx`` (a
@@ -66,12 +67,13 @@ theirs). String positions are in code points, 1-based:
 from __future__ import annotations
 
 import base64
+import calendar
 import ipaddress
 import math
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 from ruletag.rules.algebra import as_text, ip_of, network_of, number_of
@@ -471,6 +473,30 @@ def date_trunc(span: object, value: object) -> str | None:
     return None
 
 
+def date_add(value: object, span: object, sign: object = 1) -> str | None:
+    """``date + span`` (``sign`` 1) or ``date - span`` (-1), ``span`` like ``"9 minutes"``
+    (months, quarters and years by the calendar, the day clamped to the month), as ISO text."""
+    dt = _date(value)
+    text = as_text(span)
+    if dt is None or text is None or sign not in (1, -1):
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*([a-z]+)\s*", text.lower())
+    if m is None:
+        return None
+    n, unit = int(m.group(1)) * (1 if sign == 1 else -1), m.group(2)
+    try:
+        if unit in _FIXED_UNITS:
+            return _iso(dt + timedelta(seconds=n * _FIXED_UNITS[unit]))
+        if unit in _MONTH_UNITS:
+            total = dt.year * 12 + dt.month - 1 + n * _MONTH_UNITS[unit]
+            year, month = divmod(total, 12)
+            day = min(dt.day, calendar.monthrange(year, month + 1)[1])
+            return _iso(dt.replace(year=year, month=month + 1, day=day))
+    except (OverflowError, ValueError):
+        return None
+    return None
+
+
 def date_diff(unit: object, start: object, end: object) -> int | None:
     """``DATE_DIFF(unit, start, end)``: ``end - start`` in whole units (truncated toward
     zero); months, quarters and years count calendar months."""
@@ -617,6 +643,7 @@ ARITY: dict[str, tuple[int, int | None]] = {
 
 ESQL_FUNCTIONS: dict[str, Callable[..., object]] = {
     "coalesce": coalesce,
+    "date_add": date_add,
     "date_diff": date_diff,
     "date_trunc": date_trunc,
     "to_ip": to_ip,
@@ -637,6 +664,7 @@ ESQL_FUNCTIONS: dict[str, Callable[..., object]] = {
 
 ESQL_ARITY: dict[str, tuple[int, int | None]] = {
     "coalesce": (1, None),
+    "date_add": (2, 3),
     "date_diff": (3, 3),
     "date_trunc": (2, 2),
     "to_ip": (1, 1),
