@@ -22,7 +22,7 @@ from ruletag.errors import InvalidRule, UnsupportedRule
 from ruletag.rules import functions
 from ruletag.rules.algebra import as_text, number_of
 from ruletag.rules.elastic import load_elastic_file
-from ruletag.rules.esql_stats import parse_esql_aggregation
+from ruletag.rules.esql_stats import fires_early, parse_esql_aggregation
 from ruletag.rules.ir import (
     Aggregate,
     Aggregation,
@@ -258,6 +258,30 @@ def test_aggregate_filters_parse() -> None:
         Aggregate("n", "count", None, Match("a", ("x",), cased=True)),
         Aggregate("m", "count_distinct", FieldValue("b")),
     )
+
+
+@pytest.mark.parametrize(
+    ("where", "early"),
+    [
+        ("n >= 3", False),
+        ("n >= 3 and (d > 1 or hi > 10)", False),
+        ("lo < 0", False),
+        ("true", False),
+        ('n >= 3 and k != "x"', False),
+        ("n < 3", True),
+        ("d == 1", True),
+        ("n >= 3 and lo > 1", True),
+        ('date_diff("minute", lo, now()) <= 10', True),
+        ("not n >= 3", True),
+        ("s > 10", True),  # a sum may shrink with negative numbers
+    ],
+)
+def test_fires_early_flags_conditions_a_later_row_may_undo(where: str, early: bool) -> None:
+    got = agg(
+        "from l | stats n = count(*), d = count_distinct(x), hi = max(x), lo = min(x),"
+        f" s = sum(x) by k | where {where}"
+    )
+    assert fires_early(got) is early
 
 
 # --------------------------------------------------------------------------- functions
@@ -582,7 +606,7 @@ def test_active_corpus_aggregating_esql_rules_by_reason() -> None:
     """Every active aggregating ES|QL rule loads as an aggregation or is refused with a reason
     (never invalid); the loaded count and the reasons are printed."""
     reasons: Counter[str] = Counter()
-    loaded = total = 0
+    loaded = total = early = 0
     for path in sorted(corpus("elastic").rglob("*.toml")):
         text = path.read_text(encoding="utf-8")
         if "_deprecated" in path.parts or 'language = "esql"' not in text:
@@ -597,9 +621,11 @@ def test_active_corpus_aggregating_esql_rules_by_reason() -> None:
             continue
         assert r.kind == "aggregation" and r.aggregation is not None, path
         loaded += 1
+        early += fires_early(r.aggregation)
     for reason, count in reasons.most_common():
         print(f"{count:5d}  {reason}")
     print(f"{loaded:5d}  loaded of {total} aggregating ES|QL rules")
+    print(f"{early:5d}  of them with a condition a later record may undo (fires_early)")
     assert total == 164
     assert loaded >= 122
 

@@ -62,13 +62,15 @@ from ruletag.rules.ir import (
     AggValue,
     And,
     Case,
+    Compare,
     Const,
     Literal_,
     Node,
+    Or,
     fields_of,
 )
 
-__all__ = ["AGGREGATES", "NOW_FIELD", "parse_esql_aggregation"]
+__all__ = ["AGGREGATES", "NOW_FIELD", "fires_early", "parse_esql_aggregation"]
 
 #: The row column ``NOW()`` reads after ``STATS``: the event time of the record that is being
 #: aggregated (the watermark), where Elasticsearch has the time of the rule's run.
@@ -378,3 +380,36 @@ def _agg_value(compiler: _Compiler, expr: Any) -> AggValue:
         default = _agg_value(compiler, args[-1]) if len(args) % 2 else Literal_(None)
         return Case(branches, default)
     return compiler.value(expr)
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+#: aggregates that never decrease as rows enter the window, and those that never increase
+_GROWING = {"count", "count_distinct", "max"}
+_SHRINKING = {"min"}
+
+
+def fires_early(agg: Aggregation) -> bool:
+    """Whether the condition after ``STATS`` may hold on a prefix of a group's rows and not
+    on all of them (``count < 3``, ``count_distinct(x) == 1``, ``min(x) > 5``, anything with
+    ``NOW()``): evaluated on arrival (the engine's way), such a rule fires where
+    Elasticsearch, which tests the whole look-back, may not. A conservative syntactic test:
+    True unless every leaf is a lower bound on a growing aggregate, an upper bound on a
+    shrinking one or a test of the group's keys, under ``AND``/``OR`` only."""
+    functions = {a.name: a.function for a in agg.aggregates}
+    keys = {name for name, _ in agg.keys}
+
+    def safe(node: Node) -> bool:
+        if isinstance(node, And | Or):
+            return all(safe(a) for a in node.args)
+        if isinstance(node, Const) or fields_of(node) <= keys:
+            return True  # constants and the group's own keys do not change
+        if isinstance(node, Compare):
+            fn = functions.get(node.field)
+            if fn in _GROWING:
+                return node.op in (">", ">=")
+            if fn in _SHRINKING:
+                return node.op in ("<", "<=")
+        return False
+
+    return not safe(agg.having)
