@@ -35,6 +35,9 @@ def fires(query: str, record: dict) -> bool:
     return want
 
 
+_SVC = 'match(process.name, "svchost.exe", { "fuzziness": 1, "max_expansions": 10 })'
+
+
 def q(where: str, prefix: str = "") -> str:
     return f"from logs-* metadata _id {prefix}| where {where}"
 
@@ -243,6 +246,33 @@ CASES: list[tuple[str, dict, bool]] = [
         True,
     ),
     (q('message : "..."'), {"message": "..."}, False),  # no tokens: matches nothing
+    # fuzziness: within N edits (insert, delete, substitute, swap), as Lucene's fuzzy query;
+    # keyword: the whole value, case-sensitive; text: any analyzed token
+    (q(_SVC), {"process": {"name": "svchost.exe"}}, True),
+    (q(_SVC), {"process": {"name": "svch0st.exe"}}, True),
+    (q(_SVC), {"process": {"name": "scvhost.exe"}}, True),  # a swap is one edit
+    (q(_SVC), {"process": {"name": "svchosts.exe"}}, True),
+    (q(_SVC), {"process": {"name": "svchst.exe"}}, True),
+    (q(_SVC), {"process": {"name": "svch0st.ex"}}, False),  # two edits
+    (q(_SVC), {"process": {"name": "SVCHOST.EXE"}}, False),  # keyword: case-sensitive
+    (q(_SVC), {"process": {"name": "xsvchost.exe "}}, False),
+    (q(_SVC), {}, False),
+    (
+        q(_SVC.replace("1,", '1, "fuzzy_transpositions": false,')),
+        {"process": {"name": "scvhost.exe"}},
+        False,
+    ),
+    (q(_SVC.replace("1,", '1, "prefix_length": 2,')), {"process": {"name": "svhhost.exe"}}, True),
+    (q(_SVC.replace("1,", '1, "prefix_length": 2,')), {"process": {"name": "sbchost.exe"}}, False),
+    (
+        q('match(message, "mimikatz", {"fuzziness": "AUTO"})'),
+        {"message": "ran MimiKats today"},
+        True,
+    ),
+    (q('match(message, "mimikatz", {"fuzziness": "AUTO"})'), {"message": "ran mimi-katz"}, False),
+    (q('match(message, "net", {"fuzziness": "AUTO"})'), {"message": "nat user"}, True),
+    (q('match(message, "ab", {"fuzziness": "AUTO"})'), {"message": "ac"}, False),  # < 3: exact
+    (q('match(message, "ab", {"fuzziness": 1})'), {"message": "x ac y"}, True),
     # never null: NOT of a full-text match is true on a record without the field
     (q('not message : "x"'), {}, True),
     (q('not message : "x"'), {"message": "x y"}, False),
@@ -299,8 +329,8 @@ REFUSED: list[tuple[str, str]] = [
     ),
     ("row a = 1 | where a == 1", "ES|QL source command ROW is not supported"),
     (
-        q('match(a, "x", {"fuzziness": 1, "max_expansions": 10})'),
-        "ES|QL MATCH fuzziness: fuzzy terms depend on the index's term dictionary",
+        q('match(event.duration, "5", {"fuzziness": 1})'),
+        "ES|QL MATCH fuzziness on a long field",
     ),
     (
         q('match(a, "x", {"analyzer": "whitespace"})'),
@@ -380,6 +410,11 @@ def test_unused_eval_columns_are_not_evaluated() -> None:
 
 
 INVALID: list[tuple[str, str, int]] = [
+    (
+        q('match(a, "x", {"fuzziness": 3})'),
+        "ES|QL MATCH fuzziness 3: Lucene allows 0, 1, 2 or AUTO",
+        1,
+    ),
     ("from l | where a ==", "ES|QL syntax error: unexpected end of command", 1),
     (
         "from l\n| where a == == 1",
@@ -737,6 +772,20 @@ SAMPLES: list[tuple[str, dict, dict]] = [
             **_GKE,
             "gcp": {
                 "audit": {"request": {"spec": {"request": _csr(b"\x30\x82O=system:nodes\x00\xff")}}}
+            },
+        },
+    ),
+    (  # MATCH with fuzziness 1: a one-letter lookalike of svchost.exe outside System32
+        "windows/defense_evasion_masquerading_as_svchost.toml",
+        {
+            "event": {"category": ["process"], "type": ["start"]},
+            "process": {"name": "svch0st.exe", "executable": "C:\\Users\\Public\\svch0st.exe"},
+        },
+        {
+            "event": {"category": ["process"], "type": ["start"]},
+            "process": {
+                "name": "svchost.exe",
+                "executable": "C:\\Windows\\System32\\svchost.exe",
             },
         },
     ),

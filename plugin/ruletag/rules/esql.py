@@ -90,7 +90,15 @@ from ruletag.rules.ir import (
     Token as PatternToken,
 )
 from ruletag.rules.javaregex import compile_java, dissect_spec, grok_to_python, java_replacement
-from ruletag.rules.kql import Lit, analyze, parse_kql, phrase_regex, value_leaf
+from ruletag.rules.kql import (
+    Lit,
+    analyze,
+    fuzzy_regex,
+    fuzzy_text_regex,
+    parse_kql,
+    phrase_regex,
+    value_leaf,
+)
 
 _STATEFUL = {
     "STATS": "ES|QL STATS aggregates over many events (stateful)",
@@ -625,11 +633,28 @@ _CALLS: dict[str, tuple[str, int, int | None]] = {
 _FULL_TEXT_FUNCTIONS = {"QSTR", "MATCH_PHRASE", "MULTI_MATCH"}
 #: MATCH options that do not change which records match one event.
 _NEUTRAL_OPTIONS = {"boost", "auto_generate_synonyms_phrase_query", "lenient"}
+#: ``max_expansions`` caps how many terms of the index's term dictionary a fuzzy term
+#: expands to; a record in the stream is matched as if it were alone in its index, where its
+#: own terms are the only candidates, so the cap never leaves one out.
 _FUZZY_OPTIONS = {"fuzziness", "max_expansions", "prefix_length", "fuzzy_transpositions"}
-#: Fuzzy matching expands a term to at most ``max_expansions`` terms of the index's term
-#: dictionary, the closest first: whether a record's value is among them depends on the
-#: other documents of the index.
-_FUZZY = "ES|QL MATCH {name}: fuzzy terms depend on the index's term dictionary"
+
+
+def _fuzziness(value: Any, term: str, line: int) -> int:
+    """Edits allowed for ``term``: 0, 1, 2, or ``AUTO[:low,high]`` by its length (Lucene's
+    default ``AUTO:3,6``: shorter than 3 exact, shorter than 6 one edit, else two)."""
+    text = str(value).strip().upper()
+    if text.startswith("AUTO"):
+        low, high = 3, 6
+        if text != "AUTO":
+            m = re.fullmatch(r"AUTO:(\d+),(\d+)", text)
+            if m is None:
+                raise InvalidRule(f"ES|QL MATCH fuzziness {value!r} is not valid", line=line)
+            low, high = int(m.group(1)), int(m.group(2))
+        n = len(term)
+        return 0 if n < low else 1 if n < high else 2
+    if text in ("0", "1", "2"):
+        return int(text)
+    raise InvalidRule(f"ES|QL MATCH fuzziness {value!r}: Lucene allows 0, 1, 2 or AUTO", line=line)
 
 
 def _is_span(e: Any) -> bool:
@@ -1165,10 +1190,11 @@ class _Compiler:
         if not isinstance(query, _Lit) or query.value is None:
             raise UnsupportedRule("ES|QL MATCH with a query that is not a literal", line=line)
         operator = "or"
+        fuzzy: dict[str, Any] = {}
         for key, value in self._options(options, line):
             if key in _FUZZY_OPTIONS:
-                raise UnsupportedRule(_FUZZY.format(name=key), line=line)
-            if key == "operator" and isinstance(value, str) and value.lower() in ("and", "or"):
+                fuzzy[key] = value
+            elif key == "operator" and isinstance(value, str) and value.lower() in ("and", "or"):
                 operator = value.lower()
             elif key not in _NEUTRAL_OPTIONS:
                 raise UnsupportedRule(f"ES|QL MATCH option {key} is not supported", line=line)
@@ -1177,7 +1203,9 @@ class _Compiler:
             text = "true" if text else "false"
         text = str(text)
         name = field.name
-        if fieldtypes.is_text(name):
+        if "fuzziness" in fuzzy:
+            t = self._fuzzy(name, text, fuzzy, operator, line)
+        elif fieldtypes.is_text(name):
             words = analyze(text)
             source = fieldtypes.source_of(name)
             leaves = [Regex(source, phrase_regex([w]), "is") for w in words]
@@ -1188,6 +1216,35 @@ class _Compiler:
             except RuleError as exc:
                 raise type(exc)(f"ES|QL MATCH: {exc.reason}", line=line) from None
         return t, not_(t)
+
+    @staticmethod
+    def _fuzzy(name: str, text: str, opts: dict[str, Any], operator: str, line: int) -> Node:
+        """``MATCH`` with ``fuzziness``: each term (the analyzed tokens of a text field, else
+        the whole value, case-sensitive) matches a value term within that many edits
+        (insert, delete, substitute, swap adjacent unless ``fuzzy_transpositions`` is
+        false), its first ``prefix_length`` characters exact, as Lucene's fuzzy query."""
+        prefix = opts.get("prefix_length", 0)
+        if isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0:
+            raise InvalidRule("ES|QL MATCH prefix_length must be a whole number", line=line)
+        swaps = opts.get("fuzzy_transpositions", True) is not False
+        source = fieldtypes.source_of(name)
+        ftype = fieldtypes.type_of(name)
+        if fieldtypes.is_text(name):
+            leaves: list[Node] = []
+            for w in analyze(text):
+                edits = _fuzziness(opts["fuzziness"], w, line)
+                pat = fuzzy_text_regex(w, edits, prefix=prefix, transpositions=swaps)
+                if pat is None:
+                    raise UnsupportedRule("ES|QL MATCH fuzziness: too many variants", line=line)
+                leaves.append(Regex(source, pat, "is"))
+            return (and_ if operator == "and" else or_)(*leaves) if leaves else Const(False)
+        if ftype not in fieldtypes.KEYWORD_TYPES:
+            raise UnsupportedRule(f"ES|QL MATCH fuzziness on a {ftype} field", line=line)
+        edits = _fuzziness(opts["fuzziness"], text, line)
+        body = fuzzy_regex(text, edits, prefix=prefix, transpositions=swaps)
+        if body is None:
+            raise UnsupportedRule("ES|QL MATCH fuzziness: too many variants", line=line)
+        return Regex(source, "^" + body + "$", "s")
 
     @staticmethod
     def _options(options: Any, line: int) -> list[tuple[str, Any]]:

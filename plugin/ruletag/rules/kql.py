@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -404,6 +405,60 @@ def _esc(s: str) -> str:
 def phrase_regex(words: list[str]) -> str:
     """RE2 pattern (flags ``is``): the token sequence ``words`` appears in the value."""
     return _PRE + _SEP.join(_esc(w) for w in words) + _POST
+
+
+#: The most alternatives a fuzzy term may expand to before it is refused.
+MAX_FUZZY_VARIANTS = 4096
+
+
+def _edits(
+    term: tuple[str | None, ...], prefix: int, transpositions: bool
+) -> Iterator[tuple[str | None, ...]]:
+    """Every token sequence one edit from ``term`` (None: any one character), the first
+    ``prefix`` characters kept."""
+    n = len(term)
+    for i in range(prefix, n):
+        yield (*term[:i], None, *term[i + 1 :])  # substitution
+        yield term[:i] + term[i + 1 :]  # deletion
+    for i in range(prefix, n + 1):
+        yield (*term[:i], None, *term[i:])  # insertion
+    if transpositions:
+        for i in range(prefix, n - 1):
+            if term[i] != term[i + 1]:
+                yield (*term[:i], term[i + 1], term[i], *term[i + 2 :])
+
+
+def fuzzy_regex(
+    term: str, edits: int, *, prefix: int = 0, transpositions: bool = True, any_char: str = "."
+) -> str | None:
+    """RE2 alternation (unanchored, no flags of its own) of every string within ``edits``
+    insertions, deletions, substitutions and (``transpositions``) swaps of adjacent
+    characters of ``term``, as Lucene's fuzzy query counts them; ``any_char``: the class a
+    changed character may take. None when the alternatives would be more than
+    :data:`MAX_FUZZY_VARIANTS`."""
+    found: set[tuple[str | None, ...]] = {tuple(term)}
+    frontier = set(found)
+    for _ in range(edits):
+        nxt: set[tuple[str | None, ...]] = set()
+        for t in frontier:
+            nxt.update(_edits(t, prefix, transpositions))
+        nxt -= found
+        found |= nxt
+        frontier = nxt
+        if len(found) > MAX_FUZZY_VARIANTS:
+            return None
+    alts = sorted("".join(any_char if c is None else _esc(c) for c in t) for t in found)
+    return "(?:" + "|".join(alts) + ")"
+
+
+def fuzzy_text_regex(
+    word: str, edits: int, *, prefix: int = 0, transpositions: bool = True
+) -> str | None:
+    """RE2 pattern (flags ``is``): one token of the value is within ``edits`` of ``word``."""
+    body = fuzzy_regex(
+        word, edits, prefix=prefix, transpositions=transpositions, any_char=_TOKEN_CHARS
+    )
+    return None if body is None else _PRE + body + _POST
 
 
 def text_leaf(field: str, v: Lit) -> Node:
