@@ -23,11 +23,12 @@ those) and otherwise an :class:`~ruletag.rules.ir.Aggregation`:
   per row (``row_condition``), the others on the record; keys and aggregates are per row.
 * ``AGG(x) WHERE cond`` counts only the rows satisfying ``cond``.
 
-Refused with a reason: ``INLINE STATS``, ``LOOKUP JOIN``, ``ENRICH``, ``FORK``,
-``CHANGE_POINT`` (``esql.py``'s reasons), ``STATS`` after ``STATS``, ``MV_EXPAND`` of a column
-an earlier ``EVAL`` computes or reads, other aggregate functions (``TOP``, ``FIRST``, ``LAST``,
-``MEDIAN``, ...) and commands after ``STATS`` that are not single-event ones
-(``COMPLETION``, ...).
+Refused with a reason: a ``STATS`` with no ``WHERE`` before it (only the ``FROM`` index
+pattern, which ruletag does not evaluate, selects its records), ``INLINE STATS``, ``LOOKUP
+JOIN``, ``ENRICH``, ``FORK``, ``CHANGE_POINT`` (``esql.py``'s reasons), ``STATS`` after
+``STATS``, ``MV_EXPAND`` of a column an earlier ``EVAL`` computes or reads, other aggregate
+functions (``TOP``, ``FIRST``, ``LAST``, ``MEDIAN``, ...) where a condition reads them, and
+commands after ``STATS`` that are not single-event ones (``COMPLETION``, ...).
 
 Semantics from the ES|QL ``STATS`` reference: null values are skipped by the aggregates; a
 row whose key is multi-valued is in every group of its values; rows whose key is null form a
@@ -128,6 +129,12 @@ def parse_esql_aggregation(query: str) -> Aggregation | None:
     source_indices(commands)
     env = _Env()
     table_parts, row_parts, expand = _before_stats(commands[1:k], env, query)
+    if and_(*table_parts, *row_parts) == Const(True):
+        raise UnsupportedRule(
+            "ES|QL STATS over every record (no WHERE before STATS): the FROM index pattern, "
+            "which selects the records, is not evaluated",
+            line=commands[k].line,
+        )
     stats = commands[k]
     items, by = _split_stats(stats)
     compiler = _Compiler()
