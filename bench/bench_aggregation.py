@@ -100,7 +100,8 @@ def spread(records: int, groups: int) -> None:
 
 def one_group(size: int) -> None:
     query = (
-        "from l | stats n = count(*), d = count_distinct(event.action),"
+        "from l | where user.email is not null | stats n = count(*),"
+        " d = count_distinct(event.action),"
         " v = values(orchestrator.resource.name) by user.email | where n > 1000000000"
     )
     agg = parse_esql_aggregation(query)
