@@ -734,3 +734,65 @@ def test_relay_confirms_missing_events_on_the_watermark_across_a_restart(
     ]
     assert stats2["sequence"]["missing_pending"] == 0
     assert stats2["sequence"]["missing_rejected"] == 1  # h2
+
+
+# --------------------------------------------------------------------------- ES|QL STATS
+
+ESQL_STATS_RULE = """\
+[metadata]
+maturity = "production"
+
+[rule]
+author = ["A"]
+name = "login failures"
+rule_id = "agg-1"
+severity = "low"
+type = "esql"
+language = "esql"
+from = "now-15m"
+query = '''
+from logs-* | where event.action == "login_failed"
+| stats n = count(*), hosts = count_distinct(host.id) by user.name | where n >= 3
+'''
+"""
+
+
+def test_relay_evaluates_aggregating_esql_rules(
+    arun: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """STATS ... BY user.name | WHERE n >= 3 over a 15-minute look-back: the third failure of
+    u1 fires with the group's row; u2's two failures and the noise pass untouched."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    rule = tmp_path / "agg.toml"
+    rule.write_text(ESQL_STATS_RULE, encoding="utf-8")
+
+    def failure(n: int, user: str) -> dict[str, Any]:
+        return {
+            "@timestamp": f"2026-03-01T10:0{n}:00.000Z",
+            "event": {"id": f"l{n}", "action": "login_failed"},
+            "user": {"name": user},
+            "host": {"id": f"h{n % 2}"},  # u1: h1 three times
+        }
+
+    records = [failure(1, "u1"), failure(2, "u2"), noise(1), failure(3, "u1")]
+    records += [failure(4, "u2"), failure(5, "u1")]
+
+    async def scenario() -> tuple[list[bytes], list[Any]]:
+        async with Sink() as sink:
+            relay = Relay(make_config([rule], sink.port))
+            await relay.startup()
+            try:
+                assert relay.server is not None
+                sent = await send(relay.server.port, [records[:3], records[3:]])
+            finally:
+                await relay.shutdown()
+            return sent, received(sink)
+
+    sent, got = arun(scenario(), timeout=120)
+    found = check_annotated(got, sent)
+    assert sorted(found) == ["l5"]
+    (d,) = found["l5"]
+    assert d["rule_id"] == "agg-1"
+    agg = d["aggregation"]
+    assert agg["keys"] == [{"field": "user.name", "value": "u1"}]
+    assert agg["values"]["n"] == 3 and agg["values"]["hosts"] == 1 and agg["count"] == 3

@@ -110,6 +110,26 @@ def correlation_detection(
     return d
 
 
+def aggregation_detection(
+    rule: Rule,
+    keys: Iterable[tuple[str, object]],
+    values: Iterable[tuple[str, object]],
+    count: int,
+    window: tuple[str, str],
+) -> dict[str, Any]:
+    """An aggregating ES|QL rule fired: :func:`detection` plus ``aggregation``: the group's
+    ``keys`` (``field``, ``value``) per ``BY`` column, the aggregate ``values`` (column ->
+    value), the ``count`` of records in the group and the ``window`` (``start``, ``end``)."""
+    d = detection(rule)
+    d["aggregation"] = {
+        "keys": [{"field": f, "value": v} for f, v in keys],
+        "values": dict(values),
+        "count": count,
+        "window": {"start": window[0], "end": window[1]},
+    }
+    return d
+
+
 def sample_detection(
     rule: Rule, keys: Iterable[str], events: Iterable[Mapping[str, Any]]
 ) -> dict[str, Any]:
@@ -151,4 +171,10 @@ def stateful_detection(result: object) -> dict[str, Any]:
 
     if isinstance(result, SampleResult):
         return sample_detection(result.rule, result.keys, result.events)
+
+    from ruletag.rules.stateful.aggregation import AggregateAlert
+
+    if isinstance(result, AggregateAlert):
+        window = (iso_time(result.start), iso_time(result.end))
+        return aggregation_detection(result.rule, result.keys, result.values, result.count, window)
     raise TypeError(f"no annotation for a stateful result of type {type(result).__name__}")

@@ -30,8 +30,10 @@ from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
 from ruletag.rules.algebra import and_
 from ruletag.rules.eql import CATEGORY_FIELD, parse_eql_query
 from ruletag.rules.esql import parse_esql
+from ruletag.rules.esql_stats import parse_esql_aggregation
 from ruletag.rules.ir import (
     DEFAULT_RISK_SCORE,
+    Aggregation,
     Attack,
     Const,
     NewTerms,
@@ -108,6 +110,7 @@ def load_elastic_file(path: Path) -> list[Rule]:
 
     sequence: Sequence | None = None
     sample: Sample | None = None
+    aggregation: Aggregation | None = None
     condition: Node
     try:
         # The index patterns (``index``, ES|QL's FROM) are not used yet.
@@ -121,7 +124,8 @@ def load_elastic_file(path: Path) -> list[Rule]:
             else:
                 condition = parsed
         elif language == "esql":
-            condition = parse_esql(query).condition
+            aggregation = parse_esql_aggregation(query)
+            condition = Const(False) if aggregation is not None else parse_esql(query).condition
         else:
             condition = parse_kql(query)
     except RuleError as exc:
@@ -147,6 +151,12 @@ def load_elastic_file(path: Path) -> list[Rule]:
         new_terms = _new_terms_of_rule(condition, rule, where, query_line)
         condition = Const(False)  # the new-terms engine runs it, the table never fires it
 
+    if aggregation is not None:  # the aggregation engine groups it, the table never fires it
+        aggregation = dataclasses.replace(
+            aggregation,
+            window=_lookback(rule),
+            timestamp_field=str(rule.get("timestamp_field") or "@timestamp"),
+        )
     severity = str(rule.get("severity", "medium")).lower()
     if severity not in _SEVERITIES:
         raise InvalidRule(f"rule.severity {severity!r} is not a known severity", where)
@@ -181,12 +191,15 @@ def load_elastic_file(path: Path) -> list[Rule]:
                 if threshold is not None
                 else "new_terms"
                 if new_terms is not None
+                else "aggregation"
+                if aggregation is not None
                 else "event"
             ),
             sequence=sequence,
             threshold=threshold,
             new_terms=new_terms,
             sample=sample,
+            aggregation=aggregation,
         )
     ]
 

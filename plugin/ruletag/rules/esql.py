@@ -14,7 +14,10 @@ pipes; ``esql.lark`` parses the commands this module evaluates:
   when the pattern does not match, like ES.
 * Commands that aggregate or read other data raise UnsupportedRule naming the command
   (``STATS``, ``INLINE STATS``, ``LOOKUP JOIN``, ``ENRICH`` are "stateful"); so do the
-  other commands (``MV_EXPAND``, ...), by name.
+  other commands (``MV_EXPAND``, ...), by name. ``esql_stats.py`` turns ``STATS`` queries into
+  aggregations, running the commands around ``STATS`` with :func:`run_commands`.
+* Time-span literals (``5 minutes``) are text values for ``DATE_TRUNC``; ``NOW()`` is refused
+  here (it is the time of the query) and read from a row column after ``STATS``.
 
 Three-valued logic. ES|QL keeps a row when the ``WHERE`` condition is true; a comparison with
 a null operand (a missing field) is null, ``NOT null`` is null, ``null AND false`` is false,
@@ -35,9 +38,10 @@ nothing); ``IS [NOT] NULL``
 :class:`Match`. ``TO_LOWER(f)`` compared with lower-case literals is a case-insensitive
 :class:`Match`. Anything else computed is a :class:`Predicate` over :class:`Call` values
 (``functions.py``: ``length``, ``locate``, ``esql_substring``, ``replace``, ``to_lower``,
-``to_upper``, ``concat``, ``coalesce``, ``trim``, ``to_double``, ``url_decode``, ``from_base64``,
-arithmetic; ``JSON_EXTRACT(_source, "$.a.b")`` reads the field ``a.b``, so an object value is
-null here where ES gives its JSON text). ``CASE`` in a
+``to_upper``, ``concat``, ``coalesce``, ``trim``, ``to_double``, ``to_ip``, ``url_decode``,
+``from_base64``, ``date_trunc``, ``date_diff``, arithmetic; ``JSON_EXTRACT(_source,
+"$.a.b")`` reads the field ``a.b``, so an object value is null here where ES gives its JSON
+text). ``CASE`` in a
 comparison or as a condition is expanded branch by branch (a null condition takes the next
 branch).
 Full text: ``field : "text"`` and ``MATCH(field, "text")`` are Elasticsearch's ``match``
@@ -291,6 +295,9 @@ class _Ast(Transformer):
     def integer(self, meta: Any, tok: Token) -> _Lit:
         return _Lit(int(str(tok)))
 
+    def timespan(self, meta: Any, tok: Token, unit: Token) -> _Fn:
+        return _Fn("\0SPAN", (_Lit(int(str(tok))), _Lit(str(unit).lower())), meta.line)
+
     def decimal(self, meta: Any, tok: Token) -> _Lit:
         return _Lit(float(str(tok)))
 
@@ -462,22 +469,36 @@ def parse_esql(query: str) -> EsqlQuery:
     for cmd in commands:  # an aggregation decides the reason, wherever it is
         if cmd.name in _STATEFUL:
             raise UnsupportedRule(_STATEFUL[cmd.name], line=cmd.line)
+    indices = source_indices(commands)
+    env = _Env()
+    return EsqlQuery(and_(*run_commands(commands[1:], env, query)), indices)
+
+
+def source_indices(commands: list[_Command]) -> tuple[str, ...]:
+    """The index patterns of the query's ``FROM`` (the first command)."""
     first = commands[0]
     if first.name != "FROM":
         if first.name in _SOURCES:
             raise UnsupportedRule(f"ES|QL source command {first.name} is not supported", line=1)
         raise InvalidRule(f"ES|QL query must start with FROM, not {first.name}", line=1)
-    indices = _from_indices(first.body, first.line)
-    env = _Env()
+    return _from_indices(first.body, first.line)
+
+
+def run_commands(
+    commands: list[_Command], env: _Env, query: str, now_field: str | None = None
+) -> list[Node]:
+    """Run single-event ``commands`` over the columns of ``env`` (updated in place): the
+    conditions of their ``WHERE``s (and ``LIMIT 0``), in order. ``now_field``: see
+    :class:`_Compiler`."""
     conditions: list[Node] = []
-    for cmd in commands[1:]:
+    for cmd in commands:
         if cmd.name == "MV_EXPAND" and cmd.body.strip() == "_ignored":
             raise UnsupportedRule(_IGNORED, line=cmd.line)
         if cmd.name not in _COMMANDS:
             raise UnsupportedRule(f"ES|QL {cmd.name} is not supported", line=cmd.line)
         if cmd.name == "WHERE":
             expr = env.resolve(_parse("where_cmd", cmd.body, cmd.line, query))
-            conditions.append(_Compiler().true(expr))
+            conditions.append(_Compiler(now_field).true(expr))
         elif cmd.name == "EVAL":
             for name, expr in _parse("eval_cmd", cmd.body, cmd.line, query):
                 env.define(name, env.resolve(expr))
@@ -510,7 +531,7 @@ def parse_esql(query: str) -> EsqlQuery:
                 conditions.append(Const(False))
         else:  # SORT
             _parse("sort_cmd", cmd.body, cmd.line, query)
-    return EsqlQuery(and_(*conditions), indices)
+    return conditions
 
 
 def _glob(pattern: str) -> re.Pattern[str]:
@@ -585,7 +606,7 @@ _CASTS = {
     "::KEYWORD": "string",
     "::TEXT": "string",
 }
-_CONVERSIONS = {"TO_DOUBLE": "to_double", "TO_STRING": "string"}
+_CONVERSIONS = {"TO_DOUBLE": "to_double", "TO_STRING": "string", "TO_IP": "to_ip"}
 #: ES|QL name -> (IR call name, min args, max args).
 _CALLS: dict[str, tuple[str, int, int | None]] = {
     "TO_LOWER": ("to_lower", 1, 1),
@@ -604,6 +625,8 @@ _CALLS: dict[str, tuple[str, int, int | None]] = {
     "CIDR_MATCH": ("cidrmatch", 2, None),
     "URL_DECODE": ("url_decode", 1, 1),
     "FROM_BASE64": ("from_base64", 1, 1),
+    "DATE_TRUNC": ("date_trunc", 2, 2),
+    "DATE_DIFF": ("date_diff", 3, 3),
     "\0DISSECT": ("dissect", 3, 3),
     "\0GROK": ("grok", 3, 3),
 }
@@ -632,6 +655,10 @@ def _fuzziness(value: Any, term: str, line: int) -> int:
     if text in ("0", "1", "2"):
         return int(text)
     raise InvalidRule(f"ES|QL MATCH fuzziness {value!r}: Lucene allows 0, 1, 2 or AUTO", line=line)
+
+
+def _is_span(e: Any) -> bool:
+    return isinstance(e, _Fn) and e.name == "\0SPAN"
 
 
 def _notnull(v: ValueExpr) -> Node:
@@ -876,7 +903,11 @@ class _LuceneIntersections:
 
 
 class _Compiler:
-    """Boolean expressions to ``(is true, is false)`` IR pairs, values to IR values."""
+    """Boolean expressions to ``(is true, is false)`` IR pairs, values to IR values.
+    ``now_field``: the field ``NOW()`` reads (rows after ``STATS``); None: unsupported."""
+
+    def __init__(self, now_field: str | None = None) -> None:
+        self.now_field = now_field
 
     def true(self, e: Any) -> Node:
         return self.cond(e)[0]
@@ -970,6 +1001,11 @@ class _Compiler:
         if isinstance(left, _Op) or isinstance(right, _Op):
             return self._bool_compare(op, left, right, line)
         lv, rv = self.value(left), self.value(right)
+        if self._is_date(lv) or self._is_date(rv):
+            # dates compare as instants: ``l op r`` is ``date_diff(ms, r, l) op 0``
+            diff = Call("date_diff", (Literal_("millisecond"), rv, lv))
+            later = Predicate(diff, op, Literal_(0))
+            return later, and_(_notnull(diff), not_(later))
         if isinstance(lv, Literal_) and not isinstance(rv, Literal_):
             lv, rv, op = rv, lv, _FLIP[op]
         if isinstance(rv, Literal_) and rv.value is None:
@@ -1255,6 +1291,8 @@ class _Compiler:
             )
         assert isinstance(e, _Fn), e
         name = e.name
+        if name in ("+", "-") and any(_is_span(a) for a in e.args):
+            return self._date_arith(e)
         if name in _ARITH:
             return Call(_ARITH[name], (self.value(e.args[0]), self.value(e.args[1])))
         if name in _CASTS or name in _CONVERSIONS:
@@ -1262,6 +1300,16 @@ class _Compiler:
             return Call(_CASTS.get(name) or _CONVERSIONS[name], (self.value(e.args[0]),))
         if name.startswith("::"):
             raise UnsupportedRule(f"ES|QL cast {name} is not supported", line=e.line)
+        if name == "\0SPAN":  # a time span literal, as text: ``5 minutes``
+            return Literal_(f"{e.args[0].value} {e.args[1].value}")
+        if name == "NOW":
+            if self.now_field is None:
+                raise UnsupportedRule(
+                    "ES|QL NOW() on single events (the time of the query) is not supported",
+                    line=e.line,
+                )
+            self._arity(e, 0, 0)
+            return FieldValue(self.now_field)
         if name == "SPACE":
             self._arity(e, 1, 1)
             n = self.value(e.args[0])
@@ -1286,6 +1334,22 @@ class _Compiler:
         if name == "REPLACE":
             self._check_replace(args, e.line)
         return Call(ir_name, args)
+
+    def _is_date(self, v: ValueExpr) -> bool:
+        """A value known to be a date: ``NOW()``, date arithmetic, ``DATE_TRUNC``."""
+        if isinstance(v, FieldValue):
+            return self.now_field is not None and v.field == self.now_field
+        return isinstance(v, Call) and v.name in ("date_add", "date_trunc")
+
+    def _date_arith(self, e: _Fn) -> ValueExpr:
+        """``date + span``, ``span + date``, ``date - span``: a date (``date_add``)."""
+        a, b = e.args
+        if _is_span(a) and e.name == "+":
+            a, b = b, a
+        if _is_span(a) or not _is_span(b):
+            raise UnsupportedRule(f"ES|QL: time span arithmetic {e.name} on spans", line=e.line)
+        sign = 1 if e.name == "+" else -1
+        return Call("date_add", (self.value(a), self.value(b), Literal_(sign)))
 
     def _json_extract(self, e: _Fn) -> ValueExpr:
         """``JSON_EXTRACT(_source, "$.a.b")``: the field ``a.b`` of the record."""

@@ -53,6 +53,10 @@ theirs). String positions are in code points, 1-based:
                              runs are UTF-8 bytes; a malformed escape -> None.
 ``from_base64(s)``           ``java.util.Base64`` decoding (padding optional); the bytes
                              as text (UTF-8, surrogateescape); invalid input -> None.
+``to_ip(v)``                 the address's text (``ipaddress``), None if not one.
+``date_trunc(span, d)``      ``d`` rounded down to ``span`` (``"5 minutes"``), ISO text.
+``date_diff(unit, a, b)``    ``b - a`` in whole ``unit``s, truncated toward zero.
+``date_add(d, span, sign)``  ``d + span`` (sign 1) or ``d - span`` (-1), ISO text.
 ``dissect(s, pattern, c)``   column ``c`` of the ``DISSECT`` pattern; None when the
                              pattern does not match (``javaregex.dissect``).
 ``grok(s, rx, g)``           group ``g`` of the first match of Python regex ``rx`` (a
@@ -63,10 +67,13 @@ theirs). String positions are in code points, 1-based:
 from __future__ import annotations
 
 import base64
+import calendar
+import ipaddress
 import math
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 from ruletag.rules.algebra import as_text, ip_of, network_of, number_of
@@ -386,6 +393,133 @@ def to_double(value: object) -> float | None:
         return None
 
 
+def to_ip(value: object) -> str | None:
+    """The text of an IPv4 or IPv6 address (``TO_IP``); None when it is not one."""
+    text = as_text(value)
+    if text is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        return None
+
+
+def _date(value: object) -> datetime | None:
+    """A date value: ISO 8601 text (no zone: UTC) or epoch milliseconds (seconds below
+    10^12, like record timestamps); None if it is neither."""
+    if isinstance(value, bool):
+        return None
+    n = number_of(value)
+    if n is not None:
+        v = float(n)
+        try:
+            return datetime.fromtimestamp(v / 1000.0 if abs(v) > 1e12 else v, UTC)
+        except (OverflowError, OSError, ValueError):
+            return None
+    text = as_text(value)
+    if text is None:
+        return None
+    try:
+        dt = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def _iso(dt: datetime) -> str:
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+#: Fixed-length time units (ES|QL names and abbreviations) -> seconds.
+_FIXED_UNITS: dict[str, float] = {}
+for _names, _seconds in (
+    (("millisecond", "milliseconds", "ms"), 0.001),
+    (("second", "seconds", "sec", "s", "ss"), 1.0),
+    (("minute", "minutes", "min", "mi", "n"), 60.0),
+    (("hour", "hours", "h", "hh"), 3600.0),
+    (("day", "days", "d", "dd"), 86400.0),
+    (("week", "weeks", "w", "wk", "ww"), 604800.0),
+):
+    for _n in _names:
+        _FIXED_UNITS[_n] = _seconds
+_MONTH_UNITS = {"month": 1, "months": 1, "mo": 1, "mm": 1, "quarter": 3, "quarters": 3}
+_MONTH_UNITS |= {"q": 3, "qq": 3, "year": 12, "years": 12, "yr": 12, "y": 12, "yy": 12}
+_MONTH_UNITS |= {"yyyy": 12}
+#: 1970-01-05, the first Monday after the epoch: weeks are truncated to Mondays.
+_MONDAY = 4 * 86400.0
+
+
+def date_trunc(span: object, value: object) -> str | None:
+    """``DATE_TRUNC(n unit, date)``: the date rounded down to a multiple of the span (epoch
+    aligned; weeks to Mondays; months, quarters and years by the calendar), as ISO text."""
+    dt = _date(value)
+    text = as_text(span)
+    if dt is None or text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*([a-z]+)\s*", text.lower())
+    if m is None or int(m.group(1)) < 1:
+        return None
+    n, unit = int(m.group(1)), m.group(2)
+    if unit in _FIXED_UNITS:
+        step = n * _FIXED_UNITS[unit]
+        offset = _MONDAY if _FIXED_UNITS[unit] == 604800.0 else 0.0
+        t = dt.timestamp() - offset
+        return _iso(datetime.fromtimestamp(math.floor(t / step) * step + offset, UTC))
+    if unit in _MONTH_UNITS:
+        months = n * _MONTH_UNITS[unit]
+        total = dt.year * 12 + dt.month - 1
+        total -= total % months
+        return _iso(datetime(total // 12, total % 12 + 1, 1, tzinfo=UTC))
+    return None
+
+
+def date_add(value: object, span: object, sign: object = 1) -> str | None:
+    """``date + span`` (``sign`` 1) or ``date - span`` (-1), ``span`` like ``"9 minutes"``
+    (months, quarters and years by the calendar, the day clamped to the month), as ISO text."""
+    dt = _date(value)
+    text = as_text(span)
+    if dt is None or text is None or sign not in (1, -1):
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*([a-z]+)\s*", text.lower())
+    if m is None:
+        return None
+    n, unit = int(m.group(1)) * (1 if sign == 1 else -1), m.group(2)
+    try:
+        if unit in _FIXED_UNITS:
+            return _iso(dt + timedelta(seconds=n * _FIXED_UNITS[unit]))
+        if unit in _MONTH_UNITS:
+            total = dt.year * 12 + dt.month - 1 + n * _MONTH_UNITS[unit]
+            year, month = divmod(total, 12)
+            day = min(dt.day, calendar.monthrange(year, month + 1)[1])
+            return _iso(dt.replace(year=year, month=month + 1, day=day))
+    except (OverflowError, ValueError):
+        return None
+    return None
+
+
+def date_diff(unit: object, start: object, end: object) -> int | None:
+    """``DATE_DIFF(unit, start, end)``: ``end - start`` in whole units (truncated toward
+    zero); months, quarters and years count calendar months."""
+    a, b = _date(start), _date(end)
+    name = as_text(unit)
+    if a is None or b is None or name is None:
+        return None
+    name = name.lower()
+    if name in _FIXED_UNITS:
+        delta = (b - a).total_seconds() / _FIXED_UNITS[name]
+        return int(delta)  # int() truncates toward zero
+    if name in _MONTH_UNITS:
+        months = (b.year - a.year) * 12 + (b.month - a.month)
+        rest_b = (b.day, b.hour, b.minute, b.second, b.microsecond)
+        rest_a = (a.day, a.hour, a.minute, a.second, a.microsecond)
+        if months > 0 and rest_b < rest_a:
+            months -= 1
+        elif months < 0 and rest_b > rest_a:
+            months += 1
+        return int(months / _MONTH_UNITS[name])
+    return None
+
+
 _HEX = "0123456789abcdefABCDEF"
 
 
@@ -509,6 +643,10 @@ ARITY: dict[str, tuple[int, int | None]] = {
 
 ESQL_FUNCTIONS: dict[str, Callable[..., object]] = {
     "coalesce": coalesce,
+    "date_add": date_add,
+    "date_diff": date_diff,
+    "date_trunc": date_trunc,
+    "to_ip": to_ip,
     "dissect": dissect_column,
     "esql_substring": esql_substring,
     "from_base64": from_base64,
@@ -526,6 +664,10 @@ ESQL_FUNCTIONS: dict[str, Callable[..., object]] = {
 
 ESQL_ARITY: dict[str, tuple[int, int | None]] = {
     "coalesce": (1, None),
+    "date_add": (2, 3),
+    "date_diff": (3, 3),
+    "date_trunc": (2, 2),
+    "to_ip": (1, 1),
     "dissect": (3, 3),
     "esql_substring": (2, 3),
     "from_base64": (1, 1),

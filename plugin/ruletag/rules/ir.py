@@ -25,7 +25,9 @@ Rules are single-event (``Rule.kind == "event"``), EQL sequences (``Rule.kind ==
 :class:`Correlation` by the loader): a :class:`Sequence` holds
 ordinary single-event conditions as its steps (and its ``until``) plus the join keys and time
 bounds, a :class:`Threshold` one base condition plus its group fields, counts and window; the
-engines in ``rules/stateful/`` match those conditions and keep the state. A stateful rule's own
+engines in ``rules/stateful/`` match those conditions and keep the state. Aggregating ES|QL
+rules (``Rule.kind == "aggregation"``) carry an :class:`Aggregation`: a base condition, group
+keys, aggregates and the condition on the aggregated row. A stateful rule's own
 ``condition`` is ``Const(False)``, so the single-event table never fires it.
 
 Elastic ``new_terms`` rules (``Rule.kind == "new_terms"``) are stateful the same way: a
@@ -338,6 +340,56 @@ class Sample:
     timestamp_field: str = "@timestamp"
 
 
+@dataclass(frozen=True, slots=True)
+class Case:
+    """ES|QL ``CASE`` as a value: the value of the first branch whose condition holds, else
+    ``default`` (``Literal_(None)`` when the query gives none)."""
+
+    branches: tuple[tuple[Node, AggValue], ...]
+    default: AggValue
+
+
+AggValue = ValueExpr | Case
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    """One aggregate column of an :class:`Aggregation`: ``function`` (``count``,
+    ``count_distinct``, ``values``, ``min``, ``max``, ``sum``, ``avg``) over ``value``, computed
+    per record (None: ``COUNT(*)``, every record) that satisfies ``filter`` (``STATS ... WHERE``).
+    Null values are skipped."""
+
+    name: str
+    function: str
+    value: AggValue | None = None
+    filter: Node = Const(True)
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregation:
+    """An aggregating ES|QL rule (``... | STATS aggs BY keys | WHERE ...``).
+
+    Records matching ``condition`` (every ``WHERE`` before ``STATS``) are grouped by the values
+    of ``keys`` (column name, per-record value; a multi-valued key puts the record in every
+    group, a null key in the null group), ``aggregates`` are computed over each group's records
+    in the event-time ``window`` (the rule's look-back, seconds) and the group fires when
+    ``having`` (the commands after ``STATS``, over the columns of the aggregated row) holds.
+    ``omitted`` names the aggregate columns that are not computed: no condition reads them and
+    their inputs use functions ruletag does not evaluate."""
+
+    condition: Node
+    keys: tuple[tuple[str, AggValue], ...] = ()
+    aggregates: tuple[Aggregate, ...] = ()
+    having: Node = Const(True)
+    omitted: tuple[str, ...] = ()
+    window: float = 360.0
+    #: ``MV_EXPAND`` fields: a record is one row per combination of their values, and
+    #: ``row_condition`` (the ``WHERE`` parts that read them) is tested per row
+    expand: tuple[str, ...] = ()
+    row_condition: Node = Const(True)
+    timestamp_field: str = "@timestamp"
+
+
 Severity = Literal["informational", "low", "medium", "high", "critical"]
 
 #: Risk score given to rules that carry none (Sigma), by severity; Elastic's own convention.
@@ -367,7 +419,9 @@ class Rule:
     techniques: tuple[Attack, ...] = ()
     logsource: Logsource | None = None
     modified: str = ""  # ISO date of the last change; the newest copy of a duplicate id wins
-    kind: Literal["event", "sequence", "threshold", "new_terms", "correlation", "sample"] = "event"
+    kind: Literal[
+        "event", "sequence", "threshold", "new_terms", "correlation", "sample", "aggregation"
+    ] = "event"
     tags: tuple[str, ...] = field(default=())
     building_block: bool = False  # Elastic ``building_block_type``: an input to other rules
     status: str = ""  # Sigma ``status`` / Elastic ``metadata.maturity``, as the file says it
@@ -378,6 +432,7 @@ class Rule:
     correlation: Correlation | None = None  # set when ``kind == "correlation"``
     ref_name: str = ""  # Sigma ``name``: how correlation rules may refer to the rule
     sample: Sample | None = None  # set when ``kind == "sample"``
+    aggregation: Aggregation | None = None  # set when ``kind == "aggregation"``
 
 
 def value_fields(v: ValueExpr | tuple[ValueExpr, ...]) -> tuple[str, ...]:

@@ -65,6 +65,7 @@ Builder = Callable[["Iterable[Rule]", "FieldMap | None"], "Engine | None"]
 
 def builders() -> list[Builder]:
     """The engine builders, one per stateful rule kind (imported late: no import cycle)."""
+    from ruletag.rules.stateful.aggregation import AggregationEngine
     from ruletag.rules.stateful.correlation import CorrelationEngine
     from ruletag.rules.stateful.newterms import NewTermsEngine
     from ruletag.rules.stateful.sample import SampleEngine
@@ -77,6 +78,7 @@ def builders() -> list[Builder]:
         NewTermsEngine.of,
         CorrelationEngine.of,
         SampleEngine.of,
+        AggregationEngine.of,
     ]
 
 

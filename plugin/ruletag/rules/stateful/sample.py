@@ -35,6 +35,7 @@ from typing import Any
 from ruletag.rules.fields import FieldMap, RecordView
 from ruletag.rules.ir import Node, Rule
 from ruletag.rules.stateful.sequence import EventRef, event_id, event_time, join_keys
+from ruletag.rules.stateful.snapshot import rule_digest
 
 __all__ = ["SampleEngine", "SampleResult", "SampleState"]
 
@@ -277,6 +278,7 @@ class SampleEngine:
                 for k, ks in run.state.keys.items()
             ]
             rules[run.rule.id] = {
+                "digest": rule_digest(run.rule),
                 "filters": run.state.filters,
                 "watermark": _finite(run.watermark),
                 "keys": keys,
@@ -295,6 +297,8 @@ class SampleEngine:
             got = saved.get(run.rule.id)
             if not got or got.get("filters") != run.state.filters:
                 continue
+            if got.get("digest") != rule_digest(run.rule):
+                continue  # the rule changed: it starts empty
             restored += 1
             wm = got.get("watermark")
             run.watermark = -math.inf if wm is None else float(wm)

@@ -20,8 +20,18 @@ __all__ = ["from_time", "json_value", "restorable", "rule_digest", "to_time"]
 
 def rule_digest(rule: Rule) -> str:
     """A stable digest of what a stateful rule's state depends on (its kind and stateful
-    definition: sequence, threshold, new terms or correlation)."""
-    text = repr((rule.kind, rule.sequence, rule.threshold, rule.new_terms, rule.correlation))
+    definition: sequence, threshold, new terms, correlation, sample or aggregation)."""
+    text = repr(
+        (
+            rule.kind,
+            rule.sequence,
+            rule.threshold,
+            rule.new_terms,
+            rule.correlation,
+            rule.sample,
+            rule.aggregation,
+        )
+    )
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
