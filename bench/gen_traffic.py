@@ -13,12 +13,18 @@ and parsed web access logs, about 1 KB per record on average. A configurable fra
 rules (shadow-copy deletion, python pty spawn, web path traversal), which trip at least one
 rule.
 
+``--mix b`` draws from a second, independently written mix: other hosts, users, domain,
+processes, command lines and web paths, ECS Linux process events, and far more Linux and web
+(about 60%) than Windows; ``--no-positives`` plants none. The default (mix a, positives) is
+byte for byte what it was before these options existed.
+
 Entry time is an EventTime whose seconds are ``T0 + chunk index``: the sink reads the first
 entry's seconds to know which chunk arrived (for the latency measurement) without touching
 the records.
 
     python bench/gen_traffic.py -o /tmp/ruletag-traffic.bin --chunks 100
     python bench/gen_traffic.py -o /tmp/t.bin --check ../shared/rules   # measure match rate
+    python bench/gen_traffic.py -o /tmp/b.bin --mix b --no-positives
 """
 
 from __future__ import annotations
