@@ -138,7 +138,7 @@ def main() -> None:
         n = sum(total.values())
         over = 100.0 * (sum(decoded.values()) - sum(held.values())) / n
         tuned = m.stats.get("raw_tuned_on_records", "not tuned")
-        extra = {k: v for k, v in m.stats.items() if k.startswith("raw_re")}
+        extra = {k: v for k, v in m.stats.items() if k.startswith("raw_retune")}
         print(
             f"| {train} | {run} | **all** | {n} | {sum(held.values()) / n:.1%} "
             f"| {sum(decoded.values()) / n:.1%} | {over:.1f} "
