@@ -40,9 +40,11 @@ go to every rule (a caseless ASCII literal could miss them).
 
 from __future__ import annotations
 
+import bisect
 import marshal
 import re
 import struct
+from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -715,17 +717,18 @@ def retune(
     counts: Mapping[int, int],
     n: int,
     passes: Mapping[int, int] | None = None,
-    sets: Mapping[tuple[frozenset[int], bool], int] | None = None,
+    sets: Mapping[bytes, int] | None = None,
 ) -> RawFilter:
     """A filter with the requirements of ``filt``, triggers picked by the measured frequency
     of each pattern (``counts[i]`` of ``n`` records), common patterns no longer scanned for in
     stage 2, nor the patterns of rules whose requirement held in most of the records their
     trigger is expected to fire on (``passes[k]`` of ``n``).
 
-    ``sets``: the distinct pattern sets observed (with whether some rule's requirement held
-    and how many records had each). With them, a rule is loosened only if that is measured
-    to make few records decoded that no requirement forces: all loosened rules together add
-    at most :data:`LOOSE_BUDGET` of the observed records (see :func:`_keep_loosening`)."""
+    ``sets``: the distinct pattern sets observed in the records where no rule's requirement
+    held (sorted uint32 pattern ids as bytes) and how many records had each. With them, a
+    rule is loosened only if that is measured to make few records decoded that no requirement
+    forces: all loosened rules together add at most :data:`LOOSE_BUDGET` of the observed
+    records (see :func:`_keep_loosening`)."""
     if filt.plan is None:
         raise ValueError("this filter keeps no plan to re-tune from")
     patterns, prior, plain = marshal.loads(filt.plan)
@@ -758,7 +761,7 @@ def _assemble(
     tuned_on: int = 0,
     cold_db: Any = None,
     passes: Mapping[int, int] | None = None,
-    sets: Mapping[tuple[frozenset[int], bool], int] | None = None,
+    sets: Mapping[bytes, int] | None = None,
 ) -> RawFilter:
     """The filter for ``reqs``: triggers by ``cost``, stage 2 without the ``drop`` patterns.
 
@@ -828,11 +831,13 @@ def _assemble(
 LOOSE_BUDGET = 0.01
 
 
-def _holds(r: Req | None, found: frozenset[int]) -> bool:
+def _holds(r: Req | None, found: array[int]) -> bool:
+    """Does ``r`` hold on the sorted pattern ids ``found``?"""
     if r is None:
         return True
     if isinstance(r, Pattern):
-        return r.id in found
+        j = bisect.bisect_left(found, r.id)
+        return j < len(found) and found[j] == r.id
     if isinstance(r, AllOf):
         return all(_holds(a, found) for a in r.args)
     return any(_holds(a, found) for a in r.args)
@@ -842,7 +847,7 @@ def _keep_loosening(
     reqs: Mapping[int, Req],
     loose: Mapping[int, Req | None],
     cost: Sequence[float],
-    sets: Mapping[tuple[frozenset[int], bool], int],
+    sets: Mapping[bytes, int],
     n: int,
 ) -> set[int]:
     """The rules of ``loose`` whose loosened check may stay: measured on the observed
@@ -851,14 +856,16 @@ def _keep_loosening(
     stay loosened; the others, cheapest first, while the entries they add together stay
     within :data:`LOOSE_BUDGET` of ``n``. The decision depends on what was observed, never
     on which triggers happen to be rare: a mix with few positives does not loosen more."""
-    free = [(found, c) for (found, held), c in sets.items() if not held]
+    free = [(array("I", key), c) for key, c in sets.items()]
+    trigs = {k: _trigger(reqs[k], cost)[0] for k in loose}
+    wanted = frozenset().union(*trigs.values())
     by_pattern: dict[int, list[int]] = {}
     for j, (found, _c) in enumerate(free):
-        for i in found:
+        for i in wanted.intersection(found):
             by_pattern.setdefault(i, []).append(j)
     extra: dict[int, set[int]] = {}
     for k, got in loose.items():
-        trig, _ = _trigger(reqs[k], cost)
+        trig = trigs[k]
         hit: set[int] = set()
         for t in trig:
             hit.update(by_pattern.get(t, ()))

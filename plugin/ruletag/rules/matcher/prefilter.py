@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import threading
+from array import array
 from collections.abc import Callable, Sequence
 
 from ruletag.rules.compiler.prefilter import FOLD_ID, RawFilter, retune
@@ -56,8 +57,9 @@ class RawMatcher:
         self.after_tune = after_tune
         self._counts: dict[int, int] | None = None
         self._passes: dict[int, int] = {}  # while observing: entries each requirement held in
-        #: while observing: (patterns found, some requirement held) -> entries, per distinct set
-        self._sets: dict[tuple[frozenset[int], bool], int] = {}
+        #: while observing, the entries no requirement held in: their distinct pattern sets
+        #: (sorted uint32 pattern ids as bytes, compact) -> entries
+        self._sets: dict[bytes, int] = {}
         self._observed = 0
         self._tuning = False
         self.tune_after = 0
@@ -161,7 +163,7 @@ class RawMatcher:
         out: dict[int, list[int]],
     ) -> None:
         """Count, per pattern, the observed entries holding it (every entry of the chunk), and
-        the distinct pattern sets found (with whether some rule's requirement held: the
+        the distinct pattern sets of the entries where no rule's requirement held (the
         observing filter is untuned, so ``out`` is exact), to check loosening against."""
         view = memoryview(entries)
         seen: set[int] = set()
@@ -176,7 +178,9 @@ class RawMatcher:
             self._full_db.scan(view[s:e], on_hit)
             for i in seen:
                 counts[i] = get(i, 0) + 1
-            key = (frozenset(seen), k in out)
+            if k in out:
+                continue
+            key = array("I", sorted(seen)).tobytes()  # ~0.6 KB, a frozenset ~7 KB
             if key in sets or len(sets) < MAX_SETS:
                 sets[key] = sets.get(key, 0) + 1
         self._observed += len(spans)
@@ -195,7 +199,7 @@ class RawMatcher:
         counts: dict[int, int],
         passes: dict[int, int],
         n: int,
-        sets: dict[tuple[frozenset[int], bool], int],
+        sets: dict[bytes, int],
     ) -> None:
         try:
             tuned = retune(self.filter, counts, n, passes, sets)
