@@ -13,12 +13,18 @@ and parsed web access logs, about 1 KB per record on average. A configurable fra
 rules (shadow-copy deletion, python pty spawn, web path traversal), which trip at least one
 rule.
 
+``--mix b`` draws from a second, independently written mix: other hosts, users, domain,
+processes, command lines and web paths, ECS Linux process events, and far more Linux and web
+(about 60%) than Windows; ``--no-positives`` plants none. The default (mix a, positives) is
+byte for byte what it was before these options existed.
+
 Entry time is an EventTime whose seconds are ``T0 + chunk index``: the sink reads the first
 entry's seconds to know which chunk arrived (for the latency measurement) without touching
 the records.
 
     python bench/gen_traffic.py -o /tmp/ruletag-traffic.bin --chunks 100
     python bench/gen_traffic.py -o /tmp/t.bin --check ../shared/rules   # measure match rate
+    python bench/gen_traffic.py -o /tmp/b.bin --mix b --no-positives
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import json
 import random
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +145,113 @@ AGENTS = [
     "Mozilla/5.0 (X11; Linux x86_64; rv:125.0) Gecko/20100101 Firefox/125.0",
 ]
 
+# Mix B: a second, independently written traffic mix (other hosts, users, processes, command
+# lines, paths, and another share of Windows, Linux and web), to check that what the
+# pre-filter learns on one mix holds on another (bench/bench_prefilter_mix.py).
+HOSTS_B = (
+    [f"LAPTOP-{n:05X}" for n in range(4096, 4196)]
+    + [f"DC{n:02d}" for n in range(1, 4)]
+    + [f"SQL-PROD{n}" for n in range(1, 6)]
+)
+USERS_B = ["m.jensen", "t.okafor", "l.moreau", "s.ito", "r.novak", "p.silva", "k.schmidt", "sqlsvc"]
+DOMAIN_B = "NORTHWIND"
+WIN_PROCS_B = [
+    (
+        r"C:\Program Files (x86)\Microsoft\Edge\Application\msedge.exe",
+        '"{img}" --type=gpu-process --gpu-preferences={n} --mojo-platform-channel-handle={m} '
+        "/prefetch:2",
+        r"C:\Program Files (x86)\Microsoft\Edge\Application\msedge.exe",
+        "Microsoft Corporation",
+    ),
+    (
+        r"C:\Program Files\Microsoft OneDrive\OneDrive.exe",
+        '"{img}" /background',
+        r"C:\Windows\explorer.exe",
+        "Microsoft Corporation",
+    ),
+    (
+        r"C:\Program Files\Microsoft Office\root\Office16\EXCEL.EXE",
+        '"{img}" "C:\\Users\\Public\\Documents\\budget-{n}.xlsx"',
+        r"C:\Windows\explorer.exe",
+        "Microsoft Corporation",
+    ),
+    (
+        r"C:\Program Files\Microsoft Office\root\Office16\OUTLOOK.EXE",
+        '"{img}" /recycle',
+        r"C:\Windows\explorer.exe",
+        "Microsoft Corporation",
+    ),
+    (
+        r"C:\Windows\System32\backgroundTaskHost.exe",
+        '"{img}" -ServerName:BackgroundTaskHost.WebAccountProvider{n}',
+        r"C:\Windows\System32\svchost.exe",
+        "Microsoft Windows",
+    ),
+    (
+        r"C:\Windows\System32\wbem\WmiPrvSE.exe",
+        r"C:\Windows\system32\wbem\wmiprvse.exe -secured -Embedding",
+        r"C:\Windows\System32\svchost.exe",
+        "Microsoft Windows",
+    ),
+    (
+        r"C:\Program Files\Git\cmd\git.exe",
+        "git.exe fetch --all --prune --jobs={n}",
+        r"C:\Program Files\Microsoft VS Code\Code.exe",
+        "Johannes Schindelin",
+    ),
+    (
+        r"C:\Program Files\Microsoft SQL Server\MSSQL16.MSSQLSERVER\MSSQL\Binn\sqlservr.exe",
+        '"{img}" -sMSSQLSERVER',
+        r"C:\Windows\System32\services.exe",
+        "Microsoft Corporation",
+    ),
+]
+LINUX_PROCS_B = [
+    ("/usr/bin/apt-get", "apt-get -q update"),
+    ("/usr/bin/systemctl", "systemctl status nginx.service"),
+    ("/usr/bin/du", "du -sh /var/lib/postgresql"),
+    ("/usr/sbin/nginx", "nginx -s reload"),
+    ("/usr/bin/java", "java -Xmx2g -jar /opt/billing/billing-service.jar"),
+    ("/usr/lib/postgresql/15/bin/pg_dump", "pg_dump -Fc -f /srv/dumps/orders.dump orders"),
+]
+PATHS_B = [
+    "/cart",
+    "/checkout/step-{n}",
+    "/account/orders/{n}",
+    "/images/p/{n}.webp",
+    "/graphql",
+    "/favicon.ico",
+    "/help/shipping",
+]
+QUERIES_B = ["", "session={n}", "color=blue&size=m", "utm_source=mail&utm_campaign=spring"]
+AGENTS_B = [
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/125.0.0.0 Safari/537.36 Edg/125.0.2535.51",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) Version/17.5 Mobile/15E148 Safari/604.1",
+    "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/125.0.6422.53 Mobile Safari/537.36",
+]
+
+
+@dataclass(frozen=True)
+class Mix:
+    """What one traffic mix draws from: hosts, users, processes, web paths, source shares."""
+
+    name: str
+    hosts: list[str]
+    users: list[str]
+    domain: str
+    win_procs: list[tuple[str, str, str, str]]
+    sysmon_procs: list[tuple[str, str, str, str]]
+    net_procs: list[str]
+    linux_procs: list[tuple[str, str]]
+    paths: list[str]
+    queries: list[str]
+    agents: list[str]
+    #: (tag, weight, generator) of the benign traffic
+    sources: list[tuple[str, float, Callable[..., Record]]] = field(default_factory=list)
+
 
 def _guid(rnd: random.Random) -> str:
     h = f"{rnd.getrandbits(128):032x}"
@@ -206,8 +320,8 @@ def _shipper(rnd: random.Random, host: str, path: str) -> Record:
     }
 
 
-def _sysmon_base(rnd: random.Random, seq: int, eid: int) -> Record:
-    host = rnd.choice(HOSTS)
+def _sysmon_base(rnd: random.Random, seq: int, eid: int, mix: Mix) -> Record:
+    host = rnd.choice(mix.hosts)
     return {
         "EventID": eid,
         "Channel": "Microsoft-Windows-Sysmon/Operational",
@@ -225,12 +339,13 @@ def _sysmon_base(rnd: random.Random, seq: int, eid: int) -> Record:
     }
 
 
-def sysmon_process(rnd: random.Random, seq: int) -> Record:
+def sysmon_process(rnd: random.Random, seq: int, mix: Mix | None = None) -> Record:
+    mix = mix or MIX_A
     # browsers excluded: Elastic masquerading rules want a code signature Sysmon lacks
-    img, cmd, parent, signer = rnd.choice(SYSMON_PROCS)
+    img, cmd, parent, signer = rnd.choice(mix.sysmon_procs)
     n, m = rnd.randrange(1, 99999), rnd.randrange(1, 99999)
-    user = rnd.choice(USERS)
-    r = _sysmon_base(rnd, seq, 1)
+    user = rnd.choice(mix.users)
+    r = _sysmon_base(rnd, seq, 1, mix)
     r.update(
         {
             "ProcessGuid": _guid(rnd),
@@ -243,7 +358,7 @@ def sysmon_process(rnd: random.Random, seq: int) -> Record:
             "OriginalFileName": img.rsplit("\\", 1)[-1],
             "CommandLine": cmd.format(img=img, n=n, m=m),
             "CurrentDirectory": "C:\\Windows\\system32\\",
-            "User": f"{DOMAIN}\\{user}",
+            "User": f"{mix.domain}\\{user}",
             "LogonGuid": _guid(rnd),
             "LogonId": f"0x{rnd.getrandbits(24):x}",
             "TerminalSessionId": rnd.randrange(0, 3),
@@ -254,26 +369,27 @@ def sysmon_process(rnd: random.Random, seq: int) -> Record:
             "ParentProcessId": rnd.randrange(400, 9000),
             "ParentImage": parent,
             "ParentCommandLine": parent,
-            "ParentUser": f"{DOMAIN}\\{user}",
+            "ParentUser": f"{mix.domain}\\{user}",
         }
     )
     return r
 
 
-def sysmon_network(rnd: random.Random, seq: int) -> Record:
-    img = rnd.choice(NET_PROCS)
-    r = _sysmon_base(rnd, seq, 3)
+def sysmon_network(rnd: random.Random, seq: int, mix: Mix | None = None) -> Record:
+    mix = mix or MIX_A
+    img = rnd.choice(mix.net_procs)
+    r = _sysmon_base(rnd, seq, 3, mix)
     r.update(
         {
             "ProcessGuid": _guid(rnd),
             "ProcessId": rnd.randrange(1000, 30000),
             "Image": img,
-            "User": f"{DOMAIN}\\{rnd.choice(USERS)}",
+            "User": f"{mix.domain}\\{rnd.choice(mix.users)}",
             "Protocol": "tcp",
             "Initiated": "true",
             "SourceIsIpv6": "false",
             "SourceIp": _ip(rnd),
-            "SourceHostname": f"{rnd.choice(HOSTS)}.corp.example.com",
+            "SourceHostname": f"{rnd.choice(mix.hosts)}.corp.example.com",
             "SourcePort": rnd.randrange(49152, 65535),
             "SourcePortName": "-",
             "DestinationIsIpv6": "false",
@@ -289,10 +405,11 @@ def sysmon_network(rnd: random.Random, seq: int) -> Record:
     return r
 
 
-def sysmon_file(rnd: random.Random, seq: int) -> Record:
-    img = rnd.choice(NET_PROCS)
-    user = rnd.choice(USERS)
-    r = _sysmon_base(rnd, seq, 11)
+def sysmon_file(rnd: random.Random, seq: int, mix: Mix | None = None) -> Record:
+    mix = mix or MIX_A
+    img = rnd.choice(mix.net_procs)
+    user = rnd.choice(mix.users)
+    r = _sysmon_base(rnd, seq, 11, mix)
     r.update(
         {
             "ProcessGuid": _guid(rnd),
@@ -301,15 +418,16 @@ def sysmon_file(rnd: random.Random, seq: int) -> Record:
             "TargetFilename": f"C:\\Users\\{user}\\AppData\\Local\\Temp\\"
             f"tmp{rnd.getrandbits(32):08x}.{rnd.choice(['tmp', 'log', 'json', 'dat'])}",
             "CreationUtcTime": _utc(seq),
-            "User": f"{DOMAIN}\\{user}",
+            "User": f"{mix.domain}\\{user}",
         }
     )
     r["Message"] = _render("File created", r)
     return r
 
 
-def security_logon(rnd: random.Random, seq: int) -> Record:
-    host = rnd.choice(HOSTS)
+def security_logon(rnd: random.Random, seq: int, mix: Mix | None = None) -> Record:
+    mix = mix or MIX_A
+    host = rnd.choice(mix.hosts)
     r = {
         "EventID": 4624,
         "Channel": "Security",
@@ -322,11 +440,11 @@ def security_logon(rnd: random.Random, seq: int) -> Record:
         "Keywords": "0x8020000000000000",
         "SubjectUserSid": "S-1-5-18",
         "SubjectUserName": f"{host}$",
-        "SubjectDomainName": DOMAIN,
+        "SubjectDomainName": mix.domain,
         "SubjectLogonId": "0x3e7",
         "TargetUserSid": f"S-1-5-21-{rnd.getrandbits(30)}-{rnd.getrandbits(30)}-1{seq % 1000:03d}",
-        "TargetUserName": rnd.choice(USERS),
-        "TargetDomainName": DOMAIN,
+        "TargetUserName": rnd.choice(mix.users),
+        "TargetDomainName": mix.domain,
         "TargetLogonId": f"0x{rnd.getrandbits(28):x}",
         "LogonType": rnd.choice([2, 3, 3, 3, 10]),
         "LogonProcessName": "Kerberos",
@@ -347,8 +465,8 @@ def security_logon(rnd: random.Random, seq: int) -> Record:
     return r
 
 
-def _ecs_common(rnd: random.Random, seq: int, category: str, etype: str) -> Record:
-    host = rnd.choice(HOSTS)
+def _ecs_common(rnd: random.Random, seq: int, category: str, etype: str, mix: Mix) -> Record:
+    host = rnd.choice(mix.hosts)
     return {
         "@timestamp": f"2024-05-01T{_utc(seq)[11:]}Z",
         "event": {
@@ -375,7 +493,7 @@ def _ecs_common(rnd: random.Random, seq: int, category: str, etype: str) -> Reco
         },
         "agent": {"type": "endpoint", "version": "8.13.2", "id": f"{rnd.getrandbits(64):016x}"},
         "ecs": {"version": "8.11.0"},
-        "user": {"name": rnd.choice(USERS), "domain": DOMAIN},
+        "user": {"name": rnd.choice(mix.users), "domain": mix.domain},
         "data_stream": {
             "type": "logs",
             "dataset": f"endpoint.events.{category}",
@@ -384,11 +502,12 @@ def _ecs_common(rnd: random.Random, seq: int, category: str, etype: str) -> Reco
     }
 
 
-def ecs_process(rnd: random.Random, seq: int) -> Record:
-    img, cmd, parent, signer = rnd.choice(WIN_PROCS)
+def ecs_process(rnd: random.Random, seq: int, mix: Mix | None = None) -> Record:
+    mix = mix or MIX_A
+    img, cmd, parent, signer = rnd.choice(mix.win_procs)
     n, m = rnd.randrange(1, 99999), rnd.randrange(1, 99999)
     name = img.rsplit("\\", 1)[-1]
-    r = _ecs_common(rnd, seq, "process", "start")
+    r = _ecs_common(rnd, seq, "process", "start", mix)
     r["process"] = {
         "pid": rnd.randrange(1000, 30000),
         "entity_id": f"{rnd.getrandbits(96):024x}",
@@ -414,9 +533,10 @@ def ecs_process(rnd: random.Random, seq: int) -> Record:
     return r
 
 
-def ecs_network(rnd: random.Random, seq: int) -> Record:
-    img = rnd.choice(NET_PROCS)
-    r = _ecs_common(rnd, seq, "network", "connection")
+def ecs_network(rnd: random.Random, seq: int, mix: Mix | None = None) -> Record:
+    mix = mix or MIX_A
+    img = rnd.choice(mix.net_procs)
+    r = _ecs_common(rnd, seq, "network", "connection", mix)
     r["process"] = {
         "pid": rnd.randrange(1000, 30000),
         "name": img.rsplit("\\", 1)[-1],
@@ -428,9 +548,36 @@ def ecs_network(rnd: random.Random, seq: int) -> Record:
     return r
 
 
-def linux_syslog(rnd: random.Random, seq: int) -> Record:
+def ecs_linux_process(rnd: random.Random, seq: int, mix: Mix | None = None) -> Record:
+    """An ECS process start on a Linux host (Elastic Defend / Auditbeat shape)."""
+    mix = mix or MIX_B
+    exe, cmd = rnd.choice(mix.linux_procs)
+    host = f"k8s-node-{rnd.randrange(1, 40):02d}"
+    r = _ecs_common(rnd, seq, "process", "start", mix)
+    r["host"].update(
+        name=host,
+        hostname=host,
+        os={"type": "linux", "family": "debian", "name": "Debian GNU/Linux", "version": "12"},
+    )
+    r["user"] = {"name": rnd.choice(["root", "deploy", "postgres", "www-data"])}
+    r["process"] = {
+        "pid": rnd.randrange(1000, 300000),
+        "entity_id": f"{rnd.getrandbits(96):024x}",
+        "name": exe.rsplit("/", 1)[-1],
+        "executable": exe,
+        "args": cmd.split(" "),
+        "args_count": len(cmd.split(" ")),
+        "command_line": cmd,
+        "working_directory": rnd.choice(["/", "/srv", "/opt/billing", "/var/lib/postgresql"]),
+        "parent": {"pid": rnd.randrange(1, 9000), "name": "bash", "executable": "/usr/bin/bash"},
+    }
+    return r
+
+
+def linux_syslog(rnd: random.Random, seq: int, mix: Mix | None = None) -> Record:
+    mix = mix or MIX_A
     host = f"web{rnd.randrange(1, 20):02d}"
-    user = rnd.choice(USERS)
+    user = rnd.choice(mix.users)
     msgs = [
         f"Accepted publickey for {user} from {_ip(rnd)} port {rnd.randrange(1024, 65535)} "
         f"ssh2: ED25519 SHA256:{base64.b64encode(rnd.randbytes(32)).decode()[:43]}",
@@ -453,8 +600,9 @@ def linux_syslog(rnd: random.Random, seq: int) -> Record:
     }
 
 
-def linux_auditd(rnd: random.Random, seq: int) -> Record:
-    exe, cmd = rnd.choice(LINUX_PROCS)
+def linux_auditd(rnd: random.Random, seq: int, mix: Mix | None = None) -> Record:
+    mix = mix or MIX_A
+    exe, cmd = rnd.choice(mix.linux_procs)
     args = cmd.split(" ")
     r: Record = {
         "type": "EXECVE",
@@ -467,7 +615,7 @@ def linux_auditd(rnd: random.Random, seq: int) -> Record:
         "auid": "1000",
         "ses": str(rnd.randrange(1, 500)),
         "key": "exec",
-        "cwd": f"/home/{rnd.choice(USERS)}",
+        "cwd": f"/home/{rnd.choice(mix.users)}",
         "syscall": "59",
         "success": "yes",
         **_shipper(rnd, f"app{rnd.randrange(1, 20):02d}", "/var/log/audit/audit.log"),
@@ -477,10 +625,11 @@ def linux_auditd(rnd: random.Random, seq: int) -> Record:
     return r
 
 
-def web_access(rnd: random.Random, seq: int) -> Record:
+def web_access(rnd: random.Random, seq: int, mix: Mix | None = None) -> Record:
+    mix = mix or MIX_A
     n = rnd.randrange(1, 99999)
-    path = rnd.choice(PATHS).format(n=n)
-    query = rnd.choice(QUERIES).format(n=n)
+    path = rnd.choice(mix.paths).format(n=n)
+    query = rnd.choice(mix.queries).format(n=n)
     return {
         "date": "2024-05-01",
         "time": _utc(seq)[11:19],
@@ -492,7 +641,7 @@ def web_access(rnd: random.Random, seq: int) -> Record:
         "sc-bytes": rnd.randrange(200, 90000),
         "time-taken": rnd.randrange(1, 900),
         "cs-host": "shop.example.com",
-        "cs-user-agent": rnd.choice(AGENTS),
+        "cs-user-agent": rnd.choice(mix.agents),
         "cs-referer": "https://shop.example.com/",
         "x-forwarded-for": _ip(rnd, private=False),
         "upstream": f"10.1.0.{rnd.randrange(2, 30)}:8080",
@@ -513,6 +662,49 @@ SOURCES: list[tuple[str, float, Callable[[random.Random, int], Record]]] = [
     ("linux.audit", 0.05, linux_auditd),
     ("web.access", 0.15, web_access),
 ]
+
+
+MIX_A = Mix(
+    name="a",
+    hosts=HOSTS,
+    users=USERS,
+    domain=DOMAIN,
+    win_procs=WIN_PROCS,
+    sysmon_procs=SYSMON_PROCS,
+    net_procs=NET_PROCS,
+    linux_procs=LINUX_PROCS,
+    paths=PATHS,
+    queries=QUERIES,
+    agents=AGENTS,
+    sources=SOURCES,
+)
+MIX_B = Mix(
+    name="b",
+    hosts=HOSTS_B,
+    users=USERS_B,
+    domain=DOMAIN_B,
+    win_procs=WIN_PROCS_B,
+    sysmon_procs=WIN_PROCS_B[1:],  # Edge's signer is not in Sysmon
+    net_procs=[WIN_PROCS_B[i][0] for i in (0, 1, 3, 7)],
+    linux_procs=LINUX_PROCS_B,
+    paths=PATHS_B,
+    queries=QUERIES_B,
+    agents=AGENTS_B,
+    # far more Linux and web than mix A, less Windows
+    sources=[
+        ("windows.sysmon.process", 0.08, sysmon_process),
+        ("windows.sysmon.network", 0.04, sysmon_network),
+        ("windows.sysmon.file", 0.04, sysmon_file),
+        ("windows.security", 0.09, security_logon),
+        ("endpoint.process", 0.08, ecs_process),
+        ("endpoint.network", 0.04, ecs_network),
+        ("linux.process", 0.15, ecs_linux_process),
+        ("linux.auth", 0.14, linux_syslog),
+        ("linux.audit", 0.10, linux_auditd),
+        ("web.access", 0.24, web_access),
+    ],
+)
+MIXES = {"a": MIX_A, "b": MIX_B}
 
 
 def positives() -> list[Record]:
@@ -573,14 +765,19 @@ def generate(
     match_fraction: float = 0.005,
     seed: int = 1,
     entries_per_chunk: int = CHUNK_ENTRIES,
+    mix: str = "a",
 ) -> dict[str, Any]:
-    """Write ``chunks`` frames to ``out`` and the index to ``out.json``; return the index."""
+    """Write ``chunks`` frames to ``out`` and the index to ``out.json``; return the index.
+
+    ``mix``: which traffic mix (``a``, the default, or ``b``); ``match_fraction`` 0 plants
+    no positives."""
     rnd = random.Random(seed)
     packer = _packer()
     pos = positives()
-    tags = [s[0] for s in SOURCES]
-    weights = [s[1] for s in SOURCES]
-    gens = {s[0]: s[2] for s in SOURCES}
+    the_mix = MIXES[mix]
+    tags = [s[0] for s in the_mix.sources]
+    weights = [s[1] for s in the_mix.sources]
+    gens = {s[0]: s[2] for s in the_mix.sources}
     index: list[list[Any]] = []
     total_bytes = entry_bytes = planted = 0
     offset = 0
@@ -595,7 +792,7 @@ def generate(
                     rec = dict(rnd.choice(pos))
                     planted += 1
                 else:
-                    rec = gen(rnd, seq)
+                    rec = gen(rnd, seq, the_mix)
                 parts.append(_entry(packer, T0 + c, j * 1000 + rnd.randrange(1000), rec))
             entries = b"".join(parts)
             cid = base64.b64encode(rnd.randbytes(16))
@@ -616,6 +813,8 @@ def generate(
         "match_fraction": match_fraction,
         "seed": seed,
     }
+    if mix != "a":  # the default mix's index stays as it was
+        meta["mix"] = mix
     Path(str(out) + ".json").write_text(json.dumps(meta))
     return meta
 
@@ -656,6 +855,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--match-fraction", type=float, default=0.005)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument(
+        "--mix",
+        choices=sorted(MIXES),
+        default="a",
+        help="traffic mix: a (default) or b (other hosts, processes, command lines, and far "
+        "more Linux and web)",
+    )
+    ap.add_argument(
+        "--no-positives", action="store_true", help="plant no positives (--match-fraction 0)"
+    )
+    ap.add_argument(
         "--check",
         nargs="+",
         metavar="RULES",
@@ -664,7 +873,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = ap.parse_args(argv)
     out = Path(ns.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = generate(out, ns.chunks, ns.match_fraction, ns.seed)
+    fraction = 0.0 if ns.no_positives else ns.match_fraction
+    meta = generate(out, ns.chunks, fraction, ns.seed, mix=ns.mix)
     print(
         f"{out}: {meta['records']} records in {len(meta['chunks'])} chunks, "
         f"{meta['bytes'] / 1e6:.1f} MB, {meta['avg_record_bytes']} B/record, "

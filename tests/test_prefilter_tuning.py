@@ -14,6 +14,7 @@ from ruletag.rules.compiler import build, load, save
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import And, Match, Node, Not, Rule, Wild
 from ruletag.rules.matcher import Matcher
+from ruletag.rules.matcher.prefilter import RawMatcher
 from support.codec import pack_records
 
 A = Wild.ANY
@@ -136,3 +137,39 @@ def test_tune_after_config_key() -> None:
     assert default.rules is not None and default.rules.tune_after == 20_000
     with pytest.raises(ConfigError, match=r"rules\.tune_after"):
         config_from_mapping({**base, "rules": {**rules_, "tune_after": -1}}, None)
+
+
+def test_tuning_does_not_decode_what_no_requirement_forces(fm: FieldMap) -> None:
+    """Two literals each in half the records, never together: the rule needing both holds
+    nowhere. Both are common, so the old tuner took them as present and decoded every record
+    the trigger fired on (half of them); loosening is now checked against the observed
+    pattern sets and dropped when it would decode records no requirement forces."""
+    both = rule(
+        "both",
+        And(
+            (
+                Match("CommandLine", (A, "alphaword", A)),
+                Match("CommandLine", (A, "betaword", A)),
+            )
+        ),
+    )
+    t = Matcher(build([both], fm), tune_after=300)
+
+    def mix(n: int, seed: int) -> list[dict[str, object]]:
+        rng = random.Random(seed)
+        word = ("alphaword", "betaword")
+        return [
+            {"CommandLine": f"run {word[i % 2]} {rng.randint(1, 10**6)}", "EventID": 1}
+            for i in range(n)
+        ]
+
+    feed_until_tuned(t, mix(1000, 7))
+    assert t.raw is not None and t.raw.filter.tuned_on >= 300
+    assert t.table.raw is not None
+    exact = RawMatcher(t.table.raw, 0)  # untuned: passes exactly where a requirement holds
+    buf, spans = pack_records(mix(2000, 8))
+    forced = exact.candidates(buf, spans)
+    decoded = t.raw_candidates(buf, spans)
+    assert forced == {}
+    assert len(decoded) <= len(spans) // 100, f"{len(decoded)} of {len(spans)} decoded"
+    assert t.match_entries(buf, spans) == {}

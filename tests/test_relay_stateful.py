@@ -796,3 +796,35 @@ def test_relay_evaluates_aggregating_esql_rules(
     agg = d["aggregation"]
     assert agg["keys"] == [{"field": "user.name", "value": "u1"}]
     assert agg["values"]["n"] == 3 and agg["values"]["hosts"] == 1 and agg["count"] == 3
+
+
+def test_workers_auto_serves_stateful_rules_in_one_process(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``workers: auto`` (4 CPUs here) with a sequence rule: serve keeps one process and says
+    why; without stateful rules, or with ``enrich.stateful: off``, it keeps the 4."""
+    from dataclasses import replace
+
+    from ruletag.commands.serve import _auto_workers
+
+    def config(rules: list[Path], **extra: Any) -> Any:
+        data = {
+            "listen": {"host": "127.0.0.1", "port": 0},
+            "forward": {"servers": ["127.0.0.1:9"]},
+            "rules": {"paths": [str(p) for p in rules], "cache_dir": str(tmp_path / "cache")},
+            "workers": "auto",
+            **extra,
+        }
+        return replace(config_from_mapping(data), workers=4)
+
+    with caplog.at_level("WARNING"):
+        assert _auto_workers(config([SEQ_RULE])).workers == 1
+    assert "workers: auto runs 1 process, not 4: 1 stateful rules" in caplog.text
+    threshold = config([STOP_RULE])
+    assert _auto_workers(threshold).workers == 1  # a threshold rule is stateful too
+    off = config([SEQ_RULE], enrich={"stateful": "off"})
+    assert _auto_workers(off).workers == 4
+    plain = config([SAMPLE / "sigma"])
+    assert _auto_workers(plain).workers == 4
+    explicit = replace(config([SEQ_RULE]), workers_auto=False)
+    assert _auto_workers(explicit).workers == 4  # workers: 4 is refused by the relay instead

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 from ruletag.config.load import config_from_cli, load_config, with_cli_overrides
@@ -73,6 +74,7 @@ def main_serve(ns: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         return _fail(f"--log-level: {exc}")
+    config = _auto_workers(config)
     if config.workers > 1:
         from ruletag.runtime.workers import run_workers
 
@@ -84,6 +86,35 @@ def main_serve(ns: argparse.Namespace) -> int:
             log.error("cannot start: %s", exc)
             return 1
     return _serve_one(config)
+
+
+def _auto_workers(config: Config) -> Config:
+    """``workers: auto`` with stateful rules evaluated here: one process, since the state of a
+    key must not be split between processes (an explicit ``workers: N`` is refused instead).
+    Compiling here also fills the table cache the workers read."""
+    enrich = config.enrich
+    if not (config.workers_auto and config.workers > 1 and config.rules is not None):
+        return config
+    if enrich is not None and enrich.stateful != "on":
+        return config
+    from ruletag.runtime.relay import rule_loader
+
+    try:
+        table, _ = rule_loader(config)()
+    except Exception:  # the rules' problems are reported by the relay itself
+        return config
+    stateful = sum(r.kind != "event" for r in table.rules)
+    del table
+    if not stateful:
+        return config
+    log.warning(
+        "workers: auto runs 1 process, not %d: %d stateful rules keep per-key state that "
+        "must stay in one process (enrich.stateful: off on a stateless tier; "
+        'docs/deploy.md "Stateful rules and workers")',
+        config.workers,
+        stateful,
+    )
+    return replace(config, workers=1)
 
 
 def _serve_one(config: Config) -> int:

@@ -66,6 +66,7 @@ from ruletag.config.model import (
     StateConfig,
     TestsConfig,
     User,
+    auto_workers,
     builtin_rules_path,
 )
 from ruletag.errors import ConfigError
@@ -724,7 +725,14 @@ def config_from_mapping(data: object, base_dir: str | Path | None = None) -> Con
         sections["buffer"] = _buffer(s.raw("buffer"), base, listen.max_frame_size)
     if s.has("state"):
         sections["state"] = _state(s.raw("state"), base)
-    workers = s.int_("workers", 1, 1, MAX_WORKERS)
+    workers_auto = s.raw("workers", 1) == "auto"
+    if workers_auto:  # one per usable CPU; a unix socket cannot be shared: one
+        workers = 1 if listen.path else auto_workers()
+    else:
+        try:
+            workers = s.int_("workers", 1, 1, MAX_WORKERS)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} or auto") from None
     if workers > 1 and listen.path:
         raise ConfigError("workers: needs a TCP listener (listen.host/port), not listen.path")
     s.done()
@@ -738,7 +746,13 @@ def config_from_mapping(data: object, base_dir: str | Path | None = None) -> Con
             "(fluentd refuses a peer with its own hostname)"
         )
     return Config(
-        listen=listen, forward=forward, log=log, outputs=outputs, workers=workers, **sections
+        listen=listen,
+        forward=forward,
+        log=log,
+        outputs=outputs,
+        workers=workers,
+        workers_auto=workers_auto,
+        **sections,
     )
 
 

@@ -79,18 +79,24 @@ buffer.max_size / segment_size     1 GiB /      disk buffer size limit (full: ac
                                    64 MiB       senders paused) / segment file size
 buffer.fsync                       always       never: survives a crash, not a power loss
 workers                            1            serve processes sharing the listen port
-                                                (SO_REUSEPORT, see ``ruletag.runtime.workers``)
+                                                (SO_REUSEPORT, see ``ruletag.runtime.workers``);
+                                                ``auto`` = usable CPUs, at most 16 (1 on a
+                                                unix-socket listener)
 =================================  ===========  ============================================
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 KIB: Final = 1024
 MIB: Final = 1024 * 1024
 MAX_WORKERS: Final = 64
+#: ``workers: auto`` runs one worker per usable CPU, at most this many (each holds its own
+#: rule table).
+AUTO_WORKERS_CAP: Final = 16
 
 DEFAULT_PORT: Final = 24224
 DEFAULT_MAX_FRAME_SIZE: Final = 16 * MIB
@@ -406,6 +412,16 @@ class Config:
     workers: int = 1  # serve processes sharing the listen port (ruletag.runtime.workers)
     state: StateConfig | None = None  # checkpoints of stateful rules (ruletag.runtime.state)
     worker_of: int = 1  # in a worker: how many workers share the port (not a YAML key)
+    workers_auto: bool = False  # ``workers: auto``: ``workers`` is the usable CPU count
+
+
+def auto_workers() -> int:
+    """``workers: auto``: the CPUs this process may run on, at most :data:`AUTO_WORKERS_CAP`."""
+    count = getattr(os, "process_cpu_count", None)
+    n = count() if count is not None else None
+    if n is None and hasattr(os, "sched_getaffinity"):
+        n = len(os.sched_getaffinity(0))
+    return max(1, min(n or os.cpu_count() or 1, AUTO_WORKERS_CAP))
 
 
 def join_hostport(host: str, port: int) -> str:

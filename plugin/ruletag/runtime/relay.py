@@ -185,7 +185,9 @@ def filter_factory(config: Config) -> Callable[[CompiledTable], RuleFilter]:
             nt = config.rules.new_terms
             configure_new_terms(stage.engines, learn=nt.learn, max_terms=nt.max_terms)
             stage.set_lateness(config.rules.lateness)
-        workers = max(config.workers, config.worker_of)  # a worker, or validate/test
+        # a worker, or validate/test; ``workers: auto`` serves stateful rules in one process
+        # (commands.serve), so only its workers refuse them (a reload that adds some)
+        workers = config.worker_of if config.workers_auto else max(config.workers, config.worker_of)
         if stage is not None and workers > 1:
             counts = ", ".join(f"{n} {k}" for k, n in sorted(stage.rule_counts().items()))
             raise ConfigError(

@@ -6,6 +6,13 @@ the whole pipeline (its own rule table, forwarder and counters) and binds the sa
 ``SO_REUSEPORT``, so the kernel spreads incoming *connections* over the workers. One sender
 connection is served by one worker: scaling needs at least as many connections as workers.
 
+With a disk buffer, worker N keeps its chunks in its own folder ``<buffer.path>/worker-N``:
+two processes never share a segment folder (each replays and deletes segments as if it were
+alone). The dead letters stay in one folder (``<buffer.path>/rejected`` by default): their
+file names are unique. A folder left by a run with more workers (or chunks left in
+``<buffer.path>`` itself by a single-worker relay) is replayed only by a relay run with that
+layout again; the supervisor logs a warning naming it.
+
 SIGTERM/SIGINT to the supervisor stop every worker gracefully; a worker that dies on its own
 is restarted after a second. Only worker 0 serves the metrics endpoint (counters are per
 worker). The exit code is the worst worker exit code.
@@ -20,9 +27,11 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from ruletag.config.model import Config
 from ruletag.errors import ConfigError
+from ruletag.transport.deadletter import with_default_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +55,33 @@ def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
 
 
 def worker_config(config: Config, index: int, port: int) -> Config:
-    """Worker ``index``'s config: the reserved port, ``reuse_port``, metrics on worker 0 only."""
+    """Worker ``index``'s config: the reserved port, ``reuse_port``, metrics on worker 0 only,
+    and its own disk-buffer folder ``<buffer.path>/worker-<index>`` (dead letters stay in the
+    shared default folder)."""
     listen = replace(config.listen, port=port, reuse_port=True)
     metrics = config.metrics if index == 0 else None
-    return replace(config, listen=listen, metrics=metrics, workers=1, worker_of=config.workers)
+    buffer = config.buffer
+    if buffer is not None and buffer.disk and buffer.path:
+        config = with_default_dir(config)
+        buffer = replace(buffer, path=str(Path(buffer.path) / f"worker-{index}"))
+    return replace(
+        config, listen=listen, metrics=metrics, workers=1, worker_of=config.workers, buffer=buffer
+    )
+
+
+def stranded_buffers(config: Config) -> list[str]:
+    """Disk-buffer folders this many workers will not replay: segments in ``buffer.path``
+    itself, or ``worker-N`` folders with N >= ``workers`` that still hold segments."""
+    buffer = config.buffer
+    if buffer is None or not buffer.disk or not buffer.path:
+        return []
+    root = Path(buffer.path)
+    out = [str(root)] if any(root.glob("segment-*.log")) else []
+    for sub in sorted(root.glob("worker-*")):
+        n = sub.name.split("-", 1)[1]
+        if n.isdigit() and int(n) >= config.workers and any(sub.glob("segment-*.log")):
+            out.append(str(sub))
+    return out
 
 
 def run_workers(config: Config, run_one: Callable[[Config], int]) -> int:
@@ -58,6 +90,13 @@ def run_workers(config: Config, run_one: Callable[[Config], int]) -> int:
         raise ConfigError("workers > 1 needs a TCP listener (listen.host/port), not a unix path")
     if not hasattr(socket, "SO_REUSEPORT"):
         raise ConfigError("workers > 1 needs SO_REUSEPORT, which this platform lacks")
+    for folder in stranded_buffers(config):
+        log.warning(
+            "disk buffer %s holds chunks that %d workers do not replay (each worker uses "
+            "<buffer.path>/worker-N); run with the workers that wrote them to deliver them",
+            folder,
+            config.workers,
+        )
     holder, port = reserve_port(config.listen.host, config.listen.port)
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False

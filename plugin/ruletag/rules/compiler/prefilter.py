@@ -40,9 +40,11 @@ go to every rule (a caseless ASCII literal could miss them).
 
 from __future__ import annotations
 
+import bisect
 import marshal
 import re
 import struct
+from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -711,12 +713,22 @@ class RawFilter(Frozen):
 
 
 def retune(
-    filt: RawFilter, counts: Mapping[int, int], n: int, passes: Mapping[int, int] | None = None
+    filt: RawFilter,
+    counts: Mapping[int, int],
+    n: int,
+    passes: Mapping[int, int] | None = None,
+    sets: Mapping[bytes, int] | None = None,
 ) -> RawFilter:
     """A filter with the requirements of ``filt``, triggers picked by the measured frequency
     of each pattern (``counts[i]`` of ``n`` records), common patterns no longer scanned for in
     stage 2, nor the patterns of rules whose requirement held in most of the records their
-    trigger is expected to fire on (``passes[k]`` of ``n``)."""
+    trigger is expected to fire on (``passes[k]`` of ``n``).
+
+    ``sets``: the distinct pattern sets observed in the records where no rule's requirement
+    held (sorted uint32 pattern ids as bytes) and how many records had each. With them, a
+    rule is loosened only if that is measured to make few records decoded that no requirement
+    forces: all loosened rules together add at most :data:`LOOSE_BUDGET` of the observed
+    records (see :func:`_keep_loosening`)."""
     if filt.plan is None:
         raise ValueError("this filter keeps no plan to re-tune from")
     patterns, prior, plain = marshal.loads(filt.plan)
@@ -728,7 +740,7 @@ def retune(
     # the rarely needed second stage-2 database: this filter's own, which holds every
     # pattern, reused rather than compiled anew (see docs/benchmarks.md on tuning memory)
     return _assemble(
-        patterns, reqs, cost, common, filt.plan, n, cold_db=filt.full_db, passes=passes
+        patterns, reqs, cost, common, filt.plan, n, cold_db=filt.full_db, passes=passes, sets=sets
     )
 
 
@@ -749,6 +761,7 @@ def _assemble(
     tuned_on: int = 0,
     cold_db: Any = None,
     passes: Mapping[int, int] | None = None,
+    sets: Mapping[bytes, int] | None = None,
 ) -> RawFilter:
     """The filter for ``reqs``: triggers by ``cost``, stage 2 without the ``drop`` patterns.
 
@@ -768,10 +781,18 @@ def _assemble(
             trig_rules.setdefault(t, []).append(k)
     checks: dict[int, Req] = {}
     used: tuple[set[int], set[int]] = (set(), set())
+    loose: dict[int, Req | None] = {}
     for k, r in reqs.items():
         got = _strip(r, drop) if drop else r
         if passes and rates[k] > 0 and passes.get(k, 0) / tuned_on > PASSING * rates[k]:
             got = None  # the trigger is (almost) enough: stage 2 would mostly confirm it
+        if got != r:
+            loose[k] = got
+    if sets is not None and loose:
+        kept = _keep_loosening(reqs, loose, cost, sets, tuned_on)
+        loose = {k: v for k, v in loose.items() if k in kept}
+    for k, r in reqs.items():
+        got = loose.get(k, r)
         if got is None:
             got = ALWAYS
         else:
@@ -802,6 +823,68 @@ def _assemble(
         cold=(dbs[1], frozenset(reqs) - hot) if used[1] else None,
         rates=rates if tuned_on else None,
     )
+
+
+#: Loosening (dropping common patterns, skipping stage 2 for often-passing rules) may add
+#: at most this share of the observed records to those decoded beyond what the requirements
+#: force; the rules whose loosening costs the most keep their full requirement.
+LOOSE_BUDGET = 0.01
+
+
+def _holds(r: Req | None, found: array[int]) -> bool:
+    """Does ``r`` hold on the sorted pattern ids ``found``?"""
+    if r is None:
+        return True
+    if isinstance(r, Pattern):
+        j = bisect.bisect_left(found, r.id)
+        return j < len(found) and found[j] == r.id
+    if isinstance(r, AllOf):
+        return all(_holds(a, found) for a in r.args)
+    return any(_holds(a, found) for a in r.args)
+
+
+def _keep_loosening(
+    reqs: Mapping[int, Req],
+    loose: Mapping[int, Req | None],
+    cost: Sequence[float],
+    sets: Mapping[bytes, int],
+    n: int,
+) -> set[int]:
+    """The rules of ``loose`` whose loosened check may stay: measured on the observed
+    distinct pattern ``sets``, a loosened rule passes an entry where no requirement holds
+    when its trigger fires and its loosened check holds there. Rules that add no such entry
+    stay loosened; the others, cheapest first, while the entries they add together stay
+    within :data:`LOOSE_BUDGET` of ``n``. The decision depends on what was observed, never
+    on which triggers happen to be rare: a mix with few positives does not loosen more."""
+    free = [(array("I", key), c) for key, c in sets.items()]
+    trigs = {k: _trigger(reqs[k], cost)[0] for k in loose}
+    wanted = frozenset().union(*trigs.values())
+    by_pattern: dict[int, list[int]] = {}
+    for j, (found, _c) in enumerate(free):
+        for i in wanted.intersection(found):
+            by_pattern.setdefault(i, []).append(j)
+    extra: dict[int, set[int]] = {}
+    for k, got in loose.items():
+        trig = trigs[k]
+        hit: set[int] = set()
+        for t in trig:
+            hit.update(by_pattern.get(t, ()))
+        extra[k] = {j for j in hit if _holds(got, free[j][0])}
+    kept = {k for k, e in extra.items() if not e}
+    covered: set[int] = set()
+    budget = LOOSE_BUDGET * max(n, 1)
+    weight = 0
+    for k in sorted(
+        (k for k in extra if extra[k]), key=lambda k: sum(free[j][1] for j in extra[k])
+    ):
+        new = extra[k] - covered
+        w = sum(free[j][1] for j in new)
+        if weight + w > budget:
+            continue
+        weight += w
+        covered |= new
+        kept.add(k)
+    return kept
 
 
 def build_raw_filter(

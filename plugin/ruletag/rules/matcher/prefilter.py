@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import threading
+from array import array
 from collections.abc import Callable, Sequence
 
 from ruletag.rules.compiler.prefilter import FOLD_ID, RawFilter, retune
@@ -19,6 +20,9 @@ __all__ = ["TUNE_AFTER", "RawMatcher"]
 
 #: Records observed before the filter re-picks its triggers from measured frequencies.
 TUNE_AFTER = 20_000
+#: Most distinct pattern sets kept while observing (entries with a set beyond these are not
+#: in the sample that loosening is checked on).
+MAX_SETS = 20_000
 
 
 class RawMatcher:
@@ -53,6 +57,9 @@ class RawMatcher:
         self.after_tune = after_tune
         self._counts: dict[int, int] | None = None
         self._passes: dict[int, int] = {}  # while observing: entries each requirement held in
+        #: while observing, the entries no requirement held in: their distinct pattern sets
+        #: (sorted uint32 pattern ids as bytes, compact) -> entries
+        self._sets: dict[bytes, int] = {}
         self._observed = 0
         self._tuning = False
         self.tune_after = 0
@@ -93,10 +100,10 @@ class RawMatcher:
 
         self._trigger_db.scan(entries, on_trigger)
         counts = self._counts
-        if counts is not None:
-            self._observe(entries, spans, counts)
         out: dict[int, list[int]] = {}
         if not per_entry:
+            if counts is not None:
+                self._observe(entries, spans, counts, out)
             return out
         view = memoryview(entries)
         trig_rules = self._trig_rules
@@ -137,6 +144,8 @@ class RawMatcher:
                 out[k] = ok
                 if counts is not None:
                     self._count_passes(ok)
+        if counts is not None:
+            self._observe(entries, spans, counts, out)
         return out
 
     def _count_passes(self, rules: Sequence[int]) -> None:
@@ -151,8 +160,11 @@ class RawMatcher:
         entries: bytes,
         spans: Sequence[tuple[int, int]],
         counts: dict[int, int],
+        out: dict[int, list[int]],
     ) -> None:
-        """Count, per pattern, the observed entries holding it (every entry of the chunk)."""
+        """Count, per pattern, the observed entries holding it (every entry of the chunk), and
+        the distinct pattern sets of the entries where no rule's requirement held (the
+        observing filter is untuned, so ``out`` is exact), to check loosening against."""
         view = memoryview(entries)
         seen: set[int] = set()
 
@@ -160,25 +172,37 @@ class RawMatcher:
             seen.add(i)
 
         get = counts.get
-        for s, e in spans:
+        sets = self._sets
+        for k, (s, e) in enumerate(spans):
             seen.clear()
             self._full_db.scan(view[s:e], on_hit)
             for i in seen:
                 counts[i] = get(i, 0) + 1
+            if k in out:
+                continue
+            key = array("I", sorted(seen)).tobytes()  # ~0.6 KB, a frozenset ~7 KB
+            if key in sets or len(sets) < MAX_SETS:
+                sets[key] = sets.get(key, 0) + 1
         self._observed += len(spans)
         if self._observed >= self.tune_after and not self._tuning:
             self._tuning = True
             self._counts = None
             threading.Thread(
                 target=self._tune_in_background,
-                args=(counts, self._passes, self._observed),
+                args=(counts, self._passes, self._observed, self._sets),
                 name="ruletag-prefilter-tune",
                 daemon=True,
             ).start()
 
-    def _tune_in_background(self, counts: dict[int, int], passes: dict[int, int], n: int) -> None:
+    def _tune_in_background(
+        self,
+        counts: dict[int, int],
+        passes: dict[int, int],
+        n: int,
+        sets: dict[bytes, int],
+    ) -> None:
         try:
-            tuned = retune(self.filter, counts, n, passes)
+            tuned = retune(self.filter, counts, n, passes, sets)
             if self.after_tune is not None:
                 self.after_tune(tuned)
             self.tuned = tuned

@@ -197,13 +197,7 @@ class Matcher:
         out: dict[int, list[int]] = {}
         if not spans:
             return out
-        raw = self.raw
-        cands = raw.candidates(entries, spans) if raw is not None else {}
-        if raw is not None and raw.tune_error is not None:
-            log.warning("pre-filter re-tuning failed (compiled triggers kept): %s", raw.tune_error)
-            raw.tune_error = None
-        if raw is not None and raw.tuned is not None:  # re-tuned on the traffic seen so far
-            self._swap_tuned(raw.tuned)
+        cands = self.raw_candidates(entries, spans)
         forced = self.table.raw_forced
         view = memoryview(entries)
         todo: Iterable[int] = range(len(spans)) if forced else sorted(cands)
@@ -223,6 +217,22 @@ class Matcher:
             if m:
                 out[k] = m
         return out
+
+    def raw_candidates(
+        self, entries: bytes, spans: Sequence[tuple[int, int]]
+    ) -> dict[int, list[int]]:
+        """The raw pre-filter's candidates (entry index -> rules whose raw requirement holds;
+        the rules without one not included); swaps in a re-tuned filter once it is ready."""
+        raw = self.raw
+        if raw is None or not spans:
+            return {}
+        cands = raw.candidates(entries, spans)
+        if raw.tune_error is not None:
+            log.warning("pre-filter re-tuning failed (compiled triggers kept): %s", raw.tune_error)
+            raw.tune_error = None
+        if raw.tuned is not None:  # re-tuned on the traffic seen so far
+            self._swap_tuned(raw.tuned)
+        return cands
 
     def _swap_tuned(self, tuned: RawFilter) -> None:
         """Run the re-tuned filter from now on (and the often-passed rules' own matcher)."""
