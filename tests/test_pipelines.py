@@ -14,7 +14,7 @@ import yaml
 
 from ruletag.commands.test import lookup, parse_tests
 from ruletag.errors import ConfigError
-from support.paths import SEED_RULES
+from support.paths import SAMPLE, SEED_RULES
 from support.peers import Source, make_chunk
 from support.seeds import EQL_ID as WSUS
 
@@ -151,6 +151,50 @@ tests:
     proc = _ruletag("test", str(cfg), cwd=tmp_path.parent)  # relative to the config, not cwd
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASS file records in order" in proc.stdout
+
+
+SEQUENCE_RULE = SAMPLE / (
+    "elastic/rules/macos/collection_sensitive_file_access_followed_by_compression.toml"
+)
+FILE_OPEN = (
+    "{'@timestamp': '2026-03-01T10:00:00Z', event: {category: [file], action: open}, "
+    "host: {os: {type: macos}}, process: {entity_id: p1}, file: {name: s.db}}"
+)
+FILE_ZIP = (
+    "{'@timestamp': '2026-03-01T10:00:20Z', event: {category: [file], action: modification}, "
+    "host: {os: {type: macos}}, process: {entity_id: p1}, "
+    "file: {name: o.zip, extension: zip, path: /tmp/o.zip}}"
+)
+
+
+def test_pipeline_tests_express_sequences_each_from_an_empty_state(tmp_path: Path) -> None:
+    """An EQL sequence in a tests: block: the second step completes it; a test holding only
+    the second step, after one holding only the first, sees no detection (each test starts
+    with empty stateful state)."""
+    cfg = _write(
+        tmp_path,
+        f"""
+outputs: [stdout]
+rules: {{paths: ["{SEQUENCE_RULE}"], cache_dir: cache}}
+tests:
+  - name: the first step alone
+    inputs: [{{record: {FILE_OPEN}}}]
+    outputs: [{{no_detection: true}}]
+  - name: the second step alone
+    inputs: [{{record: {FILE_ZIP}}}]
+    outputs: [{{no_detection: true}}]
+  - name: open then compress
+    inputs: [{{record: {FILE_OPEN}}}, {{record: {FILE_ZIP}}}]
+    outputs:
+      - {{no_detection: true}}
+      - fields: {{detections.0.sequence.keys.0: p1, detections.0.sequence.events.1.timestamp:
+          '2026-03-01T10:00:20Z'}}
+""",
+    )
+    proc = _ruletag("test", str(cfg), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PASS open then compress" in proc.stdout
+    assert "PASS the second step alone" in proc.stdout
 
 
 @pytest.mark.parametrize(

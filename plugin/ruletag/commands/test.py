@@ -16,6 +16,9 @@ in-process and without sockets, and checks every output record. ::
           rule_ids: [8e2485b6-...]       # exactly these rules matched (any order)
           tag: alert.windows.events      # the record's output tag
           fields: {detections.0.severity: medium}   # dotted path (list index) -> value
+      - name: an EQL sequence (stateful rules start empty in each test)
+        inputs: [{record: {...}}, {record: {...}}]  # in order, event time from the records
+        outputs: [{no_detection: true}, {fields: {detections.0.sequence.keys.0: p1}}]
       - name: near miss
         input: {tag: windows.events, record: {...}}
         outputs:                         # ... or one expectation per record, in order
@@ -384,6 +387,16 @@ def build_filter(config: Config) -> tuple[Transform | None, Annotation, list[str
     return rule_filter, Annotation(rule_filter.style, rule_filter.key), notes
 
 
+def _fresh_state(transform: Transform | None, config: Config) -> Transform | None:
+    """``transform`` with empty stateful rules (sequences, thresholds...): each test starts
+    from nothing, whatever the tests before it left in their partial matches and counts."""
+    from ruletag.runtime.relay import filter_factory
+
+    if isinstance(transform, RuleFilter) and transform.stateful is not None:
+        return filter_factory(config)(transform.table)
+    return transform
+
+
 # ---------------------------------------------------------------------------------------- main
 
 
@@ -405,7 +418,7 @@ def _run_config(path: str, out: Callable[[str], None]) -> int:
     failed = 0
     for test in tests:
         try:
-            failures = run_test(test, transform, ann)
+            failures = run_test(test, _fresh_state(transform, config), ann)
         except Exception as exc:  # a crash in the filter is a failed test, not a traceback
             failures = [f"error: {type(exc).__name__}: {exc}"]
         if failures:
