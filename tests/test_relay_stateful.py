@@ -828,3 +828,45 @@ def test_workers_auto_serves_stateful_rules_in_one_process(
     assert _auto_workers(plain).workers == 4
     explicit = replace(config([SEQ_RULE]), workers_auto=False)
     assert _auto_workers(explicit).workers == 4  # workers: 4 is refused by the relay instead
+
+
+# --------------------------------------------------------------------------- step tables
+
+
+def test_step_tables_are_cached_and_give_the_same_results(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engines' step tables go to <cache>/steps once and are read back (not compiled) on
+    the next build; results are the same; a damaged file is compiled again, with a warning."""
+    import ruletag.rules.compiler as compiler
+
+    rules = load_elastic_file(SEQ_RULE) + load_elastic_file(STOP_RULE)
+    records = [r for chunk in traffic() for r in chunk]
+    chunk = make_chunk(TAG, records)
+    spans = list(iter_entries(chunk.entries))
+
+    def run(stage: StatefulStage | None) -> dict[int, list[str]]:
+        assert stage is not None
+        done = stage.results(chunk.entries, spans)
+        return {i: [type(r).__name__ for r in rs] for i, rs in done.items()}
+
+    fresh = run(StatefulStage.of(rules))
+    assert sorted(fresh.values()) == [["Alert"], ["Completion"]]
+    cache = tmp_path / "cache"
+    assert run(StatefulStage.of(rules, None, cache)) == fresh
+    files = sorted((cache / "steps").glob("*.table"))
+    assert len(files) == 2  # the sequence and the threshold engine
+    built: list[int] = []
+    original = compiler.build
+
+    def counting_build(*args: Any, **kwargs: Any) -> Any:
+        built.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(compiler, "build", counting_build)
+    assert run(StatefulStage.of(rules, None, cache)) == fresh
+    assert built == []  # both read back
+    files[0].write_bytes(files[0].read_bytes()[:100])
+    with caplog.at_level("WARNING"):
+        assert run(StatefulStage.of(rules, None, cache)) == fresh
+    assert built == [1] and "unreadable, compiling it again" in caplog.text

@@ -48,6 +48,7 @@ from ruletag.config.model import DEFAULT_TUNE_AFTER
 from ruletag.enrich.annotate import detection, stateful_detection
 from ruletag.errors import ConfigError
 from ruletag.rules.fields import FieldMap
+from ruletag.rules.fingerprint import default_cache_dir
 from ruletag.rules.loader import source_of
 from ruletag.rules.matcher import Matcher
 from ruletag.rules.select import Selection
@@ -415,7 +416,7 @@ def match(ns: argparse.Namespace) -> int:
     """Match every record of ``--events`` and print it as JSON, with its detections."""
     variables = read_vars(ns.vars)  # a bad --vars file: ConfigError, exit 2 (cli.main)
     table = _load_table(ns.rules, variables, selection_from_args(ns))
-    engines = stateful_engines(table.rules, table.fieldmap)
+    engines = stateful_engines(table.rules, table.fieldmap, default_cache_dir())
     if getattr(ns, "new_terms_no_learning", False):
         configure_new_terms(engines, learn=0.0)
     ctx = MatchContext(

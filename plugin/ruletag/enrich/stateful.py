@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -53,12 +54,18 @@ class StatefulStage:
         self.record_errors = 0
 
     @classmethod
-    def of(cls, rules: Iterable[Rule], fieldmap: FieldMap | None = None) -> StatefulStage | None:
-        """A stage for the stateful rules among ``rules``; None when there are none."""
+    def of(
+        cls,
+        rules: Iterable[Rule],
+        fieldmap: FieldMap | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> StatefulStage | None:
+        """A stage for the stateful rules among ``rules``; None when there are none.
+        ``cache_dir``: where the engines' step tables are cached (None: compiled each time)."""
         found = [r for r in rules if r.kind != "event"]
         if not found:
             return None
-        engines = stateful_engines(found, fieldmap)
+        engines = stateful_engines(found, fieldmap, cache_dir)
         return cls(engines, found) if engines else None
 
     def rule_counts(self) -> dict[str, int]:

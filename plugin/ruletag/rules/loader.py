@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ruletag.errors import InvalidRule, RuleError, UnsupportedRule
+from ruletag.rules.fingerprint import compiler_fingerprint, default_cache_dir
 from ruletag.rules.ir import Rule
 from ruletag.rules.select import Selection, SelectionReport
 
@@ -70,12 +70,6 @@ class LoadResult:
     @property
     def invalid(self) -> list[RuleError]:
         return [p for p in self.problems if p.kind != "unsupported"]
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/ruletag``, else ``~/.cache/ruletag``."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "ruletag"
 
 
 def source_of(path: Path) -> str | None:
@@ -255,27 +249,6 @@ def _selection(
 
 
 # --------------------------------------------------------------------------- cache
-
-
-@functools.cache
-def compiler_fingerprint() -> str:
-    """Hash of the code and data that turn rule files into a table (front-ends, compiler,
-    ATT&CK table, field types, default field mapping): a changed compiler never reuses a
-    table cached by an older one."""
-    pkg = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for f in sorted(
-        [
-            *(pkg / "rules").rglob("*.py"),
-            *(pkg / "rules").rglob("*.lark"),
-            pkg / "data" / "attack.json",
-            pkg / "data" / "field_types.json",
-            pkg / "data" / "fields.yaml",
-            pkg / "enrich" / "annotate.py",
-        ]
-    ):
-        h.update(f.relative_to(pkg).as_posix().encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 #: One rule file's content digest and the ``(size, mtime_ns)`` it was taken at.

@@ -172,15 +172,24 @@ class Relay:
 def filter_factory(config: Config) -> Callable[[CompiledTable], RuleFilter]:
     from ruletag.config.model import EnrichConfig
     from ruletag.enrich.filter import RuleFilter
+    from ruletag.rules.fingerprint import default_cache_dir
 
     enrich = config.enrich or EnrichConfig()
     tune_after = config.rules.tune_after if config.rules is not None else None
+    # the stateful engines' step tables are cached beside the main tables
+    step_cache_dir = (config.rules.cache_dir if config.rules is not None else None) or str(
+        default_cache_dir()
+    )
 
     def make(table: CompiledTable) -> RuleFilter:
         from ruletag.enrich.stateful import StatefulStage
         from ruletag.rules.stateful.newterms import configure_new_terms
 
-        stage = StatefulStage.of(table.rules, table.fieldmap) if enrich.stateful == "on" else None
+        stage = (
+            StatefulStage.of(table.rules, table.fieldmap, step_cache_dir)
+            if enrich.stateful == "on"
+            else None
+        )
         if stage is not None and config.rules is not None:
             nt = config.rules.new_terms
             configure_new_terms(stage.engines, learn=nt.learn, max_terms=nt.max_terms)

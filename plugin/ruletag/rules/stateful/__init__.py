@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from ruletag.rules.fields import FieldMap
     from ruletag.rules.ir import Rule
 
@@ -82,7 +84,13 @@ def builders() -> list[Builder]:
     ]
 
 
-def stateful_engines(rules: Iterable[Rule], fieldmap: FieldMap | None = None) -> list[Engine]:
-    """One engine per stateful rule kind present in ``rules``."""
+def stateful_engines(
+    rules: Iterable[Rule], fieldmap: FieldMap | None = None, cache_dir: str | Path | None = None
+) -> list[Engine]:
+    """One engine per stateful rule kind present in ``rules``; their step tables cached in
+    ``cache_dir`` when given (:mod:`.tables`)."""
+    from ruletag.rules.stateful.tables import step_cache
+
     found = list(rules)
-    return [e for build in builders() if (e := build(found, fieldmap)) is not None]
+    with step_cache(cache_dir):
+        return [e for build in builders() if (e := build(found, fieldmap)) is not None]

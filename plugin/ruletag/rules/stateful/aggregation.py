@@ -347,8 +347,8 @@ class AggregationEngine:
         max_groups: int = 100_000,
         max_events: int = 10_000,
     ) -> None:
-        from ruletag.rules.compiler import build
         from ruletag.rules.matcher import Matcher
+        from ruletag.rules.stateful.tables import step_table
 
         self.rules: list[Rule] = []
         self.states: list[AggregationState] = []
@@ -371,7 +371,7 @@ class AggregationEngine:
                 )
                 self._targets.append([])
             self._targets[k].append(ri)
-        self.table = build(base_rules, fieldmap)
+        self.table = step_table(base_rules, fieldmap)
         self.matcher = Matcher(self.table, tune_after=0)
         self._arrival = 0
 

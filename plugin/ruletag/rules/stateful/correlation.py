@@ -723,8 +723,8 @@ class CorrelationEngine:
         max_events: int = 10_000,
         max_refs: int = 100,
     ) -> None:
-        from ruletag.rules.compiler import build
         from ruletag.rules.matcher import Matcher
+        from ruletag.rules.stateful.tables import step_table
 
         self.runs: list[_Run] = []
         self.max_refs = max_refs
@@ -759,7 +759,7 @@ class CorrelationEngine:
                     )
                     self._targets.append([])
                 self._targets[k].append((ri, ii))
-        self.table = build(base_rules, fieldmap)
+        self.table = step_table(base_rules, fieldmap)
         self.matcher = Matcher(self.table)
         self._arrival = 0
 

@@ -260,8 +260,8 @@ class NewTermsEngine:
         max_terms: int = DEFAULT_MAX_TERMS,
         learn: float | None = None,
     ) -> None:
-        from ruletag.rules.compiler import build
         from ruletag.rules.matcher import Matcher
+        from ruletag.rules.stateful.tables import step_table
 
         self.rules: list[Rule] = []
         self.states: list[NewTermsState] = []
@@ -284,7 +284,7 @@ class NewTermsEngine:
                 )
                 self._targets.append([])
             self._targets[k].append(ri)
-        self.table = build(cond_rules, fieldmap)
+        self.table = step_table(cond_rules, fieldmap)
         #: the condition table's matcher: callers with packed entries use its raw pre-filter
         #: (``step_hits``) so records that hit no condition cost no Python work here
         self.matcher = Matcher(self.table)

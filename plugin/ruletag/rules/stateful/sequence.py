@@ -366,8 +366,8 @@ class SequenceEngine:
         max_partials: int = 16,
         lateness: float = DEFAULT_LATENESS,
     ) -> None:
-        from ruletag.rules.compiler import build
         from ruletag.rules.matcher import Matcher
+        from ruletag.rules.stateful.tables import step_table
 
         self.runs: list[_RuleRun] = []
         step_rules: list[Rule] = []
@@ -407,7 +407,7 @@ class SequenceEngine:
                     )
                     self._targets.append([])
                 self._targets[k].append((ri, stage))
-        self.table = build(step_rules, fieldmap)
+        self.table = step_table(step_rules, fieldmap)
         #: the step table's matcher: callers with packed entries use its raw pre-filter
         #: (``step_hits``) so records that hit no step cost no Python work here
         self.matcher = Matcher(self.table)

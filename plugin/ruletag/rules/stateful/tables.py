@@ -1,0 +1,97 @@
+"""The stateful engines' own tables (steps, base conditions), compiled once and cached.
+
+Each engine compiles its conditions into a small table of its own (``build``); with every
+corpus rule that is seconds of Hyperscan and code generation at each start and reload. Inside
+``with step_cache(folder):`` :func:`step_table` keeps each such table in
+``<folder>/steps/<key>.table``, the key covering the compiler, the field map and every
+condition (its rule id and IR), so an unchanged rule set loads its step tables back instead
+of compiling them. Outside it (tests, ``step_cache(None)``) tables are compiled every time.
+The folder keeps the :data:`KEEP` most recently used step tables (each rule-set change leaves
+new ones behind).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ruletag.rules.fingerprint import compiler_fingerprint
+
+if TYPE_CHECKING:
+    from ruletag.rules.compiler import CompiledTable
+    from ruletag.rules.fields import FieldMap
+    from ruletag.rules.ir import Rule
+
+__all__ = ["step_cache", "step_key", "step_table"]
+
+log = logging.getLogger(__name__)
+
+#: Step tables kept in ``<folder>/steps``, the most recently used first.
+KEEP = 32
+
+_FOLDER: contextvars.ContextVar[Path | None] = contextvars.ContextVar("step_cache", default=None)
+
+
+@contextlib.contextmanager
+def step_cache(folder: str | Path | None) -> Iterator[None]:
+    """Cache the step tables the engines built inside the block in ``folder`` (None: off)."""
+    token = _FOLDER.set(Path(folder) if folder is not None else None)
+    try:
+        yield
+    finally:
+        _FOLDER.reset(token)
+
+
+def step_key(rules: Sequence[Rule], fieldmap: FieldMap | None) -> str:
+    """What a step table depends on: the package and compiler, the field map, the conditions."""
+    from ruletag import __version__
+
+    h = hashlib.sha256()
+    h.update(f"ruletag {__version__}\0compiler {compiler_fingerprint()}\0".encode())
+    h.update(f"fields {fieldmap.version if fieldmap is not None else '-'}\0".encode())
+    for r in rules:
+        h.update(f"{r.id}\0{r.condition!r}\0{r.logsource!r}\0".encode("utf-8", "surrogatepass"))
+    return h.hexdigest()[:24]
+
+
+def step_table(rules: Sequence[Rule], fieldmap: FieldMap | None) -> CompiledTable:
+    """``build(rules, fieldmap)``, read back from the step cache when it holds the same table."""
+    from ruletag.rules.compiler import TableError, build, load, save
+
+    folder = _FOLDER.get()
+    if folder is None:
+        return build(list(rules), fieldmap)
+    key = step_key(rules, fieldmap)
+    path = folder / "steps" / f"{key}.table"
+    if path.is_file():
+        try:
+            table = load(path)
+            with contextlib.suppress(OSError):
+                path.touch()  # recently used: kept by _prune
+            return table
+        except (OSError, TableError, ValueError, EOFError) as exc:  # damaged: compile again
+            log.warning("step table %s unreadable, compiling it again: %s", path, exc)
+    table = build(list(rules), fieldmap, key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save(table, path)
+        _prune(path.parent)
+    except OSError as exc:  # a read-only cache still runs, compiling at each start
+        log.warning("step table not cached in %s: %s", path.parent, exc)
+    return table
+
+
+def _prune(folder: Path) -> None:
+    """Delete all but the :data:`KEEP` most recently used step tables."""
+    found = []
+    for p in folder.glob("*.table"):
+        with contextlib.suppress(OSError):
+            found.append((p.stat().st_mtime_ns, p))
+    for _, p in sorted(found, reverse=True)[KEEP:]:
+        with contextlib.suppress(OSError):
+            p.unlink()
