@@ -57,7 +57,6 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-import re2
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedInput, VisitError
 
@@ -88,6 +87,7 @@ from ruletag.rules.ir import (
     ValueExpr,
     Wild,
 )
+from ruletag.rules.regex import compile_re2
 
 CATEGORY_FIELD = "event.category"
 
@@ -436,7 +436,7 @@ def _regex(pattern: str, cased: bool) -> tuple[str, str]:
     anchored = f"^(?:{body})$"
     flags = "s" if cased else "is"
     try:
-        re2.compile(f"(?{flags}){anchored}")
+        compile_re2(f"(?{flags}){anchored}")
     except Exception as exc:  # re2.error and friends
         raise UnsupportedRule(f"regex not supported by RE2: {pattern!r} ({exc})") from None
     return anchored, flags

@@ -65,6 +65,7 @@ from ruletag.rules.ir import (
     Rule,
     ValueExpr,
 )
+from ruletag.rules.regex import compile_re2
 
 _MAX_COMBINATIONS = 4096
 
@@ -77,7 +78,7 @@ def _like(text: str, pattern: str, cased: bool) -> bool:
 def _re2(pattern: str, flags: str, anchored: bool = False) -> re2._Regexp:
     prefix = f"(?{''.join(sorted(set(flags)))})" if flags else ""
     body = f"^(?:{pattern})$" if anchored else pattern
-    return re2.compile(prefix + body)
+    return compile_re2(prefix + body)
 
 
 def _in_cidr(value: object, networks: tuple[str, ...]) -> bool:

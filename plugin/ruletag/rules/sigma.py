@@ -77,6 +77,7 @@ from ruletag.rules.ir import (
     Token,
     Wild,
 )
+from ruletag.rules.regex import compile_re2
 
 __all__ = ["load_sigma_file", "sigma_rule_to_ir"]
 
@@ -98,8 +99,6 @@ _RE_FLAGS = {
     SigmaRegularExpressionFlag.MULTILINE: "m",
     SigmaRegularExpressionFlag.DOTALL: "s",
 }
-_RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.log_errors = False
 #: pySigma validates regexes with Python ``re`` (invalid there -> InvalidRule); RE2 support is
 #: checked separately, so a valid regex RE2 cannot run is an UnsupportedRule with its reason.
 _POLICY = SigmaPolicy(regex_engine=PythonRegexEngine())
@@ -551,7 +550,7 @@ class _Converter:
         """A Regex leaf, once RE2 has accepted the pattern with its flags."""
         prefix = f"(?{flags})" if flags else ""
         try:
-            re2.compile(prefix + pattern, _RE2_OPTIONS)
+            compile_re2(prefix + pattern)
         except re2.error as e:
             why = e.args[0] if e.args else str(e)
             if isinstance(why, bytes):

@@ -15,6 +15,8 @@ from typing import Any
 import hyperscan as hs
 import re2
 
+from ruletag.rules.regex import compile_re2
+
 __all__ = [
     "Group",
     "compile_db",
@@ -170,7 +172,7 @@ def _group(
     for i, pat, flags in regex:
         try:
             prefix = f"(?{''.join(sorted(set(flags)))})" if flags else ""
-            r2.append((i, re2.compile(prefix + pat)))
+            r2.append((i, compile_re2(prefix + pat)))
         except re2.error:
             continue  # invalid: never matches (front-ends reject these)
     in_db = set(hs_regex) if db is not None else set()
