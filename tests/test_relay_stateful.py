@@ -855,7 +855,7 @@ def test_step_tables_are_cached_and_give_the_same_results(
     cache = tmp_path / "cache"
     assert run(StatefulStage.of(rules, None, cache)) == fresh
     files = sorted((cache / "steps").glob("*.table"))
-    assert len(files) == 2  # the sequence and the threshold engine
+    assert len(files) == 3  # the sequence and threshold engines' tables, the stage's combined one
     built: list[int] = []
     original = compiler.build
 

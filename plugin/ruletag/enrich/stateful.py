@@ -1,12 +1,14 @@
-"""The relay's stateful stage: EQL sequences, thresholds (every ``rules.stateful`` engine) over
-the chunks the rule filter sees.
+"""The relay's stateful stage: EQL sequences and samples, thresholds, new terms, aggregating
+ES|QL and Sigma correlations (every ``rules.stateful`` engine) over the chunks the rule filter
+sees.
 
 ``StatefulStage.of(rules, fieldmap)`` builds the engines a rule set needs
-(:func:`ruletag.rules.stateful.stateful_engines`). ``results(entries, spans)`` runs them over
-one chunk's packed ``[time, record]`` entries, in entry order: each engine's ``step_hits``
-names the entries it needs (its own small table's raw pre-filter), only those are decoded
-(once, shared by the engines) and fed; an engine without step hits (None) is fed every record
-of the chunk. The answer maps an entry index to what the entry completed (``Completion``,
+(:func:`ruletag.rules.stateful.stateful_engines`) and, with several, one :class:`StepTable`
+holding all their conditions. ``results(entries, spans)`` runs them over one chunk's packed
+``[time, record]`` entries, in entry order: the step table's raw pre-filter and matcher (one
+pass for every engine; with one engine, its own ``step_hits``) name the entries each engine
+needs, only those are decoded (once, shared by the engines) and fed; an engine without step
+hits (None) is fed every record of the chunk. The answer maps an entry index to what the entry completed (``Completion``,
 ``Alert``...), which :class:`ruletag.enrich.filter.RuleFilter` turns into annotations.
 
 Chunks are fed in the order the pipeline transforms them; with several upstream connections
@@ -19,8 +21,10 @@ starts empty), and :meth:`snapshot`/:meth:`restore` are what ``runtime.state`` c
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
+from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,8 +33,10 @@ import msgpack
 
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import Rule
+from ruletag.rules.matcher import Matcher
 from ruletag.rules.stateful import Clocked, Engine, stateful_engines
 from ruletag.rules.stateful.snapshot import rule_digest
+from ruletag.rules.stateful.tables import step_cache, step_table
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +47,51 @@ def _unpack(data: bytes | memoryview) -> Any:
     return msgpack.unpackb(data, raw=False, unicode_errors="surrogateescape", strict_map_key=False)
 
 
+class StepTable:
+    """Every engine's step and base conditions in one table: one raw pre-filter pass and one
+    decode per chunk find the step hits of all the engines, instead of one pass per engine.
+
+    Entry ``i`` of engine ``n`` is entry ``starts[n] + i`` here (the engines' own tables, in
+    order, rule ids prefixed with the engine kind)."""
+
+    def __init__(
+        self, engines: Sequence[Engine], fieldmap: FieldMap | None, cache_dir: str | Path | None
+    ) -> None:
+        rules: list[Rule] = []
+        self.starts: list[int] = []
+        for e in engines:
+            table = getattr(e, "table", None)
+            if table is None:
+                raise TypeError(f"{e.kind} engine has no step table")
+            self.starts.append(len(rules))
+            rules.extend(dataclasses.replace(r, id=f"{e.kind}:{r.id}") for r in table.rules)
+        with step_cache(cache_dir):
+            self.table = step_table(rules, fieldmap)
+        self.matcher = Matcher(self.table)
+
+    def hits(self, entries: bytes, spans: Sequence[tuple[int, int]]) -> list[dict[int, list[int]]]:
+        """Per engine, entry index -> its own condition hits (as its ``step_hits`` says)."""
+        per: list[dict[int, list[int]]] = [{} for _ in self.starts]
+        starts = self.starts
+        for idx, found in self.matcher.match_entries(entries, spans).items():
+            for h in found:
+                n = bisect_right(starts, h) - 1
+                per[n].setdefault(idx, []).append(h - starts[n])
+        return per
+
+
 class StatefulStage:
     """The stateful engines of one rule set, fed chunk by chunk (see the module docstring)."""
 
-    def __init__(self, engines: Sequence[Engine], rules: Iterable[Rule] = ()) -> None:
+    def __init__(
+        self,
+        engines: Sequence[Engine],
+        rules: Iterable[Rule] = (),
+        steps: StepTable | None = None,
+    ) -> None:
         self.engines = list(engines)
+        #: one table of every engine's conditions (None: each engine's ``step_hits``)
+        self.steps = steps
         #: (kind, rule id, definition digest) of every stateful rule: what :meth:`adopt` compares
         self.signature = frozenset(
             (r.kind, r.id, rule_digest(r)) for r in rules if r.kind != "event"
@@ -66,7 +112,10 @@ class StatefulStage:
         if not found:
             return None
         engines = stateful_engines(found, fieldmap, cache_dir)
-        return cls(engines, found) if engines else None
+        if not engines:
+            return None
+        steps = StepTable(engines, fieldmap, cache_dir) if len(engines) > 1 else None
+        return cls(engines, found, steps)
 
     def rule_counts(self) -> dict[str, int]:
         """Stateful rules by kind."""
@@ -84,7 +133,11 @@ class StatefulStage:
         chunk's last record while they have results pending: it moves their watermark, and
         carries what that releases."""
         engines = self.engines
-        steps = [e.step_hits(entries, spans) for e in engines]
+        steps: list[dict[int, list[int]] | None]
+        if self.steps is not None:
+            steps = list(self.steps.hits(entries, spans))
+        else:
+            steps = [e.step_hits(entries, spans) for e in engines]
         if any(s is None for s in steps):
             todo: list[int] = list(range(len(spans)))
         else:
@@ -206,6 +259,7 @@ class StatefulStage:
         """Carry ``old``'s state over a reload (call between chunks); says what was kept."""
         if old.signature == self.signature:
             self.engines = old.engines  # same stateful rules: the very same state machines
+            self.steps = old.steps
             self.records_fed, self.record_errors = old.records_fed, old.record_errors
             return "stateful rules unchanged, state kept"
         restored = self.restore(old.snapshot())
