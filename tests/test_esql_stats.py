@@ -181,6 +181,11 @@ def test_unevaluated_aggregate_is_omitted_unless_a_condition_reads_it() -> None:
             "ES|QL STATS over every record (no WHERE before STATS): the FROM index pattern",
         ),
         (
+            'from logs-x | where not kql("tags : a") | stats n = count(*) by user.name',
+            "ES|QL STATS over nearly every record (the WHERE before STATS holds for a record "
+            "with no fields",
+        ),
+        (
             f"{W} | mv_expand _ignored | stats n = count(*)",
             "ES|QL MV_EXPAND _ignored: index-time metadata",
         ),
@@ -651,7 +656,7 @@ def test_active_corpus_aggregating_esql_rules_by_reason() -> None:
     print(f"{loaded:5d}  loaded of {total} aggregating ES|QL rules")
     print(f"{early:5d}  of them with a condition a later record may undo (fires_early)")
     assert total == 164
-    assert loaded >= 121
+    assert loaded >= 120  # 121 before the "nearly every record" refusal (cpu_spike rule)
 
 
 # --------------------------------------------------------------------------- property

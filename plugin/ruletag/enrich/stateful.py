@@ -8,8 +8,9 @@ holding all their conditions. ``results(entries, spans)`` runs them over one chu
 ``[time, record]`` entries, in entry order: the step table's raw pre-filter and matcher (one
 pass for every engine; with one engine, its own ``step_hits``) name the entries each engine
 needs, only those are decoded (once, shared by the engines) and fed; an engine without step
-hits (None) is fed every record of the chunk. The answer maps an entry index to what the entry completed (``Completion``,
-``Alert``...), which :class:`ruletag.enrich.filter.RuleFilter` turns into annotations.
+hits (None) is fed every record of the chunk. The answer maps an entry index to what the entry
+completed (``Completion``, ``Alert``...), which :class:`ruletag.enrich.filter.RuleFilter`
+turns into annotations.
 
 Chunks are fed in the order the pipeline transforms them; with several upstream connections
 that is the order in which their chunks reach the filter (event time orders the events

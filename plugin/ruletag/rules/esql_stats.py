@@ -135,6 +135,13 @@ def parse_esql_aggregation(query: str) -> Aggregation | None:
             "which selects the records, is not evaluated",
             line=commands[k].line,
         )
+    if _holds_without_fields(and_(*table_parts, *row_parts)):
+        raise UnsupportedRule(
+            "ES|QL STATS over nearly every record (the WHERE before STATS holds for a record "
+            "with no fields: only negations): the FROM index pattern, which selects the "
+            "records, is not evaluated",
+            line=commands[k].line,
+        )
     stats = commands[k]
     items, by = _split_stats(stats)
     compiler = _Compiler()
@@ -420,3 +427,15 @@ def fires_early(agg: Aggregation) -> bool:
         return False
 
     return not safe(agg.having)
+
+
+def _holds_without_fields(condition: Node) -> bool:
+    """Whether ``condition`` accepts a record that has none of its fields (so it would pass
+    nearly every record of a stream: e.g. ``NOT KQL("tags : x")`` alone)."""
+    from ruletag.rules.fields import FieldMap
+    from ruletag.rules.reference import evaluate
+
+    try:
+        return evaluate(condition, FieldMap.default().view({}))
+    except Exception:  # a computed value it cannot take from an empty record: not that case
+        return False
