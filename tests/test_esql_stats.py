@@ -13,12 +13,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ruletag.enrich.annotate import stateful_detection
 from ruletag.errors import InvalidRule, UnsupportedRule
+from ruletag.protocol import iter_entries
 from ruletag.rules import functions
 from ruletag.rules.algebra import as_text, number_of
 from ruletag.rules.elastic import load_elastic_file
@@ -37,7 +39,12 @@ from ruletag.rules.ir import (
     Rule,
 )
 from ruletag.rules.stateful import stateful_engines
-from ruletag.rules.stateful.aggregation import AggregateAlert, AggregationEngine, aggregate
+from ruletag.rules.stateful.aggregation import (
+    AggregateAlert,
+    AggregationEngine,
+    aggregate,
+    step_condition,
+)
 from support.paths import SAMPLE, corpus, needs_corpus
 from support.servers import ruletag_script
 
@@ -279,6 +286,39 @@ def test_mv_expand_splits_the_conditions_after_it() -> None:
         )
     )
     assert got.row_condition == Match("event.action", ("exec",), cased=True)
+
+
+def test_step_condition_adds_an_existential_row_condition_only() -> None:
+    """The pre-filter sees the MV_EXPAND row condition when it is existential (a row passes
+    only if the record does): a linux sh record without event.action is not fed; a negated
+    row condition (a row may pass where the record fails) is left to the rows."""
+    positive = rule(
+        'from l | where host.os.type == "linux" | mv_expand event.action\n'
+        '| where event.action == "exec" | stats n = count(*) by host.id | where n >= 1'
+    )
+    assert positive.aggregation is not None
+    assert step_condition(positive.aggregation) == And(
+        (
+            Match("host.os.type", ("linux",), cased=True),
+            Match("event.action", ("exec",), cased=True),
+        )
+    )
+    engine = AggregationEngine([positive])
+    records = [
+        {"@timestamp": ts(0), "host": {"os": {"type": "linux"}, "id": "h"}},
+        {
+            "@timestamp": ts(1),
+            "host": {"os": {"type": "linux"}, "id": "h"},
+            "event": {"action": ["open", "exec"]},
+        },
+    ]
+    entries = b"".join(msgpack.packb([0, r]) for r in records)
+    assert engine.step_hits(entries, list(iter_entries(entries))) == {1: [0]}
+    negative = rule(
+        f'{W} | mv_expand event.action | where event.action != "noise" | stats n = count(*)'
+    )
+    assert negative.aggregation is not None
+    assert step_condition(negative.aggregation) == negative.aggregation.condition
 
 
 def test_aggregate_filters_parse() -> None:

@@ -99,6 +99,8 @@ class StatefulStage:
         )
         self.records_fed = 0
         self.record_errors = 0
+        self._clocked_of: list[Engine] | None = None
+        self._clocked_list: list[Clocked | None] = []
 
     @classmethod
     def of(
@@ -157,7 +159,15 @@ class StatefulStage:
         return out
 
     def _pending(self) -> bool:
-        return any(isinstance(e, Clocked) and e.pending() for e in self.engines)
+        return any(e is not None and e.pending() for e in self._clocked())
+
+    def _clocked(self) -> list[Clocked | None]:
+        """Per engine, itself if it waits for event time (a runtime Protocol check is slow:
+        done once per engine list, which :meth:`adopt` may replace)."""
+        if self._clocked_of is not self.engines:
+            self._clocked_list = [e if isinstance(e, Clocked) else None for e in self.engines]
+            self._clocked_of = self.engines
+        return self._clocked_list
 
     def _one(
         self,
@@ -180,14 +190,14 @@ class StatefulStage:
             return
         self.records_fed += 1
         done: list[Any] = []
-        for engine, hits in zip(self.engines, steps, strict=True):
+        for engine, hits, clocked in zip(self.engines, steps, self._clocked(), strict=True):
             try:
                 if hits is None:
                     done.extend(engine.feed(record))
                 elif idx in hits:
                     done.extend(engine.feed(record, hits[idx]))
-                elif isinstance(engine, Clocked) and engine.pending():
-                    done.extend(engine.observe(record))
+                elif clocked is not None and clocked.pending():
+                    done.extend(clocked.observe(record))
             except Exception as exc:  # a bug or an odd record must not block the chunk
                 self._error(idx, exc)
         if done:

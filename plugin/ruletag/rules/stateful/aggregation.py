@@ -43,10 +43,26 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
 
-from ruletag.rules.algebra import as_text, number_of
+from ruletag.rules.algebra import and_, as_text, number_of
 from ruletag.rules.esql_stats import NOW_FIELD
 from ruletag.rules.fields import FieldMap, RecordView
-from ruletag.rules.ir import Aggregate, Aggregation, AggValue, Case, Const, Node, Rule
+from ruletag.rules.ir import (
+    Aggregate,
+    Aggregation,
+    AggValue,
+    And,
+    Case,
+    Cidr,
+    Compare,
+    Const,
+    Equals,
+    Exists,
+    Match,
+    Node,
+    Or,
+    Regex,
+    Rule,
+)
 from ruletag.rules.reference import evaluate, values_of
 from ruletag.rules.stateful.sequence import event_time
 from ruletag.rules.stateful.snapshot import rule_digest
@@ -363,11 +379,12 @@ class AggregationEngine:
             ri = len(self.rules)
             self.rules.append(r)
             self.states.append(AggregationState(agg, max_groups=max_groups, max_events=max_events))
-            k = index.get(agg.condition)
+            cond = step_condition(agg)
+            k = index.get(cond)
             if k is None:
-                k = index[agg.condition] = len(base_rules)
+                k = index[cond] = len(base_rules)
                 base_rules.append(
-                    Rule(id=f"{r.id}#base", name=r.name, source=r.source, condition=agg.condition)
+                    Rule(id=f"{r.id}#base", name=r.name, source=r.source, condition=cond)
                 )
                 self._targets.append([])
             self._targets[k].append(ri)
@@ -504,6 +521,26 @@ class _RowView(RecordView):
     def values(self, field: str) -> list[object]:
         got = self._over.get(field)
         return got if got is not None else super().values(field)
+
+
+#: Leaves that hold for a record when they hold for one of its values (existential).
+_EXISTENTIAL = (Const, Match, Regex, Cidr, Compare, Equals, Exists)
+
+
+def _existential(node: Node) -> bool:
+    if isinstance(node, And | Or):
+        return all(_existential(a) for a in node.args)
+    return isinstance(node, _EXISTENTIAL)
+
+
+def step_condition(agg: Aggregation) -> Node:
+    """What a record must satisfy to give a row: the conditions before ``STATS``, and the
+    per-row ``MV_EXPAND`` condition when it is made of existential leaves (a row passes it only
+    if the record, whose field holds every row's value, passes it too); so the pre-filter
+    skips the records no row of which could count."""
+    if agg.expand and _existential(agg.row_condition):
+        return and_(agg.condition, agg.row_condition)
+    return agg.condition
 
 
 def _rows(agg: Aggregation, view: RecordView, fieldmap: FieldMap) -> list[RecordView]:
