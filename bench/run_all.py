@@ -7,7 +7,9 @@ into a bench cache folder first, so ``serve`` starts from the compiled table (st
 spawn -> ``ruletag ready``). Per rule set: a full-speed run (throughput, ruletag CPU per
 record, peak RSS) and a fixed-rate run (added latency at a steady load), after a warm-up that
 lasts until the pre-filter has re-tuned itself on the traffic. Then ``workers`` scaling with
-every rule loaded.
+every rule loaded and ``enrich.stateful: off`` (``workers: N`` refuses stateful rules: the
+stateless tier of docs/deploy.md), 1 worker included as the ratio's base; the rows above
+evaluate the stateful rules the sets hold.
 
     python bench/run_all.py --corpus ../shared/rules   # everything, ~6 minutes (+1 to compile)
     python bench/run_all.py --sets none,seeds --duration 5 --json out.json
@@ -33,6 +35,9 @@ sys.path.insert(0, str(HERE))
 
 import gen_traffic  # noqa: E402
 import load  # noqa: E402
+
+#: The workers scaling runs: every rule, stateful rules off (the tier ``workers: N`` serves).
+STATELESS = "everything/stateless"
 
 #: The rule sets that need ``--corpus``.
 CORPUS_SETS = ("tenth", "sigma", "elastic", "everything")
@@ -81,8 +86,10 @@ def write_config(
     paths: list[str],
     cache: Path,
     workers: int = 1,
+    stateful: bool = True,
 ) -> Path:
-    """A serve config: listen on ``port``, forward to the sink, these rules, no reload."""
+    """A serve config: listen on ``port``, forward to the sink, these rules, no reload;
+    ``stateful=False``: ``enrich.stateful: off`` (the stateless tier, as ``workers: N`` needs)."""
     text = (
         f"listen:\n  host: 127.0.0.1\n  port: {port}\n"
         f"forward:\n  servers:\n    - host: 127.0.0.1\n      port: {sink_port}\n"
@@ -90,10 +97,12 @@ def write_config(
     )
     if workers > 1:
         text += f"workers: {workers}\n"
+    if not stateful:
+        text += 'enrich:\n  stateful: "off"\n'
     if paths:
         text += "rules:\n  paths:\n" + _yaml_list(paths, "    ")
         text += f"  cache_dir: {json.dumps(str(cache))}\n  reload_interval: 0\n"
-    path = folder / f"{name}-w{workers}.yaml"
+    path = folder / f"{name.replace('/', '-')}-w{workers}.yaml"
     path.write_text(text)
     return path
 
@@ -166,10 +175,11 @@ def run_set(
     cache: Path,
     ns: argparse.Namespace,
     workers: int = 1,
+    stateful: bool = True,
 ) -> dict[str, Any]:
     """Start serve for one rule set, run full speed then fixed rate, stop it."""
     port = load.free_port()
-    cfg = write_config(work, name, port, sink.port, paths, cache, workers)
+    cfg = write_config(work, name, port, sink.port, paths, cache, workers, stateful)
     srv = Serve(cfg, workers=workers)
     row: dict[str, Any] = {"set": name, "workers": workers, "startup_s": round(srv.startup, 2)}
     try:
@@ -307,17 +317,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{name}] {json.dumps(row)}", flush=True)
         if "everything" in ns.sets.split(","):
             paths = sets["everything"]
+            # workers: N needs the stateless tier (enrich.stateful: off); its 1-worker run is
+            # the base of the scaling ratio
             for w in (int(x) for x in ns.workers.split(",")):
-                if w <= 1:
-                    continue
                 try:
-                    row = run_set("everything", paths, traffic, sink, work, cache, ns, w)
+                    row = run_set(STATELESS, paths, traffic, sink, work, cache, ns, w, False)
                 except RuntimeError as exc:
                     print(f"[workers {w}] skipped: {str(exc).splitlines()[-1]}", flush=True)
                     continue
                 row["rules"] = rows[-1].get("rules", 0)
                 rows.append(row)
-                print(f"[everything x{w}] {json.dumps(row)}", flush=True)
+                print(f"[{STATELESS} x{w}] {json.dumps(row)}", flush=True)
     finally:
         sink.close()
     relay = next((r["full"]["records_per_s"] for r in rows if r["set"] == "none"), None)
@@ -339,10 +349,10 @@ def main(argv: list[str] | None = None) -> int:
             f"\nper-record CPU, everything vs tenth ({b['rules']} vs {a['rules']} rules): "
             f"{b['full']['cpu_us_per_record'] / a['full']['cpu_us_per_record']:.2f}x"
         )
-    if ("everything", 2) in by and ("everything", 1) in by:
-        two = by[("everything", 2)]["full"]["records_per_s"]
-        one = by[("everything", 1)]["full"]["records_per_s"]
-        print(f"workers 2 vs 1 (everything): {two / one:.2f}x")
+    if (STATELESS, 2) in by and (STATELESS, 1) in by:
+        two = by[(STATELESS, 2)]["full"]["records_per_s"]
+        one = by[(STATELESS, 1)]["full"]["records_per_s"]
+        print(f"workers 2 vs 1 ({STATELESS}): {two / one:.2f}x")
     if ns.json:
         Path(ns.json).write_text(
             json.dumps(

@@ -258,3 +258,16 @@ def test_validate_reports_building_blocks_left_out(tmp_path: Path, capsys: Any) 
     assert main(["validate", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "1 rules" in out and f"{blocks} building-block rules left out" in out
+
+
+def test_bare_yaml_on_off_is_accepted_for_enrich_stateful(tmp_path: Path) -> None:
+    """``stateful: off`` as the docs write it: YAML 1.1 reads a bare off as false."""
+    for text, want in (("off", "off"), ("on", "on"), ('"off"', "off")):
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(
+            "forward: {servers: ['127.0.0.1:9']}\nrules: {paths: [builtin:seeds]}\n"
+            f"enrich:\n  stateful: {text}\n",
+            encoding="utf-8",
+        )
+        got = load_config(cfg).enrich
+        assert got is not None and got.stateful == want

@@ -216,6 +216,8 @@ class _Section:
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.raw(name, default)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if not isinstance(value, str) or value.lower() not in choices:
             raise ConfigError(f"{self.key(name)}: must be one of {', '.join(choices)}")
         return value.lower()
