@@ -63,11 +63,17 @@ from ruletag.rules.ir import (
     AggValue,
     And,
     Case,
+    Cidr,
     Compare,
     Const,
+    Equals,
+    FieldRef,
     Literal_,
+    Match,
     Node,
     Or,
+    Predicate,
+    Regex,
     fields_of,
 )
 
@@ -135,11 +141,12 @@ def parse_esql_aggregation(query: str) -> Aggregation | None:
             "which selects the records, is not evaluated",
             line=commands[k].line,
         )
-    if _holds_without_fields(and_(*table_parts, *row_parts)):
+    base = and_(*table_parts, *row_parts)
+    if _holds_without_fields(base) or not _tests_a_value(base):
         raise UnsupportedRule(
-            "ES|QL STATS over nearly every record (the WHERE before STATS holds for a record "
-            "with no fields: only negations): the FROM index pattern, which selects the "
-            "records, is not evaluated",
+            "ES|QL STATS over nearly every record (the WHERE before STATS tests no field "
+            "value, only negations, nulls or field presence): the FROM index pattern, which "
+            "selects the records, is not evaluated",
             line=commands[k].line,
         )
     stats = commands[k]
@@ -439,3 +446,18 @@ def _holds_without_fields(condition: Node) -> bool:
         return evaluate(condition, FieldMap.default().view({}))
     except Exception:  # a computed value it cannot take from an empty record: not that case
         return False
+
+
+def _tests_a_value(node: Node) -> bool:
+    """Whether every record ``node`` accepts must have some field value tested positively
+    (a pattern with a literal, a number, a regex, a network): not only presence (``IS NOT
+    NULL``, ``field : *``), absence or negations, which a stream's records meet in bulk."""
+    if isinstance(node, And):
+        return any(_tests_a_value(a) for a in node.args)
+    if isinstance(node, Or):
+        return all(_tests_a_value(a) for a in node.args)
+    if isinstance(node, Match):
+        return any(isinstance(t, str) and t for t in node.pattern)
+    if isinstance(node, Predicate):  # a computed value: compared with something but "not"
+        return node.op != "!="
+    return isinstance(node, Regex | Cidr | Compare | Equals | FieldRef)
