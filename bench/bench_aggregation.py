@@ -100,7 +100,7 @@ def spread(records: int, groups: int) -> None:
 
 def one_group(size: int) -> None:
     query = (
-        "from l | where user.email like \"u*\" | stats n = count(*),"
+        'from l | where user.email like "u*" | stats n = count(*),'
         " d = count_distinct(event.action),"
         " v = values(orchestrator.resource.name) by user.email | where n > 1000000000"
     )

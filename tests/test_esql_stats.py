@@ -252,7 +252,7 @@ def test_rule_file_sets_window_and_kind(tmp_path: Path) -> None:
         '[metadata]\nmaturity = "production"\n\n[rule]\nauthor = ["A"]\nname = "t"\n'
         'rule_id = "t-1"\nseverity = "low"\ntype = "esql"\nlanguage = "esql"\n'
         'from = "now-15m"\ntimestamp_field = "event.created"\nquery = \'\'\'\n'
-        "from logs-* | where user.name like \"a*\" | stats n = count(*) by user.name\n"
+        'from logs-* | where user.name like "a*" | stats n = count(*) by user.name\n'
         "| where n >= 2\n'''\n"
     )
     (r,) = load_elastic_file(path)
