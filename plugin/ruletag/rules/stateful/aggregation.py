@@ -65,7 +65,7 @@ from ruletag.rules.ir import (
 )
 from ruletag.rules.reference import evaluate, values_of
 from ruletag.rules.stateful.sequence import event_time
-from ruletag.rules.stateful.snapshot import rule_digest
+from ruletag.rules.stateful.snapshot import DigestCache
 from ruletag.rules.stateful.threshold import iso_time
 
 __all__ = ["AggregateAlert", "AggregationEngine", "AggregationState", "aggregate", "row_values"]
@@ -391,6 +391,7 @@ class AggregationEngine:
         self.table = step_table(base_rules, fieldmap)
         self.matcher = Matcher(self.table, tune_after=0)
         self._arrival = 0
+        self._digest = DigestCache()  # rule id -> definition digest, for checkpoints
 
     @classmethod
     def of(
@@ -475,7 +476,7 @@ class AggregationEngine:
             "version": 1,
             "arrival": self._arrival,
             "rules": {r.id: st.snapshot() for r, st in zip(self.rules, self.states, strict=True)},
-            "digests": {r.id: rule_digest(r) for r in self.rules},
+            "digests": {r.id: self._digest(r) for r in self.rules},
         }
 
     def restore(self, data: Mapping[str, Any]) -> int:
@@ -488,7 +489,7 @@ class AggregationEngine:
         digests = data.get("digests") or {}
         restored = 0
         for r, st in zip(self.rules, self.states, strict=True):
-            if r.id in saved and digests.get(r.id) == rule_digest(r):
+            if r.id in saved and digests.get(r.id) == self._digest(r):
                 st.restore(saved[r.id])
                 restored += 1
         return restored

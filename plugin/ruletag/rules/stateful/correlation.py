@@ -68,7 +68,7 @@ from ruletag.rules.ir import (
     Rule,
 )
 from ruletag.rules.stateful.sequence import EventRef, event_id, event_time, join_keys
-from ruletag.rules.stateful.snapshot import rule_digest
+from ruletag.rules.stateful.snapshot import DigestCache
 
 __all__ = [
     "TIME_FIELDS",
@@ -762,6 +762,7 @@ class CorrelationEngine:
         self.table = step_table(base_rules, fieldmap)
         self.matcher = Matcher(self.table)
         self._arrival = 0
+        self._digest = DigestCache()  # rule id -> definition digest, for checkpoints
 
     @classmethod
     def of(
@@ -794,7 +795,7 @@ class CorrelationEngine:
             "format": 1,
             "arrival": self._arrival,
             "rules": {run.rule.id: run.state.snapshot() for run in self.runs},
-            "digests": {run.rule.id: rule_digest(run.rule) for run in self.runs},
+            "digests": {run.rule.id: self._digest(run.rule) for run in self.runs},
         }
 
     def restore(self, snap: Mapping[str, Any]) -> int:
@@ -808,7 +809,7 @@ class CorrelationEngine:
         restored = 0
         for run in self.runs:
             got = rules.get(run.rule.id)
-            if got is not None and digests.get(run.rule.id) == rule_digest(run.rule):
+            if got is not None and digests.get(run.rule.id) == self._digest(run.rule):
                 run.state.restore(got)
                 restored += 1
         return restored

@@ -35,7 +35,7 @@ from typing import Any
 from ruletag.rules.fields import FieldMap, RecordView
 from ruletag.rules.ir import Node, Rule
 from ruletag.rules.stateful.sequence import EventRef, event_id, event_time, join_keys
-from ruletag.rules.stateful.snapshot import rule_digest
+from ruletag.rules.stateful.snapshot import DigestCache
 
 __all__ = ["SampleEngine", "SampleResult", "SampleState"]
 
@@ -198,6 +198,7 @@ class SampleEngine:
         self.table = step_table(step_rules, fieldmap)
         self.matcher = Matcher(self.table)
         self._arrival = 0
+        self._digest = DigestCache()  # rule id -> definition digest, for checkpoints
 
     @classmethod
     def of(cls, rules: Iterable[Rule], fieldmap: FieldMap | None = None) -> SampleEngine | None:
@@ -278,7 +279,7 @@ class SampleEngine:
                 for k, ks in run.state.keys.items()
             ]
             rules[run.rule.id] = {
-                "digest": rule_digest(run.rule),
+                "digest": self._digest(run.rule),
                 "filters": run.state.filters,
                 "watermark": _finite(run.watermark),
                 "keys": keys,
@@ -297,7 +298,7 @@ class SampleEngine:
             got = saved.get(run.rule.id)
             if not got or got.get("filters") != run.state.filters:
                 continue
-            if got.get("digest") != rule_digest(run.rule):
+            if got.get("digest") != self._digest(run.rule):
                 continue  # the rule changed: it starts empty
             restored += 1
             wm = got.get("watermark")

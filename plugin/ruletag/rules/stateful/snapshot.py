@@ -15,7 +15,7 @@ from typing import Any
 
 from ruletag.rules.ir import Rule
 
-__all__ = ["from_time", "json_value", "restorable", "rule_digest", "to_time"]
+__all__ = ["DigestCache", "from_time", "json_value", "restorable", "rule_digest", "to_time"]
 
 
 def rule_digest(rule: Rule) -> str:
@@ -33,6 +33,20 @@ def rule_digest(rule: Rule) -> str:
         )
     )
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+
+
+class DigestCache:
+    """:func:`rule_digest` per rule id, computed once (an engine's rules do not change, and a
+    digest walks the whole rule: too slow for every checkpoint)."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, str] = {}
+
+    def __call__(self, rule: Rule) -> str:
+        d = self._by_id.get(rule.id)
+        if d is None:
+            d = self._by_id[rule.id] = rule_digest(rule)
+        return d
 
 
 def to_time(value: float) -> float | None:
