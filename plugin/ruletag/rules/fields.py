@@ -16,7 +16,7 @@ Paths match nested objects, literal dotted keys and any mix of both
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -28,6 +28,7 @@ import yaml
 from ruletag.errors import ConfigError
 from ruletag.rules.algebra import and_, as_text, not_, or_, wildcard_tokens
 from ruletag.rules.ir import Equals, Exists, Logsource, Match, Node
+from ruletag.rules.native import native_module
 
 #: Bumped when the meaning of the YAML schema changes (part of :attr:`FieldMap.version`).
 _SCHEMA = "fields-v2"
@@ -73,8 +74,11 @@ def resolve(obj: object, parts: Sequence[str], out: list[object]) -> None:
 _SCALARS = (str, int, float, bytes)
 
 
-def flatten_record(obj: Mapping[str, object]) -> dict[str, list[object]]:
+def py_flatten_record(obj: Mapping[str, object]) -> dict[str, list[object]]:
     """Every path of ``obj`` (keys joined with dots) -> its values, in one walk.
+
+    The reference implementation; :data:`flatten_record` is the C one when it is built
+    (:mod:`ruletag.rules.native`).
 
     A path of nested objects, of literal dotted keys or of any mix gives the same dotted
     string, so looking a field path up here finds what :func:`resolve` finds (lists searched
@@ -124,6 +128,13 @@ def _flat_list(items: Sequence[object], path: str, out: dict[str, list[object]])
             _flat_map(e, path, out)
         elif isinstance(e, list | tuple):
             _flat_list(e, path, out)
+
+
+_native = native_module()
+#: :func:`py_flatten_record`, in C when the extension is built
+flatten_record: Callable[[Mapping[str, object]], dict[str, list[object]]] = (
+    py_flatten_record if _native is None else _native.flatten_record
+)
 
 
 def _walk_strings(obj: object, out: list[str]) -> None:

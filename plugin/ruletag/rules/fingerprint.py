@@ -20,14 +20,18 @@ def default_cache_dir() -> Path:
 @functools.cache
 def compiler_fingerprint() -> str:
     """Hash of the code and data that turn rule files into a table (front-ends, compiler,
-    ATT&CK table, field types, default field mapping): a changed compiler never reuses a
-    table cached by an older one."""
+    ATT&CK table, field types, default field mapping, the C helpers' source) and which
+    implementation runs (C or the pure-Python reference): a changed compiler, or another
+    build, never reuses a table cached by an older or different one."""
+    from ruletag.rules.native import IMPLEMENTATION
+
     pkg = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"implementation={IMPLEMENTATION}\0".encode())
     for f in sorted(
         [
             *(pkg / "rules").rglob("*.py"),
             *(pkg / "rules").rglob("*.lark"),
+            *(pkg / "rules").rglob("*.c"),
             pkg / "data" / "attack.json",
             pkg / "data" / "field_types.json",
             pkg / "data" / "fields.yaml",

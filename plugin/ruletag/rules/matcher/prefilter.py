@@ -8,13 +8,13 @@ to. Each matcher tunes on its own; the filter it started from is never changed.
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import threading
 from array import array
 from collections.abc import Callable, Sequence
 
 from ruletag.rules.compiler.prefilter import FOLD_ID, RawFilter, retune
+from ruletag.rules.native import Adder, EntryHits
 
 __all__ = ["TUNE_AFTER", "RawMatcher"]
 
@@ -76,29 +76,9 @@ class RawMatcher:
         """Entry index -> rules (ascending) whose raw requirement holds in that entry."""
         if not spans:
             return {}
-        starts = [s for s, _ in spans]
-        per_entry: dict[int, set[int]] = {}
-        bis = bisect.bisect_right
-        # span of the last entry hit and its trigger set
-        last_start, last_end = -1, -1
-        last_got: set[int] = set()
-
-        def on_trigger(i: int, _f: int, to: int, _fl: int, _c: object) -> None:
-            nonlocal last_start, last_end, last_got
-            if last_start < to <= last_end:
-                last_got.add(i)
-                return
-            k = bis(starts, to - 1) - 1
-            if k >= 0:
-                s, e = spans[k]
-                if to <= e:
-                    got = per_entry.get(k)
-                    if got is None:
-                        got = per_entry[k] = set()
-                    got.add(i)
-                    last_start, last_end, last_got = s, e, got
-
+        on_trigger = EntryHits(spans)
         self._trigger_db.scan(entries, on_trigger)
+        per_entry: dict[int, set[int]] = on_trigger.per_entry
         counts = self._counts
         out: dict[int, list[int]] = {}
         if not per_entry:
@@ -109,10 +89,7 @@ class RawMatcher:
         trig_rules = self._trig_rules
         reqs = self._reqs
         hits: set[int] = set()
-
-        def on_hit(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
-            hits.add(i)
-
+        on_hit = Adder(hits)
         checked = self._checked
         cold = self._cold
         full_db = self._full_db
@@ -167,10 +144,7 @@ class RawMatcher:
         observing filter is untuned, so ``out`` is exact), to check loosening against."""
         view = memoryview(entries)
         seen: set[int] = set()
-
-        def on_hit(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
-            seen.add(i)
-
+        on_hit = Adder(seen)
         get = counts.get
         sets = self._sets
         for k, (s, e) in enumerate(spans):

@@ -29,6 +29,7 @@ from ruletag.rules.fields import RecordView
 from ruletag.rules.ir import Rule
 from ruletag.rules.matcher.leaves import Lazy, lazy_fn
 from ruletag.rules.matcher.prefilter import TUNE_AFTER, RawMatcher
+from ruletag.rules.native import Adder, native_module
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +160,8 @@ class Matcher:
         groups = self.table.groups
         group_paths = self.table.group_paths
         flat = view.flat()
-        add = hits.add
         cache = self._value_cache
-
-        def on_match(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
-            add(i)
-
+        on_match = Adder(hits)
         for gi in todo:
             paths = group_paths[gi]
             if paths is not None and flat.keys().isdisjoint(paths):
@@ -291,61 +288,83 @@ def scan(
     With ``cache``, the atoms a short value hits are remembered per (group, value): log
     values repeat (images, users, channels), and a repeated one costs a dict lookup instead
     of a Hyperscan scan and its callbacks."""
+    if cache is not None:
+
+        def miss(s: str, into: Hits) -> None:
+            _scan_value(g, s, into, None)
+
+        scan_cached(id(g), values, hits, cache, miss, _CACHE_TEXT, _CACHE_ENTRIES)
+        return
+    for v in values:
+        s = as_text(v)
+        if s is not None:
+            _scan_value(g, s, hits, on_match)
+
+
+def py_scan_cached(
+    key: int,
+    values: Iterable[object],
+    hits: Hits,
+    cache: ValueCache,
+    miss: Callable[[str, Hits], None],
+    limit: int,
+    max_entries: int,
+) -> None:
+    """Reference of the C ``scan_cached``: for each value's text (:func:`as_text`; others
+    skipped), the atoms it hits are added to ``hits``: ``miss(text, hits)`` scans a text
+    longer than ``limit``; a shorter one is looked up in ``cache`` under ``(key, text)`` and
+    scanned into a fresh set on a miss (``cache`` emptied when it holds ``max_entries``)."""
     for v in values:
         s = as_text(v)
         if s is None:
             continue
-        if cache is None or len(s) > _CACHE_TEXT:
-            _scan_value(g, s, hits, on_match)
+        if len(s) > limit:
+            miss(s, hits)
             continue
-        key = (id(g), s)
-        got = cache.get(key)
+        ck = (key, s)
+        got = cache.get(ck)
         if got is None:
             mine: Hits = set()
-            _scan_value(g, s, mine, None)
+            miss(s, mine)
             got = tuple(mine)
-            if len(cache) >= _CACHE_ENTRIES:
+            if len(cache) >= max_entries:
                 cache.clear()
-            cache[key] = got
+            cache[ck] = got
         hits.update(got)
+
+
+_native = native_module()
+#: :func:`py_scan_cached`, in C when the extension is built
+scan_cached: Callable[..., None] = py_scan_cached if _native is None else _native.scan_cached
 
 
 def _scan_value(g: Group, s: str, hits: Hits, on_match: Callable[..., None] | None) -> None:
     """Add the atoms of ``g`` the text ``s`` hits to ``hits`` (``on_match``: a handler adding
     to it, or None)."""
-    add = hits.add
     if on_match is None:
-
-        def on_match(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
-            add(i)
-
+        on_match = Adder(hits)
     db = g.db
     rest = g.re2_all
     if s.isascii():
         if db is not None:
             if rest and s.endswith("\n"):
-                _scan_only(db, s.encode(), g.cased_ids | g.caseless_ids, add)
+                _scan_only(db, s.encode(), g.cased_ids | g.caseless_ids, hits)
             else:
                 db.scan(s.encode(), match_event_handler=on_match)
                 rest = g.re2_only
     elif db is not None:
         if g.cased_ids:
-            _scan_only(db, encode(s), g.cased_ids, add)
+            _scan_only(db, encode(s), g.cased_ids, hits)
         if g.caseless_ids:
-            _scan_only(db, encode(s.lower()), g.caseless_ids, add)
+            _scan_only(db, encode(s.lower()), g.caseless_ids, hits)
     for i, rx in rest:
         if i not in hits and re2_search(rx, s):
-            add(i)
+            hits.add(i)
 
 
-def _scan_only(db: Any, data: bytes, ids: frozenset[int], add: Callable[[int], None]) -> None:
-    """Scan ``data``, keeping only the hits of ``ids``."""
-
-    def on_match(i: int, _f: int, _t: int, _fl: int, _c: object) -> None:
-        if i in ids:
-            add(i)
-
-    db.scan(data, match_event_handler=on_match)
+def _scan_only(db: Any, data: bytes, ids: frozenset[int], hits: Hits) -> None:
+    """Scan ``data``, adding only the hits of ``ids`` to ``hits``."""
+    db.scan(data, match_event_handler=Adder(hits, ids))
 
 
 def _record_keys(obj: Mapping[Any, object], out: set[str]) -> None:

@@ -1,0 +1,669 @@
+/*
+ * ruletag.rules._native: the matcher's per-record helpers in C.
+ *
+ * Optional: ruletag.rules.native picks these when this module is built, and the pure-Python
+ * reference implementations (the same names there) otherwise or under RULETAG_PURE_PYTHON=1.
+ * Every function here has the exact semantics of its reference; tests/test_native.py checks
+ * them against each other.
+ *
+ *   flatten_record(record) -> {dotted path: [values]}     (reference: fields._py_flatten_record)
+ *   Adder(hits, only=None)       Hyperscan match handler: hits.add(id) [if id in only]
+ *   EntryHits(spans)             Hyperscan match handler over a chunk: .per_entry {k: {ids}}
+ *   scan_cached(key, values, hits, cache, miss, limit, max_entries)
+ *                                (reference: matcher.table.py_scan_cached)
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+static PyObject *Mapping = NULL; /* collections.abc.Mapping */
+
+/* ------------------------------------------------------------------ flatten_record */
+
+static int is_scalar(PyObject *v)
+{
+    return PyUnicode_Check(v) || PyLong_Check(v) || PyFloat_Check(v) || PyBytes_Check(v);
+}
+
+/* _flatten: append the non-null leaves of v (lists and tuples flattened) to out. */
+static int flatten_values(PyObject *v, PyObject *out)
+{
+    if (PyList_Check(v) || PyTuple_Check(v)) {
+        if (Py_EnterRecursiveCall(" while flattening a record")) {
+            return -1;
+        }
+        PyObject *seq = PySequence_Fast(v, "list or tuple expected");
+        if (seq == NULL) {
+            Py_LeaveRecursiveCall();
+            return -1;
+        }
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+        int rc = 0;
+        for (Py_ssize_t i = 0; i < n && rc == 0; i++) {
+            rc = flatten_values(PySequence_Fast_GET_ITEM(seq, i), out);
+        }
+        Py_DECREF(seq);
+        Py_LeaveRecursiveCall();
+        return rc;
+    }
+    if (v == Py_None) {
+        return 0;
+    }
+    return PyList_Append(out, v);
+}
+
+static int flat_map(PyObject *obj, PyObject *prefix, PyObject *out);
+
+/* Append one value to out[path]. */
+static int add_one(PyObject *out, PyObject *path, PyObject *v)
+{
+    PyObject *got = PyDict_GetItemWithError(out, path); /* borrowed */
+    if (got != NULL) {
+        return PyList_Append(got, v);
+    }
+    if (PyErr_Occurred()) {
+        return -1;
+    }
+    PyObject *lst = PyList_New(1);
+    if (lst == NULL) {
+        return -1;
+    }
+    Py_INCREF(v);
+    PyList_SET_ITEM(lst, 0, v);
+    int rc = PyDict_SetItem(out, path, lst);
+    Py_DECREF(lst);
+    return rc;
+}
+
+static int is_mapping(PyObject *v)
+{
+    if (PyDict_Check(v)) {
+        return 1;
+    }
+    return PyObject_IsInstance(v, Mapping);
+}
+
+/* _flat_list: walk into the mappings of a list (and of nested lists) below path. */
+static int flat_list(PyObject *items, PyObject *path, PyObject *out)
+{
+    if (Py_EnterRecursiveCall(" while flattening a record")) {
+        return -1;
+    }
+    PyObject *seq = PySequence_Fast(items, "list or tuple expected");
+    if (seq == NULL) {
+        Py_LeaveRecursiveCall();
+        return -1;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    int rc = 0;
+    for (Py_ssize_t i = 0; i < n && rc == 0; i++) {
+        PyObject *e = PySequence_Fast_GET_ITEM(seq, i);
+        int m = is_mapping(e);
+        if (m < 0) {
+            rc = -1;
+        } else if (m) {
+            rc = flat_map(e, path, out);
+        } else if (PyList_Check(e) || PyTuple_Check(e)) {
+            rc = flat_list(e, path, out);
+        }
+    }
+    Py_DECREF(seq);
+    Py_LeaveRecursiveCall();
+    return rc;
+}
+
+static int flat_item(PyObject *k, PyObject *v, PyObject *prefix, PyObject *out)
+{
+    if (v == Py_None || !PyUnicode_CheckExact(k)) {
+        return 0;
+    }
+    PyObject *path;
+    if (prefix == NULL) {
+        Py_INCREF(k);
+        path = k;
+    } else {
+        path = PyUnicode_FromFormat("%U.%U", prefix, k);
+        if (path == NULL) {
+            return -1;
+        }
+    }
+    int rc;
+    if (is_scalar(v)) {
+        rc = add_one(out, path, v);
+    } else if (PyList_Check(v) || PyTuple_Check(v)) {
+        PyObject *vals = PyList_New(0);
+        rc = vals == NULL ? -1 : flatten_values(v, vals);
+        if (rc == 0 && PyList_GET_SIZE(vals) > 0) {
+            PyObject *got = PyDict_GetItemWithError(out, path); /* borrowed */
+            if (got != NULL) {
+                rc = PyList_SetSlice(got, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, vals);
+            } else if (PyErr_Occurred()) {
+                rc = -1;
+            } else {
+                rc = PyDict_SetItem(out, path, vals);
+            }
+            if (rc == 0) {
+                rc = flat_list(v, path, out);
+            }
+        }
+        Py_XDECREF(vals);
+    } else {
+        rc = add_one(out, path, v);
+        if (rc == 0) {
+            int m = is_mapping(v);
+            if (m < 0) {
+                rc = -1;
+            } else if (m) {
+                rc = flat_map(v, path, out);
+            }
+        }
+    }
+    Py_DECREF(path);
+    return rc;
+}
+
+static int flat_map(PyObject *obj, PyObject *prefix, PyObject *out)
+{
+    if (Py_EnterRecursiveCall(" while flattening a record")) {
+        return -1;
+    }
+    int rc = 0;
+    if (PyDict_CheckExact(obj)) {
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        while (rc == 0 && PyDict_Next(obj, &pos, &k, &v)) {
+            Py_INCREF(k);
+            Py_INCREF(v);
+            rc = flat_item(k, v, prefix, out);
+            Py_DECREF(k);
+            Py_DECREF(v);
+        }
+    } else {
+        /* any other Mapping: its items(), as the reference does */
+        PyObject *items = PyMapping_Items(obj);
+        if (items == NULL) {
+            rc = -1;
+        } else {
+            Py_ssize_t n = PyList_GET_SIZE(items);
+            for (Py_ssize_t i = 0; i < n && rc == 0; i++) {
+                PyObject *kv = PyList_GET_ITEM(items, i);
+                if (!PyTuple_Check(kv) || PyTuple_GET_SIZE(kv) != 2) {
+                    PyErr_SetString(PyExc_TypeError, "items() must give (key, value) pairs");
+                    rc = -1;
+                    break;
+                }
+                rc = flat_item(PyTuple_GET_ITEM(kv, 0), PyTuple_GET_ITEM(kv, 1), prefix, out);
+            }
+            Py_DECREF(items);
+        }
+    }
+    Py_LeaveRecursiveCall();
+    return rc;
+}
+
+static PyObject *flatten_record(PyObject *self, PyObject *obj)
+{
+    PyObject *out = PyDict_New();
+    if (out == NULL) {
+        return NULL;
+    }
+    if (flat_map(obj, NULL, out) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+/* ------------------------------------------------------------------ Adder */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *hits; /* a set */
+    PyObject *only; /* a set or frozenset, or NULL */
+} Adder;
+
+static int Adder_init(Adder *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"hits", "only", NULL};
+    PyObject *hits, *only = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!|O", kwlist, &PySet_Type, &hits, &only)) {
+        return -1;
+    }
+    if (only != Py_None && !PyAnySet_Check(only)) {
+        PyErr_SetString(PyExc_TypeError, "only must be a set, a frozenset or None");
+        return -1;
+    }
+    Py_INCREF(hits);
+    Py_XSETREF(self->hits, hits);
+    if (only == Py_None) {
+        Py_CLEAR(self->only);
+    } else {
+        Py_INCREF(only);
+        Py_XSETREF(self->only, only);
+    }
+    return 0;
+}
+
+static PyObject *Adder_call(Adder *self, PyObject *args, PyObject *kwds)
+{
+    if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) < 1 || self->hits == NULL) {
+        PyErr_SetString(PyExc_TypeError, "Adder(id, ...) expected");
+        return NULL;
+    }
+    PyObject *id = PyTuple_GET_ITEM(args, 0);
+    if (self->only != NULL) {
+        int in = PySet_Contains(self->only, id);
+        if (in < 0) {
+            return NULL;
+        }
+        if (!in) {
+            Py_RETURN_NONE;
+        }
+    }
+    if (PySet_Add(self->hits, id) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static int Adder_traverse(Adder *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->hits);
+    Py_VISIT(self->only);
+    return 0;
+}
+
+static int Adder_clear(Adder *self)
+{
+    Py_CLEAR(self->hits);
+    Py_CLEAR(self->only);
+    return 0;
+}
+
+static void Adder_dealloc(Adder *self)
+{
+    PyObject_GC_UnTrack(self);
+    Adder_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject AdderType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ruletag.rules._native.Adder",
+    .tp_basicsize = sizeof(Adder),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Adder(hits, only=None): a Hyperscan match handler adding each pattern id "
+              "(its first argument) to the set hits, or only the ids in only.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Adder_init,
+    .tp_call = (ternaryfunc)Adder_call,
+    .tp_traverse = (traverseproc)Adder_traverse,
+    .tp_clear = (inquiry)Adder_clear,
+    .tp_dealloc = (destructor)Adder_dealloc,
+};
+
+/* ------------------------------------------------------------------ EntryHits */
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t n;
+    Py_ssize_t *starts;
+    Py_ssize_t *ends;
+    Py_ssize_t last; /* index of the entry hit last, or -1 */
+    PyObject *last_set; /* borrowed from per_entry */
+    PyObject *per_entry; /* dict: entry index -> set of ids */
+} EntryHits;
+
+static int EntryHits_init(EntryHits *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"spans", NULL};
+    PyObject *spans;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O", kwlist, &spans)) {
+        return -1;
+    }
+    PyObject *seq = PySequence_Fast(spans, "spans must be a sequence of (start, end) pairs");
+    if (seq == NULL) {
+        return -1;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t *starts = PyMem_New(Py_ssize_t, n > 0 ? n : 1);
+    Py_ssize_t *ends = PyMem_New(Py_ssize_t, n > 0 ? n : 1);
+    if (starts == NULL || ends == NULL) {
+        PyMem_Free(starts);
+        PyMem_Free(ends);
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pair = PySequence_Fast_GET_ITEM(seq, i);
+        Py_ssize_t s, e;
+        if (!PyTuple_Check(pair) || !PyArg_ParseTuple(pair, "nn", &s, &e)) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_TypeError, "spans must be (start, end) tuples");
+            }
+            PyMem_Free(starts);
+            PyMem_Free(ends);
+            Py_DECREF(seq);
+            return -1;
+        }
+        if (i > 0 && s < starts[i - 1]) {
+            PyErr_SetString(PyExc_ValueError, "spans must be in ascending order");
+            PyMem_Free(starts);
+            PyMem_Free(ends);
+            Py_DECREF(seq);
+            return -1;
+        }
+        starts[i] = s;
+        ends[i] = e;
+    }
+    Py_DECREF(seq);
+    PyObject *per_entry = PyDict_New();
+    if (per_entry == NULL) {
+        PyMem_Free(starts);
+        PyMem_Free(ends);
+        return -1;
+    }
+    PyMem_Free(self->starts);
+    PyMem_Free(self->ends);
+    Py_XSETREF(self->per_entry, per_entry);
+    self->starts = starts;
+    self->ends = ends;
+    self->n = n;
+    self->last = -1;
+    self->last_set = NULL;
+    return 0;
+}
+
+static PyObject *EntryHits_call(EntryHits *self, PyObject *args, PyObject *kwds)
+{
+    if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) < 3 || self->per_entry == NULL) {
+        PyErr_SetString(PyExc_TypeError, "EntryHits(id, from, to, ...) expected");
+        return NULL;
+    }
+    PyObject *id = PyTuple_GET_ITEM(args, 0);
+    Py_ssize_t to = PyLong_AsSsize_t(PyTuple_GET_ITEM(args, 2));
+    if (to == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t k = self->last;
+    if (!(k >= 0 && self->starts[k] < to && to <= self->ends[k])) {
+        /* bisect_right(starts, to - 1) - 1 */
+        Py_ssize_t lo = 0, hi = self->n;
+        while (lo < hi) {
+            Py_ssize_t mid = lo + (hi - lo) / 2;
+            if (to - 1 < self->starts[mid]) {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        k = lo - 1;
+        if (k < 0 || to > self->ends[k]) {
+            Py_RETURN_NONE;
+        }
+        PyObject *key = PyLong_FromSsize_t(k);
+        if (key == NULL) {
+            return NULL;
+        }
+        PyObject *got = PyDict_GetItemWithError(self->per_entry, key); /* borrowed */
+        if (got == NULL) {
+            if (PyErr_Occurred()) {
+                Py_DECREF(key);
+                return NULL;
+            }
+            got = PySet_New(NULL);
+            if (got == NULL || PyDict_SetItem(self->per_entry, key, got) < 0) {
+                Py_XDECREF(got);
+                Py_DECREF(key);
+                return NULL;
+            }
+            Py_DECREF(got); /* the dict holds it */
+        }
+        Py_DECREF(key);
+        self->last = k;
+        self->last_set = got;
+    }
+    if (PySet_Add(self->last_set, id) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *EntryHits_per_entry(EntryHits *self, void *closure)
+{
+    if (self->per_entry == NULL) {
+        PyErr_SetString(PyExc_ValueError, "EntryHits not initialised");
+        return NULL;
+    }
+    Py_INCREF(self->per_entry);
+    return self->per_entry;
+}
+
+static int EntryHits_traverse(EntryHits *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->per_entry);
+    return 0;
+}
+
+static int EntryHits_clear(EntryHits *self)
+{
+    self->last = -1;
+    self->last_set = NULL;
+    Py_CLEAR(self->per_entry);
+    return 0;
+}
+
+static void EntryHits_dealloc(EntryHits *self)
+{
+    PyObject_GC_UnTrack(self);
+    EntryHits_clear(self);
+    PyMem_Free(self->starts);
+    PyMem_Free(self->ends);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyGetSetDef EntryHits_getset[] = {
+    {"per_entry", (getter)EntryHits_per_entry, NULL,
+     "entry index -> the set of pattern ids that ended inside that entry", NULL},
+    {NULL},
+};
+
+static PyTypeObject EntryHitsType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ruletag.rules._native.EntryHits",
+    .tp_basicsize = sizeof(EntryHits),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "EntryHits(spans): a Hyperscan match handler for a scan of a whole chunk; each "
+              "match is filed under the entry (start, end] its end offset falls in.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)EntryHits_init,
+    .tp_call = (ternaryfunc)EntryHits_call,
+    .tp_traverse = (traverseproc)EntryHits_traverse,
+    .tp_clear = (inquiry)EntryHits_clear,
+    .tp_dealloc = (destructor)EntryHits_dealloc,
+    .tp_getset = EntryHits_getset,
+};
+
+
+/* ------------------------------------------------------------------ scan_cached */
+
+/* algebra.as_text: a new reference to the text of a scalar, Py_None (new ref) for others. */
+static PyObject *as_text(PyObject *v)
+{
+    if (PyUnicode_Check(v)) {
+        Py_INCREF(v);
+        return v;
+    }
+    if (PyBool_Check(v)) {
+        return PyUnicode_FromString(v == Py_True ? "true" : "false");
+    }
+    if (PyLong_Check(v)) {
+        return PyObject_Str(v);
+    }
+    if (PyFloat_Check(v)) {
+        return PyObject_Repr(v);
+    }
+    if (PyBytes_Check(v)) {
+        return PyUnicode_DecodeUTF8(PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v), "surrogateescape");
+    }
+    if (PyByteArray_Check(v)) {
+        return PyUnicode_DecodeUTF8(PyByteArray_AS_STRING(v), PyByteArray_GET_SIZE(v),
+                                    "surrogateescape");
+    }
+    Py_RETURN_NONE;
+}
+
+static int set_update_from(PyObject *hits, PyObject *items)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(items);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (PySet_Add(hits, PyTuple_GET_ITEM(items, i)) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *scan_cached(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError,
+                        "scan_cached(key, values, hits, cache, miss, limit, max_entries)");
+        return NULL;
+    }
+    PyObject *gkey = args[0], *values = args[1], *hits = args[2], *cache = args[3],
+             *miss = args[4];
+    Py_ssize_t limit = PyLong_AsSsize_t(args[5]);
+    Py_ssize_t max_entries = PyLong_AsSsize_t(args[6]);
+    if ((limit == -1 || max_entries == -1) && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!PySet_Check(hits) || !PyDict_Check(cache)) {
+        PyErr_SetString(PyExc_TypeError, "hits must be a set and cache a dict");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(values, "values must be a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *result = NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *s = as_text(PySequence_Fast_GET_ITEM(seq, i));
+        if (s == NULL) {
+            goto done;
+        }
+        if (s == Py_None) {
+            Py_DECREF(s);
+            continue;
+        }
+        if (PyUnicode_GET_LENGTH(s) > limit) {
+            PyObject *r = PyObject_CallFunctionObjArgs(miss, s, hits, NULL);
+            Py_DECREF(s);
+            if (r == NULL) {
+                goto done;
+            }
+            Py_DECREF(r);
+            continue;
+        }
+        PyObject *key = PyTuple_Pack(2, gkey, s);
+        if (key == NULL) {
+            Py_DECREF(s);
+            goto done;
+        }
+        PyObject *got = PyDict_GetItemWithError(cache, key); /* borrowed */
+        if (got == NULL) {
+            if (PyErr_Occurred()) {
+                Py_DECREF(key);
+                Py_DECREF(s);
+                goto done;
+            }
+            PyObject *mine = PySet_New(NULL);
+            PyObject *r = mine == NULL ? NULL : PyObject_CallFunctionObjArgs(miss, s, mine, NULL);
+            if (r == NULL) {
+                Py_XDECREF(mine);
+                Py_DECREF(key);
+                Py_DECREF(s);
+                goto done;
+            }
+            Py_DECREF(r);
+            PyObject *tup = PySequence_Tuple(mine);
+            Py_DECREF(mine);
+            if (tup == NULL) {
+                Py_DECREF(key);
+                Py_DECREF(s);
+                goto done;
+            }
+            if (PyDict_GET_SIZE(cache) >= max_entries) {
+                PyDict_Clear(cache);
+            }
+            int rc = PyDict_SetItem(cache, key, tup);
+            if (rc == 0) {
+                rc = set_update_from(hits, tup);
+            }
+            Py_DECREF(tup);
+            Py_DECREF(key);
+            Py_DECREF(s);
+            if (rc < 0) {
+                goto done;
+            }
+            continue;
+        }
+        Py_DECREF(key);
+        Py_DECREF(s);
+        if (!PyTuple_Check(got)) {
+            PyErr_SetString(PyExc_TypeError, "scan cache values must be tuples");
+            goto done;
+        }
+        if (set_update_from(hits, got) < 0) {
+            goto done;
+        }
+    }
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    Py_DECREF(seq);
+    return result;
+}
+
+/* ------------------------------------------------------------------ module */
+
+static PyMethodDef methods[] = {
+    {"flatten_record", (PyCFunction)flatten_record, METH_O,
+     "flatten_record(record) -> {dotted path: [values]} (see ruletag.rules.fields)."},
+    {"scan_cached", (PyCFunction)(void (*)(void))scan_cached, METH_FASTCALL,
+     "scan_cached(key, values, hits, cache, miss, limit, max_entries): see "
+     "ruletag.rules.matcher.table.py_scan_cached."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_native", "ruletag's matcher helpers in C (optional).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__native(void)
+{
+    if (PyType_Ready(&AdderType) < 0 || PyType_Ready(&EntryHitsType) < 0) {
+        return NULL;
+    }
+    PyObject *abc = PyImport_ImportModule("collections.abc");
+    if (abc == NULL) {
+        return NULL;
+    }
+    Mapping = PyObject_GetAttrString(abc, "Mapping");
+    Py_DECREF(abc);
+    if (Mapping == NULL) {
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) {
+        return NULL;
+    }
+    Py_INCREF(&AdderType);
+    Py_INCREF(&EntryHitsType);
+    if (PyModule_AddObject(m, "Adder", (PyObject *)&AdderType) < 0 ||
+        PyModule_AddObject(m, "EntryHits", (PyObject *)&EntryHitsType) < 0 ||
+        PyModule_AddIntConstant(m, "ABI", 1) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,292 @@
+"""The C helpers (``ruletag.rules._native``) against their pure-Python references.
+
+Each helper is run side by side with its reference on the same input (hypothesis-generated
+records and values, real Hyperscan scans), and the matcher's differential suites are run
+again in a child process with ``RULETAG_PURE_PYTHON=1``: both implementations must give the
+same answers. The table cache key must tell the two builds apart.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import types
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import hyperscan
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ruletag.rules import fields, native
+from ruletag.rules.matcher import table as table_mod
+from support.paths import REPO
+
+NATIVE = native.native_module()
+needs_native = pytest.mark.skipif(
+    NATIVE is None,
+    reason="the C helpers are not built here (no C compiler when ruletag was installed, or "
+    "RULETAG_PURE_PYTHON is set); the pure-Python reference runs instead",
+)
+
+
+def test_the_extension_is_built_wherever_a_compiler_is() -> None:
+    """`make setup` on a machine with a C compiler must give the C helpers (else the fast
+    path silently goes missing)."""
+    if os.environ.get("RULETAG_PURE_PYTHON", "") not in ("", "0"):
+        assert native.IMPLEMENTATION == "python"
+        return
+    compiler = sysconfig.get_config_var("CC") or "cc"
+    if shutil.which(compiler.split()[0]) is None:
+        pytest.skip(f"no C compiler ({compiler}) on this machine: the reference path runs")
+    assert NATIVE is not None, "a C compiler is here but ruletag.rules._native is not built"
+    assert f"c{NATIVE.ABI}" == native.IMPLEMENTATION
+
+
+# --------------------------------------------------------------------------- flatten_record
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False),
+    st.text(max_size=8),
+    st.binary(max_size=6),
+)
+keys = st.one_of(
+    st.sampled_from(["a", "b", "a.b", "b.c", "process", "name", "", "."]),
+    st.integers(0, 3),
+    st.text(max_size=4),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.lists(inner, max_size=3).map(tuple),
+        st.dictionaries(keys, inner, max_size=4),
+    ),
+    max_leaves=30,
+)
+records = st.dictionaries(keys, values, max_size=6)
+
+
+def _same(a: dict, b: dict) -> None:
+    """Equal, in the same key order, with values of the same types (1 == 1.0 == True)."""
+    assert list(a) == list(b)
+    for k in a:
+        assert [(type(v), v) for v in a[k]] == [(type(v), v) for v in b[k]], k
+
+
+@needs_native
+@settings(max_examples=400, deadline=None)
+@given(records)
+def test_flatten_record_is_the_reference(record: dict) -> None:
+    _same(NATIVE.flatten_record(record), fields.py_flatten_record(record))
+
+
+class _Items(Mapping):
+    """A Mapping that is not a dict (records may come as any Mapping)."""
+
+    def __init__(self, d: dict) -> None:
+        self._d = d
+
+    def __getitem__(self, k: object) -> object:
+        return self._d[k]
+
+    def __iter__(self) -> Iterator[object]:
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+@needs_native
+def test_flatten_record_walks_any_mapping_and_shares_no_state() -> None:
+    inner = {"name": "cmd.exe", "args": ["/c", None, ["x"]], "none": None}
+    record = {
+        "process": _Items(inner),
+        "proxy": types.MappingProxyType({"k": 1}),
+        "list": [{"a": 1}, [{"a": 2}], None],
+        "process.name": "dup.exe",
+        3: "int key",
+    }
+    for rec in (record, _Items(record)):
+        got = NATIVE.flatten_record(rec)
+        _same(got, fields.py_flatten_record(rec))
+    assert got["process.name"] == ["cmd.exe", "dup.exe"]
+    assert got["list.a"] == [1, 2]
+    assert inner["args"] == ["/c", None, ["x"]]  # the input is not touched
+
+
+@needs_native
+def test_deep_nesting_raises_recursion_error_not_a_crash() -> None:
+    deep: dict = {}
+    cur = deep
+    for _ in range(200_000):
+        cur["a"] = {}
+        cur = cur["a"]
+    with pytest.raises(RecursionError):
+        NATIVE.flatten_record(deep)
+    lst: list = []
+    for _ in range(200_000):
+        lst = [lst]
+    with pytest.raises(RecursionError):
+        NATIVE.flatten_record({"x": lst})
+
+
+# --------------------------------------------------------------------------- scan handlers
+
+
+@pytest.fixture(scope="module")
+def db() -> hyperscan.Database:
+    d = hyperscan.Database()
+    d.compile(expressions=[b"abc", b"bc", b"x+", b"\\d{2}"], ids=[1, 2, 3, 4])
+    return d
+
+
+@needs_native
+@pytest.mark.parametrize("only", [None, frozenset({2, 4}), {3}])
+def test_adder_collects_what_the_reference_collects(db: hyperscan.Database, only: object) -> None:
+    for data in (b"", b"abc xx 12 abcabc", b"zzz", b"x" * 1000 + b"99"):
+        a: set[int] = set()
+        b: set[int] = set()
+        db.scan(data, match_event_handler=NATIVE.Adder(a, only))
+        db.scan(data, match_event_handler=native.PyAdder(b, only))  # type: ignore[arg-type]
+        assert a == b
+    with pytest.raises(TypeError):
+        NATIVE.Adder([], None)
+
+
+@needs_native
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(0, 20), max_size=12),
+    st.lists(st.tuples(st.integers(0, 9), st.integers(0, 300)), max_size=40),
+)
+def test_entry_hits_files_matches_like_the_reference(lengths: list[int], calls: list) -> None:
+    spans, pos = [], 0
+    for n in lengths:
+        spans.append((pos, pos + n))
+        pos += n + (n % 3)  # gaps between entries too
+    c, p = NATIVE.EntryHits(spans), native.PyEntryHits(spans)
+    for i, to in calls:
+        c(i, 0, to, 0, None)
+        p(i, 0, to, 0, None)
+    assert c.per_entry == p.per_entry
+
+
+@needs_native
+def test_entry_hits_refuses_unordered_or_malformed_spans() -> None:
+    with pytest.raises(ValueError):
+        NATIVE.EntryHits([(10, 20), (0, 5)])
+    with pytest.raises(TypeError):
+        NATIVE.EntryHits([(0, "x")])
+    with pytest.raises(TypeError):
+        NATIVE.EntryHits([[0, 5]])
+
+
+texts = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(),
+    st.text(max_size=12),
+    st.binary(max_size=8),
+    st.binary(max_size=8).map(bytearray),
+    st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@needs_native
+@settings(max_examples=300, deadline=None)
+@given(st.lists(texts, max_size=12), st.integers(0, 6), st.integers(1, 4))
+def test_scan_cached_is_the_reference(vals: list, limit: int, max_entries: int) -> None:
+    def run(fn: object) -> tuple:
+        calls: list[str] = []
+
+        def miss(s: str, into: set[int]) -> None:
+            calls.append(s)
+            into.update({len(s), hash(s) % 7 + 100})
+
+        hits: set[int] = {-1}
+        cache: dict = {(9, "pre"): (5,)}
+        fn(9, vals, hits, cache, miss, limit, max_entries)  # type: ignore[operator]
+        return calls, hits, cache
+
+    assert run(NATIVE.scan_cached) == run(table_mod.py_scan_cached)
+
+
+@needs_native
+def test_scan_cached_passes_errors_of_the_scan_on() -> None:
+    def miss(s: str, into: set[int]) -> None:
+        raise RuntimeError("scan failed")
+
+    with pytest.raises(RuntimeError, match="scan failed"):
+        NATIVE.scan_cached(0, ["a"], set(), {}, miss, 10, 10)
+    with pytest.raises(TypeError):
+        NATIVE.scan_cached(0, ["a"], [], {}, miss, 10, 10)
+
+
+# --------------------------------------------------------------------------- both builds
+
+
+def _child(env_extra: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **env_extra}
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def test_the_cache_key_tells_the_two_builds_apart() -> None:
+    code = (
+        "from ruletag.rules import native, fields\n"
+        "from ruletag.rules.fingerprint import compiler_fingerprint\n"
+        "print(native.IMPLEMENTATION, fields.flatten_record is fields.py_flatten_record,"
+        " compiler_fingerprint())"
+    )
+    pure = _child({"RULETAG_PURE_PYTHON": "1"}, "-c", code)
+    assert pure.returncode == 0, pure.stderr
+    impl, is_ref, key_py = pure.stdout.split()
+    assert (impl, is_ref) == ("python", "True")
+    if NATIVE is not None:
+        built = _child({"RULETAG_PURE_PYTHON": ""}, "-c", code)
+        assert built.returncode == 0, built.stderr
+        impl, is_ref, key_c = built.stdout.split()
+        assert (impl, is_ref) == (native.IMPLEMENTATION, "False")
+        assert key_c != key_py
+
+
+@pytest.mark.slow
+def test_differential_suites_pass_on_the_pure_python_reference(tmp_path: Path) -> None:
+    """The matcher's differential and reference suites, run with the C helpers off."""
+    suites = [
+        "tests/test_differential.py",
+        "tests/test_reference.py",
+        "tests/test_table.py",
+        "tests/test_fields.py",
+        "tests/test_prefilter.py",
+        "tests/test_corpus_sample.py",
+    ]
+    got = _child(
+        {"RULETAG_PURE_PYTHON": "1", "XDG_CACHE_HOME": str(tmp_path)},
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-x",
+        *suites,
+    )
+    assert got.returncode == 0, got.stdout[-3000:] + got.stderr[-2000:]
+    assert " passed" in got.stdout
