@@ -33,12 +33,14 @@ def reference() -> Iterator[None]:
     saved = (
         fields.flatten_record,
         table_mod.scan_cached,
+        table_mod.scan_groups,
         table_mod.Adder,
         raw_mod.Adder,
         raw_mod.EntryHits,
     )
     fields.flatten_record = fields.py_flatten_record
     table_mod.scan_cached = table_mod.py_scan_cached
+    table_mod.scan_groups = table_mod.py_scan_groups
     table_mod.Adder = raw_mod.Adder = native.PyAdder
     raw_mod.EntryHits = native.PyEntryHits
     try:
@@ -47,6 +49,7 @@ def reference() -> Iterator[None]:
         (
             fields.flatten_record,
             table_mod.scan_cached,
+            table_mod.scan_groups,
             table_mod.Adder,
             raw_mod.Adder,
             raw_mod.EntryHits,

@@ -290,3 +290,43 @@ def test_differential_suites_pass_on_the_pure_python_reference(tmp_path: Path) -
     )
     assert got.returncode == 0, got.stdout[-3000:] + got.stderr[-2000:]
     assert " passed" in got.stdout
+
+
+@needs_native
+@settings(max_examples=200, deadline=None)
+@given(records, st.lists(st.integers(0, 4), max_size=6), st.integers(0, 6))
+def test_scan_groups_is_the_reference(record: dict, todo: list[int], limit: int) -> None:
+    """Group skipping, value resolution through the record view (direct paths, derived
+    fields, the view's cache) and the scan, C against the reference."""
+    fm = fields.FieldMap.default()
+    names = ["a", "a.b", "process.name", "b.c", "event.category"]
+
+    def spec_of(log: list) -> tuple:
+        def miss_of(name: str):
+            def miss(s: str, into: set[int]) -> None:
+                log.append((name, s))
+                into.add(len(s) + 10 * names.index(name))
+
+            return miss
+
+        return tuple(
+            (
+                None if fm.derived(n) else frozenset(fm.paths(n)),
+                n,
+                fm.paths(n),
+                i,
+                miss_of(n),
+            )
+            for i, n in enumerate(names)
+        )
+
+    def run(fn: object) -> tuple:
+        log: list = []
+        view = fm.view(record)
+        view.values("b.c")  # something already in the view's cache
+        hits: set[int] = set()
+        cache: dict = {}
+        fn(todo, spec_of(log), view, view.flat(), view.value_cache, hits, cache, limit, 3)  # type: ignore[operator]
+        return log, hits, cache, dict(view.value_cache)
+
+    assert run(NATIVE.scan_groups) == run(table_mod.py_scan_groups)

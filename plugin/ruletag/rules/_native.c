@@ -11,6 +11,8 @@
  *   EntryHits(spans)             Hyperscan match handler over a chunk: .per_entry {k: {ids}}
  *   scan_cached(key, values, hits, cache, miss, limit, max_entries)
  *                                (reference: matcher.table.py_scan_cached)
+ *   scan_groups(todo, spec, view, flat, vcache, hits, cache, limit, max_entries)
+ *                                (reference: matcher.table.py_scan_groups)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -522,30 +524,16 @@ static int set_update_from(PyObject *hits, PyObject *items)
     return 0;
 }
 
-static PyObject *scan_cached(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* The loop of scan_cached over one sequence of values; 0, or -1 with an exception set. */
+static int scan_values(PyObject *gkey, PyObject *values, PyObject *hits, PyObject *cache,
+                       PyObject *miss, Py_ssize_t limit, Py_ssize_t max_entries)
 {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError,
-                        "scan_cached(key, values, hits, cache, miss, limit, max_entries)");
-        return NULL;
-    }
-    PyObject *gkey = args[0], *values = args[1], *hits = args[2], *cache = args[3],
-             *miss = args[4];
-    Py_ssize_t limit = PyLong_AsSsize_t(args[5]);
-    Py_ssize_t max_entries = PyLong_AsSsize_t(args[6]);
-    if ((limit == -1 || max_entries == -1) && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (!PySet_Check(hits) || !PyDict_Check(cache)) {
-        PyErr_SetString(PyExc_TypeError, "hits must be a set and cache a dict");
-        return NULL;
-    }
     PyObject *seq = PySequence_Fast(values, "values must be a sequence");
     if (seq == NULL) {
-        return NULL;
+        return -1;
     }
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject *result = NULL;
+    int rc = -1;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *s = as_text(PySequence_Fast_GET_ITEM(seq, i));
         if (s == NULL) {
@@ -565,23 +553,23 @@ static PyObject *scan_cached(PyObject *self, PyObject *const *args, Py_ssize_t n
             continue;
         }
         PyObject *key = PyTuple_Pack(2, gkey, s);
+        Py_DECREF(s); /* the key holds it */
         if (key == NULL) {
-            Py_DECREF(s);
             goto done;
         }
         PyObject *got = PyDict_GetItemWithError(cache, key); /* borrowed */
         if (got == NULL) {
             if (PyErr_Occurred()) {
                 Py_DECREF(key);
-                Py_DECREF(s);
                 goto done;
             }
             PyObject *mine = PySet_New(NULL);
-            PyObject *r = mine == NULL ? NULL : PyObject_CallFunctionObjArgs(miss, s, mine, NULL);
+            PyObject *r = mine == NULL ? NULL
+                                       : PyObject_CallFunctionObjArgs(
+                                             miss, PyTuple_GET_ITEM(key, 1), mine, NULL);
             if (r == NULL) {
                 Py_XDECREF(mine);
                 Py_DECREF(key);
-                Py_DECREF(s);
                 goto done;
             }
             Py_DECREF(r);
@@ -589,26 +577,23 @@ static PyObject *scan_cached(PyObject *self, PyObject *const *args, Py_ssize_t n
             Py_DECREF(mine);
             if (tup == NULL) {
                 Py_DECREF(key);
-                Py_DECREF(s);
                 goto done;
             }
             if (PyDict_GET_SIZE(cache) >= max_entries) {
                 PyDict_Clear(cache);
             }
-            int rc = PyDict_SetItem(cache, key, tup);
-            if (rc == 0) {
-                rc = set_update_from(hits, tup);
+            int ok = PyDict_SetItem(cache, key, tup);
+            if (ok == 0) {
+                ok = set_update_from(hits, tup);
             }
             Py_DECREF(tup);
             Py_DECREF(key);
-            Py_DECREF(s);
-            if (rc < 0) {
+            if (ok < 0) {
                 goto done;
             }
             continue;
         }
         Py_DECREF(key);
-        Py_DECREF(s);
         if (!PyTuple_Check(got)) {
             PyErr_SetString(PyExc_TypeError, "scan cache values must be tuples");
             goto done;
@@ -617,11 +602,184 @@ static PyObject *scan_cached(PyObject *self, PyObject *const *args, Py_ssize_t n
             goto done;
         }
     }
-    Py_INCREF(Py_None);
-    result = Py_None;
+    rc = 0;
 done:
     Py_DECREF(seq);
-    return result;
+    return rc;
+}
+
+static int check_scan_args(PyObject *hits, PyObject *cache, PyObject *limit, PyObject *max,
+                           Py_ssize_t *limit_out, Py_ssize_t *max_out)
+{
+    if (!PySet_Check(hits) || !PyDict_Check(cache)) {
+        PyErr_SetString(PyExc_TypeError, "hits must be a set and cache a dict");
+        return -1;
+    }
+    *limit_out = PyLong_AsSsize_t(limit);
+    *max_out = PyLong_AsSsize_t(max);
+    if ((*limit_out == -1 || *max_out == -1) && PyErr_Occurred()) {
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *scan_cached(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError,
+                        "scan_cached(key, values, hits, cache, miss, limit, max_entries)");
+        return NULL;
+    }
+    Py_ssize_t limit, max_entries;
+    if (check_scan_args(args[2], args[3], args[5], args[6], &limit, &max_entries) < 0 ||
+        scan_values(args[0], args[1], args[2], args[3], args[4], limit, max_entries) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------ scan_groups */
+
+/* Does flat (a dict) hold any of paths (an iterable)? 1, 0, or -1 on error. */
+static int holds_any(PyObject *flat, PyObject *paths)
+{
+    PyObject *it = PyObject_GetIter(paths);
+    if (it == NULL) {
+        return -1;
+    }
+    PyObject *p;
+    int found = 0;
+    while ((p = PyIter_Next(it)) != NULL) {
+        found = PyDict_Contains(flat, p);
+        Py_DECREF(p);
+        if (found != 0) {
+            break;
+        }
+    }
+    Py_DECREF(it);
+    if (found == 0 && PyErr_Occurred()) {
+        return -1;
+    }
+    return found;
+}
+
+/* The values of one group's field: vcache's, else its dotted paths' in flat (cached), else
+ * view.values(field). A new reference, or NULL with an exception set. */
+static PyObject *group_values(PyObject *field, PyObject *dotted, PyObject *view, PyObject *flat,
+                              PyObject *vcache)
+{
+    PyObject *got = PyDict_GetItemWithError(vcache, field); /* borrowed */
+    if (got != NULL) {
+        Py_INCREF(got);
+        return got;
+    }
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!PyTuple_Check(dotted)) {
+        PyErr_SetString(PyExc_TypeError, "a group's dotted paths must be a tuple");
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(dotted);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *vals = PyDict_GetItemWithError(flat, PyTuple_GET_ITEM(dotted, i));
+        if (vals == NULL) {
+            if (PyErr_Occurred()) {
+                Py_DECREF(out);
+                return NULL;
+            }
+            continue;
+        }
+        if (PyList_SetSlice(out, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, vals) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    if (PyList_GET_SIZE(out) > 0) {
+        if (PyDict_SetItem(vcache, field, out) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        return out;
+    }
+    Py_DECREF(out);
+    return PyObject_CallMethod(view, "values", "O", field);
+}
+
+static PyObject *scan_groups(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "scan_groups(todo, spec, view, flat, vcache, hits, "
+                                         "cache, limit, max_entries)");
+        return NULL;
+    }
+    PyObject *todo = args[0], *spec = args[1], *view = args[2], *flat = args[3],
+             *vcache = args[4], *hits = args[5], *cache = args[6];
+    Py_ssize_t limit, max_entries;
+    if (check_scan_args(hits, cache, args[7], args[8], &limit, &max_entries) < 0) {
+        return NULL;
+    }
+    if (!PyTuple_Check(spec) || !PyDict_Check(flat) || !PyDict_Check(vcache)) {
+        PyErr_SetString(PyExc_TypeError, "spec must be a tuple, flat and vcache dicts");
+        return NULL;
+    }
+    PyObject *it = PyObject_GetIter(todo);
+    if (it == NULL) {
+        return NULL;
+    }
+    PyObject *gi;
+    while ((gi = PyIter_Next(it)) != NULL) {
+        Py_ssize_t k = PyLong_AsSsize_t(gi);
+        Py_DECREF(gi);
+        if (k == -1 && PyErr_Occurred()) {
+            goto fail;
+        }
+        if (k < 0 || k >= PyTuple_GET_SIZE(spec)) {
+            PyErr_SetString(PyExc_IndexError, "field group index out of range");
+            goto fail;
+        }
+        PyObject *entry = PyTuple_GET_ITEM(spec, k);
+        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 5) {
+            PyErr_SetString(PyExc_TypeError, "spec entries: (paths, field, dotted, key, miss)");
+            goto fail;
+        }
+        PyObject *paths = PyTuple_GET_ITEM(entry, 0);
+        if (paths != Py_None) {
+            int any = holds_any(flat, paths);
+            if (any < 0) {
+                goto fail;
+            }
+            if (!any) {
+                continue;
+            }
+        }
+        PyObject *vals = group_values(PyTuple_GET_ITEM(entry, 1), PyTuple_GET_ITEM(entry, 2),
+                                      view, flat, vcache);
+        if (vals == NULL) {
+            goto fail;
+        }
+        int truth = PyObject_IsTrue(vals);
+        int rc = truth < 0 ? -1
+                 : truth   ? scan_values(PyTuple_GET_ITEM(entry, 3), vals, hits, cache,
+                                         PyTuple_GET_ITEM(entry, 4), limit, max_entries)
+                           : 0;
+        Py_DECREF(vals);
+        if (rc < 0) {
+            goto fail;
+        }
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+fail:
+    Py_DECREF(it);
+    return NULL;
 }
 
 /* ------------------------------------------------------------------ module */
@@ -632,6 +790,9 @@ static PyMethodDef methods[] = {
     {"scan_cached", (PyCFunction)(void (*)(void))scan_cached, METH_FASTCALL,
      "scan_cached(key, values, hits, cache, miss, limit, max_entries): see "
      "ruletag.rules.matcher.table.py_scan_cached."},
+    {"scan_groups", (PyCFunction)(void (*)(void))scan_groups, METH_FASTCALL,
+     "scan_groups(todo, spec, view, flat, vcache, hits, cache, limit, max_entries): see "
+     "ruletag.rules.matcher.table.py_scan_groups."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -240,6 +240,13 @@ class RecordView:
             flat = self._flat = flatten_record(self._record)
         return flat
 
+    @property
+    def value_cache(self) -> dict[str, list[object]]:
+        """Field -> the values :meth:`values` gave for it so far. A caller that resolved a
+        field's direct paths itself (``ruletag.rules.matcher``'s group scan) may store the
+        non-empty result here, exactly as :meth:`values` would."""
+        return self._cache
+
     def strings(self) -> list[str]:
         """Every scalar value in the record as text, for Sigma keywords."""
         if self._strings is None:

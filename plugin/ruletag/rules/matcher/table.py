@@ -15,6 +15,7 @@ tuning builds. Several matchers over one table are independent.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -44,6 +45,10 @@ Hits = set[int]
 ValueCache = dict[tuple[int, str], tuple[int, ...]]
 #: The matcher of the often-passed rules: (its matcher, rule -> its index there, index -> rule).
 HotTable = tuple["Matcher", dict[int, int], tuple[int, ...]]
+#: per field group: (direct paths or None, field, dotted paths, scan-cache key, scan of a text)
+GroupSpec = tuple[
+    tuple[frozenset[str] | None, str, tuple[str, ...], int, Callable[[str, Hits], None]], ...
+]
 
 
 class Matcher:
@@ -68,6 +73,7 @@ class Matcher:
         self._key_groups = dict(table.key_groups)
         self._trig = dict(table.trig)
         self._lazy = self._lazy_leaves()
+        self._group_spec = self._build_group_spec()
         self.raw: RawMatcher | None = None
         if table.raw is not None:
             after = TUNE_AFTER if tune_after is None else tune_after
@@ -157,19 +163,28 @@ class Matcher:
 
     def _scan_groups(self, view: RecordView, todo: Iterable[int], hits: Hits) -> None:
         """Scan the values of the field groups ``todo`` that the record has."""
-        groups = self.table.groups
-        group_paths = self.table.group_paths
-        flat = view.flat()
-        cache = self._value_cache
-        on_match = Adder(hits)
-        for gi in todo:
-            paths = group_paths[gi]
-            if paths is not None and flat.keys().isdisjoint(paths):
-                continue
-            g = groups[gi]
-            vals = view.values(g.field)  # type: ignore[arg-type]
-            if vals:
-                scan(g, vals, hits, on_match, cache)
+        scan_groups(
+            todo,
+            self._group_spec,
+            view,
+            view.flat(),
+            view.value_cache,
+            hits,
+            self._value_cache,
+            _CACHE_TEXT,
+            _CACHE_ENTRIES,
+        )
+
+    def _build_group_spec(self) -> GroupSpec:
+        """Per field group, what :func:`scan_groups` needs: (its direct paths or None if
+        derived, its field, the dotted paths ``RecordView`` reads for it, its scan-cache key,
+        the scan of one text)."""
+        fm = self.table.fieldmap
+        spec = []
+        for g, paths in zip(self.table.groups, self.table.group_paths, strict=True):
+            field = g.field or ""
+            spec.append((paths, field, fm.paths(field), id(g), functools.partial(_scan_value, g)))
+        return tuple(spec)
 
     def match_subset(self, record: Mapping[str, object], rules: Iterable[int]) -> list[int]:
         """Which of ``rules`` (indexes) match ``record``, scanning only the fields they read."""
@@ -333,12 +348,47 @@ def py_scan_cached(
         hits.update(got)
 
 
+def py_scan_groups(
+    todo: Iterable[int],
+    spec: GroupSpec,
+    view: RecordView,
+    flat: Mapping[str, list[object]],
+    vcache: dict[str, list[object]],
+    hits: Hits,
+    cache: ValueCache,
+    limit: int,
+    max_entries: int,
+) -> None:
+    """Reference of the C ``scan_groups``: for each field group ``todo`` names, skipped when
+    it has direct paths and ``flat`` holds none of them, the field's values (``vcache``'s;
+    else its dotted paths' in ``flat``, stored in ``vcache`` when any; else
+    ``view.values(field)``) are scanned with :func:`py_scan_cached`."""
+    for gi in todo:
+        paths, field, dotted, key, miss = spec[gi]
+        if paths is not None and flat.keys().isdisjoint(paths):
+            continue
+        vals = vcache.get(field)
+        if vals is None:
+            vals = []
+            for p in dotted:
+                got = flat.get(p)
+                if got is not None:
+                    vals.extend(got)
+            if vals:
+                vcache[field] = vals
+            else:
+                vals = view.values(field)
+        if vals:
+            scan_cached(key, vals, hits, cache, miss, limit, max_entries)
+
+
 _native = native_module()
-#: :func:`py_scan_cached`, in C when the extension is built
+#: :func:`py_scan_cached` and :func:`py_scan_groups`, in C when the extension is built
 scan_cached: Callable[..., None] = py_scan_cached if _native is None else _native.scan_cached
+scan_groups: Callable[..., None] = py_scan_groups if _native is None else _native.scan_groups
 
 
-def _scan_value(g: Group, s: str, hits: Hits, on_match: Callable[..., None] | None) -> None:
+def _scan_value(g: Group, s: str, hits: Hits, on_match: Callable[..., None] | None = None) -> None:
     """Add the atoms of ``g`` the text ``s`` hits to ``hits`` (``on_match``: a handler adding
     to it, or None)."""
     if on_match is None:
