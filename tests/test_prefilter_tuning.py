@@ -173,3 +173,65 @@ def test_tuning_does_not_decode_what_no_requirement_forces(fm: FieldMap) -> None
     assert forced == {}
     assert len(decoded) <= len(spans) // 100, f"{len(decoded)} of {len(spans)} decoded"
     assert t.match_entries(buf, spans) == {}
+
+
+# --------------------------------------------------------------------------- tuned-filter file
+
+
+def _keyed(fm: FieldMap, version: str = "v-test") -> object:
+    """The test rules' table with a cache key (only such a table has a tuned-filter file)."""
+    return build(rules(), fm, version)
+
+
+def test_a_tuned_filter_is_saved_and_the_next_matcher_starts_from_it(
+    fm: FieldMap, tmp_path
+) -> None:
+    path = tmp_path / "v-test.tuned"
+    first = Matcher(_keyed(fm), tune_after=300, tuned_path=path)
+    feed_until_tuned(first, traffic(1000, 6))
+    assert first.stats["raw_tuned_from"] == "traffic"
+    assert path.exists()
+    second = Matcher(_keyed(fm), tune_after=300, tuned_path=path)
+    # tuned before it has seen a record: no observation phase, the often-passed rules' table
+    assert second.stats["raw_tuned_from"] == "file"
+    assert second.raw is not None and second.raw.filter.tuned_on == first.raw.filter.tuned_on  # type: ignore[union-attr]
+    assert second._hot is not None and second._hot[2] == first._hot[2]  # type: ignore[index]
+    fresh = traffic(2000, 7)
+    buf, spans = pack_records(fresh)
+    expected = want(second, fresh)
+    assert expected and second.match_entries(buf, spans) == expected
+
+
+def test_tuned_file_of_another_table_damaged_or_off_is_not_used(fm: FieldMap, tmp_path) -> None:
+    path = tmp_path / "x.tuned"
+    first = Matcher(_keyed(fm), tune_after=300, tuned_path=path)
+    feed_until_tuned(first, traffic(1000, 8))
+    good = path.read_bytes()
+    # another table (another cache key): ignored, the matcher tunes itself
+    other = Matcher(_keyed(fm, "v-other"), tune_after=300, tuned_path=path)
+    assert "raw_tuned_from" not in other.stats
+    # tune_after 0 means the compiled triggers, whatever was saved
+    assert "raw_tuned_from" not in Matcher(_keyed(fm), tune_after=0, tuned_path=path).stats
+    # a table without a key never reads or writes one
+    assert Matcher(build(rules(), fm), tune_after=300, tuned_path=path).tuned_path is None
+    for damaged in (good[:-10], good[:40] + bytes([good[40] ^ 1]) + good[41:], b"junk"):
+        path.write_bytes(damaged)
+        m = Matcher(_keyed(fm), tune_after=300, tuned_path=path)
+        assert "raw_tuned_from" not in m.stats
+        fresh = traffic(1500, 9)
+        buf, spans = pack_records(fresh)
+        assert m.match_entries(buf, spans) == want(m, fresh)
+    # ... and the matcher that tunes again writes a good file back
+    feed_until_tuned(m, traffic(1000, 10))
+    assert Matcher(_keyed(fm), tune_after=300, tuned_path=path).stats["raw_tuned_from"] == "file"
+
+
+def test_an_unwritable_tuned_file_costs_nothing_but_a_warning(
+    fm: FieldMap, tmp_path, caplog
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    m = Matcher(_keyed(fm), tune_after=300, tuned_path=blocker / "v.tuned")
+    feed_until_tuned(m, traffic(1000, 11))
+    assert m.stats["raw_tuned_from"] == "traffic"
+    assert "tuned pre-filter not saved" in caplog.text

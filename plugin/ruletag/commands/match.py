@@ -48,7 +48,7 @@ from ruletag.config.model import DEFAULT_TUNE_AFTER
 from ruletag.enrich.annotate import detection, stateful_detection
 from ruletag.errors import ConfigError
 from ruletag.rules.fields import FieldMap
-from ruletag.rules.fingerprint import default_cache_dir
+from ruletag.rules.fingerprint import default_cache_dir, tuned_path
 from ruletag.rules.loader import source_of
 from ruletag.rules.matcher import Matcher
 from ruletag.rules.select import Selection
@@ -420,7 +420,9 @@ def match(ns: argparse.Namespace) -> int:
     if getattr(ns, "new_terms_no_learning", False):
         configure_new_terms(engines, learn=0.0)
     ctx = MatchContext(
-        Matcher(table, _tune_after(ns)),  # re-tunes its pre-filter on long inputs, like the relay
+        # re-tunes its pre-filter on long inputs, like the relay, and starts from the filter
+        # an earlier run tuned for this table
+        Matcher(table, _tune_after(ns), tuned_path(default_cache_dir(), table.version)),
         table,
         prefilter=not getattr(ns, "no_prefilter", False),
         only_matches=bool(getattr(ns, "only_matches", False)),

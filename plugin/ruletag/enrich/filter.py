@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import msgpack
@@ -69,12 +70,14 @@ class RuleFilter:
         retag_prefix: str = "",
         on_match: Callable[[Sequence[Rule]], None] | None = None,
         tune_after: int | None = None,
+        tuned_path: Path | None = None,
         stateful: StatefulStage | None = None,
         alert_tag: str = "",
     ) -> None:
         self.table = table
-        #: this filter's own matcher over the shared table (``tune_after``: see Matcher)
-        self.matcher = Matcher(table, tune_after)
+        #: this filter's own matcher over the shared table (``tune_after``, ``tuned_path``:
+        #: see Matcher)
+        self.matcher = Matcher(table, tune_after, tuned_path)
         self.key = key
         self.style = style
         self.retag_prefix = retag_prefix

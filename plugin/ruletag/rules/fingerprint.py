@@ -8,13 +8,21 @@ import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["compiler_fingerprint", "default_cache_dir"]
+__all__ = ["compiler_fingerprint", "default_cache_dir", "tuned_path"]
 
 
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/ruletag``, else ``~/.cache/ruletag``."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "ruletag"
+
+
+def tuned_path(cache_dir: str | Path | None, version: str) -> Path | None:
+    """Where a matcher keeps the pre-filter it re-tuned for the table ``version`` (the table's
+    cache key), beside the cached table; None for a table without a key."""
+    if not version:
+        return None
+    return Path(cache_dir or default_cache_dir()) / f"{version}.tuned"
 
 
 @functools.cache

@@ -172,7 +172,7 @@ class Relay:
 def filter_factory(config: Config) -> Callable[[CompiledTable], RuleFilter]:
     from ruletag.config.model import EnrichConfig
     from ruletag.enrich.filter import RuleFilter
-    from ruletag.rules.fingerprint import default_cache_dir
+    from ruletag.rules.fingerprint import default_cache_dir, tuned_path
 
     enrich = config.enrich or EnrichConfig()
     tune_after = config.rules.tune_after if config.rules is not None else None
@@ -208,6 +208,8 @@ def filter_factory(config: Config) -> Callable[[CompiledTable], RuleFilter]:
         return RuleFilter(
             table,
             tune_after=tune_after,
+            # the pre-filter re-tuned by an earlier run (or worker) of this rule table
+            tuned_path=tuned_path(step_cache_dir, table.version),
             key=enrich.key,
             style=enrich.style,  # type: ignore[arg-type]
             retag_prefix=enrich.retag_prefix,

@@ -13,6 +13,7 @@ import gc
 import hashlib
 import io
 import marshal
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -25,10 +26,12 @@ from ruletag.rules.compiler.prefilter import RawFilter
 from ruletag.rules.compiler.table import CompiledTable
 from ruletag.rules.ir import Rule
 
-__all__ = ["TableError", "dumps", "load", "save"]
+__all__ = ["TableError", "dumps", "load", "load_tuned", "save", "save_tuned"]
 
 #: v5: the compiler and the matcher split (groups and pre-filter stored as plain tuples)
 _MAGIC = b"RULETAG-TABLE\x00v5\n"
+#: a re-tuned pre-filter of one table, with the table of its often-passed rules
+_TUNED_MAGIC = b"RULETAG-TUNED\x00v1\n"
 
 #: The fields stored as they are (the others are converted, or derived on loading).
 _PLAIN_KEYS = (
@@ -63,22 +66,67 @@ def dumps(table: CompiledTable) -> bytes:
 
 def save(table: CompiledTable, path: Path) -> None:
     """Write ``table`` (Hyperscan databases serialised, formulas as marshalled code)."""
-    blob = dumps(table)
+    _write(path, _MAGIC, dumps(table))
+
+
+def _write(path: Path, magic: bytes, blob: bytes) -> None:
     digest = hashlib.sha256(blob).digest()
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_bytes(_MAGIC + digest + blob)
+    tmp = Path(path).with_name(f"{Path(path).name}.{os.getpid()}.tmp")
+    tmp.write_bytes(magic + digest + blob)
     tmp.replace(path)
+
+
+def _body(path: Path, magic: bytes, what: str) -> memoryview:
+    """The checked body of a file written by :func:`_write`."""
+    data = Path(path).read_bytes()
+    head = len(magic)
+    if not data.startswith(magic):
+        raise TableError(f"{path}: not a ruletag {what} file")
+    body = memoryview(data)[head + 32 :]
+    if hashlib.sha256(body).digest() != data[head : head + 32]:
+        raise TableError(f"{path}: file is corrupt")
+    return body
+
+
+def save_tuned(
+    path: Path, version: str, tuned: RawFilter, hot: tuple[CompiledTable, tuple[int, ...]] | None
+) -> None:
+    """Write the re-tuned pre-filter of the table ``version`` and the table of its
+    often-passed rules (``hot``: that table and the rules' indexes in the main table)."""
+    state = {
+        "version": version,
+        "raw": _dump_raw(tuned),
+        "hot": None if hot is None else (_state(hot[0]), hot[1]),
+    }
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(state)
+    _write(path, _TUNED_MAGIC, buf.getvalue())
+
+
+def load_tuned(
+    path: Path, version: str
+) -> tuple[RawFilter, tuple[CompiledTable, tuple[int, ...]] | None]:
+    """Read what :func:`save_tuned` wrote for the table ``version`` (:class:`TableError` if the
+    file is damaged, of another format, or of another table)."""
+    body = _body(path, _TUNED_MAGIC, "tuned pre-filter")
+    try:
+        st = pickle.loads(body)
+        if st["version"] != version:
+            raise TableError(f"{path}: tuned for another rule table")
+        raw = _load_raw(st["raw"])
+        hot = None if st["hot"] is None else (_from_state(st["hot"][0]), tuple(st["hot"][1]))
+    except TableError:
+        raise
+    except Exception as exc:
+        raise TableError(f"{path}: cannot read tuned pre-filter: {exc}") from exc
+    if raw is None or not raw.tuned_on:
+        raise TableError(f"{path}: holds no tuned pre-filter")
+    return raw, hot
 
 
 def load(path: Path) -> CompiledTable:
     """Read a table written by :func:`save` (no rule parsing, no Hyperscan compile)."""
-    data = Path(path).read_bytes()
-    head = len(_MAGIC)
-    if not data.startswith(_MAGIC):
-        raise TableError(f"{path}: not a ruletag table file")
-    body = memoryview(data)[head + 32 :]
-    if hashlib.sha256(body).digest() != data[head : head + 32]:
-        raise TableError(f"{path}: table file is corrupt")
+    body = _body(path, _MAGIC, "table")
     gc_was_on = gc.isenabled()
     # hundreds of thousands of new objects, none of them garbage: each collection the
     # allocations would trigger walks them all

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -25,6 +26,7 @@ import msgpack
 from ruletag.rules.algebra import as_text, re2_search
 from ruletag.rules.compiler.hyperscan import Group, encode
 from ruletag.rules.compiler.prefilter import RawFilter
+from ruletag.rules.compiler.store import TableError, load_tuned, save_tuned
 from ruletag.rules.compiler.table import CompiledTable, build
 from ruletag.rules.fields import RecordView
 from ruletag.rules.ir import Rule
@@ -62,8 +64,15 @@ class Matcher:
     #: a table of such rules only (its field databases are a fraction of the full ones)
     HOT_SHARE = 0.01
 
-    def __init__(self, table: CompiledTable, tune_after: int | None = None) -> None:
+    def __init__(
+        self,
+        table: CompiledTable,
+        tune_after: int | None = None,
+        tuned_path: Path | None = None,
+    ) -> None:
         self.table = table
+        #: where the re-tuned pre-filter is kept between runs (see :meth:`_start_tuned`)
+        self.tuned_path = tuned_path
         #: the table's figures, and this matcher's re-tuning figures once it has re-tuned
         self.stats: dict[str, Any] = dict(table.stats)
         #: (group, short value) -> the atoms it hits (see :func:`scan`)
@@ -80,6 +89,27 @@ class Matcher:
             self.raw = RawMatcher(table.raw, after, self._build_hot)
         self._hot: HotTable | None = None
         self._next_hot: HotTable | None = None
+        if tuned_path is not None and not table.version:
+            self.tuned_path = None  # only a table with a cache key can be told apart
+        if self.raw is not None and self.raw.tune_after > 0 and self.tuned_path is not None:
+            self._start_tuned(self.tuned_path)
+
+    def _start_tuned(self, path: Path) -> None:
+        """Start from the pre-filter an earlier run re-tuned for this table, if ``path`` holds
+        one: no observation phase, no tuning compile. Any tuned filter is sound (matches
+        never change), so one tuned on other traffic only costs speed. A missing, damaged or
+        foreign file is ignored (this matcher tunes itself and writes it anew)."""
+        if not path.exists():
+            return
+        try:
+            tuned, hot = load_tuned(path, self.table.version)
+        except (TableError, OSError) as exc:
+            log.warning("tuned pre-filter not used (the matcher tunes itself again): %s", exc)
+            return
+        if hot is not None:
+            sub, back = hot
+            self._next_hot = (Matcher(sub, 0), {k: i for i, k in enumerate(back)}, back)
+        self._swap_tuned(tuned, f"read from {path}")
 
     @property
     def rules(self) -> tuple[Rule, ...]:
@@ -246,16 +276,18 @@ class Matcher:
             self._swap_tuned(raw.tuned)
         return cands
 
-    def _swap_tuned(self, tuned: RawFilter) -> None:
+    def _swap_tuned(self, tuned: RawFilter, how: str = "re-tuned") -> None:
         """Run the re-tuned filter from now on (and the often-passed rules' own matcher)."""
         self.raw = RawMatcher(tuned, 0)
         self._hot = self._next_hot
         self.stats["raw_tuned_on_records"] = tuned.tuned_on
         self.stats["raw_triggers"] = len(tuned.trig_rules) - 1
         self.stats["hot_rules"] = len(self._hot[1]) if self._hot else 0
+        self.stats["raw_tuned_from"] = "file" if how != "re-tuned" else "traffic"
         log.info(
-            "pre-filter re-tuned on %d records: %d triggers, %d often-passed rules in "
+            "pre-filter %s (tuned on %d records): %d triggers, %d often-passed rules in "
             "their own table",
+            how,
             tuned.tuned_on,
             self.stats["raw_triggers"],
             self.stats["hot_rules"],
@@ -279,12 +311,24 @@ class Matcher:
     def _build_hot(self, tuned: RawFilter) -> None:
         """On the tuning thread: the small table of the rules the tuned filter often passes."""
         hot = sorted(k for k, c in tuned.rates.items() if c > self.HOT_SHARE)
-        if not hot:
+        sub = None
+        if hot:
+            t = self.table
+            sub = build([t.rules[k] for k in hot], t.fieldmap, "", raw=False)
+            self._next_hot = (Matcher(sub, 0), {k: i for i, k in enumerate(hot)}, tuple(hot))
+        else:
             self._next_hot = None
-            return
-        t = self.table
-        sub = build([t.rules[k] for k in hot], t.fieldmap, "", raw=False)
-        self._next_hot = (Matcher(sub, 0), {k: i for i, k in enumerate(hot)}, tuple(hot))
+        if self.tuned_path is not None:
+            try:
+                self.tuned_path.parent.mkdir(parents=True, exist_ok=True)
+                save_tuned(
+                    self.tuned_path,
+                    self.table.version,
+                    tuned,
+                    None if sub is None else (sub, tuple(hot)),
+                )
+            except OSError as exc:  # a cache: the tuned filter is used all the same
+                log.warning("tuned pre-filter not saved to %s: %s", self.tuned_path, exc)
 
 
 # --------------------------------------------------------------------------- scanning
