@@ -3,7 +3,8 @@
 Writes ``--events`` flat Sysmon events (process creation, network connection, file creation
 from ``gen_traffic.py``, 0.5% of them positives) as JSON lines once, then runs the
 ``ruletag match`` command (in a child process, output to ``/dev/null``) with the given rules:
-cold (compiling into an empty cache) and warm (cached table), each with the fast path and with
+cold (compiling into an empty cache), warm (cached table) while tuning the pre-filter on the
+input, warm again starting from the tuned filter the previous run kept, and warm with
 ``--no-prefilter``. It prints events/s per run and the in-process cost split of one warm run
 (parse + pack, match, output), measured by timing the stages of
 :func:`ruletag.commands.match.run_batches`.
@@ -63,13 +64,15 @@ def run_cli(rules: list[str], events: Path, cache: Path, *extra: str) -> tuple[f
 
 
 def split(rules: list[str], events: Path, cache: Path, prefilter: bool, profile: bool) -> None:
-    """In-process: the cost of each stage of one warm run (and a cProfile, if asked)."""
+    """In-process: the cost of each stage of one warm run, from the tuned filter an earlier
+    run kept (and a cProfile, if asked)."""
     os.environ["XDG_CACHE_HOME"] = str(cache)
     from ruletag.commands import match as m
+    from ruletag.rules.fingerprint import default_cache_dir, tuned_path
     from ruletag.rules.matcher import Matcher
 
     table = m._load_table(rules, None)
-    matcher = Matcher(table)
+    matcher = Matcher(table, None, tuned_path(default_cache_dir(), table.version))
     times = {"read": 0.0, "match": 0.0, "output": 0.0}
     n = 0
     with open(events, "rb") as src, open(os.devnull, "wb") as sink:
@@ -133,12 +136,18 @@ def main(argv: list[str] | None = None) -> int:
         runs: list[tuple[str, tuple[str, ...]]] = []
         if not ns.no_cold:
             runs.append(("cold (compile)", ()))
-        runs.append(("warm", ()))
+        # the first warm run tunes the pre-filter on its input and keeps it (<key>.tuned);
+        # the next one starts from that file
+        runs.append(("warm, tuning", ()))
+        runs.append(("warm, tuned file", ()))
         if not ns.no_dict:
             runs.append(("warm --no-prefilter", ("--no-prefilter",)))
         if ns.no_cold:
             run_cli(ns.rules, events, cache, "--only-matches")  # fill the cache
         for name, extra in runs:
+            if name == "warm, tuning":
+                for f in (cache / "ruletag").glob("*.tuned"):
+                    f.unlink()
             dt, err = run_cli(ns.rules, events, cache, *extra)
             rules_line = next((x for x in err.splitlines() if "rules:" in x), "")
             print(f"  {name:22s} {dt:7.2f} s  {ns.events / dt:9,.0f} events/s   {rules_line}")

@@ -34,10 +34,9 @@ import msgpack
 
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import Rule
-from ruletag.rules.matcher import Matcher
 from ruletag.rules.stateful import Clocked, Engine, stateful_engines
 from ruletag.rules.stateful.snapshot import rule_digest
-from ruletag.rules.stateful.tables import step_cache, step_table
+from ruletag.rules.stateful.tables import step_cache, step_matcher, step_table
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ class StepTable:
             rules.extend(dataclasses.replace(r, id=f"{e.kind}:{r.id}") for r in table.rules)
         with step_cache(cache_dir):
             self.table = step_table(rules, fieldmap)
-        self.matcher = Matcher(self.table)
+            self.matcher = step_matcher(self.table)
 
     def hits(self, entries: bytes, spans: Sequence[tuple[int, int]]) -> list[dict[int, list[int]]]:
         """Per engine, entry index -> its own condition hits (as its ``step_hits`` says)."""

@@ -723,8 +723,7 @@ class CorrelationEngine:
         max_events: int = 10_000,
         max_refs: int = 100,
     ) -> None:
-        from ruletag.rules.matcher import Matcher
-        from ruletag.rules.stateful.tables import step_table
+        from ruletag.rules.stateful.tables import step_matcher, step_table
 
         self.runs: list[_Run] = []
         self.max_refs = max_refs
@@ -760,7 +759,7 @@ class CorrelationEngine:
                     self._targets.append([])
                 self._targets[k].append((ri, ii))
         self.table = step_table(base_rules, fieldmap)
-        self.matcher = Matcher(self.table)
+        self.matcher = step_matcher(self.table)
         self._arrival = 0
         self._digest = DigestCache()  # rule id -> definition digest, for checkpoints
 

@@ -260,8 +260,7 @@ class NewTermsEngine:
         max_terms: int = DEFAULT_MAX_TERMS,
         learn: float | None = None,
     ) -> None:
-        from ruletag.rules.matcher import Matcher
-        from ruletag.rules.stateful.tables import step_table
+        from ruletag.rules.stateful.tables import step_matcher, step_table
 
         self.rules: list[Rule] = []
         self.states: list[NewTermsState] = []
@@ -287,7 +286,7 @@ class NewTermsEngine:
         self.table = step_table(cond_rules, fieldmap)
         #: the condition table's matcher: callers with packed entries use its raw pre-filter
         #: (``step_hits``) so records that hit no condition cost no Python work here
-        self.matcher = Matcher(self.table)
+        self.matcher = step_matcher(self.table)
         #: event time of the first record fed (any rule): the learning periods start there
         self.start: float | None = None
 

@@ -167,8 +167,7 @@ class SampleEngine:
     def __init__(
         self, rules: Iterable[Rule], fieldmap: FieldMap | None = None, *, max_keys: int = 100_000
     ) -> None:
-        from ruletag.rules.matcher import Matcher
-        from ruletag.rules.stateful.tables import step_table
+        from ruletag.rules.stateful.tables import step_matcher, step_table
 
         self.runs: list[_Run] = []
         step_rules: list[Rule] = []
@@ -196,7 +195,7 @@ class SampleEngine:
                     self._targets.append([])
                 self._targets[k].append((ri, f))
         self.table = step_table(step_rules, fieldmap)
-        self.matcher = Matcher(self.table)
+        self.matcher = step_matcher(self.table)
         self._arrival = 0
         self._digest = DigestCache()  # rule id -> definition digest, for checkpoints
 

@@ -366,8 +366,7 @@ class SequenceEngine:
         max_partials: int = 16,
         lateness: float = DEFAULT_LATENESS,
     ) -> None:
-        from ruletag.rules.matcher import Matcher
-        from ruletag.rules.stateful.tables import step_table
+        from ruletag.rules.stateful.tables import step_matcher, step_table
 
         self.runs: list[_RuleRun] = []
         step_rules: list[Rule] = []
@@ -410,7 +409,7 @@ class SequenceEngine:
         self.table = step_table(step_rules, fieldmap)
         #: the step table's matcher: callers with packed entries use its raw pre-filter
         #: (``step_hits``) so records that hit no step cost no Python work here
-        self.matcher = Matcher(self.table)
+        self.matcher = step_matcher(self.table)
         self._arrival = 0
         self._digests: dict[str, str] = {}  # rule id -> rule_digest, for checkpoints
         self.lateness = lateness

@@ -26,8 +26,9 @@ if TYPE_CHECKING:
     from ruletag.rules.compiler import CompiledTable
     from ruletag.rules.fields import FieldMap
     from ruletag.rules.ir import Rule
+    from ruletag.rules.matcher import Matcher
 
-__all__ = ["step_cache", "step_key", "step_table"]
+__all__ = ["step_cache", "step_key", "step_matcher", "step_table"]
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,19 @@ def step_table(rules: Sequence[Rule], fieldmap: FieldMap | None) -> CompiledTabl
     return table
 
 
+def step_matcher(table: CompiledTable, tune_after: int | None = None) -> Matcher:
+    """A matcher of a step table; inside ``step_cache``, it keeps the pre-filter it re-tunes
+    beside the cached table (``<key>.tuned``) and starts from the one an earlier run kept."""
+    from ruletag.rules.matcher import Matcher
+
+    folder = _FOLDER.get()
+    tuned = folder / "steps" / f"{table.version}.tuned" if folder and table.version else None
+    return Matcher(table, tune_after, tuned)
+
+
 def _prune(folder: Path) -> None:
-    """Delete all but the :data:`KEEP` most recently used step tables."""
+    """Delete all but the :data:`KEEP` most recently used step tables (and their tuned
+    pre-filters)."""
     found = []
     for p in folder.glob("*.table"):
         with contextlib.suppress(OSError):
@@ -95,3 +107,5 @@ def _prune(folder: Path) -> None:
     for _, p in sorted(found, reverse=True)[KEEP:]:
         with contextlib.suppress(OSError):
             p.unlink()
+        with contextlib.suppress(OSError):
+            p.with_suffix(".tuned").unlink(missing_ok=True)

@@ -212,8 +212,7 @@ class ThresholdEngine:
         max_groups: int = 100_000,
         max_events: int = 10_000,
     ) -> None:
-        from ruletag.rules.matcher import Matcher
-        from ruletag.rules.stateful.tables import step_table
+        from ruletag.rules.stateful.tables import step_matcher, step_table
 
         self.rules: list[Rule] = []
         self.states: list[ThresholdState] = []
@@ -237,7 +236,7 @@ class ThresholdEngine:
                 self._targets.append([])
             self._targets[k].append(ri)
         self.table = step_table(base_rules, fieldmap)
-        self._matcher = Matcher(self.table)  # re-tunes its raw pre-filter on the traffic
+        self._matcher = step_matcher(self.table)  # re-tunes its raw pre-filter on the traffic
         self._arrival = 0
         self._digests: dict[str, str] = {}  # rule id -> rule_digest, for checkpoints
 
