@@ -197,7 +197,11 @@ def run_set(
                 connections=conns,
                 window=ns.window,
             )
-            tuned = sum("pre-filter re-tuned" in line for line in srv.lines)
+            # re-tuned on this traffic, or started from the filter an earlier run kept
+            tuned = sum(
+                "pre-filter re-tuned" in line or "pre-filter tuned on" in line
+                for line in srv.lines
+            )
             if not paths or tuned >= workers or time.monotonic() - t_warm > ns.tune_timeout:
                 break
         row["tuned_after_s"] = round(time.monotonic() - t_warm, 1) if paths and tuned else None

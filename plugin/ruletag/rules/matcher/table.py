@@ -285,10 +285,10 @@ class Matcher:
         self.stats["hot_rules"] = len(self._hot[1]) if self._hot else 0
         self.stats["raw_tuned_from"] = "file" if how != "re-tuned" else "traffic"
         log.info(
-            "pre-filter %s (tuned on %d records): %d triggers, %d often-passed rules in "
-            "their own table",
-            how,
-            tuned.tuned_on,
+            "pre-filter %s: %d triggers, %d often-passed rules in their own table",
+            f"re-tuned on {tuned.tuned_on} records"
+            if how == "re-tuned"
+            else f"tuned on {tuned.tuned_on} records, {how}",
             self.stats["raw_triggers"],
             self.stats["hot_rules"],
         )
