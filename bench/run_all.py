@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         help="longest warm-up waiting for the pre-filter to re-tune (seconds)",
     )
     ns = ap.parse_args(argv)
+    if ns.corpus is not None:  # the configs live elsewhere: rule paths must be absolute
+        ns.corpus = ns.corpus.resolve()
     sets = rule_sets(ns.corpus)
     if ns.corpus is not None and not all((ns.corpus / d).is_dir() for d in ("sigma", "elastic")):
         ap.error(f"--corpus {ns.corpus}: want a folder holding sigma/ and elastic/")
