@@ -199,8 +199,7 @@ def run_set(
             )
             # re-tuned on this traffic, or started from the filter an earlier run kept
             tuned = sum(
-                "pre-filter re-tuned" in line or "pre-filter tuned on" in line
-                for line in srv.lines
+                "pre-filter re-tuned" in line or "pre-filter tuned on" in line for line in srv.lines
             )
             if not paths or tuned >= workers or time.monotonic() - t_warm > ns.tune_timeout:
                 break
