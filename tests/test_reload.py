@@ -264,3 +264,14 @@ def test_subprocess_compiler_fills_the_cache_and_can_be_killed(
 def test_subprocess_compiler_passes_the_exclude_list(rules_dir: Path, tmp_path: Path) -> None:
     table, result = SubprocessCompiler([rules_dir], None, tmp_path / "cache", [SYSMON_RULE])()
     assert result.cached and result.excluded == 1 and not table.rules
+
+
+def test_reason_key_keeps_digits_inside_names() -> None:
+    from ruletag.runtime.reload import reason_key
+
+    assert reason_key("pattern not accepted by RE2 at line 12, col 3") == (
+        "pattern not accepted by RE2 at line N, col N"
+    )
+    assert reason_key("MD5 hash 'abc' of 32 chars; base64 in 4 parts") == (
+        "MD5 hash '…' of N chars; base64 in N parts"
+    )

@@ -63,10 +63,11 @@ def problem_counts(result: LoadResult) -> dict[str, int]:
 
 
 def reason_key(reason: str) -> str:
-    """Group problem reasons: quoted parts and numbers become placeholders."""
+    """Group problem reasons: quoted parts and numbers become placeholders (digits inside
+    a name, as in ``RE2`` or ``MD5``, are part of the name)."""
     key = re.sub(r"'[^']*'|\"[^\"]*\"|`[^`]*`", "'…'", reason)
     key = re.sub(r"%[^%\s]+%", "%…%", key)
-    key = re.sub(r"\d+", "N", key)
+    key = re.sub(r"(?<![A-Za-z_\d])\d+(?![A-Za-z_\d])", "N", key)
     return key[:120]
 
 
