@@ -17,43 +17,35 @@ import argparse
 import contextlib
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 from ruletag.rules import fields, native
-from ruletag.rules.loader import compile_rules
 from ruletag.rules.matcher import Matcher
 from ruletag.rules.matcher import prefilter as raw_mod
 from ruletag.rules.matcher import table as table_mod
-from why_decoded import read_chunks, tune
+from why_decoded import tuned_args, tuned_matcher
+
+#: (module, name the matcher calls, the pure-Python reference put there by ``reference``)
+SWAPS = (
+    (fields, "flatten_record", fields.py_flatten_record),
+    (table_mod, "scan_cached", table_mod.py_scan_cached),
+    (table_mod, "scan_groups", table_mod.py_scan_groups),
+    (table_mod, "Adder", native.PyAdder),
+    (raw_mod, "Adder", native.PyAdder),
+    (raw_mod, "EntryHits", native.PyEntryHits),
+)
 
 
 @contextlib.contextmanager
 def reference() -> Iterator[None]:
     """Run the pure-Python reference helpers inside the block (the names the matcher calls)."""
-    saved = (
-        fields.flatten_record,
-        table_mod.scan_cached,
-        table_mod.scan_groups,
-        table_mod.Adder,
-        raw_mod.Adder,
-        raw_mod.EntryHits,
-    )
-    fields.flatten_record = fields.py_flatten_record
-    table_mod.scan_cached = table_mod.py_scan_cached
-    table_mod.scan_groups = table_mod.py_scan_groups
-    table_mod.Adder = raw_mod.Adder = native.PyAdder
-    raw_mod.EntryHits = native.PyEntryHits
+    saved = [getattr(mod, name) for mod, name, _ in SWAPS]
+    for mod, name, ref in SWAPS:
+        setattr(mod, name, ref)
     try:
         yield
     finally:
-        (
-            fields.flatten_record,
-            table_mod.scan_cached,
-            table_mod.scan_groups,
-            table_mod.Adder,
-            raw_mod.Adder,
-            raw_mod.EntryHits,
-        ) = saved
+        for (mod, name, _), value in zip(SWAPS, saved, strict=True):
+            setattr(mod, name, value)
 
 
 def run(matcher: Matcher, chunks: list) -> tuple[float, list]:
@@ -67,24 +59,12 @@ def run(matcher: Matcher, chunks: list) -> tuple[float, list]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rules", nargs="+", required=True, help="rule files or folders")
-    ap.add_argument("--traffic", default="/tmp/ruletag-bench/traffic.bin")
-    ap.add_argument("--cache-dir", help="rule table cache (default: the user cache)")
-    ap.add_argument("--tune-after", type=int, default=20_000)
+    tuned_args(ap)
     ap.add_argument("--rounds", type=int, default=3)
     ns = ap.parse_args()
     if native.IMPLEMENTATION == "python":
         raise SystemExit("the C helpers are not built (or RULETAG_PURE_PYTHON is set)")
-
-    t0 = time.perf_counter()
-    compiled, result = compile_rules(
-        ns.rules, cache_dir=Path(ns.cache_dir) if ns.cache_dir else None
-    )
-    print(f"{len(result.rules)} rules ({time.perf_counter() - t0:.1f} s to load or compile)")
-    matcher = Matcher(compiled)
-    chunks = read_chunks(Path(ns.traffic))
-    start = tune(matcher, chunks, ns.tune_after, timeout=300.0)
-    rest = chunks[start:] or chunks
+    matcher, rest = tuned_matcher(ns)
     n = sum(len(c[1]) for c in rest)
     best = {"c": float("inf"), "python": float("inf")}
     for _ in range(ns.rounds):

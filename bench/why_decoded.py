@@ -52,15 +52,18 @@ def tune(matcher: Matcher, chunks: list, records: int, timeout: float) -> int:
     return k
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def tuned_args(ap: argparse.ArgumentParser) -> None:
+    """The options of :func:`tuned_matcher` (rules, traffic file, cache, tuning length)."""
     ap.add_argument("--rules", nargs="+", required=True, help="rule files or folders")
     ap.add_argument("--traffic", default="/tmp/ruletag-bench/traffic.bin")
     ap.add_argument("--cache-dir", help="rule table cache (default: the user cache)")
     ap.add_argument("--tune-after", type=int, default=20_000)
-    ap.add_argument("--top", type=int, default=25, help="rules to list")
-    ns = ap.parse_args()
 
+
+def tuned_matcher(ns: argparse.Namespace) -> tuple[Matcher, list]:
+    """A matcher of ``--rules`` (loaded or compiled through the cache) whose pre-filter has
+    re-tuned itself on the first ``--tune-after`` records of ``--traffic``, and the chunks
+    after those (all of them if the file is too short)."""
     t0 = time.perf_counter()
     compiled, result = compile_rules(
         ns.rules, cache_dir=Path(ns.cache_dir) if ns.cache_dir else None
@@ -71,7 +74,16 @@ def main() -> None:
     start = tune(matcher, chunks, ns.tune_after, timeout=300.0)
     if not matcher.stats.get("raw_tuned_on_records"):
         print("the pre-filter did not re-tune (too little traffic?): figures are untuned")
-    rest = chunks[start:] or chunks
+    return matcher, chunks[start:] or chunks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    tuned_args(ap)
+    ap.add_argument("--top", type=int, default=25, help="rules to list")
+    ns = ap.parse_args()
+    matcher, rest = tuned_matcher(ns)
+    compiled = matcher.table
     raw = matcher.raw
     per_rule: collections.Counter[int] = collections.Counter()
     total: collections.Counter[str] = collections.Counter()
