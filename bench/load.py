@@ -246,13 +246,16 @@ class ProcStats:
 
 @dataclass
 class Traffic:
-    """The frames of a traffic file, in memory."""
+    """The frames of a traffic file, in memory. ``cursor``: the frame the next run starts
+    at; each run goes on where the last one stopped, so short runs (a warm-up made of 1 s
+    runs) cycle through the whole mix rather than replaying its first frames."""
 
     frames: list[bytes]
     counts: list[int]
     t0: int
     entry_bytes: int
     wire_bytes: int
+    cursor: int = 0
 
     @classmethod
     def load(cls, path: Path) -> Traffic:
@@ -326,11 +329,12 @@ async def _drive(
     # chunk k of the whole run is due at start + k / chunk_rate (fixed-rate mode)
     chunk_rate = rate / (sum(traffic.counts) / n) if rate else None
     next_slot = [0]
+    order = [(traffic.cursor + j) % n for j in range(n)]
 
     async def one(c: int) -> None:
         _, proto = await loop.create_connection(_Client, host, port)
         assert proto.transport is not None
-        mine = list(range(c, n, connections))
+        mine = order[c::connections]
         sent_counts: list[int] = []
         i = 0
         while time.monotonic() < stop_at:
@@ -367,6 +371,7 @@ async def _drive(
 
     await asyncio.gather(*(one(c) for c in range(connections)))
     elapsed = time.monotonic() - start
+    traffic.cursor = (traffic.cursor + totals["chunks"]) % n
     return DriveResult(
         "rate" if rate else "full",
         elapsed,

@@ -235,3 +235,98 @@ def test_an_unwritable_tuned_file_costs_nothing_but_a_warning(
     feed_until_tuned(m, traffic(1000, 11))
     assert m.stats["raw_tuned_from"] == "traffic"
     assert "tuned pre-filter not saved" in caplog.text
+
+
+def other_source(n: int, seed: int) -> list[dict[str, object]]:
+    """Records of another source than :func:`traffic`: no ``Image``, no "program files"."""
+    rng = random.Random(seed)
+    return [
+        {
+            "CommandLine": f"sh -c 'run {rng.randint(1, 10**6)}'" + (" zq" if i % 3 == 0 else ""),
+            "EventID": 4688,
+        }
+        for i in range(n)
+    ]
+
+
+def feed_until(t: Matcher, records: list[dict[str, object]], done: object, what: str) -> None:
+    """Feed ``records`` (in chunks of 100) until ``done()`` holds (background rebuilds)."""
+    chunks = [pack_records(records[i : i + 100]) for i in range(0, len(records), 100)]
+    deadline = time.monotonic() + 60
+    k = 0
+    while not done():  # type: ignore[operator]
+        assert time.monotonic() < deadline, what
+        t.match_entries(*chunks[k % len(chunks)])
+        k += 1
+        if k % len(chunks) == 0:
+            time.sleep(0.05)
+
+
+def test_the_prefilter_follows_traffic_its_tuning_sample_did_not_hold(
+    fm: FieldMap, tmp_path, monkeypatch
+) -> None:
+    """Tuned on one source only, then the other arrives: its often-passed rule joins the small
+    table, and the triggers picked for the absent source's rules (they fire on most of its
+    records) make the pre-filter observe again and re-tune on both samples; the re-tuned
+    filter is kept; matches never change."""
+    monkeypatch.setattr(Matcher, "HOT_WINDOW", 200)
+    monkeypatch.setattr(Matcher, "DRIFT_GAP", 2)
+    path = tmp_path / "v-test.tuned"
+    m = Matcher(_keyed(fm), tune_after=300, tuned_path=path)
+    feed_until_tuned(m, other_source(400, 1))
+    assert m.raw is not None
+    first = m.raw.filter.tuned_on
+    assert m._hot is None or 1 not in m._hot[1]  # "broad" needs Image: never passed yet
+    b = traffic(2000, 2)
+    feed_until(m, b, lambda: m.stats.get("hot_grown"), "the often-passed table did not grow")
+    assert m._hot is not None and 1 in m._hot[1]
+    feed_until(
+        m,
+        b,
+        lambda: m.stats.get("raw_retunes") == 1 and m.raw.filter.tuned_on >= first + 300,  # type: ignore[union-attr]
+        "the pre-filter did not re-tune on the new traffic",
+    )
+    assert m.stats["raw_drift"] > Matcher.DRIFT
+    fresh = traffic(1500, 3) + other_source(500, 4)
+    buf, spans = pack_records(fresh)
+    expected = want(m, fresh)
+    assert expected and m.match_entries(buf, spans) == expected
+    # the next matcher of this table starts from the re-tuned filter
+    again = Matcher(_keyed(fm), tune_after=300, tuned_path=path)
+    assert again.raw is not None and again.raw.filter.tuned_on == m.raw.filter.tuned_on  # type: ignore[union-attr]
+    assert again.match_entries(buf, spans) == expected
+
+
+def test_traffic_like_the_tuning_sample_never_re_tunes(fm: FieldMap, monkeypatch) -> None:
+    """The guard against re-tuning for nothing: the same mix, many windows, no re-tuning."""
+    monkeypatch.setattr(Matcher, "HOT_WINDOW", 200)
+    monkeypatch.setattr(Matcher, "DRIFT_GAP", 2)
+    m = Matcher(build(rules(), fm), tune_after=300)
+    mix = traffic(2000, 5)
+    feed_until_tuned(m, mix)
+    buf, spans = pack_records(traffic(2000, 6))
+    for _ in range(10):  # 100 windows
+        m.match_entries(buf, spans)
+    assert "raw_drift" in m.stats and m.stats["raw_drift"] <= Matcher.DRIFT
+    assert "raw_retunes" not in m.stats and m.raw is not None and m.raw.fires is not None
+
+
+def test_re_tuning_for_drift_is_spaced_out_and_bounded(fm: FieldMap, monkeypatch) -> None:
+    """Traffic that keeps changing cannot keep the pre-filter observing: each re-tuning
+    doubles the wait before the next, and there are at most MAX_RETUNES."""
+    monkeypatch.setattr(Matcher, "HOT_WINDOW", 100)
+    monkeypatch.setattr(Matcher, "DRIFT_GAP", 1)
+    monkeypatch.setattr(Matcher, "MAX_RETUNES", 2)
+    m = Matcher(build(rules(), fm), tune_after=100)
+    feed_until_tuned(m, other_source(200, 7))
+    a, b = other_source(1000, 8), traffic(1000, 9)
+    gaps = []
+    for _ in range(40):
+        for recs in (b, a):
+            buf, spans = pack_records(recs)
+            m.match_entries(buf, spans)
+            gaps.append(m._gap)
+        time.sleep(0.02)
+    # it did re-tune, twice (the bound), and waited twice as long before the second
+    assert m.stats["raw_retunes"] == 2
+    assert set(gaps) <= {1, 2, 4} and m._gap == 4

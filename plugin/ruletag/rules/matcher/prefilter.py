@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import threading
 from array import array
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 from ruletag.rules.compiler.prefilter import FOLD_ID, RawFilter, retune
@@ -24,6 +25,11 @@ TUNE_AFTER = 20_000
 #: in the sample that loosening is checked on).
 MAX_SETS = 20_000
 
+#: What a tuning observed: per pattern the entries holding it, per rule the entries its
+#: requirement held in, the entries observed, and the distinct pattern sets of the entries
+#: no requirement held in (see :meth:`RawMatcher._observe`).
+Sample = tuple[dict[int, int], dict[int, int], int, dict[bytes, int]]
+
 
 class RawMatcher:
     """Runs :attr:`filter`: :meth:`candidates` lists the entries worth decoding, and for
@@ -35,6 +41,9 @@ class RawMatcher:
     the patterns measured rarest and whose stage 2 no longer scans for the patterns almost
     every record holds; :attr:`tuned` holds it once ready and the owner swaps in a matcher
     over it. Any choice of triggers and any loosening is sound, so matches never change.
+
+    ``prior``: the sample an earlier tuning observed; the tuning adds it to its own, so a
+    re-tuning after the traffic changed serves the old traffic and the new.
     """
 
     def __init__(
@@ -42,6 +51,7 @@ class RawMatcher:
         filt: RawFilter,
         tune_after: int = TUNE_AFTER,
         after_tune: Callable[[RawFilter], None] | None = None,
+        prior: Sample | None = None,
     ) -> None:
         self.filter = filt
         self._trigger_db = filt.trigger_db
@@ -62,6 +72,12 @@ class RawMatcher:
         self._sets: dict[bytes, int] = {}
         self._observed = 0
         self._tuning = False
+        self._prior = prior
+        #: what the tuning observed (its own records and ``prior``), once tuned
+        self.sample: Sample | None = None
+        #: when set (by the owner of a tuned filter): per trigger pattern, the entries it
+        #: fired in, to tell when the traffic no longer looks like the tuning sample
+        self.fires: Counter[int] | None = None
         self.tune_after = 0
         self.set_tune_after(tune_after)
 
@@ -80,6 +96,10 @@ class RawMatcher:
         self._trigger_db.scan(entries, on_trigger)
         per_entry: dict[int, set[int]] = on_trigger.per_entry
         counts = self._counts
+        fires = self.fires
+        if fires is not None:
+            for pats in per_entry.values():
+                fires.update(pats)
         out: dict[int, list[int]] = {}
         if not per_entry:
             if counts is not None:
@@ -176,7 +196,10 @@ class RawMatcher:
         sets: dict[bytes, int],
     ) -> None:
         try:
+            if self._prior is not None:
+                counts, passes, n, sets = _merge((counts, passes, n, sets), self._prior)
             tuned = retune(self.filter, counts, n, passes, sets)
+            self.sample = (counts, passes, n, sets)
             if self.after_tune is not None:
                 self.after_tune(tuned)
             self.tuned = tuned
@@ -184,6 +207,19 @@ class RawMatcher:
             self.tune_error = f"{type(exc).__name__}: {exc}"
         finally:
             _release_memory()
+
+
+def _merge(a: Sample, b: Sample) -> Sample:
+    """Two samples as one (the distinct pattern sets still at most :data:`MAX_SETS`)."""
+    counts = Counter(a[0])
+    counts.update(b[0])
+    passes = Counter(a[1])
+    passes.update(b[1])
+    sets = dict(a[3])
+    for key, c in b[3].items():
+        if key in sets or len(sets) < MAX_SETS:
+            sets[key] = sets.get(key, 0) + c
+    return dict(counts), dict(passes), a[2] + b[2], sets
 
 
 def _release_memory() -> None:

@@ -11,12 +11,23 @@ tuning builds. Several matchers over one table are independent.
 * :meth:`Matcher.match_entries`: raw msgpack bytes; the pre-filter lists the entries that
   meet some rule's raw requirement, only those are decoded and only those rules evaluated
   (:meth:`Matcher.match_subset`).
+
+The often-passed table follows the traffic: once tuned, the matcher counts, per window of
+:attr:`Matcher.HOT_WINDOW` records, how often each rule outside it was evaluated, and rebuilds
+it (on a background thread) with the rules that now pass often, so traffic the tuning sample
+did not hold (another source, a shift during the day) does not stay on the slow path. And
+when the tuned triggers fire far more often than the tuning sample led to expect (per window:
+:attr:`Matcher.DRIFT` more fires per record, counting per rule only what goes beyond twice its
+measured rate), the pre-filter observes again and re-tunes on the old sample and the new
+together (at most :attr:`Matcher.MAX_RETUNES` times, spaced further apart each time).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import threading
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +42,7 @@ from ruletag.rules.compiler.table import CompiledTable, build
 from ruletag.rules.fields import RecordView
 from ruletag.rules.ir import Rule
 from ruletag.rules.matcher.leaves import Lazy, lazy_fn
-from ruletag.rules.matcher.prefilter import TUNE_AFTER, RawMatcher
+from ruletag.rules.matcher.prefilter import TUNE_AFTER, RawMatcher, Sample
 from ruletag.rules.native import Adder, native_module
 
 log = logging.getLogger(__name__)
@@ -63,6 +74,15 @@ class Matcher:
     #: a rule whose trigger fires on more than this share of the records is evaluated by
     #: a table of such rules only (its field databases are a fraction of the full ones)
     HOT_SHARE = 0.01
+    #: records per check of which rules outside the often-passed table now pass often
+    HOT_WINDOW = 20_000
+    #: extra trigger fires per record (beyond twice each rule's tuned rate + HOT_SHARE) that
+    #: make the pre-filter re-tune; the bench mixes: 0.3 tuned on the mix, 3.1 tuned on half
+    #: its sources (docs/benchmarks.md)
+    DRIFT = 1.0
+    #: windows after a tuning before drift may re-tune (doubled at each re-tuning)
+    DRIFT_GAP = 5
+    MAX_RETUNES = 8
 
     def __init__(
         self,
@@ -84,11 +104,26 @@ class Matcher:
         self._lazy = self._lazy_leaves()
         self._group_spec = self._build_group_spec()
         self.raw: RawMatcher | None = None
+        self._tune_after = 0
         if table.raw is not None:
             after = TUNE_AFTER if tune_after is None else tune_after
+            self._tune_after = after
             self.raw = RawMatcher(table.raw, after, self._build_hot)
         self._hot: HotTable | None = None
         self._next_hot: HotTable | None = None
+        # once tuned: the filter in use, and per rule outside the often-passed table the
+        # records it was evaluated for in this window (see :meth:`_check_hot`)
+        self._tuned: RawFilter | None = None
+        self._cold_seen: Counter[int] | None = None
+        self._cold_records = 0
+        self._grown: tuple[HotTable, int, int] | None = None
+        self._growing = False
+        # drift: what the last tuning observed, windows since it, re-tunings so far
+        self._sample: Sample | None = None
+        self._windows = 0
+        self._fired: deque[tuple[Counter[int], int]] = deque(maxlen=self.DRIFT_GAP)
+        self._gap = self.DRIFT_GAP
+        self._retunes = 0
         if tuned_path is not None and not table.version:
             self.tuned_path = None  # only a table with a cache key can be told apart
         if self.raw is not None and self.raw.tune_after > 0 and self.tuned_path is not None:
@@ -239,11 +274,14 @@ class Matcher:
         out: dict[int, list[int]] = {}
         if not spans:
             return out
+        if self._grown is not None:
+            self._swap_grown()
         cands = self.raw_candidates(entries, spans)
         forced = self.table.raw_forced
         view = memoryview(entries)
         todo: Iterable[int] = range(len(spans)) if forced else sorted(cands)
         hot = self._hot
+        cold = self._cold_seen
         for k in todo:
             rules: Iterable[int] = cands.get(k, ())
             if forced:
@@ -254,10 +292,18 @@ class Matcher:
                 continue
             if hot is None:
                 m = self.match_subset(record, rules)
+                if cold is not None:
+                    cold.update(rules)
             else:
-                m = self._match_hot(record, rules, hot)
+                m = self._match_hot(record, rules, hot, cold)
             if m:
                 out[k] = m
+        if cold is not None:
+            self._cold_records += len(spans)
+            if self._cold_records >= self.HOT_WINDOW:
+                n = self._cold_records
+                self._check_hot()
+                self._check_drift(n)
         return out
 
     def raw_candidates(
@@ -278,8 +324,18 @@ class Matcher:
 
     def _swap_tuned(self, tuned: RawFilter, how: str = "re-tuned") -> None:
         """Run the re-tuned filter from now on (and the often-passed rules' own matcher)."""
+        prev = self.raw
+        if prev is not None and prev.sample is not None:
+            self._sample = prev.sample
         self.raw = RawMatcher(tuned, 0)
+        if self._tune_after > 0:
+            self.raw.fires = Counter()
+        self._windows = 0
+        self._fired.clear()
         self._hot = self._next_hot
+        self._tuned = tuned
+        self._cold_seen = Counter()
+        self._cold_records = 0
         self.stats["raw_tuned_on_records"] = tuned.tuned_on
         self.stats["raw_triggers"] = len(tuned.trig_rules) - 1
         self.stats["hot_rules"] = len(self._hot[1]) if self._hot else 0
@@ -298,37 +354,135 @@ class Matcher:
         record: Mapping[str, object],
         rules: Iterable[int],
         hot: HotTable,
+        cold: Counter[int] | None = None,
     ) -> list[int]:
-        """``match_subset`` with the often-candidate rules evaluated by the small table."""
+        """``match_subset`` with the often-candidate rules evaluated by the small table;
+        the other rules are counted into ``cold``."""
         sub, pos, back = hot
         mine = [pos[r] for r in rules if r in pos]
         rest = [r for r in rules if r not in pos]
         got = [back[i] for i in sub.match_subset(record, mine)] if mine else []
         if rest:
             got = sorted(got + self.match_subset(record, rest))
+            if cold is not None:
+                cold.update(rest)
         return got
+
+    def _hot_table(self, hot: Sequence[int]) -> HotTable | None:
+        """The small table of the rules ``hot`` (sorted indexes), with its index maps."""
+        if not hot:
+            return None
+        t = self.table
+        sub = build([t.rules[k] for k in hot], t.fieldmap, "", raw=False)
+        return (Matcher(sub, 0), {k: i for i, k in enumerate(hot)}, tuple(hot))
 
     def _build_hot(self, tuned: RawFilter) -> None:
         """On the tuning thread: the small table of the rules the tuned filter often passes."""
-        hot = sorted(k for k, c in tuned.rates.items() if c > self.HOT_SHARE)
-        sub = None
-        if hot:
-            t = self.table
-            sub = build([t.rules[k] for k in hot], t.fieldmap, "", raw=False)
-            self._next_hot = (Matcher(sub, 0), {k: i for i, k in enumerate(hot)}, tuple(hot))
-        else:
-            self._next_hot = None
-        if self.tuned_path is not None:
-            try:
-                self.tuned_path.parent.mkdir(parents=True, exist_ok=True)
-                save_tuned(
-                    self.tuned_path,
-                    self.table.version,
-                    tuned,
-                    None if sub is None else (sub, tuple(hot)),
-                )
-            except OSError as exc:  # a cache: the tuned filter is used all the same
-                log.warning("tuned pre-filter not saved to %s: %s", self.tuned_path, exc)
+        self._next_hot = self._hot_table(
+            sorted(k for k, c in tuned.rates.items() if c > self.HOT_SHARE)
+        )
+        self._keep(tuned, self._next_hot)
+
+    def _keep(self, tuned: RawFilter, hot: HotTable | None) -> None:
+        """Write the tuned filter and its often-passed table to :attr:`tuned_path`, if any."""
+        if self.tuned_path is None:
+            return
+        try:
+            self.tuned_path.parent.mkdir(parents=True, exist_ok=True)
+            save_tuned(
+                self.tuned_path,
+                self.table.version,
+                tuned,
+                None if hot is None else (hot[0].table, hot[2]),
+            )
+        except OSError as exc:  # a cache: the tuned filter is used all the same
+            log.warning("tuned pre-filter not saved to %s: %s", self.tuned_path, exc)
+
+    def _check_hot(self) -> None:
+        """End of a window: rebuild the often-passed table in the background if rules
+        outside it were evaluated for more than :attr:`HOT_SHARE` of the window's records."""
+        seen, n = self._cold_seen, self._cold_records
+        self._cold_seen, self._cold_records = Counter(), 0
+        if seen is None or self._growing or self._tuned is None:
+            return
+        limit = self.HOT_SHARE * n
+        new = [k for k, c in seen.items() if c > limit]
+        if not new:
+            return
+        rules = sorted(set(self._hot[2] if self._hot else ()).union(new))
+        self._growing = True
+        threading.Thread(
+            target=self._grow,
+            args=(self._tuned, rules, len(new), n),
+            daemon=True,
+            name="ruletag-hot-table",
+        ).start()
+
+    def _check_drift(self, n: int) -> None:
+        """End of a window of ``n`` records: re-tune if, over the last :attr:`DRIFT_GAP`
+        windows, the tuned triggers fired far more often than the tuning sample led to
+        expect (see the module docstring)."""
+        raw, tuned = self.raw, self._tuned
+        if raw is None or raw.fires is None or tuned is None or self.table.raw is None:
+            return  # not tuned, or observing again
+        self._fired.append((raw.fires, n))
+        raw.fires = Counter()
+        self._windows += 1
+        if len(self._fired) < self.DRIFT_GAP:
+            return  # judged over DRIFT_GAP windows: one window may hold few of the sources
+        fires: Counter[int] = Counter()
+        for f, _ in self._fired:
+            fires.update(f)
+        n = sum(m for _, m in self._fired)
+        fired: Counter[int] = Counter()
+        trig = tuned.trig_rules
+        for t, c in fires.items():
+            for r in trig.get(t, ()):
+                fired[r] += c
+        rates, floor = tuned.rates, self.HOT_SHARE
+        excess = sum(max(0.0, c / n - 2 * rates.get(r, 0.0) - floor) for r, c in fired.items())
+        self.stats["raw_drift"] = round(excess, 2)
+        if excess <= self.DRIFT or self._windows < self._gap or self._retunes >= self.MAX_RETUNES:
+            return
+        self._retunes += 1
+        self._gap *= 2
+        self.stats["raw_retunes"] = self._retunes
+        log.info(
+            "pre-filter: the traffic differs from the %d records it was tuned on (%.1f more "
+            "trigger fires per record than they led to expect): observing the next %d records "
+            "to re-tune on both",
+            tuned.tuned_on,
+            excess,
+            self._tune_after,
+        )
+        self.raw = RawMatcher(self.table.raw, self._tune_after, self._build_hot, self._sample)
+
+    def _grow(self, tuned: RawFilter, rules: list[int], new: int, window: int) -> None:
+        """On its own thread: the larger often-passed table, kept with the tuned filter."""
+        try:
+            hot = self._hot_table(rules)
+            assert hot is not None
+            self._keep(tuned, hot)
+            self._grown = (hot, new, window)
+        except Exception as exc:  # pragma: no cover - the current table stays in use
+            log.warning("often-passed table not rebuilt (the current one is kept): %s", exc)
+        finally:
+            self._growing = False
+
+    def _swap_grown(self) -> None:
+        """Evaluate the often-passed rules with the rebuilt, larger table from now on."""
+        assert self._grown is not None
+        hot, new, window = self._grown
+        self._grown = None
+        self._hot = hot
+        self.stats["hot_rules"] = len(hot[2])
+        self.stats["hot_grown"] = self.stats.get("hot_grown", 0) + 1
+        log.info(
+            "often-passed table rebuilt: %d rules (%d more passed often in the last %d records)",
+            len(hot[2]),
+            new,
+            window,
+        )
 
 
 # --------------------------------------------------------------------------- scanning
