@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -145,6 +146,9 @@ def test_relay_metrics_and_health_over_http(arun, tmp_path: Path) -> None:
                 assert s[("ruletag_detections_total", (("rule_id", SYSMON_RULE),))] == 2
                 assert s[("ruletag_detections_by_severity_total", (("severity", "medium"),))] == 2
                 assert s[("ruletag_rules_loaded", ())] == 2
+                # the seeds' pre-filter has not seen 20,000 records: not tuned, no drift
+                assert s[("ruletag_prefilter_tuned_on_records", ())] == 0
+                assert s[("ruletag_prefilter_retunes_total", ())] == 0
                 assert s[("ruletag_ruleset_info", (("version", live.version),))] == 1
                 assert s[("ruletag_rule_reloads_total", (("result", "ok"),))] == 1  # not startup
                 assert s[("ruletag_rule_reloads_total", (("result", "failed"),))] == 0
@@ -218,3 +222,31 @@ def test_disk_buffer_gauges_are_exported() -> None:
     assert s[("ruletag_buffer_duplicates_dropped_total", ())] == 2
     assert s[("ruletag_buffer_full_waits_total", ())] == 1
     assert s[("ruletag_buffer_write_errors_total", ())] == 4
+
+
+def test_prefilter_tuning_and_drift_are_exported() -> None:
+    """The live matcher's tuning and drift figures reach /metrics (a matcher that re-tuned
+    once because its traffic changed, as in test_prefilter_tuning)."""
+    from ruletag.rules.matcher import Matcher
+    from ruletag.runtime.reload import LiveFilter
+
+    class Filter:
+        def __init__(self) -> None:
+            self.table = SimpleNamespace(rules=(), version="v1")
+            self.matcher = Matcher.__new__(Matcher)
+            self.matcher.stats = {
+                "raw_tuned_on_records": 40_000,
+                "hot_rules": 83,
+                "raw_drift": 0.94,
+                "raw_retunes": 1,
+            }
+
+    live = LiveFilter(lambda t: t)
+    live.filter = Filter()  # type: ignore[assignment]
+    metrics = Metrics()
+    metrics.bind(rules=live)
+    s = samples(metrics.render()[0].decode())
+    assert s[("ruletag_prefilter_tuned_on_records", ())] == 40_000
+    assert s[("ruletag_prefilter_often_passed_rules", ())] == 83
+    assert s[("ruletag_prefilter_drift", ())] == 0.94
+    assert s[("ruletag_prefilter_retunes_total", ())] == 1

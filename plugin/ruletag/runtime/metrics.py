@@ -21,9 +21,11 @@ Exported families (all prefixed ``ruletag_``): ``records_in_total``, ``records_o
 ``connections_slow_frames_total``, ``decodes_off_loop_total``,
 ``connections_open``, ``stage_duration_seconds{stage=decode|filter|forward}``,
 ``rules_loaded``, ``rule_load_problems{kind}``, ``ruleset_info{version}``,
-``rule_reloads_total{result=ok|failed}``, ``ready``; in disk mode ``buffer_bytes``,
-``buffer_chunks``, ``buffer_oldest_age_seconds``, ``buffer_duplicates_dropped_total``,
-``buffer_full_waits_total``, ``buffer_write_errors_total``, ``buffer_full``.
+``rule_reloads_total{result=ok|failed}``, ``prefilter_tuned_on_records``,
+``prefilter_often_passed_rules``, ``prefilter_drift``, ``prefilter_retunes_total``,
+``ready``; in disk mode ``buffer_bytes``, ``buffer_chunks``, ``buffer_oldest_age_seconds``,
+``buffer_duplicates_dropped_total``, ``buffer_full_waits_total``,
+``buffer_write_errors_total``, ``buffer_full``.
 """
 
 from __future__ import annotations
@@ -337,6 +339,9 @@ class _RelayCollector(Collector):
             "kind",
             sorted(rules.problem_counts.items()),
         )
+        pre: Mapping[str, Any] | None = getattr(rules, "prefilter_stats", None)
+        if pre:
+            yield from _prefilter(pre)
         stats = rules.filter_stats
         if stats is None:
             return
@@ -355,6 +360,30 @@ class _RelayCollector(Collector):
             "severity",
             sorted(dict(stats.by_severity).items()),
         )
+
+
+def _prefilter(st: Mapping[str, Any]) -> Iterator[Metric]:
+    """The live matcher's raw pre-filter: how it is tuned and whether the traffic drifted."""
+    yield _gauge(
+        "prefilter_tuned_on_records",
+        "Records the raw pre-filter was tuned on (0: not tuned yet).",
+        st.get("raw_tuned_on_records") or 0,
+    )
+    yield _gauge(
+        "prefilter_often_passed_rules",
+        "Rules the tuned pre-filter often passes, evaluated by their own small table.",
+        st.get("hot_rules") or 0,
+    )
+    yield _gauge(
+        "prefilter_drift",
+        "Trigger fires per record beyond what the tuning sample led to expect (last check).",
+        st.get("raw_drift") or 0,
+    )
+    yield _counter(
+        "prefilter_retunes",
+        "Pre-filter re-tunings because the traffic differed from its tuning sample.",
+        st.get("raw_retunes") or 0,
+    )
 
 
 #: One plain family read at scrape time: (family, name, help, attribute of the object read).

@@ -277,6 +277,12 @@ class LiveFilter:
     def filter_stats(self) -> FilterStats:
         return self.stats
 
+    @property
+    def prefilter_stats(self) -> Mapping[str, Any] | None:
+        """The live matcher's figures (``Matcher.stats``: tuning, drift), if it has one."""
+        matcher = getattr(self.filter, "matcher", None)
+        return None if matcher is None else matcher.stats
+
 
 class Reloader:
     """Reload ``live`` from ``load()`` on demand, on SIGHUP and when ``watch`` paths change."""
