@@ -23,7 +23,7 @@ import msgpack
 import pytest
 
 from ruletag import protocol
-from ruletag.delivery.pipeline import apply_transform, slice_bounds
+from ruletag.delivery.pipeline import Pace, apply_transform, slice_bounds
 from ruletag.enrich.filter import RuleFilter
 from ruletag.protocol import Chunk
 from ruletag.rules.loader import compile_rules
@@ -508,3 +508,38 @@ def test_slices_of_one_chunk_use_one_rule_set_across_a_reload(arun: Any) -> None
     out = arun(apply_transform(live, chunk))
     assert len(seen) > 1 and set(seen) == {"old"}
     assert out == [chunk]
+
+
+def test_pace_hands_cheap_transforms_whole_chunks_and_slices_slow_ones(arun: Any) -> None:
+    """Slicing a chunk costs a copy and a join; a pipeline's Pace skips it for a transform
+    fast enough to run the chunk whole within the budget, keeps it for a slow one, and goes
+    back to slicing at once when the transform gets slower (a reload to more rules)."""
+    chunk = _decoded(
+        protocol.encode_chunk(
+            "win", *pack_entries({"EventID": 1, "n": i} for i in range(20_000)), chunk_id=b"c"
+        )
+    )
+    assert len(slice_bounds(chunk.spans or [])) > 3
+    sizes: list[int] = []
+    delay = [0.0]
+
+    def transform(part: Chunk) -> list[Chunk]:
+        sizes.append(part.count)
+        if delay[0]:
+            time.sleep(delay[0] * len(part.entries) / len(chunk.entries))
+        return [part]
+
+    pace = Pace()
+    out = arun(apply_transform(transform, chunk, pace))
+    assert out == [chunk] and len(sizes) > 3  # unknown cost: sliced, and measured
+    sizes.clear()
+    arun(apply_transform(transform, chunk, pace))
+    assert sizes == [chunk.count]  # cheap: one piece
+    delay[0] = 4 * Pace.BUDGET  # the whole chunk would hold the loop 4x the budget
+    sizes.clear()
+    arun(apply_transform(transform, chunk, pace))
+    assert sizes == [chunk.count]  # handed over whole once, on the old figure ...
+    for _ in range(3):
+        sizes.clear()
+        out = arun(apply_transform(transform, chunk, pace))
+        assert len(sizes) > 3 and out == [chunk]  # ... then sliced again, every time

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 from ruletag.config.model import BufferConfig
 from ruletag.delivery.buffer import DiskBuffer, RecoveryReport, content_digest, is_space_error
-from ruletag.delivery.pipeline import Sender, Transform, apply_transform
+from ruletag.delivery.pipeline import Pace, Sender, Transform, apply_transform
 from ruletag.errors import BufferFullError, RuletagError
 from ruletag.protocol import Chunk
 
@@ -94,6 +94,7 @@ class DurablePipeline:
         self.forwarder = forwarder
         self.buffer = buffer
         self.transform = transform
+        self.pace = Pace()
         self.concurrency = concurrency
         self.retry_min = retry_min
         self.retry_max = retry_max
@@ -173,7 +174,7 @@ class DurablePipeline:
     async def submit(self, chunk: Chunk) -> None:
         """Transform ``chunk`` and store the result durably; return = safe to ack upstream."""
         self.chunks_in += 1
-        out = await apply_transform(self.transform, chunk)
+        out = await apply_transform(self.transform, chunk, self.pace)
         digest = content_digest(chunk)  # of the upstream chunk: the resend test
         if chunk.chunk_id is not None:
             out = _with_buffer_ids(out, chunk.chunk_id)

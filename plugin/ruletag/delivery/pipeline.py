@@ -15,11 +15,15 @@ other connections' acks are not held up for the whole chunk. A transform must th
 entry by entry (as the rule filter does): the output for a chunk equals the outputs for its
 slices, one after the other, with adjacent chunks of the same tag joined; a transform that
 returns its input unchanged (the very object) for every slice returns the chunk itself.
+Slicing costs a copy of the entries and a join of the outputs, so a pipeline's :class:`Pace`
+remembers how long its transform takes per byte and hands over whole a chunk that would hold
+the loop no longer than :attr:`Pace.BUDGET` (the 1 MB chunks of a relay with a few rules).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Protocol
@@ -33,12 +37,42 @@ SLICE_ENTRIES = 4096
 SLICE_BYTES = 128 * 1024
 
 
-async def apply_transform(transform: Transform | None, chunk: Chunk) -> list[Chunk]:
-    """``transform(chunk)``, in slices that yield to the event loop when ``chunk`` is large."""
+class Pace:
+    """How long a pipeline's transform takes per entry byte, measured on what it was given.
+
+    A rise is taken at once, a fall slowly (an eighth of the way per chunk), so after a reload
+    to a heavier rule set at most one chunk is handed over whole on the old figure."""
+
+    #: longest a whole chunk may hold the event loop (a 128 KiB slice with every corpus rule
+    #: takes about as long)
+    BUDGET = 0.005
+
+    def __init__(self) -> None:
+        self.per_byte: float | None = None  # unknown until measured: slice
+
+    def whole(self, size: int) -> bool:
+        """Whether a chunk of ``size`` entry bytes may be transformed in one piece."""
+        return self.per_byte is not None and self.per_byte * size <= self.BUDGET
+
+    def observe(self, size: int, seconds: float) -> None:
+        if size <= 0:
+            return
+        rate = seconds / size
+        old = self.per_byte
+        self.per_byte = rate if old is None or rate > old else old + (rate - old) / 8
+
+
+async def apply_transform(
+    transform: Transform | None, chunk: Chunk, pace: Pace | None = None
+) -> list[Chunk]:
+    """``transform(chunk)``, in slices that yield to the event loop when ``chunk`` is large
+    (and, given ``pace``, the transform too slow to run it whole within its budget)."""
     if transform is None:
         return [chunk]
     if chunk.signal != 0 or (chunk.count <= SLICE_ENTRIES and len(chunk.entries) <= SLICE_BYTES):
-        return transform(chunk)
+        return _timed(transform, chunk, pace)
+    if pace is not None and pace.whole(len(chunk.entries)):
+        return _timed(transform, chunk, pace)
     pinned = getattr(transform, "pinned", None)
     if pinned is not None:
         transform = pinned()  # one rule set for every slice, even across a reload
@@ -54,10 +88,20 @@ async def apply_transform(transform: Transform | None, chunk: Chunk) -> list[Chu
         if n:
             await asyncio.sleep(0)
         part = _slice(chunk, spans, first, last)
-        out = transform(part)
+        out = _timed(transform, part, pace)
         unchanged = unchanged and len(out) == 1 and out[0] is part
         outputs.append(out)
     return [chunk] if unchanged else _join_runs(chunk, outputs)
+
+
+def _timed(transform: Transform, chunk: Chunk, pace: Pace | None) -> list[Chunk]:
+    """``transform(chunk)``, its time per entry byte noted in ``pace``."""
+    if pace is None:
+        return transform(chunk)
+    t0 = time.perf_counter()
+    out = transform(chunk)
+    pace.observe(len(chunk.entries), time.perf_counter() - t0)
+    return out
 
 
 def slice_bounds(spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -129,13 +173,14 @@ class Pipeline:
     def __init__(self, forwarder: Sender, transform: Transform | None = None) -> None:
         self.forwarder = forwarder
         self.transform = transform
+        self.pace = Pace()
         self.chunks_in = 0
         self.chunks_out = 0
 
     async def submit(self, chunk: Chunk) -> None:
         """Return once every chunk derived from ``chunk`` is acked downstream."""
         self.chunks_in += 1
-        out = await apply_transform(self.transform, chunk)
+        out = await apply_transform(self.transform, chunk, self.pace)
         # Runs cut by re-tagging go one after the other: with several downstream servers,
         # sending them concurrently could let a later run overtake an earlier one.
         for c in out:
