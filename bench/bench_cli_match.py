@@ -73,6 +73,7 @@ def split(rules: list[str], events: Path, cache: Path, prefilter: bool, profile:
 
     table = m._load_table(rules, None)
     matcher = Matcher(table, None, tuned_path(default_cache_dir(), table.version))
+    matcher.wait_tuned()  # the steady state: the kept tuned filter, if there is one
     times = {"read": 0.0, "match": 0.0, "output": 0.0}
     n = 0
     with open(events, "rb") as src, open(os.devnull, "wb") as sink:

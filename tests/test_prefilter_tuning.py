@@ -193,7 +193,7 @@ def test_a_tuned_filter_is_saved_and_the_next_matcher_starts_from_it(
     assert path.exists()
     second = Matcher(_keyed(fm), tune_after=300, tuned_path=path)
     # tuned before it has seen a record: no observation phase, the often-passed rules' table
-    assert second.stats["raw_tuned_from"] == "file"
+    assert second.wait_tuned(10) and second.stats["raw_tuned_from"] == "file"
     assert second.raw is not None and second.raw.filter.tuned_on == first.raw.filter.tuned_on  # type: ignore[union-attr]
     assert second._hot is not None and second._hot[2] == first._hot[2]  # type: ignore[index]
     fresh = traffic(2000, 7)
@@ -209,21 +209,39 @@ def test_tuned_file_of_another_table_damaged_or_off_is_not_used(fm: FieldMap, tm
     good = path.read_bytes()
     # another table (another cache key): ignored, the matcher tunes itself
     other = Matcher(_keyed(fm, "v-other"), tune_after=300, tuned_path=path)
-    assert "raw_tuned_from" not in other.stats
+    assert not other.wait_tuned(10) and "raw_tuned_from" not in other.stats
     # tune_after 0 means the compiled triggers, whatever was saved
-    assert "raw_tuned_from" not in Matcher(_keyed(fm), tune_after=0, tuned_path=path).stats
+    off = Matcher(_keyed(fm), tune_after=0, tuned_path=path)
+    assert not off.wait_tuned(10) and "raw_tuned_from" not in off.stats
     # a table without a key never reads or writes one
     assert Matcher(build(rules(), fm), tune_after=300, tuned_path=path).tuned_path is None
     for damaged in (good[:-10], good[:40] + bytes([good[40] ^ 1]) + good[41:], b"junk"):
         path.write_bytes(damaged)
         m = Matcher(_keyed(fm), tune_after=300, tuned_path=path)
-        assert "raw_tuned_from" not in m.stats
+        assert not m.wait_tuned(10) and "raw_tuned_from" not in m.stats
         fresh = traffic(1500, 9)
         buf, spans = pack_records(fresh)
         assert m.match_entries(buf, spans) == want(m, fresh)
     # ... and the matcher that tunes again writes a good file back
     feed_until_tuned(m, traffic(1000, 10))
-    assert Matcher(_keyed(fm), tune_after=300, tuned_path=path).stats["raw_tuned_from"] == "file"
+    again = Matcher(_keyed(fm), tune_after=300, tuned_path=path)
+    assert again.wait_tuned(10) and again.stats["raw_tuned_from"] == "file"
+
+
+def test_the_kept_filter_is_read_off_the_start_up_path(fm: FieldMap, tmp_path) -> None:
+    """The matcher is usable at once (compiled filter, same matches) and swaps the kept
+    filter in with the first chunk after it has been read."""
+    path = tmp_path / "v-test.tuned"
+    feed_until_tuned(Matcher(_keyed(fm), tune_after=300, tuned_path=path), traffic(1000, 12))
+    m = Matcher(_keyed(fm), tune_after=300, tuned_path=path)
+    assert m._reader is not None
+    fresh = traffic(1000, 13)
+    buf, spans = pack_records(fresh)
+    expected = want(m, fresh)
+    assert m.match_entries(buf, spans) == expected  # tuned or not yet: the same matches
+    m._reader.join(10)
+    assert m.match_entries(buf, spans) == expected
+    assert m.stats["raw_tuned_from"] == "file" and m._read is None
 
 
 def test_an_unwritable_tuned_file_costs_nothing_but_a_warning(
@@ -293,6 +311,7 @@ def test_the_prefilter_follows_traffic_its_tuning_sample_did_not_hold(
     assert expected and m.match_entries(buf, spans) == expected
     # the next matcher of this table starts from the re-tuned filter
     again = Matcher(_keyed(fm), tune_after=300, tuned_path=path)
+    assert again.wait_tuned(10)
     assert again.raw is not None and again.raw.filter.tuned_on == m.raw.filter.tuned_on  # type: ignore[union-attr]
     assert again.match_entries(buf, spans) == expected
 

@@ -360,7 +360,8 @@ class FieldMap:
     def from_bytes(cls, text: bytes, where: str = "fields.yaml") -> FieldMap:
         """Parse mapping YAML text."""
         try:
-            data = yaml.safe_load(text)
+            # libyaml when PyYAML has it: the default map is parsed at every start-up
+            data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{where}: invalid YAML: {exc}") from exc
         return cls(data, text)

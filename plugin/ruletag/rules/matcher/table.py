@@ -124,6 +124,9 @@ class Matcher:
         self._fired: deque[tuple[Counter[int], int]] = deque(maxlen=self.DRIFT_GAP)
         self._gap = self.DRIFT_GAP
         self._retunes = 0
+        # the kept tuned filter, read on a thread of its own (see :meth:`_start_tuned`)
+        self._reader: threading.Thread | None = None
+        self._read: tuple[RawFilter, HotTable | None, str] | None = None
         if tuned_path is not None and not table.version:
             self.tuned_path = None  # only a table with a cache key can be told apart
         if self.raw is not None and self.raw.tune_after > 0 and self.tuned_path is not None:
@@ -133,18 +136,50 @@ class Matcher:
         """Start from the pre-filter an earlier run re-tuned for this table, if ``path`` holds
         one: no observation phase, no tuning compile. Any tuned filter is sound (matches
         never change), so one tuned on other traffic only costs speed. A missing, damaged or
-        foreign file is ignored (this matcher tunes itself and writes it anew)."""
+        foreign file is ignored (this matcher tunes itself and writes it anew).
+
+        The file (tens of MB with every rule) is read on a thread of its own, so start-up
+        does not wait for it; the first chunk after it is read swaps it in (or
+        :meth:`wait_tuned`). Until then the compiled filter runs and observes."""
         if not path.exists():
             return
+        self._reader = threading.Thread(
+            target=self._read_tuned, args=(path,), daemon=True, name="ruletag-tuned-read"
+        )
+        self._reader.start()
+
+    def _read_tuned(self, path: Path) -> None:
+        """On the reader thread: the kept filter and its often-passed table, if usable."""
         try:
             tuned, hot = load_tuned(path, self.table.version)
+            table = None
+            if hot is not None:
+                sub, back = hot
+                table = (Matcher(sub, 0), {k: i for i, k in enumerate(back)}, back)
+            self._read = (tuned, table, f"read from {path}")
         except (TableError, OSError) as exc:
             log.warning("tuned pre-filter not used (the matcher tunes itself again): %s", exc)
+
+    def wait_tuned(self, timeout: float | None = None) -> bool:
+        """Wait for the kept tuned filter to be read, and run it from now on; whether this
+        matcher runs a tuned filter."""
+        if self._reader is not None:
+            self._reader.join(timeout)
+        if self._read is not None:
+            self._swap_read()
+        return self._tuned is not None
+
+    def _swap_read(self) -> None:
+        """Run the filter the reader thread read (unless this matcher tuned itself first)."""
+        assert self._read is not None
+        tuned, hot, how = self._read
+        self._read = None
+        if self._tuned is not None:
             return
-        if hot is not None:
-            sub, back = hot
-            self._next_hot = (Matcher(sub, 0), {k: i for i, k in enumerate(back)}, back)
-        self._swap_tuned(tuned, f"read from {path}")
+        if self.raw is not None:
+            self.raw.after_tune = None  # its observation is dropped: no late often-passed table
+        self._next_hot = hot
+        self._swap_tuned(tuned, how)
 
     @property
     def rules(self) -> tuple[Rule, ...]:
@@ -311,6 +346,8 @@ class Matcher:
     ) -> dict[int, list[int]]:
         """The raw pre-filter's candidates (entry index -> rules whose raw requirement holds;
         the rules without one not included); swaps in a re-tuned filter once it is ready."""
+        if self._read is not None:
+            self._swap_read()
         raw = self.raw
         if raw is None or not spans:
             return {}
