@@ -8,10 +8,12 @@ test_enrich_e2e.py).
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import signal
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -83,6 +85,30 @@ def test_reload_adds_rules_keeps_stats_and_version(arun, rules_dir: Path, tmp_pa
         assert (rl.ok, rl.failed) == (2, 0)
 
     arun(scenario())
+
+
+def test_a_serving_process_freezes_its_start_up_heap_and_a_reload_frees_it(
+    arun, rules_dir: Path, tmp_path: Path
+) -> None:
+    """``freeze`` (what ``ruletag serve`` sets): the start-up table leaves the collector's
+    walks; the first reload gives it back, so the replaced filter is freed, cycles and all."""
+
+    async def scenario() -> None:
+        live, rl = make_reloader(rules_dir, tmp_path / "cache", freeze=True)
+        await rl.load_initial()
+        assert gc.get_freeze_count() > 0
+        first = weakref.ref(live.filter)
+        shutil.copy(EQL, rules_dir / EQL.name)
+        assert await rl.reload("added a file")
+        assert gc.get_freeze_count() == 0 and live.rule_count == 2
+        gc.collect()
+        assert first() is None  # the start-up filter did not outlive its reload
+        assert detections_of(live, [HIT]) == [[SYSMON_RULE]]
+
+    try:
+        arun(scenario())
+    finally:
+        gc.unfreeze()  # whatever happened, leave this test process as it was
 
 
 def test_failing_and_refused_reloads_keep_the_live_set(

@@ -120,7 +120,7 @@ def _auto_workers(config: Config) -> Config:
 def _serve_one(config: Config) -> int:
     """Run one serving process to the end; its exit code."""
     try:
-        return _run(Relay(config).serve())
+        return _run(Relay(config, freeze_heap=True).serve())
     except ConfigError as exc:  # e.g. the rules cannot be used at all
         return _fail(f"invalid config: {exc}")
     except OSError as exc:

@@ -564,22 +564,26 @@ class FieldMap:
         canon = self._canonical.get(field, field)
         names = self._groups.get(field, (field,))
         paths: list[str] = []
+        have: set[str] = set()  # the members of ``paths`` (which keeps their order)
+
+        def add(path: str) -> None:
+            if path not in have:
+                have.add(path)
+                paths.append(path)
+
         for n in (field, *names, *self._extra.get(canon, ())):
-            if n not in paths:
-                paths.append(n)
+            add(n)
         for n in names if field in self._groups else (field,):
             if "." not in n:
                 for p in self._prefixes:
-                    if f"{p}.{n}" not in paths:
-                        paths.append(f"{p}.{n}")
+                    add(f"{p}.{n}")
         for row in self._prefix_aliases:
             for n in list(paths):
                 for prefix in row:
                     if n.startswith(prefix + ".") and len(n) > len(prefix) + 1:
                         rest = n[len(prefix) :]
                         for other in row:
-                            if other + rest not in paths:
-                                paths.append(other + rest)
+                            add(other + rest)
         plan = _Plan(
             tuple(tuple(p.split(".")) for p in paths), self._derive.get(canon, ()), tuple(paths)
         )

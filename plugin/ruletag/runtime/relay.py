@@ -44,9 +44,11 @@ class Relay:
     driven by hand, without any signal handler.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, freeze_heap: bool = False) -> None:
         self.config = config
-        self.enrichment = _Enrichment(config)
+        # freeze_heap: the process is this relay's own: freeze the start-up heap
+        # (``Reloader(freeze=)``)
+        self.enrichment = _Enrichment(config, freeze_heap)
         self.output: Any = None  # the forwarder and/or stdout/file outputs
         self.durable: DurablePipeline | None = None
         self.server: Server | None = None
@@ -240,10 +242,11 @@ def rule_loader(config: Config) -> Callable[[], tuple[CompiledTable, LoadResult]
 class _Enrichment:
     """One relay's live rule set, reloader, metrics and metrics endpoint."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, freeze_heap: bool = False) -> None:
         from ruletag.runtime.metrics import Metrics
 
         self.config = config
+        self.freeze_heap = freeze_heap
         self.metrics = Metrics()
         self.live: LiveFilter | None = None
         self.reloader: Reloader | None = None
@@ -283,6 +286,7 @@ class _Enrichment:
             interval=rules.reload_interval,
             on_result=self.metrics.reload_done,
             initial_load=rule_loader(self.config),
+            freeze=self.freeze_heap,
         )
         try:
             result = await self.reloader.load_initial()
