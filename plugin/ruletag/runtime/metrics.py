@@ -364,26 +364,8 @@ class _RelayCollector(Collector):
 
 def _prefilter(st: Mapping[str, Any]) -> Iterator[Metric]:
     """The live matcher's raw pre-filter: how it is tuned and whether the traffic drifted."""
-    yield _gauge(
-        "prefilter_tuned_on_records",
-        "Records the raw pre-filter was tuned on (0: not tuned yet).",
-        st.get("raw_tuned_on_records") or 0,
-    )
-    yield _gauge(
-        "prefilter_often_passed_rules",
-        "Rules the tuned pre-filter often passes, evaluated by their own small table.",
-        st.get("hot_rules") or 0,
-    )
-    yield _gauge(
-        "prefilter_drift",
-        "Trigger fires per record beyond what the tuning sample led to expect (last check).",
-        st.get("raw_drift") or 0,
-    )
-    yield _counter(
-        "prefilter_retunes",
-        "Pre-filter re-tunings because the traffic differed from its tuning sample.",
-        st.get("raw_retunes") or 0,
-    )
+    for family, name, doc, key in _PREFILTER_METRICS:
+        yield family(name, doc, st.get(key) or 0)
 
 
 #: One plain family read at scrape time: (family, name, help, attribute of the object read).
@@ -495,6 +477,34 @@ _FILTER_METRICS: tuple[_Spec, ...] = (
         "record_match_errors",
         "Records forwarded unannotated because matching them failed.",
         "record_errors",
+    ),
+)
+
+#: The pre-filter's figures, read from ``Matcher.stats`` (missing: 0).
+_PREFILTER_METRICS: tuple[_Spec, ...] = (
+    (
+        _gauge,
+        "prefilter_tuned_on_records",
+        "Records the raw pre-filter was tuned on (0: not tuned yet).",
+        "raw_tuned_on_records",
+    ),
+    (
+        _gauge,
+        "prefilter_often_passed_rules",
+        "Rules the tuned pre-filter often passes, evaluated by their own small table.",
+        "hot_rules",
+    ),
+    (
+        _gauge,
+        "prefilter_drift",
+        "Trigger fires per record beyond what the tuning sample led to expect (last check).",
+        "raw_drift",
+    ),
+    (
+        _counter,
+        "prefilter_retunes",
+        "Pre-filter re-tunings because the traffic differed from its tuning sample.",
+        "raw_retunes",
     ),
 )
 _BUFFER_METRICS: tuple[_Spec, ...] = (
