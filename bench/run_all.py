@@ -159,6 +159,7 @@ def precompile(paths: list[str], cache: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     table, _ = compile_rules(paths, cache_dir=cache)
     return {
+        "version": table.version,
         "rules": len(table.rules),
         "compile_s": round(time.perf_counter() - t0, 1),
         "raw_literals": table.stats.get("raw_literals"),
@@ -176,8 +177,10 @@ def run_set(
     ns: argparse.Namespace,
     workers: int = 1,
     stateful: bool = True,
+    version: str | None = None,
 ) -> dict[str, Any]:
-    """Start serve for one rule set, run full speed then fixed rate, stop it."""
+    """Start serve for one rule set, run full speed then fixed rate, stop it. ``version``:
+    the rule table's key, to tell its tuning from the stateful step tables' in the log."""
     port = load.free_port()
     cfg = write_config(work, name, port, sink.port, paths, cache, workers, stateful)
     srv = Serve(cfg, workers=workers)
@@ -197,9 +200,12 @@ def run_set(
                 connections=conns,
                 window=ns.window,
             )
-            # re-tuned on this traffic, or started from the filter an earlier run kept
+            # the main table re-tuned on this traffic, or started from the filter an earlier
+            # run kept (a step table's tuning, logged with its own key, does not count)
+            mark = f"(table {version})" if version else ""
             tuned = sum(
-                "pre-filter re-tuned" in line or "pre-filter tuned on" in line for line in srv.lines
+                ("pre-filter re-tuned" in line or "pre-filter tuned on" in line) and mark in line
+                for line in srv.lines
             )
             if not paths or tuned >= workers or time.monotonic() - t_warm > ns.tune_timeout:
                 break
@@ -316,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             paths = spec() if callable(spec) else spec
             info = precompile(paths, cache) if paths else {"rules": 0}
             print(f"[{name}] {info}", flush=True)
-            row = run_set(name, paths, traffic, sink, work, cache, ns)
+            row = run_set(name, paths, traffic, sink, work, cache, ns, version=info.get("version"))
             row.update(info)
             rows.append(row)
             print(f"[{name}] {json.dumps(row)}", flush=True)
@@ -326,7 +332,18 @@ def main(argv: list[str] | None = None) -> int:
             # the base of the scaling ratio
             for w in (int(x) for x in ns.workers.split(",")):
                 try:
-                    row = run_set(STATELESS, paths, traffic, sink, work, cache, ns, w, False)
+                    row = run_set(
+                        STATELESS,
+                        paths,
+                        traffic,
+                        sink,
+                        work,
+                        cache,
+                        ns,
+                        w,
+                        False,
+                        version=next(r.get("version") for r in rows if r["set"] == "everything"),
+                    )
                 except RuntimeError as exc:
                     print(f"[workers {w}] skipped: {str(exc).splitlines()[-1]}", flush=True)
                     continue

@@ -378,12 +378,14 @@ class Matcher:
         self.stats["hot_rules"] = len(self._hot[1]) if self._hot else 0
         self.stats["raw_tuned_from"] = "file" if how != "re-tuned" else "traffic"
         log.info(
-            "pre-filter %s: %d triggers, %d often-passed rules in their own table",
+            "pre-filter %s: %d triggers, %d often-passed rules in their own table%s",
             f"re-tuned on {tuned.tuned_on} records"
             if how == "re-tuned"
             else f"tuned on {tuned.tuned_on} records, {how}",
             self.stats["raw_triggers"],
             self.stats["hot_rules"],
+            # which table: the main one, or a stateful engine's step table
+            f" (table {self.table.version})" if self.table.version else "",
         )
 
     def _match_hot(
