@@ -535,6 +535,14 @@ def test_pace_hands_cheap_transforms_whole_chunks_and_slices_slow_ones(arun: Any
     sizes.clear()
     arun(apply_transform(transform, chunk, pace))
     assert sizes == [chunk.count]  # cheap: one piece
+    # a one-record chunk is mostly per-call cost: not measured, so it does not make the
+    # large chunks look slow
+    tiny = make_chunk("win", [{"EventID": 1}])
+    before = pace.per_byte
+    delay[0] = 4 * Pace.BUDGET
+    arun(apply_transform(transform, tiny, pace))
+    delay[0] = 0.0
+    assert pace.per_byte == before
     delay[0] = 4 * Pace.BUDGET  # the whole chunk would hold the loop 4x the budget
     sizes.clear()
     arun(apply_transform(transform, chunk, pace))

@@ -46,6 +46,9 @@ class Pace:
     #: longest a whole chunk may hold the event loop (a 128 KiB slice with every corpus rule
     #: takes about as long)
     BUDGET = 0.005
+    #: smaller pieces are not measured: their time is mostly the per-call cost, which would
+    #: make every large chunk look slow
+    MIN_BYTES = 64 * 1024
 
     def __init__(self) -> None:
         self.per_byte: float | None = None  # unknown until measured: slice
@@ -55,7 +58,7 @@ class Pace:
         return self.per_byte is not None and self.per_byte * size <= self.BUDGET
 
     def observe(self, size: int, seconds: float) -> None:
-        if size <= 0:
+        if size < self.MIN_BYTES:
             return
         rate = seconds / size
         old = self.per_byte

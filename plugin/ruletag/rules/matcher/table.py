@@ -16,10 +16,11 @@ The often-passed table follows the traffic: once tuned, the matcher counts, per 
 :attr:`Matcher.HOT_WINDOW` records, how often each rule outside it was evaluated, and rebuilds
 it (on a background thread) with the rules that now pass often, so traffic the tuning sample
 did not hold (another source, a shift during the day) does not stay on the slow path. And
-when the tuned triggers fire far more often than the tuning sample led to expect (per window:
-:attr:`Matcher.DRIFT` more fires per record, counting per rule only what goes beyond twice its
-measured rate), the pre-filter observes again and re-tunes on the old sample and the new
-together (at most :attr:`Matcher.MAX_RETUNES` times, spaced further apart each time).
+when the tuned triggers fire far more often than the tuning sample led to expect (over the
+last :attr:`Matcher.DRIFT_GAP` windows: :attr:`Matcher.DRIFT` more fires per record, counting
+per rule only what goes beyond twice its measured rate), the pre-filter observes again and
+re-tunes on the old sample and the new together (at most :attr:`Matcher.MAX_RETUNES` times,
+spaced further apart each time).
 """
 
 from __future__ import annotations
@@ -369,6 +370,7 @@ class Matcher:
             self.raw.fires = Counter()
         self._windows = 0
         self._fired.clear()
+        self._grown = None  # built for the filter replaced here
         self._hot = self._next_hot
         self._tuned = tuned
         self._cold_seen = Counter()
@@ -501,6 +503,8 @@ class Matcher:
         try:
             hot = self._hot_table(rules)
             assert hot is not None
+            if self._tuned is not tuned:
+                return  # re-tuned meanwhile: that filter has its own table (and file)
             self._keep(tuned, hot)
             self._grown = (hot, new, window)
         except Exception as exc:  # pragma: no cover - the current table stays in use
