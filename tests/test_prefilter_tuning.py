@@ -6,11 +6,13 @@ import marshal
 import random
 import time
 
+import hyperscan as hs
 import pytest
 
 from ruletag.config.load import config_from_mapping
 from ruletag.errors import ConfigError
-from ruletag.rules.compiler import build, load, save
+from ruletag.rules.compiler import CompiledTable, TableError, build, load, save
+from ruletag.rules.compiler.store import load_tuned, save_tuned
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import And, Match, Node, Not, Rule, Wild
 from ruletag.rules.matcher import Matcher
@@ -226,6 +228,42 @@ def test_tuned_file_of_another_table_damaged_or_off_is_not_used(fm: FieldMap, tm
     feed_until_tuned(m, traffic(1000, 10))
     again = Matcher(_keyed(fm), tune_after=300, tuned_path=path)
     assert again.wait_tuned(10) and again.stats["raw_tuned_from"] == "file"
+
+
+def test_a_tuned_file_refers_to_the_stage_2_database_it_shares_with_its_table(
+    fm: FieldMap, tmp_path
+) -> None:
+    """The tuned filter's rarely needed stage-2 database is its table's own: the file refers
+    to it instead of holding a copy, and a matcher reading the file back runs its own table's
+    database; read without that table, the file is refused (never misread)."""
+    # a rule whose trigger never fires: its stage 2 is the rarely needed database
+    cold = rule("cold", And((Match("CommandLine", (A, "qqzz", A)), Match("Image", (A, "nope", A)))))
+
+    def keyed() -> CompiledTable:
+        return build([*rules(), cold], fm, "v-test")
+
+    path = tmp_path / "v-test.tuned"
+    table = keyed()
+    first = Matcher(table, tune_after=300, tuned_path=path)
+    feed_until_tuned(first, traffic(1000, 14))
+    tuned = first.raw.filter  # type: ignore[union-attr]
+    assert tuned.cold is not None and tuned.cold[0] is table.raw.full_db  # type: ignore[attr-defined]
+    copy = tmp_path / "copy.tuned"
+    save_tuned(copy, "v-test", tuned, None)
+    save_tuned(path, "v-test", tuned, None, table.raw)  # type: ignore[attr-defined]
+    saved = copy.stat().st_size - path.stat().st_size
+    assert saved >= len(hs.dumpb(table.raw.full_db))  # type: ignore[attr-defined]
+    again = keyed()
+    second = Matcher(again, tune_after=300, tuned_path=path)
+    assert second.wait_tuned(10) and second.stats["raw_tuned_from"] == "file"
+    assert second.raw.filter.cold[0] is again.raw.full_db  # type: ignore[attr-defined, index, union-attr]
+    fresh = traffic(2000, 15)
+    buf, spans = pack_records(fresh)
+    assert second.match_entries(buf, spans) == want(second, fresh)
+    with pytest.raises(TableError, match="refers to its table"):
+        load_tuned(path, "v-test")
+    # a copy needs nothing from its table
+    assert load_tuned(copy, "v-test")[0].cold[0] is not None  # type: ignore[index]
 
 
 def test_the_kept_filter_is_read_off_the_start_up_path(fm: FieldMap, tmp_path) -> None:

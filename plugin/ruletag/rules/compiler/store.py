@@ -8,6 +8,7 @@ then rebuilds the table; it never misreads one).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -16,8 +17,9 @@ import marshal
 import os
 import pickle
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TypeVar
 
 from ruletag.errors import RuletagError
 from ruletag.rules.compiler.frozen import frozen_map
@@ -31,7 +33,8 @@ __all__ = ["TableError", "dumps", "load", "load_tuned", "save", "save_tuned"]
 #: v5: the compiler and the matcher split (groups and pre-filter stored as plain tuples)
 _MAGIC = b"RULETAG-TABLE\x00v5\n"
 #: a re-tuned pre-filter of one table, with the table of its often-passed rules
-_TUNED_MAGIC = b"RULETAG-TUNED\x00v1\n"
+#: (v2: a stage-2 database shared with the table's own filter is stored as a reference to it)
+_TUNED_MAGIC = b"RULETAG-TUNED\x00v2\n"
 
 #: The fields stored as they are (the others are converted, or derived on loading).
 _PLAIN_KEYS = (
@@ -51,6 +54,9 @@ _PLAIN_KEYS = (
     "key_atom",
     "stats",
 )
+
+
+T = TypeVar("T")
 
 
 class TableError(RuletagError):
@@ -76,26 +82,48 @@ def _write(path: Path, magic: bytes, blob: bytes) -> None:
     tmp.replace(path)
 
 
-def _body(path: Path, magic: bytes, what: str) -> memoryview:
-    """The checked body of a file written by :func:`_write`."""
-    data = Path(path).read_bytes()
-    head = len(magic)
-    if not data.startswith(magic):
-        raise TableError(f"{path}: not a ruletag {what} file")
-    body = memoryview(data)[head + 32 :]
-    if hashlib.sha256(body).digest() != data[head : head + 32]:
-        raise TableError(f"{path}: file is corrupt")
-    return body
+@contextlib.contextmanager
+def _body(path: Path, magic: bytes, what: str) -> Iterator[BinaryIO]:
+    """The checked body of a file written by :func:`_write`, as an open file at its start.
+
+    The digest is checked reading the file in pieces, and the body is then unpickled from the
+    file: the whole file is never held in memory beside what it holds (tens of MB with every
+    rule, the largest part of the start-up peak otherwise). Reading twice from one open
+    file sees one version of it (a new version is written beside it and renamed over)."""
+    with open(path, "rb") as f:
+        head = len(magic)
+        start = f.read(head + 32)
+        if not start.startswith(magic) or len(start) < head + 32:
+            raise TableError(f"{path}: not a ruletag {what} file")
+        digest = hashlib.sha256()
+        while piece := f.read(_PIECE):
+            digest.update(piece)
+        if digest.digest() != start[head:]:
+            raise TableError(f"{path}: file is corrupt")
+        f.seek(head + 32)
+        yield f
+
+
+#: bytes read at a time while checking a file's digest
+_PIECE = 1 << 20
 
 
 def save_tuned(
-    path: Path, version: str, tuned: RawFilter, hot: tuple[CompiledTable, tuple[int, ...]] | None
+    path: Path,
+    version: str,
+    tuned: RawFilter,
+    hot: tuple[CompiledTable, tuple[int, ...]] | None,
+    base: RawFilter | None = None,
 ) -> None:
     """Write the re-tuned pre-filter of the table ``version`` and the table of its
-    often-passed rules (``hot``: that table and the rules' indexes in the main table)."""
+    often-passed rules (``hot``: that table and the rules' indexes in the main table).
+
+    ``base``: the table's own filter; a tuned filter's rarely needed stage-2 database is
+    that filter's (see :func:`~ruletag.rules.compiler.prefilter.retune`), and is then stored
+    as a reference to it, not a second copy (read back by :func:`load_tuned` with ``base``)."""
     state = {
         "version": version,
-        "raw": _dump_raw(tuned),
+        "raw": _dump_raw(tuned, None if base is None else base.full_db),
         "hot": None if hot is None else (_state(hot[0]), hot[1]),
     }
     buf = io.BytesIO()
@@ -104,16 +132,17 @@ def save_tuned(
 
 
 def load_tuned(
-    path: Path, version: str
+    path: Path, version: str, base: RawFilter | None = None
 ) -> tuple[RawFilter, tuple[CompiledTable, tuple[int, ...]] | None]:
     """Read what :func:`save_tuned` wrote for the table ``version`` (:class:`TableError` if the
-    file is damaged, of another format, or of another table)."""
-    body = _body(path, _TUNED_MAGIC, "tuned pre-filter")
+    file is damaged, of another format, or of another table); ``base``: the table's own
+    filter, whose database a reference in the file stands for."""
     try:
-        st = pickle.loads(body)
+        with _body(path, _TUNED_MAGIC, "tuned pre-filter") as body:
+            st = pickle.load(body)
         if st["version"] != version:
             raise TableError(f"{path}: tuned for another rule table")
-        raw = _load_raw(st["raw"])
+        raw = _pop_raw(st, None if base is None else base.full_db)
         hot = None if st["hot"] is None else (_from_state(st["hot"][0]), tuple(st["hot"][1]))
     except TableError:
         raise
@@ -126,16 +155,16 @@ def load_tuned(
 
 def load(path: Path) -> CompiledTable:
     """Read a table written by :func:`save` (no rule parsing, no Hyperscan compile)."""
-    body = _body(path, _MAGIC, "table")
     gc_was_on = gc.isenabled()
     # hundreds of thousands of new objects, none of them garbage: each collection the
     # allocations would trigger walks them all
     gc.disable()
     try:
-        try:
-            st = pickle.loads(body)
-        except Exception as exc:  # pragma: no cover - depends on the damage
-            raise TableError(f"{path}: cannot read table: {exc}") from exc
+        with _body(path, _MAGIC, "table") as body:
+            try:
+                st = pickle.load(body)
+            except Exception as exc:  # pragma: no cover - depends on the damage
+                raise TableError(f"{path}: cannot read table: {exc}") from exc
         return _from_state(st)
     finally:
         if gc_was_on:
@@ -157,6 +186,7 @@ def _state(t: CompiledTable) -> dict[str, Any]:
 
 
 def _from_state(st: dict[str, Any]) -> CompiledTable:
+    """The table of a state read back (``st`` is emptied of its databases on the way)."""
     fields = {k: st[k] for k in _PLAIN_KEYS}
     for k in ("key_groups", "trig", "key_atom", "stats"):
         fields[k] = frozen_map(fields[k])
@@ -164,36 +194,61 @@ def _from_state(st: dict[str, Any]) -> CompiledTable:
         code = marshal.loads(st["code"])
     else:
         code = compile(st["source"], "<ruletag-table>", "exec")
-    kw = st["kw_group"]
+    kw = st.pop("kw_group")
+    raw = _pop_raw(st)
     return CompiledTable(
         **fields,
-        groups=tuple(load_group(g) for g in st["groups"]),
+        groups=tuple(_loaded(st.pop("groups"), load_group)),
         kw_group=None if kw is None else load_group(kw),
         leaves=st["leaves"],
         code=code,
-        raw=_load_raw(st["raw"]),
+        raw=raw,
     )
 
 
-def _dump_raw(f: RawFilter | None) -> tuple[Any, ...] | None:
-    """The pre-filter as picklable data (Hyperscan databases serialised)."""
+def _loaded(states: Sequence[Any], load: Callable[[Any], T]) -> Iterator[T]:
+    """``load`` of each of ``states``, each state dropped once loaded: a serialised database
+    is freed as soon as it is loaded, so the two copies of all of them never coexist (the
+    caller must hold no other reference to ``states``)."""
+    todo = list(states)
+    del states
+    for i in range(len(todo)):
+        state, todo[i] = todo[i], None
+        yield load(state)
+        del state
+
+
+def _dump_raw(f: RawFilter | None, shared: Any = None) -> tuple[Any, ...] | None:
+    """The pre-filter as picklable data (Hyperscan databases serialised; its cold database
+    as None when it is ``shared``, a database the reader has: see :func:`save_tuned`)."""
     if f is None:
         return None
     code = (sys.version_info[:2], marshal.dumps(f.code))
     dbs = (dump_db(f.trigger_db), dump_db(f.full_db))
-    cold = None if f.cold is None else (dump_db(f.cold[0]), f.cold[1])
+    cold = None
+    if f.cold is not None:
+        cold = (None if f.cold[0] is shared else dump_db(f.cold[0]), f.cold[1])
     rates = dict(f.rates)
     return (*dbs, dict(f.trig_rules), f.source, f.consts, code, f.plan, f.tuned_on, cold, rates)
 
 
-def _load_raw(state: tuple[Any, ...] | None) -> RawFilter | None:
-    """A pre-filter from :func:`_dump_raw` output."""
+def _pop_raw(st: dict[str, Any], shared: Any = None) -> RawFilter | None:
+    """The pre-filter ``st["raw"]`` holds (:func:`_dump_raw` output), taken out of ``st`` so
+    that each serialised database is freed once loaded; ``shared``: the database a cold
+    database stored as None stands for."""
+    state = st.pop("raw")
     if state is None:
         return None
     trig, full, trig_rules, source, consts, (pyver, blob), plan, tuned_on, cold, rates = state
+    del state
     code = marshal.loads(blob) if pyver == sys.version_info[:2] else None
-    dbs = [load_db(b) for b in (trig, full, *(cold[:1] if cold else ()))]
-    cold_db = (dbs[2], cold[1]) if cold else None
+    own_cold = cold is not None and cold[0] is not None
+    if cold is not None and not own_cold and shared is None:
+        raise TableError("the tuned filter refers to its table's database, which was not given")
+    blobs = [trig, full, *((cold[0],) if own_cold else ())]
+    del trig, full
+    dbs = list(_loaded(blobs, load_db))
+    cold_db = None if cold is None else (dbs[2] if own_cold else shared, cold[1])
     return RawFilter(
         dbs[0], dbs[1], trig_rules, source, consts, code, plan, tuned_on, cold_db, rates
     )

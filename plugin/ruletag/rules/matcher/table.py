@@ -152,7 +152,7 @@ class Matcher:
     def _read_tuned(self, path: Path) -> None:
         """On the reader thread: the kept filter and its often-passed table, if usable."""
         try:
-            tuned, hot = load_tuned(path, self.table.version)
+            tuned, hot = load_tuned(path, self.table.version, self.table.raw)
             table = None
             if hot is not None:
                 sub, back = hot
@@ -435,6 +435,7 @@ class Matcher:
                 self.table.version,
                 tuned,
                 None if hot is None else (hot[0].table, hot[2]),
+                self.table.raw,
             )
         except OSError as exc:  # a cache: the tuned filter is used all the same
             log.warning("tuned pre-filter not saved to %s: %s", self.tuned_path, exc)
