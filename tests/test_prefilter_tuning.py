@@ -118,6 +118,35 @@ def test_a_loaded_table_tunes_too(table: Matcher, tmp_path) -> None:
     assert loaded.match_entries(buf, spans) == want(loaded, fresh)
 
 
+def test_an_entry_decoded_anyway_skips_stage_2_once_tuned(fm: FieldMap) -> None:
+    """Once tuned, an entry that a rule without a stage-2 check decodes anyway is not scanned
+    again: the other rules its triggers fired for are evaluated on the record (matches
+    unchanged); an entry no such rule decodes is still checked by stage 2, and while
+    observing every entry is (the passes counted for tuning stay exact)."""
+    two = rule(
+        "two", And((Match("CommandLine", (A, "qqzz", A)), Match("CommandLine", (A, "wwyy", A))))
+    )
+    records = [
+        {"Image": "C:\\x\\b.dll", "CommandLine": "run qqzz"},
+        {"Image": "C:\\x\\b.dll", "CommandLine": "run wwyy"},
+        {"CommandLine": "run qqzz"},
+        {"CommandLine": "run wwyy"},
+    ]
+    buf, spans = pack_records(records)
+    t = Matcher(build([*rules(), two], fm), tune_after=300)
+    observing = t.raw_candidates(buf, spans)
+    assert 3 not in observing.get(0, []) + observing.get(1, [])
+    feed_until_tuned(t, traffic(1000, 16))
+    assert t.raw is not None and 3 in t.raw.filter.checked
+    cands = t.raw_candidates(buf, spans)
+    # the trigger of "two" is one of its literals: it fired in one of the first two entries,
+    # which "broad" (an Image without .exe) decodes anyway ...
+    assert [3 in cands.get(i, []) for i in (0, 1)].count(True) == 1
+    # ... and in one of the last two, where stage 2 finds the other literal missing
+    assert 2 not in cands and 3 not in cands
+    assert t.match_entries(buf, spans) == want(t, records) == {0: [1], 1: [1]}
+
+
 def test_tune_after_zero_keeps_the_compiled_filter(fm: FieldMap) -> None:
     t = Matcher(build(rules(), fm), tune_after=0)
     first = t.raw

@@ -89,7 +89,9 @@ class RawMatcher:
         self._counts = ({} if self._counts is None else self._counts) if can else None
 
     def candidates(self, entries: bytes, spans: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
-        """Entry index -> rules (ascending) whose raw requirement holds in that entry."""
+        """Entry index -> rules (ascending) to evaluate on that entry: those whose raw
+        requirement holds, and (once tuned) in an entry decoded anyway, every rule a
+        trigger pattern of it fired for."""
         if not spans:
             return {}
         on_trigger = EntryHits(spans)
@@ -125,6 +127,12 @@ class RawMatcher:
                     out[k] = sorted(rules)
                     if counts is not None:
                         self._count_passes(out[k])
+                continue
+            if counts is None and not checked.issuperset(rules):
+                # decoded anyway (a triggered rule needs no stage 2): the other triggered
+                # rules are evaluated on the record, which costs less than scanning the
+                # entry again (while observing, the passes counted must be exact)
+                out[k] = sorted(rules)
                 continue
             s, e = spans[k]
             hits.clear()

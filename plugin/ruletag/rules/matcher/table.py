@@ -305,7 +305,7 @@ class Matcher:
         """Entry index -> matching rule indexes, for entries with at least one match.
 
         Only entries that meet some rule's raw requirement are decoded, and only the rules
-        whose requirement they meet (plus the rules without one) are evaluated.
+        the pre-filter lists for them (plus the rules without a requirement) are evaluated.
         """
         out: dict[int, list[int]] = {}
         if not spans:
@@ -345,8 +345,9 @@ class Matcher:
     def raw_candidates(
         self, entries: bytes, spans: Sequence[tuple[int, int]]
     ) -> dict[int, list[int]]:
-        """The raw pre-filter's candidates (entry index -> rules whose raw requirement holds;
-        the rules without one not included); swaps in a re-tuned filter once it is ready."""
+        """The raw pre-filter's candidates (entry index -> the rules to evaluate there: see
+        :meth:`RawMatcher.candidates`; the rules without a requirement not included); swaps in
+        a re-tuned filter once it is ready."""
         if self._read is not None:
             self._swap_read()
         raw = self.raw
