@@ -365,12 +365,19 @@ def test_the_prefilter_follows_traffic_its_tuning_sample_did_not_hold(
     b = traffic(2000, 2)
     feed_until(m, b, lambda: m.stats.get("hot_grown"), "the often-passed table did not grow")
     assert m._hot is not None and 1 in m._hot[1]
-    feed_until(
-        m,
-        b,
-        lambda: m.stats.get("raw_retunes") == 1 and m.raw.filter.tuned_on >= first + 300,  # type: ignore[union-attr]
-        "the pre-filter did not re-tune on the new traffic",
-    )
+    tuned = m.raw.filter
+    # while it observes again, the tuned filter keeps matching (the compiled one observes on
+    # the side): the records observed are not decoded and evaluated as by an untuned filter
+    running = []
+
+    def done() -> bool:
+        if m._observer is not None:
+            running.append((m.raw.filter is tuned, m._observer.filter is m.table.raw))  # type: ignore[union-attr]
+        return m.stats.get("raw_retunes") == 1 and m.raw.filter.tuned_on >= first + 300  # type: ignore[union-attr]
+
+    feed_until(m, b, done, "the pre-filter did not re-tune on the new traffic")
+    assert running and set(running) == {(True, True)}
+    assert m._observer is None
     assert m.stats["raw_drift"] > Matcher.DRIFT
     fresh = traffic(1500, 3) + other_source(500, 4)
     buf, spans = pack_records(fresh)

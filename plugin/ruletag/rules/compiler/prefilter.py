@@ -601,22 +601,40 @@ class _Builder:
         return _or(alts) if alts else None
 
 
-def _trigger(r: Req, cost: Sequence[float]) -> tuple[frozenset[int], float]:
-    """Patterns one of which occurs whenever ``r`` holds, chosen to be rare; and their cost."""
+def _trigger(
+    r: Req, cost: Sequence[float], memo: dict[int, tuple[frozenset[int], float]] | None = None
+) -> tuple[frozenset[int], float]:
+    """Patterns one of which occurs whenever ``r`` holds, chosen to be rare; and their cost.
+
+    ``memo`` (by object identity, for one ``cost``): requirements share sub-requirements
+    (the logsource test of a thousand rules is one object), each is worked out once."""
     if isinstance(r, Pattern):
         return frozenset((r.id,)), cost[r.id]
-    subs = [_trigger(a, cost) for a in r.args]
-    if isinstance(r, AllOf):  # the rarest; of equally rare ones, the lowest pattern ids
-        return min(subs, key=lambda x: (x[1], sorted(x[0])))
-    return frozenset().union(*(s for s, _ in subs)), sum(c for _, c in subs)
+    if memo is None:
+        memo = {}
+    got = memo.get(id(r))
+    if got is None:
+        subs = [_trigger(a, cost, memo) for a in r.args]
+        if isinstance(r, AllOf):  # the rarest; of equally rare ones, the lowest pattern ids
+            got = min(subs, key=lambda x: (x[1], sorted(x[0])))
+        else:
+            got = frozenset().union(*(s for s, _ in subs)), sum(c for _, c in subs)
+        memo[id(r)] = got
+    return got
 
 
-def _pattern_ids(r: Req, out: set[int]) -> None:
+def _pattern_ids(r: Req, out: set[int], seen: set[int] | None = None) -> None:
+    """Add the pattern ids of ``r`` to ``out``; ``seen``: the ids of the sub-requirements
+    already added to ``out`` (shared ones are walked once)."""
     if isinstance(r, Pattern):
         out.add(r.id)
-    else:
-        for a in r.args:
-            _pattern_ids(a, out)
+        return
+    if seen is not None:
+        if id(r) in seen:
+            return
+        seen.add(id(r))
+    for a in r.args:
+        _pattern_ids(a, out, seen)
 
 
 # --------------------------------------------------------------------------- the filter
@@ -744,12 +762,18 @@ def retune(
     )
 
 
-def _strip(r: Req, drop: frozenset[int]) -> Req | None:
-    """``r`` with the patterns of ``drop`` taken as present (None: always holds)."""
+def _strip(r: Req, drop: frozenset[int], memo: dict[int, Req | None] | None = None) -> Req | None:
+    """``r`` with the patterns of ``drop`` taken as present (None: always holds); ``memo``
+    as for :func:`_trigger`."""
     if isinstance(r, Pattern):
         return None if r.id in drop else r
-    parts = [_strip(a, drop) for a in r.args]
-    return _and(parts) if isinstance(r, AllOf) else _or(parts)
+    if memo is None:
+        memo = {}
+    key = id(r)
+    if key not in memo:
+        parts = [_strip(a, drop, memo) for a in r.args]
+        memo[key] = _and(parts) if isinstance(r, AllOf) else _or(parts)
+    return memo[key]
 
 
 def _assemble(
@@ -772,8 +796,10 @@ def _assemble(
     trig_rules: dict[int, list[int]] = {}
     hot: set[int] = set()
     rates: dict[int, float] = {}
+    trig_memo: dict[int, tuple[frozenset[int], float]] = {}
+    strip_memo: dict[int, Req | None] = {}
     for k, r in reqs.items():
-        pats, c = _trigger(r, cost)
+        pats, c = _trigger(r, cost, trig_memo)
         rates[k] = c
         if not tuned_on or c > HOT:
             hot.add(k)
@@ -781,22 +807,24 @@ def _assemble(
             trig_rules.setdefault(t, []).append(k)
     checks: dict[int, Req] = {}
     used: tuple[set[int], set[int]] = (set(), set())
+    walked: tuple[set[int], set[int]] = (set(), set())  # (see _pattern_ids)
     loose: dict[int, Req | None] = {}
     for k, r in reqs.items():
-        got = _strip(r, drop) if drop else r
+        got = _strip(r, drop, strip_memo) if drop else r
         if passes and rates[k] > 0 and passes.get(k, 0) / tuned_on > PASSING * rates[k]:
             got = None  # the trigger is (almost) enough: stage 2 would mostly confirm it
         if got != r:
             loose[k] = got
     if sets is not None and loose:
-        kept = _keep_loosening(reqs, loose, cost, sets, tuned_on)
+        kept = _keep_loosening(reqs, loose, cost, sets, tuned_on, trig_memo)
         loose = {k: v for k, v in loose.items() if k in kept}
     for k, r in reqs.items():
         got = loose.get(k, r)
         if got is None:
             got = ALWAYS
         else:
-            _pattern_ids(got, used[0] if k in hot else used[1])
+            which = 0 if k in hot else 1
+            _pattern_ids(got, used[which], walked[which])
         checks[k] = got
     fold = [(hs_escape(encode(ch)), hs.HS_FLAG_SINGLEMATCH) for ch in FOLDS_TO_ASCII]
     trig = [(i, patterns[i][0], patterns[i][1] & ~_Q) for i in sorted(trig_rules)]
@@ -849,6 +877,7 @@ def _keep_loosening(
     cost: Sequence[float],
     sets: Mapping[bytes, int],
     n: int,
+    memo: dict[int, tuple[frozenset[int], float]] | None = None,
 ) -> set[int]:
     """The rules of ``loose`` whose loosened check may stay: measured on the observed
     distinct pattern ``sets``, a loosened rule passes an entry where no requirement holds
@@ -857,7 +886,8 @@ def _keep_loosening(
     within :data:`LOOSE_BUDGET` of ``n``. The decision depends on what was observed, never
     on which triggers happen to be rare: a mix with few positives does not loosen more."""
     free = [(array("I", key), c) for key, c in sets.items()]
-    trigs = {k: _trigger(reqs[k], cost)[0] for k in loose}
+    memo = {} if memo is None else memo
+    trigs = {k: _trigger(reqs[k], cost, memo)[0] for k in loose}
     wanted = frozenset().union(*trigs.values())
     by_pattern: dict[int, list[int]] = {}
     for j, (found, _c) in enumerate(free):

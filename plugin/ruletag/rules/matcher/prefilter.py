@@ -12,7 +12,7 @@ import ctypes
 import threading
 from array import array
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ruletag.rules.compiler.prefilter import FOLD_ID, RawFilter, retune
 from ruletag.rules.native import Adder, EntryHits
@@ -81,6 +81,11 @@ class RawMatcher:
         self.tune_after = 0
         self.set_tune_after(tune_after)
 
+    @property
+    def observing(self) -> bool:
+        """Whether this matcher still counts patterns for its tuning."""
+        return self._counts is not None
+
     def set_tune_after(self, records: int) -> None:
         """Re-tune after ``records`` observed records (0: never; only an untuned filter)."""
         self.tune_after = records
@@ -103,9 +108,12 @@ class RawMatcher:
             for pats in per_entry.values():
                 fires.update(pats)
         out: dict[int, list[int]] = {}
+        #: while observing: the entries scanned for every pattern, with what was found (the
+        #: observation needs that scan of every entry; stage 2 reuses it)
+        scanned: dict[int, set[int]] | None = {} if counts is not None else None
         if not per_entry:
             if counts is not None:
-                self._observe(entries, spans, counts, out)
+                self._observe(entries, spans, counts, out, {})
             return out
         view = memoryview(entries)
         trig_rules = self._trig_rules
@@ -135,10 +143,14 @@ class RawMatcher:
                 out[k] = sorted(rules)
                 continue
             s, e = spans[k]
-            hits.clear()
-            if cold is None:
+            if scanned is not None:  # observing (an untuned filter: one stage-2 database)
+                hits = scanned[k] = set()
+                full_db.scan(view[s:e], Adder(hits))
+            elif cold is None:
+                hits.clear()
                 full_db.scan(view[s:e], on_hit)
             else:
+                hits.clear()
                 if not cold[1].issuperset(rules):
                     full_db.scan(view[s:e], on_hit)
                 if not cold[1].isdisjoint(rules):
@@ -150,7 +162,8 @@ class RawMatcher:
                 if counts is not None:
                     self._count_passes(ok)
         if counts is not None:
-            self._observe(entries, spans, counts, out)
+            assert scanned is not None
+            self._observe(entries, spans, counts, out, scanned)
         return out
 
     def _count_passes(self, rules: Sequence[int]) -> None:
@@ -166,18 +179,23 @@ class RawMatcher:
         spans: Sequence[tuple[int, int]],
         counts: dict[int, int],
         out: dict[int, list[int]],
+        scanned: Mapping[int, set[int]],
     ) -> None:
         """Count, per pattern, the observed entries holding it (every entry of the chunk), and
         the distinct pattern sets of the entries where no rule's requirement held (the
-        observing filter is untuned, so ``out`` is exact), to check loosening against."""
+        observing filter is untuned, so ``out`` is exact), to check loosening against.
+        ``scanned``: the entries stage 2 already scanned for every pattern, and what it found."""
         view = memoryview(entries)
-        seen: set[int] = set()
-        on_hit = Adder(seen)
+        mine: set[int] = set()
+        on_hit = Adder(mine)
         get = counts.get
         sets = self._sets
         for k, (s, e) in enumerate(spans):
-            seen.clear()
-            self._full_db.scan(view[s:e], on_hit)
+            seen = scanned.get(k)
+            if seen is None:
+                seen = mine
+                seen.clear()
+                self._full_db.scan(view[s:e], on_hit)
             for i in seen:
                 counts[i] = get(i, 0) + 1
             if k in out:

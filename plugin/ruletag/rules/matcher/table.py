@@ -125,6 +125,9 @@ class Matcher:
         self._fired: deque[tuple[Counter[int], int]] = deque(maxlen=self.DRIFT_GAP)
         self._gap = self.DRIFT_GAP
         self._retunes = 0
+        #: while re-tuning for drift: the compiled filter observing the traffic on the side
+        #: (the tuned filter keeps matching meanwhile)
+        self._observer: RawMatcher | None = None
         # the kept tuned filter, read on a thread of its own (see :meth:`_start_tuned`)
         self._reader: threading.Thread | None = None
         self._read: tuple[RawFilter, HotTable | None, str] | None = None
@@ -353,6 +356,8 @@ class Matcher:
         raw = self.raw
         if raw is None or not spans:
             return {}
+        if self._observer is not None:
+            self._observe_on_the_side(entries, spans)
         cands = raw.candidates(entries, spans)
         if raw.tune_error is not None:
             log.warning("pre-filter re-tuning failed (compiled triggers kept): %s", raw.tune_error)
@@ -361,9 +366,26 @@ class Matcher:
             self._swap_tuned(raw.tuned)
         return cands
 
-    def _swap_tuned(self, tuned: RawFilter, how: str = "re-tuned") -> None:
-        """Run the re-tuned filter from now on (and the often-passed rules' own matcher)."""
-        prev = self.raw
+    def _observe_on_the_side(self, entries: bytes, spans: Sequence[tuple[int, int]]) -> None:
+        """Feed a chunk to the observer of a re-tuning (its candidates are not used: the
+        tuned filter matches meanwhile) and swap its result in once it is ready."""
+        obs = self._observer
+        assert obs is not None
+        if obs.observing:
+            obs.candidates(entries, spans)
+        if obs.tune_error is not None:
+            log.warning("pre-filter re-tuning failed (the tuned filter kept): %s", obs.tune_error)
+            self._observer = None
+        elif obs.tuned is not None:
+            self._observer = None
+            self._swap_tuned(obs.tuned, source=obs)
+
+    def _swap_tuned(
+        self, tuned: RawFilter, how: str = "re-tuned", source: RawMatcher | None = None
+    ) -> None:
+        """Run the re-tuned filter from now on (and the often-passed rules' own matcher);
+        ``source``: the matcher that observed for it (default: the one running)."""
+        prev = source or self.raw
         if prev is not None and prev.sample is not None:
             self._sample = prev.sample
         self.raw = RawMatcher(tuned, 0)
@@ -467,7 +489,9 @@ class Matcher:
         expect (see the module docstring)."""
         raw, tuned = self.raw, self._tuned
         if raw is None or raw.fires is None or tuned is None or self.table.raw is None:
-            return  # not tuned, or observing again
+            return  # not tuned
+        if self._observer is not None:
+            return  # observing again
         self._fired.append((raw.fires, n))
         raw.fires = Counter()
         self._windows += 1
@@ -498,7 +522,11 @@ class Matcher:
             excess,
             self._tune_after,
         )
-        self.raw = RawMatcher(self.table.raw, self._tune_after, self._build_hot, self._sample)
+        # the compiled filter observes on the side (every entry scanned for every pattern,
+        # requirements checked exactly); the tuned filter and its often-passed table keep
+        # matching, so the records observed cost that scan more, not the untuned filter's
+        # decoding
+        self._observer = RawMatcher(self.table.raw, self._tune_after, self._build_hot, self._sample)
 
     def _grow(self, tuned: RawFilter, rules: list[int], new: int, window: int) -> None:
         """On its own thread: the larger often-passed table, kept with the tuned filter."""
