@@ -235,6 +235,8 @@ def run_set(
             )
     finally:
         srv.stop()
+        # its log (tuning and re-tuning lines with their times), beside the config
+        cfg.with_suffix(".log").write_text("\n".join(srv.lines) + "\n")
     return row
 
 
