@@ -188,3 +188,28 @@ def test_tune_after_flag(tmp_path: Path, capsysbinary: pytest.CaptureFixture[byt
     assert run_match(capsysbinary, events, "--tune-after", "100") == want
     assert run_match(capsysbinary, events, "--tune-after", "0") == want
     assert run_match(capsysbinary, events, "--tune-after", "-1")[0] == 2
+
+
+def test_a_second_run_matches_every_record_with_the_kept_tuned_filter(
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first run tunes and keeps its filter; the next run waits for that file (read on a
+    thread) and matches its first batch with it, not with the untuned filter."""
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in generated(3000, 12)))
+    first = run_match(capsysbinary, events, "--tune-after", "600")
+    assert first[0] == 0
+    deadline = time.monotonic() + 60  # the tuning finishes on its thread, after the run
+    while not list((tmp_path / "cache" / "ruletag").glob("*.tuned")):
+        assert time.monotonic() < deadline, "the first run kept no tuned filter"
+        time.sleep(0.05)
+    seen: list[object] = []
+    original = Matcher.match_entries
+
+    def spy(self: Matcher, entries: bytes, spans: list[tuple[int, int]]) -> dict[int, list[int]]:
+        seen.append(self.stats.get("raw_tuned_from"))
+        return original(self, entries, spans)
+
+    monkeypatch.setattr(Matcher, "match_entries", spy)
+    assert run_match(capsysbinary, events, "--tune-after", "600") == first
+    assert seen and seen[0] == "file"

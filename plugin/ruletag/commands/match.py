@@ -416,13 +416,16 @@ def match(ns: argparse.Namespace) -> int:
     """Match every record of ``--events`` and print it as JSON, with its detections."""
     variables = read_vars(ns.vars)  # a bad --vars file: ConfigError, exit 2 (cli.main)
     table = _load_table(ns.rules, variables, selection_from_args(ns))
+    # re-tunes its pre-filter on long inputs, like the relay, and starts from the filter an
+    # earlier run tuned for this table: a batch job waits for that file (read on a thread
+    # while the stateful engines load) rather than match its first records untuned
+    matcher = Matcher(table, _tune_after(ns), tuned_path(default_cache_dir(), table.version))
     engines = stateful_engines(table.rules, table.fieldmap, default_cache_dir())
     if getattr(ns, "new_terms_no_learning", False):
         configure_new_terms(engines, learn=0.0)
+    matcher.wait_tuned()
     ctx = MatchContext(
-        # re-tunes its pre-filter on long inputs, like the relay, and starts from the filter
-        # an earlier run tuned for this table
-        Matcher(table, _tune_after(ns), tuned_path(default_cache_dir(), table.version)),
+        matcher,
         table,
         prefilter=not getattr(ns, "no_prefilter", False),
         only_matches=bool(getattr(ns, "only_matches", False)),
