@@ -206,7 +206,7 @@ class _WinEvent:
 class RecordView:
     """One record seen through the field mapping (built per record, values cached)."""
 
-    __slots__ = ("_cache", "_flat", "_map", "_record", "_strings")
+    __slots__ = ("_cache", "_event", "_flat", "_map", "_record", "_strings")
 
     def __init__(self, fieldmap: FieldMap, record: Mapping[str, object]) -> None:
         self._map = fieldmap
@@ -214,6 +214,7 @@ class RecordView:
         self._cache: dict[str, list[object]] = {}
         self._strings: list[str] | None = None
         self._flat: dict[str, list[object]] | None = None
+        self._event: _WinEvent | bool | None = False  # the Windows event row, once looked up
 
     @property
     def record(self) -> Mapping[str, object]:
@@ -256,7 +257,7 @@ class RecordView:
         return self._strings
 
     def _compute(self, field: str) -> list[object]:
-        plan = self._map._plan(field)
+        plan = self._map._plans.get(field) or self._map._plan(field)
         flat = self._flat
         if flat is None:
             flat = self._flat = flatten_record(self._record)
@@ -282,6 +283,16 @@ class RecordView:
         return out
 
     def _windows_event(self, attr: str) -> list[object]:
+        row = self._event
+        if row is False:
+            row = self._event = self._event_row()
+        if row is None:
+            return []
+        assert isinstance(row, _WinEvent)
+        return list(row.ecs_category if attr == "category" else row.ecs_type)
+
+    def _event_row(self) -> _WinEvent | None:
+        """The known Windows event (channel, event id) of the record, if any."""
         table = self._map._events
         for ch in self.values(CHANNEL):
             if not isinstance(ch, str):
@@ -290,8 +301,8 @@ class RecordView:
                 num = _as_int(eid)
                 row = table.get((ch.lower(), num)) if num is not None else None
                 if row is not None:
-                    return list(row.ecs_category if attr == "category" else row.ecs_type)
-        return []
+                    return row
+        return None
 
 
 def _as_int(value: object) -> int | None:

@@ -13,6 +13,7 @@ import threading
 from array import array
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from itertools import chain
 
 from ruletag.rules.compiler.prefilter import FOLD_ID, RawFilter, retune
 from ruletag.rules.native import Adder, EntryHits
@@ -24,6 +25,16 @@ TUNE_AFTER = 20_000
 #: Most distinct pattern sets kept while observing (entries with a set beyond these are not
 #: in the sample that loosening is checked on).
 MAX_SETS = 20_000
+
+#: Most distinct trigger pattern sets a matcher memoises what follows from.
+MAX_TRIGGERED = 4096
+# How an entry's triggered rules are checked: no rule triggered; each by its trigger alone;
+# some by their trigger alone and some in stage 2; all in stage 2; any rule (a hidden
+# caseless literal).
+_NOTHING, _TRIGGER_ENOUGH, _SOME_UNCHECKED, _ALL_CHECKED, _ANY = range(5)
+#: what follows from a trigger pattern set: (its rules ascending, how they are checked,
+#: scan the full stage-2 database, scan the cold one)
+_Triggered = tuple[tuple[int, ...], int, bool, bool]
 
 #: What a tuning observed: per pattern the entries holding it, per rule the entries its
 #: requirement held in, the entries observed, and the distinct pattern sets of the entries
@@ -60,6 +71,8 @@ class RawMatcher:
         self._trig_rules = dict(filt.trig_rules)
         self._reqs = dict(filt.reqs)
         self._checked = filt.checked
+        #: an entry's trigger pattern set -> what follows from it (see :meth:`_what_follows`)
+        self._triggered: dict[frozenset[int], _Triggered] = {}
         #: the re-tuned filter, once built (the owner replaces this matcher with one over it)
         self.tuned: RawFilter | None = None
         self.tune_error: str | None = None
@@ -105,8 +118,7 @@ class RawMatcher:
         counts = self._counts
         fires = self.fires
         if fires is not None:
-            for pats in per_entry.values():
-                fires.update(pats)
+            fires.update(chain.from_iterable(per_entry.values()))
         out: dict[int, list[int]] = {}
         #: while observing: the entries scanned for every pattern, with what was found (the
         #: observation needs that scan of every entry; stage 2 reuses it)
@@ -116,31 +128,32 @@ class RawMatcher:
                 self._observe(entries, spans, counts, out, {})
             return out
         view = memoryview(entries)
-        trig_rules = self._trig_rules
         reqs = self._reqs
         hits: set[int] = set()
         on_hit = Adder(hits)
-        checked = self._checked
         cold = self._cold
         full_db = self._full_db
+        triggered = self._triggered
         for k in sorted(per_entry):
-            rules: set[int] = set()
-            for t in per_entry[k]:
-                rules.update(trig_rules.get(t, ()))
-            if FOLD_ID in per_entry[k]:  # a caseless literal could be hidden: any rule may match
+            key = frozenset(per_entry[k])
+            got = triggered.get(key)
+            if got is None:  # pattern sets repeat: what follows from one is memoised
+                got = self._what_follows(key)
+            order, how, in_full, in_cold = got
+            if how == _ANY:  # a caseless literal could be hidden: any rule may match
                 out[k] = sorted(reqs)
                 continue
-            if checked.isdisjoint(rules):
-                if rules:  # every triggered rule's requirement is met by its trigger alone
-                    out[k] = sorted(rules)
+            if how <= _TRIGGER_ENOUGH:
+                if how == _TRIGGER_ENOUGH:  # every triggered rule's requirement is met
+                    out[k] = list(order)
                     if counts is not None:
-                        self._count_passes(out[k])
+                        self._count_passes(order)
                 continue
-            if counts is None and not checked.issuperset(rules):
+            if counts is None and how == _SOME_UNCHECKED:
                 # decoded anyway (a triggered rule needs no stage 2): the other triggered
                 # rules are evaluated on the record, which costs less than scanning the
                 # entry again (while observing, the passes counted must be exact)
-                out[k] = sorted(rules)
+                out[k] = list(order)
                 continue
             s, e = spans[k]
             if scanned is not None:  # observing (an untuned filter: one stage-2 database)
@@ -151,12 +164,12 @@ class RawMatcher:
                 full_db.scan(view[s:e], on_hit)
             else:
                 hits.clear()
-                if not cold[1].issuperset(rules):
+                if in_full:
                     full_db.scan(view[s:e], on_hit)
-                if not cold[1].isdisjoint(rules):
+                if in_cold:
                     cold[0].scan(view[s:e], on_hit)
             memo: dict[int, bool] = {}
-            ok = [r for r in sorted(rules) if reqs[r](hits, memo)]
+            ok = [r for r in order if reqs[r](hits, memo)]
             if ok:
                 out[k] = ok
                 if counts is not None:
@@ -165,6 +178,30 @@ class RawMatcher:
             assert scanned is not None
             self._observe(entries, spans, counts, out, scanned)
         return out
+
+    def _what_follows(self, pats: frozenset[int]) -> _Triggered:
+        """What a trigger pattern set ``pats`` of an entry leads to: the rules it triggers,
+        ascending, how they are checked, and (with a cold stage-2 database) whether stage 2
+        scans the full database and the cold one (memoised up to :data:`MAX_TRIGGERED`)."""
+        rules: set[int] = set()
+        for t in pats:
+            rules.update(self._trig_rules.get(t, ()))
+        checked = self._checked
+        if FOLD_ID in pats:
+            how = _ANY
+        elif checked.isdisjoint(rules):
+            how = _TRIGGER_ENOUGH if rules else _NOTHING
+        elif not checked.issuperset(rules):
+            how = _SOME_UNCHECKED
+        else:
+            how = _ALL_CHECKED
+        cold = self._cold
+        in_full = cold is None or not cold[1].issuperset(rules)
+        in_cold = cold is not None and not cold[1].isdisjoint(rules)
+        got = (tuple(sorted(rules)), how, in_full, in_cold)
+        if len(self._triggered) < MAX_TRIGGERED:
+            self._triggered[pats] = got
+        return got
 
     def _count_passes(self, rules: Sequence[int]) -> None:
         passes = self._passes

@@ -57,6 +57,8 @@ _CACHE_ENTRIES = 1 << 16
 
 Hits = set[int]
 ValueCache = dict[tuple[int, str], tuple[int, ...]]
+#: rule lists a matcher memoises what it derives from (beyond: derived each time)
+MEMO_LISTS = 1024
 #: The matcher of the often-passed rules: (its matcher, rule -> its index there, index -> rule).
 HotTable = tuple["Matcher", dict[int, int], tuple[int, ...]]
 #: per field group: (direct paths or None, field, dotted paths, scan-cache key, scan of a text)
@@ -98,6 +100,12 @@ class Matcher:
         self.stats: dict[str, Any] = dict(table.stats)
         #: (group, short value) -> the atoms it hits (see :func:`scan`)
         self._value_cache: ValueCache = {}
+        #: a rule list (ascending) -> the field groups its rules read (see :meth:`match_subset`)
+        self._groups_of: dict[tuple[int, ...], frozenset[int]] = {}
+        #: a rule list -> (the often-passed table's indexes of its rules there, the others),
+        #: for the table ``_split_for`` (see :meth:`_match_hot`)
+        self._split: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
+        self._split_for: HotTable | None = None
         # the lookups of the hot path, as plain dicts
         self._key_atom = dict(table.key_atom)
         self._key_groups = dict(table.key_groups)
@@ -292,15 +300,17 @@ class Matcher:
 
     def match_subset(self, record: Mapping[str, object], rules: Iterable[int]) -> list[int]:
         """Which of ``rules`` (indexes) match ``record``, scanning only the fields they read."""
-        rules = sorted(rules)
+        key = tuple(sorted(rules))
+        todo = self._groups_of.get(key)
+        if todo is None:  # rule lists repeat (they follow the trigger patterns): memoised
+            rule_groups = self.table.rule_groups
+            todo = frozenset().union(*(rule_groups[k] for k in key))
+            if len(self._groups_of) < MEMO_LISTS:
+                self._groups_of[key] = todo
         view = self.table.fieldmap.view(record)
         hits: Hits = set()
-        rule_groups = self.table.rule_groups
-        todo: set[int] = set()
-        for k in rules:
-            todo.update(rule_groups[k])
         self._scan_groups(view, todo, hits)
-        return self._holding(rules, view, hits, {})
+        return self._holding(key, view, hits, {})
 
     def match_entries(
         self, entries: bytes, spans: Sequence[tuple[int, int]]
@@ -324,7 +334,7 @@ class Matcher:
         for k in todo:
             rules: Iterable[int] = cands.get(k, ())
             if forced:
-                rules = set(rules).union(forced)
+                rules = sorted(set(rules).union(forced))
             s, e = spans[k]
             record = _record_of(view[s:e])
             if record is None:
@@ -423,8 +433,16 @@ class Matcher:
         """``match_subset`` with the often-candidate rules evaluated by the small table;
         the other rules are counted into ``cold``."""
         sub, pos, back = hot
-        mine = [pos[r] for r in rules if r in pos]
-        rest = [r for r in rules if r not in pos]
+        if self._split_for is not hot:
+            self._split_for = hot
+            self._split = {}
+        key = tuple(rules)  # ascending (see match_entries)
+        split = self._split.get(key)
+        if split is None:  # memoised per rule list, as in match_subset
+            split = ([pos[r] for r in key if r in pos], [r for r in key if r not in pos])
+            if len(self._split) < MEMO_LISTS:
+                self._split[key] = split
+        mine, rest = split
         got = [back[i] for i in sub.match_subset(record, mine)] if mine else []
         if rest:
             got = sorted(got + self.match_subset(record, rest))
