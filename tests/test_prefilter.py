@@ -6,6 +6,7 @@ import struct
 from collections.abc import Sequence
 
 import msgpack
+import pytest
 
 from ruletag.rules.compiler import CompiledTable, build
 from ruletag.rules.compiler.prefilter import int_encodings, text_headers
@@ -231,3 +232,31 @@ def test_predicates_false_without_their_fields_need_a_key(fm: FieldMap) -> None:
     buf, spans = joined(entries)
     assert candidates(t, buf, spans) == {1: [0], 2: [0]}
     assert agree(t, entries) == {0: [1], 1: [0]}
+
+
+def test_memos_of_trigger_sets_and_rule_lists_stay_bounded_and_exact(
+    fm: FieldMap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Traffic with more distinct trigger pattern sets (and so rule lists) than the memos
+    hold: the memos stop growing at their bound, and every chunk still matches exactly as
+    the records decoded one by one."""
+    import ruletag.rules.matcher.prefilter as pf
+    import ruletag.rules.matcher.table as tb
+
+    monkeypatch.setattr(pf, "MAX_TRIGGERED", 4)
+    monkeypatch.setattr(tb, "MEMO_LISTS", 4)
+    words = [f"tok{i}zq" for i in range(8)]
+    t = build([rule(f"r{i}", Match("CommandLine", (A, w, A))) for i, w in enumerate(words)], fm)
+    records = [
+        {"CommandLine": f"run {a} then {b}"} for n, a in enumerate(words) for b in words[n + 1 :]
+    ]
+    entries = [msgpack.packb([0, r]) for r in records]
+    m = Matcher(t, 0)
+    want = {k: Matcher(t, 0).match(r) for k, r in enumerate(records)}
+    buf, spans = joined(entries)
+    for _ in range(2):  # the second pass runs on full memos
+        assert m.match_entries(buf, spans) == want
+    assert m.raw is not None
+    assert len(m.raw._triggered) == 4
+    assert len(m._groups_of) == 4
+    assert len(want) == len(records) == 28 and all(len(v) == 2 for v in want.values())

@@ -423,3 +423,49 @@ def test_re_tuning_for_drift_is_spaced_out_and_bounded(fm: FieldMap, monkeypatch
     # it did re-tune, twice (the bound), and waited twice as long before the second
     assert m.stats["raw_retunes"] == 2
     assert set(gaps) <= {1, 2, 4} and m._gap == 4
+
+
+def test_a_matcher_started_from_the_kept_filter_re_tunes_on_the_kept_sample_too(
+    fm: FieldMap, tmp_path, monkeypatch, caplog
+) -> None:
+    """A run tunes on one source and keeps its filter and sample; the next run starts from
+    the kept filter (it observed nothing itself), then the other source arrives: its re-tuning
+    adds the kept sample to the records it observes, so the re-tuned filter still knows the
+    first source. With the sample file damaged, it re-tunes on the new records only, says so,
+    and matches never change."""
+    monkeypatch.setattr(Matcher, "HOT_WINDOW", 200)
+    monkeypatch.setattr(Matcher, "DRIFT_GAP", 2)
+    path = tmp_path / "v-test.tuned"
+    first = Matcher(_keyed(fm), tune_after=300, tuned_path=path)
+    feed_until_tuned(first, other_source(400, 1))
+    assert first.raw is not None
+    kept = first.raw.filter.tuned_on
+    sample = first.sample_path
+    assert sample is not None and sample.exists()
+    b = traffic(2000, 2)
+    fresh = traffic(1500, 3) + other_source(500, 4)
+    buf, spans = pack_records(fresh)
+    kept_filter, kept_sample = path.read_bytes(), sample.read_bytes()
+    for damaged in (False, True):
+        path.write_bytes(kept_filter)  # as the first run left it (the loop's runs re-tune)
+        data = bytearray(kept_sample)
+        if damaged:
+            data[-3] ^= 0xFF
+        sample.write_bytes(bytes(data))
+        m = Matcher(_keyed(fm), tune_after=300, tuned_path=path)
+        assert m.wait_tuned(10) and m.stats["raw_tuned_from"] == "file"
+        assert m._sample is None  # the run itself observed nothing
+
+        def done(m: Matcher = m) -> bool:
+            return m.stats.get("raw_retunes") == 1 and m.stats["raw_tuned_from"] == "traffic"
+
+        feed_until(m, b, done, "the pre-filter did not re-tune on the new traffic")
+        assert m.raw is not None
+        got = m.raw.filter.tuned_on
+        if damaged:
+            assert 300 <= got < kept + 300, got  # its own records only
+            assert "earlier tuning sample not used" in caplog.text
+        else:
+            assert got >= kept + 300, (got, kept)  # the kept sample and its own records
+            assert "earlier tuning sample not used" not in caplog.text
+        assert m.match_entries(buf, spans) == want(m, fresh)

@@ -28,13 +28,24 @@ from ruletag.rules.compiler.prefilter import RawFilter
 from ruletag.rules.compiler.table import CompiledTable
 from ruletag.rules.ir import Rule
 
-__all__ = ["TableError", "dumps", "load", "load_tuned", "save", "save_tuned"]
+__all__ = [
+    "TableError",
+    "dumps",
+    "load",
+    "load_sample",
+    "load_tuned",
+    "save",
+    "save_sample",
+    "save_tuned",
+]
 
 #: v5: the compiler and the matcher split (groups and pre-filter stored as plain tuples)
 _MAGIC = b"RULETAG-TABLE\x00v5\n"
 #: a re-tuned pre-filter of one table, with the table of its often-passed rules
 #: (v2: a stage-2 database shared with the table's own filter is stored as a reference to it)
 _TUNED_MAGIC = b"RULETAG-TUNED\x00v2\n"
+#: what a pre-filter tuning of one table observed (plain data, marshalled)
+_SAMPLE_MAGIC = b"RULETAG-SAMPLE\x00v1\n"
 
 #: The fields stored as they are (the others are converted, or derived on loading).
 _PLAIN_KEYS = (
@@ -151,6 +162,32 @@ def load_tuned(
     if raw is None or not raw.tuned_on:
         raise TableError(f"{path}: holds no tuned pre-filter")
     return raw, hot
+
+
+def save_sample(path: Path, version: str, sample: tuple[Any, ...]) -> None:
+    """Write what a pre-filter tuning of the table ``version`` observed (its sample: pattern
+    counts, requirement passes, records, distinct pattern sets), so that a later run that
+    starts from the tuned filter and re-tunes for drift still adds it to what it observes."""
+    _write(path, _SAMPLE_MAGIC, marshal.dumps((version, tuple(sample))))
+
+
+def load_sample(path: Path, version: str) -> tuple[Any, ...]:
+    """Read what :func:`save_sample` wrote for the table ``version`` (:class:`TableError` if
+    the file is damaged, of another format, or of another table)."""
+    try:
+        with _body(path, _SAMPLE_MAGIC, "tuning sample") as body:
+            got, sample = marshal.load(body)
+        counts, passes, n, sets = sample
+        ok = isinstance(counts, dict) and isinstance(passes, dict) and isinstance(sets, dict)
+        if not ok or not isinstance(n, int):
+            raise TableError(f"{path}: not a tuning sample")
+    except TableError:
+        raise
+    except Exception as exc:
+        raise TableError(f"{path}: cannot read tuning sample: {exc}") from exc
+    if got != version:
+        raise TableError(f"{path}: observed for another rule table")
+    return (counts, passes, n, sets)
 
 
 def load(path: Path) -> CompiledTable:

@@ -9,16 +9,21 @@ to. Each matcher tunes on its own; the filter it started from is never changed.
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
 from array import array
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from itertools import chain
+from pathlib import Path
 
 from ruletag.rules.compiler.prefilter import FOLD_ID, RawFilter, retune
+from ruletag.rules.compiler.store import TableError, load_sample
 from ruletag.rules.native import Adder, EntryHits
 
 __all__ = ["TUNE_AFTER", "RawMatcher"]
+
+log = logging.getLogger(__name__)
 
 #: Records observed before the filter re-picks its triggers from measured frequencies.
 TUNE_AFTER = 20_000
@@ -54,15 +59,18 @@ class RawMatcher:
     over it. Any choice of triggers and any loosening is sound, so matches never change.
 
     ``prior``: the sample an earlier tuning observed; the tuning adds it to its own, so a
-    re-tuning after the traffic changed serves the old traffic and the new.
+    re-tuning after the traffic changed serves the old traffic and the new. ``prior_file``
+    (path, table version): where an earlier run kept its sample, read (on the tuning thread)
+    when ``prior`` is None: a run that started from a kept tuned filter has none of its own.
     """
 
     def __init__(
         self,
         filt: RawFilter,
         tune_after: int = TUNE_AFTER,
-        after_tune: Callable[[RawFilter], None] | None = None,
+        after_tune: Callable[[RawFilter, Sample], None] | None = None,
         prior: Sample | None = None,
+        prior_file: tuple[Path, str] | None = None,
     ) -> None:
         self.filter = filt
         self._trigger_db = filt.trigger_db
@@ -86,6 +94,7 @@ class RawMatcher:
         self._observed = 0
         self._tuning = False
         self._prior = prior
+        self._prior_file = prior_file
         #: what the tuning observed (its own records and ``prior``), once tuned
         self.sample: Sample | None = None
         #: when set (by the owner of a tuned filter): per trigger pattern, the entries it
@@ -259,17 +268,33 @@ class RawMatcher:
         sets: dict[bytes, int],
     ) -> None:
         try:
-            if self._prior is not None:
-                counts, passes, n, sets = _merge((counts, passes, n, sets), self._prior)
+            prior = self._prior
+            if prior is None and self._prior_file is not None:  # kept by an earlier run
+                prior = _read_sample(*self._prior_file)
+            if prior is not None:
+                counts, passes, n, sets = _merge((counts, passes, n, sets), prior)
             tuned = retune(self.filter, counts, n, passes, sets)
             self.sample = (counts, passes, n, sets)
             if self.after_tune is not None:
-                self.after_tune(tuned)
+                self.after_tune(tuned, self.sample)
             self.tuned = tuned
         except Exception as exc:  # pragma: no cover - the untuned filter stays in use
             self.tune_error = f"{type(exc).__name__}: {exc}"
         finally:
             _release_memory()
+
+
+def _read_sample(path: Path, version: str) -> Sample | None:
+    """The sample kept in ``path`` for the table ``version``; None (and a warning unless the
+    file is missing) when it cannot be used."""
+    try:
+        counts, passes, n, sets = load_sample(path, version)
+    except FileNotFoundError:
+        return None
+    except (TableError, OSError) as exc:
+        log.warning("earlier tuning sample not used (re-tuning on new traffic only): %s", exc)
+        return None
+    return counts, passes, n, sets
 
 
 def _merge(a: Sample, b: Sample) -> Sample:

@@ -38,7 +38,7 @@ import msgpack
 from ruletag.rules.algebra import as_text, re2_search
 from ruletag.rules.compiler.hyperscan import Group, encode
 from ruletag.rules.compiler.prefilter import RawFilter
-from ruletag.rules.compiler.store import TableError, load_tuned, save_tuned
+from ruletag.rules.compiler.store import TableError, load_tuned, save_sample, save_tuned
 from ruletag.rules.compiler.table import CompiledTable, build
 from ruletag.rules.fields import RecordView
 from ruletag.rules.ir import Rule
@@ -458,15 +458,21 @@ class Matcher:
         sub = build([t.rules[k] for k in hot], t.fieldmap, "", raw=False)
         return (Matcher(sub, 0), {k: i for i, k in enumerate(hot)}, tuple(hot))
 
-    def _build_hot(self, tuned: RawFilter) -> None:
+    def _build_hot(self, tuned: RawFilter, sample: Sample | None = None) -> None:
         """On the tuning thread: the small table of the rules the tuned filter often passes."""
         self._next_hot = self._hot_table(
             sorted(k for k, c in tuned.rates.items() if c > self.HOT_SHARE)
         )
-        self._keep(tuned, self._next_hot)
+        self._keep(tuned, self._next_hot, sample)
 
-    def _keep(self, tuned: RawFilter, hot: HotTable | None) -> None:
-        """Write the tuned filter and its often-passed table to :attr:`tuned_path`, if any."""
+    @property
+    def sample_path(self) -> Path | None:
+        """Where the sample of the kept tuned filter's tuning is kept (beside it), if any."""
+        return None if self.tuned_path is None else self.tuned_path.with_suffix(".sample")
+
+    def _keep(self, tuned: RawFilter, hot: HotTable | None, sample: Sample | None = None) -> None:
+        """Write the tuned filter and its often-passed table to :attr:`tuned_path`, if any,
+        and what its tuning observed (``sample``) to :attr:`sample_path`."""
         if self.tuned_path is None:
             return
         try:
@@ -478,6 +484,8 @@ class Matcher:
                 None if hot is None else (hot[0].table, hot[2]),
                 self.table.raw,
             )
+            if sample is not None and self.sample_path is not None:
+                save_sample(self.sample_path, self.table.version, sample)
         except OSError as exc:  # a cache: the tuned filter is used all the same
             log.warning("tuned pre-filter not saved to %s: %s", self.tuned_path, exc)
 
@@ -544,7 +552,15 @@ class Matcher:
         # requirements checked exactly); the tuned filter and its often-passed table keep
         # matching, so the records observed cost that scan more, not the untuned filter's
         # decoding
-        self._observer = RawMatcher(self.table.raw, self._tune_after, self._build_hot, self._sample)
+        kept = self.sample_path
+        self._observer = RawMatcher(
+            self.table.raw,
+            self._tune_after,
+            self._build_hot,
+            self._sample,
+            # started from a kept tuned filter: the sample its tuning observed, kept beside it
+            None if kept is None else (kept, self.table.version),
+        )
 
     def _grow(self, tuned: RawFilter, rules: list[int], new: int, window: int) -> None:
         """On its own thread: the larger often-passed table, kept with the tuned filter."""
