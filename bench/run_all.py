@@ -6,10 +6,12 @@ scaling ratio), all Sigma, all Elastic, everything. Each table is compiled once
 into a bench cache folder first, so ``serve`` starts from the compiled table (start-up time is
 spawn -> ``ruletag ready``). Per rule set: a full-speed run (throughput, ruletag CPU per
 record, peak RSS) and a fixed-rate run (added latency at a steady load), after a warm-up that
-lasts until the pre-filter has re-tuned itself on the traffic. Then ``workers`` scaling with
-every rule loaded and ``enrich.stateful: off`` (``workers: N`` refuses stateful rules: the
-stateless tier of docs/deploy.md), 1 worker included as the ratio's base; the rows above
-evaluate the stateful rules the sets hold.
+lasts until the pre-filter has re-tuned itself on the traffic (or read the filter an earlier
+run kept), the whole traffic file has gone through once more per worker (what the drift check
+judges on) and no re-tuning for drift is under way ("tuned after s": that warm-up). Then
+``workers`` scaling with every rule loaded and ``enrich.stateful: off`` (``workers: N``
+refuses stateful rules: the stateless tier of docs/deploy.md), 1 worker included as the
+ratio's base; the rows above evaluate the stateful rules the sets hold.
 
     python bench/run_all.py --corpus ../shared/rules   # everything, ~6 minutes (+1 to compile)
     python bench/run_all.py --sets none,seeds --duration 5 --json out.json
@@ -76,6 +78,21 @@ def ruletag_bin() -> str:
 
 def _yaml_list(items: list[str], indent: str) -> str:
     return "".join(f"{indent}- {json.dumps(i)}\n" for i in items)
+
+
+def _tuning_state(lines: list[str], version: str | None) -> tuple[int, int]:
+    """From serve's log: how many times the main table's pre-filter was tuned (re-tuned on
+    the traffic, or started from the filter an earlier run kept), and how many re-tunings for
+    drift are under way. A step table's tuning, logged with its own key, does not count."""
+    mark = f"(table {version})" if version else ""
+    tuned = drifting = 0
+    for line in lines:
+        if "pre-filter: the traffic differs" in line and mark in line:
+            drifting += 1
+        elif ("pre-filter re-tuned" in line or "pre-filter tuned on" in line) and mark in line:
+            tuned += 1
+            drifting = max(0, drifting - 1)
+    return tuned, drifting
 
 
 def write_config(
@@ -188,10 +205,14 @@ def run_set(
     try:
         conns = max(ns.connections, 2 * workers) if workers > 1 else ns.connections
         # warm-up; with rules, until every worker's pre-filter has re-tuned itself on the
-        # traffic (docs/rules.md): the runs below measure the steady state
+        # traffic (docs/rules.md), then seen the whole traffic file (enough windows for the
+        # drift check), and no re-tuning for drift is under way: the runs below measure the
+        # steady state
         t_warm = time.monotonic()
+        after_tuned = 0
+        enough = len(traffic.frames) and sum(traffic.counts) * workers * 6 // 5
         while True:
-            load.measure(
+            got = load.measure(
                 traffic,
                 sink,
                 ("127.0.0.1", port),
@@ -200,14 +221,11 @@ def run_set(
                 connections=conns,
                 window=ns.window,
             )
-            # the main table re-tuned on this traffic, or started from the filter an earlier
-            # run kept (a step table's tuning, logged with its own key, does not count)
-            mark = f"(table {version})" if version else ""
-            tuned = sum(
-                ("pre-filter re-tuned" in line or "pre-filter tuned on" in line) and mark in line
-                for line in srv.lines
-            )
-            if not paths or tuned >= workers or time.monotonic() - t_warm > ns.tune_timeout:
+            tuned, drifting = _tuning_state(srv.lines, version)
+            if tuned >= workers:
+                after_tuned += got["records"]
+            settled = tuned >= workers and after_tuned >= enough and not drifting
+            if not paths or settled or time.monotonic() - t_warm > ns.tune_timeout:
                 break
         row["tuned_after_s"] = round(time.monotonic() - t_warm, 1) if paths and tuned else None
         full = load.measure(

@@ -543,10 +543,11 @@ class Matcher:
         log.info(
             "pre-filter: the traffic differs from the %d records it was tuned on (%.1f more "
             "trigger fires per record than they led to expect): observing the next %d records "
-            "to re-tune on both",
+            "to re-tune on both%s",
             tuned.tuned_on,
             excess,
             self._tune_after,
+            f" (table {self.table.version})" if self.table.version else "",
         )
         # the compiled filter observes on the side (every entry scanned for every pattern,
         # requirements checked exactly); the tuned filter and its often-passed table keep
