@@ -330,3 +330,109 @@ def test_scan_groups_is_the_reference(record: dict, todo: list[int], limit: int)
         return log, hits, cache, dict(view.value_cache)
 
     assert run(NATIVE.scan_groups) == run(table_mod.py_scan_groups)
+
+
+# --------------------------------------------------------------------------- RecordView
+
+_FM = fields.FieldMap.default()
+#: every field with a derivation, the fields those read, and some direct ones
+_FIELDS = sorted(
+    set(_FM._derive)
+    | {
+        getattr(d, "source", "")
+        for ds in _FM._derive.values()
+        for d in ds
+        if getattr(d, "source", "")
+    }
+    | {fields.CHANNEL, fields.EVENT_ID, "Image", "CommandLine", "EventID", "User", "a.b"}
+)
+_view_keys = st.sampled_from(
+    [
+        "Image",
+        "ParentImage",
+        "process.executable",
+        "process.parent.executable",
+        "file.path",
+        "TargetFilename",
+        "Channel",
+        "EventID",
+        "winlog.channel",
+        "winlog.event_id",
+        "aws.cloudtrail.error_code",
+        "aws.cloudtrail.event_version",
+        "azure.activitylogs.result_type",
+        "azure.activitylogs.properties.result",
+        "okta.event_type",
+        "authenticationContext",
+        "process",
+        "winlog",
+        "a.b",
+    ]
+)
+_view_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 5000),
+    st.sampled_from(
+        [
+            "C:\\Windows\\System32\\cmd.exe",
+            "/usr/bin/curl",
+            "no_separator",
+            "trailing\\",
+            "Security",
+            "Microsoft-Windows-Sysmon/Operational",
+            "4688",
+            " 1 ",
+            "SUCCESS",
+            "failure",
+            "Unknown",
+            "",
+        ]
+    ),
+    st.text(max_size=6),
+)
+_view_values = st.recursive(
+    _view_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(_view_keys, inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+@needs_native
+@settings(max_examples=400, deadline=None)
+@given(
+    st.dictionaries(_view_keys, _view_values, max_size=6),
+    st.permutations(_FIELDS),
+)
+def test_record_view_values_are_the_reference(record: dict, order: list[str]) -> None:
+    """The C ``values`` (plans, derivations, the cache) gives what the reference gives, for
+    every derived field and what it reads, asked in any order."""
+    assert fields.RecordView is not fields.PyRecordView
+    ref = fields.PyRecordView(_FM, record)
+    got = fields.RecordView(_FM, record)
+    for f in order:
+        want = ref.values(f)
+        have = got.values(f)
+        assert [(type(v), v) for v in have] == [(type(v), v) for v in want], f
+        assert got.values(f) is have  # cached
+    assert got.value_cache.keys() == ref.value_cache.keys()
+    assert got.flat() == ref.flat() and got.strings() == ref.strings()
+    assert got.record is record
+
+
+@needs_native
+def test_record_view_survives_odd_records_and_deep_derivations() -> None:
+    """Bad plans raise clear errors, not crashes; a record without the fields gives []."""
+    view = fields.RecordView(_FM, {})
+    assert all(view.values(f) == [] for f in _FIELDS)
+    with pytest.raises(AttributeError):
+        fields.RecordView(object(), {})  # not a field map: no plans
+    deep: dict = {}
+    node = deep
+    for _ in range(10_000):
+        node["a"] = {}
+        node = node["a"]
+    with pytest.raises(RecursionError):
+        fields.RecordView(_FM, deep).values("Image")

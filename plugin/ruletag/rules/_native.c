@@ -13,9 +13,12 @@
  *                                (reference: matcher.table.py_scan_cached)
  *   scan_groups(todo, spec, view, flat, vcache, hits, cache, limit, max_entries)
  *                                (reference: matcher.table.py_scan_groups)
+ *   ViewBase(fieldmap, record)   RecordView's state and values(field) (reference:
+ *                                fields.PyRecordView; fields.RecordView subclasses this)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 static PyObject *Mapping = NULL; /* collections.abc.Mapping */
 
@@ -782,6 +785,348 @@ fail:
     return NULL;
 }
 
+/* ------------------------------------------------------------------ ViewBase */
+
+/* Derivation kinds of a field plan's ``spec`` (see fields._Plan). */
+enum { D_BASENAME = 0, D_COPY = 1, D_WHEN_PRESENT = 2, D_WINDOWS_EVENT = 3 };
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *map;     /* the FieldMap */
+    PyObject *record;  /* the record as given */
+    PyObject *cache;   /* field -> its values (a dict) */
+    PyObject *flat;    /* flatten_record(record), once computed, or NULL */
+    PyObject *strings; /* (fields.RecordView.strings) or NULL */
+    PyObject *event;   /* (fields.RecordView._windows_event) */
+    PyObject *plans;   /* map._plans: field -> plan */
+} View;
+
+static PyObject *View_values(View *self, PyObject *field);
+
+static int View_init(View *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fieldmap", "record", NULL};
+    PyObject *fmap, *record;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO", kwlist, &fmap, &record)) {
+        return -1;
+    }
+    PyObject *plans = PyObject_GetAttrString(fmap, "_plans");
+    if (plans == NULL) {
+        return -1;
+    }
+    if (!PyDict_Check(plans)) {
+        Py_DECREF(plans);
+        PyErr_SetString(PyExc_TypeError, "fieldmap._plans must be a dict");
+        return -1;
+    }
+    PyObject *cache = PyDict_New();
+    if (cache == NULL) {
+        Py_DECREF(plans);
+        return -1;
+    }
+    Py_INCREF(fmap);
+    Py_INCREF(record);
+    Py_INCREF(Py_False);
+    Py_XSETREF(self->map, fmap);
+    Py_XSETREF(self->record, record);
+    Py_XSETREF(self->cache, cache);
+    Py_XSETREF(self->plans, plans);
+    Py_XSETREF(self->event, Py_False);
+    Py_CLEAR(self->flat);
+    Py_CLEAR(self->strings);
+    return 0;
+}
+
+/* The last component of a Windows or POSIX path (fields.basename). New reference. */
+static PyObject *path_basename(PyObject *v)
+{
+    Py_ssize_t n = PyUnicode_GET_LENGTH(v);
+    Py_ssize_t a = PyUnicode_FindChar(v, '\\', 0, n, -1);
+    Py_ssize_t b = PyUnicode_FindChar(v, '/', 0, n, -1);
+    if (a == -2 || b == -2) {
+        return NULL;
+    }
+    return PyUnicode_Substring(v, (a > b ? a : b) + 1, n);
+}
+
+/* Whether view.values(field) is non-empty: 1, 0, or -1 with an exception set. */
+static int has_values(View *self, PyObject *field)
+{
+    PyObject *got = View_values(self, field);
+    if (got == NULL) {
+        return -1;
+    }
+    int yes = PyObject_IsTrue(got);
+    Py_DECREF(got);
+    return yes;
+}
+
+/* One derivation ``d`` (a tuple: kind, then its arguments). New reference (a list). */
+static PyObject *derive(View *self, PyObject *d)
+{
+    if (!PyTuple_Check(d) || PyTuple_GET_SIZE(d) < 2) {
+        PyErr_SetString(PyExc_TypeError, "a derivation must be a tuple (kind, ...)");
+        return NULL;
+    }
+    long kind = PyLong_AsLong(PyTuple_GET_ITEM(d, 0));
+    if (kind == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *arg = PyTuple_GET_ITEM(d, 1);
+    if (kind == D_WINDOWS_EVENT) {
+        return PyObject_CallMethod((PyObject *)self, "_windows_event", "O", arg);
+    }
+    if (kind == D_WHEN_PRESENT) {
+        if (PyTuple_GET_SIZE(d) != 4 || !PyTuple_Check(PyTuple_GET_ITEM(d, 3))) {
+            PyErr_SetString(PyExc_TypeError, "when-present: (2, source, value, unless)");
+            return NULL;
+        }
+        int present = has_values(self, arg);
+        PyObject *unless = PyTuple_GET_ITEM(d, 3);
+        for (Py_ssize_t i = 0; present == 1 && i < PyTuple_GET_SIZE(unless); i++) {
+            int other = has_values(self, PyTuple_GET_ITEM(unless, i));
+            present = other < 0 ? -1 : !other;
+        }
+        if (present < 0) {
+            return NULL;
+        }
+        PyObject *out = PyList_New(present ? 1 : 0);
+        if (out != NULL && present) {
+            PyObject *value = PyTuple_GET_ITEM(d, 2);
+            Py_INCREF(value);
+            PyList_SET_ITEM(out, 0, value);
+        }
+        return out;
+    }
+    if (kind != D_BASENAME && kind != D_COPY) {
+        PyErr_Format(PyExc_ValueError, "unknown derivation kind %ld", kind);
+        return NULL;
+    }
+    PyObject *only = Py_None;
+    int caseless = 0;
+    if (kind == D_COPY) {
+        if (PyTuple_GET_SIZE(d) != 4) {
+            PyErr_SetString(PyExc_TypeError, "copy: (1, source, only, caseless)");
+            return NULL;
+        }
+        only = PyTuple_GET_ITEM(d, 2);
+        caseless = PyObject_IsTrue(PyTuple_GET_ITEM(d, 3));
+        if (caseless < 0) {
+            return NULL;
+        }
+    }
+    PyObject *src = View_values(self, arg);
+    if (src == NULL) {
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL || !PyList_Check(src)) {
+        if (out != NULL) {
+            PyErr_SetString(PyExc_TypeError, "values must be a list");
+        }
+        Py_XDECREF(out);
+        Py_DECREF(src);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(src); i++) {
+        PyObject *v = PyList_GET_ITEM(src, i);
+        PyObject *item = NULL;
+        if (kind == D_BASENAME) {
+            if (!PyUnicode_Check(v)) {
+                continue;
+            }
+            item = path_basename(v);
+        } else if (only == Py_None) {
+            Py_INCREF(v);
+            item = v;
+        } else {
+            if (!PyUnicode_Check(v)) {
+                continue;
+            }
+            PyObject *key = caseless ? PyObject_CallMethod(v, "lower", NULL) : (Py_INCREF(v), v);
+            if (key == NULL) {
+                goto fail;
+            }
+            int in = PySequence_Contains(only, key);
+            Py_DECREF(key);
+            if (in < 0) {
+                goto fail;
+            }
+            if (!in) {
+                continue;
+            }
+            Py_INCREF(v);
+            item = v;
+        }
+        if (item == NULL) {
+            goto fail;
+        }
+        int rc = PyList_Append(out, item);
+        Py_DECREF(item);
+        if (rc < 0) {
+            goto fail;
+        }
+    }
+    Py_DECREF(src);
+    return out;
+fail:
+    Py_DECREF(src);
+    Py_DECREF(out);
+    return NULL;
+}
+
+/* The record's values for ``field`` (fields.PyRecordView._compute). New reference. */
+static PyObject *compute(View *self, PyObject *field)
+{
+    PyObject *plan = PyDict_GetItemWithError(self->plans, field); /* borrowed */
+    if (plan != NULL) {
+        Py_INCREF(plan);
+    } else if (PyErr_Occurred()) {
+        return NULL;
+    } else {
+        plan = PyObject_CallMethod(self->map, "_plan", "O", field);
+        if (plan == NULL) {
+            return NULL;
+        }
+    }
+    PyObject *dotted = PyObject_GetAttrString(plan, "dotted");
+    PyObject *spec = dotted == NULL ? NULL : PyObject_GetAttrString(plan, "spec");
+    Py_DECREF(plan);
+    PyObject *out = NULL;
+    if (spec == NULL) {
+        goto done;
+    }
+    if (!PyTuple_Check(dotted) || !PyTuple_Check(spec)) {
+        PyErr_SetString(PyExc_TypeError, "a plan's dotted paths and spec must be tuples");
+        goto done;
+    }
+    if (self->flat == NULL) {
+        self->flat = flatten_record(NULL, self->record);
+        if (self->flat == NULL) {
+            goto done;
+        }
+    }
+    out = PyList_New(0);
+    if (out == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(dotted); i++) {
+        PyObject *vals = PyDict_GetItemWithError(self->flat, PyTuple_GET_ITEM(dotted, i));
+        if (vals == NULL) {
+            if (PyErr_Occurred()) {
+                Py_CLEAR(out);
+                goto done;
+            }
+            continue;
+        }
+        if (PyList_SetSlice(out, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, vals) < 0) {
+            Py_CLEAR(out);
+            goto done;
+        }
+    }
+    for (Py_ssize_t i = 0; PyList_GET_SIZE(out) == 0 && i < PyTuple_GET_SIZE(spec); i++) {
+        Py_SETREF(out, derive(self, PyTuple_GET_ITEM(spec, i)));
+        if (out == NULL) {
+            goto done;
+        }
+        if (!PyList_Check(out)) {
+            PyErr_SetString(PyExc_TypeError, "a derivation must give a list");
+            Py_CLEAR(out);
+            goto done;
+        }
+    }
+done:
+    Py_XDECREF(dotted);
+    Py_XDECREF(spec);
+    return out;
+}
+
+static PyObject *View_values(View *self, PyObject *field)
+{
+    if (self->cache == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "view not initialised");
+        return NULL;
+    }
+    PyObject *got = PyDict_GetItemWithError(self->cache, field); /* borrowed */
+    if (got != NULL) {
+        Py_INCREF(got);
+        return got;
+    }
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (Py_EnterRecursiveCall(" in RecordView.values")) {
+        return NULL;
+    }
+    got = compute(self, field);
+    Py_LeaveRecursiveCall();
+    if (got != NULL && PyDict_SetItem(self->cache, field, got) < 0) {
+        Py_CLEAR(got);
+    }
+    return got;
+}
+
+static int View_traverse(View *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->map);
+    Py_VISIT(self->record);
+    Py_VISIT(self->cache);
+    Py_VISIT(self->flat);
+    Py_VISIT(self->strings);
+    Py_VISIT(self->event);
+    Py_VISIT(self->plans);
+    return 0;
+}
+
+static int View_clear(View *self)
+{
+    Py_CLEAR(self->map);
+    Py_CLEAR(self->record);
+    Py_CLEAR(self->cache);
+    Py_CLEAR(self->flat);
+    Py_CLEAR(self->strings);
+    Py_CLEAR(self->event);
+    Py_CLEAR(self->plans);
+    return 0;
+}
+
+static void View_dealloc(View *self)
+{
+    PyObject_GC_UnTrack(self);
+    View_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef View_methods[] = {
+    {"values", (PyCFunction)View_values, METH_O,
+     "values(field) -> every value the record has for field (see fields.PyRecordView)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef View_members[] = {
+    {"_map", T_OBJECT, offsetof(View, map), READONLY, NULL},
+    {"_record", T_OBJECT, offsetof(View, record), READONLY, NULL},
+    {"_cache", T_OBJECT, offsetof(View, cache), READONLY, NULL},
+    {"_flat", T_OBJECT, offsetof(View, flat), 0, NULL},
+    {"_strings", T_OBJECT, offsetof(View, strings), 0, NULL},
+    {"_event", T_OBJECT, offsetof(View, event), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject ViewType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ruletag.rules._native.ViewBase",
+    .tp_basicsize = sizeof(View),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "ViewBase(fieldmap, record): a record seen through the field map (values in C).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)View_init,
+    .tp_traverse = (traverseproc)View_traverse,
+    .tp_clear = (inquiry)View_clear,
+    .tp_dealloc = (destructor)View_dealloc,
+    .tp_methods = View_methods,
+    .tp_members = View_members,
+};
+
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef methods[] = {
@@ -802,7 +1147,8 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__native(void)
 {
-    if (PyType_Ready(&AdderType) < 0 || PyType_Ready(&EntryHitsType) < 0) {
+    if (PyType_Ready(&AdderType) < 0 || PyType_Ready(&EntryHitsType) < 0 ||
+        PyType_Ready(&ViewType) < 0) {
         return NULL;
     }
     PyObject *abc = PyImport_ImportModule("collections.abc");
@@ -820,9 +1166,11 @@ PyMODINIT_FUNC PyInit__native(void)
     }
     Py_INCREF(&AdderType);
     Py_INCREF(&EntryHitsType);
+    Py_INCREF(&ViewType);
     if (PyModule_AddObject(m, "Adder", (PyObject *)&AdderType) < 0 ||
         PyModule_AddObject(m, "EntryHits", (PyObject *)&EntryHitsType) < 0 ||
-        PyModule_AddIntConstant(m, "ABI", 1) < 0) {
+        PyModule_AddObject(m, "ViewBase", (PyObject *)&ViewType) < 0 ||
+        PyModule_AddIntConstant(m, "ABI", 2) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -192,6 +192,20 @@ class _Plan:
     paths: tuple[tuple[str, ...], ...]
     derive: tuple[_Derivation, ...]
     dotted: tuple[str, ...] = ()  # ``paths`` joined with dots (keys of ``flatten_record``)
+    #: ``derive`` as plain tuples, for the C view: (0, source) basename; (1, source, only or
+    #: None, caseless) copy; (2, source, value, unless) when present; (3, attr) Windows event
+    spec: tuple[tuple[object, ...], ...] = ()
+
+
+def _spec(d: _Derivation) -> tuple[object, ...]:
+    """One derivation as :attr:`_Plan.spec` holds it."""
+    if isinstance(d, _Basename):
+        return (0, d.source)
+    if isinstance(d, _Copy):
+        return (1, d.source, frozenset(d.only) if d.only else None, d.caseless)
+    if isinstance(d, _WhenPresent):
+        return (2, d.source, d.value, tuple(d.unless))
+    return (3, d.attr)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,34 +217,32 @@ class _WinEvent:
     ecs_type: tuple[str, ...]
 
 
-class RecordView:
-    """One record seen through the field mapping (built per record, values cached)."""
+class _ViewMethods:
+    """What both record views share (their state: ``_map``, ``_record``, ``_cache``,
+    ``_flat``, ``_strings``, ``_event``; ``values`` is each one's own)."""
 
-    __slots__ = ("_cache", "_event", "_flat", "_map", "_record", "_strings")
-
-    def __init__(self, fieldmap: FieldMap, record: Mapping[str, object]) -> None:
-        self._map = fieldmap
-        self._record = record
-        self._cache: dict[str, list[object]] = {}
-        self._strings: list[str] | None = None
-        self._flat: dict[str, list[object]] | None = None
-        self._event: _WinEvent | bool | None = False  # the Windows event row, once looked up
-
-    @property
-    def record(self) -> Mapping[str, object]:
-        """The record as given."""
-        return self._record
+    if TYPE_CHECKING:  # the state the subclasses hold (slots of their own, or in C)
+        __slots__ = ("_cache", "_event", "_flat", "_map", "_record", "_strings")
+    else:
+        __slots__ = ()
+    _map: FieldMap
+    _record: Mapping[str, object]
+    _cache: dict[str, list[object]]
+    _flat: dict[str, list[object]] | None
+    _strings: list[str] | None
+    _event: _WinEvent | bool | None
 
     def values(self, field: str) -> list[object]:
         """Every value the record has for ``field`` (lists flattened); ``[]`` when absent.
 
         ``None`` values are dropped, so ``[]`` means missing-or-null.
         """
-        got = self._cache.get(field)
-        if got is None:
-            got = self._compute(field)
-            self._cache[field] = got
-        return got
+        raise NotImplementedError
+
+    @property
+    def record(self) -> Mapping[str, object]:
+        """The record as given."""
+        return self._record
 
     def flat(self) -> dict[str, list[object]]:
         """Every dotted path of the record -> its values (:func:`flatten_record`, computed once).
@@ -255,6 +267,51 @@ class RecordView:
             _walk_strings(self._record, out)
             self._strings = out
         return self._strings
+
+    def _windows_event(self, attr: str) -> list[object]:
+        row = self._event
+        if row is False:
+            row = self._event = self._event_row()
+        if row is None:
+            return []
+        assert isinstance(row, _WinEvent)
+        return list(row.ecs_category if attr == "category" else row.ecs_type)
+
+    def _event_row(self) -> _WinEvent | None:
+        """The known Windows event (channel, event id) of the record, if any."""
+        table = self._map._events
+        for ch in self.values(CHANNEL):
+            if not isinstance(ch, str):
+                continue
+            for eid in self.values(EVENT_ID):
+                num = _as_int(eid)
+                row = table.get((ch.lower(), num)) if num is not None else None
+                if row is not None:
+                    return row
+        return None
+
+
+class PyRecordView(_ViewMethods):
+    """One record seen through the field mapping (built per record, values cached): the
+    reference implementation; :class:`RecordView` is the one with ``values`` in C when the
+    extension is built (``tests/test_native.py`` checks both agree)."""
+
+    __slots__ = ("_cache", "_event", "_flat", "_map", "_record", "_strings")
+
+    def __init__(self, fieldmap: FieldMap, record: Mapping[str, object]) -> None:
+        self._map = fieldmap
+        self._record = record
+        self._cache = {}
+        self._strings = None
+        self._flat = None
+        self._event = False  # the Windows event row, once looked up
+
+    def values(self, field: str) -> list[object]:
+        got = self._cache.get(field)
+        if got is None:
+            got = self._compute(field)
+            self._cache[field] = got
+        return got
 
     def _compute(self, field: str) -> list[object]:
         plan = self._map._plans.get(field) or self._map._plan(field)
@@ -282,27 +339,20 @@ class RecordView:
                 return out
         return out
 
-    def _windows_event(self, attr: str) -> list[object]:
-        row = self._event
-        if row is False:
-            row = self._event = self._event_row()
-        if row is None:
-            return []
-        assert isinstance(row, _WinEvent)
-        return list(row.ecs_category if attr == "category" else row.ecs_type)
 
-    def _event_row(self) -> _WinEvent | None:
-        """The known Windows event (channel, event id) of the record, if any."""
-        table = self._map._events
-        for ch in self.values(CHANNEL):
-            if not isinstance(ch, str):
-                continue
-            for eid in self.values(EVENT_ID):
-                num = _as_int(eid)
-                row = table.get((ch.lower(), num)) if num is not None else None
-                if row is not None:
-                    return row
-        return None
+_ViewBase: Any = getattr(_native, "ViewBase", None)
+if TYPE_CHECKING or _ViewBase is None:
+    #: one record seen through the field mapping (built per record, values cached)
+    RecordView = PyRecordView
+else:
+
+    class RecordView(_ViewMethods, _ViewBase):
+        """One record seen through the field mapping (built per record, values cached):
+        ``values`` in C (``ruletag.rules._native.ViewBase``), the rest as
+        :class:`PyRecordView`'s."""
+
+        __slots__ = ()
+        values = _ViewBase.values
 
 
 def _as_int(value: object) -> int | None:
@@ -595,8 +645,12 @@ class FieldMap:
                         rest = n[len(prefix) :]
                         for other in row:
                             add(other + rest)
+        derive = self._derive.get(canon, ())
         plan = _Plan(
-            tuple(tuple(p.split(".")) for p in paths), self._derive.get(canon, ()), tuple(paths)
+            tuple(tuple(p.split(".")) for p in paths),
+            derive,
+            tuple(paths),
+            tuple(_spec(d) for d in derive),
         )
         self._plans[field] = plan
         return plan
