@@ -260,3 +260,37 @@ def test_memos_of_trigger_sets_and_rule_lists_stay_bounded_and_exact(
     assert len(m.raw._triggered) == 4
     assert len(m._groups_of) == 4
     assert len(want) == len(records) == 28 and all(len(v) == 2 for v in want.values())
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        msgpack.ExtType(0, struct.pack(">II", 1700000000, 5)),  # EventTime
+        1700000000,
+        0,
+        -5,
+        -200,
+        -40000,
+        -(2**40),
+        2**40,
+        2**63 + 1,
+        200,
+        40000,
+        1.5,
+        [msgpack.ExtType(0, b"\0" * 8), {"meta": 1}],  # the v2 entry form
+        "not a time",
+        None,
+    ],
+)
+def test_an_entry_s_record_is_read_past_any_time_form(when: object) -> None:
+    """The record of ``[time, record]`` is decoded alone past every time encoding, and any
+    other entry shape still gives what decoding the whole entry gives."""
+    from ruletag.rules.matcher.table import _record_of
+
+    record = {"EventID": 1, "Image": "C:\\x.exe", "n": [1, {"a": b"\xff"}]}
+    entry = msgpack.packb([when, record], use_bin_type=True)
+    assert _record_of(memoryview(entry)) == record
+    assert _record_of(memoryview(msgpack.packb([when, [1, 2]]))) is None
+    three = msgpack.packb([when, record, {"x": 1}])
+    assert _record_of(memoryview(three)) == record  # the general path
+    assert _record_of(memoryview(entry[:-1])) is None  # damaged: no record, no exception

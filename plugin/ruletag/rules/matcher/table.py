@@ -738,8 +738,27 @@ def _record_keys(obj: Mapping[Any, object], out: set[str]) -> None:
                     _record_keys(x, out)
 
 
+#: msgpack type byte of an entry's time -> the time's length in bytes (EventTime, numbers)
+_TIME_LEN = {0xD7: 10, 0xCB: 9, 0xCA: 5, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9, 0xD0: 2}
+_TIME_LEN.update({0xD1: 3, 0xD2: 5, 0xD3: 9})
+
+
 def _record_of(buf: memoryview) -> Mapping[str, object] | None:
-    """The record map of one packed entry ``[time, record]``, or None if it has none."""
+    """The record map of one packed entry ``[time, record]``, or None if it has none.
+
+    The usual entry (a two-element array whose time is an EventTime or a number) has its
+    record decoded alone, without the time (an ``ExtType`` object per record otherwise)."""
+    if len(buf) > 2 and buf[0] == 0x92:
+        t = buf[1]
+        off = 2 if t < 0x80 else 1 + _TIME_LEN.get(t, 0)
+        if off > 1:
+            try:
+                rec = msgpack.unpackb(
+                    buf[off:], raw=False, unicode_errors="surrogateescape", strict_map_key=False
+                )
+            except Exception:
+                return None
+            return rec if isinstance(rec, dict) else None
     try:
         entry = msgpack.unpackb(
             buf, raw=False, unicode_errors="surrogateescape", strict_map_key=False
