@@ -27,6 +27,7 @@ from why_decoded import tuned_args, tuned_matcher
 #: (module, name the matcher calls, the pure-Python reference put there by ``reference``)
 SWAPS = (
     (fields, "flatten_record", fields.py_flatten_record),
+    (fields, "RecordView", fields.PyRecordView),
     (table_mod, "scan_cached", table_mod.py_scan_cached),
     (table_mod, "scan_groups", table_mod.py_scan_groups),
     (table_mod, "Adder", native.PyAdder),
@@ -36,15 +37,17 @@ SWAPS = (
 
 
 @contextlib.contextmanager
-def reference() -> Iterator[None]:
-    """Run the pure-Python reference helpers inside the block (the names the matcher calls)."""
-    saved = [getattr(mod, name) for mod, name, _ in SWAPS]
-    for mod, name, ref in SWAPS:
+def reference(only: frozenset[str] = frozenset()) -> Iterator[None]:
+    """Run the pure-Python reference helpers inside the block (the names the matcher calls;
+    ``only``: just these names, when given)."""
+    swaps = [s for s in SWAPS if not only or s[1] in only]
+    saved = [getattr(mod, name) for mod, name, _ in swaps]
+    for mod, name, ref in swaps:
         setattr(mod, name, ref)
     try:
         yield
     finally:
-        for (mod, name, _), value in zip(SWAPS, saved, strict=True):
+        for (mod, name, _), value in zip(swaps, saved, strict=True):
             setattr(mod, name, value)
 
 
@@ -61,6 +64,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     tuned_args(ap)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        default=[],
+        choices=sorted({name for _, name, _ in SWAPS}),
+        help="swap in only these references (default: every one)",
+    )
     ns = ap.parse_args()
     if native.IMPLEMENTATION == "python":
         raise SystemExit("the C helpers are not built (or RULETAG_PURE_PYTHON is set)")
@@ -70,7 +80,7 @@ def main() -> None:
     for _ in range(ns.rounds):
         dt, got_c = run(matcher, rest)
         best["c"] = min(best["c"], dt)
-        with reference():
+        with reference(frozenset(ns.only)):
             dt, got_py = run(matcher, rest)
         best["python"] = min(best["python"], dt)
         if got_c != got_py:
