@@ -5,6 +5,7 @@ from __future__ import annotations
 import marshal
 import random
 import time
+from pathlib import Path
 
 import hyperscan as hs
 import pytest
@@ -347,6 +348,19 @@ def feed_until(t: Matcher, records: list[dict[str, object]], done: object, what:
             time.sleep(0.05)
 
 
+def _drifting(
+    fm: FieldMap, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Matcher, Path]:
+    """Drift checked every 200 records over two windows; a matcher of the keyed test table
+    tuned on :func:`other_source` only, keeping its filter in ``tmp_path``; and that file."""
+    monkeypatch.setattr(Matcher, "HOT_WINDOW", 200)
+    monkeypatch.setattr(Matcher, "DRIFT_GAP", 2)
+    path = tmp_path / "v-test.tuned"
+    m = Matcher(_keyed(fm), tune_after=300, tuned_path=path)
+    feed_until_tuned(m, other_source(400, 1))
+    return m, path
+
+
 def test_the_prefilter_follows_traffic_its_tuning_sample_did_not_hold(
     fm: FieldMap, tmp_path, monkeypatch
 ) -> None:
@@ -354,11 +368,7 @@ def test_the_prefilter_follows_traffic_its_tuning_sample_did_not_hold(
     table, and the triggers picked for the absent source's rules (they fire on most of its
     records) make the pre-filter observe again and re-tune on both samples; the re-tuned
     filter is kept; matches never change."""
-    monkeypatch.setattr(Matcher, "HOT_WINDOW", 200)
-    monkeypatch.setattr(Matcher, "DRIFT_GAP", 2)
-    path = tmp_path / "v-test.tuned"
-    m = Matcher(_keyed(fm), tune_after=300, tuned_path=path)
-    feed_until_tuned(m, other_source(400, 1))
+    m, path = _drifting(fm, tmp_path, monkeypatch)
     assert m.raw is not None
     first = m.raw.filter.tuned_on
     assert m._hot is None or 1 not in m._hot[1]  # "broad" needs Image: never passed yet
@@ -433,11 +443,7 @@ def test_a_matcher_started_from_the_kept_filter_re_tunes_on_the_kept_sample_too(
     adds the kept sample to the records it observes, so the re-tuned filter still knows the
     first source. With the sample file damaged, it re-tunes on the new records only, says so,
     and matches never change."""
-    monkeypatch.setattr(Matcher, "HOT_WINDOW", 200)
-    monkeypatch.setattr(Matcher, "DRIFT_GAP", 2)
-    path = tmp_path / "v-test.tuned"
-    first = Matcher(_keyed(fm), tune_after=300, tuned_path=path)
-    feed_until_tuned(first, other_source(400, 1))
+    first, path = _drifting(fm, tmp_path, monkeypatch)
     assert first.raw is not None
     kept = first.raw.filter.tuned_on
     sample = first.sample_path
