@@ -173,7 +173,8 @@ def save_sample(path: Path, version: str, sample: tuple[Any, ...]) -> None:
 
 def load_sample(path: Path, version: str) -> tuple[Any, ...]:
     """Read what :func:`save_sample` wrote for the table ``version`` (:class:`TableError` if
-    the file is damaged, of another format, or of another table)."""
+    the file is damaged, of another format, or of another table; ``FileNotFoundError`` if
+    there is none)."""
     try:
         with _body(path, _SAMPLE_MAGIC, "tuning sample") as body:
             got, sample = marshal.load(body)
@@ -181,7 +182,7 @@ def load_sample(path: Path, version: str) -> tuple[Any, ...]:
         ok = isinstance(counts, dict) and isinstance(passes, dict) and isinstance(sets, dict)
         if not ok or not isinstance(n, int):
             raise TableError(f"{path}: not a tuning sample")
-    except TableError:
+    except (TableError, FileNotFoundError):
         raise
     except Exception as exc:
         raise TableError(f"{path}: cannot read tuning sample: {exc}") from exc
