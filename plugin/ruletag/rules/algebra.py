@@ -212,8 +212,13 @@ def equals_value(value: object, want: int | float | bool) -> bool:
 def ip_of(value: object) -> IPAddress | None:
     """The IP address a value's text holds (surrounding white space ignored), else None."""
     text = as_text(value)
-    if text is None:
-        return None
+    return None if text is None else _ip_of_text(text)
+
+
+@lru_cache(maxsize=8192)
+def _ip_of_text(text: str) -> IPAddress | None:
+    """:func:`ip_of` of a text (cached: logs repeat their addresses, and parsing one costs
+    microseconds)."""
     try:
         return ipaddress.ip_address(text.strip())
     except ValueError:
