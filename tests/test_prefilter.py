@@ -67,7 +67,8 @@ def agree(t: CompiledTable, entries: Sequence[bytes]) -> dict[int, list[int]]:
 def candidates(t: CompiledTable, buf: bytes, spans: list[tuple[int, int]]) -> dict[int, list[int]]:
     """What the table's compiled pre-filter lets through (no re-tuning)."""
     assert t.raw is not None
-    return RawMatcher(t.raw, 0).candidates(buf, spans)
+    got = RawMatcher(t.raw, 0).candidates(buf, spans)
+    return {k: list(v) for k, v in got.items()}
 
 
 def test_encodings_decode_to_the_value() -> None:

@@ -136,7 +136,7 @@ def test_an_entry_decoded_anyway_skips_stage_2_once_tuned(fm: FieldMap) -> None:
     buf, spans = pack_records(records)
     t = Matcher(build([*rules(), two], fm), tune_after=300)
     observing = t.raw_candidates(buf, spans)
-    assert 3 not in observing.get(0, []) + observing.get(1, [])
+    assert 3 not in observing.get(0, ()) + observing.get(1, ())
     feed_until_tuned(t, traffic(1000, 16))
     assert t.raw is not None and 3 in t.raw.filter.checked
     cands = t.raw_candidates(buf, spans)

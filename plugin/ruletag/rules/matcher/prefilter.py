@@ -115,7 +115,9 @@ class RawMatcher:
         can = records > 0 and f.plan is not None and not f.tuned_on and not self._tuning
         self._counts = ({} if self._counts is None else self._counts) if can else None
 
-    def candidates(self, entries: bytes, spans: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
+    def candidates(
+        self, entries: bytes, spans: Sequence[tuple[int, int]]
+    ) -> dict[int, tuple[int, ...]]:
         """Entry index -> rules (ascending) to evaluate on that entry: those whose raw
         requirement holds, and (once tuned) in an entry decoded anyway, every rule a
         trigger pattern of it fired for."""
@@ -128,7 +130,7 @@ class RawMatcher:
         fires = self.fires
         if fires is not None:
             fires.update(chain.from_iterable(per_entry.values()))
-        out: dict[int, list[int]] = {}
+        out: dict[int, tuple[int, ...]] = {}
         #: while observing: the entries scanned for every pattern, with what was found (the
         #: observation needs that scan of every entry; stage 2 reuses it)
         scanned: dict[int, set[int]] | None = {} if counts is not None else None
@@ -150,11 +152,11 @@ class RawMatcher:
                 got = self._what_follows(key)
             order, how, in_full, in_cold = got
             if how == _ANY:  # a caseless literal could be hidden: any rule may match
-                out[k] = sorted(reqs)
+                out[k] = tuple(sorted(reqs))
                 continue
             if how <= _TRIGGER_ENOUGH:
                 if how == _TRIGGER_ENOUGH:  # every triggered rule's requirement is met
-                    out[k] = list(order)
+                    out[k] = order
                     if counts is not None:
                         self._count_passes(order)
                 continue
@@ -162,7 +164,7 @@ class RawMatcher:
                 # decoded anyway (a triggered rule needs no stage 2): the other triggered
                 # rules are evaluated on the record, which costs less than scanning the
                 # entry again (while observing, the passes counted must be exact)
-                out[k] = list(order)
+                out[k] = order
                 continue
             s, e = spans[k]
             if scanned is not None:  # observing (an untuned filter: one stage-2 database)
@@ -178,7 +180,7 @@ class RawMatcher:
                 if in_cold:
                     cold[0].scan(view[s:e], on_hit)
             memo: dict[int, bool] = {}
-            ok = [r for r in order if reqs[r](hits, memo)]
+            ok = tuple(r for r in order if reqs[r](hits, memo))
             if ok:
                 out[k] = ok
                 if counts is not None:
@@ -224,7 +226,7 @@ class RawMatcher:
         entries: bytes,
         spans: Sequence[tuple[int, int]],
         counts: dict[int, int],
-        out: dict[int, list[int]],
+        out: Mapping[int, Sequence[int]],
         scanned: Mapping[int, set[int]],
     ) -> None:
         """Count, per pattern, the observed entries holding it (every entry of the chunk), and

@@ -61,6 +61,17 @@ ValueCache = dict[tuple[int, str], tuple[int, ...]]
 MEMO_LISTS = 1024
 #: The matcher of the often-passed rules: (its matcher, rule -> its index there, index -> rule).
 HotTable = tuple["Matcher", dict[int, int], tuple[int, ...]]
+#: How one rule list is evaluated (see :meth:`Matcher._plan`): (the often-passed table's
+#: matcher or None, its indexes of the list's rules there, the field groups they read, its
+#: index -> rule, the list's other rules, the field groups they read).
+ListPlan = tuple[
+    "Matcher | None",
+    tuple[int, ...],
+    frozenset[int],
+    tuple[int, ...],
+    tuple[int, ...],
+    frozenset[int],
+]
 #: per field group: (direct paths or None, field, dotted paths, scan-cache key, scan of a text)
 GroupSpec = tuple[
     tuple[frozenset[str] | None, str, tuple[str, ...], int, Callable[[str, Hits], None]], ...
@@ -100,12 +111,12 @@ class Matcher:
         self.stats: dict[str, Any] = dict(table.stats)
         #: (group, short value) -> the atoms it hits (see :func:`scan`)
         self._value_cache: ValueCache = {}
-        #: a rule list (ascending) -> the field groups its rules read (see :meth:`match_subset`)
+        #: a rule list (ascending) -> the field groups its rules read (see :meth:`_groups`)
         self._groups_of: dict[tuple[int, ...], frozenset[int]] = {}
-        #: a rule list -> (the often-passed table's indexes of its rules there, the others),
-        #: for the table ``_split_for`` (see :meth:`_match_hot`)
-        self._split: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
-        self._split_for: HotTable | None = None
+        #: a rule list -> how to evaluate it, for the often-passed table ``_plans_for``
+        #: (see :meth:`_plan`)
+        self._plans: dict[tuple[int, ...], ListPlan] = {}
+        self._plans_for: HotTable | None = None
         # the lookups of the hot path, as plain dicts
         self._key_atom = dict(table.key_atom)
         self._key_groups = dict(table.key_groups)
@@ -301,16 +312,37 @@ class Matcher:
     def match_subset(self, record: Mapping[str, object], rules: Iterable[int]) -> list[int]:
         """Which of ``rules`` (indexes) match ``record``, scanning only the fields they read."""
         key = tuple(sorted(rules))
-        todo = self._groups_of.get(key)
+        return self._evaluate(RecordView(self.table.fieldmap, record), key, self._groups(key))
+
+    def _groups(self, rules: tuple[int, ...]) -> frozenset[int]:
+        """The field groups the rules ``rules`` (ascending) read."""
+        todo = self._groups_of.get(rules)
         if todo is None:  # rule lists repeat (they follow the trigger patterns): memoised
             rule_groups = self.table.rule_groups
-            todo = frozenset().union(*(rule_groups[k] for k in key))
+            todo = frozenset().union(*(rule_groups[k] for k in rules))
             if len(self._groups_of) < MEMO_LISTS:
-                self._groups_of[key] = todo
-        view = self.table.fieldmap.view(record)
+                self._groups_of[rules] = todo
+        return todo
+
+    def _evaluate(
+        self, view: RecordView, rules: tuple[int, ...], groups: frozenset[int]
+    ) -> list[int]:
+        """Those of ``rules`` (ascending) that match the record of ``view``; ``groups``: the
+        field groups they read (:meth:`_groups`)."""
         hits: Hits = set()
-        self._scan_groups(view, todo, hits)
-        return self._holding(key, view, hits, {})
+        if groups:
+            scan_groups(
+                groups,
+                self._group_spec,
+                view,
+                view.flat(),
+                view.value_cache,
+                hits,
+                self._value_cache,
+                _CACHE_TEXT,
+                _CACHE_ENTRIES,
+            )
+        return self._holding(rules, view, hits, {})
 
     def match_entries(
         self, entries: bytes, spans: Sequence[tuple[int, int]]
@@ -327,24 +359,35 @@ class Matcher:
             self._swap_grown()
         cands = self.raw_candidates(entries, spans)
         forced = self.table.raw_forced
-        view = memoryview(entries)
+        buf = memoryview(entries)
         todo: Iterable[int] = range(len(spans)) if forced else sorted(cands)
         hot = self._hot
+        if self._plans_for is not hot:
+            self._plans_for = hot
+            self._plans = {}
+        plans = self._plans
         cold = self._cold_seen
+        fm = self.table.fieldmap
         for k in todo:
-            rules: Iterable[int] = cands.get(k, ())
+            rules = cands.get(k, ())
             if forced:
-                rules = sorted(set(rules).union(forced))
+                rules = tuple(sorted(set(rules).union(forced)))
+            plan = plans.get(rules)
+            if plan is None:
+                plan = self._plan(rules, hot)
             s, e = spans[k]
-            record = _record_of(view[s:e])
+            record = _record_of(buf[s:e])
             if record is None:
                 continue
-            if hot is None:
-                m = self.match_subset(record, rules)
+            sub, mine, mine_groups, back, rest, rest_groups = plan
+            view = RecordView(fm, record)  # one view for both tables (one field map)
+            m = [back[i] for i in sub._evaluate(view, mine, mine_groups)] if sub else []
+            if rest:
+                more = self._evaluate(view, rest, rest_groups)
+                if more:
+                    m = sorted(m + more) if m else more
                 if cold is not None:
-                    cold.update(rules)
-            else:
-                m = self._match_hot(record, rules, hot, cold)
+                    cold.update(rest)
             if m:
                 out[k] = m
         if cold is not None:
@@ -357,7 +400,7 @@ class Matcher:
 
     def raw_candidates(
         self, entries: bytes, spans: Sequence[tuple[int, int]]
-    ) -> dict[int, list[int]]:
+    ) -> dict[int, tuple[int, ...]]:
         """The raw pre-filter's candidates (entry index -> the rules to evaluate there: see
         :meth:`RawMatcher.candidates`; the rules without a requirement not included); swaps in
         a re-tuned filter once it is ready."""
@@ -423,32 +466,29 @@ class Matcher:
             f" (table {self.table.version})" if self.table.version else "",
         )
 
-    def _match_hot(
-        self,
-        record: Mapping[str, object],
-        rules: Iterable[int],
-        hot: HotTable,
-        cold: Counter[int] | None = None,
-    ) -> list[int]:
-        """``match_subset`` with the often-candidate rules evaluated by the small table;
-        the other rules are counted into ``cold``."""
-        sub, pos, back = hot
-        if self._split_for is not hot:
-            self._split_for = hot
-            self._split = {}
-        key = tuple(rules)  # ascending (see match_entries)
-        split = self._split.get(key)
-        if split is None:  # memoised per rule list, as in match_subset
-            split = ([pos[r] for r in key if r in pos], [r for r in key if r not in pos])
-            if len(self._split) < MEMO_LISTS:
-                self._split[key] = split
-        mine, rest = split
-        got = [back[i] for i in sub.match_subset(record, mine)] if mine else []
-        if rest:
-            got = sorted(got + self.match_subset(record, rest))
-            if cold is not None:
-                cold.update(rest)
-        return got
+    def _plan(self, rules: tuple[int, ...], hot: HotTable | None) -> ListPlan:
+        """How :meth:`match_entries` evaluates the rule list ``rules`` (ascending): the rules
+        of the often-passed table ``hot`` by that table's matcher, the others by this one
+        (counted as evaluated outside it). Memoised per list, up to :data:`MEMO_LISTS`."""
+        sub: Matcher | None = None
+        mine: tuple[int, ...] = ()
+        back: tuple[int, ...] = ()
+        rest = rules
+        if hot is not None:
+            sub, pos, back = hot
+            mine = tuple(pos[r] for r in rules if r in pos)  # ascending, as ``hot`` is
+            rest = tuple(r for r in rules if r not in pos)
+        plan: ListPlan = (
+            sub if mine else None,
+            mine,
+            sub._groups(mine) if sub is not None and mine else frozenset(),
+            back,
+            rest,
+            self._groups(rest) if rest else frozenset(),
+        )
+        if len(self._plans) < MEMO_LISTS:
+            self._plans[rules] = plan
+        return plan
 
     def _hot_table(self, hot: Sequence[int]) -> HotTable | None:
         """The small table of the rules ``hot`` (sorted indexes), with its index maps."""
