@@ -10,7 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ruletag.errors import ConfigError
-from ruletag.rules.fields import FieldMap, as_text, basename, flatten_record, resolve
+from ruletag.rules.fields import (
+    FieldMap,
+    PyRecordView,
+    RecordView,
+    as_text,
+    basename,
+    flatten_record,
+    resolve,
+)
 from ruletag.rules.ir import And, Equals, Exists, Logsource, Match, Node, Not, Or
 from ruletag.rules.reference import evaluate
 from support.paths import CAPTURES
@@ -87,6 +95,22 @@ def test_windows_event_lookup_is_case_insensitive_on_channel(fm: FieldMap) -> No
     assert fm.view({"EventID": 3}).values("event.category") == []
     assert fm.view({"EventID": 99999, "Channel": SYSMON}).values("event.category") == []
     assert fm.view({"EventID": 4688, "Channel": "Security"}).values("event.type") == ["start"]
+
+
+@pytest.mark.parametrize("view", [PyRecordView, RecordView], ids=["reference", "native"])
+def test_windows_event_ids_are_read_as_int_reads_them(fm: FieldMap, view: type) -> None:
+    """An event id text is a number where ``int()`` reads it (padded, other scripts' digits);
+    a digit ``int()`` refuses (superscript two) is no event id, and the record's other
+    fields still resolve (it used to raise ValueError out of the record's evaluation)."""
+    sysmon = {"Channel": SYSMON}
+    assert view(fm, {**sysmon, "EventID": " 3 "}).values("event.category") == ["network"]
+    assert view(fm, {**sysmon, "EventID": "\u0663"}).values("event.category") == ["network"]
+    assert view(fm, {**sysmon, "EventID": b"3"}).values("event.category") == ["network"]
+    odd = view(fm, {**sysmon, "EventID": "\u00b2", "Image": "C:\\x\\a.exe"})
+    assert odd.values("event.category") == []
+    assert odd.values("event.type") == []
+    assert odd.values("process.name") == ["a.exe"]
+    assert view(fm, {**sysmon, "EventID": True}).values("event.category") == []
 
 
 def test_basename_and_text() -> None:

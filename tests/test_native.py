@@ -383,6 +383,9 @@ _view_scalars = st.one_of(
             "Microsoft-Windows-Sysmon/Operational",
             "4688",
             " 1 ",
+            "\u0663",  # Arabic-Indic three: int() reads it
+            "\u00b2",  # superscript two: a digit int() refuses
+            b"3",
             "SUCCESS",
             "failure",
             "Unknown",

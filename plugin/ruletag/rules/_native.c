@@ -22,6 +22,9 @@
 
 static PyObject *Mapping = NULL; /* collections.abc.Mapping */
 
+/* Interned attribute and method names (made once in PyInit__native). */
+static PyObject *s_dotted, *s_spec, *s_values, *s_lower, *s_plan, *s_ecs_category, *s_ecs_type;
+
 /* ------------------------------------------------------------------ flatten_record */
 
 static int is_scalar(PyObject *v)
@@ -626,6 +629,8 @@ static int check_scan_args(PyObject *hits, PyObject *cache, PyObject *limit, PyO
     return 0;
 }
 
+static PyObject *view_values(PyObject *view, PyObject *field);
+
 static PyObject *scan_cached(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 7) {
@@ -710,7 +715,7 @@ static PyObject *group_values(PyObject *field, PyObject *dotted, PyObject *view,
         return out;
     }
     Py_DECREF(out);
-    return PyObject_CallMethod(view, "values", "O", field);
+    return view_values(view, field);
 }
 
 static PyObject *scan_groups(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -802,6 +807,7 @@ typedef struct {
 } View;
 
 static PyObject *View_values(View *self, PyObject *field);
+static PyTypeObject ViewType;
 
 static int View_init(View *self, PyObject *args, PyObject *kwds)
 {
@@ -861,6 +867,118 @@ static int has_values(View *self, PyObject *field)
     return yes;
 }
 
+/* The record's known Windows event row (fields._ViewMethods._event_row), looked up once and
+ * kept in self->event (the row or None). ``d`` is the derivation (3, attr, channel field,
+ * event id field, events table, event id parser). Borrowed reference; NULL on error. */
+static PyObject *event_row(View *self, PyObject *d)
+{
+    if (self->event != Py_False) {
+        return self->event;
+    }
+    PyObject *events = PyTuple_GET_ITEM(d, 4);
+    PyObject *as_int = PyTuple_GET_ITEM(d, 5);
+    if (!PyDict_Check(events)) {
+        PyErr_SetString(PyExc_TypeError, "windows event: the events table must be a dict");
+        return NULL;
+    }
+    PyObject *chans = View_values(self, PyTuple_GET_ITEM(d, 2));
+    if (chans == NULL) {
+        return NULL;
+    }
+    PyObject *ids = NULL;
+    PyObject *row = Py_None; /* borrowed from events */
+    if (!PyList_Check(chans)) {
+        PyErr_SetString(PyExc_TypeError, "values must be a list");
+        goto fail;
+    }
+    for (Py_ssize_t i = 0; row == Py_None && i < PyList_GET_SIZE(chans); i++) {
+        PyObject *ch = PyList_GET_ITEM(chans, i);
+        if (!PyUnicode_Check(ch)) {
+            continue;
+        }
+        if (ids == NULL) {
+            ids = View_values(self, PyTuple_GET_ITEM(d, 3));
+            if (ids == NULL) {
+                goto fail;
+            }
+            if (!PyList_Check(ids)) {
+                PyErr_SetString(PyExc_TypeError, "values must be a list");
+                goto fail;
+            }
+        }
+        if (PyList_GET_SIZE(ids) == 0) {
+            break;
+        }
+        PyObject *lower = PyObject_CallMethodNoArgs(ch, s_lower);
+        if (lower == NULL) {
+            goto fail;
+        }
+        for (Py_ssize_t j = 0; row == Py_None && j < PyList_GET_SIZE(ids); j++) {
+            PyObject *eid = PyList_GET_ITEM(ids, j);
+            PyObject *num;
+            if (PyLong_CheckExact(eid)) {
+                Py_INCREF(eid);
+                num = eid;
+            } else {
+                num = PyObject_CallOneArg(as_int, eid);
+                if (num == NULL) {
+                    Py_DECREF(lower);
+                    goto fail;
+                }
+            }
+            if (num != Py_None) {
+                PyObject *key = PyTuple_Pack(2, lower, num);
+                PyObject *got = key == NULL ? NULL : PyDict_GetItemWithError(events, key);
+                Py_XDECREF(key);
+                if (got == NULL && PyErr_Occurred()) {
+                    Py_DECREF(num);
+                    Py_DECREF(lower);
+                    goto fail;
+                }
+                if (got != NULL) {
+                    row = got;
+                }
+            }
+            Py_DECREF(num);
+        }
+        Py_DECREF(lower);
+    }
+    Py_INCREF(row);
+    Py_SETREF(self->event, row);
+    Py_DECREF(chans);
+    Py_XDECREF(ids);
+    return row;
+fail:
+    Py_DECREF(chans);
+    Py_XDECREF(ids);
+    return NULL;
+}
+
+/* A Windows event derivation (fields._ViewMethods._windows_event). New reference (a list). */
+static PyObject *windows_event(View *self, PyObject *d)
+{
+    if (PyTuple_GET_SIZE(d) != 6 || !PyUnicode_Check(PyTuple_GET_ITEM(d, 1))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "windows event: (3, attr, channel, event_id, events, as_int)");
+        return NULL;
+    }
+    PyObject *row = event_row(self, d);
+    if (row == NULL) {
+        return NULL;
+    }
+    if (row == Py_None) {
+        return PyList_New(0);
+    }
+    int cat = PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(d, 1), "category") == 0;
+    PyObject *vals = PyObject_GetAttr(row, cat ? s_ecs_category : s_ecs_type);
+    if (vals == NULL) {
+        return NULL;
+    }
+    PyObject *out = PySequence_List(vals);
+    Py_DECREF(vals);
+    return out;
+}
+
 /* One derivation ``d`` (a tuple: kind, then its arguments). New reference (a list). */
 static PyObject *derive(View *self, PyObject *d)
 {
@@ -874,7 +992,7 @@ static PyObject *derive(View *self, PyObject *d)
     }
     PyObject *arg = PyTuple_GET_ITEM(d, 1);
     if (kind == D_WINDOWS_EVENT) {
-        return PyObject_CallMethod((PyObject *)self, "_windows_event", "O", arg);
+        return windows_event(self, d);
     }
     if (kind == D_WHEN_PRESENT) {
         if (PyTuple_GET_SIZE(d) != 4 || !PyTuple_Check(PyTuple_GET_ITEM(d, 3))) {
@@ -943,7 +1061,7 @@ static PyObject *derive(View *self, PyObject *d)
             if (!PyUnicode_Check(v)) {
                 continue;
             }
-            PyObject *key = caseless ? PyObject_CallMethod(v, "lower", NULL) : (Py_INCREF(v), v);
+            PyObject *key = caseless ? PyObject_CallMethodNoArgs(v, s_lower) : (Py_INCREF(v), v);
             if (key == NULL) {
                 goto fail;
             }
@@ -984,13 +1102,13 @@ static PyObject *compute(View *self, PyObject *field)
     } else if (PyErr_Occurred()) {
         return NULL;
     } else {
-        plan = PyObject_CallMethod(self->map, "_plan", "O", field);
+        plan = PyObject_CallMethodOneArg(self->map, s_plan, field);
         if (plan == NULL) {
             return NULL;
         }
     }
-    PyObject *dotted = PyObject_GetAttrString(plan, "dotted");
-    PyObject *spec = dotted == NULL ? NULL : PyObject_GetAttrString(plan, "spec");
+    PyObject *dotted = PyObject_GetAttr(plan, s_dotted);
+    PyObject *spec = dotted == NULL ? NULL : PyObject_GetAttr(plan, s_spec);
     Py_DECREF(plan);
     PyObject *out = NULL;
     if (spec == NULL) {
@@ -1064,6 +1182,15 @@ static PyObject *View_values(View *self, PyObject *field)
         Py_CLEAR(got);
     }
     return got;
+}
+
+/* view.values(field): in C for a ViewBase (fields.RecordView), else the method. */
+static PyObject *view_values(PyObject *view, PyObject *field)
+{
+    if (PyObject_TypeCheck(view, &ViewType)) {
+        return View_values((View *)view, field);
+    }
+    return PyObject_CallMethodOneArg(view, s_values, field);
 }
 
 static int View_traverse(View *self, visitproc visit, void *arg)
@@ -1151,6 +1278,18 @@ PyMODINIT_FUNC PyInit__native(void)
         PyType_Ready(&ViewType) < 0) {
         return NULL;
     }
+    struct {
+        PyObject **slot;
+        const char *name;
+    } names[] = {{&s_dotted, "dotted"}, {&s_spec, "spec"},
+                 {&s_values, "values"}, {&s_lower, "lower"},
+                 {&s_plan, "_plan"}, {&s_ecs_category, "ecs_category"},
+                 {&s_ecs_type, "ecs_type"}};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        if (*names[i].slot == NULL && (*names[i].slot = PyUnicode_InternFromString(names[i].name)) == NULL) {
+            return NULL;
+        }
+    }
     PyObject *abc = PyImport_ImportModule("collections.abc");
     if (abc == NULL) {
         return NULL;
@@ -1170,7 +1309,7 @@ PyMODINIT_FUNC PyInit__native(void)
     if (PyModule_AddObject(m, "Adder", (PyObject *)&AdderType) < 0 ||
         PyModule_AddObject(m, "EntryHits", (PyObject *)&EntryHitsType) < 0 ||
         PyModule_AddObject(m, "ViewBase", (PyObject *)&ViewType) < 0 ||
-        PyModule_AddIntConstant(m, "ABI", 2) < 0) {
+        PyModule_AddIntConstant(m, "ABI", 3) < 0) {
         Py_DECREF(m);
         return NULL;
     }

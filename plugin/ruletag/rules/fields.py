@@ -193,11 +193,13 @@ class _Plan:
     derive: tuple[_Derivation, ...]
     dotted: tuple[str, ...] = ()  # ``paths`` joined with dots (keys of ``flatten_record``)
     #: ``derive`` as plain tuples, for the C view: (0, source) basename; (1, source, only or
-    #: None, caseless) copy; (2, source, value, unless) when present; (3, attr) Windows event
+    #: None, caseless) copy; (2, source, value, unless) when present; (3, attr, channel field,
+    #: event id field, the map's (channel, event id) -> row table, the event id parser)
+    #: Windows event
     spec: tuple[tuple[object, ...], ...] = ()
 
 
-def _spec(d: _Derivation) -> tuple[object, ...]:
+def _spec(d: _Derivation, events: Mapping[tuple[str, int], _WinEvent]) -> tuple[object, ...]:
     """One derivation as :attr:`_Plan.spec` holds it."""
     if isinstance(d, _Basename):
         return (0, d.source)
@@ -205,7 +207,7 @@ def _spec(d: _Derivation) -> tuple[object, ...]:
         return (1, d.source, frozenset(d.only) if d.only else None, d.caseless)
     if isinstance(d, _WhenPresent):
         return (2, d.source, d.value, tuple(d.unless))
-    return (3, d.attr)
+    return (3, d.attr, CHANNEL, EVENT_ID, events, _as_int)
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,7 +362,9 @@ def _as_int(value: object) -> int | None:
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, str | bytes) and value.strip().isdigit():
+    if isinstance(value, str):
+        return int(value) if value.strip().isdecimal() else None  # what int() takes
+    if isinstance(value, bytes) and value.strip().isdigit():
         return int(value)
     return None
 
@@ -650,7 +654,7 @@ class FieldMap:
             tuple(tuple(p.split(".")) for p in paths),
             derive,
             tuple(paths),
-            tuple(_spec(d) for d in derive),
+            tuple(_spec(d, self._events) for d in derive),
         )
         self._plans[field] = plan
         return plan
