@@ -75,6 +75,13 @@ def _fieldref(a: str, b: str, op: str) -> bool:
     return b in a
 
 
+def _texts(values: list[object], cased: bool) -> set[str]:
+    """The texts of ``values`` (:func:`as_text`; maps and lists have none), lower-cased unless
+    ``cased``."""
+    out = {s for s in map(as_text, values) if s is not None}
+    return out if cased else {s.lower() for s in out}
+
+
 def lazy_fn(leaf: Node, kw: Callable[[RecordView, dict[int, Any]], Hits], atom: int) -> Lazy:
     """A function ``(view, per-record cache) -> bool`` for one lazily evaluated leaf."""
     if isinstance(leaf, Match | Regex):  # keyword atoms: one shared scan of every string
@@ -87,7 +94,17 @@ def lazy_fn(leaf: Node, kw: Callable[[RecordView, dict[int, Any]], Hits], atom: 
         return lambda view, _c: not view.values(f)
     if isinstance(leaf, Equals):
         f, want = leaf.field, leaf.value
-        return lambda view, _c: any(equals_value(v, want) for v in view.values(f))
+        if isinstance(want, bool):
+            return lambda view, _c: any(equals_value(v, want) for v in view.values(f))
+
+        def equals(view: RecordView, _c: object) -> bool:
+            for v in view.values(f):
+                # an int is its own number (number_of); anything else is read as one
+                if v == want if type(v) is int else equals_value(v, want):
+                    return True
+            return False
+
+        return equals
     if isinstance(leaf, Compare):
         f, op, num = leaf.field, _OPS[leaf.op], leaf.value
 
@@ -117,11 +134,18 @@ def lazy_fn(leaf: Node, kw: Callable[[RecordView, dict[int, Any]], Hits], atom: 
         f, g, how, cased = leaf.field, leaf.other, leaf.op, leaf.cased
 
         def ref(view: RecordView, _c: object) -> bool:
-            xs = [s for s in map(as_text, view.values(f)) if s is not None]
-            ys = [s for s in map(as_text, view.values(g)) if s is not None]
-            if not cased:
-                xs = [s.lower() for s in xs]
-                ys = [s.lower() for s in ys]
+            fv = view.values(f)
+            gv = view.values(g) if fv else fv
+            if not gv:  # one side has no value: nothing to compare (the common case)
+                return False
+            if len(fv) == 1 and len(gv) == 1:  # one text each (the next most common)
+                x, y = fv[0], gv[0]
+                if type(x) is str and type(y) is str:
+                    return _fieldref(x, y, how) if cased else _fieldref(x.lower(), y.lower(), how)
+            xs = _texts(fv, cased)
+            ys = _texts(gv, cased)
+            if how == "eq":
+                return not xs.isdisjoint(ys)
             return any(_fieldref(x, y, how) for x in xs for y in ys)
 
         return ref
