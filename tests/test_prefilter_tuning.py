@@ -5,6 +5,7 @@ from __future__ import annotations
 import marshal
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 import hyperscan as hs
@@ -375,6 +376,15 @@ def test_the_prefilter_follows_traffic_its_tuning_sample_did_not_hold(
     b = traffic(2000, 2)
     feed_until(m, b, lambda: m.stats.get("hot_grown"), "the often-passed table did not grow")
     assert m._hot is not None and 1 in m._hot[1]
+    # a window cut in two by that swap counted rule 1 outside the table: no rebuild for it
+    deadline = time.monotonic() + 30
+    while m._growing and time.monotonic() < deadline:  # a rebuild for other rules, if any
+        time.sleep(0.01)
+    if m._grown is not None:
+        m._swap_grown()
+    m._cold_seen, m._cold_records = Counter({1: 10_000}), 10_000
+    m._check_hot()
+    assert not m._growing and m._grown is None
     tuned = m.raw.filter
     # while it observes again, the tuned filter keeps matching (the compiled one observes on
     # the side): the records observed are not decoded and evaluated as by an untuned filter

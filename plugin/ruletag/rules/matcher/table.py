@@ -534,13 +534,15 @@ class Matcher:
         outside it were evaluated for more than :attr:`HOT_SHARE` of the window's records."""
         seen, n = self._cold_seen, self._cold_records
         self._cold_seen, self._cold_records = Counter(), 0
-        if seen is None or self._growing or self._tuned is None:
+        if seen is None or self._growing or self._grown is not None or self._tuned is None:
             return
         limit = self.HOT_SHARE * n
-        new = [k for k, c in seen.items() if c > limit]
+        # a window that a rebuild's swap cut in two counted the rules it added as outside
+        hot = set(self._hot[2] if self._hot else ())
+        new = [k for k, c in seen.items() if c > limit and k not in hot]
         if not new:
             return
-        rules = sorted(set(self._hot[2] if self._hot else ()).union(new))
+        rules = sorted(hot.union(new))
         self._growing = True
         threading.Thread(
             target=self._grow,
