@@ -331,17 +331,7 @@ class Matcher:
         field groups they read (:meth:`_groups`)."""
         hits: Hits = set()
         if groups:
-            scan_groups(
-                groups,
-                self._group_spec,
-                view,
-                view.flat(),
-                view.value_cache,
-                hits,
-                self._value_cache,
-                _CACHE_TEXT,
-                _CACHE_ENTRIES,
-            )
+            self._scan_groups(view, groups, hits)
         return self._holding(rules, view, hits, {})
 
     def match_entries(
