@@ -10,6 +10,7 @@ import io
 import json
 import random
 import time
+from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -206,9 +207,14 @@ def test_a_second_run_matches_every_record_with_the_kept_tuned_filter(
     seen: list[object] = []
     original = Matcher.match_entries
 
-    def spy(self: Matcher, entries: bytes, spans: list[tuple[int, int]]) -> dict[int, list[int]]:
+    def spy(
+        self: Matcher,
+        entries: bytes,
+        spans: list[tuple[int, int]],
+        records: Sequence[Mapping[str, object]] | None = None,
+    ) -> dict[int, list[int]]:
         seen.append(self.stats.get("raw_tuned_from"))
-        return original(self, entries, spans)
+        return original(self, entries, spans, records)
 
     monkeypatch.setattr(Matcher, "match_entries", spy)
     assert run_match(capsysbinary, events, "--tune-after", "600") == first

@@ -157,6 +157,28 @@ def test_match_every_leaf_type(
     assert Matcher(table).match(record) == sorted(Matcher(table).match(record))
 
 
+def test_match_entries_takes_the_records_instead_of_decoding(
+    table: CompiledTable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ruletag match`` packs the records it parsed and hands them over with the entries:
+    the matches are those of the decoded entries, and no entry is decoded."""
+    from ruletag.rules.matcher import table as table_mod
+
+    records = [r for r, _ in CASES]
+    buf, spans = pack_records(records)
+    m = Matcher(table)
+    want = m.match_entries(buf, spans)
+    assert len(want) > len(CASES) // 2
+
+    def decode(_buf: object) -> None:
+        raise AssertionError("an entry was decoded")
+
+    monkeypatch.setattr(table_mod, "_record_of", decode)
+    assert m.match_entries(buf, spans, records) == want
+    with pytest.raises(AssertionError, match="decoded"):
+        m.match_entries(buf, spans)
+
+
 def test_stats_report_untriggered_rules(table: CompiledTable) -> None:
     st = table.stats
     assert st["rules"] == len(RULES)

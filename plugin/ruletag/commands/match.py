@@ -317,6 +317,7 @@ class MatchContext:
         parts: list[bytes] = []
         spans: list[tuple[int, int]] = []
         where: list[int] = []  # entry index -> record index
+        packed: list[dict[str, Any]] = []  # entry index -> its record, as parsed
         alone: dict[int, list[int]] = {}  # records msgpack cannot hold, matched as dicts
         pos = 0
         for i, rec in enumerate(records):
@@ -331,9 +332,11 @@ class MatchContext:
             end = pos + len(data)
             spans.append((pos, end))
             where.append(i)
+            packed.append(rec)
             pos = end
         buf = b"".join(parts)
-        hits = self.matcher.match_entries(buf, spans)
+        # the records as parsed are what decoding their entries would give: none is decoded
+        hits = self.matcher.match_entries(buf, spans, packed)
         out = {where[k]: got for k, got in hits.items()}
         out.update((i, got) for i, got in alone.items() if got)
         if not alone:

@@ -335,12 +335,17 @@ class Matcher:
         return self._holding(rules, view, hits, {})
 
     def match_entries(
-        self, entries: bytes, spans: Sequence[tuple[int, int]]
+        self,
+        entries: bytes,
+        spans: Sequence[tuple[int, int]],
+        records: Sequence[Mapping[str, object]] | None = None,
     ) -> dict[int, list[int]]:
         """Entry index -> matching rule indexes, for entries with at least one match.
 
         Only entries that meet some rule's raw requirement are decoded, and only the rules
         the pre-filter lists for them (plus the rules without a requirement) are evaluated.
+        ``records``: the record of every entry, when the caller packed them itself (exactly
+        what decoding the entry gives): then nothing is decoded.
         """
         out: dict[int, list[int]] = {}
         if not spans:
@@ -365,10 +370,13 @@ class Matcher:
             plan = plans.get(rules)
             if plan is None:
                 plan = self._plan(rules, hot)
-            s, e = spans[k]
-            record = _record_of(buf[s:e])
-            if record is None:
-                continue
+            if records is None:
+                s, e = spans[k]
+                record = _record_of(buf[s:e])
+                if record is None:
+                    continue
+            else:
+                record = records[k]
             sub, mine, mine_groups, back, rest, rest_groups = plan
             view = RecordView(fm, record)  # one view for both tables (one field map)
             m = [back[i] for i in sub._evaluate(view, mine, mine_groups)] if sub else []
