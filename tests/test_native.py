@@ -14,8 +14,9 @@ import subprocess
 import sys
 import sysconfig
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import hyperscan
 import pytest
@@ -23,6 +24,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ruletag.rules import fields, native
+from ruletag.rules.compiler.codegen import (
+    ALL,
+    AND,
+    ANY,
+    LAZY,
+    NOT,
+    OR,
+    CodeGen,
+    Formula,
+    Program,
+    exec_formulas,
+)
+from ruletag.rules.ir import And, Const, Exists, Node, Not, Or
 from ruletag.rules.matcher import table as table_mod
 from support.paths import REPO
 
@@ -439,3 +453,108 @@ def test_record_view_survives_odd_records_and_deep_derivations() -> None:
         node = node["a"]
     with pytest.raises(RecursionError):
         fields.RecordView(_FM, deep).values("Image")
+
+
+# --------------------------------------------------------------------------- holding
+
+#: leaves 0-5 are scanned atoms (``i in h``), 6-9 lazy leaves (``L(i)``)
+LEAVES = [Exists(f"f{i}") for i in range(10)]
+EAGER = frozenset(range(6))
+
+
+def _formulas(depth: int) -> st.SearchStrategy[Node]:
+    leaf = st.one_of(st.sampled_from(LEAVES), st.builds(Const, st.booleans()))
+    if depth == 0:
+        return leaf
+    sub = _formulas(depth - 1)
+    return st.one_of(
+        leaf,
+        st.builds(Not, sub),
+        st.builds(And, st.lists(sub, min_size=1, max_size=5).map(tuple)),
+        st.builds(Or, st.lists(sub, min_size=1, max_size=5).map(tuple)),
+    )
+
+
+def _generated(formulas: list[Node]) -> tuple[tuple[Formula, ...], tuple[Program, ...]]:
+    """The formulas as generated Python functions and as programs (one code generator)."""
+    gen = CodeGen({n: i for i, n in enumerate(LEAVES)}, EAGER)
+    code = compile(gen.module(formulas), "<test>", "exec")
+    programs = tuple(gen.program(f) for f in formulas)
+    return exec_formulas(code, gen.consts), programs
+
+
+@needs_native
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(_formulas(3), min_size=1, max_size=6).map(lambda f: [*f, And(()), Or(())]),
+    st.frozensets(st.integers(0, 5)),
+    st.frozensets(st.integers(6, 9)),
+)
+def test_holding_is_the_generated_code(
+    formulas: list[Node], hits: frozenset[int], true_lazies: frozenset[int]
+) -> None:
+    """The C walk of the programs selects the rules the generated functions select, and
+    evaluates the same lazy leaves, each once (same short-circuit order)."""
+    assert NATIVE is not None
+    funcs, programs = _generated(formulas)
+    calls: list[tuple[str, int]] = []
+
+    def lazy_of(i: int, who: str) -> Callable[[object, dict[int, Any]], bool]:
+        def leaf(view: object, cache: dict[int, Any]) -> bool:
+            assert view == "view"
+            calls.append((who, i))
+            return i in true_lazies
+
+        return leaf
+
+    rules = list(range(len(formulas)))
+    ref_cache: dict[int, Any] = {}
+    ref_lazy = {i: lazy_of(i, "ref") for i in range(6, 10)}
+
+    def L(i: int) -> bool:
+        r = ref_cache.get(i)
+        if r is None:
+            r = ref_cache[i] = ref_lazy[i]("view", ref_cache)
+        return r
+
+    want = [k for k in rules if funcs[k](set(hits), L)]
+    cache: dict[int, Any] = {}
+    got = NATIVE.holding(
+        rules, programs, set(hits), {i: lazy_of(i, "c") for i in range(6, 10)}, "view", cache
+    )
+    assert got == want
+    assert cache == ref_cache
+    assert [i for who, i in calls if who == "c"] == [i for who, i in calls if who == "ref"]
+
+
+@needs_native
+def test_holding_passes_errors_on_and_refuses_bad_programs() -> None:
+    """A lazy leaf's exception reaches the caller; a malformed or absurdly deep program is a
+    clear error, never a crash."""
+    assert NATIVE is not None
+
+    def boom(view: object, cache: object) -> bool:
+        raise ValueError("leaf failed")
+
+    with pytest.raises(ValueError, match="leaf failed"):
+        NATIVE.holding([0], ((OR, 1, (LAZY, 7)),), set(), {7: boom}, None, {})
+    assert NATIVE.holding([0], ((OR, 1, (LAZY, 7)),), {1}, {7: boom}, None, {}) == [0]
+    with pytest.raises(KeyError):
+        NATIVE.holding([0], ((LAZY, 8),), set(), {}, None, {})
+    assert NATIVE.holding([0, 1], ((AND,), (OR,)), set(), {}, None, {}) == [0]
+    for bad in ("x", (NOT,), (99, 1), None, 1.5):
+        with pytest.raises((TypeError, ValueError)):
+            NATIVE.holding([0], (bad,), set(), {}, None, {})
+    with pytest.raises(IndexError):
+        NATIVE.holding([1], (True,), set(), {}, None, {})
+    deep: Program = 1
+    for _ in range(100_000):
+        deep = (NOT, deep)
+    with pytest.raises(RecursionError):
+        NATIVE.holding([0], (deep,), set(), {}, None, {})
+    assert NATIVE.holding(
+        [0, 1, 2], (True, False, (ALL, frozenset({1, 2}))), {1, 2}, {}, None, {}
+    ) == [0, 2]
+    assert NATIVE.holding(
+        [0, 1], ((ANY, frozenset({3, 4})), (ANY, frozenset({5}))), {4}, {}, None, {}
+    ) == [0]

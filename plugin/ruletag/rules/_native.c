@@ -15,6 +15,9 @@
  *                                (reference: matcher.table.py_scan_groups)
  *   ViewBase(fieldmap, record)   RecordView's state and values(field) (reference:
  *                                fields.PyRecordView; fields.RecordView subclasses this)
+ *   holding(rules, programs, hits, lazy, view, cache) -> [the rules whose formula holds]
+ *                                (reference: the generated formula functions, see
+ *                                matcher.table.Matcher._holding and compiler.codegen)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -23,7 +26,8 @@
 static PyObject *Mapping = NULL; /* collections.abc.Mapping */
 
 /* Interned attribute and method names (made once in PyInit__native). */
-static PyObject *s_dotted, *s_spec, *s_values, *s_lower, *s_plan, *s_ecs_category, *s_ecs_type;
+static PyObject *s_dotted, *s_spec, *s_values, *s_lower, *s_plan, *s_ecs_category, *s_ecs_type,
+    *s_isdisjoint;
 
 /* ------------------------------------------------------------------ flatten_record */
 
@@ -1254,6 +1258,154 @@ static PyTypeObject ViewType = {
     .tp_members = View_members,
 };
 
+/* ------------------------------------------------------------------ holding */
+
+/* The program operators (compiler.codegen: AND, OR, NOT, LAZY, ALL, ANY). */
+enum { OP_AND, OP_OR, OP_NOT, OP_LAZY, OP_ALL, OP_ANY };
+
+/* Deeper programs are refused (an error, not a crash): formulas are flattened, so real ones
+ * nest a few levels. */
+#define MAX_DEPTH 2000
+
+typedef struct {
+    PyObject *hits;  /* set of the scanned atoms that hit */
+    PyObject *lazy;  /* dict: atom -> lazy leaf function (view, cache) -> bool */
+    PyObject *view;
+    PyObject *cache; /* dict: atom -> the lazy leaf's result */
+} Holding;
+
+/* L(i) of the generated code: the cached result of lazy leaf i, or its evaluation (cached). */
+static int lazy_leaf(Holding *h, PyObject *i)
+{
+    PyObject *got = PyDict_GetItemWithError(h->cache, i); /* borrowed */
+    if (got == NULL && PyErr_Occurred()) {
+        return -1;
+    }
+    if (got == NULL || got == Py_None) {
+        PyObject *fn = PyDict_GetItemWithError(h->lazy, i); /* borrowed */
+        if (fn == NULL) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetObject(PyExc_KeyError, i);
+            }
+            return -1;
+        }
+        PyObject *args[2] = {h->view, h->cache};
+        PyObject *r = PyObject_Vectorcall(fn, args, 2, NULL);
+        if (r == NULL) {
+            return -1;
+        }
+        int rc = PyDict_SetItem(h->cache, i, r);
+        int t = rc < 0 ? -1 : PyObject_IsTrue(r);
+        Py_DECREF(r);
+        return t;
+    }
+    return PyObject_IsTrue(got);
+}
+
+/* Does program node n hold? 1, 0, or -1 with an exception set. */
+static int holds(Holding *h, PyObject *n, int depth)
+{
+    if (PyLong_CheckExact(n)) {
+        return PySet_Contains(h->hits, n);
+    }
+    if (n == Py_True) {
+        return 1;
+    }
+    if (n == Py_False) {
+        return 0;
+    }
+    Py_ssize_t size = PyTuple_CheckExact(n) ? PyTuple_GET_SIZE(n) : 0;
+    if (size == 1 && PyLong_CheckExact(PyTuple_GET_ITEM(n, 0))) {
+        long op = PyLong_AsLong(PyTuple_GET_ITEM(n, 0)); /* And / Or of nothing */
+        if (op == OP_AND || op == OP_OR) {
+            return op == OP_AND;
+        }
+    }
+    if (size < 2) {
+        PyErr_SetString(PyExc_TypeError, "a rule program node must be an int, a bool or an "
+                                         "operator tuple");
+        return -1;
+    }
+    if (depth > MAX_DEPTH) {
+        PyErr_SetString(PyExc_RecursionError, "rule program nested too deeply");
+        return -1;
+    }
+    long op = PyLong_AsLong(PyTuple_GET_ITEM(n, 0));
+    PyObject *arg = PyTuple_GET_ITEM(n, 1);
+    int r;
+    switch (op) {
+    case OP_AND:
+    case OP_OR:
+        for (Py_ssize_t k = 1; k < size; k++) {
+            r = holds(h, PyTuple_GET_ITEM(n, k), depth + 1);
+            if (r < 0 || r == (op == OP_OR)) {
+                return r; /* an error, or the first false of an And / true of an Or */
+            }
+        }
+        return op == OP_AND;
+    case OP_NOT:
+        r = holds(h, arg, depth + 1);
+        return r < 0 ? r : !r;
+    case OP_LAZY:
+        return lazy_leaf(h, arg);
+    case OP_ALL:
+        return PyObject_RichCompareBool(arg, h->hits, Py_LE);
+    case OP_ANY: {
+        PyObject *d = PyObject_CallMethodOneArg(h->hits, s_isdisjoint, arg);
+        if (d == NULL) {
+            return -1;
+        }
+        r = PyObject_IsTrue(d);
+        Py_DECREF(d);
+        return r < 0 ? r : !r;
+    }
+    default:
+        if (!PyErr_Occurred()) {
+            PyErr_Format(PyExc_ValueError, "unknown rule program operator %ld", op);
+        }
+        return -1;
+    }
+}
+
+static PyObject *holding(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "holding(rules, programs, hits, lazy, view, cache)");
+        return NULL;
+    }
+    PyObject *programs = args[1];
+    Holding h = {args[2], args[3], args[4], args[5]};
+    if (!PyTuple_Check(programs) || !PyAnySet_Check(h.hits) || !PyDict_Check(h.lazy) ||
+        !PyDict_Check(h.cache)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "programs must be a tuple, hits a set, lazy and cache dicts");
+        return NULL;
+    }
+    PyObject *rules = PySequence_Fast(args[0], "rules must be a sequence");
+    if (rules == NULL) {
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(rules), count = PyTuple_GET_SIZE(programs);
+    for (Py_ssize_t j = 0; out != NULL && j < n; j++) {
+        PyObject *k = PySequence_Fast_GET_ITEM(rules, j);
+        Py_ssize_t i = PyLong_AsSsize_t(k);
+        if (i < 0 || i >= count) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_IndexError, "rule index out of range");
+            }
+            Py_CLEAR(out);
+            break;
+        }
+        int r = holds(&h, PyTuple_GET_ITEM(programs, i), 0);
+        if (r < 0 || (r == 1 && PyList_Append(out, k) < 0)) {
+            Py_CLEAR(out);
+        }
+    }
+    Py_DECREF(rules);
+    return out;
+}
+
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef methods[] = {
@@ -1262,6 +1414,9 @@ static PyMethodDef methods[] = {
     {"scan_cached", (PyCFunction)(void (*)(void))scan_cached, METH_FASTCALL,
      "scan_cached(key, values, hits, cache, miss, limit, max_entries): see "
      "ruletag.rules.matcher.table.py_scan_cached."},
+    {"holding", (PyCFunction)(void (*)(void))holding, METH_FASTCALL,
+     "holding(rules, programs, hits, lazy, view, cache) -> the rules whose program holds: "
+     "see ruletag.rules.matcher.table.Matcher._holding."},
     {"scan_groups", (PyCFunction)(void (*)(void))scan_groups, METH_FASTCALL,
      "scan_groups(todo, spec, view, flat, vcache, hits, cache, limit, max_entries): see "
      "ruletag.rules.matcher.table.py_scan_groups."},
@@ -1284,7 +1439,7 @@ PyMODINIT_FUNC PyInit__native(void)
     } names[] = {{&s_dotted, "dotted"}, {&s_spec, "spec"},
                  {&s_values, "values"}, {&s_lower, "lower"},
                  {&s_plan, "_plan"}, {&s_ecs_category, "ecs_category"},
-                 {&s_ecs_type, "ecs_type"}};
+                 {&s_ecs_type, "ecs_type"}, {&s_isdisjoint, "isdisjoint"}};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         if (*names[i].slot == NULL && (*names[i].slot = PyUnicode_InternFromString(names[i].name)) == NULL) {
             return NULL;
@@ -1309,7 +1464,7 @@ PyMODINIT_FUNC PyInit__native(void)
     if (PyModule_AddObject(m, "Adder", (PyObject *)&AdderType) < 0 ||
         PyModule_AddObject(m, "EntryHits", (PyObject *)&EntryHitsType) < 0 ||
         PyModule_AddObject(m, "ViewBase", (PyObject *)&ViewType) < 0 ||
-        PyModule_AddIntConstant(m, "ABI", 3) < 0) {
+        PyModule_AddIntConstant(m, "ABI", 4) < 0) {
         Py_DECREF(m);
         return NULL;
     }

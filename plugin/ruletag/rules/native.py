@@ -12,6 +12,9 @@ cache key, so a table is only ever read back by the build that wrote it.
   (only those in ``only``, when given).
 * ``EntryHits(spans)``: a Hyperscan match handler for a scan over a whole chunk of packed
   entries; ``per_entry`` maps each entry index to the ids of the patterns ending inside it.
+* ``holding(rules, programs, hits, lazy, view, cache)``: the rules whose formula holds, walking
+  the table's programs (selected in :mod:`ruletag.rules.matcher.table`; the reference is the
+  generated formula functions, ``Matcher._holding`` without the extension).
 """
 
 from __future__ import annotations

@@ -59,6 +59,7 @@ _PLAIN_KEYS = (
     "kw_eager",
     "source",
     "consts",
+    "programs",
     "eager",
     "raw_forced",
     "rule_groups",

@@ -34,7 +34,7 @@ from types import CodeType
 from typing import Any
 
 from ruletag.rules.algebra import simplify
-from ruletag.rules.compiler.codegen import CodeGen, Formula, exec_formulas
+from ruletag.rules.compiler.codegen import CodeGen, Formula, Program, exec_formulas
 from ruletag.rules.compiler.frozen import Frozen, frozen_map
 from ruletag.rules.compiler.hyperscan import Group, compile_group, encode, hs_escape
 from ruletag.rules.compiler.prefilter import RawFilter, build_raw_filter
@@ -170,6 +170,7 @@ class CompiledTable(Frozen):
         "kw_eager",
         "kw_group",
         "leaves",
+        "programs",
         "raw",
         "raw_forced",
         "rule_groups",
@@ -199,6 +200,8 @@ class CompiledTable(Frozen):
     consts: tuple[frozenset[int], ...]
     code: CodeType
     formulas: tuple[Formula, ...]
+    #: the same formulas as data, for the C evaluator (``codegen`` module docstring)
+    programs: tuple[Program, ...]
     eager: frozenset[int]  # the atoms scanned by the field groups
     rule_groups: tuple[tuple[int, ...], ...]  # rule -> the field groups it reads
     raw: RawFilter | None  # the raw-bytes pre-filter
@@ -351,6 +354,7 @@ def build(
     gen = CodeGen(atom_of, frozenset(eager))
     source = gen.module(formulas)
     code = compile(source, "<ruletag-table>", "exec")
+    programs = tuple(gen.program(f) for f in formulas)
 
     stats: dict[str, Any] = {
         "rules": len(rule_list),
@@ -404,6 +408,7 @@ def build(
         kw_eager=any(a < len(leaves) and a not in eager for a in trig),
         source=source,
         consts=tuple(gen.consts),
+        programs=programs,
         code=code,
         eager=frozenset(eager),
         rule_groups=tuple(rule_groups),

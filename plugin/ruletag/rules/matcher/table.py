@@ -274,6 +274,8 @@ class Matcher:
         """Those of ``rules`` whose formula holds: the scanned atoms that hit are ``hits``, the
         lazy leaves are evaluated on ``view`` when a formula asks (each once: ``cache``)."""
         lazy = self._lazy
+        if holding is not None:  # the same formulas as programs, walked in C
+            return holding(rules, self.table.programs, hits, lazy, view, cache)
 
         def L(i: int) -> bool:  # the name the generated code calls
             r = cache.get(i)
@@ -732,6 +734,8 @@ _native = native_module()
 #: :func:`py_scan_cached` and :func:`py_scan_groups`, in C when the extension is built
 scan_cached: Callable[..., None] = py_scan_cached if _native is None else _native.scan_cached
 scan_groups: Callable[..., None] = py_scan_groups if _native is None else _native.scan_groups
+#: the rules whose program holds, in C (None: the generated formula functions run instead)
+holding: Callable[..., list[int]] | None = None if _native is None else _native.holding
 
 
 def _scan_value(g: Group, s: str, hits: Hits, on_match: Callable[..., None] | None = None) -> None:
