@@ -123,17 +123,18 @@ static int flat_list(PyObject *items, PyObject *path, PyObject *out)
     return rc;
 }
 
-static int flat_item(PyObject *k, PyObject *v, PyObject *prefix, PyObject *out)
+/* One key of a map: dotted is the map's path followed by a dot (NULL at the top). */
+static int flat_item(PyObject *k, PyObject *v, PyObject *dotted, PyObject *out)
 {
     if (v == Py_None || !PyUnicode_CheckExact(k)) {
         return 0;
     }
     PyObject *path;
-    if (prefix == NULL) {
+    if (dotted == NULL) {
         Py_INCREF(k);
         path = k;
     } else {
-        path = PyUnicode_FromFormat("%U.%U", prefix, k);
+        path = PyUnicode_Concat(dotted, k);
         if (path == NULL) {
             return -1;
         }
@@ -178,6 +179,18 @@ static int flat_map(PyObject *obj, PyObject *prefix, PyObject *out)
     if (Py_EnterRecursiveCall(" while flattening a record")) {
         return -1;
     }
+    PyObject *dotted = NULL; /* "prefix." once per map, not per key */
+    if (prefix != NULL) {
+        static PyObject *dot = NULL;
+        if (dot == NULL && (dot = PyUnicode_InternFromString(".")) == NULL) {
+            Py_LeaveRecursiveCall();
+            return -1;
+        }
+        if ((dotted = PyUnicode_Concat(prefix, dot)) == NULL) {
+            Py_LeaveRecursiveCall();
+            return -1;
+        }
+    }
     int rc = 0;
     if (PyDict_CheckExact(obj)) {
         Py_ssize_t pos = 0;
@@ -185,7 +198,7 @@ static int flat_map(PyObject *obj, PyObject *prefix, PyObject *out)
         while (rc == 0 && PyDict_Next(obj, &pos, &k, &v)) {
             Py_INCREF(k);
             Py_INCREF(v);
-            rc = flat_item(k, v, prefix, out);
+            rc = flat_item(k, v, dotted, out);
             Py_DECREF(k);
             Py_DECREF(v);
         }
@@ -203,11 +216,12 @@ static int flat_map(PyObject *obj, PyObject *prefix, PyObject *out)
                     rc = -1;
                     break;
                 }
-                rc = flat_item(PyTuple_GET_ITEM(kv, 0), PyTuple_GET_ITEM(kv, 1), prefix, out);
+                rc = flat_item(PyTuple_GET_ITEM(kv, 0), PyTuple_GET_ITEM(kv, 1), dotted, out);
             }
             Py_DECREF(items);
         }
     }
+    Py_XDECREF(dotted);
     Py_LeaveRecursiveCall();
     return rc;
 }
