@@ -666,33 +666,12 @@ static PyObject *scan_cached(PyObject *self, PyObject *const *args, Py_ssize_t n
 
 /* ------------------------------------------------------------------ scan_groups */
 
-/* Does flat (a dict) hold any of paths (an iterable)? 1, 0, or -1 on error. */
-static int holds_any(PyObject *flat, PyObject *paths)
-{
-    PyObject *it = PyObject_GetIter(paths);
-    if (it == NULL) {
-        return -1;
-    }
-    PyObject *p;
-    int found = 0;
-    while ((p = PyIter_Next(it)) != NULL) {
-        found = PyDict_Contains(flat, p);
-        Py_DECREF(p);
-        if (found != 0) {
-            break;
-        }
-    }
-    Py_DECREF(it);
-    if (found == 0 && PyErr_Occurred()) {
-        return -1;
-    }
-    return found;
-}
-
 /* The values of one group's field: vcache's, else its dotted paths' in flat (cached), else
- * view.values(field). A new reference, or NULL with an exception set. */
+ * (unless direct: the field has only those paths, so none of them means no value; the
+ * reference skips such a group when flat holds none of its paths) view.values(field).
+ * A new reference, or NULL with an exception set. */
 static PyObject *group_values(PyObject *field, PyObject *dotted, PyObject *view, PyObject *flat,
-                              PyObject *vcache)
+                              PyObject *vcache, int direct)
 {
     PyObject *got = PyDict_GetItemWithError(vcache, field); /* borrowed */
     if (got != NULL) {
@@ -731,6 +710,9 @@ static PyObject *group_values(PyObject *field, PyObject *dotted, PyObject *view,
             return NULL;
         }
         return out;
+    }
+    if (direct) {
+        return out; /* empty */
     }
     Py_DECREF(out);
     return view_values(view, field);
@@ -773,18 +755,10 @@ static PyObject *scan_groups(PyObject *self, PyObject *const *args, Py_ssize_t n
             PyErr_SetString(PyExc_TypeError, "spec entries: (paths, field, dotted, key, miss)");
             goto fail;
         }
-        PyObject *paths = PyTuple_GET_ITEM(entry, 0);
-        if (paths != Py_None) {
-            int any = holds_any(flat, paths);
-            if (any < 0) {
-                goto fail;
-            }
-            if (!any) {
-                continue;
-            }
-        }
+        /* direct paths (not None) are the dotted paths as a set: group_values reads them */
+        int direct = PyTuple_GET_ITEM(entry, 0) != Py_None;
         PyObject *vals = group_values(PyTuple_GET_ITEM(entry, 1), PyTuple_GET_ITEM(entry, 2),
-                                      view, flat, vcache);
+                                      view, flat, vcache, direct);
         if (vals == NULL) {
             goto fail;
         }

@@ -72,7 +72,8 @@ ListPlan = tuple[
     tuple[int, ...],
     frozenset[int],
 ]
-#: per field group: (direct paths or None, field, dotted paths, scan-cache key, scan of a text)
+#: per field group: (direct paths or None, field, dotted paths, scan-cache key, scan of a text);
+#: the direct paths, when not None, are the dotted paths as a set (the C scan reads those)
 GroupSpec = tuple[
     tuple[frozenset[str] | None, str, tuple[str, ...], int, Callable[[str, Hits], None]], ...
 ]
