@@ -64,6 +64,10 @@ RULES = [
     rule("empty", Match("User", ())),
     rule("re", Regex("CommandLine", r"frombase64string\(", "i")),
     rule("re-anchored", Regex("Hashes", r"^md5=[0-9a-f]{4}$")),
+    # only a value with a non-ASCII character can match (ASCII values skip it) ...
+    rule("re-non-ascii", Regex("CommandLine", "^.*[\u02b0-\u02ff\u1d2c-\u1dbb]+.*$", "s")),
+    # ... but a caseless Kelvin sign matches an ASCII k (RE2 folds the case)
+    rule("re-kelvin", Regex("Description", "\u212a", "i")),
     rule("cidr", Cidr("DestinationIp", ("10.0.0.0/8", "fc00::/7"))),
     rule("gt", Compare("DestinationPort", ">", 49151)),
     rule("eqnum", Equals("EventID", 4688)),
@@ -100,6 +104,11 @@ CASES: list[tuple[dict, set[str]]] = [
     ({"CommandLine": "run it"}, {"always"}),
     ({"CommandLine": "ps -ENC abc"}, {"contains", "always"}),
     ({"CommandLine": "[Convert]::FromBase64String(x)"}, {"re", "always"}),
+    ({"CommandLine": "modifier \u02b0 letter"}, {"re-non-ascii", "always"}),
+    ({"CommandLine": "plain ascii h letter"}, {"always"}),
+    ({"Description": "kit"}, {"re-kelvin", "always"}),
+    ({"Description": "KIT\n"}, {"re-kelvin", "always"}),
+    ({"Description": "cat"}, {"always"}),
     ({"Hashes": "MD5=abcd"}, {"always"}),
     ({"Hashes": "md5=abcd"}, {"re-anchored", "always"}),
     ({"Hashes": "md5=abcd\n"}, {"always"}),

@@ -15,7 +15,7 @@ from typing import Any
 import hyperscan as hs
 import re2
 
-from ruletag.rules.regex import compile_re2
+from ruletag.rules.regex import compile_re2, needs_non_ascii
 
 __all__ = [
     "Group",
@@ -117,6 +117,10 @@ class Group:
     hs_regex: tuple[int, ...]  # regex atoms compiled into ``db``
     re2_all: tuple[tuple[int, Any], ...]  # every regex atom, compiled by RE2
     re2_only: tuple[tuple[int, Any], ...]  # regex atoms Hyperscan cannot take
+    #: the same two without the regexes only a text with a non-ASCII character can match
+    #: (what an ASCII value runs)
+    re2_all_ascii: tuple[tuple[int, Any], ...]
+    re2_only_ascii: tuple[tuple[int, Any], ...]
     cased_ids: frozenset[int]
     caseless_ids: frozenset[int]
 
@@ -169,13 +173,17 @@ def _group(
 ) -> Group:
     """The group with its RE2 programs and id sets (rebuilt after loading, never stored)."""
     r2: list[tuple[int, Any]] = []
+    non_ascii: set[int] = set()
     for i, pat, flags in regex:
         try:
             prefix = f"(?{''.join(sorted(set(flags)))})" if flags else ""
             r2.append((i, compile_re2(prefix + pat)))
         except re2.error:
             continue  # invalid: never matches (front-ends reject these)
+        if not pat.isascii() and needs_non_ascii(prefix + pat):
+            non_ascii.add(i)
     in_db = set(hs_regex) if db is not None else set()
+    only = tuple(x for x in r2 if x[0] not in in_db)
     return Group(
         field=field,
         cased=cased,
@@ -184,7 +192,9 @@ def _group(
         db=db,
         hs_regex=hs_regex,
         re2_all=tuple(r2),
-        re2_only=tuple(x for x in r2 if x[0] not in in_db),
+        re2_only=only,
+        re2_all_ascii=tuple(x for x in r2 if x[0] not in non_ascii),
+        re2_only_ascii=tuple(x for x in only if x[0] not in non_ascii),
         cased_ids=frozenset(i for i, _ in cased),
         caseless_ids=frozenset(i for i, _ in caseless),
     )

@@ -746,13 +746,14 @@ def _scan_value(g: Group, s: str, hits: Hits, on_match: Callable[..., None] | No
         on_match = Adder(hits)
     db = g.db
     rest = g.re2_all
-    if s.isascii():
+    if s.isascii():  # the regexes that need a non-ASCII character are left out
+        rest = g.re2_all_ascii
         if db is not None:
-            if rest and s.endswith("\n"):
+            if g.re2_all and s.endswith("\n"):
                 _scan_only(db, s.encode(), g.cased_ids | g.caseless_ids, hits)
             else:
                 db.scan(s.encode(), match_event_handler=on_match)
-                rest = g.re2_only
+                rest = g.re2_only_ascii
     elif db is not None:
         if g.cased_ids:
             _scan_only(db, encode(s), g.cased_ids, hits)
