@@ -61,6 +61,25 @@ def test_the_extension_is_built_wherever_a_compiler_is() -> None:
     assert f"c{NATIVE.ABI}" == native.IMPLEMENTATION
 
 
+def test_an_older_build_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A C module built from older sources (another ABI) is never called with arguments it
+    does not know: the reference runs, and the log says how to rebuild (once)."""
+    import ruletag.rules
+
+    monkeypatch.delenv("RULETAG_PURE_PYTHON", raising=False)
+    monkeypatch.setattr(native, "_warned", [])
+    monkeypatch.setattr(ruletag.rules, "_native", types.SimpleNamespace(ABI=native.ABI - 1), False)
+    with caplog.at_level("WARNING", logger="ruletag.rules.native"):
+        assert native.native_module() is None
+        assert native.native_module() is None
+    warned = [r.getMessage() for r in caplog.records if r.name == "ruletag.rules.native"]
+    assert len(warned) == 1 and "make setup" in warned[0]
+    monkeypatch.setattr(ruletag.rules, "_native", types.SimpleNamespace(ABI=native.ABI), False)
+    assert native.native_module() is not None
+
+
 # --------------------------------------------------------------------------- flatten_record
 
 scalars = st.one_of(
@@ -558,3 +577,32 @@ def test_holding_passes_errors_on_and_refuses_bad_programs() -> None:
     assert NATIVE.holding(
         [0, 1], ((ANY, frozenset({3, 4})), (ANY, frozenset({5}))), {4}, {}, None, {}
     ) == [0]
+
+
+@needs_native
+def test_evaluate_refuses_bad_context_and_passes_errors_on() -> None:
+    """The one-call evaluation: a malformed context or view is a clear error; a lazy leaf's
+    exception reaches the caller; no groups means no scan (the view is not even flattened)."""
+    assert NATIVE is not None
+    fm = fields.FieldMap.default()
+
+    def boom(view: object, cache: object) -> bool:
+        raise ValueError("leaf failed")
+
+    ctx = ((), {}, ((OR, 1, (LAZY, 7)), (ALL, frozenset())), {7: boom}, 16, 16)
+    view = fields.RecordView(fm, {"a": 1})
+    with pytest.raises(ValueError, match="leaf failed"):
+        NATIVE.evaluate(ctx, view, [0], frozenset())
+    assert NATIVE.evaluate(ctx, view, [1], frozenset()) == [1]
+    assert view._flat is None  # nothing scanned: the record was not flattened
+    for bad in (None, (), ctx[:5], ((), [], *ctx[2:]), (*ctx[:4], "16", 16)):
+        with pytest.raises(TypeError):
+            NATIVE.evaluate(bad, view, [1], frozenset())
+    with pytest.raises(IndexError):  # group 0 of an empty spec
+        NATIVE.evaluate(ctx, view, [1], frozenset({0}))
+    with pytest.raises(AttributeError):  # neither a record view nor anything like one
+        NATIVE.evaluate(ctx, object(), [1], frozenset({0}))
+    with pytest.raises(TypeError):
+        NATIVE.evaluate(ctx, view, [1])
+    with pytest.raises(TypeError, match="not initialised"):
+        NATIVE.evaluate(ctx, fields.RecordView.__new__(fields.RecordView), [1], frozenset({0}))

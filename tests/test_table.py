@@ -166,6 +166,30 @@ def test_match_every_leaf_type(
     assert Matcher(table).match(record) == sorted(Matcher(table).match(record))
 
 
+@pytest.mark.parametrize(("record", "expected"), CASES)
+def test_the_one_call_evaluation_is_the_method(
+    table: CompiledTable, fm: FieldMap, record: dict, expected: set[str]
+) -> None:
+    """What ``match_entries`` and ``match_subset`` call per rule list (the C ``evaluate``
+    when the extension is built) selects what :meth:`Matcher._evaluate` selects, leaves the
+    same field values in the view, and reads the reference view too (its ``flat()`` and
+    ``value_cache``, not C state)."""
+    from ruletag.rules.fields import PyRecordView, RecordView
+
+    m = Matcher(table)
+    every = tuple(range(len(table.rules)))
+    groups = m._groups(every)
+    ref_view = RecordView(fm, record)
+    want = m._evaluate(ref_view, every, groups)
+    assert {table.rules[i].id for i in want} == expected
+    for view in (RecordView(fm, record), PyRecordView(fm, record)):
+        assert m._eval(view, every, groups) == want
+        assert view.value_cache == ref_view.value_cache
+        assert m._eval(view, every, frozenset()) == m._evaluate(
+            RecordView(fm, record), every, frozenset()
+        )
+
+
 def test_match_entries_takes_the_records_instead_of_decoding(
     table: CompiledTable, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -18,6 +18,8 @@
  *   holding(rules, programs, hits, lazy, view, cache) -> [the rules whose formula holds]
  *                                (reference: the generated formula functions, see
  *                                matcher.table.Matcher._holding and compiler.codegen)
+ *   evaluate(ctx, view, rules, groups) -> scan_groups then holding, in one call
+ *                                (reference: matcher.table.Matcher._evaluate)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -718,26 +720,19 @@ static PyObject *group_values(PyObject *field, PyObject *dotted, PyObject *view,
     return view_values(view, field);
 }
 
-static PyObject *scan_groups(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* scan_groups with its arguments checked (hits a set, cache a dict); 0, or -1 with an
+ * exception set. */
+static int scan_groups_in(PyObject *todo, PyObject *spec, PyObject *view, PyObject *flat,
+                          PyObject *vcache, PyObject *hits, PyObject *cache, Py_ssize_t limit,
+                          Py_ssize_t max_entries)
 {
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "scan_groups(todo, spec, view, flat, vcache, hits, "
-                                         "cache, limit, max_entries)");
-        return NULL;
-    }
-    PyObject *todo = args[0], *spec = args[1], *view = args[2], *flat = args[3],
-             *vcache = args[4], *hits = args[5], *cache = args[6];
-    Py_ssize_t limit, max_entries;
-    if (check_scan_args(hits, cache, args[7], args[8], &limit, &max_entries) < 0) {
-        return NULL;
-    }
     if (!PyTuple_Check(spec) || !PyDict_Check(flat) || !PyDict_Check(vcache)) {
         PyErr_SetString(PyExc_TypeError, "spec must be a tuple, flat and vcache dicts");
-        return NULL;
+        return -1;
     }
     PyObject *it = PyObject_GetIter(todo);
     if (it == NULL) {
-        return NULL;
+        return -1;
     }
     PyObject *gi;
     while ((gi = PyIter_Next(it)) != NULL) {
@@ -773,13 +768,26 @@ static PyObject *scan_groups(PyObject *self, PyObject *const *args, Py_ssize_t n
         }
     }
     Py_DECREF(it);
-    if (PyErr_Occurred()) {
+    return PyErr_Occurred() ? -1 : 0;
+fail:
+    Py_DECREF(it);
+    return -1;
+}
+
+static PyObject *scan_groups(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "scan_groups(todo, spec, view, flat, vcache, hits, "
+                                         "cache, limit, max_entries)");
+        return NULL;
+    }
+    Py_ssize_t limit, max_entries;
+    if (check_scan_args(args[5], args[6], args[7], args[8], &limit, &max_entries) < 0 ||
+        scan_groups_in(args[0], args[1], args[2], args[3], args[4], args[5], args[6], limit,
+                       max_entries) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
-fail:
-    Py_DECREF(it);
-    return NULL;
 }
 
 /* ------------------------------------------------------------------ ViewBase */
@@ -1355,21 +1363,30 @@ static int holds(Holding *h, PyObject *n, int depth)
     }
 }
 
+static PyObject *holding_in(PyObject *rules_in, PyObject *programs, Holding *hp);
+
 static PyObject *holding(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 6) {
         PyErr_SetString(PyExc_TypeError, "holding(rules, programs, hits, lazy, view, cache)");
         return NULL;
     }
-    PyObject *programs = args[1];
     Holding h = {args[2], args[3], args[4], args[5]};
+    return holding_in(args[0], args[1], &h);
+}
+
+/* holding(rules, programs, ...) on the state h: the list of the rules whose program holds,
+ * or NULL with an exception set. */
+static PyObject *holding_in(PyObject *rules_in, PyObject *programs, Holding *hp)
+{
+    Holding h = *hp;
     if (!PyTuple_Check(programs) || !PyAnySet_Check(h.hits) || !PyDict_Check(h.lazy) ||
         !PyDict_Check(h.cache)) {
         PyErr_SetString(PyExc_TypeError,
                         "programs must be a tuple, hits a set, lazy and cache dicts");
         return NULL;
     }
-    PyObject *rules = PySequence_Fast(args[0], "rules must be a sequence");
+    PyObject *rules = PySequence_Fast(rules_in, "rules must be a sequence");
     if (rules == NULL) {
         return NULL;
     }
@@ -1394,6 +1411,98 @@ static PyObject *holding(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return out;
 }
 
+/* ------------------------------------------------------------------ evaluate */
+
+/* The flattened record and the field values cache of view (new references): read from the
+ * C state of a ViewBase (flat computed once, as _ViewMethods.flat does), else through
+ * view.flat() and view.value_cache. 0, or -1 with an exception set. */
+static int view_state(PyObject *view, PyObject **flat, PyObject **vcache)
+{
+    if (PyObject_TypeCheck(view, &ViewType)) {
+        View *v = (View *)view;
+        if (v->record == NULL || v->cache == NULL) {
+            PyErr_SetString(PyExc_TypeError, "the record view is not initialised");
+            return -1;
+        }
+        if (v->flat == NULL || v->flat == Py_None) {
+            PyObject *f = flatten_record(NULL, v->record);
+            if (f == NULL) {
+                return -1;
+            }
+            Py_XSETREF(v->flat, f);
+        }
+        Py_INCREF(v->flat);
+        Py_INCREF(v->cache);
+        *flat = v->flat;
+        *vcache = v->cache;
+        return 0;
+    }
+    *flat = PyObject_CallMethod(view, "flat", NULL);
+    if (*flat == NULL) {
+        return -1;
+    }
+    *vcache = PyObject_GetAttrString(view, "value_cache");
+    if (*vcache == NULL) {
+        Py_CLEAR(*flat);
+        return -1;
+    }
+    return 0;
+}
+
+/* evaluate(ctx, view, rules, groups): scan_groups of the field groups ``groups`` into a fresh
+ * hits set, then holding() with a fresh lazy cache; one call per rule list, in place of the
+ * Python frames between them. ctx: (spec, value cache, programs, lazy, limit, max_entries),
+ * made once per matcher. */
+static PyObject *evaluate(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "evaluate(ctx, view, rules, groups)");
+        return NULL;
+    }
+    PyObject *ctx = args[0], *view = args[1], *groups = args[3];
+    if (!PyTuple_Check(ctx) || PyTuple_GET_SIZE(ctx) != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "ctx: (spec, value cache, programs, lazy, limit, max_entries)");
+        return NULL;
+    }
+    PyObject *spec = PyTuple_GET_ITEM(ctx, 0), *cache = PyTuple_GET_ITEM(ctx, 1);
+    PyObject *hits = PySet_New(NULL);
+    if (hits == NULL) {
+        return NULL;
+    }
+    PyObject *out = NULL, *lazy_cache = NULL;
+    Py_ssize_t limit, max_entries;
+    if (check_scan_args(hits, cache, PyTuple_GET_ITEM(ctx, 4), PyTuple_GET_ITEM(ctx, 5), &limit,
+                        &max_entries) < 0) {
+        goto done;
+    }
+    int any = PyObject_IsTrue(groups);
+    if (any < 0) {
+        goto done;
+    }
+    if (any) {
+        PyObject *flat, *vcache;
+        if (view_state(view, &flat, &vcache) < 0) {
+            goto done;
+        }
+        int rc = scan_groups_in(groups, spec, view, flat, vcache, hits, cache, limit,
+                                max_entries);
+        Py_DECREF(flat);
+        Py_DECREF(vcache);
+        if (rc < 0) {
+            goto done;
+        }
+    }
+    if ((lazy_cache = PyDict_New()) != NULL) {
+        Holding h = {hits, PyTuple_GET_ITEM(ctx, 3), view, lazy_cache};
+        out = holding_in(args[2], PyTuple_GET_ITEM(ctx, 2), &h);
+    }
+done:
+    Py_XDECREF(lazy_cache);
+    Py_DECREF(hits);
+    return out;
+}
+
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef methods[] = {
@@ -1405,6 +1514,9 @@ static PyMethodDef methods[] = {
     {"holding", (PyCFunction)(void (*)(void))holding, METH_FASTCALL,
      "holding(rules, programs, hits, lazy, view, cache) -> the rules whose program holds: "
      "see ruletag.rules.matcher.table.Matcher._holding."},
+    {"evaluate", (PyCFunction)(void (*)(void))evaluate, METH_FASTCALL,
+     "evaluate(ctx, view, rules, groups) -> the rules whose formula holds: see "
+     "ruletag.rules.matcher.table.Matcher._evaluate."},
     {"scan_groups", (PyCFunction)(void (*)(void))scan_groups, METH_FASTCALL,
      "scan_groups(todo, spec, view, flat, vcache, hits, cache, limit, max_entries): see "
      "ruletag.rules.matcher.table.py_scan_groups."},
@@ -1452,7 +1564,7 @@ PyMODINIT_FUNC PyInit__native(void)
     if (PyModule_AddObject(m, "Adder", (PyObject *)&AdderType) < 0 ||
         PyModule_AddObject(m, "EntryHits", (PyObject *)&EntryHitsType) < 0 ||
         PyModule_AddObject(m, "ViewBase", (PyObject *)&ViewType) < 0 ||
-        PyModule_AddIntConstant(m, "ABI", 4) < 0) {
+        PyModule_AddIntConstant(m, "ABI", 5) < 0) {
         Py_DECREF(m);
         return NULL;
     }

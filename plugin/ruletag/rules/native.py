@@ -15,16 +15,23 @@ cache key, so a table is only ever read back by the build that wrote it.
 * ``holding(rules, programs, hits, lazy, view, cache)``: the rules whose formula holds, walking
   the table's programs (selected in :mod:`ruletag.rules.matcher.table`; the reference is the
   generated formula functions, ``Matcher._holding`` without the extension).
+* ``evaluate(ctx, view, rules, groups)``: a rule list's field-group scan and formulas in one
+  call (the reference: ``Matcher._evaluate``).
+
+A built module whose :data:`ABI` is not the one this code expects (an old build left beside
+newer sources) is not used: the reference runs, with a warning saying how to rebuild.
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = [
+    "ABI",
     "IMPLEMENTATION",
     "Adder",
     "EntryHits",
@@ -74,13 +81,31 @@ class PyEntryHits:
         self._last_set.add(i)
 
 
+#: the C module's interface version this code calls (``ABI`` in ``_native.c``)
+ABI = 5
+_warned: list[int] = []
+
+
 def native_module() -> Any | None:
-    """The C module, or None when it is not built or ``RULETAG_PURE_PYTHON`` is set."""
+    """The C module, or None when it is not built, is an older build than these sources
+    (warned once), or ``RULETAG_PURE_PYTHON`` is set."""
     if os.environ.get("RULETAG_PURE_PYTHON", "") not in ("", "0"):
         return None
     try:
         from ruletag.rules import _native  # type: ignore[attr-defined]
     except ImportError:
+        return None
+    if getattr(_native, "ABI", None) != ABI:
+        if not _warned:
+            _warned.append(1)
+            logging.getLogger(__name__).warning(
+                "the built C helpers (%s, ABI %s) are not those of this source tree (ABI %s): "
+                "the pure-Python reference runs; rebuild with `make setup` "
+                "(or `pip install -e .`)",
+                getattr(_native, "__file__", "?"),
+                getattr(_native, "ABI", "?"),
+                ABI,
+            )
         return None
     return _native
 

@@ -124,6 +124,22 @@ class Matcher:
         self._trig = dict(table.trig)
         self._lazy = self._lazy_leaves()
         self._group_spec = self._build_group_spec()
+        #: :meth:`_evaluate` as one C call when the extension is built (the method otherwise)
+        self._eval: Callable[[RecordView, tuple[int, ...], frozenset[int]], list[int]] = (
+            self._evaluate
+            if evaluate is None
+            else functools.partial(
+                evaluate,
+                (
+                    self._group_spec,
+                    self._value_cache,
+                    table.programs,
+                    self._lazy,
+                    _CACHE_TEXT,
+                    _CACHE_ENTRIES,
+                ),
+            )
+        )
         self.raw: RawMatcher | None = None
         self._tune_after = 0
         if table.raw is not None:
@@ -315,7 +331,7 @@ class Matcher:
     def match_subset(self, record: Mapping[str, object], rules: Iterable[int]) -> list[int]:
         """Which of ``rules`` (indexes) match ``record``, scanning only the fields they read."""
         key = tuple(sorted(rules))
-        return self._evaluate(RecordView(self.table.fieldmap, record), key, self._groups(key))
+        return self._eval(RecordView(self.table.fieldmap, record), key, self._groups(key))
 
     def _groups(self, rules: tuple[int, ...]) -> frozenset[int]:
         """The field groups the rules ``rules`` (ascending) read."""
@@ -331,7 +347,8 @@ class Matcher:
         self, view: RecordView, rules: tuple[int, ...], groups: frozenset[int]
     ) -> list[int]:
         """Those of ``rules`` (ascending) that match the record of ``view``; ``groups``: the
-        field groups they read (:meth:`_groups`)."""
+        field groups they read (:meth:`_groups`). The reference of the C ``evaluate`` (which
+        :attr:`_eval` calls when the extension is built)."""
         hits: Hits = set()
         if groups:
             self._scan_groups(view, groups, hits)
@@ -382,9 +399,9 @@ class Matcher:
                 record = records[k]
             sub, mine, mine_groups, back, rest, rest_groups = plan
             view = RecordView(fm, record)  # one view for both tables (one field map)
-            m = [back[i] for i in sub._evaluate(view, mine, mine_groups)] if sub else []
+            m = [back[i] for i in sub._eval(view, mine, mine_groups)] if sub else []
             if rest:
-                more = self._evaluate(view, rest, rest_groups)
+                more = self._eval(view, rest, rest_groups)
                 if more:
                     m = sorted(m + more) if m else more
                 if cold is not None:
@@ -737,6 +754,8 @@ scan_cached: Callable[..., None] = py_scan_cached if _native is None else _nativ
 scan_groups: Callable[..., None] = py_scan_groups if _native is None else _native.scan_groups
 #: the rules whose program holds, in C (None: the generated formula functions run instead)
 holding: Callable[..., list[int]] | None = None if _native is None else _native.holding
+#: :meth:`Matcher._evaluate` in one C call (None: the method runs)
+evaluate: Callable[..., list[int]] | None = None if _native is None else _native.evaluate
 
 
 def _scan_value(g: Group, s: str, hits: Hits, on_match: Callable[..., None] | None = None) -> None:
