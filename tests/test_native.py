@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import hyperscan
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -606,3 +607,48 @@ def test_evaluate_refuses_bad_context_and_passes_errors_on() -> None:
         NATIVE.evaluate(ctx, view, [1])
     with pytest.raises(TypeError, match="not initialised"):
         NATIVE.evaluate(ctx, fields.RecordView.__new__(fields.RecordView), [1], frozenset({0}))
+
+
+@needs_native
+def test_match_loop_refuses_bad_arguments() -> None:
+    """The entry loop: a span outside the entries or a malformed plan is a clear error."""
+    assert NATIVE is not None
+    fm = fields.FieldMap.default()
+
+    def ev(view: object, rules: tuple, groups: frozenset) -> list[int]:
+        return list(rules)
+
+    def loop(spans: list, plan: object, records: object = None, cands: object = None) -> dict:
+        out: dict = {}
+        NATIVE.match_loop(
+            [0],
+            {0: (1,)} if cands is None else cands,
+            {},
+            lambda rules: plan,
+            b"\x92\x01\x81\xa1a\x01",
+            spans,
+            records,
+            fields.RecordView,
+            fm,
+            ev,
+            None,
+            msgpack.unpackb,
+            table_mod._record_of,
+            out,
+        )
+        return out
+
+    good = (None, (), frozenset(), (), (1,), frozenset())
+    assert loop([(0, 6)], good) == {0: [1]}
+    assert loop([(0, 6)], good, records=[{"a": 1}]) == {0: [1]}
+    assert loop([(0, 6)], good, records=[None]) == {}
+    for span in ((0, 7), (-1, 3), (4, 2), (0,), "xx"):
+        with pytest.raises((ValueError, TypeError)):
+            loop([span], good)
+    for plan in (None, good[:5], (None, (), frozenset(), (), [1], frozenset())):
+        with pytest.raises(TypeError, match="plan"):
+            loop([(0, 6)], plan)
+    with pytest.raises(IndexError):  # an often-passed rule with no number back
+        loop([(0, 6)], (ev, (3,), frozenset(), (), (), frozenset()))
+    with pytest.raises(TypeError):
+        loop([(0, 6)], good, cands=[])

@@ -203,13 +203,17 @@ def test_match_entries_takes_the_records_instead_of_decoding(
     want = m.match_entries(buf, spans)
     assert len(want) > len(CASES) // 2
 
-    def decode(_buf: object) -> None:
-        raise AssertionError("an entry was decoded")
+    decoded: list[object] = []
+
+    def decode(_buf: object, *_args: object, **_kw: object) -> None:
+        decoded.append(_buf)
 
     monkeypatch.setattr(table_mod, "_record_of", decode)
+    monkeypatch.setattr(table_mod.msgpack, "unpackb", decode)  # the C loop's own decoding
     assert m.match_entries(buf, spans, records) == want
-    with pytest.raises(AssertionError, match="decoded"):
-        m.match_entries(buf, spans)
+    assert decoded == []
+    assert m.match_entries(buf, spans) == {}  # what the stand-in decoder gives: nothing
+    assert len(want) <= len(decoded) <= len(spans)
 
 
 def test_stats_report_untriggered_rules(table: CompiledTable) -> None:
@@ -258,6 +262,77 @@ def test_match_entries_v2_entries_and_odd_entries(table: CompiledTable) -> None:
     )
     assert Matcher(table).match_entries(buf, spans) == {0: [0]}
     assert Matcher(table).match_entries(b"", []) == {}
+
+
+def _odd_entries() -> tuple[bytes, list[tuple[int, int]]]:
+    """Every kind of entry the entry loop decodes one way or the other: each time type (the
+    usual ones decoded without their time, the others whole), v2 entries, damaged bytes."""
+    ext = msgpack.ExtType(0, b"\x00" * 8)  # an EventTime
+    rec = {"Image": "c:\\windows\\cmd.exe", "CommandLine": "ps -ENC abc"}
+    packed = [
+        msgpack.packb([t, r])
+        for r in (rec, *(c for c, _ in CASES[:12]))
+        for t in (ext, 1.5, 7, 300, 70_000, 2**33, -1, -200, -40_000, "text time", None)
+    ]
+    packed += [
+        msgpack.packb([[1, {"m": 1}], rec]),
+        msgpack.packb([2, "not a map"]),
+        msgpack.packb([3, rec, {"option": 1}]),  # three elements: decoded whole
+        msgpack.packb("garbage"),
+        msgpack.packb([4, rec])[:-3],  # cut short
+        msgpack.packb([5, rec]) + b"\xc1",  # a byte msgpack never uses, after the entry
+        b"\x92\x01\xc1",
+        b"\x92",
+        b"",
+    ]
+    return joined(packed)
+
+
+def test_the_entry_loop_is_the_reference(table: CompiledTable, fm: FieldMap) -> None:
+    """``match_entries``' loop over the entries (C when the extension is built) decodes,
+    plans, evaluates (an often-passed part and the rest), merges and counts exactly as the
+    reference loop does."""
+    from collections import Counter
+
+    from ruletag.rules.fields import RecordView
+    from ruletag.rules.matcher import table as table_mod
+
+    buf, spans = _odd_entries()
+    m = Matcher(table)
+    every = tuple(range(len(table.rules)))
+
+    def plan(rules: tuple[int, ...]) -> tuple:
+        hot, rest = rules[1::2], rules[::2]  # the often-passed part: itself, numbered back
+        return (m._eval if hot else None, hot, m._groups(hot), every, rest, m._groups(rest))
+
+    def run(loop: object, records: list | None) -> tuple:
+        out: dict[int, list[int]] = {}
+        cold: Counter[int] = Counter()
+        plans: dict = {every[:3]: plan(every[:3])}
+        cands = {k: every if k % 3 else every[:3] for k in range(len(spans)) if k % 7}
+        loop(  # type: ignore[operator]
+            sorted(cands),
+            cands,
+            plans,
+            plan,
+            buf,
+            spans,
+            records,
+            RecordView,
+            fm,
+            m._eval,
+            cold,
+            msgpack.unpackb,
+            table_mod._record_of,
+            out,
+        )
+        return out, cold
+
+    want = run(table_mod.py_match_loop, None)
+    assert len(want[0]) > 10 and sum(want[1].values()) > 100
+    assert run(table_mod.match_loop, None) == want
+    records = [table_mod._record_of(memoryview(buf)[s:e]) for s, e in spans]
+    assert run(table_mod.match_loop, records) == run(table_mod.py_match_loop, records) == want
 
 
 def test_save_load_roundtrip(table: CompiledTable, tmp_path: Path) -> None:

@@ -20,6 +20,10 @@
  *                                matcher.table.Matcher._holding and compiler.codegen)
  *   evaluate(ctx, view, rules, groups) -> scan_groups then holding, in one call
  *                                (reference: matcher.table.Matcher._evaluate)
+ *   match_loop(todo, cands, plans, make_plan, entries, spans, records, view_type, fieldmap,
+ *              own_eval, cold, unpackb, decode, out)
+ *                                match_entries' loop over the entries (reference:
+ *                                matcher.table.Matcher._match_loop)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1503,6 +1507,285 @@ done:
     return out;
 }
 
+/* ------------------------------------------------------------------ match_loop */
+
+/* The length in bytes of an entry's time from its first byte (matcher.table._TIME_LEN):
+ * EventTime, floats and ints; 0 for anything else. */
+static Py_ssize_t time_len(unsigned char t)
+{
+    if (t < 0x80) {
+        return 1; /* positive fixint */
+    }
+    switch (t) {
+    case 0xD7: return 10;
+    case 0xCB: case 0xCF: case 0xD3: return 9;
+    case 0xCA: case 0xCE: case 0xD2: return 5;
+    case 0xCD: case 0xD1: return 3;
+    case 0xCC: case 0xD0: return 2;
+    default: return 0;
+    }
+}
+
+static PyObject *unpack_kwnames = NULL; /* ("raw", "unicode_errors", "strict_map_key") */
+static PyObject *s_surrogateescape = NULL;
+
+/* The record map of the packed entry data[0:n] (matcher.table._record_of): a new reference,
+ * Py_None (no record, or bytes msgpack refuses), or NULL with an exception set. The usual
+ * entry, a two-element array with a known time, has its record decoded by ``unpackb`` alone;
+ * anything else is handed to the Python ``decode``. */
+static PyObject *record_of(const char *data, Py_ssize_t n, PyObject *unpackb, PyObject *decode)
+{
+    const unsigned char *b = (const unsigned char *)data;
+    Py_ssize_t off = n > 2 && b[0] == 0x92 ? 1 + time_len(b[1]) : 0;
+    PyObject *mv;
+    if (off > 1) {
+        mv = PyMemoryView_FromMemory((char *)data + off, n - off, PyBUF_READ);
+        if (mv == NULL) {
+            return NULL;
+        }
+        PyObject *args[4] = {mv, Py_False, s_surrogateescape, Py_False};
+        PyObject *rec = PyObject_Vectorcall(unpackb, args, 1, unpack_kwnames);
+        Py_DECREF(mv);
+        if (rec == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+                return NULL;
+            }
+            PyErr_Clear(); /* as the reference: bytes msgpack refuses are no record */
+            Py_RETURN_NONE;
+        }
+        if (!PyDict_Check(rec)) {
+            Py_DECREF(rec);
+            Py_RETURN_NONE;
+        }
+        return rec;
+    }
+    mv = PyMemoryView_FromMemory((char *)data, n, PyBUF_READ);
+    if (mv == NULL) {
+        return NULL;
+    }
+    PyObject *rec = PyObject_CallOneArg(decode, mv);
+    Py_DECREF(mv);
+    return rec;
+}
+
+/* [back[i] for i in got]: a new list, or NULL with an exception set. */
+static PyObject *mapped_back(PyObject *got, PyObject *back)
+{
+    if (!PyList_Check(got) || !PyTuple_Check(back)) {
+        PyErr_SetString(PyExc_TypeError, "evaluate must give a list, and back be a tuple");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(got);
+    PyObject *out = PyList_New(n);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t j = 0; j < n; j++) {
+        Py_ssize_t i = PyLong_AsSsize_t(PyList_GET_ITEM(got, j));
+        if (i < 0 || i >= PyTuple_GET_SIZE(back)) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_IndexError, "often-passed rule index out of range");
+            }
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyObject *r = PyTuple_GET_ITEM(back, i);
+        Py_INCREF(r);
+        PyList_SET_ITEM(out, j, r);
+    }
+    return out;
+}
+
+/* cold[r] += 1 for each r of rules (cold: a Counter, or any dict). */
+static int count_into(PyObject *cold, PyObject *rules)
+{
+    static PyObject *one = NULL;
+    if (one == NULL && (one = PyLong_FromLong(1)) == NULL) {
+        return -1;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(rules);
+    for (Py_ssize_t j = 0; j < n; j++) {
+        PyObject *r = PyTuple_GET_ITEM(rules, j);
+        PyObject *c = PyDict_GetItemWithError(cold, r); /* borrowed */
+        if (c == NULL && PyErr_Occurred()) {
+            return -1;
+        }
+        PyObject *c1 = c == NULL ? (Py_INCREF(one), one) : PyNumber_Add(c, one);
+        if (c1 == NULL) {
+            return -1;
+        }
+        int rc = PyDict_SetItem(cold, r, c1);
+        Py_DECREF(c1);
+        if (rc < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* The rules of one entry that match (a new list, possibly empty), or NULL with an exception
+ * set: the loop body of matcher.table.Matcher._match_loop. */
+static PyObject *entry_matches(PyObject *plan, PyObject *view, PyObject *own_eval,
+                               PyObject *cold)
+{
+    if (!PyTuple_Check(plan) || PyTuple_GET_SIZE(plan) != 6 ||
+        !PyTuple_Check(PyTuple_GET_ITEM(plan, 4))) {
+        PyErr_SetString(PyExc_TypeError, "a rule list's plan: (evaluate or None, mine, "
+                                         "mine_groups, back, rest tuple, rest_groups)");
+        return NULL;
+    }
+    PyObject *sub = PyTuple_GET_ITEM(plan, 0), *rest = PyTuple_GET_ITEM(plan, 4);
+    PyObject *m;
+    if (sub != Py_None) {
+        PyObject *args[3] = {view, PyTuple_GET_ITEM(plan, 1), PyTuple_GET_ITEM(plan, 2)};
+        PyObject *got = PyObject_Vectorcall(sub, args, 3, NULL);
+        if (got == NULL) {
+            return NULL;
+        }
+        m = mapped_back(got, PyTuple_GET_ITEM(plan, 3));
+        Py_DECREF(got);
+    } else {
+        m = PyList_New(0);
+    }
+    if (m == NULL || PyTuple_GET_SIZE(rest) == 0) {
+        return m;
+    }
+    PyObject *args[3] = {view, rest, PyTuple_GET_ITEM(plan, 5)};
+    PyObject *more = PyObject_Vectorcall(own_eval, args, 3, NULL);
+    if (more == NULL || !PyList_Check(more)) {
+        if (more != NULL) {
+            Py_DECREF(more);
+            PyErr_SetString(PyExc_TypeError, "evaluate must give a list");
+        }
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyList_GET_SIZE(more) > 0) {
+        if (PyList_GET_SIZE(m) == 0) {
+            Py_SETREF(m, more);
+            more = NULL;
+        } else if (PyList_SetSlice(m, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, more) < 0 ||
+                   PyList_Sort(m) < 0) {
+            Py_CLEAR(m);
+        }
+    }
+    Py_XDECREF(more);
+    if (m != NULL && cold != Py_None && count_into(cold, rest) < 0) {
+        Py_CLEAR(m);
+    }
+    return m;
+}
+
+/* match_loop(todo, cands, plans, make_plan, entries, spans, records, view_type, fieldmap,
+ * own_eval, cold, unpackb, decode, out): Matcher._match_loop's loop over the entries, in C.
+ * Fills out {entry index: [matching rule indexes]} (entries with a match only). */
+static PyObject *match_loop(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 14) {
+        PyErr_SetString(PyExc_TypeError,
+                        "match_loop(todo, cands, plans, make_plan, entries, spans, records, "
+                        "view_type, fieldmap, own_eval, cold, unpackb, decode, out)");
+        return NULL;
+    }
+    PyObject *todo = args[0], *cands = args[1], *plans = args[2], *make_plan = args[3],
+             *spans = args[5], *records = args[6], *view_type = args[7], *fm = args[8],
+             *own_eval = args[9], *cold = args[10], *unpackb = args[11], *decode = args[12],
+             *out = args[13];
+    if (!PyDict_Check(cands) || !PyDict_Check(plans) || !PyDict_Check(out) ||
+        (cold != Py_None && !PyDict_Check(cold))) {
+        PyErr_SetString(PyExc_TypeError, "cands, plans and out must be dicts, cold a dict or None");
+        return NULL;
+    }
+    if (unpack_kwnames == NULL) {
+        s_surrogateescape = PyUnicode_InternFromString("surrogateescape");
+        if (s_surrogateescape == NULL ||
+            (unpack_kwnames = Py_BuildValue("(sss)", "raw", "unicode_errors",
+                                            "strict_map_key")) == NULL) {
+            return NULL;
+        }
+    }
+    Py_buffer buf;
+    if (PyObject_GetBuffer(args[4], &buf, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    PyObject *it = PyObject_GetIter(todo);
+    if (it == NULL) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    static PyObject *empty = NULL;
+    if (empty == NULL && (empty = PyTuple_New(0)) == NULL) {
+        goto fail;
+    }
+    PyObject *k;
+    while ((k = PyIter_Next(it)) != NULL) {
+        PyObject *record = NULL, *view = NULL, *plan = NULL, *m = NULL;
+        PyObject *rules = PyDict_GetItemWithError(cands, k); /* borrowed */
+        if (rules == NULL) {
+            if (PyErr_Occurred()) {
+                goto next;
+            }
+            rules = empty;
+        }
+        plan = PyDict_GetItemWithError(plans, rules);
+        if (plan != NULL) {
+            Py_INCREF(plan);
+        } else if (PyErr_Occurred() || (plan = PyObject_CallOneArg(make_plan, rules)) == NULL) {
+            goto next;
+        }
+        if (records != Py_None) {
+            record = PyObject_GetItem(records, k);
+        } else {
+            PyObject *span = PyObject_GetItem(spans, k);
+            Py_ssize_t s = -1, e = -1;
+            if (span != NULL && PyTuple_Check(span) && PyTuple_GET_SIZE(span) == 2) {
+                s = PyLong_AsSsize_t(PyTuple_GET_ITEM(span, 0));
+                e = PyLong_AsSsize_t(PyTuple_GET_ITEM(span, 1));
+            }
+            Py_XDECREF(span);
+            if (span == NULL || PyErr_Occurred()) {
+                goto next;
+            }
+            if (s < 0 || e < s || e > buf.len) {
+                PyErr_SetString(PyExc_ValueError, "an entry span must be (start, end) inside "
+                                                  "the entries");
+                goto next;
+            }
+            record = record_of((const char *)buf.buf + s, e - s, unpackb, decode);
+        }
+        if (record == NULL || record == Py_None) {
+            goto next;
+        }
+        PyObject *vargs[2] = {fm, record};
+        if ((view = PyObject_Vectorcall(view_type, vargs, 2, NULL)) == NULL) {
+            goto next;
+        }
+        m = entry_matches(plan, view, own_eval, cold);
+        if (m != NULL && PyList_GET_SIZE(m) > 0 && PyDict_SetItem(out, k, m) < 0) {
+            Py_CLEAR(m);
+        }
+    next:
+        Py_DECREF(k);
+        Py_XDECREF(plan);
+        Py_XDECREF(record);
+        Py_XDECREF(view);
+        if (m == NULL && PyErr_Occurred()) {
+            goto fail;
+        }
+        Py_XDECREF(m);
+    }
+    if (PyErr_Occurred()) {
+        goto fail;
+    }
+    Py_DECREF(it);
+    PyBuffer_Release(&buf);
+    Py_RETURN_NONE;
+fail:
+    Py_DECREF(it);
+    PyBuffer_Release(&buf);
+    return NULL;
+}
+
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef methods[] = {
@@ -1517,6 +1800,9 @@ static PyMethodDef methods[] = {
     {"evaluate", (PyCFunction)(void (*)(void))evaluate, METH_FASTCALL,
      "evaluate(ctx, view, rules, groups) -> the rules whose formula holds: see "
      "ruletag.rules.matcher.table.Matcher._evaluate."},
+    {"match_loop", (PyCFunction)(void (*)(void))match_loop, METH_FASTCALL,
+     "match_loop(todo, cands, plans, make_plan, entries, spans, records, view_type, fieldmap, "
+     "own_eval, cold, unpackb, decode, out): see ruletag.rules.matcher.table.Matcher._match_loop."},
     {"scan_groups", (PyCFunction)(void (*)(void))scan_groups, METH_FASTCALL,
      "scan_groups(todo, spec, view, flat, vcache, hits, cache, limit, max_entries): see "
      "ruletag.rules.matcher.table.py_scan_groups."},

@@ -40,7 +40,7 @@ from ruletag.rules.compiler.hyperscan import Group, encode
 from ruletag.rules.compiler.prefilter import RawFilter
 from ruletag.rules.compiler.store import TableError, load_tuned, save_sample, save_tuned
 from ruletag.rules.compiler.table import CompiledTable, build
-from ruletag.rules.fields import RecordView
+from ruletag.rules.fields import FieldMap, RecordView
 from ruletag.rules.ir import Rule
 from ruletag.rules.matcher.leaves import Lazy, lazy_fn
 from ruletag.rules.matcher.prefilter import TUNE_AFTER, RawMatcher, Sample
@@ -62,10 +62,11 @@ MEMO_LISTS = 1024
 #: The matcher of the often-passed rules: (its matcher, rule -> its index there, index -> rule).
 HotTable = tuple["Matcher", dict[int, int], tuple[int, ...]]
 #: How one rule list is evaluated (see :meth:`Matcher._plan`): (the often-passed table's
-#: matcher or None, its indexes of the list's rules there, the field groups they read, its
-#: index -> rule, the list's other rules, the field groups they read).
+#: evaluation (its matcher's ``_eval``) or None, its indexes of the list's rules there, the
+#: field groups they read, its index -> rule, the list's other rules, the field groups they
+#: read).
 ListPlan = tuple[
-    "Matcher | None",
+    "Callable[[RecordView, tuple[int, ...], frozenset[int]], list[int]] | None",
     tuple[int, ...],
     frozenset[int],
     tuple[int, ...],
@@ -374,40 +375,33 @@ class Matcher:
             self._swap_grown()
         cands = self.raw_candidates(entries, spans)
         forced = self.table.raw_forced
-        buf = memoryview(entries)
-        todo: Iterable[int] = range(len(spans)) if forced else sorted(cands)
+        todo: Iterable[int] = sorted(cands)
+        if forced:  # every entry, with the rules that have no raw requirement
+            cands = {
+                k: tuple(sorted(set(cands.get(k, ())).union(forced))) for k in range(len(spans))
+            }
+            todo = range(len(spans))
         hot = self._hot
         if self._plans_for is not hot:
             self._plans_for = hot
             self._plans = {}
-        plans = self._plans
         cold = self._cold_seen
-        fm = self.table.fieldmap
-        for k in todo:
-            rules = cands.get(k, ())
-            if forced:
-                rules = tuple(sorted(set(rules).union(forced)))
-            plan = plans.get(rules)
-            if plan is None:
-                plan = self._plan(rules, hot)
-            if records is None:
-                s, e = spans[k]
-                record = _record_of(buf[s:e])
-                if record is None:
-                    continue
-            else:
-                record = records[k]
-            sub, mine, mine_groups, back, rest, rest_groups = plan
-            view = RecordView(fm, record)  # one view for both tables (one field map)
-            m = [back[i] for i in sub._eval(view, mine, mine_groups)] if sub else []
-            if rest:
-                more = self._eval(view, rest, rest_groups)
-                if more:
-                    m = sorted(m + more) if m else more
-                if cold is not None:
-                    cold.update(rest)
-            if m:
-                out[k] = m
+        match_loop(
+            todo,
+            cands,
+            self._plans,
+            functools.partial(self._plan, hot=hot),
+            entries,
+            spans,
+            records,
+            RecordView,
+            self.table.fieldmap,
+            self._eval,
+            cold,
+            msgpack.unpackb,
+            _record_of,
+            out,
+        )
         if cold is not None:
             self._cold_records += len(spans)
             if self._cold_records >= self.HOT_WINDOW:
@@ -497,7 +491,7 @@ class Matcher:
             mine = tuple(pos[r] for r in rules if r in pos)  # ascending, as ``hot`` is
             rest = tuple(r for r in rules if r not in pos)
         plan: ListPlan = (
-            sub if mine else None,
+            sub._eval if sub is not None and mine else None,
             mine,
             sub._groups(mine) if sub is not None and mine else frozenset(),
             back,
@@ -748,6 +742,54 @@ def py_scan_groups(
             scan_cached(key, vals, hits, cache, miss, limit, max_entries)
 
 
+def py_match_loop(
+    todo: Iterable[int],
+    cands: Mapping[int, tuple[int, ...]],
+    plans: Mapping[tuple[int, ...], ListPlan],
+    make_plan: Callable[[tuple[int, ...]], ListPlan],
+    entries: bytes,
+    spans: Sequence[tuple[int, int]],
+    records: Sequence[Mapping[str, object]] | None,
+    view_type: Callable[[FieldMap, Mapping[str, object]], RecordView],
+    fieldmap: FieldMap,
+    own_eval: Callable[[RecordView, tuple[int, ...], frozenset[int]], list[int]],
+    cold: Counter[int] | None,
+    unpackb: Callable[..., object],
+    decode: Callable[[memoryview], Mapping[str, object] | None],
+    out: dict[int, list[int]],
+) -> None:
+    """Reference of the C ``match_loop``, :meth:`Matcher.match_entries`' loop: for each entry
+    ``todo`` names, its rule list (``cands``, else none) is evaluated as its plan says
+    (``plans``, else ``make_plan``) on its record (``records``, else the entry decoded:
+    ``decode``; the C loop decodes the usual entry with ``unpackb`` itself, exactly as
+    ``decode`` would); entries with a match go to ``out``, and the rules evaluated outside the
+    often-passed table are counted in ``cold``."""
+    buf = memoryview(entries)
+    for k in todo:
+        rules = cands.get(k, ())
+        plan = plans.get(rules)
+        if plan is None:
+            plan = make_plan(rules)
+        if records is None:
+            s, e = spans[k]
+            record = decode(buf[s:e])
+        else:
+            record = records[k]
+        if record is None:
+            continue
+        sub, mine, mine_groups, back, rest, rest_groups = plan
+        view = view_type(fieldmap, record)
+        m = [back[i] for i in sub(view, mine, mine_groups)] if sub is not None else []
+        if rest:
+            more = own_eval(view, rest, rest_groups)
+            if more:
+                m = sorted(m + more) if m else more
+            if cold is not None:
+                cold.update(rest)
+        if m:
+            out[k] = m
+
+
 _native = native_module()
 #: :func:`py_scan_cached` and :func:`py_scan_groups`, in C when the extension is built
 scan_cached: Callable[..., None] = py_scan_cached if _native is None else _native.scan_cached
@@ -756,6 +798,8 @@ scan_groups: Callable[..., None] = py_scan_groups if _native is None else _nativ
 holding: Callable[..., list[int]] | None = None if _native is None else _native.holding
 #: :meth:`Matcher._evaluate` in one C call (None: the method runs)
 evaluate: Callable[..., list[int]] | None = None if _native is None else _native.evaluate
+#: :func:`py_match_loop`, in C when the extension is built
+match_loop: Callable[..., None] = py_match_loop if _native is None else _native.match_loop
 
 
 def _scan_value(g: Group, s: str, hits: Hits, on_match: Callable[..., None] | None = None) -> None:
