@@ -92,10 +92,17 @@ static int add_one(PyObject *out, PyObject *path, PyObject *v)
     return rc;
 }
 
+/* isinstance(v, collections.abc.Mapping): dicts and the exact scalar and sequence types a
+ * decoded record holds are answered here (the ABC check costs a Python-level call). */
 static int is_mapping(PyObject *v)
 {
     if (PyDict_Check(v)) {
         return 1;
+    }
+    if (v == Py_None || PyUnicode_CheckExact(v) || PyLong_CheckExact(v) || PyBool_Check(v) ||
+        PyFloat_CheckExact(v) || PyBytes_CheckExact(v) || PyList_CheckExact(v) ||
+        PyTuple_CheckExact(v)) {
+        return 0;
     }
     return PyObject_IsInstance(v, Mapping);
 }
