@@ -238,18 +238,29 @@ texts = st.one_of(
 
 @needs_native
 @settings(max_examples=300, deadline=None)
-@given(st.lists(texts, max_size=12), st.integers(0, 6), st.integers(1, 4))
-def test_scan_cached_is_the_reference(vals: list, limit: int, max_entries: int) -> None:
+@given(
+    st.lists(texts, max_size=12),
+    st.lists(st.sampled_from([9, 3, 2**40]), min_size=1, max_size=3),
+    st.integers(0, 6),
+    st.integers(1, 4),
+)
+def test_scan_cached_is_the_reference(
+    vals: list, keys: list[int], limit: int, max_entries: int
+) -> None:
+    """Several field groups share one cache (a text's entry holds a (key, hits) pair per
+    group): lookups, scans, the pairs added and the emptying, C against the reference."""
+
     def run(fn: object) -> tuple:
-        calls: list[str] = []
-
-        def miss(s: str, into: set[int]) -> None:
-            calls.append(s)
-            into.update({len(s), hash(s) % 7 + 100})
-
+        calls: list[tuple[int, str]] = []
         hits: set[int] = {-1}
-        cache: dict = {(9, "pre"): (5,)}
-        fn(9, vals, hits, cache, miss, limit, max_entries)  # type: ignore[operator]
+        cache: dict = {"pre": (9, (5,)), "a": (3, (6, 7), 2**40, ())}
+        for key in keys:
+
+            def miss(s: str, into: set[int], key: int = key) -> None:
+                calls.append((key, s))
+                into.update({len(s), hash(s) % 7 + 100, key % 11})
+
+            fn(key, [*vals, "pre", "a"], hits, cache, miss, limit, max_entries)  # type: ignore[operator]
         return calls, hits, cache
 
     assert run(NATIVE.scan_cached) == run(table_mod.py_scan_cached)
@@ -264,6 +275,13 @@ def test_scan_cached_passes_errors_of_the_scan_on() -> None:
         NATIVE.scan_cached(0, ["a"], set(), {}, miss, 10, 10)
     with pytest.raises(TypeError):
         NATIVE.scan_cached(0, ["a"], [], {}, miss, 10, 10)
+    for bad in ((0,), [0, (1,)], (0, [1]), "x"):  # a damaged cache entry: an error, not a crash
+        with pytest.raises(TypeError, match="scan cache"):
+            NATIVE.scan_cached(0, ["a"], set(), {"a": bad}, miss, 10, 10)
+    cache = {"a": (1, (2,))}  # another group's entry: scanned for this one
+    with pytest.raises(RuntimeError, match="scan failed"):
+        NATIVE.scan_cached(0, ["a"], set(), cache, miss, 10, 10)
+    assert cache == {"a": (1, (2,))}
 
 
 # --------------------------------------------------------------------------- both builds

@@ -561,6 +561,88 @@ static int set_update_from(PyObject *hits, PyObject *items)
     return 0;
 }
 
+/* The cache entry of a text: (key, hits, key, hits, ...), one pair per field group that
+ * scanned it. The hits that group ``gkey`` found in ``s`` (borrowed), or NULL (not cached,
+ * or an error set). */
+static PyObject *cached_hits(PyObject *cache, PyObject *s, PyObject *gkey)
+{
+    PyObject *got = PyDict_GetItemWithError(cache, s); /* borrowed */
+    if (got == NULL) {
+        return NULL;
+    }
+    if (!PyTuple_Check(got) || PyTuple_GET_SIZE(got) % 2) {
+        PyErr_SetString(PyExc_TypeError, "scan cache entries must be (key, hits, ...) tuples");
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(got);
+    for (Py_ssize_t j = 0; j < n; j += 2) {
+        int eq = PyObject_RichCompareBool(PyTuple_GET_ITEM(got, j), gkey, Py_EQ);
+        if (eq < 0) {
+            return NULL;
+        }
+        if (eq) {
+            PyObject *h = PyTuple_GET_ITEM(got, j + 1);
+            if (!PyTuple_Check(h)) {
+                PyErr_SetString(PyExc_TypeError, "scan cache hits must be tuples");
+                return NULL;
+            }
+            return h;
+        }
+    }
+    return NULL;
+}
+
+/* Scan s for group gkey (``miss`` into a fresh set), cache what it hits beside what other
+ * groups found in s (the cache emptied first when it holds max_entries texts), and add it to
+ * hits. 0, or -1 with an exception set. */
+static int scan_miss(PyObject *cache, PyObject *s, PyObject *gkey, PyObject *hits,
+                     PyObject *miss, Py_ssize_t max_entries)
+{
+    PyObject *mine = PySet_New(NULL);
+    PyObject *r = mine == NULL ? NULL : PyObject_CallFunctionObjArgs(miss, s, mine, NULL);
+    if (r == NULL) {
+        Py_XDECREF(mine);
+        return -1;
+    }
+    Py_DECREF(r);
+    PyObject *tup = PySequence_Tuple(mine);
+    Py_DECREF(mine);
+    if (tup == NULL) {
+        return -1;
+    }
+    /* looked up again: the scan ran Python code */
+    PyObject *got = PyDict_GetItemWithError(cache, s); /* borrowed */
+    PyObject *entry = NULL;
+    if (got == NULL && !PyErr_Occurred()) {
+        if (PyDict_GET_SIZE(cache) >= max_entries) {
+            PyDict_Clear(cache);
+        }
+        entry = PyTuple_Pack(2, gkey, tup);
+    } else if (got != NULL && PyTuple_Check(got)) {
+        Py_ssize_t n = PyTuple_GET_SIZE(got);
+        if ((entry = PyTuple_New(n + 2)) != NULL) {
+            for (Py_ssize_t j = 0; j < n; j++) {
+                PyObject *x = PyTuple_GET_ITEM(got, j);
+                Py_INCREF(x);
+                PyTuple_SET_ITEM(entry, j, x);
+            }
+            Py_INCREF(gkey);
+            Py_INCREF(tup);
+            PyTuple_SET_ITEM(entry, n, gkey);
+            PyTuple_SET_ITEM(entry, n + 1, tup);
+        }
+    } else if (got != NULL) {
+        PyErr_SetString(PyExc_TypeError, "scan cache entries must be (key, hits, ...) tuples");
+    }
+    int ok = entry == NULL ? -1 : PyDict_SetItem(cache, s, entry);
+    Py_XDECREF(entry);
+    if (ok == 0) {
+        ok = set_update_from(hits, tup);
+    }
+    Py_DECREF(tup);
+    return ok;
+}
+
 /* The loop of scan_cached over one sequence of values; 0, or -1 with an exception set. */
 static int scan_values(PyObject *gkey, PyObject *values, PyObject *hits, PyObject *cache,
                        PyObject *miss, Py_ssize_t limit, Py_ssize_t max_entries)
@@ -589,53 +671,15 @@ static int scan_values(PyObject *gkey, PyObject *values, PyObject *hits, PyObjec
             Py_DECREF(r);
             continue;
         }
-        PyObject *key = PyTuple_Pack(2, gkey, s);
-        Py_DECREF(s); /* the key holds it */
-        if (key == NULL) {
+        PyObject *known = cached_hits(cache, s, gkey); /* borrowed */
+        if (known == NULL && PyErr_Occurred()) {
+            Py_DECREF(s);
             goto done;
         }
-        PyObject *got = PyDict_GetItemWithError(cache, key); /* borrowed */
-        if (got == NULL) {
-            if (PyErr_Occurred()) {
-                Py_DECREF(key);
-                goto done;
-            }
-            PyObject *mine = PySet_New(NULL);
-            PyObject *r = mine == NULL ? NULL
-                                       : PyObject_CallFunctionObjArgs(
-                                             miss, PyTuple_GET_ITEM(key, 1), mine, NULL);
-            if (r == NULL) {
-                Py_XDECREF(mine);
-                Py_DECREF(key);
-                goto done;
-            }
-            Py_DECREF(r);
-            PyObject *tup = PySequence_Tuple(mine);
-            Py_DECREF(mine);
-            if (tup == NULL) {
-                Py_DECREF(key);
-                goto done;
-            }
-            if (PyDict_GET_SIZE(cache) >= max_entries) {
-                PyDict_Clear(cache);
-            }
-            int ok = PyDict_SetItem(cache, key, tup);
-            if (ok == 0) {
-                ok = set_update_from(hits, tup);
-            }
-            Py_DECREF(tup);
-            Py_DECREF(key);
-            if (ok < 0) {
-                goto done;
-            }
-            continue;
-        }
-        Py_DECREF(key);
-        if (!PyTuple_Check(got)) {
-            PyErr_SetString(PyExc_TypeError, "scan cache values must be tuples");
-            goto done;
-        }
-        if (set_update_from(hits, got) < 0) {
+        int ok = known != NULL ? set_update_from(hits, known) : scan_miss(cache, s, gkey, hits,
+                                                                          miss, max_entries);
+        Py_DECREF(s);
+        if (ok < 0) {
             goto done;
         }
     }

@@ -52,11 +52,13 @@ __all__ = ["Matcher"]
 
 #: Values up to this many characters have their scan results cached (per matcher) ...
 _CACHE_TEXT = 256
-#: ... in at most this many (group, value) entries; the cache is emptied when full.
+#: ... in at most this many texts (each with what it hits in every group that scanned it);
+#: the cache is emptied when full.
 _CACHE_ENTRIES = 1 << 16
 
 Hits = set[int]
-ValueCache = dict[tuple[int, str], tuple[int, ...]]
+#: text -> (group key, the atoms it hits there, group key, ...): see :func:`py_scan_cached`
+ValueCache = dict[str, tuple[int | tuple[int, ...], ...]]
 #: rule lists a matcher memoises what it derives from (beyond: derived each time)
 MEMO_LISTS = 1024
 #: The matcher of the often-passed rules: (its matcher, rule -> its index there, index -> rule).
@@ -111,7 +113,7 @@ class Matcher:
         self.tuned_path = tuned_path
         #: the table's figures, and this matcher's re-tuning figures once it has re-tuned
         self.stats: dict[str, Any] = dict(table.stats)
-        #: (group, short value) -> the atoms it hits (see :func:`scan`)
+        #: short value -> the atoms it hits, per field group (see :func:`py_scan_cached`)
         self._value_cache: ValueCache = {}
         #: a rule list (ascending) -> the field groups its rules read (see :meth:`_groups`)
         self._groups_of: dict[tuple[int, ...], frozenset[int]] = {}
@@ -687,8 +689,10 @@ def py_scan_cached(
 ) -> None:
     """Reference of the C ``scan_cached``: for each value's text (:func:`as_text`; others
     skipped), the atoms it hits are added to ``hits``: ``miss(text, hits)`` scans a text
-    longer than ``limit``; a shorter one is looked up in ``cache`` under ``(key, text)`` and
-    scanned into a fresh set on a miss (``cache`` emptied when it holds ``max_entries``)."""
+    longer than ``limit``; a shorter one is looked up in ``cache`` (text -> ``(key, hits,
+    key, hits, ...)``, one pair per field group that scanned it: no key tuple per value) and
+    scanned into a fresh set on a miss (``cache`` emptied first when it holds
+    ``max_entries`` texts)."""
     for v in values:
         s = as_text(v)
         if s is None:
@@ -696,16 +700,23 @@ def py_scan_cached(
         if len(s) > limit:
             miss(s, hits)
             continue
-        ck = (key, s)
-        got = cache.get(ck)
-        if got is None:
+        entry = cache.get(s)
+        if entry is not None:
+            for j in range(0, len(entry), 2):
+                if entry[j] == key:
+                    hits.update(entry[j + 1])  # type: ignore[arg-type]
+                    break
+            else:
+                entry = None
+        if entry is None:
             mine: Hits = set()
             miss(s, mine)
             got = tuple(mine)
-            if len(cache) >= max_entries:
+            entry = cache.get(s)  # again: the scan ran Python code
+            if entry is None and len(cache) >= max_entries:
                 cache.clear()
-            cache[ck] = got
-        hits.update(got)
+            cache[s] = (*(entry or ()), key, got)
+            hits.update(got)
 
 
 def py_scan_groups(
