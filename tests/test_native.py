@@ -37,7 +37,7 @@ from ruletag.rules.compiler.codegen import (
     Program,
     exec_formulas,
 )
-from ruletag.rules.ir import And, Const, Exists, Node, Not, Or
+from ruletag.rules.ir import And, Compare, Const, Equals, Exists, IsNull, Node, Not, Or
 from ruletag.rules.matcher import table as table_mod
 from support.paths import REPO
 
@@ -670,3 +670,81 @@ def test_match_loop_refuses_bad_arguments() -> None:
         loop([(0, 6)], (ev, (3,), frozenset(), (), (), frozenset()))
     with pytest.raises(TypeError):
         loop([(0, 6)], good, cands=[])
+
+
+# --------------------------------------------------------------------------- lazy leaves
+
+_LEAF_FIELDS = ["EventID", "Initiated", "a.b", "n"]
+_C_LEAVES: list[Node] = [
+    *(Exists(f) for f in _LEAF_FIELDS),
+    *(IsNull(f) for f in _LEAF_FIELDS),
+    Equals("EventID", 4688),
+    Equals("EventID", 0),
+    Equals("n", 1.5),
+    Equals("n", -3),
+    Equals("Initiated", True),
+    Equals("Initiated", False),
+    *(
+        Compare(f, op, v)
+        for f in ("EventID", "n")
+        for op in ("<", "<=", ">", ">=")
+        for v in (3, 2.5)
+    ),
+]
+_leaf_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 5000),
+    st.sampled_from([4688, 2**70, 1.5, 2.5, float("nan"), float("inf"), -0.0, 3.0]),
+    st.sampled_from(
+        ["4688", " 4688", "4688.0", "1e3", "-3", "+3", "2.5", "nan", "true", "True", "false"]
+    ),
+    st.sampled_from([b"4688", b"true", bytearray(b"3"), "\u0663", "x"]),
+    st.text(max_size=4),
+)
+_leaf_records = st.dictionaries(
+    st.sampled_from(["EventID", "Initiated", "a", "n", "a.b"]),
+    st.one_of(
+        _leaf_scalars,
+        st.lists(_leaf_scalars, max_size=3),
+        st.dictionaries(st.sampled_from(["b", "c"]), _leaf_scalars, max_size=2),
+    ),
+    max_size=4,
+)
+
+
+@needs_native
+@settings(max_examples=400, deadline=None)
+@given(_leaf_records)
+def test_lazy_leaves_in_c_are_the_reference(record: dict) -> None:
+    """Exists, IsNull, Equals (numbers and bools) and Compare leaves in C give what the
+    Python leaf functions give, on the C record view and on the reference view."""
+    from ruletag.rules.matcher.leaves import lazy_fn, py_lazy_fn
+
+    def kw(view: object, cache: object) -> set[int]:
+        raise AssertionError("no keyword leaf here")
+
+    fm = fields.FieldMap.default()
+    for leaf in _C_LEAVES:
+        c_leaf = lazy_fn(leaf, kw, 0)
+        assert type(c_leaf).__name__ == "LazyLeaf"
+        want = py_lazy_fn(leaf, kw, 0)(fields.PyRecordView(fm, record), {})
+        assert c_leaf(fields.RecordView(fm, record), {}) is want, leaf
+        assert c_leaf(fields.PyRecordView(fm, record), {}) is want, leaf
+
+
+@needs_native
+def test_lazy_leaves_in_c_refuse_bad_arguments() -> None:
+    assert NATIVE is not None
+    fm = fields.FieldMap.default()
+    view = fields.RecordView(fm, {"n": "x"})
+    for args in ((9, "n"), (2, "n", True), (3, "n", 1), (4, "n", 1, "==", abs), (4, "n", 1, "<")):
+        with pytest.raises(ValueError, match="LazyLeaf"):
+            NATIVE.LazyLeaf(*args)
+    leaf = NATIVE.LazyLeaf(4, "n", 1, "<", lambda v: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # the fallback's error reaches the caller
+        leaf(view, {})
+    with pytest.raises(TypeError):
+        leaf(view)
+    with pytest.raises(TypeError, match="not initialised"):
+        NATIVE.LazyLeaf.__new__(NATIVE.LazyLeaf)(view, {})

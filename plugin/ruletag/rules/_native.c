@@ -18,6 +18,9 @@
  *   holding(rules, programs, hits, lazy, view, cache) -> [the rules whose formula holds]
  *                                (reference: the generated formula functions, see
  *                                matcher.table.Matcher._holding and compiler.codegen)
+ *   LazyLeaf(kind, field, want, op, fallback)
+ *                                a lazy leaf (view, cache) -> bool: Exists, IsNull, Equals,
+ *                                Compare (reference: matcher.leaves.py_lazy_fn)
  *   evaluate(ctx, view, rules, groups) -> scan_groups then holding, in one call
  *                                (reference: matcher.table.Matcher._evaluate)
  *   match_loop(todo, cands, plans, make_plan, entries, spans, records, view_type, fieldmap,
@@ -1309,6 +1312,204 @@ static PyTypeObject ViewType = {
     .tp_members = View_members,
 };
 
+/* ------------------------------------------------------------------ LazyLeaf */
+
+/* The kinds of lazy leaves evaluated in C (matcher.leaves.lazy_fn builds them). */
+enum { L_EXISTS, L_ISNULL, L_EQUALS, L_EQUALS_BOOL, L_COMPARE };
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    int kind;
+    int op;             /* L_COMPARE: Py_LT, Py_LE, Py_GT or Py_GE */
+    PyObject *field;    /* the field whose values are tested */
+    PyObject *want;     /* L_EQUALS*: the value; L_COMPARE: the number */
+    PyObject *fallback; /* L_EQUALS*: algebra.equals_value; L_COMPARE: algebra.number_of */
+} LazyLeaf;
+
+/* One value against an Equals (numbers) leaf: an int or a float is compared as is (what
+ * number_of gives for them), anything else through equals_value. 1, 0 or -1. */
+static int leaf_equals(LazyLeaf *self, PyObject *v)
+{
+    if (PyLong_CheckExact(v) || PyFloat_CheckExact(v)) {
+        return PyObject_RichCompareBool(v, self->want, Py_EQ);
+    }
+    PyObject *args[2] = {v, self->want};
+    PyObject *r = PyObject_Vectorcall(self->fallback, args, 2, NULL);
+    if (r == NULL) {
+        return -1;
+    }
+    int t = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return t;
+}
+
+/* One value against an Equals (bool) leaf: a bool is the same bool, anything else's text is
+ * "true" / "false" (algebra.equals_value). */
+static int leaf_equals_bool(LazyLeaf *self, PyObject *v)
+{
+    if (PyBool_Check(v)) {
+        return v == self->want;
+    }
+    PyObject *text = as_text(v);
+    if (text == NULL) {
+        return -1;
+    }
+    int r = 0;
+    if (text != Py_None) {
+        r = PyUnicode_CompareWithASCIIString(text, self->want == Py_True ? "true" : "false") == 0;
+    }
+    Py_DECREF(text);
+    return r;
+}
+
+/* One value against a Compare leaf: its number (number_of: an int or float as is, a bool
+ * none) compared with the leaf's. */
+static int leaf_compare(LazyLeaf *self, PyObject *v)
+{
+    if (PyLong_CheckExact(v) || PyFloat_CheckExact(v)) {
+        return PyObject_RichCompareBool(v, self->want, self->op);
+    }
+    if (PyBool_Check(v)) {
+        return 0;
+    }
+    PyObject *x = PyObject_CallOneArg(self->fallback, v);
+    if (x == NULL) {
+        return -1;
+    }
+    int r = x == Py_None ? 0 : PyObject_RichCompareBool(x, self->want, self->op);
+    Py_DECREF(x);
+    return r;
+}
+
+static PyObject *LazyLeaf_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
+                                     PyObject *kwnames)
+{
+    LazyLeaf *self = (LazyLeaf *)callable;
+    if (PyVectorcall_NARGS(nargsf) != 2 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "a lazy leaf takes (view, cache)");
+        return NULL;
+    }
+    if (self->field == NULL) {
+        PyErr_SetString(PyExc_TypeError, "the lazy leaf is not initialised");
+        return NULL;
+    }
+    PyObject *vals = view_values(args[0], self->field);
+    if (vals == NULL) {
+        return NULL;
+    }
+    int r = 0;
+    if (self->kind == L_EXISTS || self->kind == L_ISNULL) {
+        r = PyObject_IsTrue(vals);
+        if (r >= 0 && self->kind == L_ISNULL) {
+            r = !r;
+        }
+    } else {
+        PyObject *seq = PySequence_Fast(vals, "a field's values must be a sequence");
+        if (seq == NULL) {
+            r = -1;
+        } else {
+            Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+            for (Py_ssize_t i = 0; i < n && r == 0; i++) {
+                PyObject *v = PySequence_Fast_GET_ITEM(seq, i);
+                r = self->kind == L_EQUALS        ? leaf_equals(self, v)
+                    : self->kind == L_EQUALS_BOOL ? leaf_equals_bool(self, v)
+                                                  : leaf_compare(self, v);
+            }
+            Py_DECREF(seq);
+        }
+    }
+    Py_DECREF(vals);
+    if (r < 0) {
+        return NULL;
+    }
+    return PyBool_FromLong(r);
+}
+
+static int LazyLeaf_init(LazyLeaf *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"kind", "field", "want", "op", "fallback", NULL};
+    int kind;
+    PyObject *field, *want = Py_None, *fallback = Py_None;
+    const char *op = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iU|OzO", kwlist, &kind, &field, &want, &op,
+                                     &fallback)) {
+        return -1;
+    }
+    int cmp = -1;
+    if (op != NULL) {
+        cmp = !strcmp(op, "<")    ? Py_LT
+              : !strcmp(op, "<=") ? Py_LE
+              : !strcmp(op, ">")  ? Py_GT
+              : !strcmp(op, ">=") ? Py_GE
+                                  : -1;
+    }
+    int ok = kind == L_EXISTS || kind == L_ISNULL ||
+             (kind == L_EQUALS && PyCallable_Check(fallback) && !PyBool_Check(want)) ||
+             (kind == L_EQUALS_BOOL && PyBool_Check(want)) ||
+             (kind == L_COMPARE && cmp >= 0 && PyCallable_Check(fallback));
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "LazyLeaf: a known kind with its value, operator "
+                                          "and fallback");
+        return -1;
+    }
+    self->kind = kind;
+    self->op = cmp;
+    Py_INCREF(field);
+    Py_INCREF(want);
+    Py_INCREF(fallback);
+    Py_XSETREF(self->field, field);
+    Py_XSETREF(self->want, want);
+    Py_XSETREF(self->fallback, fallback);
+    return 0;
+}
+
+static PyObject *LazyLeaf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    LazyLeaf *self = (LazyLeaf *)PyType_GenericNew(type, args, kwds);
+    if (self != NULL) {
+        self->vectorcall = LazyLeaf_vectorcall;
+    }
+    return (PyObject *)self;
+}
+
+static int LazyLeaf_traverse(LazyLeaf *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->want);
+    Py_VISIT(self->fallback);
+    return 0;
+}
+
+static int LazyLeaf_clear(LazyLeaf *self)
+{
+    Py_CLEAR(self->field);
+    Py_CLEAR(self->want);
+    Py_CLEAR(self->fallback);
+    return 0;
+}
+
+static void LazyLeaf_dealloc(LazyLeaf *self)
+{
+    PyObject_GC_UnTrack(self);
+    LazyLeaf_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject LazyLeafType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ruletag.rules._native.LazyLeaf",
+    .tp_basicsize = sizeof(LazyLeaf),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "LazyLeaf(kind, field, want=None, op=None, fallback=None): a lazy leaf "
+              "(view, cache) -> bool in C (see ruletag.rules.matcher.leaves.lazy_fn).",
+    .tp_new = LazyLeaf_new,
+    .tp_init = (initproc)LazyLeaf_init,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(LazyLeaf, vectorcall),
+    .tp_traverse = (traverseproc)LazyLeaf_traverse,
+    .tp_clear = (inquiry)LazyLeaf_clear,
+    .tp_dealloc = (destructor)LazyLeaf_dealloc,
+};
+
 /* ------------------------------------------------------------------ holding */
 
 /* The program operators (compiler.codegen: AND, OR, NOT, LAZY, ALL, ANY). */
@@ -1867,6 +2068,7 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__native(void)
 {
     if (PyType_Ready(&AdderType) < 0 || PyType_Ready(&EntryHitsType) < 0 ||
+        PyType_Ready(&LazyLeafType) < 0 ||
         PyType_Ready(&ViewType) < 0) {
         return NULL;
     }
@@ -1896,9 +2098,11 @@ PyMODINIT_FUNC PyInit__native(void)
         return NULL;
     }
     Py_INCREF(&AdderType);
+    Py_INCREF(&LazyLeafType);
     Py_INCREF(&EntryHitsType);
     Py_INCREF(&ViewType);
     if (PyModule_AddObject(m, "Adder", (PyObject *)&AdderType) < 0 ||
+        PyModule_AddObject(m, "LazyLeaf", (PyObject *)&LazyLeafType) < 0 ||
         PyModule_AddObject(m, "EntryHits", (PyObject *)&EntryHitsType) < 0 ||
         PyModule_AddObject(m, "ViewBase", (PyObject *)&ViewType) < 0 ||
         PyModule_AddIntConstant(m, "ABI", 5) < 0) {

@@ -1,7 +1,9 @@
 """Lazily evaluated leaves: the IR leaves a rule formula asks about only for candidate rules.
 
 Each leaf becomes a function ``(record view, per-record cache) -> bool``; keyword atoms share
-one scan of every string of the record (the ``kw`` function the matcher passes in).
+one scan of every string of the record (the ``kw`` function the matcher passes in). When the
+C helpers are built, ``Exists``, ``IsNull``, ``Equals`` and ``Compare`` leaves are C objects
+(``_native.LazyLeaf``) with the semantics of :func:`py_lazy_fn`'s functions, the reference.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from ruletag.rules.ir import (
     Predicate,
     Regex,
 )
+from ruletag.rules.native import native_module
 
-__all__ = ["Lazy", "lazy_fn"]
+__all__ = ["Lazy", "lazy_fn", "py_lazy_fn"]
 
 Hits = set[int]
 Lazy = Callable[[RecordView, dict[int, Any]], bool]
@@ -82,8 +85,32 @@ def _texts(values: list[object], cased: bool) -> set[str]:
     return out if cased else {s.lower() for s in out}
 
 
+_LazyLeaf: Any = getattr(native_module(), "LazyLeaf", None)
+#: the kinds of ``_native.LazyLeaf``
+_EXISTS, _ISNULL, _EQUALS, _EQUALS_BOOL, _COMPARE = range(5)
+
+
 def lazy_fn(leaf: Node, kw: Callable[[RecordView, dict[int, Any]], Hits], atom: int) -> Lazy:
-    """A function ``(view, per-record cache) -> bool`` for one lazily evaluated leaf."""
+    """A function ``(view, per-record cache) -> bool`` for one lazily evaluated leaf: in C
+    for the kinds ``_native.LazyLeaf`` has, else :func:`py_lazy_fn`'s."""
+    if _LazyLeaf is not None:
+        if isinstance(leaf, Exists):
+            return _LazyLeaf(_EXISTS, leaf.field)
+        if isinstance(leaf, IsNull):
+            return _LazyLeaf(_ISNULL, leaf.field)
+        if isinstance(leaf, Equals):
+            want = leaf.value
+            if isinstance(want, bool):
+                return _LazyLeaf(_EQUALS_BOOL, leaf.field, want)
+            return _LazyLeaf(_EQUALS, leaf.field, want, None, equals_value)
+        if isinstance(leaf, Compare):
+            return _LazyLeaf(_COMPARE, leaf.field, leaf.value, leaf.op, number_of)
+    return py_lazy_fn(leaf, kw, atom)
+
+
+def py_lazy_fn(leaf: Node, kw: Callable[[RecordView, dict[int, Any]], Hits], atom: int) -> Lazy:
+    """A function ``(view, per-record cache) -> bool`` for one lazily evaluated leaf, in
+    Python (the reference)."""
     if isinstance(leaf, Match | Regex):  # keyword atoms: one shared scan of every string
         return lambda view, cache: atom in kw(view, cache)
     if isinstance(leaf, Exists):
