@@ -748,3 +748,48 @@ def test_lazy_leaves_in_c_refuse_bad_arguments() -> None:
         leaf(view)
     with pytest.raises(TypeError, match="not initialised"):
         NATIVE.LazyLeaf.__new__(NATIVE.LazyLeaf)(view, {})
+
+
+# --------------------------------------------------------------------------- follow_triggers
+
+
+@needs_native
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(st.integers(0, 40), st.sets(st.integers(0, 5), min_size=1, max_size=3)),
+    st.dictionaries(
+        st.frozensets(st.integers(0, 5), min_size=1, max_size=3),
+        st.tuples(st.tuples(st.integers(0, 9)), st.integers(0, 4), st.booleans(), st.booleans()),
+    ),
+    st.booleans(),
+)
+def test_follow_triggers_is_the_reference(per_entry: dict, triggered: dict, count: bool) -> None:
+    """The tuned pre-filter's pass over the triggered entries: what the memo settles, what
+    is left (in order, with its pattern set) and the pattern sets counted."""
+    from collections import Counter
+
+    from ruletag.rules.matcher import prefilter
+
+    assert NATIVE is not None
+
+    def run(fn: Callable[..., list]) -> tuple:
+        out: dict = {-1: (0,)}
+        fires: Counter | None = Counter({frozenset({9}): 2}) if count else None
+        left = fn(per_entry, triggered, fires, out)
+        return left, out, fires
+
+    assert run(NATIVE.follow_triggers) == run(prefilter.py_follow_triggers)
+
+
+@needs_native
+def test_follow_triggers_refuses_bad_arguments() -> None:
+    assert NATIVE is not None
+    for args in (
+        ([], {}, None, {}),
+        ({}, {}, [], {}),
+        ({0: {1}}, {frozenset({1}): (1,)}, None, {}),
+    ):
+        with pytest.raises(TypeError):
+            NATIVE.follow_triggers(*args)
+    with pytest.raises(TypeError):  # a pattern set that is no set
+        NATIVE.follow_triggers({0: 5}, {}, None, {})

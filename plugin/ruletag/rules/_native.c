@@ -21,6 +21,9 @@
  *   LazyLeaf(kind, field, want, op, fallback)
  *                                a lazy leaf (view, cache) -> bool: Exists, IsNull, Equals,
  *                                Compare (reference: matcher.leaves.py_lazy_fn)
+ *   follow_triggers(per_entry, triggered, fire_sets, out) -> [(k, key), ...]
+ *                                the tuned pre-filter's pass over the triggered entries
+ *                                (reference: matcher.prefilter.py_follow_triggers)
  *   evaluate(ctx, view, rules, groups) -> scan_groups then holding, in one call
  *                                (reference: matcher.table.Matcher._evaluate)
  *   match_loop(todo, cands, plans, make_plan, entries, spans, records, view_type, fieldmap,
@@ -1510,6 +1513,90 @@ static PyTypeObject LazyLeafType = {
     .tp_dealloc = (destructor)LazyLeaf_dealloc,
 };
 
+/* ------------------------------------------------------------------ follow_triggers */
+
+/* follow_triggers(per_entry, triggered, fire_sets, out) -> [(k, key), ...]: the tuned
+ * pre-filter's pass over the entries a trigger fired in (matcher.prefilter
+ * py_follow_triggers is the reference). Per entry k (ascending): key = its pattern set as a
+ * frozenset, counted in fire_sets (unless None); from the memo ``triggered``
+ * (key -> (order, how, in_full, in_cold)): how 0 (nothing triggered) is skipped, how 1 and 2
+ * (each rule checked by its trigger; some rules unchecked, decoded anyway) put ``order`` in
+ * out[k]; anything else, or a key not memoised, is left to the caller. */
+static PyObject *follow_triggers(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "follow_triggers(per_entry, triggered, fire_sets, out)");
+        return NULL;
+    }
+    PyObject *per_entry = args[0], *triggered = args[1], *fire_sets = args[2], *out = args[3];
+    if (!PyDict_Check(per_entry) || !PyDict_Check(triggered) || !PyDict_Check(out) ||
+        (fire_sets != Py_None && !PyDict_Check(fire_sets))) {
+        PyErr_SetString(PyExc_TypeError, "per_entry, triggered and out must be dicts, "
+                                         "fire_sets a dict or None");
+        return NULL;
+    }
+    static PyObject *one = NULL;
+    if (one == NULL && (one = PyLong_FromLong(1)) == NULL) {
+        return NULL;
+    }
+    PyObject *ks = PyDict_Keys(per_entry);
+    if (ks == NULL || PyList_Sort(ks) < 0) {
+        Py_XDECREF(ks);
+        return NULL;
+    }
+    PyObject *left = PyList_New(0);
+    Py_ssize_t n = PyList_GET_SIZE(ks);
+    for (Py_ssize_t j = 0; left != NULL && j < n; j++) {
+        PyObject *k = PyList_GET_ITEM(ks, j);
+        PyObject *pats = PyDict_GetItemWithError(per_entry, k); /* borrowed */
+        PyObject *key = pats == NULL ? NULL : PyFrozenSet_New(pats);
+        if (key == NULL) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetObject(PyExc_KeyError, k);
+            }
+            Py_CLEAR(left);
+            break;
+        }
+        int rc = 0;
+        if (fire_sets != Py_None) {
+            PyObject *c = PyDict_GetItemWithError(fire_sets, key); /* borrowed */
+            PyObject *c1 = c != NULL          ? PyNumber_Add(c, one)
+                           : PyErr_Occurred() ? NULL
+                                              : (Py_INCREF(one), one);
+            rc = c1 == NULL ? -1 : PyDict_SetItem(fire_sets, key, c1);
+            Py_XDECREF(c1);
+        }
+        PyObject *got = rc < 0 ? NULL : PyDict_GetItemWithError(triggered, key); /* borrowed */
+        if (rc == 0 && got == NULL && PyErr_Occurred()) {
+            rc = -1;
+        }
+        long how = -1;
+        if (rc == 0 && got != NULL) {
+            if (!PyTuple_Check(got) || PyTuple_GET_SIZE(got) != 4) {
+                PyErr_SetString(PyExc_TypeError, "triggered: (order, how, in_full, in_cold)");
+                rc = -1;
+            } else if ((how = PyLong_AsLong(PyTuple_GET_ITEM(got, 1))) == -1 && PyErr_Occurred()) {
+                rc = -1;
+            }
+        }
+        if (rc == 0) {
+            if (how == 1 || how == 2) {
+                rc = PyDict_SetItem(out, k, PyTuple_GET_ITEM(got, 0));
+            } else if (how != 0) {
+                PyObject *pair = PyTuple_Pack(2, k, key);
+                rc = pair == NULL ? -1 : PyList_Append(left, pair);
+                Py_XDECREF(pair);
+            }
+        }
+        Py_DECREF(key);
+        if (rc < 0) {
+            Py_CLEAR(left);
+        }
+    }
+    Py_DECREF(ks);
+    return left;
+}
+
 /* ------------------------------------------------------------------ holding */
 
 /* The program operators (compiler.codegen: AND, OR, NOT, LAZY, ALL, ANY). */
@@ -2055,6 +2142,9 @@ static PyMethodDef methods[] = {
     {"match_loop", (PyCFunction)(void (*)(void))match_loop, METH_FASTCALL,
      "match_loop(todo, cands, plans, make_plan, entries, spans, records, view_type, fieldmap, "
      "own_eval, cold, unpackb, decode, out): see ruletag.rules.matcher.table.Matcher._match_loop."},
+    {"follow_triggers", (PyCFunction)(void (*)(void))follow_triggers, METH_FASTCALL,
+     "follow_triggers(per_entry, triggered, fire_sets, out) -> [(k, key), ...] left to the "
+     "caller: see ruletag.rules.matcher.prefilter.py_follow_triggers."},
     {"scan_groups", (PyCFunction)(void (*)(void))scan_groups, METH_FASTCALL,
      "scan_groups(todo, spec, view, flat, vcache, hits, cache, limit, max_entries): see "
      "ruletag.rules.matcher.table.py_scan_groups."},

@@ -14,12 +14,11 @@ import threading
 from array import array
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from itertools import chain
 from pathlib import Path
 
 from ruletag.rules.compiler.prefilter import FOLD_ID, RawFilter, retune
 from ruletag.rules.compiler.store import TableError, load_sample
-from ruletag.rules.native import Adder, EntryHits
+from ruletag.rules.native import Adder, EntryHits, native_module
 
 __all__ = ["TUNE_AFTER", "RawMatcher"]
 
@@ -45,6 +44,33 @@ _Triggered = tuple[tuple[int, ...], int, bool, bool]
 #: requirement held in, the entries observed, and the distinct pattern sets of the entries
 #: no requirement held in (see :meth:`RawMatcher._observe`).
 Sample = tuple[dict[int, int], dict[int, int], int, dict[bytes, int]]
+
+
+def py_follow_triggers(
+    per_entry: Mapping[int, set[int]],
+    triggered: Mapping[frozenset[int], _Triggered],
+    fire_sets: Counter[frozenset[int]] | None,
+    out: dict[int, tuple[int, ...]],
+) -> list[tuple[int, frozenset[int]]]:
+    """Reference of the C ``follow_triggers``: the tuned filter's pass over the entries a
+    trigger fired in (``per_entry``: entry -> its pattern ids). Each entry's pattern set is
+    counted in ``fire_sets`` (unless None); what the memo ``triggered`` settles without
+    stage 2 goes to ``out`` (nothing triggered: skipped; every triggered rule checked by its
+    trigger, or some unchecked but the entry decoded anyway: its rules); the entries left,
+    with their pattern sets, are returned (ascending) for the caller to finish."""
+    left = []
+    for k in sorted(per_entry):
+        key = frozenset(per_entry[k])
+        if fire_sets is not None:
+            fire_sets[key] += 1
+        got = triggered.get(key)
+        how = -1 if got is None else got[1]
+        if how in (_TRIGGER_ENOUGH, _SOME_UNCHECKED):
+            assert got is not None
+            out[k] = got[0]
+        elif how != _NOTHING:
+            left.append((k, key))
+    return left
 
 
 class RawMatcher:
@@ -97,9 +123,10 @@ class RawMatcher:
         self._prior_file = prior_file
         #: what the tuning observed (its own records and ``prior``), once tuned
         self.sample: Sample | None = None
-        #: when set (by the owner of a tuned filter): per trigger pattern, the entries it
-        #: fired in, to tell when the traffic no longer looks like the tuning sample
-        self.fires: Counter[int] | None = None
+        #: when set (by the owner of a tuned filter): per trigger pattern set, the entries
+        #: exactly those patterns fired in, to tell when the traffic no longer looks like the
+        #: tuning sample
+        self.fires: Counter[frozenset[int]] | None = None
         self.tune_after = 0
         self.set_tune_after(tune_after)
 
@@ -127,9 +154,6 @@ class RawMatcher:
         self._trigger_db.scan(entries, on_trigger)
         per_entry: dict[int, set[int]] = on_trigger.per_entry
         counts = self._counts
-        fires = self.fires
-        if fires is not None:
-            fires.update(chain.from_iterable(per_entry.values()))
         out: dict[int, tuple[int, ...]] = {}
         #: while observing: the entries scanned for every pattern, with what was found (the
         #: observation needs that scan of every entry; stage 2 reuses it)
@@ -138,15 +162,20 @@ class RawMatcher:
             if counts is not None:
                 self._observe(entries, spans, counts, out, {})
             return out
+        triggered = self._triggered
+        if counts is None:  # what the memo settles (and the fires), in C when built
+            left = follow_triggers(per_entry, triggered, self.fires, out)
+        else:  # observing: every entry below (passes counted, stage 2 exact)
+            left = [(k, frozenset(per_entry[k])) for k in sorted(per_entry)]
+            if self.fires is not None:
+                self.fires.update(key for _k, key in left)
         view = memoryview(entries)
         reqs = self._reqs
         hits: set[int] = set()
         on_hit = Adder(hits)
         cold = self._cold
         full_db = self._full_db
-        triggered = self._triggered
-        for k in sorted(per_entry):
-            key = frozenset(per_entry[k])
+        for k, key in left:
             got = triggered.get(key)
             if got is None:  # pattern sets repeat: what follows from one is memoised
                 got = self._what_follows(key)
@@ -319,3 +348,10 @@ def _release_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+_native = native_module()
+#: :func:`py_follow_triggers`, in C when the extension is built
+follow_triggers: Callable[..., list[tuple[int, frozenset[int]]]] = (
+    py_follow_triggers if _native is None else _native.follow_triggers
+)

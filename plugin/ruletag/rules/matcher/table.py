@@ -161,7 +161,7 @@ class Matcher:
         # drift: what the last tuning observed, windows since it, re-tunings so far
         self._sample: Sample | None = None
         self._windows = 0
-        self._fired: deque[tuple[Counter[int], int]] = deque(maxlen=self.DRIFT_GAP)
+        self._fired: deque[tuple[Counter[frozenset[int]], int]] = deque(maxlen=self.DRIFT_GAP)
         self._gap = self.DRIFT_GAP
         self._retunes = 0
         #: while re-tuning for drift: the compiled filter observing the traffic on the side
@@ -579,9 +579,11 @@ class Matcher:
         self._windows += 1
         if len(self._fired) < self.DRIFT_GAP:
             return  # judged over DRIFT_GAP windows: one window may hold few of the sources
-        fires: Counter[int] = Counter()
+        fires: Counter[int] = Counter()  # per trigger pattern, the entries it fired in
         for f, _ in self._fired:
-            fires.update(f)
+            for key, c in f.items():
+                for t in key:
+                    fires[t] += c
         n = sum(m for _, m in self._fired)
         fired: Counter[int] = Counter()
         trig = tuned.trig_rules
