@@ -37,7 +37,7 @@ from ruletag.rules.compiler.codegen import (
     Program,
     exec_formulas,
 )
-from ruletag.rules.ir import And, Compare, Const, Equals, Exists, IsNull, Node, Not, Or
+from ruletag.rules.ir import And, Compare, Const, Equals, Exists, FieldRef, IsNull, Node, Not, Or
 from ruletag.rules.matcher import table as table_mod
 from support.paths import REPO
 
@@ -690,6 +690,12 @@ _C_LEAVES: list[Node] = [
         for op in ("<", "<=", ">", ">=")
         for v in (3, 2.5)
     ),
+    *(
+        FieldRef(f, g, how, cased)  # type: ignore[arg-type]
+        for f, g in (("n", "a.b"), ("a.b", "EventID"), ("n", "n"))
+        for how in ("eq", "startswith", "endswith", "contains")
+        for cased in (False, True)
+    ),
 ]
 _leaf_scalars = st.one_of(
     st.none(),
@@ -699,7 +705,7 @@ _leaf_scalars = st.one_of(
     st.sampled_from(
         ["4688", " 4688", "4688.0", "1e3", "-3", "+3", "2.5", "nan", "true", "True", "false"]
     ),
-    st.sampled_from([b"4688", b"true", bytearray(b"3"), "\u0663", "x"]),
+    st.sampled_from([b"4688", b"true", bytearray(b"3"), "\u0663", "x", "X", "Xy", "İ", "ß", "ẞ"]),
     st.text(max_size=4),
 )
 _leaf_records = st.dictionaries(
@@ -717,8 +723,8 @@ _leaf_records = st.dictionaries(
 @settings(max_examples=400, deadline=None)
 @given(_leaf_records)
 def test_lazy_leaves_in_c_are_the_reference(record: dict) -> None:
-    """Exists, IsNull, Equals (numbers and bools) and Compare leaves in C give what the
-    Python leaf functions give, on the C record view and on the reference view."""
+    """Exists, IsNull, Equals (numbers and bools), Compare and FieldRef leaves in C give what
+    the Python leaf functions give, on the C record view and on the reference view."""
     from ruletag.rules.matcher.leaves import lazy_fn, py_lazy_fn
 
     def kw(view: object, cache: object) -> set[int]:
@@ -738,7 +744,16 @@ def test_lazy_leaves_in_c_refuse_bad_arguments() -> None:
     assert NATIVE is not None
     fm = fields.FieldMap.default()
     view = fields.RecordView(fm, {"n": "x"})
-    for args in ((9, "n"), (2, "n", True), (3, "n", 1), (4, "n", 1, "==", abs), (4, "n", 1, "<")):
+    for args in (
+        (9, "n"),
+        (2, "n", True),
+        (3, "n", 1),
+        (4, "n", 1, "==", abs),
+        (4, "n", 1, "<"),
+        (5, "n", "m", "like", abs),
+        (5, "n", 3, "eq", abs),
+        (5, "n", "m", "eq"),
+    ):
         with pytest.raises(ValueError, match="LazyLeaf"):
             NATIVE.LazyLeaf(*args)
     leaf = NATIVE.LazyLeaf(4, "n", 1, "<", lambda v: 1 / 0)
@@ -793,3 +808,25 @@ def test_follow_triggers_refuses_bad_arguments() -> None:
             NATIVE.follow_triggers(*args)
     with pytest.raises(TypeError):  # a pattern set that is no set
         NATIVE.follow_triggers({0: 5}, {}, None, {})
+
+
+@needs_native
+def test_fieldref_leaves_in_c_on_one_text_a_side() -> None:
+    """The FieldRef case C answers itself (one text on each side): every operator, cased
+    and caseless, against the reference."""
+    from ruletag.rules.matcher.leaves import lazy_fn, py_lazy_fn
+
+    fm = fields.FieldMap.default()
+    texts = ["Xy", "X", "y", "xY", "", "İx", "ix", "STRASSE", "straße", "a\u0000b"]
+    seen = set()
+    for x in texts:
+        for y in texts:
+            record = {"n": x, "m": [y]}
+            for how in ("eq", "startswith", "endswith", "contains"):
+                for cased in (False, True):
+                    leaf = FieldRef("n", "m", how, cased)  # type: ignore[arg-type]
+                    want = py_lazy_fn(leaf, None, 0)(fields.PyRecordView(fm, record), {})  # type: ignore[arg-type]
+                    got = lazy_fn(leaf, None, 0)(fields.RecordView(fm, record), {})  # type: ignore[arg-type]
+                    assert got is want, (x, y, how, cased)
+                    seen.add(want)
+    assert seen == {True, False}

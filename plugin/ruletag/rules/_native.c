@@ -20,7 +20,7 @@
  *                                matcher.table.Matcher._holding and compiler.codegen)
  *   LazyLeaf(kind, field, want, op, fallback)
  *                                a lazy leaf (view, cache) -> bool: Exists, IsNull, Equals,
- *                                Compare (reference: matcher.leaves.py_lazy_fn)
+ *                                Compare, FieldRef (reference: matcher.leaves.py_lazy_fn)
  *   follow_triggers(per_entry, triggered, fire_sets, out) -> [(k, key), ...]
  *                                the tuned pre-filter's pass over the triggered entries
  *                                (reference: matcher.prefilter.py_follow_triggers)
@@ -1318,16 +1318,22 @@ static PyTypeObject ViewType = {
 /* ------------------------------------------------------------------ LazyLeaf */
 
 /* The kinds of lazy leaves evaluated in C (matcher.leaves.lazy_fn builds them). */
-enum { L_EXISTS, L_ISNULL, L_EQUALS, L_EQUALS_BOOL, L_COMPARE };
+enum { L_EXISTS, L_ISNULL, L_EQUALS, L_EQUALS_BOOL, L_COMPARE, L_FIELDREF };
+/* FieldRef operators */
+enum { R_EQ, R_STARTSWITH, R_ENDSWITH, R_CONTAINS };
 
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
     int kind;
-    int op;             /* L_COMPARE: Py_LT, Py_LE, Py_GT or Py_GE */
+    int op;             /* L_COMPARE: Py_LT, Py_LE, Py_GT or Py_GE; L_FIELDREF: R_* */
+    int cased;          /* L_FIELDREF: texts compared as they are (else lower-cased) */
     PyObject *field;    /* the field whose values are tested */
-    PyObject *want;     /* L_EQUALS*: the value; L_COMPARE: the number */
-    PyObject *fallback; /* L_EQUALS*: algebra.equals_value; L_COMPARE: algebra.number_of */
+    PyObject *want;     /* L_EQUALS*: the value; L_COMPARE: the number; L_FIELDREF: the
+                         * other field */
+    PyObject *fallback; /* L_EQUALS*: algebra.equals_value; L_COMPARE: algebra.number_of;
+                         * L_FIELDREF: the Python leaf function (view, cache) -> bool, for
+                         * anything but one text on each side */
 } LazyLeaf;
 
 /* One value against an Equals (numbers) leaf: an int or a float is compared as is (what
@@ -1385,6 +1391,51 @@ static int leaf_compare(LazyLeaf *self, PyObject *v)
     return r;
 }
 
+/* A FieldRef leaf once this field has values (vals): no value on the other side is false;
+ * one text on each side is compared here (matcher.leaves._fieldref); anything else is the
+ * Python leaf function's. */
+static int leaf_fieldref(LazyLeaf *self, PyObject *vals, PyObject *const *args)
+{
+    PyObject *other = view_values(args[0], self->want);
+    if (other == NULL) {
+        return -1;
+    }
+    int r = PyObject_IsTrue(other);
+    if (r > 0) {
+        if (PyList_CheckExact(vals) && PyList_CheckExact(other) && PyList_GET_SIZE(vals) == 1 &&
+            PyList_GET_SIZE(other) == 1 && PyUnicode_CheckExact(PyList_GET_ITEM(vals, 0)) &&
+            PyUnicode_CheckExact(PyList_GET_ITEM(other, 0))) {
+            PyObject *x = PyList_GET_ITEM(vals, 0), *y = PyList_GET_ITEM(other, 0);
+            if (self->cased) {
+                Py_INCREF(x);
+                Py_INCREF(y);
+            } else {
+                x = PyObject_CallMethodNoArgs(x, s_lower);
+                y = x == NULL ? NULL : PyObject_CallMethodNoArgs(y, s_lower);
+            }
+            if (y == NULL) {
+                r = -1;
+            } else if (self->op == R_EQ) {
+                r = PyObject_RichCompareBool(x, y, Py_EQ);
+            } else if (self->op == R_CONTAINS) {
+                r = PyUnicode_Contains(x, y);
+            } else {
+                Py_ssize_t m = PyUnicode_Tailmatch(x, y, 0, PY_SSIZE_T_MAX,
+                                                   self->op == R_STARTSWITH ? -1 : 1);
+                r = m < 0 ? -1 : (int)m;
+            }
+            Py_XDECREF(x);
+            Py_XDECREF(y);
+        } else {
+            PyObject *got = PyObject_Vectorcall(self->fallback, args, 2, NULL);
+            r = got == NULL ? -1 : PyObject_IsTrue(got);
+            Py_XDECREF(got);
+        }
+    }
+    Py_DECREF(other);
+    return r;
+}
+
 static PyObject *LazyLeaf_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
                                      PyObject *kwnames)
 {
@@ -1402,10 +1453,12 @@ static PyObject *LazyLeaf_vectorcall(PyObject *callable, PyObject *const *args, 
         return NULL;
     }
     int r = 0;
-    if (self->kind == L_EXISTS || self->kind == L_ISNULL) {
+    if (self->kind == L_EXISTS || self->kind == L_ISNULL || self->kind == L_FIELDREF) {
         r = PyObject_IsTrue(vals);
         if (r >= 0 && self->kind == L_ISNULL) {
             r = !r;
+        } else if (r > 0 && self->kind == L_FIELDREF) {
+            r = leaf_fieldref(self, vals, args);
         }
     } else {
         PyObject *seq = PySequence_Fast(vals, "a field's values must be a sequence");
@@ -1431,26 +1484,34 @@ static PyObject *LazyLeaf_vectorcall(PyObject *callable, PyObject *const *args, 
 
 static int LazyLeaf_init(LazyLeaf *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"kind", "field", "want", "op", "fallback", NULL};
-    int kind;
+    static char *kwlist[] = {"kind", "field", "want", "op", "fallback", "cased", NULL};
+    int kind, cased = 0;
     PyObject *field, *want = Py_None, *fallback = Py_None;
     const char *op = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iU|OzO", kwlist, &kind, &field, &want, &op,
-                                     &fallback)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iU|OzOp", kwlist, &kind, &field, &want, &op,
+                                     &fallback, &cased)) {
         return -1;
     }
     int cmp = -1;
-    if (op != NULL) {
+    if (op != NULL && kind == L_COMPARE) {
         cmp = !strcmp(op, "<")    ? Py_LT
               : !strcmp(op, "<=") ? Py_LE
               : !strcmp(op, ">")  ? Py_GT
               : !strcmp(op, ">=") ? Py_GE
                                   : -1;
+    } else if (op != NULL && kind == L_FIELDREF) {
+        cmp = !strcmp(op, "eq")           ? R_EQ
+              : !strcmp(op, "startswith") ? R_STARTSWITH
+              : !strcmp(op, "endswith")   ? R_ENDSWITH
+              : !strcmp(op, "contains")   ? R_CONTAINS
+                                          : -1;
     }
     int ok = kind == L_EXISTS || kind == L_ISNULL ||
              (kind == L_EQUALS && PyCallable_Check(fallback) && !PyBool_Check(want)) ||
              (kind == L_EQUALS_BOOL && PyBool_Check(want)) ||
-             (kind == L_COMPARE && cmp >= 0 && PyCallable_Check(fallback));
+             (kind == L_COMPARE && cmp >= 0 && PyCallable_Check(fallback)) ||
+             (kind == L_FIELDREF && cmp >= 0 && PyUnicode_Check(want) &&
+              PyCallable_Check(fallback));
     if (!ok) {
         PyErr_SetString(PyExc_ValueError, "LazyLeaf: a known kind with its value, operator "
                                           "and fallback");
@@ -1458,6 +1519,7 @@ static int LazyLeaf_init(LazyLeaf *self, PyObject *args, PyObject *kwds)
     }
     self->kind = kind;
     self->op = cmp;
+    self->cased = cased;
     Py_INCREF(field);
     Py_INCREF(want);
     Py_INCREF(fallback);
@@ -1502,7 +1564,7 @@ static PyTypeObject LazyLeafType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ruletag.rules._native.LazyLeaf",
     .tp_basicsize = sizeof(LazyLeaf),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_doc = "LazyLeaf(kind, field, want=None, op=None, fallback=None): a lazy leaf "
+    .tp_doc = "LazyLeaf(kind, field, want=None, op=None, fallback=None, cased=False): a lazy leaf "
               "(view, cache) -> bool in C (see ruletag.rules.matcher.leaves.lazy_fn).",
     .tp_new = LazyLeaf_new,
     .tp_init = (initproc)LazyLeaf_init,

@@ -2,8 +2,9 @@
 
 Each leaf becomes a function ``(record view, per-record cache) -> bool``; keyword atoms share
 one scan of every string of the record (the ``kw`` function the matcher passes in). When the
-C helpers are built, ``Exists``, ``IsNull``, ``Equals`` and ``Compare`` leaves are C objects
-(``_native.LazyLeaf``) with the semantics of :func:`py_lazy_fn`'s functions, the reference.
+C helpers are built, ``Exists``, ``IsNull``, ``Equals``, ``Compare`` and ``FieldRef`` leaves
+are C objects (``_native.LazyLeaf``) with the semantics of :func:`py_lazy_fn`'s functions,
+the reference.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def _texts(values: list[object], cased: bool) -> set[str]:
 
 _LazyLeaf: Any = getattr(native_module(), "LazyLeaf", None)
 #: the kinds of ``_native.LazyLeaf``
-_EXISTS, _ISNULL, _EQUALS, _EQUALS_BOOL, _COMPARE = range(5)
+_EXISTS, _ISNULL, _EQUALS, _EQUALS_BOOL, _COMPARE, _FIELDREF = range(6)
 
 
 def lazy_fn(leaf: Node, kw: Callable[[RecordView, dict[int, Any]], Hits], atom: int) -> Lazy:
@@ -105,6 +106,9 @@ def lazy_fn(leaf: Node, kw: Callable[[RecordView, dict[int, Any]], Hits], atom: 
             return _LazyLeaf(_EQUALS, leaf.field, want, None, equals_value)
         if isinstance(leaf, Compare):
             return _LazyLeaf(_COMPARE, leaf.field, leaf.value, leaf.op, number_of)
+        if isinstance(leaf, FieldRef):  # one text a side in C, anything else in Python
+            ref = py_lazy_fn(leaf, kw, atom)
+            return _LazyLeaf(_FIELDREF, leaf.field, leaf.other, leaf.op, ref, leaf.cased)
     return py_lazy_fn(leaf, kw, atom)
 
 
