@@ -1540,6 +1540,7 @@ static PyObject *LazyLeaf_new(PyTypeObject *type, PyObject *args, PyObject *kwds
 
 static int LazyLeaf_traverse(LazyLeaf *self, visitproc visit, void *arg)
 {
+    Py_VISIT(self->field);
     Py_VISIT(self->want);
     Py_VISIT(self->fallback);
     return 0;
@@ -1564,8 +1565,8 @@ static PyTypeObject LazyLeafType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ruletag.rules._native.LazyLeaf",
     .tp_basicsize = sizeof(LazyLeaf),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_doc = "LazyLeaf(kind, field, want=None, op=None, fallback=None, cased=False): a lazy leaf "
-              "(view, cache) -> bool in C (see ruletag.rules.matcher.leaves.lazy_fn).",
+    .tp_doc = "LazyLeaf(kind, field, want=None, op=None, fallback=None, cased=False): a "
+              "lazy leaf (view, cache) -> bool in C (see ruletag.rules.matcher.leaves.lazy_fn).",
     .tp_new = LazyLeaf_new,
     .tp_init = (initproc)LazyLeaf_init,
     .tp_call = PyVectorcall_Call,
