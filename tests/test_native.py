@@ -830,3 +830,36 @@ def test_fieldref_leaves_in_c_on_one_text_a_side() -> None:
                     assert got is want, (x, y, how, cased)
                     seen.add(want)
     assert seen == {True, False}
+
+
+@needs_native
+def test_match_loop_hands_out_views_that_keep_the_entries() -> None:
+    """The entry a decoder is handed stays readable after the loop, whatever it kept: it is a
+    slice of a view of the entries, not of their raw memory."""
+    assert NATIVE is not None
+    kept: list[memoryview] = []
+
+    def decode(mv: memoryview) -> None:
+        kept.append(mv)
+
+    entries = bytes(msgpack.packb(["no number time", {"a": 1}])) * 2
+    half = len(entries) // 2
+    NATIVE.match_loop(
+        [0, 1],
+        {},
+        {(): (None, (), frozenset(), (), (), frozenset())},
+        None,
+        entries,
+        [(0, half), (half, len(entries))],
+        None,
+        fields.RecordView,
+        fields.FieldMap.default(),
+        None,
+        None,
+        msgpack.unpackb,
+        decode,
+        {},
+    )
+    want = entries[:half]
+    del entries
+    assert [bytes(mv) for mv in kept] == [want, want]

@@ -1931,17 +1931,20 @@ static Py_ssize_t time_len(unsigned char t)
 static PyObject *unpack_kwnames = NULL; /* ("raw", "unicode_errors", "strict_map_key") */
 static PyObject *s_surrogateescape = NULL;
 
-/* The record map of the packed entry data[0:n] (matcher.table._record_of): a new reference,
- * Py_None (no record, or bytes msgpack refuses), or NULL with an exception set. The usual
- * entry, a two-element array with a known time, has its record decoded by ``unpackb`` alone;
- * anything else is handed to the Python ``decode``. */
-static PyObject *record_of(const char *data, Py_ssize_t n, PyObject *unpackb, PyObject *decode)
+/* The record map of the packed entry whole[s:e] (matcher.table._record_of; data: the bytes
+ * of whole): a new reference, Py_None (no record, or bytes msgpack refuses), or NULL with an
+ * exception set. The usual entry, a two-element array with a known time, has its record
+ * decoded by ``unpackb`` alone; anything else is handed to the Python ``decode``. Both get a
+ * slice of the memoryview ``whole``, which keeps the entries alive while anything holds it. */
+static PyObject *record_of(PyObject *whole, const unsigned char *data, Py_ssize_t s,
+                           Py_ssize_t e, PyObject *unpackb, PyObject *decode)
 {
-    const unsigned char *b = (const unsigned char *)data;
+    const unsigned char *b = data + s;
+    Py_ssize_t n = e - s;
     Py_ssize_t off = n > 2 && b[0] == 0x92 ? 1 + time_len(b[1]) : 0;
     PyObject *mv;
     if (off > 1) {
-        mv = PyMemoryView_FromMemory((char *)data + off, n - off, PyBUF_READ);
+        mv = PySequence_GetSlice(whole, s + off, e);
         if (mv == NULL) {
             return NULL;
         }
@@ -1961,7 +1964,7 @@ static PyObject *record_of(const char *data, Py_ssize_t n, PyObject *unpackb, Py
         }
         return rec;
     }
-    mv = PyMemoryView_FromMemory((char *)data, n, PyBUF_READ);
+    mv = PySequence_GetSlice(whole, s, e);
     if (mv == NULL) {
         return NULL;
     }
@@ -2110,8 +2113,10 @@ static PyObject *match_loop(PyObject *self, PyObject *const *args, Py_ssize_t na
     if (PyObject_GetBuffer(args[4], &buf, PyBUF_SIMPLE) < 0) {
         return NULL;
     }
-    PyObject *it = PyObject_GetIter(todo);
+    PyObject *whole = PyMemoryView_FromObject(args[4]);
+    PyObject *it = whole == NULL ? NULL : PyObject_GetIter(todo);
     if (it == NULL) {
+        Py_XDECREF(whole);
         PyBuffer_Release(&buf);
         return NULL;
     }
@@ -2153,7 +2158,7 @@ static PyObject *match_loop(PyObject *self, PyObject *const *args, Py_ssize_t na
                                                   "the entries");
                 goto next;
             }
-            record = record_of((const char *)buf.buf + s, e - s, unpackb, decode);
+            record = record_of(whole, (const unsigned char *)buf.buf, s, e, unpackb, decode);
         }
         if (record == NULL || record == Py_None) {
             goto next;
@@ -2180,10 +2185,12 @@ static PyObject *match_loop(PyObject *self, PyObject *const *args, Py_ssize_t na
         goto fail;
     }
     Py_DECREF(it);
+    Py_DECREF(whole);
     PyBuffer_Release(&buf);
     Py_RETURN_NONE;
 fail:
     Py_DECREF(it);
+    Py_DECREF(whole);
     PyBuffer_Release(&buf);
     return NULL;
 }
