@@ -596,6 +596,11 @@ def test_holding_passes_errors_on_and_refuses_bad_programs() -> None:
     assert NATIVE.holding(
         [0, 1], ((ANY, frozenset({3, 4})), (ANY, frozenset({5}))), {4}, {}, None, {}
     ) == [0]
+    many = set(range(100))  # the smaller side is walked, whichever it is
+    anys = ((ANY, frozenset({99})), (ANY, frozenset({100, 101})), (ANY, frozenset(range(90, 200))))
+    assert NATIVE.holding([0, 1, 2], anys, many, {}, None, {}) == [0, 2]
+    assert NATIVE.holding([0, 1, 2], anys, set(), {}, None, {}) == []
+    assert NATIVE.holding([0, 1], ((ANY, (7, 8)), (ANY, [9])), {8}, {}, None, {}) == [0]
 
 
 @needs_native

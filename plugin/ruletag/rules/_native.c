@@ -38,8 +38,8 @@
 static PyObject *Mapping = NULL; /* collections.abc.Mapping */
 
 /* Interned attribute and method names (made once in PyInit__native). */
-static PyObject *s_dotted, *s_spec, *s_values, *s_lower, *s_plan, *s_ecs_category, *s_ecs_type,
-    *s_isdisjoint;
+static PyObject *s_dotted, *s_spec, *s_values, *s_lower, *s_plan, *s_plans, *s_ecs_category,
+    *s_ecs_type, *s_isdisjoint;
 
 /* ------------------------------------------------------------------ flatten_record */
 
@@ -877,7 +877,7 @@ static int View_init(View *self, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO", kwlist, &fmap, &record)) {
         return -1;
     }
-    PyObject *plans = PyObject_GetAttrString(fmap, "_plans");
+    PyObject *plans = PyObject_GetAttr(fmap, s_plans);
     if (plans == NULL) {
         return -1;
     }
@@ -1704,6 +1704,36 @@ static int lazy_leaf(Holding *h, PyObject *i)
     return PyObject_IsTrue(got);
 }
 
+/* not hits.isdisjoint(items): whether the sets share an item, looking the smaller one's
+ * items up in the larger (as set.isdisjoint does, without its method call). 1, 0 or -1. */
+static int any_common(PyObject *hits, PyObject *items)
+{
+    if (!PyAnySet_Check(items)) {
+        PyObject *d = PyObject_CallMethodOneArg(hits, s_isdisjoint, items);
+        if (d == NULL) {
+            return -1;
+        }
+        int r = PyObject_IsTrue(d);
+        Py_DECREF(d);
+        return r < 0 ? r : !r;
+    }
+    PyObject *small = hits, *large = items;
+    if (PySet_GET_SIZE(items) < PySet_GET_SIZE(hits)) {
+        small = items;
+        large = hits;
+    }
+    Py_ssize_t pos = 0;
+    PyObject *key;
+    Py_hash_t hash;
+    while (_PySet_NextEntry(small, &pos, &key, &hash)) {
+        int r = PySet_Contains(large, key);
+        if (r != 0) {
+            return r;
+        }
+    }
+    return 0;
+}
+
 /* Does program node n hold? 1, 0, or -1 with an exception set. */
 static int holds(Holding *h, PyObject *n, int depth)
 {
@@ -1752,15 +1782,8 @@ static int holds(Holding *h, PyObject *n, int depth)
         return lazy_leaf(h, arg);
     case OP_ALL:
         return PyObject_RichCompareBool(arg, h->hits, Py_LE);
-    case OP_ANY: {
-        PyObject *d = PyObject_CallMethodOneArg(h->hits, s_isdisjoint, arg);
-        if (d == NULL) {
-            return -1;
-        }
-        r = PyObject_IsTrue(d);
-        Py_DECREF(d);
-        return r < 0 ? r : !r;
-    }
+    case OP_ANY:
+        return any_common(h->hits, arg);
     default:
         if (!PyErr_Occurred()) {
             PyErr_Format(PyExc_ValueError, "unknown rule program operator %ld", op);
@@ -2237,7 +2260,8 @@ PyMODINIT_FUNC PyInit__native(void)
         const char *name;
     } names[] = {{&s_dotted, "dotted"}, {&s_spec, "spec"},
                  {&s_values, "values"}, {&s_lower, "lower"},
-                 {&s_plan, "_plan"}, {&s_ecs_category, "ecs_category"},
+                 {&s_plan, "_plan"}, {&s_plans, "_plans"},
+                 {&s_ecs_category, "ecs_category"},
                  {&s_ecs_type, "ecs_type"}, {&s_isdisjoint, "isdisjoint"}};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         if (*names[i].slot == NULL && (*names[i].slot = PyUnicode_InternFromString(names[i].name)) == NULL) {
