@@ -40,6 +40,9 @@ static PyObject *Mapping = NULL; /* collections.abc.Mapping */
 /* Interned attribute and method names (made once in PyInit__native). */
 static PyObject *s_dotted, *s_spec, *s_values, *s_lower, *s_plan, *s_plans, *s_ecs_category,
     *s_ecs_type, *s_isdisjoint;
+/* Made once in PyInit__native too: unpackb's keyword names ("raw", "unicode_errors",
+ * "strict_map_key"), the int 1 the counters add, and "surrogateescape". */
+static PyObject *unpack_kwnames, *one, *s_surrogateescape;
 
 /* ------------------------------------------------------------------ flatten_record */
 
@@ -1598,10 +1601,6 @@ static PyObject *follow_triggers(PyObject *self, PyObject *const *args, Py_ssize
                                          "fire_sets a dict or None");
         return NULL;
     }
-    static PyObject *one = NULL;
-    if (one == NULL && (one = PyLong_FromLong(1)) == NULL) {
-        return NULL;
-    }
     PyObject *ks = PyDict_Keys(per_entry);
     if (ks == NULL || PyList_Sort(ks) < 0) {
         Py_XDECREF(ks);
@@ -1951,8 +1950,6 @@ static Py_ssize_t time_len(unsigned char t)
     }
 }
 
-static PyObject *unpack_kwnames = NULL; /* ("raw", "unicode_errors", "strict_map_key") */
-static PyObject *s_surrogateescape = NULL;
 
 /* The record map of the packed entry whole[s:e] (matcher.table._record_of; data: the bytes
  * of whole): a new reference, Py_None (no record, or bytes msgpack refuses), or NULL with an
@@ -2027,10 +2024,6 @@ static PyObject *mapped_back(PyObject *got, PyObject *back)
 /* cold[r] += 1 for each r of rules (cold: a Counter, or any dict). */
 static int count_into(PyObject *cold, PyObject *rules)
 {
-    static PyObject *one = NULL;
-    if (one == NULL && (one = PyLong_FromLong(1)) == NULL) {
-        return -1;
-    }
     Py_ssize_t n = PyTuple_GET_SIZE(rules);
     for (Py_ssize_t j = 0; j < n; j++) {
         PyObject *r = PyTuple_GET_ITEM(rules, j);
@@ -2123,14 +2116,6 @@ static PyObject *match_loop(PyObject *self, PyObject *const *args, Py_ssize_t na
         (cold != Py_None && !PyDict_Check(cold))) {
         PyErr_SetString(PyExc_TypeError, "cands, plans and out must be dicts, cold a dict or None");
         return NULL;
-    }
-    if (unpack_kwnames == NULL) {
-        s_surrogateescape = PyUnicode_InternFromString("surrogateescape");
-        if (s_surrogateescape == NULL ||
-            (unpack_kwnames = Py_BuildValue("(sss)", "raw", "unicode_errors",
-                                            "strict_map_key")) == NULL) {
-            return NULL;
-        }
     }
     Py_buffer buf;
     if (PyObject_GetBuffer(args[4], &buf, PyBUF_SIMPLE) < 0) {
@@ -2262,11 +2247,20 @@ PyMODINIT_FUNC PyInit__native(void)
                  {&s_values, "values"}, {&s_lower, "lower"},
                  {&s_plan, "_plan"}, {&s_plans, "_plans"},
                  {&s_ecs_category, "ecs_category"},
-                 {&s_ecs_type, "ecs_type"}, {&s_isdisjoint, "isdisjoint"}};
+                 {&s_ecs_type, "ecs_type"}, {&s_isdisjoint, "isdisjoint"},
+                 {&s_surrogateescape, "surrogateescape"}};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         if (*names[i].slot == NULL && (*names[i].slot = PyUnicode_InternFromString(names[i].name)) == NULL) {
             return NULL;
         }
+    }
+    if (unpack_kwnames == NULL &&
+        (unpack_kwnames = Py_BuildValue("(sss)", "raw", "unicode_errors", "strict_map_key")) ==
+            NULL) {
+        return NULL;
+    }
+    if (one == NULL && (one = PyLong_FromLong(1)) == NULL) {
+        return NULL;
     }
     PyObject *abc = PyImport_ImportModule("collections.abc");
     if (abc == NULL) {
