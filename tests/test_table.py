@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 import random
 import time
 import tracemalloc
@@ -12,7 +14,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from ruletag.rules.compiler import CompiledTable, TableError, build, load, save
+from ruletag.rules.compiler import CompiledTable, TableError, build, load, save, store
 from ruletag.rules.compiler.store import dumps
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import (
@@ -346,6 +348,71 @@ def test_save_load_roundtrip(table: CompiledTable, tmp_path: Path) -> None:
         assert Matcher(loaded).match(record) == Matcher(table).match(record)
     buf, spans = pack_records([rec for rec, _ in CASES])
     assert Matcher(loaded).match_entries(buf, spans) == Matcher(table).match_entries(buf, spans)
+
+
+def test_a_saved_table_holds_equal_values_once_and_keeps_their_types(
+    fm: FieldMap, tmp_path: Path
+) -> None:
+    """Equal sub-trees of different rules are read back as one object (a loaded table held
+    a copy per rule), but only exactly equal ones: ``True``, ``1`` and ``1.0`` stay apart,
+    as do ``0.0`` and ``-0.0``, though Python calls them equal."""
+
+    def cond(n: object) -> Node:  # a new object each time
+        tool = "".join(["ps", "exec"])
+        return And((Match("".join(["Ima", "ge"]), (A, tool, A)), Equals("EventID", n)))  # type: ignore[arg-type]
+
+    rules = [
+        rule("a", cond(1)),
+        rule("b", cond(1)),
+        rule("c", cond(True)),
+        rule("d", cond(1.0)),
+        rule("e", Or((Equals("Port", -0.0), Equals("Port", 0.0)))),
+    ]
+    table = build(rules, fm, "v-share")
+    assert table.rules[0].condition is not table.rules[1].condition
+    path = tmp_path / "t.table"
+    save(table, path)
+    got = load(path)
+    assert got.rules == table.rules
+    a, b, c, d, e = (r.condition for r in got.rules)
+    assert a is b and a == c == d
+    assert a is not c and a is not d and c is not d
+    assert isinstance(a, And) and isinstance(c, And) and isinstance(d, And)
+    assert a.args[0] is c.args[0] is d.args[0]  # the same Match, read once
+    values = [x.args[1].value for x in (a, c, d)]  # type: ignore[attr-defined]
+    assert [type(v) for v in values] == [int, bool, float]
+    assert isinstance(e, Or)
+    zeros = [x.value for x in e.args]  # type: ignore[attr-defined]
+    assert [math.copysign(1.0, z) for z in zeros] == [-1.0, 1.0]
+    for rec, want in (
+        ({"Image": "x\\psexec.exe", "EventID": 1}, {"a", "b", "c", "d"}),
+        ({"Port": 0}, {"e"}),
+    ):
+        assert {got.rules[i].id for i in Matcher(got).match(rec)} == want
+        assert Matcher(got).match(rec) == Matcher(table).match(rec)
+
+
+def test_a_table_file_is_written_as_it_is_made_and_never_half(
+    table: CompiledTable, tmp_path: Path
+) -> None:
+    """The body is streamed to the file with its digest computed on the way: it is the body
+    :func:`dumps` gives, and a write that fails half-way leaves the previous file as it was
+    and no temporary file behind."""
+    path = tmp_path / "t.table"
+    save(table, path)
+    data = path.read_bytes()
+    assert data[len(store._MAGIC) + 32 :] == dumps(table)
+    assert data[len(store._MAGIC) : len(store._MAGIC) + 32] == hashlib.sha256(dumps(table)).digest()
+
+    def fails(out: object) -> None:
+        out.write(b"x" * (3 << 20))  # type: ignore[attr-defined]  # past the write buffer
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        store._write(path, store._MAGIC, fails)
+    assert path.read_bytes() == data
+    assert load(path).rules == table.rules
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.table"]
 
 
 def test_load_rejects_foreign_and_corrupt_files(table: CompiledTable, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import pickle
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import IO, Any, BinaryIO, TypeVar
 
 from ruletag.errors import RuletagError
 from ruletag.rules.compiler.frozen import frozen_map
@@ -78,20 +78,52 @@ class TableError(RuletagError):
 def dumps(table: CompiledTable) -> bytes:
     """The body of ``table``'s file (deterministic for one table)."""
     buf = io.BytesIO()
-    _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(_state(table))
+    _dump_table(table, buf)
     return buf.getvalue()
+
+
+def _dump_table(table: CompiledTable, out: IO[bytes]) -> None:
+    _Pickler(out, protocol=pickle.HIGHEST_PROTOCOL).dump(_Sharer().of(_state(table)))
 
 
 def save(table: CompiledTable, path: Path) -> None:
     """Write ``table`` (Hyperscan databases serialised, formulas as marshalled code)."""
-    _write(path, _MAGIC, dumps(table))
+    _write(path, _MAGIC, lambda out: _dump_table(table, out))
 
 
-def _write(path: Path, magic: bytes, blob: bytes) -> None:
-    digest = hashlib.sha256(blob).digest()
+class _Hashing(io.RawIOBase):
+    """A file being written whose bytes also go through a SHA-256."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.digest = hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.digest.update(b)
+        return self.f.write(b)
+
+
+def _write(path: Path, magic: bytes, dump: Callable[[IO[bytes]], object]) -> None:
+    """Write ``magic``, the SHA-256 of the body and the body ``dump`` writes, to a file beside
+    ``path`` renamed over it once complete. The body is written as it is made (the whole of it
+    is never held in memory, tens of MB with every rule)."""
     tmp = Path(path).with_name(f"{Path(path).name}.{os.getpid()}.tmp")
-    tmp.write_bytes(magic + digest + blob)
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(magic + bytes(32))
+            out = _Hashing(f)
+            with io.BufferedWriter(out, _PIECE) as buffered:
+                dump(buffered)
+                buffered.flush()
+                f.seek(len(magic))
+                f.write(out.digest.digest())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager
@@ -138,9 +170,9 @@ def save_tuned(
         "raw": _dump_raw(tuned, None if base is None else base.full_db),
         "hot": None if hot is None else (_state(hot[0]), hot[1]),
     }
-    buf = io.BytesIO()
-    _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(state)
-    _write(path, _TUNED_MAGIC, buf.getvalue())
+    _write(
+        path, _TUNED_MAGIC, lambda out: _Pickler(out, protocol=pickle.HIGHEST_PROTOCOL).dump(state)
+    )
 
 
 def load_tuned(
@@ -169,7 +201,8 @@ def save_sample(path: Path, version: str, sample: tuple[Any, ...]) -> None:
     """Write what a pre-filter tuning of the table ``version`` observed (its sample: pattern
     counts, requirement passes, records, distinct pattern sets), so that a later run that
     starts from the tuned filter and re-tunes for drift still adds it to what it observes."""
-    _write(path, _SAMPLE_MAGIC, marshal.dumps((version, tuple(sample))))
+    blob = marshal.dumps((version, tuple(sample)))
+    _write(path, _SAMPLE_MAGIC, lambda out: out.write(blob))
 
 
 def load_sample(path: Path, version: str) -> tuple[Any, ...]:
@@ -293,18 +326,76 @@ def _pop_raw(st: dict[str, Any], shared: Any = None) -> RawFilter | None:
     )
 
 
+class _Sharer:
+    """Equal immutable values made one object before pickling, so that they are stored and
+    read back once: the rules' conditions repeat whole sub-trees (a logsource test, a field
+    name, a tuple of values) thousands of times, and a loaded table held each copy.
+
+    Only values whose equality is exact are shared: texts, bytes, numbers (keyed by their
+    type, so ``True``, ``1`` and ``1.0`` stay apart, and floats by their ``repr``), tuples and
+    frozensets of shared values, and the IR's frozen dataclasses; dicts and lists are copied
+    with shared contents; any other object is kept as it is."""
+
+    def __init__(self) -> None:
+        self._canon: dict[tuple[Any, ...], Any] = {}
+        # id of an object walked -> its shared value (the objects walked are all reachable
+        # from the value given to :meth:`of`, so their ids stay theirs meanwhile)
+        self._seen: dict[int, Any] = {}
+
+    def of(self, obj: Any) -> Any:
+        """The shared equivalent of ``obj`` (equal to it, of the same types throughout)."""
+        cls = type(obj)
+        if cls is str or cls is int or cls is bytes:
+            return self._canon.setdefault((cls, obj), obj)
+        if cls is float:
+            return self._canon.setdefault((cls, repr(obj)), obj)
+        if obj is None or cls is bool:
+            return obj
+        got = self._seen.get(id(obj), self)
+        if got is not self:
+            return got
+        if cls is tuple or cls is frozenset:
+            items = [self.of(x) for x in obj]
+            key = (cls, *map(id, items))
+            got = self._canon.get(key)
+            if got is None:
+                same = cls is tuple and all(a is b for a, b in zip(items, obj, strict=True))
+                got = self._canon[key] = obj if same else cls(items)
+        elif cls is dict:
+            got = {self.of(k): self.of(v) for k, v in obj.items()}
+        elif cls is list:
+            got = [self.of(x) for x in obj]
+        elif dataclasses.is_dataclass(cls) and cls.__module__ == Rule.__module__:
+            names = _fields(cls)
+            vals = [self.of(getattr(obj, n)) for n in names]
+            key = (cls, *map(id, vals))
+            got = self._canon.get(key)
+            if got is None:
+                same = all(v is getattr(obj, n) for n, v in zip(names, vals, strict=True))
+                got = self._canon[key] = obj if same else cls(*vals)
+        else:
+            got = obj
+        self._seen[id(obj)] = got
+        return got
+
+
+def _fields(cls: type) -> tuple[str, ...]:
+    """The field names of the IR dataclass ``cls``, in order (memoised)."""
+    names = _DATACLASS_FIELDS.get(cls)
+    if names is None:
+        names = _DATACLASS_FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
 class _Pickler(pickle.Pickler):
     """Pickles frozen dataclasses (the IR) as plain constructor calls with positional fields,
     instead of the generic object reduction."""
 
     def reducer_override(self, obj: Any) -> Any:
         cls = type(obj)
-        names = _DATACLASS_FIELDS.get(cls)
-        if names is None:
-            if not dataclasses.is_dataclass(cls) or cls.__module__ != Rule.__module__:
-                return NotImplemented
-            names = _DATACLASS_FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
-        return cls, tuple(getattr(obj, n) for n in names)
+        if not dataclasses.is_dataclass(cls) or cls.__module__ != Rule.__module__:
+            return NotImplemented
+        return cls, tuple(getattr(obj, n) for n in _fields(cls))
 
 
 _DATACLASS_FIELDS: dict[type, tuple[str, ...]] = {}
