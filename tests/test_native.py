@@ -641,7 +641,13 @@ def test_match_loop_refuses_bad_arguments() -> None:
     def ev(view: object, rules: tuple, groups: frozenset) -> list[int]:
         return list(rules)
 
-    def loop(spans: list, plan: object, records: object = None, cands: object = None) -> dict:
+    def loop(
+        spans: list,
+        plan: object,
+        records: object = None,
+        cands: object = None,
+        paths: object = None,
+    ) -> dict:
         out: dict = {}
         NATIVE.match_loop(
             [0],
@@ -658,11 +664,15 @@ def test_match_loop_refuses_bad_arguments() -> None:
             msgpack.unpackb,
             table_mod._record_of,
             out,
+            paths,
         )
         return out
 
     good = (None, (), frozenset(), (), (1,), frozenset())
     assert loop([(0, 6)], good) == {0: [1]}
+    assert loop([(0, 6)], good, paths=NATIVE.PathTable({"a": 1})) == {0: [1]}
+    with pytest.raises(TypeError, match="PathTable"):
+        loop([(0, 6)], good, paths={"a": 1})
     assert loop([(0, 6)], good, records=[{"a": 1}]) == {0: [1]}
     assert loop([(0, 6)], good, records=[None]) == {}
     for span in ((0, 7), (-1, 3), (4, 2), (0,), "xx"):
@@ -864,7 +874,203 @@ def test_match_loop_hands_out_views_that_keep_the_entries() -> None:
         msgpack.unpackb,
         decode,
         {},
+        NATIVE.PathTable({"a": 1}),
     )
     want = entries[:half]
     del entries
     assert [bytes(mv) for mv in kept] == [want, want]
+
+
+# --------------------------------------------------------------------------- flat_of
+
+_KEYS = ["a", "b", "a.b", "c", "b.c", "\u0130", "x"]
+_PATHS = ["a", "b", "a.b", "a.b.c", "b.c", "c", "a.a", "\u0130", "b.a.b", "\u0130.x", "a.x"]
+
+
+class _Pairs(list):
+    """A msgpack map as its (key, value) pairs, repeated keys included."""
+
+
+class _Raw(bytes):
+    """Bytes packed as they are (a key that is not UTF-8, an encoding msgpack does not pick)."""
+
+
+def _pk(obj: Any) -> bytes:
+    if isinstance(obj, _Raw):
+        return bytes(obj)
+    if isinstance(obj, _Pairs):
+        n = len(obj)
+        head = bytes([0x80 | n]) if n < 16 else b"\xde" + n.to_bytes(2, "big")
+        return head + b"".join(_pk(k) + _pk(v) for k, v in obj)
+    if isinstance(obj, list):
+        return bytes([0x90 | len(obj)]) + b"".join(_pk(x) for x in obj)
+    return bytes(msgpack.packb(obj))
+
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=True),
+    st.text(max_size=4),
+    st.binary(max_size=3),
+    st.sampled_from(
+        [
+            _Raw(b"\xca\x3f\xc0\x00\x00"),  # float32 1.5
+            _Raw(b"\xcf" + (7).to_bytes(8, "big")),  # a uint64 holding 7
+            _Raw(b"\xd3" + (-1).to_bytes(8, "big", signed=True)),
+            _Raw(b"\xd9\x02hi"),  # str8
+            _Raw(b"\xa2\xff\xfe"),  # a text that is not UTF-8
+            _Raw(b"\xc4\x00"),  # empty bin8
+        ]
+    ),
+)
+_keys = st.one_of(
+    st.sampled_from(_KEYS),
+    st.sampled_from([_Raw(b"\xa2\xff."), _Raw(b"\xa1\xc3"), 1, None, 2.5, b"a"]),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.lists(st.tuples(_keys, inner), max_size=4).map(_Pairs),
+    ),
+    max_leaves=12,
+)
+_records = st.lists(st.tuples(_keys, _values), max_size=6).map(_Pairs)
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal, with the same types throughout (NaN equal to NaN, -0.0 apart from 0.0)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(_same, a, b))  # type: ignore[arg-type]
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)  # type: ignore[attr-defined,index]
+    return repr(a) == repr(b)
+
+
+@needs_native
+@settings(max_examples=600, deadline=None)
+@given(_records, st.sets(st.sampled_from(_PATHS), min_size=1), st.booleans())
+def test_flat_of_is_the_reference(rec: _Pairs, wanted: set[str], plain: bool) -> None:
+    """A record's values at the wanted paths, read from its bytes, are what decoding and
+    flattening it gives there; where flat_of does not decide (None), it is for a reason
+    the full decoding must settle: a repeated key on a wanted path, an extension type, a
+    container as a key."""
+    assert NATIVE is not None
+    if plain:  # no repeated keys: flat_of always decides
+        rec = _Pairs({k if isinstance(k, str) else "x": v for k, v in rec}.items())
+    data = _pk(rec)
+    paths = table_mod.path_table(wanted)
+    assert paths.covered == frozenset(wanted)
+    got = NATIVE.flat_of(paths, data, msgpack.unpackb)
+    want = table_mod.py_flat_of(wanted, data)
+    if got is not None:  # (paths below a wanted map may be there too: never read)
+        got = {p: v for p, v in got.items() if p in wanted}
+        assert want is not None and got.keys() == want.keys(), (got, want)
+        assert all(_same(got[p], want[p]) for p in want), (got, want)
+    elif plain:
+        assert want is None or _has_ext_or_odd(rec), data
+
+
+def _has_ext_or_odd(obj: Any) -> bool:
+    if isinstance(obj, _Raw):
+        return False
+    if isinstance(obj, _Pairs):
+        keys = [k for k, _ in obj]
+        return len(keys) != len(set(map(repr, keys))) or any(_has_ext_or_odd(v) for _, v in obj)
+    if isinstance(obj, list):
+        return any(_has_ext_or_odd(x) for x in obj)
+    return False
+
+
+@needs_native
+def test_flat_of_leaves_to_unpackb_what_it_cannot_decide() -> None:
+    """flat_of answers None, never a guess, for what the full decoding settles: repeated
+    keys on a read path, extension types anywhere, unhashable keys, bytes after the record,
+    cut-short or malformed bytes, too deep a record; and refuses bad arguments."""
+    assert NATIVE is not None
+    paths = table_mod.path_table({"a", "b.c"})
+    up = msgpack.unpackb
+
+    def flat(data: bytes) -> object:
+        return NATIVE.flat_of(paths, data, up)
+
+    assert flat(_pk(_Pairs([("a", 1), ("z", 2), ("z", 3)]))) == {"a": [1]}  # z is not read
+    deep: Any = 1
+    for _ in range(70):
+        deep = [deep]
+    for data in (
+        _pk(_Pairs([("a", 1), ("a", 2)])),
+        _pk(_Pairs([("b", _Pairs([("c", 1), ("c", 2)]))])),
+        _pk(_Pairs([("a", 1), ("z", msgpack.ExtType(1, b"x"))])),
+        _pk(_Pairs([("a", 1), ("z", [msgpack.Timestamp(1)])])),
+        _pk(_Pairs([("a", 1), ("z", _Pairs([(_Raw(b"\x91\x01"), 1)]))])),
+        _pk(_Pairs([(_Raw(b"\x81\x01\x02"), 1)])),
+        _pk(_Pairs([("a", 1)])) + b"\x00",
+        _pk(_Pairs([("a", "text")]))[:-1],
+        b"\xc1",
+        b"\x91\x01",
+        b"\xdf\xff\xff\xff\xff",
+        _pk(_Pairs([("z", deep)])),
+    ):
+        assert flat(data) is None, data
+    assert up(_pk(_Pairs([("a", 1), ("a", 2)]))) == {"a": 2}  # what the full decoding says
+    with pytest.raises(TypeError):
+        NATIVE.flat_of({"a": 1}, b"\x80", up)
+    with pytest.raises(TypeError):
+        NATIVE.PathTable({"a": 4})
+    with pytest.raises(TypeError):
+        NATIVE.PathTable({1: 1})
+    # a path no record key decodes to, or too long to look up, is never covered
+    odd = NATIVE.PathTable({"\ud800": 1, "a" * 2000: 1, "b": 1})
+    assert odd.covered == frozenset({"b"})
+
+
+@needs_native
+def test_flat_of_reads_every_scalar_encoding() -> None:
+    """Each msgpack scalar encoding, read from the bytes, is the value unpackb gives: ints of
+    every width and sign (minimal or not), float32 and float64, texts (UTF-8 or not), bin."""
+    assert NATIVE is not None
+    encodings = [
+        b"\x05",
+        b"\xe0",
+        b"\xff",
+        b"\xcc\xff",
+        b"\xcd\xff\xfe",
+        b"\xce\xff\xff\xff\xfd",
+        b"\xcf\xff\xff\xff\xff\xff\xff\xff\xfc",
+        b"\xcf\x00\x00\x00\x00\x00\x00\x00\x07",
+        b"\xd0\x80",
+        b"\xd0\x7f",
+        b"\xd1\x80\x00",
+        b"\xd2\x80\x00\x00\x00",
+        b"\xd3\x80\x00\x00\x00\x00\x00\x00\x00",
+        b"\xd3\xff\xff\xff\xff\xff\xff\xff\xff",
+        b"\xca\x3f\xc0\x00\x00",
+        b"\xca\x7f\xc0\x00\x00",
+        b"\xca\x80\x00\x00\x00",
+        b"\xcb\x40\x09\x21\xfb\x54\x44\x2d\x18",
+        b"\xc2",
+        b"\xc3",
+        b"\xa0",
+        b"\xa3abc",
+        b"\xd9\x02hi",
+        b"\xda\x00\x01z",
+        b"\xdb\x00\x00\x00\x01y",
+        b"\xa2\xff\xfe",
+        b"\xa3\xed\xb3\x80",
+        b"\xc4\x00",
+        b"\xc5\x00\x02ab",
+        b"\xc6\x00\x00\x00\x01c",
+    ]
+    keys = [f"k{i}" for i in range(len(encodings))]
+    data = bytes([0xDE]) + len(keys).to_bytes(2, "big")
+    data += b"".join(_pk(k) + e for k, e in zip(keys, encodings, strict=True))
+    got = NATIVE.flat_of(table_mod.path_table(keys), data, msgpack.unpackb)
+    want = table_mod.py_flat_of(keys, data)
+    assert got is not None and want is not None and got.keys() == want.keys() == set(keys)
+    for k in keys:
+        assert _same(got[k], want[k]), (k, got[k], want[k])

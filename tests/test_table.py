@@ -214,6 +214,10 @@ def test_match_entries_takes_the_records_instead_of_decoding(
     monkeypatch.setattr(table_mod.msgpack, "unpackb", decode)  # the C loop's own decoding
     assert m.match_entries(buf, spans, records) == want
     assert decoded == []
+    # without the records, entries are decoded: by the stand-in here, once the C loop's own
+    # reading of the paths rules read (from the bytes, without unpackb) is off
+    monkeypatch.setattr(table_mod, "PathTable", None)
+    m._paths_from = (-1, None)
     assert m.match_entries(buf, spans) == {}  # what the stand-in decoder gives: nothing
     assert len(want) <= len(decoded) <= len(spans)
 
@@ -283,6 +287,20 @@ def _odd_entries() -> tuple[bytes, list[tuple[int, int]]]:
         msgpack.packb("garbage"),
         msgpack.packb([4, rec])[:-3],  # cut short
         msgpack.packb([5, rec]) + b"\xc1",  # a byte msgpack never uses, after the entry
+        # a repeated key (the last value wins), in the record and in a map below it
+        b"\x92\x06\x82"
+        + b"".join(map(msgpack.packb, ["Image", "x", "Image", "c:\\x\\wuauclt.exe"])),
+        b"\x92\x07\x81\xa1a"
+        + b"\x82"
+        + b"".join(map(msgpack.packb, ["b", "c:\\x\\wuauclt.exe", "b", "y"])),
+        msgpack.packb([8, {**rec, "x": msgpack.ExtType(5, b"ab")}]),  # an extension value
+        msgpack.packb([9, {**rec, "Image": [[None, "a\\wuauclt.exe"], {"x": 1}]}]),
+        msgpack.packb([10, {"Image": b"c:\\windows\\cmd.exe", 1: "int key", None: 2}]),
+        msgpack.packb([11, {**rec, "t": msgpack.Timestamp(1, 2)}]),
+        msgpack.packb([12, {"Image": {"x": "y"}, "Image.x": "\\wuauclt.exe"}]),
+        msgpack.packb([13, {"CommandLine": "\udcff-enc".encode("utf-8", "surrogateescape")}]),
+        b"\x92\x0e\x81\xa5Image\xa8\xff\\wuauclt.exe"[:-1] + b"e",  # not UTF-8
+        b"\x92\x0f\x81\x91\x01\x02",  # a key msgpack refuses (unhashable)
         b"\x92\x01\xc1",
         b"\x92",
         b"",
@@ -307,7 +325,7 @@ def test_the_entry_loop_is_the_reference(table: CompiledTable, fm: FieldMap) -> 
         hot, rest = rules[1::2], rules[::2]  # the often-passed part: itself, numbered back
         return (m._eval if hot else None, hot, m._groups(hot), every, rest, m._groups(rest))
 
-    def run(loop: object, records: list | None) -> tuple:
+    def run(loop: object, records: list | None, paths: object = None) -> tuple:
         out: dict[int, list[int]] = {}
         cold: Counter[int] = Counter()
         plans: dict = {every[:3]: plan(every[:3])}
@@ -327,12 +345,22 @@ def test_the_entry_loop_is_the_reference(table: CompiledTable, fm: FieldMap) -> 
             msgpack.unpackb,
             table_mod._record_of,
             out,
+            paths,
         )
         return out, cold
 
     want = run(table_mod.py_match_loop, None)
     assert len(want[0]) > 10 and sum(want[1].values()) > 100
     assert run(table_mod.match_loop, None) == want
+    if table_mod.PathTable is not None:  # the C loop reading only the paths rules read
+        # the field groups' paths alone (any other field makes a view decode its record) ...
+        spec = m._group_spec
+        early = table_mod.path_table(p for s in spec for p in (*s[2], *(s[0] or ())))
+        assert run(table_mod.match_loop, None, early) == want
+        # ... and every path read
+        late = m._path_table(None)
+        assert len(late.covered) > len(early.covered)
+        assert run(table_mod.match_loop, None, late) == want
     records = [table_mod._record_of(memoryview(buf)[s:e]) for s, e in spans]
     assert run(table_mod.match_loop, records) == run(table_mod.py_match_loop, records) == want
 

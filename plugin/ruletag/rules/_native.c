@@ -26,8 +26,11 @@
  *                                (reference: matcher.prefilter.py_follow_triggers)
  *   evaluate(ctx, view, rules, groups) -> scan_groups then holding, in one call
  *                                (reference: matcher.table.Matcher._evaluate)
+ *   PathTable(paths)             the dotted paths a table reads, by their bytes
+ *   flat_of(paths, data, unpackb) -> flatten_record(unpackb(data)) at those paths, read from
+ *                                the bytes, or None (reference: matcher.table.py_flat_of)
  *   match_loop(todo, cands, plans, make_plan, entries, spans, records, view_type, fieldmap,
- *              own_eval, cold, unpackb, decode, out)
+ *              own_eval, cold, unpackb, decode, out, paths)
  *                                match_entries' loop over the entries (reference:
  *                                matcher.table.Matcher._match_loop)
  */
@@ -145,23 +148,13 @@ static int flat_list(PyObject *items, PyObject *path, PyObject *out)
     return rc;
 }
 
-/* One key of a map: dotted is the map's path followed by a dot (NULL at the top). */
-static int flat_item(PyObject *k, PyObject *v, PyObject *dotted, PyObject *out)
+/* The value v at the dotted path ``path`` into out (what flatten_record does for one key). */
+static int flat_at(PyObject *path, PyObject *v, PyObject *out)
 {
-    if (v == Py_None || !PyUnicode_CheckExact(k)) {
+    int rc;
+    if (v == Py_None) {
         return 0;
     }
-    PyObject *path;
-    if (dotted == NULL) {
-        Py_INCREF(k);
-        path = k;
-    } else {
-        path = PyUnicode_Concat(dotted, k);
-        if (path == NULL) {
-            return -1;
-        }
-    }
-    int rc;
     if (is_scalar(v)) {
         rc = add_one(out, path, v);
     } else if (PyList_Check(v) || PyTuple_Check(v)) {
@@ -192,6 +185,26 @@ static int flat_item(PyObject *k, PyObject *v, PyObject *dotted, PyObject *out)
             }
         }
     }
+    return rc;
+}
+
+/* One key of a map: dotted is the map's path followed by a dot (NULL at the top). */
+static int flat_item(PyObject *k, PyObject *v, PyObject *dotted, PyObject *out)
+{
+    if (v == Py_None || !PyUnicode_CheckExact(k)) {
+        return 0;
+    }
+    PyObject *path;
+    if (dotted == NULL) {
+        Py_INCREF(k);
+        path = k;
+    } else {
+        path = PyUnicode_Concat(dotted, k);
+        if (path == NULL) {
+            return -1;
+        }
+    }
+    int rc = flat_at(path, v, out);
     Py_DECREF(path);
     return rc;
 }
@@ -259,6 +272,586 @@ static PyObject *flatten_record(PyObject *self, PyObject *obj)
         return NULL;
     }
     return out;
+}
+
+/* ------------------------------------------------------------------ PathTable, flat_of */
+
+/* A record's flattened values read straight from its msgpack bytes, for the dotted paths a
+ * table reads only: no dict of the record is built, no text of a key, nor any value at a
+ * path nothing reads. PathTable(paths) holds those paths ({path: flags}, P_WANTED: its
+ * values are read; P_PREFIX: some wanted path continues below it) in a hash table keyed by
+ * their UTF-8 bytes (surrogateescape, as records are decoded), so a key's path is looked up
+ * without making a text of it. flat_of gives what flatten_record(unpackb(data)) holds at
+ * the wanted paths, or None where it does not decide exactly (a repeated key, an extension
+ * type, non-text keys of a container type, depth, bytes msgpack would refuse): the caller
+ * then decodes the record as before. */
+
+enum { P_WANTED = 1, P_PREFIX = 2 };
+#define WALK_DEPTH 64   /* deeper records are left to the full decoding */
+#define WALK_KEYS 256   /* keys of one map on a wanted path, for the repeated-key check */
+#define WALK_PATH 1024  /* the longest path looked up */
+
+typedef struct {
+    uint64_t hash;
+    char *key; /* the path's bytes (owned), NULL: an empty slot */
+    Py_ssize_t len;
+    PyObject *path; /* the path as text */
+    int flags;
+} PathSlot;
+
+typedef struct {
+    PyObject_HEAD
+    PathSlot *slots;
+    Py_ssize_t mask; /* capacity - 1, a power of two minus one */
+    Py_ssize_t maxlen;
+    PyObject *covered; /* frozenset of the wanted paths flat_of reports exactly */
+} PathTable;
+
+static uint64_t path_hash(const char *p, Py_ssize_t n)
+{
+    uint64_t h = 14695981039346656037ULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        h = (h ^ (unsigned char)p[i]) * 1099511628211ULL;
+    }
+    return h;
+}
+
+static PathSlot *path_find(PathTable *t, const char *p, Py_ssize_t n)
+{
+    if (t->slots == NULL || n > t->maxlen) {
+        return NULL;
+    }
+    uint64_t h = path_hash(p, n);
+    for (Py_ssize_t i = (Py_ssize_t)(h & (uint64_t)t->mask);; i = (i + 1) & t->mask) {
+        PathSlot *s = &t->slots[i];
+        if (s->key == NULL) {
+            return NULL;
+        }
+        if (s->hash == h && s->len == n && memcmp(s->key, p, (size_t)n) == 0) {
+            return s;
+        }
+    }
+}
+
+static void PathTable_free_slots(PathTable *self)
+{
+    if (self->slots != NULL) {
+        for (Py_ssize_t i = 0; i <= self->mask; i++) {
+            PyMem_Free(self->slots[i].key);
+            Py_XDECREF(self->slots[i].path);
+        }
+        PyMem_Free(self->slots);
+        self->slots = NULL;
+    }
+}
+
+static int PathTable_init(PathTable *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"paths", NULL};
+    PyObject *paths;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!", kwlist, &PyDict_Type, &paths)) {
+        return -1;
+    }
+    PathTable_free_slots(self);
+    Py_CLEAR(self->covered);
+    Py_ssize_t cap = 8;
+    while (cap < 2 * PyDict_GET_SIZE(paths) + 2) {
+        cap *= 2;
+    }
+    self->slots = PyMem_Calloc((size_t)cap, sizeof(PathSlot));
+    PyObject *covered = PySet_New(NULL);
+    if (self->slots == NULL || covered == NULL) {
+        Py_XDECREF(covered);
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->mask = cap - 1;
+    self->maxlen = 0;
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(paths, &pos, &k, &v)) {
+        long flags = PyLong_Check(v) ? PyLong_AsLong(v) : -1;
+        if (!PyUnicode_CheckExact(k) || flags < 1 || flags > 3) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_TypeError, "paths: {dotted path: flags 1, 2 or 3}");
+            }
+            Py_DECREF(covered);
+            return -1;
+        }
+        PyObject *b = PyUnicode_AsEncodedString(k, "utf-8", "surrogateescape");
+        if (b == NULL) { /* a text no record's key decodes to: never found, not covered */
+            if (!PyErr_ExceptionMatches(PyExc_UnicodeError)) {
+                Py_DECREF(covered);
+                return -1;
+            }
+            PyErr_Clear();
+            continue;
+        }
+        const char *p = PyBytes_AS_STRING(b);
+        Py_ssize_t n = PyBytes_GET_SIZE(b);
+        if (n > WALK_PATH) { /* never looked up: not covered */
+            Py_DECREF(b);
+            continue;
+        }
+        uint64_t h = path_hash(p, n);
+        Py_ssize_t i = (Py_ssize_t)(h & (uint64_t)self->mask);
+        while (self->slots[i].key != NULL) {
+            i = (i + 1) & self->mask;
+        }
+        PathSlot *s = &self->slots[i];
+        s->key = PyMem_Malloc(n > 0 ? (size_t)n : 1);
+        if (s->key == NULL) {
+            Py_DECREF(b);
+            Py_DECREF(covered);
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(s->key, p, (size_t)n);
+        Py_DECREF(b);
+        s->hash = h;
+        s->len = n;
+        s->flags = (int)flags;
+        Py_INCREF(k);
+        s->path = k;
+        if (n > self->maxlen) {
+            self->maxlen = n;
+        }
+        if ((flags & P_WANTED) && PySet_Add(covered, k) < 0) {
+            Py_DECREF(covered);
+            return -1;
+        }
+    }
+    self->covered = PyFrozenSet_New(covered);
+    Py_DECREF(covered);
+    return self->covered == NULL ? -1 : 0;
+}
+
+static int PathTable_traverse(PathTable *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->covered);
+    return 0;
+}
+
+static int PathTable_clear(PathTable *self)
+{
+    Py_CLEAR(self->covered);
+    return 0;
+}
+
+static void PathTable_dealloc(PathTable *self)
+{
+    PyObject_GC_UnTrack(self);
+    PathTable_clear(self);
+    PathTable_free_slots(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef PathTable_members[] = {
+    {"covered", T_OBJECT, offsetof(PathTable, covered), READONLY,
+     "the wanted paths (frozenset) whose values flat_of gives exactly"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject PathTableType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ruletag.rules._native.PathTable",
+    .tp_basicsize = sizeof(PathTable),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "PathTable(paths): the dotted paths flat_of reads ({path: 1 wanted, 2 prefix, 3 "
+              "both}).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)PathTable_init,
+    .tp_traverse = (traverseproc)PathTable_traverse,
+    .tp_clear = (inquiry)PathTable_clear,
+    .tp_dealloc = (destructor)PathTable_dealloc,
+    .tp_members = PathTable_members,
+};
+
+/* A walk over one record's bytes. */
+typedef struct {
+    PathTable *t;
+    PyObject *flat;    /* the result */
+    PyObject *whole;   /* a memoryview the bytes are a part of, for unpackb's slices */
+    const unsigned char *base; /* whole's first byte */
+    PyObject *unpackb;
+    char path[WALK_PATH];
+} Walk;
+
+enum { WK_OK = 0, WK_UNSURE = 1, WK_ERROR = -1 };
+
+static uint64_t be(const unsigned char *p, int n)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++) {
+        v = (v << 8) | p[i];
+    }
+    return v;
+}
+
+/* The header of the msgpack object at *p: its kind ('s' str, 'b' bin, 'm' map, 'a' array,
+ * 'n' nil, 'x' ext, 'v' any other scalar), *len (str/bin: bytes; map/array: items), *hl
+ * (the header's length). 0, or 1 if malformed or cut short. */
+static int mp_head(const unsigned char *p, const unsigned char *end, char *kind, uint64_t *len,
+                   Py_ssize_t *hl)
+{
+    Py_ssize_t left = end - p;
+    if (left < 1) {
+        return 1;
+    }
+    unsigned char c = p[0];
+    int w = 0; /* width of a length field */
+    *hl = 1;
+    *len = 0;
+    if (c < 0x80 || c >= 0xE0 || c == 0xC2 || c == 0xC3) {
+        *kind = 'v';
+        return 0;
+    }
+    if (c <= 0x8F) {
+        *kind = 'm';
+        *len = c & 0x0F;
+        return 0;
+    }
+    if (c <= 0x9F) {
+        *kind = 'a';
+        *len = c & 0x0F;
+        return 0;
+    }
+    if (c <= 0xBF) {
+        *kind = 's';
+        *len = c & 0x1F;
+        return 0;
+    }
+    switch (c) {
+    case 0xC0: *kind = 'n'; return 0;
+    case 0xC4: case 0xC5: case 0xC6: *kind = 'b'; w = 1 << (c - 0xC4); break;
+    case 0xD9: case 0xDA: case 0xDB: *kind = 's'; w = 1 << (c - 0xD9); break;
+    case 0xDC: case 0xDD: *kind = 'a'; w = 2 << (c - 0xDC); break;
+    case 0xDE: case 0xDF: *kind = 'm'; w = 2 << (c - 0xDE); break;
+    case 0xCA: case 0xCE: case 0xD2: *kind = 'v'; *hl = 5; return left < 5;
+    case 0xCB: case 0xCF: case 0xD3: *kind = 'v'; *hl = 9; return left < 9;
+    case 0xCC: case 0xD0: *kind = 'v'; *hl = 2; return left < 2;
+    case 0xCD: case 0xD1: *kind = 'v'; *hl = 3; return left < 3;
+    default: *kind = 'x'; return 0; /* 0xC1 (never used), ext and fixext */
+    }
+    if (left < 1 + w) {
+        return 1;
+    }
+    *len = be(p + 1, w);
+    *hl = 1 + w;
+    return 0;
+}
+
+/* Past the object at c->p (*p moved to its end). WK_OK, or WK_UNSURE (malformed, cut short,
+ * an extension type, too deep). */
+static int mp_skip(const unsigned char **p, const unsigned char *end, int depth)
+{
+    char kind;
+    uint64_t len;
+    Py_ssize_t hl;
+    if (depth > WALK_DEPTH || mp_head(*p, end, &kind, &len, &hl)) {
+        return WK_UNSURE;
+    }
+    *p += hl;
+    switch (kind) {
+    case 's': case 'b':
+        if (len > (uint64_t)(end - *p)) {
+            return WK_UNSURE;
+        }
+        *p += len;
+        return WK_OK;
+    case 'm': case 'a': {
+        uint64_t n = kind == 'm' ? 2 * len : len;
+        if (n > (uint64_t)(end - *p)) {
+            return WK_UNSURE; /* each item takes a byte at least */
+        }
+        for (uint64_t i = 0; i < n; i++) {
+            if (kind == 'm' && i % 2 == 0) { /* a key: one unpackb may refuse (unhashable)? */
+                char k;
+                uint64_t kl;
+                Py_ssize_t khl;
+                if (mp_head(*p, end, &k, &kl, &khl) || k == 'm' || k == 'a' || k == 'x') {
+                    return WK_UNSURE;
+                }
+            }
+            if (mp_skip(p, end, depth + 1) != WK_OK) {
+                return WK_UNSURE;
+            }
+        }
+        return WK_OK;
+    }
+    case 'x':
+        return WK_UNSURE;
+    default:
+        return WK_OK;
+    }
+}
+
+/* The scalar at p (kind 'v', 's' or 'b' from mp_head) as msgpack.unpackb gives it (texts
+ * decoded with surrogateescape, bin as bytes). A new reference, or NULL with an exception. */
+static PyObject *mp_scalar(const unsigned char *p, char kind, uint64_t len, Py_ssize_t hl)
+{
+    if (kind == 's') {
+        return PyUnicode_DecodeUTF8((const char *)p + hl, (Py_ssize_t)len, "surrogateescape");
+    }
+    if (kind == 'b') {
+        return PyBytes_FromStringAndSize((const char *)p + hl, (Py_ssize_t)len);
+    }
+    unsigned char c = p[0];
+    if (c < 0x80) {
+        return PyLong_FromLong(c);
+    }
+    if (c >= 0xE0) {
+        return PyLong_FromLong((long)(signed char)c);
+    }
+    switch (c) {
+    case 0xC2: Py_RETURN_FALSE;
+    case 0xC3: Py_RETURN_TRUE;
+    case 0xCA: {
+        uint32_t u = (uint32_t)be(p + 1, 4);
+        float f;
+        memcpy(&f, &u, 4);
+        return PyFloat_FromDouble((double)f);
+    }
+    case 0xCB: {
+        uint64_t u = be(p + 1, 8);
+        double d;
+        memcpy(&d, &u, 8);
+        return PyFloat_FromDouble(d);
+    }
+    case 0xCC: case 0xCD: case 0xCE: case 0xCF:
+        return PyLong_FromUnsignedLongLong(be(p + 1, 1 << (c - 0xCC)));
+    case 0xD0: return PyLong_FromLong((long)(int8_t)be(p + 1, 1));
+    case 0xD1: return PyLong_FromLong((long)(int16_t)be(p + 1, 2));
+    case 0xD2: return PyLong_FromLong((long)(int32_t)be(p + 1, 4));
+    case 0xD3: return PyLong_FromLongLong((long long)(int64_t)be(p + 1, 8));
+    default:
+        PyErr_SetString(PyExc_ValueError, "not a msgpack scalar");
+        return NULL;
+    }
+}
+
+/* The object whole[s:e] decoded by unpackb, given to flat_at at ``path``. WK_OK, WK_UNSURE
+ * (unpackb refused it: left to the full decoding), or WK_ERROR. */
+static int walk_decoded(Walk *w, PyObject *path, const unsigned char *s, const unsigned char *e)
+{
+    PyObject *mv = PySequence_GetSlice(w->whole, s - w->base, e - w->base);
+    if (mv == NULL) {
+        return WK_ERROR;
+    }
+    PyObject *args[4] = {mv, Py_False, s_surrogateescape, Py_False};
+    PyObject *v = PyObject_Vectorcall(w->unpackb, args, 1, unpack_kwnames);
+    Py_DECREF(mv);
+    if (v == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+            return WK_ERROR;
+        }
+        PyErr_Clear();
+        return WK_UNSURE;
+    }
+    int rc = flat_at(path, v, w->flat);
+    Py_DECREF(v);
+    return rc < 0 ? WK_ERROR : WK_OK;
+}
+
+/* The array v..end_v (its header at v), when it holds scalars and nils only: if ``add`` (a
+ * wanted path), its non-null values appended to flat[path] as flat_at does (a list of
+ * scalars has no paths below it). WK_OK; WK_UNSURE when it holds anything else (then left to
+ * walk_decoded, with nothing added); WK_ERROR. */
+static int walk_scalars(Walk *w, PyObject *path, const unsigned char *v, const unsigned char *end_v,
+                        int add)
+{
+    char kind;
+    uint64_t n, len;
+    Py_ssize_t hl;
+    if (mp_head(v, end_v, &kind, &n, &hl) || kind != 'a') {
+        return WK_UNSURE;
+    }
+    const unsigned char *q = v + hl;
+    for (uint64_t i = 0; i < n; i++) { /* a first pass: only scalars? */
+        if (mp_head(q, end_v, &kind, &len, &hl) || kind == 'm' || kind == 'a' || kind == 'x') {
+            return WK_UNSURE;
+        }
+        q += hl + ((kind == 's' || kind == 'b') ? (Py_ssize_t)len : 0);
+    }
+    if (!add) {
+        return WK_OK;
+    }
+    PyObject *got = PyDict_GetItemWithError(w->flat, path); /* borrowed */
+    if (got == NULL && PyErr_Occurred()) {
+        return WK_ERROR;
+    }
+    PyObject *vals = got != NULL ? got : PyList_New(0);
+    if (vals == NULL) {
+        return WK_ERROR;
+    }
+    Py_ssize_t before = PyList_GET_SIZE(vals);
+    int rc = WK_OK;
+    q = v + 1 + (v[0] == 0xDC ? 2 : v[0] == 0xDD ? 4 : 0);
+    for (uint64_t i = 0; i < n && rc == WK_OK; i++) {
+        mp_head(q, end_v, &kind, &len, &hl);
+        if (kind != 'n') {
+            PyObject *o = mp_scalar(q, kind, len, hl);
+            if (o == NULL || PyList_Append(vals, o) < 0) {
+                rc = WK_ERROR;
+            }
+            Py_XDECREF(o);
+        }
+        q += hl + ((kind == 's' || kind == 'b') ? (Py_ssize_t)len : 0);
+    }
+    if (rc == WK_OK && got == NULL && PyList_GET_SIZE(vals) > before &&
+        PyDict_SetItem(w->flat, path, vals) < 0) {
+        rc = WK_ERROR;
+    }
+    if (got == NULL) {
+        Py_DECREF(vals);
+    }
+    return rc;
+}
+
+/* The map at *p, whose path is w->path[:plen] (0: the record itself). */
+static int walk_map(Walk *w, const unsigned char **p, const unsigned char *end, Py_ssize_t plen,
+                    int depth)
+{
+    char kind;
+    uint64_t n;
+    Py_ssize_t hl;
+    if (depth > WALK_DEPTH || mp_head(*p, end, &kind, &n, &hl) || kind != 'm' ||
+        n > (uint64_t)(end - *p)) {
+        return WK_UNSURE;
+    }
+    *p += hl;
+    const unsigned char *seen[WALK_KEYS]; /* the keys found in the table so far */
+    Py_ssize_t seen_len[WALK_KEYS];
+    int nseen = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t klen;
+        if (mp_head(*p, end, &kind, &klen, &hl)) {
+            return WK_UNSURE;
+        }
+        if (kind != 's') { /* flatten_record skips keys that are not texts */
+            if (kind == 'm' || kind == 'a' || kind == 'x' || mp_skip(p, end, depth + 1) ||
+                mp_skip(p, end, depth + 1)) {
+                return WK_UNSURE; /* a key unpackb may refuse (unhashable) */
+            }
+            continue;
+        }
+        const unsigned char *key = *p + hl;
+        if (klen > (uint64_t)(end - key)) {
+            return WK_UNSURE;
+        }
+        *p = key + klen;
+        Py_ssize_t len = plen + (plen > 0) + (Py_ssize_t)klen;
+        PathSlot *slot = NULL;
+        if (len <= w->t->maxlen) {
+            if (plen > 0) {
+                w->path[plen] = '.';
+            }
+            memcpy(w->path + plen + (plen > 0), key, (size_t)klen);
+            slot = path_find(w->t, w->path, len);
+        }
+        if (slot == NULL) {
+            if (mp_skip(p, end, depth + 1)) {
+                return WK_UNSURE;
+            }
+            continue;
+        }
+        for (int j = 0; j < nseen; j++) {
+            if (seen_len[j] == (Py_ssize_t)klen && memcmp(seen[j], key, (size_t)klen) == 0) {
+                return WK_UNSURE; /* the last value would win: left to unpackb */
+            }
+        }
+        if (nseen == WALK_KEYS) {
+            return WK_UNSURE;
+        }
+        seen[nseen] = key;
+        seen_len[nseen++] = (Py_ssize_t)klen;
+        const unsigned char *v = *p;
+        uint64_t vlen;
+        if (mp_head(v, end, &kind, &vlen, &hl)) {
+            return WK_UNSURE;
+        }
+        int rc = WK_OK;
+        if (kind == 'm' && !(slot->flags & P_WANTED)) {
+            rc = walk_map(w, p, end, len, depth + 1); /* only paths below it are read */
+        } else {
+            if (mp_skip(p, end, depth + 1)) {
+                return WK_UNSURE;
+            }
+            if (kind == 'n' || kind == 'x') {
+                rc = kind == 'n' ? WK_OK : WK_UNSURE;
+            } else if (kind == 'a' && (rc = walk_scalars(w, slot->path, v, *p,
+                                                         slot->flags & P_WANTED)) != WK_UNSURE) {
+                /* done: scalars only */
+            } else if (kind == 'm' || kind == 'a') {
+                rc = walk_decoded(w, slot->path, v, *p);
+            } else if (slot->flags & P_WANTED) {
+                PyObject *o = mp_scalar(v, kind, vlen, hl);
+                if (o == NULL) {
+                    return WK_ERROR;
+                }
+                rc = add_one(w->flat, slot->path, o) < 0 ? WK_ERROR : WK_OK;
+                Py_DECREF(o);
+            }
+        }
+        if (rc != WK_OK) {
+            return rc;
+        }
+    }
+    return WK_OK;
+}
+
+/* What flatten_record(unpackb(whole[s:e])) holds at the wanted paths of t: a new dict,
+ * Py_None (not decided here), or NULL with an exception set. */
+static PyObject *flat_from(PathTable *t, PyObject *whole, const unsigned char *base,
+                           Py_ssize_t s, Py_ssize_t e, PyObject *unpackb)
+{
+    Walk *w = PyMem_Malloc(sizeof(Walk));
+    if (w == NULL) {
+        return PyErr_NoMemory();
+    }
+    w->t = t;
+    w->whole = whole;
+    w->base = base;
+    w->unpackb = unpackb;
+    w->flat = PyDict_New();
+    if (w->flat == NULL) {
+        PyMem_Free(w);
+        return NULL;
+    }
+    const unsigned char *p = base + s;
+    int rc = walk_map(w, &p, base + e, 0, 0);
+    PyObject *flat = w->flat;
+    PyMem_Free(w);
+    if (rc == WK_OK && p == base + e) {
+        return flat;
+    }
+    Py_DECREF(flat);
+    if (rc == WK_ERROR) {
+        return NULL;
+    }
+    Py_RETURN_NONE; /* unsure, or bytes after the record (unpackb refuses those) */
+}
+
+/* flat_of(paths, data, unpackb): flat_from over the whole of data (tests). */
+static PyObject *flat_of(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyObject_TypeCheck(args[0], &PathTableType)) {
+        PyErr_SetString(PyExc_TypeError, "flat_of(paths: PathTable, data, unpackb)");
+        return NULL;
+    }
+    PyObject *whole = PyMemoryView_FromObject(args[1]);
+    if (whole == NULL) {
+        return NULL;
+    }
+    Py_buffer *b = PyMemoryView_GET_BUFFER(whole);
+    if (!PyBuffer_IsContiguous(b, 'C') || b->itemsize != 1) {
+        Py_DECREF(whole);
+        PyErr_SetString(PyExc_TypeError, "data must be contiguous bytes");
+        return NULL;
+    }
+    PyObject *got = flat_from((PathTable *)args[0], whole, (const unsigned char *)b->buf, 0,
+                              b->len, args[2]);
+    Py_DECREF(whole);
+    return got;
 }
 
 /* ------------------------------------------------------------------ Adder */
@@ -868,6 +1461,11 @@ typedef struct {
     PyObject *strings; /* (fields.RecordView.strings) or NULL */
     PyObject *event;   /* (fields.RecordView._windows_event) */
     PyObject *plans;   /* map._plans: field -> plan */
+    /* Made by match_loop from the record's bytes (else NULL / 0): */
+    PyObject *raw;     /* the record's bytes (a memoryview), decoded when first needed */
+    PyObject *unpackb; /* what decodes them */
+    PyObject *covered; /* while partial: the paths flat holds exactly (a frozenset) */
+    int partial;       /* flat holds only the paths of covered (flat_from) */
 } View;
 
 static PyObject *View_values(View *self, PyObject *field);
@@ -904,6 +1502,49 @@ static int View_init(View *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->event, Py_False);
     Py_CLEAR(self->flat);
     Py_CLEAR(self->strings);
+    Py_CLEAR(self->raw);
+    Py_CLEAR(self->unpackb);
+    Py_CLEAR(self->covered);
+    self->partial = 0;
+    return 0;
+}
+
+/* The record (decoded from self->raw the first time when the view was made from its bytes).
+ * Borrowed; NULL with an exception set. */
+static PyObject *view_record(View *self)
+{
+    if (self->record != NULL) {
+        return self->record;
+    }
+    if (self->raw == NULL || self->unpackb == NULL) {
+        PyErr_SetString(PyExc_TypeError, "the record view is not initialised");
+        return NULL;
+    }
+    PyObject *args[4] = {self->raw, Py_False, s_surrogateescape, Py_False};
+    PyObject *rec = PyObject_Vectorcall(self->unpackb, args, 1, unpack_kwnames);
+    if (rec != NULL && !PyDict_Check(rec)) { /* flat_from saw a map: cannot happen */
+        Py_DECREF(rec);
+        PyErr_SetString(PyExc_ValueError, "the record's bytes no longer decode to a map");
+        return NULL;
+    }
+    self->record = rec;
+    return rec;
+}
+
+/* self->flat made whole (flatten_record of the record) unless it is already. 0 or -1. */
+static int view_full_flat(View *self)
+{
+    if (self->flat != NULL && self->flat != Py_None && !self->partial) {
+        return 0;
+    }
+    PyObject *rec = view_record(self);
+    PyObject *f = rec == NULL ? NULL : flatten_record(NULL, rec);
+    if (f == NULL) {
+        return -1;
+    }
+    Py_XSETREF(self->flat, f);
+    self->partial = 0;
+    Py_CLEAR(self->covered);
     return 0;
 }
 
@@ -1182,9 +1823,14 @@ static PyObject *compute(View *self, PyObject *field)
         PyErr_SetString(PyExc_TypeError, "a plan's dotted paths and spec must be tuples");
         goto done;
     }
-    if (self->flat == NULL) {
-        self->flat = flatten_record(NULL, self->record);
-        if (self->flat == NULL) {
+    if (self->flat == NULL || self->flat == Py_None) {
+        if (view_full_flat(self) < 0) {
+            goto done;
+        }
+    }
+    for (Py_ssize_t i = 0; self->partial && i < PyTuple_GET_SIZE(dotted); i++) {
+        int in = PySet_Contains(self->covered, PyTuple_GET_ITEM(dotted, i));
+        if (in < 0 || (in == 0 && view_full_flat(self) < 0)) {
             goto done;
         }
     }
@@ -1266,6 +1912,9 @@ static int View_traverse(View *self, visitproc visit, void *arg)
     Py_VISIT(self->strings);
     Py_VISIT(self->event);
     Py_VISIT(self->plans);
+    Py_VISIT(self->raw);
+    Py_VISIT(self->unpackb);
+    Py_VISIT(self->covered);
     return 0;
 }
 
@@ -1278,6 +1927,9 @@ static int View_clear(View *self)
     Py_CLEAR(self->strings);
     Py_CLEAR(self->event);
     Py_CLEAR(self->plans);
+    Py_CLEAR(self->raw);
+    Py_CLEAR(self->unpackb);
+    Py_CLEAR(self->covered);
     return 0;
 }
 
@@ -1296,12 +1948,44 @@ static PyMethodDef View_methods[] = {
 
 static PyMemberDef View_members[] = {
     {"_map", T_OBJECT, offsetof(View, map), READONLY, NULL},
-    {"_record", T_OBJECT, offsetof(View, record), READONLY, NULL},
     {"_cache", T_OBJECT, offsetof(View, cache), READONLY, NULL},
-    {"_flat", T_OBJECT, offsetof(View, flat), 0, NULL},
     {"_strings", T_OBJECT, offsetof(View, strings), 0, NULL},
     {"_event", T_OBJECT, offsetof(View, event), 0, NULL},
     {NULL, 0, 0, 0, NULL},
+};
+
+static PyObject *View_get_record(View *self, void *closure)
+{
+    PyObject *rec = view_record(self);
+    Py_XINCREF(rec);
+    return rec;
+}
+
+/* _flat: None until computed; a view made from the record's bytes holds only the paths the
+ * table reads, and is made whole here, for Python code (fields._ViewMethods.flat). */
+static PyObject *View_get_flat(View *self, void *closure)
+{
+    if (self->partial && view_full_flat(self) < 0) {
+        return NULL;
+    }
+    PyObject *f = self->flat != NULL ? self->flat : Py_None;
+    Py_INCREF(f);
+    return f;
+}
+
+static int View_set_flat(View *self, PyObject *value, void *closure)
+{
+    Py_XINCREF(value);
+    Py_XSETREF(self->flat, value);
+    self->partial = 0;
+    Py_CLEAR(self->covered);
+    return 0;
+}
+
+static PyGetSetDef View_getset[] = {
+    {"_record", (getter)View_get_record, NULL, "the record (decoded when first asked for)", NULL},
+    {"_flat", (getter)View_get_flat, (setter)View_set_flat, "flatten_record(record) or None", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyTypeObject ViewType = {
@@ -1316,6 +2000,7 @@ static PyTypeObject ViewType = {
     .tp_dealloc = (destructor)View_dealloc,
     .tp_methods = View_methods,
     .tp_members = View_members,
+    .tp_getset = View_getset,
 };
 
 /* ------------------------------------------------------------------ LazyLeaf */
@@ -1848,16 +2533,12 @@ static int view_state(PyObject *view, PyObject **flat, PyObject **vcache)
 {
     if (PyObject_TypeCheck(view, &ViewType)) {
         View *v = (View *)view;
-        if (v->record == NULL || v->cache == NULL) {
+        if (v->cache == NULL) {
             PyErr_SetString(PyExc_TypeError, "the record view is not initialised");
             return -1;
         }
-        if (v->flat == NULL || v->flat == Py_None) {
-            PyObject *f = flatten_record(NULL, v->record);
-            if (f == NULL) {
-                return -1;
-            }
-            Py_XSETREF(v->flat, f);
+        if ((v->flat == NULL || v->flat == Py_None) && view_full_flat(v) < 0) {
+            return -1;
         }
         Py_INCREF(v->flat);
         Py_INCREF(v->cache);
@@ -1993,6 +2674,50 @@ static PyObject *record_of(PyObject *whole, const unsigned char *data, Py_ssize_
     return rec;
 }
 
+/* A view of the usual entry data[s:e] made from its record's bytes (flat_from: only the
+ * paths the table reads are decoded, the record itself when first asked for): a new
+ * reference, Py_None (not the usual entry, or flat_from does not decide: the caller decodes
+ * the record), or NULL with an exception set. */
+static PyObject *view_of_bytes(PathTable *paths, PyObject *whole, const unsigned char *data,
+                               Py_ssize_t s, Py_ssize_t e, PyObject *unpackb,
+                               PyObject *view_type, PyObject *fm)
+{
+    const unsigned char *b = data + s;
+    Py_ssize_t n = e - s;
+    Py_ssize_t off = n > 2 && b[0] == 0x92 ? 1 + time_len(b[1]) : 0;
+    if (off <= 1) {
+        Py_RETURN_NONE;
+    }
+    PyObject *flat = flat_from(paths, whole, data, s + off, e, unpackb);
+    if (flat == NULL || flat == Py_None) {
+        return flat;
+    }
+    PyObject *vargs[2] = {fm, Py_None};
+    PyObject *view = PyObject_Vectorcall(view_type, vargs, 2, NULL);
+    PyObject *raw = view == NULL ? NULL : PySequence_GetSlice(whole, s + off, e);
+    if (raw == NULL) {
+        Py_XDECREF(view);
+        Py_DECREF(flat);
+        return NULL;
+    }
+    if (!PyObject_TypeCheck(view, &ViewType)) {
+        Py_DECREF(raw);
+        Py_DECREF(view);
+        Py_DECREF(flat);
+        Py_RETURN_NONE;
+    }
+    View *v = (View *)view;
+    Py_CLEAR(v->record);
+    Py_XSETREF(v->flat, flat);
+    Py_XSETREF(v->raw, raw);
+    Py_INCREF(unpackb);
+    Py_XSETREF(v->unpackb, unpackb);
+    Py_INCREF(paths->covered);
+    Py_XSETREF(v->covered, paths->covered);
+    v->partial = 1;
+    return view;
+}
+
 /* [back[i] for i in got]: a new list, or NULL with an exception set. */
 static PyObject *mapped_back(PyObject *got, PyObject *back)
 {
@@ -2102,12 +2827,14 @@ static PyObject *entry_matches(PyObject *plan, PyObject *view, PyObject *own_eva
  * Fills out {entry index: [matching rule indexes]} (entries with a match only). */
 static PyObject *match_loop(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 14) {
+    if (nargs != 15 || (args[14] != Py_None && !PyObject_TypeCheck(args[14], &PathTableType))) {
         PyErr_SetString(PyExc_TypeError,
                         "match_loop(todo, cands, plans, make_plan, entries, spans, records, "
-                        "view_type, fieldmap, own_eval, cold, unpackb, decode, out)");
+                        "view_type, fieldmap, own_eval, cold, unpackb, decode, out, paths: "
+                        "PathTable or None)");
         return NULL;
     }
+    PathTable *paths = args[14] == Py_None ? NULL : (PathTable *)args[14];
     PyObject *todo = args[0], *cands = args[1], *plans = args[2], *make_plan = args[3],
              *spans = args[5], *records = args[6], *view_type = args[7], *fm = args[8],
              *own_eval = args[9], *cold = args[10], *unpackb = args[11], *decode = args[12],
@@ -2166,14 +2893,25 @@ static PyObject *match_loop(PyObject *self, PyObject *const *args, Py_ssize_t na
                                                   "the entries");
                 goto next;
             }
-            record = record_of(whole, (const unsigned char *)buf.buf, s, e, unpackb, decode);
+            if (paths != NULL && (view = view_of_bytes(paths, whole, (const unsigned char *)buf.buf,
+                                                       s, e, unpackb, view_type, fm)) == NULL) {
+                goto next;
+            }
+            if (view == Py_None) {
+                Py_CLEAR(view);
+            }
+            if (view == NULL) {
+                record = record_of(whole, (const unsigned char *)buf.buf, s, e, unpackb, decode);
+            }
         }
-        if (record == NULL || record == Py_None) {
-            goto next;
-        }
-        PyObject *vargs[2] = {fm, record};
-        if ((view = PyObject_Vectorcall(view_type, vargs, 2, NULL)) == NULL) {
-            goto next;
+        if (view == NULL) {
+            if (record == NULL || record == Py_None) {
+                goto next;
+            }
+            PyObject *vargs[2] = {fm, record};
+            if ((view = PyObject_Vectorcall(view_type, vargs, 2, NULL)) == NULL) {
+                goto next;
+            }
         }
         m = entry_matches(plan, view, own_eval, cold);
         if (m != NULL && PyList_GET_SIZE(m) > 0 && PyDict_SetItem(out, k, m) < 0) {
@@ -2219,7 +2957,11 @@ static PyMethodDef methods[] = {
      "ruletag.rules.matcher.table.Matcher._evaluate."},
     {"match_loop", (PyCFunction)(void (*)(void))match_loop, METH_FASTCALL,
      "match_loop(todo, cands, plans, make_plan, entries, spans, records, view_type, fieldmap, "
-     "own_eval, cold, unpackb, decode, out): see ruletag.rules.matcher.table.Matcher._match_loop."},
+     "own_eval, cold, unpackb, decode, out, paths): see "
+     "ruletag.rules.matcher.table.py_match_loop."},
+    {"flat_of", (PyCFunction)(void (*)(void))flat_of, METH_FASTCALL,
+     "flat_of(paths, data, unpackb) -> flatten_record(unpackb(data)) at the wanted paths of "
+     "paths, or None where that is not decided here: see ruletag.rules.matcher.table.py_flat_of."},
     {"follow_triggers", (PyCFunction)(void (*)(void))follow_triggers, METH_FASTCALL,
      "follow_triggers(per_entry, triggered, fire_sets, out) -> [(k, key), ...] left to the "
      "caller: see ruletag.rules.matcher.prefilter.py_follow_triggers."},
@@ -2236,7 +2978,7 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__native(void)
 {
     if (PyType_Ready(&AdderType) < 0 || PyType_Ready(&EntryHitsType) < 0 ||
-        PyType_Ready(&LazyLeafType) < 0 ||
+        PyType_Ready(&LazyLeafType) < 0 || PyType_Ready(&PathTableType) < 0 ||
         PyType_Ready(&ViewType) < 0) {
         return NULL;
     }
@@ -2279,11 +3021,13 @@ PyMODINIT_FUNC PyInit__native(void)
     Py_INCREF(&LazyLeafType);
     Py_INCREF(&EntryHitsType);
     Py_INCREF(&ViewType);
-    if (PyModule_AddObject(m, "Adder", (PyObject *)&AdderType) < 0 ||
+    Py_INCREF(&PathTableType);
+    if (PyModule_AddObject(m, "PathTable", (PyObject *)&PathTableType) < 0 ||
+        PyModule_AddObject(m, "Adder", (PyObject *)&AdderType) < 0 ||
         PyModule_AddObject(m, "LazyLeaf", (PyObject *)&LazyLeafType) < 0 ||
         PyModule_AddObject(m, "EntryHits", (PyObject *)&EntryHitsType) < 0 ||
         PyModule_AddObject(m, "ViewBase", (PyObject *)&ViewType) < 0 ||
-        PyModule_AddIntConstant(m, "ABI", 5) < 0) {
+        PyModule_AddIntConstant(m, "ABI", 6) < 0) {
         Py_DECREF(m);
         return NULL;
     }

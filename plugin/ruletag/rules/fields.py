@@ -667,6 +667,18 @@ class FieldMap:
         """The dotted record paths read directly for ``field`` (derivations excluded)."""
         return tuple(".".join(p) for p in self._plan(field).paths)
 
+    @property
+    def planned(self) -> int:
+        """How many fields have a plan so far (each field read gets one, once)."""
+        return len(self._plans)
+
+    def planned_paths(self) -> set[str]:
+        """The dotted record paths the fields planned so far read (:attr:`_Plan.dotted`).
+
+        Safe while another thread plans fields (a matcher's tuning thread builds tables):
+        the plans are copied in one step first."""
+        return {p for plan in list(self._plans.values()) for p in plan.dotted}
+
     def raw_keys(self, field: str) -> frozenset[str]:
         """Record key names of which at least one occurs in any record where ``field`` has a
         value: the last component of every path that can supply it, directly or through a

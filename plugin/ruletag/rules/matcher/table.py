@@ -40,7 +40,7 @@ from ruletag.rules.compiler.hyperscan import Group, encode
 from ruletag.rules.compiler.prefilter import RawFilter
 from ruletag.rules.compiler.store import TableError, load_tuned, save_sample, save_tuned
 from ruletag.rules.compiler.table import CompiledTable, build
-from ruletag.rules.fields import FieldMap, RecordView
+from ruletag.rules.fields import FieldMap, RecordView, flatten_record
 from ruletag.rules.ir import Rule
 from ruletag.rules.matcher.leaves import Lazy, lazy_fn
 from ruletag.rules.matcher.prefilter import TUNE_AFTER, RawMatcher, Sample
@@ -158,6 +158,10 @@ class Matcher:
         self._cold_records = 0
         self._grown: tuple[HotTable, int, int] | None = None
         self._growing = False
+        # the paths an entry's record is decoded for, and what they were gathered from
+        # (see :meth:`_path_table`)
+        self._paths: Any = None
+        self._paths_from: tuple[int, HotTable | None] = (-1, None)
         # drift: what the last tuning observed, windows since it, re-tunings so far
         self._sample: Sample | None = None
         self._windows = 0
@@ -331,6 +335,26 @@ class Matcher:
             spec.append((paths, field, fm.paths(field), id(g), functools.partial(_scan_value, g)))
         return tuple(spec)
 
+    def _path_table(self, hot: HotTable | None) -> Any:
+        """The dotted paths the C loop decodes an entry's record for (None without the C
+        helpers): every path a field planned so far reads, and the paths of both tables'
+        field groups; gathered again once fields are planned anew or the often-passed table
+        changes. A view built from them decodes the whole record when it is asked for
+        anything else (a new field, the record itself)."""
+        if PathTable is None:
+            return None
+        fm = self.table.fieldmap
+        if self._paths_from[0] == fm.planned and self._paths_from[1] is hot:
+            return self._paths
+        wanted = fm.planned_paths()
+        for spec in (self._group_spec, hot[0]._group_spec if hot is not None else ()):
+            for paths, _field, dotted, _key, _scan in spec:
+                wanted.update(dotted)
+                wanted.update(paths or ())
+        self._paths = path_table(wanted)
+        self._paths_from = (fm.planned, hot)
+        return self._paths
+
     def match_subset(self, record: Mapping[str, object], rules: Iterable[int]) -> list[int]:
         """Which of ``rules`` (indexes) match ``record``, scanning only the fields they read."""
         key = tuple(sorted(rules))
@@ -388,6 +412,7 @@ class Matcher:
             self._plans_for = hot
             self._plans = {}
         cold = self._cold_seen
+        paths = self._path_table(hot) if records is None else None
         match_loop(
             todo,
             cands,
@@ -403,6 +428,7 @@ class Matcher:
             msgpack.unpackb,
             _record_of,
             out,
+            paths,
         )
         if cold is not None:
             self._cold_records += len(spans)
@@ -770,13 +796,16 @@ def py_match_loop(
     unpackb: Callable[..., object],
     decode: Callable[[memoryview], Mapping[str, object] | None],
     out: dict[int, list[int]],
+    paths: object = None,
 ) -> None:
     """Reference of the C ``match_loop``, :meth:`Matcher.match_entries`' loop: for each entry
     ``todo`` names, its rule list (``cands``, else none) is evaluated as its plan says
     (``plans``, else ``make_plan``) on its record (``records``, else the entry decoded:
     ``decode``; the C loop decodes the usual entry with ``unpackb`` itself, exactly as
     ``decode`` would); entries with a match go to ``out``, and the rules evaluated outside the
-    often-passed table are counted in ``cold``."""
+    often-passed table are counted in ``cold``. ``paths``: the C loop's ``PathTable``, with
+    which it reads only those paths of the usual entry's record, and decodes the record
+    itself only when asked for it (this loop decodes every record whole)."""
     buf = memoryview(entries)
     for k in todo:
         rules = cands.get(k, ())
@@ -813,6 +842,35 @@ holding: Callable[..., list[int]] | None = None if _native is None else _native.
 evaluate: Callable[..., list[int]] | None = None if _native is None else _native.evaluate
 #: :func:`py_match_loop`, in C when the extension is built
 match_loop: Callable[..., None] = py_match_loop if _native is None else _native.match_loop
+#: the dotted paths the C loop reads of an entry's record (None: no C helpers)
+PathTable: Any = None if _native is None else _native.PathTable
+
+
+def path_table(wanted: Iterable[str]) -> Any:
+    """The C loop's ``PathTable`` of the dotted paths ``wanted``, and of the paths above them
+    (walked into for them)."""
+    flags = dict.fromkeys(wanted, 1)
+    for w in list(flags):
+        for i, c in enumerate(w):
+            if c == ".":
+                flags[w[:i]] = flags.get(w[:i], 0) | 2
+    return PathTable(flags)
+
+
+def py_flat_of(covered: Iterable[str], data: bytes) -> dict[str, list[object]] | None:
+    """The reference of the C ``flat_of(PathTable(paths), data, unpackb)``:
+    :func:`flatten_record` of the record ``data`` holds (None if it is not a map msgpack
+    decodes), at the paths ``covered``. Where the C one answers (not None), it answers this."""
+    try:
+        rec = msgpack.unpackb(
+            data, raw=False, unicode_errors="surrogateescape", strict_map_key=False
+        )
+    except Exception:
+        return None
+    if not isinstance(rec, dict):
+        return None
+    keep = set(covered)
+    return {p: v for p, v in flatten_record(rec).items() if p in keep}
 
 
 def _scan_value(g: Group, s: str, hits: Hits, on_match: Callable[..., None] | None = None) -> None:
