@@ -37,7 +37,19 @@ from ruletag.rules.compiler.codegen import (
     Program,
     exec_formulas,
 )
-from ruletag.rules.ir import And, Compare, Const, Equals, Exists, FieldRef, IsNull, Node, Not, Or
+from ruletag.rules.ir import (
+    And,
+    Cidr,
+    Compare,
+    Const,
+    Equals,
+    Exists,
+    FieldRef,
+    IsNull,
+    Node,
+    Not,
+    Or,
+)
 from ruletag.rules.matcher import table as table_mod
 from support.paths import REPO
 
@@ -752,6 +764,96 @@ def test_lazy_leaves_in_c_are_the_reference(record: dict) -> None:
         want = py_lazy_fn(leaf, kw, 0)(fields.PyRecordView(fm, record), {})
         assert c_leaf(fields.RecordView(fm, record), {}) is want, leaf
         assert c_leaf(fields.PyRecordView(fm, record), {}) is want, leaf
+
+
+_IP_VALUES: list[object] = [
+    "10.1.2.3",
+    "010.1.2.3",
+    "10.01.2.3",
+    " 10.1.2.3 ",
+    "10.1.2.3\n",
+    "0.0.0.0",
+    "00.0.0.0",
+    "255.255.255.255",
+    "255.255.255.254",
+    "256.1.1.1",
+    "1.2.3",
+    "1.2.3.4.5",
+    "1.2.3.4a",
+    "1..2.3",
+    "",
+    ".1.2.3",
+    "1.2.3.",
+    "1.2.3.0004",
+    "1.2.3.255",
+    "1.2.3.256",
+    "9.255.255.255",
+    "11.0.0.0",
+    "\u0661.\u0662.\u0663.\u0664",
+    "::1",
+    "fc00::1",
+    "fe00::1",
+    "::ffff:10.0.0.1",
+    "::",
+    "::0.0.0.1",
+    b"10.1.2.3",
+    167838211,
+    10,
+    None,
+    1.5,
+    True,
+    "192.168.1.300",
+    "192.168.001.1",
+    "1.2.3.4 ",
+    "1.2.3.4\x00",
+    "1234.1.1.1",
+    "1.2.3.-4",
+    "+1.2.3.4",
+]
+_CIDRS = [
+    ("10.0.0.0/8",),
+    ("10.0.0.0/8", "fc00::/7"),
+    ("0.0.0.0/32", "255.255.255.255/32"),
+    ("255.255.255.0/24", "::/128"),  # merged across the IPv4/IPv6 boundary
+    ("::/0",),
+    ("0.0.0.0/0",),
+    ("1.2.3.0/24", "1.2.3.128/25", "9.0.0.0/8", "11.0.0.0/8", "bad"),
+    ("::ffff:0:0/96",),
+    (),
+]
+
+
+@needs_native
+def test_cidr_leaves_in_c_are_the_reference() -> None:
+    """Cidr leaves in C (dotted-quad texts read here, anything else through _ip_int) give
+    what the Python leaf gives: leading zeros, white space, non-ASCII digits, IPv6, ranges
+    merged across the IPv4/IPv6 boundary, values that are not texts."""
+    from ruletag.rules.matcher.leaves import lazy_fn, py_lazy_fn
+
+    def kw(view: object, cache: object) -> set[int]:
+        raise AssertionError("no keyword leaf here")
+
+    fm = fields.FieldMap.default()
+    seen = set()
+    for nets in _CIDRS:
+        leaf = Cidr("ip", nets)
+        c_leaf = lazy_fn(leaf, kw, 0)
+        assert type(c_leaf).__name__ == "LazyLeaf"
+        py = py_lazy_fn(leaf, kw, 0)
+        for v in _IP_VALUES:
+            rec = {"ip": v}
+            want = py(fields.PyRecordView(fm, rec), {})
+            assert c_leaf(fields.RecordView(fm, rec), {}) is want, (nets, v)
+            assert c_leaf(fields.PyRecordView(fm, rec), {}) is want, (nets, v)
+            seen.add(want)
+        rec = {"ip": list(_IP_VALUES)}
+        assert c_leaf(fields.RecordView(fm, rec), {}) is py(fields.PyRecordView(fm, rec), {})
+    assert seen == {True, False}
+    for bad in ((), ((1,), ()), ((1,), (0,)), ((-1,), (2,)), (("a",), (1,)), [(1,), (2,)]):
+        with pytest.raises(ValueError, match="LazyLeaf"):
+            NATIVE.LazyLeaf(6, "ip", bad, None, abs)  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="LazyLeaf"):
+        NATIVE.LazyLeaf(6, "ip", ((1,), (2,)))  # type: ignore[union-attr]
 
 
 @needs_native

@@ -2006,7 +2006,7 @@ static PyTypeObject ViewType = {
 /* ------------------------------------------------------------------ LazyLeaf */
 
 /* The kinds of lazy leaves evaluated in C (matcher.leaves.lazy_fn builds them). */
-enum { L_EXISTS, L_ISNULL, L_EQUALS, L_EQUALS_BOOL, L_COMPARE, L_FIELDREF };
+enum { L_EXISTS, L_ISNULL, L_EQUALS, L_EQUALS_BOOL, L_COMPARE, L_FIELDREF, L_CIDR };
 /* FieldRef operators */
 enum { R_EQ, R_STARTSWITH, R_ENDSWITH, R_CONTAINS };
 
@@ -2021,8 +2021,100 @@ typedef struct {
                          * other field */
     PyObject *fallback; /* L_EQUALS*: algebra.equals_value; L_COMPARE: algebra.number_of;
                          * L_FIELDREF: the Python leaf function (view, cache) -> bool, for
-                         * anything but one text on each side */
+                         * anything but one text on each side; L_CIDR: leaves._ip_int */
+    /* L_CIDR: want is (starts, ends), the merged address ranges (IPv6 ones above 2**32);
+     * their IPv4 part, for dotted-quad texts read here: */
+    uint32_t *v4_starts, *v4_ends;
+    Py_ssize_t n_v4;
 } LazyLeaf;
+
+/* The IPv4 address a text spells exactly as ipaddress.ip_address takes it (four decimal
+ * octets of at most three ASCII digits, no leading zero, each at most 255, nothing around):
+ * 1 with *ip set, else 0 (the text is then left to leaves._ip_int). */
+static int dotted_quad(PyObject *v, uint32_t *ip)
+{
+    if (!PyUnicode_IS_ASCII(v)) {
+        return 0;
+    }
+    const char *p = (const char *)PyUnicode_DATA(v);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(v), i = 0;
+    uint32_t out = 0;
+    for (int octet = 0; octet < 4; octet++) {
+        if (octet > 0) {
+            if (i >= n || p[i] != '.') {
+                return 0;
+            }
+            i++;
+        }
+        Py_ssize_t start = i;
+        unsigned x = 0;
+        while (i < n && p[i] >= '0' && p[i] <= '9' && i - start < 3) {
+            x = x * 10 + (unsigned)(p[i] - '0');
+            i++;
+        }
+        if (i == start || x > 255 || (i - start > 1 && p[start] == '0') ||
+            (i < n && p[i] >= '0' && p[i] <= '9')) {
+            return 0;
+        }
+        out = (out << 8) | x;
+    }
+    if (i != n) {
+        return 0;
+    }
+    *ip = out;
+    return 1;
+}
+
+/* Whether the address number ``ip`` (leaves._ip_int) is in one of the ranges (starts, ends):
+ * the last range starting at or below it ends at or above it. 1, 0 or -1. */
+static int in_ranges(PyObject *starts, PyObject *ends, PyObject *ip)
+{
+    Py_ssize_t lo = 0, hi = PyTuple_GET_SIZE(starts);
+    while (lo < hi) { /* bisect_right */
+        Py_ssize_t mid = (lo + hi) / 2;
+        int lt = PyObject_RichCompareBool(ip, PyTuple_GET_ITEM(starts, mid), Py_LT);
+        if (lt < 0) {
+            return -1;
+        }
+        if (lt) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    if (lo == 0) {
+        return 0;
+    }
+    return PyObject_RichCompareBool(ip, PyTuple_GET_ITEM(ends, lo - 1), Py_LE);
+}
+
+/* One value against a Cidr leaf: a dotted-quad text against the IPv4 ranges here, anything
+ * else through leaves._ip_int and the whole ranges. 1, 0 or -1. */
+static int leaf_cidr(LazyLeaf *self, PyObject *v)
+{
+    uint32_t ip;
+    if (PyUnicode_CheckExact(v) && dotted_quad(v, &ip)) {
+        Py_ssize_t lo = 0, hi = self->n_v4;
+        while (lo < hi) {
+            Py_ssize_t mid = (lo + hi) / 2;
+            if (ip < self->v4_starts[mid]) {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        return lo > 0 && ip <= self->v4_ends[lo - 1];
+    }
+    PyObject *num = PyObject_CallOneArg(self->fallback, v);
+    if (num == NULL) {
+        return -1;
+    }
+    int r = num == Py_None ? 0
+                           : in_ranges(PyTuple_GET_ITEM(self->want, 0),
+                                       PyTuple_GET_ITEM(self->want, 1), num);
+    Py_DECREF(num);
+    return r;
+}
 
 /* One value against an Equals (numbers) leaf: an int or a float is compared as is (what
  * number_of gives for them), anything else through equals_value. 1, 0 or -1. */
@@ -2158,6 +2250,7 @@ static PyObject *LazyLeaf_vectorcall(PyObject *callable, PyObject *const *args, 
                 PyObject *v = PySequence_Fast_GET_ITEM(seq, i);
                 r = self->kind == L_EQUALS        ? leaf_equals(self, v)
                     : self->kind == L_EQUALS_BOOL ? leaf_equals_bool(self, v)
+                    : self->kind == L_CIDR        ? leaf_cidr(self, v)
                                                   : leaf_compare(self, v);
             }
             Py_DECREF(seq);
@@ -2168,6 +2261,55 @@ static PyObject *LazyLeaf_vectorcall(PyObject *callable, PyObject *const *args, 
         return NULL;
     }
     return PyBool_FromLong(r);
+}
+
+/* A Cidr leaf's ranges ``want`` checked ((starts, ends): two tuples of as many ints, starts
+ * ascending, each range's end at or above its start) and their IPv4 part kept in C. 0, or
+ * -1 (no exception set: the caller reports a bad leaf). */
+static int cidr_ranges(LazyLeaf *self, PyObject *want)
+{
+    if (!PyTuple_Check(want) || PyTuple_GET_SIZE(want) != 2 ||
+        !PyTuple_Check(PyTuple_GET_ITEM(want, 0)) || !PyTuple_Check(PyTuple_GET_ITEM(want, 1))) {
+        return -1;
+    }
+    PyObject *starts = PyTuple_GET_ITEM(want, 0), *ends = PyTuple_GET_ITEM(want, 1);
+    Py_ssize_t n = PyTuple_GET_SIZE(starts);
+    if (PyTuple_GET_SIZE(ends) != n) {
+        return -1;
+    }
+    uint32_t *s4 = PyMem_Calloc((size_t)n + 1, sizeof(uint32_t));
+    uint32_t *e4 = PyMem_Calloc((size_t)n + 1, sizeof(uint32_t));
+    Py_ssize_t k = 0;
+    int bad = s4 == NULL || e4 == NULL;
+    for (Py_ssize_t i = 0; i < n && !bad; i++) {
+        PyObject *a = PyTuple_GET_ITEM(starts, i), *b = PyTuple_GET_ITEM(ends, i);
+        if (!PyLong_CheckExact(a) || !PyLong_CheckExact(b)) {
+            bad = 1;
+            break;
+        }
+        int oa = 0, ob = 0; /* past a long long (IPv6 numbers): 1 */
+        long long x = PyLong_AsLongLongAndOverflow(a, &oa);
+        long long y = PyLong_AsLongLongAndOverflow(b, &ob);
+        if (PyErr_Occurred() || oa < 0 || ob < 0 || (!oa && x < 0) || (!ob && y < 0) ||
+            (!oa && !ob && y < x) || (oa && !ob)) {
+            bad = 1;
+        } else if (!oa && x <= 0xFFFFFFFFLL) { /* an IPv4 part, its end cut at 2**32 - 1 */
+            s4[k] = (uint32_t)x;
+            e4[k++] = ob || y > 0xFFFFFFFFLL ? 0xFFFFFFFFu : (uint32_t)y;
+        }
+    }
+    if (bad) {
+        PyErr_Clear();
+        PyMem_Free(s4);
+        PyMem_Free(e4);
+        return -1;
+    }
+    PyMem_Free(self->v4_starts);
+    PyMem_Free(self->v4_ends);
+    self->v4_starts = s4;
+    self->v4_ends = e4;
+    self->n_v4 = k;
+    return 0;
 }
 
 static int LazyLeaf_init(LazyLeaf *self, PyObject *args, PyObject *kwds)
@@ -2199,7 +2341,8 @@ static int LazyLeaf_init(LazyLeaf *self, PyObject *args, PyObject *kwds)
              (kind == L_EQUALS_BOOL && PyBool_Check(want)) ||
              (kind == L_COMPARE && cmp >= 0 && PyCallable_Check(fallback)) ||
              (kind == L_FIELDREF && cmp >= 0 && PyUnicode_Check(want) &&
-              PyCallable_Check(fallback));
+              PyCallable_Check(fallback)) ||
+             (kind == L_CIDR && PyCallable_Check(fallback) && cidr_ranges(self, want) == 0);
     if (!ok) {
         PyErr_SetString(PyExc_ValueError, "LazyLeaf: a known kind with its value, operator "
                                           "and fallback");
@@ -2236,6 +2379,10 @@ static int LazyLeaf_traverse(LazyLeaf *self, visitproc visit, void *arg)
 
 static int LazyLeaf_clear(LazyLeaf *self)
 {
+    PyMem_Free(self->v4_starts);
+    PyMem_Free(self->v4_ends);
+    self->v4_starts = self->v4_ends = NULL;
+    self->n_v4 = 0;
     Py_CLEAR(self->field);
     Py_CLEAR(self->want);
     Py_CLEAR(self->fallback);

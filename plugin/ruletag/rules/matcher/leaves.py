@@ -88,7 +88,7 @@ def _texts(values: list[object], cased: bool) -> set[str]:
 
 _LazyLeaf: Any = getattr(native_module(), "LazyLeaf", None)
 #: the kinds of ``_native.LazyLeaf``
-_EXISTS, _ISNULL, _EQUALS, _EQUALS_BOOL, _COMPARE, _FIELDREF = range(6)
+_EXISTS, _ISNULL, _EQUALS, _EQUALS_BOOL, _COMPARE, _FIELDREF, _CIDR = range(7)
 
 
 def lazy_fn(leaf: Node, kw: Callable[[RecordView, dict[int, Any]], Hits], atom: int) -> Lazy:
@@ -109,6 +109,9 @@ def lazy_fn(leaf: Node, kw: Callable[[RecordView, dict[int, Any]], Hits], atom: 
         if isinstance(leaf, FieldRef):  # one text a side in C, anything else in Python
             ref = py_lazy_fn(leaf, kw, atom)
             return _LazyLeaf(_FIELDREF, leaf.field, leaf.other, leaf.op, ref, leaf.cased)
+        if isinstance(leaf, Cidr):  # dotted-quad texts in C, anything else through _ip_int
+            starts, ends = _cidr_ranges(leaf.networks)
+            return _LazyLeaf(_CIDR, leaf.field, (tuple(starts), tuple(ends)), None, _ip_int)
     return py_lazy_fn(leaf, kw, atom)
 
 
