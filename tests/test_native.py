@@ -1126,9 +1126,15 @@ def test_flat_of_leaves_to_unpackb_what_it_cannot_decide() -> None:
         NATIVE.PathTable({"a": 4})
     with pytest.raises(TypeError):
         NATIVE.PathTable({1: 1})
-    # a path no record key decodes to, or too long to look up, is never covered
-    odd = NATIVE.PathTable({"\ud800": 1, "a" * 2000: 1, "b": 1})
+    # a path no record key decodes to, or too long to look up, is never covered, and a
+    # plan reading one is not taken (its view checks each path, and decodes the record)
+    plans = {"B": (("b",), ()), "Odd": (("b", "\ud800"), ()), "Long": (("a" * 2000,), ())}
+    odd = NATIVE.PathTable({"\ud800": 1, "a" * 2000: 1, "b": 1}, plans)
     assert odd.covered == frozenset({"b"})
+    assert odd.plans == {"B": (("b",), ())}
+    for bad in ({"B": ("b", ())}, {"B": (("b",),)}, {1: (("b",), ())}):
+        with pytest.raises(TypeError, match="plans"):
+            NATIVE.PathTable({"b": 1}, bad)
 
 
 @needs_native

@@ -305,6 +305,8 @@ typedef struct {
     Py_ssize_t mask; /* capacity - 1, a power of two minus one */
     Py_ssize_t maxlen;
     PyObject *covered; /* frozenset of the wanted paths flat_of reports exactly */
+    PyObject *plans;   /* field -> (dotted, spec) of its plan, for the fields whose dotted
+                        * paths are all covered (a view made by flat_of reads them so) */
 } PathTable;
 
 static uint64_t path_hash(const char *p, Py_ssize_t n)
@@ -347,13 +349,15 @@ static void PathTable_free_slots(PathTable *self)
 
 static int PathTable_init(PathTable *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"paths", NULL};
-    PyObject *paths;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!", kwlist, &PyDict_Type, &paths)) {
+    static char *kwlist[] = {"paths", "plans", NULL};
+    PyObject *paths, *plans = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!|O!", kwlist, &PyDict_Type, &paths,
+                                     &PyDict_Type, &plans)) {
         return -1;
     }
     PathTable_free_slots(self);
     Py_CLEAR(self->covered);
+    Py_CLEAR(self->plans);
     Py_ssize_t cap = 8;
     while (cap < 2 * PyDict_GET_SIZE(paths) + 2) {
         cap *= 2;
@@ -423,18 +427,39 @@ static int PathTable_init(PathTable *self, PyObject *args, PyObject *kwds)
     }
     self->covered = PyFrozenSet_New(covered);
     Py_DECREF(covered);
-    return self->covered == NULL ? -1 : 0;
+    if (self->covered == NULL || (self->plans = PyDict_New()) == NULL) {
+        return -1;
+    }
+    pos = 0;
+    while (plans != NULL && PyDict_Next(plans, &pos, &k, &v)) {
+        if (!PyUnicode_Check(k) || !PyTuple_Check(v) || PyTuple_GET_SIZE(v) != 2 ||
+            !PyTuple_Check(PyTuple_GET_ITEM(v, 0)) || !PyTuple_Check(PyTuple_GET_ITEM(v, 1))) {
+            PyErr_SetString(PyExc_TypeError, "plans: {field: (dotted tuple, spec tuple)}");
+            return -1;
+        }
+        PyObject *dotted = PyTuple_GET_ITEM(v, 0);
+        int all = 1;
+        for (Py_ssize_t i = 0; all == 1 && i < PyTuple_GET_SIZE(dotted); i++) {
+            all = PySet_Contains(self->covered, PyTuple_GET_ITEM(dotted, i));
+        }
+        if (all < 0 || (all == 1 && PyDict_SetItem(self->plans, k, v) < 0)) {
+            return -1;
+        }
+    }
+    return 0;
 }
 
 static int PathTable_traverse(PathTable *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->covered);
+    Py_VISIT(self->plans);
     return 0;
 }
 
 static int PathTable_clear(PathTable *self)
 {
     Py_CLEAR(self->covered);
+    Py_CLEAR(self->plans);
     return 0;
 }
 
@@ -449,6 +474,8 @@ static void PathTable_dealloc(PathTable *self)
 static PyMemberDef PathTable_members[] = {
     {"covered", T_OBJECT, offsetof(PathTable, covered), READONLY,
      "the wanted paths (frozenset) whose values flat_of gives exactly"},
+    {"plans", T_OBJECT, offsetof(PathTable, plans), READONLY,
+     "field -> (dotted, spec), for the fields whose dotted paths are all covered"},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -1464,8 +1491,8 @@ typedef struct {
     /* Made by match_loop from the record's bytes (else NULL / 0): */
     PyObject *raw;     /* the record's bytes (a memoryview), decoded when first needed */
     PyObject *unpackb; /* what decodes them */
-    PyObject *covered; /* while partial: the paths flat holds exactly (a frozenset) */
-    int partial;       /* flat holds only the paths of covered (flat_from) */
+    PyObject *paths;   /* while partial: the PathTable flat was read with */
+    int partial;       /* flat holds only the paths paths->covered (flat_from) */
 } View;
 
 static PyObject *View_values(View *self, PyObject *field);
@@ -1504,7 +1531,7 @@ static int View_init(View *self, PyObject *args, PyObject *kwds)
     Py_CLEAR(self->strings);
     Py_CLEAR(self->raw);
     Py_CLEAR(self->unpackb);
-    Py_CLEAR(self->covered);
+    Py_CLEAR(self->paths);
     self->partial = 0;
     return 0;
 }
@@ -1544,7 +1571,7 @@ static int view_full_flat(View *self)
     }
     Py_XSETREF(self->flat, f);
     self->partial = 0;
-    Py_CLEAR(self->covered);
+    Py_CLEAR(self->paths);
     return 0;
 }
 
@@ -1801,23 +1828,39 @@ fail:
 /* The record's values for ``field`` (fields.PyRecordView._compute). New reference. */
 static PyObject *compute(View *self, PyObject *field)
 {
-    PyObject *plan = PyDict_GetItemWithError(self->plans, field); /* borrowed */
-    if (plan != NULL) {
-        Py_INCREF(plan);
-    } else if (PyErr_Occurred()) {
-        return NULL;
-    } else {
-        plan = PyObject_CallMethodOneArg(self->map, s_plan, field);
-        if (plan == NULL) {
+    PyObject *dotted = NULL, *spec = NULL, *out = NULL;
+    int checked = 0; /* the dotted paths are known to be covered */
+    if (self->partial) { /* the plans the path table was made with: no coverage check */
+        PyObject *pre = PyDict_GetItemWithError(((PathTable *)self->paths)->plans, field);
+        if (pre == NULL && PyErr_Occurred()) {
             return NULL;
         }
+        if (pre != NULL) { /* (dotted, spec), checked by PathTable_init */
+            dotted = PyTuple_GET_ITEM(pre, 0);
+            spec = PyTuple_GET_ITEM(pre, 1);
+            Py_INCREF(dotted);
+            Py_INCREF(spec);
+            checked = 1;
+        }
     }
-    PyObject *dotted = PyObject_GetAttr(plan, s_dotted);
-    PyObject *spec = dotted == NULL ? NULL : PyObject_GetAttr(plan, s_spec);
-    Py_DECREF(plan);
-    PyObject *out = NULL;
-    if (spec == NULL) {
-        goto done;
+    if (dotted == NULL) {
+        PyObject *plan = PyDict_GetItemWithError(self->plans, field); /* borrowed */
+        if (plan != NULL) {
+            Py_INCREF(plan);
+        } else if (PyErr_Occurred()) {
+            return NULL;
+        } else {
+            plan = PyObject_CallMethodOneArg(self->map, s_plan, field);
+            if (plan == NULL) {
+                return NULL;
+            }
+        }
+        dotted = PyObject_GetAttr(plan, s_dotted);
+        spec = dotted == NULL ? NULL : PyObject_GetAttr(plan, s_spec);
+        Py_DECREF(plan);
+        if (spec == NULL) {
+            goto done;
+        }
     }
     if (!PyTuple_Check(dotted) || !PyTuple_Check(spec)) {
         PyErr_SetString(PyExc_TypeError, "a plan's dotted paths and spec must be tuples");
@@ -1828,8 +1871,8 @@ static PyObject *compute(View *self, PyObject *field)
             goto done;
         }
     }
-    for (Py_ssize_t i = 0; self->partial && i < PyTuple_GET_SIZE(dotted); i++) {
-        int in = PySet_Contains(self->covered, PyTuple_GET_ITEM(dotted, i));
+    for (Py_ssize_t i = 0; !checked && self->partial && i < PyTuple_GET_SIZE(dotted); i++) {
+        int in = PySet_Contains(((PathTable *)self->paths)->covered, PyTuple_GET_ITEM(dotted, i));
         if (in < 0 || (in == 0 && view_full_flat(self) < 0)) {
             goto done;
         }
@@ -1914,7 +1957,7 @@ static int View_traverse(View *self, visitproc visit, void *arg)
     Py_VISIT(self->plans);
     Py_VISIT(self->raw);
     Py_VISIT(self->unpackb);
-    Py_VISIT(self->covered);
+    Py_VISIT(self->paths);
     return 0;
 }
 
@@ -1929,7 +1972,7 @@ static int View_clear(View *self)
     Py_CLEAR(self->plans);
     Py_CLEAR(self->raw);
     Py_CLEAR(self->unpackb);
-    Py_CLEAR(self->covered);
+    Py_CLEAR(self->paths);
     return 0;
 }
 
@@ -1978,7 +2021,7 @@ static int View_set_flat(View *self, PyObject *value, void *closure)
     Py_XINCREF(value);
     Py_XSETREF(self->flat, value);
     self->partial = 0;
-    Py_CLEAR(self->covered);
+    Py_CLEAR(self->paths);
     return 0;
 }
 
@@ -2859,8 +2902,8 @@ static PyObject *view_of_bytes(PathTable *paths, PyObject *whole, const unsigned
     Py_XSETREF(v->raw, raw);
     Py_INCREF(unpackb);
     Py_XSETREF(v->unpackb, unpackb);
-    Py_INCREF(paths->covered);
-    Py_XSETREF(v->covered, paths->covered);
+    Py_INCREF(paths);
+    Py_XSETREF(v->paths, (PyObject *)paths);
     v->partial = 1;
     return view;
 }

@@ -668,16 +668,17 @@ class FieldMap:
         return tuple(".".join(p) for p in self._plan(field).paths)
 
     @property
-    def planned(self) -> int:
+    def planned_count(self) -> int:
         """How many fields have a plan so far (each field read gets one, once)."""
         return len(self._plans)
 
-    def planned_paths(self) -> set[str]:
-        """The dotted record paths the fields planned so far read (:attr:`_Plan.dotted`).
+    def planned(self) -> dict[str, tuple[tuple[str, ...], tuple[tuple[object, ...], ...]]]:
+        """The fields planned so far -> their plan's dotted paths and derivations
+        (:attr:`_Plan.dotted`, :attr:`_Plan.spec`), as the C record view reads them.
 
         Safe while another thread plans fields (a matcher's tuning thread builds tables):
         the plans are copied in one step first."""
-        return {p for plan in list(self._plans.values()) for p in plan.dotted}
+        return {f: (p.dotted, p.spec) for f, p in list(self._plans.items())}
 
     def raw_keys(self, field: str) -> frozenset[str]:
         """Record key names of which at least one occurs in any record where ``field`` has a

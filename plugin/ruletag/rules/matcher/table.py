@@ -344,15 +344,16 @@ class Matcher:
         if PathTable is None:
             return None
         fm = self.table.fieldmap
-        if self._paths_from[0] == fm.planned and self._paths_from[1] is hot:
+        if self._paths_from[0] == fm.planned_count and self._paths_from[1] is hot:
             return self._paths
-        wanted = fm.planned_paths()
+        plans = fm.planned()
+        wanted = {p for dotted, _spec in plans.values() for p in dotted}
         for spec in (self._group_spec, hot[0]._group_spec if hot is not None else ()):
             for paths, _field, dotted, _key, _scan in spec:
                 wanted.update(dotted)
                 wanted.update(paths or ())
-        self._paths = path_table(wanted)
-        self._paths_from = (fm.planned, hot)
+        self._paths = path_table(wanted, plans)
+        self._paths_from = (len(plans), hot)
         return self._paths
 
     def match_subset(self, record: Mapping[str, object], rules: Iterable[int]) -> list[int]:
@@ -846,15 +847,17 @@ match_loop: Callable[..., None] = py_match_loop if _native is None else _native.
 PathTable: Any = None if _native is None else _native.PathTable
 
 
-def path_table(wanted: Iterable[str]) -> Any:
+def path_table(wanted: Iterable[str], plans: Mapping[str, tuple[Any, Any]] | None = None) -> Any:
     """The C loop's ``PathTable`` of the dotted paths ``wanted``, and of the paths above them
-    (walked into for them)."""
+    (walked into for them); ``plans``: field -> (dotted, spec) of its plan
+    (:meth:`FieldMap.planned`), which a view made from the bytes reads without looking its
+    plan up (those whose paths are all covered)."""
     flags = dict.fromkeys(wanted, 1)
     for w in list(flags):
         for i, c in enumerate(w):
             if c == ".":
                 flags[w[:i]] = flags.get(w[:i], 0) | 2
-    return PathTable(flags)
+    return PathTable(flags, dict(plans or {}))
 
 
 def py_flat_of(covered: Iterable[str], data: bytes) -> dict[str, list[object]] | None:
