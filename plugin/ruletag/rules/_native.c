@@ -692,7 +692,7 @@ static int walk_scalars(Walk *w, PyObject *path, const unsigned char *v, const u
     if (mp_head(v, end_v, &kind, &n, &hl) || kind != 'a') {
         return WK_UNSURE;
     }
-    const unsigned char *q = v + hl;
+    const unsigned char *items = v + hl, *q = items;
     for (uint64_t i = 0; i < n; i++) { /* a first pass: only scalars? */
         if (mp_head(q, end_v, &kind, &len, &hl) || kind == 'm' || kind == 'a' || kind == 'x') {
             return WK_UNSURE;
@@ -712,7 +712,7 @@ static int walk_scalars(Walk *w, PyObject *path, const unsigned char *v, const u
     }
     Py_ssize_t before = PyList_GET_SIZE(vals);
     int rc = WK_OK;
-    q = v + 1 + (v[0] == 0xDC ? 2 : v[0] == 0xDD ? 4 : 0);
+    q = items;
     for (uint64_t i = 0; i < n && rc == WK_OK; i++) {
         mp_head(q, end_v, &kind, &len, &hl);
         if (kind != 'n') {
@@ -831,23 +831,18 @@ static int walk_map(Walk *w, const unsigned char **p, const unsigned char *end, 
 static PyObject *flat_from(PathTable *t, PyObject *whole, const unsigned char *base,
                            Py_ssize_t s, Py_ssize_t e, PyObject *unpackb)
 {
-    Walk *w = PyMem_Malloc(sizeof(Walk));
-    if (w == NULL) {
-        return PyErr_NoMemory();
-    }
-    w->t = t;
-    w->whole = whole;
-    w->base = base;
-    w->unpackb = unpackb;
-    w->flat = PyDict_New();
-    if (w->flat == NULL) {
-        PyMem_Free(w);
+    Walk w; /* its path buffer: WALK_PATH bytes */
+    w.t = t;
+    w.whole = whole;
+    w.base = base;
+    w.unpackb = unpackb;
+    w.flat = PyDict_New();
+    if (w.flat == NULL) {
         return NULL;
     }
     const unsigned char *p = base + s;
-    int rc = walk_map(w, &p, base + e, 0, 0);
-    PyObject *flat = w->flat;
-    PyMem_Free(w);
+    int rc = walk_map(&w, &p, base + e, 0, 0);
+    PyObject *flat = w.flat;
     if (rc == WK_OK && p == base + e) {
         return flat;
     }
