@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import marshal
 import random
 import time
@@ -13,7 +14,7 @@ import pytest
 
 from ruletag.config.load import config_from_mapping
 from ruletag.errors import ConfigError
-from ruletag.rules.compiler import CompiledTable, TableError, build, load, save
+from ruletag.rules.compiler import CompiledTable, TableError, build, load, prefilter, save
 from ruletag.rules.compiler.store import load_tuned, save_tuned
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import And, Match, Node, Not, Rule, Wild
@@ -147,6 +148,36 @@ def test_an_entry_decoded_anyway_skips_stage_2_once_tuned(fm: FieldMap) -> None:
     # ... and in one of the last two, where stage 2 finds the other literal missing
     assert 2 not in cands and 3 not in cands
     assert t.match_entries(buf, spans) == want(t, records) == {0: [1], 1: [1]}
+
+
+def test_retune_frees_its_requirement_trees_before_hyperscan_compiles(
+    fm: FieldMap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hyperscan's compile is the tuning's largest allocation: the requirement trees (and
+    the plan they are read from) are gone by then, so the two peaks do not stack. The
+    re-tuned filter is the one the same sample gives."""
+    filt = build(rules(), fm).raw
+    assert filt is not None and filt.plan is not None
+    patterns = marshal.loads(filt.plan)[0]
+    counts = {i: 50 for i in range(len(patterns))}
+    live: list[int] = []
+    compile_db = prefilter.compile_db
+
+    def spy(pats: list[tuple[int, bytes, int]]) -> object:
+        gc.collect()
+        trees = (prefilter.AllOf, prefilter.AnyOf)
+        consts = {id(prefilter.ALWAYS), id(prefilter.NEVER)}  # module constants
+        live.append(sum(isinstance(o, trees) and id(o) not in consts for o in gc.get_objects()))
+        return compile_db(pats)
+
+    monkeypatch.setattr(prefilter, "compile_db", spy)
+    tuned = prefilter.retune(filt, counts, 100)
+    assert len(live) == 2  # the often triggered rules' stage-2 database, then the triggers
+    assert live == [0, 0]
+    monkeypatch.setattr(prefilter, "compile_db", compile_db)
+    again = prefilter.retune(filt, counts, 100)
+    assert dict(again.trig_rules) == dict(tuned.trig_rules)
+    assert again.checked == tuned.checked and dict(again.rates) == dict(tuned.rates)
 
 
 def test_tune_after_zero_keeps_the_compiled_filter(fm: FieldMap) -> None:

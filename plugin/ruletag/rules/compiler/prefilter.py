@@ -60,7 +60,7 @@ import hyperscan as hs
 from ruletag.rules.algebra import wildcard_match
 from ruletag.rules.compiler.codegen import compile_pieces, exec_pieces
 from ruletag.rules.compiler.frozen import Frozen, frozen_map
-from ruletag.rules.compiler.hyperscan import compile_db, encode, hs_escape
+from ruletag.rules.compiler.hyperscan import compile_db, encode, hs_escape, release_memory
 from ruletag.rules.fields import CHANNEL, EVENT_ID, FieldMap
 from ruletag.rules.ir import (
     And,
@@ -749,17 +749,38 @@ def retune(
     records (see :func:`_keep_loosening`)."""
     if filt.plan is None:
         raise ValueError("this filter keeps no plan to re-tune from")
-    patterns, prior, plain = marshal.loads(filt.plan)
+    n = max(n, 1)
+    # the requirement trees are gone before Hyperscan compiles: its peak does not stack on
+    # theirs (see docs/benchmarks.md on tuning memory)
+    bp = _compacted(_retuned_blueprint(filt.plan, counts, n, passes, sets))
+    # the rarely needed second stage-2 database: this filter's own, which holds every
+    # pattern, reused rather than compiled anew
+    return _compile(bp, filt.plan, n, cold_db=filt.full_db)
+
+
+def _retuned_blueprint(
+    plan: bytes,
+    counts: Mapping[int, int],
+    n: int,
+    passes: Mapping[int, int] | None,
+    sets: Mapping[bytes, int] | None,
+) -> _Blueprint:
+    """:func:`retune`'s Python half: the plan read, the requirements re-planned."""
+    patterns, prior, plain = marshal.loads(plan)
     memo: dict[Plain, Req] = {}
     reqs = {k: _typed(r, memo) for k, r in plain.items()}
-    n = max(n, 1)
+    del plain, memo  # the plain trees, before the planning's own memos
     cost = [(counts.get(i, 0) + 0.5 * min(1.0, p)) / n for i, p in enumerate(prior)]
     common = frozenset(i for i, c in counts.items() if i < len(prior) and c / n > COMMON)
-    # the rarely needed second stage-2 database: this filter's own, which holds every
-    # pattern, reused rather than compiled anew (see docs/benchmarks.md on tuning memory)
-    return _assemble(
-        patterns, reqs, cost, common, filt.plan, n, cold_db=filt.full_db, passes=passes, sets=sets
-    )
+    del prior
+    return _blueprint(patterns, reqs, cost, common, n, True, passes, sets)
+
+
+def _compacted(bp: _Blueprint) -> _Blueprint:
+    """``bp`` copied into fresh memory. What it holds was made among the planning's
+    short-lived objects; once they are freed, the copy lets the allocator give back the
+    memory they shared (~25 MB with every rule) before Hyperscan compiles."""
+    return _Blueprint(*marshal.loads(marshal.dumps(tuple(getattr(bp, f) for f in _BP_FIELDS))))
 
 
 def _strip(r: Req, drop: frozenset[int], memo: dict[int, Req | None] | None = None) -> Req | None:
@@ -776,23 +797,40 @@ def _strip(r: Req, drop: frozenset[int], memo: dict[int, Req | None] | None = No
     return memo[key]
 
 
-def _assemble(
+@dataclass(frozen=True, slots=True)
+class _Blueprint:
+    """What :func:`_compile` builds a filter from: the Hyperscan pattern lists and the
+    generated code, without the requirement trees they were planned from."""
+
+    trig: list[tuple[int, bytes, int]]
+    #: the stage-2 pattern lists: the often triggered rules', then (unless the caller
+    #: brings a database for them) the others'
+    full: list[list[tuple[int, bytes, int]]]
+    trig_rules: dict[int, tuple[int, ...]]
+    source: str
+    consts: tuple[frozenset[int], ...]
+    #: the rules of the second stage-2 database (None: there is none)
+    cold_rules: frozenset[int] | None
+    rates: dict[int, float] | None
+
+
+def _blueprint(
     patterns: Sequence[tuple[bytes, int]],
     reqs: Mapping[int, Req],
     cost: Sequence[float],
     drop: frozenset[int],
-    plan: bytes,
     tuned_on: int = 0,
-    cold_db: Any = None,
+    cold_db: bool = False,
     passes: Mapping[int, int] | None = None,
     sets: Mapping[bytes, int] | None = None,
-) -> RawFilter:
-    """The filter for ``reqs``: triggers by ``cost``, stage 2 without the ``drop`` patterns.
+) -> _Blueprint:
+    """The filter for ``reqs``, planned: triggers by ``cost``, stage 2 without the ``drop``
+    patterns.
 
     When tuned (``tuned_on``), stage 2 has two databases: one for the rules whose trigger is
     measured to fire on more than :data:`HOT` of the records, one for the rest (scanned only
-    for the rare entries that trigger one of those): ``cold_db``, any database that reports
-    at least their patterns, under the same ids."""
+    for the rare entries that trigger one of those). ``cold_db``: the caller brings that
+    second database (any that reports at least their patterns, under the same ids)."""
     trig_rules: dict[int, list[int]] = {}
     hot: set[int] = set()
     rates: dict[int, float] = {}
@@ -830,26 +868,44 @@ def _assemble(
     trig = [(i, patterns[i][0], patterns[i][1] & ~_Q) for i in sorted(trig_rules)]
     trig += [(FOLD_ID, p, 0) for p, _ in fold]
     one = hs.HS_FLAG_SINGLEMATCH
-    dbs = []
-    for ids in used if cold_db is None else used[:1]:
-        full = [(i, patterns[i][0], (patterns[i][1] & ~_Q) | one) for i in sorted(ids)]
-        full += [(FOLD_ID, p, fl) for p, fl in fold]
-        dbs.append(compile_db(full))
-    if cold_db is not None:
-        dbs.append(cold_db)
+    full = []
+    for ids in used if not cold_db and used[1] else used[:1]:
+        full.append([(i, patterns[i][0], (patterns[i][1] & ~_Q) | one) for i in sorted(ids)])
+        full[-1] += [(FOLD_ID, p, fl) for p, fl in fold]
     trig_rules[FOLD_ID] = []
     gen = _ReqCode(checks)
     source = gen.module(checks)
-    return RawFilter(
-        compile_db(trig),
-        dbs[0],
+    return _Blueprint(
+        trig,
+        full,
         {t: tuple(v) for t, v in trig_rules.items()},
         source,
         tuple(gen.consts),
+        frozenset(reqs) - hot if used[1] else None,
+        rates if tuned_on else None,
+    )
+
+
+_BP_FIELDS = tuple(_Blueprint.__dataclass_fields__)
+
+
+def _compile(bp: _Blueprint, plan: bytes, tuned_on: int = 0, cold_db: Any = None) -> RawFilter:
+    """The filter ``bp`` plans, its databases compiled (``cold_db``: as for
+    :func:`_blueprint`)."""
+    release_memory()  # what planning freed, before Hyperscan's compile needs its own
+    dbs = [compile_db(p) for p in bp.full]
+    if cold_db is not None:
+        dbs.append(cold_db)
+    return RawFilter(
+        compile_db(bp.trig),
+        dbs[0],
+        bp.trig_rules,
+        bp.source,
+        bp.consts,
         plan=plan,
         tuned_on=tuned_on,
-        cold=(dbs[1], frozenset(reqs) - hot) if used[1] else None,
-        rates=rates if tuned_on else None,
+        cold=None if bp.cold_rules is None else (dbs[1], bp.cold_rules),
+        rates=bp.rates,
     )
 
 
@@ -945,6 +1001,6 @@ def build_raw_filter(
     patterns = [(pat, fl) for (pat, fl), _ in sorted(b.patterns.items(), key=lambda x: x[1])]
     memo: dict[Req, Plain] = {}
     plan = marshal.dumps((patterns, b.kind, {k: _plain(r, memo) for k, r in reqs.items()}))
-    filt = _assemble(patterns, reqs, cost, frozenset(), plan)
+    filt = _compile(_blueprint(patterns, reqs, cost, frozenset()), plan)
     stats["raw_triggers"] = len(filt.trig_rules) - 1
     return filt, forced, stats

@@ -8,7 +8,6 @@ to. Each matcher tunes on its own; the filter it started from is never changed.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 from array import array
@@ -16,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from ruletag.rules.compiler.hyperscan import release_memory
 from ruletag.rules.compiler.prefilter import FOLD_ID, RawFilter, retune
 from ruletag.rules.compiler.store import TableError, load_sample
 from ruletag.rules.native import Adder, EntryHits, native_module
@@ -312,7 +312,7 @@ class RawMatcher:
         except Exception as exc:  # pragma: no cover - the untuned filter stays in use
             self.tune_error = f"{type(exc).__name__}: {exc}"
         finally:
-            _release_memory()
+            release_memory()
 
 
 def _read_sample(path: Path, version: str) -> Sample | None:
@@ -339,15 +339,6 @@ def _merge(a: Sample, b: Sample) -> Sample:
         if key in sets or len(sets) < MAX_SETS:
             sets[key] = sets.get(key, 0) + c
     return dict(counts), dict(passes), a[2] + b[2], sets
-
-
-def _release_memory() -> None:
-    """Give the heap that compiling freed back to the system (glibc keeps it per thread
-    arena otherwise). Best effort."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 _native = native_module()
