@@ -31,13 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import functools
 import logging
 import os
 import ssl
 import stat
-import sys
 import time
 import traceback
 from collections import deque
@@ -48,6 +46,7 @@ from typing import Any, cast
 from ruletag import protocol
 from ruletag.config.model import ListenConfig, ListenTLS
 from ruletag.errors import AuthenticationError, RemoteProtocolError
+from ruletag.heap import malloc_trim
 from ruletag.protocol import Authenticated, Chunk, ConnectionClosed, Heartbeat
 
 log = logging.getLogger(__name__)
@@ -62,29 +61,6 @@ DECODE_OFF_LOOP_BYTES = 512 * 1024
 TRIM_AFTER_BYTES = 1024 * 1024
 #: At most one ``malloc_trim`` per this many seconds.
 TRIM_INTERVAL = 1.0
-
-_malloc_trim: Callable[[int], int] | None = None
-_malloc_trim_loaded = False
-
-
-def malloc_trim() -> bool:
-    """Return freed heap pages to the OS (glibc ``malloc_trim(0)``); False where unavailable."""
-    global _malloc_trim, _malloc_trim_loaded
-    if not _malloc_trim_loaded:
-        _malloc_trim_loaded = True
-        if sys.platform.startswith("linux"):
-            try:
-                fn = ctypes.CDLL(None).malloc_trim  # absent on musl
-            except (OSError, AttributeError):
-                fn = None
-            if fn is not None:
-                fn.argtypes = [ctypes.c_size_t]
-                fn.restype = ctypes.c_int
-                _malloc_trim = fn
-    if _malloc_trim is None:
-        return False
-    _malloc_trim(0)
-    return True
 
 
 def build_server_ssl_context(tls: ListenTLS) -> ssl.SSLContext:

@@ -8,7 +8,6 @@ with it is the matcher's business (``rules/matcher/table.py``).
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +27,6 @@ __all__ = [
     "hs_escape",
     "load_db",
     "load_group",
-    "release_memory",
 ]
 
 
@@ -68,15 +66,6 @@ def load_db(blob: bytes) -> Any:
     db = hs.loadb(blob, hs.HS_MODE_BLOCK)
     db.scratch = hs.Scratch(db)
     return db
-
-
-def release_memory() -> None:
-    """Give the heap that was freed (a compile's, a tuning's) back to the system: glibc
-    keeps it per thread arena otherwise. Best effort."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _hs_try(patterns: Sequence[tuple[int, bytes, int]]) -> Any:

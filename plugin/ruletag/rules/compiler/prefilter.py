@@ -57,10 +57,11 @@ from typing import Any
 
 import hyperscan as hs
 
+from ruletag.heap import malloc_trim
 from ruletag.rules.algebra import wildcard_match
 from ruletag.rules.compiler.codegen import compile_pieces, exec_pieces
 from ruletag.rules.compiler.frozen import Frozen, frozen_map
-from ruletag.rules.compiler.hyperscan import compile_db, encode, hs_escape, release_memory
+from ruletag.rules.compiler.hyperscan import compile_db, encode, hs_escape
 from ruletag.rules.fields import CHANNEL, EVENT_ID, FieldMap
 from ruletag.rules.ir import (
     And,
@@ -892,7 +893,7 @@ _BP_FIELDS = tuple(_Blueprint.__dataclass_fields__)
 def _compile(bp: _Blueprint, plan: bytes, tuned_on: int = 0, cold_db: Any = None) -> RawFilter:
     """The filter ``bp`` plans, its databases compiled (``cold_db``: as for
     :func:`_blueprint`)."""
-    release_memory()  # what planning freed, before Hyperscan's compile needs its own
+    malloc_trim()  # what planning freed, before Hyperscan's compile needs its own
     dbs = [compile_db(p) for p in bp.full]
     if cold_db is not None:
         dbs.append(cold_db)

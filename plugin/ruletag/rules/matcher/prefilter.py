@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from ruletag.rules.compiler.hyperscan import release_memory
+from ruletag.heap import malloc_trim
 from ruletag.rules.compiler.prefilter import FOLD_ID, RawFilter, retune
 from ruletag.rules.compiler.store import TableError, load_sample
 from ruletag.rules.native import Adder, EntryHits, native_module
@@ -312,7 +312,7 @@ class RawMatcher:
         except Exception as exc:  # pragma: no cover - the untuned filter stays in use
             self.tune_error = f"{type(exc).__name__}: {exc}"
         finally:
-            release_memory()
+            malloc_trim()  # what the compile freed
 
 
 def _read_sample(path: Path, version: str) -> Sample | None:
