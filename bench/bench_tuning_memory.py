@@ -4,11 +4,18 @@ Compiles (or loads, through the bench cache) a rule set. Then, per round, it sta
 serve`` on that cached table with the table's kept tuned filter and tuning sample deleted (a
 stateful step table keeps its own), so the serve observes the traffic and re-tunes itself,
 and drives the bench traffic through it (``bench/load.py``) for ``--duration`` seconds. The
-RSS of the serve's process tree is sampled every 0.1 s. Per round it prints the peak RSS (the
-tree's VmHWM: the peak of each process, summed, as ``make bench`` reports it), when the
-re-tuning was logged, the RSS over the last quarter of the run (tuned, steady), and the
-records/s. ``--keep`` starts from the kept tuned filter instead (what a restart does): the
-figure to compare with.
+RSS of the serve's process tree is sampled every 0.1 s. Per round it prints:
+
+- the peak RSS (the tree's VmHWM: the peak of each process, summed, as ``make bench``
+  reports it);
+- when the first tuning was logged;
+- how many tunings there were, and how many of them were for drift (the traffic no longer
+  looked like the tuning sample);
+- the RSS over the last quarter of the run;
+- the records/s.
+
+``--keep`` starts from the kept tuned filter instead (what a restart does): the figure to
+compare with.
 
     .venv/bin/python bench/bench_tuning_memory.py --corpus ../shared/rules
     .venv/bin/python bench/bench_tuning_memory.py --corpus ../shared/rules --stateful --rounds 1
@@ -81,7 +88,12 @@ def one_round(
         fmt = "%Y-%m-%d %H:%M:%S,%f"
         tuned_at = (datetime.strptime(stamp, fmt) - datetime.strptime(first, fmt)).total_seconds()
     tail = [r for t, r in samples if t >= 0.75 * duration]
+    mark = f"(table {version})"
+    drifts = sum("pre-filter: the traffic differs" in line and mark in line for line in srv.lines)
+    tunings, _ = run_all._tuning_state(srv.lines, version)
     return {
+        "tunings": tunings,
+        "drifts": drifts,
         "start_mb": samples[0][1] if samples else None,
         "peak_mb": peak,
         "tuned_at_s": tuned_at,
@@ -121,8 +133,9 @@ def main() -> int:
     name = "tuning-memory" + ("" if ns.stateful else "-stateless")
     try:
         print(
-            "| round | start MB | peak MB | re-tuned at s | steady MB (max) | records/s |\n"
-            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| round | start MB | peak MB | first tuned at s | tunings (for drift) "
+            "| steady MB (max) | records/s |\n"
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             flush=True,
         )
         for k in range(ns.rounds):
@@ -137,6 +150,7 @@ def main() -> int:
             at = "-" if r["tuned_at_s"] is None else f"{r['tuned_at_s']:.1f}"
             print(
                 f"| {k + 1} | {r['start_mb']:.0f} | {r['peak_mb']:.0f} | {at} | "
+                f"{r['tunings']} ({r['drifts']}) | "
                 f"{r['steady_mb']:.0f} ({r['steady_max_mb']:.0f}) | {r['records_per_s']:,.0f} |",
                 flush=True,
             )
