@@ -123,9 +123,18 @@ def _time(e: _Event) -> float:
     return e[0]
 
 
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
 class _Acc:
     """The running state of one aggregate of one group: the number of non-null values, the
-    distinct values (canonical text -> [first value, how many]) and the numeric sum."""
+    distinct values and the numeric sum.
+
+    Distinct values are keyed by their canonical text, so ``3`` and ``"3"`` are one. Each slot
+    keeps a number and a non-number with that text, and how many of each are held: ``[number,
+    count, other, count]``. A value that leaves takes its kind's count down, so what stays is
+    always represented by a value of a kind still held."""
 
     __slots__ = ("n", "numbers", "seen", "total")
 
@@ -141,18 +150,25 @@ class _Acc:
             self.n += sign
             text = as_text(v)
             slot = self.seen.get(text)
-            if slot is None:
-                self.seen[text] = [v, 1]  # sign is 1: a removed value was added before
-            else:
-                slot[1] += sign
-                if slot[1] <= 0:
-                    del self.seen[text]
+            if slot is None:  # sign is 1: a removed value was added before
+                slot = self.seen[text] = [None, 0, None, 0]
+            i = 0 if _is_number(v) else 2
+            if slot[i + 1] == 0:
+                slot[i] = v
+            slot[i + 1] += sign
+            if slot[1] + slot[3] <= 0:
+                del self.seen[text]
             num = number_of(v)
             if num is not None:
                 self.total += sign * num
                 self.numbers += sign
         if self.numbers == 0:
             self.total = 0  # no drift once every number left
+
+    def distinct(self) -> list[Any]:
+        """One value per distinct text held, in first-arrival order: a non-number where one
+        is held with that text, else the number."""
+        return [slot[2] if slot[3] > 0 else slot[0] for slot in self.seen.values()]
 
 
 def aggregate(function: str, acc: _Acc) -> object:
@@ -161,14 +177,14 @@ def aggregate(function: str, acc: _Acc) -> object:
         return acc.n
     if function == "count_distinct":
         return len(acc.seen)
-    values = [slot[0] for slot in acc.seen.values()]
+    values = acc.distinct()
     if function == "values":
         return None if not values else values[0] if len(values) == 1 else values
     if function in ("min", "max"):
         if not values:
             return None
         pick = min if function == "min" else max
-        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        if all(_is_number(v) for v in values):
             return pick(values)
         return pick(values, key=lambda v: as_text(v) or "")
     if not acc.numbers:
