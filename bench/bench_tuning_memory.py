@@ -34,7 +34,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import gen_traffic  # noqa: E402
 import load  # noqa: E402
 import run_all  # noqa: E402
 
@@ -119,13 +118,7 @@ def main() -> int:
         ap.error("want --corpus DIR or --rules PATH ...")
     paths = [str(Path(p).resolve()) for p in paths]
     work = Path(ns.work)
-    cache = work / f"cache-{run_all.code_hash()}"
-    cache.mkdir(parents=True, exist_ok=True)
-    tpath = work / "traffic.bin"
-    meta_path = Path(str(tpath) + ".json")
-    if not meta_path.exists() or len(gen_traffic.load_index(tpath)["chunks"]) != ns.chunks:
-        print(f"generating {ns.chunks} chunks of traffic into {tpath} ...", flush=True)
-        gen_traffic.generate(tpath, ns.chunks)
+    cache, tpath = run_all.work_folder(work, ns.chunks)
     info = run_all.precompile(paths, cache)
     print(f"{info['rules']} rules, table {info['version']} ({info['compile_s']} s)", flush=True)
     traffic = load.Traffic.load(tpath)

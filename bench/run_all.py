@@ -169,6 +169,20 @@ class Serve:
                 self.proc.wait()
 
 
+def work_folder(work: Path, chunks: int) -> tuple[Path, Path]:
+    """The bench's table cache in ``work`` (one folder per compiler fingerprint: a table
+    compiled by other code is rebuilt) and its traffic file of ``chunks`` chunks (generated
+    when missing or of another length)."""
+    cache = work / f"cache-{code_hash()}"
+    cache.mkdir(parents=True, exist_ok=True)
+    tpath = work / "traffic.bin"
+    meta_path = Path(str(tpath) + ".json")
+    if not meta_path.exists() or len(gen_traffic.load_index(tpath)["chunks"]) != chunks:
+        print(f"generating {chunks} chunks of traffic into {tpath} ...", flush=True)
+        gen_traffic.generate(tpath, chunks)
+    return cache, tpath
+
+
 def precompile(paths: list[str], cache: Path) -> dict[str, Any]:
     """Compile (or load from the cache) a rule set; rule count and seconds."""
     from ruletag.rules.loader import compile_rules
@@ -327,13 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     work = Path(ns.work)
-    cache = work / f"cache-{code_hash()}"  # a table compiled by other code is rebuilt
-    cache.mkdir(parents=True, exist_ok=True)
-    tpath = work / "traffic.bin"
-    meta_path = Path(str(tpath) + ".json")
-    if not meta_path.exists() or len(gen_traffic.load_index(tpath)["chunks"]) != ns.chunks:
-        print(f"generating {ns.chunks} chunks of traffic into {tpath} ...", flush=True)
-        gen_traffic.generate(tpath, ns.chunks)
+    cache, tpath = work_folder(work, ns.chunks)
     meta = gen_traffic.load_index(tpath)
     traffic = load.Traffic.load(tpath)
     sink = load.SinkProcess(traffic.t0)
