@@ -11,7 +11,7 @@ setup(
     ext_modules=[
         Extension(
             "ruletag.rules._native",
-            ["plugin/ruletag/rules/_native.c"],
+            ["plugin/ruletag/rules/_native.c", "plugin/ruletag/rules/_jsonpack.c"],
             optional=True,
             extra_compile_args=["-O2"],
         )

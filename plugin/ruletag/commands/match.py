@@ -34,7 +34,7 @@ import gzip
 import json
 import sys
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -51,6 +51,7 @@ from ruletag.rules.fields import FieldMap
 from ruletag.rules.fingerprint import default_cache_dir, tuned_path
 from ruletag.rules.loader import source_of
 from ruletag.rules.matcher import Matcher
+from ruletag.rules.native import native_module
 from ruletag.rules.select import Selection
 from ruletag.rules.stateful import Clocked, Engine, stateful_engines
 from ruletag.rules.stateful.newterms import configure_new_terms, learning_note
@@ -139,16 +140,61 @@ def read_events(stream: IO[bytes]) -> Iterator[object]:
     ``stream`` must be a buffered binary file (``open(..., "rb")``, ``sys.stdin.buffer``).
     """
     for batch in read_batches(stream):
-        yield from batch.records
+        for i in range(len(batch)):
+            yield batch.record(i)
+
+
+#: what :attr:`Batch.parsed` holds for a record not parsed yet (its entry was made in C)
+_UNPARSED = object()
+
+#: JSON object text -> the msgpack entry ``[0, record]`` of the record ujson would parse from
+#: it, or None where ujson is left to parse it (floats, duplicate keys, bad JSON, ...); None
+#: without the C helpers: every line is parsed
+_native = native_module()
+json_entry: Callable[[bytes], bytes | None] | None = None if _native is None else _native.json_entry
 
 
 @dataclass
 class Batch:
-    """Consecutive records of the input; ``lines[i]``: the JSON line record ``i`` was read
-    from when it was a bare map on its own line (None otherwise)."""
+    """Consecutive records of the input.
 
-    records: list[object] = field(default_factory=list)
+    ``lines[i]``: the JSON line record ``i`` was read from when it was a bare map on its own
+    line (None otherwise); ``entries[i]``: that record packed as the msgpack entry
+    ``[0, record]`` straight from its line, in C (None otherwise); ``parsed[i]``: the record,
+    or :data:`_UNPARSED` until :meth:`record` parses its line (a record with an entry is only
+    parsed when it is written with detections or fed to a stateful rule).
+    """
+
     lines: list[bytes | None] = field(default_factory=list)
+    entries: list[bytes | None] = field(default_factory=list)
+    parsed: list[object] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.parsed)
+
+    def add(self, record: object, line: bytes | None = None, entry: bytes | None = None) -> None:
+        """Append a record (``_UNPARSED`` with its ``line`` and ``entry``)."""
+        self.parsed.append(record)
+        self.lines.append(line)
+        self.entries.append(entry)
+
+    def record(self, i: int) -> object:
+        """Record ``i``, parsed from its line on first use."""
+        rec = self.parsed[i]
+        if rec is _UNPARSED:
+            line = self.lines[i]
+            assert line is not None
+            rec = self.parsed[i] = ujson.loads(line)
+        return rec
+
+    def is_map(self, i: int) -> bool:
+        """Whether record ``i`` is a map (without parsing it)."""
+        return self.entries[i] is not None or isinstance(self.parsed[i], dict)
+
+    @property
+    def records(self) -> list[object]:
+        """Every record, parsed."""
+        return [self.record(i) for i in range(len(self.parsed))]
 
 
 def read_batches(stream: IO[bytes], size: int = BATCH) -> Iterator[Batch]:
@@ -169,18 +215,20 @@ def read_batches(stream: IO[bytes], size: int = BATCH) -> Iterator[Batch]:
                 text = line.strip()
                 if not text:
                     continue
-                try:
-                    obj = ujson.loads(text)
-                except ValueError as exc:
-                    raise ValueError(f"line {n}: not JSON: {exc}") from exc
-                if isinstance(obj, dict):
-                    batch.records.append(obj)
-                    batch.lines.append(text)
+                entry = json_entry(text) if json_entry is not None else None
+                if entry is not None:  # a JSON object (json_entry takes on nothing else)
+                    batch.add(_UNPARSED, text, entry)
                 else:
-                    for rec in records_of(obj):
-                        batch.records.append(rec)
-                        batch.lines.append(None)
-                if len(batch.records) >= size:
+                    try:
+                        obj = ujson.loads(text)
+                    except ValueError as exc:
+                        raise ValueError(f"line {n}: not JSON: {exc}") from exc
+                    if isinstance(obj, dict):
+                        batch.add(obj, text)
+                    else:
+                        for rec in records_of(obj):
+                            batch.add(rec)
+                if len(batch) >= size:
                     yield batch
                     batch = Batch()
         else:
@@ -190,18 +238,17 @@ def read_batches(stream: IO[bytes], size: int = BATCH) -> Iterator[Batch]:
             for obj in unpacker:
                 end = unpacker.tell()
                 for rec in records_of(obj):
-                    batch.records.append(rec)
-                    batch.lines.append(None)
-                if len(batch.records) >= size:
+                    batch.add(rec)
+                if len(batch) >= size:
                     yield batch
                     batch = Batch()
             if end != counted.bytes_read:
                 raise ValueError(f"msgpack stream truncated: incomplete object after byte {end}")
     except ValueError:
-        if batch.records:
+        if len(batch):
             yield batch  # what was read before the fault is still written
         raise
-    if batch.records:
+    if len(batch):
         yield batch
 
 
@@ -302,13 +349,14 @@ class MatchContext:
 
     def match_batch(self, batch: Batch) -> dict[int, list[int]]:
         """Record index in ``batch`` -> the indexes of the rules it matches (matched only)."""
-        records = batch.records
         match = self.matcher.match
         self._step_hits = [None] * len(self.engines)
         if not self.prefilter:
             out: dict[int, list[int]] = {}
-            for i, rec in enumerate(records):
-                if isinstance(rec, dict):
+            for i in range(len(batch)):
+                if batch.is_map(i):
+                    rec = batch.record(i)
+                    assert isinstance(rec, dict)
                     got = match(rec)
                     if got:
                         out[i] = got
@@ -317,25 +365,33 @@ class MatchContext:
         parts: list[bytes] = []
         spans: list[tuple[int, int]] = []
         where: list[int] = []  # entry index -> record index
-        packed: list[dict[str, Any]] = []  # entry index -> its record, as parsed
+        packed: list[dict[str, Any]] | None = []  # entry index -> its record, as parsed
         alone: dict[int, list[int]] = {}  # records msgpack cannot hold, matched as dicts
         pos = 0
-        for i, rec in enumerate(records):
-            if not isinstance(rec, dict):
-                continue
-            try:
-                data = pack([0, rec])
-            except (OverflowError, ValueError, TypeError):  # huge int, lone surrogate
-                alone[i] = match(rec)
-                continue
+        entries = batch.entries
+        parsed = batch.parsed
+        for i, data in enumerate(entries):
+            if data is None:
+                rec = parsed[i]
+                if not isinstance(rec, dict):
+                    continue
+                try:
+                    data = pack([0, rec])
+                except (OverflowError, ValueError, TypeError):  # huge int, lone surrogate
+                    alone[i] = match(rec)
+                    continue
+                if packed is not None:
+                    packed.append(rec)
+            else:
+                packed = None  # the entries are read from their bytes
             parts.append(data)
             end = pos + len(data)
             spans.append((pos, end))
             where.append(i)
-            packed.append(rec)
             pos = end
         buf = b"".join(parts)
-        # the records as parsed are what decoding their entries would give: none is decoded
+        # records packed here from what was parsed: what decoding their entries would give,
+        # so none is decoded
         hits = self.matcher.match_entries(buf, spans, packed)
         out = {where[k]: got for k, got in hits.items()}
         out.update((i, got) for i, got in alone.items() if got)
@@ -354,13 +410,15 @@ class MatchContext:
         lines = batch.lines
         annotations = self.annotations
         fmap = self.fmap
-        for i, record in enumerate(batch.records):
-            if not isinstance(record, dict):
+        for i in range(len(batch)):
+            if not batch.is_map(i):
                 self.skipped += 1
                 continue
             found = hits.get(i) or ()
-            done = self.stateful(record, i)
+            done = self.stateful(batch, i) if self.engines else []
             if found or done:
+                record = batch.record(i)
+                assert isinstance(record, dict)
                 why = explain_hits(self.rules, found, record, fmap) if fmap is not None else None
                 record["detections"] = [annotations[k] for k in found] + done
                 if why is not None:
@@ -370,26 +428,26 @@ class MatchContext:
                 continue
             else:
                 line = lines[i]
-                add(line if line is not None else _utf8(dump_record(record)))
+                add(line if line is not None else _utf8(dump_record(batch.record(i))))
         if not out:
             return b""
         out.append(b"")
         return b"\n".join(out)
 
-    def stateful(self, record: Mapping[str, object], i: int) -> list[dict[str, Any]]:
-        """The stateful detections ``record`` (entry ``i`` of the batch) completes, engine by
-        engine. An engine whose step hits the batch's raw pre-filter found sees only the
-        records that hit a step."""
+    def stateful(self, batch: Batch, i: int) -> list[dict[str, Any]]:
+        """The stateful detections record ``i`` of ``batch`` completes, engine by engine. An
+        engine whose step hits the batch's raw pre-filter found sees only the records that hit
+        a step (the others are not parsed for it)."""
         out: list[dict[str, Any]] = []
         for engine, steps, clocked in zip(
             self.engines, self._step_hits, self._clocked, strict=True
         ):
             if steps is None:
-                done = engine.feed(record)
+                done = engine.feed(_as_map(batch.record(i)))
             elif i in steps:
-                done = engine.feed(record, steps[i])
+                done = engine.feed(_as_map(batch.record(i)), steps[i])
             elif clocked is not None and clocked.pending():
-                done = clocked.observe(record)  # moves the watermark: may release results
+                done = clocked.observe(_as_map(batch.record(i)))  # may release results
             else:
                 continue
             out.extend(stateful_detection(r) for r in done)
@@ -406,6 +464,11 @@ class MatchContext:
         if not done:
             return b""
         return _utf8(dump_record({"end_of_input": True, "detections": done})) + b"\n"
+
+
+def _as_map(record: object) -> Mapping[str, object]:
+    assert isinstance(record, dict)
+    return record
 
 
 def _utf8(text: str) -> bytes:

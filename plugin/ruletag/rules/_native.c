@@ -3128,6 +3128,9 @@ fail:
 
 /* ------------------------------------------------------------------ module */
 
+PyObject *json_entry(PyObject *self, PyObject *arg); /* _jsonpack.c */
+void jsonpack_init(void);
+
 static PyMethodDef methods[] = {
     {"flatten_record", (PyCFunction)flatten_record, METH_O,
      "flatten_record(record) -> {dotted path: [values]} (see ruletag.rules.fields)."},
@@ -3153,6 +3156,9 @@ static PyMethodDef methods[] = {
     {"scan_groups", (PyCFunction)(void (*)(void))scan_groups, METH_FASTCALL,
      "scan_groups(todo, spec, view, flat, vcache, hits, cache, limit, max_entries): see "
      "ruletag.rules.matcher.table.py_scan_groups."},
+    {"json_entry", (PyCFunction)json_entry, METH_O,
+     "json_entry(text) -> msgpack.packb([0, ujson.loads(text)]) for a JSON object text, or None "
+     "where that is left to ujson (see _jsonpack.c)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -3189,6 +3195,7 @@ PyMODINIT_FUNC PyInit__native(void)
     if (one == NULL && (one = PyLong_FromLong(1)) == NULL) {
         return NULL;
     }
+    jsonpack_init();
     PyObject *abc = PyImport_ImportModule("collections.abc");
     if (abc == NULL) {
         return NULL;
@@ -3212,7 +3219,7 @@ PyMODINIT_FUNC PyInit__native(void)
         PyModule_AddObject(m, "LazyLeaf", (PyObject *)&LazyLeafType) < 0 ||
         PyModule_AddObject(m, "EntryHits", (PyObject *)&EntryHitsType) < 0 ||
         PyModule_AddObject(m, "ViewBase", (PyObject *)&ViewType) < 0 ||
-        PyModule_AddIntConstant(m, "ABI", 6) < 0) {
+        PyModule_AddIntConstant(m, "ABI", 7) < 0) {
         Py_DECREF(m);
         return NULL;
     }

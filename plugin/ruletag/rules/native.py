@@ -82,7 +82,7 @@ class PyEntryHits:
 
 
 #: the C module's interface version this code calls (``ABI`` in ``_native.c``)
-ABI = 6
+ABI = 7
 _warned: list[int] = []
 
 
