@@ -23,7 +23,10 @@ extra line ``{"end_of_input": true, "detections": [...]}`` (docs/rules.md "Missi
 Records are handled in batches (:data:`BATCH`): packed once into msgpack entries and matched
 with :meth:`~ruletag.rules.matcher.Matcher.match_entries` as the relay matches a chunk (the
 raw pre-filter lets most records through undecoded, and re-tunes itself on long inputs), then
-written to stdout as one block. ``--no-prefilter`` matches every decoded record with
+written to stdout as one block. JSON lines holding one object each are packed straight from
+their text in C (:data:`json_block`) and only parsed when they are written with detections or
+fed to a stateful rule; other lines, and every line without the C helpers, are parsed with
+``ujson`` and packed with msgpack. ``--no-prefilter`` matches every decoded record with
 :meth:`~ruletag.rules.matcher.Matcher.match` instead; the output is the same.
 """
 
@@ -144,39 +147,62 @@ def read_events(stream: IO[bytes]) -> Iterator[object]:
             yield batch.record(i)
 
 
-#: what :attr:`Batch.parsed` holds for a record not parsed yet (its entry was made in C)
+#: what :attr:`Batch.parsed` holds for a record not parsed yet (it was packed in C)
 _UNPARSED = object()
+_BOM = b"\xef\xbb\xbf"
+#: bytes read from a JSON-lines stream at a time (at most: what the stream has ready)
+_BLOCK = 1 << 20
 
-#: JSON object text -> the msgpack entry ``[0, record]`` of the record ujson would parse from
-#: it, or None where ujson is left to parse it (floats, duplicate keys, bad JSON, ...); None
-#: without the C helpers: every line is parsed
 _native = native_module()
-json_entry: Callable[[bytes], bytes | None] | None = None if _native is None else _native.json_entry
+#: ``json_block(data, start, end, most, base) -> (entries, spans, lines, nlines, stop)``: the
+#: JSON lines of ``data[start:end]`` that hold one object each, packed as msgpack entries
+#: ``[0, record]`` (the bytes msgpack gives for what ujson parses from the line; spans counted
+#: from ``base``), up to ``most`` records or the first line it leaves to ujson (floats,
+#: duplicate keys, other JSON, bad input), which starts at ``stop``; ``nlines``: lines read
+#: (blank ones too). None without the C helpers: every line is parsed with ujson.
+json_block: Callable[..., tuple[bytes, list[tuple[int, int]], list[bytes], int, int]] | None = (
+    None if _native is None else _native.json_block
+)
 
 
 @dataclass
 class Batch:
     """Consecutive records of the input.
 
-    ``lines[i]``: the JSON line record ``i`` was read from when it was a bare map on its own
-    line (None otherwise); ``entries[i]``: that record packed as the msgpack entry
-    ``[0, record]`` straight from its line, in C (None otherwise); ``parsed[i]``: the record,
-    or :data:`_UNPARSED` until :meth:`record` parses its line (a record with an entry is only
-    parsed when it is written with detections or fed to a stateful rule).
+    ``parsed[i]``: record ``i``, or :data:`_UNPARSED` until :meth:`record` parses its line
+    (a record packed in C is only parsed when it is written with detections or fed to a
+    stateful rule); ``lines[i]``: the JSON line it was read from when it was a bare map on its
+    own line (None otherwise); ``packed``: runs of consecutive records packed in C, as (index
+    of the first, their msgpack entries ``[0, record]``, each one's span in the entries of
+    every run joined); ``packed_bytes``: the length of those.
     """
 
-    lines: list[bytes | None] = field(default_factory=list)
-    entries: list[bytes | None] = field(default_factory=list)
     parsed: list[object] = field(default_factory=list)
+    lines: list[bytes | None] = field(default_factory=list)
+    packed: list[tuple[int, bytes, list[tuple[int, int]]]] = field(default_factory=list)
+    packed_bytes: int = 0
+    packed_records: int = 0
 
     def __len__(self) -> int:
         return len(self.parsed)
 
-    def add(self, record: object, line: bytes | None = None, entry: bytes | None = None) -> None:
-        """Append a record (``_UNPARSED`` with its ``line`` and ``entry``)."""
+    def add(self, record: object, line: bytes | None = None) -> None:
+        """Append a parsed record (and the JSON line it was alone on)."""
         self.parsed.append(record)
         self.lines.append(line)
-        self.entries.append(entry)
+
+    def add_packed(self, entries: bytes, spans: list[tuple[int, int]], lines: list[bytes]) -> None:
+        """Append records packed in C: their entries, spans (from :attr:`packed_bytes` on)
+        and JSON lines."""
+        self.packed.append((len(self.parsed), entries, spans))
+        self.packed_bytes += len(entries)
+        self.packed_records += len(spans)
+        self.parsed.extend([_UNPARSED] * len(lines))
+        self.lines.extend(lines)
+
+    def all_packed(self) -> bool:
+        """Whether every record was packed in C."""
+        return self.packed_records == len(self.parsed)
 
     def record(self, i: int) -> object:
         """Record ``i``, parsed from its line on first use."""
@@ -189,7 +215,8 @@ class Batch:
 
     def is_map(self, i: int) -> bool:
         """Whether record ``i`` is a map (without parsing it)."""
-        return self.entries[i] is not None or isinstance(self.parsed[i], dict)
+        rec = self.parsed[i]
+        return rec is _UNPARSED or isinstance(rec, dict)
 
     @property
     def records(self) -> list[object]:
@@ -206,44 +233,99 @@ def read_batches(stream: IO[bytes], size: int = BATCH) -> Iterator[Batch]:
     head = stream.peek(1)[:1]  # type: ignore[attr-defined]
     if not head:
         return
+    if head in (b"{", b"[", b" ", b"\t", b"\r", b"\n", b"\xef"):  # JSON (maybe a BOM)
+        yield from _json_batches(stream, size)
+        return
     batch = Batch()
     try:
-        if head in (b"{", b"[", b" ", b"\t", b"\r", b"\n", b"\xef"):  # JSON (maybe a BOM)
-            for n, line in enumerate(stream, 1):
-                if n == 1 and line.startswith(b"\xef\xbb\xbf"):
+        counted = _CountingReader(stream)
+        unpacker = _unpacker(counted)
+        end = 0  # where the last complete object ended (tell() also counts a partial one)
+        for obj in unpacker:
+            end = unpacker.tell()
+            for rec in records_of(obj):
+                batch.add(rec)
+            if len(batch) >= size:
+                yield batch
+                batch = Batch()
+        if end != counted.bytes_read:
+            raise ValueError(f"msgpack stream truncated: incomplete object after byte {end}")
+    except ValueError:
+        if len(batch):
+            yield batch  # what was read before the fault is still written
+        raise
+    if len(batch):
+        yield batch
+
+
+def _blocks(stream: IO[bytes]) -> Iterator[tuple[bytes, int]]:
+    """The stream in blocks: (data, end), ``data[:end]`` whole lines (the last one may lack
+    its newline at the end of the stream)."""
+    read = getattr(stream, "read1", stream.read)
+    pending: list[bytes] = []  # the start of a line that has not ended yet
+    while True:
+        data = read(_BLOCK)
+        if not data:
+            break
+        cut = data.rfind(b"\n") + 1
+        if not cut:
+            pending.append(data)
+            continue
+        if pending:
+            yield b"".join([*pending, data[:cut]]), -1
+            pending = []
+        else:
+            yield data, cut
+        if cut < len(data):
+            pending.append(data[cut:])
+    if pending:
+        yield b"".join(pending), -1
+
+
+def _json_batches(stream: IO[bytes], size: int) -> Iterator[Batch]:
+    """:func:`read_batches` of a JSON-lines stream: runs of object lines packed in C
+    (:data:`json_block`), any other line parsed with ujson."""
+    batch = Batch()
+    n = 0  # lines read
+    try:
+        for block, cut in _blocks(stream):
+            pos, end = 0, len(block) if cut < 0 else cut
+            while pos < end:
+                if json_block is not None and (n or not block.startswith(_BOM)):
+                    entries, spans, lines, k, pos = json_block(
+                        block, pos, end, size - len(batch), batch.packed_bytes
+                    )
+                    n += k
+                    if spans:
+                        batch.add_packed(entries, spans, lines)
+                    if len(batch) >= size:
+                        yield batch
+                        batch = Batch()
+                        continue
+                    if pos >= end:
+                        break
+                nl = block.find(b"\n", pos, end)
+                stop = end if nl < 0 else nl + 1
+                line = block[pos:stop]
+                pos = stop
+                n += 1
+                if n == 1 and line.startswith(_BOM):
                     line = line[3:]
                 text = line.strip()
                 if not text:
                     continue
-                entry = json_entry(text) if json_entry is not None else None
-                if entry is not None:  # a JSON object (json_entry takes on nothing else)
-                    batch.add(_UNPARSED, text, entry)
+                try:
+                    obj = ujson.loads(text)
+                except ValueError as exc:
+                    raise ValueError(f"line {n}: not JSON: {exc}") from exc
+                if isinstance(obj, dict):
+                    batch.add(obj, text)
                 else:
-                    try:
-                        obj = ujson.loads(text)
-                    except ValueError as exc:
-                        raise ValueError(f"line {n}: not JSON: {exc}") from exc
-                    if isinstance(obj, dict):
-                        batch.add(obj, text)
-                    else:
-                        for rec in records_of(obj):
-                            batch.add(rec)
+                    for rec in records_of(obj):
+                        batch.add(rec)
                 if len(batch) >= size:
                     yield batch
                     batch = Batch()
-        else:
-            counted = _CountingReader(stream)
-            unpacker = _unpacker(counted)
-            end = 0  # where the last complete object ended (tell() also counts a partial one)
-            for obj in unpacker:
-                end = unpacker.tell()
-                for rec in records_of(obj):
-                    batch.add(rec)
-                if len(batch) >= size:
-                    yield batch
-                    batch = Batch()
-            if end != counted.bytes_read:
-                raise ValueError(f"msgpack stream truncated: incomplete object after byte {end}")
     except ValueError:
         if len(batch):
             yield batch  # what was read before the fault is still written
@@ -361,78 +443,124 @@ class MatchContext:
                     if got:
                         out[i] = got
             return out
-        pack = self._pack
-        parts: list[bytes] = []
-        spans: list[tuple[int, int]] = []
-        where: list[int] = []  # entry index -> record index
-        packed: list[dict[str, Any]] | None = []  # entry index -> its record, as parsed
-        alone: dict[int, list[int]] = {}  # records msgpack cannot hold, matched as dicts
-        pos = 0
-        entries = batch.entries
-        parsed = batch.parsed
-        for i, data in enumerate(entries):
-            if data is None:
-                rec = parsed[i]
-                if not isinstance(rec, dict):
-                    continue
-                try:
-                    data = pack([0, rec])
-                except (OverflowError, ValueError, TypeError):  # huge int, lone surrogate
-                    alone[i] = match(rec)
-                    continue
-                if packed is not None:
-                    packed.append(rec)
-            else:
-                packed = None  # the entries are read from their bytes
-            parts.append(data)
-            end = pos + len(data)
-            spans.append((pos, end))
-            where.append(i)
-            pos = end
-        buf = b"".join(parts)
+        buf, spans, where, packed, alone = self._entries(batch)
         # records packed here from what was parsed: what decoding their entries would give,
         # so none is decoded
         hits = self.matcher.match_entries(buf, spans, packed)
-        out = {where[k]: got for k, got in hits.items()}
+        out = hits if where is None else {where[k]: got for k, got in hits.items()}
         out.update((i, got) for i, got in alone.items() if got)
         if not alone:
             for n, engine in enumerate(self.engines):
                 steps = engine.step_hits(buf, spans)
                 if steps is not None:
-                    self._step_hits[n] = {where[k]: got for k, got in steps.items()}
+                    self._step_hits[n] = (
+                        steps if where is None else {where[k]: got for k, got in steps.items()}
+                    )
         return out
+
+    def _entries(
+        self, batch: Batch
+    ) -> tuple[
+        bytes,
+        list[tuple[int, int]],
+        list[int] | None,
+        list[dict[str, Any]] | None,
+        dict[int, list[int]],
+    ]:
+        """The maps of ``batch`` as msgpack entries ``[0, record]``: (entries, their spans,
+        entry index -> record index (None: the same), the records when every entry was
+        packed here from a parsed one (None: read them from their bytes), record index ->
+        matches of those msgpack cannot hold, matched as parsed)."""
+        if batch.all_packed():  # every record packed in C, as it was read
+            if len(batch.packed) == 1:
+                return batch.packed[0][1], batch.packed[0][2], None, None, {}
+            every: list[tuple[int, int]] = []
+            for _, _, run_spans in batch.packed:
+                every += run_spans
+            return b"".join([run[1] for run in batch.packed]), every, None, None, {}
+        runs = {first: (entries, spans) for first, entries, spans in batch.packed}
+        pack = self._pack
+        match = self.matcher.match
+        parsed = batch.parsed
+        parts: list[bytes] = []
+        spans = []
+        where: list[int] = []
+        packed: list[dict[str, Any]] | None = []  # entry index -> its record, as parsed
+        alone: dict[int, list[int]] = {}
+        pos = 0
+        i = 0
+        while i < len(parsed):
+            run = runs.get(i)
+            if run is not None:  # records packed in C
+                data, run_spans = run
+                shift = pos - run_spans[0][0]
+                spans.extend([(s + shift, e + shift) for s, e in run_spans])
+                where.extend(range(i, i + len(run_spans)))
+                i += len(run_spans)
+                packed = None  # the entries are read from their bytes
+            else:
+                rec = parsed[i]
+                i += 1
+                if not isinstance(rec, dict):
+                    continue
+                try:
+                    data = pack([0, rec])
+                except (OverflowError, ValueError, TypeError):  # huge int, lone surrogate
+                    alone[i - 1] = match(rec)
+                    continue
+                spans.append((pos, pos + len(data)))
+                where.append(i - 1)
+                if packed is not None:
+                    packed.append(rec)
+            parts.append(data)
+            pos += len(data)
+        return b"".join(parts), spans, where, packed, alone
 
     def render_batch(self, batch: Batch, hits: Mapping[int, list[int]]) -> bytes:
         """The JSON lines of ``batch``: matched records with ``detections`` (and ``explain``),
         the others as they came (a bare-map JSON line unchanged) unless ``only_matches``."""
-        out: list[bytes] = []
-        add = out.append
-        lines = batch.lines
-        annotations = self.annotations
-        fmap = self.fmap
-        for i in range(len(batch)):
-            if not batch.is_map(i):
-                self.skipped += 1
-                continue
-            found = hits.get(i) or ()
-            done = self.stateful(batch, i) if self.engines else []
-            if found or done:
-                record = batch.record(i)
-                assert isinstance(record, dict)
-                why = explain_hits(self.rules, found, record, fmap) if fmap is not None else None
-                record["detections"] = [annotations[k] for k in found] + done
-                if why is not None:
-                    record["explain"] = why
-                add(_utf8(dump_record(record)))
-            elif self.only_matches:
-                continue
+        out: list[bytes | None]
+        if not self.engines and batch.all_packed():  # only the matched records are parsed
+            if self.only_matches:
+                out = [self._render(batch, k, hits[k], []) for k in sorted(hits)]
             else:
-                line = lines[i]
-                add(line if line is not None else _utf8(dump_record(batch.record(i))))
+                out = list(batch.lines)
+                for k, got in hits.items():
+                    out[k] = self._render(batch, k, got, [])
+        else:
+            out = []
+            add = out.append
+            lines = batch.lines
+            for i in range(len(batch)):
+                if not batch.is_map(i):
+                    self.skipped += 1
+                    continue
+                found = hits.get(i) or ()
+                done = self.stateful(batch, i) if self.engines else []
+                if found or done:
+                    add(self._render(batch, i, found, done))
+                elif self.only_matches:
+                    continue
+                else:
+                    line = lines[i]
+                    add(line if line is not None else _utf8(dump_record(batch.record(i))))
         if not out:
             return b""
         out.append(b"")
-        return b"\n".join(out)
+        return b"\n".join(out)  # type: ignore[arg-type]  # every line is set
+
+    def _render(
+        self, batch: Batch, i: int, found: Sequence[int], done: list[dict[str, Any]]
+    ) -> bytes:
+        """Record ``i`` of ``batch`` with its detections (and ``explain``), as a JSON line."""
+        record = batch.record(i)
+        assert isinstance(record, dict)
+        fmap = self.fmap
+        why = explain_hits(self.rules, found, record, fmap) if fmap is not None else None
+        record["detections"] = [self.annotations[k] for k in found] + done
+        if why is not None:
+            record["explain"] = why
+        return _utf8(dump_record(record))
 
     def stateful(self, batch: Batch, i: int) -> list[dict[str, Any]]:
         """The stateful detections record ``i`` of ``batch`` completes, engine by engine. An

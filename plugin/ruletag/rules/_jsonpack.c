@@ -1,11 +1,13 @@
-/* JSON object text -> msgpack entry [0, record], for `ruletag match` (part of _native).
+/* JSON lines -> msgpack entries [0, record], for `ruletag match` (part of _native).
  *
  * json_entry(text) gives exactly the bytes msgpack.Packer(use_bin_type=True).pack([0,
  * ujson.loads(text)]) gives, for the JSON texts it takes on: one object of strict JSON
  * (RFC 8259) with integers in msgpack's range, no duplicate keys, no lone surrogates and at
  * most MAX_DEPTH levels. For anything else (floats, other JSON, bad input) it returns None and
  * the caller parses the text with ujson as before, so errors and odd cases keep ujson's
- * behaviour. tests/test_jsonpack.py compares both on generated and recorded texts.
+ * behaviour. json_block does the same for the lines of a block, into one buffer, up to the
+ * first line it leaves. tests/test_jsonpack.py compares them with ujson + msgpack on
+ * generated, damaged and recorded texts.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -543,6 +545,41 @@ static int put_value(Out *o, const unsigned char **pp, const unsigned char *end,
     }
 }
 
+/* one entry [0, record] for the JSON text [p, end) appended to o: 0, 1 (left to ujson, o
+ * unchanged) or -1 (out of memory) */
+static int put_entry(Out *o, const unsigned char *p, const unsigned char *end)
+{
+    size_t at = o->len;
+    p = skip_ws(p, end);
+    if (p >= end || *p != '{') {
+        return 1;
+    }
+    if (grow(o, 2) < 0) {
+        return -1;
+    }
+    o->buf[o->len++] = 0x92;
+    o->buf[o->len++] = 0x00;
+    o->nkeys = 0;
+    int rc = put_coll(o, &p, end, 0);
+    if (rc == 0 && skip_ws(p, end) != end) {
+        rc = 1; /* trailing data */
+    }
+    if (rc != 0) {
+        o->len = at;
+    }
+    return rc;
+}
+
+static int init_out(Out *o, size_t cap)
+{
+    o->cap = cap;
+    o->len = 0;
+    o->keys = NULL;
+    o->nkeys = o->kcap = 0;
+    o->buf = PyMem_Malloc(cap);
+    return o->buf == NULL ? -1 : 0;
+}
+
 PyObject *json_entry(PyObject *self, PyObject *arg)
 {
     (void)self;
@@ -550,25 +587,14 @@ PyObject *json_entry(PyObject *self, PyObject *arg)
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) {
         return NULL;
     }
-    const unsigned char *p = view.buf, *end = p + view.len;
-    p = skip_ws(p, end);
+    const unsigned char *p = view.buf;
     PyObject *res = NULL;
     Out o;
-    o.cap = (size_t)view.len + 64;
-    o.len = 0;
-    o.keys = NULL;
-    o.nkeys = o.kcap = 0;
-    o.buf = PyMem_Malloc(o.cap);
-    if (o.buf == NULL) {
+    if (init_out(&o, (size_t)view.len + 64) < 0) {
         PyBuffer_Release(&view);
         return PyErr_NoMemory();
     }
-    o.buf[o.len++] = 0x92; /* [0, record] */
-    o.buf[o.len++] = 0x00;
-    int rc = (p < end && *p == '{') ? put_coll(&o, &p, end, 0) : 1;
-    if (rc == 0 && skip_ws(p, end) != end) {
-        rc = 1; /* trailing data */
-    }
+    int rc = put_entry(&o, p, p + view.len);
     if (rc < 0) {
         PyErr_NoMemory();
     } else if (rc > 0) {
@@ -577,6 +603,94 @@ PyObject *json_entry(PyObject *self, PyObject *arg)
     } else {
         res = PyBytes_FromStringAndSize((const char *)o.buf, (Py_ssize_t)o.len);
     }
+    PyMem_Free(o.buf);
+    PyMem_Free(o.keys);
+    PyBuffer_Release(&view);
+    return res;
+}
+
+/* bytes.strip()'s whitespace */
+static int strip_ws(unsigned char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\x0b' || c == '\x0c';
+}
+
+PyObject *json_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    Py_ssize_t start, stop, most, base;
+    if (nargs != 5 || (start = PyLong_AsSsize_t(args[1])) == -1 ||
+        (stop = PyLong_AsSsize_t(args[2])) == -1 || (most = PyLong_AsSsize_t(args[3])) == -1 ||
+        (base = PyLong_AsSsize_t(args[4])) == -1) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "json_block(data, start, end, most, base)");
+        }
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    PyObject *spans = NULL, *lines = NULL, *res = NULL;
+    Out o;
+    o.buf = NULL;
+    o.keys = NULL;
+    if (start < 0 || stop > view.len || start > stop) {
+        PyErr_SetString(PyExc_ValueError, "json_block: bad span");
+        goto done;
+    }
+    if (init_out(&o, (size_t)(stop - start) + 64) < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    spans = PyList_New(0);
+    lines = PyList_New(0);
+    if (spans == NULL || lines == NULL) {
+        goto done;
+    }
+    const unsigned char *data = view.buf, *p = data + start, *end = data + stop;
+    Py_ssize_t nlines = 0, taken = 0;
+    while (p < end && taken < most) {
+        const unsigned char *nl = memchr(p, '\n', (size_t)(end - p));
+        const unsigned char *le = nl == NULL ? end : nl, *ts = p, *te = le;
+        while (ts < te && strip_ws(*ts)) {
+            ts++;
+        }
+        while (te > ts && strip_ws(te[-1])) {
+            te--;
+        }
+        if (ts < te) {
+            size_t at = o.len;
+            int rc = put_entry(&o, ts, te);
+            if (rc < 0) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            if (rc > 0) {
+                break; /* this line is the caller's */
+            }
+            PyObject *span = Py_BuildValue("(nn)", base + (Py_ssize_t)at, base + (Py_ssize_t)o.len);
+            PyObject *text = PyBytes_FromStringAndSize((const char *)ts, te - ts);
+            if (span == NULL || text == NULL || PyList_Append(spans, span) < 0 ||
+                PyList_Append(lines, text) < 0) {
+                Py_XDECREF(span);
+                Py_XDECREF(text);
+                goto done;
+            }
+            Py_DECREF(span);
+            Py_DECREF(text);
+            taken++;
+        }
+        nlines++;
+        p = nl == NULL ? end : nl + 1;
+    }
+    PyObject *entries = PyBytes_FromStringAndSize((const char *)o.buf, (Py_ssize_t)o.len);
+    if (entries != NULL) {
+        res = Py_BuildValue("(NOOnn)", entries, spans, lines, nlines, (Py_ssize_t)(p - data));
+    }
+done:
+    Py_XDECREF(spans);
+    Py_XDECREF(lines);
     PyMem_Free(o.buf);
     PyMem_Free(o.keys);
     PyBuffer_Release(&view);

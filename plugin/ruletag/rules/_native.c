@@ -3130,6 +3130,7 @@ fail:
 
 PyObject *json_entry(PyObject *self, PyObject *arg); /* _jsonpack.c */
 void jsonpack_init(void);
+PyObject *json_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 
 static PyMethodDef methods[] = {
     {"flatten_record", (PyCFunction)flatten_record, METH_O,
@@ -3159,6 +3160,10 @@ static PyMethodDef methods[] = {
     {"json_entry", (PyCFunction)json_entry, METH_O,
      "json_entry(text) -> msgpack.packb([0, ujson.loads(text)]) for a JSON object text, or None "
      "where that is left to ujson (see _jsonpack.c)."},
+    {"json_block", (PyCFunction)(void (*)(void))json_block, METH_FASTCALL,
+     "json_block(data, start, end, most, base) -> (entries, spans, lines, nlines, stop): the "
+     "JSON object lines of data[start:end] packed as by json_entry (spans counted from base), "
+     "up to the first line json_entry leaves or ``most`` records (see _jsonpack.c)."},
     {NULL, NULL, 0, NULL},
 };
 
