@@ -58,6 +58,7 @@ from ruletag.rules.esql import (
     split_commands,
 )
 from ruletag.rules.ir import (
+    NOW_FIELD,
     Aggregate,
     Aggregation,
     AggValue,
@@ -79,9 +80,6 @@ from ruletag.rules.ir import (
 
 __all__ = ["AGGREGATES", "NOW_FIELD", "fires_early", "parse_esql_aggregation"]
 
-#: The row column ``NOW()`` reads after ``STATS``: the event time of the record that is being
-#: aggregated (the watermark), where Elasticsearch has the time of the rule's run.
-NOW_FIELD = "\0now"
 
 #: ES|QL aggregate name -> IR function name, for the aggregates evaluated here.
 AGGREGATES = {

@@ -201,6 +201,12 @@ class Const:
 Leaf = Match | Regex | Cidr | Compare | Equals | IsNull | Exists | FieldRef | Predicate
 Node = Leaf | And | Or | Not | Const
 
+#: The row column ``NOW()`` reads after an ES|QL ``STATS``: the event time of the record that is
+#: being aggregated (the watermark), where Elasticsearch has the time of the rule's run. Here
+#: (not in :mod:`ruletag.rules.esql_stats`) so the aggregation engine does not import the
+#: ES|QL front-end and its parser.
+NOW_FIELD = "\0now"
+
 LEAF_TYPES = (Match, Regex, Cidr, Compare, Equals, IsNull, Exists, FieldRef, Predicate)
 
 

@@ -44,9 +44,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ruletag.rules.algebra import and_, as_text, number_of
-from ruletag.rules.esql_stats import NOW_FIELD
 from ruletag.rules.fields import FieldMap, RecordView
 from ruletag.rules.ir import (
+    NOW_FIELD,
     Aggregate,
     Aggregation,
     AggValue,
