@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from functools import cache
@@ -219,3 +222,29 @@ def test_a_second_run_matches_every_record_with_the_kept_tuned_filter(
     monkeypatch.setattr(Matcher, "match_entries", spy)
     assert run_match(capsysbinary, events, "--tune-after", "600") == first
     assert seen and seen[0] == "file"
+
+
+def test_a_cached_table_starts_without_the_rule_front_ends(tmp_path: Path) -> None:
+    """Once the table is cached, ``ruletag match`` neither parses rules nor imports what
+    parses them (lark and its grammars, pySigma, the TOML reader): start-up is the table's
+    load, not the front-ends' imports. The stateful engines of the sample's rules load too."""
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in generated(50, 3)))
+    code = (
+        "import sys\n"
+        "from ruletag.cli import main\n"
+        f"rc = main(['match', '--rules', *{RULE_PATHS!r}, '--events', {str(events)!r}])\n"
+        "heavy = ('lark', 'sigma', 'tomllib', 'tomli', 'ruletag.rules.esql', 'ruletag.rules.eql',"
+        " 'ruletag.rules.kql', 'ruletag.rules.sigma')\n"
+        "print(rc, sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        )
+        for _ in range(2)
+    ]
+    first, second = (r.stdout.strip().splitlines()[-1] for r in runs)
+    assert first.startswith("0 [") and "lark" in first  # compiled: the front-ends ran
+    assert second == "0 []", runs[1].stderr[-2000:]
