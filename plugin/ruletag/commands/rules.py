@@ -17,9 +17,15 @@ import yaml
 from ruletag.config.load import select_overrides
 from ruletag.config.model import RulesConfig
 from ruletag.errors import ConfigError, RuleError
-from ruletag.rules.loader import LoadResult, load_rules, problem_to_json, select_rules, source_of
+from ruletag.rules.loader import (
+    LoadResult,
+    load_rules,
+    problem_to_json,
+    reason_key,
+    select_rules,
+    source_of,
+)
 from ruletag.rules.select import Selection
-from ruletag.runtime.reload import reason_key
 
 # --------------------------------------------------------------------------- shared helpers
 

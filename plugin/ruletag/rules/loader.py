@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -113,6 +114,15 @@ def _scan_folder(
             out.append(((*rel, name), e.path, e.is_symlink()))
         except OSError:
             continue
+
+
+def reason_key(reason: str) -> str:
+    """Group problem reasons: quoted parts and numbers become placeholders (digits inside
+    a name, as in ``RE2`` or ``MD5``, are part of the name)."""
+    key = re.sub(r"'[^']*'|\"[^\"]*\"|`[^`]*`", "'…'", reason)
+    key = re.sub(r"%[^%\s]+%", "%…%", key)
+    key = re.sub(r"(?<![A-Za-z_\d])\d+(?![A-Za-z_\d])", "N", key)
+    return key[:120]
 
 
 def rule_files(paths: Sequence[str | Path]) -> tuple[list[Path], list[RuleError]]:

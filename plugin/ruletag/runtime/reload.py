@@ -29,7 +29,6 @@ import gc
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -44,7 +43,7 @@ from ruletag.config.model import SelectConfig
 from ruletag.enrich.filter import FilterStats, RuleFilter
 from ruletag.protocol import Chunk
 from ruletag.rules.compiler import CompiledTable
-from ruletag.rules.loader import LoadResult, rule_files
+from ruletag.rules.loader import LoadResult, reason_key, rule_files
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +60,6 @@ def problem_counts(result: LoadResult) -> dict[str, int]:
     if result.duplicates:
         counts["duplicate"] = len(result.duplicates)
     return dict(counts)
-
-
-def reason_key(reason: str) -> str:
-    """Group problem reasons: quoted parts and numbers become placeholders (digits inside
-    a name, as in ``RE2`` or ``MD5``, are part of the name)."""
-    key = re.sub(r"'[^']*'|\"[^\"]*\"|`[^`]*`", "'…'", reason)
-    key = re.sub(r"%[^%\s]+%", "%…%", key)
-    key = re.sub(r"(?<![A-Za-z_\d])\d+(?![A-Za-z_\d])", "N", key)
-    return key[:120]
 
 
 def problem_summary(result: LoadResult, top: int = 8) -> str:
