@@ -17,7 +17,7 @@ from ruletag.errors import ConfigError
 from ruletag.rules.compiler import CompiledTable, TableError, build, load, prefilter, save
 from ruletag.rules.compiler.store import load_tuned, save_tuned
 from ruletag.rules.fields import FieldMap
-from ruletag.rules.ir import And, Match, Node, Not, Rule, Wild
+from ruletag.rules.ir import And, Match, Node, Not, Or, Rule, Wild
 from ruletag.rules.matcher import Matcher
 from ruletag.rules.matcher.prefilter import RawMatcher
 from support.codec import pack_records
@@ -237,6 +237,37 @@ def test_tuning_does_not_decode_what_no_requirement_forces(fm: FieldMap) -> None
     assert forced == {}
     assert len(decoded) <= len(spans) // 100, f"{len(decoded)} of {len(spans)} decoded"
     assert t.match_entries(buf, spans) == {}
+
+
+def test_a_rule_with_thousands_of_rare_branches_takes_one_common_trigger(fm: FieldMap) -> None:
+    """Each trigger pattern costs scan time on every record. A rule listing 3,000 hashes (none
+    seen in the tuning sample) beside an event kind on 1% of the records was re-tuned to be
+    triggered by its 3,000 hashes (measured rarer); now by the event kind, the hashes left to
+    stage 2.
+    Matches stay exact: a listed hash on a driver load matches, on another kind it does not."""
+    hashes = [f"feed{i:028x}{i * 7919:032x}" for i in range(3000)]  # never number-like
+    kind = Match("EventType", ("DriverLoad",))
+    listed = rule("listed", And((kind, Or(tuple(Match("Hashes", (A, h, A)) for h in hashes)))))
+    t = Matcher(build([listed], fm), tune_after=300)
+
+    def mix(n: int, seed: int, hit: int = 0) -> list[dict[str, object]]:
+        rng = random.Random(seed)
+        out: list[dict[str, object]] = []
+        for i in range(n):
+            ev = "DriverLoad" if i % 100 == 0 else rng.choice(["ProcessCreate", "FileCreate"])
+            h = hashes[i % 3000] if hit and i % hit == 0 else f"{rng.getrandbits(128):032x}"
+            out.append({"EventType": ev, "Hashes": f"SHA256={h}", "EventID": 6})
+        return out
+
+    feed_until_tuned(t, mix(1000, 11))
+    assert t.raw is not None and t.raw.filter.tuned_on >= 300
+    assert len(t.raw.filter.trig_rules) - 1 < 10, "the hashes are still trigger patterns"
+    fresh = mix(3000, 12, hit=50)
+    buf, spans = pack_records(fresh)
+    expected = want(t, fresh)
+    assert expected and all(fresh[k]["EventType"] == "DriverLoad" for k in expected)
+    assert len(expected) == 30  # the driver loads (i % 100 == 0) all hold a listed hash
+    assert t.match_entries(buf, spans) == expected
 
 
 # --------------------------------------------------------------------------- tuned-filter file

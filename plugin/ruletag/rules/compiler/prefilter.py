@@ -650,6 +650,13 @@ HOT = 0.002
 #: A rule whose requirement held in more than this share of the records its trigger is
 #: measured to fire on skips stage 2: it is decoded whenever its trigger fires.
 PASSING = 0.5
+#: What one trigger pattern costs, as a share of records triggered: the trigger scan of every
+#: record grows with the pattern count (24,000 patterns ~4.6 µs per 1 KB record, ~0.19 ns
+#: each), a triggered record costs ~5 µs of stage 2. Added to each pattern's measured rate
+#: when a re-tuning picks triggers, so a rule with thousands of rare branches (a hash list)
+#: takes one common trigger instead, when one fires on fewer records than its branches cost
+#: to scan for (docs/benchmarks.md, "The trigger scan's pattern count").
+TRIGGER_SCAN = 3.5e-5
 FOLD_ID = 1 << 30  # the id of the fold-character patterns, above any literal's id
 
 
@@ -771,10 +778,10 @@ def _retuned_blueprint(
     memo: dict[Plain, Req] = {}
     reqs = {k: _typed(r, memo) for k, r in plain.items()}
     del plain, memo  # the plain trees, before the planning's own memos
-    cost = [(counts.get(i, 0) + 0.5 * min(1.0, p)) / n for i, p in enumerate(prior)]
+    cost = [(counts.get(i, 0) + 0.5 * min(1.0, p)) / n + TRIGGER_SCAN for i, p in enumerate(prior)]
     common = frozenset(i for i, c in counts.items() if i < len(prior) and c / n > COMMON)
     del prior
-    return _blueprint(patterns, reqs, cost, common, n, True, passes, sets)
+    return _blueprint(patterns, reqs, cost, common, n, True, passes, sets, TRIGGER_SCAN)
 
 
 def _compacted(bp: _Blueprint) -> _Blueprint:
@@ -824,9 +831,11 @@ def _blueprint(
     cold_db: bool = False,
     passes: Mapping[int, int] | None = None,
     sets: Mapping[bytes, int] | None = None,
+    scan_cost: float = 0.0,
 ) -> _Blueprint:
     """The filter for ``reqs``, planned: triggers by ``cost``, stage 2 without the ``drop``
-    patterns.
+    patterns. ``scan_cost``: what ``cost`` adds to each pattern's rate for its scan (each
+    rule's expected trigger rate is worked out without it).
 
     When tuned (``tuned_on``), stage 2 has two databases: one for the rules whose trigger is
     measured to fire on more than :data:`HOT` of the records, one for the rest (scanned only
@@ -839,6 +848,7 @@ def _blueprint(
     strip_memo: dict[int, Req | None] = {}
     for k, r in reqs.items():
         pats, c = _trigger(r, cost, trig_memo)
+        c = max(0.0, c - scan_cost * len(pats))
         rates[k] = c
         if not tuned_on or c > HOT:
             hot.add(k)
