@@ -4,9 +4,10 @@ Writes ``--events`` flat Sysmon events (process creation, network connection, fi
 from ``gen_traffic.py``, 0.5% of them positives) as JSON lines once, then runs the
 ``ruletag match`` command (in a child process, output to ``/dev/null``) with the given rules:
 cold (compiling into an empty cache), warm (cached table) while tuning the pre-filter on the
-input, warm again starting from the tuned filter the previous run kept, and warm with
-``--no-prefilter``. It prints events/s per run and the in-process cost split of one warm run
-(parse + pack, match, output), measured by timing the stages of
+input, warm again starting from the tuned filter the previous run kept (also with
+``--workers``, default 2), and warm with ``--no-prefilter``. It prints events/s per run and
+the in-process cost split of one warm run (parse + pack, match, output), measured by timing
+the stages of
 :func:`ruletag.commands.match.run_batches`.
 
     .venv/bin/python bench/bench_cli_match.py --rules ../shared/rules/sigma [--events 100000]
@@ -125,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cold", action="store_true", help="skip the cold (compile) run")
     ap.add_argument("--no-dict", action="store_true", help="skip the --no-prefilter run")
     ap.add_argument("--profile", action="store_true", help="cProfile the in-process run")
+    ap.add_argument(
+        "--workers",
+        default="2",
+        help="comma-separated --workers values to run from the tuned file too ('' for none)",
+    )
     ns = ap.parse_args(argv)
     events = Path(ns.file)
     events.parent.mkdir(parents=True, exist_ok=True)
@@ -141,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         # the next one starts from that file
         runs.append(("warm, tuning", ()))
         runs.append(("warm, tuned file", ()))
+        for w in filter(None, ns.workers.split(",")):
+            runs.append((f"warm, tuned, {w} workers", ("--workers", w)))
         if not ns.no_dict:
             runs.append(("warm --no-prefilter", ("--no-prefilter",)))
         if ns.no_cold:

@@ -342,6 +342,7 @@ def test_differential_suites_pass_on_the_pure_python_reference(tmp_path: Path) -
         "tests/test_prefilter.py",
         "tests/test_corpus_sample.py",
         "tests/test_cli_match.py",  # every JSON line parsed with ujson, as without _jsonpack.c
+        "tests/test_cli_match_workers.py",
     ]
     got = _child(
         {"RULETAG_PURE_PYTHON": "1", "XDG_CACHE_HOME": str(tmp_path)},

@@ -192,6 +192,13 @@ def _add_match(sub: argparse._SubParsersAction) -> None:
         help="allowed lateness of event time: an EQL sequence that needs an event to be "
         "missing is confirmed once a record this much past its window is seen (default 2)",
     )
+    p.add_argument(
+        "--workers",
+        metavar="N",
+        default="1",
+        help="processes matching JSON lines in parallel, output in input order (default 1; "
+        "'auto': one per usable CPU); stateful rules and msgpack input use one",
+    )
     add_select_flags(p)
     p.set_defaults(func=_run_match)
 

@@ -149,6 +149,8 @@ def read_events(stream: IO[bytes]) -> Iterator[object]:
 
 #: what :attr:`Batch.parsed` holds for a record not parsed yet (it was packed in C)
 _UNPARSED = object()
+#: the first bytes of a JSON-lines input (a BOM's first byte included)
+_JSON_START = (b"{", b"[", b" ", b"\t", b"\r", b"\n", b"\xef")
 _BOM = b"\xef\xbb\xbf"
 #: bytes read from a JSON-lines stream at a time (at most: what the stream has ready)
 _BLOCK = 1 << 20
@@ -233,8 +235,8 @@ def read_batches(stream: IO[bytes], size: int = BATCH) -> Iterator[Batch]:
     head = stream.peek(1)[:1]  # type: ignore[attr-defined]
     if not head:
         return
-    if head in (b"{", b"[", b" ", b"\t", b"\r", b"\n", b"\xef"):  # JSON (maybe a BOM)
-        yield from _json_batches(stream, size)
+    if head in _JSON_START:
+        yield from json_batches(stream, size)
         return
     batch = Batch()
     try:
@@ -282,11 +284,20 @@ def _blocks(stream: IO[bytes]) -> Iterator[tuple[bytes, int]]:
         yield b"".join(pending), -1
 
 
-def _json_batches(stream: IO[bytes], size: int) -> Iterator[Batch]:
+def json_pieces(stream: IO[bytes]) -> Iterator[bytes]:
+    """A JSON-lines stream in pieces of about a block (:data:`_BLOCK`), each whole lines
+    (the last one may lack its newline at the end of the stream)."""
+    for data, cut in _blocks(stream):
+        yield data if cut < 0 or cut == len(data) else data[:cut]
+
+
+def json_batches(stream: IO[bytes], size: int, first_line: int = 1) -> Iterator[Batch]:
     """:func:`read_batches` of a JSON-lines stream: runs of object lines packed in C
-    (:data:`json_block`), any other line parsed with ujson."""
+    (:data:`json_block`), any other line parsed with ujson. ``first_line``: the number of the
+    stream's first line in the input (errors name lines by it; a BOM is only taken off line
+    1)."""
     batch = Batch()
-    n = 0  # lines read
+    n = first_line - 1  # lines read
     try:
         for block, cut in _blocks(stream):
             pos, end = 0, len(block) if cut < 0 else cut
@@ -609,6 +620,7 @@ def _utf8(text: str) -> bytes:
 def match(ns: argparse.Namespace) -> int:
     """Match every record of ``--events`` and print it as JSON, with its detections."""
     variables = read_vars(ns.vars)  # a bad --vars file: ConfigError, exit 2 (cli.main)
+    asked = _worker_count(ns)
     table = _load_table(ns.rules, variables, selection_from_args(ns))
     # re-tunes its pre-filter on long inputs, like the relay, and starts from the filter an
     # earlier run tuned for this table: a batch job waits for that file (read on a thread
@@ -634,9 +646,17 @@ def match(ns: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"ruletag: {ns.events}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    workers = _workers(asked, engines, src)
     try:
-        for batch in read_batches(src):
-            out.write(ctx.render_batch(batch, ctx.match_batch(batch)))
+        if workers > 1:
+            from ruletag.commands import match_workers
+
+            ctx.skipped, error = match_workers.run(ctx, src, out, workers)
+            if error is not None:
+                raise ValueError(error)
+        else:
+            for batch in read_batches(src):
+                out.write(ctx.render_batch(batch, ctx.match_batch(batch)))
         out.write(ctx.finish())
     except (ValueError, OSError) as exc:  # msgpack errors are ValueErrors
         out.flush()
@@ -666,6 +686,40 @@ def _with_lateness(engines: list[Engine], ns: argparse.Namespace) -> list[Engine
     return engines
 
 
+def _worker_count(ns: argparse.Namespace) -> int:
+    """``--workers``: a count, or ``auto`` (the CPUs this process may use, at most 16)."""
+    from ruletag.config.model import auto_workers
+
+    asked = str(getattr(ns, "workers", None) or "1")
+    if asked == "auto":
+        return auto_workers()
+    if asked.isdigit() and int(asked) >= 1:
+        return int(asked)
+    raise ConfigError(f"--workers: want a count of 1 or more, or 'auto', not {asked!r}")
+
+
+def _workers(n: int, engines: Sequence[Engine], src: IO[bytes]) -> int:
+    """How many processes match: ``n``, or 1 when stateful rules are loaded (they see every
+    record in file order), for a msgpack input, or where processes cannot be forked (each
+    said on stderr)."""
+    from ruletag.commands.match_workers import fork_available
+
+    head = src.peek(1)[:1] if n > 1 else b""  # type: ignore[attr-defined]
+    if not head:
+        return 1
+    why = None
+    if engines:
+        why = "stateful rules see every record in file order in one process"
+    elif head not in _JSON_START:
+        why = "a msgpack input is read in one process"
+    elif not fork_available():
+        why = "this platform cannot fork workers"
+    if why is not None:
+        print(f"ruletag: --workers {n}: matching in one process ({why})", file=sys.stderr)
+        return 1
+    return n
+
+
 def _tune_after(ns: argparse.Namespace) -> int:
     """``--tune-after``, else the relay's default (``rules.tune_after``)."""
     n = getattr(ns, "tune_after", None)
@@ -676,7 +730,7 @@ def _tune_after(ns: argparse.Namespace) -> int:
     return int(n)
 
 
-class _Sink(Protocol):
+class Sink(Protocol):
     """Where ``match`` writes its output blocks."""
 
     def write(self, data: bytes, /) -> int: ...
@@ -684,7 +738,7 @@ class _Sink(Protocol):
     def flush(self) -> None: ...
 
 
-def _binary_stdout() -> _Sink:
+def _binary_stdout() -> Sink:
     """Where the JSON lines go: ``sys.stdout``'s bytes layer (flushed of any text first)."""
     sys.stdout.flush()
     buf = getattr(sys.stdout, "buffer", None)

@@ -1,0 +1,122 @@
+"""``ruletag match --workers N``: forked workers write byte for byte what one process writes, in
+input order, over many blocks; a bad line or a dead worker stops the run as in one process;
+stateful rules and msgpack input run in one process, said on stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from ruletag.cli import main
+from ruletag.commands import match as match_cmd
+from ruletag.commands import match_workers
+from support.paths import SAMPLE, SEED_RULES
+from test_cli_match import RULE_PATHS, json_lines
+
+#: no stateful rule among them (the elastic sample holds sequences, thresholds, ...)
+STATELESS = [str(SAMPLE / "sigma"), str(SEED_RULES)]
+
+pytestmark = pytest.mark.skipif(
+    not match_workers.fork_available(), reason="workers are forked; this platform cannot fork"
+)
+
+
+@pytest.fixture(autouse=True)
+def _small_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A private cache, and blocks of 4 KB: the test inputs make dozens of them."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(match_cmd, "_BLOCK", 4096)
+
+
+def run(
+    capfd: pytest.CaptureFixture[bytes], events: Path, *extra: str, rules: list[str] = STATELESS
+) -> tuple[int, bytes, str]:
+    rc = main(["match", "--rules", *rules, "--events", str(events), *extra])
+    out, err = capfd.readouterr()
+    return rc, out, err.decode()
+
+
+def test_workers_write_what_one_process_writes(
+    tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    events = tmp_path / "e.jsonl"
+    body = json_lines()
+    events.write_bytes(b"\xef\xbb\xbf" + body.replace(b"\n", b"\n\n", 5) + b"   \n")
+    assert len(body) > 40 * 4096
+    rc, one, _ = run(capfdbinary, events)
+    assert rc == 0
+    matched = sum(b'"detections"' in x for x in one.splitlines())
+    assert matched >= 10, matched
+    for workers in ("2", "3", "auto"):
+        rc, out, err = run(capfdbinary, events, "--workers", workers)
+        assert rc == 0 and "one process" not in err, err
+        assert out == one, workers
+    for flags in (("--only-matches",), ("--explain", "--only-matches"), ("--no-prefilter",)):
+        one_process = run(capfdbinary, events, *flags)[:2]
+        assert run(capfdbinary, events, *flags, "--workers", "2")[:2] == one_process
+
+
+def test_a_bad_line_stops_the_workers_where_it_stops_one_process(
+    tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    lines = [json.dumps({"Image": f"C:\\x{i}.exe", "n": i}) for i in range(3000)]
+    lines[2499] = '{"Image": "cut'
+    events = tmp_path / "bad.jsonl"
+    events.write_text("\n".join(lines) + "\n")
+    rc1, out1, err1 = run(capfdbinary, events)
+    rc2, out2, err2 = run(capfdbinary, events, "--workers", "2")
+    assert rc1 == rc2 == 1
+    assert out1 == out2 and len(out1.splitlines()) == 2499
+    assert "line 2500: not JSON" in err1 and "line 2500: not JSON" in err2
+
+
+def _die_after_the_first_block(block: bytes, first_line: int) -> tuple[bytes, int, str | None]:
+    if first_line > 1:
+        os._exit(9)  # as the OOM killer would end it
+    return match_workers.__dict__["_real_work"](block, first_line)
+
+
+def test_a_worker_that_dies_ends_the_run_with_an_error(
+    tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events = tmp_path / "e.jsonl"
+    events.write_bytes(json_lines())
+    whole = run(capfdbinary, events)[1]
+    monkeypatch.setitem(match_workers.__dict__, "_real_work", match_workers._work)
+    monkeypatch.setattr(match_workers, "_work", _die_after_the_first_block)
+    rc, out, err = run(capfdbinary, events, "--workers", "2")
+    assert rc == 1
+    assert "a worker process died" in err
+    assert len(out) < len(whole) // 2 and whole.startswith(out)  # the blocks before, in order
+
+
+def test_stateful_rules_and_msgpack_input_match_in_one_process(
+    tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    events = tmp_path / "e.jsonl"
+    events.write_bytes(json_lines()[:20000].rsplit(b"\n", 1)[0] + b"\n")
+    rc, out, err = run(capfdbinary, events, "--workers", "2", rules=RULE_PATHS)
+    assert rc == 0 and "matching in one process (stateful rules" in err
+    assert out == run(capfdbinary, events, rules=RULE_PATHS)[1]
+    packed = tmp_path / "e.msgpack"
+    packed.write_bytes(b"\x81\xa1a\x01\x81\xa1a\x02")
+    rc, out, err = run(capfdbinary, packed, "--workers", "2")
+    assert rc == 0 and "matching in one process (a msgpack input" in err
+    assert out.splitlines() == [b'{"a":1}', b'{"a":2}']
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    rc, out, err = run(capfdbinary, empty, "--workers", "2")
+    assert rc == 0 and out == b"" and "one process" not in err
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "two", "2.5"])
+def test_a_bad_workers_value_is_a_usage_error(
+    tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes], bad: str
+) -> None:
+    events = tmp_path / "e.jsonl"
+    events.write_text('{"a": 1}\n')
+    rc, out, err = run(capfdbinary, events, "--workers", bad)
+    assert rc == 2 and out == b"" and "--workers" in err
