@@ -59,6 +59,23 @@ def test_workers_write_what_one_process_writes(
         assert run(capfdbinary, events, *flags, "--workers", "2")[:2] == one_process
 
 
+def test_one_huge_line_beside_many_small_ones(
+    tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """A line 60 times the block size, between thousands of small ones, with no newline at
+    the end of the input: written whole and in its place."""
+    small = json_lines().splitlines()
+    huge = json.dumps({"CommandLine": "x" * (60 * 4096), "Image": "C:\\huge.exe"}).encode()
+    events = tmp_path / "e.jsonl"
+    events.write_bytes(b"\n".join([*small[:700], huge, *small[700:], huge]))
+    rc, one, _ = run(capfdbinary, events)
+    rc2, two, err = run(capfdbinary, events, "--workers", "2")
+    assert rc == rc2 == 0 and "one process" not in err
+    assert two == one
+    lines = two.splitlines()
+    assert len(lines) == len(small) + 2 and lines[700] == huge and lines[-1] == huge
+
+
 def test_a_bad_line_stops_the_workers_where_it_stops_one_process(
     tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes]
 ) -> None:
