@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +21,9 @@ from test_cli_match import RULE_PATHS, json_lines
 
 #: no stateful rule among them (the elastic sample holds sequences, thresholds, ...)
 STATELESS = [str(SAMPLE / "sigma"), str(SEED_RULES)]
+#: the pre-filter never re-tunes: the workers match from the first block (by default the
+#: parent matches the blocks of the first 20,000 records itself, tuning on them)
+NO_TUNING = ("--tune-after", "0")
 
 pytestmark = pytest.mark.skipif(
     not match_workers.fork_available(), reason="workers are forked; this platform cannot fork"
@@ -39,8 +45,15 @@ def run(
     return rc, out, err.decode()
 
 
+def _unhurried(block: bytes, first_line: int) -> tuple[bytes, int, str | None]:
+    """``_work`` a little slower: the parent's tuning thread runs meanwhile (a test input
+    this small ends before the thread gets the GIL for long enough otherwise)."""
+    time.sleep(0.01)
+    return match_workers.__dict__["_real_work"](block, first_line)
+
+
 def test_workers_write_what_one_process_writes(
-    tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes]
+    tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     events = tmp_path / "e.jsonl"
     body = json_lines()
@@ -51,12 +64,30 @@ def test_workers_write_what_one_process_writes(
     matched = sum(b'"detections"' in x for x in one.splitlines())
     assert matched >= 10, matched
     for workers in ("2", "3", "auto"):
-        rc, out, err = run(capfdbinary, events, "--workers", workers)
+        rc, out, err = run(capfdbinary, events, "--workers", workers, *NO_TUNING)
         assert rc == 0 and "one process" not in err, err
         assert out == one, workers
+    pools: list[int] = []
+
+    class Counted(ProcessPoolExecutor):
+        def __init__(self, workers: int, **kw: Any) -> None:
+            pools.append(workers)
+            super().__init__(workers, **kw)
+
+    monkeypatch.setattr(match_workers, "ProcessPoolExecutor", Counted)
+    with monkeypatch.context() as patch:
+        patch.setitem(match_workers.__dict__, "_real_work", match_workers._work)
+        patch.setattr(match_workers, "_work", _unhurried)
+        # the parent tunes on the first 300 records, then the workers start from its filter
+        got = run(capfdbinary, events, "--workers", "2", "--tune-after", "300")
+    assert got[:2] == (0, one)
+    assert pools == [2]
+    # the next run starts from the filter that tuning kept: workers from the first block
+    assert run(capfdbinary, events, "--workers", "2")[:2] == (0, one)
+    assert pools == [2, 2]
     for flags in (("--only-matches",), ("--explain", "--only-matches"), ("--no-prefilter",)):
         one_process = run(capfdbinary, events, *flags)[:2]
-        assert run(capfdbinary, events, *flags, "--workers", "2")[:2] == one_process
+        assert run(capfdbinary, events, *flags, "--workers", "2", *NO_TUNING)[:2] == one_process
 
 
 def test_one_huge_line_beside_many_small_ones(
@@ -69,7 +100,7 @@ def test_one_huge_line_beside_many_small_ones(
     events = tmp_path / "e.jsonl"
     events.write_bytes(b"\n".join([*small[:700], huge, *small[700:], huge]))
     rc, one, _ = run(capfdbinary, events)
-    rc2, two, err = run(capfdbinary, events, "--workers", "2")
+    rc2, two, err = run(capfdbinary, events, "--workers", "2", *NO_TUNING)
     assert rc == rc2 == 0 and "one process" not in err
     assert two == one
     lines = two.splitlines()
@@ -83,11 +114,14 @@ def test_a_bad_line_stops_the_workers_where_it_stops_one_process(
     lines[2499] = '{"Image": "cut'
     events = tmp_path / "bad.jsonl"
     events.write_text("\n".join(lines) + "\n")
-    rc1, out1, err1 = run(capfdbinary, events)
-    rc2, out2, err2 = run(capfdbinary, events, "--workers", "2")
-    assert rc1 == rc2 == 1
-    assert out1 == out2 and len(out1.splitlines()) == 2499
-    assert "line 2500: not JSON" in err1 and "line 2500: not JSON" in err2
+    rc1, out1, err1 = run(capfdbinary, events, *NO_TUNING)  # no kept filter for the rest
+    assert rc1 == 1 and len(out1.splitlines()) == 2499 and "line 2500: not JSON" in err1
+    error = err1.splitlines()[-1]
+    # workers from the first block; the parent tuning on 500 records first; the parent
+    # alone (the input is shorter than a tuning)
+    for tuning in (NO_TUNING, ("--tune-after", "500"), ()):
+        rc, out, err = run(capfdbinary, events, "--workers", "2", *tuning)
+        assert (rc, out, err.splitlines()[-1]) == (rc1, out1, error)  # [cached] aside
 
 
 def _die_after_the_first_block(block: bytes, first_line: int) -> tuple[bytes, int, str | None]:
@@ -104,7 +138,7 @@ def test_a_worker_that_dies_ends_the_run_with_an_error(
     whole = run(capfdbinary, events)[1]
     monkeypatch.setitem(match_workers.__dict__, "_real_work", match_workers._work)
     monkeypatch.setattr(match_workers, "_work", _die_after_the_first_block)
-    rc, out, err = run(capfdbinary, events, "--workers", "2")
+    rc, out, err = run(capfdbinary, events, "--workers", "2", *NO_TUNING)
     assert rc == 1
     assert "a worker process died" in err
     assert len(out) < len(whole) // 2 and whole.startswith(out)  # the blocks before, in order

@@ -12,13 +12,20 @@ A bad line stops the run as in one process: the lines before it are written, the
 (with its line number in the whole input). A worker that dies (killed, out of memory) stops it
 too: the blocks before the one it held are written, then the error. Stateful rules need every
 record in file order in one process; :func:`~ruletag.commands.match.match` does not come here
-when any is loaded. Each worker's pre-filter re-tunes itself on the records it sees.
+when any is loaded.
+
+Without a kept tuned filter, the parent matches the first blocks itself until its pre-filter
+has re-tuned on them (as one process does), and forks the workers after: they start from
+its tuned filter rather than each tune on its share (two tunings at once on two cores made a
+first run slower than one process). The workers are forked once no other thread runs.
 """
 
 from __future__ import annotations
 
 import io
 import multiprocessing
+import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -55,6 +62,20 @@ def _work(block: bytes, first_line: int) -> tuple[bytes, int, str | None]:
     return b"".join(parts), ctx.skipped - skipped, error
 
 
+def _tuning(ctx: MatchContext) -> bool:
+    """Whether the pre-filter is still to re-tune itself on this input."""
+    raw = ctx.matcher.raw
+    return raw is not None and raw.tune_after > 0
+
+
+def _alone(timeout: float = 30.0) -> None:
+    """Wait (at most ``timeout`` s) until the main thread is the only one: the tuning thread
+    ends just after its filter is swapped in, and a fork copies no thread but the caller."""
+    deadline = time.monotonic() + timeout
+    while threading.active_count() > 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def run(ctx: MatchContext, src: IO[bytes], out: Sink, workers: int) -> tuple[int, str | None]:
     """Match the JSON lines of ``src`` in ``workers`` processes, write them to ``out`` in
     order; (entries skipped as not maps, the error that stopped the input or None)."""
@@ -63,7 +84,24 @@ def run(ctx: MatchContext, src: IO[bytes], out: Sink, workers: int) -> tuple[int
     global _CTX
     _CTX = ctx
     skipped = 0
-    error: str | None = None
+    line = 1
+    pieces = json_pieces(src)
+    try:
+        while _tuning(ctx):  # the parent tunes first (see the module docstring)
+            piece = next(pieces, None)
+            if piece is None:
+                return skipped, None
+            data, n, error = _work(piece, line)
+            out.write(data)
+            skipped += n
+            line += piece.count(b"\n")
+            if error is not None:
+                return skipped, error
+    finally:
+        _CTX = None
+    _alone()
+    _CTX = ctx
+    error = None
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
     try:
         pending: deque[Future[tuple[bytes, int, str | None]]] = deque()
@@ -75,8 +113,7 @@ def run(ctx: MatchContext, src: IO[bytes], out: Sink, workers: int) -> tuple[int
             skipped += n
             return err
 
-        line = 1
-        for piece in json_pieces(src):
+        for piece in pieces:
             pending.append(pool.submit(_work, piece, line))
             line += piece.count(b"\n")
             while len(pending) >= 2 * workers and error is None:
