@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -171,3 +173,22 @@ def test_a_bad_workers_value_is_a_usage_error(
     events.write_text('{"a": 1}\n')
     rc, out, err = run(capfdbinary, events, "--workers", bad)
     assert rc == 2 and out == b"" and "--workers" in err
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_reader_that_goes_away_ends_the_run_quietly(tmp_path: Path, workers: str) -> None:
+    """``ruletag match ... | head -1``: the run stops at the closed pipe with 141 (as a tool
+    ended by SIGPIPE), no "Broken pipe" message, no traceback."""
+    events = tmp_path / "e.jsonl"
+    events.write_bytes(json_lines() * 20)  # more than a pipe buffer holds
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "ruletag", "match", "--rules", *STATELESS]
+    cmd += ["--events", str(events), "--workers", workers, *NO_TUNING]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert json.loads(first)
+    assert "Broken pipe" not in err and "Traceback" not in err and "Exception" not in err, err

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import sys
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -658,6 +659,9 @@ def match(ns: argparse.Namespace) -> int:
             for batch in read_batches(src):
                 out.write(ctx.render_batch(batch, ctx.match_batch(batch)))
         out.write(ctx.finish())
+    except BrokenPipeError:  # the reader went away (``| head``): stop quietly, as grep does
+        _quiet_stdout()
+        return 128 + 13  # what a shell reports for a tool ended by SIGPIPE
     except (ValueError, OSError) as exc:  # msgpack errors are ValueErrors
         out.flush()
         print(f"ruletag: {ns.events}: {exc}", file=sys.stderr)
@@ -672,6 +676,17 @@ def match(ns: argparse.Namespace) -> int:
     if note is not None:
         print(f"ruletag: {note}", file=sys.stderr)
     return 0
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered for a closed pipe is dropped at exit
+    rather than reported as another broken pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor (a replaced stdout): nothing to do
+        pass
 
 
 def _with_lateness(engines: list[Engine], ns: argparse.Namespace) -> list[Engine]:
