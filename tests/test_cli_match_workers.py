@@ -87,6 +87,10 @@ def test_workers_write_what_one_process_writes(
     # the next run starts from the filter that tuning kept: workers from the first block
     assert run(capfdbinary, events, "--workers", "2")[:2] == (0, one)
     assert pools == [2, 2]
+    # --no-prefilter never tunes: the workers start at once (a fresh cache: no kept filter)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh"))
+    assert run(capfdbinary, events, "--no-prefilter", "--workers", "2")[:2] == (0, one)
+    assert pools == [2, 2, 2]
     for flags in (("--only-matches",), ("--explain", "--only-matches"), ("--no-prefilter",)):
         one_process = run(capfdbinary, events, *flags)[:2]
         assert run(capfdbinary, events, *flags, "--workers", "2", *NO_TUNING)[:2] == one_process

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import io
 import json
 import os
 import sys
@@ -561,6 +562,26 @@ class MatchContext:
         out.append(b"")
         return b"\n".join(out)  # type: ignore[arg-type]  # every line is set
 
+    def render_block(self, block: bytes, first_line: int) -> tuple[bytes, int, str | None]:
+        """The JSON lines of ``block`` (whole lines, the first of them ``first_line`` of the
+        input) matched and rendered: (the output, entries skipped as not maps, the error that
+        stopped the block or None). What a ``--workers`` process does with a block."""
+        skipped = self.skipped
+        parts: list[bytes] = []
+        error: str | None = None
+        try:
+            for batch in json_batches(io.BytesIO(block), BATCH, first_line):
+                parts.append(self.render_batch(batch, self.match_batch(batch)))
+        except ValueError as exc:
+            error = str(exc)
+        return b"".join(parts), self.skipped - skipped, error
+
+    def tuning(self) -> bool:
+        """Whether the pre-filter is still to re-tune itself on this input (never with
+        ``prefilter`` off)."""
+        raw = self.matcher.raw
+        return self.prefilter and raw is not None and raw.tune_after > 0
+
     def _render(
         self, batch: Batch, i: int, found: Sequence[int], done: list[dict[str, Any]]
     ) -> bytes:
@@ -652,7 +673,9 @@ def match(ns: argparse.Namespace) -> int:
         if workers > 1:
             from ruletag.commands import match_workers
 
-            ctx.skipped, error = match_workers.run(ctx, src, out, workers)
+            ctx.skipped, error = match_workers.run(
+                ctx.render_block, ctx.tuning, json_pieces(src), out.write, workers
+            )
             if error is not None:
                 raise ValueError(error)
         else:
