@@ -5,11 +5,13 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
+import hyperscan as hs
 import msgpack
 import pytest
 
 from ruletag.rules.compiler import CompiledTable, build
-from ruletag.rules.compiler.prefilter import int_encodings, text_headers
+from ruletag.rules.compiler.hyperscan import compile_db, hs_escape
+from ruletag.rules.compiler.prefilter import _alts, _key, _loose_head, int_encodings, text_headers
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import (
     And,
@@ -295,3 +297,42 @@ def test_an_entry_s_record_is_read_past_any_time_form(when: object) -> None:
     three = msgpack.packb([when, record, {"x": 1}])
     assert _record_of(memoryview(three)) == record  # the general path
     assert _record_of(memoryview(entry[:-1])) is None  # damaged: no record, no exception
+
+
+def fired(db: object, data: bytes) -> set[int]:
+    """The pattern ids a Hyperscan database finds in ``data``."""
+    hits: set[int] = set()
+    db.scan(data, lambda i, *_: hits.add(i))  # type: ignore[attr-defined]
+    return hits
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 31, 32, 65, 200, 255, 256, 300, 4000])
+def test_a_trigger_s_header_is_loosened_to_a_superset(n: int) -> None:
+    """A trigger pattern fires wherever its exact pattern would: its str/bin header
+    alternatives become the length bytes they share, for a key and for a value, whatever the
+    header's width; the bytes after the header still decide."""
+    text = (b"Ab9_" * (n // 4 + 1))[:n]
+    value = _alts(text_headers(n)) + hs_escape(text)
+    key = _key(text.decode())
+    for exact in (value, key):
+        loose = _loose_head(exact)
+        assert loose != exact and b"\\xd9" not in loose and b"\\xdb" not in loose
+        db = compile_db([(0, exact, hs.HS_FLAG_SINGLEMATCH), (1, loose, hs.HS_FLAG_SINGLEMATCH)])
+        for h in [*text_headers(n), *([b"."] if exact is key else [])]:
+            assert fired(db, b"\x81\xa1x" + h + text + b"\xc0") == {0, 1}, (n, h)
+        # another length's header, or none: neither fires (with n > 0 the text decides)
+        if n:
+            for h in (text_headers(n + 1)[0], b"z"):
+                assert fired(db, b"\x81" + h + text[:-1] + b"Q") == set()
+
+
+def test_patterns_without_a_header_are_triggers_as_they_are() -> None:
+    for pat in (b"\\x2fdontlog", b"graphsteel", b"(?:abc|def)", b"(?:\\xc0|\\xc2)x", b""):
+        assert _loose_head(pat) == pat
+
+
+def test_a_text_of_64_kib_or_more_keeps_its_last_two_length_bytes() -> None:
+    """Only 32-bit headers can carry 70,000 bytes: they end with 00 01 11 70 (too long a
+    pattern to compile here, so the pattern's text is checked)."""
+    text = b"q" * 70000
+    assert _loose_head(_alts(text_headers(70000)) + hs_escape(text)) == b"\\x11p" + text
