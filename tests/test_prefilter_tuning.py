@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import marshal
 import random
 import time
@@ -552,3 +553,67 @@ def test_a_matcher_started_from_the_kept_filter_re_tunes_on_the_kept_sample_too(
         warned = "earlier tuning sample not used" in caplog.text
         assert warned == (case == "damaged"), case
         assert m.match_entries(buf, spans) == want(m, fresh)
+
+
+def _feed(t: Matcher, records: list[dict[str, object]], times: int) -> None:
+    """``records`` through ``t`` ``times`` times, its matches checked each time."""
+    buf, spans = pack_records(records)
+    for _ in range(times):
+        assert t.match_entries(buf, spans) == want(t, records)
+
+
+def test_a_follower_reads_the_filter_its_leader_tunes_and_never_tunes_itself(
+    fm: FieldMap, tmp_path
+) -> None:
+    """``workers: N`` on a first start: the first worker tunes and keeps the filter; another
+    one, already matching, reads it once written instead of tuning a second time."""
+    path = tmp_path / "v-test.tuned"
+    follower = Matcher(_keyed(fm), tune_after=1000, tuned_path=path, follow=True)
+    assert follower.raw is not None and follower.raw.tune_after == 1000 * Matcher.FOLLOW_PATIENCE
+    _feed(follower, traffic(500, 20), 3)  # more than tune_after: a plain matcher would tune
+    assert not path.exists() and follower.raw.observing and "raw_tuned_from" not in follower.stats
+    leader = Matcher(_keyed(fm), tune_after=300, tuned_path=path)
+    feed_until_tuned(leader, traffic(1000, 21))
+    assert path.exists() and leader.stats["raw_tuned_from"] == "traffic"
+    deadline = time.monotonic() + 30
+    while follower.stats.get("raw_tuned_from") is None:  # found within FOLLOW_EVERY records
+        assert time.monotonic() < deadline, "the follower never read its leader's filter"
+        _feed(follower, traffic(500, 22), 1)
+        time.sleep(0.01)
+    assert follower.stats["raw_tuned_from"] == "file"
+    assert follower.stats["raw_tuned_on_records"] == leader.stats["raw_tuned_on_records"]
+    _feed(follower, traffic(1500, 23), 1)  # exact on the leader's filter too
+
+
+def test_a_follower_without_a_leader_tunes_after_its_patience(fm: FieldMap, tmp_path) -> None:
+    """The leader got no traffic (the kernel gave every connection to this worker): the
+    follower tunes on its own, later than a leader would, and keeps what it tuned."""
+    path = tmp_path / "v-test.tuned"
+    follower = Matcher(_keyed(fm), tune_after=100, tuned_path=path, follow=True)
+    feed_until_tuned(follower, traffic(600, 24))
+    assert follower.stats["raw_tuned_from"] == "traffic"
+    assert follower.stats["raw_tuned_on_records"] >= 100 * Matcher.FOLLOW_PATIENCE
+    assert path.exists()
+
+
+def test_a_damaged_leader_file_is_tried_once_then_again_when_rewritten(
+    fm: FieldMap, tmp_path, caplog
+) -> None:
+    path = tmp_path / "v-test.tuned"
+    follower = Matcher(_keyed(fm), tune_after=2000, tuned_path=path, follow=True)
+    path.write_bytes(b"junk")
+    with caplog.at_level(logging.WARNING, logger="ruletag.rules.matcher.table"):
+        for _ in range(12):  # 6,000 records: three looks at the file
+            _feed(follower, traffic(500, 25), 1)
+            if follower._reader is not None:
+                follower._reader.join(10)
+    refused = [r for r in caplog.records if "tuned pre-filter not used" in r.getMessage()]
+    assert len(refused) == 1 and "raw_tuned_from" not in follower.stats
+    leader = Matcher(_keyed(fm), tune_after=300, tuned_path=path)
+    feed_until_tuned(leader, traffic(1000, 26))
+    deadline = time.monotonic() + 30
+    while follower.stats.get("raw_tuned_from") is None:
+        assert time.monotonic() < deadline, "the rewritten file was never read"
+        _feed(follower, traffic(500, 27), 1)
+        time.sleep(0.01)
+    assert follower.stats["raw_tuned_from"] == "file"

@@ -185,3 +185,28 @@ def test_two_workers_with_a_disk_buffer_never_share_segments(
         await sink.stop()
 
     arun(scenario())
+
+
+def test_workers_after_the_first_follow_the_first_one_s_tuning(tmp_path: Path) -> None:
+    """On a first start only worker 0 tunes the pre-filter; the others read what it keeps
+    (``Matcher(follow=True)``, tests/test_prefilter_tuning.py)."""
+    from ruletag.rules.compiler import build
+    from ruletag.rules.fields import FieldMap
+    from ruletag.rules.ir import Match, Rule, Wild
+    from ruletag.runtime.relay import filter_factory
+
+    cfg = config_from_mapping(
+        {
+            "forward": FORWARD,
+            "workers": 3,
+            "rules": {"paths": [str(tmp_path)], "cache_dir": str(tmp_path)},
+            "enrich": {"stateful": "off"},
+        }
+    )
+    cond = Match("CommandLine", (Wild.ANY, "mimikatz", Wild.ANY))
+    table = build([Rule(id="m", name="m", source="sigma", condition=cond)], FieldMap.default(), "v")
+    workers = [worker_config(cfg, i, 4321) for i in range(3)]
+    assert [w.worker_index for w in workers] == [0, 1, 2]
+    matchers = [filter_factory(w)(table).matcher for w in workers]
+    assert [m._follow is not None for m in matchers] == [False, True, True]
+    assert filter_factory(cfg)(table).matcher._follow is None  # one process: tunes itself

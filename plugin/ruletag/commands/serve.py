@@ -17,6 +17,7 @@ from typing import Any
 from ruletag.config.load import config_from_cli, load_config, with_cli_overrides
 from ruletag.config.model import Config
 from ruletag.errors import ConfigError
+from ruletag.heap import limit_arenas
 from ruletag.runtime.logs import setup_logging
 from ruletag.runtime.relay import Relay
 
@@ -74,6 +75,7 @@ def main_serve(ns: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         return _fail(f"--log-level: {exc}")
+    limit_arenas()  # before any thread: the workers are forked with the limit
     config = _auto_workers(config)
     if config.workers > 1:
         from ruletag.runtime.workers import run_workers

@@ -412,6 +412,7 @@ class Config:
     workers: int = 1  # serve processes sharing the listen port (ruletag.runtime.workers)
     state: StateConfig | None = None  # checkpoints of stateful rules (ruletag.runtime.state)
     worker_of: int = 1  # in a worker: how many workers share the port (not a YAML key)
+    worker_index: int = 0  # in a worker: which one (0: the first; not a YAML key)
     workers_auto: bool = False  # ``workers: auto``: ``workers`` is the usable CPU count
 
 

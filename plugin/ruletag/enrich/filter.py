@@ -71,13 +71,14 @@ class RuleFilter:
         on_match: Callable[[Sequence[Rule]], None] | None = None,
         tune_after: int | None = None,
         tuned_path: Path | None = None,
+        follow: bool = False,
         stateful: StatefulStage | None = None,
         alert_tag: str = "",
     ) -> None:
         self.table = table
-        #: this filter's own matcher over the shared table (``tune_after``, ``tuned_path``:
-        #: see Matcher)
-        self.matcher = Matcher(table, tune_after, tuned_path)
+        #: this filter's own matcher over the shared table (``tune_after``, ``tuned_path``,
+        #: ``follow``: see Matcher)
+        self.matcher = Matcher(table, tune_after, tuned_path, follow)
         self.key = key
         self.style = style
         self.retag_prefix = retag_prefix

@@ -212,6 +212,9 @@ def filter_factory(config: Config) -> Callable[[CompiledTable], RuleFilter]:
             tune_after=tune_after,
             # the pre-filter re-tuned by an earlier run (or worker) of this rule table
             tuned_path=tuned_path(step_cache_dir, table.version),
+            # workers after the first read the filter the first one tunes and keeps (one
+            # tuning's CPU and memory on a first start, not one per worker)
+            follow=config.worker_index > 0,
             key=enrich.key,
             style=enrich.style,  # type: ignore[arg-type]
             retag_prefix=enrich.retag_prefix,

@@ -56,8 +56,9 @@ def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
 
 def worker_config(config: Config, index: int, port: int) -> Config:
     """Worker ``index``'s config: the reserved port, ``reuse_port``, metrics on worker 0 only,
-    and its own disk-buffer folder ``<buffer.path>/worker-<index>`` (dead letters stay in the
-    shared default folder)."""
+    its own disk-buffer folder ``<buffer.path>/worker-<index>`` (dead letters stay in the
+    shared default folder), and its index (worker 0 tunes the pre-filter on a first start,
+    the others read the filter it keeps: ``Matcher(follow=True)``)."""
     listen = replace(config.listen, port=port, reuse_port=True)
     metrics = config.metrics if index == 0 else None
     buffer = config.buffer
@@ -65,7 +66,13 @@ def worker_config(config: Config, index: int, port: int) -> Config:
         config = with_default_dir(config)
         buffer = replace(buffer, path=str(Path(buffer.path) / f"worker-{index}"))
     return replace(
-        config, listen=listen, metrics=metrics, workers=1, worker_of=config.workers, buffer=buffer
+        config,
+        listen=listen,
+        metrics=metrics,
+        workers=1,
+        worker_of=config.workers,
+        worker_index=index,
+        buffer=buffer,
     )
 
 

@@ -86,7 +86,11 @@ class Matcher:
     """Matches records against ``table``; rule numbers are indexes into ``table.rules``.
 
     ``tune_after``: records the raw pre-filter observes before it re-tunes itself (0: never;
-    None: :data:`~ruletag.rules.matcher.prefilter.TUNE_AFTER`).
+    None: :data:`~ruletag.rules.matcher.prefilter.TUNE_AFTER`). ``tuned_path``: where the
+    re-tuned filter is kept for later runs (read at start when there). ``follow``: another
+    process (the first of ``workers: N``) tunes and keeps the filter; this matcher reads it
+    once written, and tunes on its own only after :attr:`FOLLOW_PATIENCE` times
+    ``tune_after`` records without it.
     """
 
     #: a rule whose trigger fires on more than this share of the records is evaluated by
@@ -101,12 +105,18 @@ class Matcher:
     #: windows after a tuning before drift may re-tune (doubled at each re-tuning)
     DRIFT_GAP = 5
     MAX_RETUNES = 8
+    #: a follower (``follow=True``: a ``workers: N`` process other than the first) reads the
+    #: tuned filter the leader keeps, looking for it every this many records; it tunes on
+    #: its own only after this many times ``tune_after`` records (the leader got no traffic)
+    FOLLOW_EVERY = 2_000
+    FOLLOW_PATIENCE = 5
 
     def __init__(
         self,
         table: CompiledTable,
         tune_after: int | None = None,
         tuned_path: Path | None = None,
+        follow: bool = False,
     ) -> None:
         self.table = table
         #: where the re-tuned pre-filter is kept between runs (see :meth:`_start_tuned`)
@@ -148,6 +158,8 @@ class Matcher:
         if table.raw is not None:
             after = TUNE_AFTER if tune_after is None else tune_after
             self._tune_after = after
+            if follow and tuned_path is not None and table.version:
+                after *= self.FOLLOW_PATIENCE  # the leader's tuning is expected first
             self.raw = RawMatcher(table.raw, after, self._build_hot)
         self._hot: HotTable | None = None
         self._next_hot: HotTable | None = None
@@ -176,7 +188,13 @@ class Matcher:
         self._read: tuple[RawFilter, HotTable | None, str] | None = None
         if tuned_path is not None and not table.version:
             self.tuned_path = None  # only a table with a cache key can be told apart
+        #: following another process's tuning (see :meth:`_follow`): records since the last
+        #: look for its file, and the modification time of the file last read (None: not
+        #: following)
+        self._follow: tuple[int, int] | None = None
         if self.raw is not None and self.raw.tune_after > 0 and self.tuned_path is not None:
+            if follow:
+                self._follow = (0, self._mtime(self.tuned_path))
             self._start_tuned(self.tuned_path)
 
     def _start_tuned(self, path: Path) -> None:
@@ -194,6 +212,29 @@ class Matcher:
             target=self._read_tuned, args=(path,), daemon=True, name="ruletag-tuned-read"
         )
         self._reader.start()
+
+    @staticmethod
+    def _mtime(path: Path) -> int:
+        """``path``'s modification time in ns (-1: no such file)."""
+        try:
+            return path.stat().st_mtime_ns
+        except OSError:
+            return -1
+
+    def _follow_leader(self, records: int) -> None:
+        """While following and untuned: every :attr:`FOLLOW_EVERY` records, read the kept
+        tuned filter if the leader wrote it since the last look (a damaged or foreign file
+        is tried once per version of it)."""
+        assert self._follow is not None and self.tuned_path is not None
+        seen, tried = self._follow
+        seen += records
+        if seen < self.FOLLOW_EVERY or (self._reader is not None and self._reader.is_alive()):
+            self._follow = (seen, tried)
+            return
+        mtime = self._mtime(self.tuned_path)
+        self._follow = (0, mtime)
+        if mtime != tried and mtime != -1:
+            self._start_tuned(self.tuned_path)
 
     def _read_tuned(self, path: Path) -> None:
         """On the reader thread: the kept filter and its often-passed table, if usable."""
@@ -447,6 +488,11 @@ class Matcher:
         a re-tuned filter once it is ready."""
         if self._read is not None:
             self._swap_read()
+        if self._follow is not None:
+            if self._tuned is None:
+                self._follow_leader(len(spans))
+            else:
+                self._follow = None  # tuned: from the leader's file, or on its own
         raw = self.raw
         if raw is None or not spans:
             return {}
