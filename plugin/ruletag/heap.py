@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 __all__ = ["ARENAS", "limit_arenas", "malloc_trim"]
 
-#: glibc malloc arenas a serve uses (glibc's own default is 8 per core): measured on a serve
-#: of every rule, peak RSS 306-313 MB with the default, 294-296 with 2 (docs/benchmarks.md)
+#: glibc malloc arenas a serve uses (glibc's own default is 8 per core): a serve of every
+#: rule tuning itself peaked at 303-308 MB with 16, 291-299 with 2 (docs/benchmarks.md)
 ARENAS = 2
 #: ``mallopt``'s parameter number for the arena limit (glibc's ``M_ARENA_MAX``)
 _M_ARENA_MAX = -8

@@ -188,7 +188,7 @@ class Matcher:
         self._read: tuple[RawFilter, HotTable | None, str] | None = None
         if tuned_path is not None and not table.version:
             self.tuned_path = None  # only a table with a cache key can be told apart
-        #: following another process's tuning (see :meth:`_follow`): records since the last
+        #: following another process's tuning (see :meth:`_follow_leader`): records since the last
         #: look for its file, and the modification time of the file last read (None: not
         #: following)
         self._follow: tuple[int, int] | None = None
