@@ -525,8 +525,10 @@ def test_pace_hands_cheap_transforms_whole_chunks_and_slices_slow_ones(arun: Any
 
     def transform(part: Chunk) -> list[Chunk]:
         sizes.append(part.count)
-        if delay[0]:
-            time.sleep(delay[0] * len(part.entries) / len(chunk.entries))
+        if delay[0]:  # CPU work, as a filter's: the pace counts CPU time, not sleep
+            end = time.thread_time() + delay[0] * len(part.entries) / len(chunk.entries)
+            while time.thread_time() < end:
+                pass
         return [part]
 
     pace = Pace()
@@ -551,3 +553,35 @@ def test_pace_hands_cheap_transforms_whole_chunks_and_slices_slow_ones(arun: Any
         sizes.clear()
         out = arun(apply_transform(transform, chunk, pace))
         assert len(sizes) > 3 and out == [chunk]  # ... then sliced again, every time
+
+
+def test_pace_counts_cpu_time_so_a_preempted_chunk_does_not_bring_back_slicing(
+    arun: Any,
+) -> None:
+    """On a busy host the filter's thread is preempted or waits for the GIL now and then; the
+    wall time of that one chunk says nothing about the filter's cost. Timed by the wall clock,
+    each such outlier sent the following chunks back to slicing (a copy and a join each)."""
+    chunk = _decoded(
+        protocol.encode_chunk(
+            "win", *pack_entries({"EventID": 1, "n": i} for i in range(20_000)), chunk_id=b"c"
+        )
+    )
+    sizes: list[int] = []
+    stall = [0.0]
+
+    def transform(part: Chunk) -> list[Chunk]:
+        sizes.append(part.count)
+        if stall[0]:
+            time.sleep(stall[0])  # off the CPU: preempted, or waiting for the GIL
+        return [part]
+
+    pace = Pace()
+    arun(apply_transform(transform, chunk, pace))  # unknown cost: sliced, and measured
+    stall[0] = 4 * Pace.BUDGET
+    sizes.clear()
+    arun(apply_transform(transform, chunk, pace))
+    assert sizes == [chunk.count]  # cheap so far: whole, though it stalled this time
+    stall[0] = 0.0
+    sizes.clear()
+    out = arun(apply_transform(transform, chunk, pace))
+    assert sizes == [chunk.count] and out == [chunk]  # still whole after the stall
