@@ -8,7 +8,7 @@ NPM_STAMP := tests/js/node_modules/.installed
 
 .PHONY: setup run test test-fast lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py $(wildcard plugin/ruletag/*/*.c)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test,fast]'

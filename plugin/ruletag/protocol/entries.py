@@ -7,7 +7,9 @@ An entry is ``[time, record]`` or, from Fluent Bit 5 and fluentd with metadata,
 from __future__ import annotations
 
 import math
+import os
 import struct
+from collections.abc import Callable
 from typing import Final
 
 import msgpack
@@ -20,6 +22,21 @@ from ruletag.protocol.peek import (
     sub_unpacker,
     time_size,
 )
+
+
+def _walker() -> Callable[[bytes, int, int, int, int], tuple[list[int], int, bool]] | None:
+    """The C walk of Fluent Bit's entry shapes (``_wire.c``), or None: not built, another
+    build's, or ``RULETAG_PURE_PYTHON`` set (the loop in :func:`scan_entries` is the reference)."""
+    if os.environ.get("RULETAG_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from ruletag.protocol import _wire  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _wire.entry_ends if getattr(_wire, "ABI", None) == 1 else None
+
+
+_WALK: Final = _walker()
 
 #: Metrics/traces payloads are a few cmetrics/ctraces contexts; this bounds the Python loop.
 _MAX_SIGNAL_OBJECTS: Final = 1_000_000
@@ -51,24 +68,35 @@ def scan_entries(
     (what :func:`iter_entries` would return), None when rewritten. ``count`` None means
     "until ``end``".
     """
-    unpacker = sub_unpacker(memoryview(buf)[start:end])
     pieces: list[bytes] | None = None
     last = start
     v2 = False
     n = 0
     pos = start
     limit = count if count is not None else end - start  # an entry takes >= 3 bytes
-    skip = unpacker.skip
-    tell = unpacker.tell
     ends: list[int] = []
     add_end = ends.append
+    walk = _WALK
+    base = -1  # where the unpacker below starts (-1: none yet)
     while n < limit and pos < end:
+        if walk is not None:  # Fluent Bit's shapes in C; anything else below, one entry
+            got, pos, seen_v2 = walk(buf, start, pos, end, limit - n)
+            if got:
+                ends += got
+                n += len(got)
+                v2 = v2 or seen_v2
+                base = -1
+                continue
+        if base < 0:  # (re)start the unpacker at pos: skip/tell are relative to pos
+            base = pos
+            unpacker = sub_unpacker(memoryview(buf)[pos:end])
+            skip = unpacker.skip
+            tell = unpacker.tell
         # Fast path: fixarray(2) + fixext8 EventTime + map record, Fluent Bit's v1 shape.
         if buf[pos] == 0x92 and buf[pos + 1] == 0xD7 and buf[pos + 2] == 0:
             skip()
-            entry_end = tell()
-            add_end(entry_end)
-            entry_end += start
+            entry_end = tell() + base
+            add_end(entry_end - start)
             if not MAP_BYTES[buf[pos + 11]]:
                 raise RemoteProtocolError(f"entry {n}: record is not a map")
             pos = entry_end
@@ -78,9 +106,8 @@ def scan_entries(
             # Fluent Bit 5's default: [[EventTime, metadata], record] (no float to convert).
             v2 = True
             skip()
-            entry_end = tell()
-            add_end(entry_end)
-            pos = entry_end + start
+            pos = tell() + base
+            add_end(pos - start)
             n += 1
             continue
         header = pair_header(buf, pos)
@@ -93,9 +120,8 @@ def scan_entries(
             t += inner
         size, is_float = time_size(buf, t)
         skip()
-        entry_end = tell()
-        add_end(entry_end)
-        entry_end += start
+        entry_end = tell() + base
+        add_end(entry_end - start)
         if not inner and not MAP_BYTES[buf[t + size]]:
             raise RemoteProtocolError(f"entry {n}: record is not a map")
         if is_float and convert_float:

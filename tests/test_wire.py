@@ -1,0 +1,195 @@
+"""The entry scanner's C walk (``ruletag.protocol._wire``) against its pure-Python reference.
+
+``scan_entries`` hands Fluent Bit's two entry shapes to the C walk and everything else, one
+entry at a time, to the Python loop. With the walk and without it, every input (generated
+entries of every shape, then cut and mutated) must give the same result, or the same error.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import sysconfig
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ruletag.errors import RemoteProtocolError
+from ruletag.protocol import entries as entries_mod
+from ruletag.protocol.entries import scan_entries
+
+WALK = entries_mod._WALK
+
+needs_walk = pytest.mark.skipif(
+    WALK is None,
+    reason="ruletag.protocol._wire is not built (no C compiler, or RULETAG_PURE_PYTHON is set); "
+    "the pure-Python scanner runs instead",
+)
+
+
+def test_the_walk_is_built_wherever_a_compiler_is() -> None:
+    """`make setup` with a C compiler must build the walk (else the relay silently slows)."""
+    if os.environ.get("RULETAG_PURE_PYTHON", "") not in ("", "0"):
+        assert WALK is None
+        return
+    compiler = sysconfig.get_config_var("CC") or "cc"
+    if shutil.which(compiler.split()[0]) is None:
+        pytest.skip(f"no C compiler ({compiler}) on this machine: the reference path runs")
+    assert WALK is not None, "a C compiler is here but ruletag.protocol._wire is not built"
+
+
+def _event_time(s: int, ns: int = 0) -> msgpack.ExtType:
+    return msgpack.ExtType(0, s.to_bytes(4, "big") + ns.to_bytes(4, "big"))
+
+
+def _both(buf: bytes, start: int, end: int, count: int | None, convert: bool) -> tuple[Any, Any]:
+    """(with the walk, reference): each a result or (exception type, message)."""
+
+    def run() -> Any:
+        try:
+            return scan_entries(buf, start, end, count, convert_float=convert)
+        except RemoteProtocolError as exc:
+            return (type(exc), str(exc))
+        except Exception as exc:
+            return (type(exc), str(exc))
+
+    fast = run()
+    entries_mod._WALK = None
+    try:
+        ref = run()
+    finally:
+        entries_mod._WALK = WALK
+    return fast, ref
+
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=False),
+    st.text(max_size=12),
+    st.binary(max_size=12),
+    st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=20)),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(st.one_of(st.text(max_size=6), st.integers(-9, 99)), inner, max_size=4),
+    ),
+    max_leaves=12,
+)
+_times = st.one_of(
+    st.builds(_event_time, st.integers(0, 2**32 - 1), st.integers(0, 10**9 - 1)),
+    st.integers(0, 2**32 - 1),
+    st.floats(0, 2**31, allow_nan=False),
+)
+
+
+@st.composite
+def _entry(draw: Callable[..., Any]) -> bytes:
+    time = draw(_times)
+    record = draw(st.one_of(st.dictionaries(st.text(max_size=6), _values, max_size=5), _values))
+    if draw(st.booleans()):
+        meta = draw(st.one_of(st.dictionaries(st.text(max_size=4), _values, max_size=2), _values))
+        return msgpack.packb([[time, meta], record], use_bin_type=True)
+    return msgpack.packb([time, record], use_bin_type=True)
+
+
+@needs_walk
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(_entry(), max_size=8),
+    st.integers(0, 2**32),
+    st.sampled_from(["as-is", "cut", "flip", "count+1", "count-1", "prefix"]),
+)
+def test_scan_with_the_walk_is_the_reference(parts: list[bytes], seed: int, how: str) -> None:
+    rng = random.Random(seed)
+    body = b"".join(parts)
+    count: int | None = len(parts)
+    if how == "cut" and body:
+        body = body[: rng.randrange(len(body))]
+    elif how == "flip" and body:
+        at = rng.randrange(len(body))
+        body = body[:at] + bytes([rng.randrange(256)]) + body[at + 1 :]
+    elif how == "count+1":
+        count = len(parts) + 1
+    elif how == "count-1":
+        count = max(len(parts) - 1, 0)
+    prefix = b"\x93\xa3tag" if how == "prefix" else b""  # entries inside a larger frame
+    buf = prefix + body + b"\xc0"
+    for c in (count, None):
+        end = len(buf) - 1
+        for convert in (True, False):
+            fast, ref = _both(buf, len(prefix), end, c, convert)
+            assert fast == ref
+
+
+def _fluent_bit_entries(n: int, v2_every: int = 0) -> list[bytes]:
+    out = []
+    for i in range(n):
+        record = {"log": f"line {i}", "n": i, "nested": {"a": [1, {"b": b"x" * i}]}}
+        t = _event_time(1_700_000_000 + i, i)
+        if v2_every and i % v2_every == 0:
+            out.append(msgpack.packb([[t, {"m": i}], record], use_bin_type=True))
+        else:
+            out.append(msgpack.packb([t, record], use_bin_type=True))
+    return out
+
+
+@needs_walk
+@pytest.mark.parametrize("odd", [None, "int-time", "float-time", "not-a-map", "deep", "ext"])
+def test_a_shape_the_walk_leaves_is_scanned_in_python_and_the_walk_resumes(
+    odd: str | None,
+) -> None:
+    """One odd entry in the middle of Fluent Bit's shapes: the walk stops before it, Python
+    scans it (rewriting a float time, or raising), and the walk takes the rest."""
+    parts = _fluent_bit_entries(40, v2_every=7)
+    if odd == "int-time":
+        parts[20] = msgpack.packb([1_700_000_000, {"a": 1}])
+    elif odd == "float-time":
+        parts[20] = msgpack.packb([1_700_000_000.5, {"a": 1}])
+    elif odd == "not-a-map":
+        parts[20] = msgpack.packb([_event_time(1), [1, 2]])
+    elif odd == "deep":  # deeper than the walk follows, within msgpack's limit
+        deep: Any = 1
+        for _ in range(200):
+            deep = [deep]
+        parts[20] = msgpack.packb([_event_time(1), {"d": deep}])
+    elif odd == "ext":
+        parts[20] = msgpack.packb([_event_time(1), {"e": msgpack.ExtType(5, b"\x00" * 300)}])
+    buf = b"".join(parts)
+    for convert in (True, False):
+        fast, ref = _both(buf, 0, len(buf), len(parts), convert)
+        assert fast == ref
+    if odd == "not-a-map":
+        assert fast == (RemoteProtocolError, "entry 20: record is not a map")
+    else:
+        assert fast[0] == 40 and fast[1] is True
+        spans = fast[3] if fast[2] is None else None
+        if spans is not None:
+            assert spans[-1][1] == len(buf) and len(spans) == 40
+
+
+@needs_walk
+def test_the_walk_itself_stops_at_what_it_does_not_know() -> None:
+    assert WALK is not None
+    parts = _fluent_bit_entries(5)
+    odd = msgpack.packb([1, {"a": 1}])
+    buf = b"".join(parts[:3]) + odd + b"".join(parts[3:])
+    ends, pos, v2 = WALK(buf, 0, 0, len(buf), 100)
+    third = sum(len(p) for p in parts[:3])
+    assert ends == [sum(len(p) for p in parts[: i + 1]) for i in range(3)] and pos == third
+    assert v2 is False
+    ends, pos, _ = WALK(buf, 0, third + len(odd), len(buf), 1)  # limit: one entry
+    assert ends == [third + len(odd) + len(parts[3])] and pos == ends[0]
+    cut = buf[: third - 1]  # the third entry cut short: stops before it
+    ends, pos, _ = WALK(cut, 0, 0, len(cut), 100)
+    assert len(ends) == 2 and pos == ends[-1]
+    with pytest.raises(ValueError):
+        WALK(buf, 0, 0, len(buf) + 1, 10)
