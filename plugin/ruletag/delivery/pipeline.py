@@ -16,7 +16,7 @@ entry by entry (as the rule filter does): the output for a chunk equals the outp
 slices, one after the other, with adjacent chunks of the same tag joined; a transform that
 returns its input unchanged (the very object) for every slice returns the chunk itself.
 Slicing costs a copy of the entries and a join of the outputs, so a pipeline's :class:`Pace`
-remembers how long its transform takes per byte and hands over whole a chunk that would hold
+remembers how much CPU its transform takes per byte and hands over whole a chunk that would hold
 the loop no longer than :attr:`Pace.BUDGET` (the 1 MB chunks of a relay with a few rules).
 """
 
