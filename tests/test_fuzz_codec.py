@@ -33,6 +33,7 @@ from ruletag.protocol import (
 )
 from support.codec import pack
 from support.reliability import report
+from support.strategies import values
 
 MAX_FRAME = 64 * 1024
 MAX_INFLATE = 64 * 1024
@@ -40,39 +41,18 @@ SLOW_TARGET = 100_000
 
 # -- strategies ---------------------------------------------------------------------------------
 
-_scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(-(2**63), 2**64 - 1),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=20),
-    st.binary(max_size=20),
-    st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=12)),
-)
-_values = st.recursive(
-    _scalars,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=4),
-        st.dictionaries(
-            st.one_of(st.text(max_size=8), st.integers(-9, 2**40), st.binary(max_size=4)),
-            inner,
-            max_size=4,
-        ),
-    ),
-    max_leaves=12,
-)
 _event_time = st.builds(
     lambda s, n: msgpack.ExtType(0, s.to_bytes(4, "big") + n.to_bytes(4, "big")),
     st.integers(0, 2**32 - 1),
     st.integers(0, 2**32 - 1),
 )
-_times = st.one_of(st.integers(-(2**63), 2**64 - 1), st.floats(), _event_time, _values)
-_records = st.one_of(st.dictionaries(st.text(max_size=8), _values, max_size=5), _values)
+_times = st.one_of(st.integers(-(2**63), 2**64 - 1), st.floats(), _event_time, values)
+_records = st.one_of(st.dictionaries(st.text(max_size=8), values, max_size=5), values)
 _entries = st.lists(
     st.one_of(
         st.tuples(_times, _records).map(list),
-        st.tuples(st.tuples(_times, _values).map(list), _records).map(list),  # v2 shape
-        _values,
+        st.tuples(st.tuples(_times, values).map(list), _records).map(list),  # v2 shape
+        values,
     ),
     max_size=4,
 )
@@ -81,16 +61,16 @@ _options = st.one_of(
     st.fixed_dictionaries(
         {},
         optional={
-            "chunk": st.one_of(st.text(max_size=24), _values),
-            "size": st.one_of(st.integers(0, 10), _values),
-            "compressed": st.one_of(st.sampled_from(["gzip", "text", "", "zstd"]), _values),
-            "fluent_signal": st.one_of(st.integers(-1, 3), _values),
-            "metadata": _values,
+            "chunk": st.one_of(st.text(max_size=24), values),
+            "size": st.one_of(st.integers(0, 10), values),
+            "compressed": st.one_of(st.sampled_from(["gzip", "text", "", "zstd"]), values),
+            "fluent_signal": st.one_of(st.integers(-1, 3), values),
+            "metadata": values,
         },
     ),
-    _values,
+    values,
 )
-_tags = st.one_of(st.text(max_size=12), _values)
+_tags = st.one_of(st.text(max_size=12), values)
 
 
 def _packed_entries(entries: list[Any]) -> bytes:
@@ -106,7 +86,7 @@ def messages(draw: st.DrawFn) -> bytes:
     if mode == "heartbeat":
         return b"\xc0"
     if mode == "any":
-        return pack(draw(_values))
+        return pack(draw(values))
     if mode == "message":
         msg: list[Any] = [tag, draw(_times), draw(_records)]
     elif mode == "forward":
@@ -219,15 +199,15 @@ def client_inputs(draw: st.DrawFn) -> tuple[bytes, list[int], bool]:
             "HELO",
             {
                 "nonce": draw(st.binary(max_size=20)),
-                "auth": draw(st.one_of(st.binary(max_size=20), _values)),
-                "keepalive": draw(_values),
+                "auth": draw(st.one_of(st.binary(max_size=20), values)),
+                "keepalive": draw(values),
             },
         ]
     )
-    pong = pack(["PONG", draw(_values), draw(_values), draw(_values), draw(_values)])
-    acks = [pack({"ack": draw(st.one_of(st.text(max_size=24), _values))}) for _ in range(2)]
+    pong = pack(["PONG", draw(values), draw(values), draw(values), draw(values)])
+    acks = [pack({"ack": draw(st.one_of(st.text(max_size=24), values))}) for _ in range(2)]
     data = mutate(
-        helo + pong + b"".join(acks) + pack(draw(_values)), draw(st.lists(_mutation, max_size=3))
+        helo + pong + b"".join(acks) + pack(draw(values)), draw(st.lists(_mutation, max_size=3))
     )
     return data, draw(st.lists(st.integers(0, 1 << 16), max_size=3)), draw(st.booleans())
 

@@ -40,6 +40,19 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
+def _extensions() -> set[str]:
+    """The C extension modules: each ``PyInit_<name>`` in a ``.c`` file of the package. They
+    import nothing of ruletag, so importing one is not an import of its package."""
+    names = set()
+    for path in PACKAGE.rglob("*.c"):
+        for m in re.finditer(r"\bPyInit_(\w+)", path.read_text("utf-8")):
+            names.add(".".join(("ruletag", *path.parent.relative_to(PACKAGE).parts, m.group(1))))
+    return names
+
+
+EXTENSIONS = _extensions()
+
+
 def _group(module: str) -> str:
     """The layer entry a module belongs to (the longest matching prefix)."""
     best = ""
@@ -64,7 +77,7 @@ def _imports(module: str, path: Path) -> set[str]:
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
+            names = [a.name for a in node.names if a.name not in EXTENSIONS]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
@@ -72,10 +85,9 @@ def _imports(module: str, path: Path) -> set[str]:
                 anchor = anchor if is_pkg else anchor[:-1]
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join([*anchor, *([base] if base else [])])
-            # "from pkg import name": name is a submodule or an attribute of pkg.
-            names = [
-                f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names
-            ]
+            # "from pkg import name": name is a submodule (Python or C) or an attribute of pkg.
+            subs = [f"{base}.{a.name}" for a in node.names]
+            names = [n if n in MODULES else base for n in subs if n not in EXTENSIONS]
         else:
             continue
         found.update(n for n in names if n == "ruletag" or n.startswith("ruletag."))

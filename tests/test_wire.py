@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from ruletag.errors import RemoteProtocolError
 from ruletag.protocol import entries as entries_mod
 from ruletag.protocol.entries import scan_entries
+from support.strategies import values
 
 WALK = entries_mod._WALK
 
@@ -67,23 +68,6 @@ def _both(buf: bytes, start: int, end: int, count: int | None, convert: bool) ->
     return fast, ref
 
 
-_scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(-(2**63), 2**64 - 1),
-    st.floats(allow_nan=False),
-    st.text(max_size=12),
-    st.binary(max_size=12),
-    st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=20)),
-)
-_values = st.recursive(
-    _scalars,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=4),
-        st.dictionaries(st.one_of(st.text(max_size=6), st.integers(-9, 99)), inner, max_size=4),
-    ),
-    max_leaves=12,
-)
 _times = st.one_of(
     st.builds(_event_time, st.integers(0, 2**32 - 1), st.integers(0, 10**9 - 1)),
     st.integers(0, 2**32 - 1),
@@ -94,9 +78,9 @@ _times = st.one_of(
 @st.composite
 def _entry(draw: Callable[..., Any]) -> bytes:
     time = draw(_times)
-    record = draw(st.one_of(st.dictionaries(st.text(max_size=6), _values, max_size=5), _values))
+    record = draw(st.one_of(st.dictionaries(st.text(max_size=6), values, max_size=5), values))
     if draw(st.booleans()):
-        meta = draw(st.one_of(st.dictionaries(st.text(max_size=4), _values, max_size=2), _values))
+        meta = draw(st.one_of(st.dictionaries(st.text(max_size=4), values, max_size=2), values))
         return msgpack.packb([[time, meta], record], use_bin_type=True)
     return msgpack.packb([time, record], use_bin_type=True)
 

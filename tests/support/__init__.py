@@ -7,4 +7,5 @@
 - ``servers``: an in-process relay, a fast ``Forwarder``, ``ruletag serve`` subprocesses, the
   console script, certificates; ``require`` fails (never skips) when a peer is missing.
 - ``reliability``: the figures the reliability tests report.
+- ``strategies``: hypothesis strategies for arbitrary msgpack values.
 """
