@@ -177,3 +177,21 @@ def test_the_walk_itself_stops_at_what_it_does_not_know() -> None:
     assert len(ends) == 2 and pos == ends[-1]
     with pytest.raises(ValueError):
         WALK(buf, 0, 0, len(buf) + 1, 10)
+
+
+@needs_walk
+@pytest.mark.parametrize(
+    "odd",
+    [
+        b"\x92\x01\xdd\x00\x00\x01\x00" + b"\x01" * 10,  # array32 of 256 items, 10 there
+        b"\x92\x01\xde\x01\x2c\xa1k\x01",  # map16 of 300 pairs, 1 there
+        b"\x92\x01\xc9\x00\x00\x01\x00\x05" + b"a" * 10,  # ext32 of 256 bytes, 10 there
+    ],
+)
+def test_a_cut_entry_after_the_walk_fails_as_in_the_reference(odd: bytes) -> None:
+    """After the walk, Python restarts its unpacker at the odd entry, over fewer bytes than
+    the reference's: a header claiming more than is left must still fail the same way."""
+    parts = _fluent_bit_entries(30)
+    buf = b"".join(parts) + odd
+    fast, ref = _both(buf, 0, len(buf), 31, True)
+    assert fast == ref and isinstance(fast, tuple) and isinstance(fast[0], type)
