@@ -1,8 +1,9 @@
 """The entry scanner's C walk (``ruletag.protocol._wire``) against its pure-Python reference.
 
-``scan_entries`` hands Fluent Bit's two entry shapes to the C walk and everything else, one
-entry at a time, to the Python loop. With the walk and without it, every input (generated
-entries of every shape, then cut and mutated) must give the same result, or the same error.
+``scan_entries`` hands Fluent Bit's two entry shapes (and fluent-logger's integer times) to
+the C walk and everything else, one entry at a time, to the Python loop. With the walk and
+without it, every input (generated entries of every shape, then cut and mutated) must give
+the same result, or the same error.
 """
 
 from __future__ import annotations
@@ -127,15 +128,15 @@ def _fluent_bit_entries(n: int, v2_every: int = 0) -> list[bytes]:
 
 
 @needs_walk
-@pytest.mark.parametrize("odd", [None, "int-time", "float-time", "not-a-map", "deep", "ext"])
+@pytest.mark.parametrize("odd", [None, "array16", "float-time", "not-a-map", "deep", "ext"])
 def test_a_shape_the_walk_leaves_is_scanned_in_python_and_the_walk_resumes(
     odd: str | None,
 ) -> None:
     """One odd entry in the middle of Fluent Bit's shapes: the walk stops before it, Python
     scans it (rewriting a float time, or raising), and the walk takes the rest."""
     parts = _fluent_bit_entries(40, v2_every=7)
-    if odd == "int-time":
-        parts[20] = msgpack.packb([1_700_000_000, {"a": 1}])
+    if odd == "array16":  # [time, record] with an array16 header, as some encoders write it
+        parts[20] = b"\xdc\x00\x02" + msgpack.packb(1_700_000_000) + msgpack.packb({"a": 1})
     elif odd == "float-time":
         parts[20] = msgpack.packb([1_700_000_000.5, {"a": 1}])
     elif odd == "not-a-map":
@@ -164,7 +165,8 @@ def test_a_shape_the_walk_leaves_is_scanned_in_python_and_the_walk_resumes(
 def test_the_walk_itself_stops_at_what_it_does_not_know() -> None:
     assert WALK is not None
     parts = _fluent_bit_entries(5)
-    odd = msgpack.packb([1, {"a": 1}])
+    parts[1] = msgpack.packb([1_700_000_000, {"a": 1}])  # fluent-logger's integer time: walked
+    odd = msgpack.packb([1.5, {"a": 1}])  # a float time: rewritten in Python
     buf = b"".join(parts[:3]) + odd + b"".join(parts[3:])
     ends, pos, v2 = WALK(buf, 0, 0, len(buf), 100)
     third = sum(len(p) for p in parts[:3])

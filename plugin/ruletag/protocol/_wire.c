@@ -2,7 +2,8 @@
  *
  * entry_ends(buf, start, pos, end, limit) walks the packed entries of buf from pos while each
  * has one of Fluent Bit's two shapes, [EventTime, map] (v1) and [[EventTime, metadata], record]
- * (v2), and returns (ends, pos, v2): the entries' end offsets relative to start, where the walk
+ * (v2), or [integer time, map] (fluent-logger's default), and returns (ends, pos, v2): the
+ * entries' end offsets relative to start, where the walk
  * stopped, and whether a v2 entry was seen. It stops before anything else (another shape, a
  * truncated or malformed object, nesting deeper than it follows, `limit` entries), so the
  * Python scanner (ruletag.protocol.entries.scan_entries, the reference) handles that entry and
@@ -110,6 +111,30 @@ static int is_map_byte(unsigned c)
     return (c >= 0x80 && c <= 0x8F) || c == 0xDE || c == 0xDF;
 }
 
+/* The size of the time at p when it is an EventTime or an integer (fluent-logger's default),
+ * else 0: a float time is rewritten by the Python scanner. */
+static Py_ssize_t time_size(const unsigned char *p, Py_ssize_t left)
+{
+    unsigned c = p[0];
+    Py_ssize_t n;
+    if (c == 0xD7) {
+        n = left >= 2 && p[1] == 0 ? 10 : 0;
+    } else if (c <= 0x7F || c >= 0xE0) {
+        n = 1;
+    } else if (c == 0xCC || c == 0xD0) {
+        n = 2;
+    } else if (c == 0xCD || c == 0xD1) {
+        n = 3;
+    } else if (c == 0xCE || c == 0xD2) {
+        n = 5;
+    } else if (c == 0xCF || c == 0xD3) {
+        n = 9;
+    } else {
+        n = 0;
+    }
+    return n < left ? n : 0;
+}
+
 /* Walk entries from buf + pos; their ends (relative to start) go to ends[]. Returns the count. */
 static Py_ssize_t walk(const unsigned char *buf, Py_ssize_t start, Py_ssize_t *pos,
                        Py_ssize_t end, Py_ssize_t limit, Py_ssize_t *ends, int *v2)
@@ -120,7 +145,8 @@ static Py_ssize_t walk(const unsigned char *buf, Py_ssize_t start, Py_ssize_t *p
         const unsigned char *p = buf + *pos;
         Py_ssize_t left = end - *pos;
         int is_v2;
-        if (left >= 12 && p[0] == 0x92 && p[1] == 0xD7 && p[2] == 0 && is_map_byte(p[11])) {
+        Py_ssize_t t = left >= 3 && p[0] == 0x92 ? time_size(p + 1, left - 1) : 0;
+        if (t && is_map_byte(p[1 + t])) {
             is_v2 = 0;
         } else if (left >= 14 && p[0] == 0x92 && p[1] == 0x92 && p[2] == 0xD7 && p[3] == 0) {
             is_v2 = 1;

@@ -25,7 +25,7 @@ from ruletag.protocol.peek import (
 
 
 def _walker() -> Callable[[bytes, int, int, int, int], tuple[list[int], int, bool]] | None:
-    """The C walk of Fluent Bit's entry shapes (``_wire.c``), or None: not built, another
+    """The C walk of the usual entry shapes (``_wire.c``), or None: not built, another
     build's, or ``RULETAG_PURE_PYTHON`` set (the loop in :func:`scan_entries` is the reference)."""
     if os.environ.get("RULETAG_PURE_PYTHON", "") not in ("", "0"):
         return None
@@ -79,7 +79,7 @@ def scan_entries(
     walk = _WALK
     base = -1  # where the unpacker below starts (-1: none yet)
     while n < limit and pos < end:
-        if walk is not None:  # Fluent Bit's shapes in C; anything else below, one entry
+        if walk is not None:  # the usual shapes in C; anything else below, one entry
             got, pos, seen_v2 = walk(buf, start, pos, end, limit - n)
             if got:
                 ends += got
