@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Any
 
 import hyperscan as hs
@@ -99,6 +100,48 @@ def _hs_compile(
             return None, rejected
 
 
+class _Programs:
+    """A group's regex atoms compiled by RE2, on first use: a table of every rule holds
+    ~1,100 of them, and compiling them all took ~0.15 s of each start. Two threads that race
+    on the first use compile the same programs twice; either result is kept."""
+
+    __slots__ = ("_got", "_hs_regex", "_regex")
+
+    def __init__(self, regex: tuple[tuple[int, str, str], ...], hs_regex: frozenset[int]) -> None:
+        self._regex = regex
+        self._hs_regex = hs_regex  # the ids Hyperscan runs (empty when there is no database)
+        self._got: tuple[tuple[tuple[int, Any], ...], ...] | None = None
+
+    def get(self) -> tuple[tuple[tuple[int, Any], ...], ...]:
+        """(all, only, all ASCII, only ASCII): see :class:`Group`."""
+        got = self._got
+        if got is None:
+            got = self._got = _compile_programs(self._regex, self._hs_regex)
+        return got
+
+
+def _compile_programs(
+    regex: tuple[tuple[int, str, str], ...], in_db: frozenset[int]
+) -> tuple[tuple[tuple[int, Any], ...], ...]:
+    r2: list[tuple[int, Any]] = []
+    non_ascii: set[int] = set()
+    for i, pat, flags in regex:
+        try:
+            prefix = f"(?{''.join(sorted(set(flags)))})" if flags else ""
+            r2.append((i, compile_re2(prefix + pat)))
+        except re2.error:
+            continue  # invalid: never matches (front-ends reject these)
+        if not pat.isascii() and needs_non_ascii(prefix + pat):
+            non_ascii.add(i)
+    only = tuple(x for x in r2 if x[0] not in in_db)
+    return (
+        tuple(r2),
+        only,
+        tuple(x for x in r2 if x[0] not in non_ascii),
+        tuple(x for x in only if x[0] not in non_ascii),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Group:
     """The string atoms of one field (``None`` = keywords) and their one database.
@@ -115,14 +158,30 @@ class Group:
     regex: tuple[tuple[int, str, str], ...]  # id, pattern, flags
     db: Any
     hs_regex: tuple[int, ...]  # regex atoms compiled into ``db``
-    re2_all: tuple[tuple[int, Any], ...]  # every regex atom, compiled by RE2
-    re2_only: tuple[tuple[int, Any], ...]  # regex atoms Hyperscan cannot take
-    #: the same two without the regexes only a text with a non-ASCII character can match
-    #: (what an ASCII value runs)
-    re2_all_ascii: tuple[tuple[int, Any], ...]
-    re2_only_ascii: tuple[tuple[int, Any], ...]
     cased_ids: frozenset[int]
     caseless_ids: frozenset[int]
+    programs: _Programs = dc_field(compare=False, repr=False)
+
+    @property
+    def re2_all(self) -> tuple[tuple[int, Any], ...]:
+        """Every regex atom, compiled by RE2."""
+        return self.programs.get()[0]
+
+    @property
+    def re2_only(self) -> tuple[tuple[int, Any], ...]:
+        """The regex atoms Hyperscan cannot take."""
+        return self.programs.get()[1]
+
+    @property
+    def re2_all_ascii(self) -> tuple[tuple[int, Any], ...]:
+        """:attr:`re2_all` without the regexes only a text with a non-ASCII character can
+        match (what an ASCII value runs)."""
+        return self.programs.get()[2]
+
+    @property
+    def re2_only_ascii(self) -> tuple[tuple[int, Any], ...]:
+        """:attr:`re2_only` without the regexes that need a non-ASCII character."""
+        return self.programs.get()[3]
 
 
 def _hs_regex_patterns(regex: Sequence[tuple[int, str, str]]) -> list[tuple[int, bytes, int]]:
@@ -171,19 +230,9 @@ def _group(
     db: Any,
     hs_regex: tuple[int, ...],
 ) -> Group:
-    """The group with its RE2 programs and id sets (rebuilt after loading, never stored)."""
-    r2: list[tuple[int, Any]] = []
-    non_ascii: set[int] = set()
-    for i, pat, flags in regex:
-        try:
-            prefix = f"(?{''.join(sorted(set(flags)))})" if flags else ""
-            r2.append((i, compile_re2(prefix + pat)))
-        except re2.error:
-            continue  # invalid: never matches (front-ends reject these)
-        if not pat.isascii() and needs_non_ascii(prefix + pat):
-            non_ascii.add(i)
-    in_db = set(hs_regex) if db is not None else set()
-    only = tuple(x for x in r2 if x[0] not in in_db)
+    """The group with its id sets and its RE2 programs, compiled on first use (rebuilt after
+    loading, never stored)."""
+    in_db = frozenset(hs_regex) if db is not None else frozenset()
     return Group(
         field=field,
         cased=cased,
@@ -191,12 +240,9 @@ def _group(
         regex=regex,
         db=db,
         hs_regex=hs_regex,
-        re2_all=tuple(r2),
-        re2_only=only,
-        re2_all_ascii=tuple(x for x in r2 if x[0] not in non_ascii),
-        re2_only_ascii=tuple(x for x in only if x[0] not in non_ascii),
         cased_ids=frozenset(i for i, _ in cased),
         caseless_ids=frozenset(i for i, _ in caseless),
+        programs=_Programs(regex, in_db),
     )
 
 
