@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import sysconfig
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,25 @@ def test_the_walk_is_built_wherever_a_compiler_is() -> None:
     if shutil.which(compiler.split()[0]) is None:
         pytest.skip(f"no C compiler ({compiler}) on this machine: the reference path runs")
     assert WALK is not None, "a C compiler is here but ruletag.protocol._wire is not built"
+
+
+def test_an_older_walk_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A walk built from older sources (another ABI) is never called: the reference loop
+    runs, and the log says how to rebuild."""
+    import ruletag.protocol
+
+    monkeypatch.delenv("RULETAG_PURE_PYTHON", raising=False)
+    old = types.SimpleNamespace(ABI=entries_mod.WIRE_ABI - 1, entry_ends=None)
+    monkeypatch.setattr(ruletag.protocol, "_wire", old, False)
+    with caplog.at_level("WARNING", logger="ruletag.protocol.entries"):
+        assert entries_mod._walker() is None
+    warned = [r.getMessage() for r in caplog.records if r.name == "ruletag.protocol.entries"]
+    assert len(warned) == 1 and "make setup" in warned[0]
+    current = types.SimpleNamespace(ABI=entries_mod.WIRE_ABI, entry_ends=len)
+    monkeypatch.setattr(ruletag.protocol, "_wire", current, False)
+    assert entries_mod._walker() is len
 
 
 def _event_time(s: int, ns: int = 0) -> msgpack.ExtType:

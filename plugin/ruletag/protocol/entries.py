@@ -6,6 +6,7 @@ An entry is ``[time, record]`` or, from Fluent Bit 5 and fluentd with metadata,
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import struct
@@ -23,17 +24,30 @@ from ruletag.protocol.peek import (
     time_size,
 )
 
+#: the C walk's interface version this code calls (``WIRE_ABI`` in ``_wire.c``)
+WIRE_ABI: Final = 1
+
 
 def _walker() -> Callable[[bytes, int, int, int, int], tuple[list[int], int, bool]] | None:
     """The C walk of the usual entry shapes (``_wire.c``), or None: not built, another
-    build's, or ``RULETAG_PURE_PYTHON`` set (the loop in :func:`scan_entries` is the reference)."""
+    build's (warned), or ``RULETAG_PURE_PYTHON`` set (the loop in :func:`scan_entries` is the
+    reference)."""
     if os.environ.get("RULETAG_PURE_PYTHON", "") not in ("", "0"):
         return None
     try:
         from ruletag.protocol import _wire  # type: ignore[attr-defined]
     except ImportError:
         return None
-    return _wire.entry_ends if getattr(_wire, "ABI", None) == 1 else None
+    if getattr(_wire, "ABI", None) != WIRE_ABI:
+        logging.getLogger(__name__).warning(
+            "the built entry walk (%s, ABI %s) is not that of this source tree (ABI %s): "
+            "the pure-Python reference runs; rebuild with `make setup` (or `pip install -e .`)",
+            getattr(_wire, "__file__", "?"),
+            getattr(_wire, "ABI", "?"),
+            WIRE_ABI,
+        )
+        return None
+    return _wire.entry_ends
 
 
 _WALK: Final = _walker()
