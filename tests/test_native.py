@@ -233,6 +233,11 @@ def test_entry_hits_refuses_unordered_or_malformed_spans() -> None:
         NATIVE.EntryHits([(0, "x")])
     with pytest.raises(TypeError):
         NATIVE.EntryHits([[0, 5]])
+    for wrong_size in ((0,), (0, 5, 9)):
+        with pytest.raises(TypeError):
+            NATIVE.EntryHits([wrong_size])
+    with pytest.raises(OverflowError):
+        NATIVE.EntryHits([(0, 2**70)])
 
 
 texts = st.one_of(
