@@ -136,13 +136,14 @@ class RuleFilter:
         if not hits and not done:
             return [chunk]
         entries = chunk.entries
+        view = memoryview(entries)  # the unmatched runs are copied once, by the join below
         tag = chunk.tag
         alert_tag = self.retag_prefix + tag if self.retag_prefix else tag
         # Runs of (tag, byte pieces, count), in entry order. Unmatched entries between two
         # matches are one slice of the original bytes; pieces are joined once per run.
-        runs: list[tuple[str, list[bytes], list[int]]] = []
+        runs: list[tuple[str, list[bytes | memoryview], list[int]]] = []
 
-        def add(run_tag: str, data: bytes, n: int) -> None:
+        def add(run_tag: str, data: bytes | memoryview, n: int) -> None:
             if runs and runs[-1][0] == run_tag:
                 runs[-1][1].append(data)
                 runs[-1][2][0] += n
@@ -153,7 +154,7 @@ class RuleFilter:
         for idx in sorted(hits.keys() | done.keys()):
             start, end = spans[idx]
             if idx > done_idx + 1:
-                add(tag, entries[done_end:start], idx - done_idx - 1)
+                add(tag, view[done_end:start], idx - done_idx - 1)
             matched = hits.get(idx, [])
             extra = [self._stateful_annotation(r) for r in done.get(idx, ())]
             alerts: list[bytes] = []
@@ -176,7 +177,7 @@ class RuleFilter:
                 add(self.alert_tag, a, 1)
             done_end, done_idx = end, idx
         if done_idx < len(spans) - 1:
-            add(tag, entries[done_end : spans[-1][1]], len(spans) - 1 - done_idx)
+            add(tag, view[done_end : spans[-1][1]], len(spans) - 1 - done_idx)
         # A chunk id belongs to the upstream chunk; runs get none (the forwarder assigns its own).
         return [
             replace(chunk, tag=t, entries=b"".join(parts), count=n[0], chunk_id=None, spans=None)
