@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "plugin" / "ruletag"
 
 #: Lowest first. Packages on one line are siblings: neither imports the other.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("ruletag", "ruletag.errors", "ruletag.heap"),
+    ("ruletag", "ruletag.errors", "ruletag.extensions", "ruletag.heap"),
     ("ruletag.config",),
     ("ruletag.protocol", "ruletag.rules"),
     ("ruletag.transport",),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import struct
 from collections.abc import Callable
 from typing import Final
@@ -16,6 +15,7 @@ from typing import Final
 import msgpack
 
 from ruletag.errors import RemoteProtocolError
+from ruletag.extensions import extension
 from ruletag.protocol.peek import (
     DECODE_ERRORS,
     MAP_BYTES,
@@ -32,22 +32,9 @@ def _walker() -> Callable[[bytes, int, int, int, int], tuple[list[int], int, boo
     """The C walk of the usual entry shapes (``_wire.c``), or None: not built, another
     build's (warned), or ``RULETAG_PURE_PYTHON`` set (the loop in :func:`scan_entries` is the
     reference)."""
-    if os.environ.get("RULETAG_PURE_PYTHON", "") not in ("", "0"):
-        return None
-    try:
-        from ruletag.protocol import _wire  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    if getattr(_wire, "ABI", None) != WIRE_ABI:
-        logging.getLogger(__name__).warning(
-            "the built entry walk (%s, ABI %s) is not that of this source tree (ABI %s): "
-            "the pure-Python reference runs; rebuild with `make setup` (or `pip install -e .`)",
-            getattr(_wire, "__file__", "?"),
-            getattr(_wire, "ABI", "?"),
-            WIRE_ABI,
-        )
-        return None
-    return _wire.entry_ends
+    log = logging.getLogger(__name__)
+    wire = extension("ruletag.protocol", "_wire", WIRE_ABI, "entry walk", log, [])
+    return None if wire is None else wire.entry_ends
 
 
 _WALK: Final = _walker()

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from ruletag.extensions import extension
 
 __all__ = [
     "ABI",
@@ -89,25 +90,8 @@ _warned: list[int] = []
 def native_module() -> Any | None:
     """The C module, or None when it is not built, is an older build than these sources
     (warned once), or ``RULETAG_PURE_PYTHON`` is set."""
-    if os.environ.get("RULETAG_PURE_PYTHON", "") not in ("", "0"):
-        return None
-    try:
-        from ruletag.rules import _native  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    if getattr(_native, "ABI", None) != ABI:
-        if not _warned:
-            _warned.append(1)
-            logging.getLogger(__name__).warning(
-                "the built C helpers (%s, ABI %s) are not those of this source tree (ABI %s): "
-                "the pure-Python reference runs; rebuild with `make setup` "
-                "(or `pip install -e .`)",
-                getattr(_native, "__file__", "?"),
-                getattr(_native, "ABI", "?"),
-                ABI,
-            )
-        return None
-    return _native
+    log = logging.getLogger(__name__)
+    return extension("ruletag.rules", "_native", ABI, "C helpers", log, _warned)
 
 
 _mod = native_module()
