@@ -259,6 +259,58 @@ def test_refusal_summary_and_fingerprint(rules_dir: Path, tmp_path: Path) -> Non
     assert fingerprint([rules_dir, tmp_path / "missing"]) == fp1  # non-rule files ignored
 
 
+def test_a_load_stamps_the_files_as_the_watcher_sees_them(rules_dir: Path, tmp_path: Path) -> None:
+    paths = [rules_dir, tmp_path / "missing"]
+    _, fresh = compile_rules(paths, None, tmp_path / "cache")
+    _, cached = compile_rules(paths, None, tmp_path / "cache")
+    assert not fresh.cached and cached.cached
+    assert fresh.stamp == cached.stamp == fingerprint(paths)
+    assert fresh.stamp is not None and fresh.stamp[-1][1:] == (-1, -1)
+    shutil.copy(EQL, rules_dir / EQL.name)
+    _, grown = compile_rules(paths, None, tmp_path / "cache")
+    assert grown.stamp == fingerprint(paths) != fresh.stamp
+
+
+def test_a_stamped_reloader_looks_for_the_files_once_and_still_sees_changes(
+    arun, rules_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ruletag.runtime.reload as reload_mod
+
+    looks: list[object] = []
+
+    def counted(paths: object) -> object:
+        looks.append(paths)
+        return fingerprint(paths)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reload_mod, "fingerprint", counted)
+    loads: list[int] = []
+
+    def load() -> tuple:
+        loads.append(1)
+        return compile_rules([rules_dir], None, tmp_path / "cache")
+
+    async def scenario() -> None:
+        live = LiveFilter(lambda t: RuleFilter(t))
+        rl = Reloader(live, load, [rules_dir], interval=0.05, stamped=True)
+        await rl.load_initial()
+        assert looks == [] and live.rule_count == 1  # the load's own look was the fingerprint
+        rl.start(sighup=False)
+        try:
+            await eventually(lambda: len(looks) >= 3)  # the watcher polls ...
+            assert rl.ok == 0 and len(loads) == 1  # ... and sees the files unchanged
+            shutil.copy(EQL, rules_dir / EQL.name)
+            await eventually(lambda: live.rule_count == 2)
+        finally:
+            await rl.stop()
+        gone = Reloader(LiveFilter(lambda t: RuleFilter(t)), load, [tmp_path / "nope"],
+                        stamped=True)  # fmt: skip
+        with pytest.raises(Exception, match="rule path missing"):
+            await gone.load_initial()
+        assert len(loads) == 2  # refused before loading
+
+    arun(scenario())
+
+
 def test_subprocess_compiler_fills_the_cache_and_can_be_killed(
     rules_dir: Path, tmp_path: Path
 ) -> None:

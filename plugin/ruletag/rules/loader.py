@@ -63,6 +63,8 @@ class LoadResult:
     excluded: int = 0  # rules left out by ``rules.exclude``
     building_blocks: int = 0  # Elastic building-block rules left out (``rules.building_blocks``)
     selection: SelectionReport | None = None  # what each selection filter left out
+    # the rule files as found before reading them (:func:`rule_stamps`), set by compile_rules
+    stamp: Stamps | None = None
 
     @property
     def unsupported(self) -> list[RuleError]:
@@ -157,6 +159,27 @@ def rule_files(paths: Sequence[str | Path]) -> tuple[list[Path], list[RuleError]
         else:
             problems.append(InvalidRule("no such file or folder", str(p)))
     return files, problems
+
+
+#: rule files as found: (path, mtime_ns, size) each, -1 and -1 where it could not be read,
+#: then the missing paths as (path, -1, -1)
+Stamps = tuple[tuple[str, int, int], ...]
+
+
+def rule_stamps(paths: Sequence[str | Path]) -> Stamps:
+    """The :data:`Stamps` of every rule file under ``paths`` (what the reload watcher
+    compares)."""
+    files, problems = rule_files(paths)
+    out: list[tuple[str, int, int]] = []
+    for f in files:
+        try:
+            st = os.stat(f)
+        except OSError:
+            out.append((str(f), -1, -1))
+            continue
+        out.append((str(f), st.st_mtime_ns, st.st_size))
+    out.extend((str(p.path), -1, -1) for p in problems)
+    return tuple(out)
 
 
 def _front_end(source: str) -> Callable[[Path, Variables | None], list[Rule]]:
@@ -276,12 +299,14 @@ def cache_key(
     exclude: Sequence[str] = (),
     building_blocks: str = "keep",
     select: SelectConfig | None = None,
+    stamps: list[tuple[str, int, int]] | None = None,
 ) -> str:
     """Hash of everything a compiled table depends on (also the table's version).
 
     It follows the files' contents. ``digests`` (path -> size, mtime, content digest) lets
     an unchanged file (same size and modification time, as the reload watcher judges) go
-    unread; it is updated in place for the files that were read."""
+    unread; it is updated in place for the files that were read. ``stamps``, if given, gets
+    each file's ``(path, mtime_ns, size)`` as it was hashed (see :data:`Stamps`)."""
     from ruletag import __version__
 
     h = hashlib.sha256()
@@ -295,14 +320,26 @@ def cache_key(
     parts = []  # one update for every file: the same hash as one update per file, faster
     for f in files:
         path = os.path.abspath(f)
-        parts.append(f"{path}\0{_file_digest(path, digests)}\0")
+        parts.append(f"{path}\0{_file_digest(path, digests, stamps, str(f))}\0")
     h.update("".join(parts).encode())
     return h.hexdigest()[:16]
 
 
-def _file_digest(path: str, digests: Digests | None) -> str:
+def _file_digest(
+    path: str,
+    digests: Digests | None,
+    stamps: list[tuple[str, int, int]] | None = None,
+    name: str = "",
+) -> str:
     try:
         st = os.stat(path)
+    except OSError as exc:  # the front-end reports it as that file's problem
+        if stamps is not None:
+            stamps.append((name, -1, -1))
+        return f"unreadable: {exc.strerror or exc}"
+    if stamps is not None:
+        stamps.append((name, st.st_mtime_ns, st.st_size))
+    try:
         if digests is not None:
             got = digests.get(path)
             if got is not None and got[0] == st.st_size and got[1] == st.st_mtime_ns:
@@ -423,20 +460,26 @@ def compile_rules(
     the defaults), rules whose id or name matches one of the ``exclude`` glob patterns left
     out, Elastic building-block rules too when ``building_blocks`` is ``"drop"``.
 
-    The table's ``version`` is the cache key, so equal rule sets give equal versions.
+    The table's ``version`` is the cache key, so equal rule sets give equal versions. The
+    result's ``stamp`` is the rule files as found before they were read (:data:`Stamps`).
     """
     from ruletag.rules.compiler import build
     from ruletag.rules.fields import FieldMap
 
     fmap = fieldmap or FieldMap.default()
-    files, _ = rule_files(paths)
+    files, problems = rule_files(paths)
+    found: list[tuple[str, int, int]] = []
     folder = cache_dir or default_cache_dir()
     memo_path = folder / "digests.pickle"
     digests = _read_digests(memo_path) if use_cache else None
     if digests is not None and len(digests) > _MAX_DIGESTS:  # paths long gone pile up
         digests.clear()
     before = dict(digests) if digests is not None else None
-    key = cache_key(files, variables, fmap.version, digests, exclude, building_blocks, select)
+    key = cache_key(
+        files, variables, fmap.version, digests, exclude, building_blocks, select, found
+    )
+    found.extend((str(p.path), -1, -1) for p in problems)
+    stamp = tuple(found)
     if digests is not None and digests != before:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -447,8 +490,10 @@ def compile_rules(
     table_path = folder / f"{key}.table"
     report_path = folder / f"{key}.report.json"
     if use_cache and (hit := _read_cache(table_path, report_path)) is not None:
+        hit[1].stamp = stamp
         return hit
     result = load_rules(paths, variables)
+    result.stamp = stamp
     select_rules(result, _selection(select, exclude, building_blocks))
     table = build(result.rules, fmap, key)
     if use_cache:

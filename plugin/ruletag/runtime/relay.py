@@ -290,6 +290,7 @@ class _Enrichment:
             on_result=self.metrics.reload_done,
             initial_load=rule_loader(self.config),
             freeze=self.freeze_heap,
+            stamped=True,  # both loaders run compile_rules on rules.paths, the watched paths
         )
         try:
             result = await self.reloader.load_initial()

@@ -43,7 +43,7 @@ from ruletag.config.model import SelectConfig
 from ruletag.enrich.filter import FilterStats, RuleFilter
 from ruletag.protocol import Chunk
 from ruletag.rules.compiler import CompiledTable
-from ruletag.rules.loader import LoadResult, reason_key, rule_files
+from ruletag.rules.loader import LoadResult, reason_key, rule_stamps
 
 log = logging.getLogger(__name__)
 
@@ -198,17 +198,7 @@ class SubprocessCompiler:
 
 def fingerprint(paths: Sequence[str | Path]) -> Fingerprint:
     """``(path, mtime_ns, size)`` of every rule file under ``paths`` (missing ones as -1)."""
-    files, problems = rule_files(paths)
-    out: list[tuple[str, int, int]] = []
-    for f in files:
-        try:
-            st = os.stat(f)
-        except OSError:
-            out.append((str(f), -1, -1))
-            continue
-        out.append((str(f), st.st_mtime_ns, st.st_size))
-    out.extend((str(p.path), -1, -1) for p in problems)
-    return tuple(out)
+    return rule_stamps(paths)
 
 
 def _unchanged(chunk: Chunk) -> list[Chunk]:
@@ -283,6 +273,10 @@ class Reloader:
     a table with every rule is some 300,000 objects that never become garbage, and each full
     collection would walk them all (0.15 s each, twice at start-up). The first reload after
     that moves them back (``gc.unfreeze``), so the replaced table is freed as usual.
+
+    ``stamped``: the loaders load the ``watch`` paths and their results carry the files as
+    found (``LoadResult.stamp``, as ``compile_rules`` sets it); that is the fingerprint,
+    so the files are not looked for twice (5,972 files: ~0.14 s of every start-up).
     """
 
     def __init__(
@@ -295,9 +289,11 @@ class Reloader:
         on_result: Callable[[bool], None] | None = None,
         initial_load: Loader | None = None,
         freeze: bool = False,
+        stamped: bool = False,
     ) -> None:
         self.live = live
         self.freeze = freeze
+        self.stamped = stamped
         self.load = load
         self.initial_load = initial_load or load
         self.watch = list(watch)
@@ -321,11 +317,18 @@ class Reloader:
     ) -> tuple[RuleFilter, LoadResult, Fingerprint]:
         """Load the rules and build their filter (on a worker thread); ``freeze``: then
         ``gc.freeze()`` (see the class docstring)."""
-        before = fingerprint(self.watch) if self.watch else ()
-        missing = [p for p, mtime, _ in before if mtime == -1 and not Path(p).exists()]
+        before: Fingerprint | None = None if self.watch else ()
+        missing: list[str] = []
+        if self.watch and self.stamped:  # the load finds the files; the paths checked here
+            missing = [str(p) for p in self.watch if not os.path.exists(p)]
+        elif self.watch:
+            before = fingerprint(self.watch)
+            missing = [p for p, mtime, _ in before if mtime == -1 and not Path(p).exists()]
         if missing:  # checked before compiling (a rename in progress, an unmounted volume)
             raise _Refused(f"rule path missing: {', '.join(missing)}")
         table, result = load()
+        if before is None:
+            before = result.stamp if result.stamp is not None else fingerprint(self.watch)
         why = refusal(result)
         if why is not None:
             raise _Refused(why)
