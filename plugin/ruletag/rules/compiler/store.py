@@ -240,7 +240,21 @@ def load(path: Path) -> CompiledTable:
         return _from_state(st)
     finally:
         if gc_was_on:
+            _age_unwalked()
             gc.enable()
+
+
+def _age_unwalked() -> None:
+    """Move every object the collector tracks to its oldest generation, unwalked.
+
+    The collector re-enabled after a load would walk the whole new table at the next
+    allocation, as one young generation (0.16 s of a start-up with every rule, finding
+    nothing). ``gc.freeze()`` then ``gc.unfreeze()`` makes that move. It is skipped while
+    objects are frozen (a serve's start-up table, until its first reload): the pair would
+    unfreeze them."""
+    if gc.get_freeze_count() == 0:
+        gc.freeze()
+        gc.unfreeze()
 
 
 def _state(t: CompiledTable) -> dict[str, Any]:
