@@ -214,6 +214,8 @@ def run_set(
     the rule table's key, to tell its tuning from the stateful step tables' in the log."""
     port = load.free_port()
     cfg = write_config(work, name, port, sink.port, paths, cache, workers, stateful)
+    if stateful and paths:  # a first start compiles the stateful rules' step tables into the
+        Serve(cfg, workers=workers).stop()  # cache: done ahead, as the main table is
     srv = Serve(cfg, workers=workers)
     row: dict[str, Any] = {"set": name, "workers": workers, "startup_s": round(srv.startup, 2)}
     try:
