@@ -537,6 +537,43 @@ def test_adopt_keeps_the_very_engines_when_the_stateful_rules_are_unchanged() ->
     assert c.stats()["sequence"]["keys"] == 1 and c.stats()["threshold"]["groups"] == 0
 
 
+def test_the_stateful_signature_waits_for_a_reload_and_is_taken_off_the_loop() -> None:
+    """A start-up never needs the digests of the stateful definitions (~0.1 s with every
+    rule); a reload's ``prepare`` (on the loading thread) works them out, so that ``swap``
+    only compares them on the loop."""
+    from ruletag.enrich.filter import RuleFilter
+    from ruletag.rules.compiler import build
+    from ruletag.runtime.reload import LiveFilter
+
+    rules = load_elastic_file(SEQ_RULE)
+    table = build(rules)
+    live = LiveFilter(lambda t: RuleFilter(t, stateful=StatefulStage.of(t.rules, t.fieldmap)))
+    first = live.prepare(table)
+    assert first.stateful is not None and "signature" not in vars(first.stateful)
+    assert first.stateful.rule_counts() == {"sequence": 1}
+    live.swap(first, None)  # type: ignore[arg-type]
+    second = live.prepare(table)
+    assert second.stateful is not None
+    assert "signature" in vars(second.stateful) and "signature" in vars(first.stateful)
+    assert second.stateful.signature == first.stateful.signature != frozenset()
+    live.swap(second, None)  # type: ignore[arg-type]
+    assert second.stateful.engines == first.stateful.engines  # unchanged: the same engines
+
+
+def test_ir_repr_is_the_dataclass_text_without_its_recursion_guard() -> None:
+    """Saved state is matched to its rule by a digest of the ``repr`` of the rule's stateful
+    definition, so the text must stay the dataclass one; the guard against cycles (which IR
+    values cannot have) is dropped for speed."""
+    from ruletag.rules.ir import And, Match, Not, Wild
+
+    node = And((Match("a", ("x", Wild.ANY), True), Not(Match(None, ("y",)))))
+    assert repr(node) == (
+        "And(args=(Match(field='a', pattern=('x', <Wild.ANY: '*'>), cased=True), "
+        "Not(arg=Match(field=None, pattern=('y',), cased=False))))"
+    )
+    assert not hasattr(Match.__repr__, "__wrapped__")
+
+
 # --------------------------------------------------------------------------- new terms
 
 NEW_TERMS_RULE = """\

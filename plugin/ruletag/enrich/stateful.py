@@ -23,6 +23,7 @@ starts empty), and :meth:`snapshot`/:meth:`restore` are what ``runtime.state`` c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import logging
 from bisect import bisect_right
@@ -92,10 +93,7 @@ class StatefulStage:
         self.engines = list(engines)
         #: one table of every engine's conditions (None: each engine's ``step_hits``)
         self.steps = steps
-        #: (kind, rule id, definition digest) of every stateful rule: what :meth:`adopt` compares
-        self.signature = frozenset(
-            (r.kind, r.id, rule_digest(r)) for r in rules if r.kind != "event"
-        )
+        self._rules = [r for r in rules if r.kind != "event"]
         self.records_fed = 0
         self.record_errors = 0
         self._clocked_of: list[Engine] | None = None
@@ -119,10 +117,17 @@ class StatefulStage:
         steps = StepTable(engines, fieldmap, cache_dir) if len(engines) > 1 else None
         return cls(engines, found, steps)
 
+    @functools.cached_property
+    def signature(self) -> frozenset[tuple[str, str, str]]:
+        """(kind, rule id, definition digest) of every stateful rule: what :meth:`adopt`
+        compares. Taken when first needed (a reload), not at start-up: the digests are the
+        ``repr`` of every stateful definition, ~0.1 s with every rule."""
+        return frozenset((r.kind, r.id, rule_digest(r)) for r in self._rules)
+
     def rule_counts(self) -> dict[str, int]:
-        """Stateful rules by kind."""
+        """Stateful rules by kind (each rule id once)."""
         out: dict[str, int] = {}
-        for kind, _, _ in self.signature:
+        for kind, _ in {(r.kind, r.id) for r in self._rules}:
             out[kind] = out.get(kind, 0) + 1
         return out
 

@@ -225,7 +225,12 @@ class LiveFilter:
 
     def prepare(self, table: CompiledTable) -> RuleFilter:
         """Build a filter for ``table`` (thread-safe: touches nothing live)."""
-        return self.make_filter(table)
+        new = self.make_filter(table)
+        old = self.filter
+        if old is not None and old.stateful is not None and new.stateful is not None:
+            # what :meth:`swap` compares, on the loop: worked out here, off it
+            _ = new.stateful.signature, old.stateful.signature
+        return new
 
     def swap(self, new: RuleFilter, result: LoadResult) -> None:
         """Make ``new`` the live filter (call on the event loop, between chunks)."""
