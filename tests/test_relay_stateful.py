@@ -907,3 +907,38 @@ def test_step_tables_are_cached_and_give_the_same_results(
     with caplog.at_level("WARNING"):
         assert run(StatefulStage.of(rules, None, cache)) == fresh
     assert built == [1] and "unreadable, compiling it again" in caplog.text
+
+
+def test_step_keys_are_remembered_under_the_table_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given the rules' table version, a start reads each step table's key from beside the
+    tables instead of working it out from the ``repr`` of every condition; the key is the
+    same, a damaged memo is worked out again, and another version never reads it."""
+    import ruletag.rules.stateful.tables as tables
+
+    rules = load_elastic_file(SEQ_RULE) + load_elastic_file(STOP_RULE)
+    cache = tmp_path / "cache"
+    keyed: list[int] = []
+    original = tables.step_key
+
+    def counting_key(*args: Any, **kwargs: Any) -> str:
+        keyed.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tables, "step_key", counting_key)
+    plain = StatefulStage.of(rules, None, cache)
+    assert plain is not None and len(keyed) == 3 and not list((cache / "steps").glob("*.key"))
+    first = StatefulStage.of(rules, None, cache, "v1")
+    memos = sorted((cache / "steps").glob("*.key"))
+    assert len(keyed) == 6 and len(memos) == 3
+    again = StatefulStage.of(rules, None, cache, "v1")
+    assert len(keyed) == 6  # every key read back
+    assert first is not None and again is not None and plain.steps is not None
+    assert again.steps is not None and first.steps is not None
+    assert again.steps.table.version == first.steps.table.version == plain.steps.table.version
+    memos[0].write_text("not a key")
+    StatefulStage.of(rules, None, cache, "v1")
+    assert len(keyed) == 7  # the damaged one worked out again
+    StatefulStage.of(rules, None, cache, "v2")
+    assert len(keyed) == 10 and len(list((cache / "steps").glob("*.key"))) == 6

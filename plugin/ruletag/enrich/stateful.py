@@ -56,7 +56,11 @@ class StepTable:
     order, rule ids prefixed with the engine kind)."""
 
     def __init__(
-        self, engines: Sequence[Engine], fieldmap: FieldMap | None, cache_dir: str | Path | None
+        self,
+        engines: Sequence[Engine],
+        fieldmap: FieldMap | None,
+        cache_dir: str | Path | None,
+        version: str | None = None,
     ) -> None:
         rules: list[Rule] = []
         self.starts: list[int] = []
@@ -66,8 +70,8 @@ class StepTable:
                 raise TypeError(f"{e.kind} engine has no step table")
             self.starts.append(len(rules))
             rules.extend(dataclasses.replace(r, id=f"{e.kind}:{r.id}") for r in table.rules)
-        with step_cache(cache_dir):
-            self.table = step_table(rules, fieldmap)
+        with step_cache(cache_dir, version):
+            self.table = step_table(rules, fieldmap, "steps")
             self.matcher = step_matcher(self.table)
 
     def hits(self, entries: bytes, spans: Sequence[tuple[int, int]]) -> list[dict[int, list[int]]]:
@@ -105,16 +109,18 @@ class StatefulStage:
         rules: Iterable[Rule],
         fieldmap: FieldMap | None = None,
         cache_dir: str | Path | None = None,
+        version: str | None = None,
     ) -> StatefulStage | None:
         """A stage for the stateful rules among ``rules``; None when there are none.
-        ``cache_dir``: where the engines' step tables are cached (None: compiled each time)."""
+        ``cache_dir``: where the engines' step tables are cached (None: compiled each time);
+        ``version``: the version of the table ``rules`` come from (see ``step_cache``)."""
         found = [r for r in rules if r.kind != "event"]
         if not found:
             return None
-        engines = stateful_engines(found, fieldmap, cache_dir)
+        engines = stateful_engines(found, fieldmap, cache_dir, version)
         if not engines:
             return None
-        steps = StepTable(engines, fieldmap, cache_dir) if len(engines) > 1 else None
+        steps = StepTable(engines, fieldmap, cache_dir, version) if len(engines) > 1 else None
         return cls(engines, found, steps)
 
     @functools.cached_property

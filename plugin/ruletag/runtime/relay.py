@@ -188,7 +188,7 @@ def filter_factory(config: Config) -> Callable[[CompiledTable], RuleFilter]:
         from ruletag.rules.stateful.newterms import configure_new_terms
 
         stage = (
-            StatefulStage.of(table.rules, table.fieldmap, step_cache_dir)
+            StatefulStage.of(table.rules, table.fieldmap, step_cache_dir, table.version)
             if enrich.stateful == "on"
             else None
         )

@@ -85,12 +85,15 @@ def builders() -> list[Builder]:
 
 
 def stateful_engines(
-    rules: Iterable[Rule], fieldmap: FieldMap | None = None, cache_dir: str | Path | None = None
+    rules: Iterable[Rule],
+    fieldmap: FieldMap | None = None,
+    cache_dir: str | Path | None = None,
+    version: str | None = None,
 ) -> list[Engine]:
     """One engine per stateful rule kind present in ``rules``; their step tables cached in
-    ``cache_dir`` when given (:mod:`.tables`)."""
+    ``cache_dir`` when given (:mod:`.tables`; ``version``: the rules' table version)."""
     from ruletag.rules.stateful.tables import step_cache
 
     found = list(rules)
-    with step_cache(cache_dir):
+    with step_cache(cache_dir, version):
         return [e for build in builders() if (e := build(found, fieldmap)) is not None]

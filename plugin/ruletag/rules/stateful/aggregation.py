@@ -404,7 +404,7 @@ class AggregationEngine:
                 )
                 self._targets.append([])
             self._targets[k].append(ri)
-        self.table = step_table(base_rules, fieldmap)
+        self.table = step_table(base_rules, fieldmap, self.kind)
         self.matcher = Matcher(self.table, tune_after=0)
         self._arrival = 0
         self._digest = DigestCache()  # rule id -> definition digest, for checkpoints

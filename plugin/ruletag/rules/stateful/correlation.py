@@ -758,7 +758,7 @@ class CorrelationEngine:
                     )
                     self._targets.append([])
                 self._targets[k].append((ri, ii))
-        self.table = step_table(base_rules, fieldmap)
+        self.table = step_table(base_rules, fieldmap, self.kind)
         self.matcher = step_matcher(self.table)
         self._arrival = 0
         self._digest = DigestCache()  # rule id -> definition digest, for checkpoints

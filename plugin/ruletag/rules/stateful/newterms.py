@@ -283,7 +283,7 @@ class NewTermsEngine:
                 )
                 self._targets.append([])
             self._targets[k].append(ri)
-        self.table = step_table(cond_rules, fieldmap)
+        self.table = step_table(cond_rules, fieldmap, self.kind)
         #: the condition table's matcher: callers with packed entries use its raw pre-filter
         #: (``step_hits``) so records that hit no condition cost no Python work here
         self.matcher = step_matcher(self.table)

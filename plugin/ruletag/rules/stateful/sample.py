@@ -194,7 +194,7 @@ class SampleEngine:
                     )
                     self._targets.append([])
                 self._targets[k].append((ri, f))
-        self.table = step_table(step_rules, fieldmap)
+        self.table = step_table(step_rules, fieldmap, self.kind)
         self.matcher = step_matcher(self.table)
         self._arrival = 0
         self._digest = DigestCache()  # rule id -> definition digest, for checkpoints

@@ -406,7 +406,7 @@ class SequenceEngine:
                     )
                     self._targets.append([])
                 self._targets[k].append((ri, stage))
-        self.table = step_table(step_rules, fieldmap)
+        self.table = step_table(step_rules, fieldmap, self.kind)
         #: the step table's matcher: callers with packed entries use its raw pre-filter
         #: (``step_hits``) so records that hit no step cost no Python work here
         self.matcher = step_matcher(self.table)

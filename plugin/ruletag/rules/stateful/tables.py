@@ -16,6 +16,8 @@ import contextlib
 import contextvars
 import hashlib
 import logging
+import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,15 +38,23 @@ log = logging.getLogger(__name__)
 KEEP = 32
 
 _FOLDER: contextvars.ContextVar[Path | None] = contextvars.ContextVar("step_cache", default=None)
+_VERSION: contextvars.ContextVar[str | None] = contextvars.ContextVar("step_cache_v", default=None)
 
 
 @contextlib.contextmanager
-def step_cache(folder: str | Path | None) -> Iterator[None]:
-    """Cache the step tables the engines built inside the block in ``folder`` (None: off)."""
+def step_cache(folder: str | Path | None, version: str | None = None) -> Iterator[None]:
+    """Cache the step tables the engines built inside the block in ``folder`` (None: off).
+
+    ``version``: the version of the table the engines' rules come from (its cache key, which
+    fixes every rule). The step keys worked out under it are then remembered beside the step
+    tables, so the next start of the same rule set reads each key instead of taking it from
+    the ``repr`` of every condition again (~0.1 s with every rule)."""
     token = _FOLDER.set(Path(folder) if folder is not None else None)
+    vtoken = _VERSION.set(version or None)
     try:
         yield
     finally:
+        _VERSION.reset(vtoken)
         _FOLDER.reset(token)
 
 
@@ -60,14 +70,15 @@ def step_key(rules: Sequence[Rule], fieldmap: FieldMap | None) -> str:
     return h.hexdigest()[:24]
 
 
-def step_table(rules: Sequence[Rule], fieldmap: FieldMap | None) -> CompiledTable:
-    """``build(rules, fieldmap)``, read back from the step cache when it holds the same table."""
+def step_table(rules: Sequence[Rule], fieldmap: FieldMap | None, of: str = "") -> CompiledTable:
+    """``build(rules, fieldmap)``, read back from the step cache when it holds the same table.
+    ``of``: what the table is for (the engine kind; one table per kind of one rule set)."""
     from ruletag.rules.compiler import TableError, build, load, save
 
     folder = _FOLDER.get()
     if folder is None:
         return build(list(rules), fieldmap)
-    key = step_key(rules, fieldmap)
+    key = _remembered_key(folder, rules, fieldmap, of)
     path = folder / "steps" / f"{key}.table"
     if path.is_file():
         try:
@@ -85,6 +96,34 @@ def step_table(rules: Sequence[Rule], fieldmap: FieldMap | None) -> CompiledTabl
     except OSError as exc:  # a read-only cache still runs, compiling at each start
         log.warning("step table not cached in %s: %s", path.parent, exc)
     return table
+
+
+def _remembered_key(folder: Path, rules: Sequence[Rule], fieldmap: FieldMap | None, of: str) -> str:
+    """:func:`step_key`, remembered under the table version of :func:`step_cache`: within
+    one version, ``of`` and the rule ids name one list of rules."""
+    version = _VERSION.get()
+    if not version or not of:
+        return step_key(rules, fieldmap)
+    h = hashlib.sha256(f"{version}\0{of}\0".encode())
+    h.update("\0".join(r.id for r in rules).encode("utf-8", "surrogatepass"))
+    memo = folder / "steps" / f"{h.hexdigest()[:24]}.key"
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        got = memo.read_text("ascii").strip()
+        if _KEY.fullmatch(got):
+            return got
+    key = step_key(rules, fieldmap)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(key, "ascii")
+        os.replace(tmp, memo)
+    except OSError:  # a read-only cache: worked out again at the next start
+        pass
+    return key
+
+
+#: a step key as :func:`step_key` writes it
+_KEY = re.compile(r"[0-9a-f]{24}")
 
 
 def step_matcher(table: CompiledTable, tune_after: int | None = None) -> Matcher:
@@ -109,3 +148,10 @@ def _prune(folder: Path) -> None:
             p.unlink()
         with contextlib.suppress(OSError):
             p.with_suffix(".tuned").unlink(missing_ok=True)
+    keys = []
+    for p in folder.glob("*.key"):
+        with contextlib.suppress(OSError):
+            keys.append((p.stat().st_mtime_ns, p))
+    for _, p in sorted(keys, reverse=True)[4 * KEEP :]:  # a few per rule set
+        with contextlib.suppress(OSError):
+            p.unlink()

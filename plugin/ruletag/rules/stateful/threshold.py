@@ -235,7 +235,7 @@ class ThresholdEngine:
                 )
                 self._targets.append([])
             self._targets[k].append(ri)
-        self.table = step_table(base_rules, fieldmap)
+        self.table = step_table(base_rules, fieldmap, self.kind)
         self._matcher = step_matcher(self.table)  # re-tunes its raw pre-filter on the traffic
         self._arrival = 0
         self._digests: dict[str, str] = {}  # rule id -> rule_digest, for checkpoints
