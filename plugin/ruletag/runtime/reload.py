@@ -43,13 +43,13 @@ from ruletag.config.model import SelectConfig
 from ruletag.enrich.filter import FilterStats, RuleFilter
 from ruletag.protocol import Chunk
 from ruletag.rules.compiler import CompiledTable
-from ruletag.rules.loader import LoadResult, reason_key, rule_stamps
+from ruletag.rules.loader import LoadResult, Stamps, reason_key, rule_stamps
 
 log = logging.getLogger(__name__)
 
 Loader = Callable[[], tuple[CompiledTable, LoadResult]]
 FilterFactory = Callable[[CompiledTable], RuleFilter]
-Fingerprint = tuple[tuple[str, int, int], ...]
+Fingerprint = Stamps
 
 _MISSING = "no such file or folder"
 
