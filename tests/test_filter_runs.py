@@ -144,3 +144,36 @@ def test_a_record_that_breaks_matching_is_forwarded_and_only_it(
     assert "detections" in got[0] and "detections" in got[2]  # the others still matched
     assert got[1] == {"poison": True} and "detections" not in got[3]
     assert f.stats.record_errors == 1
+
+
+def test_annotations_are_made_on_a_rules_first_match_and_reused(
+    seeds: tuple[RuleFilter, list[Any], list[Any]],
+) -> None:
+    """A large rule set loads without making a payload per rule; a matched rule's payload
+    is made once, is its detection with the rule-set version, and is the same on each match."""
+    from ruletag.enrich.annotate import detection
+
+    base, pos, neg = seeds
+    f = RuleFilter(base.table)
+    assert dict(f._annotations) == {}
+    records = [pos[0], neg[0], pos[0]]
+    entries = b"".join(_pack(1000 + i, r) for i, r in enumerate(records))
+    conn = protocol.ServerConnection()
+    conn.receive_data(protocol.encode_chunk("win", entries, 3))
+    chunk = conn.next_event()
+    assert isinstance(chunk, Chunk)
+    out = f(chunk)
+    got = [
+        msgpack.unpackb(c.entries[s:e], raw=False)[1]
+        for c in out
+        for s, e in c.spans or protocol.iter_entries(c.entries)
+    ]
+    matched = f.matcher.match(pos[0])
+    assert matched and set(f._annotations) == set(matched)
+    want = [
+        detection(base.table.rules[i]) | {"ruleset_version": base.table.version} for i in matched
+    ]
+    assert got[0]["detections"] == got[2]["detections"] == want
+    assert "detections" not in got[1]
+    again = f._annotations[matched[0]]
+    assert f._annotations[matched[0]] is again

@@ -574,6 +574,43 @@ def test_ir_repr_is_the_dataclass_text_without_its_recursion_guard() -> None:
     assert not hasattr(Match.__repr__, "__wrapped__")
 
 
+def test_ir_values_keep_their_hash_once_taken() -> None:
+    """An IR value's hash is the dataclass one (a hash of its fields), taken once: hashing a
+    condition again does not walk its tree (the stateful engines look conditions up by
+    value). Equal values hash equal; copies and pickles carry only the fields."""
+    import copy
+    import dataclasses
+    import pickle
+
+    from ruletag.rules.ir import And, Match, Not, Wild
+
+    def tree() -> And:
+        return And((Match("a", ("x", Wild.ANY), True), Not(Match(None, ("y",)))))
+
+    node = tree()
+    leaf = node.args[0]
+    fields = tuple(getattr(leaf, f.name) for f in dataclasses.fields(leaf))
+    assert hash(leaf) == hash(fields)  # the value the generated hash gives
+    assert hash(node) == hash(tree()) and {node: 1}[tree()] == 1
+    calls = []
+    inner = type(leaf).__hash__
+
+    class Counting(Match):
+        __slots__ = ()
+
+        def __hash__(self) -> int:
+            calls.append(self)
+            return inner(self)
+
+    counted = And((Counting("a", ("x",)),))
+    hash(counted)
+    hash(counted)
+    assert len(calls) == 1  # the second hash of the tree did not reach the leaf
+    for other in (copy.copy(node), pickle.loads(pickle.dumps(node)), dataclasses.replace(node)):
+        assert other == node and hash(other) == hash(node)
+    assert not hasattr(copy.copy(node), "_hash")
+
+
 # --------------------------------------------------------------------------- new terms
 
 NEW_TERMS_RULE = """\

@@ -38,6 +38,7 @@ An EQL ``sample`` is ``Rule.kind == "sample"`` with a :class:`Sample`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, is_dataclass
 from enum import Enum
 from typing import Literal
@@ -53,11 +54,19 @@ class Wild(Enum):
 Token = str | Wild
 
 
+class _Hashed:
+    """Base of the IR dataclasses: the slot where a value keeps its hash once taken (see
+    :func:`_cached_hash`)."""
+
+    __slots__ = ("_hash",)
+    _hash: int
+
+
 # --------------------------------------------------------------------------- leaves
 
 
 @dataclass(frozen=True, slots=True)
-class Match:
+class Match(_Hashed):
     """String pattern on a field: literal text and wildcards, whole-value anchored.
 
     ``("abc",)`` is equality, ``(Wild.ANY, "abc")`` ends-with, ``(Wild.ANY, "abc", Wild.ANY)``
@@ -71,7 +80,7 @@ class Match:
 
 
 @dataclass(frozen=True, slots=True)
-class Regex:
+class Regex(_Hashed):
     """RE2-syntax regular expression, unanchored search. ``flags`` is a subset of ``"ims"``."""
 
     field: str | None
@@ -80,7 +89,7 @@ class Regex:
 
 
 @dataclass(frozen=True, slots=True)
-class Cidr:
+class Cidr(_Hashed):
     """The field holds an IP address inside one of ``networks`` (IPv4 or IPv6 text)."""
 
     field: str
@@ -88,7 +97,7 @@ class Cidr:
 
 
 @dataclass(frozen=True, slots=True)
-class Compare:
+class Compare(_Hashed):
     """Numeric comparison; numeric strings are parsed. ``op`` in ``< <= > >=``."""
 
     field: str
@@ -97,7 +106,7 @@ class Compare:
 
 
 @dataclass(frozen=True, slots=True)
-class Equals:
+class Equals(_Hashed):
     """Typed equality with a number or bool (``EventID: 4688``); numeric strings compare too."""
 
     field: str
@@ -105,21 +114,21 @@ class Equals:
 
 
 @dataclass(frozen=True, slots=True)
-class IsNull:
+class IsNull(_Hashed):
     """The field is missing or null (Sigma ``field: null``, EQL ``field == null``)."""
 
     field: str
 
 
 @dataclass(frozen=True, slots=True)
-class Exists:
+class Exists(_Hashed):
     """The field is present and not null."""
 
     field: str
 
 
 @dataclass(frozen=True, slots=True)
-class FieldRef:
+class FieldRef(_Hashed):
     """Compare two fields of the same record (Sigma ``fieldref``).
 
     ``op`` says where the other field's value must appear in this field's value.
@@ -135,21 +144,21 @@ class FieldRef:
 
 
 @dataclass(frozen=True, slots=True)
-class FieldValue:
+class FieldValue(_Hashed):
     """The value(s) of a field, as an argument of a function call."""
 
     field: str
 
 
 @dataclass(frozen=True, slots=True)
-class Literal_:
+class Literal_(_Hashed):
     """A constant argument."""
 
     value: str | int | float | bool | None
 
 
 @dataclass(frozen=True, slots=True)
-class Call:
+class Call(_Hashed):
     """A function result, as an argument of another call or of :class:`Predicate`."""
 
     name: str  # EQL function name, lower-case, without the ``~``
@@ -161,7 +170,7 @@ ValueExpr = FieldValue | Literal_ | Call
 
 
 @dataclass(frozen=True, slots=True)
-class Predicate:
+class Predicate(_Hashed):
     """Generic comparison ``left <op> right`` on computed values (slow path, few rules).
 
     ``op`` is one of ``== != < <= > >= : like regex in``; ``right`` is a tuple for ``in``
@@ -179,22 +188,22 @@ class Predicate:
 
 
 @dataclass(frozen=True, slots=True)
-class And:
+class And(_Hashed):
     args: tuple[Node, ...]
 
 
 @dataclass(frozen=True, slots=True)
-class Or:
+class Or(_Hashed):
     args: tuple[Node, ...]
 
 
 @dataclass(frozen=True, slots=True)
-class Not:
+class Not(_Hashed):
     arg: Node
 
 
 @dataclass(frozen=True, slots=True)
-class Const:
+class Const(_Hashed):
     value: bool
 
 
@@ -214,7 +223,7 @@ LEAF_TYPES = (Match, Regex, Cidr, Compare, Equals, IsNull, Exists, FieldRef, Pre
 
 
 @dataclass(frozen=True, slots=True)
-class Attack:
+class Attack(_Hashed):
     """One ATT&CK tactic or technique (sub-techniques use ``T1218.011``)."""
 
     id: str
@@ -222,7 +231,7 @@ class Attack:
 
 
 @dataclass(frozen=True, slots=True)
-class Logsource:
+class Logsource(_Hashed):
     """Sigma logsource; the field mapping turns it into a condition at compile time."""
 
     product: str | None = None
@@ -231,7 +240,7 @@ class Logsource:
 
 
 @dataclass(frozen=True, slots=True)
-class Step:
+class Step(_Hashed):
     """One step of a :class:`Sequence`: a single-event condition and its join-key fields
     (the sequence's shared ``by`` fields first, then the step's own), lined up by position."""
 
@@ -240,7 +249,7 @@ class Step:
 
 
 @dataclass(frozen=True, slots=True)
-class MissingStep:
+class MissingStep(_Hashed):
     """A missing-event clause ``![...]`` of a :class:`Sequence`: ``position`` is the number of
     positive steps before it (0: leading, ``len(steps)``: trailing, else between two)."""
 
@@ -249,7 +258,7 @@ class MissingStep:
 
 
 @dataclass(frozen=True, slots=True)
-class Sequence:
+class Sequence(_Hashed):
     """An EQL ``sequence``: ``steps`` in order (``with runs=N`` already expanded into N steps),
     ``maxspan`` in seconds (inclusive, from the first event; None: no bound), ``until`` (an
     expiry step keyed like the others), and where event time comes from."""
@@ -266,7 +275,7 @@ class Sequence:
 
 
 @dataclass(frozen=True, slots=True)
-class Threshold:
+class Threshold(_Hashed):
     """An Elastic ``threshold`` rule: records matching ``condition``, grouped by the values of
     ``fields`` (none: one group), fire when at least ``value`` of them fall within ``window``
     seconds of event time (and, with ``cardinality_field``, they hold at least
@@ -282,7 +291,7 @@ class Threshold:
 
 
 @dataclass(frozen=True, slots=True)
-class NewTerms:
+class NewTerms(_Hashed):
     """An Elastic ``new_terms`` rule: a record matching ``condition`` fires for each
     combination of its ``fields`` values (the cartesian product of multi-valued fields; none
     when a field is missing) not seen in the ``history`` seconds of event time before it.
@@ -297,7 +306,7 @@ class NewTerms:
 
 
 @dataclass(frozen=True, slots=True)
-class CorrelationInput:
+class CorrelationInput(_Hashed):
     """One rule a Sigma correlation refers to, once linked: the reference as written, the
     rule's id, its condition and logsource (None when the rule is itself a correlation: a
     chain, whose linked ``Rule`` is then ``rule``) and, per ``group-by`` entry of the
@@ -312,7 +321,7 @@ class CorrelationInput:
 
 
 @dataclass(frozen=True, slots=True)
-class Correlation:
+class Correlation(_Hashed):
     """A Sigma correlation: ``type`` (``event_count``, ``value_count``, ``temporal``,
     ``temporal_ordered``, ``value_sum``, ``value_avg``, ``value_percentile``,
     ``value_median``) over the rules ``refs`` (ids or names), grouped by ``group_by``, within
@@ -336,7 +345,7 @@ class Correlation:
 
 
 @dataclass(frozen=True, slots=True)
-class Sample:
+class Sample(_Hashed):
     """An EQL ``sample by``: one distinct record per step, all with the same join-key values
     (the steps' ``keys`` line up by position), in any order, within ``ttl`` seconds (the
     rule's look-back) of the key's first record."""
@@ -347,7 +356,7 @@ class Sample:
 
 
 @dataclass(frozen=True, slots=True)
-class Case:
+class Case(_Hashed):
     """ES|QL ``CASE`` as a value: the value of the first branch whose condition holds, else
     ``default`` (``Literal_(None)`` when the query gives none)."""
 
@@ -359,7 +368,7 @@ AggValue = ValueExpr | Case
 
 
 @dataclass(frozen=True, slots=True)
-class Aggregate:
+class Aggregate(_Hashed):
     """One aggregate column of an :class:`Aggregation`: ``function`` (``count``,
     ``count_distinct``, ``values``, ``min``, ``max``, ``sum``, ``avg``) over ``value``, computed
     per record (None: ``COUNT(*)``, every record) that satisfies ``filter`` (``STATS ... WHERE``).
@@ -372,7 +381,7 @@ class Aggregate:
 
 
 @dataclass(frozen=True, slots=True)
-class Aggregation:
+class Aggregation(_Hashed):
     """An aggregating ES|QL rule (``... | STATS aggs BY keys | WHERE ...``).
 
     Records matching ``condition`` (every ``WHERE`` before ``STATS``) are grouped by the values
@@ -409,7 +418,7 @@ DEFAULT_RISK_SCORE: dict[str, int] = {
 
 
 @dataclass(frozen=True, slots=True)
-class Rule:
+class Rule(_Hashed):
     """One detection rule in IR form, with the metadata its annotations carry."""
 
     id: str
@@ -491,7 +500,28 @@ def _unguarded_repr(cls: type) -> None:
         cls.__repr__ = inner  # type: ignore[method-assign]
 
 
+def _cached_hash(cls: type) -> None:
+    """Make ``cls`` keep its hash once taken (the same value).
+
+    The generated hash hashes the tuple of the fields, so hashing a condition hashes its
+    whole tree again, each time: building the stateful engines of every corpus rule took
+    142,737 hashes for 1,944 dictionary lookups. Values are frozen, so the hash never
+    changes; copies and pickles carry only the fields."""
+    inner: Callable[[object], int] = cls.__hash__  # type: ignore[assignment]
+
+    def __hash__(self: _Hashed) -> int:
+        try:
+            return self._hash
+        except AttributeError:
+            h = inner(self)
+            object.__setattr__(self, "_hash", h)
+            return h
+
+    cls.__hash__ = __hash__  # type: ignore[method-assign,assignment]
+
+
 for _cls in list(globals().values()):
     if isinstance(_cls, type) and is_dataclass(_cls) and _cls.__module__ == __name__:
         _unguarded_repr(_cls)
+        _cached_hash(_cls)
 del _cls
