@@ -928,15 +928,17 @@ def _scan_value(g: Group, s: str, hits: Hits, on_match: Callable[..., None] | No
     if on_match is None:
         on_match = Adder(hits)
     db = g.db
-    rest = g.re2_all
+    # (all, only, all ASCII, only ASCII): read once, not through four properties
+    programs = g.programs.get()
+    rest = programs[0]
     if s.isascii():  # the regexes that need a non-ASCII character are left out
-        rest = g.re2_all_ascii
+        rest = programs[2]
         if db is not None:
-            if g.re2_all and s.endswith("\n"):
+            if programs[0] and s.endswith("\n"):
                 _scan_only(db, s.encode(), g.cased_ids | g.caseless_ids, hits)
             else:
                 db.scan(s.encode(), match_event_handler=on_match)
-                rest = g.re2_only_ascii
+                rest = programs[3]
     elif db is not None:
         if g.cased_ids:
             _scan_only(db, encode(s), g.cased_ids, hits)
