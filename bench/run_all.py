@@ -11,7 +11,9 @@ run kept), the whole traffic file has gone through once more per worker (what th
 judges on) and no re-tuning for drift is under way ("tuned after s": that warm-up). Then
 ``workers`` scaling with every rule loaded and ``enrich.stateful: off`` (``workers: N``
 refuses stateful rules: the stateless tier of docs/deploy.md), 1 worker included as the
-ratio's base; the rows above evaluate the stateful rules the sets hold.
+ratio's base; the rows above evaluate the stateful rules the sets hold. With both the tenth
+and everything, the tenth runs in the stateless tier too, and the 10x-rules ratio is printed
+for each tier (a tier's rows against each other only).
 
     python bench/run_all.py --corpus ../shared/rules   # everything, ~6 minutes (+1 to compile)
     python bench/run_all.py --sets none,seeds --duration 5 --json out.json
@@ -40,6 +42,8 @@ import load  # noqa: E402
 
 #: The workers scaling runs: every rule, stateful rules off (the tier ``workers: N`` serves).
 STATELESS = "everything/stateless"
+#: the tenth in the stateless tier, run beside it (the 10x-rules ratio of the same tier)
+TENTH_STATELESS = "tenth/stateless"
 
 #: The rule sets that need ``--corpus``.
 CORPUS_SETS = ("tenth", "sigma", "elastic", "everything")
@@ -348,17 +352,36 @@ def main(argv: list[str] | None = None) -> int:
     traffic = load.Traffic.load(tpath)
     sink = load.SinkProcess(traffic.t0)
     rows: list[dict[str, Any]] = []
+    chosen = ns.sets.split(",")
+    set_paths: dict[str, list[str]] = {}
     try:
-        for name in ns.sets.split(","):
+        for name in chosen:
             spec = sets[name]
-            paths = spec() if callable(spec) else spec
+            paths = set_paths[name] = spec() if callable(spec) else spec
             info = precompile(paths, cache) if paths else {"rules": 0}
             print(f"[{name}] {info}", flush=True)
             row = run_set(name, paths, traffic, sink, work, cache, ns, version=info.get("version"))
             row.update(info)
             rows.append(row)
             print(f"[{name}] {json.dumps(row)}", flush=True)
-        if "everything" in ns.sets.split(","):
+        if "tenth" in chosen and "everything" in chosen:
+            # the 10x-rules ratio compares like with like: the stateless tier of both too
+            row = run_set(
+                TENTH_STATELESS,
+                set_paths["tenth"],
+                traffic,
+                sink,
+                work,
+                cache,
+                ns,
+                1,
+                False,
+                version=next(r.get("version") for r in rows if r["set"] == "tenth"),
+            )
+            row["rules"] = next(r.get("rules", 0) for r in rows if r["set"] == "tenth")
+            rows.append(row)
+            print(f"[{TENTH_STATELESS}] {json.dumps(row)}", flush=True)
+        if "everything" in chosen:
             paths = sets["everything"]
             # workers: N needs the stateless tier (enrich.stateful: off); its 1-worker run is
             # the base of the scaling ratio
@@ -379,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
                 except RuntimeError as exc:
                     print(f"[workers {w}] skipped: {str(exc).splitlines()[-1]}", flush=True)
                     continue
-                row["rules"] = rows[-1].get("rules", 0)
+                row["rules"] = next(r.get("rules", 0) for r in rows if r["set"] == "everything")
                 rows.append(row)
                 print(f"[{STATELESS} x{w}] {json.dumps(row)}", flush=True)
     finally:
@@ -397,12 +420,17 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(_fmt_row(r, relay))
     by = {(r["set"], r["workers"]): r for r in rows}
-    if ("tenth", 1) in by and ("everything", 1) in by:
-        a, b = by[("tenth", 1)], by[("everything", 1)]
-        print(
-            f"\nper-record CPU, everything vs tenth ({b['rules']} vs {a['rules']} rules): "
-            f"{b['full']['cpu_us_per_record'] / a['full']['cpu_us_per_record']:.2f}x"
-        )
+    for tenth, every, tier in (
+        ("tenth", "everything", "stateful rules on"),
+        (TENTH_STATELESS, STATELESS, "stateless"),
+    ):
+        if (tenth, 1) in by and (every, 1) in by:
+            a, b = by[(tenth, 1)], by[(every, 1)]
+            print(
+                f"\nper-record CPU, everything vs tenth, {tier} ({b['rules']} vs "
+                f"{a['rules']} rules): "
+                f"{b['full']['cpu_us_per_record'] / a['full']['cpu_us_per_record']:.2f}x"
+            )
     if (STATELESS, 2) in by and (STATELESS, 1) in by:
         two = by[(STATELESS, 2)]["full"]["records_per_s"]
         one = by[(STATELESS, 1)]["full"]["records_per_s"]
