@@ -364,47 +364,28 @@ def main(argv: list[str] | None = None) -> int:
             row.update(info)
             rows.append(row)
             print(f"[{name}] {json.dumps(row)}", flush=True)
+
+        def stateless(name: str, of: str, workers: int) -> None:
+            """A row of set ``of`` run in the stateless tier (enrich.stateful: off)."""
+            base = next(r for r in rows if r["set"] == of)
+            paths = set_paths[of]
+            version = base.get("version")
+            row = run_set(name, paths, traffic, sink, work, cache, ns, workers, False, version)
+            row["rules"] = base.get("rules", 0)
+            rows.append(row)
+            print(f"[{name} x{workers}] {json.dumps(row)}", flush=True)
+
         if "tenth" in chosen and "everything" in chosen:
             # the 10x-rules ratio compares like with like: the stateless tier of both too
-            row = run_set(
-                TENTH_STATELESS,
-                set_paths["tenth"],
-                traffic,
-                sink,
-                work,
-                cache,
-                ns,
-                1,
-                False,
-                version=next(r.get("version") for r in rows if r["set"] == "tenth"),
-            )
-            row["rules"] = next(r.get("rules", 0) for r in rows if r["set"] == "tenth")
-            rows.append(row)
-            print(f"[{TENTH_STATELESS}] {json.dumps(row)}", flush=True)
+            stateless(TENTH_STATELESS, "tenth", 1)
         if "everything" in chosen:
-            paths = sets["everything"]
             # workers: N needs the stateless tier (enrich.stateful: off); its 1-worker run is
             # the base of the scaling ratio
             for w in (int(x) for x in ns.workers.split(",")):
                 try:
-                    row = run_set(
-                        STATELESS,
-                        paths,
-                        traffic,
-                        sink,
-                        work,
-                        cache,
-                        ns,
-                        w,
-                        False,
-                        version=next(r.get("version") for r in rows if r["set"] == "everything"),
-                    )
+                    stateless(STATELESS, "everything", w)
                 except RuntimeError as exc:
                     print(f"[workers {w}] skipped: {str(exc).splitlines()[-1]}", flush=True)
-                    continue
-                row["rules"] = next(r.get("rules", 0) for r in rows if r["set"] == "everything")
-                rows.append(row)
-                print(f"[{STATELESS} x{w}] {json.dumps(row)}", flush=True)
     finally:
         sink.close()
     relay = next((r["full"]["records_per_s"] for r in rows if r["set"] == "none"), None)
