@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -177,3 +178,36 @@ def test_annotations_are_made_on_a_rules_first_match_and_reused(
     assert "detections" not in got[1]
     again = f._annotations[matched[0]]
     assert f._annotations[matched[0]] is again
+
+
+@pytest.mark.parametrize("style", ["ruletag", "ecs"])
+def test_a_filter_over_a_loaded_table_reads_only_the_rules_that_match(
+    seeds: tuple[RuleFilter, list[Any], list[Any]], tmp_path: Path, style: str
+) -> None:
+    """A table read from the rule cache is matched without reading its rules: only the
+    rules a record matches are read, for their annotations (in either style)."""
+    from ruletag.rules.compiler import load, save
+    from ruletag.rules.compiler.rulelist import StoredRules
+
+    base, pos, neg = seeds
+    save(base.table, tmp_path / "t.table")
+    table = load(tmp_path / "t.table")
+    assert isinstance(table.rules, StoredRules)
+    f = RuleFilter(table, style=style)  # type: ignore[arg-type]
+    entries = b"".join(_pack(1000 + i, r) for i, r in enumerate([neg[0], neg[1]]))
+    conn = protocol.ServerConnection()
+    conn.receive_data(protocol.encode_chunk("win", entries, 2))
+    chunk = conn.next_event()
+    assert isinstance(chunk, Chunk)
+    f(chunk)
+    assert table.rules.loaded() == 0
+    matched = f.matcher.match(pos[0])
+    assert matched
+    conn.receive_data(protocol.encode_chunk("win", _pack(1000, pos[0]), 1))
+    chunk = conn.next_event()
+    assert isinstance(chunk, Chunk)
+    out = f(chunk)
+    assert table.rules.loaded() == len(set(matched)) < len(table.rules)
+    (c,) = out
+    record = msgpack.unpackb(c.entries, raw=False)[1]
+    assert record != pos[0]  # annotated

@@ -51,7 +51,9 @@ from ruletag.commands.explain import explain_hits
 from ruletag.commands.rules import read_vars, selection_from_args, summary_line
 from ruletag.config.model import DEFAULT_TUNE_AFTER
 from ruletag.enrich.annotate import detection, stateful_detection
+from ruletag.enrich.filter import Annotations
 from ruletag.errors import ConfigError
+from ruletag.rules.compiler.rulelist import stateful_rules
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.fingerprint import default_cache_dir, tuned_path
 from ruletag.rules.loader import source_of
@@ -433,7 +435,7 @@ class MatchContext:
             e if isinstance(e, Clocked) else None for e in self.engines
         ]
         self.rules = table.rules
-        self.annotations = [detection(r) for r in table.rules]
+        self.annotations = Annotations(lambda i: detection(self.rules[i]))  # made when matched
         self.prefilter = prefilter
         self.only_matches = only_matches
         self.fmap: FieldMap | None = None
@@ -648,7 +650,7 @@ def match(ns: argparse.Namespace) -> int:
     # earlier run tuned for this table: a batch job waits for that file (read on a thread
     # while the stateful engines load) rather than match its first records untuned
     matcher = Matcher(table, _tune_after(ns), tuned_path(default_cache_dir(), table.version))
-    engines = stateful_engines(table.rules, table.fieldmap, default_cache_dir())
+    engines = stateful_engines(stateful_rules(table.rules), table.fieldmap, default_cache_dir())
     if getattr(ns, "new_terms_no_learning", False):
         configure_new_terms(engines, learn=0.0)
     matcher.wait_tuned()

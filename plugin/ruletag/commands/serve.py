@@ -99,13 +99,14 @@ def _auto_workers(config: Config) -> Config:
         return config
     if enrich is not None and enrich.stateful != "on":
         return config
+    from ruletag.rules.compiler.rulelist import rule_kinds
     from ruletag.runtime.relay import rule_loader
 
     try:
         table, _ = rule_loader(config)()
     except Exception:  # the rules' problems are reported by the relay itself
         return config
-    stateful = sum(r.kind != "event" for r in table.rules)
+    stateful = sum(k != "event" for k in rule_kinds(table.rules))
     del table
     if not stateful:
         return config

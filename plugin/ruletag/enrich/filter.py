@@ -14,6 +14,7 @@ annotations (:func:`ruletag.enrich.annotate.stateful_detection`; in ``ecs`` styl
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,7 @@ from ruletag.enrich.annotate import detection, stateful_detection
 from ruletag.enrich.stateful import StatefulStage
 from ruletag.protocol import Chunk, iter_entries
 from ruletag.rules.compiler import CompiledTable
+from ruletag.rules.compiler.rulelist import rule_ids
 from ruletag.rules.ir import Rule
 from ruletag.rules.matcher import Matcher
 
@@ -57,7 +59,7 @@ def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, **_packer_opts)
 
 
-class _Annotations(dict[int, dict[str, Any]]):
+class Annotations(dict[int, dict[str, Any]]):
     """Rule number -> its annotation payload, made on first use: most rules of a large set
     never match, and making every payload when a table loads took ~30 ms of a start with
     every corpus rule."""
@@ -101,13 +103,18 @@ class RuleFilter:
         self.stats = FilterStats()
         self._on_match = on_match
         #: rule number -> its annotation payload, built once, on the rule's first match
-        self._annotations = _Annotations(self._annotation)
+        self._annotations = Annotations(self._annotation)
         #: the stateful rules' engines (None: the rule set has none)
         self.stateful = stateful
         #: with stateful rules: the tag of the extra alert record per detection ("" = none)
         self.alert_tag = alert_tag
 
     # ------------------------------------------------------------------ annotations
+
+    @functools.cached_property
+    def _rule_numbers(self) -> dict[str, int]:
+        """Rule id -> its number (the last of equal ids), the rules themselves not read."""
+        return {rid: i for i, rid in enumerate(rule_ids(self.table.rules))}
 
     def _annotation(self, i: int) -> dict[str, Any]:
         d = detection(self.table.rules[i])
@@ -122,8 +129,8 @@ class RuleFilter:
             return
         rules = [self.table.rules[i] for i in matched]
         if extra:
-            by_id = {r.id: r for r in self.table.rules}
-            rules += [by_id[d["rule_id"]] for d in extra if d["rule_id"] in by_id]
+            by_id = self._rule_numbers
+            rules += [self.table.rules[by_id[d["rule_id"]]] for d in extra if d["rule_id"] in by_id]
             ruletag = record.get("ruletag")
             if not isinstance(ruletag, dict):
                 ruletag = record["ruletag"] = {}

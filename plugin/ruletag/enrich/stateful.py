@@ -33,6 +33,7 @@ from typing import Any
 
 import msgpack
 
+from ruletag.rules.compiler.rulelist import stateful_rules
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import Rule
 from ruletag.rules.stateful import Clocked, Engine, stateful_engines
@@ -114,7 +115,7 @@ class StatefulStage:
         """A stage for the stateful rules among ``rules``; None when there are none.
         ``cache_dir``: where the engines' step tables are cached (None: compiled each time);
         ``version``: the version of the table ``rules`` come from (see ``step_cache``)."""
-        found = [r for r in rules if r.kind != "event"]
+        found = stateful_rules(rules)
         if not found:
             return None
         engines = stateful_engines(found, fieldmap, cache_dir, version)

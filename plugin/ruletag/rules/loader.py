@@ -53,7 +53,7 @@ Variables = Mapping[str, Sequence[str]]
 class LoadResult:
     """What a load produced: the rules, and everything that could not be used."""
 
-    rules: list[Rule]
+    rules: Sequence[Rule]  # read back from the rule cache: rules read on first use
     problems: list[RuleError]  # InvalidRule/UnsupportedRule with path/line/reason
     duplicates: list[str]  # messages about duplicate ids (newest kept)
     files: int
@@ -420,7 +420,7 @@ def _read_cache(table_path: Path, report_path: Path) -> tuple[CompiledTable, Loa
         log.warning("ignoring unreadable rule cache %s", table_path, exc_info=True)
         return None
     result = LoadResult(
-        rules=list(table.rules),
+        rules=table.rules,
         problems=[_problem_from_json(p) for p in report["problems"]],
         duplicates=list(report["duplicates"]),
         files=int(report["files"]),

@@ -259,6 +259,7 @@ class _Enrichment:
 
     async def start(self) -> None:
         """Start the metrics endpoint (``/health`` says 503 meanwhile), then load the rules."""
+        from ruletag.rules.compiler.rulelist import rule_kinds
         from ruletag.runtime.metrics import MetricsServer
         from ruletag.runtime.reload import (
             LiveFilter,
@@ -319,12 +320,12 @@ class _Enrichment:
         if stage is not None:
             counts = ", ".join(f"{n} {k}" for k, n in sorted(stage.rule_counts().items()))
             log.info("rules: stateful rules evaluated in the stream: %s", counts)
-        elif any(r.kind != "event" for r in result.rules):
+        elif stateful := sum(k != "event" for k in rule_kinds(result.rules)):
             log.info(
                 "rules: %d stateful rules loaded, not evaluated here (enrich.stateful: off)",
-                sum(r.kind != "event" for r in result.rules),
+                stateful,
             )
-        correlations = sum(r.kind == "correlation" for r in result.rules)
+        correlations = sum(k == "correlation" for k in rule_kinds(result.rules))
         if correlations:
             log.warning(
                 "rules: %d Sigma correlation rules loaded but not evaluated by the relay yet, "

@@ -25,6 +25,7 @@ from ruletag.errors import RuletagError
 from ruletag.rules.compiler.frozen import frozen_map
 from ruletag.rules.compiler.hyperscan import dump_db, dump_group, load_db, load_group
 from ruletag.rules.compiler.prefilter import RawFilter
+from ruletag.rules.compiler.rulelist import StoredRules
 from ruletag.rules.compiler.table import CompiledTable
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import Rule
@@ -40,17 +41,17 @@ __all__ = [
     "save_tuned",
 ]
 
-#: v5: the compiler and the matcher split (groups and pre-filter stored as plain tuples)
-_MAGIC = b"RULETAG-TABLE\x00v5\n"
+#: v6: each rule pickled on its own, read when first used (``rulelist.py``)
+_MAGIC = b"RULETAG-TABLE\x00v6\n"
 #: a re-tuned pre-filter of one table, with the table of its often-passed rules
-#: (v2: a stage-2 database shared with the table's own filter is stored as a reference to it)
-_TUNED_MAGIC = b"RULETAG-TUNED\x00v2\n"
+#: (v2: a stage-2 database shared with the table's own filter is stored as a reference to it;
+#: v3: its table's rules stored as the main table's are)
+_TUNED_MAGIC = b"RULETAG-TUNED\x00v3\n"
 #: what a pre-filter tuning of one table observed (plain data, marshalled)
 _SAMPLE_MAGIC = b"RULETAG-SAMPLE\x00v1\n"
 
 #: The fields stored as they are (the others are converted, or derived on loading).
 _PLAIN_KEYS = (
-    "rules",
     "version",
     "fieldmap",
     "key_groups",
@@ -269,6 +270,7 @@ def _state(t: CompiledTable) -> dict[str, Any]:
     st["code"] = marshal.dumps(t.code)
     st["pyver"] = sys.version_info[:2]
     st["raw"] = _dump_raw(t.raw)
+    st["rules"] = _dump_rules(t.rules)
     return st
 
 
@@ -285,12 +287,29 @@ def _from_state(st: dict[str, Any]) -> CompiledTable:
     raw = _pop_raw(st)
     return CompiledTable(
         **fields,
+        rules=StoredRules(*st.pop("rules")),
         groups=tuple(_loaded(st.pop("groups"), load_group)),
         kw_group=None if kw is None else load_group(kw),
         leaves=st["leaves"],
         code=code,
         raw=raw,
     )
+
+
+def _dump_rules(rules: Sequence[Rule]) -> tuple[tuple[Any, ...], ...]:
+    """Each rule's kind, id and bytes: each rule is pickled on its own, to be read back only
+    when used (:class:`~ruletag.rules.compiler.rulelist.StoredRules`)."""
+    if isinstance(rules, StoredRules):  # saved again: not read for it
+        blobs = tuple(rules.blob(i, _rule_bytes) for i in range(len(rules)))
+        return rules.kinds, rules.ids, blobs
+    return tuple(r.kind for r in rules), tuple(r.id for r in rules), tuple(map(_rule_bytes, rules))
+
+
+def _rule_bytes(rule: Rule) -> bytes:
+    """One rule pickled, its equal sub-values shared (:class:`_Sharer`)."""
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(_Sharer().of(rule))
+    return buf.getvalue()
 
 
 def _loaded(states: Sequence[Any], load: Callable[[Any], T]) -> Iterator[T]:

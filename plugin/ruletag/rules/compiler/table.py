@@ -181,7 +181,8 @@ class CompiledTable(Frozen):
         "trig",
         "version",
     )
-    rules: tuple[Rule, ...]
+    #: a tuple when built; read back from a file, rules read on first use (``rulelist.py``)
+    rules: Sequence[Rule]
     version: str
     fieldmap: FieldMap
     stats: Mapping[str, Any]  # figures of the build (lists as tuples)

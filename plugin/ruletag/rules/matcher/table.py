@@ -270,7 +270,7 @@ class Matcher:
         self._swap_tuned(tuned, how)
 
     @property
-    def rules(self) -> tuple[Rule, ...]:
+    def rules(self) -> Sequence[Rule]:
         """The table's rules (what the indexes returned by the match methods point at)."""
         return self.table.rules
 
