@@ -19,17 +19,19 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgpack
 
 from ruletag.enrich.annotate import detection, stateful_detection
-from ruletag.enrich.stateful import StatefulStage
 from ruletag.protocol import Chunk, iter_entries
 from ruletag.rules.compiler import CompiledTable
 from ruletag.rules.compiler.rulelist import rule_ids
 from ruletag.rules.ir import Rule
 from ruletag.rules.matcher import Matcher
+
+if TYPE_CHECKING:  # the stateful engines are imported only where stateful rules run
+    from ruletag.enrich.stateful import StatefulStage
 
 log = logging.getLogger(__name__)
 

@@ -184,15 +184,14 @@ def filter_factory(config: Config) -> Callable[[CompiledTable], RuleFilter]:
     )
 
     def make(table: CompiledTable) -> RuleFilter:
-        from ruletag.enrich.stateful import StatefulStage
-        from ruletag.rules.stateful.newterms import configure_new_terms
+        stage = None
+        if enrich.stateful == "on":  # the engines' modules are imported only then
+            from ruletag.enrich.stateful import StatefulStage
 
-        stage = (
-            StatefulStage.of(table.rules, table.fieldmap, step_cache_dir, table.version)
-            if enrich.stateful == "on"
-            else None
-        )
+            stage = StatefulStage.of(table.rules, table.fieldmap, step_cache_dir, table.version)
         if stage is not None and config.rules is not None:
+            from ruletag.rules.stateful.newterms import configure_new_terms
+
             nt = config.rules.new_terms
             configure_new_terms(stage.engines, learn=nt.learn, max_terms=nt.max_terms)
             stage.set_lateness(config.rules.lateness)

@@ -22,10 +22,12 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ruletag.config.model import DEFAULT_SNAPSHOT_INTERVAL, Config
-from ruletag.enrich.stateful import StatefulStage
+
+if TYPE_CHECKING:
+    from ruletag.enrich.stateful import StatefulStage
 
 log = logging.getLogger(__name__)
 
