@@ -268,6 +268,33 @@ def test_stage_snapshot_round_trip_through_json() -> None:
     assert d is not None and d.restore(snap) == 1  # only the threshold rule
 
 
+def test_a_cached_stage_reads_only_the_stateful_rules(tmp_path: Path) -> None:
+    """A stage built from the caches (the rule table's and the step tables') reads the
+    stateful rules of the table and none of the engines' step rules: the combined step
+    table is found by the step rules' ids, which are at hand unread."""
+    from ruletag.rules.compiler import build, load, save
+    from ruletag.rules.compiler.rulelist import StoredRules
+
+    rules = load_elastic_file(SEQ_RULE) + load_elastic_file(STOP_RULE)
+    save(build(rules, None, "v-stage"), tmp_path / "t.table")
+    cache = tmp_path / "steps"
+    first = StatefulStage.of(load(tmp_path / "t.table").rules, None, cache, "v-stage")
+    assert first is not None and first.steps is not None  # compiled, then cached
+    table = load(tmp_path / "t.table")
+    assert isinstance(table.rules, StoredRules) and table.rules.loaded() == 0
+    stage = StatefulStage.of(table.rules, None, cache, "v-stage")
+    assert stage is not None and stage.steps is not None
+    assert table.rules.loaded() == len(rules) == 2  # both stateful here
+    for e in stage.engines:
+        step_rules = e.table.rules  # type: ignore[attr-defined]
+        assert isinstance(step_rules, StoredRules) and step_rules.loaded() == 0, e.kind
+    assert stage.steps.table.version == first.steps.table.version
+    chunk = make_chunk(TAG, [r for c in traffic() for r in c])
+    spans = list(iter_entries(chunk.entries))
+    got = stage.results(chunk.entries, spans)
+    assert got and got.keys() == first.results(chunk.entries, spans).keys()
+
+
 def test_metrics_export_the_engines_stats(
     arun: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -29,11 +29,11 @@ import logging
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import msgpack
 
-from ruletag.rules.compiler.rulelist import stateful_rules
+from ruletag.rules.compiler.rulelist import rule_ids, stateful_rules
 from ruletag.rules.fields import FieldMap
 from ruletag.rules.ir import Rule
 from ruletag.rules.stateful import Clocked, Engine, stateful_engines
@@ -47,6 +47,44 @@ __all__ = ["StatefulStage"]
 
 def _unpack(data: bytes | memoryview) -> Any:
     return msgpack.unpackb(data, raw=False, unicode_errors="surrogateescape", strict_map_key=False)
+
+
+class _StepRules(Sequence[Rule]):
+    """The engines' step rules in order, each id prefixed with its engine's kind. The ids
+    are at hand without reading a rule: a step table read from the cache needs no more (the
+    engines' tables come from the cache too, their rules read only when used)."""
+
+    def __init__(self, parts: Sequence[tuple[str, Sequence[Rule]]]) -> None:
+        self._parts = list(parts)
+        #: where each engine's rules start
+        self.starts: list[int] = []
+        n = 0
+        for _, rules in self._parts:
+            self.starts.append(n)
+            n += len(rules)
+        self._len = n
+        self.ids = [f"{kind}:{rid}" for kind, rules in self._parts for rid in rule_ids(rules)]
+
+    def __len__(self) -> int:
+        return self._len
+
+    @overload
+    def __getitem__(self, i: int) -> Rule: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Rule]: ...
+
+    def __getitem__(self, i: int | slice) -> Rule | list[Rule]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError(i)
+        n = bisect_right(self.starts, i) - 1
+        kind, rules = self._parts[n]
+        r = rules[i - self.starts[n]]
+        return dataclasses.replace(r, id=f"{kind}:{r.id}")
 
 
 class StepTable:
@@ -63,14 +101,14 @@ class StepTable:
         cache_dir: str | Path | None,
         version: str | None = None,
     ) -> None:
-        rules: list[Rule] = []
-        self.starts: list[int] = []
+        parts: list[tuple[str, Sequence[Rule]]] = []
         for e in engines:
             table = getattr(e, "table", None)
             if table is None:
                 raise TypeError(f"{e.kind} engine has no step table")
-            self.starts.append(len(rules))
-            rules.extend(dataclasses.replace(r, id=f"{e.kind}:{r.id}") for r in table.rules)
+            parts.append((e.kind, table.rules))
+        rules = _StepRules(parts)
+        self.starts = rules.starts
         with step_cache(cache_dir, version):
             self.table = step_table(rules, fieldmap, "steps")
             self.matcher = step_matcher(self.table)

@@ -95,9 +95,11 @@ def rule_kinds(rules: Sequence[Rule]) -> Sequence[str]:
 
 
 def rule_ids(rules: Sequence[Rule]) -> Sequence[str]:
-    """Each rule's ``id``; stored rules are not read for it."""
-    if isinstance(rules, StoredRules):
-        return rules.ids
+    """Each rule's ``id``; rules that know their ids without being read (stored rules, or
+    any sequence with an ``ids`` attribute) are not read for it."""
+    ids: Sequence[str] | None = getattr(rules, "ids", None)
+    if ids is not None:
+        return ids
     return [r.id for r in rules]
 
 

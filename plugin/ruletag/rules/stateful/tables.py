@@ -101,11 +101,13 @@ def step_table(rules: Sequence[Rule], fieldmap: FieldMap | None, of: str = "") -
 def _remembered_key(folder: Path, rules: Sequence[Rule], fieldmap: FieldMap | None, of: str) -> str:
     """:func:`step_key`, remembered under the table version of :func:`step_cache`: within
     one version, ``of`` and the rule ids name one list of rules."""
+    from ruletag.rules.compiler.rulelist import rule_ids
+
     version = _VERSION.get()
     if not version or not of:
         return step_key(rules, fieldmap)
     h = hashlib.sha256(f"{version}\0{of}\0".encode())
-    h.update("\0".join(r.id for r in rules).encode("utf-8", "surrogatepass"))
+    h.update("\0".join(rule_ids(rules)).encode("utf-8", "surrogatepass"))
     memo = folder / "steps" / f"{h.hexdigest()[:24]}.key"
     with contextlib.suppress(OSError, UnicodeDecodeError):
         got = memo.read_text("ascii").strip()
